@@ -1,0 +1,31 @@
+"""Static KV cache: preallocated tensors where slot index == token position.
+
+Because a key lives at the slot of its own position and attention only ever looks at slots <= the query's
+position (target) or < the block start (draft context), rolling back after a rejected draft costs nothing:
+stale slots are either masked out or overwritten by the next forward before anyone reads them. No crop, no
+copy, no per-sequence length to keep in sync -- positions carry all the state, row by row, which is what
+ragged batches need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v of shape [b, nKV, n, d] at the slots given by `positions` [b, n]."""
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self.k[layer][rows, :, positions] = k.transpose(1, 2)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2)
+
+    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots [0, length) of one layer: [b, nKV, length, d]."""
+        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]

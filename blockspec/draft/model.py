@@ -1,0 +1,152 @@
+"""DFlash and DFlare draft networks (SPEC sections 2-3), one module for both.
+
+A draft proposes a block `[last token, MASK x (B-1)]` in one pass, attending (unmasked, bidirectionally)
+to the context -- fused features tapped from the target -- and to the block itself. Context K/V go into a
+static cache at their positions and stay valid forever; block K/V are never stored.
+
+The two architectures differ only in how target features become per-layer context:
+- DFlash: one `ctx = hidden_norm(fc(concat taps))` shared by all layers, projected by k_proj / v_proj.
+- DFlare: `ctx_i = hidden_norm(sum_t softmax(W[i])_t * tap_t)` per layer, projected by k_proj_target /
+  v_proj_target (k_proj / v_proj serve the block only).
+
+Targets without a spare vocabulary row for the mask token use a learned `mask_embedding` [H] stored in the
+draft checkpoint under that name (an extra tensor the published formats do not have).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockspec.cache import KVCache
+from blockspec.draft.config import DraftConfig
+from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, attention, rope_inv_freq
+
+MASK_EMBEDDING = "mask_embedding"
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, cfg: DraftConfig, layer_index: int) -> None:
+        super().__init__()
+        h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = layer_index, nh, nkv, d
+        self.q_proj = nn.Linear(h, nh * d, bias=bias)
+        self.k_proj = nn.Linear(h, nkv * d, bias=bias)
+        self.v_proj = nn.Linear(h, nkv * d, bias=bias)
+        self.o_proj = nn.Linear(nh * d, h, bias=bias)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.separate_context_proj = cfg.kind == "dflare"
+        if self.separate_context_proj:
+            self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
+            self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
+
+    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, n_heads, self.head_dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
+                ctx_positions: torch.Tensor, cache: KVCache, ctx_len: int,
+                ctx_mask: torch.Tensor | None) -> torch.Tensor:
+        """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c]."""
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(1, 2), *block_rope)
+        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)).transpose(1, 2), *block_rope)
+        v_blk = self._heads(self.v_proj(x), self.num_kv_heads).transpose(1, 2)
+        if ctx.shape[1]:
+            k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
+                              else (self.k_proj, self.v_proj))
+            k_ctx = self.k_norm(self._heads(k_proj(ctx), self.num_kv_heads)).transpose(1, 2)
+            v_ctx = self._heads(v_proj(ctx), self.num_kv_heads).transpose(1, 2)
+            cache.write(self.layer_index, ctx_positions, apply_rope(k_ctx, *ctx_rope), v_ctx)
+        k_cached, v_cached = cache.read(self.layer_index, ctx_len)
+        keys = torch.cat([k_cached, k_blk], dim=2)
+        values = torch.cat([v_cached, v_blk], dim=2)
+        return self.o_proj(attention(q, keys, values, ctx_mask))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DraftConfig, layer_index: int) -> None:
+        super().__init__()
+        self.self_attn = DraftAttention(cfg, layer_index)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, *attn_args: object) -> torch.Tensor:
+        # The context is NOT passed through input_layernorm: it was normed once by hidden_norm.
+        h = x + self.self_attn(self.input_layernorm(x), ctx, *attn_args)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class DraftModel(nn.Module):
+    def __init__(self, cfg: DraftConfig, mask_embedding: bool = False) -> None:
+        super().__init__()
+        self.config = cfg
+        h, t = cfg.hidden_size, len(cfg.target_layer_ids)
+        self.layers = nn.ModuleList(DraftLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(h, cfg.rms_norm_eps)
+        self.hidden_norm = RMSNorm(h, cfg.rms_norm_eps)
+        if cfg.kind == "dflare":
+            self.layer_fusion_weights = nn.Parameter(torch.zeros(cfg.num_layers, t))
+        else:
+            self.fc = nn.Linear(t * h, h, bias=False)
+        self.mask_embedding = nn.Parameter(torch.zeros(h)) if mask_embedding else None
+        inv_freq, scaling = rope_inv_freq(cfg.raw, cfg.head_dim)
+        self.rotary = RotaryEmbedding(inv_freq, scaling)
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        w = self.norm.weight
+        return KVCache(c.num_layers, batch_size, c.num_key_value_heads, max_len, c.head_dim, w.dtype, w.device)
+
+    def fuse_context(self, features: torch.Tensor) -> list[torch.Tensor]:
+        """Tapped target features [b, c, T*H] -> one context [b, c, H] per draft layer."""
+        if self.config.kind == "dflash":
+            ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+            return [ctx] * len(self.layers)
+        b, c, _ = features.shape
+        w = self.layer_fusion_weights
+        taps = features.to(w.dtype).view(b, c, w.shape[1], -1)
+        fused = torch.einsum("bsth,dt->bsdh", taps, F.softmax(w, dim=-1))
+        return [self.hidden_norm(fused[:, :, i]) for i in range(len(self.layers))]
+
+    def embed_block(self, first_tokens: torch.Tensor, embed_tokens: nn.Embedding) -> torch.Tensor:
+        """Embeddings of `[token, MASK x (B-1)]` [b, B, H]; `first_tokens` [b]."""
+        first = embed_tokens(first_tokens)[:, None]
+        if self.mask_embedding is not None:
+            mask = self.mask_embedding.to(first.dtype)
+        else:
+            mask = embed_tokens.weight[self.config.mask_token_id]
+        return torch.cat([first, mask.expand(first.shape[0], self.block_size - 1, -1)], dim=1)
+
+    def forward(self, block_embeds: torch.Tensor, block_positions: torch.Tensor, features: torch.Tensor,
+                ctx_positions: torch.Tensor, cache: KVCache, ctx_len: int | None = None) -> torch.Tensor:
+        """One draft pass; returns final-normed hidden states [b, B, H] of the block.
+
+        `features` [b, c, T*H] are the new context (target taps at `ctx_positions` [b, c]); earlier context
+        is already in `cache`. Context visible to row r: slots < block_positions[r, 0]. `ctx_len` bounds the
+        slots read (default: the largest block start); rows with a shorter context are masked.
+        """
+        x = block_embeds
+        start = block_positions[:, 0]
+        if ctx_len is None:
+            ctx_len = int(start.max())
+        ctx_mask = None
+        if block_positions.shape[0] > 1:
+            # Ragged rows: row r sees cache slots < its own block start, plus the whole block.
+            slots = torch.arange(ctx_len, device=x.device)
+            visible_ctx = slots[None, :] < start[:, None]
+            block_cols = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            ctx_mask = torch.cat([visible_ctx, block_cols], dim=1)[:, None, None, :]
+        block_rope = self.rotary(block_positions, x.dtype)
+        ctx_rope = self.rotary(ctx_positions, x.dtype)
+        contexts = self.fuse_context(features)
+        for layer, ctx in zip(self.layers, contexts):
+            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, ctx_positions, cache, ctx_len, ctx_mask)
+        return self.norm(x)

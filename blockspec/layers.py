@@ -1,0 +1,122 @@
+"""Building blocks shared by the target and the draft networks.
+
+Numerics follow Hugging Face's Llama/Qwen3 code exactly (RMSNorm in fp32, rotate-half RoPE with cos/sin
+computed in fp32), so that taps and logits match the reference implementations to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class GatedMLP(nn.Module):
+    """`down(silu(gate(x)) * up(x))`."""
+
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_parameters(config: object) -> dict:
+    """The RoPE settings of a Hugging Face config object or a raw config dict, in either layout.
+
+    transformers <= 4.x writes `rope_theta` (+ optional `rope_scaling`) at the top level; 5.x writes a
+    `rope_parameters` dict. Returns a dict with at least `rope_type` and `rope_theta`.
+    """
+    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+    params = dict(get("rope_parameters") or {})
+    scaling = get("rope_scaling") or {}
+    if isinstance(scaling, dict):
+        for key, value in scaling.items():
+            params.setdefault(key, value)
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    if params.get("rope_theta") is None:
+        params["rope_theta"] = get("rope_theta") or 10000.0
+    return params
+
+
+def rope_inv_freq(config: object, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, CPU) and the attention scaling factor for a config.
+
+    The plain case is computed here; scaled variants (YaRN, llama3, linear, ...) go through transformers'
+    own initialisers so every published scaling rule is honoured exactly.
+    """
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (float(params["rope_theta"]) ** exponents), 1.0
+    from transformers import PretrainedConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        from blockspec.errors import BlockspecError
+
+        raise BlockspecError(f"unsupported rope type {rope_type!r} in rope_scaling/rope_parameters; "
+                             f"supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
+    if isinstance(config, dict):
+        from transformers import Qwen3Config
+
+        config = Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
+    assert isinstance(config, PretrainedConfig)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    return inv_freq.float(), float(scaling)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for given positions, computed in fp32 then cast to the activation dtype."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.attention_scaling = attention_scaling
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [b, n, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos[:, None], sin[:, None]  # [b, 1, n, d]: broadcast over heads
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on `x` of shape [b, heads, n, d]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention, [b, nH, n, d] x [b, nKV, m, d] -> [b, n, nH*d]; `mask` True = visible."""
+    scale = q.shape[-1] ** -0.5
+    if k.shape[1] != q.shape[1]:
+        # Repeating K/V keeps the math path identical on every backend and torch version.
+        repeat = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(repeat, dim=1)
+        v = v.repeat_interleave(repeat, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)

@@ -1,0 +1,183 @@
+"""The target: a Llama / Qwen2 / Qwen3 / Mistral decoder written out in one file.
+
+Weights come from a Hugging Face model (any format transformers reads: safetensors, GGUF); the forward is
+ours, so that it can write a static KV cache, return the tapped hidden states the draft needs, and later be
+captured in a CUDA graph. Tap id `k` is the OUTPUT of 0-indexed decoder layer `k` (HF's
+`hidden_states[k + 1]`), concatenated on the feature axis in the order asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from blockspec.cache import KVCache
+from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, attention, rope_inv_freq
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    sliding_windows: tuple[int | None, ...]  # per layer; None = full attention
+    max_position_embeddings: int
+
+    @staticmethod
+    def from_hf(hf_config: object, state_dict_keys: set[str]) -> "TargetConfig":
+        """Shapes from the HF config; which optional tensors exist (biases, q/k norms) from the weights."""
+        c = hf_config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        layer_types = getattr(c, "layer_types", None) or ["full_attention"] * c.num_hidden_layers
+        window = getattr(c, "sliding_window", None)
+        if c.model_type == "mistral":
+            windows = tuple(window for _ in range(c.num_hidden_layers))
+        else:
+            windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
+        return TargetConfig(
+            model_type=c.model_type,
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            head_dim=head_dim,
+            rms_norm_eps=c.rms_norm_eps,
+            qk_norm="model.layers.0.self_attn.q_norm.weight" in state_dict_keys,
+            qkv_bias="model.layers.0.self_attn.q_proj.bias" in state_dict_keys,
+            o_bias="model.layers.0.self_attn.o_proj.bias" in state_dict_keys,
+            mlp_bias="model.layers.0.mlp.gate_proj.bias" in state_dict_keys,
+            tie_word_embeddings="lm_head.weight" not in state_dict_keys
+            or bool(getattr(c, "tie_word_embeddings", False)),
+            sliding_windows=windows,
+            max_position_embeddings=getattr(c, "max_position_embeddings", 4096),
+        )
+
+
+class TargetAttention(nn.Module):
+    def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), cos, sin)
+        k = apply_rope(k.transpose(1, 2), cos, sin)
+        cache.write(self.layer_index, positions, k, v.transpose(1, 2))
+        keys, values = cache.read(self.layer_index, kv_len)
+        return self.o_proj(attention(q, keys, values, mask))
+
+
+class TargetLayer(nn.Module):
+    def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
+        super().__init__()
+        self.self_attn = TargetAttention(cfg, layer_index)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.window = cfg.sliding_windows[layer_index]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        if self.window is not None:
+            slots = torch.arange(kv_len, device=positions.device)
+            mask = mask & (slots > positions[:, None, :, None] - self.window)
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class TargetModel(nn.Module):
+    def __init__(self, cfg: TargetConfig, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(TargetLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
+
+    @staticmethod
+    def from_hf(hf_model: nn.Module) -> "TargetModel":
+        """Build from a loaded transformers causal LM, sharing (not copying) its weight storage."""
+        state = hf_model.state_dict()
+        cfg = TargetConfig.from_hf(hf_model.config, set(state))
+        inv_freq, scaling = rope_inv_freq(hf_model.config, cfg.head_dim)
+        with torch.device("meta"):
+            model = TargetModel(cfg, inv_freq, scaling)
+        ours = {name.removeprefix("model."): tensor for name, tensor in state.items()
+                if not name.endswith("rotary_emb.inv_freq")}
+        if cfg.tie_word_embeddings:
+            ours.pop("lm_head.weight", None)
+        model.load_state_dict(ours, strict=False, assign=True)
+        if cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rotary = RotaryEmbedding(inv_freq.to(hf_model.device), scaling)
+        missing = [n for n, p in model.named_parameters() if p.is_meta]
+        if missing:
+            raise ValueError(f"target weights missing after conversion: {missing[:4]}")
+        return model.eval()
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,
+                       self.embed_tokens.weight.dtype, self.embed_tokens.weight.device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                tap_layer_ids: tuple[int, ...] = (), kv_len: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run `input_ids` [b, n] at `positions` [b, n], writing their K/V into `cache`.
+
+        Returns the final-normed hidden states [b, n, H] (feed them to `logits`) and the tapped features
+        [b, n, len(tap_layer_ids) * H] (None when no taps are asked for). `kv_len` bounds the cache slots
+        attended to; by default max(positions) + 1.
+        """
+        if kv_len is None:
+            kv_len = int(positions.max()) + 1
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, x.dtype)
+        slots = torch.arange(kv_len, device=positions.device)
+        mask = slots <= positions[:, None, :, None]  # [b, 1, n, kv_len]: causal by position
+        taps: dict[int, torch.Tensor] = {}
+        for index, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, positions, cache, kv_len, mask)
+            if index in tap_layer_ids:
+                taps[index] = x
+        features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
+        return self.norm(x), features
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
