@@ -145,6 +145,10 @@ class Zoo:
                                             block_size=block_size, mask_embedding=mask_embedding)
         return self._drafts[key]
 
+    def custom_draft(self, target_name: str, arch: str, **kwargs) -> DraftModel:
+        """An uncached draft for a tiny target (see `build_draft` for the keyword arguments)."""
+        return build_draft(self.target(target_name).config, arch, **kwargs)
+
     def ar(self, target_name: str, prompt: list[int], n: int) -> list[int]:
         """Plain greedy continuation (no stop ids) of length `n`, through blockspec's AR path; cached."""
         key = (target_name, tuple(prompt))

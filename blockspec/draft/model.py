@@ -48,22 +48,27 @@ class DraftAttention(nn.Module):
         return x.view(b, n, n_heads, self.head_dim)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
-                ctx_positions: torch.Tensor, cache: KVCache, ctx_len: int,
-                ctx_mask: torch.Tensor | None) -> torch.Tensor:
-        """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c]."""
+                block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c].
+
+        Context K/V are written at their positions, then the block's at the block positions (overwriting
+        anything stale there), and the block attends to every slot before its end: the whole context and the
+        whole block, unmasked. The block's slots are rewritten by the next call's context, so they never
+        need cropping.
+        """
         q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(1, 2), *block_rope)
-        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)).transpose(1, 2), *block_rope)
-        v_blk = self._heads(self.v_proj(x), self.num_kv_heads).transpose(1, 2)
         if ctx.shape[1]:
             k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
                               else (self.k_proj, self.v_proj))
             k_ctx = self.k_norm(self._heads(k_proj(ctx), self.num_kv_heads)).transpose(1, 2)
             v_ctx = self._heads(v_proj(ctx), self.num_kv_heads).transpose(1, 2)
             cache.write(self.layer_index, ctx_positions, apply_rope(k_ctx, *ctx_rope), v_ctx)
-        k_cached, v_cached = cache.read(self.layer_index, ctx_len)
-        keys = torch.cat([k_cached, k_blk], dim=2)
-        values = torch.cat([v_cached, v_blk], dim=2)
-        return self.o_proj(attention(q, keys, values, ctx_mask))
+        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)).transpose(1, 2), *block_rope)
+        v_blk = self._heads(self.v_proj(x), self.num_kv_heads).transpose(1, 2)
+        cache.write(self.layer_index, block_positions, k_blk, v_blk)
+        keys, values = cache.read(self.layer_index, kv_len)
+        return self.o_proj(attention(q, keys, values, mask))
 
 
 class DraftLayer(nn.Module):
@@ -143,27 +148,24 @@ class DraftModel(nn.Module):
         return torch.cat([first, mask.expand(first.shape[0], self.block_size - 1, -1)], dim=1)
 
     def forward(self, block_embeds: torch.Tensor, block_positions: torch.Tensor, features: torch.Tensor,
-                ctx_positions: torch.Tensor, cache: KVCache, ctx_len: int | None = None) -> torch.Tensor:
+                ctx_positions: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
         """One draft pass; returns final-normed hidden states [b, B, H] of the block.
 
         `features` [b, c, T*H] are the new context (target taps at `ctx_positions` [b, c]); earlier context
-        is already in `cache`. Context visible to row r: slots < block_positions[r, 0]. `ctx_len` bounds the
-        slots read (default: the largest block start); rows with a shorter context are masked.
+        is already in `cache`. Row r sees cache slots up to the end of its own block. `kv_len` bounds the slots
+        read (default: the largest block end); shorter rows are masked.
         """
         x = block_embeds
-        start = block_positions[:, 0]
-        if ctx_len is None:
-            ctx_len = int(start.max())
-        ctx_mask = None
-        if block_positions.shape[0] > 1:
-            # Ragged rows: row r sees cache slots < its own block start, plus the whole block.
-            slots = torch.arange(ctx_len, device=x.device)
-            visible_ctx = slots[None, :] < start[:, None]
-            block_cols = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-            ctx_mask = torch.cat([visible_ctx, block_cols], dim=1)[:, None, None, :]
+        block_end = block_positions[:, -1]
+        if kv_len is None:
+            kv_len = int(block_end.max()) + 1
+        mask = None
+        if block_positions.shape[0] > 1 or kv_len != int(block_end[0]) + 1:
+            slots = torch.arange(kv_len, device=x.device)
+            mask = (slots[None, :] <= block_end[:, None])[:, None, None, :]
         block_rope = self.rotary(block_positions, x.dtype)
         ctx_rope = self.rotary(ctx_positions, x.dtype)
         contexts = self.fuse_context(features)
         for layer, ctx in zip(self.layers, contexts):
-            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, ctx_positions, cache, ctx_len, ctx_mask)
+            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, block_positions, ctx_positions, cache, kv_len, mask)
         return self.norm(x)

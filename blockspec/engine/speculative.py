@@ -125,8 +125,7 @@ class SpeculativeDecoder:
         """
         target = self.target.model
         embeds = self.draft.embed_block(first, target.embed_tokens)
-        start = int(block_positions[0, 0])
-        draft_hidden = self.draft(embeds, block_positions, features, ctx_positions, draft_cache, ctx_len=start)
+        draft_hidden = self.draft(embeds, block_positions, features, ctx_positions, draft_cache)
         draft_logits = target.logits(draft_hidden[0, 1:])
         if params.greedy:
             return draft_logits.argmax(-1), None
