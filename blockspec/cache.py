@@ -26,6 +26,6 @@ class KVCache:
         self.k[layer][rows, :, positions] = k.transpose(1, 2)
         self.v[layer][rows, :, positions] = v.transpose(1, 2)
 
-    def read(self, layer: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots [0, length) of one layer: [b, nKV, length, d]."""
-        return self.k[layer, :, :, :length], self.v[layer, :, :, :length]
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots of one layer: [b, nKV, max_len, d] each (attention reads only the visible ones)."""
+        return self.k[layer], self.v[layer]

@@ -109,22 +109,41 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Grouped-query attention, [b, nH, n, d] x [b, nKV, m, d] -> [b, n, nH*d]; `mask` True = visible."""
-    scale = q.shape[-1] ** -0.5
+DECODE_QUERIES = 16  # up to this many query tokens, CUDA attention runs the split-K decode kernel
+
+
+def visible_mask(limits: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
+    """[b, 1, n, kv_len] bool: query i of row r sees cache slot j iff j <= limits[r, i] (and, with a
+    sliding window, j > limits[r, i] - window)."""
+    slots = torch.arange(kv_len, device=limits.device)
+    lim = limits[:, None, :, None]
+    mask = slots <= lim
+    return mask if window is None else mask & (slots > lim - window)
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
+              kv_len: int, window: int | None = None) -> torch.Tensor:
+    """Grouped-query attention of q [b, nH, n, d] over a static cache layer [b, nKV, max_len, d].
+
+    Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
+    slots and takes the limits from device memory (so the call can live in a CUDA graph); elsewhere the
+    slots [0, kv_len) are read with an explicit mask (math as in HF's eager attention: softmax in fp32).
+    """
+    if q.is_cuda and q.shape[2] <= DECODE_QUERIES:
+        from blockspec.kernels import decode_attention
+
+        return decode_attention(q, k_cache, v_cache, limits, window or 0)
+    k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if k.shape[1] != q.shape[1]:
-        # Repeating K/V keeps the math path identical on every backend and torch version.
         repeat = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(repeat, dim=1)
         v = v.repeat_interleave(repeat, dim=1)
-    if q.device.type == "cuda":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = visible_mask(limits, kv_len, window)
+    if q.is_cuda:  # prefill: a long prompt, once per request
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
-        # On the CPU, SDPA's masked kernel costs milliseconds for a handful of queries; plain math is faster
-        # and is what HF's eager attention does (softmax in fp32).
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)

@@ -164,9 +164,11 @@ def test_special_tokens_are_skipped(bpe):
 def test_unfinished_character_at_the_end_is_not_released(bpe):
     ids = bpe.encode("ok 🚀", add_special_tokens=False)
     cut = [k for k, i in enumerate(ids) if REPLACEMENT in bpe.decode([i])][0] + 1  # stop inside the emoji
+    assert bpe.decode(ids[:cut]).endswith(REPLACEMENT)
     deltas, _, stream = run_stream(bpe, ids[:cut])
     assert REPLACEMENT not in "".join(deltas)
-    assert "".join(deltas) == stream.text == "ok" + (" " if bpe.decode(ids[:cut]).startswith("ok ") else "")
+    assert "".join(deltas) == stream.text == complete_texts(bpe, ids[:cut])[-1]
+    assert stream.text in ("ok", "ok ")  # this BPE may glue the space to the emoji's first byte
 
 
 # ---- stop strings -------------------------------------------------------------------------------------
@@ -198,6 +200,27 @@ def test_stop_string_at_the_start_releases_nothing(bpe):
     assert stopped_at is not None and "".join(deltas) == "" and stream.text == ""
 
 
+def test_stopped_stream_reports_stop_and_flushes_once(bpe):
+    ids = bpe.encode("abc STOP more", add_special_tokens=False)
+    deltas, stopped_at, stream = run_stream(bpe, ids, ("STOP",))
+    assert stopped_at is not None and stopped_at < len(ids) - 1
+    assert "".join(deltas) == stream.text == "abc "
+    assert stream.release() == "" and stream.release(final=True) == ""
+
+
+@pytest.mark.xfail(strict=True, reason="blockspec bug: TextStream.add keeps appending decoded text after a stop "
+                                       "string was found (engine/text.py add: no early return when stopped)")
+def test_tokens_after_a_stop_are_ignored(bpe):
+    ids = bpe.encode("abc STOP more text STOP x", add_special_tokens=False)
+    stream = TextStream(bpe, ("STOP",))
+    hit_at = next(k for k, token in enumerate(ids) if stream.add(token))
+    assert stream.release(final=True) == "abc "
+    for token in ids[hit_at + 1:]:
+        assert stream.add(token) is True
+        assert stream.release() == ""
+    assert stream.text == "abc "
+
+
 def test_partial_stop_string_is_held_back_then_flushed(bpe):
     ids = bpe.encode("abc STO", add_special_tokens=False)
     stream = TextStream(bpe, ("STOP",))
@@ -219,7 +242,7 @@ def test_earliest_completed_stop_string_wins(bpe):
     for token in bpe.encode("hello", add_special_tokens=False):
         if stream.add(token):
             break
-    assert stream.text in ("", "hel")  # "hel" completes first, or both at once -> cut at "hel"
+    assert stream.text == ""  # "hel" completes first (or with "lo"): cut before it
 
 
 @pytest.mark.parametrize("text, stop, expected", [
@@ -260,12 +283,13 @@ def test_property_bpe(bpe, case):
     text, stops = case
     ids = bpe.encode(text, add_special_tokens=False)
     final, stopped_at = check_stream(bpe, ids, stops)
-    hits = [text.find(s) for s in stops if s in text]
-    if not hits:
+    ends = {s: text.find(s) + len(s) for s in stops if s in text}
+    if not ends:
         assert final == text and stopped_at is None
     else:
         assert stopped_at is not None
-        assert len(final) <= min(hits)  # cut no later than the earliest occurrence in the whole text
+        first_done = min(ends, key=ends.get)  # generation stops at the first stop string to COMPLETE
+        assert len(final) <= text.find(first_done)
         assert text.startswith(final)
         assert not any(s in final for s in stops)
 

@@ -49,7 +49,7 @@ class DraftAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
                 block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
-                mask: torch.Tensor | None) -> torch.Tensor:
+                limits: torch.Tensor) -> torch.Tensor:
         """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c].
 
         Context K/V are written at their positions, then the block's at the block positions (overwriting
@@ -67,8 +67,7 @@ class DraftAttention(nn.Module):
         k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)).transpose(1, 2), *block_rope)
         v_blk = self._heads(self.v_proj(x), self.num_kv_heads).transpose(1, 2)
         cache.write(self.layer_index, block_positions, k_blk, v_blk)
-        keys, values = cache.read(self.layer_index, kv_len)
-        return self.o_proj(attention(q, keys, values, mask))
+        return self.o_proj(attention(q, *cache.layer(self.layer_index), limits, kv_len))
 
 
 class DraftLayer(nn.Module):
@@ -138,14 +137,16 @@ class DraftModel(nn.Module):
         fused = torch.einsum("bsth,dt->bsdh", taps, F.softmax(w, dim=-1))
         return [self.hidden_norm(fused[:, :, i]) for i in range(len(self.layers))]
 
-    def embed_block(self, first_tokens: torch.Tensor, embed_tokens: nn.Embedding) -> torch.Tensor:
-        """Embeddings of `[token, MASK x (B-1)]` [b, B, H]; `first_tokens` [b]."""
+    def embed_block(self, first_tokens: torch.Tensor, embed_tokens: nn.Embedding,
+                    block_size: int | None = None) -> torch.Tensor:
+        """Embeddings of `[token, MASK x (B-1)]` [b, B, H]; `first_tokens` [b]; B defaults to the trained one."""
         first = embed_tokens(first_tokens)[:, None]
         if self.mask_embedding is not None:
             mask = self.mask_embedding.to(first.dtype)
         else:
             mask = embed_tokens.weight[self.config.mask_token_id]
-        return torch.cat([first, mask.expand(first.shape[0], self.block_size - 1, -1)], dim=1)
+        block_size = block_size or self.block_size
+        return torch.cat([first, mask.expand(first.shape[0], block_size - 1, -1)], dim=1)
 
     def forward(self, block_embeds: torch.Tensor, block_positions: torch.Tensor, features: torch.Tensor,
                 ctx_positions: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:
@@ -153,19 +154,16 @@ class DraftModel(nn.Module):
 
         `features` [b, c, T*H] are the new context (target taps at `ctx_positions` [b, c]); earlier context
         is already in `cache`. Row r sees cache slots up to the end of its own block. `kv_len` bounds the slots
-        read (default: the largest block end); shorter rows are masked.
+        read by the CPU attention (default: the largest block end + 1, a host sync: pass it in hot loops).
         """
         x = block_embeds
-        block_end = block_positions[:, -1]
+        block_end = block_positions[:, -1:]
         if kv_len is None:
             kv_len = int(block_end.max()) + 1
-        mask = None
-        if block_positions.shape[0] > 1 or kv_len != int(block_end[0]) + 1:
-            slots = torch.arange(kv_len, device=x.device)
-            mask = (slots[None, :] <= block_end[:, None])[:, None, None, :]
+        limits = block_end.expand_as(block_positions)  # every block slot sees up to the block's end
         block_rope = self.rotary(block_positions, x.dtype)
         ctx_rope = self.rotary(ctx_positions, x.dtype)
         contexts = self.fuse_context(features)
         for layer, ctx in zip(self.layers, contexts):
-            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, block_positions, ctx_positions, cache, kv_len, mask)
+            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, block_positions, ctx_positions, cache, kv_len, limits)
         return self.norm(x)

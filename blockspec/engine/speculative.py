@@ -124,7 +124,7 @@ class SpeculativeDecoder:
         every slot before the block start. Subclasses may override this (oracle drafts in tests/benchmarks).
         """
         target = self.target.model
-        embeds = self.draft.embed_block(first, target.embed_tokens)
+        embeds = self.draft.embed_block(first, target.embed_tokens, block_positions.shape[1])
         draft_hidden = self.draft(embeds, block_positions, features, ctx_positions, draft_cache)
         draft_logits = target.logits(draft_hidden[0, 1:])
         if params.greedy:

@@ -86,7 +86,7 @@ class TargetAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+                cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
@@ -96,8 +96,8 @@ class TargetAttention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
         cache.write(self.layer_index, positions, k, v.transpose(1, 2))
-        keys, values = cache.read(self.layer_index, kv_len)
-        return self.o_proj(attention(q, keys, values, mask))
+        # causal by position: a query sees every slot up to its own position
+        return self.o_proj(attention(q, *cache.layer(self.layer_index), positions, kv_len, window))
 
 
 class TargetLayer(nn.Module):
@@ -110,11 +110,8 @@ class TargetLayer(nn.Module):
         self.window = cfg.sliding_windows[layer_index]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        if self.window is not None:
-            slots = torch.arange(kv_len, device=positions.device)
-            mask = mask & (slots > positions[:, None, :, None] - self.window)
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len, mask)
+                cache: KVCache, kv_len: int) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len, self.window)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -163,17 +160,15 @@ class TargetModel(nn.Module):
 
         Returns the final-normed hidden states [b, n, H] (feed them to `logits`) and the tapped features
         [b, n, len(tap_layer_ids) * H] (None when no taps are asked for). `kv_len` bounds the cache slots
-        attended to; by default max(positions) + 1.
+        read by the CPU attention; by default max(positions) + 1 (a host sync: pass it in hot loops).
         """
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
-        slots = torch.arange(kv_len, device=positions.device)
-        mask = slots <= positions[:, None, :, None]  # [b, 1, n, kv_len]: causal by position
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, cache, kv_len, mask)
+            x = layer(x, cos, sin, positions, cache, kv_len)
             if index in tap_layer_ids:
                 taps[index] = x
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None

