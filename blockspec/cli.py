@@ -57,6 +57,9 @@ def _read_messages(path: Path) -> list[dict]:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         raise BlockspecError(f"messages file {str(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BlockspecError(f"cannot read messages file {str(path)!r} ({type(exc).__name__}): pass a UTF-8 "
+                             f"JSON file") from None
     except json.JSONDecodeError as exc:
         raise BlockspecError(f"messages file {str(path)!r} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     if isinstance(data, dict):

@@ -42,7 +42,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
     dims = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + head[:, None] * sq_h + i[:, None] * sq_n + dims[None, :],
                 mask=valid[:, None], other=0.0)
-    lim = tl.load(LIM + b * slim_b + i, mask=valid, other=-1)
+    lim = tl.load(LIM + b * slim_b + i, mask=valid, other=-1).to(tl.int32)
     total = tl.max(lim, axis=0) + 1
     chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -113,7 +113,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q = q.contiguous()
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
     ml = torch.empty(b, n_heads, splits, n_q, 2, device=q.device, dtype=torch.float32)
-    limits = limits.to(torch.int32)
     _attention_splits[(b * n_kv, splits)](
         q, k_cache, v_cache, limits, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -129,3 +128,111 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
         n_q, n_heads, splits, SPLITS=triton.next_power_of_2(splits), D=d, num_warps=1)
     return out.view(b, n_q, n_heads * d)
+
+
+# ---- fused elementwise kernels ------------------------------------------------------------------------------
+# Each reproduces the rounding points of the eager torch code it replaces (fp32 math, a cast to the
+# activation dtype wherever eager materialises a tensor), so the CUDA path stays numerically faithful.
+
+
+@triton.jit
+def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    y = (x * r).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps,
+                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1)
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _silu_mul(GU, OUT, sg, so, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    g = tl.load(GU + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(GU + row * sg + n + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [..., 2I] holding gate then up."""
+    n = gate_up.shape[-1] // 2
+    rows = gate_up.reshape(-1, 2 * n)
+    out = torch.empty(rows.shape[0], n, device=gate_up.device, dtype=gate_up.dtype)
+    block = 1024
+    _silu_mul[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), out.stride(0), n, BLOCK=block)
+    return out.view(*gate_up.shape[:-1], n)
+
+
+@triton.jit
+def _qkv_rope_store(QKV, QN, KN, COS, SIN, POS, QOUT, KC, VC,
+                    s_qkv, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
+                    n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
+    t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
+    h = tl.program_id(1)  # head among q heads, then k heads, then v heads
+    b = t // n_q
+    i = t % n_q
+    dims = tl.arange(0, D)
+    pos = tl.load(POS + t)
+    src = QKV + t * s_qkv + h * D
+    if h < n_heads + n_kv:
+        partner = (dims + D // 2) % D
+        x = tl.load(src + dims).to(tl.float32)
+        xp = tl.load(src + partner).to(tl.float32)
+        if HAS_NORM:
+            if h < n_heads:
+                w_ptr = QN
+            else:
+                w_ptr = KN
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            x = (tl.load(w_ptr + dims).to(tl.float32)
+                 * (x * r).to(QOUT.dtype.element_ty).to(tl.float32)).to(QOUT.dtype.element_ty).to(tl.float32)
+            xp = (tl.load(w_ptr + partner).to(tl.float32)
+                  * (xp * r).to(QOUT.dtype.element_ty).to(tl.float32)).to(QOUT.dtype.element_ty).to(tl.float32)
+        rotated = tl.where(dims < D // 2, -xp, xp)
+        cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
+        a = (x * cos).to(QOUT.dtype.element_ty).to(tl.float32)
+        c = (rotated * sin).to(QOUT.dtype.element_ty).to(tl.float32)
+        y = (a + c).to(QOUT.dtype.element_ty)
+        if h < n_heads:
+            tl.store(QOUT + b * s_qo_b + h * s_qo_h + i * s_qo_n + dims, y)
+        else:
+            tl.store(KC + b * s_kc_b + (h - n_heads) * s_kc_h + pos * s_kc_l + dims, y)
+    else:
+        v = tl.load(src + dims)
+        tl.store(VC + b * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos * s_vc_l + dims, v)
+
+
+def qkv_rope_store(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, q_norm: torch.Tensor | None,
+                   k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
+                   positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """From fused projections qkv [b, n, (nH+2nKV)*d]: q/k RMSNorm (optional), RoPE, K and V stored into
+    the cache layer at `positions`; returns q [b, nH, n, d]."""
+    b, n, _ = qkv.shape
+    rows = qkv.reshape(b * n, -1)
+    cos = cos.reshape(b * n, head_dim)
+    sin = sin.reshape(b * n, head_dim)
+    q = torch.empty(b, n_heads, n, head_dim, device=qkv.device, dtype=qkv.dtype)
+    norm = q_norm is not None
+    _qkv_rope_store[(b * n, n_heads + 2 * n_kv)](
+        rows, q_norm if norm else rows, k_norm if norm else rows, cos, sin, positions.reshape(-1), q,
+        k_cache, v_cache, rows.stride(0), cos.stride(0), q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), n, n_heads, n_kv, eps, HAS_NORM=norm, D=head_dim, num_warps=1)
+    return q

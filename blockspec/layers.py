@@ -20,6 +20,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from blockspec.kernels import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -36,6 +40,16 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, for fused projections [..., 2I] holding gate then up (one kernel on CUDA)."""
+    if gate_up.is_cuda:
+        from blockspec.kernels import silu_mul as fused
+
+        return fused(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_parameters(config: object) -> dict:
@@ -100,6 +114,32 @@ class RotaryEmbedding(nn.Module):
         cos = (emb.cos() * self.attention_scaling).to(dtype)
         sin = (emb.sin() * self.attention_scaling).to(dtype)
         return cos[:, None], sin[:, None]  # [b, 1, n, d]: broadcast over heads
+
+
+def qkv_rope_store(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, q_norm: RMSNorm | None,
+                   k_norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Split fused projections [b, n, (nH+2nKV)*d] into heads, RMSNorm q and k (Qwen3), rotate them, store
+    K and V at `positions` in the cache layer [b, nKV, max_len, d]; returns q [b, nH, n, d].
+    One kernel on CUDA; the plain ops below elsewhere (and as the reference)."""
+    if qkv.is_cuda:
+        from blockspec.kernels import qkv_rope_store as fused
+
+        eps = q_norm.eps if q_norm is not None else 0.0
+        return fused(qkv, n_heads, n_kv, head_dim, q_norm.weight if q_norm is not None else None,
+                     k_norm.weight if k_norm is not None else None, eps, cos, sin, positions, k_cache, v_cache)
+    b, n, _ = qkv.shape
+    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+    q = q.view(b, n, n_heads, head_dim)
+    k = k.view(b, n, n_kv, head_dim)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    q = apply_rope(q.transpose(1, 2), cos, sin)
+    k = apply_rope(k.transpose(1, 2), cos, sin)
+    rows = torch.arange(b, device=positions.device)[:, None]
+    k_cache[rows, :, positions] = k.transpose(1, 2)
+    v_cache[rows, :, positions] = v.view(b, n, n_kv, head_dim)
+    return q
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,21 @@ def test_golden_target_taps(case_dir):
 
 
 @pytest.mark.parametrize("case_dir", CASE_PARAMS)
+def test_golden_load_target_from_directory(case_dir):
+    """blockspec's own loader on the case's HF directory gives the same taps as the reference."""
+    from blockspec.target import load_target
+
+    case = load_case(case_dir)
+    target = load_target(str(case_dir / "target"), dtype="float32", tokenizer=False)
+    ids = case.tensors["prompt_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        _, features = target.model(ids, torch.arange(n)[None], target.model.new_cache(1, n),
+                                   tuple(case.meta["target_layer_ids"]))
+    _close(features, case.tensors[case.meta["calls"][0]["features"]], case, "load_target taps")
+
+
+@pytest.mark.parametrize("case_dir", CASE_PARAMS)
 def test_golden_draft_calls(case_dir):
     """The calls in order, on ONE draft cache: the context K/V written by call i are what call i+1 reads."""
     case = load_case(case_dir)

@@ -380,6 +380,33 @@ def test_block_size_below_trained(zoo, block):
         assert forced.stats.acceptance_lengths == forced_lengths(all_correct, block, 20)
 
 
+def _context_case(zoo):
+    target = zoo.target("qwen3").target
+    limit = target.model.config.max_position_embeddings
+    prompt = random_prompt(target.model.config.vocab_size, limit - 20, seed=800)
+    return target, limit, prompt
+
+
+def test_request_beyond_the_context_is_refused(zoo):
+    target, limit, prompt = _context_case(zoo)
+    for draft in (None, zoo.draft("qwen3", "dflash", block_size=16)):
+        with pytest.raises(BlockspecError) as excinfo:
+            SpeculativeDecoder(target, draft).generate(prompt, greedy(21))  # prompt + new = limit + 1
+        message = str(excinfo.value)
+        assert "\n" not in message and "max_new_tokens" in message and str(limit) in message
+
+
+@pytest.mark.xfail(strict=True, raises=BlockspecError,
+                   reason="bug: SpeculativeDecoder._steps refuses when prompt + max_new_tokens + block_size > "
+                          "max_position_embeddings (check `max_len - block > limit`), i.e. it depends on the block "
+                          "size and refuses requests that fit the context exactly")
+def test_request_that_fits_the_context_is_served_at_every_block_size(zoo):
+    target, limit, prompt = _context_case(zoo)
+    ar = SpeculativeDecoder(target, None).generate(prompt, greedy(20))  # prompt + new == limit
+    spec = SpeculativeDecoder(target, zoo.draft("qwen3", "dflash", block_size=16)).generate(prompt, greedy(20))
+    assert spec.token_ids == ar.token_ids and len(ar.token_ids) == 20
+
+
 def test_block_size_above_trained_refused(zoo):
     target = zoo.target("qwen3").target
     decoder = SpeculativeDecoder(target, zoo.draft("qwen3", "dflash", block_size=8))
@@ -452,6 +479,9 @@ def test_smollm2_eos_inside_accepted_run(smollm2, smollm2_draft, smol_ar):
     chunks = list(decoder.stream(ids, SamplingParams(max_new_tokens=SMOL_N)))
     result = chunks[-1].result
     assert result.token_ids == expected and result.finish_reason == "stop"
+    # EOS came inside a fully accepted block: the tokens after it in that block were dropped
+    assert result.stats.acceptance_lengths[-1] == block
+    assert len(chunks[-1].token_ids) < block
     assert "".join(c.text for c in chunks) == result.text
     assert result.text == smollm2.tokenizer.decode(expected, skip_special_tokens=True)
 

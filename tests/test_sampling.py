@@ -626,8 +626,6 @@ def test_greedy_speculative_equals_greedy_autoregressive(tiny_pair):
         assert spec.token_ids == ar.token_ids and len(ar.token_ids) == 16
 
 
-@pytest.mark.xfail(strict=True, reason="blockspec bug: seed=None calls torch.seed(), reseeding the GLOBAL torch "
-                                       "RNG (engine/speculative.py, _steps); use generator.seed() instead")
 def test_unseeded_sampling_leaves_global_rng_alone(tiny_pair):
     _, target, draft = tiny_pair
     torch.manual_seed(1234)

@@ -38,7 +38,11 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     for file in files:
         if not file.is_file():
             raise BlockspecError(f"draft shard {file.name} listed in the index is missing from {directory}")
-        tensors.update(load_file(str(file)))
+        try:
+            tensors.update(load_file(str(file)))
+        except Exception as exc:  # safetensors raises its own error type for truncated or corrupt files
+            raise BlockspecError(f"draft weights {file} are unreadable ({str(exc).splitlines()[0][:120]}): "
+                                 f"re-download or re-save the checkpoint") from None
     return tensors
 
 

@@ -40,6 +40,9 @@ class DraftConfig:
         for key in REQUIRED_KEYS:
             if key not in raw or raw[key] is None:
                 raise BlockspecError(f"draft config {source} is missing the required key {key!r}")
+        if not isinstance(raw.get("dflash_config") or {}, dict):
+            raise BlockspecError(f"draft config {source}: 'dflash_config' must be an object "
+                                 f"{{mask_token_id, target_layer_ids}}, got {raw['dflash_config']!r}")
         arch = raw["architectures"]
         if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in ARCHITECTURES:
             raise BlockspecError(f"draft config {source}: unknown 'architectures' {arch!r}; "
@@ -66,9 +69,12 @@ class DraftConfig:
         if not path.is_file():
             raise BlockspecError(f"draft directory {str(directory)!r} has no config.json")
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise BlockspecError(f"draft config {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+        except (UnicodeDecodeError, OSError) as exc:
+            raise BlockspecError(f"draft config {path} is unreadable ({type(exc).__name__}): it must be UTF-8 "
+                                 f"JSON") from None
         if not isinstance(raw, dict):
             raise BlockspecError(f"draft config {path} must be a JSON object")
         return DraftConfig.from_dict(raw, str(path))

@@ -11,6 +11,7 @@ committed token is then distributed exactly as the target alone would sample it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,10 @@ class SamplingParams:
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise BlockspecError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise BlockspecError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise BlockspecError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64):
+            raise BlockspecError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             raise BlockspecError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:

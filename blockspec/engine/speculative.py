@@ -148,7 +148,10 @@ class SpeculativeDecoder:
         generator = None
         if not params.greedy:
             generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is None:
+                generator.seed()  # fresh entropy for this generator only; torch's global RNG is left alone
+            else:
+                generator.manual_seed(params.seed)
         target_cache = target.new_cache(1, max_len)
         draft_cache = draft.new_cache(1, max_len) if use_draft else None
 

@@ -24,7 +24,9 @@ class TextStream:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def add(self, token_id: int) -> bool:
-        """Add one committed token; returns True once a stop string has appeared."""
+        """Add one committed token; returns True once a stop string has appeared (later tokens are ignored)."""
+        if self.stopped:
+            return True
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.ids[self.prefix_offset:])

@@ -16,12 +16,17 @@ from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET, download_from_hub, looks_like_hub_id, resolve_local, smollm2_gguf_path
 from blockspec.target.model import SUPPORTED_MODEL_TYPES, TargetModel
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 elsewhere (fp16 reportedly destroys acceptance)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise BlockspecError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -140,10 +145,16 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise BlockspecError(f"target model_type {hf_config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as exc:
+        raise BlockspecError(f"cannot load target weights from {name!r} ({str(exc).splitlines()[0][:160]}); "
+                             f"the folder needs *.safetensors weights") from None
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
-    tok = AutoTokenizer.from_pretrained(source) if tokenizer else None
+    # transformers 5 returns an empty tokenizer for a folder without one; treat that as "no tokenizer"
+    has_tokenizer = any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
+    tok = AutoTokenizer.from_pretrained(source) if tokenizer and has_tokenizer else None
     eos: list[int] = []
     try:
         gen = GenerationConfig.from_pretrained(source)

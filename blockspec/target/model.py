@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, attention, rope_inv_freq
+from blockspec.layers import RMSNorm, RotaryEmbedding, attention, qkv_rope_store, rope_inv_freq, silu_mul
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -75,9 +75,9 @@ class TargetAttention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # q, k and v projections fused into one matrix: one weight read, one kernel
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -87,24 +87,30 @@ class TargetAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
-        cache.write(self.layer_index, positions, k, v.transpose(1, 2))
+        k_cache, v_cache = cache.layer(self.layer_index)
+        q = qkv_rope_store(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm,
+                           self.k_norm, cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
-        return self.o_proj(attention(q, *cache.layer(self.layer_index), positions, kv_len, window))
+        return self.o_proj(attention(q, k_cache, v_cache, positions, kv_len, window))
+
+
+class TargetMLP(nn.Module):
+    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matrix."""
+
+    def __init__(self, cfg: TargetConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class TargetLayer(nn.Module):
     def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
         super().__init__()
         self.self_attn = TargetAttention(cfg, layer_index)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.mlp = TargetMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.window = cfg.sliding_windows[layer_index]
@@ -113,6 +119,20 @@ class TargetLayer(nn.Module):
                 cache: KVCache, kv_len: int) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len, self.window)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF names -> ours: q/k/v_proj concatenated into qkv_proj, gate/up_proj into gate_up_proj."""
+    fused = dict(state)
+    for key in [k for k in state if k.endswith("self_attn.q_proj.weight") or k.endswith("self_attn.q_proj.bias")]:
+        prefix, kind = key.rsplit(".q_proj.", 1)
+        parts = [fused.pop(f"{prefix}.{p}_proj.{kind}") for p in ("q", "k", "v")]
+        fused[f"{prefix}.qkv_proj.{kind}"] = torch.cat(parts)
+    for key in [k for k in state if ".mlp.gate_proj." in k]:
+        prefix, kind = key.rsplit(".gate_proj.", 1)
+        parts = [fused.pop(f"{prefix}.{p}_proj.{kind}") for p in ("gate", "up")]
+        fused[f"{prefix}.gate_up_proj.{kind}"] = torch.cat(parts)
+    return fused
 
 
 class TargetModel(nn.Module):
@@ -135,8 +155,8 @@ class TargetModel(nn.Module):
         inv_freq, scaling = rope_inv_freq(hf_model.config, cfg.head_dim)
         with torch.device("meta"):
             model = TargetModel(cfg, inv_freq, scaling)
-        ours = {name.removeprefix("model."): tensor for name, tensor in state.items()
-                if not name.endswith("rotary_emb.inv_freq")}
+        ours = fuse_projections({name.removeprefix("model."): tensor for name, tensor in state.items()
+                                 if not name.endswith("rotary_emb.inv_freq")})
         if cfg.tie_word_embeddings:
             ours.pop("lm_head.weight", None)
         model.load_state_dict(ours, strict=False, assign=True)

@@ -1,0 +1,102 @@
+"""Triton kernels of the CUDA path against the plain torch code they replace.
+
+Runs on a CUDA machine, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1, numpy < 2.3);
+skipped otherwise (CI has neither).
+"""
+
+import os
+
+import pytest
+import torch
+
+from blockspec.layers import RMSNorm, apply_rope, visible_mask
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+from blockspec import kernels  # noqa: E402
+
+
+def reference_attention(q, k, v, limits, window):
+    b, nh, n, d = q.shape
+    group = nh // k.shape[1]
+    kk = k.repeat_interleave(group, 1).double()
+    vv = v.repeat_interleave(group, 1).double()
+    scores = q.double() @ kk.transpose(-1, -2) * d ** -0.5
+    scores = scores.masked_fill(~visible_mask(limits, k.shape[2], window or None), float("-inf"))
+    return (torch.softmax(scores, -1) @ vv).transpose(1, 2).reshape(b, n, nh * d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 4, 2, 1, 16, 100, 0), (1, 32, 8, 16, 128, 700, 0), (2, 9, 3, 16, 64, 300, 0),
+                                   (1, 8, 2, 5, 32, 500, 64), (3, 4, 4, 3, 16, 90, 0)])
+def test_decode_attention_matches_reference(shape, dtype):
+    b, nh, nkv, n, d, length, window = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    q = torch.randn(b, nh, n, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(b, nkv, length, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(b, nkv, length, d, generator=gen).to(DEVICE, dtype)
+    start = torch.randint(0, length - n, (b,), generator=gen)
+    limits = (start[:, None] + torch.arange(n)).to(DEVICE)
+    out = kernels.decode_attention(q, k, v, limits, window)
+    ref = reference_attention(q, k, v, limits, window)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_rms_norm_and_silu_mul_match_torch(dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 576, generator=gen).to(DEVICE, dtype)
+    norm = RMSNorm(576, 1e-5).to(DEVICE, dtype)
+    norm.weight.data = torch.randn(576, generator=gen).to(DEVICE, dtype)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    got = kernels.rms_norm(x, norm.weight, 1e-5)
+    assert (got.float() - expected.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2)
+    gate_up = torch.randn(3, 2 * 1536, generator=gen).to(DEVICE, dtype)
+    gate, up = gate_up.chunk(2, -1)
+    expected = torch.nn.functional.silu(gate) * up
+    assert (kernels.silu_mul(gate_up).float() - expected.float()).abs().max().item() <= (
+        1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qkv_rope_store_matches_torch(qk_norm):
+    gen = torch.Generator().manual_seed(1)
+    b, n, nh, nkv, d, length = 2, 5, 4, 2, 16, 40
+    qkv = torch.randn(b, n, (nh + 2 * nkv) * d, generator=gen).to(DEVICE)
+    positions = (torch.tensor([[3], [17]]) + torch.arange(n)).to(DEVICE)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    freqs = positions.float()[..., None].cpu() * inv_freq
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos().to(DEVICE), emb.sin().to(DEVICE)
+    qn = kn = None
+    if qk_norm:
+        qn, kn = RMSNorm(d, 1e-6).to(DEVICE), RMSNorm(d, 1e-6).to(DEVICE)
+        qn.weight.data = torch.randn(d, generator=gen).to(DEVICE)
+        kn.weight.data = torch.randn(d, generator=gen).to(DEVICE)
+    k_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
+    v_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
+    q = kernels.qkv_rope_store(qkv, nh, nkv, d, qn.weight if qk_norm else None, kn.weight if qk_norm else None,
+                               1e-6, cos, sin, positions, k_cache, v_cache)
+    q_ref, k_ref, v_ref = qkv.split([nh * d, nkv * d, nkv * d], -1)
+    q_ref, k_ref = q_ref.view(b, n, nh, d), k_ref.view(b, n, nkv, d)
+    if qk_norm:
+        x32 = q_ref.float()
+        q_ref = qn.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6))
+        x32 = k_ref.float()
+        k_ref = kn.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6))
+    q_ref = apply_rope(q_ref.transpose(1, 2), cos[:, None], sin[:, None])
+    k_ref = apply_rope(k_ref.transpose(1, 2), cos[:, None], sin[:, None])
+    torch.testing.assert_close(q, q_ref, atol=1e-5, rtol=1e-5)
+    for row in range(b):
+        slots = positions[row]
+        torch.testing.assert_close(k_cache[row][:, slots], k_ref[row], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_cache[row][:, slots], v_ref.view(b, n, nkv, d)[row].transpose(0, 1))
+    untouched = torch.ones(length, dtype=torch.bool)
+    untouched[positions[0].cpu()] = False
+    assert k_cache[0][:, untouched.to(DEVICE)].abs().sum() == 0
