@@ -96,7 +96,8 @@ def rope_inv_freq(config: object, head_dim: int) -> tuple[torch.Tensor, float]:
 
         config = Qwen3Config(**{k: v for k, v in config.items() if k not in ("architectures", "auto_map")})
     assert isinstance(config, PretrainedConfig)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
+    with torch.device("cpu"):  # callers may be building the model under torch.device("meta")
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
     return inv_freq.float(), float(scaling)
 
 
@@ -107,6 +108,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        # `.to(bfloat16)` on the model must not round the frequencies: SPEC keeps them in fp32.
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        if not inv_freq.is_meta and not self.inv_freq.is_meta:
+            self.inv_freq = inv_freq.to(device=self.inv_freq.device, dtype=torch.float32)
+        return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[..., None] * self.inv_freq  # [b, n, d/2]

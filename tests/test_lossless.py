@@ -396,10 +396,6 @@ def test_request_beyond_the_context_is_refused(zoo):
         assert "\n" not in message and "max_new_tokens" in message and str(limit) in message
 
 
-@pytest.mark.xfail(strict=True, raises=BlockspecError,
-                   reason="bug: SpeculativeDecoder._steps refuses when prompt + max_new_tokens + block_size > "
-                          "max_position_embeddings (check `max_len - block > limit`), i.e. it depends on the block "
-                          "size and refuses requests that fit the context exactly")
 def test_request_that_fits_the_context_is_served_at_every_block_size(zoo):
     target, limit, prompt = _context_case(zoo)
     ar = SpeculativeDecoder(target, None).generate(prompt, greedy(20))  # prompt + new == limit

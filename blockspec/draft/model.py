@@ -104,7 +104,7 @@ class DraftModel(nn.Module):
     def init_weights(self, seed: int = 0, std: float = 0.02) -> "DraftModel":
         """Fresh weights for training or an untrained stand-in: N(0, std) projections, unit norms, and the
         DFlare fusion init of SPEC section 3 (each layer starts on one tapped layer, spread over depth)."""
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=self.norm.weight.device).manual_seed(seed)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
@@ -114,7 +114,7 @@ class DraftModel(nn.Module):
                 for i in range(d):
                     param[i, min(t - 1, int(i * t / d))] = 2.0
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * std)
+                param.normal_(0.0, std, generator=generator)
         return self
 
     @property

@@ -142,7 +142,7 @@ class SpeculativeDecoder:
         n_prompt = len(prompt_ids)
         max_len = n_prompt + params.max_new_tokens + 2 * block
         limit = target.config.max_position_embeddings
-        if max_len - block > limit:
+        if n_prompt + params.max_new_tokens > limit:
             raise BlockspecError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
                                  f"the target's context of {limit} tokens")
         generator = None

@@ -168,6 +168,27 @@ class TargetModel(nn.Module):
             raise ValueError(f"target weights missing after conversion: {missing[:4]}")
         return model.eval()
 
+    @staticmethod
+    @torch.no_grad()
+    def random(cfg: TargetConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               seed: int = 0, std: float = 0.02, rope_theta: float = 1e6) -> "TargetModel":
+        """A target of the given shape with random N(0, std) weights, built directly on `device` (benchmarks
+        of large shapes: timing does not depend on weight values)."""
+        exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+        with torch.device("meta"):
+            model = TargetModel(cfg, 1.0 / (rope_theta ** exponents))
+        model = model.to_empty(device=device).to(dtype)
+        if cfg.tie_word_embeddings:  # to_empty gives every parameter its own storage
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rotary = RotaryEmbedding((1.0 / (rope_theta ** exponents)).to(device))
+        generator = torch.Generator(device=device).manual_seed(seed)
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, std, generator=generator)
+        return model.eval()
+
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         c = self.config
         return KVCache(c.num_layers, batch_size, c.num_kv_heads, max_len, c.head_dim,

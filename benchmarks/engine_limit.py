@@ -1,0 +1,389 @@
+"""How close does blockspec's fast CUDA path get to the memory-bandwidth floor? (issue 3)
+
+One run measures, side by side on one GPU:
+  - the device copy bandwidth (the floor's denominator);
+  - a Qwen3-4B-shaped target with random bf16 weights, a 5-layer DFlash and a 7-layer DFlare draft
+    (SPEC shapes), at each context: blockspec AR ms/token and speculative ms/step, their floors
+    (bytes that must be read per step / copy bandwidth), the peers (HF transformers eager decoding, and
+    a reference-style eager speculative loop with a dynamic cache and host syncs), tokens/s and speedup
+    at forced acceptance lengths (oracle acceptance: real per-step work, a chosen number committed);
+  - a check that fast-path greedy tokens equal the eager path's for 256 tokens;
+  - a kernel-time profile of one speculative step (where the time goes);
+  - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
+
+    python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
+    python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
+    python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
+from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
+from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
+from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
+
+TAUS = (3.0, 5.0, 6.5, 8.0)
+
+
+def qwen3_4b_config(tiny: bool) -> TargetConfig:
+    if tiny:
+        return TargetConfig("qwen3", 512, 64, 128, 6, 4, 2, 16, 1e-6, True, False, False, False, True,
+                            (None,) * 6, 8192)
+    return TargetConfig("qwen3", 151936, 2560, 9728, 36, 32, 8, 128, 1e-6, True, False, False, False, True,
+                        (None,) * 36, 40960)
+
+
+def make_draft(kind: str, cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool) -> DraftModel:
+    layers, ids = (5, None) if kind == "dflash" else (7, [1, 5, 9, 13, 17, 21, 25, 29, 33])
+    if tiny:
+        layers, ids = (2, None) if kind == "dflash" else (3, [0, 2, 4])
+    dcfg = DraftConfig.create(kind, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                              num_layers=layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                              head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, num_target_layers=cfg.num_layers,
+                              block_size=16, target_layer_ids=ids, mask_token_id=cfg.vocab_size - 1)
+    with torch.device("meta"):
+        draft = DraftModel(dcfg)
+    draft = draft.to_empty(device=device).to(dtype)
+    from blockspec.layers import RotaryEmbedding, rope_inv_freq
+
+    draft.rotary = RotaryEmbedding(*rope_inv_freq(dcfg.raw, dcfg.head_dim)).to(device)
+    return draft.init_weights(seed=1).requires_grad_(False)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: str, gib: float) -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written (median of 20)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(25):
+        sync(device)
+        t = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        if i >= 5:
+            times.append(time.perf_counter() - t)
+    return 2 * src.numel() * 2 / statistics.median(times)
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
+    return layers * 2 * kv_heads * head_dim * itemsize
+
+
+def floors(cfg: TargetConfig, target: TargetModel, draft: DraftModel | None, ctx: int, block: int) -> int:
+    """Bytes one step must move: every weight once (the lm_head twice when drafting: draft logits, then
+    verify logits), the visible K/V of target (and draft), the new K/V written."""
+    item = target.embed_tokens.weight.element_size()
+    total = param_bytes(target)  # a tied embedding counts once: the lm_head reads all of it
+    if target.lm_head.weight.data_ptr() != target.embed_tokens.weight.data_ptr():
+        total -= target.embed_tokens.weight.numel() * item  # untied: only a few embedding rows are read
+    total += kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, item) * (ctx + block)
+    if draft is not None:
+        dc = draft.config
+        total += param_bytes(draft) + target.lm_head.weight.numel() * item
+        total += kv_bytes_per_token(dc.num_layers, dc.num_key_value_heads, dc.head_dim, item) * (ctx + block)
+    return total
+
+
+def timed_steps(decoder: CudaGraphDecoder, prompt: list[int], block: int, steps: int, device: str) -> float:
+    """Median wall time of one graph-replayed step (replay + the host read), in seconds."""
+    params = SamplingParams(max_new_tokens=steps * block + 2, ignore_eos=True)
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    gen = decoder.stream(prompt, params, block_size=block)
+    for i, _ in enumerate(gen):
+        now = time.perf_counter()
+        if i >= 3:  # prefill, the eager first step and graph capture excluded
+            times.append(now - last[0])
+        last[0] = now
+        if len(times) >= steps:
+            gen.close()
+            break
+    return statistics.median(times)
+
+
+def oracle_rate(decoder: CudaGraphDecoder, prompt: list[int], tau: float, new_tokens: int) -> dict:
+    """Tokens/s with acceptance forced to average `tau` (acceptance lengths tau rounded down/up)."""
+    low = int(tau)
+    schedule = [low - 1] if tau == low else [low - 1, low]
+    decoder.forced_acceptance = schedule
+    try:
+        decoder.generate(prompt, SamplingParams(max_new_tokens=32, ignore_eos=True))  # warm
+        result = decoder.generate(prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+    finally:
+        decoder.forced_acceptance = None
+    s = result.stats
+    return {"tau_forced": tau, "tau_measured": s.mean_acceptance_length,
+            "tokens_per_s": (s.generated_tokens - 1) / (s.total_s - s.ttft_s)}
+
+
+def hf_peer(cfg: TargetConfig, device: str, ctx: int, tokens: int, tiny: bool) -> float:
+    """HF transformers eager decoding ms/token (dynamic cache, one token per forward)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
+                       max_position_embeddings=cfg.max_position_embeddings)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        model = Qwen3ForCausalLM(hcfg).to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=device)
+    times = []
+    with torch.inference_mode():
+        out = model(ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for i in range(tokens + 3):
+            sync(device)
+            t = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            int(token)  # the host sync a decoding loop makes every token
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+    del model
+    return statistics.median(times)
+
+
+def reference_style_step(cfg: TargetConfig, draft: DraftModel, device: str, ctx: int, steps: int,
+                         tiny: bool) -> float:
+    """The public implementations' loop shape: HF target with a dynamic cache and all hidden states
+    materialised each verify, an eager draft, host syncs every step, cache crop after acceptance."""
+    from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+
+    hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
+                       max_position_embeddings=cfg.max_position_embeddings)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    with torch.device(device):
+        model = Qwen3ForCausalLM(hcfg).to(dtype).eval()
+    taps = [i + 1 for i in draft.config.target_layer_ids]
+    block = draft.block_size
+    draft_cache = draft.new_cache(1, ctx + (steps + 4) * block + 16)
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=device)
+    times = []
+    with torch.inference_mode():
+        cache = DynamicCache()
+        out = model(ids, past_key_values=cache, use_cache=True, output_hidden_states=True)
+        feat = torch.cat([out.hidden_states[i] for i in taps], -1)
+        ctx_pos = torch.arange(ctx, device=device)[None]
+        token, start = int(out.logits[0, -1].argmax()), ctx
+        for i in range(steps + 3):
+            sync(device)
+            t = time.perf_counter()
+            block_pos = (start + torch.arange(block, device=device))[None]
+            first = torch.tensor([token], device=device)
+            emb = draft.embed_block(first, model.model.embed_tokens)
+            hidden = draft(emb, block_pos, feat, ctx_pos, draft_cache)
+            proposal = model.lm_head(hidden[0, 1:]).argmax(-1)
+            block_ids = torch.cat([first, proposal])[None]
+            out = model(block_ids, past_key_values=cache, use_cache=True, output_hidden_states=True,
+                        position_ids=block_pos)
+            post = out.logits[0].argmax(-1)
+            accepted = int((proposal == post[:-1]).long().cumprod(0).sum())  # host sync
+            token = int(post[accepted])
+            feat = torch.cat([out.hidden_states[i] for i in taps], -1)[:, :accepted + 1]
+            ctx_pos = block_pos[:, :accepted + 1]
+            start += accepted + 1
+            # transformers 5 refuses crop(n > 0) (SPEC section 8): remove the rejected tail by count
+            rejected = cache.get_seq_length() - start
+            if rejected > 0:
+                cache.crop(-rejected)
+            sync(device)
+            if i >= 3:
+                times.append(time.perf_counter() - t)
+    del model
+    return statistics.median(times)
+
+
+def profile_step(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> list[dict]:
+    """Kernel time of the eager step function (same kernels as the graph), grouped by kernel name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    decoder.use_graphs = False
+    try:
+        decoder.generate(prompt, SamplingParams(max_new_tokens=40, ignore_eos=True))
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            result = decoder.generate(prompt, SamplingParams(max_new_tokens=17, ignore_eos=True))
+    finally:
+        decoder.use_graphs = True
+    steps = max(1, result.stats.steps - 1)
+    rows = []
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if cuda_us > 0:
+            rows.append({"kernel": evt.key[:90], "us_per_step": cuda_us / steps, "calls_per_step": evt.count / steps})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:25]
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, tiny = args.device, args.tiny
+    dtype = torch.float32 if tiny else torch.bfloat16
+    torch.manual_seed(0)
+    record: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+                    "torch": torch.__version__, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "commit": args.commit, "tiny": tiny, "contexts": {}}
+    bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
+    record["copy_bandwidth_GBps"] = bandwidth / 1e9
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    cfg = qwen3_4b_config(tiny)
+    model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02)
+    target = Target(model=model, tokenizer=None, name="qwen3-4b-shaped-random", eos_token_ids=())
+    drafts = {kind: make_draft(kind, cfg, device, dtype, tiny) for kind in ("dflash", "dflare")}
+    record["params"] = {"target": param_bytes(model) // item(model), **{k: param_bytes(d) // item(d)
+                                                                        for k, d in drafts.items()}}
+    max_ctx = max(args.contexts)
+    max_len = max_ctx + max(args.new_tokens, 256) + 64
+    ar = CudaGraphDecoder(target, None, max_len=max_len)
+    spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
+
+    # losslessness of the fast path: graphed greedy tokens == eager loop tokens, 256 tokens
+    prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
+    check_params = SamplingParams(max_new_tokens=256, ignore_eos=True)
+    eager_ar = SpeculativeDecoder(target, None).generate(prompt, check_params).token_ids
+    record["check"] = {"ar_graph_equals_eager": ar.generate(prompt, check_params).token_ids == eager_ar}
+    for kind, decoder in spec.items():
+        eager = SpeculativeDecoder(target, drafts[kind]).generate(prompt, check_params).token_ids
+        fast = decoder.generate(prompt, check_params).token_ids
+        record["check"][f"{kind}_graph_equals_eager"] = fast == eager
+        record["check"][f"{kind}_equals_ar"] = fast == eager_ar
+    print("check", record["check"], flush=True)
+
+    for ctx in args.contexts:
+        prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+        row: dict = {}
+        ar_s = timed_steps(ar, prompt, 1, args.steps, device)
+        ar_floor = floors(cfg, model, None, ctx, 1) / bandwidth
+        row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": ar_s / ar_floor}
+        for kind, decoder in spec.items():
+            step_s = timed_steps(decoder, prompt, 16, args.steps, device)
+            floor_s = floors(cfg, model, drafts[kind], ctx, 16) / bandwidth
+            oracle = [oracle_rate(decoder, prompt, tau, args.new_tokens) for tau in TAUS]
+            for o in oracle:
+                o["speedup_vs_blockspec_ar"] = o["tokens_per_s"] * ar_s
+            row[kind] = {"ms_per_step": step_s * 1e3, "floor_ms": floor_s * 1e3, "x_floor": step_s / floor_s,
+                         "oracle": oracle}
+        row["hf_eager_ms_per_token"] = hf_peer(cfg, device, ctx, args.peer_steps, tiny) * 1e3
+        row["reference_loop_ms_per_step"] = {
+            kind: reference_style_step(cfg, d, device, ctx, args.peer_steps, tiny) * 1e3 for kind, d in drafts.items()}
+        record["contexts"][str(ctx)] = row
+        print(json.dumps({ctx: row}), flush=True)
+    if device.startswith("cuda"):
+        record["profile_dflash_ctx%d" % min(args.contexts)] = profile_step(
+            spec["dflash"], torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist(), device)
+    if args.smollm2:
+        record["smollm2"] = smollm2(args.smollm2, device, args.steps)
+    return record
+
+
+def item(module: torch.nn.Module) -> int:
+    return next(module.parameters()).element_size()
+
+
+def smollm2(gguf: str, device: str, steps: int) -> dict:
+    """Real SmolLM2-135M weights: AR ms/token and speculative ms/step (untrained draft: timing only)."""
+    from blockspec.draft import new_draft_for_target
+    from blockspec.target import load_target
+
+    target = load_target(gguf, device=device, dtype="auto")
+    draft = new_draft_for_target(target.model.config, "dflash", num_layers=2).to(device=device, dtype=target.dtype)
+    prompt = target.encode("Write a short story about a robot who learns to paint.")
+    ar = CudaGraphDecoder(target, None, max_len=2048)
+    spec = CudaGraphDecoder(target, draft, max_len=2048)
+    return {"prompt_tokens": len(prompt), "dtype": str(target.dtype),
+            "ar_ms_per_token": timed_steps(ar, prompt, 1, steps, device) * 1e3,
+            "spec_ms_per_step": timed_steps(spec, prompt, 16, steps, device) * 1e3}
+
+
+def report(path: str) -> str:
+    r = json.loads(Path(path).read_text())
+    lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
+             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
+             "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for ctx, row in r["contexts"].items():
+        lines.append(f"| {ctx} | AR (blockspec) | {row['ar']['ms_per_token']:.2f} | {row['ar']['floor_ms']:.2f} | "
+                     f"{row['ar']['x_floor']:.2f} | {row['hf_eager_ms_per_token']:.1f} | |")
+        for kind in ("dflash", "dflare"):
+            k = row[kind]
+            lines.append(f"| {ctx} | {kind} step | {k['ms_per_step']:.2f} | {k['floor_ms']:.2f} | {k['x_floor']:.2f} | "
+                         f"| {row['reference_loop_ms_per_step'][kind]:.1f} |")
+    lines += ["", "Oracle acceptance (forced tau; real per-step work): tokens/s and speedup over blockspec AR", "",
+              "| context | draft | " + " | ".join(f"tau {t}" for t in TAUS) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in TAUS) + " |"]
+    for ctx, row in r["contexts"].items():
+        for kind in ("dflash", "dflare"):
+            cells = [f"{o['tokens_per_s']:.0f} tok/s ({o['speedup_vs_blockspec_ar']:.2f}x)" for o in row[kind]["oracle"]]
+            lines.append(f"| {ctx} | {kind} | " + " | ".join(cells) + " |")
+    if "smollm2" in r:
+        s = r["smollm2"]
+        lines += ["", f"SmolLM2-135M-Instruct (real weights, {s['dtype']}, prompt {s['prompt_tokens']} tokens): "
+                      f"AR {s['ar_ms_per_token']:.2f} ms/token, speculative step (2-layer DFlash, block 16) "
+                      f"{s['spec_ms_per_step']:.2f} ms."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
+    parser.add_argument("--peer-steps", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf to time with real weights")
+    parser.add_argument("--commit", default=None)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if args.commit is None:
+        try:
+            args.commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except (OSError, subprocess.CalledProcessError):
+            args.commit = os.environ.get("BLOCKSPEC_COMMIT", "unknown")
+    record = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"engine_limit-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(report(str(path)))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
