@@ -19,6 +19,7 @@ One run measures, side by side on one GPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -147,8 +148,9 @@ def oracle_rate(decoder: CudaGraphDecoder, prompt: list[int], tau: float, new_to
             "tokens_per_s": (s.generated_tokens - 1) / (s.total_s - s.ttft_s)}
 
 
-def hf_peer(cfg: TargetConfig, device: str, ctx: int, tokens: int, tiny: bool) -> float:
-    """HF transformers eager decoding ms/token (dynamic cache, one token per forward)."""
+@functools.lru_cache(maxsize=1)
+def hf_model(cfg: TargetConfig, device: str, tiny: bool) -> torch.nn.Module:
+    """The same shape as a transformers Qwen3ForCausalLM (random weights: timing does not depend on them)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
@@ -157,7 +159,12 @@ def hf_peer(cfg: TargetConfig, device: str, ctx: int, tokens: int, tiny: bool) -
                        max_position_embeddings=cfg.max_position_embeddings)
     dtype = torch.float32 if tiny else torch.bfloat16
     with torch.device(device):
-        model = Qwen3ForCausalLM(hcfg).to(dtype).eval()
+        return Qwen3ForCausalLM(hcfg).to(dtype).eval()
+
+
+def hf_peer(cfg: TargetConfig, device: str, ctx: int, tokens: int, tiny: bool) -> float:
+    """HF transformers eager decoding ms/token (dynamic cache, one token per forward)."""
+    model = hf_model(cfg, device, tiny)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), device=device)
     times = []
     with torch.inference_mode():
@@ -171,7 +178,6 @@ def hf_peer(cfg: TargetConfig, device: str, ctx: int, tokens: int, tiny: bool) -
             int(token)  # the host sync a decoding loop makes every token
             if i >= 3:
                 times.append(time.perf_counter() - t)
-    del model
     return statistics.median(times)
 
 
@@ -179,15 +185,9 @@ def reference_style_step(cfg: TargetConfig, draft: DraftModel, device: str, ctx:
                          tiny: bool) -> float:
     """The public implementations' loop shape: HF target with a dynamic cache and all hidden states
     materialised each verify, an eager draft, host syncs every step, cache crop after acceptance."""
-    from transformers import DynamicCache, Qwen3Config, Qwen3ForCausalLM
+    from transformers import DynamicCache
 
-    hcfg = Qwen3Config(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, tie_word_embeddings=True,
-                       max_position_embeddings=cfg.max_position_embeddings)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    with torch.device(device):
-        model = Qwen3ForCausalLM(hcfg).to(dtype).eval()
+    model = hf_model(cfg, device, tiny)
     taps = [i + 1 for i in draft.config.target_layer_ids]
     block = draft.block_size
     draft_cache = draft.new_cache(1, ctx + (steps + 4) * block + 16)
@@ -223,7 +223,6 @@ def reference_style_step(cfg: TargetConfig, draft: DraftModel, device: str, ctx:
             sync(device)
             if i >= 3:
                 times.append(time.perf_counter() - t)
-    del model
     return statistics.median(times)
 
 

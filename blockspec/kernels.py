@@ -25,7 +25,7 @@ def num_splits(n_q: int) -> int:
 
 @triton.jit
 def _attention_splits(Q, K, V, LIM, ACC, ML,
-                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b,
+                      sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
@@ -42,7 +42,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
     dims = tl.arange(0, D)
     q = tl.load(Q + b * sq_b + head[:, None] * sq_h + i[:, None] * sq_n + dims[None, :],
                 mask=valid[:, None], other=0.0)
-    lim = tl.load(LIM + b * slim_b + i, mask=valid, other=-1).to(tl.int32)
+    lim = tl.load(LIM + b * slim_b + i * slim_n, mask=valid, other=-1).to(tl.int32)
     total = tl.max(lim, axis=0) + 1
     chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
@@ -116,7 +116,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attention_splits[(b * n_kv, splits)](
         q, k_cache, v_cache, limits, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
         n_q, n_kv, splits, window, d ** -0.5,

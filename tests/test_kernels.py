@@ -43,6 +43,11 @@ def test_decode_attention_matches_reference(shape, dtype):
     limits = (start[:, None] + torch.arange(n)).to(DEVICE)
     out = kernels.decode_attention(q, k, v, limits, window)
     ref = reference_attention(q, k, v, limits, window)
+    # the draft passes one limit per row, expanded over the block (stride 0)
+    block_end = limits[:, -1:].expand_as(limits)
+    shared = kernels.decode_attention(q, k, v, block_end, window)
+    shared_ref = reference_attention(q, k, v, block_end.contiguous(), window)
+    assert ((shared.double() - shared_ref).norm() / shared_ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
