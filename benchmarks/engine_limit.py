@@ -116,20 +116,20 @@ def floors(cfg: TargetConfig, target: TargetModel, draft: DraftModel | None, ctx
 
 
 def timed_steps(decoder: CudaGraphDecoder, prompt: list[int], block: int, steps: int, device: str) -> float:
-    """Median wall time of one graph-replayed step (replay + the host read), in seconds."""
-    params = SamplingParams(max_new_tokens=steps * block + 2, ignore_eos=True)
+    """Median wall time of one graph-replayed step (replay + the host read), in seconds. Acceptance is
+    forced to 0 so every step commits one token; the work per step does not depend on acceptance."""
+    params = SamplingParams(max_new_tokens=steps + 4, ignore_eos=True)
     times: list[float] = []
-    last = [time.perf_counter()]
-
-    gen = decoder.stream(prompt, params, block_size=block)
-    for i, _ in enumerate(gen):
-        now = time.perf_counter()
-        if i >= 3:  # prefill, the eager first step and graph capture excluded
-            times.append(now - last[0])
-        last[0] = now
-        if len(times) >= steps:
-            gen.close()
-            break
+    last = time.perf_counter()
+    decoder.forced_acceptance = [0]
+    try:
+        for i, _ in enumerate(decoder.stream(prompt, params, block_size=block)):
+            now = time.perf_counter()
+            if i >= 3:  # prefill, the eager first step and graph capture excluded
+                times.append(now - last)
+            last = now
+    finally:
+        decoder.forced_acceptance = None
     return statistics.median(times)
 
 
