@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -34,10 +35,27 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
 
 
+# Subcommands living in their own packages; each module has `register(subparsers)`, which adds its parser
+# with `set_defaults(handler=...)` (a function taking the parsed args and returning an exit code).
+COMMAND_MODULES = ("blockspec.train.cli", "blockspec.bench.cli", "blockspec.serve.cli")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blockspec", description="Lossless block-diffusion speculative decoding")
     commands = parser.add_subparsers(dest="command", required=True)
+    register_generate(commands)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that command's package is not part of this install
+            raise
+        module.register(commands)
+    return parser
 
+
+def register_generate(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="speculative generation of one prompt, streamed")
     _add_model_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
@@ -49,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--compare-ar", action="store_true",
                      help="also decode plainly (block size 1) and report speedup and token identity")
     gen.add_argument("--json", action="store_true", help="print one JSON record (text + stats) instead of text")
-    return parser
+    gen.set_defaults(handler=_generate)
 
 
 def _read_messages(path: Path) -> list[dict]:
@@ -140,15 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     try:
-        if args.command == "generate":
-            return _generate(args)
+        return args.handler(args)
     except BlockspecError as exc:
         print(f"blockspec: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"\nblockspec: interrupted after {time.perf_counter() - started:.1f} s", file=sys.stderr)
         return 130
-    return 1
 
 
 if __name__ == "__main__":
