@@ -247,6 +247,36 @@ def profile_step(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> l
     return rows[:25]
 
 
+def attention_sweep(device: str) -> list[dict]:
+    """Decode-attention launch settings, timed alone at Qwen3-4B shapes (median of CUDA-event timings)."""
+    import triton.testing
+
+    from blockspec import kernels
+
+    rows = []
+    for n_q in (1, 16):
+        for ctx in (512, 4096):
+            q = torch.randn(1, 32, n_q, 128, device=device, dtype=torch.bfloat16)
+            k = torch.randn(1, 8, ctx + 64, 128, device=device, dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+            limits = (ctx + torch.arange(n_q, device=device))[None]
+            for splits in (4, 8, 16, 32):
+                for block_n in (32, 64):
+                    for warps in (2, 4, 8):
+                        cfg = {"splits": splits, "block_n": block_n, "num_warps": warps}
+                        ms = triton.testing.do_bench(lambda: kernels.decode_attention(q, k, v, limits, 0, cfg),
+                                                     warmup=20, rep=60, return_mode="median")
+                        rows.append({"n_q": n_q, "ctx": ctx, **cfg, "us": ms * 1e3})
+    best = {}
+    for r in rows:
+        key = (r["n_q"], r["ctx"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    for r in best.values():
+        print("attention best", r, flush=True)
+    return rows
+
+
 def run(args: argparse.Namespace) -> dict:
     device, tiny = args.device, args.tiny
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -304,6 +334,8 @@ def run(args: argparse.Namespace) -> dict:
             spec["dflash"], torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist(), device)
     if args.smollm2:
         record["smollm2"] = smollm2(args.smollm2, device, args.steps)
+    if args.sweep_attention and device.startswith("cuda"):
+        record["attention_sweep"] = attention_sweep(device)
     return record
 
 
@@ -363,6 +395,7 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf to time with real weights")
+    parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")

@@ -15,12 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # keys per tile
-
-
-def num_splits(n_q: int) -> int:
-    """Key splits per (row, KV head). Partials are [b, nH, splits, n, d] fp32: fewer splits for wide blocks."""
-    return 16 if n_q <= 4 else 8
+# Launch settings per query count (n <= 4: AR-like, else a block): key splits per (row, KV head), keys per
+# tile, warps. Partials are [b, nH, splits, n, d] fp32, so wide blocks use fewer splits.
+ATTENTION_CONFIG = {"narrow": {"splits": 16, "block_n": 64, "num_warps": 4},
+                    "wide": {"splits": 8, "block_n": 64, "num_warps": 4}}
 
 
 @triton.jit
@@ -100,7 +98,7 @@ def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
-                     window: int = 0) -> torch.Tensor:
+                     window: int = 0, config: dict | None = None) -> torch.Tensor:
     """q [b, nH, n, d] over caches [b, nKV, L, d]; query i of row r sees slots j <= limits[r, i]
     (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype."""
     b, n_heads, n_q, d = q.shape
@@ -108,7 +106,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = n_heads // n_kv
     nq_pow2 = triton.next_power_of_2(n_q)
     rows = max(16, triton.next_power_of_2(group * nq_pow2))
-    splits = num_splits(n_q)
+    config = config or ATTENTION_CONFIG["narrow" if n_q <= 4 else "wide"]
+    splits = config["splits"]
     if q.stride(-1) != 1:
         q = q.contiguous()
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
@@ -120,8 +119,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
         n_q, n_kv, splits, window, d ** -0.5,
-        GROUP=group, NQ=nq_pow2, ROWS=rows, D=d, BLOCK_N=BLOCK_N,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4)
+        GROUP=group, NQ=nq_pow2, ROWS=rows, D=d, BLOCK_N=config["block_n"],
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"])
     out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
     _combine_splits[(b * n_heads * n_q,)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
@@ -180,8 +179,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _qkv_rope_store(QKV, QN, KN, COS, SIN, POS, QOUT, KC, VC,
-                    s_qkv, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
+def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
+                    s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
     h = tl.program_id(1)  # head among q heads, then k heads, then v heads
@@ -189,50 +188,86 @@ def _qkv_rope_store(QKV, QN, KN, COS, SIN, POS, QOUT, KC, VC,
     i = t % n_q
     dims = tl.arange(0, D)
     pos = tl.load(POS + t)
-    src = QKV + t * s_qkv + h * D
     if h < n_heads + n_kv:
+        if h < n_heads:
+            src = Q_SRC + t * s_q + h * D
+            w_ptr = QN
+        else:
+            src = K_SRC + t * s_k + (h - n_heads) * D
+            w_ptr = KN
         partner = (dims + D // 2) % D
         x = tl.load(src + dims).to(tl.float32)
         xp = tl.load(src + partner).to(tl.float32)
         if HAS_NORM:
-            if h < n_heads:
-                w_ptr = QN
-            else:
-                w_ptr = KN
             r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
             x = (tl.load(w_ptr + dims).to(tl.float32)
-                 * (x * r).to(QOUT.dtype.element_ty).to(tl.float32)).to(QOUT.dtype.element_ty).to(tl.float32)
+                 * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
             xp = (tl.load(w_ptr + partner).to(tl.float32)
-                  * (xp * r).to(QOUT.dtype.element_ty).to(tl.float32)).to(QOUT.dtype.element_ty).to(tl.float32)
+                  * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
         rotated = tl.where(dims < D // 2, -xp, xp)
         cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
         sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
-        a = (x * cos).to(QOUT.dtype.element_ty).to(tl.float32)
-        c = (rotated * sin).to(QOUT.dtype.element_ty).to(tl.float32)
-        y = (a + c).to(QOUT.dtype.element_ty)
+        a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
+        c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
+        y = (a + c).to(KC.dtype.element_ty)
         if h < n_heads:
             tl.store(QOUT + b * s_qo_b + h * s_qo_h + i * s_qo_n + dims, y)
         else:
             tl.store(KC + b * s_kc_b + (h - n_heads) * s_kc_h + pos * s_kc_l + dims, y)
     else:
-        v = tl.load(src + dims)
+        v = tl.load(V_SRC + t * s_v + (h - n_heads - n_kv) * D + dims)
         tl.store(VC + b * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos * s_vc_l + dims, v)
 
 
-def qkv_rope_store(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, q_norm: torch.Tensor | None,
-                   k_norm: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """From fused projections qkv [b, n, (nH+2nKV)*d]: q/k RMSNorm (optional), RoPE, K and V stored into
-    the cache layer at `positions`; returns q [b, nH, n, d]."""
-    b, n, _ = qkv.shape
-    rows = qkv.reshape(b * n, -1)
+def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv: int,
+                   head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> torch.Tensor | None:
+    """Projections q [b, n, nH*d] (or None: context only), k and v [b, n, nKV*d], each with unit stride on
+    the last axis (views into one fused projection are fine): q/k RMSNorm (optional), RoPE, K and V stored
+    into the cache layer at `positions`; returns q as [b, nH, n, d]."""
+    b, n, _ = k.shape
+    heads = n_heads if q is not None else 0
+    rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
     cos = cos.reshape(b * n, head_dim)
     sin = sin.reshape(b * n, head_dim)
-    q = torch.empty(b, n_heads, n, head_dim, device=qkv.device, dtype=qkv.dtype)
+    q_out = torch.empty(b, heads, n, head_dim, device=k.device, dtype=k.dtype)
+    q_rows = rows[0] if rows[0] is not None else rows[1]
     norm = q_norm is not None
-    _qkv_rope_store[(b * n, n_heads + 2 * n_kv)](
-        rows, q_norm if norm else rows, k_norm if norm else rows, cos, sin, positions.reshape(-1), q,
-        k_cache, v_cache, rows.stride(0), cos.stride(0), q.stride(0), q.stride(1), q.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), n, n_heads, n_kv, eps, HAS_NORM=norm, D=head_dim, num_warps=1)
-    return q
+    _qkv_rope_store[(b * n, heads + 2 * n_kv)](
+        q_rows, rows[1], rows[2], q_norm if norm else k_norm if k_norm is not None else rows[1],
+        k_norm if k_norm is not None else rows[1], cos, sin, positions.reshape(-1), q_out, k_cache, v_cache,
+        q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
+        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1)
+    return q_out if q is not None else None
+
+
+@triton.jit
+def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    d = tl.load(DELTA + row * sd + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (x + d).to(SUM.dtype.element_ty)
+    tl.store(SUM + row * ss + cols, s, mask=ok)
+    s32 = s.to(tl.float32)
+    r = tl.rsqrt(tl.sum(s32 * s32, axis=0) / n + eps)
+    y = (s32 * r).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass."""
+    n = x.shape[-1]
+    xr, dr = x.reshape(-1, n), delta.reshape(-1, n)
+    total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=4 if n >= 1024 else 1)
+    return total.view(x.shape), out.view(x.shape)

@@ -125,30 +125,42 @@ class RotaryEmbedding(nn.Module):
         return cos[:, None], sin[:, None]  # [b, 1, n, d]: broadcast over heads
 
 
-def qkv_rope_store(qkv: torch.Tensor, n_heads: int, n_kv: int, head_dim: int, q_norm: RMSNorm | None,
-                   k_norm: RMSNorm | None, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """Split fused projections [b, n, (nH+2nKV)*d] into heads, RMSNorm q and k (Qwen3), rotate them, store
-    K and V at `positions` in the cache layer [b, nKV, max_len, d]; returns q [b, nH, n, d].
-    One kernel on CUDA; the plain ops below elsewhere (and as the reference)."""
-    if qkv.is_cuda:
+def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv: int,
+                   head_dim: int, q_norm: RMSNorm | None, k_norm: RMSNorm | None, cos: torch.Tensor,
+                   sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> torch.Tensor | None:
+    """Projections q [b, n, nH*d] (None: context only, no queries), k and v [b, n, nKV*d]: RMSNorm q and k
+    per head when norms are given (Qwen3), rotate them, store K and V at `positions` in the cache layer
+    [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA; plain ops elsewhere."""
+    if k.is_cuda:
         from blockspec.kernels import qkv_rope_store as fused
 
-        eps = q_norm.eps if q_norm is not None else 0.0
-        return fused(qkv, n_heads, n_kv, head_dim, q_norm.weight if q_norm is not None else None,
+        eps = k_norm.eps if k_norm is not None else 0.0
+        return fused(q, k, v, n_heads, n_kv, head_dim, q_norm.weight if q_norm is not None else None,
                      k_norm.weight if k_norm is not None else None, eps, cos, sin, positions, k_cache, v_cache)
-    b, n, _ = qkv.shape
-    q, k, v = qkv.split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    q = q.view(b, n, n_heads, head_dim)
-    k = k.view(b, n, n_kv, head_dim)
-    if q_norm is not None:
-        q, k = q_norm(q), k_norm(k)
-    q = apply_rope(q.transpose(1, 2), cos, sin)
-    k = apply_rope(k.transpose(1, 2), cos, sin)
+    b, n, _ = k.shape
+    k = k.reshape(b, n, n_kv, head_dim)
+    if k_norm is not None:
+        k = k_norm(k)
     rows = torch.arange(b, device=positions.device)[:, None]
-    k_cache[rows, :, positions] = k.transpose(1, 2)
-    v_cache[rows, :, positions] = v.view(b, n, n_kv, head_dim)
-    return q
+    k_cache[rows, :, positions] = apply_rope(k.transpose(1, 2), cos, sin).transpose(1, 2)
+    v_cache[rows, :, positions] = v.reshape(b, n, n_kv, head_dim)
+    if q is None:
+        return None
+    q = q.reshape(b, n, n_heads, head_dim)
+    if q_norm is not None:
+        q = q_norm(q)
+    return apply_rope(q.transpose(1, 2), cos, sin)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
+    if x.is_cuda:
+        from blockspec.kernels import add_rms_norm as fused
+
+        return fused(x, delta, norm.weight, norm.eps)
+    total = x + delta
+    return total, norm(total)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,9 @@ def test_qkv_rope_store_matches_torch(qk_norm):
         kn.weight.data = torch.randn(d, generator=gen).to(DEVICE)
     k_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
     v_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
-    q = kernels.qkv_rope_store(qkv, nh, nkv, d, qn.weight if qk_norm else None, kn.weight if qk_norm else None,
-                               1e-6, cos, sin, positions, k_cache, v_cache)
+    q_src, k_src, v_src = qkv.split([nh * d, nkv * d, nkv * d], -1)  # views into one fused projection
+    q = kernels.qkv_rope_store(q_src, k_src, v_src, nh, nkv, d, qn.weight if qk_norm else None,
+                               kn.weight if qk_norm else None, 1e-6, cos, sin, positions, k_cache, v_cache)
     q_ref, k_ref, v_ref = qkv.split([nh * d, nkv * d, nkv * d], -1)
     q_ref, k_ref = q_ref.view(b, n, nh, d), k_ref.view(b, n, nkv, d)
     if qk_norm:
@@ -105,3 +106,25 @@ def test_qkv_rope_store_matches_torch(qk_norm):
     untouched = torch.ones(length, dtype=torch.bool)
     untouched[positions[0].cpu()] = False
     assert k_cache[0][:, untouched.to(DEVICE)].abs().sum() == 0
+
+
+def test_context_only_store_and_add_rms_norm():
+    gen = torch.Generator().manual_seed(2)
+    b, n, nkv, d, length = 1, 7, 2, 16, 30
+    k = torch.randn(b, n, nkv * d, generator=gen).to(DEVICE)
+    v = torch.randn(b, n, nkv * d, generator=gen).to(DEVICE)
+    positions = torch.arange(3, 3 + n)[None].to(DEVICE)
+    cos, sin = torch.ones(b, n, d, device=DEVICE), torch.zeros(b, n, d, device=DEVICE)  # RoPE off
+    k_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
+    v_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
+    assert kernels.qkv_rope_store(None, k, v, 4, nkv, d, None, None, 0.0, cos, sin, positions, k_cache,
+                                  v_cache) is None
+    torch.testing.assert_close(k_cache[0][:, 3:3 + n], k.view(n, nkv, d).transpose(0, 1))
+    torch.testing.assert_close(v_cache[0][:, 3:3 + n], v.view(n, nkv, d).transpose(0, 1))
+    x = torch.randn(4, 576, generator=gen).to(DEVICE)
+    delta = torch.randn(4, 576, generator=gen).to(DEVICE)
+    weight = torch.randn(576, generator=gen).to(DEVICE)
+    total, normed = kernels.add_rms_norm(x, delta, weight, 1e-5)
+    s32 = (x + delta).float()
+    torch.testing.assert_close(total, x + delta)
+    torch.testing.assert_close(normed, weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + 1e-5)))

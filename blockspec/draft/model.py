@@ -21,7 +21,7 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, apply_rope, attention, rope_inv_freq
+from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, attention, qkv_rope_store, rope_inv_freq
 
 MASK_EMBEDDING = "mask_embedding"
 
@@ -43,10 +43,6 @@ class DraftAttention(nn.Module):
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
             self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
 
-    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, n_heads, self.head_dim)
-
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
                 block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
                 limits: torch.Tensor) -> torch.Tensor:
@@ -57,17 +53,16 @@ class DraftAttention(nn.Module):
         whole block, unmasked. The block's slots are rewritten by the next call's context, so they never
         need cropping.
         """
-        q = apply_rope(self.q_norm(self._heads(self.q_proj(x), self.num_heads)).transpose(1, 2), *block_rope)
+        k_cache, v_cache = cache.layer(self.layer_index)
+        heads = (self.num_heads, self.num_kv_heads, self.head_dim)
         if ctx.shape[1]:
             k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
                               else (self.k_proj, self.v_proj))
-            k_ctx = self.k_norm(self._heads(k_proj(ctx), self.num_kv_heads)).transpose(1, 2)
-            v_ctx = self._heads(v_proj(ctx), self.num_kv_heads).transpose(1, 2)
-            cache.write(self.layer_index, ctx_positions, apply_rope(k_ctx, *ctx_rope), v_ctx)
-        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(x), self.num_kv_heads)).transpose(1, 2), *block_rope)
-        v_blk = self._heads(self.v_proj(x), self.num_kv_heads).transpose(1, 2)
-        cache.write(self.layer_index, block_positions, k_blk, v_blk)
-        return self.o_proj(attention(q, *cache.layer(self.layer_index), limits, kv_len))
+            qkv_rope_store(None, k_proj(ctx), v_proj(ctx), *heads, None, self.k_norm, *ctx_rope, ctx_positions,
+                           k_cache, v_cache)
+        q = qkv_rope_store(self.q_proj(x), self.k_proj(x), self.v_proj(x), *heads, self.q_norm, self.k_norm,
+                           *block_rope, block_positions, k_cache, v_cache)
+        return self.o_proj(attention(q, k_cache, v_cache, limits, kv_len))
 
 
 class DraftLayer(nn.Module):

@@ -54,8 +54,12 @@ class Target:
     def dtype(self) -> torch.dtype:
         return self.model.embed_tokens.weight.dtype
 
-    def encode(self, prompt: str | list[dict], chat: bool = True, enable_thinking: bool | None = None) -> list[int]:
-        """Token ids for a prompt: a string, or chat messages; the chat template applies when `chat`."""
+    def encode(self, prompt: str | list[dict], chat: bool = True, enable_thinking: bool | None = None,
+               template_kwargs: dict | None = None) -> list[int]:
+        """Token ids for a prompt: a string, or chat messages; the chat template applies when `chat`.
+
+        `template_kwargs` are extra variables for the chat template (e.g. OpenAI's `chat_template_kwargs`).
+        """
         if self.tokenizer is None:
             raise BlockspecError(f"target {self.name!r} has no tokenizer: pass token ids instead of text")
         if isinstance(prompt, str) and not chat:
@@ -63,7 +67,9 @@ class Target:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         if not getattr(self.tokenizer, "chat_template", None):
             raise BlockspecError(f"target {self.name!r} has no chat template: use --no-chat-template for raw text")
-        kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+        kwargs = dict(template_kwargs or {})
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]

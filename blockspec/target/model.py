@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import RMSNorm, RotaryEmbedding, attention, qkv_rope_store, rope_inv_freq, silu_mul
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, qkv_rope_store, rope_inv_freq,
+                              silu_mul)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -88,8 +89,10 @@ class TargetAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
         k_cache, v_cache = cache.layer(self.layer_index)
-        q = qkv_rope_store(self.qkv_proj(x), self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm,
-                           self.k_norm, cos, sin, positions, k_cache, v_cache)
+        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                          self.num_kv_heads * self.head_dim], dim=-1)
+        q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
+                           cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
         return self.o_proj(attention(q, k_cache, v_cache, positions, kv_len, window))
 
@@ -107,6 +110,9 @@ class TargetMLP(nn.Module):
 
 
 class TargetLayer(nn.Module):
+    """Pre-norm decoder layer. TargetModel.forward runs its parts itself so that each residual add fuses
+    with the norm that follows it (x + attn -> post_attention_layernorm, h + mlp -> next input norm)."""
+
     def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
         super().__init__()
         self.self_attn = TargetAttention(cfg, layer_index)
@@ -114,11 +120,6 @@ class TargetLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.window = cfg.sliding_windows[layer_index]
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, kv_len: int) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, cache, kv_len, self.window)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -205,15 +206,19 @@ class TargetModel(nn.Module):
         """
         if kv_len is None:
             kv_len = int(positions.max()) + 1
-        x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary(positions, x.dtype)
+        residual = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions, residual.dtype)
+        normed = self.layers[0].input_layernorm(residual)
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, positions, cache, kv_len)
+            attn = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
+            residual, normed = add_rms_norm(residual, attn, layer.post_attention_layernorm)
+            next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm)
             if index in tap_layer_ids:
-                taps[index] = x
+                taps[index] = residual  # the layer's output, before the next layer's norm
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
-        return self.norm(x), features
+        return normed, features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
