@@ -1,0 +1,69 @@
+"""`blockspec serve`: load a target and draft (the README's default pair unless named) and serve them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+
+from blockspec.cli import UNTRAINED_DRAFT, _add_model_args, load_pair
+from blockspec.errors import BlockspecError
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, "
+                                              "/metrics)")
+    _add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="default: 8000")
+    serve.add_argument("--api-key", default=os.environ.get("BLOCKSPEC_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $BLOCKSPEC_API_KEY)")
+    serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --target)")
+    serve.add_argument("--max-model-len", type=int, default=None,
+                       help="limit on prompt + max_tokens (default: the target's context length)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="requests allowed to wait for the generation thread; more get 503 (default: 64)")
+    serve.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
+    serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    serve.set_defaults(handler=_serve)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so a busy port fails fast with one line."""
+    if not 0 <= port <= 65535:
+        raise BlockspecError(f"--port {port} is not a TCP port (0..65535)")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OSError as exc:
+        raise BlockspecError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): choose another --port "
+                             f"or --host") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from blockspec.serve.app import create_app
+    except ModuleNotFoundError as exc:
+        raise BlockspecError(f"`blockspec serve` needs {exc.name}: pip install 'blockspec[serve]'") from None
+    sock = _listen(args.host, args.port)
+    try:
+        target, draft, trained = load_pair(args.target, args.draft, args.device, args.dtype)
+        if not trained:
+            print("note: no trained draft for this target; serving with an UNTRAINED random draft (lossless, "
+                  "but ~1 token per step: no speedup)", file=sys.stderr)
+        app = create_app(target, draft, served_model_name=args.served_model_name or args.target,
+                         api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                         block_size=args.block_size)
+        name = args.served_model_name or args.target
+        host, port = sock.getsockname()[:2]
+        host = f"[{host}]" if ":" in host else host
+        print(f"blockspec: serving {name!r} (draft: {args.draft or ('shipped' if trained else UNTRAINED_DRAFT)}) "
+              f"at http://{host}:{port}/v1", file=sys.stderr)
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0

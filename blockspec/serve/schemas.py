@@ -1,0 +1,68 @@
+"""Request bodies of the OpenAI API subset blockspec serves (strict types: a wrong type is a 400).
+
+Unknown fields are ignored, as vLLM does, except the ones in UNSUPPORTED, which are refused when set
+(silently ignoring `tools` or `logprobs` would return a wrong answer).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "presence_penalty",
+               "frequency_penalty", "tools", "functions", "response_format")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
+    role: str
+    content: str | list[TextPart]  # OpenAI's text content parts are joined into one string
+    name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    model: str | None = None  # None: the served model
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)  # vLLM extension; 0 or -1 = off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM extension
+    user: str | None = None
+
+    def unsupported(self) -> list[str]:
+        """The UNSUPPORTED fields this request sets to something other than a no-op value."""
+        extra = self.model_extra or {}
+        no_op = (None, False, 0, [], {})
+        return [k for k in UNSUPPORTED if extra.get(k) not in no_op and not (k == "best_of" and extra[k] == 1)]
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str]  # text, token ids, or a list holding one text
