@@ -51,12 +51,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--warmup-tokens", type=int, default=64, help="tokens per mode in the untimed warm-up")
+    p.add_argument("--no-prompt-warmup", action="store_true",
+                   help="skip the untimed prefill of each prompt before its timed decodes (then one-time kernel "
+                        "compilation for a new prompt length lands in the TTFT of the first run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_bench)
 
 
-def _command(args: argparse.Namespace) -> str:
-    parts = ["blockspec", "bench", "--target", args.target]
+def _command(args: argparse.Namespace, world_size: int = 1) -> str:
+    """The command line that reproduces this run (defaults left out)."""
+    launcher = ["torchrun", "--nproc_per_node", str(world_size), "-m", "blockspec.cli"] if world_size > 1 else \
+        ["blockspec"]
+    parts = [*launcher, "bench", "--target", args.target]
     if args.draft is not None:
         parts += ["--draft", args.draft]
     parts += ["--dataset", args.dataset]
@@ -71,6 +77,8 @@ def _command(args: argparse.Namespace) -> str:
             parts += [flag, str(value)]
     if args.enable_thinking:
         parts.append("--enable-thinking")
+    if args.no_prompt_warmup:
+        parts.append("--no-prompt-warmup")
     return shlex.join(parts)
 
 
@@ -127,7 +135,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     settings = runner.BenchSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                    enable_thinking=args.enable_thinking, warmup_tokens=args.warmup_tokens)
+                                    enable_thinking=args.enable_thinking, warmup_tokens=args.warmup_tokens,
+                                    prompt_warmup=not args.no_prompt_warmup)
     settings.params(seed=0)  # validates the sampling settings before the models load
     torch.manual_seed(args.seed)
     target, draft, trained = load_pair(args.target, args.draft, device, args.dtype)
@@ -166,7 +175,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t0,
         "config": {
-            "command": _command(args),
+            "command": _command(args, info.world_size),
             "target": args.target,
             "draft": draft_name,
             "draft_trained": trained,
@@ -184,8 +193,10 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
             "world_size": info.world_size,
             "backend": info.backend,
             "warmup": [part["warmup"] for part in gathered],
-            "timing": "each prompt decoded with block size 1 (AR) then block size B (spec) in this process; "
-                      "one warm-up decode per mode per rank before timing, excluded",
+            "timing": "each prompt decoded with block size 1 (AR) then block size B (spec) in this process; one "
+                      "warm-up decode per mode per rank before timing, excluded"
+                      + ("; each timed decode preceded by an untimed prefill of its prompt in the same mode"
+                         if settings.prompt_warmup else ""),
         },
         "environment": report.environment(device, [part["device"] for part in gathered]),
         "summary": summarize(records, block, datasets),

@@ -35,6 +35,7 @@ class BenchSettings:
     seed: int = 0
     enable_thinking: bool = False
     warmup_tokens: int = 64  # the warm-up decodes min(this, max_new_tokens) tokens per mode
+    prompt_warmup: bool = True  # an untimed prefill of every prompt before its timed decode (see run_sample)
 
     def params(self, seed: int | None = None, max_new_tokens: int | None = None) -> SamplingParams:
         return SamplingParams(max_new_tokens=max_new_tokens or self.max_new_tokens, temperature=self.temperature,
@@ -69,7 +70,13 @@ def _run_record(result, prompt_tokens: int) -> dict:
 
 def run_sample(decoder: SpeculativeDecoder, target, sample: Sample, settings: BenchSettings, block_size: int,
                graded: bool) -> dict:
-    """One sample: every turn decoded with block size 1 and with `block_size`, each run fed its own answers."""
+    """One sample: every turn decoded with block size 1 and with `block_size`, each run fed its own answers.
+
+    With `settings.prompt_warmup`, each timed decode is preceded by an untimed prefill of the same prompt in
+    the same mode (a generation of one token): one-time costs that depend on the prompt length (Triton kernels
+    specialise, and compile, per shape class on their first call) then fall in neither run, instead of
+    landing in the TTFT of whichever run comes first. The timed runs still do their whole prefill.
+    """
     histories: dict[str, list[dict]] = {"ar": [], "spec": []}
     turns = []
     for t, user in enumerate(sample.turns):
@@ -79,6 +86,8 @@ def run_sample(decoder: SpeculativeDecoder, target, sample: Sample, settings: Be
             messages = histories[mode]
             messages.append({"role": "user", "content": user})
             prompt_ids = target.encode(messages, chat=True, enable_thinking=settings.enable_thinking)
+            if settings.prompt_warmup:
+                decoder.generate(prompt_ids, settings.params(seed, max_new_tokens=1), block_size=block)
             result = decoder.generate(prompt_ids, settings.params(seed), block_size=block)
             messages.append({"role": "assistant", "content": result.text})
             run = _run_record(result, len(prompt_ids))
@@ -182,7 +191,7 @@ def init_distributed(device: str) -> tuple[DistInfo, str]:
         torch.cuda.set_device(local)
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, device_id=torch.device(device) if cuda else None)
     return DistInfo(rank=rank, world_size=dist.get_world_size(), local_rank=local, backend=backend), device
 
 

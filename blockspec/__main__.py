@@ -1,0 +1,7 @@
+"""`python -m blockspec ...` runs the command line (torchrun can launch it with `-m blockspec`)."""
+
+import sys
+
+from blockspec.cli import main
+
+sys.exit(main())
