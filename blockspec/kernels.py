@@ -21,7 +21,8 @@ ATTENTION_CONFIG = {"narrow": {"splits": 16, "block_n": 64, "num_warps": 4},
                     "wide": {"splits": 8, "block_n": 64, "num_warps": 4}}
 
 
-@triton.jit
+# lengths and counts vary per call: specialising on them would recompile for new prompt lengths
+@triton.jit(do_not_specialize=["n_q", "window"])
 def _attention_splits(Q, K, V, LIM, ACC, ML,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n,
@@ -76,7 +77,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
     tl.store(ml + 1, l_i, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_q"])
 def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
                     n_q, n_heads, n_splits, SPLITS: tl.constexpr, D: tl.constexpr):
     pid = tl.program_id(0)
@@ -178,7 +179,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_q"])
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr):
