@@ -6,8 +6,9 @@ queues and formats; every generation runs on the single worker thread of worker.
 arrival order. A client that disconnects has its generation cancelled between two decoding steps.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (malformed
-JSON, wrong types, unsupported parameters, a prompt that does not fit the context), 401 for a wrong API key,
-404 for an unknown model or path, 503 with Retry-After when the queue is full.
+JSON, wrong types, unsupported parameters, a prompt that does not fit the context, an unknown model with
+code model_not_found), 401 for a wrong API key, 404 for an unknown path, 503 with Retry-After when the
+queue is full.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from blockspec.draft import DraftModel
 from blockspec.engine import GenerationResult, GenerationStats, SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
 from blockspec.serve.metrics import ServerMetrics
-from blockspec.serve.schemas import ChatCompletionRequest, CompletionRequest, _Common
+from blockspec.serve.schemas import ChatCompletionRequest, CompletionRequest, CommonFields
 from blockspec.serve.worker import Job, QueueFull, Worker
 from blockspec.target import Target
 
@@ -144,8 +145,8 @@ class Service:
             pass
         self.encoder = dataclasses.replace(target, tokenizer=tokenizer)
         # chat_template_kwargs are template variables: they may not set apply_chat_template's own arguments
-        self.reserved_template_args = set(inspect.signature(tokenizer.apply_chat_template).parameters) - {
-            "kwargs"} if tokenizer is not None else set()
+        own_args = inspect.signature(tokenizer.apply_chat_template).parameters if tokenizer is not None else {}
+        self.reserved_template_args = set(own_args) - {"kwargs"}
 
     # ---- errors -----------------------------------------------------------------------------------------
     def error_response(self, status: int, message: str, param: str | None = None, code: str | None = None,
@@ -161,9 +162,9 @@ class Service:
         return hmac.compare_digest(given, f"Bearer {self.api_key}".encode())
 
     # ---- request -> prompt ids and sampling parameters --------------------------------------------------
-    def check_common(self, body: _Common) -> None:
+    def check_common(self, body: CommonFields) -> None:
         if body.model is not None and body.model != self.name:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.name!r}",
+            raise APIError(400, f"model {body.model!r} is not served here; this server serves {self.name!r}",
                            param="model", code="model_not_found")
         if body.n != 1:
             raise APIError(400, f"n must be 1 (one completion per request), got {body.n}", param="n")
@@ -179,7 +180,7 @@ class Service:
         except Exception as exc:  # the chat template refused the conversation (roles, missing variables...)
             raise APIError(400, f"the chat template failed: {type(exc).__name__}: {exc}", param="messages") from None
 
-    def sampling_params(self, body: _Common, n_prompt: int, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, body: CommonFields, n_prompt: int, max_tokens: int | None) -> SamplingParams:
         if n_prompt == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         room = self.max_model_len - n_prompt
@@ -204,7 +205,7 @@ class Service:
         mean = e2e.sum / e2e.count if e2e.count else 1.0
         return int(min(60, max(1, math.ceil(mean * (self.worker.num_waiting + 1)))))
 
-    async def answer(self, request: Request, body: _Common, prompt_ids: list[int], max_tokens: int | None,
+    async def answer(self, request: Request, body: CommonFields, prompt_ids: list[int], max_tokens: int | None,
                      chat: bool):
         params = self.sampling_params(body, len(prompt_ids), max_tokens)
         job = Job(prompt_ids, params, asyncio.get_running_loop())
@@ -304,6 +305,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         finally:
             service.worker.stop()
 
+    started = int(time.time())
     app = FastAPI(title="blockspec", summary="OpenAI-compatible speculative decoding server", lifespan=lifespan)
     app.state.service = service
     app.add_middleware(_APIKeyCheck, service=service)
@@ -331,7 +333,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": 0,
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": started,
                                             "owned_by": "blockspec", "max_model_len": service.max_model_len}]}
 
     @app.post("/v1/chat/completions")

