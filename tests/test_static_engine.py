@@ -1,0 +1,110 @@
+"""The fast path's static-buffer step (CudaGraphDecoder; on the CPU the same step function runs without a
+graph) against the eager loop: same tokens, same acceptance, rollback and bookkeeping on the device."""
+
+import pytest
+import torch
+
+from blockspec.draft import new_draft_for_target
+from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.engine.graphs import CudaGraphDecoder
+from blockspec.target import Target, TargetConfig, TargetModel
+
+VOCAB, HIDDEN, LAYERS = 97, 64, 4
+
+
+def tiny_target(seed: int = 0, std: float = 0.3) -> Target:
+    cfg = TargetConfig("qwen3", VOCAB, HIDDEN, 128, LAYERS, 4, 2, 16, 1e-6, True, False, False, False, False,
+                       (None,) * LAYERS, 4096)
+    model = TargetModel.random(cfg, seed=seed, std=std, rope_theta=10000.0)
+    with torch.no_grad():
+        model.embed_tokens.weight.mul_(3.0)  # varied logits, so greedy output is not one repeated token
+    return Target(model=model, tokenizer=None, name="tiny", eos_token_ids=())
+
+
+def agreeing_pair(block_size: int = 8, token: int = 7):
+    """A target whose greedy choice is always `token` and a draft that proposes it in every slot.
+
+    Feature 0 of every embedding (the draft's mask embedding too) is large and no layer writes to it, so after any final RMSNorm it stays
+    positive; the lm_head reads only feature 0 and only `token`'s row is non-zero. Both networks share that
+    lm_head, so the draft agrees everywhere: every step accepts the whole block.
+    """
+    target = tiny_target()
+    model = target.model
+    draft = new_draft_for_target(model.config, "dflash", num_layers=1, block_size=block_size, seed=1)
+    with torch.no_grad():
+        model.embed_tokens.weight[:, 0] = 50.0
+        draft.mask_embedding[0] = 50.0  # the draft's MASK slots start from its own mask embedding
+        model.lm_head.weight = torch.nn.Parameter(torch.zeros(VOCAB, HIDDEN))
+        model.lm_head.weight[token, 0] = 1.0
+        for layer in model.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+        for layer in draft.layers:
+            layer.self_attn.o_proj.weight[0] = 0
+            layer.mlp.down_proj.weight[0] = 0
+    return target, draft
+
+
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+@pytest.mark.parametrize("block", [1, 2, 4, 8])
+def test_static_step_equals_eager_loop(arch, block):
+    target = tiny_target(seed=block)
+    draft = new_draft_for_target(target.model.config, arch, num_layers=2, block_size=8, seed=2)
+    params = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    fast = CudaGraphDecoder(target, draft, max_len=256)
+    eager = SpeculativeDecoder(target, draft)
+    for length in (1, 5, 23):
+        prompt = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+        got = fast.generate(prompt, params, block_size=block)
+        want = eager.generate(prompt, params, block_size=block)
+        plain = eager.generate(prompt, params, block_size=1)
+        assert got.token_ids == want.token_ids == plain.token_ids
+        assert got.stats.acceptance_lengths == want.stats.acceptance_lengths
+        assert len(set(got.token_ids)) > 3
+
+
+def test_whole_blocks_accepted_and_max_new_tokens_lands_mid_block():
+    target, draft = agreeing_pair(block_size=8)
+    fast = CudaGraphDecoder(target, draft, max_len=128)
+    eager = SpeculativeDecoder(target, draft)
+    for max_new in (1, 8, 9, 20, 33):
+        params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
+        got, want = fast.generate([3, 4, 5], params), eager.generate([3, 4, 5], params)
+        assert got.token_ids == want.token_ids == [7] * max_new
+        assert got.finish_reason == "length"
+        # prefill commits 1 token, then every step commits a whole block of 8
+        assert got.stats.acceptance_lengths == want.stats.acceptance_lengths == [8] * len(got.stats.acceptance_lengths)
+        assert 1 + 8 * (got.stats.steps - 1) < max_new <= 1 + 8 * got.stats.steps or max_new == 1
+
+
+def test_stop_token_inside_an_accepted_run():
+    target, draft = agreeing_pair(block_size=8)
+    params = SamplingParams(max_new_tokens=50, stop_token_ids=(7,))
+    for decoder in (CudaGraphDecoder(target, draft, max_len=128), SpeculativeDecoder(target, draft)):
+        result = decoder.generate([1, 2], params)
+        assert result.token_ids == [7] and result.finish_reason == "stop"
+
+
+def test_forced_acceptance_schedule_commits_what_it_says():
+    target = tiny_target(seed=5)
+    draft = new_draft_for_target(target.model.config, "dflash", num_layers=1, block_size=8, seed=2)
+    fast = CudaGraphDecoder(target, draft, max_len=256)
+    fast.forced_acceptance = [2, 7, 0, 5]
+    result = fast.generate([9, 8, 7], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    assert result.stats.acceptance_lengths[:8] == [3, 8, 1, 6, 3, 8, 1, 6]
+    assert len(result.token_ids) == 60
+    # the caches and state stay consistent after forced rollbacks: plain decoding from the same decoder is
+    # unaffected and equals the eager loop
+    fast.forced_acceptance = None
+    params = SamplingParams(max_new_tokens=25, ignore_eos=True)
+    assert fast.generate([9, 8, 7], params).token_ids == SpeculativeDecoder(target, None).generate(
+        [9, 8, 7], params).token_ids
+
+
+def test_static_cache_too_small_is_a_user_error():
+    from blockspec.errors import BlockspecError
+
+    target = tiny_target()
+    fast = CudaGraphDecoder(target, None, max_len=32)
+    with pytest.raises(BlockspecError, match="static cache"):
+        fast.generate(list(range(20)), SamplingParams(max_new_tokens=20))
