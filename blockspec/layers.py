@@ -11,6 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
+    """The Triton kernels serve CUDA inference; they have no backward, so anything needing gradients (draft
+    training) takes the plain torch ops."""
+    return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight."""
 
@@ -20,7 +26,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:
+        if fused_kernels_apply(x, self.weight):
             from blockspec.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
@@ -44,7 +50,7 @@ class GatedMLP(nn.Module):
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for fused projections [..., 2I] holding gate then up (one kernel on CUDA)."""
-    if gate_up.is_cuda:
+    if fused_kernels_apply(gate_up):
         from blockspec.kernels import silu_mul as fused
 
         return fused(gate_up)
@@ -132,7 +138,8 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     """Projections q [b, n, nH*d] (None: context only, no queries), k and v [b, n, nKV*d]: RMSNorm q and k
     per head when norms are given (Qwen3), rotate them, store K and V at `positions` in the cache layer
     [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA; plain ops elsewhere."""
-    if k.is_cuda:
+    norms = [n.weight for n in (q_norm, k_norm) if n is not None]
+    if fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *norms):
         from blockspec.kernels import qkv_rope_store as fused
 
         eps = k_norm.eps if k_norm is not None else 0.0
@@ -155,7 +162,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
-    if x.is_cuda:
+    if fused_kernels_apply(x, delta, norm.weight):
         from blockspec.kernels import add_rms_norm as fused
 
         return fused(x, delta, norm.weight, norm.eps)

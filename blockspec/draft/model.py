@@ -128,6 +128,8 @@ class DraftModel(nn.Module):
             return [ctx] * len(self.layers)
         b, c, _ = features.shape
         w = self.layer_fusion_weights
+        if c == 0:
+            return [features.new_zeros(b, 0, self.config.hidden_size)] * len(self.layers)
         taps = features.to(w.dtype).view(b, c, w.shape[1], -1)
         fused = torch.einsum("bsth,dt->bsdh", taps, F.softmax(w, dim=-1))
         return [self.hidden_norm(fused[:, :, i]) for i in range(len(self.layers))]

@@ -96,7 +96,8 @@ def block_loss(hidden: torch.Tensor, lm_head: torch.Tensor, labels: torch.Tensor
     w = weights.reshape(-1)
     rows = torch.nonzero(w > 0).squeeze(1)
     correct = torch.zeros(b * n * block, dtype=torch.bool, device=hidden.device)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # no weighted slot at all: a zero that still reaches every parameter (backward and DDP need a graph)
+    total = hidden.float().sum() * 0.0 if rows.numel() == 0 else hidden.new_zeros((), dtype=torch.float32)
     flat_labels = labels.reshape(-1)
     for start in range(0, rows.numel(), chunk_rows):
         idx = rows[start:start + chunk_rows]
