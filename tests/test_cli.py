@@ -2,7 +2,7 @@
 
 Real runs use a tiny random Qwen3 target (hidden 64, 4 layers) that borrows SmolLM2's tokenizer (so its
 vocabulary is SmolLM2's 49,152 ids) and tiny random DFlash / DFlare drafts saved next to it; one test runs
-the README's default pair (SmolLM2-135M-Instruct + the seeded untrained draft). Every user error must exit
+the README's default pair (SmolLM2-135M-Instruct + the shipped trained DFlash draft). Every user error must exit
 with code 2 and print exactly one `blockspec: error: ...` line, never a traceback.
 
 Most runs call `blockspec.cli.main` in-process (a fresh process costs ~5 s of imports on this machine); the
@@ -301,15 +301,16 @@ def test_bfloat16_on_cpu(capsys, tiny):
 # ---- the README default pair ------------------------------------------------------------------------------
 def test_default_pair_readme_command(capsys, smollm2_hf_dir):
     code, out, err = cli(capsys, "generate", "--prompt", "What is the capital of France?", "--max-new-tokens",
-                         "16", "--json")
+                         "16", "--compare-ar", "--json")
     assert code == 0, err
     rec = json.loads(out)
     assert rec["target"] == "smollm2-135m-instruct"
-    assert rec["draft_trained"] is False and rec["draft"] == "untrained"
+    assert rec["draft_trained"] is True and rec["draft"] == "shipped"  # the trained draft in blockspec/drafts
     assert rec["ar"]["token_ids_equal"] is True
     assert rec["text"].strip() and "Paris" in rec["text"]
     assert 1 <= len(rec["token_ids"]) <= 16
-    assert "UNTRAINED" in err and "Traceback" not in err
+    assert rec["stats"]["mean_acceptance_length"] >= 1
+    assert "UNTRAINED" not in err and "Traceback" not in err
 
 
 # ---- user errors: exit 2, one line, no traceback ---------------------------------------------------------

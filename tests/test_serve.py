@@ -3,7 +3,7 @@
 
 Most tests serve a tiny random Qwen3 target that borrows SmolLM2's tokenizer (vocabulary 49,152; its chat
 template extended with an `enable_thinking` switch so chat_template_kwargs are observable) with a random
-DFlash draft; one test serves the README's default pair (SmolLM2-135M-Instruct + the seeded untrained draft)
+DFlash draft; one test serves the README's default pair (SmolLM2-135M-Instruct + the shipped trained draft)
 and checks the answer against `blockspec generate`. Every wait is bounded in time.
 """
 
@@ -322,11 +322,11 @@ def test_greedy_output_identical_to_blockspec_generate(server, tiny, capsys):
 
 def test_default_pair_identical_to_blockspec_generate(smollm2, capsys):
     """The README's default pair served (no model named) answers exactly what `blockspec generate` prints."""
-    from blockspec.cli import UNTRAINED_DRAFT
-    from blockspec.draft import new_draft_for_target
+    from blockspec.draft import load_draft
     from blockspec.hub import DEFAULT_TARGET
+    from blockspec.shipped import default_draft_for
 
-    draft = new_draft_for_target(smollm2.model.config)  # what load_pair builds for --draft untrained
+    draft = load_draft(default_draft_for(DEFAULT_TARGET), dtype=smollm2.dtype)  # what load_pair loads by default
     live = LiveServer(create_app(smollm2, draft))
     try:
         client = live.client()
@@ -339,7 +339,7 @@ def test_default_pair_identical_to_blockspec_generate(smollm2, capsys):
     capsys.readouterr()
     assert main(["generate", "--prompt", question, "--max-new-tokens", "16", "--json"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["draft"] == UNTRAINED_DRAFT
+    assert record["draft"] == "shipped" and record["draft_trained"] is True
     assert answer.choices[0].message.content == record["text"] and record["text"]
     assert answer.usage.completion_tokens == len(record["token_ids"])
     assert answer.choices[0].finish_reason == record["finish_reason"]
