@@ -194,3 +194,16 @@ def smollm2_draft(smollm2) -> DraftModel:
                              num_kv_heads=3, head_dim=64, vocab_size=c.vocab_size, num_target_layers=30,
                              block_size=8, mask_token_id=None)
     return init_draft_(DraftModel(cfg, mask_embedding=True), seed=11, std=0.05)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `blockspec ARGV` in-process: (exit code, stdout, stderr). argparse errors exit via SystemExit."""
+    from blockspec.cli import main
+
+    capsys.readouterr()  # drop anything printed before
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

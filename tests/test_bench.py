@@ -28,6 +28,7 @@ from blockspec.bench.runner import BenchSettings, run_sample
 from blockspec.cli import main
 from blockspec.engine import GenerationResult, GenerationStats
 from blockspec.errors import BlockspecError
+from conftest import run_cli as cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("BLOCKSPEC_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
@@ -48,14 +49,6 @@ def rows(rel: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> str:

@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-from blockspec.cli import main
 from blockspec.errors import BlockspecError
+from conftest import run_cli as cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DRAFT = REPO_ROOT.parent / "shared" / "golden" / "dflash-tiny" / "draft"
@@ -89,15 +89,6 @@ def tiny(tmp_path_factory, smollm2_hf_dir) -> TinyPair:
     return TinyPair(root=root, target=target_dir, draft=draft_dir, dflare=dflare_dir, tokenizer=tok)
 
 
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    """Run `blockspec ARGV` in-process: (exit code, stdout, stderr). argparse errors exit via SystemExit."""
-    capsys.readouterr()  # drop anything printed before
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def gen_args(tiny: TinyPair, *extra: str, draft: Path | str | None = None) -> list[str]:

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from blockspec.cli import main
 from blockspec.draft import load_draft
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
@@ -32,6 +31,7 @@ from blockspec.train.forward import (BlockTrainer, block_mask_mod, dense_block_m
 from blockspec.train.generate import generate_batch
 from blockspec.train.loss import block_labels, default_gamma, sample_anchors
 from blockspec.train.trainer import CHECKPOINT, TrainConfig, Trainer, build_draft, train
+from conftest import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -467,14 +467,6 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
 
 
 # ---- (g) the command line --------------------------------------------------------------------------------------------
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("argv,needle", [
