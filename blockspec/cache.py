@@ -13,6 +13,9 @@ import torch
 
 
 class KVCache:
+    """Per-layer K/V tensors [batch, nKV, max_len, d]. `layers.qkv_rope_store` writes each position's slot
+    directly (one kernel on CUDA); attention reads the visible slots of `layer(i)`."""
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
         shape = (num_layers, batch_size, num_kv_heads, max_len, head_dim)
@@ -20,11 +23,6 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v of shape [b, nKV, n, d] at the slots given by `positions` [b, n]."""
-        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        self.k[layer][rows, :, positions] = k.transpose(1, 2)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2)
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots of one layer: [b, nKV, max_len, d] each (attention reads only the visible ones)."""
