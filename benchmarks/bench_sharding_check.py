@@ -6,21 +6,10 @@ sharded over N ranks must give the records of a 1-process run.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 
-from blockspec.bench.metrics import TIMING_FIELDS
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    records = copy.deepcopy(records)
-    for record in records:
-        for turn in record["turns"]:
-            for run in ("ar", "spec"):
-                for name in TIMING_FIELDS:
-                    turn[run].pop(name, None)
-    return records
+from blockspec.bench.metrics import without_timing
 
 
 def main() -> int:

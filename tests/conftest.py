@@ -207,3 +207,29 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
         code = exc.code
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def save_tiny_chat_target(folder: Path, tokenizer, max_position_embeddings: int = 2048,
+                          eos_token_id: int | None = None):
+    """A tiny random Qwen3 target that borrows a real tokenizer (and its chat template), saved to `folder`
+    as an HF directory; returns blockspec's TargetConfig for it. Weights are redrawn at large scales: the
+    default init (std 0.02) decodes one token forever, which would make stops, seeds and identity moot."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from blockspec.target import load_target
+
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, rope_theta=1e6,
+                      eos_token_id=eos_token_id)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else
+                        noise if "embed_tokens" in name else 0.3 * noise)
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_target(str(folder), tokenizer=False).model.config

