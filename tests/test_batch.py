@@ -205,7 +205,7 @@ def test_request_errors_are_one_line_and_lose_nothing(zoo):
     draft = zoo.draft("qwen3", "dflash", block_size=8)
     decoder = BatchDecoder(tiny.target, draft, max_batch=2, max_len=64)
     ok = decoder.add([1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
-    with pytest.raises(BlockspecError, match="does not fit the decoder's rows of 64 positions"):
+    with pytest.raises(BlockspecError, match="does not fit the decoder's static cache rows of 64 positions"):
         decoder.add([1] * 40, SamplingParams(max_new_tokens=20))
     with pytest.raises(BlockspecError, match="exceeds the draft's trained block_size 8"):
         decoder.add([1, 2], block_size=9)

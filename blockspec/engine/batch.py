@@ -95,6 +95,7 @@ class BatchDecoder:
         self.waiting: deque[_Sequence] = deque()
         self.forced_acceptance: list[int] | None = None  # oracle schedule per sequence step, cycled
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None  # one memory pool for every graph: they never run at the same time
         self._next_id = 0
 
     def _check_block_size(self, block_size: int | None) -> int:
@@ -120,7 +121,7 @@ class BatchDecoder:
         block = self.block_size if block_size is None else self._check_block_size(block_size)
         if len(prompt_ids) + params.max_new_tokens + 2 * self.max_block > self.max_len:
             raise BlockspecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) does "
-                                 f"not fit the decoder's rows of {self.max_len} positions (2 blocks of "
+                                 f"not fit the decoder's static cache rows of {self.max_len} positions (2 blocks of "
                                  f"{self.max_block} included); shorten them or raise max_len")
         output = OutputTracker(self.target, params, block, len(prompt_ids))
         seq = _Sequence(self._next_id, list(prompt_ids), params, block, output,
@@ -154,6 +155,18 @@ class BatchDecoder:
             self._decode(chunks)
             self._retire_finished()
         return list(chunks.items())
+
+    def capture_graphs(self, block_sizes: tuple[int, ...] | None = None) -> int:
+        """Capture the greedy step for every graph batch size and these block sizes now (default: the
+        default block), so that no request pays for a capture later. Returns the number of graphs held."""
+        if self.use_graphs:
+            with torch.inference_mode():
+                for block in block_sizes or (self.block_size,):
+                    block = self._check_block_size(block)
+                    for size in self.graph_batch_sizes:
+                        if (size, block) not in self._graphs:
+                            self._capture(size, block)
+        return len(self._graphs)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  block_size: int | None = None) -> list[GenerationResult]:
@@ -254,7 +267,8 @@ class BatchDecoder:
             graph.replay()
         else:
             self._greedy_step(padded, block, self._kv_len(block))
-        self._park(n, padded)  # padding rows advanced; back to position 0
+        if padded > n:
+            self._park(n, padded)  # padding rows advanced; back to position 0
         return self.out[:n, :block + 1].tolist()  # the one device->host read of the step
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
@@ -358,7 +372,9 @@ class BatchDecoder:
         for live, copy in zip(state, saved):
             live[:nb] = copy
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):  # capturing records kernels without running them
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
             self._greedy_step(nb, block, self.max_len)
         self._graphs[(nb, block)] = graph
         return graph
