@@ -23,6 +23,17 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The sequences [start, stop) of this cache as a cache of their own, sharing storage (one request's
+        prefill into its row of a batch; a step over the first rows)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.max_len = self.k[:, start:stop], self.v[:, start:stop], self.max_len
+        return view
+
+    def copy_row(self, source: int, dest: int, length: int) -> None:
+        """Copy slots [0, length) of row `source` into row `dest` (a sequence moving rows in a batch)."""
+        self.k[:, dest, :, :length] = self.k[:, source, :, :length]
+        self.v[:, dest, :, :length] = self.v[:, source, :, :length]
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots of one layer: [b, nKV, max_len, d] each (attention reads only the visible ones)."""

@@ -124,8 +124,9 @@ def server(tiny):
 
 @pytest.fixture(scope="module")
 def guarded(tiny):
-    """API key required, and room for one waiting request only."""
-    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", api_key=API_KEY, max_queue=1)
+    """API key required, one request decoded at a time, and room for one waiting request only."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", api_key=API_KEY, max_queue=1,
+                        max_num_seqs=1)
     yield live
     live.stop()
 
@@ -351,6 +352,54 @@ def test_concurrent_clients_each_get_their_own_answer(server):
     assert server.metrics()["blockspec_num_requests_waiting"] == 0
 
 
+def test_load_32_concurrent_streaming_clients(tiny):
+    """The issue's load test on the tiny pair: 32 streaming clients at once against a server batching 8; every
+    answer equals the same request served alone, no errors, latency percentiles reported; bounded in time."""
+    from blockspec.bench.load import LoadRequest, run_load
+
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_queue=64, max_num_seqs=8)
+    peak = []
+    done = threading.Event()
+
+    def watch():  # the running gauge shows requests really share steps
+        while not done.is_set():
+            peak.append(live.metrics()["blockspec_num_requests_running"])
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        requests = [LoadRequest(f"Request {i}: tell me about the number {i * 7}.", 6 + (i * 5) % 27)
+                    for i in range(32)]
+        started = time.monotonic()
+        watcher.start()
+        report = run_load(live.url + "/v1", "tiny", requests, concurrency=32, timeout_s=120)
+        done.set()
+        summary = report["summary"]
+        assert summary["errors"] == summary["reference_errors"] == 0, report["answers"]
+        assert summary["all_equal_to_single_request"], summary["mismatches"]
+        assert summary["latency_p50_s"] <= summary["latency_p99_s"] <= summary["latency_max_s"]
+        assert 0 < summary["ttft_p50_s"] <= summary["ttft_p99_s"]
+        assert summary["completion_tokens"] == sum(a["completion_tokens"] for a in report["reference"])
+        assert max(peak) > 1
+        assert time.monotonic() - started < 300
+        print(f"load test: p50 {summary['latency_p50_s']:.2f} s, p99 {summary['latency_p99_s']:.2f} s, "
+              f"{summary['output_tokens_per_s']:.0f} tok/s")
+    finally:
+        done.set()
+        if watcher.is_alive():
+            watcher.join(10)
+        live.stop()
+
+
+def test_per_request_block_size(server):
+    client = server.client()
+    small = chat(client, max_tokens=20, extra_body={"block_size": 2})
+    default = chat(client, max_tokens=20)
+    assert small.choices[0].message.content == default.choices[0].message.content
+    check_spec_metrics(small.model_extra["spec_decode_metrics"], small.usage.completion_tokens, block_size=2)
+    check_spec_metrics(default.model_extra["spec_decode_metrics"], default.usage.completion_tokens)
+
+
 def test_disconnect_mid_stream_cancels_the_generation(server):
     before = server.metrics()
     http, response, lines, first = long_stream(server)
@@ -469,6 +518,8 @@ BAD_REQUESTS = {
     "prompt empty ids": _completion(prompt=[]),
     "prompt ids out of vocabulary": _completion(prompt=[1, 10**9]),
     "two prompts": _completion(prompt=["a", "b"]),
+    "block_size above the draft's": _chat(block_size=9),
+    "block_size zero": _chat(block_size=0),
 }
 NOT_FOUND = {
     "unknown model": _chat(model="gpt-17"),
@@ -535,6 +586,8 @@ def test_cli_user_errors(capsys, tiny):
         _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--port", port], port)
     _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
                              "--max-model-len", str(CONTEXT + 1)], "max model length")
+    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
+                             "--max-num-seqs", "0"], "max_num_seqs")
     _one_error_line(capsys, ["serve", "--port", "70000"], "70000")
 
 

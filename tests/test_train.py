@@ -30,6 +30,7 @@ from blockspec.train.forward import (BlockTrainer, block_mask_mod, dense_block_m
                                      masked_attention)
 from blockspec.train.generate import generate_batch
 from blockspec.train.loss import block_labels, default_gamma, sample_anchors
+from blockspec.train.metrics import read_metrics
 from blockspec.train.trainer import CHECKPOINT, TrainConfig, Trainer, build_draft, train
 from conftest import run_cli
 
@@ -460,6 +461,9 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
+    tokens = [[r["tokens"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+              for run in ("single", "ddp")]
+    assert tokens[0] == tokens[1] and len(tokens[0]) == 6  # the global batch's tokens, not rank 0's x world
     a = load_draft(tmp_path / "ddp" / "draft").state_dict()
     b = load_draft(tmp_path / "single" / "draft").state_dict()
     for k in a:

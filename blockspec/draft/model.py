@@ -43,6 +43,17 @@ class DraftAttention(nn.Module):
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
             self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
 
+    def store_context(self, ctx: torch.Tensor, ctx_rope: tuple, ctx_positions: torch.Tensor, cache: KVCache) -> None:
+        """Write the context's K/V at its positions. They depend on the target features alone (never on the
+        block), so a prompt's context can be stored without drafting anything."""
+        if not ctx.shape[1]:
+            return
+        k_cache, v_cache = cache.layer(self.layer_index)
+        k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
+                          else (self.k_proj, self.v_proj))
+        qkv_rope_store(None, k_proj(ctx), v_proj(ctx), self.num_heads, self.num_kv_heads, self.head_dim, None,
+                       self.k_norm, *ctx_rope, ctx_positions, k_cache, v_cache)
+
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
                 block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
                 limits: torch.Tensor) -> torch.Tensor:
@@ -53,13 +64,9 @@ class DraftAttention(nn.Module):
         whole block, unmasked. The block's slots are rewritten by the next call's context, so they never
         need cropping.
         """
+        self.store_context(ctx, ctx_rope, ctx_positions, cache)
         k_cache, v_cache = cache.layer(self.layer_index)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
-        if ctx.shape[1]:
-            k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
-                              else (self.k_proj, self.v_proj))
-            qkv_rope_store(None, k_proj(ctx), v_proj(ctx), *heads, None, self.k_norm, *ctx_rope, ctx_positions,
-                           k_cache, v_cache)
         q = qkv_rope_store(self.q_proj(x), self.k_proj(x), self.v_proj(x), *heads, self.q_norm, self.k_norm,
                            *block_rope, block_positions, k_cache, v_cache)
         return self.o_proj(attention(q, k_cache, v_cache, limits, kv_len))
@@ -144,6 +151,14 @@ class DraftModel(nn.Module):
             mask = embed_tokens.weight[self.config.mask_token_id]
         block_size = block_size or self.block_size
         return torch.cat([first, mask.expand(first.shape[0], block_size - 1, -1)], dim=1)
+
+    def store_context(self, features: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache) -> None:
+        """Write the context K/V of target `features` [b, c, T*H] at `ctx_positions` [b, c] in every layer,
+        without a draft pass (a prompt joining a batch; a step that drafts nothing)."""
+        dtype = self.norm.weight.dtype
+        ctx_rope = self.rotary(ctx_positions, dtype)
+        for layer, ctx in zip(self.layers, self.fuse_context(features)):
+            layer.self_attn.store_context(ctx.to(dtype), ctx_rope, ctx_positions, cache)
 
     def forward(self, block_embeds: torch.Tensor, block_positions: torch.Tensor, features: torch.Tensor,
                 ctx_positions: torch.Tensor, cache: KVCache, kv_len: int | None = None) -> torch.Tensor:

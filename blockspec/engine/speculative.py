@@ -10,33 +10,19 @@ ragged-ready); this loop drives one sequence.
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 
 from blockspec.draft import DraftModel, check_draft_fits_target
 from blockspec.engine.sampling import SamplingParams, accept_greedy, accept_sampled, sample, warped_probs
+from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_request,
+                                       new_generator)
 from blockspec.engine.stats import GenerationStats
-from blockspec.engine.text import TextStream
 from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
-
-@dataclass
-class GenerationResult:
-    token_ids: list[int]  # generated tokens (a stop token that ended generation included)
-    text: str
-    finish_reason: str  # "stop" (stop token or string) | "length"
-    stats: GenerationStats
-
-
-@dataclass
-class StreamChunk:
-    token_ids: list[int]  # tokens committed by this step
-    text: str  # text released by this step
-    result: GenerationResult | None = field(default=None)  # set on the last chunk only
+__all__ = ["GenerationResult", "SpeculativeDecoder", "StreamChunk"]
 
 
 class SpeculativeDecoder:
@@ -74,46 +60,14 @@ class SpeculativeDecoder:
     def stream(self, prompt_ids: list[int], params: SamplingParams | None = None,
                block_size: int | None = None) -> Iterator[StreamChunk]:
         """Yield committed tokens and released text step by step; the last chunk carries the result."""
-        params = (params or SamplingParams()).validate()
+        params = check_request(self.target, prompt_ids, params)
         block = self.block_size if block_size is None else self._check_block_size(block_size)
-        if not prompt_ids:
-            raise BlockspecError("the prompt is empty")
-        vocab = self.target.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_ids):
-            raise BlockspecError(f"prompt holds a token id outside the target vocabulary (0..{vocab - 1})")
-        stop_ids = set(self.target.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
-        if params.ignore_eos:
-            stop_ids = set(params.stop_token_ids or ())
-        text = TextStream(self.target.tokenizer, params.stop_strings) if self.target.tokenizer else None
-        if params.stop_strings and text is None:
-            raise BlockspecError("stop strings need a target with a tokenizer")
-        stats = GenerationStats(block_size=block, prompt_tokens=len(prompt_ids))
-        generated: list[int] = []
-        finish = "length"
-        t0 = time.perf_counter()
-        for step_tokens in self._steps(prompt_ids, params, block, stats):
-            committed: list[int] = []
-            for token in step_tokens:
-                committed.append(token)
-                generated.append(token)
-                hit_stop_string = text.add(token) if text is not None else False
-                if token in stop_ids or hit_stop_string:
-                    finish = "stop"
-                    break
-                if len(generated) == params.max_new_tokens:
-                    break
-            if not stats.ttft_s:
-                stats.ttft_s = time.perf_counter() - t0
-            done = finish == "stop" or len(generated) >= params.max_new_tokens
-            if done:
-                stats.generated_tokens = len(generated)
-                stats.total_s = time.perf_counter() - t0
-                final_text = (text.text if text is not None else "")
-                delta = text.release(final=True) if text is not None else ""
-                result = GenerationResult(generated, final_text, finish, stats)
-                yield StreamChunk(committed, delta, result)
+        output = OutputTracker(self.target, params, block, len(prompt_ids))
+        for step_tokens in self._steps(prompt_ids, params, block, output.stats):
+            chunk = output.commit(step_tokens)
+            yield chunk
+            if output.done:
                 return
-            yield StreamChunk(committed, text.release() if text is not None else "")
 
     def propose(self, first: torch.Tensor, block_positions: torch.Tensor, features: torch.Tensor,
                 ctx_positions: torch.Tensor, draft_cache: object, params: SamplingParams,
@@ -141,17 +95,7 @@ class SpeculativeDecoder:
         taps = self.tap_ids if use_draft else ()
         n_prompt = len(prompt_ids)
         max_len = n_prompt + params.max_new_tokens + 2 * block
-        limit = target.config.max_position_embeddings
-        if n_prompt + params.max_new_tokens > limit:
-            raise BlockspecError(f"prompt ({n_prompt} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
-                                 f"the target's context of {limit} tokens")
-        generator = None
-        if not params.greedy:
-            generator = torch.Generator(device=device)
-            if params.seed is None:
-                generator.seed()  # fresh entropy for this generator only; torch's global RNG is left alone
-            else:
-                generator.manual_seed(params.seed)
+        generator = new_generator(params, device)
         target_cache = target.new_cache(1, max_len)
         draft_cache = draft.new_cache(1, max_len) if use_draft else None
 

@@ -2,8 +2,9 @@
 
 Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models, POST /v1/chat/completions and
 POST /v1/completions (server-sent events with `"stream": true`). The event loop only validates, tokenizes,
-queues and formats; every generation runs on the single worker thread of worker.py, one at a time, in
-arrival order. A client that disconnects has its generation cancelled between two decoding steps.
+queues and formats; generation runs on the worker thread of worker.py, which decodes up to
+`max_num_seqs` requests together (continuous batching: they join in arrival order and leave between steps).
+A client that disconnects has its generation cancelled between two decoding steps.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (malformed
 JSON, wrong types, unsupported parameters, a prompt that does not fit the context, an unknown model with
@@ -30,13 +31,14 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from blockspec.draft import DraftModel
-from blockspec.engine import GenerationResult, GenerationStats, SamplingParams, SpeculativeDecoder
+from blockspec.engine import BatchDecoder, GenerationResult, GenerationStats, SamplingParams
 from blockspec.errors import BlockspecError
 from blockspec.serve.metrics import ServerMetrics
 from blockspec.serve.schemas import ChatCompletionRequest, CompletionRequest, CommonFields
 from blockspec.serve.worker import Job, QueueFull, Worker
 from blockspec.target import Target
 
+DEFAULT_MAX_MODEL_LEN = 4096
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
@@ -130,9 +132,10 @@ class Reply:
 class Service:
     """Request handling shared by the routes: validation, tokenization, queueing, answering."""
 
-    def __init__(self, target: Target, decoder: SpeculativeDecoder, name: str, max_model_len: int, max_queue: int,
+    def __init__(self, target: Target, decoder: BatchDecoder, name: str, max_model_len: int, max_queue: int,
                  api_key: str | None) -> None:
         self.name, self.max_model_len, self.api_key = name, max_model_len, api_key
+        self.max_block = decoder.max_block
         self.vocab_size = target.model.config.vocab_size
         self.metrics = ServerMetrics(decoder.block_size)
         self.worker = Worker(decoder, self.metrics, max_queue)
@@ -200,15 +203,19 @@ class Service:
 
     # ---- queue and answer -------------------------------------------------------------------------------
     def retry_after_s(self) -> int:
-        """A guess at when a place frees up: mean request latency so far times the requests ahead."""
+        """A guess at when a place frees up: mean request latency so far times the batches of requests ahead."""
         e2e = self.metrics.e2e
         mean = e2e.sum / e2e.count if e2e.count else 1.0
-        return int(min(60, max(1, math.ceil(mean * (self.worker.num_waiting + 1)))))
+        batches_ahead = math.ceil((self.worker.num_waiting + 1) / self.worker.decoder.max_batch)
+        return int(min(60, max(1, math.ceil(mean * batches_ahead))))
 
     async def answer(self, request: Request, body: CommonFields, prompt_ids: list[int], max_tokens: int | None,
                      chat: bool):
         params = self.sampling_params(body, len(prompt_ids), max_tokens)
-        job = Job(prompt_ids, params, asyncio.get_running_loop())
+        if body.block_size is not None and body.block_size > self.max_block:
+            raise APIError(400, f"block_size {body.block_size} exceeds the draft's trained block size "
+                                f"{self.max_block}", param="block_size")
+        job = Job(prompt_ids, params, asyncio.get_running_loop(), body.block_size)
         try:
             self.worker.submit(job)
         except QueueFull:
@@ -282,19 +289,25 @@ class _APIKeyCheck:
 
 def create_app(target: Target, draft: DraftModel | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_queue: int = 64, max_model_len: int | None = None,
-               block_size: int | None = None) -> FastAPI:
-    """The server for one target (and draft; None = plain decoding). `max_queue`: requests allowed to wait
-    (the running one not counted) before new ones get 503. `max_model_len`: prompt + max_tokens limit,
-    at most (and by default) the target's context."""
-    decoder = SpeculativeDecoder(target, draft, block_size=block_size)
+               block_size: int | None = None, max_num_seqs: int = 8) -> FastAPI:
+    """The server for one target (and draft; None = plain decoding). `max_num_seqs`: requests decoded
+    together. `max_queue`: requests allowed to wait (the running ones not counted) before new ones get 503.
+    `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
+    DEFAULT_MAX_MODEL_LEN (every one of the `max_num_seqs` cache rows holds that many positions).
+    `block_size`: the default block (requests may ask for a smaller one)."""
     context = target.model.config.max_position_embeddings
     if max_model_len is None:
-        max_model_len = context
+        max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
     elif not 1 <= max_model_len <= context:
         raise BlockspecError(f"max model length {max_model_len} must be between 1 and the target's context "
                              f"({context} tokens)")
     if max_queue < 1:
         raise BlockspecError(f"the queue must hold at least 1 request, got {max_queue}")
+    if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
+        raise BlockspecError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+    max_block = draft.block_size if draft is not None else 1
+    decoder = BatchDecoder(target, draft, max_batch=max_num_seqs, max_len=max_model_len + 2 * max_block,
+                           block_size=block_size)
     service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key)
 
     @asynccontextmanager

@@ -21,10 +21,15 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="require 'Authorization: Bearer KEY' on /v1 endpoints (default: $BLOCKSPEC_API_KEY)")
     serve.add_argument("--served-model-name", default=None, help="the model id clients send (default: --target)")
     serve.add_argument("--max-model-len", type=int, default=None,
-                       help="limit on prompt + max_tokens (default: the target's context length)")
+                       help="limit on prompt + max_tokens (default: the target's context length, at most 4096; "
+                            "each of the --max-num-seqs cache rows holds this many positions)")
+    serve.add_argument("--max-num-seqs", type=int, default=8,
+                       help="requests decoded together (continuous batching; default: 8)")
     serve.add_argument("--max-queue", type=int, default=64,
                        help="requests allowed to wait for the generation thread; more get 503 (default: 64)")
-    serve.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
+    serve.add_argument("--block-size", type=int, default=None,
+                       help="default block per request (default: the draft's trained block size); a request "
+                            "may ask for a smaller one with the extra field block_size")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=_serve)
 
@@ -59,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
                   "but ~1 token per step: no speedup)", file=sys.stderr)
         app = create_app(target, draft, served_model_name=args.served_model_name or args.target,
                          api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                         block_size=args.block_size)
+                         block_size=args.block_size, max_num_seqs=args.max_num_seqs)
         name = args.served_model_name or args.target
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host

@@ -49,6 +49,7 @@ class CommonFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension
+    block_size: int | None = Field(None, ge=1)  # blockspec extension: this request's draft block
     user: str | None = None
 
     def unsupported(self) -> list[str]:

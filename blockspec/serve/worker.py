@@ -1,10 +1,10 @@
-"""The generation thread: one request at a time, first come first served, from a bounded queue.
+"""The generation thread: continuous batching over one BatchDecoder, first come first served.
 
-The model is not thread-safe, so a single thread runs every generation. Requests wait in a FIFO queue of
-bounded length (a full queue is the caller's cue to answer 503); a waiting request is never overtaken, so
-none starves. A request runs until it finishes or its client goes away: `cancel` removes a waiting request
-at once, and stops a running one between two decoding steps (the engine's stream is a Python generator, so
-stopping it is just not pulling the next step).
+The model is not thread-safe, so a single thread runs every decoding step. Requests wait in a FIFO queue of
+bounded length (a full queue is the caller's cue to answer 503) and enter the batch in arrival order as soon as
+it has a free row, so a waiting request is never overtaken and none starves; requests join and leave the
+batch between steps. `cancel` removes a waiting request at once, and a running one before the next step
+(its row goes to the next request).
 
 Each job reports to its event loop through an asyncio queue of events, always ending with exactly one
 terminal event: the chunk that carries the result, ("error", (status, message)) or ("cancelled", None).
@@ -19,7 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from blockspec.engine import GenerationResult, SamplingParams, SpeculativeDecoder
+from blockspec.engine import BatchDecoder, GenerationResult, SamplingParams
 from blockspec.errors import BlockspecError
 from blockspec.serve.metrics import ServerMetrics
 
@@ -35,9 +35,11 @@ class Job:
     prompt_ids: list[int]
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    block_size: int | None = None  # None: the server's default
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_s: float = field(default_factory=time.perf_counter)
+    generated: int = 0  # tokens streamed so far
 
     def emit(self, kind: str, payload: object) -> None:
         """Hand one event to the request's coroutine (from any thread)."""
@@ -48,11 +50,11 @@ class Job:
 
 
 class Worker:
-    def __init__(self, decoder: SpeculativeDecoder, metrics: ServerMetrics, max_waiting: int) -> None:
+    def __init__(self, decoder: BatchDecoder, metrics: ServerMetrics, max_waiting: int) -> None:
         self.decoder = decoder
         self.metrics = metrics
         self.max_waiting = max_waiting
-        self.running: Job | None = None
+        self.running: dict[int, Job] = {}  # the decoder's request id -> job (touched by the thread only)
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -69,8 +71,6 @@ class Worker:
             for job in self._waiting:
                 job.emit("error", (503, "the server is shutting down"))
             self._waiting.clear()
-            if self.running is not None:
-                self.running.cancelled.set()
             self._cond.notify_all()
         self._thread.join(timeout_s)
 
@@ -87,7 +87,7 @@ class Worker:
         job.cancelled.set()
         with self._cond:
             if job not in self._waiting:
-                return  # running (the thread stops it between steps) or already finished
+                return  # running (the thread drops it before the next step) or already finished
             self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
         self.metrics.requests.inc(outcome="cancelled")
@@ -98,57 +98,74 @@ class Worker:
         return len(self._waiting)
 
     # ---- the generation thread --------------------------------------------------------------------------
-    def _next_job(self) -> Job | None:
+    def _admit(self) -> list[Job] | None:
+        """Wait for work; take waiting jobs for the batch's free rows, in arrival order (None: stop)."""
         with self._cond:
-            while not self._waiting and not self._stopping:
+            while not self._waiting and not self.running and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
-            self.running = self._waiting.popleft()
+            free = self.decoder.max_batch - len(self.running)
+            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
             self.metrics.waiting.set(len(self._waiting))
-            return self.running
+            return admitted
 
     def _run(self) -> None:
-        while (job := self._next_job()) is not None:
-            self.metrics.running.set(1)
-            self.metrics.queue_time.observe(time.perf_counter() - job.submitted_s)
-            try:
-                self._generate(job)
-            finally:
-                with self._cond:
-                    self.running = None
-                self.metrics.running.set(0)
+        while (admitted := self._admit()) is not None:
+            for job in admitted:
+                self._start(job)
+            self._drop_cancelled()
+            if self.running:
+                self._step()
+            self.metrics.running.set(len(self.running))
+        for seq_id, job in self.running.items():  # shutting down
+            self.decoder.cancel(seq_id)
+            job.emit("cancelled", None)
+        self.running.clear()
+        self.metrics.running.set(0)
 
-    def _generate(self, job: Job) -> None:
-        m = self.metrics
+    def _start(self, job: Job) -> None:
         if job.cancelled.is_set():  # cancelled just as it left the queue
-            m.requests.inc(outcome="cancelled")
+            self.metrics.requests.inc(outcome="cancelled")
             job.emit("cancelled", None)
             return
-        stream = self.decoder.stream(job.prompt_ids, job.params)
-        generated = 0
+        self.metrics.queue_time.observe(time.perf_counter() - job.submitted_s)
         try:
-            for chunk in stream:
-                generated += len(chunk.token_ids)
-                job.emit("chunk", chunk)
-                if chunk.result is not None:
-                    self._record_finished(job, chunk.result)
-                    return
-                if job.cancelled.is_set():
-                    m.requests.inc(outcome="cancelled")
-                    m.prompt_tokens.inc(len(job.prompt_ids))
-                    m.generation_tokens.inc(generated)
-                    job.emit("cancelled", None)
-                    return
+            seq_id = self.decoder.add(job.prompt_ids, job.params, job.block_size)
         except BlockspecError as exc:  # a request the checks in app.py let through; the engine refused it
-            m.requests.inc(outcome="error")
+            self.metrics.requests.inc(outcome="error")
             job.emit("error", (400, str(exc)))
-        except Exception as exc:  # a bug: log it, answer 500, keep serving
+            return
+        self.running[seq_id] = job
+
+    def _drop_cancelled(self) -> None:
+        for seq_id, job in list(self.running.items()):
+            if job.cancelled.is_set():
+                self.decoder.cancel(seq_id)
+                del self.running[seq_id]
+                self.metrics.requests.inc(outcome="cancelled")
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+                self.metrics.generation_tokens.inc(job.generated)
+                job.emit("cancelled", None)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.decoder.step()
+        except Exception as exc:  # a bug: log it, answer 500 to the batch, keep serving
             log.exception("generation failed")
-            m.requests.inc(outcome="error")
-            job.emit("error", (500, f"internal error during generation ({type(exc).__name__}: {exc})"))
-        finally:
-            stream.close()
+            for seq_id, job in self.running.items():
+                self.decoder.cancel(seq_id)
+                self.metrics.requests.inc(outcome="error")
+                job.emit("error", (500, f"internal error during generation ({type(exc).__name__}: {exc})"))
+            self.running.clear()
+            return
+        for seq_id, chunk in outputs:
+            job = self.running[seq_id]
+            job.generated += len(chunk.token_ids)
+            job.emit("chunk", chunk)
+            if chunk.result is not None:
+                del self.running[seq_id]
+                self._record_finished(job, chunk.result)
 
     def _record_finished(self, job: Job, result: GenerationResult) -> None:
         m, s = self.metrics, result.stats

@@ -314,7 +314,8 @@ class Trainer:
         rows = slice(self.dist.rank * per, (self.dist.rank + 1) * per)
         dev = self.device
         return {"indices": indices[rows], "input_ids": ids[rows].to(dev), "loss_mask": mask[rows].to(dev),
-                "lengths": lengths[rows], "anchors": anchors[rows].to(dev), "valid": valid[rows].to(dev)}
+                "lengths": lengths[rows], "anchors": anchors[rows].to(dev), "valid": valid[rows].to(dev),
+                "global_tokens": int(lengths.sum())}
 
     # ---- one step --------------------------------------------------------------------------------------------
     def _forward_backward(self, batch: dict) -> dict:
@@ -364,7 +365,7 @@ class Trainer:
                 "acc_k": [round(a, 4) for a in acc_k],
                 "accept_len": float(sums["accept_sum"] / sums["accept_blocks"].clamp_min(1)),
                 "lr": lr, "grad_norm": float(grad_norm), "epoch": step / self.batches_per_epoch,
-                "tokens": int(batch["lengths"].sum()) * self.dist.world,
+                "tokens": batch["global_tokens"],  # all ranks' rows: each rank collates the whole batch
                 "blocks": int(sums["count_k"][1].item())}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------

@@ -1,0 +1,380 @@
+"""Batched speculative decoding with continuous batching.
+
+Many sequences decode together: per step ONE draft pass and ONE verify pass over the whole batch, each row
+accepting its own number of tokens. Rows are the first n slots of static caches [L, max_batch, nKV, max_len,
+d]; within a row slot == position, exactly as in the single-sequence engine, so ragged acceptance needs no
+padding and rollback no copies: every row carries its own positions.
+
+Sequences join between steps (the prompt is prefilled into the next free row) and leave when done; the last
+active row then moves into the hole (only its used cache prefix is copied), so the active rows are always
+rows [0, n) and a step runs on a prefix of every buffer.
+
+On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
+of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
+position 0 of free rows that a joining prompt's prefill overwrites before anyone reads them. A step with any
+sampling row runs the same modules eagerly and draws each row's tokens from the row's own generator in the
+order the single-sequence loop does.
+
+Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
+accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from blockspec.draft import DraftModel, check_draft_fits_target
+from blockspec.engine.sampling import SamplingParams, accept_greedy, accept_sampled, sample, warped_probs
+from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_request,
+                                       new_generator)
+from blockspec.errors import BlockspecError
+from blockspec.target import Target
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass(eq=False)
+class _Sequence:
+    seq_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    block_size: int
+    output: OutputTracker
+    generator: torch.Generator | None
+    position: int = 0  # position of the newest committed token (not yet in the target cache)
+    steps: int = 0
+
+
+class BatchDecoder:
+    """Decodes up to `max_batch` sequences at once with `target`, drafting with `draft` (None: batched
+    autoregressive decoding). Each row holds up to `max_len` positions (prompt + new tokens + 2 blocks).
+
+    Drive it with `add` (queue a request), `step` (admit waiting requests into free rows, then decode one
+    step for every row) and `cancel`; `generate` runs a list of prompts to completion.
+    """
+
+    def __init__(self, target: Target, draft: DraftModel | None = None, *, max_batch: int = 8,
+                 max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
+                 graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> None:
+        if draft is not None:
+            check_draft_fits_target(draft, target.model.config)
+            if draft.norm.weight.device != target.device:
+                raise BlockspecError(f"draft is on {draft.norm.weight.device} but the target on {target.device}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.target, self.draft, self.max_batch = target, draft, max_batch
+        self.max_block = draft.block_size if draft is not None else 1
+        self.block_size = self._check_block_size(block_size)
+        model = target.model
+        self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
+        self.tap_ids = tuple(draft.config.target_layer_ids) if draft is not None else ()
+        self.use_graphs = use_graphs and target.device.type == "cuda"
+        self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
+        self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
+
+        self.target_cache = model.new_cache(max_batch, self.max_len)
+        self.draft_cache = draft.new_cache(max_batch, self.max_len) if draft is not None else None
+        long = dict(device=target.device, dtype=torch.long)
+        width = len(self.tap_ids) * model.config.hidden_size
+        # Device state, one row per sequence. feat/feat_pos: the target taps of each row's last verified block
+        # and their positions, stored into the draft cache by the next draft pass; only the accepted ones are
+        # real, the rest land on slots at or after the next block start, which that block overwrites first.
+        self.last_token = torch.zeros(max_batch, **long)  # newest committed token, block slot 0
+        self.start = torch.zeros(max_batch, **long)  # its position
+        self.feat = torch.zeros(max_batch, self.max_block, max(width, 1), device=target.device, dtype=target.dtype)
+        self.feat_pos = torch.zeros(max_batch, self.max_block, **long)
+        self.cap = torch.zeros(max_batch, **long)  # the most drafts a row may accept: its block size - 1
+        self.forced = torch.full((max_batch,), -1, **long)  # oracle acceptance (benchmarks), -1 = off
+        self.offsets = torch.arange(self.max_block, **long)
+        self.out = torch.zeros(max_batch, self.max_block + 1, **long)  # accepted count, then the target's choices
+
+        self.rows: list[_Sequence] = []  # active sequences; index == cache row
+        self.waiting: deque[_Sequence] = deque()
+        self.forced_acceptance: list[int] | None = None  # oracle schedule per sequence step, cycled
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None  # one memory pool for every graph: they never run at the same time
+        self._next_id = 0
+
+    def _check_block_size(self, block_size: int | None) -> int:
+        block_size = self.max_block if block_size is None else block_size
+        if not isinstance(block_size, int) or block_size < 1:
+            raise BlockspecError(f"block size must be a positive integer, got {block_size!r}")
+        if block_size > self.max_block:
+            raise BlockspecError(f"block size {block_size} exceeds the draft's trained block_size {self.max_block}")
+        return block_size
+
+    # ---- public API -------------------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self.rows)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    def add(self, prompt_ids: list[int], params: SamplingParams | None = None, block_size: int | None = None) -> int:
+        """Queue a request; it joins the batch at the next `step` with a free row. Returns its id."""
+        params = check_request(self.target, prompt_ids, params)
+        block = self.block_size if block_size is None else self._check_block_size(block_size)
+        if len(prompt_ids) + params.max_new_tokens + 2 * self.max_block > self.max_len:
+            raise BlockspecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) does "
+                                 f"not fit the decoder's static cache rows of {self.max_len} positions (2 blocks of "
+                                 f"{self.max_block} included); shorten them or raise max_len")
+        output = OutputTracker(self.target, params, block, len(prompt_ids))
+        seq = _Sequence(self._next_id, list(prompt_ids), params, block, output,
+                        new_generator(params, self.target.device))
+        self._next_id += 1
+        self.waiting.append(seq)
+        return seq.seq_id
+
+    def cancel(self, seq_id: int) -> bool:
+        """Drop a waiting or running request now; False if it is unknown or already finished."""
+        for seq in self.waiting:
+            if seq.seq_id == seq_id:
+                self.waiting.remove(seq)
+                return True
+        for row, seq in enumerate(self.rows):
+            if seq.seq_id == seq_id:
+                self._leave(row)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, StreamChunk]]:
+        """Admit waiting requests into free rows, then one draft + verify step for every active row.
+        Returns (request id, chunk) for each request that committed tokens; a finished request's chunk
+        carries its result, and the request has left the batch."""
+        chunks: dict[int, StreamChunk] = {}
+        while self.waiting and len(self.rows) < self.max_batch:
+            self._join(self.waiting.popleft(), chunks)
+        self._retire_finished()
+        if self.rows:
+            self._decode(chunks)
+            self._retire_finished()
+        return list(chunks.items())
+
+    def capture_graphs(self, block_sizes: tuple[int, ...] | None = None) -> int:
+        """Capture the greedy step for every graph batch size and these block sizes now (default: the
+        default block), so that no request pays for a capture later. Returns the number of graphs held."""
+        if self.use_graphs:
+            with torch.inference_mode():
+                for block in block_sizes or (self.block_size,):
+                    block = self._check_block_size(block)
+                    for size in self.graph_batch_sizes:
+                        if (size, block) not in self._graphs:
+                            self._capture(size, block)
+        return len(self._graphs)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 block_size: int | None = None) -> list[GenerationResult]:
+        """Decode every prompt (continuous batching when there are more than `max_batch`); results in order."""
+        per_prompt = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add(p, q, block_size) for p, q in zip(prompts, per_prompt)]
+        wanted, results = set(ids), {}
+        while wanted - results.keys():
+            for seq_id, chunk in self.step():
+                if chunk.result is not None and seq_id in wanted:
+                    results[seq_id] = chunk.result
+        return [results[i] for i in ids]
+
+    # ---- joining and leaving ------------------------------------------------------------------------------
+    def _join(self, seq: _Sequence, chunks: dict[int, StreamChunk]) -> None:
+        """Prefill the prompt into the next free row and commit the first token."""
+        row = len(self.rows)
+        target, device = self.target.model, self.target.device
+        n = len(seq.prompt_ids)
+        ids = torch.tensor([seq.prompt_ids], device=device)
+        positions = torch.arange(n, device=device)[None]
+        hidden, features = target(ids, positions, self.target_cache.rows(row, row + 1), self.tap_ids, kv_len=n)
+        logits = target.logits(hidden[0, -1:])
+        if seq.params.greedy:
+            token = int(logits.argmax(-1))
+        else:
+            token = int(sample(warped_probs(logits, seq.params), seq.generator))
+        if self.draft is not None:  # the prompt becomes draft context now; nothing is pending for this row
+            self.draft.store_context(features, positions, self.draft_cache.rows(row, row + 1))
+        self.last_token[row] = token
+        self.start[row] = n
+        self.feat_pos[row] = n + self.offsets  # dummy rows on slots the first block overwrites
+        self.cap[row] = seq.block_size - 1
+        self.forced[row] = -1
+        seq.position = n
+        self.rows.append(seq)
+        self._commit(seq, [token], chunks)
+
+    def _retire_finished(self) -> None:
+        for row in reversed(range(len(self.rows))):
+            if self.rows[row].output.done:
+                self._leave(row)
+
+    def _leave(self, row: int) -> None:
+        """Free `row`; the last active row moves into it so that the active rows stay [0, n)."""
+        last = len(self.rows) - 1
+        if row != last:
+            moved = self.rows[last]
+            # committed K/V and draft context live at slots < position; everything later is rewritten
+            self.target_cache.copy_row(last, row, moved.position)
+            if self.draft_cache is not None:
+                self.draft_cache.copy_row(last, row, moved.position)
+            for state in (self.last_token, self.start, self.feat, self.feat_pos, self.cap, self.forced):
+                state[row] = state[last]
+            self.rows[row] = moved
+        self.rows.pop()
+        self._park(last, last + 1)
+
+    def _park(self, first: int, stop: int) -> None:
+        """Make rows [first, stop) idle: position 0, nothing accepted (CUDA-graph padding runs them)."""
+        for state in (self.start, self.last_token, self.cap):
+            state[first:stop] = 0
+        self.forced[first:stop] = -1
+
+    def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
+        chunk = seq.output.commit(tokens)
+        earlier = chunks.get(seq.seq_id)
+        if earlier is not None:  # the prefill token and the first step's tokens, in one chunk
+            chunk = StreamChunk(earlier.token_ids + chunk.token_ids, earlier.text + chunk.text, chunk.result)
+        chunks[seq.seq_id] = chunk
+
+    # ---- one decoding step --------------------------------------------------------------------------------
+    def _decode(self, chunks: dict[int, StreamChunk]) -> None:
+        n = len(self.rows)
+        block = max(seq.block_size for seq in self.rows)
+        if all(seq.params.greedy for seq in self.rows):
+            if self.forced_acceptance:
+                schedule = self.forced_acceptance
+                self.forced[:n] = torch.tensor([schedule[seq.steps % len(schedule)] for seq in self.rows])
+            host = self._greedy(n, block)
+            results = [(row[0], row[1:2 + row[0]]) for row in host]
+        else:
+            results = self._mixed(n, block)
+        for seq, (accepted, tokens) in zip(self.rows, results):
+            seq.output.stats.acceptance_lengths.append(accepted + 1)
+            seq.position += accepted + 1
+            seq.steps += 1
+            self._commit(seq, tokens, chunks)
+
+    def _kv_len(self, block: int) -> int:
+        """Cache slots the CPU attention reads (the Triton kernel reads the limits from the device)."""
+        return self.max_len if self.use_graphs else max(seq.position for seq in self.rows) + block
+
+    def _greedy(self, n: int, block: int) -> list[list[int]]:
+        padded = next(s for s in self.graph_batch_sizes if s >= n) if self.pad_rows else n
+        if self.use_graphs:
+            graph = self._graphs.get((padded, block)) or self._capture(padded, block)
+            graph.replay()
+        else:
+            self._greedy_step(padded, block, self._kv_len(block))
+        if padded > n:
+            self._park(n, padded)  # padding rows advanced; back to position 0
+        return self.out[:n, :block + 1].tolist()  # the one device->host read of the step
+
+    def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
+        """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
+        block_pos = self.start[:nb, None] + self.offsets[None, :block]
+        draft_logits = self._draft_logits(nb, block, block_pos, kv_len)
+        last = self.last_token[:nb, None]
+        if draft_logits is None:
+            draft_tokens, block_ids = None, last
+        else:
+            draft_tokens = draft_logits.argmax(-1)
+            block_ids = torch.cat([last, draft_tokens], dim=1)
+        logits, verify_feat = self._verify(nb, block_ids, block_pos, kv_len)
+        choices = logits.argmax(-1)  # [nb, block]
+        if draft_tokens is None:
+            accepted = torch.zeros_like(self.start[:nb])
+        else:
+            accepted = (draft_tokens == choices[:, :-1]).long().cumprod(1).sum(1)
+        accepted = torch.where(self.forced[:nb] >= 0, self.forced[:nb], accepted)
+        accepted = torch.minimum(accepted, self.cap[:nb]).clamp(max=block - 1)
+        self.out[:nb, 0] = accepted
+        self.out[:nb, 1:block + 1] = choices
+        self._advance(nb, block, accepted, choices.gather(1, accepted[:, None])[:, 0], verify_feat)
+
+    def _mixed(self, n: int, block: int) -> list[tuple[int, list[int]]]:
+        """An eager step for a batch with sampling rows: (accepted drafts, committed tokens) per row."""
+        kv_len = self._kv_len(block)
+        block_pos = self.start[:n, None] + self.offsets[None, :block]
+        draft_logits = self._draft_logits(n, block, block_pos, kv_len)
+        draft_tokens = torch.zeros(n, block - 1, dtype=torch.long, device=self.target.device)
+        proposals = []
+        for row, seq in enumerate(self.rows):
+            k = seq.block_size - 1 if draft_logits is not None else 0
+            probs = None
+            if seq.params.greedy:
+                tokens = draft_logits[row, :k].argmax(-1) if k else draft_tokens[row, :0]
+            else:
+                probs = warped_probs(draft_logits[row, :k], seq.params) if k else None
+                tokens = sample(probs, seq.generator) if k else draft_tokens[row, :0]
+            draft_tokens[row, :k] = tokens
+            proposals.append((tokens, probs))
+        block_ids = torch.cat([self.last_token[:n, None], draft_tokens], dim=1)
+        logits, verify_feat = self._verify(n, block_ids, block_pos, kv_len)
+        results = []
+        for row, (seq, (tokens, probs)) in enumerate(zip(self.rows, proposals)):
+            k = tokens.shape[0]
+            if seq.params.greedy:
+                host = accept_greedy(tokens, logits[row, :k + 1]).tolist()
+                accepted, committed = host[0], host[1:2 + host[0]]
+            else:
+                target_probs = warped_probs(logits[row, :k + 1], seq.params)
+                accepted, token = accept_sampled(tokens, probs, target_probs, seq.generator)
+                committed = tokens[:accepted].tolist() + [token]
+            results.append((accepted, committed))
+        device = self.target.device
+        accepted = torch.tensor([a for a, _ in results], device=device)
+        next_tokens = torch.tensor([c[-1] for _, c in results], device=device)
+        self._advance(n, block, accepted, next_tokens, verify_feat)
+        return results
+
+    def _draft_logits(self, nb: int, block: int, block_pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+        """The draft's logits for block slots 1.. [nb, block - 1, V]; None when nothing is drafted (no draft,
+        or block 1, where the pending features are still stored so the draft's context stays complete)."""
+        if self.draft is None:
+            return None
+        feat, feat_pos, cache = self.feat[:nb], self.feat_pos[:nb], self.draft_cache.rows(0, nb)
+        if block == 1:
+            self.draft.store_context(feat, feat_pos, cache)
+            return None
+        embeds = self.draft.embed_block(self.last_token[:nb], self.target.model.embed_tokens, block)
+        hidden = self.draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)
+        return self.target.model.logits(hidden[:, 1:])
+
+    def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
+                kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        target = self.target.model
+        hidden, features = target(block_ids, block_pos, self.target_cache.rows(0, nb), self.tap_ids, kv_len=kv_len)
+        return target.logits(hidden), features
+
+    def _advance(self, nb: int, block: int, accepted: torch.Tensor, next_tokens: torch.Tensor,
+                 verify_feat: torch.Tensor | None) -> None:
+        """Commit `accepted` drafts + 1 per row: the verified block's taps become pending draft context."""
+        if verify_feat is not None:
+            self.feat[:nb, :block] = verify_feat
+        self.feat_pos[:nb] = self.start[:nb, None] + self.offsets[None]  # the verified block's positions
+        self.last_token[:nb] = next_tokens
+        self.start[:nb] += accepted + 1
+
+    # ---- CUDA graphs ----------------------------------------------------------------------------------
+    def _capture(self, nb: int, block: int) -> torch.cuda.CUDAGraph:
+        """Capture the greedy step for `nb` rows and this block size. Warm-up runs advance the state, so it is
+        restored; their cache writes land on slots at or after each row's block start (rewritten later)."""
+        state = (self.last_token, self.start, self.feat, self.feat_pos)
+        saved = [t[:nb].clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._greedy_step(nb, block, self.max_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        for live, copy in zip(state, saved):
+            live[:nb] = copy
+        graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
+            self._greedy_step(nb, block, self.max_len)
+        self._graphs[(nb, block)] = graph
+        return graph

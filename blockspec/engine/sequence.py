@@ -1,0 +1,105 @@
+"""What one request asks for and what it has produced, shared by the single-sequence and the batched loop:
+request validation, and the bookkeeping of committed tokens (stop ids, stop strings, the length limit,
+released text, stats)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from blockspec.engine.sampling import SamplingParams
+from blockspec.engine.stats import GenerationStats
+from blockspec.engine.text import TextStream
+from blockspec.errors import BlockspecError
+from blockspec.target import Target
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]  # generated tokens (a stop token that ended generation included)
+    text: str
+    finish_reason: str  # "stop" (stop token or string) | "length"
+    stats: GenerationStats
+
+
+@dataclass
+class StreamChunk:
+    token_ids: list[int]  # tokens committed by this step
+    text: str  # text released by this step
+    result: GenerationResult | None = field(default=None)  # set on the last chunk only
+
+
+def check_request(target: Target, prompt_ids: list[int], params: SamplingParams | None) -> SamplingParams:
+    """Validated sampling settings for `prompt_ids`, or a BlockspecError naming what is wrong."""
+    params = (params or SamplingParams()).validate()
+    if not prompt_ids:
+        raise BlockspecError("the prompt is empty")
+    vocab = target.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in prompt_ids):
+        raise BlockspecError(f"prompt holds a token id outside the target vocabulary (0..{vocab - 1})")
+    if params.stop_strings and target.tokenizer is None:
+        raise BlockspecError("stop strings need a target with a tokenizer")
+    limit = target.model.config.max_position_embeddings
+    if len(prompt_ids) + params.max_new_tokens > limit:
+        raise BlockspecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the target's context of {limit} tokens")
+    return params
+
+
+def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+    """The request's own random stream (None when greedy); torch's global RNG is never touched."""
+    if params.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(params.seed)
+    return generator
+
+
+class OutputTracker:
+    """Commits a request's tokens step by step and says when it is done."""
+
+    def __init__(self, target: Target, params: SamplingParams, block_size: int, prompt_tokens: int) -> None:
+        self.params = params
+        if params.ignore_eos:
+            self.stop_ids = set(params.stop_token_ids or ())
+        else:
+            self.stop_ids = set(target.eos_token_ids if params.stop_token_ids is None else params.stop_token_ids)
+        self.text = TextStream(target.tokenizer, params.stop_strings) if target.tokenizer is not None else None
+        self.stats = GenerationStats(block_size=block_size, prompt_tokens=prompt_tokens)
+        self.generated: list[int] = []
+        self.finish_reason: str | None = None
+        self.started_s = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def commit(self, tokens: list[int]) -> StreamChunk:
+        """Append one step's tokens, stopping at a stop token or string or the length limit. The returned
+        chunk holds the tokens actually committed and the text they release; the last one carries the result."""
+        committed: list[int] = []
+        for token in tokens:
+            committed.append(token)
+            self.generated.append(token)
+            hit_stop_string = self.text.add(token) if self.text is not None else False
+            if token in self.stop_ids or hit_stop_string:
+                self.finish_reason = "stop"
+                break
+            if len(self.generated) >= self.params.max_new_tokens:
+                self.finish_reason = "length"
+                break
+        now = time.perf_counter()
+        if not self.stats.ttft_s:
+            self.stats.ttft_s = now - self.started_s
+        if not self.done:
+            return StreamChunk(committed, self.text.release() if self.text is not None else "")
+        self.stats.generated_tokens = len(self.generated)
+        self.stats.total_s = now - self.started_s
+        text = self.text.text if self.text is not None else ""
+        delta = self.text.release(final=True) if self.text is not None else ""
+        return StreamChunk(committed, delta, GenerationResult(self.generated, text, self.finish_reason, self.stats))

