@@ -128,3 +128,26 @@ def test_context_only_store_and_add_rms_norm():
     s32 = (x + delta).float()
     torch.testing.assert_close(total, x + delta)
     torch.testing.assert_close(normed, weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + 1e-5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_skinny_linear_matches_linear(m, bias, dtype):
+    """Every path (one-row multiply-sum, tensor-core dot, split-K with its reduce, K a multiple of the tile or
+    not) against F.linear; two calls give bit-identical results."""
+    gen = torch.Generator().manual_seed(m)
+    base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in ((1, 16) if m == 1 else (16,))
+                        for split in (1, 3)]
+    for n, k in ((100, 300), (48, 256)):  # 100 x 300: neither a multiple of the tiles
+        x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+        w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+        b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+        expected = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+        for config in configs:
+            got = kernels.skinny_linear(x, w, b, config)
+            assert got.dtype == dtype and got.shape == (m, n)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert ((got.double() - expected).norm() / expected.norm()).item() < tol, config
+            assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
