@@ -151,3 +151,26 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             assert ((got.double() - expected).norm() / expected.norm()).item() < tol, config
             assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
+
+
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
+    """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's
+    skinny_linear and the other kernels equals the plain torch pass."""
+    from conftest import build_draft
+    from test_static_engine import tiny_target
+
+    c = tiny_target().model.config
+    draft = build_draft(c, arch, seed=3, num_layers=2, block_size=8, attention_bias=True,
+                        target_layer_ids=[0, 1, 2] if arch == "dflare" else None)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, c.hidden_size, generator=gen)
+    features = torch.randn(1, 5, len(draft.config.target_layer_ids) * c.hidden_size, generator=gen)
+    with torch.no_grad():
+        expected = draft(embeds, torch.arange(5, 13)[None], features, torch.arange(5)[None], draft.new_cache(1, 32))
+        if INTERPRET:  # CPU tensors: let the kernel paths run anyway
+            monkeypatch.setattr("blockspec.layers.fused_kernels_apply", lambda *tensors: True)
+        draft = draft.to(DEVICE)
+        got = draft(embeds.to(DEVICE), torch.arange(5, 13, device=DEVICE)[None], features.to(DEVICE),
+                    torch.arange(5, device=DEVICE)[None], draft.new_cache(1, 32))
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
