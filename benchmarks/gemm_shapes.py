@@ -35,8 +35,9 @@ VARIANTS = {
 }
 # skinny_linear candidates: (block_n, block_k, num_warps, num_stages) per path, each with every split_k
 # that leaves at least two K tiles per range. Shared memory per stage is (block_n + 16) * block_k * 2 bytes.
-DOT_TILES = [(32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4),
-             (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
+# Narrow tiles fill the GPU without split-K (whose reduce is a second launch) but re-read x from L2 per tile.
+DOT_TILES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3),
+             (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
 SUM_TILES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]  # M = 1 only
 SPLITS = (1, 2, 4, 8)
 CALLS = 20  # back-to-back calls per graph, as a decode step's graph runs them
