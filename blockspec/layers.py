@@ -20,13 +20,14 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
     GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     params = (weight,) if bias is None else (weight, bias)
-    if 0 < rows <= 16 and x.dtype == weight.dtype and fused_kernels_apply(x, *params):
-        from blockspec.kernels import skinny_config, skinny_linear
+    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
+        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
 
-        config = skinny_config(weight.shape[0], weight.shape[1], rows)
-        if config is not None:  # None: cuBLAS measured faster for this shape
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # None: cuBLAS measured faster for this shape
+        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+        if config is not None:
             return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
