@@ -55,7 +55,8 @@ class DraftAttention(nn.Module):
         The separate layers stay the parameters, so state_dict keys (the published names) and training are
         untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts);
         otherwise it is cached until a part changes: an optimizer step or load_state_dict bumps its version
-        (writes through `.data` do not; inference tensors have none, and change only in inference mode).
+        (writes through `.data` do not; inference tensors have none, and change only in inference mode). A CUDA
+        graph captured earlier keeps reading the concatenation it captured: capture again after changing weights.
         """
         parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
