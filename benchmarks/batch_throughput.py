@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf (real-draft workload)")
     parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: ../shared/data)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skinny-table", default=None,
+                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
@@ -224,7 +226,13 @@ def main() -> None:
                                                   stderr=subprocess.DEVNULL).strip()
         except (OSError, subprocess.CalledProcessError):
             args.commit = os.environ.get("BLOCKSPEC_GIT_COMMIT", "unknown")
+    skinny = None
+    if args.skinny_table:
+        from gemm_shapes import load_winners
+
+        skinny = load_winners(args.skinny_table)
     record = run(args)
+    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"batch_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
@@ -396,6 +397,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf to time with real weights")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
+    parser.add_argument("--skinny-table", default=None,
+                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
     parser.add_argument("--commit", default=None)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
@@ -408,7 +411,13 @@ def main() -> None:
             args.commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
         except (OSError, subprocess.CalledProcessError):
             args.commit = os.environ.get("BLOCKSPEC_COMMIT", "unknown")
+    skinny = None
+    if args.skinny_table:
+        from gemm_shapes import load_winners
+
+        skinny = load_winners(args.skinny_table)
     record = run(args)
+    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"engine_limit-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -3,28 +3,49 @@ memory-bandwidth floor? Each variant is timed as CUDA-graph replays (no Python l
 many, with the weights rotated so the L2 cache does not serve them.
 
     python benchmarks/gemm_shapes.py      # on a CUDA machine; prints a table, writes JSON to --out
+    python benchmarks/gemm_shapes.py --skinny
+        # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
+        # (target and drafts, plus the lm_head) and M; prints the winners as a SKINNY_CONFIG to paste into
+        # blockspec/kernels.py
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"qkv": (2560, 6144), "o_proj": (4096, 2560), "gate_up": (2560, 19456), "down": (9728, 2560)}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
+# the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
+SKINNY_SHAPES = {**SHAPES, "draft_gate": (9728, 2560), "ctx_kv": (2048, 2560), "fc": (2560, 12800),
+                 "lm_head": (151936, 2560)}
 VARIANTS = {
     "linear": lambda x, w: F.linear(x, w),
     "transposed": lambda x, w: torch.mm(w, x.t()).t(),
 }
+# skinny_linear candidates: (block_n, block_k, num_warps, num_stages) per path, each with every split_k
+# that leaves at least two K tiles per range. Shared memory per stage is (block_n + 16) * block_k * 2 bytes.
+# Narrow tiles fill the GPU without split-K (whose reduce is a second launch) but re-read x from L2 per tile.
+DOT_TILES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3),
+             (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
+SUM_TILES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]  # M = 1 only
+SPLITS = (1, 2, 4, 8)
+CALLS = 20  # back-to-back calls per graph, as a decode step's graph runs them
+ROTATE_BYTES = 200e6  # weight copies cycled per graph: 4x the H100's 50 MB L2, so HBM serves every call
 
 
-def graph_time(fn, reps: int = 50) -> float:
-    """Median seconds per call of `fn` captured in a CUDA graph."""
+def graph_time(fn, reps: int = 50) -> tuple[float, object]:
+    """Median seconds per replay of `fn` captured in a CUDA graph, and what the captured call returned."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -33,7 +54,7 @@ def graph_time(fn, reps: int = 50) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -42,19 +63,119 @@ def graph_time(fn, reps: int = 50) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return statistics.median(times), out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="benchmarks/results")
-    args = parser.parse_args()
-    n = 1 << 28
+def copy_bandwidth() -> float:
+    """Bytes/s (read + written) of a 1 GiB device copy timed like the GEMMs, in a graph, after a warm-up that
+    brings the clocks up (engine_limit.py times a 2 GiB copy from the host: both are measured)."""
+    n = 1 << 29
     src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    bandwidth = 2 * n * 2 / graph_time(lambda: dst.copy_(src))
+    graph_time(lambda: dst.copy_(src), reps=20)
+    return 2 * n * 2 / graph_time(lambda: dst.copy_(src))[0]
+
+
+def candidates(m: int, k: int) -> list[dict]:
+    tiles = [(16, *t) for t in DOT_TILES] + ([(1, *t) for t in SUM_TILES] if m == 1 else [])
+    return [{"rows": rows, "block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
+            for rows, bn, bk, warps, stages in tiles for split in SPLITS if split == 1 or k >= 2 * split * bk]
+
+
+def label(config: dict) -> str:
+    return "r{rows} n{block_n} k{block_k} s{split_k} w{num_warps} st{num_stages}".format(**config)
+
+
+def project(x: torch.Tensor, w: torch.Tensor, config: dict | None) -> torch.Tensor:
+    """cuBLAS (config None) or skinny_linear under `config`."""
+    from blockspec.kernels import skinny_linear
+
+    return F.linear(x, w) if config is None else skinny_linear(x, w, None, config)
+
+
+def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor, config: dict | None,
+                bandwidth: float) -> dict:
+    """us/call over CALLS back-to-back calls in one graph and % of `bandwidth` (weight bytes / time), with
+    checks: error against `ref` (fp32 x @ weights[0]^T), two eager calls equal, the graph's result equals eager."""
+    w = weights[0]
+    eager = project(x, w, config)
+    err = ((eager.float() - ref).norm() / ref.norm()).item()
+    seconds, outs = graph_time(lambda: [project(x, weights[i % len(weights)], config) for i in range(CALLS)],
+                               reps=10)
+    row = {"us": seconds / CALLS * 1e6, "pct_bw": 100 * w.numel() * 2 * CALLS / seconds / bandwidth,
+           "rel_err": err, "deterministic": torch.equal(eager, project(x, w, config)),
+           "graph_equals_eager": torch.equal(outs[0], eager)}
+    row["ok"] = err < 1e-2 and row["deterministic"] and row["graph_equals_eager"]
+    return row
+
+
+def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
+    """cuBLAS, the kernel table's config and every candidate, per shape and M (1, 16); prints one line per
+    (shape, M) and returns all rows and the winners {(N, K): {"name", 1: config, 16: config}} (None: cuBLAS)."""
+    from blockspec.kernels import skinny_config
+
+    rows, winners = [], {}
+    for name, (n, k) in SKINNY_SHAPES.items():
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                   for _ in range(max(1, math.ceil(ROTATE_BYTES / (n * k * 2))))]
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), weights[0].float())
+            table = skinny_config(n, k, m)
+            runs = [("cublas", None)] + ([("table", table)] if table is not None else [])
+            results = []
+            for kind, config in runs + [("candidate", c) for c in candidates(m, k)]:
+                row = {"gemm": name, "n": n, "k": k, "m": m, "kind": kind, "config": config}
+                try:
+                    row.update(time_config(x, weights, ref, config, bandwidth))
+                except Exception as exc:  # noqa: BLE001 (a config that does not fit, e.g. shared memory)
+                    row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
+                results.append(row)
+            rows += results
+            by_kind = {r["kind"]: r for r in results if r["ok"] and r["kind"] != "candidate"}
+            ok = [r for r in results if r["ok"] and r["kind"] != "cublas"]
+            best = min(ok, key=lambda r: r["us"]) if ok else None
+            cublas = by_kind["cublas"]
+            winners.setdefault((n, k), {"name": name})[m] = (
+                best["config"] if best is not None and best["us"] < cublas["us"] else None)
+            cells = [f"{name:10s} M={m:2d}", f"cuBLAS {cublas['us']:7.1f} us {cublas['pct_bw']:3.0f}%"]
+            if "table" in by_kind:
+                cells.append(f"table {by_kind['table']['us']:7.1f} us")
+            if best is not None:
+                cells.append(f"best {best['us']:7.1f} us {best['pct_bw']:3.0f}% x{cublas['us'] / best['us']:.2f} "
+                             f"{label(best['config'])}")
+            failed = sum(not r["ok"] for r in results)
+            print(" | ".join(cells) + (f" | {failed} failed" if failed else ""), flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return rows, winners
+
+
+def load_winners(path: str) -> dict:
+    """Fill kernels.SKINNY_CONFIG from a --skinny results JSON, so a benchmark in the same device call can
+    measure the engine with the table just swept (before it is pasted into the source); returns the table."""
+    from blockspec import kernels
+
+    for w in json.loads(Path(path).read_text())["winners"]:
+        if w["gemm"] != "lm_head":
+            kernels.SKINNY_CONFIG[(w["n"], w["k"])] = {1: w["m1"], 16: w["m16"]}
+    return {f"{n},{k}": v for (n, k), v in kernels.SKINNY_CONFIG.items()}
+
+
+def paste_table(winners: dict) -> str:
+    """The winners as SKINNY_CONFIG source (the lm_head left out: TargetModel.logits keeps F.linear)."""
+    lines = ["SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {"]
+    for (n, k), entry in winners.items():
+        if entry["name"] != "lm_head":
+            lines += [f"    ({n}, {k}): {{  # {entry['name']}", *(f"        {m}: {entry[m]!r}," for m in (1, 16)),
+                      "    },"]
+    return "\n".join(lines + ["}"])
+
+
+def variants_probe(bandwidth: float) -> list[dict]:
+    """cuBLAS formulations (VARIANTS) of the target's projections, against the bandwidth floor."""
     rows = []
-    for name, (k, n_out) in SHAPES.items():
+    for name, (n_out, k) in SHAPES.items():
         copies = 8  # rotate weights so each call reads from HBM, not L2
         weights = [torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         floor = n_out * k * 2 / bandwidth
@@ -63,16 +184,49 @@ def main() -> None:
             ref = F.linear(x, weights[0])
             for variant, fn in VARIANTS.items():
                 assert torch.allclose(fn(x, weights[0]).float(), ref.float(), atol=2e-2, rtol=2e-2)
-                t = graph_time(lambda: [fn(x, w) for w in weights]) / copies
+                t = graph_time(functools.partial(apply_all, fn, x, weights))[0] / copies
                 rows.append({"gemm": name, "m": m, "variant": variant, "us": t * 1e6, "floor_us": floor * 1e6,
                              "x_floor": t / floor})
                 print(f"{name:8s} M={m:2d} {variant:10s} {t * 1e6:7.1f} us  floor {floor * 1e6:6.1f}  "
                       f"x{t / floor:.2f}", flush=True)
+    return rows
+
+
+def apply_all(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [fn(x, w) for w in weights]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--skinny", action="store_true", help="time skinny_linear configs against cuBLAS")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    from engine_limit import copy_bandwidth as host_copy_bandwidth
+
+    in_graph, host = copy_bandwidth(), host_copy_bandwidth("cuda", 2.0)
+    bandwidth = max(in_graph, host)  # the denominator of every %: never flatter the GEMMs
+    print(f"copy bandwidth {in_graph / 1e9:.0f} GB/s in a graph, {host / 1e9:.0f} GB/s host-timed as in "
+          f"engine_limit.py (read + write)", flush=True)
+    record: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "copy_bandwidth_GBps": bandwidth / 1e9, "copy_bandwidth_graph_GBps": in_graph / 1e9,
+                    "copy_bandwidth_host_GBps": host / 1e9, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.skinny:
+        import triton
+
+        record["triton"] = triton.__version__
+        record["rows"], winners = skinny_sweep(bandwidth)
+        record["winners"] = [{"gemm": e["name"], "n": n, "k": k, "m1": e[1], "m16": e[16]}
+                             for (n, k), e in winners.items()]
+        print(paste_table(winners))
+    else:
+        record["rows"] = variants_probe(bandwidth)
+    record["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "copy_bandwidth_GBps": bandwidth / 1e9, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}
-    (out / f"gemm_shapes-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(record, indent=1))
+    path = out / f"gemm_shapes{'-skinny' if args.skinny else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(f"wrote {path} ({record['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,132 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                                   out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
                                   num_warps=4 if n >= 1024 else 1)
     return total.view(x.shape), out.view(x.shape)
+
+
+# ---- skinny GEMMs ----------------------------------------------------------------------------------------
+# A decode-time projection multiplies a few rows (1 token, or a 16-token block) by a large weight [N, K]: the
+# cost is streaming the weight once. Each program owns BLOCK_N output features and one K range and reads that
+# slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go to an fp32 buffer that a
+# second kernel sums in split order: never atomics, so results are bit-identical run to run (the engine
+# checks CUDA-graph replays against eager steps).
+
+# Launch settings per weight shape (N, K), then per row bucket (1: one token; 16: 2..16 rows). rows = 16 is a
+# tensor-core dot with the rows padded to 16 (its weight tiles pipelined through shared memory), rows = 1 a
+# multiply-and-sum on the CUDA cores for a single row; split_k is the number of K ranges. None: cuBLAS is
+# faster for that shape, and `layers.linear` keeps F.linear. Filled from measurements only: paste the table
+# that `benchmarks/gemm_shapes.py --skinny` prints; shapes not listed stay on cuBLAS (a direct skinny_linear
+# call without a config takes default_skinny_config).
+SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {}
+SKINNY_ROWS = 16  # the most rows skinny_linear takes (one verify block)
+FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
+
+
+def default_skinny_config(n: int, k: int) -> dict:
+    """Settings for a shape the table does not list: split K until the grid fills the GPU, keeping at least
+    two tiles per K range (shorter loops leave the load pipeline no time to fill)."""
+    block_n, block_k = 64, 128
+    blocks_n, blocks_k = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    split = 1
+    while blocks_n * split < FILL_PROGRAMS and blocks_k >= 4 * split:
+        split *= 2
+    return {"rows": 16, "block_n": block_n, "block_k": block_k, "split_k": split, "num_warps": 4, "num_stages": 4}
+
+
+def skinny_config(n: int, k: int, m: int) -> dict | None:
+    """The table's settings for an [m, k] x [n, k]^T product; None (use cuBLAS) when the table says so or
+    does not list the shape: the kernel runs only where a measurement showed it faster."""
+    table = SKINNY_CONFIG.get((n, k))
+    return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
+
+
+# m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
+@triton.jit(do_not_specialize=["m"])
+def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    lo = split * k_split
+    hi = tl.minimum(lo + k_split, k)
+    ks = lo + tl.arange(0, BLOCK_K)
+    col_ok = cols[:, None] < n
+    w_ptrs = W + cols[:, None].to(tl.int64) * sw + ks[None, :]
+    x_ptrs = X + rows[:, None] * sx + ks[None, :]
+    # EVEN_K (K a multiple of BLOCK_K, so every range holds whole tiles): no K mask, which keeps the weight
+    # loads 16-byte vectors
+    if ROWS == 1:  # one row: multiply-and-sum, reduced across K once after the loop
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+                x = tl.load(x_ptrs)
+            else:
+                k_ok = ks[None, :] + (start - lo) < hi
+                w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=1)[:, None]
+    else:  # W tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, ROWS]: the weight is the dot's wide operand
+        out = tl.zeros([BLOCK_N, ROWS], tl.float32)
+        row_ok = rows[:, None] < m
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+            else:
+                k_ok = ks[None, :] + (start - lo) < hi
+                w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+            out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
+             mask=col_ok & (rows[None, :] < m))
+
+
+@triton.jit
+def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(PART + offs, mask=ok, other=0.0)
+    for s in range(1, splits):  # fixed order: deterministic
+        acc += tl.load(PART + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs % n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
+    [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
+    table prefers cuBLAS)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
+    config = config or skinny_config(n, k, m) or default_skinny_config(n, k)
+    rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
+    assert m <= rows, "rows = 1 settings serve one row only"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    split = config["split_k"]
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per K range
+    split = triton.cdiv(k, k_split)  # no empty trailing ranges
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    _skinny_linear[(triton.cdiv(n, block_n), split)](
+        x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
+        part.stride(0) if split > 1 else 0, part.stride(-2),
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"])
+    if split > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
+                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+    return out

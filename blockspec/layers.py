@@ -17,6 +17,21 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
+    GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
+    params = (weight,) if bias is None else (weight, bias)
+    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
+        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
+
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # None: cuBLAS measured faster for this shape
+        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+        if config is not None:
+            return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
+
+
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight."""
 
@@ -45,7 +60,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return linear(F.silu(linear(x, gate.weight, gate.bias)) * linear(x, up.weight, up.bias), down.weight, down.bias)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

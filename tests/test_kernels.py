@@ -128,3 +128,51 @@ def test_context_only_store_and_add_rms_norm():
     s32 = (x + delta).float()
     torch.testing.assert_close(total, x + delta)
     torch.testing.assert_close(normed, weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + 1e-5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_skinny_linear_matches_linear(m, bias, dtype):
+    """Every path (one-row multiply-sum, tensor-core dot, split-K with its reduce, K a multiple of the tile or
+    not) against F.linear; two calls give bit-identical results."""
+    gen = torch.Generator().manual_seed(m)
+    base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in ((1, 16) if m == 1 else (16,))
+                        for split in (1, 3)]
+    for n, k in ((100, 300), (48, 256)):  # 100 x 300: neither a multiple of the tiles
+        x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+        w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+        b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+        expected = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
+        for config in configs:
+            got = kernels.skinny_linear(x, w, b, config)
+            assert got.dtype == dtype and got.shape == (m, n)
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            assert ((got.double() - expected).norm() / expected.norm()).item() < tol, config
+            assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
+
+
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
+    """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's
+    skinny_linear and the other kernels equals the plain torch pass."""
+    from conftest import build_draft
+    from test_static_engine import tiny_target
+
+    c = tiny_target().model.config
+    draft = build_draft(c, arch, seed=3, num_layers=2, block_size=8, attention_bias=True,
+                        target_layer_ids=[0, 1, 2] if arch == "dflare" else None)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, c.hidden_size, generator=gen)
+    features = torch.randn(1, 5, len(draft.config.target_layer_ids) * c.hidden_size, generator=gen)
+    with torch.no_grad():
+        expected = draft(embeds, torch.arange(5, 13)[None], features, torch.arange(5)[None], draft.new_cache(1, 32))
+        if INTERPRET:  # CPU tensors: let the kernel paths run anyway
+            monkeypatch.setattr("blockspec.layers.fused_kernels_apply", lambda *tensors: True)
+        # these tiny shapes are in no measured table: run them with the default launch settings
+        monkeypatch.setattr("blockspec.kernels.skinny_config", lambda n, k, m: kernels.default_skinny_config(n, k))
+        draft = draft.to(DEVICE)
+        got = draft(embeds.to(DEVICE), torch.arange(5, 13, device=DEVICE)[None], features.to(DEVICE),
+                    torch.arange(5, device=DEVICE)[None], draft.new_cache(1, 32))
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)

@@ -182,6 +182,46 @@ def test_training_forward_equals_inference_forward(zoo, arch, mask_embedding, sh
                 torch.testing.assert_close(hidden[r, n * 8:(n + 1) * 8], served[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+def test_served_draft_follows_weight_changes(zoo, arch):
+    """DraftModel.forward serves q/k/v (and DFlare's context k/v) from concatenations cached at inference: an
+    optimizer step (gradients through the uncached concatenation), load_state_dict and .to() must each reach
+    the next pass, which equals a draft freshly built from the same state."""
+    from conftest import build_draft as build_random_draft
+
+    c = zoo.target("qwen3").target.model.config
+    draft = build_random_draft(c, arch, seed=3, num_layers=2, block_size=4, attention_bias=True,
+                               target_layer_ids=[0, 2, 4] if arch == "dflare" else None)
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 4, c.hidden_size, generator=gen)
+    features = torch.randn(1, 6, len(draft.config.target_layer_ids) * c.hidden_size, generator=gen)
+    block_pos, ctx_pos = torch.arange(6, 10)[None], torch.arange(6)[None]
+
+    def serve(model):
+        return model(embeds.to(model.norm.weight.dtype), block_pos, features, ctx_pos, model.new_cache(1, 16))
+
+    def rebuilt(model):
+        fresh = type(model)(model.config).to(model.norm.weight.dtype)
+        fresh.load_state_dict(model.state_dict())
+        return fresh
+
+    with torch.no_grad():
+        before = serve(draft)
+    optimizer = torch.optim.SGD(draft.parameters(), lr=0.5)
+    serve(draft).square().mean().backward()
+    optimizer.step()
+    assert draft.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        after = serve(draft)
+        assert not torch.allclose(after, before)
+        torch.testing.assert_close(after, serve(rebuilt(draft)), rtol=0, atol=0)
+        draft.load_state_dict(build_random_draft(c, arch, seed=4, num_layers=2, block_size=4, attention_bias=True,
+                                                 target_layer_ids=draft.config.target_layer_ids).state_dict())
+        torch.testing.assert_close(serve(draft), serve(rebuilt(draft)), rtol=0, atol=0)
+        draft.double()
+        torch.testing.assert_close(serve(draft), serve(rebuilt(draft)), rtol=0, atol=0)
+
+
 def test_anchors_and_labels():
     mask = torch.zeros(2, 20, dtype=torch.uint8)
     mask[0, 5:18] = 1

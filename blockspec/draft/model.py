@@ -21,7 +21,7 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, attention, qkv_rope_store, rope_inv_freq
+from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, attention, linear, qkv_rope_store, rope_inv_freq
 
 MASK_EMBEDDING = "mask_embedding"
 
@@ -32,6 +32,7 @@ class DraftAttention(nn.Module):
         h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         bias = cfg.attention_bias
         self.layer_index, self.num_heads, self.num_kv_heads, self.head_dim = layer_index, nh, nkv, d
+        self.q_width, self.kv_width = nh * d, nkv * d
         self.q_proj = nn.Linear(h, nh * d, bias=bias)
         self.k_proj = nn.Linear(h, nkv * d, bias=bias)
         self.v_proj = nn.Linear(h, nkv * d, bias=bias)
@@ -42,6 +43,33 @@ class DraftAttention(nn.Module):
         if self.separate_context_proj:
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
             self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
+        self._stacked: dict[str, tuple] = {}  # inference-time concatenations, see stacked()
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() give the parts new storage: drop concatenations of the old one
+        self._stacked = {}
+        return super()._apply(fn, recurse)
+
+    def stacked(self, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights (and biases) of `layers` concatenated into one projection: one weight stream, one GEMM.
+
+        The separate layers stay the parameters, so state_dict keys (the published names) and training are
+        untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts);
+        otherwise it is cached until a part changes: an optimizer step or load_state_dict bumps its version
+        (writes through `.data` do not; inference tensors have none, and change only in inference mode). A CUDA
+        graph captured earlier keeps reading the concatenation it captured: capture again after changing weights.
+        """
+        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
+        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
+        cached = self._stacked.get(name)
+        if cache and cached is not None and cached[0] == key:
+            return cached[1]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+        if cache:
+            self._stacked[name] = (key, (weight, bias))
+        return weight, bias
 
     def store_context(self, ctx: torch.Tensor, ctx_rope: tuple, ctx_positions: torch.Tensor, cache: KVCache) -> None:
         """Write the context's K/V at its positions. They depend on the target features alone (never on the
@@ -49,10 +77,15 @@ class DraftAttention(nn.Module):
         if not ctx.shape[1]:
             return
         k_cache, v_cache = cache.layer(self.layer_index)
-        k_proj, v_proj = ((self.k_proj_target, self.v_proj_target) if self.separate_context_proj
-                          else (self.k_proj, self.v_proj))
-        qkv_rope_store(None, k_proj(ctx), v_proj(ctx), self.num_heads, self.num_kv_heads, self.head_dim, None,
-                       self.k_norm, *ctx_rope, ctx_positions, k_cache, v_cache)
+        if self.separate_context_proj:
+            kv_weight, kv_bias = self.stacked("kv_target", self.k_proj_target, self.v_proj_target)
+        else:  # DFlash projects the context with k_proj / v_proj: the k, v rows of the stacked weight
+            qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
+            kv_weight = qkv_weight[self.q_width:]
+            kv_bias = qkv_bias[self.q_width:] if qkv_bias is not None else None
+        k, v = linear(ctx, kv_weight, kv_bias).split([self.kv_width, self.kv_width], dim=-1)
+        qkv_rope_store(None, k, v, self.num_heads, self.num_kv_heads, self.head_dim, None, self.k_norm, *ctx_rope,
+                       ctx_positions, k_cache, v_cache)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
                 block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
@@ -67,9 +100,11 @@ class DraftAttention(nn.Module):
         self.store_context(ctx, ctx_rope, ctx_positions, cache)
         k_cache, v_cache = cache.layer(self.layer_index)
         heads = (self.num_heads, self.num_kv_heads, self.head_dim)
-        q = qkv_rope_store(self.q_proj(x), self.k_proj(x), self.v_proj(x), *heads, self.q_norm, self.k_norm,
-                           *block_rope, block_positions, k_cache, v_cache)
-        return self.o_proj(attention(q, k_cache, v_cache, limits, kv_len))
+        qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
+        q, k, v = linear(x, qkv_weight, qkv_bias).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
+        q = qkv_rope_store(q, k, v, *heads, self.q_norm, self.k_norm, *block_rope, block_positions, k_cache, v_cache)
+        out = attention(q, k_cache, v_cache, limits, kv_len)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class DraftLayer(nn.Module):
@@ -131,7 +166,7 @@ class DraftModel(nn.Module):
     def fuse_context(self, features: torch.Tensor) -> list[torch.Tensor]:
         """Tapped target features [b, c, T*H] -> one context [b, c, H] per draft layer."""
         if self.config.kind == "dflash":
-            ctx = self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+            ctx = self.hidden_norm(linear(features.to(self.fc.weight.dtype), self.fc.weight))
             return [ctx] * len(self.layers)
         b, c, _ = features.shape
         w = self.layer_fusion_weights

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, qkv_rope_store, rope_inv_freq,
-                              silu_mul)
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
+                              rope_inv_freq, silu_mul)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -89,12 +89,14 @@ class TargetAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
         k_cache, v_cache = cache.layer(self.layer_index)
-        q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
-                                          self.num_kv_heads * self.head_dim], dim=-1)
+        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
         q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
                            cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
-        return self.o_proj(attention(q, k_cache, v_cache, positions, kv_len, window))
+        out = attention(q, k_cache, v_cache, positions, kv_len, window)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class TargetMLP(nn.Module):
@@ -106,7 +108,8 @@ class TargetMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias)), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
