@@ -285,9 +285,38 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 # tensor-core dot with the rows padded to 16 (its weight tiles pipelined through shared memory), rows = 1 a
 # multiply-and-sum on the CUDA cores for a single row; split_k is the number of K ranges. None: cuBLAS is
 # faster for that shape, and `layers.linear` keeps F.linear. Filled from measurements only: paste the table
-# that `benchmarks/gemm_shapes.py --skinny` prints; shapes not listed stay on cuBLAS (a direct skinny_linear
-# call without a config takes default_skinny_config).
-SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {}
+# that `benchmarks/gemm_shapes.py --skinny` prints (this one: H100, 2026-11-22, docs/benchmarks.md); shapes
+# not listed stay on cuBLAS (a direct skinny_linear call without a config takes default_skinny_config).
+SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {
+    (6144, 2560): {  # qkv
+        1: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 1, 'num_warps': 4, 'num_stages': 3},
+        16: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+    },
+    (2560, 4096): {  # o_proj
+        1: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+        16: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+    },
+    (19456, 2560): {  # gate_up
+        1: {'rows': 16, 'block_n': 32, 'block_k': 128, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+        16: {'rows': 16, 'block_n': 32, 'block_k': 256, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+    },
+    (2560, 9728): {  # down
+        1: {'rows': 16, 'block_n': 64, 'block_k': 128, 'split_k': 4, 'num_warps': 4, 'num_stages': 4},
+        16: {'rows': 16, 'block_n': 64, 'block_k': 128, 'split_k': 4, 'num_warps': 4, 'num_stages': 4},
+    },
+    (9728, 2560): {  # draft_gate
+        1: {'rows': 16, 'block_n': 64, 'block_k': 128, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+        16: {'rows': 16, 'block_n': 64, 'block_k': 128, 'split_k': 1, 'num_warps': 4, 'num_stages': 4},
+    },
+    (2048, 2560): {  # ctx_kv
+        1: None,
+        16: None,
+    },
+    (2560, 12800): {  # fc
+        1: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 2, 'num_warps': 4, 'num_stages': 4},
+        16: {'rows': 16, 'block_n': 64, 'block_k': 256, 'split_k': 2, 'num_warps': 4, 'num_stages': 4},
+    },
+}
 SKINNY_ROWS = 16  # the most rows skinny_linear takes (one verify block)
 FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
 
