@@ -24,7 +24,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections import deque
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import make_draft, qwen3_4b_config, sync  # noqa: E402
 
+from blockspec.bench.report import git_commit  # noqa: E402
 from blockspec.engine import BatchDecoder, SamplingParams  # noqa: E402
 from blockspec.target import Target, TargetModel  # noqa: E402
 
@@ -134,8 +134,8 @@ def qwen3_4b(args: argparse.Namespace, device: str) -> dict:
     graphs = ar.capture_graphs((1,)) + spec.capture_graphs(BLOCKS)
     capture_s = time.perf_counter() - started
     rows = sweep(ar, spec, prompts, params, device, args.repeats, "qwen3-4b")
-    return {"graph_check": check, "prompt_tokens": prompt_len, "new_tokens": new, "oracle_accepted_drafts": ORACLE, "graphs": graphs,
-            "capture_s": capture_s, "concurrency": rows}
+    return {"graph_check": check, "prompt_tokens": prompt_len, "new_tokens": new, "oracle_accepted_drafts": ORACLE,
+            "graphs": graphs, "capture_s": capture_s, "concurrency": rows}
 
 
 def smollm2(args: argparse.Namespace, device: str) -> dict:
@@ -181,9 +181,10 @@ def report(path: str) -> str:
              f"{r['repeats']} runs per cell. Command: `{r['command']}`", ""]
 
     def table(title: str, rows: dict) -> None:
-        lines.extend([title, "", "| concurrency | AR tok/s | " + " | ".join(f"spec B={b} tok/s (tau)" for b in r["blocks"])
-                      + " | best block | best speedup |", "| --- | --- | " + " | ".join("---" for _ in r["blocks"])
-                      + " | --- | --- |"])
+        blocks = r["blocks"]
+        lines.extend([title, "", "| concurrency | AR tok/s | " + " | ".join(f"spec B={b} tok/s (tau)" for b in blocks)
+                      + " | best block | best speedup |",
+                      "| --- | --- | " + " | ".join("---" for _ in blocks) + " | --- | --- |"])
         for c, row in rows.items():
             cells = [f"{row[f'spec_b{b}']['tokens_per_s']:.0f} ({row[f'spec_b{b}']['tau']:.2f})" for b in r["blocks"]]
             lines.append(f"| {c} | {row['ar']['tokens_per_s']:.0f} | " + " | ".join(cells)
@@ -221,11 +222,7 @@ def main() -> None:
         print(report(args.report))
         return
     if args.commit is None:
-        try:
-            args.commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                                  stderr=subprocess.DEVNULL).strip()
-        except (OSError, subprocess.CalledProcessError):
-            args.commit = os.environ.get("BLOCKSPEC_GIT_COMMIT", "unknown")
+        args.commit = (git_commit() or "unknown")[:7]
     skinny = None
     if args.skinny_table:
         from gemm_shapes import load_winners

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
+from blockspec.bench.report import git_commit  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
 from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
@@ -407,10 +406,7 @@ def main() -> None:
         print(report(args.report))
         return
     if args.commit is None:
-        try:
-            args.commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-        except (OSError, subprocess.CalledProcessError):
-            args.commit = os.environ.get("BLOCKSPEC_COMMIT", "unknown")
+        args.commit = (git_commit() or "unknown")[:7]
     skinny = None
     if args.skinny_table:
         from gemm_shapes import load_winners

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from blockspec.bench.load import LoadRequest, run_load  # noqa: E402
+from blockspec.bench.report import git_commit  # noqa: E402
 
 TOPICS = ("a lighthouse", "the moon", "bread", "a lost key", "rain", "a library", "trains", "a garden")
 
@@ -86,11 +86,7 @@ def main() -> None:
                           timeout_s=args.timeout)
     finally:
         stop()
-    try:
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                         stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("BLOCKSPEC_GIT_COMMIT", "unknown")
+    commit = (git_commit() or "unknown")[:7]
     record = {"target": target_name, "draft": args.draft or ("shipped" if trained else "untrained"),
               "device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "max_num_seqs": args.max_num_seqs,
@@ -114,8 +110,8 @@ def report(path: str) -> str:
         "output tok/s under load | mean latency alone |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {s['errors']} | {'all' if s['all_equal_to_single_request'] else 'NOT all: ' + str(s['mismatches'])} | "
-        f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | {s['ttft_p99_s']:.2f} s | "
-        f"{s['output_tokens_per_s']:.1f} | {s['single_request_mean_latency_s']:.2f} s |"])
+        f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | "
+        f"{s['ttft_p99_s']:.2f} s | {s['output_tokens_per_s']:.1f} | {s['single_request_mean_latency_s']:.2f} s |"])
 
 
 if __name__ == "__main__":
