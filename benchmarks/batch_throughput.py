@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import make_draft, qwen3_4b_config, sync  # noqa: E402
+from harness import parser_with_common_flags, run_and_report  # noqa: E402
 
-from blockspec.bench.report import git_commit  # noqa: E402
 from blockspec.engine import BatchDecoder, SamplingParams  # noqa: E402
 from blockspec.target import Target, TargetModel  # noqa: E402
 
@@ -206,37 +206,10 @@ def report(path: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
-    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf (real-draft workload)")
+    parser = parser_with_common_flags(__doc__)
     parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: ../shared/data)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skinny-table", default=None,
-                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
-    parser.add_argument("--commit", default=None)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
-    args = parser.parse_args()
-    if args.report:
-        print(report(args.report))
-        return
-    if args.commit is None:
-        args.commit = (git_commit() or "unknown")[:7]
-    skinny = None
-    if args.skinny_table:
-        from gemm_shapes import load_winners
-
-        skinny = load_winners(args.skinny_table)
-    record = run(args)
-    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"batch_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(report(str(path)))
-    print(f"wrote {path}")
-
+    run_and_report(parser, run, report, "batch_throughput")
 
 if __name__ == "__main__":
     main()

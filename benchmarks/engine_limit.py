@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from harness import parser_with_common_flags, run_and_report  # noqa: E402
+
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
-from blockspec.bench.report import git_commit  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
 from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
@@ -387,40 +388,13 @@ def report(path: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
+    parser = parser_with_common_flags(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf to time with real weights")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
-    parser.add_argument("--skinny-table", default=None,
-                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
-    parser.add_argument("--commit", default=None)
-    parser.add_argument("--out", default="benchmarks/results")
-    parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
-    args = parser.parse_args()
-    if args.report:
-        print(report(args.report))
-        return
-    if args.commit is None:
-        args.commit = (git_commit() or "unknown")[:7]
-    skinny = None
-    if args.skinny_table:
-        from gemm_shapes import load_winners
-
-        skinny = load_winners(args.skinny_table)
-    record = run(args)
-    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"engine_limit-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(report(str(path)))
-    print(f"wrote {path}")
-
+    run_and_report(parser, run, report, "engine_limit")
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,49 @@
+"""The frame the GPU benchmark scripts share (engine_limit.py, batch_throughput.py): the common flags, the
+commit, an optional freshly swept skinny-GEMM table, the results JSON and its markdown report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from blockspec.bench.report import git_commit
+
+
+def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
+    parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf: also time it with real weights")
+    parser.add_argument("--skinny-table", default=None,
+                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
+    parser.add_argument("--commit", default=None, help="default: the checkout's ($BLOCKSPEC_GIT_COMMIT without .git)")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
+    return parser
+
+
+def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],
+                   report: Callable[[str], str], name: str) -> None:
+    """Parse, run, write OUT/NAME-<time>.json and print its markdown (or only render --report FILE)."""
+    args = parser.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
+    if args.commit is None:
+        args.commit = (git_commit() or "unknown")[:7]
+    skinny = None
+    if args.skinny_table:
+        from gemm_shapes import load_winners
+
+        skinny = load_winners(args.skinny_table)
+    record = run(args)
+    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(report(str(path)))
+    print(f"wrote {path}")
