@@ -75,8 +75,15 @@ class BatchDecoder:
         self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
 
-        self.target_cache = model.new_cache(max_batch, self.max_len)
-        self.draft_cache = draft.new_cache(max_batch, self.max_len) if draft is not None else None
+        try:
+            self.target_cache = model.new_cache(max_batch, self.max_len)
+            self.draft_cache = draft.new_cache(max_batch, self.max_len) if draft is not None else None
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocators raise RuntimeError
+            if "memory" not in str(exc).lower():
+                raise
+            raise BlockspecError(f"no memory for the KV caches of {max_batch} sequences x {self.max_len} positions "
+                                 f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
+                                 f"(--max-model-len)") from None
         long = dict(device=target.device, dtype=torch.long)
         width = len(self.tap_ids) * model.config.hidden_size
         # Device state, one row per sequence. feat/feat_pos: the target taps of each row's last verified block
