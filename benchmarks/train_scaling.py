@@ -27,9 +27,9 @@ Notes for the GPU run:
   does not shrink with N (~ms, small against a step).
 - flex_attention is compiled (torch.compile, Inductor) once per process on its first step, so each rank
   compiles for its own per-rank shape; each run gets its own TORCHINDUCTOR_CACHE_DIR under --work so the
-  second run does not reuse the first one's kernels (first-step times are comparable). If the compile fails,
-  a single process falls back to dense attention with a warning, but under DDP it raises (ranks must
-  agree): the JSON records `fell_back_to_dense` per run from the logs.
+  second run does not reuse the first one's kernels (first-step times are comparable). If the compile fails
+  in any process, all of them fall back to dense attention together (the trainer checks on the first batch
+  and the ranks agree); the JSON records `fell_back_to_dense` per run from the logs.
 - OMP_NUM_THREADS is 1 for both runs unless set (torchrun's own default for several processes), so the
   CPU side is the same per process.
 - Under torchrun rank 0 would build the data while the others wait at a barrier, hence the separate data
@@ -158,7 +158,7 @@ def train_run(args: argparse.Namespace, nproc: int) -> dict:
     tokens = statistics.fmean(r["tokens"] for r in steady)
     last = steps[-max(1, len(steps) // 5):]
     return {"nproc": nproc, "world_size": start["world_size"], "attention": start["attention"],
-            "fell_back_to_dense": any("falling back to dense" in line for line in lines),
+            "fell_back_to_dense": any("fall back to dense attention" in line for line in lines),
             "params": start["params"], "steps": len(steps), "finished": len(steps) == start["total_steps"],
             "per_rank_batch": args.batch_size // nproc, "median_step_s": step_s,
             "first_step_s": steps[0]["step_s"], "sequences_per_s": args.batch_size / step_s,

@@ -476,7 +476,9 @@ from test_train import bigram_target, tiny_config
 info = distributed.init_from_env("cpu")
 target, _, _ = bigram_target()
 data = SequenceDataset.load({data!r})
-result = train(target, data, tiny_config(steps=6, lr=2e-3), {out!r}, log=lambda m: None)
+logs = []
+result = train(target, data, tiny_config(steps=6, lr=2e-3, attention="flex"), {out!r}, log=logs.append)
+open({out!r} + f"/log-{{info.rank}}.txt", "w").write("\\n".join(logs))
 if info.main:
     open({out!r} + "/losses.json", "w").write(json.dumps(result.losses))
 distributed.shutdown()
@@ -484,10 +486,15 @@ distributed.shutdown()
 
 
 def test_ddp_two_processes_match_one(bigram, tmp_path):
-    """torchrun with 2 gloo processes, global batch 8 (4 rows each) == 1 process with batch 8."""
+    """torchrun with 2 gloo processes, global batch 8 (4 rows each) == 1 process with batch 8. Both ask for
+    flex_attention, which cannot train on the CPU: every process must agree to fall back to dense attention
+    (a process left on flex would hang or break DDP)."""
     target, _, data, _ = bigram
     data.save(tmp_path / "data.safetensors")
-    single = train(target, data, tiny_config(steps=6, lr=2e-3), tmp_path / "single", log=QUIET)
+    logs: list[str] = []
+    single = train(target, data, tiny_config(steps=6, lr=2e-3, attention="flex"), tmp_path / "single",
+                   log=logs.append)
+    assert any("all fall back to dense attention" in m for m in logs)
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests"), data=str(tmp_path / "data.safetensors"),
                                         out=str(tmp_path / "ddp")))
@@ -499,6 +506,8 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
                            "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
                           capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # rank 0 logs for all: both processes failed, and both went on with dense attention
+    assert "flex_attention failed in 2 of 2 process(es)" in (tmp_path / "ddp" / "log-0.txt").read_text()
     losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
     tokens = [[r["tokens"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]

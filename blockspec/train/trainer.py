@@ -275,6 +275,7 @@ class Trainer:
         else:
             raise BlockspecError(f"unknown features mode {cfg.features!r}: use online or offline")
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self._attention_checked = False
 
     def _draft_from_config(self, raw: dict, state: dict) -> DraftModel:
         cfg = DraftConfig.from_dict(raw, "checkpoint")
@@ -318,12 +319,36 @@ class Trainer:
                 "global_tokens": int(lengths.sum())}
 
     # ---- one step --------------------------------------------------------------------------------------------
+    def _autocast(self):
+        return (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                else torch.autocast("cpu", enabled=False))
+
+    def _agree_on_attention(self, batch: dict) -> None:
+        """flex_attention compiles on first use and can fail there (no backward on the CPU, an unsupported GPU).
+        Every process tries one forward/backward of its first batch outside DDP (no collectives), and all of
+        them fall back to dense attention (the same mask, materialised) if any failed: processes running
+        different attention would compute different shapes and hang DDP."""
+        error = None
+        try:
+            features = self.features(batch["input_ids"], indices=batch["indices"], lengths=batch["lengths"])
+            with self._autocast():
+                hidden = self.module(features, batch["input_ids"], batch["anchors"],
+                                     self.target.model.embed_tokens.weight)
+            hidden.float().sum().backward()
+        except Exception as exc:  # any compile or launch failure means: not on this machine
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        self.draft.zero_grad(set_to_none=True)
+        failed = int(distributed.all_reduce_sum(torch.tensor([float(error is not None)], device=self.device)).item())
+        if failed:
+            self.log(f"warning: flex_attention failed in {failed} of {self.dist.world} process(es) "
+                     f"({error or 'on another rank'}); all fall back to dense attention")
+            self.attention = self.module.attention = "dense"
+            self._epoch_cache = None  # dense attention buckets the batches by length
+
     def _forward_backward(self, batch: dict) -> dict:
         target = self.target.model
         features = self.features(batch["input_ids"], indices=batch["indices"], lengths=batch["lengths"])
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
-        with autocast:
+        with self._autocast():
             hidden = self.model(features, batch["input_ids"], batch["anchors"], target.embed_tokens.weight)
             labels, weights = block_labels(batch["input_ids"], batch["loss_mask"], batch["anchors"], batch["valid"],
                                            self.block_size, self.gamma)
@@ -339,19 +364,12 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         batch = self.make_batch(step)
-        try:
-            sums = self._forward_backward(batch)
-        except Exception as exc:
-            # flex_attention compiles on first use; if that fails here, dense attention computes the same mask
-            if self.attention != "flex" or self.dist.enabled or step != self.start_step:
-                raise
-            self.log(f"warning: flex_attention failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                     f"falling back to dense attention")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.attention = self.module.attention = "dense"
-            self._epoch_cache = None
-            batch = self.make_batch(step)
-            sums = self._forward_backward(batch)
+        if self.attention == "flex" and not self._attention_checked:
+            self._attention_checked = True
+            self._agree_on_attention(batch)
+            if self.attention == "dense":
+                batch = self.make_batch(step)
+        sums = self._forward_backward(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.cfg.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
