@@ -24,6 +24,9 @@ Typical H100 calls (the GGUF staged under /root/stage as for benchmarks/engine_l
   python3 benchmarks/train_smollm2.py --target /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf \\
       --work /root/work --out $OUT --phases dflare,eval
 
+Continuing the shipped drafts instead of training from scratch: add --init-from-shipped (weights only, a new
+warmup + cosine schedule of --steps for each draft, the same for both).
+
 Logic check on the CPU (minutes, meaningless numbers):
 
   python benchmarks/train_smollm2.py --work /tmp/w --out /tmp/o --phases all --smoke
@@ -169,7 +172,13 @@ def phase_train(args, target, data: SequenceDataset, arch: str) -> dict:
         return json.loads((run_dir / "done.json").read_text())
     cfg = train_config(args, arch, plan, plan["steps"])
     started = time.perf_counter()
-    result = train(target, data, cfg, run_dir, resume=resume, log=log)
+    init_from = None
+    if args.init_from_shipped and not resume:
+        from blockspec.shipped import shipped_draft_dir
+
+        init_from = shipped_draft_dir(f"smollm2-135m-instruct-{arch}")
+        log(f"{arch}: warm start from {init_from}")
+    result = train(target, data, cfg, run_dir, resume=resume, init_from=init_from, log=log)
     from blockspec.train.metrics import read_metrics
 
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
@@ -183,7 +192,7 @@ def phase_train(args, target, data: SequenceDataset, arch: str) -> dict:
                "final_acc": sum(r["acc"] for r in last) / max(1, len(last)),
                "final_accept_len_estimate": sum(r["accept_len"] for r in last) / max(1, len(last)),
                "params": plan["shapes"][arch]["params"], "config": {k: v for k, v in vars(cfg).items()},
-               "resumed": resume}
+               "resumed": resume, "warm_start": "shipped draft" if args.init_from_shipped else None}
     log(f"{arch}: {json.dumps(summary)[:800]}")
     if result.finished:
         write_json(run_dir / "done.json", summary)
@@ -394,6 +403,8 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=640)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init-from-shipped", action="store_true",
+                   help="warm start each draft from the shipped one (weights only; a fresh schedule of --steps)")
     p.add_argument("--attention", default="auto")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--no-progress", action="store_true")
