@@ -7,5 +7,5 @@ from blockspec.target import Target, load_target
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchDecoder", "BlockspecError", "DraftConfig", "DraftModel", "GenerationResult", "GenerationStats", "SamplingParams",
-           "SpeculativeDecoder", "Target", "load_draft", "load_target", "save_draft"]
+__all__ = ["BatchDecoder", "BlockspecError", "DraftConfig", "DraftModel", "GenerationResult", "GenerationStats",
+           "SamplingParams", "SpeculativeDecoder", "Target", "load_draft", "load_target", "save_draft"]
