@@ -132,12 +132,12 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     from blockspec.shipped import default_draft_for
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
-    samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     settings = runner.BenchSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                     enable_thinking=args.enable_thinking, warmup_tokens=args.warmup_tokens,
                                     prompt_warmup=not args.no_prompt_warmup)
-    settings.params(seed=0)  # validates the sampling settings before the models load
+    settings.params(seed=0)  # validates the sampling settings before any data is read or downloaded
+    samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     torch.manual_seed(args.seed)
     target, draft, trained = load_pair(args.target, args.draft, device, args.dtype)
     if not trained and info.is_main:
