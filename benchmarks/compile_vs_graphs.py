@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import qwen3_4b_config, sync  # noqa: E402
-from harness import parser_with_common_flags, run_and_report  # noqa: E402
+from harness import capture_graph, parser_with_common_flags, run_and_report  # noqa: E402
 
 import blockspec.layers as layers  # noqa: E402
 from blockspec.target import TargetModel  # noqa: E402
@@ -74,19 +74,8 @@ def timed(fn, steps: int, device: str) -> float:
 
 
 def hand_graph(step, device: str):
-    """Capture `step` in one CUDA graph (warm-up on a side stream first, as the engine does)."""
-    if not device.startswith("cuda"):
-        return step
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph.replay
+    """The step captured in one CUDA graph by hand, as the engine does (no graph on the CPU)."""
+    return capture_graph(step)[0].replay if device.startswith("cuda") else step
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -24,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import capture_graph  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
 # the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
@@ -46,15 +49,7 @@ ROTATE_BYTES = 200e6  # weight copies cycled per graph: 4x the H100's 50 MB L2, 
 
 def graph_time(fn, reps: int = 50) -> tuple[float, object]:
     """Median seconds per replay of `fn` captured in a CUDA graph, and what the captured call returned."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = capture_graph(fn, warmups=3)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -1,5 +1,5 @@
-"""The frame the GPU benchmark scripts share (engine_limit.py, batch_throughput.py): the common flags, the
-commit, an optional freshly swept skinny-GEMM table, the results JSON and its markdown report."""
+"""What the benchmark scripts share: the common flags, the commit, an optional freshly swept skinny-GEMM
+table, a hand-captured CUDA graph, the results JSON and its markdown report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,35 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from blockspec.bench.report import git_commit
+
+
+def capture_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured in one CUDA graph after warm-up runs on a side stream (as the engine captures its step);
+    returns the graph and what the captured call returned (its static output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
+def write_record(record: dict, out_dir: str | Path, name: str, report: Callable[[str], str]) -> Path:
+    """Write OUT/NAME-<time>.json and print its markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(report(str(path)))
+    print(f"wrote {path}")
+    return path
 
 
 def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
@@ -27,7 +55,7 @@ def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
 
 def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], dict],
                    report: Callable[[str], str], name: str) -> None:
-    """Parse, run, write OUT/NAME-<time>.json and print its markdown (or only render --report FILE)."""
+    """Parse, run, write the record and print its markdown (or only render --report FILE)."""
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
@@ -41,9 +69,4 @@ def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Name
         skinny = load_winners(args.skinny_table)
     record = run(args)
     record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(report(str(path)))
-    print(f"wrote {path}")
+    write_record(record, args.out, name, report)

@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blockspec.bench.load import LoadRequest, run_load  # noqa: E402
 from blockspec.bench.report import git_commit  # noqa: E402
+from harness import write_record  # noqa: E402
 
 TOPICS = ("a lighthouse", "the moon", "bread", "a lost key", "rain", "a library", "trains", "a garden")
 
@@ -91,13 +93,7 @@ def main() -> None:
               "device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "max_num_seqs": args.max_num_seqs,
               "max_tokens": args.max_tokens, **result}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve_load-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(report(str(path)))
-    print(f"wrote {path}")
-
+    write_record(record, args.out, "serve_load", report)
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())

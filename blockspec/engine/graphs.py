@@ -23,7 +23,6 @@ class CudaGraphDecoder(SpeculativeDecoder):
     def __init__(self, target: Target, draft: DraftModel | None = None, block_size: int | None = None,
                  max_len: int = 4096, use_graphs: bool = True) -> None:
         super().__init__(target, draft, block_size)
-        self.max_len = max_len
         self.engine = BatchDecoder(target, draft, max_batch=1, max_len=max_len, block_size=self.block_size,
                                    use_graphs=use_graphs)
 
