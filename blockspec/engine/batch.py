@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-from blockspec.draft import DraftModel, check_draft_fits_target
+from blockspec.draft import DraftModel
 from blockspec.engine.sampling import SamplingParams, accept_greedy, accept_sampled, sample, warped_probs
-from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_request,
-                                       new_generator)
+from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
+                                       check_request, new_generator)
 from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
@@ -59,15 +59,12 @@ class BatchDecoder:
     def __init__(self, target: Target, draft: DraftModel | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> None:
-        if draft is not None:
-            check_draft_fits_target(draft, target.model.config)
-            if draft.norm.weight.device != target.device:
-                raise BlockspecError(f"draft is on {draft.norm.weight.device} but the target on {target.device}")
+        check_pair(target, draft)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
         self.target, self.draft, self.max_batch = target, draft, max_batch
         self.max_block = draft.block_size if draft is not None else 1
-        self.block_size = self._check_block_size(block_size)
+        self.block_size = check_block_size(block_size, self.max_block)
         model = target.model
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
         self.tap_ids = tuple(draft.config.target_layer_ids) if draft is not None else ()
@@ -105,14 +102,6 @@ class BatchDecoder:
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
         self._next_id = 0
 
-    def _check_block_size(self, block_size: int | None) -> int:
-        block_size = self.max_block if block_size is None else block_size
-        if not isinstance(block_size, int) or block_size < 1:
-            raise BlockspecError(f"block size must be a positive integer, got {block_size!r}")
-        if block_size > self.max_block:
-            raise BlockspecError(f"block size {block_size} exceeds the draft's trained block_size {self.max_block}")
-        return block_size
-
     # ---- public API -------------------------------------------------------------------------------------
     @property
     def num_active(self) -> int:
@@ -125,7 +114,7 @@ class BatchDecoder:
     def add(self, prompt_ids: list[int], params: SamplingParams | None = None, block_size: int | None = None) -> int:
         """Queue a request; it joins the batch at the next `step` with a free row. Returns its id."""
         params = check_request(self.target, prompt_ids, params)
-        block = self.block_size if block_size is None else self._check_block_size(block_size)
+        block = self.block_size if block_size is None else check_block_size(block_size, self.max_block)
         if len(prompt_ids) + params.max_new_tokens + 2 * self.max_block > self.max_len:
             raise BlockspecError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({params.max_new_tokens}) does "
                                  f"not fit the decoder's static cache rows of {self.max_len} positions (2 blocks of "
@@ -169,7 +158,7 @@ class BatchDecoder:
         if self.use_graphs:
             with torch.inference_mode():
                 for block in block_sizes or (self.block_size,):
-                    block = self._check_block_size(block)
+                    block = check_block_size(block, self.max_block)
                     for size in self.graph_batch_sizes:
                         if (size, block) not in self._graphs:
                             self._capture(size, block)

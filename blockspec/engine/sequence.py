@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockspec.draft import DraftModel, check_draft_fits_target
 from blockspec.engine.sampling import SamplingParams
 from blockspec.engine.stats import GenerationStats
 from blockspec.engine.text import TextStream
@@ -29,6 +30,25 @@ class StreamChunk:
     token_ids: list[int]  # tokens committed by this step
     text: str  # text released by this step
     result: GenerationResult | None = field(default=None)  # set on the last chunk only
+
+
+def check_pair(target: Target, draft: DraftModel | None) -> None:
+    """A BlockspecError unless `draft` (None: plain decoding) fits `target` and lives on its device."""
+    if draft is None:
+        return
+    check_draft_fits_target(draft, target.model.config)
+    if draft.norm.weight.device != target.device:
+        raise BlockspecError(f"draft is on {draft.norm.weight.device} but the target on {target.device}")
+
+
+def check_block_size(block_size: int | None, trained: int) -> int:
+    """The block size to use: `block_size`, or the draft's `trained` one when None (1 without a draft)."""
+    block_size = trained if block_size is None else block_size
+    if not isinstance(block_size, int) or block_size < 1:
+        raise BlockspecError(f"block size must be a positive integer, got {block_size!r}")
+    if block_size > trained:
+        raise BlockspecError(f"block size {block_size} exceeds the draft's trained block_size {trained}")
+    return block_size
 
 
 def check_request(target: Target, prompt_ids: list[int], params: SamplingParams | None) -> SamplingParams:

@@ -14,12 +14,11 @@ from typing import Iterator
 
 import torch
 
-from blockspec.draft import DraftModel, check_draft_fits_target
+from blockspec.draft import DraftModel
 from blockspec.engine.sampling import SamplingParams, accept_greedy, accept_sampled, sample, warped_probs
-from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_request,
-                                       new_generator)
+from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
+                                       check_request, new_generator)
 from blockspec.engine.stats import GenerationStats
-from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
 __all__ = ["GenerationResult", "SpeculativeDecoder", "StreamChunk"]
@@ -29,23 +28,12 @@ class SpeculativeDecoder:
     """Decodes with `target`, drafting with `draft` (None: autoregressive)."""
 
     def __init__(self, target: Target, draft: DraftModel | None = None, block_size: int | None = None) -> None:
+        check_pair(target, draft)
         self.target = target
         self.draft = draft
-        if draft is not None:
-            check_draft_fits_target(draft, target.model.config)
-            if draft.norm.weight.device != target.device:
-                raise BlockspecError(f"draft is on {draft.norm.weight.device} but the target on {target.device}")
-        self.block_size = self._check_block_size(block_size)
+        self.trained_block = draft.block_size if draft is not None else 1
+        self.block_size = check_block_size(block_size, self.trained_block)
         self.tap_ids = tuple(draft.config.target_layer_ids) if draft is not None else ()
-
-    def _check_block_size(self, block_size: int | None) -> int:
-        trained = self.draft.block_size if self.draft is not None else 1
-        block_size = trained if block_size is None else block_size
-        if not isinstance(block_size, int) or block_size < 1:
-            raise BlockspecError(f"block size must be a positive integer, got {block_size!r}")
-        if block_size > trained:
-            raise BlockspecError(f"block size {block_size} exceeds the draft's trained block_size {trained}")
-        return block_size
 
     # ---- public API -------------------------------------------------------------------------------------
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
@@ -61,7 +49,7 @@ class SpeculativeDecoder:
                block_size: int | None = None) -> Iterator[StreamChunk]:
         """Yield committed tokens and released text step by step; the last chunk carries the result."""
         params = check_request(self.target, prompt_ids, params)
-        block = self.block_size if block_size is None else self._check_block_size(block_size)
+        block = self.block_size if block_size is None else check_block_size(block_size, self.trained_block)
         output = OutputTracker(self.target, params, block, len(prompt_ids))
         for step_tokens in self._steps(prompt_ids, params, block, output.stats):
             chunk = output.commit(step_tokens)
