@@ -389,6 +389,42 @@ def test_dataset_cache_and_loss_mask(bigram, tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("data-*.safetensors"))) == 2
 
 
+def test_samples_per_prompt_split_over_the_temperature_mix(bigram, tmp_path, monkeypatch):
+    """Two answers per prompt with mix 0:0.5,1.0:0.5 are one greedy answer (the engine's own) and one sampled
+    answer for every prompt; a mix with greedy alone yields one answer however many are asked for."""
+    import random
+
+    from blockspec.train.data import sample_temperatures
+
+    mix = ((0.0, 0.5), (1.0, 0.5))
+    rng = random.Random(0)
+    assert all(sorted(sample_temperatures(mix, 2, rng)) == [0.0, 1.0] for _ in range(50))
+    assert sample_temperatures(((0.0, 1.0),), 3, rng) == [0.0]
+    drawn = [sample_temperatures(((0.0, 0.25), (0.7, 0.75)), 1, rng)[0] for _ in range(400)]
+    assert 60 < drawn.count(0.0) < 140  # one answer: drawn by share
+
+    import blockspec.train.generate as generate
+
+    asked = []
+    real = generate.generate_all
+
+    def recording(model, requests, *args, **kwargs):
+        asked.extend((tuple(r.prompt_ids), r.temperature) for r in requests)
+        return real(model, requests, *args, **kwargs)
+
+    monkeypatch.setattr(generate, "generate_all", recording)
+    target, _, _, _ = bigram
+    prompts = random_prompts(64, 6, seed=8)
+    cfg = DataConfig(max_new_tokens=16, max_seq_len=64, temperatures=mix, samples_per_prompt=2, gen_batch_size=4)
+    data = build_dataset(target, prompts, cfg, tmp_path, log=QUIET)
+    assert sorted(asked) == sorted((tuple(p.ids), t) for p in prompts for t in (0.0, 1.0))
+    greedy = build_dataset(target, prompts, DataConfig(max_new_tokens=16, max_seq_len=64), None, log=QUIET)
+    assert len(data) == 12
+    for i, prompt in enumerate(prompts):  # two answers per prompt, one of them the greedy one
+        mine = [data[j][0].tolist() for j in range(len(data)) if data[j][0][:len(prompt.ids)].tolist() == prompt.ids]
+        assert len(mine) == 2 and greedy[i][0].tolist() in mine
+
+
 def test_chat_template_rendering_masks_exactly_the_assistant_tokens(tmp_path):
     """With SmolLM2's tokenizer and chat template: prompt = template with the generation prompt, mask = the
     generated tokens, and the text splits exactly at the assistant turn."""
@@ -472,6 +508,28 @@ def test_offline_features_match_online(bigram, tmp_path):
     torch.testing.assert_close(torch.tensor(offline.losses), torch.tensor(online.losses), rtol=1e-4, atol=1e-5)
 
 
+def test_resident_offline_features_equal_file_and_online(bigram, tmp_path):
+    """Device-resident offline features (the GPU default when they fit) gather the same values as the
+    memory-mapped file and as an online forward of the padded batch; padding positions are zero."""
+    from blockspec.train.data import collate
+    from blockspec.train.features import OfflineFeatures, OnlineFeatures
+
+    target, _, data, _ = bigram
+    taps = (0, 2)
+    file = OfflineFeatures(target.model, taps, data, tmp_path / "f", batch_size=5, resident=False, log=QUIET)
+    resident = OfflineFeatures(target.model, taps, data, tmp_path / "r", batch_size=7, resident=True, log=QUIET)
+    assert resident.resident is not None and not (tmp_path / "r").exists()
+    indices = [3, 0, 17, 42]
+    ids, _, lengths = collate(data, indices, 128)
+    from_file = file(ids, indices=indices, lengths=lengths)
+    from_memory = resident(ids, indices=indices, lengths=lengths)
+    assert torch.equal(from_memory, from_file)
+    online = OnlineFeatures(target.model, taps)(ids)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(from_memory[row, :n], online[row, :n], rtol=1e-5, atol=1e-5)
+        assert not from_memory[row, n:].any()
+
+
 DDP_SCRIPT = """
 import json, sys, torch
 sys.path.insert(0, {tests!r})
@@ -534,8 +592,9 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
     (["--arch", "medusa", "--data", "gsm8k"], "invalid choice"),
     (["--data", "gsm8k", "--steps", "0"], "--steps"),
     (["--data", "gsm8k", "--temperatures", "hot"], "temperature mix"),
+    (["--data", "gsm8k", "--samples-per-prompt", "0"], "--samples-per-prompt"),
     ([], "no training data"),
-], ids=["bad-target", "unknown-arch", "zero-steps", "bad-temperatures", "no-data"])
+], ids=["bad-target", "unknown-arch", "zero-steps", "bad-temperatures", "zero-samples", "no-data"])
 def test_cli_user_errors_exit_2(capsys, tmp_path, argv, needle):
     code, out, err = run_cli(capsys, "train", "--output", tmp_path / "run", *argv)
     assert code == 2 and out == "" and "Traceback" not in err

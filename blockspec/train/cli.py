@@ -51,6 +51,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     d.add_argument("--data-cache", type=Path, default=None, help="cache folder (default: OUTPUT/data)")
     d.add_argument("--max-new-tokens", type=int, default=384, help="response length cap when regenerating")
     d.add_argument("--temperatures", default="0", help="regeneration temperature mix, e.g. 0:0.5,0.7:0.5")
+    d.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="answers per prompt, split over the temperature mix (greedy at most once)")
     d.add_argument("--thinking", choices=("on", "off", "auto"), default="auto",
                    help="enable_thinking passed to the chat template (auto: the template's default)")
     d.add_argument("--gen-batch-size", type=int, default=64)
@@ -88,7 +90,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 def _positive(args: argparse.Namespace) -> None:
     for name in ("num_layers", "block_size", "batch_size", "num_anchors", "seq_len", "max_new_tokens",
-                 "gen_batch_size", "log_every"):
+                 "samples_per_prompt", "gen_batch_size", "log_every"):
         value = getattr(args, name)
         if value is None or value < 1:
             raise BlockspecError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -126,7 +128,8 @@ def run_train(args: argparse.Namespace) -> int:
         target = load_target(args.target, device=device, dtype=args.dtype)
         thinking = {"on": True, "off": False, "auto": None}[args.thinking]
         data_cfg = DataConfig(max_new_tokens=args.max_new_tokens, temperatures=temperatures,
-                              enable_thinking=thinking, max_seq_len=args.seq_len, gen_batch_size=args.gen_batch_size,
+                              samples_per_prompt=args.samples_per_prompt, enable_thinking=thinking,
+                              max_seq_len=args.seq_len, gen_batch_size=args.gen_batch_size,
                               seed=args.seed)
         cache_dir = args.data_cache or (args.output / "data")
         sources = args.data

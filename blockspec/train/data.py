@@ -180,6 +180,7 @@ def load_prompts(spec: str) -> list[Prompt] | int:
 class DataConfig:
     max_new_tokens: int = 384
     temperatures: tuple[tuple[float, float], ...] = ((0.0, 1.0),)  # (temperature, share)
+    samples_per_prompt: int = 1  # answers per prompt, their temperatures split by the mix's shares
     enable_thinking: bool | None = None
     max_seq_len: int = 2048
     gen_batch_size: int = 64
@@ -207,6 +208,18 @@ def parse_temperature_mix(spec: str) -> tuple[tuple[float, float], ...]:
         raise BlockspecError(f"temperature mix {spec!r}: temperatures must be >= 0 and shares > 0")
     total = sum(s for _, s in mix)
     return tuple((t, s / total) for t, s in mix)
+
+
+def sample_temperatures(mix: tuple[tuple[float, float], ...], samples: int, rng: random.Random) -> list[float]:
+    """Temperatures of one prompt's `samples` answers, stratified by the mix: each temperature gets
+    floor(samples * share) answers and the rest are drawn by share (so 2 samples of 0:0.5,0.7:0.5 are always
+    one greedy and one sampled answer). Greedy appears at most once: a second greedy answer would be a copy."""
+    temps = [t for t, _ in mix]
+    shares = [s for _, s in mix]
+    chosen = [t for t, share in mix for _ in range(int(samples * share + 1e-9))]
+    chosen += rng.choices(temps, shares, k=samples - len(chosen))
+    greedy = [t for t in chosen if t == 0.0][:1]
+    return greedy + [t for t in chosen if t != 0.0]
 
 
 @dataclass
@@ -392,15 +405,14 @@ def build_dataset(target, sources: list[str | Prompt], cfg: DataConfig, cache_di
     # generated in full (one token limit keeps batches uniform) and cut when the sequence is stored
     keep = [i for i, r in enumerate(rendered) if 0 < len(r) <= cfg.max_seq_len - 16]
     rng = random.Random(cfg.seed)
-    temps = [t for t, _ in cfg.temperatures]
-    shares = [s for _, s in cfg.temperatures]
-    requests = [GenerationRequest(rendered[i], rng.choices(temps, shares)[0], cfg.max_new_tokens) for i in keep]
+    answers = [(i, t) for i in keep for t in sample_temperatures(cfg.temperatures, cfg.samples_per_prompt, rng)]
+    requests = [GenerationRequest(rendered[i], temp, cfg.max_new_tokens) for i, temp in answers]
     stop = tuple(target.eos_token_ids)
     outs, gen_stats = generate_all(target.model, requests, stop, cfg.gen_batch_size, seed=cfg.seed,
                                    top_k=cfg.top_k, progress=progress)
     stats.update(gen_stats)
     ids, masks, srcs = [], [], []
-    for i, out in zip(keep, outs):
+    for (i, _), out in zip(answers, outs):
         if not out:
             continue
         ids.append((rendered[i] + out)[:cfg.max_seq_len])

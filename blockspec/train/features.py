@@ -1,8 +1,9 @@
-"""Target features for training: online (a frozen target forward every step) or offline (computed once,
-stored on disk as a flat memory-mapped array [total tokens, T*H], read back per batch).
+"""Target features for training: online (a frozen target forward every step) or offline (computed once per
+run as a flat array [total tokens, T*H]: in GPU memory when it fits, else a memory-mapped file on disk).
 
-Online costs one target forward per step and no disk; offline trades disk (T*H values per token: 5 taps of
-a 576-wide target are ~5.8 KB/token in bf16) for skipping that forward on every epoch after the first.
+Online costs one target forward per step (a padded batch through every target layer: for a small target
+that is a large share of the step) and no memory; offline costs T*H values per token (3 taps of a 576-wide
+target are ~3.5 KB/token in bf16) and one forward over the data, and then skips the target entirely.
 """
 
 from __future__ import annotations
@@ -43,47 +44,77 @@ class OnlineFeatures:
 
 
 class OfflineFeatures:
-    """Features of every dataset sequence, computed once into `<dir>/features-<key>.npy` (memory-mapped)."""
+    """Features of every dataset sequence, computed once per run. Kept in device memory when they fit in
+    `resident_fraction` of what is free (on a GPU: a gather per batch, no host traffic), otherwise written once
+    to `<dir>/features-<key>.npy` and memory-mapped. `resident` forces either choice."""
 
     def __init__(self, model: TargetModel, tap_ids: tuple[int, ...], dataset: SequenceDataset, directory: str | Path,
-                 batch_size: int = 16, log=print) -> None:
+                 batch_size: int = 16, resident: bool | None = None, resident_fraction: float = 0.4,
+                 log=print) -> None:
         self.dataset = dataset
         self.dtype = model.embed_tokens.weight.dtype
         self.device = model.embed_tokens.weight.device
         width = len(tap_ids) * model.config.hidden_size
+        total = int(dataset.offsets[-1])
+        if resident is None:
+            resident = self.device.type == "cuda" and total * width * self.dtype.itemsize < (
+                resident_fraction * torch.cuda.mem_get_info(self.device)[0])
+        self.resident: torch.Tensor | None = None
+        if resident:
+            self.resident = torch.empty(total, width, dtype=self.dtype, device=self.device)
+            self._compute(model, tap_ids, batch_size, self._store_resident)
+            self._offsets = dataset.offsets.to(self.device)
+            log(f"features: {total} tokens x {width} kept in {self.device} memory "
+                f"({total * width * self.dtype.itemsize / 2**30:.1f} GiB)")
+            return
         key = hashlib.sha256(json.dumps({"data": dataset.fingerprint(), "taps": list(tap_ids),
                                          "target": repr(model.config), "dtype": str(self.dtype),
                                          "probe": float(model.embed_tokens.weight.detach().float().sum())}).encode())
         path = Path(directory) / f"features-{key.hexdigest()[:16]}.npy"
-        total = int(dataset.offsets[-1])
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
-            online = OnlineFeatures(model, tap_ids)
-            order = sorted(range(len(dataset)), key=lambda i: int(dataset.lengths[i]))
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                s = int(dataset.lengths[rows].max())
-                ids, _, lengths = collate(dataset, rows, s)
-                feats = online(ids.to(self.device)).cpu()
-                for r, i in enumerate(rows):
-                    a = int(dataset.offsets[i])
-                    n = int(lengths[r])
-                    store[a:a + n] = self._to_numpy(feats[r, :n])
-            store.flush()
-            del store
+            self._file = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
+            self._compute(model, tap_ids, batch_size, self._store_file)
+            self._file.flush()
+            del self._file
             os.replace(tmp, path)
             log(f"features: {total} tokens x {width} cached to {path}")
         self.store = np.load(path, mmap_mode="r")
 
-    def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
+    def _compute(self, model: TargetModel, tap_ids: tuple[int, ...], batch_size: int, put) -> None:
+        """Every sequence through the target once, in batches of similar length, longest first (so the
+        cache is allocated once)."""
+        dataset = self.dataset
+        online = OnlineFeatures(model, tap_ids)
+        order = sorted(range(len(dataset)), key=lambda i: -int(dataset.lengths[i]))
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            ids, _, lengths = collate(dataset, rows, int(dataset.lengths[rows].max()))
+            feats = online(ids.to(self.device))
+            for r, i in enumerate(rows):
+                a = int(dataset.offsets[i])
+                put(a, feats[r, :int(lengths[r])])
+
+    def _store_resident(self, start: int, values: torch.Tensor) -> None:
+        self.resident[start:start + values.shape[0]] = values
+
+    def _store_file(self, start: int, values: torch.Tensor) -> None:
+        values = values.cpu().contiguous()
         if self.dtype == torch.bfloat16:
-            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
-        return t.numpy()
+            values = values.view(torch.int16).numpy().view(np.uint16)
+        else:
+            values = values.numpy()
+        self._file[start:start + values.shape[0]] = values
 
     def __call__(self, input_ids: torch.Tensor, indices: list[int], lengths: torch.Tensor) -> torch.Tensor:
         b, s = input_ids.shape
+        if self.resident is not None:
+            rows = torch.as_tensor(indices, device=self.device)
+            steps = torch.arange(s, device=self.device)
+            valid = steps[None] < lengths.to(self.device)[:, None]
+            flat = torch.where(valid, self._offsets[rows][:, None] + steps[None], 0)
+            return self.resident[flat] * valid[..., None].to(self.dtype)
         out = torch.zeros(b, s, self.store.shape[1], dtype=self.dtype)
         for r, i in enumerate(indices):
             a = int(self.dataset.offsets[i])

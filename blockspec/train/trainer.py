@@ -264,8 +264,9 @@ class Trainer:
 
             if not self.dist.main:
                 distributed.barrier()  # rank 0 computes the feature file first; the others then map it
+            # batches as large as a training step's: the online path runs that shape every step
             self.features = OfflineFeatures(target.model, self.tap_ids, dataset, self.out / "features",
-                                            log=self.log)
+                                            batch_size=cfg.batch_size, log=self.log)
             if self.dist.main:
                 distributed.barrier()
         elif cfg.features == "online":
