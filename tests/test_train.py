@@ -550,6 +550,17 @@ distributed.shutdown()
 """
 
 
+def run_torchrun(script: Path, cwd: Path, processes: int = 2) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
+                          capture_output=True, text=True, env=env, timeout=240, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_ddp_two_processes_match_one(bigram, tmp_path):
     """torchrun with 2 gloo processes, global batch 8 (4 rows each) == 1 process with batch 8. Both ask for
     flex_attention, which cannot train on the CPU: every process must agree to fall back to dense attention
@@ -563,14 +574,7 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(REPO_ROOT / "tests"), data=str(tmp_path / "data.safetensors"),
                                         out=str(tmp_path / "ddp")))
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)],
-                          capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(script, tmp_path)
     # rank 0 logs for all: both processes failed, and both went on with dense attention
     assert "flex_attention failed in 2 of 2 process(es)" in (tmp_path / "ddp" / "log-0.txt").read_text()
     losses = json.loads((tmp_path / "ddp" / "losses.json").read_text())
@@ -582,6 +586,57 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
     b = load_draft(tmp_path / "single" / "draft").state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+FSDP_SCRIPT = """
+import json, shutil, sys, torch
+sys.path.insert(0, {tests!r})
+torch.set_num_threads(1)
+from blockspec.train import distributed
+from blockspec.train.data import SequenceDataset
+from blockspec.train.trainer import train
+from test_train import bigram_target, tiny_config
+info = distributed.init_from_env("cpu")
+target, _, _ = bigram_target()
+data = SequenceDataset.load({data!r})
+logs = []
+first = train(target, data, tiny_config(steps=6, lr=2e-3, parallel="fsdp", stop_after_steps=3), {out!r},
+              log=logs.append)
+if info.main:
+    shutil.copytree({out!r}, {out!r} + "-at3")
+distributed.barrier()
+rest = train(target, data, tiny_config(steps=6, lr=2e-3, parallel="fsdp"), {out!r}, resume=True, log=logs.append)
+if info.main:
+    open({out!r} + "/losses.json", "w").write(json.dumps(first.losses + rest.losses))
+    open({out!r} + "/log.txt", "w").write("\\n".join(logs))
+distributed.shutdown()
+"""
+
+
+def test_fsdp_two_processes_match_one_and_resume(bigram, tmp_path):
+    """FSDP2 (fully_shard; weights, gradients and AdamW moments sharded over 2 gloo processes), stopped after
+    3 steps and resumed from its checkpoint (gathered full state, re-sharded on load), gives the losses and
+    the exported draft of 1 process running 6 steps straight; a single process then resumes the FSDP
+    checkpoint too (the checkpoint format does not depend on the parallel mode)."""
+    target, _, data, _ = bigram
+    data.save(tmp_path / "data.safetensors")
+    single = train(target, data, tiny_config(steps=6, lr=2e-3), tmp_path / "single", log=QUIET)
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT.format(tests=str(REPO_ROOT / "tests"), data=str(tmp_path / "data.safetensors"),
+                                         out=str(tmp_path / "fsdp")))
+    run_torchrun(script, tmp_path)
+    log = (tmp_path / "fsdp" / "log.txt").read_text()
+    assert "2 processes: FSDP" in log and "resumed from" in log and "at step 3" in log
+    losses = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
+    a = load_draft(tmp_path / "fsdp" / "draft").state_dict()
+    b = load_draft(tmp_path / "single" / "draft").state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    # the FSDP checkpoint of step 3, resumed by one process, continues with the single run's steps 4-6
+    rest = train(target, data, tiny_config(steps=6, lr=2e-3), tmp_path / "fsdp-at3", resume=True, log=QUIET)
+    torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(single.losses[3:]), rtol=1e-4, atol=1e-5)
 
 
 # ---- (g) the command line --------------------------------------------------------------------------------------------

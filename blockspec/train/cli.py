@@ -72,6 +72,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--attention", choices=("auto", "flex", "dense"), default="auto")
     t.add_argument("--features", choices=("online", "offline"), default="online")
+    t.add_argument("--parallel", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="under torchrun: DDP, or FSDP2 to shard the training state (auto: FSDP2 when that state, "
+                        "16 bytes a parameter, exceeds a quarter of a GPU)")
     t.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     t.add_argument("--max-minutes", type=float, default=None, help="stop (resumable) after this long")
     t.add_argument("--checkpoint-every", type=int, default=0)
@@ -155,7 +158,8 @@ def run_train(args: argparse.Namespace) -> int:
                           mask_token_id=args.mask_token_id, steps=args.steps, epochs=args.epochs,
                           batch_size=args.batch_size, num_anchors=args.num_anchors, seq_len=args.seq_len, lr=args.lr,
                           warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, gamma=args.gamma, seed=args.seed,
-                          attention=args.attention, features=args.features, log_every=args.log_every,
+                          attention=args.attention, features=args.features,
+                          parallel=args.parallel, log_every=args.log_every,
                           eval_every=args.eval_every, eval_max_new_tokens=args.eval_max_new_tokens,
                           checkpoint_every=args.checkpoint_every, max_minutes=args.max_minutes,
                           export_dtype=args.export_dtype, progress=not args.no_progress)

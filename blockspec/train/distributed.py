@@ -1,7 +1,8 @@
 """torchrun support: process group setup from the environment and the few collectives training needs.
 
 One process per GPU (`torchrun --nproc-per-node K -m blockspec.cli train ...`, or `blockspec train` under
-torchrun): the frozen target is replicated on every rank, the draft is wrapped in DDP, every rank builds
+torchrun): the frozen target is replicated on every rank, the draft is wrapped in DDP (or FSDP2, which shards
+its weights, gradients and optimizer state: `--parallel`), every rank builds
 the same global batch (a pure function of seed and step) and keeps its own contiguous slice of rows.
 Without WORLD_SIZE > 1 everything here is a no-op.
 """

@@ -5,10 +5,11 @@ Determinism and resume: the global batch of step s is a pure function of (seed, 
 order comes from (seed, epoch), the anchors from (seed, s) -- so a run resumed from a checkpoint (weights,
 optimizer, scheduler, RNG states, data position) draws exactly what an uninterrupted run would, and a K-GPU
 run draws exactly what one GPU would at the same global batch (each rank keeps a slice of the rows; the loss
-is normalised by the GLOBAL weight sum, so DDP's gradient average equals the one-GPU gradient).
+is normalised by the GLOBAL weight sum, so DDP's (or FSDP2's) gradient average equals the one-GPU gradient).
 
 Checkpoints are written to a temporary file and moved into place with os.replace (atomic): a crash
-leaves the previous checkpoint intact.
+leaves the previous checkpoint intact. They hold the full draft and optimizer state keyed by parameter name
+(gathered from the shards under FSDP2), so a run resumes under any number of processes and either mode.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class TrainConfig:
     pad_multiple: int = 64  # dense attention: batches are padded to a multiple of this (flex: to seq_len)
     attention: str = "auto"  # auto (flex on CUDA, dense elsewhere) | flex | dense
     features: str = "online"  # online | offline
+    parallel: str = "auto"  # with several processes: ddp | fsdp | auto (fsdp when the training state is large)
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate tau only at the end (when eval prompts are given)
     eval_max_new_tokens: int = 128
@@ -233,50 +235,81 @@ class Trainer:
             raise BlockspecError(f"unknown attention {cfg.attention!r}: use auto, flex or dense")
         self.attention = attention
         self.module = BlockTrainer(self.draft, attention, compiled_flex=self.device.type == "cuda")
+        self.batches_per_epoch = len(dataset) // cfg.batch_size
+        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
+        self.start_step = int(checkpoint["step"]) if checkpoint is not None else 0
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+        self.features = self._make_features(target, dataset)
+        if self.attention == "flex":
+            # before DDP/FSDP wrap the draft: the probe must run no collectives of theirs
+            self._agree_on_attention(self.make_batch(self.start_step))
+
+        self.parallel = self._choose_parallel()
         self.model = self.module
-        if self.dist.enabled:
+        if self.parallel == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.module, device_ids=ids)
+        elif self.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
 
-        self.batches_per_epoch = len(dataset) // cfg.batch_size
-        self.total_steps = cfg.steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch))
+            # one group over the whole draft: its parameters are gathered for the step, while gradients,
+            # fp32 master weights and AdamW moments stay sharded (the part that does not fit)
+            fully_shard(self.module)
+
         params = [p for p in self.draft.parameters() if p.requires_grad]
-        fused = {"fused": True} if self.device.type == "cuda" else {}
+        fused = {"fused": True} if self.device.type == "cuda" and self.parallel != "fsdp" else {}
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                            **fused)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            cosine_with_warmup(self.total_steps, cfg.warmup_ratio))
-        self.start_step = 0
         if checkpoint is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.module, self.optimizer, checkpoint["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
             self.scheduler.load_state_dict(checkpoint["scheduler"])
-            self.start_step = int(checkpoint["step"])
             _set_rng_state(checkpoint["rng"])
             epoch, index = divmod(self.start_step, self.batches_per_epoch)
             if checkpoint["data_position"] != {"epoch": epoch, "batch": index}:
                 raise BlockspecError("--resume: the checkpoint's data position does not match its step")
             self.log(f"resumed from {self.out / CHECKPOINT} at step {self.start_step}")
 
-        if cfg.features == "offline":
+    def _make_features(self, target, dataset: SequenceDataset):
+        if self.cfg.features == "offline":
             from blockspec.train.features import OfflineFeatures
 
             if not self.dist.main:
                 distributed.barrier()  # rank 0 computes the feature file first; the others then map it
             # batches as large as a training step's: the online path runs that shape every step
-            self.features = OfflineFeatures(target.model, self.tap_ids, dataset, self.out / "features",
-                                            batch_size=cfg.batch_size, log=self.log)
+            features = OfflineFeatures(target.model, self.tap_ids, dataset, self.out / "features",
+                                       batch_size=self.cfg.batch_size, log=self.log)
             if self.dist.main:
                 distributed.barrier()
-        elif cfg.features == "online":
+            return features
+        if self.cfg.features == "online":
             from blockspec.train.features import OnlineFeatures
 
-            self.features = OnlineFeatures(target.model, self.tap_ids)
-        else:
-            raise BlockspecError(f"unknown features mode {cfg.features!r}: use online or offline")
-        self._epoch_cache: tuple[int, list[list[int]]] | None = None
-        self._attention_checked = False
+            return OnlineFeatures(target.model, self.tap_ids)
+        raise BlockspecError(f"unknown features mode {self.cfg.features!r}: use online or offline")
+
+    def _choose_parallel(self) -> str:
+        """none for one process; else DDP (a full copy of the training state per GPU), or FSDP2 when asked or
+        when that state -- fp32 weights, gradients and two AdamW moments, 16 bytes a parameter -- would take
+        more than a quarter of a GPU."""
+        if not self.dist.enabled:
+            return "none"
+        choice = self.cfg.parallel
+        if choice not in ("auto", "ddp", "fsdp"):
+            raise BlockspecError(f"unknown --parallel {choice!r}: use auto, ddp or fsdp")
+        if choice == "auto":
+            state_bytes = 16 * count_parameters(self.draft)
+            big = self.device.type == "cuda" and state_bytes > torch.cuda.get_device_properties(
+                self.device).total_memory / 4
+            choice = "fsdp" if big else "ddp"
+        self.log(f"{self.dist.world} processes: {choice.upper()}")
+        return choice
 
     def _draft_from_config(self, raw: dict, state: dict) -> DraftModel:
         cfg = DraftConfig.from_dict(raw, "checkpoint")
@@ -326,7 +359,7 @@ class Trainer:
 
     def _agree_on_attention(self, batch: dict) -> None:
         """flex_attention compiles on first use and can fail there (no backward on the CPU, an unsupported GPU).
-        Every process tries one forward/backward of its first batch outside DDP (no collectives), and all of
+        Every process tries one forward/backward of its first batch before DDP/FSDP (no collectives), and all of
         them fall back to dense attention (the same mask, materialised) if any failed: processes running
         different attention would compute different shapes and hang DDP."""
         error = None
@@ -355,7 +388,7 @@ class Trainer:
                                            self.block_size, self.gamma)
             loss_sum, correct = block_loss(hidden, target.lm_head.weight, labels, weights, self.cfg.loss_chunk_rows)
         weight_sum = distributed.all_reduce_sum(weights.sum().detach().clone())
-        # DDP averages gradients over ranks: scale so the result is the gradient of sum(CE*w) / global sum(w)
+        # DDP and FSDP average gradients over ranks: scale so the result is the gradient of sum(CE*w) / global sum(w)
         loss = loss_sum / weight_sum.clamp_min(1e-12) * self.dist.world
         loss.backward()
         sums = block_metrics(correct, weights)
@@ -365,13 +398,10 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         batch = self.make_batch(step)
-        if self.attention == "flex" and not self._attention_checked:
-            self._attention_checked = True
-            self._agree_on_attention(batch)
-            if self.attention == "dense":
-                batch = self.make_batch(step)
         sums = self._forward_backward(batch)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.cfg.grad_clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor over the shards
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
@@ -388,14 +418,36 @@ class Trainer:
                 "blocks": int(sums["count_k"][1].item())}
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
+    def _full_state(self, optimizer: bool) -> tuple[dict, dict | None]:
+        """The draft's full weights (and optimizer state, keyed by parameter name so that a checkpoint resumes
+        under any parallel mode), on the CPU, in rank 0. Under FSDP every rank must call this: it gathers."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(self.module, options=options)
+        weights = {k.removeprefix("draft."): v.detach().cpu() for k, v in weights.items()}
+        optim = get_optimizer_state_dict(self.module, self.optimizer, options=options) if optimizer else None
+        return weights, optim
+
+    def _full_draft(self) -> DraftModel | None:
+        """The draft as a plain module in rank 0 (itself, or under FSDP a gathered copy); None elsewhere."""
+        if self.parallel != "fsdp":
+            return self.draft if self.dist.main else None
+        weights, _ = self._full_state(optimizer=False)
+        if not self.dist.main:
+            return None
+        return self._draft_from_config(self.draft.config.to_dict(), weights).to(self.device).eval()
+
     def save_checkpoint(self, next_step: int) -> None:
+        weights, optim = self._full_state(optimizer=True)
         if not self.dist.main:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         state = {
-            "draft": {k: v.detach().cpu() for k, v in self.draft.state_dict().items()},
+            "draft": weights,
             "draft_config": self.draft.config.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
             "step": next_step,
             "data_position": self.data_position(next_step),
@@ -408,18 +460,22 @@ class Trainer:
 
     def export(self) -> Path:
         directory = self.out / DRAFT_DIR
-        if self.dist.main:
+        draft = self._full_draft()
+        if draft is not None:
             dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
                 self.cfg.export_dtype]
-            atomic_save_draft(self.draft, directory, dtype)
+            atomic_save_draft(draft, directory, dtype)
         return directory
 
     def evaluate(self, step: int, metrics: MetricsLog) -> dict | None:
-        if not self.eval_prompts or not self.dist.main:
+        if not self.eval_prompts:
+            return None
+        draft = self._full_draft()
+        if draft is None:
             return None
         from blockspec.train.evaluate import evaluate_draft
 
-        result = evaluate_draft(self.target, self.draft, self.eval_prompts, self.cfg.eval_max_new_tokens)
+        result = evaluate_draft(self.target, draft, self.eval_prompts, self.cfg.eval_max_new_tokens)
         record = {"step": step, "eval_tau": result["tau"], "eval_histogram": result["histogram"],
                   "eval_seconds": result["seconds"], "eval_prompts": len(self.eval_prompts)}
         metrics.write(record)
