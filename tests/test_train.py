@@ -425,6 +425,47 @@ def test_samples_per_prompt_split_over_the_temperature_mix(bigram, tmp_path, mon
         assert len(mine) == 2 and greedy[i][0].tolist() in mine
 
 
+def test_hub_dataset_sources(monkeypatch):
+    """`hub:NAME[:SPLIT[:FIELD]][:N]` asks `datasets.load_dataset(NAME, split=SPLIT)` and turns its records
+    into prompts (chat messages incl. ShareGPT's from/value, or one text field); a load failure or a missing
+    `datasets` package is a one-line error. The hub itself is not reachable here, so `datasets` is a stand-in
+    that records what it was asked."""
+    import sys
+    import types
+
+    from blockspec.train.data import load_prompts
+
+    calls = []
+    rows = [{"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "old"}]},
+            {"question": "What is 2+3?", "answer": "5"},
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]},
+            {"unrelated": 1}]
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        if name == "no/such":
+            raise FileNotFoundError("Dataset 'no/such' doesn't exist on the Hub\nmore lines")
+        return iter(rows)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    prompts = load_prompts("hub:org/chat")
+    assert calls[-1] == ("org/chat", "train")
+    assert [p.messages for p in prompts] == [
+        [{"role": "user", "content": "Hi?"}],  # the old answer is dropped: the target regenerates it
+        [{"role": "user", "content": "What is 2+3?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]]
+    assert {p.source for p in prompts} == {"hub:org/chat"}
+    assert len(load_prompts("hub:org/chat:test:2")) == 2 and calls[-1] == ("org/chat", "test")
+    by_field = load_prompts("hub:org/qa:validation:answer")
+    assert calls[-1] == ("org/qa", "validation") and [p.messages for p in by_field] == [
+        [{"role": "user", "content": "5"}]]
+    with pytest.raises(BlockspecError, match="cannot load hub dataset 'no/such' split 'train': Dataset"):
+        load_prompts("hub:no/such")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(BlockspecError, match="pip install datasets"):
+        load_prompts("hub:org/chat")
+
+
 def test_chat_template_rendering_masks_exactly_the_assistant_tokens(tmp_path):
     """With SmolLM2's tokenizer and chat template: prompt = template with the generation prompt, mask = the
     generated tokens, and the text splits exactly at the assistant turn."""
