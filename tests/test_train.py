@@ -466,6 +466,62 @@ def test_hub_dataset_sources(monkeypatch):
         load_prompts("hub:org/chat")
 
 
+def test_variant_prompts(tmp_path, monkeypatch):
+    """variants:SOURCE[:N]: the target continues the opening words of SOURCE's first lines; a question stays a
+    question (cut at its last '?'), the rest of the base prompt is kept, repeats and too-short continuations
+    are dropped, and the spec's errors are one-liners. The target's generation is a stand-in here that
+    writes a numbered continuation, so every rule is checked exactly."""
+    import types
+
+    from transformers import AutoTokenizer
+
+    import blockspec.train.generate as generate
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target.loading import gguf_as_hf_dir
+    from blockspec.train.data import VariantRequest, load_prompts, variant_prompts
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(smollm2_gguf_path())))
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {exc}")
+    base = tmp_path / "base.jsonl"
+    base.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Tom has three red apples and two green pears in a bag. How many fruits?\nAnswer in words."},
+        {"question": "Write a short poem about the sea and the wind tonight"},
+        {"question": "Too short"}]))
+    request = load_prompts(f"variants:{base}:9")
+    assert isinstance(request, VariantRequest) and request.count == 9 and len(request.base) == 3
+    assert load_prompts(f"variants:{base}").count == 3  # default: as many as the source has
+    for bad in ("variants:self:5", "variants:"):
+        with pytest.raises(BlockspecError, match="variants need a source of text prompts"):
+            load_prompts(bad)
+
+    counter = iter(range(10**6))
+
+    def fake_generate_all(model, requests, stop, batch_size, seed=0, top_k=0, progress=False):
+        outs = []
+        for _ in requests:
+            i = next(counter)
+            text = f" number {i} of them? Then more words" if i % 4 else " ok"  # every 4th: too short
+            outs.append(tok.encode(text, add_special_tokens=False) + [tok.eos_token_id])
+        return outs, {}
+
+    monkeypatch.setattr(generate, "generate_all", fake_generate_all)
+    target = types.SimpleNamespace(tokenizer=tok, eos_token_ids=[tok.eos_token_id], model=None)
+    prompts = variant_prompts(target, request, DataConfig(seed=3))
+    assert len(prompts) == 9 and len({p.key() for p in prompts}) == 9
+    for p in prompts:
+        content = p.messages[0]["content"]
+        assert p.source == f"variants:{base}" and p.messages[0]["role"] == "user"
+        if content.startswith("Tom"):  # the question's variant: cut at the '?', the second line kept
+            line, rest = content.split("\n")
+            assert line.endswith("of them?") and rest == "Answer in words." and "Then more" not in line
+            assert len(line.split()) >= 6 and line.split()[:3] == ["Tom", "has", "three"]
+        else:  # not a question: the whole continued line
+            assert content.startswith("Write a short") and content.endswith("Then more words")
+            assert "\n" not in content
+
+
 def test_chat_template_rendering_masks_exactly_the_assistant_tokens(tmp_path):
     """With SmolLM2's tokenizer and chat template: prompt = template with the generation prompt, mask = the
     generated tokens, and the text splits exactly at the assistant turn."""

@@ -5,6 +5,9 @@ Prompt sources (`--data`, repeatable):
                        phrased like the gsm8k benchmark prompts (SPEC section 7)
   mbpp[:N]             MBPP train split (task_id 601-974), text + its tests
   self[:N]             N prompts written by the target itself from its chat template's user turn
+  variants:SOURCE[:N]  N new prompts in the style of SOURCE's (default: as many as it has): the target
+                       continues the opening words of a random SOURCE prompt as plain text (see
+                       `variant_prompts`); more distinct prompts of the benchmark's kind than the set holds
   PATH.jsonl[:N]       one record per line: `messages` (chat), `question`, `prompt`, `text`, `instruction`,
                        `turns` (first turn) or `input_ids` (token ids, no template); .json = a list of them
   hub:NAME[:SPLIT[:FIELD]]  a model-hub dataset (needs the `datasets` package)
@@ -55,6 +58,15 @@ class Prompt:
 
     def key(self) -> str:
         return json.dumps(self.messages if self.ids is None else self.ids, sort_keys=True)
+
+
+@dataclass
+class VariantRequest:
+    """`count` prompts to be written by the target in the style of `base` (resolved when the target is there)."""
+
+    source: str
+    base: list[Prompt]
+    count: int
 
 
 # ---- prompt sources --------------------------------------------------------------------------------------------
@@ -145,9 +157,19 @@ def hub_prompts(spec: str, limit: int | None) -> list[Prompt]:
     return prompts
 
 
-def load_prompts(spec: str) -> list[Prompt] | int:
-    """Prompts for one source spec; `self[:N]` returns the number N of prompts to self-generate."""
+def load_prompts(spec: str) -> list[Prompt] | int | VariantRequest:
+    """Prompts for one source spec; `self[:N]` returns the number N of prompts to self-generate and
+    `variants:SOURCE[:N]` what the target is to write (both need the target: `build_dataset` does it)."""
     name, _, rest = spec.partition(":")
+    if name == "variants":
+        base_spec, _, count = rest.rpartition(":")
+        if not (base_spec and count.isdigit()):
+            base_spec, count = rest, ""
+        base = load_prompts(base_spec) if base_spec else []
+        if not isinstance(base, list) or not any(_first_line_and_rest(p) for p in base):
+            raise BlockspecError(f"data source {spec!r}: variants need a source of text prompts, e.g. "
+                                 f"variants:gsm8k:10000")
+        return VariantRequest(f"variants:{base_spec}", base, int(count) if count else len(base))
     if name == "hub":
         sub, _, count = rest.rpartition(":")
         if sub and count.isdigit():
@@ -314,10 +336,15 @@ def target_identity(target) -> dict:
     return {"config": repr(target.model.config), "dtype": str(target.dtype), "weights": digest}
 
 
-def cache_key(target, prompts: list[Prompt], self_count: int, cfg: DataConfig) -> str:
+def cache_key(target, prompts: list[Prompt], self_count: int, cfg: DataConfig,
+              variants: list[VariantRequest] = ()) -> str:
     h = hashlib.sha256()
     h.update(json.dumps({"v": CACHE_VERSION, "target": target_identity(target), "cfg": cfg.key_dict(),
                          "self": self_count}, sort_keys=True).encode())
+    for request in variants:  # what the target is asked to write from which base prompts
+        h.update(f"{request.source}:{request.count}\0".encode())
+        for p in request.base:
+            h.update(p.key().encode())
     for p in prompts:
         h.update(p.key().encode())
         h.update(b"\0")
@@ -367,6 +394,61 @@ def self_generated_prompts(target, count: int, cfg: DataConfig, progress: bool =
     return prompts[:count]
 
 
+def _first_line_and_rest(prompt: Prompt) -> tuple[str, str] | None:
+    """A one-user-turn text prompt split at its first newline (gsm8k: the question | the answer-format line)."""
+    if prompt.messages is None or len(prompt.messages) != 1 or prompt.messages[0].get("role") != "user":
+        return None
+    first, _, rest = prompt.messages[0]["content"].partition("\n")
+    return (first, rest) if len(first.split()) >= 6 else None
+
+
+def variant_prompts(target, request: VariantRequest, cfg: DataConfig, progress: bool = False) -> list[Prompt]:
+    """`request.count` new prompts in the style of `request.base`, written by the target: the first 30-60% of
+    the words of a random base prompt's first line, continued by the target as plain text (no chat template;
+    temperature `self_prompt_temperature`, top-k 50) to the end of the line. The rest of the base prompt is
+    kept (gsm8k's answer-format line). A continuation must add 3 words, differ from every base line and every
+    earlier variant, and, where the base line asks a question, end at its last '?'. A small target writes
+    imperfect questions; what matters for a draft is the target's own answers to prompts of this kind."""
+    from blockspec.train.generate import GenerationRequest, generate_all
+
+    tok = target.tokenizer
+    if tok is None:
+        raise BlockspecError(f"{request.source}: variants need a target with a tokenizer")
+    bases = [split for split in map(_first_line_and_rest, request.base) if split]
+    stop = set(target.eos_token_ids)
+    for newline in ("\n", "\n\n"):  # stop at the end of the line (the text is cut there anyway)
+        ids = tok.encode(newline, add_special_tokens=False)
+        if len(ids) == 1:
+            stop.add(ids[0])
+    rng = random.Random(cfg.seed * 31 + 7)
+    seen = {first.strip() for first, _ in bases}
+    prompts: list[Prompt] = []
+    for attempt in range(4):  # a few rounds for the continuations that are rejected
+        need = request.count - len(prompts)
+        if need <= 0:
+            break
+        picks = []
+        for _ in range(int(need * 1.3) + 4):
+            first, rest = rng.choice(bases)
+            words = first.split()
+            cut = rng.randint(max(3, int(0.3 * len(words))), max(3, int(0.6 * len(words))))
+            picks.append((" ".join(words[:cut]), first, rest))
+        requests = [GenerationRequest(tok.encode(prefix, add_special_tokens=False), cfg.self_prompt_temperature,
+                                      cfg.self_prompt_max_tokens) for prefix, _, _ in picks]
+        outs, _ = generate_all(target.model, requests, tuple(stop), cfg.gen_batch_size,
+                               seed=cfg.seed * 7 + 2000 + attempt, top_k=cfg.top_k or 50, progress=progress)
+        for (prefix, first, rest), req, out in zip(picks, requests, outs):
+            line = tok.decode(req.prompt_ids + out, skip_special_tokens=True).split("\n")[0].strip()
+            if first.rstrip().endswith("?"):
+                line = line[:line.rfind("?") + 1] if "?" in line[len(prefix):] else ""
+            if len(line.split()) < len(prefix.split()) + 3 or line in seen:
+                continue
+            seen.add(line)
+            content = line + ("\n" + rest if rest else "")
+            prompts.append(Prompt(messages=[{"role": "user", "content": content}], source=request.source))
+    return prompts[:request.count]
+
+
 def render_prompt(target, prompt: Prompt, enable_thinking: bool | None) -> list[int]:
     if prompt.ids is not None:
         return list(prompt.ids)
@@ -382,6 +464,7 @@ def build_dataset(target, sources: list[str | Prompt], cfg: DataConfig, cache_di
 
     prompts: list[Prompt] = []
     self_count = 0
+    variants: list[VariantRequest] = []
     for source in sources:
         if isinstance(source, Prompt):
             prompts.append(source)
@@ -389,11 +472,13 @@ def build_dataset(target, sources: list[str | Prompt], cfg: DataConfig, cache_di
         loaded = load_prompts(source)
         if isinstance(loaded, int):
             self_count += loaded
+        elif isinstance(loaded, VariantRequest):
+            variants.append(loaded)
         else:
             prompts.extend(loaded)
-    if not prompts and not self_count:
+    if not prompts and not self_count and not variants:
         raise BlockspecError("no training prompts: pass --data (gsm8k, mbpp, self:N, a .jsonl file, hub:NAME)")
-    key = cache_key(target, prompts, self_count, cfg)
+    key = cache_key(target, prompts, self_count, cfg, variants)
     path = Path(cache_dir) / f"data-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.is_file():
         log(f"data: reusing cache {path}")
@@ -402,6 +487,10 @@ def build_dataset(target, sources: list[str | Prompt], cfg: DataConfig, cache_di
     if self_count:
         generated = self_generated_prompts(target, self_count, cfg, progress)
         log(f"data: {len(generated)} self-generated prompts")
+        prompts.extend(generated)
+    for request in variants:
+        generated = variant_prompts(target, request, cfg, progress)
+        log(f"data: {len(generated)} prompts written by the target ({request.source})")
         prompts.extend(generated)
     rendered = [render_prompt(target, p, cfg.enable_thinking) for p in prompts]
     # prompts that leave fewer than 16 response tokens are dropped; a response running past max_seq_len is
