@@ -377,7 +377,8 @@ def report(path: str) -> str:
               "| --- | --- | " + " | ".join("---" for _ in TAUS) + " |"]
     for ctx, row in r["contexts"].items():
         for kind in ("dflash", "dflare"):
-            cells = [f"{o['tokens_per_s']:.0f} tok/s ({o['speedup_vs_blockspec_ar']:.2f}x)" for o in row[kind]["oracle"]]
+            cells = [f"{o['tokens_per_s']:.0f} tok/s ({o['speedup_vs_blockspec_ar']:.2f}x)"
+                     for o in row[kind]["oracle"]]
             lines.append(f"| {ctx} | {kind} | " + " | ".join(cells) + " |")
     if "smollm2" in r:
         s = r["smollm2"]

@@ -86,7 +86,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from blockspec.hub import DEFAULT_TARGET
+from blockspec.hub import DEFAULT_TARGET  # noqa: E402
 
 RESULT = "train_scaling.json"
 PLOT = "train_scaling.png"

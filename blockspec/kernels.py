@@ -88,13 +88,13 @@ def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n
     ok = s < n_splits
     ml = ML + b * sm_b + h * sm_h + s * sm_s + i * sm_n
     m = tl.load(ml, mask=ok, other=float("-inf"))
-    l = tl.load(ml + 1, mask=ok, other=0.0)
+    denom = tl.load(ml + 1, mask=ok, other=0.0)
     m_max = tl.max(m, axis=0)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
     dims = tl.arange(0, D)
     acc = tl.load(ACC + b * sa_b + h * sa_h + s[:, None] * sa_s + i * sa_n + dims[None, :],
                   mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
     tl.store(OUT + b * so_b + i * so_n + h * so_h + dims, out.to(OUT.dtype.element_ty))
 
 

@@ -47,7 +47,8 @@ def test_decode_attention_matches_reference(shape, dtype):
     block_end = limits[:, -1:].expand_as(limits)
     shared = kernels.decode_attention(q, k, v, block_end, window)
     shared_ref = reference_attention(q, k, v, block_end.contiguous(), window)
-    assert ((shared.double() - shared_ref).norm() / shared_ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((shared.double() - shared_ref).norm() / shared_ref.norm()).item() < tolerance
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 

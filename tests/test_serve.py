@@ -30,7 +30,7 @@ httpx = pytest.importorskip("httpx")
 from blockspec.cli import main  # noqa: E402
 from blockspec.errors import BlockspecError  # noqa: E402
 from blockspec.serve.app import create_app  # noqa: E402
-from conftest import save_tiny_chat_target
+from conftest import save_tiny_chat_target  # noqa: E402
 
 PROMPT = "Tell me a story about a lighthouse."
 API_KEY = "test-key-123"

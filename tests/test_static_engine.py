@@ -24,9 +24,9 @@ def tiny_target(seed: int = 0, std: float = 0.3) -> Target:
 def agreeing_pair(block_size: int = 8, token: int = 7):
     """A target whose greedy choice is always `token` and a draft that proposes it in every slot.
 
-    Feature 0 of every embedding (the draft's mask embedding too) is large and no layer writes to it, so after any final RMSNorm it stays
-    positive; the lm_head reads only feature 0 and only `token`'s row is non-zero. Both networks share that
-    lm_head, so the draft agrees everywhere: every step accepts the whole block.
+    Feature 0 of every embedding (the draft's mask embedding too) is large and no layer writes to it, so after
+    any final RMSNorm it stays positive; the lm_head reads only feature 0 and only `token`'s row is non-zero.
+    Both networks share that lm_head, so the draft agrees everywhere: every step accepts the whole block.
     """
     target = tiny_target()
     model = target.model

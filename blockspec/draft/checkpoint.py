@@ -32,7 +32,8 @@ def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
         files = sorted(directory.glob("*.safetensors"))
     if not files:
         pickles = [p.name for p in directory.glob("*.bin")] + [p.name for p in directory.glob("*.pt")]
-        hint = f" (found {pickles[0]}: blockspec never loads pickle files; convert it to safetensors)" if pickles else ""
+        hint = (f" (found {pickles[0]}: blockspec never loads pickle files; convert it to safetensors)"
+                if pickles else "")
         raise BlockspecError(f"draft directory {str(directory)!r} has no *.safetensors weights{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for file in files:
