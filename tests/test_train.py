@@ -627,8 +627,9 @@ def test_resident_offline_features_equal_file_and_online(bigram, tmp_path):
         assert not from_memory[row, n:].any()
 
 
-DDP_SCRIPT = """
-import json, sys, torch
+# what every torchrun test script starts with: join the gloo group, the bigram target, the saved dataset
+SCRIPT_SETUP = """
+import json, shutil, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
 from blockspec.train import distributed
@@ -639,12 +640,22 @@ info = distributed.init_from_env("cpu")
 target, _, _ = bigram_target()
 data = SequenceDataset.load({data!r})
 logs = []
+"""
+
+DDP_SCRIPT = SCRIPT_SETUP + """
 result = train(target, data, tiny_config(steps=6, lr=2e-3, attention="flex"), {out!r}, log=logs.append)
 open({out!r} + f"/log-{{info.rank}}.txt", "w").write("\\n".join(logs))
 if info.main:
     open({out!r} + "/losses.json", "w").write(json.dumps(result.losses))
 distributed.shutdown()
 """
+
+
+def assert_same_draft(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_draft(a_dir).state_dict(), load_draft(b_dir).state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def run_torchrun(script: Path, cwd: Path, processes: int = 2) -> None:
@@ -679,24 +690,10 @@ def test_ddp_two_processes_match_one(bigram, tmp_path):
     tokens = [[r["tokens"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
               for run in ("single", "ddp")]
     assert tokens[0] == tokens[1] and len(tokens[0]) == 6  # the global batch's tokens, not rank 0's x world
-    a = load_draft(tmp_path / "ddp" / "draft").state_dict()
-    b = load_draft(tmp_path / "single" / "draft").state_dict()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    assert_same_draft(tmp_path / "ddp" / "draft", tmp_path / "single" / "draft")
 
 
-FSDP_SCRIPT = """
-import json, shutil, sys, torch
-sys.path.insert(0, {tests!r})
-torch.set_num_threads(1)
-from blockspec.train import distributed
-from blockspec.train.data import SequenceDataset
-from blockspec.train.trainer import train
-from test_train import bigram_target, tiny_config
-info = distributed.init_from_env("cpu")
-target, _, _ = bigram_target()
-data = SequenceDataset.load({data!r})
-logs = []
+FSDP_SCRIPT = SCRIPT_SETUP + """
 first = train(target, data, tiny_config(steps=6, lr=2e-3, parallel="fsdp", stop_after_steps=3), {out!r},
               log=logs.append)
 if info.main:
@@ -726,11 +723,7 @@ def test_fsdp_two_processes_match_one_and_resume(bigram, tmp_path):
     assert "2 processes: FSDP" in log and "resumed from" in log and "at step 3" in log
     losses = json.loads((tmp_path / "fsdp" / "losses.json").read_text())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single.losses), rtol=1e-4, atol=1e-5)
-    a = load_draft(tmp_path / "fsdp" / "draft").state_dict()
-    b = load_draft(tmp_path / "single" / "draft").state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+    assert_same_draft(tmp_path / "fsdp" / "draft", tmp_path / "single" / "draft")
     # the FSDP checkpoint of step 3, resumed by one process, continues with the single run's steps 4-6
     rest = train(target, data, tiny_config(steps=6, lr=2e-3), tmp_path / "fsdp-at3", resume=True, log=QUIET)
     torch.testing.assert_close(torch.tensor(rest.losses), torch.tensor(single.losses[3:]), rtol=1e-4, atol=1e-5)
