@@ -95,13 +95,14 @@ def run(args: argparse.Namespace) -> dict:
     record = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
               "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "context": CONTEXT, "compile_mode": mode, "steps": args.steps, "rows": []}
-    for n in (1, 16):
+    for n in args.tokens:
         with torch.inference_mode():
             step = make_step(model, cache, n, device)
             variants = {"graphs": lambda: hand_graph(step, device), "eager": lambda: step,
                         "compile-plain": lambda: torch.compile(step, mode=mode),
                         "compile-kernels": lambda: torch.compile(step, mode=mode)}
-            for name, build in variants.items():
+            for name in args.variants:
+                build = variants[name]
                 row = {"tokens": n, "variant": name}
                 try:
                     # the plain variant traces and runs with our kernels off
@@ -135,6 +136,10 @@ def report(path: str) -> str:
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+                        help="tokens per pass to time, e.g. 1,16")
+    parser.add_argument("--variants", type=lambda s: s.split(","),
+                        default=["graphs", "eager", "compile-plain", "compile-kernels"])
     run_and_report(parser, run, report, "compile_vs_graphs")
 
 
