@@ -56,16 +56,18 @@ class OfflineFeatures:
         self.device = model.embed_tokens.weight.device
         width = len(tap_ids) * model.config.hidden_size
         total = int(dataset.offsets[-1])
+        size = total * width * self.dtype.itemsize
         if resident is None:
-            resident = self.device.type == "cuda" and total * width * self.dtype.itemsize < (
-                resident_fraction * torch.cuda.mem_get_info(self.device)[0])
+            resident = self.device.type == "cuda" and size < resident_fraction * torch.cuda.mem_get_info(self.device)[0]
+            if self.device.type == "cuda" and not resident:
+                log(f"features: {size / 2**30:.1f} GiB exceed {resident_fraction:.0%} of the free GPU memory; "
+                    f"memory-mapped from disk instead (each step copies its batch from the host)")
         self.resident: torch.Tensor | None = None
         if resident:
             self.resident = torch.empty(total, width, dtype=self.dtype, device=self.device)
             self._compute(model, tap_ids, batch_size, self._store_resident)
             self._offsets = dataset.offsets.to(self.device)
-            log(f"features: {total} tokens x {width} kept in {self.device} memory "
-                f"({total * width * self.dtype.itemsize / 2**30:.1f} GiB)")
+            log(f"features: {total} tokens x {width} kept in {self.device} memory ({size / 2**30:.1f} GiB)")
             return
         key = hashlib.sha256(json.dumps({"data": dataset.fingerprint(), "taps": list(tap_ids),
                                          "target": repr(model.config), "dtype": str(self.dtype),
