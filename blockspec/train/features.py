@@ -65,7 +65,8 @@ class OfflineFeatures:
         self.resident: torch.Tensor | None = None
         if resident:
             self.resident = torch.empty(total, width, dtype=self.dtype, device=self.device)
-            self._compute(model, tap_ids, batch_size, self._store_resident)
+            for start, values in self._compute(model, tap_ids, batch_size):
+                self.resident[start:start + values.shape[0]] = values
             self._offsets = dataset.offsets.to(self.device)
             log(f"features: {total} tokens x {width} kept in {self.device} memory ({size / 2**30:.1f} GiB)")
             return
@@ -76,17 +77,23 @@ class OfflineFeatures:
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            self._file = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
-            self._compute(model, tap_ids, batch_size, self._store_file)
-            self._file.flush()
-            del self._file
+            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
+            for start, values in self._compute(model, tap_ids, batch_size):
+                store[start:start + values.shape[0]] = self._to_numpy(values.cpu())
+            store.flush()
+            del store
             os.replace(tmp, path)
             log(f"features: {total} tokens x {width} cached to {path}")
         self.store = np.load(path, mmap_mode="r")
 
-    def _compute(self, model: TargetModel, tap_ids: tuple[int, ...], batch_size: int, put) -> None:
-        """Every sequence through the target once, in batches of similar length, longest first (so the
-        cache is allocated once)."""
+    def _to_numpy(self, t: torch.Tensor) -> np.ndarray:
+        if self.dtype == torch.bfloat16:  # numpy has no bfloat16: the bits, as uint16
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16)
+        return t.numpy()
+
+    def _compute(self, model: TargetModel, tap_ids: tuple[int, ...], batch_size: int):
+        """(flat start, features [n, T*H]) of every sequence, through the target once in batches of similar
+        length, longest first (so the cache is allocated once)."""
         dataset = self.dataset
         online = OnlineFeatures(model, tap_ids)
         order = sorted(range(len(dataset)), key=lambda i: -int(dataset.lengths[i]))
@@ -95,19 +102,7 @@ class OfflineFeatures:
             ids, _, lengths = collate(dataset, rows, int(dataset.lengths[rows].max()))
             feats = online(ids.to(self.device))
             for r, i in enumerate(rows):
-                a = int(dataset.offsets[i])
-                put(a, feats[r, :int(lengths[r])])
-
-    def _store_resident(self, start: int, values: torch.Tensor) -> None:
-        self.resident[start:start + values.shape[0]] = values
-
-    def _store_file(self, start: int, values: torch.Tensor) -> None:
-        values = values.cpu().contiguous()
-        if self.dtype == torch.bfloat16:
-            values = values.view(torch.int16).numpy().view(np.uint16)
-        else:
-            values = values.numpy()
-        self._file[start:start + values.shape[0]] = values
+                yield int(dataset.offsets[i]), feats[r, :int(lengths[r])]
 
     def __call__(self, input_ids: torch.Tensor, indices: list[int], lengths: torch.Tensor) -> torch.Tensor:
         b, s = input_ids.shape
