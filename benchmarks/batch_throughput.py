@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import make_draft, qwen3_4b_config, sync  # noqa: E402
-from harness import parser_with_common_flags, run_and_report  # noqa: E402
+from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 from blockspec.engine import BatchDecoder, SamplingParams  # noqa: E402
 from blockspec.target import Target, TargetModel  # noqa: E402
@@ -177,9 +176,8 @@ def smollm2(args: argparse.Namespace, device: str) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     device = args.device
-    record = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
-              "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(sys.argv), "repeats": args.repeats, "concurrency": CONCURRENCY, "blocks": BLOCKS}
+    record = {**run_header(args), "command": " ".join(sys.argv), "repeats": args.repeats,
+              "concurrency": CONCURRENCY, "blocks": BLOCKS}
     with torch.inference_mode():
         record["qwen3_4b"] = qwen3_4b(args, device)
         if args.smollm2:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import qwen3_4b_config, sync  # noqa: E402
-from harness import capture_graph, parser_with_common_flags, run_and_report  # noqa: E402
+from harness import capture_graph, parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 import blockspec.layers as layers  # noqa: E402
 from blockspec.target import TargetModel  # noqa: E402
@@ -92,9 +92,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (1, CONTEXT), device=device)
         model(prompt, torch.arange(CONTEXT, device=device)[None], cache, (), kv_len=CONTEXT)
     mode = "reduce-overhead" if device.startswith("cuda") else "default"
-    record = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-              "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "context": CONTEXT, "compile_mode": mode, "steps": args.steps, "rows": []}
+    record = {**run_header(args), "context": CONTEXT, "compile_mode": mode, "steps": args.steps, "rows": []}
     for n in args.tokens:
         with torch.inference_mode():
             step = make_step(model, cache, n, device)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import parser_with_common_flags, run_and_report  # noqa: E402
+from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 from blockspec.draft import load_draft  # noqa: E402
 from blockspec.engine import SamplingParams  # noqa: E402
@@ -37,9 +35,8 @@ def run(args) -> dict:
     held_out = [[{"role": "user", "content": turns[0]}] for turns in benchmark_conversations("gsm8k-test",
                                                                                             args.prompts)]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
-    record = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "dtype": dtype,
-              "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "target": args.target, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rows": []}
+    record = {**run_header(args), "dtype": dtype, "target": args.target, "prompts": args.prompts,
+              "max_new_tokens": args.max_new_tokens, "rows": []}
     for name in args.drafts.split(","):
         draft = load_draft(shipped_draft_dir(name), device=device, dtype=target.dtype)
         decoder = make_decoder(target, draft)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import parser_with_common_flags, run_and_report  # noqa: E402
+from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
@@ -282,9 +281,7 @@ def run(args: argparse.Namespace) -> dict:
     device, tiny = args.device, args.tiny
     dtype = torch.float32 if tiny else torch.bfloat16
     torch.manual_seed(0)
-    record: dict = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
-                    "torch": torch.__version__, "dtype": str(dtype), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "commit": args.commit, "tiny": tiny, "contexts": {}}
+    record: dict = {**run_header(args), "dtype": str(dtype), "tiny": tiny, "contexts": {}}
     bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
     record["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
 from pathlib import Path
 from typing import Callable
@@ -38,6 +39,13 @@ def write_record(record: dict, out_dir: str | Path, name: str, report: Callable[
     print(report(str(path)))
     print(f"wrote {path}")
     return path
+
+
+def run_header(args: argparse.Namespace) -> dict:
+    """What every results JSON starts with: the device, torch, the commit and the time of the run."""
+    cuda = args.device.startswith("cuda")
+    return {"device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
 def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
