@@ -491,6 +491,8 @@ def build_dataset(target, sources: list[str | Prompt], cfg: DataConfig, cache_di
     for request in variants:
         generated = variant_prompts(target, request, cfg, progress)
         log(f"data: {len(generated)} prompts written by the target ({request.source})")
+        for example in generated[:3]:  # the only way to judge them is to read some
+            log(f"data:   e.g. {example.messages[0]['content'].splitlines()[0]!r}")
         prompts.extend(generated)
     rendered = [render_prompt(target, p, cfg.enable_thinking) for p in prompts]
     # prompts that leave fewer than 16 response tokens are dropped; a response running past max_seq_len is
