@@ -92,7 +92,7 @@ def shapes(tc, layers: int, taps: list[int], flash_inter: int) -> dict:
 def phase_data(args, target) -> SequenceDataset:
     cfg = DataConfig(max_new_tokens=args.max_new_tokens, temperatures=parse_temperature_mix(args.temperatures),
                      samples_per_prompt=args.samples_per_prompt,
-                     max_seq_len=args.seq_len, gen_batch_size=args.gen_batch_size, seed=0)
+                     max_seq_len=args.seq_len, gen_batch_size=args.gen_batch_size, seed=args.data_seed)
     sources = [f"gsm8k:{args.gsm8k}" if args.gsm8k else "gsm8k", f"mbpp:{args.mbpp}" if args.mbpp else "mbpp"]
     if args.self_prompts:
         sources.append(f"self:{args.self_prompts}")
@@ -413,6 +413,9 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=640)
     p.add_argument("--lr", type=float, default=6e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-seed", type=int, default=0,
+                   help="seed of the data (sampling, self-written prompts, variants): another value gives a further "
+                        "round of new prompts for continuing the drafts")
     p.add_argument("--init-from-shipped", action="store_true",
                    help="warm start each draft from the shipped one (weights only; a fresh schedule of --steps)")
     p.add_argument("--attention", default="auto")
