@@ -11,8 +11,13 @@ One run measures, side by side on one GPU:
   - a kernel-time profile of one speculative step (where the time goes);
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
+--pdl-ab runs only this instead: the graphed AR token and DFlash / DFlare steps with programmatic dependent
+launch off and on (`kernels.PDL`), alternating, in one run; the floors; and checks that with PDL the graphed
+greedy tokens equal the eager path's and PDL-off tokens.
+
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
+    python benchmarks/engine_limit.py --pdl-ab --out DIR   # PDL off vs on (Hopper)
     python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
 """
 
@@ -277,6 +282,60 @@ def attention_sweep(device: str) -> list[dict]:
     return rows
 
 
+def set_pdl(on: bool, device: str) -> bool:
+    """Switch programmatic dependent launch for the Triton kernels launched from now on; whether it is in
+    effect (the CPU path launches none, and the kernels module needs Triton)."""
+    if not device.startswith("cuda"):
+        return False
+    from blockspec import kernels
+
+    kernels.PDL = on
+    return kernels.use_pdl(torch.empty(0, device=device))
+
+
+def pdl_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
+           max_len: int) -> dict:
+    """Programmatic dependent launch off vs on, side by side: fresh graphed decoders per setting (a captured
+    graph keeps the launch attributes it was captured with), timed alternately (off, on, off, on) at each
+    context; the median of each setting's repeats. PDL changes when kernels start, never what they compute,
+    so the tokens must equal the eager path's and the PDL-off tokens exactly."""
+    cfg, model = target.model.config, target.model
+    decoders = {}
+    for pdl in (False, True):
+        set_pdl(pdl, args.device)
+        decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=max_len),
+                         **{kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}}
+    out: dict = {"in_effect": set_pdl(True, args.device), "check": {}, "contexts": {}}
+    prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
+    params = SamplingParams(max_new_tokens=256, ignore_eos=True)
+    for name, draft in (("ar", None), *drafts.items()):
+        set_pdl(True, args.device)
+        eager = SpeculativeDecoder(target, draft).generate(prompt, params).token_ids
+        graphed = {pdl: decoders[pdl][name].generate(prompt, params).token_ids for pdl in (False, True)}
+        out["check"][f"{name}_pdl_graph_equals_eager"] = graphed[True] == eager
+        out["check"][f"{name}_pdl_equals_no_pdl"] = graphed[True] == graphed[False]
+    set_pdl(False, args.device)
+    print("pdl check", out["check"], flush=True)
+    for ctx in args.contexts:
+        prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+        times: dict = {pdl: {name: [] for name in decoders[pdl]} for pdl in (False, True)}
+        for _ in range(2):
+            for pdl in (False, True):
+                for name, decoder in decoders[pdl].items():
+                    times[pdl][name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, args.steps,
+                                                        args.device))
+        row = {}
+        for name in decoders[False]:
+            draft = drafts.get(name)
+            floor_s = floors(cfg, model, draft, ctx, 1 if draft is None else 16) / bandwidth
+            off, on = (statistics.median(times[pdl][name]) for pdl in (False, True))
+            row[name] = {"off_ms": off * 1e3, "on_ms": on * 1e3, "floor_ms": floor_s * 1e3,
+                         "off_x_floor": off / floor_s, "on_x_floor": on / floor_s, "speedup": off / on}
+        out["contexts"][str(ctx)] = row
+        print(json.dumps({ctx: row}), flush=True)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict:
     device, tiny = args.device, args.tiny
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -293,6 +352,9 @@ def run(args: argparse.Namespace) -> dict:
                                                                         for k, d in drafts.items()}}
     max_ctx = max(args.contexts)
     max_len = max_ctx + max(args.new_tokens, 256) + 64
+    if args.pdl_ab:
+        record["pdl_ab"] = pdl_ab(args, target, drafts, bandwidth, max_len)
+        return record
     ar = CudaGraphDecoder(target, None, max_len=max_len)
     spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
 
@@ -358,6 +420,8 @@ def smollm2(gguf: str, device: str, steps: int) -> dict:
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
+    if "pdl_ab" in r:
+        return report_pdl(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
              f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
@@ -385,6 +449,20 @@ def report(path: str) -> str:
     return "\n".join(lines)
 
 
+def report_pdl(r: dict) -> str:
+    ab = r["pdl_ab"]
+    lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
+             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s; PDL in effect: {ab['in_effect']}. "
+             f"Check: {ab['check']}.", "",
+             "| context | path | PDL off ms | PDL on ms | floor ms | off x floor | on x floor | speedup |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for ctx, row in ab["contexts"].items():
+        for name, m in row.items():
+            lines.append(f"| {ctx} | {name} | {m['off_ms']:.2f} | {m['on_ms']:.2f} | {m['floor_ms']:.2f} | "
+                         f"{m['off_x_floor']:.2f} | {m['on_x_floor']:.2f} | {m['speedup']:.3f}x |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
@@ -392,6 +470,8 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
+    parser.add_argument("--pdl-ab", action="store_true",
+                        help="only programmatic dependent launch off vs on (graphed AR and steps, token checks)")
     run_and_report(parser, run, report, "engine_limit")
 
 if __name__ == "__main__":

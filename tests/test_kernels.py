@@ -177,3 +177,52 @@ def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
         got = draft(embeds.to(DEVICE), torch.arange(5, 13, device=DEVICE)[None], features.to(DEVICE),
                     torch.arange(5, device=DEVICE)[None], draft.new_cache(1, 32))
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="programmatic dependent launch needs a Hopper or later GPU")
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch):
+    """With programmatic dependent launch every kernel may start before the one it reads from has finished;
+    its griddepcontrol.wait must still order the memory. A chain of dependent kernels (skinny GEMMs with and
+    without split-K, add+RMSNorm, silu*mul, RMSNorm, decode attention fed by the chain), eager and captured in
+    a CUDA graph and replayed on new inputs, equals the plain launches bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    dtype = torch.bfloat16
+    rows, hidden, inter, heads, kv_heads, d, length = 16, 512, 1024, 8, 2, 64, 300
+    w_in = (0.05 * torch.randn(hidden, hidden, generator=gen)).to(DEVICE, dtype)
+    w_up = (0.05 * torch.randn(2 * inter, hidden, generator=gen)).to(DEVICE, dtype)
+    w_down = (0.05 * torch.randn(heads * d, inter, generator=gen)).to(DEVICE, dtype)
+    norm_w = torch.rand(hidden, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(1, kv_heads, length, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(1, kv_heads, length, d, generator=gen).to(DEVICE, dtype)
+    limits = (length - rows + torch.arange(rows)).view(1, rows).to(DEVICE)
+    split = {"rows": 16, "block_n": 32, "block_k": 64, "split_k": 4, "num_warps": 4, "num_stages": 2}
+
+    def chain(x):
+        h = kernels.skinny_linear(x, w_in)
+        total, normed = kernels.add_rms_norm(x, h, norm_w, 1e-6)
+        act = kernels.silu_mul(kernels.skinny_linear(normed, w_up, config=split))
+        q = kernels.rms_norm(kernels.skinny_linear(act, w_down), torch.ones(heads * d, device=DEVICE, dtype=dtype),
+                             1e-6)
+        attn = kernels.decode_attention(q.view(1, rows, heads, d).transpose(1, 2), k, v, limits)
+        return total + kernels.skinny_linear(attn.view(rows, heads * d), w_down.T.contiguous()[:hidden])
+
+    inputs = [torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(3)]
+    expected = [chain(x) for x in inputs]
+    monkeypatch.setattr(kernels, "PDL", True)
+    assert kernels.use_pdl(inputs[0])
+    assert torch.equal(chain(inputs[0]), expected[0])
+    static = inputs[0].clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain(static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(static)
+    for x, want in zip(inputs[::-1], expected[::-1]):
+        static.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, want)
