@@ -305,11 +305,10 @@ def pdl_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftMode
         set_pdl(pdl, args.device)
         decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=max_len),
                          **{kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}}
-    out: dict = {"in_effect": set_pdl(True, args.device), "check": {}, "contexts": {}}
+    out: dict = {"in_effect": set_pdl(True, args.device), "check": {}, "contexts": {}}  # the eager runs use PDL
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
     params = SamplingParams(max_new_tokens=256, ignore_eos=True)
     for name, draft in (("ar", None), *drafts.items()):
-        set_pdl(True, args.device)
         eager = SpeculativeDecoder(target, draft).generate(prompt, params).token_ids
         graphed = {pdl: decoders[pdl][name].generate(prompt, params).token_ids for pdl in (False, True)}
         out["check"][f"{name}_pdl_graph_equals_eager"] = graphed[True] == eager

@@ -24,11 +24,14 @@ import socket
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' bigram target
 
 from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
@@ -44,9 +47,9 @@ def train_config(args, **overrides):
 
 def worker(args) -> None:
     """One process of a run: the bigram target on this process's GPU, the shared dataset, train."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_train import bigram_target
 
+    from blockspec.target.loading import target_from_hf
     from blockspec.train import distributed
     from blockspec.train.data import SequenceDataset
     from blockspec.train.trainer import train
@@ -56,21 +59,16 @@ def worker(args) -> None:
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
     _, _, hf = bigram_target(vocab=args.vocab, hidden=args.hidden, layers=3)
-    from blockspec.target.loading import target_from_hf
-
     target = target_from_hf(hf.to(device), name="tiny-bigram")
     data = SequenceDataset.load(args.data)
     out = Path(args.run_dir)
     logs: list[str] = []
-    parallel = "fsdp" if info.world > 1 else "auto"
-    if args.stop_after:
-        first = train(target, data, train_config(args, parallel=parallel, stop_after_steps=args.stop_after), out,
-                      log=logs.append)
+    cfg = train_config(args, parallel="fsdp" if info.world > 1 else "auto")
+    losses: list[float] = []
+    if args.stop_after:  # stop there (checkpoint written), then resume from it below
+        losses += train(target, data, replace(cfg, stop_after_steps=args.stop_after), out, log=logs.append).losses
         distributed.barrier()
-        rest = train(target, data, train_config(args, parallel=parallel), out, resume=True, log=logs.append)
-        losses = first.losses + rest.losses
-    else:
-        losses = train(target, data, train_config(args, parallel=parallel), out, log=logs.append).losses
+    losses += train(target, data, cfg, out, resume=bool(args.stop_after), log=logs.append).losses
     if info.main:
         (out / "losses.json").write_text(json.dumps(losses))
         (out / "log.txt").write_text("\n".join(logs))
@@ -79,7 +77,6 @@ def worker(args) -> None:
 
 def make_data(args, path: Path) -> None:
     """Greedy bigram chains from random prompts (the target's own answers), as the tests build them."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from test_train import bigram_target, random_prompts
 
     from blockspec.train.data import DataConfig, build_dataset
@@ -91,8 +88,6 @@ def make_data(args, path: Path) -> None:
 
 
 def launch(args, run_dir: Path, processes: int, stop_after: int) -> float:
-    import time
-
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data", str(args.work / "data.safetensors"),
            "--run-dir", str(run_dir), "--steps", str(args.steps), "--stop-after", str(stop_after),
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--device", args.device]

@@ -35,6 +35,20 @@ def use_pdl(t: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch: enabled (`PDL`) and a CUDA device that has it."""
     return PDL and t.is_cuda and _supports_pdl(t.device.index if t.device.index is not None else 0)
 
+
+def pdl_options(t: torch.Tensor) -> dict:
+    """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
+    on = use_pdl(t)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def _pdl_prologue(USE_PDL: tl.constexpr):
+    """Every kernel's first statement: the previous kernel's writes first, then the next may start launching."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
 # Launch settings per query count (n <= 4: AR-like, else a block): key splits per (row, KV head), keys per
 # tile, warps. Partials are [b, nH, splits, n, d] fp32, so wide blocks use fewer splits.
 ATTENTION_CONFIG = {"narrow": {"splits": 16, "block_n": 64, "num_warps": 4},
@@ -49,9 +63,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -103,9 +115,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
 @triton.jit(do_not_specialize=["n_q"])
 def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
                     n_q, n_heads, n_splits, SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
     h = (pid // n_q) % n_heads
@@ -137,7 +147,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = config["splits"]
     if q.stride(-1) != 1:
         q = q.contiguous()
-    pdl = use_pdl(q)
+    pdl = pdl_options(q)
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
     ml = torch.empty(b, n_heads, splits, n_q, 2, device=q.device, dtype=torch.float32)
     _attention_splits[(b * n_kv, splits)](
@@ -148,13 +158,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
         n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=nq_pow2, ROWS=rows, D=d, BLOCK_N=config["block_n"],
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_PDL=pdl, num_warps=config["num_warps"],
-        launch_pdl=pdl)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
     out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
     _combine_splits[(b * n_heads * n_q,)](
         acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        n_q, n_heads, splits, SPLITS=triton.next_power_of_2(splits), D=d, USE_PDL=pdl, num_warps=1, launch_pdl=pdl)
+        n_q, n_heads, splits, SPLITS=triton.next_power_of_2(splits), D=d, num_warps=1, **pdl)
     return out.view(b, n_q, n_heads * d)
 
 
@@ -165,9 +174,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @triton.jit
 def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -184,18 +191,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
-    pdl = use_pdl(x)
     _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps,
-                                BLOCK=triton.next_power_of_2(n), USE_PDL=pdl, num_warps=4 if n >= 1024 else 1,
-                                launch_pdl=pdl)
+                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return out.view(*x.shape[:-1], n)
 
 
 @triton.jit
 def _silu_mul(GU, OUT, sg, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -211,9 +214,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.reshape(-1, 2 * n)
     out = torch.empty(rows.shape[0], n, device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
-    pdl = use_pdl(gate_up)
     _silu_mul[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), out.stride(0), n, BLOCK=block,
-                                                       USE_PDL=pdl, launch_pdl=pdl)
+                                                       **pdl_options(gate_up))
     return out.view(*gate_up.shape[:-1], n)
 
 
@@ -221,9 +223,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
     h = tl.program_id(1)  # head among q heads, then k heads, then v heads
     b = t // n_q
@@ -276,22 +276,19 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     q_out = torch.empty(b, heads, n, head_dim, device=k.device, dtype=k.dtype)
     q_rows = rows[0] if rows[0] is not None else rows[1]
     norm = q_norm is not None
-    pdl = use_pdl(k)
     _qkv_rope_store[(b * n, heads + 2 * n_kv)](
         q_rows, rows[1], rows[2], q_norm if norm else k_norm if k_norm is not None else rows[1],
         k_norm if k_norm is not None else rows[1], cos, sin, positions.reshape(-1), q_out, k_cache, v_cache,
         q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
-        HAS_NORM=k_norm is not None, D=head_dim, USE_PDL=pdl, num_warps=1, launch_pdl=pdl)
+        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1, **pdl_options(k))
     return q_out if q is not None else None
 
 
 @triton.jit
 def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -313,10 +310,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     xr, dr = x.reshape(-1, n), delta.reshape(-1, n)
     total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
     out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
-    pdl = use_pdl(x)
     _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
-                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), USE_PDL=pdl,
-                                  num_warps=4 if n >= 1024 else 1, launch_pdl=pdl)
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 
 
@@ -390,9 +386,7 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
 def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rows = tl.arange(0, ROWS)
@@ -441,9 +435,7 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
 @triton.jit
 def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                 USE_PDL: tl.constexpr):
-    if USE_PDL:  # the previous kernel's writes first; then the next kernel may start launching
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    _pdl_prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.load(PART + offs, mask=ok, other=0.0)
@@ -472,16 +464,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = triton.cdiv(k, k_split)  # no empty trailing ranges
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
-    pdl = use_pdl(x)
+    pdl = pdl_options(x)
     _skinny_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        USE_PDL=pdl, num_warps=config["num_warps"], num_stages=config["num_stages"], launch_pdl=pdl)
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
     if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
-                                                  HAS_BIAS=bias is not None, BLOCK=block, USE_PDL=pdl, num_warps=4,
-                                                  launch_pdl=pdl)
+                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out
