@@ -11,13 +11,14 @@ One run measures, side by side on one GPU:
   - a kernel-time profile of one speculative step (where the time goes);
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
---pdl-ab runs only this instead: the graphed AR token and DFlash / DFlare steps with programmatic dependent
-launch off and on (`kernels.PDL`), alternating, in one run; the floors; and checks that with PDL the graphed
-greedy tokens equal the eager path's and PDL-off tokens.
+--ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each launch setting of
+AB_SETTINGS (programmatic dependent launch, L2 prefetch plans), in turn, in one run, each with graphs captured
+under it; the floors; a probe of the prefetch alone; and checks that every setting's graphed greedy tokens
+equal the eager path's.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
-    python benchmarks/engine_limit.py --pdl-ab --out DIR   # PDL off vs on (Hopper)
+    python benchmarks/engine_limit.py --ab --out DIR       # launch settings side by side (Hopper)
     python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
 """
 
@@ -282,54 +283,101 @@ def attention_sweep(device: str) -> list[dict]:
     return rows
 
 
-def set_pdl(on: bool, device: str) -> bool:
-    """Switch programmatic dependent launch for the Triton kernels launched from now on; whether it is in
-    effect (the CPU path launches none, and the kernels module needs Triton)."""
-    if not device.startswith("cuda"):
-        return False
+# --ab: launch settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); prefetch:
+# `layers.L2_PREFETCH_MB` (MiB of the following weights asked into L2 after qkv, o_proj, gate_up, down).
+AB_SETTINGS = {
+    "base": {"pdl": False, "prefetch": None},
+    "pdl": {"pdl": True, "prefetch": None},
+    "prefetch": {"pdl": False, "prefetch": (32, 8, 6, 12)},
+    "prefetch-small": {"pdl": False, "prefetch": (16, 4, 3, 6)},
+    "prefetch-large": {"pdl": False, "prefetch": (48, 12, 10, 20)},
+    "prefetch-attention-only": {"pdl": False, "prefetch": (40, 0, 0, 0)},
+    "pdl+prefetch": {"pdl": True, "prefetch": (32, 8, 6, 12)},
+}
+
+
+def apply_setting(setting: dict, device: str) -> None:
+    """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
+    from blockspec import layers
+
+    layers.L2_PREFETCH_MB = setting["prefetch"]
+    if device.startswith("cuda"):
+        from blockspec import kernels
+
+        kernels.PDL = setting["pdl"]
+
+
+def prefetch_probe(device: str) -> dict:
+    """Does an L2 prefetch land? The o_proj skinny GEMM (Qwen3-4B shape, one row) timed alone with its
+    weight cold (one of 8 rotated copies, so HBM serves it) and right after `prefetch_l2` of that weight
+    with a sync between (L2 serves it); CUDA-event medians."""
     from blockspec import kernels
 
-    kernels.PDL = on
-    return kernels.use_pdl(torch.empty(0, device=device))
+    weights = [torch.randn(2560, 4096, device=device, dtype=torch.bfloat16) for _ in range(8)]
+    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out: dict = {}
+    for mode in ("cold", "prefetched", "cold", "prefetched"):
+        times = []
+        for i in range(40):
+            w = weights[i % len(weights)]
+            if mode == "prefetched":
+                kernels.prefetch_l2(w)
+            torch.cuda.synchronize()
+            start.record()
+            kernels.skinny_linear(x, w)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
+        out.setdefault(mode + "_us", []).append(statistics.median(times[4:]))
+    return {k: min(v) for k, v in out.items()}
 
 
-def pdl_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
-           max_len: int) -> dict:
-    """Programmatic dependent launch off vs on, side by side: fresh graphed decoders per setting (a captured
-    graph keeps the launch attributes it was captured with), timed alternately (off, on, off, on) at each
-    context; the median of each setting's repeats. PDL changes when kernels start, never what they compute,
-    so the tokens must equal the eager path's and the PDL-off tokens exactly."""
+def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
+                max_len: int) -> dict:
+    """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
+    graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
+    context; the median of each setting's repeats. These settings change when kernels start or what sits
+    in L2, never what they compute, so every setting's graphed tokens must equal the eager path's."""
     cfg, model = target.model.config, target.model
-    decoders = {}
-    for pdl in (False, True):
-        set_pdl(pdl, args.device)
-        decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=max_len),
-                         **{kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}}
-    out: dict = {"in_effect": set_pdl(True, args.device), "check": {}, "contexts": {}}  # the eager runs use PDL
+    names = args.ab_settings or list(AB_SETTINGS)
+    out: dict = {"settings": {n: AB_SETTINGS[n] for n in names}, "check": {}, "contexts": {}}
+    if args.device.startswith("cuda"):
+        out["prefetch_probe"] = prefetch_probe(args.device)
+        print("prefetch probe", out["prefetch_probe"], flush=True)
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
     params = SamplingParams(max_new_tokens=256, ignore_eos=True)
-    for name, draft in (("ar", None), *drafts.items()):
-        eager = SpeculativeDecoder(target, draft).generate(prompt, params).token_ids
-        graphed = {pdl: decoders[pdl][name].generate(prompt, params).token_ids for pdl in (False, True)}
-        out["check"][f"{name}_pdl_graph_equals_eager"] = graphed[True] == eager
-        out["check"][f"{name}_pdl_equals_no_pdl"] = graphed[True] == graphed[False]
-    set_pdl(False, args.device)
-    print("pdl check", out["check"], flush=True)
+    apply_setting(AB_SETTINGS["base"], args.device)
+    eager = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+             for name, d in (("ar", None), *drafts.items())}
+    decoders: dict = {}
+    for setting in names:
+        apply_setting(AB_SETTINGS[setting], args.device)
+        decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
+                             for name, d in (("ar", None), *drafts.items())}
+        for name, decoder in decoders[setting].items():
+            decoder.engine.capture_graphs()
+            out["check"][f"{setting}_{name}_graph_equals_eager"] = (
+                decoder.generate(prompt, params).token_ids == eager[name])
+    apply_setting(AB_SETTINGS["base"], args.device)
+    print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
-        times: dict = {pdl: {name: [] for name in decoders[pdl]} for pdl in (False, True)}
+        times: dict = {s: {name: [] for name in decoders[s]} for s in names}
         for _ in range(2):
-            for pdl in (False, True):
-                for name, decoder in decoders[pdl].items():
-                    times[pdl][name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, args.steps,
-                                                        args.device))
-        row = {}
-        for name in decoders[False]:
+            for setting in names:
+                for name, decoder in decoders[setting].items():
+                    times[setting][name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, args.steps,
+                                                            args.device))
+        row: dict = {}
+        for name in decoders[names[0]]:
             draft = drafts.get(name)
             floor_s = floors(cfg, model, draft, ctx, 1 if draft is None else 16) / bandwidth
-            off, on = (statistics.median(times[pdl][name]) for pdl in (False, True))
-            row[name] = {"off_ms": off * 1e3, "on_ms": on * 1e3, "floor_ms": floor_s * 1e3,
-                         "off_x_floor": off / floor_s, "on_x_floor": on / floor_s, "speedup": off / on}
+            base = statistics.median(times[names[0]][name])
+            row[name] = {"floor_ms": floor_s * 1e3, **{
+                setting: {"ms": statistics.median(times[setting][name]) * 1e3,
+                          "x_floor": statistics.median(times[setting][name]) / floor_s,
+                          "speedup": base / statistics.median(times[setting][name])} for setting in names}}
         out["contexts"][str(ctx)] = row
         print(json.dumps({ctx: row}), flush=True)
     return out
@@ -351,8 +399,8 @@ def run(args: argparse.Namespace) -> dict:
                                                                         for k, d in drafts.items()}}
     max_ctx = max(args.contexts)
     max_len = max_ctx + max(args.new_tokens, 256) + 64
-    if args.pdl_ab:
-        record["pdl_ab"] = pdl_ab(args, target, drafts, bandwidth, max_len)
+    if args.ab:
+        record["ab"] = settings_ab(args, target, drafts, bandwidth, max_len)
         return record
     ar = CudaGraphDecoder(target, None, max_len=max_len)
     spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
@@ -419,8 +467,8 @@ def smollm2(gguf: str, device: str, steps: int) -> dict:
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
-    if "pdl_ab" in r:
-        return report_pdl(r)
+    if "ab" in r:
+        return report_ab(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
              f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
@@ -448,17 +496,20 @@ def report(path: str) -> str:
     return "\n".join(lines)
 
 
-def report_pdl(r: dict) -> str:
-    ab = r["pdl_ab"]
+def report_ab(r: dict) -> str:
+    ab = r["ab"]
+    names = list(ab["settings"])
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
-             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s; PDL in effect: {ab['in_effect']}. "
-             f"Check: {ab['check']}.", "",
-             "| context | path | PDL off ms | PDL on ms | floor ms | off x floor | on x floor | speedup |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. Settings: {ab['settings']}. "
+             f"Prefetch probe: {ab.get('prefetch_probe')}. All graphed tokens equal eager: "
+             f"{all(ab['check'].values())}.", "",
+             "ms per step (x floor, speedup over " + names[0] + ")", "",
+             "| context | path | floor ms | " + " | ".join(names) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for ctx, row in ab["contexts"].items():
         for name, m in row.items():
-            lines.append(f"| {ctx} | {name} | {m['off_ms']:.2f} | {m['on_ms']:.2f} | {m['floor_ms']:.2f} | "
-                         f"{m['off_x_floor']:.2f} | {m['on_x_floor']:.2f} | {m['speedup']:.3f}x |")
+            cells = [f"{m[n]['ms']:.2f} ({m[n]['x_floor']:.2f}, {m[n]['speedup']:.3f}x)" for n in names]
+            lines.append(f"| {ctx} | {name} | {m['floor_ms']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -469,8 +520,10 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
-    parser.add_argument("--pdl-ab", action="store_true",
-                        help="only programmatic dependent launch off vs on (graphed AR and steps, token checks)")
+    parser.add_argument("--ab", action="store_true",
+                        help="only the launch-settings A/B (AB_SETTINGS: PDL, L2 prefetch; graphed steps, checks)")
+    parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
+                        help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ PDL = os.environ.get("BLOCKSPEC_PDL", "") == "1"
 
 
 @functools.lru_cache(maxsize=None)
-def _supports_pdl(device_index: int) -> bool:
+def hopper_or_later(device_index: int) -> bool:
+    """sm90+: programmatic dependent launch and TMA bulk prefetch."""
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(t: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch: enabled (`PDL`) and a CUDA device that has it."""
-    return PDL and t.is_cuda and _supports_pdl(t.device.index if t.device.index is not None else 0)
+    return PDL and t.is_cuda and hopper_or_later(t.device.index or 0)
 
 
 def pdl_options(t: torch.Tensor) -> dict:
@@ -476,3 +477,36 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
                                                   HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out
+
+
+# ---- L2 prefetch of upcoming weights ---------------------------------------------------------------------
+# Between two projections a decode step runs small kernels (RoPE, attention, norms) that leave HBM idle for
+# microseconds, and each projection then starts from a cold weight stream. A prefetch launched on a side
+# stream fills those gaps: the TMA unit pulls the head of the next weights into L2 (sm90
+# cp.async.bulk.prefetch, no registers or shared memory), so the next projection reads its first tiles from
+# L2. It is a hint: no result depends on it.
+
+PREFETCH_CHUNK = 1 << 20  # bytes per program (one warp)
+PREFETCH_PIECE = 32 << 10  # bytes per bulk prefetch instruction
+
+
+@triton.jit
+def _prefetch_l2(address, nbytes, CHUNK: tl.constexpr, PIECE: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK // PIECE).to(tl.int64) * PIECE
+    size = tl.minimum(tl.maximum(nbytes - offsets, 0), PIECE).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [address + offsets, size], dtype=tl.int32, is_pure=False, pack=1)
+
+
+def prefetch_l2(t: torch.Tensor, start: int = 0, nbytes: int | None = None) -> None:
+    """Ask L2 for bytes [start, start + nbytes) of t's storage (default: to the end), on the current stream.
+    A no-op where the GPU has no bulk prefetch (before Hopper)."""
+    total = t.numel() * t.element_size()
+    end = total if nbytes is None else min(total, start + nbytes)
+    start, end = start - start % 16, end - end % 16  # the instruction takes 16-byte multiples
+    address = t.data_ptr() + start
+    if end <= start or address % 16 or not hopper_or_later(t.device.index or 0):
+        return
+    _prefetch_l2[(triton.cdiv(end - start, PREFETCH_CHUNK),)](address, end - start, CHUNK=PREFETCH_CHUNK,
+                                                             PIECE=PREFETCH_PIECE, num_warps=1)

@@ -6,6 +6,8 @@ computed in fp32), so that taps and logits match the reference implementations t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +32,52 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if config is not None:
             return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
+
+
+# After each projection of a target layer is enqueued (qkv, o_proj, gate_up, down), this many MiB of the
+# weights that follow are asked into L2 on a side stream: about what HBM streams while the small kernels
+# after that projection run (RoPE + attention after qkv, add+norm after o_proj, ...). None: off (until
+# `benchmarks/engine_limit.py --ab` has measured it on the H100).
+L2_PREFETCH_MB: tuple[float, float, float, float] | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+class WeightPrefetch:
+    """The decode pass's projection weights in execution order and how much of each L2 has been asked for.
+    Call `projection_enqueued()` right after each projection's kernel is launched: a side stream waits for it
+    and then streams the head of the following weights into L2 while the main stream runs the small kernels
+    that leave HBM idle, so the next projection starts from L2. A hint: no result depends on it. `join()`
+    before the pass returns (a CUDA graph capture must end on the stream it started on)."""
+
+    def __init__(self, weights: list[torch.Tensor], budgets: list[int]) -> None:
+        self.weights, self.budgets = weights, budgets
+        self.asked = [0] * len(weights)  # bytes from the start of each weight already asked for
+        self.enqueued = 0  # projections launched so far
+        self.side = _side_stream(weights[0].device)
+
+    def projection_enqueued(self) -> None:
+        from blockspec.kernels import prefetch_l2
+
+        budget = self.budgets[self.enqueued]
+        self.enqueued += 1
+        self.side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side):
+            for index in range(self.enqueued, len(self.weights)):
+                if budget <= 0:
+                    break
+                weight = self.weights[index]
+                take = min(budget, weight.numel() * weight.element_size() - self.asked[index])
+                if take > 0:
+                    prefetch_l2(weight, self.asked[index], take)
+                    self.asked[index] += take
+                    budget -= take
+
+    def join(self) -> None:
+        torch.cuda.current_stream().wait_stream(self.side)
 
 
 class RMSNorm(nn.Module):

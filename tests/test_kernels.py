@@ -226,3 +226,47 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
+                    reason="the bulk L2 prefetch needs a Hopper or later GPU")
+def test_l2_prefetch_leaves_decode_pass_unchanged(monkeypatch):
+    """The L2 prefetch of upcoming weights runs on a side stream forked and joined inside the target's decode
+    pass; eager and captured in a CUDA graph, the pass's hidden states and cache writes equal those without
+    it bit for bit, and the prefetch plan walked every projection of the pass."""
+    from blockspec import layers
+    from blockspec.target import TargetConfig, TargetModel
+
+    cfg = TargetConfig("qwen3", 1000, 256, 512, 3, 4, 2, 64, 1e-6, True, False, False, False, True, (None,) * 3, 4096)
+    model = TargetModel.random(cfg, device=DEVICE, dtype=torch.bfloat16, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), device=DEVICE)
+    positions = torch.arange(40, 56, device=DEVICE)[None]
+
+    def decode_pass():
+        cache = model.new_cache(1, 64)
+        with torch.no_grad():
+            hidden, taps = model(ids, positions, cache, tap_layer_ids=(0, 2), kv_len=56)
+        return hidden, taps, cache.k, cache.v
+
+    monkeypatch.setattr(layers, "L2_PREFETCH_MB", None)
+    expected = decode_pass()
+    monkeypatch.setattr(layers, "L2_PREFETCH_MB", (0.05, 0.01, 0.01, 0.02))
+    walked = []
+    original = layers.WeightPrefetch.projection_enqueued
+    monkeypatch.setattr(layers.WeightPrefetch, "projection_enqueued",
+                        lambda self: (walked.append(self.enqueued), original(self))[1])
+    for got, want in zip(decode_pass(), expected):
+        assert torch.equal(got, want)
+    assert walked == list(range(4 * cfg.num_layers))
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_pass()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        outputs = decode_pass()
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, want in zip(outputs, expected):
+        assert torch.equal(got, want)
