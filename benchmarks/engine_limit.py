@@ -283,16 +283,17 @@ def attention_sweep(device: str) -> list[dict]:
     return rows
 
 
-# --ab: launch settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); prefetch:
-# `layers.L2_PREFETCH_MB` (MiB of the following weights asked into L2 after qkv, o_proj, gate_up, down).
+# --ab: launch settings compared side by side. pdl: programmatic dependent launch mode (`kernels.PDL`: 0 off,
+# 1 wait then launch the next, 2 launch the next then wait); weights: skinny GEMMs prefetch their weight slab
+# into L2 before the wait (`kernels.PREFETCH_WEIGHTS`); side: `layers.L2_PREFETCH_MB` (MiB of the following
+# weights asked into L2 on a side stream after qkv, o_proj, gate_up, down).
 AB_SETTINGS = {
-    "base": {"pdl": False, "prefetch": None},
-    "pdl": {"pdl": True, "prefetch": None},
-    "prefetch": {"pdl": False, "prefetch": (32, 8, 6, 12)},
-    "prefetch-small": {"pdl": False, "prefetch": (16, 4, 3, 6)},
-    "prefetch-large": {"pdl": False, "prefetch": (48, 12, 10, 20)},
-    "prefetch-attention-only": {"pdl": False, "prefetch": (40, 0, 0, 0)},
-    "pdl+prefetch": {"pdl": True, "prefetch": (32, 8, 6, 12)},
+    "base": {"pdl": 0, "weights": False, "side": None},
+    "pdl1": {"pdl": 1, "weights": False, "side": None},
+    "pdl2": {"pdl": 2, "weights": False, "side": None},
+    "pdl1+weights": {"pdl": 1, "weights": True, "side": None},
+    "pdl2+weights": {"pdl": 2, "weights": True, "side": None},
+    "pdl2+side": {"pdl": 2, "weights": False, "side": (32, 8, 6, 12)},
 }
 
 
@@ -300,17 +301,18 @@ def apply_setting(setting: dict, device: str) -> None:
     """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
     from blockspec import layers
 
-    layers.L2_PREFETCH_MB = setting["prefetch"]
+    layers.L2_PREFETCH_MB = setting["side"]
     if device.startswith("cuda"):
         from blockspec import kernels
 
-        kernels.PDL = setting["pdl"]
+        kernels.PDL, kernels.PREFETCH_WEIGHTS = setting["pdl"], setting["weights"]
 
 
 def prefetch_probe(device: str) -> dict:
     """Does an L2 prefetch land? The o_proj skinny GEMM (Qwen3-4B shape, one row) timed alone with its
     weight cold (one of 8 rotated copies, so HBM serves it) and right after `prefetch_l2` of that weight
-    with a sync between (L2 serves it); CUDA-event medians."""
+    with a sync between (L2 serves it); CUDA-event medians. A GPU-side sleep before the first event keeps the
+    host's launch latency out of the interval."""
     from blockspec import kernels
 
     weights = [torch.randn(2560, 4096, device=device, dtype=torch.bfloat16) for _ in range(8)]
@@ -324,6 +326,7 @@ def prefetch_probe(device: str) -> dict:
             if mode == "prefetched":
                 kernels.prefetch_l2(w)
             torch.cuda.synchronize()
+            torch.cuda._sleep(200_000)
             start.record()
             kernels.skinny_linear(x, w)
             end.record()

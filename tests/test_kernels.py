@@ -181,11 +181,14 @@ def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a Hopper or later GPU")
-def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch):
-    """With programmatic dependent launch every kernel may start before the one it reads from has finished;
-    its griddepcontrol.wait must still order the memory. A chain of dependent kernels (skinny GEMMs with and
-    without split-K, add+RMSNorm, silu*mul, RMSNorm, decode attention fed by the chain), eager and captured in
-    a CUDA graph and replayed on new inputs, equals the plain launches bit for bit."""
+@pytest.mark.parametrize("mode,weights", [(1, False), (2, False), (2, True)], ids=["wait-first", "launch-first",
+                                                                                 "launch-first+weights"])
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, mode, weights):
+    """With programmatic dependent launch every kernel may start before the one it reads from has finished
+    (with mode 2, several kernels ahead); its griddepcontrol.wait must still order the memory. A chain of
+    dependent kernels (skinny GEMMs with and without split-K and with the weight prefetch, add+RMSNorm,
+    silu*mul, RMSNorm, decode attention fed by the chain), eager and captured in a CUDA graph and replayed on
+    new inputs, equals the plain launches bit for bit."""
     gen = torch.Generator().manual_seed(7)
     dtype = torch.bfloat16
     rows, hidden, inter, heads, kv_heads, d, length = 16, 512, 1024, 8, 2, 64, 300
@@ -209,7 +212,8 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch):
 
     inputs = [torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(3)]
     expected = [chain(x) for x in inputs]
-    monkeypatch.setattr(kernels, "PDL", True)
+    monkeypatch.setattr(kernels, "PDL", mode)
+    monkeypatch.setattr(kernels, "PREFETCH_WEIGHTS", weights)
     assert kernels.use_pdl(inputs[0])
     assert torch.equal(chain(inputs[0]), expected[0])
     static = inputs[0].clone()
