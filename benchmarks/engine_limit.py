@@ -12,8 +12,8 @@ One run measures, side by side on one GPU:
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each launch setting of
-AB_SETTINGS (programmatic dependent launch, L2 prefetch plans), in turn, in one run, each with graphs captured
-under it; the floors; a probe of the prefetch alone; and checks that every setting's graphed greedy tokens
+AB_SETTINGS (programmatic dependent launch, the silu*up fused into the down projection), in turn, in one run,
+each with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens
 equal the eager path's.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
@@ -283,17 +283,13 @@ def attention_sweep(device: str) -> list[dict]:
     return rows
 
 
-# --ab: launch settings compared side by side. pdl: programmatic dependent launch mode (`kernels.PDL`: 0 off,
-# 1 wait then launch the next, 2 launch the next then wait); weights: skinny GEMMs prefetch their weight slab
-# into L2 before the wait (`kernels.PREFETCH_WEIGHTS`); side: `layers.L2_PREFETCH_MB` (MiB of the following
-# weights asked into L2 on a side stream after qkv, o_proj, gate_up, down).
+# --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); fused_silu: the
+# MLP's silu(gate) * up folded into the down projection's input loads (`layers.FUSE_GATED_DOWN`).
 AB_SETTINGS = {
-    "base": {"pdl": 0, "weights": False, "side": None},
-    "pdl1": {"pdl": 1, "weights": False, "side": None},
-    "pdl2": {"pdl": 2, "weights": False, "side": None},
-    "pdl1+weights": {"pdl": 1, "weights": True, "side": None},
-    "pdl2+weights": {"pdl": 2, "weights": True, "side": None},
-    "pdl2+side": {"pdl": 2, "weights": False, "side": (32, 8, 6, 12)},
+    "base": {"pdl": False, "fused_silu": False},
+    "pdl": {"pdl": True, "fused_silu": False},
+    "fused_silu": {"pdl": False, "fused_silu": True},
+    "pdl+fused_silu": {"pdl": True, "fused_silu": True},
 }
 
 
@@ -301,53 +297,22 @@ def apply_setting(setting: dict, device: str) -> None:
     """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
     from blockspec import layers
 
-    layers.L2_PREFETCH_MB = setting["side"]
+    layers.FUSE_GATED_DOWN = setting["fused_silu"]
     if device.startswith("cuda"):
         from blockspec import kernels
 
-        kernels.PDL, kernels.PREFETCH_WEIGHTS = setting["pdl"], setting["weights"]
-
-
-def prefetch_probe(device: str) -> dict:
-    """Does an L2 prefetch land? The o_proj skinny GEMM (Qwen3-4B shape, one row) timed alone with its
-    weight cold (one of 8 rotated copies, so HBM serves it) and right after `prefetch_l2` of that weight
-    with a sync between (L2 serves it); CUDA-event medians. A GPU-side sleep before the first event keeps the
-    host's launch latency out of the interval."""
-    from blockspec import kernels
-
-    weights = [torch.randn(2560, 4096, device=device, dtype=torch.bfloat16) for _ in range(8)]
-    x = torch.randn(1, 4096, device=device, dtype=torch.bfloat16)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    out: dict = {}
-    for mode in ("cold", "prefetched", "cold", "prefetched"):
-        times = []
-        for i in range(40):
-            w = weights[i % len(weights)]
-            if mode == "prefetched":
-                kernels.prefetch_l2(w)
-            torch.cuda.synchronize()
-            torch.cuda._sleep(200_000)
-            start.record()
-            kernels.skinny_linear(x, w)
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3)
-        out.setdefault(mode + "_us", []).append(statistics.median(times[4:]))
-    return {k: min(v) for k, v in out.items()}
+        kernels.PDL = setting["pdl"]
 
 
 def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
                 max_len: int) -> dict:
     """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
-    context; the median of each setting's repeats. These settings change when kernels start or what sits
-    in L2, never what they compute, so every setting's graphed tokens must equal the eager path's."""
+    context; the median of each setting's repeats. These settings change when kernels start or how many
+    there are, never what they compute, so every setting's graphed tokens must equal the eager path's."""
     cfg, model = target.model.config, target.model
     names = args.ab_settings or list(AB_SETTINGS)
     out: dict = {"settings": {n: AB_SETTINGS[n] for n in names}, "check": {}, "contexts": {}}
-    if args.device.startswith("cuda"):
-        out["prefetch_probe"] = prefetch_probe(args.device)
-        print("prefetch probe", out["prefetch_probe"], flush=True)
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
     params = SamplingParams(max_new_tokens=256, ignore_eos=True)
     apply_setting(AB_SETTINGS["base"], args.device)
@@ -440,8 +405,9 @@ def run(args: argparse.Namespace) -> dict:
         record["contexts"][str(ctx)] = row
         print(json.dumps({ctx: row}), flush=True)
     if device.startswith("cuda"):
-        record["profile_dflash_ctx%d" % min(args.contexts)] = profile_step(
-            spec["dflash"], torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist(), device)
+        prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
+        record["profile_ar_ctx%d" % min(args.contexts)] = profile_step(ar, prompt, device)
+        record["profile_dflash_ctx%d" % min(args.contexts)] = profile_step(spec["dflash"], prompt, device)
     if args.smollm2:
         record["smollm2"] = smollm2(args.smollm2, device, args.steps)
     if args.sweep_attention and device.startswith("cuda"):
@@ -504,7 +470,7 @@ def report_ab(r: dict) -> str:
     names = list(ab["settings"])
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
              f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s. Settings: {ab['settings']}. "
-             f"Prefetch probe: {ab.get('prefetch_probe')}. All graphed tokens equal eager: "
+             "All graphed tokens equal eager: "
              f"{all(ab['check'].values())}.", "",
              "ms per step (x floor, speedup over " + names[0] + ")", "",
              "| context | path | floor ms | " + " | ".join(names) + " |",
@@ -524,7 +490,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
-                        help="only the launch-settings A/B (AB_SETTINGS: PDL, L2 prefetch; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, fused silu; graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")

@@ -18,59 +18,37 @@ import torch
 import triton
 import triton.language as tl
 
-# Programmatic dependent launch (Hopper and later): a kernel here may be scheduled while the kernel before it
-# is still finishing, and waits (griddepcontrol.wait) for that kernel's writes before it reads anything the
-# chain wrote. PDL = 1: each kernel waits, then lets the next one launch (launch latency and ramp-up overlap
-# the previous kernel's tail). PDL = 2: each lets the next one launch first, then waits, so several kernels of
-# the chain can be resident ahead of time; every wait still orders the memory, since a kernel completes only
-# after its own wait. 0: off. PREFETCH_WEIGHTS: a skinny GEMM asks L2 for its weight slab before its wait (the
-# weights never depend on the previous kernel), so early-launched GEMMs stream weights during the small
-# kernels that leave HBM idle. Settings compared by `benchmarks/engine_limit.py --ab` (docs/benchmarks.md).
-PDL = int(os.environ.get("BLOCKSPEC_PDL", "0"))
-PREFETCH_WEIGHTS = os.environ.get("BLOCKSPEC_PREFETCH_WEIGHTS", "") == "1"
+# Programmatic dependent launch (Hopper and later): every kernel here may be scheduled while the kernel before
+# it is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
+# lets the next one start launching. Launch latency and ramp-up then overlap the previous kernel's tail, the
+# cost that ~440 small launches a speculative step pay. Measured on the H100 (`benchmarks/engine_limit.py
+# --ab`, docs/benchmarks.md): AR and speculative steps 4-6% faster, tokens unchanged. On by default;
+# BLOCKSPEC_PDL=0 turns it off.
+PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
 
 
 @functools.lru_cache(maxsize=None)
-def hopper_or_later(device_index: int) -> bool:
-    """sm90+: programmatic dependent launch and TMA bulk prefetch."""
+def _supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def use_pdl(t: torch.Tensor) -> bool:
     """Launch with programmatic dependent launch: enabled (`PDL`) and a CUDA device that has it."""
-    return PDL != 0 and t.is_cuda and hopper_or_later(t.device.index or 0)
+    return PDL and t.is_cuda and _supports_pdl(t.device.index if t.device.index is not None else 0)
 
 
 def pdl_options(t: torch.Tensor) -> dict:
     """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
     on = use_pdl(t)
-    return {"USE_PDL": PDL if on else 0, "launch_pdl": on}
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 @triton.jit
-def _pdl_launch_next(USE_PDL: tl.constexpr):
-    """Every kernel's first statement: with PDL = 2 the next kernel may start launching at once."""
-    if USE_PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _pdl_wait(USE_PDL: tl.constexpr):
-    """Before the first read of anything an earlier kernel wrote: wait for it (with PDL = 1, then let the next
-    kernel launch)."""
-    if USE_PDL != 0:
+def _pdl_prologue(USE_PDL: tl.constexpr):
+    """Every kernel's first statement: the previous kernel's writes first, then the next may start launching."""
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
-    if USE_PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _prefetch_bytes(address, size):
-    """L2 prefetch hint (sm90 TMA bulk prefetch): `size` bytes (a multiple of 16, 0 = none) at each
-    16-byte-aligned `address` (int64 tensors)."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.u32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
 
 # Launch settings per query count (n <= 4: AR-like, else a block): key splits per (row, KV head), keys per
 # tile, warps. Partials are [b, nH, splits, n, d] fp32, so wide blocks use fewer splits.
@@ -86,8 +64,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -139,8 +116,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
 @triton.jit(do_not_specialize=["n_q"])
 def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
                     n_q, n_heads, n_splits, SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
     h = (pid // n_q) % n_heads
@@ -199,8 +175,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 @triton.jit
 def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -224,8 +199,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _silu_mul(GU, OUT, sg, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -250,8 +224,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
     h = tl.program_id(1)  # head among q heads, then k heads, then v heads
     b = t // n_q
@@ -316,8 +289,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 @triton.jit
 def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -410,22 +382,37 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
     return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
 
 
+@triton.jit
+def _load_input(x_ptrs, mask, k, GATED: tl.constexpr):
+    """An input tile (mask None: all in bounds); GATED: silu(gate) * up of a [gate | up] row (gate at column
+    j, up at j + k), rounded as `_silu_mul` rounds it, so the fused down projection equals silu_mul followed
+    by the GEMM bit for bit."""
+    if mask is None:
+        x = tl.load(x_ptrs)
+    else:
+        x = tl.load(x_ptrs, mask=mask, other=0.0)
+    if GATED:
+        if mask is None:
+            u = tl.load(x_ptrs + k).to(tl.float32)
+        else:
+            u = tl.load(x_ptrs + k, mask=mask, other=0.0).to(tl.float32)
+        g = x.to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
+        x = (s * u).to(x.dtype)
+    return x
+
+
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
 @triton.jit(do_not_specialize=["m"])
 def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-                   PREFETCH: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rows = tl.arange(0, ROWS)
     lo = split * k_split
     hi = tl.minimum(lo + k_split, k)
-    if PREFETCH:  # this program's weight rows [lo, hi) into L2 while the kernel before may still be running
-        row_bytes = ((hi - lo) * W.dtype.element_ty.primitive_bitwidth // 8).to(tl.int32)
-        _prefetch_bytes((W + cols.to(tl.int64) * sw + lo).to(tl.int64), tl.where(cols < n, row_bytes, 0))
-    _pdl_wait(USE_PDL)
     ks = lo + tl.arange(0, BLOCK_K)
     col_ok = cols[:, None] < n
     w_ptrs = W + cols[:, None].to(tl.int64) * sw + ks[None, :]
@@ -437,11 +424,11 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
         for start in range(lo, hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok, other=0.0)
-                x = tl.load(x_ptrs)
+                x = _load_input(x_ptrs, None, k, GATED)
             else:
                 k_ok = ks[None, :] + (start - lo) < hi
                 w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+                x = _load_input(x_ptrs, k_ok, k, GATED)
             acc += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -452,11 +439,11 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
         for start in range(lo, hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok, other=0.0)
-                x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+                x = _load_input(x_ptrs, row_ok, k, GATED)
             else:
                 k_ok = ks[None, :] + (start - lo) < hi
                 w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-                x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+                x = _load_input(x_ptrs, row_ok & k_ok, k, GATED)
             out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -469,8 +456,7 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
 @triton.jit
 def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                 USE_PDL: tl.constexpr):
-    _pdl_launch_next(USE_PDL)
-    _pdl_wait(USE_PDL)
+    _pdl_prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.load(PART + offs, mask=ok, other=0.0)
@@ -482,11 +468,14 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, gated: bool = False) -> torch.Tensor:
     """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
     [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
-    table prefers cuBLAS)."""
+    table prefers cuBLAS). gated: x is [m, 2k] holding gate then up, and the input is silu(gate) * up,
+    computed as the tiles load (the MLP's down projection without its silu_mul kernel)."""
     m, k = x.shape
+    if gated:
+        k //= 2
     n = weight.shape[0]
     assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
     config = config or skinny_config(n, k, m) or default_skinny_config(n, k)
@@ -500,48 +489,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
     pdl = pdl_options(x)
-    item = weight.element_size()
-    # the bulk prefetch takes 16-byte-aligned rows of 16-byte multiples
-    prefetch = (PREFETCH_WEIGHTS and pdl["launch_pdl"] and weight.data_ptr() % 16 == 0
-                and (weight.stride(0) * item) % 16 == 0 and (k_split * item) % 16 == 0 and (k * item) % 16 == 0)
     _skinny_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"], PREFETCH=prefetch, **pdl)
+        GATED=gated, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
     if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
                                                   HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out
-
-
-# ---- L2 prefetch of upcoming weights ---------------------------------------------------------------------
-# Between two projections a decode step runs small kernels (RoPE, attention, norms) that leave HBM idle for
-# microseconds, and each projection then starts from a cold weight stream. A prefetch launched on a side
-# stream fills those gaps: the TMA unit pulls the head of the next weights into L2 (sm90
-# cp.async.bulk.prefetch, no registers or shared memory), so the next projection reads its first tiles from
-# L2. It is a hint: no result depends on it.
-
-PREFETCH_CHUNK = 1 << 20  # bytes per program (one warp)
-PREFETCH_PIECE = 32 << 10  # bytes per bulk prefetch instruction
-
-
-@triton.jit
-def _prefetch_l2(address, nbytes, CHUNK: tl.constexpr, PIECE: tl.constexpr):
-    offsets = tl.program_id(0).to(tl.int64) * CHUNK + tl.arange(0, CHUNK // PIECE).to(tl.int64) * PIECE
-    _prefetch_bytes(address + offsets, tl.minimum(tl.maximum(nbytes - offsets, 0), PIECE).to(tl.int32))
-
-
-def prefetch_l2(t: torch.Tensor, start: int = 0, nbytes: int | None = None) -> None:
-    """Ask L2 for bytes [start, start + nbytes) of t's storage (default: to the end), on the current stream.
-    A no-op where the GPU has no bulk prefetch (before Hopper)."""
-    total = t.numel() * t.element_size()
-    end = total if nbytes is None else min(total, start + nbytes)
-    start, end = start - start % 16, end - end % 16  # the instruction takes 16-byte multiples
-    address = t.data_ptr() + start
-    if end <= start or address % 16 or not hopper_or_later(t.device.index or 0):
-        return
-    _prefetch_l2[(triton.cdiv(end - start, PREFETCH_CHUNK),)](address, end - start, CHUNK=PREFETCH_CHUNK,
-                                                             PIECE=PREFETCH_PIECE, num_warps=1)

@@ -6,8 +6,6 @@ computed in fp32), so that taps and logits match the reference implementations t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,65 +17,44 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _skinny_settings(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict | None:
+    """The Triton skinny-GEMM settings when x @ weight^T should take it (CUDA inference, at most 16 rows, a
+    shape the measured table lists), else None."""
+    params = (weight,) if bias is None else (weight, bias)
+    if x.dtype != weight.dtype or not fused_kernels_apply(x, *params):
+        return None
+    from blockspec.kernels import SKINNY_ROWS, skinny_config
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    # None: cuBLAS measured faster for this shape
+    return skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
     GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
-    params = (weight,) if bias is None else (weight, bias)
-    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
-        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
+    config = _skinny_settings(x, weight, bias)
+    if config is None:
+        return F.linear(x, weight, bias)
+    from blockspec.kernels import skinny_linear
 
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        # None: cuBLAS measured faster for this shape
-        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
-        if config is not None:
-            return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
-    return F.linear(x, weight, bias)
+    return skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias, config).view(*x.shape[:-1], -1)
 
 
-# After each projection of a target layer is enqueued (qkv, o_proj, gate_up, down), this many MiB of the
-# weights that follow are asked into L2 on a side stream: about what HBM streams while the small kernels
-# after that projection run (RoPE + attention after qkv, add+norm after o_proj, ...). None: off (until
-# `benchmarks/engine_limit.py --ab` has measured it on the H100).
-L2_PREFETCH_MB: tuple[float, float, float, float] | None = None
+# Fold silu(gate) * up into the down projection's input loads on the skinny-GEMM path (one kernel less per
+# layer; measured by `benchmarks/engine_limit.py --ab`, docs/benchmarks.md).
+FUSE_GATED_DOWN = True
 
 
-@functools.lru_cache(maxsize=None)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """linear(silu(gate) * up, weight, bias) for gate_up = [..., 2I] holding gate then up."""
+    config = _skinny_settings(gate_up, weight, bias) if FUSE_GATED_DOWN else None
+    if config is None:
+        return linear(silu_mul(gate_up), weight, bias)
+    from blockspec.kernels import skinny_linear
 
-
-class WeightPrefetch:
-    """The decode pass's projection weights in execution order and how much of each L2 has been asked for.
-    Call `projection_enqueued()` right after each projection's kernel is launched: a side stream waits for it
-    and then streams the head of the following weights into L2 while the main stream runs the small kernels
-    that leave HBM idle, so the next projection starts from L2. A hint: no result depends on it. `join()`
-    before the pass returns (a CUDA graph capture must end on the stream it started on)."""
-
-    def __init__(self, weights: list[torch.Tensor], budgets: list[int]) -> None:
-        self.weights, self.budgets = weights, budgets
-        self.asked = [0] * len(weights)  # bytes from the start of each weight already asked for
-        self.enqueued = 0  # projections launched so far
-        self.side = _side_stream(weights[0].device)
-
-    def projection_enqueued(self) -> None:
-        from blockspec.kernels import prefetch_l2
-
-        budget = self.budgets[self.enqueued]
-        self.enqueued += 1
-        self.side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.side):
-            for index in range(self.enqueued, len(self.weights)):
-                if budget <= 0:
-                    break
-                weight = self.weights[index]
-                take = min(budget, weight.numel() * weight.element_size() - self.asked[index])
-                if take > 0:
-                    prefetch_l2(weight, self.asked[index], take)
-                    self.asked[index] += take
-                    budget -= take
-
-    def join(self) -> None:
-        torch.cuda.current_stream().wait_stream(self.side)
+    out = skinny_linear(gate_up.reshape(-1, gate_up.shape[-1]), weight, bias, config, gated=True)
+    return out.view(*gate_up.shape[:-1], -1)
 
 
 class RMSNorm(nn.Module):

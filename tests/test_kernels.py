@@ -154,6 +154,27 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_gated_skinny_linear_equals_silu_mul_then_linear(m, dtype):
+    """The down projection with silu(gate) * up folded into its input loads equals the silu_mul kernel
+    followed by the same GEMM bit for bit, on every path (one row, tensor-core dot, split-K, K a multiple of
+    the tile or not, bias)."""
+    gen = torch.Generator().manual_seed(10 + m)
+    base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
+    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in ((1, 16) if m == 1 else (16,))
+                        for split in (1, 3)]
+    for n, k in ((100, 300), (48, 256)):
+        gate_up = (2 * torch.randn(m, 2 * k, generator=gen)).to(DEVICE, dtype)
+        w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+        b = torch.randn(n, generator=gen).to(DEVICE, dtype)
+        act = kernels.silu_mul(gate_up)
+        for config in configs:
+            for bias in (None, b):
+                assert torch.equal(kernels.skinny_linear(gate_up, w, bias, config, gated=True),
+                                   kernels.skinny_linear(act, w, bias, config)), (n, k, config, bias is None)
+
+
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
 def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
     """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's
@@ -181,14 +202,11 @@ def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
 
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a Hopper or later GPU")
-@pytest.mark.parametrize("mode,weights", [(1, False), (2, False), (2, True)], ids=["wait-first", "launch-first",
-                                                                                 "launch-first+weights"])
-def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, mode, weights):
-    """With programmatic dependent launch every kernel may start before the one it reads from has finished
-    (with mode 2, several kernels ahead); its griddepcontrol.wait must still order the memory. A chain of
-    dependent kernels (skinny GEMMs with and without split-K and with the weight prefetch, add+RMSNorm,
-    silu*mul, RMSNorm, decode attention fed by the chain), eager and captured in a CUDA graph and replayed on
-    new inputs, equals the plain launches bit for bit."""
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch):
+    """With programmatic dependent launch every kernel may start before the one it reads from has finished;
+    its griddepcontrol.wait must still order the memory. A chain of dependent kernels (skinny GEMMs with and
+    without split-K, add+RMSNorm, silu*mul, RMSNorm, decode attention fed by the chain), eager and captured in
+    a CUDA graph and replayed on new inputs, equals the plain launches bit for bit."""
     gen = torch.Generator().manual_seed(7)
     dtype = torch.bfloat16
     rows, hidden, inter, heads, kv_heads, d, length = 16, 512, 1024, 8, 2, 64, 300
@@ -212,8 +230,7 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, mode, weight
 
     inputs = [torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(3)]
     expected = [chain(x) for x in inputs]
-    monkeypatch.setattr(kernels, "PDL", mode)
-    monkeypatch.setattr(kernels, "PREFETCH_WEIGHTS", weights)
+    monkeypatch.setattr(kernels, "PDL", True)
     assert kernels.use_pdl(inputs[0])
     assert torch.equal(chain(inputs[0]), expected[0])
     static = inputs[0].clone()
@@ -230,47 +247,3 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, mode, weight
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
-
-
-@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
-                    reason="the bulk L2 prefetch needs a Hopper or later GPU")
-def test_l2_prefetch_leaves_decode_pass_unchanged(monkeypatch):
-    """The L2 prefetch of upcoming weights runs on a side stream forked and joined inside the target's decode
-    pass; eager and captured in a CUDA graph, the pass's hidden states and cache writes equal those without
-    it bit for bit, and the prefetch plan walked every projection of the pass."""
-    from blockspec import layers
-    from blockspec.target import TargetConfig, TargetModel
-
-    cfg = TargetConfig("qwen3", 1000, 256, 512, 3, 4, 2, 64, 1e-6, True, False, False, False, True, (None,) * 3, 4096)
-    model = TargetModel.random(cfg, device=DEVICE, dtype=torch.bfloat16, seed=3)
-    ids = torch.randint(0, cfg.vocab_size, (1, 16), device=DEVICE)
-    positions = torch.arange(40, 56, device=DEVICE)[None]
-
-    def decode_pass():
-        cache = model.new_cache(1, 64)
-        with torch.no_grad():
-            hidden, taps = model(ids, positions, cache, tap_layer_ids=(0, 2), kv_len=56)
-        return hidden, taps, cache.k, cache.v
-
-    monkeypatch.setattr(layers, "L2_PREFETCH_MB", None)
-    expected = decode_pass()
-    monkeypatch.setattr(layers, "L2_PREFETCH_MB", (0.05, 0.01, 0.01, 0.02))
-    walked = []
-    original = layers.WeightPrefetch.projection_enqueued
-    monkeypatch.setattr(layers.WeightPrefetch, "projection_enqueued",
-                        lambda self: (walked.append(self.enqueued), original(self))[1])
-    for got, want in zip(decode_pass(), expected):
-        assert torch.equal(got, want)
-    assert walked == list(range(4 * cfg.num_layers))
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_pass()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        outputs = decode_pass()
-    graph.replay()
-    torch.cuda.synchronize()
-    for got, want in zip(outputs, expected):
-        assert torch.equal(got, want)

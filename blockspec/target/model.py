@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blockspec import layers as blocks
 from blockspec.cache import KVCache
-from blockspec.layers import (RMSNorm, RotaryEmbedding, WeightPrefetch, add_rms_norm, attention,
-                              fused_kernels_apply, linear, qkv_rope_store, rope_inv_freq, silu_mul)
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, gated_linear, linear,
+                              qkv_rope_store, rope_inv_freq)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -88,22 +87,16 @@ class TargetAttention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, kv_len: int, window: int | None, prefetch: WeightPrefetch | None = None
-                ) -> torch.Tensor:
+                cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
         k_cache, v_cache = cache.layer(self.layer_index)
         q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
             [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
             dim=-1)
-        if prefetch is not None:
-            prefetch.projection_enqueued()
         q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
                            cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
         out = attention(q, k_cache, v_cache, positions, kv_len, window)
-        out = linear(out, self.o_proj.weight, self.o_proj.bias)
-        if prefetch is not None:
-            prefetch.projection_enqueued()
-        return out
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class TargetMLP(nn.Module):
@@ -114,14 +107,9 @@ class TargetMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor, prefetch: WeightPrefetch | None = None) -> torch.Tensor:
-        gate_up = linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
-        if prefetch is not None:
-            prefetch.projection_enqueued()
-        out = linear(silu_mul(gate_up), self.down_proj.weight, self.down_proj.bias)
-        if prefetch is not None:
-            prefetch.projection_enqueued()
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return gated_linear(linear(x, gate_up.weight, gate_up.bias), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
@@ -222,33 +210,18 @@ class TargetModel(nn.Module):
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         residual = self.embed_tokens(input_ids)
-        prefetch = self.weight_prefetch(residual)
         cos, sin = self.rotary(positions, residual.dtype)
         normed = self.layers[0].input_layernorm(residual)
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
-            attn = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window, prefetch)
+            attn = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
             residual, normed = add_rms_norm(residual, attn, layer.post_attention_layernorm)
             next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
-            residual, normed = add_rms_norm(residual, layer.mlp(normed, prefetch), next_norm)
+            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm)
             if index in tap_layer_ids:
                 taps[index] = residual  # the layer's output, before the next layer's norm
-        if prefetch is not None:
-            prefetch.join()
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
         return normed, features
-
-    def weight_prefetch(self, hidden: torch.Tensor) -> WeightPrefetch | None:
-        """The L2 prefetch plan of a decode pass (CUDA inference, at most 16 rows: the weight-streaming regime
-        where HBM idles between projections); None for prefill, the CPU, or with `layers.L2_PREFETCH_MB` off."""
-        rows = hidden.numel() // hidden.shape[-1]
-        plan = blocks.L2_PREFETCH_MB
-        if plan is None or rows > blocks.DECODE_QUERIES or not fused_kernels_apply(hidden, self.lm_head.weight):
-            return None
-        weights = [w for layer in self.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
-                                                       layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
-        budgets = [int(plan[i % len(plan)] * 2 ** 20) for i in range(len(weights))]
-        return WeightPrefetch(weights + [self.lm_head.weight], budgets + [0])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
