@@ -12,8 +12,8 @@ One run measures, side by side on one GPU:
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each launch setting of
-AB_SETTINGS (programmatic dependent launch, the silu*up fused into the down projection), in turn, in one run,
-each with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens
+AB_SETTINGS (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept), in turn,
+in one run, each with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens
 equal the eager path's.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
@@ -283,51 +283,64 @@ def attention_sweep(device: str) -> list[dict]:
     return rows
 
 
-# --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); fused_silu: the
-# MLP's silu(gate) * up folded into the down projection's input loads (`layers.FUSE_GATED_DOWN`).
+# --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
+# GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
+# so under the same PDL default); settings needing a swept table are left out without one.
 AB_SETTINGS = {
-    "base": {"pdl": False, "fused_silu": False},
-    "pdl": {"pdl": True, "fused_silu": False},
-    "fused_silu": {"pdl": False, "fused_silu": True},
-    "pdl+fused_silu": {"pdl": True, "fused_silu": True},
+    "base": {"pdl": False, "table": "source"},
+    "pdl": {"pdl": True, "table": "source"},
+    "pdl+swept": {"pdl": True, "table": "swept"},
 }
 
 
-def apply_setting(setting: dict, device: str) -> None:
-    """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
-    from blockspec import layers
+def skinny_tables(args: argparse.Namespace) -> dict:
+    """The skinny-GEMM tables a setting may pick: "source", and "swept" when --skinny-table loaded one (call
+    before any apply_setting)."""
+    if not args.device.startswith("cuda"):
+        return {"source": None}
+    from blockspec import kernels
 
-    layers.FUSE_GATED_DOWN = setting["fused_silu"]
+    if not args.skinny_table:
+        return {"source": kernels.SKINNY_CONFIG}
+    return {"source": args.source_skinny_config, "swept": kernels.SKINNY_CONFIG}  # the harness loaded the latter
+
+
+def apply_setting(setting: dict, device: str, tables: dict) -> None:
+    """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
     if device.startswith("cuda"):
         from blockspec import kernels
 
         kernels.PDL = setting["pdl"]
+        kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 
 def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
                 max_len: int) -> dict:
     """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
-    context; the median of each setting's repeats. These settings change when kernels start or how many
-    there are, never what they compute, so every setting's graphed tokens must equal the eager path's."""
+    context; the median of each setting's repeats. Graphed greedy tokens must equal the eager path's under
+    the same table (PDL changes when kernels start, never what they compute; a table's split-K may change
+    rounding, so each table has its own eager reference)."""
     cfg, model = target.model.config, target.model
-    names = args.ab_settings or list(AB_SETTINGS)
+    tables = skinny_tables(args)
+    names = [n for n in args.ab_settings or AB_SETTINGS if AB_SETTINGS[n]["table"] in tables]
     out: dict = {"settings": {n: AB_SETTINGS[n] for n in names}, "check": {}, "contexts": {}}
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
     params = SamplingParams(max_new_tokens=256, ignore_eos=True)
-    apply_setting(AB_SETTINGS["base"], args.device)
-    eager = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
-             for name, d in (("ar", None), *drafts.items())}
+    eager: dict = {}
     decoders: dict = {}
     for setting in names:
-        apply_setting(AB_SETTINGS[setting], args.device)
+        apply_setting(AB_SETTINGS[setting], args.device, tables)
+        table = AB_SETTINGS[setting]["table"]
+        if table not in eager:
+            eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+                            for name, d in (("ar", None), *drafts.items())}
         decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
                              for name, d in (("ar", None), *drafts.items())}
         for name, decoder in decoders[setting].items():
             decoder.engine.capture_graphs()
             out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                decoder.generate(prompt, params).token_ids == eager[name])
-    apply_setting(AB_SETTINGS["base"], args.device)
+                decoder.generate(prompt, params).token_ids == eager[table][name])
     print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
@@ -490,7 +503,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
-                        help="only the settings A/B (AB_SETTINGS: PDL, fused silu; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, skinny tables; graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")

@@ -4,6 +4,7 @@ table, a hand-captured CUDA graph, the results JSON and its markdown report."""
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -74,6 +75,9 @@ def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Name
     if args.skinny_table:
         from gemm_shapes import load_winners
 
+        from blockspec import kernels
+
+        args.source_skinny_config = copy.deepcopy(kernels.SKINNY_CONFIG)  # for scripts that compare the two
         skinny = load_winners(args.skinny_table)
     record = run(args)
     record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"

@@ -382,31 +382,11 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
     return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
 
 
-@triton.jit
-def _load_input(x_ptrs, mask, k, GATED: tl.constexpr):
-    """An input tile (mask None: all in bounds); GATED: silu(gate) * up of a [gate | up] row (gate at column
-    j, up at j + k), rounded as `_silu_mul` rounds it, so the fused down projection equals silu_mul followed
-    by the GEMM bit for bit."""
-    if mask is None:
-        x = tl.load(x_ptrs)
-    else:
-        x = tl.load(x_ptrs, mask=mask, other=0.0)
-    if GATED:
-        if mask is None:
-            u = tl.load(x_ptrs + k).to(tl.float32)
-        else:
-            u = tl.load(x_ptrs + k, mask=mask, other=0.0).to(tl.float32)
-        g = x.to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32)
-        x = (s * u).to(x.dtype)
-    return x
-
-
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
 @triton.jit(do_not_specialize=["m"])
 def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
@@ -424,11 +404,11 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
         for start in range(lo, hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok, other=0.0)
-                x = _load_input(x_ptrs, None, k, GATED)
+                x = tl.load(x_ptrs)
             else:
                 k_ok = ks[None, :] + (start - lo) < hi
                 w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-                x = _load_input(x_ptrs, k_ok, k, GATED)
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -439,11 +419,11 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
         for start in range(lo, hi, BLOCK_K):
             if EVEN_K:
                 w = tl.load(w_ptrs, mask=col_ok, other=0.0)
-                x = _load_input(x_ptrs, row_ok, k, GATED)
+                x = tl.load(x_ptrs, mask=row_ok, other=0.0)
             else:
                 k_ok = ks[None, :] + (start - lo) < hi
                 w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
-                x = _load_input(x_ptrs, row_ok & k_ok, k, GATED)
+                x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
             out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
@@ -468,14 +448,11 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None, gated: bool = False) -> torch.Tensor:
+                  config: dict | None = None) -> torch.Tensor:
     """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
     [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
-    table prefers cuBLAS). gated: x is [m, 2k] holding gate then up, and the input is silu(gate) * up,
-    computed as the tiles load (the MLP's down projection without its silu_mul kernel)."""
+    table prefers cuBLAS)."""
     m, k = x.shape
-    if gated:
-        k //= 2
     n = weight.shape[0]
     assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
     config = config or skinny_config(n, k, m) or default_skinny_config(n, k)
@@ -494,7 +471,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        GATED=gated, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
     if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,

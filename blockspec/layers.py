@@ -17,44 +17,19 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _skinny_settings(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict | None:
-    """The Triton skinny-GEMM settings when x @ weight^T should take it (CUDA inference, at most 16 rows, a
-    shape the measured table lists), else None."""
-    params = (weight,) if bias is None else (weight, bias)
-    if x.dtype != weight.dtype or not fused_kernels_apply(x, *params):
-        return None
-    from blockspec.kernels import SKINNY_ROWS, skinny_config
-
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    # None: cuBLAS measured faster for this shape
-    return skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
     GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
-    config = _skinny_settings(x, weight, bias)
-    if config is None:
-        return F.linear(x, weight, bias)
-    from blockspec.kernels import skinny_linear
+    params = (weight,) if bias is None else (weight, bias)
+    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
+        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
 
-    return skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias, config).view(*x.shape[:-1], -1)
-
-
-# Fold silu(gate) * up into the down projection's input loads on the skinny-GEMM path (one kernel less per
-# layer; measured by `benchmarks/engine_limit.py --ab`, docs/benchmarks.md).
-FUSE_GATED_DOWN = True
-
-
-def gated_linear(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """linear(silu(gate) * up, weight, bias) for gate_up = [..., 2I] holding gate then up."""
-    config = _skinny_settings(gate_up, weight, bias) if FUSE_GATED_DOWN else None
-    if config is None:
-        return linear(silu_mul(gate_up), weight, bias)
-    from blockspec.kernels import skinny_linear
-
-    out = skinny_linear(gate_up.reshape(-1, gate_up.shape[-1]), weight, bias, config, gated=True)
-    return out.view(*gate_up.shape[:-1], -1)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # None: cuBLAS measured faster for this shape
+        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+        if config is not None:
+            return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):

@@ -154,27 +154,6 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 5, 16])
-def test_gated_skinny_linear_equals_silu_mul_then_linear(m, dtype):
-    """The down projection with silu(gate) * up folded into its input loads equals the silu_mul kernel
-    followed by the same GEMM bit for bit, on every path (one row, tensor-core dot, split-K, K a multiple of
-    the tile or not, bias)."""
-    gen = torch.Generator().manual_seed(10 + m)
-    base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
-    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in ((1, 16) if m == 1 else (16,))
-                        for split in (1, 3)]
-    for n, k in ((100, 300), (48, 256)):
-        gate_up = (2 * torch.randn(m, 2 * k, generator=gen)).to(DEVICE, dtype)
-        w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
-        b = torch.randn(n, generator=gen).to(DEVICE, dtype)
-        act = kernels.silu_mul(gate_up)
-        for config in configs:
-            for bias in (None, b):
-                assert torch.equal(kernels.skinny_linear(gate_up, w, bias, config, gated=True),
-                                   kernels.skinny_linear(act, w, bias, config)), (n, k, config, bias is None)
-
-
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
 def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
     """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's

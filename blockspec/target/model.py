@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, gated_linear, linear,
-                              qkv_rope_store, rope_inv_freq)
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
+                              rope_inv_freq, silu_mul)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -109,7 +109,7 @@ class TargetMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.gate_up_proj, self.down_proj
-        return gated_linear(linear(x, gate_up.weight, gate_up.bias), down.weight, down.bias)
+        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias)), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
