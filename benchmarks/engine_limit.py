@@ -372,6 +372,9 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
     record["copy_bandwidth_GBps"] = bandwidth / 1e9
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    if args.smollm2_only:
+        record["smollm2"] = smollm2(args.smollm2, device, args.steps)
+        return record
     cfg = qwen3_4b_config(tiny)
     model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02)
     target = Target(model=model, tokenizer=None, name="qwen3-4b-shaped-random", eos_token_ids=())
@@ -433,24 +436,46 @@ def item(module: torch.nn.Module) -> int:
 
 
 def smollm2(gguf: str, device: str, steps: int) -> dict:
-    """Real SmolLM2-135M weights: AR ms/token and speculative ms/step (untrained draft: timing only)."""
+    """Real SmolLM2-135M weights: AR ms/token and speculative ms/step (untrained draft: timing only), with
+    programmatic dependent launch on (the default) and, side by side, off; graphs captured under each."""
     from blockspec.draft import new_draft_for_target
     from blockspec.target import load_target
 
     target = load_target(gguf, device=device, dtype="auto")
     draft = new_draft_for_target(target.model.config, "dflash", num_layers=2).to(device=device, dtype=target.dtype)
     prompt = target.encode("Write a short story about a robot who learns to paint.")
-    ar = CudaGraphDecoder(target, None, max_len=2048)
-    spec = CudaGraphDecoder(target, draft, max_len=2048)
+    decoders = {}
+    for pdl in (True, False):
+        set_pdl(pdl, device)
+        decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=2048),
+                         "spec": CudaGraphDecoder(target, draft, max_len=2048)}
+        for decoder in decoders[pdl].values():
+            decoder.engine.capture_graphs()
+    set_pdl(True, device)
+    times: dict = {(pdl, name): [] for pdl in (True, False) for name in ("ar", "spec")}
+    for _ in range(2):
+        for pdl in (True, False):
+            for name, decoder in decoders[pdl].items():
+                times[pdl, name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, steps, device))
+    ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
     return {"prompt_tokens": len(prompt), "dtype": str(target.dtype),
-            "ar_ms_per_token": timed_steps(ar, prompt, 1, steps, device) * 1e3,
-            "spec_ms_per_step": timed_steps(spec, prompt, 16, steps, device) * 1e3}
+            "ar_ms_per_token": ms[True, "ar"], "spec_ms_per_step": ms[True, "spec"],
+            "pdl_off": {"ar_ms_per_token": ms[False, "ar"], "spec_ms_per_step": ms[False, "spec"]}}
+
+
+def set_pdl(on: bool, device: str) -> None:
+    if device.startswith("cuda"):
+        from blockspec import kernels
+
+        kernels.PDL = on
 
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
     if "ab" in r:
         return report_ab(r)
+    if not r["contexts"]:
+        return report_smollm2(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
              f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
@@ -471,11 +496,19 @@ def report(path: str) -> str:
                      for o in row[kind]["oracle"]]
             lines.append(f"| {ctx} | {kind} | " + " | ".join(cells) + " |")
     if "smollm2" in r:
-        s = r["smollm2"]
-        lines += ["", f"SmolLM2-135M-Instruct (real weights, {s['dtype']}, prompt {s['prompt_tokens']} tokens): "
-                      f"AR {s['ar_ms_per_token']:.2f} ms/token, speculative step (2-layer DFlash, block 16) "
-                      f"{s['spec_ms_per_step']:.2f} ms."]
+        lines += ["", report_smollm2(r, header=False)]
     return "\n".join(lines)
+
+
+def report_smollm2(r: dict, header: bool = True) -> str:
+    s = r["smollm2"]
+    text = (f"SmolLM2-135M-Instruct (real weights, {s['dtype']}, prompt {s['prompt_tokens']} tokens): AR "
+            f"{s['ar_ms_per_token']:.2f} ms/token, speculative step (2-layer DFlash, block 16) "
+            f"{s['spec_ms_per_step']:.2f} ms.")
+    if "pdl_off" in s:
+        text += (f" The same with PDL off, side by side: AR {s['pdl_off']['ar_ms_per_token']:.2f} ms/token, "
+                 f"step {s['pdl_off']['spec_ms_per_step']:.2f} ms.")
+    return f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}. {text}" if header else text
 
 
 def report_ab(r: dict) -> str:
@@ -501,6 +534,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--smollm2-only", action="store_true", help="with --smollm2: only its timings")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
                         help="only the settings A/B (AB_SETTINGS: PDL, skinny tables; graphed steps, checks)")
