@@ -11,10 +11,10 @@ One run measures, side by side on one GPU:
   - a kernel-time profile of one speculative step (where the time goes);
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
---ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each launch setting of
-AB_SETTINGS (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept), in turn,
-in one run, each with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens
-equal the eager path's.
+--ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
+(programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the fused
+projections), in turn, in one run, each with graphs captured under it; the floors; and checks that every
+setting's graphed greedy tokens equal the eager path's under the same numerics.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -285,11 +285,17 @@ def attention_sweep(device: str) -> list[dict]:
 
 # --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
-# so under the same PDL default); settings needing a swept table are left out without one.
+# so under the same PDL default), settings needing it are left out without one; residual: o_proj / down with
+# the split-K sum, residual add and next norm in one kernel (`layers.FUSE_RESIDUAL_NORM`); qkv: the qkv
+# projection with q/k norm, RoPE and the cache store in its epilogue (`layers.FUSE_QKV_ROPE`).
+_OFF = {"pdl": False, "table": "source", "residual": False, "qkv": False}
 AB_SETTINGS = {
-    "base": {"pdl": False, "table": "source"},
-    "pdl": {"pdl": True, "table": "source"},
-    "pdl+swept": {"pdl": True, "table": "swept"},
+    "base": _OFF,
+    "pdl": {**_OFF, "pdl": True},
+    "pdl+swept": {**_OFF, "pdl": True, "table": "swept"},
+    "pdl+residual": {**_OFF, "pdl": True, "residual": True},
+    "pdl+qkv": {**_OFF, "pdl": True, "qkv": True},
+    "pdl+residual+qkv": {**_OFF, "pdl": True, "residual": True, "qkv": True},
 }
 
 
@@ -307,6 +313,9 @@ def skinny_tables(args: argparse.Namespace) -> dict:
 
 def apply_setting(setting: dict, device: str, tables: dict) -> None:
     """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
+    from blockspec import layers
+
+    layers.FUSE_RESIDUAL_NORM, layers.FUSE_QKV_ROPE = setting["residual"], setting["qkv"]
     if device.startswith("cuda"):
         from blockspec import kernels
 
@@ -319,8 +328,8 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
     context; the median of each setting's repeats. Graphed greedy tokens must equal the eager path's under
-    the same table (PDL changes when kernels start, never what they compute; a table's split-K may change
-    rounding, so each table has its own eager reference)."""
+    the same numerics (PDL changes when kernels start, never what they compute; a table's split-K and a
+    fusion's reduction order may change rounding, so each such combination has its own eager reference)."""
     cfg, model = target.model.config, target.model
     tables = skinny_tables(args)
     names = [n for n in args.ab_settings or AB_SETTINGS if AB_SETTINGS[n]["table"] in tables]
@@ -331,16 +340,16 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     decoders: dict = {}
     for setting in names:
         apply_setting(AB_SETTINGS[setting], args.device, tables)
-        table = AB_SETTINGS[setting]["table"]
-        if table not in eager:
-            eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
-                            for name, d in (("ar", None), *drafts.items())}
+        numerics = tuple(v for key, v in AB_SETTINGS[setting].items() if key != "pdl")
+        if numerics not in eager:
+            eager[numerics] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+                               for name, d in (("ar", None), *drafts.items())}
         decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
                              for name, d in (("ar", None), *drafts.items())}
         for name, decoder in decoders[setting].items():
             decoder.engine.capture_graphs()
             out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                decoder.generate(prompt, params).token_ids == eager[table][name])
+                decoder.generate(prompt, params).token_ids == eager[numerics][name])
     print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
@@ -537,7 +546,7 @@ def main() -> None:
     parser.add_argument("--smollm2-only", action="store_true", help="with --smollm2: only its timings")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
-                        help="only the settings A/B (AB_SETTINGS: PDL, skinny tables; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, tables, fusions; graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")
