@@ -12,9 +12,9 @@ One run measures, side by side on one GPU:
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
-(programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the fused
-projections), in turn, in one run, each with graphs captured under it; the floors; and checks that every
-setting's graphed greedy tokens equal the eager path's under the same numerics.
+(programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the weight
+prefetch before the PDL wait), in turn, in one run, each with graphs captured under it; the floors; and
+checks that every setting's graphed greedy tokens equal the eager path's under the same numerics.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -285,17 +285,16 @@ def attention_sweep(device: str) -> list[dict]:
 
 # --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
-# so under the same PDL default), settings needing it are left out without one; residual: o_proj / down with
-# the split-K sum, residual add and next norm in one kernel (`layers.FUSE_RESIDUAL_NORM`); qkv: the qkv
-# projection with q/k norm, RoPE and the cache store in its epilogue (`layers.FUSE_QKV_ROPE`).
-_OFF = {"pdl": False, "table": "source", "residual": False, "qkv": False}
+# so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
+# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`).
+_OFF = {"pdl": False, "table": "source", "prefetch": 0}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
     "pdl+swept": {**_OFF, "pdl": True, "table": "swept"},
-    "pdl+residual": {**_OFF, "pdl": True, "residual": True},
-    "pdl+qkv": {**_OFF, "pdl": True, "qkv": True},
-    "pdl+residual+qkv": {**_OFF, "pdl": True, "residual": True, "qkv": True},
+    "pdl+prefetch1": {**_OFF, "pdl": True, "prefetch": 1},
+    "pdl+prefetch2": {**_OFF, "pdl": True, "prefetch": 2},
+    "pdl+prefetch4": {**_OFF, "pdl": True, "prefetch": 4},
 }
 
 
@@ -313,13 +312,10 @@ def skinny_tables(args: argparse.Namespace) -> dict:
 
 def apply_setting(setting: dict, device: str, tables: dict) -> None:
     """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
-    from blockspec import layers
-
-    layers.FUSE_RESIDUAL_NORM, layers.FUSE_QKV_ROPE = setting["residual"], setting["qkv"]
     if device.startswith("cuda"):
         from blockspec import kernels
 
-        kernels.PDL = setting["pdl"]
+        kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 
@@ -340,7 +336,7 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     decoders: dict = {}
     for setting in names:
         apply_setting(AB_SETTINGS[setting], args.device, tables)
-        numerics = tuple(v for key, v in AB_SETTINGS[setting].items() if key != "pdl")
+        numerics = AB_SETTINGS[setting]["table"]
         if numerics not in eager:
             eager[numerics] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
                                for name, d in (("ar", None), *drafts.items())}
@@ -546,7 +542,7 @@ def main() -> None:
     parser.add_argument("--smollm2-only", action="store_true", help="with --smollm2: only its timings")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
-                        help="only the settings A/B (AB_SETTINGS: PDL, tables, fusions; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch; graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")

@@ -25,6 +25,10 @@ import triton.language as tl
 # --ab`, docs/benchmarks.md): AR and speculative steps 4-6% faster, tokens unchanged. On by default;
 # BLOCKSPEC_PDL=0 turns it off.
 PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
+# With PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they ask L2 for
+# their first PREFETCH_TILES weight tiles (one prefetch per 128-byte line) before waiting on it, so the weight
+# stream starts during that kernel. 0: off. Measured by `benchmarks/engine_limit.py --ab`.
+PREFETCH_TILES = int(os.environ.get("BLOCKSPEC_PREFETCH_TILES", "0"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,11 +386,24 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
     return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
 
 
-@triton.jit
-def _skinny_tile(X, W, m, n, lo, hi, cols, sx, sw, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr):
-    """x[:m, lo:hi] @ W[cols, lo:hi]^T as an fp32 [BLOCK_N, ROWS] tile (output features x rows)."""
+# m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
+@triton.jit(do_not_specialize=["m"])
+def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     rows = tl.arange(0, ROWS)
+    lo = split * k_split
+    hi = tl.minimum(lo + k_split, k)
+    if PREFETCH > 0:  # weights never depend on the kernel before: start their stream before waiting on it
+        line: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        offs = tl.arange(0, PREFETCH * BLOCK_K // line) * line
+        ok = (cols[:, None] < n) & (offs[None, :] < hi - lo)
+        first = W + cols[:, None].to(tl.int64) * sw + lo + offs[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                  [tl.where(ok, first, W).to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
+    _pdl_prologue(USE_PDL)
     ks = lo + tl.arange(0, BLOCK_K)
     col_ok = cols[:, None] < n
     w_ptrs = W + cols[:, None].to(tl.int64) * sw + ks[None, :]
@@ -421,112 +438,10 @@ def _skinny_tile(X, W, m, n, lo, hi, cols, sx, sw, ROWS: tl.constexpr, BLOCK_N: 
             out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-    return out
-
-
-# m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
-@triton.jit(do_not_specialize=["m"])
-def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
-                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
-    rows = tl.arange(0, ROWS)
-    lo = split * k_split
-    out = _skinny_tile(X, W, m, n, lo, tl.minimum(lo + k_split, k), cols, sx, sw, ROWS, BLOCK_N, BLOCK_K, EVEN_K,
-                       PRECISION)
     if HAS_BIAS:
         out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
     tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
-             mask=(cols[:, None] < n) & (rows[None, :] < m))
-
-
-@triton.jit(do_not_specialize=["m", "n_q"])
-def _qkv_linear_rope_store(X, W, BIAS, QN, KN, COS, SIN, POS, QOUT, KC, VC, m, k, sx, sw, s_cos,
-                           s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
-                           n_q, n_heads, n_kv, eps, HAS_BIAS: tl.constexpr, HAS_NORM: tl.constexpr,
-                           D: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                           PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
-    """One head per program: its D rows of the fused qkv projection for all tokens, then (q and k heads) the
-    per-head RMSNorm and RoPE and (k, v) the cache store, as _qkv_rope_store does them on the stored
-    projection: the same rounding points, one launch instead of two."""
-    _pdl_prologue(USE_PDL)
-    h = tl.program_id(0)  # q heads, then k heads, then v heads: the row order of the fused weight
-    dims = tl.arange(0, D)
-    x = _skinny_tile(X, W, m, (n_heads + 2 * n_kv) * D, 0, k, h * D + dims, sx, sw, ROWS, D, BLOCK_K, EVEN_K,
-                     PRECISION)
-    if HAS_BIAS:
-        x += tl.load(BIAS + h * D + dims).to(tl.float32)[:, None]
-    dt = KC.dtype.element_ty
-    x = x.to(dt).to(tl.float32)  # [D, ROWS]: the projection as skinny_linear would have stored it
-    t = tl.arange(0, ROWS)  # token (row b = t // n_q, query i = t % n_q)
-    ok = t < m
-    b = t // n_q
-    i = t % n_q
-    pos = tl.load(POS + t, mask=ok, other=0)
-    if h < n_heads + n_kv:
-        if HAS_NORM:
-            if h < n_heads:
-                w_norm = tl.load(QN + dims).to(tl.float32)
-            else:
-                w_norm = tl.load(KN + dims).to(tl.float32)
-            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            x = (w_norm[:, None] * (x * r[None, :]).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        lo, hi = tl.split(tl.permute(tl.reshape(x, (2, D // 2, ROWS)), (1, 2, 0)))  # dims [0, D/2), [D/2, D)
-        half = tl.arange(0, D // 2)
-        trig = t[None, :] * s_cos + half[:, None]
-        cos_lo = tl.load(COS + trig, mask=ok[None, :], other=0.0).to(tl.float32)
-        sin_lo = tl.load(SIN + trig, mask=ok[None, :], other=0.0).to(tl.float32)
-        cos_hi = tl.load(COS + trig + D // 2, mask=ok[None, :], other=0.0).to(tl.float32)
-        sin_hi = tl.load(SIN + trig + D // 2, mask=ok[None, :], other=0.0).to(tl.float32)
-        # rotate-half: the first half pairs with minus the second, the second with the first
-        y_lo = ((lo * cos_lo).to(dt).to(tl.float32) + (-hi * sin_lo).to(dt).to(tl.float32)).to(dt)
-        y_hi = ((hi * cos_hi).to(dt).to(tl.float32) + (lo * sin_hi).to(dt).to(tl.float32)).to(dt)
-        if h < n_heads:
-            dst = QOUT + b[None, :] * s_qo_b + h * s_qo_h + i[None, :] * s_qo_n + half[:, None]
-        else:
-            dst = KC + b[None, :] * s_kc_b + (h - n_heads) * s_kc_h + pos[None, :] * s_kc_l + half[:, None]
-        tl.store(dst, y_lo, mask=ok[None, :])
-        tl.store(dst + D // 2, y_hi, mask=ok[None, :])
-    else:
-        v_dst = VC + b[None, :] * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos[None, :] * s_vc_l + dims[:, None]
-        tl.store(v_dst, x.to(dt), mask=ok[None, :])
-
-
-# qkv_linear_rope_store's launch settings per head_dim (the program's BLOCK_N): one head per program puts
-# 48 programs on a Qwen3-4B qkv, where BLOCK_N 128 measured 13.5 us against the 12.7 us best split
-# (gemm_shapes-skinny-20261122-185726.json): the fused RoPE kernel it replaces costs more than the 0.8 us.
-QKV_ROPE_CONFIG = {128: {"block_k": 128, "num_warps": 8, "num_stages": 4},
-                   64: {"block_k": 128, "num_warps": 4, "num_stages": 4}}
-
-
-def qkv_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_q: int, n_heads: int,
-                          n_kv: int, head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-                          eps: float, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                          k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-    """x [m, hidden] (m = b * n_q <= 16 tokens) through the fused qkv weight [(nH + 2 nKV) * d, hidden], then
-    q/k RMSNorm (optional), RoPE, K and V stored at `positions`: qkv_rope_store(skinny_linear(x, ...)) in one
-    kernel. Returns q as [b, nH, n_q, d]. head_dim must be a key of QKV_ROPE_CONFIG."""
-    m, k = x.shape
-    config = QKV_ROPE_CONFIG[head_dim]
-    assert 0 < m <= SKINNY_ROWS and weight.shape == ((n_heads + 2 * n_kv) * head_dim, k) and weight.stride(1) == 1
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    b = m // n_q
-    cos, sin = cos.reshape(m, head_dim), sin.reshape(m, head_dim)
-    q_out = torch.empty(b, n_heads, n_q, head_dim, device=x.device, dtype=x.dtype)
-    norm = q_norm is not None
-    assert norm == (k_norm is not None), "q and k norms come together (Qwen3) or not at all"
-    _qkv_linear_rope_store[(n_heads + 2 * n_kv,)](
-        x, weight, bias if bias is not None else weight, q_norm if norm else weight, k_norm if norm else weight,
-        cos, sin, positions.reshape(-1), q_out, k_cache, v_cache, m, k, x.stride(0), weight.stride(0),
-        cos.stride(0), q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1),
-        k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n_q, n_heads, n_kv, eps,
-        HAS_BIAS=bias is not None, HAS_NORM=norm, D=head_dim, ROWS=SKINNY_ROWS, BLOCK_K=config["block_k"],
-        EVEN_K=k % config["block_k"] == 0, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_options(x))
-    return q_out
+             mask=col_ok & (rows[None, :] < m))
 
 
 @triton.jit
@@ -543,11 +458,11 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
 
 
-def _skinny_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
-                     always_partials: bool) -> tuple[torch.Tensor, int]:
-    """Launch the skinny GEMM; returns (out [m, n] in x's dtype with the bias, 1) when it needs no split-K
-    sum, else (fp32 partials [split, m, n] without the bias, split). always_partials: partials even for one
-    K range (a caller that fuses its own reduce)."""
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
+    [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
+    table prefers cuBLAS)."""
     m, k = x.shape
     n = weight.shape[0]
     assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
@@ -559,72 +474,18 @@ def _skinny_products(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     split = config["split_k"]
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per K range
     split = triton.cdiv(k, k_split)  # no empty trailing ranges
-    direct = split == 1 and not always_partials
-    part = (torch.empty(m, n, device=x.device, dtype=x.dtype) if direct
-            else torch.empty(split, m, n, device=x.device, dtype=torch.float32))
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    pdl = pdl_options(x)
     _skinny_linear[(triton.cdiv(n, block_n), split)](
         x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
-        0 if direct else part.stride(0), part.stride(-2),
+        part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        HAS_BIAS=bias is not None and direct, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl_options(x))
-    return part, 1 if direct else split
-
-
-def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
-    """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
-    [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
-    table prefers cuBLAS)."""
-    part, split = _skinny_products(x, weight, bias, config, always_partials=False)
-    if split == 1:
-        return part
-    m, n = part.shape[1:]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    block = 1024
-    _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
-                                              HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl_options(x))
+        HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PREFETCH=PREFETCH_TILES if pdl["launch_pdl"] else 0, num_warps=config["num_warps"],
+        num_stages=config["num_stages"], **pdl)
+    if split > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
+                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out
-
-
-@triton.jit
-def _sum_splits_add_rms_norm(PART, BIAS, RES, W, SUM, OUT, n, splits, s_part, s_res, s_sum, s_out, eps,
-                             HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < n
-    acc = tl.load(PART + row * n + cols, mask=ok, other=0.0)
-    for s in range(1, splits):  # fixed order, as _sum_splits
-        acc += tl.load(PART + s * s_part + row * n + cols, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
-    # from here as _add_rms_norm, on the projection rounded to the activation dtype as skinny_linear returns it
-    d = acc.to(SUM.dtype.element_ty).to(tl.float32)
-    x = tl.load(RES + row * s_res + cols, mask=ok, other=0.0).to(tl.float32)
-    total = (x + d).to(SUM.dtype.element_ty)
-    tl.store(SUM + row * s_sum + cols, total, mask=ok)
-    t32 = total.to(tl.float32)
-    r = tl.rsqrt(tl.sum(t32 * t32, axis=0) / n + eps)
-    y = (t32 * r).to(OUT.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + row * s_out + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
-
-
-def skinny_linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                               config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(residual + x @ weight^T + bias, RMSNorm of that) for x [m, k], residual [m, n]: the skinny GEMM's
-    fp32 partials are summed, rounded, added to the residual and normalised by one kernel, instead of a
-    split-K sum and an add+RMSNorm (one launch less). Same rounding points as skinny_linear + add_rms_norm."""
-    part, split = _skinny_products(x, weight, None, config, always_partials=True)
-    m, n = part.shape[1:]
-    if residual.stride(-1) != 1:
-        residual = residual.contiguous()
-    total = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    normed = torch.empty(m, n, device=x.device, dtype=torch.promote_types(x.dtype, norm_weight.dtype))
-    _sum_splits_add_rms_norm[(m,)](
-        part, bias if bias is not None else part, residual, norm_weight, total, normed, n, split, part.stride(0),
-        residual.stride(0), total.stride(0), normed.stride(0), eps, HAS_BIAS=bias is not None,
-        BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
-    return total, normed

@@ -17,28 +17,19 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _skinny_settings(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict | None:
-    """The Triton skinny-GEMM settings when x @ weight^T should take it (CUDA inference, at most 16 rows, a
-    shape the measured table lists), else None."""
-    params = (weight,) if bias is None else (weight, bias)
-    if x.dtype != weight.dtype or not fused_kernels_apply(x, *params):
-        return None
-    from blockspec.kernels import SKINNY_ROWS, skinny_config
-
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    # None: cuBLAS measured faster for this shape
-    return skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
     GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
-    config = _skinny_settings(x, weight, bias)
-    if config is None:
-        return F.linear(x, weight, bias)
-    from blockspec.kernels import skinny_linear
+    params = (weight,) if bias is None else (weight, bias)
+    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
+        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
 
-    return skinny_linear(x.reshape(-1, x.shape[-1]), weight, bias, config).view(*x.shape[:-1], -1)
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        # None: cuBLAS measured faster for this shape
+        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+        if config is not None:
+            return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -185,31 +176,6 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     return apply_rope(q.transpose(1, 2), cos, sin)
 
 
-# Run the qkv projection, q/k norm, RoPE and the cache store as one kernel on the skinny-GEMM path (one launch
-# less per layer; measured by `benchmarks/engine_limit.py --ab`, docs/benchmarks.md).
-FUSE_QKV_ROPE = True
-
-
-def qkv_linear_rope_store(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, n_heads: int, n_kv: int,
-                          head_dim: int, q_norm: RMSNorm | None, k_norm: RMSNorm | None, cos: torch.Tensor,
-                          sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor) -> torch.Tensor:
-    """qkv_rope_store on the q, k and v parts of linear(x, weight, bias) for x [b, n, hidden] and the fused
-    q/k/v weight; returns q as [b, nH, n, d]."""
-    norms = [nrm.weight for nrm in (q_norm, k_norm) if nrm is not None]
-    if FUSE_QKV_ROPE and _skinny_settings(x, weight, bias) is not None and fused_kernels_apply(x, *norms):
-        from blockspec.kernels import QKV_ROPE_CONFIG, qkv_linear_rope_store as fused
-
-        if head_dim in QKV_ROPE_CONFIG:
-            b, n, _ = x.shape
-            eps = k_norm.eps if k_norm is not None else 0.0
-            return fused(x.reshape(b * n, -1), weight, bias, n, n_heads, n_kv, head_dim,
-                         q_norm.weight if q_norm is not None else None, k_norm.weight if k_norm is not None else None,
-                         eps, cos, sin, positions, k_cache, v_cache)
-    q, k, v = linear(x, weight, bias).split([n_heads * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
-    return qkv_rope_store(q, k, v, n_heads, n_kv, head_dim, q_norm, k_norm, cos, sin, positions, k_cache, v_cache)
-
-
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
     if fused_kernels_apply(x, delta, norm.weight):
@@ -218,27 +184,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[t
         return fused(x, delta, norm.weight, norm.eps)
     total = x + delta
     return total, norm(total)
-
-
-# Sum a projection's split-K partials, add it to the residual and normalise in one kernel on the skinny-GEMM
-# path (one launch less per projection that feeds the residual stream; measured by
-# `benchmarks/engine_limit.py --ab`, docs/benchmarks.md).
-FUSE_RESIDUAL_NORM = True
-
-
-def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
-                        norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """add_rms_norm(residual, linear(x, weight, bias), norm): a projection that feeds the residual stream,
-    with the norm after it."""
-    config = _skinny_settings(x, weight, bias) if FUSE_RESIDUAL_NORM else None
-    if config is None or not fused_kernels_apply(residual, norm.weight):
-        return add_rms_norm(residual, linear(x, weight, bias), norm)
-    from blockspec.kernels import skinny_linear_add_rms_norm
-
-    total, normed = skinny_linear_add_rms_norm(x.reshape(-1, x.shape[-1]), weight, bias,
-                                               residual.reshape(-1, residual.shape[-1]), norm.weight, norm.eps,
-                                               config)
-    return total.view(residual.shape), normed.view(residual.shape)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import (RMSNorm, RotaryEmbedding, attention, linear, linear_add_rms_norm,
-                              qkv_linear_rope_store, rope_inv_freq, silu_mul)
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
+                              rope_inv_freq, silu_mul)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -88,18 +88,19 @@ class TargetAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
-        """The heads' output [b, n, nH*d], before o_proj (TargetModel.forward applies it together with the
-        residual add and the next norm)."""
         k_cache, v_cache = cache.layer(self.layer_index)
-        q = qkv_linear_rope_store(x, self.qkv_proj.weight, self.qkv_proj.bias, self.num_heads, self.num_kv_heads,
-                                  self.head_dim, self.q_norm, self.k_norm, cos, sin, positions, k_cache, v_cache)
+        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
+            [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, self.num_kv_heads * self.head_dim],
+            dim=-1)
+        q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
+                           cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
-        return attention(q, k_cache, v_cache, positions, kv_len, window)
+        out = attention(q, k_cache, v_cache, positions, kv_len, window)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class TargetMLP(nn.Module):
-    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matrix. forward returns
-    silu(gate(x)) * up(x); TargetModel.forward applies down_proj with the residual add and the next norm."""
+    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matrix."""
 
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
@@ -107,13 +108,13 @@ class TargetMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_mul(linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias))
+        gate_up, down = self.gate_up_proj, self.down_proj
+        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias)), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
-    """Pre-norm decoder layer. TargetModel.forward runs its parts itself so that each output projection fuses
-    with the residual add and the norm that follow it (x + o_proj(attn) -> post_attention_layernorm,
-    h + down(mlp) -> the next input norm)."""
+    """Pre-norm decoder layer. TargetModel.forward runs its parts itself so that each residual add fuses
+    with the norm that follows it (x + attn -> post_attention_layernorm, h + mlp -> next input norm)."""
 
     def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
         super().__init__()
@@ -214,11 +215,9 @@ class TargetModel(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
-            o_proj, down = layer.self_attn.o_proj, layer.mlp.down_proj
-            residual, normed = linear_add_rms_norm(attn, o_proj.weight, o_proj.bias, residual,
-                                                   layer.post_attention_layernorm)
+            residual, normed = add_rms_norm(residual, attn, layer.post_attention_layernorm)
             next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
-            residual, normed = linear_add_rms_norm(layer.mlp(normed), down.weight, down.bias, residual, next_norm)
+            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm)
             if index in tap_layer_ids:
                 taps[index] = residual  # the layer's output, before the next layer's norm
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
