@@ -286,9 +286,8 @@ def attention_sweep(device: str) -> list[dict]:
 # --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
-# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); early: kernels that move no
-# weights let the next one launch before their wait (`kernels.PDL_EARLY`).
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "early": False}
+# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`).
+_OFF = {"pdl": False, "table": "source", "prefetch": 0}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
@@ -296,8 +295,6 @@ AB_SETTINGS = {
     "pdl+prefetch1": {**_OFF, "pdl": True, "prefetch": 1},
     "pdl+prefetch2": {**_OFF, "pdl": True, "prefetch": 2},
     "pdl+prefetch4": {**_OFF, "pdl": True, "prefetch": 4},
-    "pdl+prefetch2+early": {**_OFF, "pdl": True, "prefetch": 2, "early": True},
-    "pdl+prefetch4+early": {**_OFF, "pdl": True, "prefetch": 4, "early": True},
 }
 
 
@@ -318,7 +315,7 @@ def apply_setting(setting: dict, device: str, tables: dict) -> None:
     if device.startswith("cuda"):
         from blockspec import kernels
 
-        kernels.PDL, kernels.PREFETCH_TILES, kernels.PDL_EARLY = setting["pdl"], setting["prefetch"], setting["early"]
+        kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 

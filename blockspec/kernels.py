@@ -27,11 +27,9 @@ import triton.language as tl
 PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
 # With PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they ask L2 for
 # their first PREFETCH_TILES weight tiles (one prefetch per 128-byte line) before waiting on it, so the weight
-# stream starts during that kernel: 2-4% on top of PDL on the H100 (1 and 2 tiles alike, 4 less; 0: off).
-# PDL_EARLY: kernels that move no weights let the next kernel launch before their own wait (see
-# pdl_options), widening that window; measured by `benchmarks/engine_limit.py --ab`.
+# stream starts during that kernel: 1.4-3.1% on top of PDL on the H100 (1 and 2 tiles alike, 4 less; 0: off;
+# `benchmarks/engine_limit.py --ab`, docs/benchmarks.md).
 PREFETCH_TILES = int(os.environ.get("BLOCKSPEC_PREFETCH_TILES", "2"))
-PDL_EARLY = os.environ.get("BLOCKSPEC_PDL_EARLY", "") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,26 +42,19 @@ def use_pdl(t: torch.Tensor) -> bool:
     return PDL and t.is_cuda and _supports_pdl(t.device.index if t.device.index is not None else 0)
 
 
-def pdl_options(t: torch.Tensor, small: bool = False) -> dict:
-    """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's.
-    small: a kernel that moves no weights (norms, RoPE, attention, sums); with PDL_EARLY it lets the next
-    kernel launch before its own wait, so a GEMM after a run of small kernels is resident (and prefetching
-    its weights) while they run."""
+def pdl_options(t: torch.Tensor) -> dict:
+    """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
     on = use_pdl(t)
-    return {"USE_PDL": (2 if small and PDL_EARLY else 1) if on else 0, "launch_pdl": on}
+    return {"USE_PDL": on, "launch_pdl": on}
 
 
 @triton.jit
 def _pdl_prologue(USE_PDL: tl.constexpr):
-    """Every kernel's first statement. 1: the previous kernel's writes first, then the next may start
-    launching; 2: the other way round (every wait still orders memory: a kernel completes only after its own
-    wait, so each one waits, transitively, for all before it)."""
-    if USE_PDL == 1:
+    """Every kernel's first statement (after a skinny GEMM's weight prefetch): the previous kernel's writes
+    first, then the next may start launching."""
+    if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if USE_PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
 
 # Launch settings per query count (n <= 4: AR-like, else a block): key splits per (row, KV head), keys per
 # tile, warps. Partials are [b, nH, splits, n, d] fp32, so wide blocks use fewer splits.
@@ -163,7 +154,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = config["splits"]
     if q.stride(-1) != 1:
         q = q.contiguous()
-    pdl = pdl_options(q, small=True)
+    pdl = pdl_options(q)
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
     ml = torch.empty(b, n_heads, splits, n_q, 2, device=q.device, dtype=torch.float32)
     _attention_splits[(b * n_kv, splits)](
@@ -208,8 +199,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         rows = rows.contiguous()
     out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
     _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps,
-                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1,
-                                **pdl_options(x, small=True))
+                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return out.view(*x.shape[:-1], n)
 
 
@@ -232,7 +222,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows.shape[0], n, device=gate_up.device, dtype=gate_up.dtype)
     block = 1024
     _silu_mul[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), out.stride(0), n, BLOCK=block,
-                                                       **pdl_options(gate_up, small=True))
+                                                       **pdl_options(gate_up))
     return out.view(*gate_up.shape[:-1], n)
 
 
@@ -299,7 +289,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
         q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
-        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1, **pdl_options(k, small=True))
+        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1, **pdl_options(k))
     return q_out if q is not None else None
 
 
@@ -329,7 +319,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
     _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
                                   out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
-                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x, small=True))
+                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 
 
@@ -499,6 +489,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
-                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-                                                  **pdl_options(x, small=True))
+                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out
