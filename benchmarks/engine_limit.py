@@ -14,7 +14,7 @@ One run measures, side by side on one GPU:
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
 (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the weight
 prefetch before the PDL wait), in turn, in one run, each with graphs captured under it; the floors; and
-checks that every setting's graphed greedy tokens equal the eager path's under the same numerics.
+checks that every setting's graphed greedy tokens equal the eager path's under the same table.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -324,8 +324,8 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
     context; the median of each setting's repeats. Graphed greedy tokens must equal the eager path's under
-    the same numerics (PDL changes when kernels start, never what they compute; a table's split-K and a
-    fusion's reduction order may change rounding, so each such combination has its own eager reference)."""
+    the same table (PDL and the prefetch change when kernels start and what sits in L2, never what they
+    compute; a table's split-K may change rounding, so each table has its own eager reference)."""
     cfg, model = target.model.config, target.model
     tables = skinny_tables(args)
     names = [n for n in args.ab_settings or AB_SETTINGS if AB_SETTINGS[n]["table"] in tables]
@@ -336,16 +336,16 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     decoders: dict = {}
     for setting in names:
         apply_setting(AB_SETTINGS[setting], args.device, tables)
-        numerics = AB_SETTINGS[setting]["table"]
-        if numerics not in eager:
-            eager[numerics] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
-                               for name, d in (("ar", None), *drafts.items())}
+        table = AB_SETTINGS[setting]["table"]
+        if table not in eager:
+            eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+                            for name, d in (("ar", None), *drafts.items())}
         decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
                              for name, d in (("ar", None), *drafts.items())}
         for name, decoder in decoders[setting].items():
             decoder.engine.capture_graphs()
             out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                decoder.generate(prompt, params).token_ids == eager[numerics][name])
+                decoder.generate(prompt, params).token_ids == eager[table][name])
     print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()

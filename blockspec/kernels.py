@@ -22,8 +22,8 @@ import triton.language as tl
 # it is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
 # lets the next one start launching. Launch latency and ramp-up then overlap the previous kernel's tail, the
 # cost that ~440 small launches a speculative step pay. Measured on the H100 (`benchmarks/engine_limit.py
-# --ab`, docs/benchmarks.md): AR and speculative steps 4-6% faster, tokens unchanged. On by default;
-# BLOCKSPEC_PDL=0 turns it off.
+# --ab`, docs/benchmarks.md): AR and speculative steps 0.998-1.070x, median 1.032x over seven runs, tokens
+# unchanged. On by default; BLOCKSPEC_PDL=0 turns it off.
 PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
 # With PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they ask L2 for
 # their first PREFETCH_TILES weight tiles (one prefetch per 128-byte line) before waiting on it, so the weight
