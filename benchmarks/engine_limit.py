@@ -19,6 +19,7 @@ checks that every setting's graphed greedy tokens equal the eager path's under t
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
     python benchmarks/engine_limit.py --ab --out DIR       # launch settings side by side (Hopper)
+    python benchmarks/engine_limit.py --timeline --out DIR  # profile of graph-replayed steps
     python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
 """
 
@@ -253,6 +254,54 @@ def profile_step(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> l
     return rows[:25]
 
 
+# kernel-name fragments of the engine's kernels, for graph_timeline's groups (anything else: "other")
+KERNEL_GROUPS = (("skinny GEMMs", "_skinny_linear"), ("cuBLAS GEMMs (lm_head)", "nvjet"),
+                 ("decode attention", "_attention_splits"), ("attention combine", "_combine_splits"),
+                 ("add+RMSNorm", "_add_rms_norm"), ("RMSNorm", "_rms_norm"), ("q/k norm+RoPE+store", "_qkv_rope_store"),
+                 ("silu*mul", "_silu_mul"), ("split-K sums", "_sum_splits"))
+
+
+def graph_timeline(decoder: CudaGraphDecoder, prompt: list[int], block: int, steps: int = 10) -> dict:
+    """Where a graph-replayed step's time goes: the device activity of `steps` consecutive steps (after
+    warm-up; acceptance forced to 0), per step: the span from the first kernel to the last, the time at least
+    one kernel ran (overlaps from PDL counted once), and per kernel group the summed durations and launches.
+    On the CPU (a logic check) the CPU ops stand in for kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = decoder.target.device.type == "cuda"
+    activity, device_type = (ProfilerActivity.CUDA, DeviceType.CUDA) if cuda else (ProfilerActivity.CPU, DeviceType.CPU)
+    decoder.forced_acceptance = [0]
+    chunks = decoder.stream(prompt, SamplingParams(max_new_tokens=steps + 8, ignore_eos=True), block_size=block)
+    try:
+        for _ in range(4):  # prefill, first steps, capture
+            next(chunks)
+        sync(decoder.target.device.type)
+        with profile(activities=[activity]) as prof:
+            for _ in range(steps):
+                next(chunks)
+            sync(decoder.target.device.type)
+    finally:
+        chunks.close()
+        decoder.forced_acceptance = None
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == device_type and e.time_range.end > e.time_range.start)
+    busy, reach = 0.0, spans[0][0]
+    for start, end, _ in spans:  # union of the intervals
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    groups: dict = {}
+    for start, end, name in spans:
+        group = next((g for g, fragment in KERNEL_GROUPS if fragment in name), "other")
+        entry = groups.setdefault(group, {"us": 0.0, "launches": 0})
+        entry["us"] += (end - start) / steps
+        entry["launches"] += 1 / steps
+    return {"steps": steps, "span_us": (spans[-1][1] - spans[0][0]) / steps, "busy_us": busy / steps,
+            "kernel_sum_us": sum((end - start) for start, end, _ in spans) / steps,
+            "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))}
+
+
 def attention_sweep(device: str) -> list[dict]:
     """Decode-attention launch settings, timed alone at Qwen3-4B shapes (median of CUDA-event timings)."""
     import triton.testing
@@ -391,6 +440,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.ab:
         record["ab"] = settings_ab(args, target, drafts, bandwidth, max_len)
         return record
+    if args.timeline:
+        ctx = min(args.contexts)
+        prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+        record["timeline"] = {"context": ctx, **{
+            name: {"floor_us": floors(cfg, model, d, ctx, 1 if d is None else 16) / bandwidth * 1e6,
+                   **graph_timeline(CudaGraphDecoder(target, d, max_len=max_len), prompt, 1 if d is None else 16)}
+            for name, d in (("ar", None), *drafts.items())}}
+        return record
     ar = CudaGraphDecoder(target, None, max_len=max_len)
     spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
 
@@ -479,6 +536,8 @@ def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
     if "ab" in r:
         return report_ab(r)
+    if "timeline" in r:
+        return report_timeline(r)
     if not r["contexts"]:
         return report_smollm2(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
@@ -516,6 +575,23 @@ def report_smollm2(r: dict, header: bool = True) -> str:
     return f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}. {text}" if header else text
 
 
+def report_timeline(r: dict) -> str:
+    t = r["timeline"]
+    paths = [p for p in t if p != "context"]
+    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; context {t['context']}; "
+             f"per graph-replayed step, {t[paths[0]]['steps']} steps profiled.", "",
+             "| | " + " | ".join(paths) + " |", "| --- | " + " | ".join("---" for _ in paths) + " |"]
+    for key, label in (("floor_us", "floor"), ("span_us", "first kernel start to last kernel end"),
+                       ("busy_us", "some kernel running"), ("kernel_sum_us", "sum of kernel durations")):
+        lines.append(f"| {label} | " + " | ".join(f"{t[p][key]:.0f} us" for p in paths) + " |")
+    names = list(dict.fromkeys(g for p in paths for g in t[p]["groups"]))
+    for g in names:
+        cells = [t[p]["groups"].get(g) for p in paths]
+        lines.append(f"| {g} | " + " | ".join(f"{c['us']:.0f} us / {c['launches']:.0f}" if c else "" for c in cells)
+                     + " |")
+    return "\n".join(lines)
+
+
 def report_ab(r: dict) -> str:
     ab = r["ab"]
     names = list(ab["settings"])
@@ -540,6 +616,8 @@ def main() -> None:
     parser.add_argument("--peer-steps", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--smollm2-only", action="store_true", help="with --smollm2: only its timings")
+    parser.add_argument("--timeline", action="store_true",
+                        help="only a profile of graph-replayed steps at the smallest context (where the time goes)")
     parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
     parser.add_argument("--ab", action="store_true",
                         help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch; graphed steps, checks)")
