@@ -286,11 +286,14 @@ def graph_timeline(decoder: CudaGraphDecoder, prompt: list[int], block: int, ste
         decoder.forced_acceptance = None
     spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                    if e.device_type == device_type and e.time_range.end > e.time_range.start)
-    busy, reach = 0.0, spans[0][0]
-    for start, end, _ in spans:  # union of the intervals
+    busy, reach, gaps = 0.0, spans[0][0], []
+    for start, end, _ in spans:  # union of the intervals, and the idle gaps between them
+        if start > reach:
+            gaps.append(start - reach)
         if end > reach:
             busy += end - max(start, reach)
             reach = end
+    gaps.sort(reverse=True)
     groups: dict = {}
     for start, end, name in spans:
         group = next((g for g, fragment in KERNEL_GROUPS if fragment in name), "other")
@@ -298,6 +301,9 @@ def graph_timeline(decoder: CudaGraphDecoder, prompt: list[int], block: int, ste
         entry["us"] += (end - start) / steps
         entry["launches"] += 1 / steps
     return {"steps": steps, "span_us": (spans[-1][1] - spans[0][0]) / steps, "busy_us": busy / steps,
+            # the steps - 1 longest gaps are the host's turn between two replays (read, bookkeeping, launch)
+            "between_steps_us": sum(gaps[:steps - 1]) / steps, "within_steps_gaps_us": sum(gaps[steps - 1:]) / steps,
+            "within_steps_gap_count": len(gaps[steps - 1:]) / steps,
             "kernel_sum_us": sum((end - start) for start, end, _ in spans) / steps,
             "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))}
 
@@ -582,7 +588,9 @@ def report_timeline(r: dict) -> str:
              f"per graph-replayed step, {t[paths[0]]['steps']} steps profiled.", "",
              "| | " + " | ".join(paths) + " |", "| --- | " + " | ".join("---" for _ in paths) + " |"]
     for key, label in (("floor_us", "floor"), ("span_us", "first kernel start to last kernel end"),
-                       ("busy_us", "some kernel running"), ("kernel_sum_us", "sum of kernel durations")):
+                       ("busy_us", "some kernel running"), ("between_steps_us", "idle between steps (host turn)"),
+                       ("within_steps_gaps_us", "idle gaps within steps"),
+                       ("kernel_sum_us", "sum of kernel durations")):
         lines.append(f"| {label} | " + " | ".join(f"{t[p][key]:.0f} us" for p in paths) + " |")
     names = list(dict.fromkeys(g for p in paths for g in t[p]["groups"]))
     for g in names:
