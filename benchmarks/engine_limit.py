@@ -13,8 +13,9 @@ One run measures, side by side on one GPU:
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
 (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the weight
-prefetch before the PDL wait), in turn, in one run, each with graphs captured under it; the floors; and
-checks that every setting's graphed greedy tokens equal the eager path's under the same table.
+prefetch before the PDL wait, the one-deep step pipeline), in turn, in one run, each with graphs captured
+under it; the floors; and checks that every setting's graphed greedy tokens equal the eager path's under the
+same table.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -341,8 +342,9 @@ def attention_sweep(device: str) -> list[dict]:
 # --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
-# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`).
-_OFF = {"pdl": False, "table": "source", "prefetch": 0}
+# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
+# before the previous one's tokens are read (`BatchDecoder.pipeline`).
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
@@ -350,6 +352,8 @@ AB_SETTINGS = {
     "pdl+prefetch1": {**_OFF, "pdl": True, "prefetch": 1},
     "pdl+prefetch2": {**_OFF, "pdl": True, "prefetch": 2},
     "pdl+prefetch4": {**_OFF, "pdl": True, "prefetch": 4},
+    "pipeline": {**_OFF, "pipeline": True},
+    "pdl+prefetch2+pipeline": {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True},
 }
 
 
@@ -398,6 +402,7 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
         decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
                              for name, d in (("ar", None), *drafts.items())}
         for name, decoder in decoders[setting].items():
+            decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
             decoder.engine.capture_graphs()
             out["check"][f"{setting}_{name}_graph_equals_eager"] = (
                 decoder.generate(prompt, params).token_ids == eager[table][name])

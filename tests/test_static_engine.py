@@ -85,10 +85,12 @@ def test_stop_token_inside_an_accepted_run():
         assert result.token_ids == [7] and result.finish_reason == "stop"
 
 
-def test_forced_acceptance_schedule_commits_what_it_says():
+@pytest.mark.parametrize("pipeline", [False, True], ids=["sync", "pipelined"])
+def test_forced_acceptance_schedule_commits_what_it_says(pipeline):
     target = tiny_target(seed=5)
     draft = new_draft_for_target(target.model.config, "dflash", num_layers=1, block_size=8, seed=2)
     fast = CudaGraphDecoder(target, draft, max_len=256)
+    fast.engine.pipeline = pipeline  # the CUDA path runs one step ahead of the host
     fast.forced_acceptance = [2, 7, 0, 5]
     result = fast.generate([9, 8, 7], SamplingParams(max_new_tokens=60, ignore_eos=True))
     assert result.stats.acceptance_lengths[:8] == [3, 8, 1, 6, 3, 8, 1, 6]

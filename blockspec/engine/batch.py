@@ -15,6 +15,12 @@ position 0 of free rows that a joining prompt's prefill overwrites before anyone
 sampling row runs the same modules eagerly and draws each row's tokens from the row's own generator in the
 order the single-sequence loop does.
 
+With CUDA graphs the greedy steps are pipelined one deep: `step` launches the next step's graph before it reads
+the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
+bookkeeping, the next launch -- overlaps the GPU's work instead of idling it. The device state already holds
+everything the next step needs; a row that the read shows finished simply has one wasted step, whose tokens
+are dropped. A step with a sampling row first commits the step in flight.
+
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
 accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block).
 """
@@ -37,6 +43,15 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass(eq=False)
+class _Launched:
+    """A greedy step in flight: the rows it ran for, and where its accepted counts and tokens arrive."""
+    rows: list["_Sequence"]
+    block: int
+    host: torch.Tensor  # [n, block + 1] (pinned on CUDA), filled behind the step
+    done: torch.cuda.Event | None
+
+
+@dataclass(eq=False)
 class _Sequence:
     seq_id: int
     prompt_ids: list[int]
@@ -45,7 +60,8 @@ class _Sequence:
     output: OutputTracker
     generator: torch.Generator | None
     position: int = 0  # position of the newest committed token (not yet in the target cache)
-    steps: int = 0
+    steps: int = 0  # steps committed
+    launched: int = 0  # greedy steps launched (one ahead of `steps` while a step is in flight)
 
 
 class BatchDecoder:
@@ -70,6 +86,7 @@ class BatchDecoder:
         self.tap_ids = tuple(draft.config.target_layer_ids) if draft is not None else ()
         self.use_graphs = use_graphs and target.device.type == "cuda"
         self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
+        self.pipeline = self.use_graphs  # launch each greedy step before reading the last one (tests force it)
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
 
         try:
@@ -94,6 +111,14 @@ class BatchDecoder:
         self.forced = torch.full((max_batch,), -1, **long)  # oracle acceptance (benchmarks), -1 = off
         self.offsets = torch.arange(self.max_block, **long)
         self.out = torch.zeros(max_batch, self.max_block + 1, **long)  # accepted count, then the target's choices
+        # two host copies of `out` (a step's is read while the next one fills the other) and of the forced
+        # acceptance (a pinned host->device copy does not stall the stream the way a pageable one does)
+        pinned = target.device.type == "cuda"
+        self._out_host = [torch.zeros(max_batch * (self.max_block + 1), dtype=torch.long, pin_memory=pinned)
+                          for _ in range(2)]
+        self._forced_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._flip = 0
+        self._in_flight: _Launched | None = None
 
         self.rows: list[_Sequence] = []  # active sequences; index == cache row
         self.waiting: deque[_Sequence] = deque()
@@ -211,10 +236,12 @@ class BatchDecoder:
         last = len(self.rows) - 1
         if row != last:
             moved = self.rows[last]
-            # committed K/V and draft context live at slots < position; everything later is rewritten
-            self.target_cache.copy_row(last, row, moved.position)
+            # committed K/V and draft context live at slots < position; a step in flight may have written up
+            # to a block more, which it commits later; everything after that is rewritten
+            length = min(moved.position + self.max_block, self.max_len)
+            self.target_cache.copy_row(last, row, length)
             if self.draft_cache is not None:
-                self.draft_cache.copy_row(last, row, moved.position)
+                self.draft_cache.copy_row(last, row, length)
             for state in (self.last_token, self.start, self.feat, self.feat_pos, self.cap, self.forced):
                 state[row] = state[last]
             self.rows[row] = moved
@@ -236,27 +263,67 @@ class BatchDecoder:
 
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
+        if not all(seq.params.greedy for seq in self.rows):
+            self._finish_in_flight(chunks)  # a sampling step starts from every earlier token committed
+            self._retire_finished()
+            if not self.rows:
+                return
         n = len(self.rows)
         block = max(seq.block_size for seq in self.rows)
         if all(seq.params.greedy for seq in self.rows):
-            if self.forced_acceptance:
-                schedule = self.forced_acceptance
-                self.forced[:n] = torch.tensor([schedule[seq.steps % len(schedule)] for seq in self.rows])
-            host = self._greedy(n, block)
-            results = [(row[0], row[1:2 + row[0]]) for row in host]
-        else:
-            results = self._mixed(n, block)
-        for seq, (accepted, tokens) in zip(self.rows, results):
-            seq.output.stats.acceptance_lengths.append(accepted + 1)
-            seq.position += accepted + 1
-            seq.steps += 1
-            self._commit(seq, tokens, chunks)
+            self._set_forced(n)
+            launched = self._launch_greedy(n, block)
+            if self.pipeline:  # read the previous step while this one runs
+                launched, self._in_flight = self._in_flight, launched
+                if launched is not None:
+                    self._commit_launched(launched, chunks)
+                return
+            self._commit_launched(launched, chunks)
+            return
+        for seq, (accepted, tokens) in zip(self.rows, self._mixed(n, block)):
+            self._commit_step(seq, accepted, tokens, chunks)
+
+    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
+        seq.output.stats.acceptance_lengths.append(accepted + 1)
+        seq.position += accepted + 1
+        seq.steps += 1
+        self._commit(seq, tokens, chunks)
+
+    def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk]) -> None:
+        """Commit a greedy step's tokens for its rows that are still decoding (a row that finished or was
+        cancelled after the launch had a wasted step)."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        active = {id(seq) for seq in self.rows}
+        for seq, row in zip(launched.rows, launched.host.tolist()):
+            if id(seq) in active:
+                self._commit_step(seq, row[0], row[1:2 + row[0]], chunks)
+
+    def _finish_in_flight(self, chunks: dict[int, StreamChunk]) -> None:
+        launched, self._in_flight = self._in_flight, None
+        if launched is not None:
+            self._commit_launched(launched, chunks)
+
+    def _set_forced(self, n: int) -> None:
+        """Oracle acceptance for the next step (benchmarks), through a pinned buffer: a pageable copy would
+        wait for the step in flight."""
+        if not self.forced_acceptance:
+            return
+        schedule = self.forced_acceptance
+        host = self._forced_host[self._flip][:n]
+        host.copy_(torch.tensor([schedule[seq.launched % len(schedule)] for seq in self.rows]))
+        self.forced[:n].copy_(host, non_blocking=True)
 
     def _kv_len(self, block: int) -> int:
-        """Cache slots the CPU attention reads (the Triton kernel reads the limits from the device)."""
-        return self.max_len if self.use_graphs else max(seq.position for seq in self.rows) + block
+        """Cache slots the CPU attention reads (the Triton kernel reads the limits from the device); with a
+        step in flight the rows may be a block further than the host has committed."""
+        if self.use_graphs:
+            return self.max_len
+        ahead = block if self.pipeline and self._in_flight is not None else 0
+        return min(self.max_len, max(seq.position for seq in self.rows) + block + ahead)
 
-    def _greedy(self, n: int, block: int) -> list[list[int]]:
+    def _launch_greedy(self, n: int, block: int) -> _Launched:
+        """Run (or replay) the greedy step for rows [0, n) and queue the copy of its result to the host."""
         padded = next(s for s in self.graph_batch_sizes if s >= n) if self.pad_rows else n
         if self.use_graphs:
             graph = self._graphs.get((padded, block)) or self._capture(padded, block)
@@ -265,7 +332,16 @@ class BatchDecoder:
             self._greedy_step(padded, block, self._kv_len(block))
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
-        return self.out[:n, :block + 1].tolist()  # the one device->host read of the step
+        for seq in self.rows:
+            seq.launched += 1
+        host = self._out_host[self._flip][:n * (block + 1)].view(n, block + 1)  # contiguous: a true async copy
+        self._flip ^= 1
+        host.copy_(self.out[:n, :block + 1], non_blocking=True)  # the one device->host read of the step
+        done = None
+        if self.out.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Launched(list(self.rows), block, host, done)
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""

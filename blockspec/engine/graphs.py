@@ -32,7 +32,8 @@ class CudaGraphDecoder(SpeculativeDecoder):
 
     @use_graphs.setter
     def use_graphs(self, value: bool) -> None:  # profiling runs the same step eagerly
-        self.engine.use_graphs = self.engine.pad_rows = value and self.target.device.type == "cuda"
+        on = value and self.target.device.type == "cuda"
+        self.engine.use_graphs = self.engine.pad_rows = self.engine.pipeline = on
 
     @property
     def forced_acceptance(self) -> list[int] | None:
