@@ -46,7 +46,6 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 class _Launched:
     """A greedy step in flight: the rows it ran for, and where its accepted counts and tokens arrive."""
     rows: list["_Sequence"]
-    block: int
     host: torch.Tensor  # [n, block + 1] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
 
@@ -275,10 +274,8 @@ class BatchDecoder:
             launched = self._launch_greedy(n, block)
             if self.pipeline:  # read the previous step while this one runs
                 launched, self._in_flight = self._in_flight, launched
-                if launched is not None:
-                    self._commit_launched(launched, chunks)
-                return
-            self._commit_launched(launched, chunks)
+            if launched is not None:
+                self._commit_launched(launched, chunks)
             return
         for seq, (accepted, tokens) in zip(self.rows, self._mixed(n, block)):
             self._commit_step(seq, accepted, tokens, chunks)
@@ -341,7 +338,7 @@ class BatchDecoder:
         if self.out.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Launched(list(self.rows), block, host, done)
+        return _Launched(list(self.rows), host, done)
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
