@@ -316,7 +316,7 @@ class BatchDecoder:
         step in flight the rows may be a block further than the host has committed."""
         if self.use_graphs:
             return self.max_len
-        ahead = block if self.pipeline and self._in_flight is not None else 0
+        ahead = block if self._in_flight is not None else 0
         return min(self.max_len, max(seq.position for seq in self.rows) + block + ahead)
 
     def _launch_greedy(self, n: int, block: int) -> _Launched:
