@@ -152,18 +152,16 @@ def load_winners(path: str) -> dict:
     from blockspec import kernels
 
     for w in json.loads(Path(path).read_text())["winners"]:
-        if w["gemm"] != "lm_head":
-            kernels.SKINNY_CONFIG[(w["n"], w["k"])] = {1: w["m1"], 16: w["m16"]}
+        kernels.SKINNY_CONFIG[(w["n"], w["k"])] = {1: w["m1"], 16: w["m16"]}
     return {f"{n},{k}": v for (n, k), v in kernels.SKINNY_CONFIG.items()}
 
 
 def paste_table(winners: dict) -> str:
-    """The winners as SKINNY_CONFIG source (the lm_head left out: TargetModel.logits keeps F.linear)."""
+    """The winners as SKINNY_CONFIG source."""
     lines = ["SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {"]
     for (n, k), entry in winners.items():
-        if entry["name"] != "lm_head":
-            lines += [f"    ({n}, {k}): {{  # {entry['name']}", *(f"        {m}: {entry[m]!r}," for m in (1, 16)),
-                      "    },"]
+        lines += [f"    ({n}, {k}): {{  # {entry['name']}", *(f"        {m}: {entry[m]!r}," for m in (1, 16)),
+                  "    },"]
     return "\n".join(lines + ["}"])
 
 

@@ -224,4 +224,4 @@ class TargetModel(nn.Module):
         return normed, features
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return linear(hidden, self.lm_head.weight)  # the skinny GEMM where kernels.SKINNY_CONFIG lists the shape
