@@ -343,10 +343,9 @@ def attention_sweep(device: str) -> list[dict]:
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
 # skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
-# before the previous one's tokens are read (`BatchDecoder.pipeline`); splitk: split-K partials summed by the
-# GEMM's last program per tile (`kernels.SPLIT_K_IN_KERNEL`) instead of a second kernel.
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "splitk": False}
-_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "splitk": True}
+# before the previous one's tokens are read (`BatchDecoder.pipeline`). "default" is the source's defaults.
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False}
+_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
@@ -355,7 +354,6 @@ AB_SETTINGS = {
     "pdl+prefetch2": {**_OFF, "pdl": True, "prefetch": 2},
     "pdl+prefetch4": {**_OFF, "pdl": True, "prefetch": 4},
     "pipeline": {**_OFF, "pipeline": True},
-    "pdl+prefetch2+pipeline": {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True},
     "default": _DEFAULT,
     "default+swept": {**_DEFAULT, "table": "swept"},
 }
@@ -379,7 +377,6 @@ def apply_setting(setting: dict, device: str, tables: dict) -> None:
         from blockspec import kernels
 
         kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
-        kernels.SPLIT_K_IN_KERNEL = setting["splitk"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 

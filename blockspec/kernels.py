@@ -326,11 +326,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
 # ---- skinny GEMMs ----------------------------------------------------------------------------------------
 # A decode-time projection multiplies a few rows (1 token, or a 16-token block) by a large weight [N, K]: the
 # cost is streaming the weight once. Each program owns BLOCK_N output features and one K range and reads that
-# slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go to an fp32 buffer and are
-# summed in split order, never accumulated with atomics, so results are bit-identical run to run (the engine
-# checks CUDA-graph replays against eager steps). With SPLIT_K_IN_KERNEL the last program of a column tile to
-# finish does that sum (it takes a ticket from a per-tile counter); otherwise a second kernel does.
-SPLIT_K_IN_KERNEL = os.environ.get("BLOCKSPEC_SPLIT_K_IN_KERNEL", "1") != "0"
+# slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go to an fp32 buffer that a
+# second kernel sums in split order: never atomics, so results are bit-identical run to run (the engine
+# checks CUDA-graph replays against eager steps).
 
 # Launch settings per weight shape (N, K), then per row bucket (1: one token; 16: 2..16 rows). rows = 16 is a
 # tensor-core dot with the rows padded to 16 (its weight tiles pipelined through shared memory), rows = 1 a
@@ -392,10 +390,9 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
 
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
 @triton.jit(do_not_specialize=["m"])
-def _skinny_linear(X, W, BIAS, OUT, PART, TICKETS, m, n, k, k_split, n_splits, sx, sw, so_split, so_m,
+def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, REDUCE: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rows = tl.arange(0, ROWS)
@@ -443,25 +440,10 @@ def _skinny_linear(X, W, BIAS, OUT, PART, TICKETS, m, n, k, k_split, n_splits, s
             out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-    ok = col_ok & (rows[None, :] < m)
-    if REDUCE:  # this range's partial, then the tile's last program to arrive sums all of them in split order
-        part = PART + rows[None, :] * so_m + cols[:, None]
-        tl.store(part + split * so_split, out, mask=ok)
-        tl.debug_barrier()  # every thread's partial is written before the ticket (a gpu-scope release) says so
-        ticket = tl.atomic_add(TICKETS + tl.program_id(0), 1, sem="acq_rel")
-        if ticket == n_splits - 1:
-            out = tl.load(part, mask=ok, other=0.0, cache_modifier=".cg")  # .cg: from L2, where the others wrote
-            for s in range(1, n_splits):
-                out += tl.load(part + s * so_split, mask=ok, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
-            tl.store(OUT + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty), mask=ok)
-            tl.store(TICKETS + tl.program_id(0), 0)  # zero again for the next launch
-    else:
-        if HAS_BIAS:
-            out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
-        tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
-                 mask=ok)
+    if HAS_BIAS:
+        out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
+    tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
+             mask=col_ok & (rows[None, :] < m))
 
 
 @triton.jit
@@ -476,20 +458,6 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
     if HAS_BIAS:
         acc += tl.load(BIAS + offs % n, mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
-
-
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-MAX_TILES = 1 << 16  # column tiles one split-K launch may have (an lm_head of 1M features at BLOCK_N = 16)
-
-
-def split_tickets(device: torch.device, tiles: int) -> torch.Tensor:
-    """The device's split-K arrival counters, one per column tile, all zero between launches (each tile's last
-    program resets its own). One buffer per device, kept for the process (graphs hold its address): launches
-    sharing it must not overlap, which holds for kernels issued in order on one stream, as the engine does."""
-    assert tiles <= MAX_TILES, f"a skinny GEMM of {tiles} column tiles: raise kernels.MAX_TILES"
-    if device not in _TICKETS:
-        _TICKETS[device] = torch.zeros(MAX_TILES, device=device, dtype=torch.int32)
-    return _TICKETS[device]
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -510,18 +478,15 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = triton.cdiv(k, k_split)  # no empty trailing ranges
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
-    reduce = split > 1 and SPLIT_K_IN_KERNEL
     pdl = pdl_options(x)
     _skinny_linear[(triton.cdiv(n, block_n), split)](
-        x, weight, bias if bias is not None else weight, out if reduce else part, part,
-        split_tickets(x.device, triton.cdiv(n, block_n)) if reduce else part, m, n, k, k_split, split,
-        x.stride(0), weight.stride(0), part.stride(0) if split > 1 else 0, part.stride(-2),
+        x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
+        part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        HAS_BIAS=bias is not None and (split == 1 or reduce), REDUCE=reduce,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=PREFETCH_TILES if pdl["launch_pdl"] else 0, num_warps=config["num_warps"],
         num_stages=config["num_stages"], **pdl)
-    if split > 1 and not reduce:
+    if split > 1:
         block = 1024
         _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
                                                   HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)

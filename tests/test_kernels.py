@@ -154,26 +154,6 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 5, 16])
-def test_split_k_in_kernel_equals_reduce_kernel(m, dtype, monkeypatch):
-    """Split-K partials summed by each column tile's last program to arrive equal the separate reduce kernel's
-    sum bit for bit (the same split order, bias last), whatever order the programs finish in, and every
-    arrival counter is zero again after the launch."""
-    gen = torch.Generator().manual_seed(11 + m)
-    x = torch.randn(m, 300, generator=gen).to(DEVICE, dtype)
-    w = torch.randn(100, 300, generator=gen).to(DEVICE, dtype)
-    b = torch.randn(100, generator=gen).to(DEVICE, dtype)
-    for split, bias in ((2, None), (3, b), (5, b)):
-        config = {"rows": 16, "block_n": 32, "block_k": 32, "split_k": split, "num_warps": 4, "num_stages": 2}
-        monkeypatch.setattr(kernels, "SPLIT_K_IN_KERNEL", False)
-        expected = kernels.skinny_linear(x, w, bias, config)
-        monkeypatch.setattr(kernels, "SPLIT_K_IN_KERNEL", True)
-        for _ in range(3):
-            assert torch.equal(kernels.skinny_linear(x, w, bias, config), expected), split
-            assert not kernels.split_tickets(x.device, 4).any()
-
-
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
 def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
     """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's
