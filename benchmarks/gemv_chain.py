@@ -173,7 +173,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
 def kernel_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, project):
     """The chain as one call per GEMV (`project(x [1, K], weight [N, K]) -> [1, N]`), as the engine runs it."""
     def run() -> torch.Tensor:
-        x = x0.to(torch.bfloat16)[None]
+        x = x0[:GEMVS[0][2]].to(torch.bfloat16)[None]
         for layer in range(layers):
             qkv = project(x, weights[0][layer])
             o = project(qkv[:, :GEMVS[1][2]], weights[1][layer])
