@@ -17,6 +17,11 @@ persistent kernel is a probe, not an engine path (fp32 atomics make it nondeterm
 checked against an fp64 reference of the same chain.
 
     python benchmarks/gemv_chain.py --commit HASH     # on the H100
+    python benchmarks/gemv_chain.py --sweep-table --commit HASH
+        # instead: tune kernels.SKINNY_CONFIG in the chain rather than on one GEMM repeated (gemm_shapes.py
+        # --skinny): per GEMV and row count (1: AR, 16: a verify block) in turn, every candidate launch config
+        # timed as the whole 36-layer skinny chain, a winner kept only if it beats the incumbent again when
+        # re-timed alternately; the record's "winners" load into engine_limit.py --skinny-table
 """
 
 from __future__ import annotations
@@ -170,10 +175,11 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
     return run, outs, failed
 
 
-def kernel_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, project):
-    """The chain as one call per GEMV (`project(x [1, K], weight [N, K]) -> [1, N]`), as the engine runs it."""
+def kernel_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, project, rows: int = 1):
+    """The chain as one call per GEMV (`project(x [rows, K], weight [N, K]) -> [rows, N]`), as the engine runs
+    it; `rows` copies of the input."""
     def run() -> torch.Tensor:
-        x = x0[:GEMVS[0][2]].to(torch.bfloat16)[None]
+        x = x0[:GEMVS[0][2]].to(torch.bfloat16)[None].expand(rows, -1).contiguous()
         for layer in range(layers):
             qkv = project(x, weights[0][layer])
             o = project(qkv[:, :GEMVS[1][2]], weights[1][layer])
@@ -205,6 +211,52 @@ def graph_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
+    """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the source table; returns the
+    timing rows and the table as gemm_shapes-style winners (every source entry, the tuned ones replaced)."""
+    from gemm_shapes import candidates, label
+
+    from blockspec import kernels
+
+    table = {m: {(n, k): kernels.skinny_config(n, k, m) for _, n, k in GEMVS} for m in (1, kernels.SKINNY_ROWS)}
+    rows_out = []
+
+    def chain_ms(m: int, configs: dict) -> float:
+        project = lambda x, w: kernels.skinny_linear(x, w, None, configs[tuple(w.shape)])  # noqa: E731
+        return graph_ms(kernel_chain(x0, weights, layers, project, rows=m), reps)
+
+    for m in table:
+        for name, n, k in GEMVS:
+            incumbent = table[m][(n, k)]
+            base = chain_ms(m, table[m])
+            best, best_ms = incumbent, base
+            for config in candidates(m, k):
+                try:
+                    ms = chain_ms(m, {**table[m], (n, k): config})
+                except Exception as exc:  # noqa: BLE001 (a config that does not fit)
+                    rows_out.append({"m": m, "gemm": name, "config": config, "error": str(exc)[:120]})
+                    continue
+                rows_out.append({"m": m, "gemm": name, "config": config, "ms": ms, "incumbent_ms": base})
+                if ms < best_ms:
+                    best, best_ms = config, ms
+            if best is not incumbent:  # confirm against the incumbent, alternately, before adopting
+                pairs = [(chain_ms(m, {**table[m], (n, k): best}), chain_ms(m, table[m])) for _ in range(3)]
+                gain = statistics.median(b / a for a, b in pairs)
+                kept = gain > 1.003
+                print(f"M={m:2d} {name:8s} {label(best)} vs {label(incumbent)}: x{gain:.4f} "
+                      f"{'kept' if kept else 'not kept'}", flush=True)
+                rows_out.append({"m": m, "gemm": name, "candidate": best, "incumbent": incumbent,
+                                 "confirm_pairs_ms": pairs, "gain": gain, "kept": kept})
+                if kept:
+                    table[m][(n, k)] = best
+    winners = []
+    for (n, k), entry in kernels.SKINNY_CONFIG.items():
+        tuned = {m: table[m].get((n, k), entry[m]) for m in table}
+        name = next((g for g, gn, gk in GEMVS if (gn, gk) == (n, k)), "other")
+        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[kernels.SKINNY_ROWS]})
+    return rows_out, winners
+
+
 def run(args) -> dict:
     from blockspec.kernels import skinny_linear
 
@@ -219,6 +271,9 @@ def run(args) -> dict:
                     "check": {}, "paths": {}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {record['floor_ms']:.3f} ms for {layers} layers",
           flush=True)
+    if args.sweep_table:
+        record["sweep"], record["winners"] = sweep_table(x0, weights, layers, args.reps)
+        return record
 
     # each persistent config first on 2 layers: all programs resident (no barrier gave up), output against fp64
     want = reference(x0, weights, 2)
@@ -273,6 +328,10 @@ def report(path: str) -> str:
     import json
 
     r = json.loads(Path(path).read_text())
+    if "winners" in r:
+        kept = [row for row in r["sweep"] if "kept" in row]
+        return "\n".join(f"M={row['m']} {row['gemm']}: {row['candidate']} x{row['gain']:.4f} over "
+                         f"{row['incumbent']} ({'kept' if row['kept'] else 'not kept'})" for row in kept) or "no change"
     lines = [f"GEMV chain, {r['layers']} Qwen3-4B layers (qkv, o_proj, gate_up, down; M = 1), {r['device']}, "
              f"commit {r['commit']}, {r['date']}; copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s, "
              f"floor {r['floor_ms']:.3f} ms", "", "| path | ms | x floor | TB/s | us/layer |",
@@ -291,6 +350,7 @@ def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--sweep-table", action="store_true", help="only tune the skinny table in the chain")
     run_and_report(parser, run, report, "gemv_chain")
 
 
