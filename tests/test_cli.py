@@ -539,3 +539,26 @@ def test_target_without_tokenizer_names_the_problem(capsys, tiny, tmp_path):
     code, out, err = cli(capsys, "generate", "--target", bare, "--draft", tiny.draft, "--prompt", "hello world",
                          "--no-chat-template", "--max-new-tokens", "3")
     assert_user_error(code, out, err, "tokenizer")
+
+
+def test_copy_of_default_gguf_gets_the_shipped_draft(tmp_path):
+    """The default target's GGUF copied elsewhere (same name and size, e.g. staged on a GPU machine) is served
+    with the shipped draft, not an untrained one; a different file or name is not mistaken for it."""
+    from blockspec.hub import SMOLLM2_GGUF, SMOLLM2_GGUF_BYTES
+    from blockspec.shipped import default_draft_for
+
+    shipped = default_draft_for("smollm2-135m-instruct")
+    assert shipped is not None and shipped.endswith("smollm2-135m-instruct-dflash")
+    copy = tmp_path / SMOLLM2_GGUF
+    with open(copy, "wb") as f:
+        f.truncate(SMOLLM2_GGUF_BYTES)  # sparse: the size is what is compared
+    assert default_draft_for(str(copy)) == shipped
+    other = tmp_path / "other" / SMOLLM2_GGUF
+    other.parent.mkdir()
+    with open(other, "wb") as f:
+        f.truncate(SMOLLM2_GGUF_BYTES - 1)
+    assert default_draft_for(str(other)) is None
+    renamed = tmp_path / "model.gguf"
+    copy.rename(renamed)
+    assert default_draft_for(str(renamed)) is None
+    assert default_draft_for(str(tmp_path / "missing" / SMOLLM2_GGUF)) is None
