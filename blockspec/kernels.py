@@ -204,26 +204,27 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul(GU, OUT, sg, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _silu_mul(G, U, OUT, sg, su, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
-    g = tl.load(GU + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(GU + row * sg + n + cols, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + row * su + cols, mask=ok, other=0.0).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate_up = [..., 2I] holding gate then up."""
-    n = gate_up.shape[-1] // 2
-    rows = gate_up.reshape(-1, 2 * n)
-    out = torch.empty(rows.shape[0], n, device=gate_up.device, dtype=gate_up.dtype)
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate and up [..., I], each with unit stride on the last axis (the two halves of a
+    fused gate_up projection are fine)."""
+    n = gate.shape[-1]
+    g, u = gate.reshape(-1, n), up.reshape(-1, n)
+    out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
     block = 1024
-    _silu_mul[(rows.shape[0], triton.cdiv(n, block))](rows, out, rows.stride(0), out.stride(0), n, BLOCK=block,
-                                                       **pdl_options(gate_up))
-    return out.view(*gate_up.shape[:-1], n)
+    _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), u.stride(0), out.stride(0), n,
+                                                    BLOCK=block, **pdl_options(gate))
+    return out.view(*gate.shape[:-1], n)
 
 
 @triton.jit(do_not_specialize=["n_q"])

@@ -61,17 +61,21 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        return linear(F.silu(linear(x, gate.weight, gate.bias)) * linear(x, up.weight, up.bias), down.weight, down.bias)
+        return linear(gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias)), down.weight, down.bias)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (one kernel on CUDA instead of two)."""
+    if fused_kernels_apply(gate, up) and gate.stride(-1) == 1 and up.stride(-1) == 1:
+        from blockspec.kernels import silu_mul as fused
+
+        return fused(gate, up)
+    return F.silu(gate) * up
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, for fused projections [..., 2I] holding gate then up (one kernel on CUDA)."""
-    if fused_kernels_apply(gate_up):
-        from blockspec.kernels import silu_mul as fused
-
-        return fused(gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    """silu(gate) * up, for fused projections [..., 2I] holding gate then up."""
+    return gated(*gate_up.chunk(2, dim=-1))
 
 
 def rope_parameters(config: object) -> dict:

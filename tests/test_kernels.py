@@ -66,8 +66,11 @@ def test_rms_norm_and_silu_mul_match_torch(dtype):
     gate_up = torch.randn(3, 2 * 1536, generator=gen).to(DEVICE, dtype)
     gate, up = gate_up.chunk(2, -1)
     expected = torch.nn.functional.silu(gate) * up
-    assert (kernels.silu_mul(gate_up).float() - expected.float()).abs().max().item() <= (
-        1e-5 if dtype == torch.float32 else 2e-2)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (kernels.silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
+    apart = torch.randn(3, 1536, generator=gen).to(DEVICE, dtype), torch.randn(3, 1536, generator=gen).to(DEVICE, dtype)
+    expected = torch.nn.functional.silu(apart[0]) * apart[1]  # separate gate and up projections (the drafts)
+    assert (kernels.silu_mul(*apart).float() - expected.float()).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -203,7 +206,7 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, prefetch):
     def chain(x):
         h = kernels.skinny_linear(x, w_in)
         total, normed = kernels.add_rms_norm(x, h, norm_w, 1e-6)
-        act = kernels.silu_mul(kernels.skinny_linear(normed, w_up, config=split))
+        act = kernels.silu_mul(*kernels.skinny_linear(normed, w_up, config=split).chunk(2, -1))
         q = kernels.rms_norm(kernels.skinny_linear(act, w_down), torch.ones(heads * d, device=DEVICE, dtype=dtype),
                              1e-6)
         attn = kernels.decode_attention(q.view(1, rows, heads, d).transpose(1, 2), k, v, limits)

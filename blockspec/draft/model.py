@@ -21,7 +21,8 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import GatedMLP, RMSNorm, RotaryEmbedding, attention, linear, qkv_rope_store, rope_inv_freq
+from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
+                              rope_inv_freq)
 
 MASK_EMBEDDING = "mask_embedding"
 
@@ -115,10 +116,13 @@ class DraftLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, *attn_args: object) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, normed: torch.Tensor, ctx: torch.Tensor, next_norm: RMSNorm,
+                *attn_args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the block's residual stream, normed: input_layernorm(x); returns the layer's output and
+        next_norm of it (each residual add fused with the norm after it: one kernel on CUDA)."""
         # The context is NOT passed through input_layernorm: it was normed once by hidden_norm.
-        h = x + self.self_attn(self.input_layernorm(x), ctx, *attn_args)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h, h_normed = add_rms_norm(x, self.self_attn(normed, ctx, *attn_args), self.post_attention_layernorm)
+        return add_rms_norm(h, self.mlp(h_normed), next_norm)
 
 
 class DraftModel(nn.Module):
@@ -211,6 +215,9 @@ class DraftModel(nn.Module):
         block_rope = self.rotary(block_positions, x.dtype)
         ctx_rope = self.rotary(ctx_positions, x.dtype)
         contexts = self.fuse_context(features)
-        for layer, ctx in zip(self.layers, contexts):
-            x = layer(x, ctx.to(x.dtype), block_rope, ctx_rope, block_positions, ctx_positions, cache, kv_len, limits)
-        return self.norm(x)
+        normed = self.layers[0].input_layernorm(x)
+        for index, (layer, ctx) in enumerate(zip(self.layers, contexts)):
+            next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            x, normed = layer(x, normed, ctx.to(x.dtype), next_norm, block_rope, ctx_rope, block_positions,
+                              ctx_positions, cache, kv_len, limits)
+        return normed
