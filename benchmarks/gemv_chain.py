@@ -32,8 +32,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,133 +44,11 @@ WIDEST = max(n for _, n, _ in GEMVS)
 # (block_n, block_k, num_warps, num_stages, programs per SM, prefetch tiles)
 PERSISTENT_CONFIGS = [(16, 256, 4, 4, 2, 0), (16, 256, 4, 4, 2, 2), (32, 256, 4, 4, 1, 2), (32, 128, 4, 4, 2, 2),
                       (16, 512, 4, 3, 2, 2), (32, 256, 4, 3, 2, 2), (64, 128, 4, 4, 1, 2)]
-SPIN_LIMIT = 1_000_000  # polls before a program gives up waiting (programs not all resident): flagged, not hung
-
-
-@triton.jit
-def _units(pid, nprog, n, k, BN: tl.constexpr, BK: tl.constexpr):
-    """This program's share [first, end) of a GEMV's units (column block, K tile), K tiles innermost."""
-    total = (n // BN) * (k // BK)
-    return pid * total // nprog, (pid + 1) * total // nprog
-
-
-@triton.jit
-def _prefetch(W, n, k, pid, nprog, TILES: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """Ask L2 for the first TILES weight tiles this program will read in the GEMV of weight W."""
-    first, end = _units(pid, nprog, n, k, BN, BK)
-    kt = k // BK
-    line: tl.constexpr = 64  # bf16 elements per 128-byte line
-    rows = tl.arange(0, BN)
-    offs = tl.arange(0, BK // line) * line
-    for t in tl.static_range(TILES):
-        u = tl.minimum(first + t, end - 1)
-        ptrs = W + ((u // kt) * BN + rows)[:, None].to(tl.int64) * k + (u % kt) * BK + offs[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _gemv(W, X, OUT, n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
-    """OUT[:n] += W[n, k] @ X[:k] over this program's units: a K run per column block, then one atomic add."""
-    first, end = _units(pid, nprog, n, k, BN, BK)
-    kt = k // BK
-    cols = tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    rows = tl.arange(0, 16)  # tensor-core dot: the one row padded to 16
-    u = first
-    while u < end:
-        block = u // kt
-        stop = tl.minimum((block + 1) * kt, end)
-        acc = tl.zeros([BN, 16], tl.float32)
-        w_ptrs = W + (block * BN + cols)[:, None].to(tl.int64) * k + (u % kt) * BK + ks[None, :]
-        x_ptrs = X + (u % kt) * BK + ks[None, :] + rows[:, None] * 0
-        for _ in range(u, stop):
-            w = tl.load(w_ptrs)
-            x = tl.load(x_ptrs, mask=rows[:, None] < 1, other=0.0).to(tl.bfloat16)
-            acc = tl.dot(w, tl.trans(x), acc)
-            w_ptrs += BK
-            x_ptrs += BK
-        tl.atomic_add(OUT + block * BN + cols, tl.sum(acc, axis=1), sem="relaxed")
-        u = stop
-
-
-@triton.jit
-def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr):
-    """Grid-wide: every program's writes before it, visible to every program after it."""
-    tl.debug_barrier()
-    count = tl.atomic_add(SYNC, 1, sem="acq_rel") + 1
-    spins = 0
-    while (count < target) & (spins < SPINS):
-        count = tl.atomic_add(SYNC, 0, sem="acquire")
-        spins += 1
-    if count < target:
-        tl.atomic_max(FAILED, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
-           N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
-           K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
-           BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, BARRIERS: tl.constexpr,
-           SPINS: tl.constexpr):
-    pid = tl.program_id(0)
-    x = X0
-    for layer in range(layers):
-        out = OUTS + layer * 4 * WIDE
-        w0 = W0 + layer.to(tl.int64) * N0 * K0
-        w1 = W1 + layer.to(tl.int64) * N1 * K1
-        w2 = W2 + layer.to(tl.int64) * N2 * K2
-        w3 = W3 + layer.to(tl.int64) * N3 * K3
-        _gemv(w0, x, out, N0, K0, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w1, N1, K1, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 1) * nprog, SPINS)
-        _gemv(w1, out, out + WIDE, N1, K1, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w2, N2, K2, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 2) * nprog, SPINS)
-        _gemv(w2, out + WIDE, out + 2 * WIDE, N2, K2, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w3, N3, K3, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 3) * nprog, SPINS)
-        _gemv(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(W0 + (layer + 1).to(tl.int64) * N0 * K0, N0, K0, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 4) * nprog, SPINS)
-        x = out + 3 * WIDE
-
-
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator(device="cuda").manual_seed(seed)
     # one spare layer: the last layer's prefetch of the "next" qkv stays in bounds
     return [torch.randn(layers + 1, n, k, device="cuda", dtype=torch.bfloat16, generator=gen) * k ** -0.5
             for _, n, k in GEMVS]
-
-
-def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple,
-                     barriers: bool = True):
-    """A callable running the chain in one launch, and its output buffers [layers, 4, WIDEST] fp32 and the
-    failure flag (1: some program gave up waiting at a barrier)."""
-    bn, bk, warps, stages, per_sm, prefetch = config
-    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
-    outs = torch.zeros(layers, 4, WIDEST, device="cuda", dtype=torch.float32)
-    sync = torch.zeros(1, device="cuda", dtype=torch.int32)
-    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
-    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(GEMVS) for a, v in (("N", n), ("K", k))}
-
-    def run() -> torch.Tensor:
-        outs.zero_()
-        sync.zero_()
-        _chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=WIDEST, BN=bn, BK=bk,
-                         PREFETCH=prefetch, BARRIERS=barriers, SPINS=SPIN_LIMIT, num_warps=warps, num_stages=stages)
-        return outs
-
-    return run, outs, failed
 
 
 def kernel_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, project, rows: int = 1):
@@ -258,6 +134,8 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 
 def run(args) -> dict:
+    from persistent_gemv import persistent_chain
+
     from blockspec.kernels import skinny_linear
 
     torch.manual_seed(0)
@@ -280,7 +158,7 @@ def run(args) -> dict:
     usable = []
     for config in PERSISTENT_CONFIGS:
         try:
-            fn, outs, failed = persistent_chain(x0, weights, 2, config)
+            fn, outs, failed = persistent_chain(x0, weights, 2, config, GEMVS, WIDEST)
             got = fn()[1, 3, :GEMVS[3][1]].double()
             torch.cuda.synchronize()
             check = {"rel_err": ((got - want).norm() / want.norm()).item(), "barrier_failed": bool(failed.item())}
@@ -300,7 +178,7 @@ def run(args) -> dict:
         for barriers in (True, False):
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"st{config[3]} x{config[4]} pf{config[5]}"
-            paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, barriers)
+            paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
     times: dict = {name: [] for name in paths}
     graphs = {}
     for name, fn in paths.items():
