@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import copy_bandwidth  # noqa: E402
-from harness import capture_graph, parser_with_common_flags, run_and_report, run_header  # noqa: E402
+from gemm_shapes import graph_time  # noqa: E402
+from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
@@ -75,16 +76,8 @@ def reference(x0: torch.Tensor, weights: list[torch.Tensor], layers: int) -> tor
 
 
 def graph_ms(fn, reps: int) -> float:
-    graph, _ = capture_graph(fn, warmups=3)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median ms per CUDA-graph replay of `fn`."""
+    return graph_time(fn, reps)[0] * 1e3
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -179,18 +172,14 @@ def run(args) -> dict:
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"st{config[3]} x{config[4]} pf{config[5]}"
             paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
-    times: dict = {name: [] for name in paths}
-    graphs = {}
+    times: dict = {}
     for name, fn in paths.items():
         try:
-            graphs[name] = fn
-            times[name].append(graph_ms(fn, args.reps))
+            times[name] = [graph_ms(fn, args.reps)]
         except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
             record["paths"][name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            times.pop(name)
-            graphs.pop(name)
-    for name, fn in graphs.items():  # a second round, interleaved, for drift
-        times[name].append(graph_ms(fn, args.reps))
+    for name in times:  # a second round, interleaved, for drift
+        times[name].append(graph_ms(paths[name], args.reps))
     for name, ts in times.items():
         ms = statistics.median(ts)
         failed = bool(failures[name].item()) if name in failures else False
