@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from engine_limit import copy_bandwidth  # noqa: E402
-from gemm_shapes import graph_time  # noqa: E402
+from gemm_shapes import candidates, graph_time, label  # noqa: E402
 from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
@@ -83,8 +83,6 @@ def graph_ms(fn, reps: int) -> float:
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
     """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the source table; returns the
     timing rows and the table as gemm_shapes-style winners (every source entry, the tuned ones replaced)."""
-    from gemm_shapes import candidates, label
-
     from blockspec import kernels
 
     table = {m: {(n, k): kernels.skinny_config(n, k, m) for _, n, k in GEMVS} for m in (1, kernels.SKINNY_ROWS)}
