@@ -130,3 +130,143 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
         return outs
 
     return run, outs, failed
+
+
+# --- Row-split variant: deterministic, with the next GEMV's first weight tiles in flight through each barrier ---
+#
+# Each program owns a contiguous run of output rows of every GEMV (rows dealt out evenly, so no program has more
+# than one row over another) and reduces the whole K for them itself: every output element is written once by
+# one program, so the result is bit-exact run to run (no atomics, no split-K partials). The product is
+# elementwise FMA on CUDA cores into a [BN, BK] fp32 accumulator (M = 1 needs no tensor cores). A program's
+# weight tiles form one stream over the whole chain, software-pipelined by hand DEPTH tiles deep (the loads of
+# tiles t+1..t+DEPTH are issued before tile t is used). The barrier is split: a program announces its outputs
+# (release), then issues the loads of the next GEMV's first DEPTH tiles (weights never depend on the barrier),
+# then waits (acquire); the loads are in flight while it waits, and a release fence cannot stall on them.
+
+
+@triton.jit
+def _row_tile(W, n, k, pid, nprog, t, tiles, BN: tl.constexpr, BK: tl.constexpr):
+    """Weight tile t of this program's rows of W [n, k] (row block t // (k // BK), K tile t % (k // BK));
+    nothing is read for t >= tiles."""
+    first = pid * n // nprog
+    end = (pid + 1) * n // nprog
+    k_tiles = k // BK
+    rows = first + (t // k_tiles) * BN + tl.arange(0, BN)
+    cols = (t % k_tiles) * BK + tl.arange(0, BK)
+    return tl.load(W + rows[:, None].to(tl.int64) * k + cols[None, :], mask=((rows < end) & (t < tiles))[:, None],
+                   other=0.0)
+
+
+@triton.jit
+def _row_tiles(n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
+    rows = (pid + 1) * n // nprog - pid * n // nprog
+    return tl.cdiv(rows, BN) * (k // BK)
+
+
+@triton.jit
+def _row_gemv(W, X, OUT, n, k, pid, nprog, w0, w1, BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr):
+    """OUT[rows] = W[rows] @ X for this program's rows; w0 (and w1 if DEPTH == 2) are its first tiles, already
+    loaded."""
+    first = pid * n // nprog
+    end = (pid + 1) * n // nprog
+    k_tiles = k // BK
+    tiles = _row_tiles(n, k, pid, nprog, BN, BK)
+    cols = tl.arange(0, BK)
+    acc = tl.zeros([BN, BK], tl.float32)
+    for t in range(tiles):
+        w_next = _row_tile(W, n, k, pid, nprog, t + DEPTH, tiles, BN, BK)
+        x = tl.load(X + (t % k_tiles) * BK + cols, cache_modifier=".cg")
+        acc += w0.to(tl.float32) * x[None, :]
+        if t % k_tiles == k_tiles - 1:
+            rows = first + (t // k_tiles) * BN + tl.arange(0, BN)
+            tl.store(OUT + rows, tl.sum(acc, axis=1), mask=rows < end)
+            acc = tl.zeros([BN, BK], tl.float32)
+        if DEPTH == 2:
+            w0 = w1
+            w1 = w_next
+        else:
+            w0 = w_next
+
+
+@triton.jit
+def _arrive(SYNC):
+    """This program's writes so far, released to whoever waits for the count to include it."""
+    tl.debug_barrier()
+    tl.atomic_add(SYNC, 1, sem="release")
+
+
+@triton.jit
+def _wait(SYNC, FAILED, target, SPINS: tl.constexpr):
+    count = tl.atomic_add(SYNC, 0, sem="acquire")
+    spins = 0
+    while (count < target) & (spins < SPINS):
+        count = tl.atomic_add(SYNC, 0, sem="acquire")
+        spins += 1
+    if count < target:
+        tl.atomic_max(FAILED, 1)
+    tl.debug_barrier()
+
+
+@triton.jit
+def _row_step(W, X, OUT, n, k, W_NEXT, n_next, k_next, pid, nprog, w0, w1, SYNC, FAILED, target,
+              BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr, BARRIERS: tl.constexpr, SPINS: tl.constexpr):
+    """One GEMV, then the barrier before the next, with the next GEMV's first tiles loaded during the wait."""
+    _row_gemv(W, X, OUT, n, k, pid, nprog, w0, w1, BN, BK, DEPTH)
+    if BARRIERS:
+        _arrive(SYNC)
+    tiles = _row_tiles(n_next, k_next, pid, nprog, BN, BK)
+    w0 = _row_tile(W_NEXT, n_next, k_next, pid, nprog, 0, tiles, BN, BK)
+    w1 = _row_tile(W_NEXT, n_next, k_next, pid, nprog, DEPTH - 1, tiles, BN, BK)
+    if BARRIERS:
+        _wait(SYNC, FAILED, target, SPINS)
+    return w0, w1
+
+
+@triton.jit
+def _row_chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
+               N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
+               K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr, BARRIERS: tl.constexpr,
+               SPINS: tl.constexpr):
+    pid = tl.program_id(0)
+    x = X0
+    tiles = _row_tiles(N0, K0, pid, nprog, BN, BK)
+    w0 = _row_tile(W0, N0, K0, pid, nprog, 0, tiles, BN, BK)
+    w1 = _row_tile(W0, N0, K0, pid, nprog, DEPTH - 1, tiles, BN, BK)
+    for layer in range(layers):
+        out = OUTS + layer * 4 * WIDE
+        w_0 = W0 + tl.cast(layer, tl.int64) * N0 * K0
+        w_1 = W1 + tl.cast(layer, tl.int64) * N1 * K1
+        w_2 = W2 + tl.cast(layer, tl.int64) * N2 * K2
+        w_3 = W3 + tl.cast(layer, tl.int64) * N3 * K3
+        w_next = W0 + tl.cast(layer + 1, tl.int64) * N0 * K0
+        base = layer * 4 * nprog
+        w0, w1 = _row_step(w_0, x, out, N0, K0, w_1, N1, K1, pid, nprog, w0, w1, SYNC, FAILED, base + nprog,
+                           BN, BK, DEPTH, BARRIERS, SPINS)
+        w0, w1 = _row_step(w_1, out, out + WIDE, N1, K1, w_2, N2, K2, pid, nprog, w0, w1, SYNC, FAILED,
+                           base + 2 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
+        w0, w1 = _row_step(w_2, out + WIDE, out + 2 * WIDE, N2, K2, w_3, N3, K3, pid, nprog, w0, w1, SYNC, FAILED,
+                           base + 3 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
+        w0, w1 = _row_step(w_3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, w_next, N0, K0, pid, nprog, w0, w1, SYNC,
+                           FAILED, base + 4 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
+        x = out + 3 * WIDE
+
+
+def row_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple, wide: int,
+              barriers: bool = True):
+    """As persistent_chain, for the row-split kernel; config (block_n, block_k, num_warps, programs per SM,
+    pipeline depth 1 or 2)."""
+    bn, bk, warps, per_sm, depth = config
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    outs = torch.zeros(layers, 4, wide, device="cuda", dtype=torch.float32)
+    sync = torch.zeros(1, device="cuda", dtype=torch.int32)
+    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
+    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+
+    def run() -> torch.Tensor:
+        sync.zero_()
+        _row_chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=wide, BN=bn, BK=bk,
+                             DEPTH=depth, BARRIERS=barriers, SPINS=SPIN_LIMIT, num_warps=warps, num_stages=1)
+        return outs
+
+    return run, outs, failed
