@@ -48,11 +48,12 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
 # (block_n, block_k, num_warps, num_stages, programs per SM, prefetch tiles)
-PERSISTENT_CONFIGS = [(16, 256, 4, 4, 2, 0), (16, 256, 4, 4, 2, 2), (32, 256, 4, 4, 1, 2), (32, 128, 4, 4, 2, 2),
-                      (16, 512, 4, 3, 2, 2), (32, 256, 4, 3, 2, 2), (64, 128, 4, 4, 1, 2)]
-# the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth)
-ROW_CONFIGS = [(32, 256, 8, 1, 1), (32, 256, 8, 1, 2), (32, 512, 8, 1, 1), (16, 512, 4, 2, 1), (16, 256, 4, 2, 2),
-               (64, 128, 8, 1, 2), (32, 128, 4, 2, 2)]
+PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 4), (64, 128, 4, 4, 1, 8), (64, 128, 4, 4, 1, 16),
+                      (32, 256, 4, 3, 2, 2), (32, 256, 4, 3, 2, 4), (32, 256, 4, 3, 2, 8), (32, 128, 4, 4, 2, 4),
+                      (32, 128, 4, 4, 2, 8), (64, 256, 4, 3, 1, 4), (64, 256, 4, 3, 1, 8)]
+# the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth); the best of
+# seven configs in gemv_chain-20261122-213354.json
+ROW_CONFIGS = [(16, 512, 4, 2, 1)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
