@@ -48,9 +48,7 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
 # (block_n, block_k, num_warps, num_stages, programs per SM, prefetch tiles)
-PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 4), (64, 128, 4, 4, 1, 8), (64, 128, 4, 4, 1, 16),
-                      (32, 256, 4, 3, 2, 2), (32, 256, 4, 3, 2, 4), (32, 256, 4, 3, 2, 8), (32, 128, 4, 4, 2, 4),
-                      (32, 128, 4, 4, 2, 8), (64, 256, 4, 3, 1, 4), (64, 256, 4, 3, 1, 8)]
+PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
 # the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth); the best of
 # seven configs in gemv_chain-20261122-213354.json
 ROW_CONFIGS = [(16, 512, 4, 2, 1)]
@@ -89,6 +87,32 @@ def reference(x0: torch.Tensor, weights: list[torch.Tensor], layers: int) -> tor
 def graph_ms(fn, reps: int) -> float:
     """Median ms per CUDA-graph replay of `fn`."""
     return graph_time(fn, reps)[0] * 1e3
+
+
+def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple) -> dict:
+    """Where a grid barrier's time goes, from each program's %globaltimer at arrival and departure (one run after
+    a warm-up), per GEMV the barrier follows (medians over layers, us): `spread` last minus first arrival (the
+    GEMV's tail: programs finishing unevenly), `release` median departure minus last arrival (the barrier's own
+    latency once everyone is in), `wait` a program's median departure minus its arrival, `gemv` a program's
+    median time from the previous departure to this arrival."""
+    from persistent_gemv import persistent_chain
+
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
+    times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
+    fn, _, _ = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times)
+    fn()
+    fn()
+    t = (times.cpu().double() / 1e3)  # us
+    arrive, leave = t[..., 0], t[..., 1]
+    stats: dict = {}
+    for index, (name, _, _) in enumerate(GEMVS):
+        rows = range(index, layers * 4, 4)
+        per = {"spread": [(arrive[b].max() - arrive[b].min()).item() for b in rows],
+               "release": [(leave[b].median() - arrive[b].max()).item() for b in rows],
+               "wait": [(leave[b] - arrive[b]).median().item() for b in rows],
+               "gemv": [(arrive[b] - leave[b - 1]).median().item() for b in rows if b > 0]}
+        stats[name] = {key: statistics.median(values) for key, values in per.items()}
+    return {"config": list(config), "us": stats}
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -200,6 +224,9 @@ def run(args) -> dict:
             name = f"{'rows' if barriers else 'rows-nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"x{config[3]} d{config[4]}"
             paths[name], _, failures[name] = row_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
+    record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:2]]
+    for profile in record["barrier_profiles"]:
+        print("barrier profile", profile, flush=True)
     times: dict = {}
     for name, fn in paths.items():
         try:

@@ -61,8 +61,16 @@ def _gemv(W, X, OUT, n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr):
-    """Grid-wide: every program's writes before it, visible to every program after it."""
+def _now():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr, TIMES, nprog, TIMED: tl.constexpr):
+    """Grid-wide: every program's writes before it, visible to every program after it. TIMED: each program's
+    arrival and departure (ns, %globaltimer) go to TIMES[barrier, program, 0 / 1]."""
+    if TIMED:
+        arrived = _now()
     tl.debug_barrier()
     count = tl.atomic_add(SYNC, 1, sem="acq_rel") + 1
     spins = 0
@@ -72,6 +80,10 @@ def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr):
     if count < target:
         tl.atomic_max(FAILED, 1)
     tl.debug_barrier()
+    if TIMED:
+        slot = TIMES + ((target // nprog - 1) * nprog + tl.program_id(0)) * 2
+        tl.store(slot, arrived)
+        tl.store(slot + 1, _now())
 
 
 @triton.jit
@@ -79,7 +91,7 @@ def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
            N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
            K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
            BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, BARRIERS: tl.constexpr,
-           SPINS: tl.constexpr):
+           SPINS: tl.constexpr, TIMES, TIMED: tl.constexpr):
     pid = tl.program_id(0)
     x = X0
     for layer in range(layers):
@@ -92,29 +104,30 @@ def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
         if PREFETCH > 0:
             _prefetch(w1, N1, K1, pid, nprog, PREFETCH, BN, BK)
         if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 1) * nprog, SPINS)
+            _barrier(SYNC, FAILED, (layer * 4 + 1) * nprog, SPINS, TIMES, nprog, TIMED)
         _gemv(w1, out, out + WIDE, N1, K1, pid, nprog, BN, BK)
         if PREFETCH > 0:
             _prefetch(w2, N2, K2, pid, nprog, PREFETCH, BN, BK)
         if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 2) * nprog, SPINS)
+            _barrier(SYNC, FAILED, (layer * 4 + 2) * nprog, SPINS, TIMES, nprog, TIMED)
         _gemv(w2, out + WIDE, out + 2 * WIDE, N2, K2, pid, nprog, BN, BK)
         if PREFETCH > 0:
             _prefetch(w3, N3, K3, pid, nprog, PREFETCH, BN, BK)
         if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 3) * nprog, SPINS)
+            _barrier(SYNC, FAILED, (layer * 4 + 3) * nprog, SPINS, TIMES, nprog, TIMED)
         _gemv(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, pid, nprog, BN, BK)
         if PREFETCH > 0:
             _prefetch(W0 + (layer + 1).to(tl.int64) * N0 * K0, N0, K0, pid, nprog, PREFETCH, BN, BK)
         if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 4) * nprog, SPINS)
+            _barrier(SYNC, FAILED, (layer * 4 + 4) * nprog, SPINS, TIMES, nprog, TIMED)
         x = out + 3 * WIDE
 
 
 def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-                     wide: int, barriers: bool = True):
+                     wide: int, barriers: bool = True, times: torch.Tensor | None = None):
     """A callable running the chain in one launch, and its output buffers [layers, 4, wide] fp32 and the
-    failure flag (1: some program gave up waiting at a barrier)."""
+    failure flag (1: some program gave up waiting at a barrier). With `times` (int64 [layers * 4, programs,
+    2]), every barrier records each program's arrival and departure in ns."""
     bn, bk, warps, stages, per_sm, prefetch = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     outs = torch.zeros(layers, 4, wide, device="cuda", dtype=torch.float32)
@@ -126,7 +139,9 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
         outs.zero_()
         sync.zero_()
         _chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=wide, BN=bn, BK=bk,
-                         PREFETCH=prefetch, BARRIERS=barriers, SPINS=SPIN_LIMIT, num_warps=warps, num_stages=stages)
+                         PREFETCH=prefetch, BARRIERS=barriers, SPINS=SPIN_LIMIT,
+                         TIMES=failed if times is None else times, TIMED=times is not None, num_warps=warps,
+                         num_stages=stages)
         return outs
 
     return run, outs, failed
