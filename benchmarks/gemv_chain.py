@@ -93,8 +93,11 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
     """Where a grid barrier's time goes, from each program's %globaltimer at arrival and departure (one run after
     a warm-up), per GEMV the barrier follows (medians over layers, us): `spread` last minus first arrival (the
     GEMV's tail: programs finishing unevenly), `release` median departure minus last arrival (the barrier's own
-    latency once everyone is in), `wait` a program's median departure minus its arrival, `gemv` a program's
-    median time from the previous departure to this arrival."""
+    latency once everyone is in), `departure_spread` last minus first departure, `wait` a program's median
+    departure minus its arrival, `gemv` a program's median time from the previous departure to this arrival,
+    `slowest` the slowest program's time minus that median. `systematic`: correlation over programs between
+    their mean GEMV times (relative to each GEMV's median) on even and on odd layers: near 1 if the same
+    programs (SMs) are slow every time, near 0 if the tail is random."""
     from persistent_gemv import persistent_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
@@ -110,9 +113,17 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
         per = {"spread": [(arrive[b].max() - arrive[b].min()).item() for b in rows],
                "release": [(leave[b].median() - arrive[b].max()).item() for b in rows],
                "wait": [(leave[b] - arrive[b]).median().item() for b in rows],
-               "gemv": [(arrive[b] - leave[b - 1]).median().item() for b in rows if b > 0]}
+               "departure_spread": [(leave[b].max() - leave[b].min()).item() for b in rows],
+               "gemv": [(arrive[b] - leave[b - 1]).median().item() for b in rows if b > 0],
+               "slowest": [((arrive[b] - leave[b - 1]).max() - (arrive[b] - leave[b - 1]).median()).item()
+                           for b in rows if b > 0]}
         stats[name] = {key: statistics.median(values) for key, values in per.items()}
-    return {"config": list(config), "us": stats}
+    gemv = arrive[1:] - leave[:-1]  # [barrier, program]: each program's time for the GEMV before the barrier
+    relative = gemv / gemv.median(dim=1, keepdim=True).values
+    even, odd = relative[0::2].mean(0), relative[1::2].mean(0)
+    systematic = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
+    return {"config": list(config), "us": stats, "systematic": systematic,
+            "program_relative_time": [round(v, 4) for v in relative.mean(0).tolist()]}
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -226,7 +237,8 @@ def run(args) -> dict:
             paths[name], _, failures[name] = row_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:2]]
     for profile in record["barrier_profiles"]:
-        print("barrier profile", profile, flush=True)
+        print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
+              "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
     times: dict = {}
     for name, fn in paths.items():
         try:
