@@ -47,8 +47,9 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
-# (block_n, block_k, num_warps, num_stages, programs per SM, prefetch tiles)
-PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
+# (block_n, block_k, num_warps, num_stages, programs per SM, L2-prefetch tiles, register-preloaded tiles)
+PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2, 0), (64, 128, 4, 4, 1, 2, 2), (64, 128, 4, 4, 1, 0, 2),
+                      (64, 256, 4, 3, 1, 2, 0), (64, 256, 4, 3, 1, 2, 2), (32, 256, 4, 3, 2, 2, 2)]
 # the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth); the best of
 # seven configs in gemv_chain-20261122-213354.json
 ROW_CONFIGS = [(16, 512, 4, 2, 1)]
@@ -228,14 +229,15 @@ def run(args) -> dict:
     for config in usable:
         for barriers in (True, False):
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
-                   f"st{config[3]} x{config[4]} pf{config[5]}"
+                   f"st{config[3]} x{config[4]} pf{config[5]} pre{config[6]}"
             paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
     for config in row_usable:
         for barriers in (True, False):
             name = f"{'rows' if barriers else 'rows-nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"x{config[3]} d{config[4]}"
             paths[name], _, failures[name] = row_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
-    record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:2]]
+    profiled = [config for config in usable if not config[6]][:1]  # the preload variant splits the barrier untimed
+    record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in profiled]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)

@@ -36,14 +36,18 @@ def _prefetch(W, n, k, pid, nprog, TILES: tl.constexpr, BN: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _gemv(W, X, OUT, n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
-    """OUT[:n] += W[n, k] @ X[:k] over this program's units: a K run per column block, then one atomic add."""
+def _gemv(W, X, OUT, n, k, pid, nprog, pre0, pre1, PRELOAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """OUT[:n] += W[n, k] @ X[:k] over this program's units: a K run per column block, then one atomic add. With
+    PRELOAD (2), the first two units' weight tiles are pre0 and pre1, loaded by the caller."""
     first, end = _units(pid, nprog, n, k, BN, BK)
     kt = k // BK
     cols = tl.arange(0, BN)
     ks = tl.arange(0, BK)
     rows = tl.arange(0, 16)  # tensor-core dot: the one row padded to 16
-    u = first
+    if PRELOAD > 0:
+        _preloaded_unit(X, OUT, pre0, first, end, kt, BN, BK)
+        _preloaded_unit(X, OUT, pre1, first + 1, end, kt, BN, BK)
+    u = first + PRELOAD
     while u < end:
         block = u // kt
         stop = tl.minimum((block + 1) * kt, end)
@@ -58,6 +62,29 @@ def _gemv(W, X, OUT, n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
             x_ptrs += BK
         tl.atomic_add(OUT + block * BN + cols, tl.sum(acc, axis=1), sem="relaxed")
         u = stop
+
+
+@triton.jit
+def _unit_tile(W, n, k, pid, nprog, i, BN: tl.constexpr, BK: tl.constexpr):
+    """The weight tile of this program's unit first + i (nothing read past its last unit)."""
+    first, end = _units(pid, nprog, n, k, BN, BK)
+    kt = k // BK
+    u = first + i
+    cols = tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    ptrs = W + ((u // kt) * BN + cols)[:, None].to(tl.int64) * k + (u % kt) * BK + ks[None, :]
+    return tl.load(ptrs, mask=(ks[None, :] < BK) & (u < end), other=0.0)
+
+
+@triton.jit
+def _preloaded_unit(X, OUT, w, u, end, kt, BN: tl.constexpr, BK: tl.constexpr):
+    cols = tl.arange(0, BN)
+    ks = tl.arange(0, BK)
+    rows = tl.arange(0, 16)
+    x = tl.load(X + (u % kt) * BK + ks[None, :] + rows[:, None] * 0, mask=(rows[:, None] < 1) & (u < end),
+                other=0.0).to(tl.bfloat16)
+    acc = tl.dot(w, tl.trans(x))
+    tl.atomic_add(OUT + (u // kt) * BN + cols, tl.sum(acc, axis=1), mask=(cols < BN) & (u < end), sem="relaxed")
 
 
 @triton.jit
@@ -87,39 +114,52 @@ def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr, TIMES, nprog, TIMED: tl.
 
 
 @triton.jit
+def _link(W, X, OUT, n, k, W_NEXT, n_next, k_next, pid, nprog, pre0, pre1, SYNC, FAILED, target, TIMES,
+          BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr,
+          BARRIERS: tl.constexpr, SPINS: tl.constexpr, TIMED: tl.constexpr):
+    """One GEMV and the barrier after it; before waiting, the next GEMV's first tiles are asked of L2 (PREFETCH)
+    or, with PRELOAD, loaded into registers between arriving and waiting (returned for the next GEMV)."""
+    _gemv(W, X, OUT, n, k, pid, nprog, pre0, pre1, PRELOAD, BN, BK)
+    if PREFETCH > 0:
+        _prefetch(W_NEXT, n_next, k_next, pid, nprog, PREFETCH, BN, BK)
+    if PRELOAD > 0:
+        if BARRIERS:
+            _arrive(SYNC)
+        pre0 = _unit_tile(W_NEXT, n_next, k_next, pid, nprog, 0, BN, BK)
+        pre1 = _unit_tile(W_NEXT, n_next, k_next, pid, nprog, 1, BN, BK)
+        if BARRIERS:
+            _wait(SYNC, FAILED, target, SPINS)
+    elif BARRIERS:
+        _barrier(SYNC, FAILED, target, SPINS, TIMES, nprog, TIMED)
+    return pre0, pre1
+
+
+@triton.jit
 def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
            N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
            K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
-           BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, BARRIERS: tl.constexpr,
-           SPINS: tl.constexpr, TIMES, TIMED: tl.constexpr):
+           BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr,
+           BARRIERS: tl.constexpr, SPINS: tl.constexpr, TIMES, TIMED: tl.constexpr):
     pid = tl.program_id(0)
     x = X0
+    pre0 = _unit_tile(W0, N0, K0, pid, nprog, 0, BN, BK)
+    pre1 = _unit_tile(W0, N0, K0, pid, nprog, 1, BN, BK)
     for layer in range(layers):
         out = OUTS + layer * 4 * WIDE
         w0 = W0 + layer.to(tl.int64) * N0 * K0
         w1 = W1 + layer.to(tl.int64) * N1 * K1
         w2 = W2 + layer.to(tl.int64) * N2 * K2
         w3 = W3 + layer.to(tl.int64) * N3 * K3
-        _gemv(w0, x, out, N0, K0, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w1, N1, K1, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 1) * nprog, SPINS, TIMES, nprog, TIMED)
-        _gemv(w1, out, out + WIDE, N1, K1, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w2, N2, K2, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 2) * nprog, SPINS, TIMES, nprog, TIMED)
-        _gemv(w2, out + WIDE, out + 2 * WIDE, N2, K2, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(w3, N3, K3, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 3) * nprog, SPINS, TIMES, nprog, TIMED)
-        _gemv(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, pid, nprog, BN, BK)
-        if PREFETCH > 0:
-            _prefetch(W0 + (layer + 1).to(tl.int64) * N0 * K0, N0, K0, pid, nprog, PREFETCH, BN, BK)
-        if BARRIERS:
-            _barrier(SYNC, FAILED, (layer * 4 + 4) * nprog, SPINS, TIMES, nprog, TIMED)
+        w_next = W0 + (layer + 1).to(tl.int64) * N0 * K0
+        base = layer * 4 * nprog
+        pre0, pre1 = _link(w0, x, out, N0, K0, w1, N1, K1, pid, nprog, pre0, pre1, SYNC, FAILED, base + nprog,
+                           TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
+        pre0, pre1 = _link(w1, out, out + WIDE, N1, K1, w2, N2, K2, pid, nprog, pre0, pre1, SYNC, FAILED,
+                           base + 2 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
+        pre0, pre1 = _link(w2, out + WIDE, out + 2 * WIDE, N2, K2, w3, N3, K3, pid, nprog, pre0, pre1, SYNC,
+                           FAILED, base + 3 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
+        pre0, pre1 = _link(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, w_next, N0, K0, pid, nprog, pre0, pre1,
+                           SYNC, FAILED, base + 4 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
         x = out + 3 * WIDE
 
 
@@ -128,7 +168,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
     """A callable running the chain in one launch, and its output buffers [layers, 4, wide] fp32 and the
     failure flag (1: some program gave up waiting at a barrier). With `times` (int64 [layers * 4, programs,
     2]), every barrier records each program's arrival and departure in ns."""
-    bn, bk, warps, stages, per_sm, prefetch = config
+    bn, bk, warps, stages, per_sm, prefetch, preload = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     outs = torch.zeros(layers, 4, wide, device="cuda", dtype=torch.float32)
     sync = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -139,7 +179,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
         outs.zero_()
         sync.zero_()
         _chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=wide, BN=bn, BK=bk,
-                         PREFETCH=prefetch, BARRIERS=barriers, SPINS=SPIN_LIMIT,
+                         PREFETCH=prefetch, PRELOAD=preload, BARRIERS=barriers, SPINS=SPIN_LIMIT,
                          TIMES=failed if times is None else times, TIMED=times is not None, num_warps=warps,
                          num_stages=stages)
         return outs
