@@ -53,6 +53,8 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2, 0), (64, 128, 4, 4, 1, 2, 2), (64, 1
 # the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth); the best of
 # seven configs in gemv_chain-20261122-213354.json
 ROW_CONFIGS = [(16, 512, 4, 2, 1)]
+# the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
+DATAFLOW_CONFIGS = [(32, 256, 4, 4, 1), (64, 128, 4, 4, 1), (32, 256, 4, 4, 2)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -172,7 +174,7 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 
 def run(args) -> dict:
-    from persistent_gemv import persistent_chain, row_chain
+    from persistent_gemv import dataflow_chain, persistent_chain, row_chain
 
     from blockspec.kernels import skinny_linear
 
@@ -219,6 +221,20 @@ def run(args) -> dict:
         record["check"][f"rows {config}"] = check
         if check.get("rel_err", 1.0) < 1e-2 and not check["barrier_failed"]:
             row_usable.append(config)
+    flow_usable = []
+    for config in DATAFLOW_CONFIGS:
+        try:
+            fn, _, failed = dataflow_chain(x0, weights, 2, config, GEMVS, WIDEST)
+            got = fn()[1, 3, :GEMVS[3][1]].clone()
+            again = fn()[1, 3, :GEMVS[3][1]]
+            torch.cuda.synchronize()
+            check = {"rel_err": ((got.double() - want).norm() / want.norm()).item(),
+                     "spin_failed": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
+        except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
+            check = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+        record["check"][f"dataflow {config}"] = check
+        if check.get("rel_err", 1.0) < 1e-2 and not check["spin_failed"]:
+            flow_usable.append(config)
     skinny_out = kernel_chain(x0, weights, 2, lambda x, w: skinny_linear(x, w))()[0].double()
     record["check"]["skinny_rel_err"] = ((skinny_out - want).norm() / want.norm()).item()
     print("check", record["check"], flush=True)
@@ -236,6 +252,9 @@ def run(args) -> dict:
             name = f"{'rows' if barriers else 'rows-nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"x{config[3]} d{config[4]}"
             paths[name], _, failures[name] = row_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
+    for config in flow_usable:
+        name = f"dataflow r{config[0]} k{config[1]} w{config[2]} st{config[3]} x{config[4]}"
+        paths[name], _, failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
     profiled = [config for config in usable if not config[6]][:1]  # the preload variant splits the barrier untimed
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in profiled]
     for profile in record["barrier_profiles"]:

@@ -325,3 +325,92 @@ def row_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config
         return outs
 
     return run, outs, failed
+
+
+# --- Dataflow variant: no barriers; each value carries its step's epoch (NCCL's LL protocol) ---
+#
+# Row-split like the variant above (each program owns contiguous output rows and their whole K, so every value
+# is written once, deterministically), but on tensor cores with Triton's cp.async pipeline, and with no grid
+# barrier at all: an activation element is stored as one 64-bit word, fp32 bits low and the run's epoch high.
+# One 8-byte store is single-copy atomic, so a reader that sees this run's epoch in a word has that word's final
+# value: no fence, no counter, no barrier. A program reads the vector tile by tile as its K loop needs it and
+# spins only on a tile whose producer has not yet stored it, so a slow producer delays only the readers that
+# reach its rows, and the weight stream (pipelined ahead of the spin) keeps going meanwhile.
+
+
+@triton.jit
+def _ll_read(ACT, offs, epoch, FAILED, SPINS: tl.constexpr):
+    """The fp32 values at ACT[offs] once all carry `epoch` (flags FAILED after SPINS polls)."""
+    v = tl.load(ACT + offs, volatile=True)
+    spins = 0
+    while (tl.min(((v >> 32) == epoch).to(tl.int32), axis=0) == 0) & (spins < SPINS):
+        v = tl.load(ACT + offs, volatile=True)
+        spins += 1
+    if spins == SPINS:
+        tl.atomic_max(FAILED, 1)
+    return (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _ll_gemv(W, ACT_IN, ACT_OUT, n, k, pid, nprog, epoch, FAILED, BR: tl.constexpr, BK: tl.constexpr,
+             SPINS: tl.constexpr):
+    """ACT_OUT[rows] = W[rows] @ ACT_IN[:k] for this program's rows, in blocks of BR rows."""
+    first = pid * n // nprog
+    end = (pid + 1) * n // nprog
+    ks = tl.arange(0, BK)
+    pad = tl.arange(0, 16)  # tensor-core dot: the one row padded to 16
+    block_rows = tl.arange(0, BR)
+    for row in range(first, end, BR):
+        rows = row + block_rows
+        acc = tl.zeros([BR, 16], tl.float32)
+        w_ptrs = W + rows[:, None].to(tl.int64) * k + ks[None, :]
+        for kk in range(0, k, BK):
+            w = tl.load(w_ptrs, mask=(rows < end)[:, None], other=0.0)
+            x = _ll_read(ACT_IN, kk + ks, epoch, FAILED, SPINS)
+            x16 = tl.where(pad[:, None] < 1, x[None, :], 0.0).to(tl.bfloat16)
+            acc = tl.dot(w, tl.trans(x16), acc)
+            w_ptrs += BK
+        value = tl.sum(acc, axis=1).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        tl.store(ACT_OUT + rows, (epoch.to(tl.int64) << 32) | value, mask=rows < end)
+
+
+@triton.jit
+def _ll_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
+              N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
+              K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
+              BR: tl.constexpr, BK: tl.constexpr, SPINS: tl.constexpr):
+    pid = tl.program_id(0)
+    epoch = tl.load(EPOCH)
+    for layer in range(layers):
+        act = ACTS + layer * 4 * WIDE
+        _ll_gemv(W0 + tl.cast(layer, tl.int64) * N0 * K0, act, act + WIDE, N0, K0, pid, nprog, epoch, FAILED,
+                 BR, BK, SPINS)
+        _ll_gemv(W1 + tl.cast(layer, tl.int64) * N1 * K1, act + WIDE, act + 2 * WIDE, N1, K1, pid, nprog, epoch,
+                 FAILED, BR, BK, SPINS)
+        _ll_gemv(W2 + tl.cast(layer, tl.int64) * N2 * K2, act + 2 * WIDE, act + 3 * WIDE, N2, K2, pid, nprog,
+                 epoch, FAILED, BR, BK, SPINS)
+        _ll_gemv(W3 + tl.cast(layer, tl.int64) * N3 * K3, act + 3 * WIDE, act + 4 * WIDE, N3, K3, pid, nprog,
+                 epoch, FAILED, BR, BK, SPINS)
+
+
+def dataflow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
+                   wide: int):
+    """As persistent_chain, for the dataflow kernel; config (block rows, block_k, num_warps, num_stages,
+    programs per SM). Each run bumps a device-side epoch (so CUDA-graph replays each wait for their own values)
+    and stamps x0 with it; the callable returns the fp32 values [layers, 4, wide]."""
+    br, bk, warps, stages, per_sm = config
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int64)
+    epoch = torch.zeros(1, device="cuda", dtype=torch.int64)
+    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
+    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    x_bits = x0.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+
+    def run() -> torch.Tensor:
+        epoch.add_(1)
+        acts[0, :x0.numel()] = (epoch << 32) | x_bits
+        _ll_chain[(nprog,)](*weights, acts, epoch, failed, layers, nprog, **shapes, WIDE=wide, BR=br, BK=bk,
+                            SPINS=SPIN_LIMIT, num_warps=warps, num_stages=stages)
+        return (acts[1:] & 0xFFFFFFFF).to(torch.int32).view(torch.float32).view(layers, 4, wide)
+
+    return run, acts, failed
