@@ -348,7 +348,7 @@ def _ll_read(ACT, offs, epoch, FAILED, SPINS: tl.constexpr):
         spins += 1
     if spins == SPINS:
         tl.atomic_max(FAILED, 1)
-    return (v & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return v.to(tl.int32).to(tl.float32, bitcast=True)  # the low word
 
 
 @triton.jit
@@ -370,7 +370,7 @@ def _ll_gemv(W, ACT_IN, ACT_OUT, n, k, pid, nprog, epoch, FAILED, BR: tl.constex
             x16 = tl.where(pad[:, None] < 1, x[None, :], 0.0).to(tl.bfloat16)
             acc = tl.dot(w, tl.trans(x16), acc)
             w_ptrs += BK
-        value = tl.sum(acc, axis=1).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+        value = tl.sum(acc, axis=1).to(tl.uint32, bitcast=True).to(tl.int64)  # zero-extended bits
         tl.store(ACT_OUT + rows, (epoch.to(tl.int64) << 32) | value, mask=rows < end)
 
 
