@@ -1,6 +1,6 @@
 """How fast can a decode step's weight stream go? The four GEMVs of each Qwen3-4B layer (qkv, o_proj, gate_up,
 down; M = 1, bf16, random weights), 36 layers chained so each GEMV reads the one before it, timed three ways
-side by side in one run:
+side by side in one run (a fourth, dataflow, below):
 
   cublas       F.linear per GEMV, in a CUDA graph
   skinny       blockspec's engine today: kernels.skinny_linear per GEMV (its table, PDL, weight prefetch), in a
@@ -10,11 +10,12 @@ side by side in one run:
                waiting at a barrier a program asks L2 for its first tiles of the next GEMV (prefetch > 0), so
                the weight stream need not stop at a dependency. "nobarrier" drops the barriers (wrong results):
                the streaming ceiling of that kernel, so barrier cost = persistent - nobarrier.
-  rows         the deterministic persistent kernel: each program owns contiguous output rows of every GEMV
-               and reduces their whole K itself (no atomics, bit-exact reruns); its weight tiles are one
-               hand-pipelined stream across the chain, and the next GEMV's first tiles are loaded between
-               announcing its outputs and waiting at the barrier, so they are in flight during the wait.
-               "rows-nobarrier" is its streaming ceiling.
+  dataflow     deterministic and barrier-free: each program owns whole output rows (no atomics), and every
+               activation is a 64-bit word carrying the run's epoch, so a reader spins only on the tile it needs
+               (NCCL's LL protocol); as written Triton does not pipeline its K loop (the spin is inside it)
+
+A barrier profile (%globaltimer at each program's arrival and departure) splits the persistent kernel's barrier
+time into the GEMV's tail and the barrier's own release latency.
 
 No norms, attention or activations: this bounds what the GEMVs alone can reach, i.e. whether a persistent
 per-step kernel could bring the engine within the issue-3 targets where per-GEMM kernels cannot. The
@@ -47,14 +48,10 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
-# (block_n, block_k, num_warps, num_stages, programs per SM, L2-prefetch tiles, register-preloaded tiles)
-PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2, 0), (64, 128, 4, 4, 1, 2, 2), (64, 128, 4, 4, 1, 0, 2),
-                      (64, 256, 4, 3, 1, 2, 0), (64, 256, 4, 3, 1, 2, 2), (32, 256, 4, 3, 2, 2, 2)]
-# the row-split kernel (deterministic): (block_n, block_k, num_warps, programs per SM, pipeline depth); the best of
-# seven configs in gemv_chain-20261122-213354.json
-ROW_CONFIGS = [(16, 512, 4, 2, 1)]
+# (block_n, block_k, num_warps, num_stages, programs per SM, L2-prefetch tiles)
+PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
-DATAFLOW_CONFIGS = [(32, 256, 4, 4, 1), (64, 128, 4, 4, 1), (32, 256, 4, 4, 2)]
+DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -174,7 +171,7 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 
 def run(args) -> dict:
-    from persistent_gemv import dataflow_chain, persistent_chain, row_chain
+    from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
 
@@ -207,20 +204,6 @@ def run(args) -> dict:
         record["check"][str(config)] = check
         if check.get("rel_err", 1.0) < 1e-2 and not check["barrier_failed"]:
             usable.append(config)
-    row_usable = []
-    for config in ROW_CONFIGS:
-        try:
-            fn, outs, failed = row_chain(x0, weights, 2, config, GEMVS, WIDEST)
-            got = fn()[1, 3, :GEMVS[3][1]].clone()
-            again = fn()[1, 3, :GEMVS[3][1]]
-            torch.cuda.synchronize()
-            check = {"rel_err": ((got.double() - want).norm() / want.norm()).item(),
-                     "barrier_failed": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
-        except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
-            check = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        record["check"][f"rows {config}"] = check
-        if check.get("rel_err", 1.0) < 1e-2 and not check["barrier_failed"]:
-            row_usable.append(config)
     flow_usable = []
     for config in DATAFLOW_CONFIGS:
         try:
@@ -245,18 +228,12 @@ def run(args) -> dict:
     for config in usable:
         for barriers in (True, False):
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
-                   f"st{config[3]} x{config[4]} pf{config[5]} pre{config[6]}"
+                   f"st{config[3]} x{config[4]} pf{config[5]}"
             paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
-    for config in row_usable:
-        for barriers in (True, False):
-            name = f"{'rows' if barriers else 'rows-nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
-                   f"x{config[3]} d{config[4]}"
-            paths[name], _, failures[name] = row_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
     for config in flow_usable:
         name = f"dataflow r{config[0]} k{config[1]} w{config[2]} st{config[3]} x{config[4]}"
         paths[name], _, failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
-    profiled = [config for config in usable if not config[6]][:1]  # the preload variant splits the barrier untimed
-    record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in profiled]
+    record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)

@@ -1,7 +1,8 @@
 """The persistent-kernel probe of benchmarks/gemv_chain.py (its Triton kernels, apart so that --report runs
 where Triton is not installed): a decode layer's four GEMVs for every layer in one launch, one program per SM
 slot, each GEMV's (column block, K tile) units dealt out evenly, fp32 atomics for the outputs, and a grid-wide
-barrier between GEMVs. Not an engine path: the atomics make it nondeterministic.
+barrier between GEMVs (not an engine path: the atomics make it nondeterministic); and a deterministic,
+barrier-free dataflow variant (below).
 """
 
 from __future__ import annotations
@@ -36,18 +37,14 @@ def _prefetch(W, n, k, pid, nprog, TILES: tl.constexpr, BN: tl.constexpr, BK: tl
 
 
 @triton.jit
-def _gemv(W, X, OUT, n, k, pid, nprog, pre0, pre1, PRELOAD: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """OUT[:n] += W[n, k] @ X[:k] over this program's units: a K run per column block, then one atomic add. With
-    PRELOAD (2), the first two units' weight tiles are pre0 and pre1, loaded by the caller."""
+def _gemv(W, X, OUT, n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
+    """OUT[:n] += W[n, k] @ X[:k] over this program's units: a K run per column block, then one atomic add."""
     first, end = _units(pid, nprog, n, k, BN, BK)
     kt = k // BK
     cols = tl.arange(0, BN)
     ks = tl.arange(0, BK)
     rows = tl.arange(0, 16)  # tensor-core dot: the one row padded to 16
-    if PRELOAD > 0:
-        _preloaded_unit(X, OUT, pre0, first, end, kt, BN, BK)
-        _preloaded_unit(X, OUT, pre1, first + 1, end, kt, BN, BK)
-    u = first + PRELOAD
+    u = first
     while u < end:
         block = u // kt
         stop = tl.minimum((block + 1) * kt, end)
@@ -62,29 +59,6 @@ def _gemv(W, X, OUT, n, k, pid, nprog, pre0, pre1, PRELOAD: tl.constexpr, BN: tl
             x_ptrs += BK
         tl.atomic_add(OUT + block * BN + cols, tl.sum(acc, axis=1), sem="relaxed")
         u = stop
-
-
-@triton.jit
-def _unit_tile(W, n, k, pid, nprog, i, BN: tl.constexpr, BK: tl.constexpr):
-    """The weight tile of this program's unit first + i (nothing read past its last unit)."""
-    first, end = _units(pid, nprog, n, k, BN, BK)
-    kt = k // BK
-    u = first + i
-    cols = tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    ptrs = W + ((u // kt) * BN + cols)[:, None].to(tl.int64) * k + (u % kt) * BK + ks[None, :]
-    return tl.load(ptrs, mask=(ks[None, :] < BK) & (u < end), other=0.0)
-
-
-@triton.jit
-def _preloaded_unit(X, OUT, w, u, end, kt, BN: tl.constexpr, BK: tl.constexpr):
-    cols = tl.arange(0, BN)
-    ks = tl.arange(0, BK)
-    rows = tl.arange(0, 16)
-    x = tl.load(X + (u % kt) * BK + ks[None, :] + rows[:, None] * 0, mask=(rows[:, None] < 1) & (u < end),
-                other=0.0).to(tl.bfloat16)
-    acc = tl.dot(w, tl.trans(x))
-    tl.atomic_add(OUT + (u // kt) * BN + cols, tl.sum(acc, axis=1), mask=(cols < BN) & (u < end), sem="relaxed")
 
 
 @triton.jit
@@ -114,36 +88,25 @@ def _barrier(SYNC, FAILED, target, SPINS: tl.constexpr, TIMES, nprog, TIMED: tl.
 
 
 @triton.jit
-def _link(W, X, OUT, n, k, W_NEXT, n_next, k_next, pid, nprog, pre0, pre1, SYNC, FAILED, target, TIMES,
-          BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr,
-          BARRIERS: tl.constexpr, SPINS: tl.constexpr, TIMED: tl.constexpr):
-    """One GEMV and the barrier after it; before waiting, the next GEMV's first tiles are asked of L2 (PREFETCH)
-    or, with PRELOAD, loaded into registers between arriving and waiting (returned for the next GEMV)."""
-    _gemv(W, X, OUT, n, k, pid, nprog, pre0, pre1, PRELOAD, BN, BK)
+def _link(W, X, OUT, n, k, W_NEXT, n_next, k_next, pid, nprog, SYNC, FAILED, target, TIMES,
+          BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, BARRIERS: tl.constexpr,
+          SPINS: tl.constexpr, TIMED: tl.constexpr):
+    """One GEMV and the barrier after it, the next GEMV's first tiles asked of L2 before waiting (PREFETCH)."""
+    _gemv(W, X, OUT, n, k, pid, nprog, BN, BK)
     if PREFETCH > 0:
         _prefetch(W_NEXT, n_next, k_next, pid, nprog, PREFETCH, BN, BK)
-    if PRELOAD > 0:
-        if BARRIERS:
-            _arrive(SYNC)
-        pre0 = _unit_tile(W_NEXT, n_next, k_next, pid, nprog, 0, BN, BK)
-        pre1 = _unit_tile(W_NEXT, n_next, k_next, pid, nprog, 1, BN, BK)
-        if BARRIERS:
-            _wait(SYNC, FAILED, target, SPINS)
-    elif BARRIERS:
+    if BARRIERS:
         _barrier(SYNC, FAILED, target, SPINS, TIMES, nprog, TIMED)
-    return pre0, pre1
 
 
 @triton.jit
 def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
            N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
            K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
-           BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, PRELOAD: tl.constexpr,
-           BARRIERS: tl.constexpr, SPINS: tl.constexpr, TIMES, TIMED: tl.constexpr):
+           BN: tl.constexpr, BK: tl.constexpr, PREFETCH: tl.constexpr, BARRIERS: tl.constexpr,
+           SPINS: tl.constexpr, TIMES, TIMED: tl.constexpr):
     pid = tl.program_id(0)
     x = X0
-    pre0 = _unit_tile(W0, N0, K0, pid, nprog, 0, BN, BK)
-    pre1 = _unit_tile(W0, N0, K0, pid, nprog, 1, BN, BK)
     for layer in range(layers):
         out = OUTS + layer * 4 * WIDE
         w0 = W0 + layer.to(tl.int64) * N0 * K0
@@ -152,14 +115,14 @@ def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
         w3 = W3 + layer.to(tl.int64) * N3 * K3
         w_next = W0 + (layer + 1).to(tl.int64) * N0 * K0
         base = layer * 4 * nprog
-        pre0, pre1 = _link(w0, x, out, N0, K0, w1, N1, K1, pid, nprog, pre0, pre1, SYNC, FAILED, base + nprog,
-                           TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
-        pre0, pre1 = _link(w1, out, out + WIDE, N1, K1, w2, N2, K2, pid, nprog, pre0, pre1, SYNC, FAILED,
-                           base + 2 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
-        pre0, pre1 = _link(w2, out + WIDE, out + 2 * WIDE, N2, K2, w3, N3, K3, pid, nprog, pre0, pre1, SYNC,
-                           FAILED, base + 3 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
-        pre0, pre1 = _link(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, w_next, N0, K0, pid, nprog, pre0, pre1,
-                           SYNC, FAILED, base + 4 * nprog, TIMES, BN, BK, PREFETCH, PRELOAD, BARRIERS, SPINS, TIMED)
+        _link(w0, x, out, N0, K0, w1, N1, K1, pid, nprog, SYNC, FAILED, base + nprog, TIMES,
+              BN, BK, PREFETCH, BARRIERS, SPINS, TIMED)
+        _link(w1, out, out + WIDE, N1, K1, w2, N2, K2, pid, nprog, SYNC, FAILED, base + 2 * nprog, TIMES,
+              BN, BK, PREFETCH, BARRIERS, SPINS, TIMED)
+        _link(w2, out + WIDE, out + 2 * WIDE, N2, K2, w3, N3, K3, pid, nprog, SYNC, FAILED, base + 3 * nprog, TIMES,
+              BN, BK, PREFETCH, BARRIERS, SPINS, TIMED)
+        _link(w3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, w_next, N0, K0, pid, nprog, SYNC, FAILED,
+              base + 4 * nprog, TIMES, BN, BK, PREFETCH, BARRIERS, SPINS, TIMED)
         x = out + 3 * WIDE
 
 
@@ -168,7 +131,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
     """A callable running the chain in one launch, and its output buffers [layers, 4, wide] fp32 and the
     failure flag (1: some program gave up waiting at a barrier). With `times` (int64 [layers * 4, programs,
     2]), every barrier records each program's arrival and departure in ns."""
-    bn, bk, warps, stages, per_sm, prefetch, preload = config
+    bn, bk, warps, stages, per_sm, prefetch = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     outs = torch.zeros(layers, 4, wide, device="cuda", dtype=torch.float32)
     sync = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -179,7 +142,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
         outs.zero_()
         sync.zero_()
         _chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=wide, BN=bn, BK=bk,
-                         PREFETCH=prefetch, PRELOAD=preload, BARRIERS=barriers, SPINS=SPIN_LIMIT,
+                         PREFETCH=prefetch, BARRIERS=barriers, SPINS=SPIN_LIMIT,
                          TIMES=failed if times is None else times, TIMED=times is not None, num_warps=warps,
                          num_stages=stages)
         return outs
@@ -187,155 +150,16 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
     return run, outs, failed
 
 
-# --- Row-split variant: deterministic, with the next GEMV's first weight tiles in flight through each barrier ---
-#
-# Each program owns a contiguous run of output rows of every GEMV (rows dealt out evenly, so no program has more
-# than one row over another) and reduces the whole K for them itself: every output element is written once by
-# one program, so the result is bit-exact run to run (no atomics, no split-K partials). The product is
-# elementwise FMA on CUDA cores into a [BN, BK] fp32 accumulator (M = 1 needs no tensor cores). A program's
-# weight tiles form one stream over the whole chain, software-pipelined by hand DEPTH tiles deep (the loads of
-# tiles t+1..t+DEPTH are issued before tile t is used). The barrier is split: a program announces its outputs
-# (release), then issues the loads of the next GEMV's first DEPTH tiles (weights never depend on the barrier),
-# then waits (acquire); the loads are in flight while it waits, and a release fence cannot stall on them.
-
-
-@triton.jit
-def _row_tile(W, n, k, pid, nprog, t, tiles, BN: tl.constexpr, BK: tl.constexpr):
-    """Weight tile t of this program's rows of W [n, k] (row block t // (k // BK), K tile t % (k // BK));
-    nothing is read for t >= tiles."""
-    first = pid * n // nprog
-    end = (pid + 1) * n // nprog
-    k_tiles = k // BK
-    rows = first + (t // k_tiles) * BN + tl.arange(0, BN)
-    cols = (t % k_tiles) * BK + tl.arange(0, BK)
-    return tl.load(W + rows[:, None].to(tl.int64) * k + cols[None, :], mask=((rows < end) & (t < tiles))[:, None],
-                   other=0.0)
-
-
-@triton.jit
-def _row_tiles(n, k, pid, nprog, BN: tl.constexpr, BK: tl.constexpr):
-    rows = (pid + 1) * n // nprog - pid * n // nprog
-    return tl.cdiv(rows, BN) * (k // BK)
-
-
-@triton.jit
-def _row_gemv(W, X, OUT, n, k, pid, nprog, w0, w1, BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr):
-    """OUT[rows] = W[rows] @ X for this program's rows; w0 (and w1 if DEPTH == 2) are its first tiles, already
-    loaded."""
-    first = pid * n // nprog
-    end = (pid + 1) * n // nprog
-    k_tiles = k // BK
-    tiles = _row_tiles(n, k, pid, nprog, BN, BK)
-    cols = tl.arange(0, BK)
-    acc = tl.zeros([BN, BK], tl.float32)
-    for t in range(tiles):
-        w_next = _row_tile(W, n, k, pid, nprog, t + DEPTH, tiles, BN, BK)
-        x = tl.load(X + (t % k_tiles) * BK + cols, cache_modifier=".cg")
-        acc += w0.to(tl.float32) * x[None, :]
-        if t % k_tiles == k_tiles - 1:
-            rows = first + (t // k_tiles) * BN + tl.arange(0, BN)
-            tl.store(OUT + rows, tl.sum(acc, axis=1), mask=rows < end)
-            acc = tl.zeros([BN, BK], tl.float32)
-        if DEPTH == 2:
-            w0 = w1
-            w1 = w_next
-        else:
-            w0 = w_next
-
-
-@triton.jit
-def _arrive(SYNC):
-    """This program's writes so far, released to whoever waits for the count to include it."""
-    tl.debug_barrier()
-    tl.atomic_add(SYNC, 1, sem="release")
-
-
-@triton.jit
-def _wait(SYNC, FAILED, target, SPINS: tl.constexpr):
-    count = tl.atomic_add(SYNC, 0, sem="acquire")
-    spins = 0
-    while (count < target) & (spins < SPINS):
-        count = tl.atomic_add(SYNC, 0, sem="acquire")
-        spins += 1
-    if count < target:
-        tl.atomic_max(FAILED, 1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def _row_step(W, X, OUT, n, k, W_NEXT, n_next, k_next, pid, nprog, w0, w1, SYNC, FAILED, target,
-              BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr, BARRIERS: tl.constexpr, SPINS: tl.constexpr):
-    """One GEMV, then the barrier before the next, with the next GEMV's first tiles loaded during the wait."""
-    _row_gemv(W, X, OUT, n, k, pid, nprog, w0, w1, BN, BK, DEPTH)
-    if BARRIERS:
-        _arrive(SYNC)
-    tiles = _row_tiles(n_next, k_next, pid, nprog, BN, BK)
-    w0 = _row_tile(W_NEXT, n_next, k_next, pid, nprog, 0, tiles, BN, BK)
-    w1 = _row_tile(W_NEXT, n_next, k_next, pid, nprog, DEPTH - 1, tiles, BN, BK)
-    if BARRIERS:
-        _wait(SYNC, FAILED, target, SPINS)
-    return w0, w1
-
-
-@triton.jit
-def _row_chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
-               N0: tl.constexpr, K0: tl.constexpr, N1: tl.constexpr, K1: tl.constexpr, N2: tl.constexpr,
-               K2: tl.constexpr, N3: tl.constexpr, K3: tl.constexpr, WIDE: tl.constexpr,
-               BN: tl.constexpr, BK: tl.constexpr, DEPTH: tl.constexpr, BARRIERS: tl.constexpr,
-               SPINS: tl.constexpr):
-    pid = tl.program_id(0)
-    x = X0
-    tiles = _row_tiles(N0, K0, pid, nprog, BN, BK)
-    w0 = _row_tile(W0, N0, K0, pid, nprog, 0, tiles, BN, BK)
-    w1 = _row_tile(W0, N0, K0, pid, nprog, DEPTH - 1, tiles, BN, BK)
-    for layer in range(layers):
-        out = OUTS + layer * 4 * WIDE
-        w_0 = W0 + tl.cast(layer, tl.int64) * N0 * K0
-        w_1 = W1 + tl.cast(layer, tl.int64) * N1 * K1
-        w_2 = W2 + tl.cast(layer, tl.int64) * N2 * K2
-        w_3 = W3 + tl.cast(layer, tl.int64) * N3 * K3
-        w_next = W0 + tl.cast(layer + 1, tl.int64) * N0 * K0
-        base = layer * 4 * nprog
-        w0, w1 = _row_step(w_0, x, out, N0, K0, w_1, N1, K1, pid, nprog, w0, w1, SYNC, FAILED, base + nprog,
-                           BN, BK, DEPTH, BARRIERS, SPINS)
-        w0, w1 = _row_step(w_1, out, out + WIDE, N1, K1, w_2, N2, K2, pid, nprog, w0, w1, SYNC, FAILED,
-                           base + 2 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
-        w0, w1 = _row_step(w_2, out + WIDE, out + 2 * WIDE, N2, K2, w_3, N3, K3, pid, nprog, w0, w1, SYNC, FAILED,
-                           base + 3 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
-        w0, w1 = _row_step(w_3, out + 2 * WIDE, out + 3 * WIDE, N3, K3, w_next, N0, K0, pid, nprog, w0, w1, SYNC,
-                           FAILED, base + 4 * nprog, BN, BK, DEPTH, BARRIERS, SPINS)
-        x = out + 3 * WIDE
-
-
-def row_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple, wide: int,
-              barriers: bool = True):
-    """As persistent_chain, for the row-split kernel; config (block_n, block_k, num_warps, programs per SM,
-    pipeline depth 1 or 2)."""
-    bn, bk, warps, per_sm, depth = config
-    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
-    outs = torch.zeros(layers, 4, wide, device="cuda", dtype=torch.float32)
-    sync = torch.zeros(1, device="cuda", dtype=torch.int32)
-    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
-    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
-
-    def run() -> torch.Tensor:
-        sync.zero_()
-        _row_chain[(nprog,)](x0, *weights, outs, sync, failed, layers, nprog, **shapes, WIDE=wide, BN=bn, BK=bk,
-                             DEPTH=depth, BARRIERS=barriers, SPINS=SPIN_LIMIT, num_warps=warps, num_stages=1)
-        return outs
-
-    return run, outs, failed
-
-
 # --- Dataflow variant: no barriers; each value carries its step's epoch (NCCL's LL protocol) ---
 #
-# Row-split like the variant above (each program owns contiguous output rows and their whole K, so every value
-# is written once, deterministically), but on tensor cores with Triton's cp.async pipeline, and with no grid
+# Each program owns contiguous output rows of every GEMV and reduces their whole K itself on tensor cores, so
+# every value is written once, deterministically (no atomics, no split-K partials), and there is no grid
 # barrier at all: an activation element is stored as one 64-bit word, fp32 bits low and the run's epoch high.
 # One 8-byte store is single-copy atomic, so a reader that sees this run's epoch in a word has that word's final
 # value: no fence, no counter, no barrier. A program reads the vector tile by tile as its K loop needs it and
 # spins only on a tile whose producer has not yet stored it, so a slow producer delays only the readers that
-# reach its rows, and the weight stream (pipelined ahead of the spin) keeps going meanwhile.
+# reach its rows. Correct and bit-exact on the H100, but slow as written: Triton does not software-pipeline a
+# loop that holds the spin (no cp.async in its K loop), so the weight stream stops at every tile.
 
 
 @triton.jit
