@@ -275,6 +275,13 @@ def report(path: str) -> str:
             flag = " (barrier gave up)" if p["barrier_failed"] else ""
             lines.append(f"| {name}{flag} | {p['ms']:.3f} | {p['x_floor']:.3f} | {p['TBps']:.2f} | "
                          f"{p['us_per_layer']:.1f} |")
+    for profile in r.get("barrier_profiles", []):
+        lines += ["", f"Barrier profile of persistent {profile['config']} (us, medians over layers; same programs "
+                  f"slow every time: correlation {profile['systematic']:.2f})", "",
+                  "| barrier after | GEMV (median program) | arrival spread | slowest - median | release after "
+                  "the last arrival | a program's wait |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {u['gemv']:.2f} | {u['spread']:.2f} | {u['slowest']:.2f} | {u['release']:.2f} | "
+                  f"{u['wait']:.2f} |" for name, u in profile["us"].items()]
     return "\n".join(lines)
 
 
