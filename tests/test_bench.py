@@ -561,3 +561,17 @@ def test_two_gloo_processes_give_the_same_records(e2e, tiny, tmp_path):
         for key in ("tau", "tau_pooled", "acceptance_histogram", "per_position_acceptance", "steps",
                     "generated_tokens"):
             assert a["spec"][key] == b["spec"][key]
+
+
+def test_gemv_chain_report_renders_a_stored_h100_run_without_triton():
+    """The probe's --report must render where Triton is absent (its kernels live apart in persistent_gemv.py):
+    the committed H100 run's paths and its barrier profile, with the numbers from the JSON."""
+    repo = Path(__file__).resolve().parent.parent
+    stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-214830.json"
+    record = json.loads(stored.read_text())
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
+                         capture_output=True, text=True, check=True).stdout
+    persistent = record["paths"]["persistent n64 k128 w4 st4 x1 pf2"]
+    assert f"| persistent n64 k128 w4 st4 x1 pf2 | {persistent['ms']:.3f} | {persistent['x_floor']:.3f} |" in out
+    release = record["barrier_profiles"][0]["us"]["gate_up"]["release"]
+    assert any(line.startswith("| gate_up |") and f"| {release:.2f} |" in line for line in out.splitlines())
