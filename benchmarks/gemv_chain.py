@@ -102,11 +102,12 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
-    fn, _, _ = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times)
+    fn, _ = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times)
     fn()
     fn()
     t = (times.cpu().double() / 1e3)  # us
     arrive, leave = t[..., 0], t[..., 1]
+    gemv = arrive[1:] - leave[:-1]  # [barrier - 1, program]: each program's time for the GEMV before barrier b
     stats: dict = {}
     for index, (name, _, _) in enumerate(GEMVS):
         rows = range(index, layers * 4, 4)
@@ -114,11 +115,9 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
                "release": [(leave[b].median() - arrive[b].max()).item() for b in rows],
                "wait": [(leave[b] - arrive[b]).median().item() for b in rows],
                "departure_spread": [(leave[b].max() - leave[b].min()).item() for b in rows],
-               "gemv": [(arrive[b] - leave[b - 1]).median().item() for b in rows if b > 0],
-               "slowest": [((arrive[b] - leave[b - 1]).max() - (arrive[b] - leave[b - 1]).median()).item()
-                           for b in rows if b > 0]}
+               "gemv": [gemv[b - 1].median().item() for b in rows if b > 0],
+               "slowest": [(gemv[b - 1].max() - gemv[b - 1].median()).item() for b in rows if b > 0]}
         stats[name] = {key: statistics.median(values) for key, values in per.items()}
-    gemv = arrive[1:] - leave[:-1]  # [barrier, program]: each program's time for the GEMV before the barrier
     relative = gemv / gemv.median(dim=1, keepdim=True).values
     even, odd = relative[0::2].mean(0), relative[1::2].mean(0)
     systematic = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
@@ -190,34 +189,26 @@ def run(args) -> dict:
         record["sweep"], record["winners"] = sweep_table(x0, weights, layers, args.reps)
         return record
 
-    # each persistent config first on 2 layers: all programs resident (no barrier gave up), output against fp64
+    # each kernel config first on 2 layers: all programs resident (none gave up waiting), output against fp64
     want = reference(x0, weights, 2)
-    usable = []
-    for config in PERSISTENT_CONFIGS:
+    def check(fn, failed) -> dict:
+        """The chain's last output against fp64, whether a program gave up waiting, and a rerun bit for bit."""
         try:
-            fn, outs, failed = persistent_chain(x0, weights, 2, config, GEMVS, WIDEST)
-            got = fn()[1, 3, :GEMVS[3][1]].double()
-            torch.cuda.synchronize()
-            check = {"rel_err": ((got - want).norm() / want.norm()).item(), "barrier_failed": bool(failed.item())}
-        except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
-            check = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        record["check"][str(config)] = check
-        if check.get("rel_err", 1.0) < 1e-2 and not check["barrier_failed"]:
-            usable.append(config)
-    flow_usable = []
-    for config in DATAFLOW_CONFIGS:
-        try:
-            fn, _, failed = dataflow_chain(x0, weights, 2, config, GEMVS, WIDEST)
             got = fn()[1, 3, :GEMVS[3][1]].clone()
             again = fn()[1, 3, :GEMVS[3][1]]
             torch.cuda.synchronize()
-            check = {"rel_err": ((got.double() - want).norm() / want.norm()).item(),
-                     "spin_failed": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
+            return {"rel_err": ((got.double() - want).norm() / want.norm()).item(),
+                    "gave_up_waiting": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
         except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
-            check = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
-        record["check"][f"dataflow {config}"] = check
-        if check.get("rel_err", 1.0) < 1e-2 and not check["spin_failed"]:
-            flow_usable.append(config)
+            return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+    usable, flow_usable = [], []
+    for kind, configs, make, fit in (("persistent", PERSISTENT_CONFIGS, persistent_chain, usable),
+                                     ("dataflow", DATAFLOW_CONFIGS, dataflow_chain, flow_usable)):
+        for config in configs:
+            record["check"][f"{kind} {config}"] = result = check(*make(x0, weights, 2, config, GEMVS, WIDEST))
+            if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
+                fit.append(config)
     skinny_out = kernel_chain(x0, weights, 2, lambda x, w: skinny_linear(x, w))()[0].double()
     record["check"]["skinny_rel_err"] = ((skinny_out - want).norm() / want.norm()).item()
     print("check", record["check"], flush=True)
@@ -229,10 +220,10 @@ def run(args) -> dict:
         for barriers in (True, False):
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"st{config[3]} x{config[4]} pf{config[5]}"
-            paths[name], _, failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
+            paths[name], failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
     for config in flow_usable:
         name = f"dataflow r{config[0]} k{config[1]} w{config[2]} st{config[3]} x{config[4]}"
-        paths[name], _, failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
+        paths[name], failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],

@@ -128,8 +128,8 @@ def _chain(X0, W0, W1, W2, W3, OUTS, SYNC, FAILED, layers, nprog,
 
 def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                      wide: int, barriers: bool = True, times: torch.Tensor | None = None):
-    """A callable running the chain in one launch, and its output buffers [layers, 4, wide] fp32 and the
-    failure flag (1: some program gave up waiting at a barrier). With `times` (int64 [layers * 4, programs,
+    """A callable running the chain in one launch (returning its outputs [layers, 4, wide] fp32), and the failure
+    flag (1: some program gave up waiting at a barrier). With `times` (int64 [layers * 4, programs,
     2]), every barrier records each program's arrival and departure in ns."""
     bn, bk, warps, stages, per_sm, prefetch = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
@@ -147,7 +147,7 @@ def persistent_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int,
                          num_stages=stages)
         return outs
 
-    return run, outs, failed
+    return run, failed
 
 
 # --- Dataflow variant: no barriers; each value carries its step's epoch (NCCL's LL protocol) ---
@@ -237,4 +237,4 @@ def dataflow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, c
                             SPINS=SPIN_LIMIT, num_warps=warps, num_stages=stages)
         return (acts[1:] & 0xFFFFFFFF).to(torch.int32).view(torch.float32).view(layers, 4, wide)
 
-    return run, acts, failed
+    return run, failed
