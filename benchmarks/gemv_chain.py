@@ -52,6 +52,9 @@ WIDEST = max(n for _, n, _ in GEMVS)
 PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
+# the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, num_warps, ring
+# stages, programs per SM)
+FLOW_CONFIGS = [(32, 256, 2, 8, 1), (64, 256, 4, 6, 1), (32, 512, 2, 6, 1), (32, 256, 2, 6, 2), (16, 256, 1, 12, 1)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -170,6 +173,7 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 
 def run(args) -> dict:
+    from flow_gemv import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
@@ -202,9 +206,10 @@ def run(args) -> dict:
         except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
             return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
 
-    usable, flow_usable = [], []
+    usable, dataflow_usable, flow_usable = [], [], []
     for kind, configs, make, fit in (("persistent", PERSISTENT_CONFIGS, persistent_chain, usable),
-                                     ("dataflow", DATAFLOW_CONFIGS, dataflow_chain, flow_usable)):
+                                     ("dataflow", DATAFLOW_CONFIGS, dataflow_chain, dataflow_usable),
+                                     ("flow", FLOW_CONFIGS, flow_chain, flow_usable)):
         for config in configs:
             record["check"][f"{kind} {config}"] = result = check(*make(x0, weights, 2, config, GEMVS, WIDEST))
             if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
@@ -221,9 +226,12 @@ def run(args) -> dict:
             name = f"{'persistent' if barriers else 'nobarrier'} n{config[0]} k{config[1]} w{config[2]} " \
                    f"st{config[3]} x{config[4]} pf{config[5]}"
             paths[name], failures[name] = persistent_chain(x0, weights, layers, config, GEMVS, WIDEST, barriers)
-    for config in flow_usable:
+    for config in dataflow_usable:
         name = f"dataflow r{config[0]} k{config[1]} w{config[2]} st{config[3]} x{config[4]}"
         paths[name], failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
+    for config in flow_usable:
+        name = f"flow r{config[0]} k{config[1]} w{config[2]} ring{config[3]} x{config[4]}"
+        paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],

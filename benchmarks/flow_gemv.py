@@ -1,0 +1,209 @@
+"""The dataflow GEMV chain with an explicit weight pipeline, in Triton's Gluon dialect (issue 3's probe).
+
+Session 7's dataflow kernel (persistent_gemv.py) was deterministic and barrier-free but slow: Triton would not
+software-pipeline a K loop that holds a spin, so the weight stream stopped at every tile. Here the pipeline is
+written out. One persistent program per SM walks its own fixed sequence of units, a unit being one
+(GEMV, block of its output rows, K tile): every GEMV's rows are split evenly over the programs, at one-row
+granularity, and each program owns its rows outright (no atomics: reruns are bit-exact).
+
+- Weights go through a ring of STAGES shared-memory slots filled by cp.async, STAGES - 1 units ahead of the
+  unit being multiplied. The copies do not depend on any activation, so they run ahead across GEMV and layer
+  boundaries: while a program waits for its input, its next weight tiles are already on their way, and the
+  memory system never sees the dependency.
+- Activations are 32-bit words, bf16 bits low and a 16-bit run epoch high (the LL protocol of NCCL, halved: a
+  32-bit store is single-copy atomic, so a reader that sees this run's epoch has the final value). Every thread
+  polls only the words it needs, in a few lines of inline PTX, so a slow producer delays only the tiles that
+  read its rows, and nothing is reduced across the block to decide whether to wait.
+- The multiply is a tensor-core mma (m16n8k16) with the activation as the narrow operand: negligible work, and
+  the same code would take a verify block's 16 rows in the spare columns.
+
+The probe times the 144 GEMVs of an AR step only (gemv_chain.py runs it side by side with the other paths).
+"""
+
+from __future__ import annotations
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
+
+# A word read early (`$3`, the prefetch) is kept if its high half is the run's epoch; otherwise the word is polled
+# until it is. A thread gives up after SPIN_LIMIT polls (then the kernel raises FAILED), and every 256 polls
+# looks at FAILED ($4), so one give-up ends every wait instead of each waiting out its own limit. The braces keep
+# the labels local, so the compiler may inline this once per element.
+_POLL = gl.constexpr(f"""{{
+.reg .pred stale;
+.reg .u32 seen, polls, failed;
+mov.u32 polls, 0;
+mov.u32 $0, $3;
+CHECK:
+shr.u32 seen, $0, 16;
+setp.ne.u32 stale, seen, $2;
+@!stale bra DONE;
+add.u32 polls, polls, 1;
+setp.lt.u32 stale, polls, {SPIN_LIMIT};
+@!stale bra DONE;
+and.b32 seen, polls, 255;
+setp.ne.u32 stale, seen, 0;
+@stale bra LOAD;
+ld.volatile.global.u32 failed, [$4];
+setp.ne.u32 stale, failed, 0;
+@stale bra DONE;
+LOAD:
+ld.volatile.global.u32 $0, [$1];
+bra CHECK;
+DONE:
+}}""")
+
+
+@gluon.jit
+def _pick(g, a: gl.constexpr, b: gl.constexpr, c: gl.constexpr, d: gl.constexpr):
+    """The value of the four for GEMV g (a runtime scalar)."""
+    return gl.where(g == 0, a, gl.where(g == 1, b, gl.where(g == 2, c, d)))
+
+
+@gluon.jit
+def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr):
+    """How many units one GEMV [N, K] gives this program."""
+    return gl.cdiv((pid + 1) * N // nprog - pid * N // nprog, BR) * (K // BK)
+
+
+@gluon.jit
+def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
+             K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
+             BR: gl.constexpr, BK: gl.constexpr):
+    """The unit after (layer, g, row, kk) in this program's sequence: next K tile, next row block, next GEMV."""
+    kk += BK
+    if kk >= _pick(g, K0, K1, K2, K3):
+        kk = 0
+        row += BR
+        if row >= ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog:
+            g += 1
+            if g == 4:
+                g = 0
+                layer += 1
+            row = (pid * _pick(g, N0, N1, N2, N3)) // nprog
+    return layer, g, row, kk
+
+
+@gluon.jit
+def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
+           N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
+           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, COPY: gl.constexpr):
+    """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range (and every row
+    once the sequence has ended: live false) are not read."""
+    rows = row + gl.arange(0, BR, gl.SliceLayout(1, COPY))
+    cols = kk + gl.arange(0, BK, gl.SliceLayout(0, COPY))
+    end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
+    mask = ((rows < end) & live)[:, None]
+    k = _pick(g, K0, K1, K2, K3)
+    # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
+    base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
+    base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
+    cp.async_copy_global_to_shared(slot, base + rows[:, None] * k + cols[None, :], mask)
+
+
+@gluon.jit
+def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
+                N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+    COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    RING: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+
+    pid = gl.program_id(0)
+    epoch = gl.load(EPOCH) % 65535 + 1  # 1..65535: never the zeros the words start as, never the last run's
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK], RING)
+
+    units = _units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK) \
+        + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK)
+    total = layers * units
+
+    # the producer's cursor runs STAGES - 1 units ahead of the consumer's
+    p_layer = pid * 0
+    p_g = pid * 0
+    p_row = pid * N0 // nprog
+    p_kk = pid * 0
+    for s in gl.static_range(STAGES - 1):
+        _issue(W0, W1, W2, W3, ring.index(s), p_layer, p_g, p_row, p_kk, p_layer < layers, pid, nprog,
+               N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, COPY)
+        cp.commit_group()
+        p_layer, p_g, p_row, p_kk = _advance(p_layer, p_g, p_row, p_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK)
+
+    c_layer = pid * 0
+    c_g = pid * 0
+    c_row = pid * N0 // nprog
+    c_kk = pid * 0
+    xs = gl.arange(0, BK, X)
+    epochs = gl.full([BK], 0, gl.int32, X) + epoch
+    words = gl.load(ACTS + c_row * 0 + xs, volatile=True)
+    cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
+    out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
+    zero_b = gl.zeros([BK, NPAD], gl.bfloat16, B_OP)
+    acc = gl.zeros([BR, NPAD], gl.float32, MMA)
+    for i in range(total):
+        cp.wait_group(STAGES - 2)  # this thread's copies of unit i have landed
+        gl.thread_barrier()  # everyone's have, and everyone is done with the slot refilled next
+        _issue(W0, W1, W2, W3, ring.index((i + STAGES - 1) % STAGES), p_layer, p_g, p_row, p_kk,
+               p_layer < layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, COPY)
+        cp.commit_group()
+        p_layer, p_g, p_row, p_kk = _advance(p_layer, p_g, p_row, p_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK)
+
+        # the next unit's activation words are read now, so the L2 round trip overlaps this unit's work; only
+        # words that were not yet written are polled when that unit comes
+        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK)
+        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                             volatile=True)
+        act = ACTS + (c_layer * 4 + c_g) * WIDE
+        words = gl.inline_asm_elementwise(_POLL, "=r,l,r,r,l", [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                          dtype=gl.int32, is_pure=False, pack=1)
+        stale = ((words >> 16) & 0xFFFF) != epoch
+        gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
+        x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+        x = zero_b + gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(1, B_OP)), 1)
+        w = ring.index(i % STAGES).load(A_OP)
+        acc = gl.where(c_kk == 0, 0.0, acc)
+        acc = mma_v2(w, x, acc)
+        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
+            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, acc, 0.0), axis=1)
+            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            rows = c_row + out_rows
+            end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
+            gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
+        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
+        words = next_words
+    cp.wait_group(0)
+
+
+def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
+               wide: int):
+    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, num_warps, stages,
+    programs per SM). Each run bumps a device-side epoch and stamps x0 with it; the callable returns the values
+    as fp32 [layers, 4, wide]."""
+    br, bk, warps, stages, per_sm = config
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    assert br % (16 * warps) == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
+    acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
+    epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
+    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
+    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+
+    def run() -> torch.Tensor:
+        epoch.add_(1)
+        acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
+        _flow_chain[(nprog,)](*weights, acts, epoch, failed, layers, nprog, **shapes, WIDE=wide, BR=br, BK=bk,
+                              NPAD=8, STAGES=stages, WARPS=warps, num_warps=warps)
+        return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
+
+    return run, failed
