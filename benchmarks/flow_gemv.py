@@ -107,10 +107,11 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.con
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
+def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+                BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                WAIT: gl.constexpr):
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -144,11 +145,18 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
     c_kk = pid * 0
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
-    words = gl.load(ACTS + c_row * 0 + xs, volatile=True)
+    words = gl.load(ACTS + xs, volatile=True)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
-    zero_b = gl.zeros([BK, NPAD], gl.bfloat16, B_OP)
-    acc = gl.zeros([BR, NPAD], gl.float32, MMA)
+    # the tile's dot is four dots over K quarters into four accumulators: four short dependent mma chains
+    # instead of one long one, which ptxas interleaves
+    CH: gl.constexpr = BK // 4
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
+    acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
     for i in range(total):
         cp.wait_group(STAGES - 2)  # this thread's copies of unit i have landed
         gl.thread_barrier()  # everyone's have, and everyone is done with the slot refilled next
@@ -165,17 +173,29 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
         act = ACTS + (c_layer * 4 + c_g) * WIDE
-        words = gl.inline_asm_elementwise(_POLL, "=r,l,r,r,l", [act + c_kk + xs, epochs, words, FAILED + xs * 0],
-                                          dtype=gl.int32, is_pure=False, pack=1)
-        stale = ((words >> 16) & 0xFFFF) != epoch
-        gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-        x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
-        x = zero_b + gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(1, B_OP)), 1)
-        w = ring.index(i % STAGES).load(A_OP)
-        acc = gl.where(c_kk == 0, 0.0, acc)
-        acc = mma_v2(w, x, acc)
+        if WAIT:
+            words = gl.inline_asm_elementwise(_POLL, "=r,l,r,r,l", [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                              dtype=gl.int32, is_pure=False, pack=1)
+            stale = ((words >> 16) & 0xFFFF) != epoch
+            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
+        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        gl.thread_barrier()
+        slot = ring.index(i % STAGES)
+        fresh = c_kk == 0
+        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc0))
+        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc1))
+        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc2))
+        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc3))
         if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
-            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, acc, 0.0), axis=1)
+            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
             bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             rows = c_row + out_rows
             end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
@@ -186,13 +206,14 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog,
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int):
+               wide: int, wait: bool = True):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, num_warps, stages,
-    programs per SM). Each run bumps a device-side epoch and stamps x0 with it; the callable returns the values
-    as fp32 [layers, 4, wide]."""
+    programs per SM). wait=False reads the activations without waiting for them (wrong results): the kernel's
+    streaming ceiling, so its dependency cost = flow - nowait. Each run bumps a device-side epoch and stamps x0
+    with it; the callable returns the values as fp32 [layers, 4, wide]."""
     br, bk, warps, stages, per_sm = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
-    assert br % (16 * warps) == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
+    assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
     epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
     failed = torch.zeros(1, device="cuda", dtype=torch.int32)
@@ -203,7 +224,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
         _flow_chain[(nprog,)](*weights, acts, epoch, failed, layers, nprog, **shapes, WIDE=wide, BR=br, BK=bk,
-                              NPAD=8, STAGES=stages, WARPS=warps, num_warps=warps)
+                              NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait, num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

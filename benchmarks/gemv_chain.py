@@ -54,7 +54,8 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, num_warps, ring
 # stages, programs per SM)
-FLOW_CONFIGS = [(32, 256, 2, 8, 1), (64, 256, 4, 6, 1), (32, 512, 2, 6, 1), (32, 256, 2, 6, 2), (16, 256, 1, 12, 1)]
+FLOW_CONFIGS = [(32, 256, 2, 8, 1), (64, 256, 4, 6, 1), (32, 256, 2, 6, 2), (64, 256, 4, 3, 2), (32, 512, 2, 6, 1),
+                (64, 512, 4, 3, 1)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -230,8 +231,10 @@ def run(args) -> dict:
         name = f"dataflow r{config[0]} k{config[1]} w{config[2]} st{config[3]} x{config[4]}"
         paths[name], failures[name] = dataflow_chain(x0, weights, layers, config, GEMVS, WIDEST)
     for config in flow_usable:
-        name = f"flow r{config[0]} k{config[1]} w{config[2]} ring{config[3]} x{config[4]}"
-        paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST)
+        for wait in (True, False):
+            name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
+                   f"x{config[4]}"
+            paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
