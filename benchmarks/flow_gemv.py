@@ -30,33 +30,30 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 
-# A word read early (`$3`, the prefetch) is kept if its high half is the run's epoch; otherwise the word is polled
-# until it is. A thread gives up after SPIN_LIMIT polls (then the kernel raises FAILED), and every 256 polls
-# looks at FAILED ($4), so one give-up ends every wait instead of each waiting out its own limit. The braces keep
-# the labels local, so the compiler may inline this once per element.
-_POLL = gl.constexpr(f"""{{
-.reg .pred stale;
-.reg .u32 seen, polls, failed;
-mov.u32 polls, 0;
-mov.u32 $0, $3;
-CHECK:
-shr.u32 seen, $0, 16;
-setp.ne.u32 stale, seen, $2;
-@!stale bra DONE;
-add.u32 polls, polls, 1;
-setp.lt.u32 stale, polls, {SPIN_LIMIT};
-@!stale bra DONE;
-and.b32 seen, polls, 255;
-setp.ne.u32 stale, seen, 0;
-@stale bra LOAD;
-ld.volatile.global.u32 failed, [$4];
-setp.ne.u32 stale, failed, 0;
-@stale bra DONE;
-LOAD:
-ld.volatile.global.u32 $0, [$1];
-bra CHECK;
-DONE:
-}}""")
+
+def poll_asm(words: int) -> str:
+    """Inline PTX for one thread's `words` activation words (operands: the words out, then per input its `words`
+    values: addresses, the run's epoch, the words read early by the prefetch, the FAILED address). The early
+    words are kept if all carry the epoch; otherwise all of the thread's words are read again together (one L2
+    round trip per poll, however many are stale) until they do. A thread gives up after SPIN_LIMIT polls (the
+    kernel then raises FAILED) and every 256 polls looks at FAILED, so one give-up ends every wait instead of
+    each waiting out its own limit. The braces keep the labels local to each copy the compiler inlines."""
+    out, ptr, epoch, early, failed = (range(i * words, (i + 1) * words) for i in range(5))
+    check = [f"shr.u32 seen, ${o}, 16;\nsetp.ne{'' if j == 0 else '.or'}.u32 stale, seen, ${e}"
+             + ("" if j == 0 else ", stale") + ";" for j, (o, e) in enumerate(zip(out, epoch))]
+    return "\n".join(["{", ".reg .pred stale;", ".reg .u32 seen, polls, failed;", "mov.u32 polls, 0;",
+                      *[f"mov.u32 ${o}, ${e};" for o, e in zip(out, early)], "CHECK:", *check,
+                      "@!stale bra DONE;", "add.u32 polls, polls, 1;", f"setp.lt.u32 stale, polls, {SPIN_LIMIT};",
+                      "@!stale bra DONE;", "and.b32 seen, polls, 255;", "setp.ne.u32 stale, seen, 0;",
+                      "@stale bra LOAD;", f"ld.volatile.global.u32 failed, [${failed[0]}];",
+                      "setp.ne.u32 stale, failed, 0;", "@stale bra DONE;", "LOAD:",
+                      *[f"ld.volatile.global.u32 ${o}, [${p}];" for o, p in zip(out, ptr)], "bra CHECK;", "DONE:",
+                      "}"])
+
+
+@gluon.jit
+def _clock():
+    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -107,11 +104,12 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.con
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog: gl.constexpr,
+def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                WAIT: gl.constexpr):
+                WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr,
+                PACK: gl.constexpr, TIMED: gl.constexpr):
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
@@ -157,9 +155,22 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog: gl.constexpr
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    # TIMED: each program's clock cycles summed per phase of the loop (weights landed, copies issued, activations
+    # in, dot and store), to say where an iteration's time goes
+    spent_weights = pid.to(gl.int64) * 0
+    spent_issue = spent_weights
+    spent_poll = spent_weights
+    spent_dot = spent_weights
+    then = spent_weights
+    if TIMED:
+        then = _clock()
     for i in range(total):
         cp.wait_group(STAGES - 2)  # this thread's copies of unit i have landed
         gl.thread_barrier()  # everyone's have, and everyone is done with the slot refilled next
+        if TIMED:
+            now = _clock()
+            spent_weights += now - then
+            then = now
         _issue(W0, W1, W2, W3, ring.index((i + STAGES - 1) % STAGES), p_layer, p_g, p_row, p_kk,
                p_layer < layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, COPY)
         cp.commit_group()
@@ -172,13 +183,21 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog: gl.constexpr
                                              N3, K3, BR, BK)
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
+        if TIMED:
+            now = _clock()
+            spent_issue += now - then
+            then = now
         act = ACTS + (c_layer * 4 + c_g) * WIDE
         if WAIT:
-            words = gl.inline_asm_elementwise(_POLL, "=r,l,r,r,l", [act + c_kk + xs, epochs, words, FAILED + xs * 0],
-                                              dtype=gl.int32, is_pure=False, pack=1)
+            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                              dtype=gl.int32, is_pure=False, pack=PACK)
             stale = ((words >> 16) & 0xFFFF) != epoch
             gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
         x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        if TIMED:
+            now = _clock()
+            spent_poll += now - then
+            then = now
         gl.thread_barrier()
         slot = ring.index(i % STAGES)
         fresh = c_kk == 0
@@ -202,29 +221,44 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, layers, nprog: gl.constexpr
             gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
+        if TIMED:
+            now = _clock()
+            spent_dot += now - then
+            then = now
+    if TIMED:
+        gl.store(PROFILE + pid * 4, spent_weights)
+        gl.store(PROFILE + pid * 4 + 1, spent_issue)
+        gl.store(PROFILE + pid * 4 + 2, spent_poll)
+        gl.store(PROFILE + pid * 4 + 3, spent_dot)
     cp.wait_group(0)
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int, wait: bool = True):
+               wide: int, wait: bool = True, profile: torch.Tensor | None = None):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, num_warps, stages,
     programs per SM). wait=False reads the activations without waiting for them (wrong results): the kernel's
-    streaming ceiling, so its dependency cost = flow - nowait. Each run bumps a device-side epoch and stamps x0
-    with it; the callable returns the values as fp32 [layers, 4, wide]."""
+    streaming ceiling, so its dependency cost = flow - nowait. `profile` (int64 [programs, 4]) receives each
+    program's clock cycles per phase (weights landed, copies issued, activations in, dot). Each run bumps a
+    device-side epoch and stamps x0 with it; the callable returns the values as fp32 [layers, 4, wide]."""
     br, bk, warps, stages, per_sm = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
+    pack = bk // (32 * warps)  # activation words per thread
     acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
     epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
     failed = torch.zeros(1, device="cuda", dtype=torch.int32)
-    shapes = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    timed = profile is not None
+    cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
+                     POLL=poll_asm(pack), PACK=pack, TIMED=timed,
+                     POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        _flow_chain[(nprog,)](*weights, acts, epoch, failed, layers, nprog, **shapes, WIDE=wide, BR=br, BK=bk,
-                              NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait, num_warps=warps)
+        _flow_chain[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

@@ -54,8 +54,8 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, num_warps, ring
 # stages, programs per SM)
-FLOW_CONFIGS = [(32, 256, 2, 8, 1), (64, 256, 4, 6, 1), (32, 256, 2, 6, 2), (64, 256, 4, 3, 2), (32, 512, 2, 6, 1),
-                (64, 512, 4, 3, 1)]
+FLOW_CONFIGS = [(64, 512, 4, 3, 1), (64, 256, 4, 6, 1), (32, 256, 2, 8, 1), (32, 256, 2, 6, 2), (64, 256, 4, 3, 2),
+                (32, 512, 2, 6, 1), (128, 256, 4, 3, 1)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -127,6 +127,29 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
     systematic = torch.corrcoef(torch.stack([even, odd]))[0, 1].item()
     return {"config": list(config), "us": stats, "systematic": systematic,
             "program_relative_time": [round(v, 4) for v in relative.mean(0).tolist()]}
+
+
+def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool) -> dict:
+    """Where the flow kernel's loop spends its time: each program's clock cycles per phase (weights landed,
+    copies issued, activations in, dot and store), one run after a warm-up; medians over programs of each
+    phase's share of the loop and its cycles per unit."""
+    from flow_gemv import flow_chain
+
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
+    cycles = torch.zeros(nprog, 4, device="cuda", dtype=torch.int64)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles)
+    fn()
+    fn()
+    c = cycles.cpu().double()
+    br, bk = config[0], config[1]
+    units = torch.tensor([layers * sum(-(-((p + 1) * n // nprog - p * n // nprog) // br) * (k // bk)
+                                       for _, n, k in GEMVS) for p in range(nprog)], dtype=torch.float64)
+    share = c / c.sum(1, keepdim=True)
+    phases = ("weights", "issue", "poll", "dot")
+    return {"config": list(config), "wait": wait,
+            "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
+            "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
+            "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -239,6 +262,10 @@ def run(args) -> dict:
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
+    record["flow_profiles"] = [flow_profile(x0, weights, layers, config, wait)
+                               for config in flow_usable[:2] for wait in (True, False)]
+    for profile in record["flow_profiles"]:
+        print("flow profile", profile, flush=True)
     times: dict = {}
     for name, fn in paths.items():
         try:
@@ -284,6 +311,12 @@ def report(path: str) -> str:
                   "the last arrival | a program's wait |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {u['gemv']:.2f} | {u['spread']:.2f} | {u['slowest']:.2f} | {u['release']:.2f} | "
                   f"{u['wait']:.2f} |" for name, u in profile["us"].items()]
+    for profile in r.get("flow_profiles", []):
+        lines += ["", f"Flow kernel {profile['config']}{'' if profile['wait'] else ' nowait'}: median over "
+                  f"programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
+                  "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
+                  for name in profile["share"]]
     return "\n".join(lines)
 
 
