@@ -27,6 +27,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 
@@ -233,14 +234,162 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
     cp.wait_group(0)
 
 
+@gluon.jit
+def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
+                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
+                 STAGES: gl.constexpr, PWARPS: gl.constexpr):
+    """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it."""
+    COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
+    total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
+                      + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
+    layer = pid * 0
+    g = pid * 0
+    row = pid * N0 // nprog
+    kk = pid * 0
+    for i in range(total):
+        slot = i % STAGES
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
+        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, True, pid, nprog, N0, K0, N1, K1, N2, K2,
+               N3, K3, BR, BK, COPY)
+        cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
+        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+
+
+@gluon.jit
+def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog: gl.constexpr,
+                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
+                 TIMED: gl.constexpr):
+    """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
+    store the finished rows."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+    CH: gl.constexpr = BK // 4
+    epoch = gl.load(EPOCH) % 65535 + 1
+    total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
+                      + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
+    c_layer = pid * 0
+    c_g = pid * 0
+    c_row = pid * N0 // nprog
+    c_kk = pid * 0
+    xs = gl.arange(0, BK, X)
+    epochs = gl.full([BK], 0, gl.int32, X) + epoch
+    words = gl.load(ACTS + xs, volatile=True)
+    cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
+    out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
+    zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
+    acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
+    spent_next = pid.to(gl.int64) * 0
+    spent_poll = spent_next
+    spent_weights = spent_next
+    spent_dot = spent_next
+    then = spent_next
+    if TIMED:
+        then = _clock()
+    for i in range(total):
+        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK)
+        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                             volatile=True)
+        if TIMED:
+            now = _clock()
+            spent_next += now - then
+            then = now
+        act = ACTS + (c_layer * 4 + c_g) * WIDE
+        if WAIT:
+            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                              dtype=gl.int32, is_pure=False, pack=PACK)
+            stale = ((words >> 16) & 0xFFFF) != epoch
+            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
+        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        gl.thread_barrier()
+        if TIMED:
+            now = _clock()
+            spent_poll += now - then
+            then = now
+        slot = ring.index(i % STAGES)
+        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+        if TIMED:
+            now = _clock()
+            spent_weights += now - then
+            then = now
+        fresh = c_kk == 0
+        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc0))
+        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc1))
+        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc2))
+        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc3))
+        mbarrier.arrive(empty.index(i % STAGES))
+        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
+            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
+            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+            rows = c_row + out_rows
+            end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
+            gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
+        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
+        words = next_words
+        if TIMED:
+            now = _clock()
+            spent_dot += now - then
+            then = now
+    if TIMED:
+        gl.store(PROFILE + pid * 4, spent_weights)
+        gl.store(PROFILE + pid * 4 + 1, spent_next)
+        gl.store(PROFILE + pid * 4 + 2, spent_poll)
+        gl.store(PROFILE + pid * 4 + 3, spent_dot)
+
+
+@gluon.jit
+def _flow_chain_ws(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
+                   N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                   K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                   BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                   WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
+                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr):
+    """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
+    warps run side by side, so a unit costs the longer of the two instead of their sum."""
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
+                                     gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=32 * PWARPS)
+        mbarrier.init(empty.index(s), count=1)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    pid = gl.program_id(0)
+    gl.warp_specialize([
+        (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
+                        K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
+                        TIMED)),
+        (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                        BR, BK, STAGES, PWARPS)),
+    ], [PWARPS], [PREGS])
+
+
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None):
-    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, num_warps, stages,
-    programs per SM). wait=False reads the activations without waiting for them (wrong results): the kernel's
-    streaming ceiling, so its dependency cost = flow - nowait. `profile` (int64 [programs, 4]) receives each
-    program's clock cycles per phase (weights landed, copies issued, activations in, dot). Each run bumps a
-    device-side epoch and stamps x0 with it; the callable returns the values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm = config
+    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
+    programs per SM, copy warps: 0 for one partition that copies and multiplies in turn). wait=False reads the
+    activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
+    is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
+    gemv_chain.flow_profile). Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
+    values as fp32 [layers, 4, wide]."""
+    br, bk, warps, stages, per_sm, copy_warps = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -255,10 +404,15 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
+    kernel = _flow_chain
+    if copy_warps:
+        kernel = _flow_chain_ws
+        constants.update(PWARPS=copy_warps, PREGS=80)
+
     def run() -> torch.Tensor:
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        _flow_chain[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
+        kernel[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

@@ -52,10 +52,10 @@ WIDEST = max(n for _, n, _ in GEMVS)
 PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
-# the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, num_warps, ring
-# stages, programs per SM)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1), (64, 256, 4, 6, 1), (32, 256, 2, 8, 1), (32, 256, 2, 6, 2), (64, 256, 4, 3, 2),
-                (32, 512, 2, 6, 1), (128, 256, 4, 3, 1)]
+# the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
+# stages, programs per SM, copy warps: 0 = the dot warps copy too)
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 1), (64, 256, 4, 6, 1, 1), (64, 512, 4, 3, 1, 0), (64, 512, 4, 3, 1, 2),
+                (64, 256, 4, 6, 1, 2), (64, 256, 4, 3, 2, 1), (128, 256, 8, 3, 1, 2)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -130,8 +130,9 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
 
 
 def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool) -> dict:
-    """Where the flow kernel's loop spends its time: each program's clock cycles per phase (weights landed,
-    copies issued, activations in, dot and store), one run after a warm-up; medians over programs of each
+    """Where the flow kernel's dot warps spend their time: each program's clock cycles per phase (weights
+    landed; copies issued, or with copy warps the next unit's cursor and prefetch; activations in; dot and store),
+    one run after a warm-up; medians over programs of each
     phase's share of the loop and its cycles per unit."""
     from flow_gemv import flow_chain
 
@@ -145,7 +146,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     units = torch.tensor([layers * sum(-(-((p + 1) * n // nprog - p * n // nprog) // br) * (k // bk)
                                        for _, n, k in GEMVS) for p in range(nprog)], dtype=torch.float64)
     share = c / c.sum(1, keepdim=True)
-    phases = ("weights", "issue", "poll", "dot")
+    phases = ("weights", "next unit" if config[5] else "issue", "poll", "dot")
     return {"config": list(config), "wait": wait,
             "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
             "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
@@ -256,7 +257,7 @@ def run(args) -> dict:
     for config in flow_usable:
         for wait in (True, False):
             name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
-                   f"x{config[4]}"
+                   f"x{config[4]} copy{config[5]}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
