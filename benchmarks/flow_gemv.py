@@ -58,6 +58,11 @@ def _clock():
 
 
 @gluon.jit
+def _globaltime():
+    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _pick(g, a: gl.constexpr, b: gl.constexpr, c: gl.constexpr, d: gl.constexpr):
     """The value of the four for GEMV g (a runtime scalar)."""
     return gl.where(g == 0, a, gl.where(g == 1, b, gl.where(g == 2, c, d)))
@@ -102,136 +107,6 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.con
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
     base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
     cp.async_copy_global_to_shared(slot, base + rows[:, None] * k + cols[None, :], mask)
-
-
-@gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
-                N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr,
-                PACK: gl.constexpr, TIMED: gl.constexpr):
-    COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    RING: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-
-    pid = gl.program_id(0)
-    epoch = gl.load(EPOCH) % 65535 + 1  # 1..65535: never the zeros the words start as, never the last run's
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK], RING)
-
-    units = _units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK) \
-        + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK)
-    total = layers * units
-
-    # the producer's cursor runs STAGES - 1 units ahead of the consumer's
-    p_layer = pid * 0
-    p_g = pid * 0
-    p_row = pid * N0 // nprog
-    p_kk = pid * 0
-    for s in gl.static_range(STAGES - 1):
-        _issue(W0, W1, W2, W3, ring.index(s), p_layer, p_g, p_row, p_kk, p_layer < layers, pid, nprog,
-               N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, COPY)
-        cp.commit_group()
-        p_layer, p_g, p_row, p_kk = _advance(p_layer, p_g, p_row, p_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK)
-
-    c_layer = pid * 0
-    c_g = pid * 0
-    c_row = pid * N0 // nprog
-    c_kk = pid * 0
-    xs = gl.arange(0, BK, X)
-    epochs = gl.full([BK], 0, gl.int32, X) + epoch
-    words = gl.load(ACTS + xs, volatile=True)
-    cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
-    out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
-    # the tile's dot is four dots over K quarters into four accumulators: four short dependent mma chains
-    # instead of one long one, which ptxas interleaves
-    CH: gl.constexpr = BK // 4
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
-    acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    # TIMED: each program's clock cycles summed per phase of the loop (weights landed, copies issued, activations
-    # in, dot and store), to say where an iteration's time goes
-    spent_weights = pid.to(gl.int64) * 0
-    spent_issue = spent_weights
-    spent_poll = spent_weights
-    spent_dot = spent_weights
-    then = spent_weights
-    if TIMED:
-        then = _clock()
-    for i in range(total):
-        cp.wait_group(STAGES - 2)  # this thread's copies of unit i have landed
-        gl.thread_barrier()  # everyone's have, and everyone is done with the slot refilled next
-        if TIMED:
-            now = _clock()
-            spent_weights += now - then
-            then = now
-        _issue(W0, W1, W2, W3, ring.index((i + STAGES - 1) % STAGES), p_layer, p_g, p_row, p_kk,
-               p_layer < layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, COPY)
-        cp.commit_group()
-        p_layer, p_g, p_row, p_kk = _advance(p_layer, p_g, p_row, p_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK)
-
-        # the next unit's activation words are read now, so the L2 round trip overlaps this unit's work; only
-        # words that were not yet written are polled when that unit comes
-        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK)
-        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
-                             volatile=True)
-        if TIMED:
-            now = _clock()
-            spent_issue += now - then
-            then = now
-        act = ACTS + (c_layer * 4 + c_g) * WIDE
-        if WAIT:
-            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
-                                              dtype=gl.int32, is_pure=False, pack=PACK)
-            stale = ((words >> 16) & 0xFFFF) != epoch
-            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
-        if TIMED:
-            now = _clock()
-            spent_poll += now - then
-            then = now
-        gl.thread_barrier()
-        slot = ring.index(i % STAGES)
-        fresh = c_kk == 0
-        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc0))
-        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc1))
-        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc2))
-        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc3))
-        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
-            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
-            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-            rows = c_row + out_rows
-            end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
-            gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
-        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
-        words = next_words
-        if TIMED:
-            now = _clock()
-            spent_dot += now - then
-            then = now
-    if TIMED:
-        gl.store(PROFILE + pid * 4, spent_weights)
-        gl.store(PROFILE + pid * 4 + 1, spent_issue)
-        gl.store(PROFILE + pid * 4 + 2, spent_poll)
-        gl.store(PROFILE + pid * 4 + 3, spent_dot)
-    cp.wait_group(0)
 
 
 @gluon.jit
@@ -292,14 +167,14 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     spent_weights = spent_next
     spent_dot = spent_next
     then = spent_next
-    if TIMED:
+    if TIMED == 1:
         then = _clock()
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK)
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
-        if TIMED:
+        if TIMED == 1:
             now = _clock()
             spent_next += now - then
             then = now
@@ -311,13 +186,17 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
             gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
         x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
         gl.thread_barrier()
-        if TIMED:
+        if TIMED == 1:
             now = _clock()
             spent_poll += now - then
             then = now
+        if TIMED == 2:
+            if (c_kk == 0) & (c_row == (pid * _pick(c_g, N0, N1, N2, N3)) // nprog) & (c_layer * 4 + c_g > 0):
+                # the first unit of a GEMV has its activations: when the GEMV before became readable here
+                gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
         slot = ring.index(i % STAGES)
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        if TIMED:
+        if TIMED == 1:
             now = _clock()
             spent_weights += now - then
             then = now
@@ -341,13 +220,16 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
             rows = c_row + out_rows
             end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
             gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
+            if TIMED == 2:
+                if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
+                    gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
-        if TIMED:
+        if TIMED == 1:
             now = _clock()
             spent_dot += now - then
             then = now
-    if TIMED:
+    if TIMED == 1:
         gl.store(PROFILE + pid * 4, spent_weights)
         gl.store(PROFILE + pid * 4 + 1, spent_next)
         gl.store(PROFILE + pid * 4 + 2, spent_poll)
@@ -355,7 +237,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
 
 
 @gluon.jit
-def _flow_chain_ws(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
+def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
                    N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -382,12 +264,14 @@ def _flow_chain_ws(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: 
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int, wait: bool = True, profile: torch.Tensor | None = None):
+               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps: 0 for one partition that copies and multiplies in turn). wait=False reads the
+    programs per SM, copy warps). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
     is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
-    gemv_chain.flow_profile). Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
+    gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
+    GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
+    first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
     values as fp32 [layers, 4, wide]."""
     br, bk, warps, stages, per_sm, copy_warps = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
@@ -396,23 +280,18 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
     epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
     failed = torch.zeros(1, device="cuda", dtype=torch.int32)
-    timed = profile is not None
+    timed = 0 if profile is None else 2 if timeline else 1
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
-                     POLL=poll_asm(pack), PACK=pack, TIMED=timed,
+                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
-
-    kernel = _flow_chain
-    if copy_warps:
-        kernel = _flow_chain_ws
-        constants.update(PWARPS=copy_warps, PREGS=80)
 
     def run() -> torch.Tensor:
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        kernel[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
+        _flow_chain[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

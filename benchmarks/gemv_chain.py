@@ -53,9 +53,9 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
-# stages, programs per SM, copy warps: 0 = the dot warps copy too)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1, 1), (64, 256, 4, 6, 1, 1), (64, 512, 4, 3, 1, 0), (64, 512, 4, 3, 1, 2),
-                (64, 256, 4, 6, 1, 2), (64, 256, 4, 3, 2, 1), (128, 256, 8, 3, 1, 2)]
+# stages, programs per SM, copy warps)
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2), (64, 512, 4, 3, 1, 3), (64, 512, 4, 3, 1, 1), (64, 256, 4, 6, 1, 2),
+                (64, 256, 4, 7, 1, 2)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -131,8 +131,8 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
 
 def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool) -> dict:
     """Where the flow kernel's dot warps spend their time: each program's clock cycles per phase (weights
-    landed; copies issued, or with copy warps the next unit's cursor and prefetch; activations in; dot and store),
-    one run after a warm-up; medians over programs of each
+    landed; the next unit's cursor and activation prefetch; activations in; dot and store), one run after a
+    warm-up; medians over programs of each
     phase's share of the loop and its cycles per unit."""
     from flow_gemv import flow_chain
 
@@ -146,11 +146,38 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     units = torch.tensor([layers * sum(-(-((p + 1) * n // nprog - p * n // nprog) // br) * (k // bk)
                                        for _, n, k in GEMVS) for p in range(nprog)], dtype=torch.float64)
     share = c / c.sum(1, keepdim=True)
-    phases = ("weights", "next unit" if config[5] else "issue", "poll", "dot")
+    phases = ("weights", "next unit", "poll", "dot")
     return {"config": list(config), "wait": wait,
             "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
             "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
             "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
+
+
+def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple) -> dict:
+    """What a dependency costs the flow kernel, from each program's %globaltimer when it stored its last rows
+    of a GEMV and when its first activations of the next GEMV arrived (one run after a warm-up), per GEMV
+    that produces them (medians over layers, us): `store_spread` last minus first store (the GEMV's tail),
+    `release` median arrival minus the last store (how long the last rows take to reach a reader), `first`
+    earliest arrival minus the last store, `wait` a program's arrival minus its own last store."""
+    from flow_gemv import flow_chain
+
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
+    times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times, timeline=True)
+    fn()
+    fn()
+    t = times[:-1].cpu().double() / 1e3  # the last GEMV has no reader
+    stored, arrived = t[..., 0], t[..., 1]
+    last = stored.max(dim=1).values
+    stats: dict = {}
+    for index, (name, _, _) in enumerate(GEMVS):
+        rows = [b for b in range(index, layers * 4 - 1, 4)]
+        per = {"store_spread": [(stored[b].max() - stored[b].min()).item() for b in rows],
+               "release": [(arrived[b].median() - last[b]).item() for b in rows],
+               "first": [(arrived[b].min() - last[b]).item() for b in rows],
+               "wait": [(arrived[b] - stored[b]).median().item() for b in rows]}
+        stats[name] = {key: statistics.median(values) for key, values in per.items()}
+    return {"config": list(config), "us": stats}
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -263,10 +290,10 @@ def run(args) -> dict:
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
-    record["flow_profiles"] = [flow_profile(x0, weights, layers, config, wait)
-                               for config in flow_usable[:2] for wait in (True, False)]
-    for profile in record["flow_profiles"]:
-        print("flow profile", profile, flush=True)
+    record["flow_profiles"] = [flow_profile(x0, weights, layers, config, True) for config in flow_usable[:1]]
+    record["flow_timelines"] = [flow_timeline(x0, weights, layers, config) for config in flow_usable[:1]]
+    for profile in record["flow_profiles"] + record["flow_timelines"]:
+        print("flow", profile, flush=True)
     times: dict = {}
     for name, fn in paths.items():
         try:
@@ -318,6 +345,12 @@ def report(path: str) -> str:
                   "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
         lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
                   for name in profile["share"]]
+    for timeline in r.get("flow_timelines", []):
+        lines += ["", f"Flow kernel {timeline['config']}: a GEMV's last rows to its readers (us, medians over layers)",
+                  "", "| GEMV | stores spread | first reader after the last store | median reader | a program's "
+                  "wait after its own last store |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {u['store_spread']:.2f} | {u['first']:.2f} | {u['release']:.2f} | {u['wait']:.2f} |"
+                  for name, u in timeline["us"].items()]
     return "\n".join(lines)
 
 
