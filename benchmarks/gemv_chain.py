@@ -54,8 +54,8 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2), (64, 512, 4, 3, 1, 3), (64, 512, 4, 3, 1, 1), (64, 256, 4, 6, 1, 2),
-                (64, 256, 4, 7, 1, 2)]
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2), (64, 512, 4, 2, 1, 2), (64, 256, 4, 2, 1, 2), (64, 256, 4, 3, 1, 2),
+                (64, 256, 4, 4, 1, 2), (64, 256, 4, 6, 1, 2)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -290,8 +290,8 @@ def run(args) -> dict:
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
-    record["flow_profiles"] = [flow_profile(x0, weights, layers, config, True) for config in flow_usable[:1]]
-    record["flow_timelines"] = [flow_timeline(x0, weights, layers, config) for config in flow_usable[:1]]
+    record["flow_profiles"] = [flow_profile(x0, weights, layers, config, True) for config in flow_usable]
+    record["flow_timelines"] = [flow_timeline(x0, weights, layers, config) for config in flow_usable]
     for profile in record["flow_profiles"] + record["flow_timelines"]:
         print("flow", profile, flush=True)
     times: dict = {}
