@@ -113,8 +113,10 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.con
 def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
-                 STAGES: gl.constexpr, PWARPS: gl.constexpr):
-    """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it."""
+                 STAGES: gl.constexpr, PWARPS: gl.constexpr, INFLIGHT: gl.constexpr):
+    """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and at
+    most INFLIGHT units before it are still on their way. Copies still in flight delay every other read of this
+    SM (the activation polls queue behind them), so the ring holds landed tiles rather than outstanding ones."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
     total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
                       + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
@@ -125,6 +127,10 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
+        if INFLIGHT < STAGES:
+            if i >= INFLIGHT:
+                landed = i - INFLIGHT
+                mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
         _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, True, pid, nprog, N0, K0, N1, K1, N2, K2,
                N3, K3, BR, BK, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
@@ -242,7 +248,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                    WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr):
+                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, INFLIGHT: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -259,21 +265,21 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                         K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
                         TIMED)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS)),
+                        BR, BK, STAGES, PWARPS, INFLIGHT)),
     ], [PWARPS], [PREGS])
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps). wait=False reads the
+    programs per SM, copy warps, units in flight: 0 for the whole ring). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
     is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
     gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
     GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
     first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
     values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm, copy_warps = config
+    br, bk, warps, stages, per_sm, copy_warps, inflight = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -286,6 +292,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
+                     INFLIGHT=inflight or stages,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
