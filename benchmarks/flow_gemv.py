@@ -147,7 +147,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                  BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, SPLIT: gl.constexpr):
+                 TIMED: gl.constexpr, SPLIT: gl.constexpr, LOOKAHEAD: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -164,7 +164,16 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     c_kk = pid * 0
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
+    # activation words are read LOOKAHEAD units ahead (1 or 2), so their L2 round trip, long behind the SM's
+    # outstanding copies, overlaps the units in between; only words not yet written are polled when their unit
+    # comes
+    n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                                         BR, BK)
     words = gl.load(ACTS + xs, volatile=True)
+    ahead = words
+    if LOOKAHEAD == 2:
+        ahead = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                        volatile=True)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
     zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
@@ -180,10 +189,14 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     if TIMED == 1:
         then = _clock()
     for i in range(total):
-        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+        f_layer, f_g, f_row, f_kk = _advance(n_layer, n_g, n_row, n_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK)
-        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
-                             volatile=True)
+        if LOOKAHEAD == 2:
+            far = gl.load(ACTS + (f_layer * 4 + f_g) * WIDE + f_kk + xs, mask=(f_layer < layers) & (xs >= 0),
+                          volatile=True)
+        else:
+            far = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                          volatile=True)
         if TIMED == 1:
             now = _clock()
             spent_next += now - then
@@ -242,7 +255,12 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
-        words = next_words
+        n_layer, n_g, n_row, n_kk = f_layer, f_g, f_row, f_kk
+        if LOOKAHEAD == 2:
+            words = ahead
+            ahead = far
+        else:
+            words = far
         if TIMED == 1:
             now = _clock()
             spent_dot += now - then
@@ -261,7 +279,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                    WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                    TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, INFLIGHT: gl.constexpr,
-                   SPLIT: gl.constexpr):
+                   SPLIT: gl.constexpr, LOOKAHEAD: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -277,7 +295,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
     gl.warp_specialize([
         (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
                         K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
-                        TIMED, SPLIT)),
+                        TIMED, SPLIT, LOOKAHEAD)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                         BR, BK, STAGES, PWARPS, INFLIGHT, SPLIT)),
     ], [PWARPS], [PREGS])
@@ -286,7 +304,8 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, pieces in flight: 0 for the whole ring, pieces per tile: 1, 2 or 4).
+    programs per SM, copy warps, pieces in flight: 0 for the whole ring, pieces per tile: 1, 2 or 4, units of
+    activation lookahead: 1 or 2).
 
     wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling,
     so its dependency cost is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock
@@ -294,7 +313,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     and receives, per GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and
     when the next GEMV's first activations arrived there. Each run bumps a device-side epoch and stamps x0 with
     it; the callable returns the values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm, copy_warps, inflight, split = config
+    br, bk, warps, stages, per_sm, copy_warps, inflight, split, lookahead = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -307,7 +326,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     INFLIGHT=inflight or stages * split, SPLIT=split,
+                     INFLIGHT=inflight or stages * split, SPLIT=split, LOOKAHEAD=lookahead,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
