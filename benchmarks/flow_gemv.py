@@ -95,11 +95,11 @@ def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, 
 @gluon.jit
 def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
            N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-           K3: gl.constexpr, BR: gl.constexpr, PW: gl.constexpr, COPY: gl.constexpr):
-    """cp.async of the weight piece [BR, PW] at (row, kk) into `slot`; rows past this program's range (and
-    every row once the sequence has ended: live false) are not read."""
+           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, COPY: gl.constexpr):
+    """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range (and every row
+    once the sequence has ended: live false) are not read."""
     rows = row + gl.arange(0, BR, gl.SliceLayout(1, COPY))
-    cols = kk + gl.arange(0, PW, gl.SliceLayout(0, COPY))
+    cols = kk + gl.arange(0, BK, gl.SliceLayout(0, COPY))
     end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
     mask = ((rows < end) & live)[:, None]
     k = _pick(g, K0, K1, K2, K3)
@@ -110,14 +110,23 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.con
 
 
 @gluon.jit
+def _unit_bytes(g, row, pid, nprog: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr,
+                N3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr):
+    """Bytes a unit at (g, row) reads: its rows inside this program's range, BK bf16 each."""
+    end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
+    return gl.minimum(end - row, BR) * (BK * 2)
+
+
+@gluon.jit
 def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
-                 STAGES: gl.constexpr, PWARPS: gl.constexpr, INFLIGHT: gl.constexpr, SPLIT: gl.constexpr):
-    """The copy warps: fill ring slot i % STAGES with unit i, in SPLIT pieces along K, as soon as the dot warps
-    have released it and at most INFLIGHT pieces before each are still on their way. Copies still in flight
-    delay every other read of this SM (the activation polls queue behind them), so the ring holds landed tiles
-    rather than outstanding ones."""
+                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr):
+    """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
+    bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
+    (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
+    with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
+    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
     total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
                       + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
@@ -125,19 +134,27 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
     g = pid * 0
     row = pid * N0 // nprog
     kk = pid * 0
+    # the oldest unit not yet known to have landed, and the bytes issued since
+    landed = pid * 0
+    l_layer = pid * 0
+    l_g = pid * 0
+    l_row = pid * N0 // nprog
+    l_kk = pid * 0
+    flight = pid * 0
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
-        for p in gl.static_range(SPLIT):
-            if INFLIGHT < STAGES * SPLIT:
-                if i * SPLIT + p >= INFLIGHT:
-                    landed = i * SPLIT + p - INFLIGHT
-                    unit = landed // SPLIT
-                    mbarrier.wait(ready.index(unit % STAGES * SPLIT + landed % SPLIT), (unit // STAGES) & 1)
-            _issue(W0, W1, W2, W3, ring.index(slot).slice(p * (BK // SPLIT), BK // SPLIT, dim=1), layer, g, row,
-                   kk + p * (BK // SPLIT), True, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK // SPLIT, COPY)
-            # each copy thread arrives once its copies of the piece have landed
-            cp.mbarrier_arrive(ready.index(slot * SPLIT + p), increment_count=False)
+        size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK)
+        while (flight + size > CAP) & (landed < i):
+            mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
+            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
+            l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                                 N3, K3, BR, BK)
+            landed += 1
+        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, True, pid, nprog, N0, K0, N1, K1, N2, K2,
+               N3, K3, BR, BK, COPY)
+        cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
+        flight += size
         layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
 
 
@@ -147,7 +164,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                  BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, SPLIT: gl.constexpr, LOOKAHEAD: gl.constexpr):
+                 TIMED: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -164,16 +181,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     c_kk = pid * 0
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
-    # activation words are read LOOKAHEAD units ahead (1 or 2), so their L2 round trip, long behind the SM's
-    # outstanding copies, overlaps the units in between; only words not yet written are polled when their unit
-    # comes
-    n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                                         BR, BK)
     words = gl.load(ACTS + xs, volatile=True)
-    ahead = words
-    if LOOKAHEAD == 2:
-        ahead = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
-                        volatile=True)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
     zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
@@ -189,14 +197,10 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     if TIMED == 1:
         then = _clock()
     for i in range(total):
-        f_layer, f_g, f_row, f_kk = _advance(n_layer, n_g, n_row, n_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK)
-        if LOOKAHEAD == 2:
-            far = gl.load(ACTS + (f_layer * 4 + f_g) * WIDE + f_kk + xs, mask=(f_layer < layers) & (xs >= 0),
-                          volatile=True)
-        else:
-            far = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
-                          volatile=True)
+        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                             volatile=True)
         if TIMED == 1:
             now = _clock()
             spent_next += now - then
@@ -218,9 +222,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                 # the first unit of a GEMV has its activations: when the GEMV before became readable here
                 gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
         slot = ring.index(i % STAGES)
-        phase = (i // STAGES) & 1
-        first_piece = i % STAGES * SPLIT
-        mbarrier.wait(ready.index(first_piece), phase)
+        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
         if TIMED == 1:
             now = _clock()
             spent_weights += now - then
@@ -229,18 +231,12 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
         acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
                       zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc0))
-        if SPLIT == 4:
-            mbarrier.wait(ready.index(first_piece + 1), phase)
         acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
                       zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc1))
-        if SPLIT >= 2:
-            mbarrier.wait(ready.index(first_piece + SPLIT // 2), phase)
         acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
                       zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc2))
-        if SPLIT == 4:
-            mbarrier.wait(ready.index(first_piece + 3), phase)
         acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
                       zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc3))
@@ -255,12 +251,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
-        n_layer, n_g, n_row, n_kk = f_layer, f_g, f_row, f_kk
-        if LOOKAHEAD == 2:
-            words = ahead
-            ahead = far
-        else:
-            words = far
+        words = next_words
         if TIMED == 1:
             now = _clock()
             spent_dot += now - then
@@ -278,42 +269,38 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                    WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, INFLIGHT: gl.constexpr,
-                   SPLIT: gl.constexpr, LOOKAHEAD: gl.constexpr):
+                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
                                      gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES * SPLIT, 1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for s in gl.static_range(STAGES * SPLIT):
-        mbarrier.init(ready.index(s), count=32 * PWARPS)
     for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
         (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
                         K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
-                        TIMED, SPLIT, LOOKAHEAD)),
+                        TIMED)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, INFLIGHT, SPLIT)),
+                        BR, BK, STAGES, PWARPS, CAP)),
     ], [PWARPS], [PREGS])
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, pieces in flight: 0 for the whole ring, pieces per tile: 1, 2 or 4, units of
-    activation lookahead: 1 or 2).
-
-    wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling,
-    so its dependency cost is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock
-    cycles per phase (see gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2]
-    and receives, per GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and
-    when the next GEMV's first activations arrived there. Each run bumps a device-side epoch and stamps x0 with
-    it; the callable returns the values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm, copy_warps, inflight, split, lookahead = config
+    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring). wait=False reads the
+    activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
+    is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
+    gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
+    GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
+    first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
+    values as fp32 [layers, 4, wide]."""
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -326,7 +313,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     INFLIGHT=inflight or stages * split, SPLIT=split, LOOKAHEAD=lookahead,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
