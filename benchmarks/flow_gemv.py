@@ -145,6 +145,13 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
         size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK)
+        # units whose slots the dot warps have released have landed, and their ready barriers may already be
+        # armed again: count them without waiting
+        while landed <= i - STAGES:
+            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
+            l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                                 N3, K3, BR, BK)
+            landed += 1
         while (flight + size > CAP) & (landed < i):
             mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
             flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
