@@ -6,16 +6,21 @@ written out. One persistent program per SM walks its own fixed sequence of units
 (GEMV, block of its output rows, K tile): every GEMV's rows are split evenly over the programs, at one-row
 granularity, and each program owns its rows outright (no atomics: reruns are bit-exact).
 
-- Weights go through a ring of STAGES shared-memory slots filled by cp.async, STAGES - 1 units ahead of the
-  unit being multiplied. The copies do not depend on any activation, so they run ahead across GEMV and layer
-  boundaries: while a program waits for its input, its next weight tiles are already on their way, and the
-  memory system never sees the dependency.
+- Weights go through a ring of STAGES shared-memory slots filled by cp.async in copy warps of their own (warp
+  specialization); the dot warps take a slot when its mbarrier says it landed and release it when done. The
+  copies do not depend on any activation, so they run ahead across GEMV and layer boundaries: while the dot
+  warps wait for an input, the next weight tiles are on their way.
+- But not too far ahead: the bytes in flight per program are capped (CAP). Every other read on the GPU, the
+  activation polls included, waits behind the outstanding copies, so a deep ring of outstanding tiles made a
+  GEMV's last rows reach their readers 4-5 us after the store; a ring of landed tiles with 64 KB in flight
+  keeps that near 1-2 us at almost the same streaming rate.
 - Activations are 32-bit words, bf16 bits low and a 16-bit run epoch high (the LL protocol of NCCL, halved: a
-  32-bit store is single-copy atomic, so a reader that sees this run's epoch has the final value). Every thread
-  polls only the words it needs, in a few lines of inline PTX, so a slow producer delays only the tiles that
-  read its rows, and nothing is reduced across the block to decide whether to wait.
-- The multiply is a tensor-core mma (m16n8k16) with the activation as the narrow operand: negligible work, and
-  the same code would take a verify block's 16 rows in the spare columns.
+  32-bit store is single-copy atomic, so a reader that sees this run's epoch has the final value). Each thread
+  polls only its own words, all of them in one round trip, in a few lines of inline PTX, so a slow producer
+  delays only the tiles that read its rows, and nothing is reduced across the block to decide whether to wait.
+- The multiply is a tensor-core mma (m16n8k16) with the activation as the narrow operand, over four K quarters
+  into four accumulators (four short dependent chains, not one long one); the same code would take a verify
+  block's 16 rows in the spare columns.
 
 The probe times the 144 GEMVs of an AR step only (gemv_chain.py runs it side by side with the other paths).
 """

@@ -1,6 +1,6 @@
 """How fast can a decode step's weight stream go? The four GEMVs of each Qwen3-4B layer (qkv, o_proj, gate_up,
-down; M = 1, bf16, random weights), 36 layers chained so each GEMV reads the one before it, timed three ways
-side by side in one run (a fourth, dataflow, below):
+down; M = 1, bf16, random weights), 36 layers chained so each GEMV reads the one before it, timed side by side
+in one run:
 
   cublas       F.linear per GEMV, in a CUDA graph
   skinny       blockspec's engine today: kernels.skinny_linear per GEMV (its table, PDL, weight prefetch), in a
@@ -13,9 +13,14 @@ side by side in one run (a fourth, dataflow, below):
   dataflow     deterministic and barrier-free: each program owns whole output rows (no atomics), and every
                activation is a 64-bit word carrying the run's epoch, so a reader spins only on the tile it needs
                (NCCL's LL protocol); as written Triton does not pipeline its K loop (the spin is inside it)
+  flow         the same dataflow design in Gluon (flow_gemv.py) with the pipeline written out: copy warps stream
+               the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
+               "nowait" reads the activations without waiting (wrong results): its streaming ceiling
 
 A barrier profile (%globaltimer at each program's arrival and departure) splits the persistent kernel's barrier
-time into the GEMV's tail and the barrier's own release latency.
+time into the GEMV's tail and the barrier's own release latency; for the flow kernel, a clock profile of its dot
+warps' loop and a timeline of each GEMV's last stores and its readers' first arrivals say what a dependency
+costs there.
 
 No norms, attention or activations: this bounds what the GEMVs alone can reach, i.e. whether a persistent
 per-step kernel could bring the engine within the issue-3 targets where per-GEMM kernels cannot. The

@@ -575,3 +575,24 @@ def test_gemv_chain_report_renders_a_stored_h100_run_without_triton():
     assert f"| persistent n64 k128 w4 st4 x1 pf2 | {persistent['ms']:.3f} | {persistent['x_floor']:.3f} |" in out
     release = record["barrier_profiles"][0]["us"]["gate_up"]["release"]
     assert any(line.startswith("| gate_up |") and f"| {release:.2f} |" in line for line in out.splitlines())
+
+
+def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_triton():
+    """The Gluon flow kernel's rows, its loop-phase profile and its store-to-reader timeline render from the
+    committed H100 run (a machine without Triton, so flow_gemv.py is never imported)."""
+    repo = Path(__file__).resolve().parent.parent
+    stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-225211.json"
+    record = json.loads(stored.read_text())
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
+                         capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    flow = record["paths"]["flow r64 k512 w4 ring3 x1 copy2 cap64"]
+    assert f"| flow r64 k512 w4 ring3 x1 copy2 cap64 | {flow['ms']:.3f} | {flow['x_floor']:.3f} |" in out
+    profile = record["flow_profiles"][0]
+    assert f"{profile['loop_cycles_per_unit']:.0f} cycles per unit" in out
+    timeline = record["flow_timelines"][-1]["us"]["o_proj"]
+    assert f"| o_proj | {timeline['store_spread']:.2f} | {timeline['first']:.2f} | {timeline['release']:.2f} | " \
+           f"{timeline['wait']:.2f} |" in lines
+    # every flow config of that run was checked against fp64, never gave up waiting, and reran bit for bit
+    checks = [c for name, c in record["check"].items() if name.startswith("flow")]
+    assert checks and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"] for c in checks)
