@@ -32,7 +32,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 
@@ -176,17 +176,13 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                  BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, WGMMA: gl.constexpr):
+                 TIMED: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
-    store the finished rows. WGMMA: the warpgroup reads the weight tile straight from shared memory (wgmma)
-    instead of loading it into registers for mma.sync."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
-                                                  instr_shape=[16, NPAD, 16]) if WGMMA else \
-        gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    store the finished rows."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
-    XN: gl.constexpr = gl.BlockedLayout([NPAD, 1], [1, 32], [1, WARPS], [1, 0])  # x repeated in NPAD rows
     CH: gl.constexpr = BK // 4
     epoch = gl.load(EPOCH) % 65535 + 1
     total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
@@ -200,8 +196,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     words = gl.load(ACTS + xs, volatile=True)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
-    if not WGMMA:
-        zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
+    zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
     acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
@@ -228,13 +223,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                                               dtype=gl.int32, is_pure=False, pack=PACK)
             stale = ((words >> 16) & 0xFFFF) != epoch
             gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-        x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
-        if WGMMA:
-            x_smem.store(gl.zeros([NPAD, BK], gl.bfloat16, XN) + gl.expand_dims(gl.convert_layout(
-                x, gl.SliceLayout(0, XN)), 0))
-            fence_async_shared()  # the store, read next by wgmma through the async proxy
-        else:
-            x_smem.store(x)
+        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
@@ -251,26 +240,21 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
             spent_weights += now - then
             then = now
         fresh = c_kk == 0
-        if WGMMA:
-            fence_async_shared()  # the landed copies (generic proxy), before wgmma reads them (async proxy)
-            acc0 = warpgroup_mma(slot, x_smem.permute((1, 0)), acc0, use_acc=c_kk != 0)
-        else:
-            acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                          zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                          gl.where(fresh, 0.0, acc0))
-            acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                          zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                          gl.where(fresh, 0.0, acc1))
-            acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                          zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                          gl.where(fresh, 0.0, acc2))
-            acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                          zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                          gl.where(fresh, 0.0, acc3))
+        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc0))
+        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc1))
+        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc2))
+        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      gl.where(fresh, 0.0, acc3))
         mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
-            acc = acc0 if WGMMA else (acc0 + acc1) + (acc2 + acc3)
-            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, acc, 0.0), axis=1)
+            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
             bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             rows = c_row + out_rows
             end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
@@ -297,28 +281,22 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                    WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                   WGMMA: gl.constexpr):
+                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
-    RING: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2) if WGMMA \
-        else gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK], RING)
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
+                                     gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
-    if WGMMA:
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [NPAD, BK],
-                                           gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
-    else:
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
         (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
                         K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
-                        TIMED, WGMMA)),
+                        TIMED)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                         BR, BK, STAGES, PWARPS, CAP)),
     ], [PWARPS], [PREGS])
@@ -327,15 +305,14 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring, 1 for wgmma from shared memory
-    instead of mma.sync). wait=False reads the
+    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
     is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
     gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
     GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
     first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
     values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm, copy_warps, cap_kib, wgmma = config
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -348,7 +325,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, WGMMA=bool(wgmma),
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
