@@ -98,15 +98,14 @@ def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, 
 
 
 @gluon.jit
-def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, live, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
+def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
            N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
            K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, COPY: gl.constexpr):
-    """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range (and every row
-    once the sequence has ended: live false) are not read."""
+    """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range are not read."""
     rows = row + gl.arange(0, BR, gl.SliceLayout(1, COPY))
     cols = kk + gl.arange(0, BK, gl.SliceLayout(0, COPY))
     end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
-    mask = ((rows < end) & live)[:, None]
+    mask = (rows < end)[:, None]
     k = _pick(g, K0, K1, K2, K3)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
@@ -163,7 +162,7 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
             l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                                  N3, K3, BR, BK)
             landed += 1
-        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, True, pid, nprog, N0, K0, N1, K1, N2, K2,
+        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                N3, K3, BR, BK, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
