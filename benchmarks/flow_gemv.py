@@ -170,54 +170,14 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
 
 
 @gluon.jit
-def _ws_activations(ACTS, EPOCH, FAILED, x_ring, x_ready, x_empty, layers, pid, nprog: gl.constexpr,
-                    N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                    BK: gl.constexpr, XS: gl.constexpr, WAIT: gl.constexpr, POLL: gl.constexpr,
-                    POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr):
-    """The activation warp: waits for each unit's activations, up to XS units ahead of the dot warps, and
-    stages them as bf16 in a small ring. A wait at a GEMV boundary then starts before the dot warps get there
-    and overlaps their last tiles, and the dot warps' loop keeps only the multiply."""
-    X: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
-    epoch = gl.load(EPOCH) % 65535 + 1
-    total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
-                      + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
-    layer = pid * 0
-    g = pid * 0
-    row = pid * N0 // nprog
-    kk = pid * 0
-    xs = gl.arange(0, BK, X)
-    epochs = gl.full([BK], 0, gl.int32, X) + epoch
-    words = gl.load(ACTS + xs, volatile=True)
-    for i in range(total):
-        slot = i % XS
-        mbarrier.wait(x_empty.index(slot), ((i // XS) & 1) ^ 1)
-        n_layer, n_g, n_row, n_kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
-        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
-                             volatile=True)
-        if WAIT:
-            act = ACTS + (layer * 4 + g) * WIDE
-            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + kk + xs, epochs, words, FAILED + xs * 0],
-                                              dtype=gl.int32, is_pure=False, pack=PACK)
-            stale = ((words >> 16) & 0xFFFF) != epoch
-            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-        x_ring.index(slot).store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
-        mbarrier.arrive(x_ready.index(slot))
-        layer, g, row, kk = n_layer, n_g, n_row, n_kk
-        words = next_words
-
-
-@gluon.jit
-def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, x_ready, x_empty, layers, pid,
-                 nprog: gl.constexpr,
+def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                  BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, XS: gl.constexpr):
+                 TIMED: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
-    store the finished rows. With an activation warp (XS > 0) x_smem is its ring of XS staged tiles; without,
-    these warps read and wait for the activations themselves."""
+    store the finished rows."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -250,27 +210,20 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, x_rea
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK)
-        act = ACTS + (c_layer * 4 + c_g) * WIDE
-        if XS == 0:
-            next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs,
-                                 mask=(n_layer < layers) & (xs >= 0), volatile=True)
+        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
+                             volatile=True)
         if TIMED == 1:
             now = _clock()
             spent_next += now - then
             then = now
-        if XS == 0:
-            if WAIT:
-                words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS,
-                                                  [act + c_kk + xs, epochs, words, FAILED + xs * 0],
-                                                  dtype=gl.int32, is_pure=False, pack=PACK)
-                stale = ((words >> 16) & 0xFFFF) != epoch
-                gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-            x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
-            gl.thread_barrier()
-            x_tile = x_smem
-        else:
-            mbarrier.wait(x_ready.index(i % XS), (i // XS) & 1)
-            x_tile = x_smem.index(i % XS)
+        act = ACTS + (c_layer * 4 + c_g) * WIDE
+        if WAIT:
+            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                              dtype=gl.int32, is_pure=False, pack=PACK)
+            stale = ((words >> 16) & 0xFFFF) != epoch
+            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
+        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
             spent_poll += now - then
@@ -287,20 +240,18 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, x_rea
             then = now
         fresh = c_kk == 0
         acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_tile.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc0))
         acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_tile.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc1))
         acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_tile.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc2))
         acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_tile.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
+                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
                       gl.where(fresh, 0.0, acc3))
         mbarrier.arrive(empty.index(i % STAGES))
-        if XS > 0:
-            mbarrier.arrive(x_empty.index(i % XS))
         if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
             value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
             bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
@@ -311,8 +262,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, x_rea
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
-        if XS == 0:
-            words = next_words
+        words = next_words
         if TIMED == 1:
             now = _clock()
             spent_dot += now - then
@@ -330,8 +280,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                    K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                    BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                    WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                   XS: gl.constexpr, XPOLL: gl.constexpr, XPOLL_OPERANDS: gl.constexpr):
+                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -341,47 +290,28 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
-    X_SLOTS: gl.constexpr = XS if XS > 0 else 1  # the barriers exist (unused) without an activation warp
-    x_ready = gl.allocate_shared_memory(gl.int64, [X_SLOTS, 1], mbarrier.MBarrierLayout())
-    x_empty = gl.allocate_shared_memory(gl.int64, [X_SLOTS, 1], mbarrier.MBarrierLayout())
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     pid = gl.program_id(0)
-    if XS == 0:
-        x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        gl.warp_specialize([
-            (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, x_ready, x_empty, layers,
-                            pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT,
-                            POLL, POLL_OPERANDS, PACK, TIMED, XS)),
-            (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3,
-                            K3, BR, BK, STAGES, PWARPS, CAP)),
-        ], [PWARPS], [PREGS])
-    else:
-        x_ring = gl.allocate_shared_memory(gl.bfloat16, [XS, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-        for s in gl.static_range(XS):
-            mbarrier.init(x_ready.index(s), count=1)
-            mbarrier.init(x_empty.index(s), count=1)
-        gl.warp_specialize([
-            (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_ring, x_ready, x_empty, layers,
-                            pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT,
-                            POLL, POLL_OPERANDS, PACK, TIMED, XS)),
-            (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3,
-                            K3, BR, BK, STAGES, PWARPS, CAP)),
-            (_ws_activations, (ACTS, EPOCH, FAILED, x_ring, x_ready, x_empty, layers, pid, nprog, N0, K0, N1, K1,
-                               N2, K2, N3, K3, WIDE, BR, BK, XS, WAIT, XPOLL, XPOLL_OPERANDS, BK // 32)),
-        ], [PWARPS, 1], [PREGS, 96])
+    gl.warp_specialize([
+        (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
+                        K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
+                        TIMED)),
+        (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                        BR, BK, STAGES, PWARPS, CAP)),
+    ], [PWARPS], [PREGS])
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring, activation ring slots: 0 for
-    no activation warp). wait=False reads the
+    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
     is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
     gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
     GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
     first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
     values as fp32 [layers, 4, wide]."""
-    br, bk, warps, stages, per_sm, copy_warps, cap_kib, x_stages = config
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -394,9 +324,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, XS=x_stages,
-                     XPOLL=poll_asm(bk // 32), XPOLL_OPERANDS=",".join(["=r"] * (bk // 32) + ["l"] * (bk // 32)
-                                                                      + ["r"] * 2 * (bk // 32) + ["l"] * (bk // 32)),
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:

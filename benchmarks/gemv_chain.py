@@ -58,10 +58,10 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
-# stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring, activation warp's ring
-# slots: 0 = no activation warp)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 4), (64, 512, 4, 3, 1, 2, 64, 2),
-                (64, 512, 4, 3, 1, 2, 0, 4), (64, 256, 4, 6, 1, 2, 64, 4), (64, 256, 4, 6, 1, 2, 64, 8)]
+# stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring)
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 128), (64, 512, 4, 3, 1, 2, 96),
+                (64, 512, 4, 3, 1, 2, 80), (64, 512, 4, 3, 1, 2, 64), (64, 256, 4, 6, 1, 2, 64),
+                (64, 256, 4, 6, 1, 2, 48)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -290,7 +290,7 @@ def run(args) -> dict:
     for config in flow_usable:
         for wait in (True, False):
             name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
-                   f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}{f' xwarp{config[7]}' if config[7] else ''}"
+                   f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
