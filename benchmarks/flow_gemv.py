@@ -80,6 +80,22 @@ def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: g
 
 
 @gluon.jit
+def _total_units(layers, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+                 N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr,
+                 BK: gl.constexpr):
+    """How many units this program walks over the whole chain."""
+    return layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
+                     + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
+
+
+@gluon.jit
+def _first_unit(pid, nprog, N0: gl.constexpr):
+    """(layer, GEMV, row, K offset) of this program's first unit: layer 0's qkv, its first row."""
+    zero = pid * 0
+    return zero, zero, pid * N0 // nprog, zero
+
+
+@gluon.jit
 def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
              K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
              BR: gl.constexpr, BK: gl.constexpr):
@@ -132,32 +148,21 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
     ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
-                      + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
-    layer = pid * 0
-    g = pid * 0
-    row = pid * N0 // nprog
-    kk = pid * 0
-    # the oldest unit not yet known to have landed, and the bytes issued since
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+    layer, g, row, kk = _first_unit(pid, nprog, N0)
+    # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
-    l_layer = pid * 0
-    l_g = pid * 0
-    l_row = pid * N0 // nprog
-    l_kk = pid * 0
+    l_layer, l_g, l_row, l_kk = _first_unit(pid, nprog, N0)
     flight = pid * 0
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
         size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK)
-        # units whose slots the dot warps have released have landed, and their ready barriers may already be
-        # armed again: count them without waiting
-        while landed <= i - STAGES:
-            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
-            l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                                 N3, K3, BR, BK)
-            landed += 1
-        while (flight + size > CAP) & (landed < i):
-            mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
+        # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
+        # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
+        while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
+            if landed > i - STAGES:
+                mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
             flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
             l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                                  N3, K3, BR, BK)
@@ -184,12 +189,8 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CH: gl.constexpr = BK // 4
     epoch = gl.load(EPOCH) % 65535 + 1
-    total = layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
-                      + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
-    c_layer = pid * 0
-    c_g = pid * 0
-    c_row = pid * N0 // nprog
-    c_kk = pid * 0
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+    c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
     words = gl.load(ACTS + xs, volatile=True)
