@@ -74,18 +74,38 @@ def _pick(g, a: gl.constexpr, b: gl.constexpr, c: gl.constexpr, d: gl.constexpr)
 
 
 @gluon.jit
-def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr):
+def _split(pid, nprog, N, G):
+    """This program's rows [start, end) of a GEMV with N rows: split evenly over the programs in granules of G
+    rows (1; 2 for a layer's gate_up, whose rows come in (gate, up) pairs)."""
+    return G * (pid * (N // G) // nprog), G * ((pid + 1) * (N // G) // nprog)
+
+
+@gluon.jit
+def _rows(g, pid, nprog, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr, N3: gl.constexpr,
+          G2: gl.constexpr):
+    """This program's rows [start, end) of GEMV g (a runtime scalar)."""
+    start, end = _split(pid, nprog, _pick(g, N0, N1, N2, N3), 1)
+    if G2 > 1:
+        paired_start, paired_end = _split(pid, nprog, N2, G2)
+        start = gl.where(g == 2, paired_start, start)
+        end = gl.where(g == 2, paired_end, end)
+    return start, end
+
+
+@gluon.jit
+def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G: gl.constexpr = 1):
     """How many units one GEMV [N, K] gives this program."""
-    return gl.cdiv((pid + 1) * N // nprog - pid * N // nprog, BR) * (K // BK)
+    start, end = _split(pid, nprog, N, G)
+    return gl.cdiv(end - start, BR) * (K // BK)
 
 
 @gluon.jit
 def _total_units(layers, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                  N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr,
-                 BK: gl.constexpr):
+                 BK: gl.constexpr, G2: gl.constexpr):
     """How many units this program walks over the whole chain."""
     return layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
-                     + _units(pid, nprog, N2, K2, BR, BK) + _units(pid, nprog, N3, K3, BR, BK))
+                     + _units(pid, nprog, N2, K2, BR, BK, G2) + _units(pid, nprog, N3, K3, BR, BK))
 
 
 @gluon.jit
@@ -98,29 +118,29 @@ def _first_unit(pid, nprog, N0: gl.constexpr):
 @gluon.jit
 def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
              K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
-             BR: gl.constexpr, BK: gl.constexpr):
+             BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr):
     """The unit after (layer, g, row, kk) in this program's sequence: next K tile, next row block, next GEMV."""
     kk += BK
     if kk >= _pick(g, K0, K1, K2, K3):
         kk = 0
         row += BR
-        if row >= ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog:
+        if row >= _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]:
             g += 1
             if g == 4:
                 g = 0
                 layer += 1
-            row = (pid * _pick(g, N0, N1, N2, N3)) // nprog
+            row = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[0]
     return layer, g, row, kk
 
 
 @gluon.jit
 def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
            N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, COPY: gl.constexpr):
+           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, COPY: gl.constexpr):
     """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range are not read."""
     rows = row + gl.arange(0, BR, gl.SliceLayout(1, COPY))
     cols = kk + gl.arange(0, BK, gl.SliceLayout(0, COPY))
-    end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
+    end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
     mask = (rows < end)[:, None]
     k = _pick(g, K0, K1, K2, K3)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
@@ -131,9 +151,9 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr
 
 @gluon.jit
 def _unit_bytes(g, row, pid, nprog: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr,
-                N3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr):
+                N3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr):
     """Bytes a unit at (g, row) reads: its rows inside this program's range, BK bf16 each."""
-    end = ((pid + 1) * _pick(g, N0, N1, N2, N3)) // nprog
+    end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
     return gl.minimum(end - row, BR) * (BK * 2)
 
 
@@ -141,14 +161,14 @@ def _unit_bytes(g, row, pid, nprog: gl.constexpr, N0: gl.constexpr, N1: gl.const
 def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
-                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr):
+                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
     ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
     layer, g, row, kk = _first_unit(pid, nprog, N0)
     # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
@@ -157,21 +177,21 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
-        size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK)
+        size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK, G2)
         # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
         # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
         while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
             if landed > i - STAGES:
                 mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
-            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK)
+            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK, G2)
             l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                                 N3, K3, BR, BK)
+                                                 N3, K3, BR, BK, G2)
             landed += 1
         _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-               N3, K3, BR, BK, COPY)
+               N3, K3, BR, BK, G2, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
-        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
 
 
 @gluon.jit
@@ -189,7 +209,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
     X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CH: gl.constexpr = BK // 4
     epoch = gl.load(EPOCH) % 65535 + 1
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, 1)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
@@ -210,7 +230,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
         then = _clock()
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK)
+                                             N3, K3, BR, BK, 1)
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
         if TIMED == 1:
@@ -230,7 +250,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
             spent_poll += now - then
             then = now
         if TIMED == 2:
-            if (c_kk == 0) & (c_row == (pid * _pick(c_g, N0, N1, N2, N3)) // nprog) & (c_layer * 4 + c_g > 0):
+            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, 1)[0]) & (c_layer * 4 + c_g > 0):
                 # the first unit of a GEMV has its activations: when the GEMV before became readable here
                 gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
         slot = ring.index(i % STAGES)
@@ -257,7 +277,7 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
             value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
             bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             rows = c_row + out_rows
-            end = ((pid + 1) * _pick(c_g, N0, N1, N2, N3)) // nprog
+            end = _rows(c_g, pid, nprog, N0, N1, N2, N3, 1)[1]
             gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
             if TIMED == 2:
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
@@ -298,7 +318,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
                         K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
                         TIMED)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP)),
+                        BR, BK, STAGES, PWARPS, CAP, 1)),
     ], [PWARPS], [PREGS])
 
 

@@ -16,14 +16,21 @@ in one run:
   flow         the same dataflow design in Gluon (flow_gemv.py) with the pipeline written out: copy warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
+  staged       the flow kernel with each GEMV's input waited for once and staged in shared memory
+               (flow_layer.py), so the loop per tile has no global reads
+  layer        a Qwen3 layer without attention (o_proj reads q): RMSNorm before qkv and gate_up, residual adds
+               after o_proj and down, silu(gate) * up; "layer flow" is the staged kernel doing that work itself
+               (checked against an fp64 reference that rounds where it does), "layer skinny" the engine's kernels
+               (skinny GEMMs, add + RMSNorm, silu * up) in a CUDA graph
 
 A barrier profile (%globaltimer at each program's arrival and departure) splits the persistent kernel's barrier
 time into the GEMV's tail and the barrier's own release latency; for the flow kernel, a clock profile of its dot
 warps' loop and a timeline of each GEMV's last stores and its readers' first arrivals say what a dependency
 costs there.
 
-No norms, attention or activations: this bounds what the GEMVs alone can reach, i.e. whether a persistent
-per-step kernel could bring the engine within the issue-3 targets where per-GEMM kernels cannot. The
+Without attention (and, but for the layer chains, without norms or activations): this bounds what a
+persistent per-step kernel could reach, i.e. whether it could bring the engine within the issue-3 targets
+where per-GEMM kernels cannot. The
 persistent kernel is a probe, not an engine path (fp32 atomics make it nondeterministic); its output is
 checked against an fp64 reference of the same chain.
 
@@ -59,9 +66,11 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4,
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 128), (64, 512, 4, 3, 1, 2, 96),
-                (64, 512, 4, 3, 1, 2, 80), (64, 512, 4, 3, 1, 2, 64), (64, 256, 4, 6, 1, 2, 64),
-                (64, 256, 4, 6, 1, 2, 48)]
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 64)]
+# the same kernel with each GEMV's input staged once in shared memory (flow_layer.py), as a GEMV chain and as a
+# layer chain (RMSNorm, residual adds, silu * up; attention left out): same config fields
+STAGED_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 96), (64, 512, 4, 3, 1, 2, 64),
+                  (64, 256, 4, 6, 1, 2, 64)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -92,6 +101,53 @@ def reference(x0: torch.Tensor, weights: list[torch.Tensor], layers: int) -> tor
         for index, (_, n, k) in enumerate(GEMVS):
             x = weights[index][layer].double() @ x[:k].to(torch.bfloat16).double()
     return x
+
+
+def make_norms(layers: int, seed: int = 1) -> torch.Tensor:
+    """RMSNorm weights [layers + 1, 2, hidden] (before qkv, before gate_up) near 1, bf16."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    hidden = GEMVS[0][2]
+    return (1 + 0.1 * torch.randn(layers + 1, 2, hidden, device="cuda", generator=gen)).to(torch.bfloat16)
+
+
+def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int) -> torch.Tensor:
+    """fp64 layer chain (flow_layer's, attention left out: o_proj reads q) with bf16 rounding where the kernels
+    round; gate_up's rows are (gate, up) pairs. Returns the residual stream after the last layer."""
+    def bf(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.bfloat16).double()
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return bf(weight.double() * bf(x * torch.rsqrt(x.square().mean() + 1e-6)))
+
+    h = bf(x0[:GEMVS[0][2]])
+    for layer in range(layers):
+        qkv = bf(weights[0][layer].double() @ norm(h, norms[layer, 0]))
+        h = bf(h + bf(weights[1][layer].double() @ qkv[:GEMVS[1][2]]))
+        gate_up = bf(weights[2][layer].double() @ norm(h, norms[layer, 1]))
+        gate, up = gate_up[0::2], gate_up[1::2]
+        h = bf(h + bf(weights[3][layer].double() @ bf(bf(gate * torch.sigmoid(gate)) * up)))
+    return h
+
+
+def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int):
+    """The layer chain as the engine runs a target layer today, attention left out: skinny GEMMs, the norm
+    fused with the residual add before it, silu * up as its own kernel (gate_up's halves are gate and up here,
+    the engine's layout), all under PDL in a CUDA graph."""
+    from blockspec import kernels
+
+    def run() -> torch.Tensor:
+        h = x0[:GEMVS[0][2]].to(torch.bfloat16)[None].contiguous()
+        normed = kernels.rms_norm(h, norms[0, 0], 1e-6)
+        inter = GEMVS[3][2]
+        for layer in range(layers):
+            qkv = kernels.skinny_linear(normed, weights[0][layer])
+            o = kernels.skinny_linear(qkv[:, :GEMVS[1][2]], weights[1][layer])
+            h, normed = kernels.add_rms_norm(h, o, norms[layer, 1], 1e-6)
+            gate_up = kernels.skinny_linear(normed, weights[2][layer])
+            down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, :inter], gate_up[:, inter:]), weights[3][layer])
+            h, normed = kernels.add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
+        return h
+    return run
 
 
 def graph_ms(fn, reps: int) -> float:
@@ -155,6 +211,29 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     phases = ("weights", "next unit", "poll", "dot")
     return {"config": list(config), "wait": wait,
             "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
+            "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
+            "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
+
+
+def staged_profile(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor | None, layers: int,
+                   config: tuple) -> dict:
+    """As flow_profile, for flow_layer's kernel (the GEMV chain with norms=None, else the layer chain): its dot
+    warps' cycles waiting for weights, staging inputs (once per GEMV), multiplying, finishing rows."""
+    from flow_layer import flow_layer_chain
+
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
+    cycles = torch.zeros(nprog, 4, device="cuda", dtype=torch.int64)
+    fn, _ = flow_layer_chain(x0, weights, norms, layers, config, GEMVS, WIDEST, True, cycles)
+    fn()
+    fn()
+    c = cycles.cpu().double()
+    br, bk = config[0], config[1]
+    rows = [(n, k, 2 if norms is not None and index == 2 else 1) for index, (_, n, k) in enumerate(GEMVS)]
+    units = torch.tensor([layers * sum(-(-(g * ((p + 1) * (n // g) // nprog) - g * (p * (n // g) // nprog)) // br)
+                                       * (k // bk) for n, k, g in rows) for p in range(nprog)], dtype=torch.float64)
+    phases = ("weights", "stage", "dot", "finish rows")
+    return {"config": list(config), "layer": norms is not None,
+            "share": {name: (c[:, j] / c.sum(1)).median().item() for j, name in enumerate(phases)},
             "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
             "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
 
@@ -232,6 +311,7 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 def run(args) -> dict:
     from flow_gemv import flow_chain
+    from flow_layer import flow_layer_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
@@ -253,13 +333,16 @@ def run(args) -> dict:
 
     # each kernel config first on 2 layers: all programs resident (none gave up waiting), output against fp64
     want = reference(x0, weights, 2)
-    def check(fn, failed) -> dict:
+    norms = make_norms(layers)
+    want_layer = layer_reference(x0, weights, norms, 2)
+
+    def check(fn, failed, reference=want) -> dict:
         """The chain's last output against fp64, whether a program gave up waiting, and a rerun bit for bit."""
         try:
             got = fn()[1, 3, :GEMVS[3][1]].clone()
             again = fn()[1, 3, :GEMVS[3][1]]
             torch.cuda.synchronize()
-            return {"rel_err": ((got.double() - want).norm() / want.norm()).item(),
+            return {"rel_err": ((got.double() - reference).norm() / reference.norm()).item(),
                     "gave_up_waiting": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
         except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
             return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
@@ -272,6 +355,16 @@ def run(args) -> dict:
             record["check"][f"{kind} {config}"] = result = check(*make(x0, weights, 2, config, GEMVS, WIDEST))
             if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
                 fit.append(config)
+    staged_usable, layer_usable = [], []
+    for config in STAGED_CONFIGS:
+        for layer, fit in ((False, staged_usable), (True, layer_usable)):
+            kind = "layer flow" if layer else "staged"
+            fn, failed = flow_layer_chain(x0, weights, norms if layer else None, 2, config, GEMVS, WIDEST)
+            record["check"][f"{kind} {config}"] = result = check(fn, failed, want_layer if layer else want)
+            if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
+                fit.append(config)
+    engine_layer = engine_layer_chain(x0, weights, norms, 2)()[0].double()
+    record["check"]["layer skinny finite"] = bool(engine_layer.isfinite().all())
     skinny_out = kernel_chain(x0, weights, 2, lambda x, w: skinny_linear(x, w))()[0].double()
     record["check"]["skinny_rel_err"] = ((skinny_out - want).norm() / want.norm()).item()
     print("check", record["check"], flush=True)
@@ -292,13 +385,23 @@ def run(args) -> dict:
             name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
                    f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
+    for kind, fit, layer_norms in (("staged", staged_usable, None), ("layer flow", layer_usable, norms)):
+        for config in fit:
+            for wait in (True, False):
+                name = f"{kind}{'' if wait else ' nowait'} r{config[0]} k{config[1]} ring{config[3]} " \
+                       f"cap{config[6] or 'ring'}"
+                paths[name], failures[name] = flow_layer_chain(x0, weights, layer_norms, layers, config, GEMVS,
+                                                               WIDEST, wait)
+    paths["layer skinny (the engine's kernels)"] = engine_layer_chain(x0, weights, norms, layers)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
         print("barrier profile", profile["config"], profile["us"], "systematic", profile["systematic"],
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
     record["flow_profiles"] = [flow_profile(x0, weights, layers, config, True) for config in flow_usable]
     record["flow_timelines"] = [flow_timeline(x0, weights, layers, config) for config in flow_usable]
-    for profile in record["flow_profiles"] + record["flow_timelines"]:
+    record["staged_profiles"] = [staged_profile(x0, weights, norms if layer else None, layers, config)
+                                 for layer, fit in ((False, staged_usable), (True, layer_usable)) for config in fit]
+    for profile in record["flow_profiles"] + record["flow_timelines"] + record["staged_profiles"]:
         print("flow", profile, flush=True)
     times: dict = {}
     for name, fn in paths.items():
@@ -348,6 +451,12 @@ def report(path: str) -> str:
     for profile in r.get("flow_profiles", []):
         lines += ["", f"Flow kernel {profile['config']}{'' if profile['wait'] else ' nowait'}: median over "
                   f"programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
+                  "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
+                  for name in profile["share"]]
+    for profile in r.get("staged_profiles", []):
+        lines += ["", f"Staged flow kernel, {'layer' if profile['layer'] else 'GEMV'} chain, {profile['config']}: "
+                  f"median over programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
                   "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
         lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
                   for name in profile["share"]]
