@@ -22,7 +22,9 @@ granularity, and each program owns its rows outright (no atomics: reruns are bit
   into four accumulators (four short dependent chains, not one long one); the same code would take a verify
   block's 16 rows in the spare columns.
 
-The probe times the 144 GEMVs of an AR step only (gemv_chain.py runs it side by side with the other paths).
+The probe times the 144 GEMVs of an AR step (gemv_chain.py runs it side by side with the other paths), and,
+with RMSNorm weights, those GEMVs with a layer's norms, residual adds and silu * up done inside (flow_chain);
+attention is not in it yet.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
+EPS = gl.constexpr(1e-6)  # the RMSNorms' epsilon in the layer chain
 
 
 def poll_asm(words: int) -> str:
@@ -195,27 +198,52 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
 
 
 @gluon.jit
-def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog: gl.constexpr,
-                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+def _store_rows(OUT, value, rows, end, epoch):
+    """Publish finished rows as words: bf16 bits low, the run's epoch high."""
+    bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+    gl.store(OUT + rows, bits | (epoch << 16), mask=rows < end)
+
+
+@gluon.jit
+def _store_silu_pairs(OUT, SCRATCH, value, row, end, epoch, out_rows, pairs):
+    """Publish silu(gate) * up for a block of gate_up's interleaved (gate, up) rows starting at `row` (even),
+    with the engine's rounding (silu rounded to bf16 first). The two rows of a pair may sit in different threads,
+    so they are traded through this program's scratch row."""
+    gl.store(SCRATCH + out_rows, value)
+    gl.thread_barrier()
+    gate = gl.load(SCRATCH + 2 * pairs, volatile=True)
+    up = gl.load(SCRATCH + 2 * pairs + 1, volatile=True)
+    gl.thread_barrier()  # read before the next row block overwrites them
+    silu = (gate / (1.0 + gl.exp(-gate))).to(gl.bfloat16).to(gl.float32)
+    _store_rows(OUT, silu * up, row // 2 + pairs, end // 2, epoch)
+
+
+@gluon.jit
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
+                 nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+                 N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+                 BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr):
+                 TIMED: gl.constexpr, LAYER: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
-    store the finished rows."""
+    store the finished rows. With LAYER, also a layer's elementwise work (see flow_chain)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CH: gl.constexpr = BK // 4
+    G2: gl.constexpr = 2 if LAYER else 1
     epoch = gl.load(EPOCH) % 65535 + 1
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, 1)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
     words = gl.load(ACTS + xs, volatile=True)
+    norm_weights = gl.load(NORMS + xs, mask=LAYER & (xs >= 0), other=0.0)
+    squares = gl.zeros([BK], gl.float32, X)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
+    pairs = gl.arange(0, BR // 2, X)
     zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
     acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
@@ -230,9 +258,12 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
         then = _clock()
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK, 1)
+                                             N3, K3, BR, BK, G2)
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
+        if LAYER:  # qkv's and gate_up's inputs are RMSNormed: the norm weights' tile too
+            next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + xs,
+                                mask=(n_layer < layers) & (n_g % 2 == 0) & (xs >= 0), other=0.0)
         if TIMED == 1:
             now = _clock()
             spent_next += now - then
@@ -243,14 +274,23 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
                                               dtype=gl.int32, is_pure=False, pack=PACK)
             stale = ((words >> 16) & 0xFFFF) != epoch
             gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
-        x_smem.store((words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True))
+        x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+        if LAYER:
+            if c_g % 2 == 0:
+                # RMSNorm with its scale taken out of the dot: x * weight goes in, the sum of squares builds up
+                # over the K tiles, and the row block's outputs are scaled once all are in (the reader cannot
+                # know the scale before the whole vector is there, and waiting for it is a grid barrier)
+                xf = x.to(gl.float32)
+                squares = gl.where(c_kk == 0, 0.0, squares) + xf * xf
+                x = (xf * norm_weights.to(gl.float32)).to(gl.bfloat16)
+        x_smem.store(x)
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
             spent_poll += now - then
             then = now
         if TIMED == 2:
-            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, 1)[0]) & (c_layer * 4 + c_g > 0):
+            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_layer * 4 + c_g > 0):
                 # the first unit of a GEMV has its activations: when the GEMV before became readable here
                 gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
         slot = ring.index(i % STAGES)
@@ -275,15 +315,31 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
         mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
             value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
-            bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
             rows = c_row + out_rows
-            end = _rows(c_g, pid, nprog, N0, N1, N2, N3, 1)[1]
-            gl.store(act + WIDE + rows, bits | (epoch << 16), mask=rows < end)
+            end = _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[1]
+            if LAYER:
+                if c_g % 2 == 0:
+                    value *= gl.rsqrt(gl.sum(squares, axis=0) / _pick(c_g, K0, K1, K2, K3) + EPS)
+                value = value.to(gl.bfloat16).to(gl.float32)
+                if c_g == 2:
+                    _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value, c_row, end, epoch, out_rows, pairs)
+                else:
+                    if c_g % 2 == 1:
+                        # the residual stream's rows, which this program stored itself (o_proj and down split
+                        # their rows alike): the layer's input for o_proj, o_proj's output for down
+                        residual = ACTS + (c_layer * 4 + c_g - 1) * WIDE
+                        value += (gl.load(residual + rows, mask=rows < end, other=0, volatile=True) & 0xFFFF).to(
+                            gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+                    _store_rows(act + WIDE, value, rows, end, epoch)
+            else:
+                _store_rows(act + WIDE, value, rows, end, epoch)
             if TIMED == 2:
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
+        if LAYER:
+            norm_weights = next_norm
         if TIMED == 1:
             now = _clock()
             spent_dot += now - then
@@ -296,12 +352,13 @@ def _ws_consumer(ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layer
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
-                   N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                   K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                   BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                   WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                   TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr):
+def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
+                N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
+                TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
+                LAYER: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -314,16 +371,17 @@ def _flow_chain(W0, W1, W2, W3, ACTS, EPOCH, FAILED, PROFILE, layers, nprog: gl.
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid, nprog, N0, K0, N1,
-                        K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK,
-                        TIMED)),
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
+                        nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
+                        POLL_OPERANDS, PACK, TIMED, LAYER)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 1)),
+                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1)),
     ], [PWARPS], [PREGS])
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False):
+               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False,
+               norms: torch.Tensor | None = None):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
     programs per SM, copy warps, KiB in flight per program: 0 for the whole ring). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
@@ -331,12 +389,30 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
     GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
     first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
-    values as fp32 [layers, 4, wide]."""
+    values as fp32 [layers, 4, wide].
+
+    With RMSNorm weights `norms` [layers, 2, hidden] (bf16) the chain is a Qwen3 layer without attention (o_proj
+    reads q where attention's output would be), its elementwise work done where the data already is:
+    - RMSNorm before qkv and gate_up by the reader, its scale taken out of the dot: (x * weight) rounded to bf16
+      goes into the dot, sum(x^2) builds up over the K tiles, and the finished rows are multiplied by
+      rsqrt(mean + eps). (The engine rounds x * rsqrt first, which no reader can know before the whole vector is
+      in: waiting for it is a grid barrier, as 518322b's staged kernel measured.)
+    - the residual adds after o_proj and down by the rows' owner: both GEMVs have `hidden` rows split alike, so a
+      program adds to rows that it stored itself;
+    - silu(gate) * up after gate_up by the rows' owner: gate_up's weight rows are taken as interleaved (gate j,
+      up j) and split two rows at a time, so down reads 9728 words, not 19456.
+    The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
+    down."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
+    layer = norms is not None
+    if layer:
+        assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
     acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
+    scratch = torch.zeros(nprog, br, device="cuda", dtype=torch.float32)
+    norm_weights = norms if layer else torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
     failed = torch.zeros(1, device="cuda", dtype=torch.int32)
     timed = 0 if profile is None else 2 if timeline else 1
@@ -345,13 +421,14 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        _flow_chain[(nprog,)](*weights, acts, epoch, failed, cycles, layers, **constants, num_warps=warps)
+        _flow_chain[(nprog,)](*weights, acts, norm_weights, scratch, epoch, failed, cycles, layers, **constants,
+                              num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

@@ -16,12 +16,10 @@ in one run:
   flow         the same dataflow design in Gluon (flow_gemv.py) with the pipeline written out: copy warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
-  staged       the flow kernel with each GEMV's input waited for once and staged in shared memory
-               (flow_layer.py), so the loop per tile has no global reads
   layer        a Qwen3 layer without attention (o_proj reads q): RMSNorm before qkv and gate_up, residual adds
-               after o_proj and down, silu(gate) * up; "layer flow" is the staged kernel doing that work itself
-               (checked against an fp64 reference that rounds where it does), "layer skinny" the engine's kernels
-               (skinny GEMMs, add + RMSNorm, silu * up) in a CUDA graph
+               after o_proj and down, silu(gate) * up; "layer flow" is the flow kernel doing that work itself
+               (flow_chain with norms; checked against an fp64 reference that rounds where it does), "layer
+               skinny" the engine's kernels (skinny GEMMs, add + RMSNorm, silu * up) in a CUDA graph
 
 A barrier profile (%globaltimer at each program's arrival and departure) splits the persistent kernel's barrier
 time into the GEMV's tail and the barrier's own release latency; for the flow kernel, a clock profile of its dot
@@ -61,16 +59,14 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
 # (block_n, block_k, num_warps, num_stages, programs per SM, L2-prefetch tiles)
-PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2), (64, 128, 4, 4, 1, 0), (32, 256, 4, 3, 2, 2), (64, 256, 4, 3, 1, 2)]
+PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2)]  # the best of the configs swept in session 7
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring)
 FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 64)]
-# the same kernel with each GEMV's input staged once in shared memory (flow_layer.py), as a GEMV chain and as a
-# layer chain (RMSNorm, residual adds, silu * up; attention left out): same config fields
-STAGED_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 96), (64, 512, 4, 3, 1, 2, 64),
-                  (64, 256, 4, 6, 1, 2, 64)]
+# the flow kernel doing a layer's elementwise work as well (RMSNorm, residual adds, silu * up; attention left out)
+LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 96), (64, 512, 4, 3, 1, 2, 64)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -110,21 +106,27 @@ def make_norms(layers: int, seed: int = 1) -> torch.Tensor:
     return (1 + 0.1 * torch.randn(layers + 1, 2, hidden, device="cuda", generator=gen)).to(torch.bfloat16)
 
 
-def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int) -> torch.Tensor:
-    """fp64 layer chain (flow_layer's, attention left out: o_proj reads q) with bf16 rounding where the kernels
-    round; gate_up's rows are (gate, up) pairs. Returns the residual stream after the last layer."""
+def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
+                    engine: bool = False) -> torch.Tensor:
+    """fp64 layer chain (flow_chain's with norms, attention left out: o_proj reads q) with bf16 rounding where the
+    kernel rounds: RMSNorm's scale applied after the GEMV, gate_up's rows (gate, up) pairs; with engine=True as
+    engine_layer_chain computes it instead (the norm rounded before the GEMV, gate_up's halves gate and up).
+    Returns the residual stream after the last layer."""
     def bf(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.bfloat16).double()
 
-    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return bf(weight.double() * bf(x * torch.rsqrt(x.square().mean() + 1e-6)))
+    def normed_gemv(weight: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+        scale = torch.rsqrt(x.square().mean() + 1e-6)
+        if engine:
+            return bf(weight.double() @ bf(norm.double() * bf(x * scale)))
+        return bf((weight.double() @ bf(x * norm.double())) * scale)
 
     h = bf(x0[:GEMVS[0][2]])
     for layer in range(layers):
-        qkv = bf(weights[0][layer].double() @ norm(h, norms[layer, 0]))
+        qkv = normed_gemv(weights[0][layer], h, norms[layer, 0])
         h = bf(h + bf(weights[1][layer].double() @ qkv[:GEMVS[1][2]]))
-        gate_up = bf(weights[2][layer].double() @ norm(h, norms[layer, 1]))
-        gate, up = gate_up[0::2], gate_up[1::2]
+        gate_up = normed_gemv(weights[2][layer], h, norms[layer, 1])
+        gate, up = gate_up.chunk(2) if engine else (gate_up[0::2], gate_up[1::2])
         h = bf(h + bf(weights[3][layer].double() @ bf(bf(gate * torch.sigmoid(gate)) * up)))
     return h
 
@@ -191,7 +193,8 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
             "program_relative_time": [round(v, 4) for v in relative.mean(0).tolist()]}
 
 
-def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool) -> dict:
+def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool,
+                 norms: torch.Tensor | None = None) -> dict:
     """Where the flow kernel's dot warps spend their time: each program's clock cycles per phase (weights
     landed; the next unit's cursor and activation prefetch; activations in; dot and store), one run after a
     warm-up; medians over programs of each
@@ -200,45 +203,24 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, device="cuda", dtype=torch.int64)
-    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms)
     fn()
     fn()
     c = cycles.cpu().double()
     br, bk = config[0], config[1]
-    units = torch.tensor([layers * sum(-(-((p + 1) * n // nprog - p * n // nprog) // br) * (k // bk)
-                                       for _, n, k in GEMVS) for p in range(nprog)], dtype=torch.float64)
+    split = [(n, k, 2 if norms is not None and index == 2 else 1) for index, (_, n, k) in enumerate(GEMVS)]
+    units = torch.tensor([layers * sum(-(-(g * ((p + 1) * (n // g) // nprog) - g * (p * (n // g) // nprog)) // br)
+                                       * (k // bk) for n, k, g in split) for p in range(nprog)], dtype=torch.float64)
     share = c / c.sum(1, keepdim=True)
     phases = ("weights", "next unit", "poll", "dot")
-    return {"config": list(config), "wait": wait,
+    return {"config": list(config), "wait": wait, "layer": norms is not None,
             "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
             "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
             "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
 
 
-def staged_profile(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor | None, layers: int,
-                   config: tuple) -> dict:
-    """As flow_profile, for flow_layer's kernel (the GEMV chain with norms=None, else the layer chain): its dot
-    warps' cycles waiting for weights, staging inputs (once per GEMV), multiplying, finishing rows."""
-    from flow_layer import flow_layer_chain
-
-    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
-    cycles = torch.zeros(nprog, 4, device="cuda", dtype=torch.int64)
-    fn, _ = flow_layer_chain(x0, weights, norms, layers, config, GEMVS, WIDEST, True, cycles)
-    fn()
-    fn()
-    c = cycles.cpu().double()
-    br, bk = config[0], config[1]
-    rows = [(n, k, 2 if norms is not None and index == 2 else 1) for index, (_, n, k) in enumerate(GEMVS)]
-    units = torch.tensor([layers * sum(-(-(g * ((p + 1) * (n // g) // nprog) - g * (p * (n // g) // nprog)) // br)
-                                       * (k // bk) for n, k, g in rows) for p in range(nprog)], dtype=torch.float64)
-    phases = ("weights", "stage", "dot", "finish rows")
-    return {"config": list(config), "layer": norms is not None,
-            "share": {name: (c[:, j] / c.sum(1)).median().item() for j, name in enumerate(phases)},
-            "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
-            "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
-
-
-def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple) -> dict:
+def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple,
+                  norms: torch.Tensor | None = None) -> dict:
     """What a dependency costs the flow kernel, from each program's %globaltimer when it stored its last rows
     of a GEMV and when its first activations of the next GEMV arrived (one run after a warm-up), per GEMV
     that produces them (medians over layers, us): `store_spread` last minus first store (the GEMV's tail),
@@ -248,7 +230,7 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
-    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times, timeline=True)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, times, timeline=True, norms=norms)
     fn()
     fn()
     t = times[:-1].cpu().double() / 1e3  # the last GEMV has no reader
@@ -262,7 +244,7 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
                "first": [(arrived[b].min() - last[b]).item() for b in rows],
                "wait": [(arrived[b] - stored[b]).median().item() for b in rows]}
         stats[name] = {key: statistics.median(values) for key, values in per.items()}
-    return {"config": list(config), "us": stats}
+    return {"config": list(config), "layer": norms is not None, "us": stats}
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
@@ -311,7 +293,6 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
 
 def run(args) -> dict:
     from flow_gemv import flow_chain
-    from flow_layer import flow_layer_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
@@ -355,16 +336,15 @@ def run(args) -> dict:
             record["check"][f"{kind} {config}"] = result = check(*make(x0, weights, 2, config, GEMVS, WIDEST))
             if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
                 fit.append(config)
-    staged_usable, layer_usable = [], []
-    for config in STAGED_CONFIGS:
-        for layer, fit in ((False, staged_usable), (True, layer_usable)):
-            kind = "layer flow" if layer else "staged"
-            fn, failed = flow_layer_chain(x0, weights, norms if layer else None, 2, config, GEMVS, WIDEST)
-            record["check"][f"{kind} {config}"] = result = check(fn, failed, want_layer if layer else want)
-            if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
-                fit.append(config)
+    layer_usable = []
+    for config in LAYER_CONFIGS:
+        fn, failed = flow_chain(x0, weights, 2, config, GEMVS, WIDEST, norms=norms)
+        record["check"][f"layer flow {config}"] = result = check(fn, failed, want_layer)
+        if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
+            layer_usable.append(config)
     engine_layer = engine_layer_chain(x0, weights, norms, 2)()[0].double()
-    record["check"]["layer skinny finite"] = bool(engine_layer.isfinite().all())
+    want_engine = layer_reference(x0, weights, norms, 2, engine=True)
+    record["check"]["layer_skinny_rel_err"] = ((engine_layer - want_engine).norm() / want_engine.norm()).item()
     skinny_out = kernel_chain(x0, weights, 2, lambda x, w: skinny_linear(x, w))()[0].double()
     record["check"]["skinny_rel_err"] = ((skinny_out - want).norm() / want.norm()).item()
     print("check", record["check"], flush=True)
@@ -385,13 +365,11 @@ def run(args) -> dict:
             name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
                    f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
-    for kind, fit, layer_norms in (("staged", staged_usable, None), ("layer flow", layer_usable, norms)):
-        for config in fit:
-            for wait in (True, False):
-                name = f"{kind}{'' if wait else ' nowait'} r{config[0]} k{config[1]} ring{config[3]} " \
-                       f"cap{config[6] or 'ring'}"
-                paths[name], failures[name] = flow_layer_chain(x0, weights, layer_norms, layers, config, GEMVS,
-                                                               WIDEST, wait)
+    for config in layer_usable:
+        for wait in (True, False):
+            name = f"layer flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} ring{config[3]} " \
+                   f"cap{config[6] or 'ring'}"
+            paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, norms=norms)
     paths["layer skinny (the engine's kernels)"] = engine_layer_chain(x0, weights, norms, layers)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
     for profile in record["barrier_profiles"]:
@@ -399,9 +377,9 @@ def run(args) -> dict:
               "slowest programs", sorted(profile["program_relative_time"])[-5:], flush=True)
     record["flow_profiles"] = [flow_profile(x0, weights, layers, config, True) for config in flow_usable]
     record["flow_timelines"] = [flow_timeline(x0, weights, layers, config) for config in flow_usable]
-    record["staged_profiles"] = [staged_profile(x0, weights, norms if layer else None, layers, config)
-                                 for layer, fit in ((False, staged_usable), (True, layer_usable)) for config in fit]
-    for profile in record["flow_profiles"] + record["flow_timelines"] + record["staged_profiles"]:
+    record["flow_profiles"] += [flow_profile(x0, weights, layers, config, True, norms) for config in layer_usable]
+    record["flow_timelines"] += [flow_timeline(x0, weights, layers, config, norms) for config in layer_usable]
+    for profile in record["flow_profiles"] + record["flow_timelines"]:
         print("flow", profile, flush=True)
     times: dict = {}
     for name, fn in paths.items():
@@ -449,19 +427,15 @@ def report(path: str) -> str:
         lines += [f"| {name} | {u['gemv']:.2f} | {u['spread']:.2f} | {u['slowest']:.2f} | {u['release']:.2f} | "
                   f"{u['wait']:.2f} |" for name, u in profile["us"].items()]
     for profile in r.get("flow_profiles", []):
-        lines += ["", f"Flow kernel {profile['config']}{'' if profile['wait'] else ' nowait'}: median over "
+        lines += ["", f"Flow kernel{' (layer chain)' if profile.get('layer') else ''} {profile['config']}"
+                  f"{'' if profile['wait'] else ' nowait'}: median over "
                   f"programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
                   "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
         lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
                   for name in profile["share"]]
-    for profile in r.get("staged_profiles", []):
-        lines += ["", f"Staged flow kernel, {'layer' if profile['layer'] else 'GEMV'} chain, {profile['config']}: "
-                  f"median over programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
-                  "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
-        lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
-                  for name in profile["share"]]
     for timeline in r.get("flow_timelines", []):
-        lines += ["", f"Flow kernel {timeline['config']}: a GEMV's last rows to its readers (us, medians over layers)",
+        lines += ["", f"Flow kernel{' (layer chain)' if timeline.get('layer') else ''} {timeline['config']}: a GEMV's "
+                  "last rows to its readers (us, medians over layers)",
                   "", "| GEMV | stores spread | first reader after the last store | median reader | a program's "
                   "wait after its own last store |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {u['store_spread']:.2f} | {u['first']:.2f} | {u['release']:.2f} | {u['wait']:.2f} |"
