@@ -249,11 +249,11 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    spent_next = pid.to(gl.int64) * 0
-    spent_poll = spent_next
-    spent_weights = spent_next
-    spent_dot = spent_next
-    then = spent_next
+    # clock cycles per (GEMV, phase): waiting for weights, the next unit's cursor and prefetch, activations in, dot
+    # and store
+    slots = gl.arange(0, 16, X)
+    spent = gl.zeros([16], gl.int64, X)
+    then = pid.to(gl.int64) * 0
     if TIMED == 1:
         then = _clock()
     for i in range(total):
@@ -266,7 +266,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
                                 mask=(n_layer < layers) & (n_g % 2 == 0) & (xs >= 0), other=0.0)
         if TIMED == 1:
             now = _clock()
-            spent_next += now - then
+            spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
             then = now
         act = ACTS + (c_layer * 4 + c_g) * WIDE
         if WAIT:
@@ -287,7 +287,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
-            spent_poll += now - then
+            spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
             then = now
         if TIMED == 2:
             if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_layer * 4 + c_g > 0):
@@ -297,7 +297,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
         if TIMED == 1:
             now = _clock()
-            spent_weights += now - then
+            spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
             then = now
         fresh = c_kk == 0
         acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
@@ -336,19 +336,16 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             if TIMED == 2:
                 if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
+            then = now
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
         if LAYER:
             norm_weights = next_norm
-        if TIMED == 1:
-            now = _clock()
-            spent_dot += now - then
-            then = now
     if TIMED == 1:
-        gl.store(PROFILE + pid * 4, spent_weights)
-        gl.store(PROFILE + pid * 4 + 1, spent_next)
-        gl.store(PROFILE + pid * 4 + 2, spent_poll)
-        gl.store(PROFILE + pid * 4 + 3, spent_dot)
+        gl.store(PROFILE + pid * 16 + slots, spent)
 
 
 @gluon.jit

@@ -195,28 +195,39 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
 
 def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool,
                  norms: torch.Tensor | None = None) -> dict:
-    """Where the flow kernel's dot warps spend their time: each program's clock cycles per phase (weights
-    landed; the next unit's cursor and activation prefetch; activations in; dot and store), one run after a
-    warm-up; medians over programs of each
-    phase's share of the loop and its cycles per unit."""
+    """Where the flow kernel's dot warps spend their time: each program's clock cycles per GEMV and phase
+    (weights landed; the next unit's cursor and activation prefetch; activations in; dot and store), one run after
+    a warm-up. Medians over programs of each phase's share of the loop and its cycles per unit, overall and per
+    GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
+    bytes take to stream is where the dot warps, not the stream, set the pace)."""
     from flow_gemv import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
-    cycles = torch.zeros(nprog, 4, device="cuda", dtype=torch.int64)
+    cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
     fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms)
     fn()
     fn()
-    c = cycles.cpu().double()
+    c = cycles.cpu().double()  # [program, GEMV, phase]
     br, bk = config[0], config[1]
-    split = [(n, k, 2 if norms is not None and index == 2 else 1) for index, (_, n, k) in enumerate(GEMVS)]
-    units = torch.tensor([layers * sum(-(-(g * ((p + 1) * (n // g) // nprog) - g * (p * (n // g) // nprog)) // br)
-                                       * (k // bk) for n, k, g in split) for p in range(nprog)], dtype=torch.float64)
-    share = c / c.sum(1, keepdim=True)
+    rows = torch.tensor([[g * ((p + 1) * (n // g) // nprog) - g * (p * (n // g) // nprog)
+                          for index, (_, n, _) in enumerate(GEMVS)
+                          for g in [2 if norms is not None and index == 2 else 1]] for p in range(nprog)],
+                        dtype=torch.float64)  # [program, GEMV]
+    k_tiles = torch.tensor([k // bk for _, _, k in GEMVS], dtype=torch.float64)
+    units = layers * torch.ceil(rows / br) * k_tiles  # [program, GEMV]
     phases = ("weights", "next unit", "poll", "dot")
+    total = c.sum(1)
+    per_gemv = {}
+    for index, (name, _, _) in enumerate(GEMVS):
+        per_gemv[name] = {"cycles_per_unit": {phase: (c[:, index, j] / units[:, index]).median().item()
+                                              for j, phase in enumerate(phases)},
+                          "units_per_layer": (units[:, index] / layers).median().item(),
+                          "bytes_per_unit": (rows[:, index] * k_tiles[index] * bk * 2
+                                             / (units[:, index] / layers)).median().item()}
     return {"config": list(config), "wait": wait, "layer": norms is not None,
-            "share": {name: share[:, j].median().item() for j, name in enumerate(phases)},
-            "cycles_per_unit": {name: (c[:, j] / units).median().item() for j, name in enumerate(phases)},
-            "loop_cycles_per_unit": (c.sum(1) / units).median().item()}
+            "share": {name: (total[:, j] / total.sum(1)).median().item() for j, name in enumerate(phases)},
+            "cycles_per_unit": {name: (total[:, j] / units.sum(1)).median().item() for j, name in enumerate(phases)},
+            "loop_cycles_per_unit": (total.sum(1) / units.sum(1)).median().item(), "per_gemv": per_gemv}
 
 
 def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple,
@@ -433,6 +444,12 @@ def report(path: str) -> str:
                   "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]
         lines += [f"| {name} | {profile['share'][name]:.3f} | {profile['cycles_per_unit'][name]:.0f} |"
                   for name in profile["share"]]
+        if "per_gemv" in profile:
+            lines += ["", "| GEMV | units per layer | KB per unit | " + " | ".join(profile["share"]) + " |",
+                      "| --- | --- | --- |" + " --- |" * len(profile["share"])]
+            lines += [f"| {name} | {g['units_per_layer']:.0f} | {g['bytes_per_unit'] / 1024:.1f} | "
+                      + " | ".join(f"{v:.0f}" for v in g["cycles_per_unit"].values()) + " |"
+                      for name, g in profile["per_gemv"].items()]
     for timeline in r.get("flow_timelines", []):
         lines += ["", f"Flow kernel{' (layer chain)' if timeline.get('layer') else ''} {timeline['config']}: a GEMV's "
                   "last rows to its readers (us, medians over layers)",
