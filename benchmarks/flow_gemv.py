@@ -96,19 +96,30 @@ def _rows(g, pid, nprog, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr, N
 
 
 @gluon.jit
-def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G: gl.constexpr = 1):
-    """How many units one GEMV [N, K] gives this program."""
+def _packed(g, PACKED: gl.constexpr):
+    """Whether GEMV g's units are packed (bit g of PACKED): a GEMV with at most BR / 2 rows per program fills a
+    tile with its rows for two consecutive K tiles (rows i and i + BR / 2 of the tile are one weight row's two
+    halves), so the dot warps' fixed cost per unit is spent on twice the bytes."""
+    return ((PACKED >> g) & 1) == 1
+
+
+@gluon.jit
+def _units(pid, nprog, N: gl.constexpr, K: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G: gl.constexpr,
+           P: gl.constexpr):
+    """How many units one GEMV [N, K] gives this program (P: packed)."""
     start, end = _split(pid, nprog, N, G)
-    return gl.cdiv(end - start, BR) * (K // BK)
+    return gl.cdiv(end - start, BR // (1 + P)) * gl.cdiv(K, BK * (1 + P))
 
 
 @gluon.jit
 def _total_units(layers, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                  N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr,
-                 BK: gl.constexpr, G2: gl.constexpr):
+                 BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr):
     """How many units this program walks over the whole chain."""
-    return layers * (_units(pid, nprog, N0, K0, BR, BK) + _units(pid, nprog, N1, K1, BR, BK)
-                     + _units(pid, nprog, N2, K2, BR, BK, G2) + _units(pid, nprog, N3, K3, BR, BK))
+    return layers * (_units(pid, nprog, N0, K0, BR, BK, 1, PACKED & 1)
+                     + _units(pid, nprog, N1, K1, BR, BK, 1, (PACKED >> 1) & 1)
+                     + _units(pid, nprog, N2, K2, BR, BK, G2, (PACKED >> 2) & 1)
+                     + _units(pid, nprog, N3, K3, BR, BK, 1, (PACKED >> 3) & 1))
 
 
 @gluon.jit
@@ -121,12 +132,14 @@ def _first_unit(pid, nprog, N0: gl.constexpr):
 @gluon.jit
 def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
              K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
-             BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr):
-    """The unit after (layer, g, row, kk) in this program's sequence: next K tile, next row block, next GEMV."""
-    kk += BK
+             BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr):
+    """The unit after (layer, g, row, kk) in this program's sequence: next K tile(s), next row block, next
+    GEMV."""
+    packed = _packed(g, PACKED)
+    kk += gl.where(packed, 2 * BK, BK)
     if kk >= _pick(g, K0, K1, K2, K3):
         kk = 0
-        row += BR
+        row += gl.where(packed, BR // 2, BR)
         if row >= _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]:
             g += 1
             if g == 4:
@@ -139,39 +152,48 @@ def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, 
 @gluon.jit
 def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
            N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, COPY: gl.constexpr):
-    """cp.async of one unit's weight tile [BR, BK] into `slot`; rows past this program's range are not read."""
-    rows = row + gl.arange(0, BR, gl.SliceLayout(1, COPY))
-    cols = kk + gl.arange(0, BK, gl.SliceLayout(0, COPY))
+           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
+           COPY: gl.constexpr):
+    """cp.async of one unit's weight tile [BR, BK] into `slot` (packed: BR / 2 rows, two K tiles); rows past this
+    program's range and columns past K are not read (the copy fills zeros)."""
+    packed = _packed(g, PACKED)
+    r = gl.arange(0, BR, gl.SliceLayout(1, COPY))
+    rows = row + gl.where(packed, r % (BR // 2), r)
+    cols = kk + gl.expand_dims(gl.where(packed, r // (BR // 2), 0) * BK, 1) \
+        + gl.expand_dims(gl.arange(0, BK, gl.SliceLayout(0, COPY)), 0)
     end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
-    mask = (rows < end)[:, None]
     k = _pick(g, K0, K1, K2, K3)
+    mask = gl.expand_dims(rows < end, 1) & (cols < k)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
     base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
-    cp.async_copy_global_to_shared(slot, base + rows[:, None] * k + cols[None, :], mask)
+    cp.async_copy_global_to_shared(slot, base + gl.expand_dims(rows, 1) * k + cols, mask)
 
 
 @gluon.jit
-def _unit_bytes(g, row, pid, nprog: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr,
-                N3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr):
-    """Bytes a unit at (g, row) reads: its rows inside this program's range, BK bf16 each."""
+def _unit_bytes(g, row, kk, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
+                K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
+                BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr):
+    """Bytes a unit at (g, row, kk) reads: its rows inside this program's range, its columns inside K."""
+    packed = _packed(g, PACKED)
     end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
-    return gl.minimum(end - row, BR) * (BK * 2)
+    columns = gl.minimum(_pick(g, K0, K1, K2, K3) - kk, gl.where(packed, 2 * BK, BK))
+    return gl.minimum(end - row, gl.where(packed, BR // 2, BR)) * columns * 2
 
 
 @gluon.jit
 def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
-                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr):
+                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr,
+                 PACKED: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
     ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     layer, g, row, kk = _first_unit(pid, nprog, N0)
     # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
@@ -180,21 +202,23 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
-        size = _unit_bytes(g, row, pid, nprog, N0, N1, N2, N3, BR, BK, G2)
+        size = _unit_bytes(g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
         # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
         # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
         while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
             if landed > i - STAGES:
                 mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
-            flight -= _unit_bytes(l_g, l_row, pid, nprog, N0, N1, N2, N3, BR, BK, G2)
+            flight -= _unit_bytes(l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
+                                  PACKED)
             l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                                 N3, K3, BR, BK, G2)
+                                                 N3, K3, BR, BK, G2, PACKED)
             landed += 1
         _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-               N3, K3, BR, BK, G2, COPY)
+               N3, K3, BR, BK, G2, PACKED, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
-        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
+        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
+                                     PACKED)
 
 
 @gluon.jit
@@ -219,12 +243,46 @@ def _store_silu_pairs(OUT, SCRATCH, value, row, end, epoch, out_rows, pairs):
 
 
 @gluon.jit
+def _fold_halves(SCRATCH, value, out_rows, halves, HALF: gl.constexpr):
+    """A packed unit's rows: tile rows i and i + HALF hold one weight row's two K halves; their sums are traded
+    through this program's scratch row and added (in a fixed order: reruns stay bit-exact)."""
+    gl.store(SCRATCH + out_rows, value)
+    gl.thread_barrier()
+    folded = gl.load(SCRATCH + halves, volatile=True) + gl.load(SCRATCH + HALF + halves, volatile=True)
+    gl.thread_barrier()  # read before the next row block overwrites them
+    return folded
+
+
+@gluon.jit
+def _finish_rows(ACTS, OUT, value, rows, end, layer, g, epoch, WIDE: gl.constexpr, LAYER: gl.constexpr):
+    """Store finished rows; in a layer, after o_proj and down, with the residual added by the rows' owner."""
+    if LAYER:
+        value = value.to(gl.bfloat16).to(gl.float32)
+        if g % 2 == 1:
+            # the residual stream's rows, which this program stored itself (o_proj and down split their rows
+            # alike): the layer's input for o_proj, o_proj's output for down
+            residual = ACTS + (layer * 4 + g - 1) * WIDE
+            value += (gl.load(residual + rows, mask=rows < end, other=0, volatile=True) & 0xFFFF).to(
+                gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+    _store_rows(OUT, value, rows, end, epoch)
+
+
+@gluon.jit
+def _x_operand(x_smem, q: gl.constexpr, CH: gl.constexpr, second, zero_b, B_OP: gl.constexpr):
+    """The dot's narrow operand for K quarter q: the activation tile in every column, but in column 1 the second
+    K tile's (used by packed units, ignored by the others)."""
+    first = zero_b + gl.expand_dims(x_smem.index(0).slice(q * CH, CH).load(gl.SliceLayout(1, B_OP)), 1)
+    other = zero_b + gl.expand_dims(x_smem.index(1).slice(q * CH, CH).load(gl.SliceLayout(1, B_OP)), 1)
+    return gl.where(second, other, first)
+
+
+@gluon.jit
 def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
                  nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                  N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
                  BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, LAYER: gl.constexpr):
+                 TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work (see flow_chain)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
@@ -234,17 +292,20 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
     CH: gl.constexpr = BK // 4
     G2: gl.constexpr = 2 if LAYER else 1
     epoch = gl.load(EPOCH) % 65535 + 1
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
     words = gl.load(ACTS + xs, volatile=True)
+    words2 = words  # a packed unit's second K tile (layer 0's qkv is not packed)
     norm_weights = gl.load(NORMS + xs, mask=LAYER & (xs >= 0), other=0.0)
     squares = gl.zeros([BK], gl.float32, X)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
     pairs = gl.arange(0, BR // 2, X)
     zero_b = gl.zeros([CH, NPAD], gl.bfloat16, B_OP)
+    b_cols = gl.expand_dims(gl.arange(0, NPAD, gl.SliceLayout(0, B_OP)), 0)
+    second = (gl.zeros([CH, NPAD], gl.int32, B_OP) + b_cols) == 1  # the operand's column for a second K tile
     acc0 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
@@ -258,9 +319,12 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
         then = _clock()
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK, G2)
+                                             N3, K3, BR, BK, G2, PACKED)
         next_words = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + xs, mask=(n_layer < layers) & (xs >= 0),
                              volatile=True)
+        next_words2 = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + BK + xs,
+                              mask=(n_layer < layers) & _packed(n_g, PACKED)
+                              & (n_kk + BK + xs < _pick(n_g, K0, K1, K2, K3)), other=0, volatile=True)
         if LAYER:  # qkv's and gate_up's inputs are RMSNormed: the norm weights' tile too
             next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + xs,
                                 mask=(n_layer < layers) & (n_g % 2 == 0) & (xs >= 0), other=0.0)
@@ -269,12 +333,21 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
             then = now
         act = ACTS + (c_layer * 4 + c_g) * WIDE
+        packed = _packed(c_g, PACKED)
+        k_now = _pick(c_g, K0, K1, K2, K3)
+        has_second = packed & (c_kk + BK < k_now)
         if WAIT:
             words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
                                               dtype=gl.int32, is_pure=False, pack=PACK)
             stale = ((words >> 16) & 0xFFFF) != epoch
+            if has_second:
+                words2 = gl.inline_asm_elementwise(POLL, POLL_OPERANDS,
+                                                   [act + c_kk + BK + xs, epochs, words2, FAILED + xs * 0],
+                                                   dtype=gl.int32, is_pure=False, pack=PACK)
+                stale = stale | (((words2 >> 16) & 0xFFFF) != epoch)
             gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
         x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
+        x2 = gl.where(has_second, (words2 & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True), 0.0)
         if LAYER:
             if c_g % 2 == 0:
                 # RMSNorm with its scale taken out of the dot: x * weight goes in, the sum of squares builds up
@@ -283,7 +356,8 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
                 xf = x.to(gl.float32)
                 squares = gl.where(c_kk == 0, 0.0, squares) + xf * xf
                 x = (xf * norm_weights.to(gl.float32)).to(gl.bfloat16)
-        x_smem.store(x)
+        x_smem.index(0).store(x)
+        x_smem.index(1).store(x2.to(gl.bfloat16))
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
@@ -301,40 +375,36 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             then = now
         fresh = c_kk == 0
         acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(0, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc0))
+                      _x_operand(x_smem, 0, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc0))
         acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc1))
+                      _x_operand(x_smem, 1, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc1))
         acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(2 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc2))
+                      _x_operand(x_smem, 2, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc2))
         acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                      zero_b + gl.expand_dims(x_smem.slice(3 * CH, CH).load(gl.SliceLayout(1, B_OP)), 1),
-                      gl.where(fresh, 0.0, acc3))
+                      _x_operand(x_smem, 3, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc3))
         mbarrier.arrive(empty.index(i % STAGES))
-        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):
-            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == 0, (acc0 + acc1) + (acc2 + acc3), 0.0), axis=1)
-            rows = c_row + out_rows
+        if c_kk + gl.where(packed, 2 * BK, BK) >= k_now:
+            # a row's sum: column 0, or for a packed unit's second half of the tile column 1 (its second K tile)
+            half = gl.where(packed, out_rows // (BR // 2), 0)
+            value = gl.sum(gl.where(gl.expand_dims(cols, 0) == gl.expand_dims(half, 1), (acc0 + acc1) + (acc2 + acc3),
+                                    0.0), axis=1)
             end = _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[1]
-            if LAYER:
-                if c_g % 2 == 0:
-                    value *= gl.rsqrt(gl.sum(squares, axis=0) / _pick(c_g, K0, K1, K2, K3) + EPS)
-                value = value.to(gl.bfloat16).to(gl.float32)
-                if c_g == 2:
-                    _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value, c_row, end, epoch, out_rows, pairs)
-                else:
-                    if c_g % 2 == 1:
-                        # the residual stream's rows, which this program stored itself (o_proj and down split
-                        # their rows alike): the layer's input for o_proj, o_proj's output for down
-                        residual = ACTS + (c_layer * 4 + c_g - 1) * WIDE
-                        value += (gl.load(residual + rows, mask=rows < end, other=0, volatile=True) & 0xFFFF).to(
-                            gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
-                    _store_rows(act + WIDE, value, rows, end, epoch)
+            if packed:
+                _finish_rows(ACTS, act + WIDE, _fold_halves(SCRATCH + pid * BR, value, out_rows, pairs, BR // 2),
+                             c_row + pairs, end, c_layer, c_g, epoch, WIDE, LAYER)
             else:
-                _store_rows(act + WIDE, value, rows, end, epoch)
+                if LAYER:
+                    if c_g % 2 == 0:
+                        value *= gl.rsqrt(gl.sum(squares, axis=0) / k_now + EPS)
+                    if c_g == 2:
+                        _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value.to(gl.bfloat16).to(gl.float32),
+                                          c_row, end, epoch, out_rows, pairs)
+                    else:
+                        _finish_rows(ACTS, act + WIDE, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
+                else:
+                    _finish_rows(ACTS, act + WIDE, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
             if TIMED == 2:
-                if c_row + BR >= end:  # this program's last rows of the GEMV: when they were stored
+                if c_row + gl.where(packed, BR // 2, BR) >= end:  # this program's last rows of the GEMV: stored when
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         if TIMED == 1:
             now = _clock()
@@ -342,6 +412,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             then = now
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
+        words2 = next_words2
         if LAYER:
             norm_weights = next_norm
     if TIMED == 1:
@@ -355,7 +426,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, la
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                LAYER: gl.constexpr):
+                LAYER: gl.constexpr, PACKED: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -365,22 +436,30 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, la
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
         (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
                         nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
-                        POLL_OPERANDS, PACK, TIMED, LAYER)),
+                        POLL_OPERANDS, PACK, TIMED, LAYER, PACKED)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1)),
+                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED)),
     ], [PWARPS], [PREGS])
+
+
+def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: bool) -> list[bool]:
+    """Which GEMVs' units are packed (two K tiles per tile): with pack_small, those with at most br / 2 rows per
+    program; in a layer not the RMSNormed ones (qkv, gate_up), whose readers scale a whole tile's rows."""
+    return [bool(pack_small) and -(-n // nprog) <= br // 2 and not (layer and index % 2 == 0)
+            for index, (_, n, _) in enumerate(gemvs)]
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False,
                norms: torch.Tensor | None = None):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring). wait=False reads the
+    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see
+    packed_gemvs). wait=False reads the
     activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
     is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
     gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
@@ -400,11 +479,12 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
       up j) and split two rows at a time, so down reads 9728 words, not 19456.
     The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
     down."""
-    br, bk, warps, stages, per_sm, copy_warps, cap_kib = config
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
     layer = norms is not None
+    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
     if layer:
         assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
     acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
@@ -419,6 +499,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
+                     PACKED=sum(1 << i for i, p in enumerate(packed) if p),
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:

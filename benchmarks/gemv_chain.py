@@ -63,10 +63,11 @@ PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2)]  # the best of the configs swept in
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 # the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
-# stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring)
-FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 64)]
+# stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring, pack the GEMVs with at most
+# half a tile of rows per program: two K tiles per tile)
+FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 # the flow kernel doing a layer's elementwise work as well (RMSNorm, residual adds, silu * up; attention left out)
-LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 0), (64, 512, 4, 3, 1, 2, 96), (64, 512, 4, 3, 1, 2, 64)]
+LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -200,7 +201,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     a warm-up. Medians over programs of each phase's share of the loop and its cycles per unit, overall and per
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
     bytes take to stream is where the dot warps, not the stream, set the pace)."""
-    from flow_gemv import flow_chain
+    from flow_gemv import flow_chain, packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
@@ -213,8 +214,9 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
                           for index, (_, n, _) in enumerate(GEMVS)
                           for g in [2 if norms is not None and index == 2 else 1]] for p in range(nprog)],
                         dtype=torch.float64)  # [program, GEMV]
+    packed = torch.tensor(packed_gemvs(GEMVS, nprog, br, config[7], norms is not None), dtype=torch.float64)
     k_tiles = torch.tensor([k // bk for _, _, k in GEMVS], dtype=torch.float64)
-    units = layers * torch.ceil(rows / br) * k_tiles  # [program, GEMV]
+    units = layers * torch.ceil(rows / (br / (1 + packed))) * torch.ceil(k_tiles / (1 + packed))  # [program, GEMV]
     phases = ("weights", "next unit", "poll", "dot")
     total = c.sum(1)
     per_gemv = {}
@@ -374,12 +376,12 @@ def run(args) -> dict:
     for config in flow_usable:
         for wait in (True, False):
             name = f"flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} w{config[2]} ring{config[3]} " \
-                   f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}"
+                   f"x{config[4]} copy{config[5]} cap{config[6] or 'ring'}{' packed' if config[7] else ''}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait)
     for config in layer_usable:
         for wait in (True, False):
             name = f"layer flow{'' if wait else ' nowait'} r{config[0]} k{config[1]} ring{config[3]} " \
-                   f"cap{config[6] or 'ring'}"
+                   f"cap{config[6] or 'ring'}{' packed' if config[7] else ''}"
             paths[name], failures[name] = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, norms=norms)
     paths["layer skinny (the engine's kernels)"] = engine_layer_chain(x0, weights, norms, layers)
     record["barrier_profiles"] = [barrier_profile(x0, weights, layers, config) for config in usable[:1]]
