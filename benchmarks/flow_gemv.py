@@ -268,12 +268,15 @@ def _finish_rows(ACTS, OUT, value, rows, end, layer, g, epoch, WIDE: gl.constexp
 
 
 @gluon.jit
-def _x_operand(x_smem, q: gl.constexpr, CH: gl.constexpr, second, zero_b, B_OP: gl.constexpr):
-    """The dot's narrow operand for K quarter q: the activation tile in every column, but in column 1 the second
-    K tile's (used by packed units, ignored by the others)."""
+def _x_operand(x_smem, q: gl.constexpr, CH: gl.constexpr, second, zero_b, B_OP: gl.constexpr,
+               PACKED_UNIT: gl.constexpr):
+    """The dot's narrow operand for K quarter q: the activation tile in every column, but for a packed unit the
+    second K tile's in column 1."""
     first = zero_b + gl.expand_dims(x_smem.index(0).slice(q * CH, CH).load(gl.SliceLayout(1, B_OP)), 1)
-    other = zero_b + gl.expand_dims(x_smem.index(1).slice(q * CH, CH).load(gl.SliceLayout(1, B_OP)), 1)
-    return gl.where(second, other, first)
+    if PACKED_UNIT:
+        other = zero_b + gl.expand_dims(x_smem.index(1).slice(q * CH, CH).load(gl.SliceLayout(1, B_OP)), 1)
+        first = gl.where(second, other, first)
+    return first
 
 
 @gluon.jit
@@ -357,7 +360,8 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
                 squares = gl.where(c_kk == 0, 0.0, squares) + xf * xf
                 x = (xf * norm_weights.to(gl.float32)).to(gl.bfloat16)
         x_smem.index(0).store(x)
-        x_smem.index(1).store(x2.to(gl.bfloat16))
+        if packed:
+            x_smem.index(1).store(x2.to(gl.bfloat16))
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
@@ -374,14 +378,24 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
             then = now
         fresh = c_kk == 0
-        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                      _x_operand(x_smem, 0, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc0))
-        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                      _x_operand(x_smem, 1, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc1))
-        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                      _x_operand(x_smem, 2, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc2))
-        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                      _x_operand(x_smem, 3, CH, second, zero_b, B_OP), gl.where(fresh, 0.0, acc3))
+        if packed:  # the second K tile's operand column costs a load and a select: only where it is used
+            acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 0, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc0))
+            acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 1, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc1))
+            acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 2, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc2))
+            acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 3, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc3))
+        else:
+            acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 0, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc0))
+            acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 1, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc1))
+            acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 2, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc2))
+            acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                          _x_operand(x_smem, 3, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc3))
         mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + gl.where(packed, 2 * BK, BK) >= k_now:
             # a row's sum: column 0, or for a packed unit's second half of the tile column 1 (its second K tile)
