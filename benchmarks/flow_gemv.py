@@ -280,6 +280,22 @@ def _x_operand(x_smem, q: gl.constexpr, CH: gl.constexpr, second, zero_b, B_OP: 
 
 
 @gluon.jit
+def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: gl.constexpr, A_OP: gl.constexpr,
+              B_OP: gl.constexpr, PACKED_UNIT: gl.constexpr):
+    """One unit's multiply: the weight tile in `slot` times the activation operand, over four K quarters into four
+    accumulators (restarted when `fresh`, a row block's first unit)."""
+    acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
+                  _x_operand(x_smem, 0, CH, second, zero_b, B_OP, PACKED_UNIT), gl.where(fresh, 0.0, acc0))
+    acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
+                  _x_operand(x_smem, 1, CH, second, zero_b, B_OP, PACKED_UNIT), gl.where(fresh, 0.0, acc1))
+    acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                  _x_operand(x_smem, 2, CH, second, zero_b, B_OP, PACKED_UNIT), gl.where(fresh, 0.0, acc2))
+    acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                  _x_operand(x_smem, 3, CH, second, zero_b, B_OP, PACKED_UNIT), gl.where(fresh, 0.0, acc3))
+    return acc0, acc1, acc2, acc3
+
+
+@gluon.jit
 def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
                  nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                  N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -379,23 +395,11 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
             then = now
         fresh = c_kk == 0
         if packed:  # the second K tile's operand column costs a load and a select: only where it is used
-            acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 0, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc0))
-            acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 1, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc1))
-            acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 2, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc2))
-            acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 3, CH, second, zero_b, B_OP, True), gl.where(fresh, 0.0, acc3))
+            acc0, acc1, acc2, acc3 = _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH,
+                                               A_OP, B_OP, True)
         else:
-            acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 0, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc0))
-            acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 1, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc1))
-            acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 2, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc2))
-            acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                          _x_operand(x_smem, 3, CH, second, zero_b, B_OP, False), gl.where(fresh, 0.0, acc3))
+            acc0, acc1, acc2, acc3 = _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH,
+                                               A_OP, B_OP, False)
         mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + gl.where(packed, 2 * BK, BK) >= k_now:
             # a row's sum: column 0, or for a packed unit's second half of the tile column 1 (its second K tile)
