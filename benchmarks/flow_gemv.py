@@ -296,14 +296,140 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
-                 nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
-                 N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, layer, unit, T, tmax, rows_smem,
+                    halves_smem, APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
+                    WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
+                    WARPS: gl.constexpr):
+    """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
+    qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
+    the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
+    online softmax over the split's positions; the partial (o, max, sum) to PART. The split that arrives last at
+    the group's ticket sums the group's partials in split order (reruns stay bit-exact) and publishes the
+    attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's rows."""
+    HALF: gl.constexpr = HD // 2
+    C: gl.constexpr = 32  # positions per step of the softmax loop
+    PSTRIDE: gl.constexpr = GQ * HD + 2 * GQ  # one partial: o [GQ, HD], max [GQ], sum [GQ]
+    PL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])  # [8, HD]: q heads, k, v, k, v
+    HL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # [8, HALF]
+    L3: gl.constexpr = gl.BlockedLayout([1, GQ, 8], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])  # [position, head, dim]
+    QH: gl.constexpr = gl.SliceLayout(0, L3)  # [head, dim]
+    KV2: gl.constexpr = gl.SliceLayout(1, L3)  # [position, dim]
+    SC: gl.constexpr = gl.SliceLayout(2, L3)  # [position, head]
+    MH: gl.constexpr = gl.SliceLayout(0, SC)  # [head]
+    CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # [split, dim]
+    kvh = unit // SPLITS
+    split = unit % SPLITS
+    # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
+    r = gl.arange(0, 8, gl.SliceLayout(1, PL))
+    d = gl.arange(0, HD, gl.SliceLayout(0, PL))
+    kv_row = r >= GQ
+    source = gl.where(kv_row, (GQ + (r - GQ) % 2) * KVH * HD + kvh * HD, (kvh * GQ + r) * HD)
+    zero = gl.zeros([8, HD], gl.int32, PL)
+    words = gl.inline_asm_elementwise(APOLL, APOLL_OPERANDS,
+                                      [QKV + layer * N0 + gl.expand_dims(source, 1) + gl.expand_dims(d, 0),
+                                       zero + epoch, zero, FAILED + zero], dtype=gl.int32, is_pure=False, pack=8)
+    gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
+    x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+    # q/k RMSNorm over each head (v rows untouched)
+    is_v = gl.expand_dims(kv_row & ((r - GQ) % 2 == 1), 1)
+    weight = gl.load(QKNORM + layer * 2 * HD + gl.expand_dims(gl.where(kv_row, HD, 0), 1) + gl.expand_dims(d, 0))
+    scale = gl.expand_dims(gl.rsqrt(gl.sum(x * x, axis=1) / HD + EPS), 1)
+    normed = (weight.to(gl.float32) * (x * scale).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
+    rows_smem.store(gl.where(is_v, x, normed))
+    gl.thread_barrier()
+    # RoPE on the two halves of each head (d pairs with d + HD / 2)
+    lo = rows_smem.slice(0, HALF, dim=1).load(HL)
+    hi = rows_smem.slice(HALF, HALF, dim=1).load(HL)
+    hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
+    hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
+    cos = gl.load(ROPE + hd)
+    sin = gl.load(ROPE + HALF + hd)
+    rot_lo = ((lo * cos).to(gl.bfloat16).to(gl.float32) + (-hi * sin).to(gl.bfloat16).to(gl.float32)).to(
+        gl.bfloat16).to(gl.float32)
+    rot_hi = ((hi * cos).to(gl.bfloat16).to(gl.float32) + (lo * sin).to(gl.bfloat16).to(gl.float32)).to(
+        gl.bfloat16).to(gl.float32)
+    v_rows = (hr >= GQ) & ((hr - GQ) % 2 == 1)
+    lo = gl.where(v_rows, lo, rot_lo)
+    hi = gl.where(v_rows, hi, rot_hi)
+    # the split that holds the new position (the last) stores its k and v, then reads them back like the rest
+    last = split == SPLITS - 1
+    new = ((layer * KVH + kvh) * tmax + T - 1) * HD + hd + hr * 0
+    gl.store(KC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ))
+    gl.store(KC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ))
+    gl.store(VC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ + 1))
+    gl.store(VC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ + 1))
+    halves_smem.index(0).store(lo)
+    halves_smem.index(1).store(hi)
+    gl.thread_barrier()  # the shared halves, and this block's cache stores before its loads
+    q_lo = gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QH), 0)
+    q_hi = gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QH), 0)
+    # online softmax over this split's positions
+    start = split * T // SPLITS
+    stop = (split + 1) * T // SPLITS
+    cache = (layer * KVH + kvh) * tmax * HD
+    pos = gl.arange(0, C, gl.SliceLayout(1, KV2))
+    dims = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, KV2)), 0)
+    score_pos = gl.arange(0, C, gl.SliceLayout(1, SC))
+    m = gl.full([GQ], float("-inf"), gl.float32, MH)
+    total = gl.zeros([GQ], gl.float32, MH)
+    o_lo = gl.zeros([GQ, HALF], gl.float32, QH)
+    o_hi = gl.zeros([GQ, HALF], gl.float32, QH)
+    for p in range(start, stop, C):
+        inside = gl.expand_dims(p + pos < stop, 1)
+        at = cache + gl.expand_dims(p + pos, 1) * HD + dims
+        k_lo = gl.expand_dims(gl.load(KC + at, mask=inside, other=0.0).to(gl.float32), 1)
+        k_hi = gl.expand_dims(gl.load(KC + at + HALF, mask=inside, other=0.0).to(gl.float32), 1)
+        v_lo = gl.expand_dims(gl.load(VC + at, mask=inside, other=0.0).to(gl.float32), 1)
+        v_hi = gl.expand_dims(gl.load(VC + at + HALF, mask=inside, other=0.0).to(gl.float32), 1)
+        s = gl.sum(k_lo * q_lo + k_hi * q_hi, axis=2) * (HD ** -0.5)
+        s = gl.where(gl.expand_dims(p + score_pos < stop, 1), s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=0))
+        alpha = gl.exp(m - m_new)
+        prob = gl.exp(s - gl.expand_dims(m_new, 0))
+        total = total * alpha + gl.sum(prob, axis=0)
+        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, QH)), 1)
+        prob = gl.expand_dims(prob, 2)
+        o_lo = o_lo * alpha + gl.sum(prob * v_lo, axis=0)
+        o_hi = o_hi * alpha + gl.sum(prob * v_hi, axis=0)
+        m = m_new
+    group = (layer * KVH + kvh) * SPLITS
+    part = PART + (group + split) * PSTRIDE
+    at = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, QH)), 1) * HD \
+        + gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, QH)), 0)
+    gl.store(part + at, o_lo)
+    gl.store(part + at + HALF, o_hi)
+    heads = gl.arange(0, GQ, MH)
+    gl.store(part + GQ * HD + heads, m)
+    gl.store(part + GQ * HD + GQ + heads, total)
+    gl.thread_barrier()
+    # the tickets only grow (SPLITS per group and run), so the last of a run's splits sees a multiple of SPLITS
+    ticket = gl.atomic_add(TICKET + layer * KVH + kvh, 1, sem="acq_rel", scope="gpu")
+    if (ticket + 1) % SPLITS == 0:
+        splits = gl.expand_dims(gl.arange(0, SPLITS, gl.SliceLayout(1, CL)), 1)
+        cd = gl.arange(0, HD, gl.SliceLayout(0, CL))
+        partials = PART + (group + splits) * PSTRIDE
+        for h in gl.static_range(GQ):
+            m_s = gl.load(partials + GQ * HD + h, volatile=True)
+            sum_s = gl.load(partials + GQ * HD + GQ + h, volatile=True)
+            o_s = gl.load(partials + h * HD + gl.expand_dims(cd, 0), volatile=True)
+            share = gl.where(m_s == float("-inf"), 0.0, gl.exp(m_s - gl.expand_dims(gl.max(m_s, axis=0), 0)))
+            out = gl.sum(share * o_s, axis=0) / gl.sum(share * sum_s, axis=0)
+            _store_rows(ACTS + (layer * 4 + 1) * WIDE + (kvh * GQ + h) * HD, out, cd, HD, epoch)
+
+
+@gluon.jit
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, TICKET, T, tmax,
+                 ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog: gl.constexpr,
+                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
                  BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr):
+                 TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
+                 APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
+                 HD: gl.constexpr, SPLITS: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
-    store the finished rows. With LAYER, also a layer's elementwise work (see flow_chain)."""
+    store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
+    flow_chain)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -418,12 +544,20 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
                         _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value.to(gl.bfloat16).to(gl.float32),
                                           c_row, end, epoch, out_rows, pairs)
                     else:
-                        _finish_rows(ACTS, act + WIDE, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
+                        out = act + WIDE
+                        if ATTN:
+                            if c_g == 0:  # qkv's rows go to attention, whose output o_proj reads
+                                out = QKV + c_layer * N0
+                        _finish_rows(ACTS, out, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
                 else:
                     _finish_rows(ACTS, act + WIDE, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
             if TIMED == 2:
                 if c_row + gl.where(packed, BR // 2, BR) >= end:  # this program's last rows of the GEMV: stored when
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
+        if ATTN:
+            if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
+                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, c_layer, pid, T, tmax,
+                                rows_smem, halves_smem, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -438,13 +572,16 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empt
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, layers, nprog: gl.constexpr,
+def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
+                TICKET, T, tmax, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                LAYER: gl.constexpr, PACKED: gl.constexpr):
+                LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
+                APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
+                SPLITS: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -455,11 +592,15 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, la
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    # attention's exchanges between threads: a unit's 8 rows, and their two halves after RMSNorm
+    rows_smem = gl.allocate_shared_memory(gl.float32, [8, HD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
-                        nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
-                        POLL_OPERANDS, PACK, TIMED, LAYER, PACKED)),
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, TICKET, T,
+                        tmax, ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
+                        N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
+                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                         BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED)),
     ], [PWARPS], [PREGS])
@@ -474,7 +615,7 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False,
-               norms: torch.Tensor | None = None):
+               norms: torch.Tensor | None = None, attention: dict | None = None):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
     programs per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see
     packed_gemvs). wait=False reads the
@@ -496,7 +637,13 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     - silu(gate) * up after gate_up by the rows' owner: gate_up's weight rows are taken as interleaved (gate j,
       up j) and split two rows at a time, so down reads 9728 words, not 19456.
     The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
-    down."""
+    down.
+
+    With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16,
+    qk_norms [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the
+    positions including the new one), the chain is a whole Qwen3 decode layer: o_proj reads attention's output,
+    computed by (kv head, context split) units between qkv and o_proj (see _attention_unit), the new k and v
+    written to the cache at length - 1; the values returned per layer then start with attention's output."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
@@ -513,18 +660,37 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     timed = 0 if profile is None else 2 if timeline else 1
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    kvh, hd, splits, tmax, length = 1, 128, 1, 1, 1
+    att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
+                torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.float32),
+                torch.zeros(1, device="cuda", dtype=torch.int32)]
+    if attention is not None:
+        assert layer
+        k_cache, v_cache = attention["k_cache"], attention["v_cache"]
+        _, kvh, tmax, hd = k_cache.shape
+        splits = 1 << ((nprog // kvh).bit_length() - 1)  # one unit per program at most, a power of two per group
+        group = gemvs[1][2] // (kvh * hd)
+        assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
+        length = attention["length"]
+        att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
+                    attention["qk_norms"], attention["rope"],
+                    torch.zeros(layers * kvh * splits * (group * hd + 2 * group), device="cuda", dtype=torch.float32),
+                    torch.zeros(layers * kvh, device="cuda", dtype=torch.int32)]
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
-                     PACKED=sum(1 << i for i, p in enumerate(packed) if p),
+                     PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
+                     APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
+                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
         epoch.add_(1)
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        _flow_chain[(nprog,)](*weights, acts, norm_weights, scratch, epoch, failed, cycles, layers, **constants,
-                              num_warps=warps)
+        _flow_chain[(nprog,)](*weights, acts, norm_weights, scratch, epoch, failed, cycles, *att_args, length, tmax,
+                              layers, **constants, num_warps=warps)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

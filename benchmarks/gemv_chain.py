@@ -107,15 +107,61 @@ def make_norms(layers: int, seed: int = 1) -> torch.Tensor:
     return (1 + 0.1 * torch.randn(layers + 1, 2, hidden, device="cuda", generator=gen)).to(torch.bfloat16)
 
 
+KV_HEADS, HEAD_DIM = 8, 128  # Qwen3-4B's: qkv's 6144 rows are 32 q heads, 8 k heads, 8 v heads of 128
+
+
+def bf(t: torch.Tensor) -> torch.Tensor:
+    """Rounded to bf16, held in fp64."""
+    return t.to(torch.bfloat16).double()
+
+
+def make_attention(layers: int, context: int, seed: int = 2) -> dict:
+    """A decode step's attention state at `context` cached positions (random bf16 K/V, one spare layer), q/k
+    RMSNorm weights near 1, and cos/sin of the new position (theta 1e6, rounded to bf16 as the engine's are), in
+    flow_chain's `attention` form."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    length = context + 1
+    shape = (layers + 1, KV_HEADS, length, HEAD_DIM)
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM))
+    angle = (length - 1) * inv_freq
+    return {"k_cache": torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16),
+            "v_cache": torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16),
+            "qk_norms": (1 + 0.1 * torch.randn(layers + 1, 2, HEAD_DIM, device="cuda", generator=gen)).to(
+                torch.bfloat16),
+            "rope": torch.stack([angle.cos(), angle.sin()]).to(torch.bfloat16).float(), "length": length}
+
+
+def attention_reference(qkv: torch.Tensor, attention: dict, layer: int) -> torch.Tensor:
+    """fp64 decode attention of one layer from its qkv rows, rounded where the engine's qkv_rope_store rounds
+    (q/k RMSNorm, RoPE; the new k and v cached as bf16); the output rounded to bf16 as o_proj reads it."""
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return bf(weight.double() * bf(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6)))
+
+    def rope(x: torch.Tensor) -> torch.Tensor:
+        half = HEAD_DIM // 2
+        lo, hi = x[:, :half], x[:, half:]
+        return torch.cat([bf(bf(lo * cos) + bf(-hi * sin)), bf(bf(hi * cos) + bf(lo * sin))], dim=1)
+
+    cos, sin = attention["rope"].double()
+    heads = GEMVS[1][2] // HEAD_DIM
+    q = rope(norm(qkv[:heads * HEAD_DIM].view(heads, HEAD_DIM), attention["qk_norms"][layer, 0]))
+    k_new = rope(norm(qkv[heads * HEAD_DIM:(heads + KV_HEADS) * HEAD_DIM].view(KV_HEADS, HEAD_DIM),
+                      attention["qk_norms"][layer, 1]))
+    length = attention["length"]
+    keys = attention["k_cache"][layer, :, :length].double().clone()
+    values = attention["v_cache"][layer, :, :length].double().clone()
+    keys[:, -1] = k_new
+    values[:, -1] = qkv[(heads + KV_HEADS) * HEAD_DIM:].view(KV_HEADS, HEAD_DIM)
+    scores = torch.einsum("kgd,ktd->kgt", q.view(KV_HEADS, heads // KV_HEADS, HEAD_DIM), keys) * HEAD_DIM ** -0.5
+    return bf(torch.einsum("kgt,ktd->kgd", scores.softmax(-1), values).reshape(-1))
+
+
 def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
-                    engine: bool = False) -> torch.Tensor:
-    """fp64 layer chain (flow_chain's with norms, attention left out: o_proj reads q) with bf16 rounding where the
+                    engine: bool = False, attention: dict | None = None) -> torch.Tensor:
+    """fp64 layer chain (flow_chain's with norms; without `attention` o_proj reads q) with bf16 rounding where the
     kernel rounds: RMSNorm's scale applied after the GEMV, gate_up's rows (gate, up) pairs; with engine=True as
     engine_layer_chain computes it instead (the norm rounded before the GEMV, gate_up's halves gate and up).
     Returns the residual stream after the last layer."""
-    def bf(t: torch.Tensor) -> torch.Tensor:
-        return t.to(torch.bfloat16).double()
-
     def normed_gemv(weight: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         scale = torch.rsqrt(x.square().mean() + 1e-6)
         if engine:
@@ -125,18 +171,38 @@ def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.
     h = bf(x0[:GEMVS[0][2]])
     for layer in range(layers):
         qkv = normed_gemv(weights[0][layer], h, norms[layer, 0])
-        h = bf(h + bf(weights[1][layer].double() @ qkv[:GEMVS[1][2]]))
+        o = qkv[:GEMVS[1][2]] if attention is None else attention_reference(qkv, attention, layer)
+        h = bf(h + bf(weights[1][layer].double() @ o))
         gate_up = normed_gemv(weights[2][layer], h, norms[layer, 1])
         gate, up = gate_up.chunk(2) if engine else (gate_up[0::2], gate_up[1::2])
         h = bf(h + bf(weights[3][layer].double() @ bf(bf(gate * torch.sigmoid(gate)) * up)))
     return h
 
 
-def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int):
-    """The layer chain as the engine runs a target layer today, attention left out: skinny GEMMs, the norm
-    fused with the residual add before it, silu * up as its own kernel (gate_up's halves are gate and up here,
-    the engine's layout), all under PDL in a CUDA graph."""
+def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
+                       attention: dict | None = None):
+    """The layer chain as the engine runs a target layer today (without `attention`, attention left out and
+    o_proj reading q): skinny GEMMs, the norm fused with the residual add before it, silu * up as its own kernel
+    (gate_up's halves are gate and up here, the engine's layout), with attention the engine's qkv_rope_store and
+    split-K decode_attention, all under PDL in a CUDA graph."""
     from blockspec import kernels
+
+    heads = GEMVS[1][2] // HEAD_DIM
+    if attention is not None:
+        position = torch.full((1, 1), attention["length"] - 1, device="cuda", dtype=torch.long)
+        cos, sin = (half.to(torch.bfloat16).repeat(2).view(1, 1, HEAD_DIM) for half in attention["rope"])
+
+    def attend(qkv: torch.Tensor, layer: int) -> torch.Tensor:
+        if attention is None:
+            return qkv[:, :GEMVS[1][2]]
+        q_rows, k_rows, v_rows = qkv.view(1, 1, -1).split([heads * HEAD_DIM, KV_HEADS * HEAD_DIM,
+                                                           KV_HEADS * HEAD_DIM], dim=-1)
+        q = kernels.qkv_rope_store(q_rows, k_rows, v_rows, heads, KV_HEADS, HEAD_DIM,
+                                   attention["qk_norms"][layer, 0], attention["qk_norms"][layer, 1], 1e-6, cos, sin,
+                                   position, attention["k_cache"][layer:layer + 1],
+                                   attention["v_cache"][layer:layer + 1])
+        return kernels.decode_attention(q, attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1],
+                                        position).view(1, -1)
 
     def run() -> torch.Tensor:
         h = x0[:GEMVS[0][2]].to(torch.bfloat16)[None].contiguous()
@@ -144,7 +210,7 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
         inter = GEMVS[3][2]
         for layer in range(layers):
             qkv = kernels.skinny_linear(normed, weights[0][layer])
-            o = kernels.skinny_linear(qkv[:, :GEMVS[1][2]], weights[1][layer])
+            o = kernels.skinny_linear(attend(qkv, layer), weights[1][layer])
             h, normed = kernels.add_rms_norm(h, o, norms[layer, 1], 1e-6)
             gate_up = kernels.skinny_linear(normed, weights[2][layer])
             down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, :inter], gate_up[:, inter:]), weights[3][layer])
@@ -413,10 +479,76 @@ def run(args) -> dict:
     return record
 
 
+def run_attention(args) -> dict:
+    """Whole decode layers, attention in: the flow kernel with its attention units against the engine's kernels,
+    side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
+    layers first. The floor adds the K/V bytes a step reads to the weights'."""
+    from flow_gemv import flow_chain
+
+    torch.manual_seed(0)
+    layers = args.layers
+    weights = make_weights(layers)
+    norms = make_norms(layers)
+    x0 = torch.randn(WIDEST, device="cuda", dtype=torch.float32)
+    bandwidth = copy_bandwidth("cuda", 2.0)
+    weight_bytes = sum(n * k * 2 for _, n, k in GEMVS) * layers
+    record: dict = {**run_header(args), "layers": layers, "weight_bytes": weight_bytes,
+                    "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": weight_bytes / bandwidth * 1e3,
+                    "check": {}, "paths": {}, "contexts": {}}
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    configs = LAYER_CONFIGS[1:]
+    paths = {"layer skinny (the engine's kernels)": (engine_layer_chain(x0, weights, norms, layers), 0)}
+    for config in configs:
+        fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms)
+        paths[f"layer flow cap{config[6]}"] = (fn, 0)
+    for context in args.contexts:
+        flow_state, engine_state = make_attention(layers, context), make_attention(layers, context)
+        kv_bytes = layers * 2 * KV_HEADS * flow_state["length"] * HEAD_DIM * 2
+        record["contexts"][context] = {"kv_bytes": kv_bytes,
+                                       "floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3}
+        want = layer_reference(x0, weights, norms, 2, attention=flow_state)
+        for config in configs:
+            fn, failed = flow_chain(x0, weights, 2, config, GEMVS, WIDEST, norms=norms, attention=flow_state)
+            got = fn()[1, 3, :GEMVS[3][1]].clone()
+            again = fn()[1, 3, :GEMVS[3][1]]
+            record["check"][f"ctx {context} flow {config}"] = result = {
+                "rel_err": ((got.double() - want).norm() / want.norm()).item(),
+                "gave_up_waiting": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
+            print(context, config, result, flush=True)
+            if result["rel_err"] < 1e-2 and not result["gave_up_waiting"]:
+                paths[f"layer flow cap{config[6]} + attention, ctx {context}"] = (flow_chain(
+                    x0, weights, layers, config, GEMVS, WIDEST, norms=norms, attention=flow_state)[0], context)
+        engine_want = layer_reference(x0, weights, norms, 2, engine=True, attention=engine_state)
+        engine_got = engine_layer_chain(x0, weights, norms, 2, engine_state)()[0].double()
+        record["check"][f"ctx {context} skinny"] = {
+            "rel_err": ((engine_got - engine_want).norm() / engine_want.norm()).item()}
+        print(context, "skinny", record["check"][f"ctx {context} skinny"], flush=True)
+        paths[f"layer skinny + attention (the engine's kernels), ctx {context}"] = (
+            engine_layer_chain(x0, weights, norms, layers, engine_state), context)
+    times = {name: [graph_ms(fn, args.reps)] for name, (fn, _) in paths.items()}
+    for name in times:  # a second round, interleaved, for drift
+        times[name].append(graph_ms(paths[name][0], args.reps))
+    for name, ts in times.items():
+        context = paths[name][1]
+        floor = record["contexts"][context]["floor_ms"] if context else record["floor_ms"]
+        ms = statistics.median(ts)
+        record["paths"][name] = {"ms": ms, "rounds_ms": ts, "context": context, "floor_ms": floor,
+                                 "x_floor": ms / floor, "us_per_layer": ms * 1e3 / layers}
+        print(f"{name:60s} {ms:7.3f} ms  floor {floor:.3f}  {ms / floor:.3f}x", flush=True)
+    return record
+
+
 def report(path: str) -> str:
     import json
 
     r = json.loads(Path(path).read_text())
+    if "contexts" in r:
+        lines = [f"Decode layers with attention, {r['layers']} Qwen3-4B layers (M = 1), {r['device']}, commit "
+                 f"{r['commit']}, {r['date']}; copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s", "",
+                 "| path | context | ms | floor ms | x floor | us/layer |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"| {name} | {p['context'] or '-'} | {p['ms']:.3f} | {p['floor_ms']:.3f} | {p['x_floor']:.3f} | "
+                  f"{p['us_per_layer']:.1f} |" for name, p in r["paths"].items()]
+        return "\n".join(lines + ["", f"Checks: {r['check']}"])
     if "winners" in r:
         kept = [row for row in r["sweep"] if "kept" in row]
         return "\n".join(f"M={row['m']} {row['gemm']}: {row['candidate']} x{row['gain']:.4f} over "
@@ -467,7 +599,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=36)
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--sweep-table", action="store_true", help="only tune the skinny table in the chain")
-    run_and_report(parser, run, report, "gemv_chain")
+    parser.add_argument("--attention", action="store_true",
+                        help="only whole decode layers with attention (flow kernel vs the engine's kernels)")
+    parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
+    args = parser.parse_args()
+    run_and_report(parser, run_attention if args.attention else run, report, "gemv_chain")
 
 
 if __name__ == "__main__":
