@@ -299,7 +299,7 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, layer, unit, T, tmax, rows_smem,
                     halves_smem, APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    WARPS: gl.constexpr):
+                    C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
@@ -307,15 +307,18 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
     the group's ticket sums the group's partials in split order (reruns stay bit-exact) and publishes the
     attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's rows."""
     HALF: gl.constexpr = HD // 2
-    C: gl.constexpr = 32  # positions per step of the softmax loop
     PSTRIDE: gl.constexpr = GQ * HD + 2 * GQ  # one partial: o [GQ, HD], max [GQ], sum [GQ]
     PL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])  # [8, HD]: q heads, k, v, k, v
     HL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # [8, HALF]
-    L3: gl.constexpr = gl.BlockedLayout([1, GQ, 8], [4, 1, 8], [WARPS, 1, 1], [2, 1, 0])  # [position, head, dim]
-    QH: gl.constexpr = gl.SliceLayout(0, L3)  # [head, dim]
-    KV2: gl.constexpr = gl.SliceLayout(1, L3)  # [position, dim]
-    SC: gl.constexpr = gl.SliceLayout(2, L3)  # [position, head]
-    MH: gl.constexpr = gl.SliceLayout(0, SC)  # [head]
+    # the softmax loop's [warp, position, head, dim]: each warp keeps its own running max, sum and output over its
+    # positions of a chunk, so the loop reduces only within warps; the warps are combined once, at the end
+    L4: gl.constexpr = gl.BlockedLayout([1, C // (4 * WARPS), GQ, 8], [1, 4, 1, 8], [WARPS, 1, 1, 1], [3, 2, 1, 0])
+    KT: gl.constexpr = gl.SliceLayout(2, L4)  # [warp, position, dim]: K and V
+    S3: gl.constexpr = gl.SliceLayout(3, L4)  # [warp, position, head]: scores
+    MW: gl.constexpr = gl.SliceLayout(1, S3)  # [warp, head]: running max and sum
+    OW: gl.constexpr = gl.SliceLayout(1, L4)  # [warp, head, dim]: running output
+    QL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # [head, dim]
+    PW: gl.constexpr = C // WARPS  # a warp's positions per chunk
     CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # [split, dim]
     kvh = unit // SPLITS
     split = unit % SPLITS
@@ -361,45 +364,64 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
     halves_smem.index(0).store(lo)
     halves_smem.index(1).store(hi)
     gl.thread_barrier()  # the shared halves, and this block's cache stores before its loads
-    q_lo = gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QH), 0)
-    q_hi = gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QH), 0)
-    # online softmax over this split's positions
+    q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
+    q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
+    # online softmax over this split's positions, a chunk's K and V loaded while the one before is used
     start = split * T // SPLITS
     stop = (split + 1) * T // SPLITS
     cache = (layer * KVH + kvh) * tmax * HD
-    pos = gl.arange(0, C, gl.SliceLayout(1, KV2))
-    dims = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, KV2)), 0)
-    score_pos = gl.arange(0, C, gl.SliceLayout(1, SC))
-    m = gl.full([GQ], float("-inf"), gl.float32, MH)
-    total = gl.zeros([GQ], gl.float32, MH)
-    o_lo = gl.zeros([GQ, HALF], gl.float32, QH)
-    o_hi = gl.zeros([GQ, HALF], gl.float32, QH)
+    offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, KT))), 1), 2) \
+        * PW + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, KT))), 0), 2)
+    dims = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, KT))), 0), 1)
+    score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
+                                  2) * PW \
+        + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
+    inside = start + offset < stop
+    at = cache + (start + offset) * HD + dims
+    k_lo = gl.load(KC + at, mask=inside, other=0.0)
+    k_hi = gl.load(KC + at + HALF, mask=inside, other=0.0)
+    v_lo = gl.load(VC + at, mask=inside, other=0.0)
+    v_hi = gl.load(VC + at + HALF, mask=inside, other=0.0)
+    m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
+    total = gl.zeros([WARPS, GQ], gl.float32, MW)
+    o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
+    o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     for p in range(start, stop, C):
-        inside = gl.expand_dims(p + pos < stop, 1)
-        at = cache + gl.expand_dims(p + pos, 1) * HD + dims
-        k_lo = gl.expand_dims(gl.load(KC + at, mask=inside, other=0.0).to(gl.float32), 1)
-        k_hi = gl.expand_dims(gl.load(KC + at + HALF, mask=inside, other=0.0).to(gl.float32), 1)
-        v_lo = gl.expand_dims(gl.load(VC + at, mask=inside, other=0.0).to(gl.float32), 1)
-        v_hi = gl.expand_dims(gl.load(VC + at + HALF, mask=inside, other=0.0).to(gl.float32), 1)
-        s = gl.sum(k_lo * q_lo + k_hi * q_hi, axis=2) * (HD ** -0.5)
-        s = gl.where(gl.expand_dims(p + score_pos < stop, 1), s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=0))
-        alpha = gl.exp(m - m_new)
-        prob = gl.exp(s - gl.expand_dims(m_new, 0))
-        total = total * alpha + gl.sum(prob, axis=0)
-        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, QH)), 1)
-        prob = gl.expand_dims(prob, 2)
-        o_lo = o_lo * alpha + gl.sum(prob * v_lo, axis=0)
-        o_hi = o_hi * alpha + gl.sum(prob * v_hi, axis=0)
+        inside = p + C + offset < stop
+        at = cache + (p + C + offset) * HD + dims
+        next_k_lo = gl.load(KC + at, mask=inside, other=0.0)
+        next_k_hi = gl.load(KC + at + HALF, mask=inside, other=0.0)
+        next_v_lo = gl.load(VC + at, mask=inside, other=0.0)
+        next_v_hi = gl.load(VC + at + HALF, mask=inside, other=0.0)
+        s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
+                   axis=3) * (HD ** -0.5)
+        s = gl.where(p + score_offset < stop, s, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, axis=1))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no position yet
+        alpha = gl.exp(m - m_safe)
+        prob = gl.exp(s - gl.expand_dims(m_safe, 1))
+        total = total * alpha + gl.sum(prob, axis=1)
+        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
+        prob = gl.expand_dims(prob, 3)
+        o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
+        o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
         m = m_new
+        k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
+    # the warps' states into the split's
+    m_split = gl.max(m, axis=0)
+    warp_share = gl.exp(m - gl.expand_dims(gl.where(m_split == float("-inf"), 0.0, m_split), 0))
+    total = gl.sum(total * warp_share, axis=0)
+    warp_share = gl.expand_dims(gl.convert_layout(warp_share, gl.SliceLayout(2, OW)), 2)
+    o_lo = gl.sum(o_lo * warp_share, axis=0)
+    o_hi = gl.sum(o_hi * warp_share, axis=0)
     group = (layer * KVH + kvh) * SPLITS
     part = PART + (group + split) * PSTRIDE
-    at = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, QH)), 1) * HD \
-        + gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, QH)), 0)
+    at = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, gl.SliceLayout(0, OW))), 1) * HD \
+        + gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(0, OW))), 0)
     gl.store(part + at, o_lo)
     gl.store(part + at + HALF, o_hi)
-    heads = gl.arange(0, GQ, MH)
-    gl.store(part + GQ * HD + heads, m)
+    heads = gl.arange(0, GQ, gl.SliceLayout(0, MW))
+    gl.store(part + GQ * HD + heads, m_split)
     gl.store(part + GQ * HD + GQ + heads, total)
     gl.thread_barrier()
     # the tickets only grow (SPLITS per group and run), so the last of a run's splits sees a multiple of SPLITS
@@ -426,7 +448,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -557,7 +579,8 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
         if ATTN:
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, c_layer, pid, T, tmax,
-                                rows_smem, halves_smem, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, WARPS)
+                                rows_smem, halves_smem, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, ACHUNK,
+                                WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -581,7 +604,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr):
+                SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -600,7 +623,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
         (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, TICKET, T,
                         tmax, ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
-                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS)),
+                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                         BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED)),
     ], [PWARPS], [PREGS])
@@ -639,11 +662,12 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
     down.
 
-    With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16,
-    qk_norms [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the
-    positions including the new one), the chain is a whole Qwen3 decode layer: o_proj reads attention's output,
-    computed by (kv head, context split) units between qkv and o_proj (see _attention_unit), the new k and v
-    written to the cache at length - 1; the values returned per layer then start with attention's output."""
+    With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
+    [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
+    including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain is a whole Qwen3
+    decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
+    (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
+    start with attention's output."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
@@ -661,7 +685,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    kvh, hd, splits, tmax, length = 1, 128, 1, 1, 1
+    kvh, hd, splits, tmax, length, chunk = 1, 128, 1, 1, 1, 32
     att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
                 torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.float32),
                 torch.zeros(1, device="cuda", dtype=torch.int32)]
@@ -673,6 +697,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         group = gemvs[1][2] // (kvh * hd)
         assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
         length = attention["length"]
+        chunk = attention.get("chunk", 32)
         att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
                     attention["qk_norms"], attention["rope"],
                     torch.zeros(layers * kvh * splits * (group * hd + 2 * group), device="cuda", dtype=torch.float32),
@@ -683,7 +708,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits,
+                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:

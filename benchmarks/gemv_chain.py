@@ -68,6 +68,8 @@ DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
 FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 # the flow kernel doing a layer's elementwise work as well (RMSNorm, residual adds, silu * up; attention left out)
 LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
+# and with attention (--attention): (layer config, positions per step of the softmax loop)
+ATTENTION_VARIANTS = [(LAYER_CONFIGS[1], 16), (LAYER_CONFIGS[1], 32), (LAYER_CONFIGS[2], 16)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -507,17 +509,18 @@ def run_attention(args) -> dict:
         record["contexts"][context] = {"kv_bytes": kv_bytes,
                                        "floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3}
         want = layer_reference(x0, weights, norms, 2, attention=flow_state)
-        for config in configs:
-            fn, failed = flow_chain(x0, weights, 2, config, GEMVS, WIDEST, norms=norms, attention=flow_state)
+        for config, chunk in ATTENTION_VARIANTS:
+            state = {**flow_state, "chunk": chunk}
+            fn, failed = flow_chain(x0, weights, 2, config, GEMVS, WIDEST, norms=norms, attention=state)
             got = fn()[1, 3, :GEMVS[3][1]].clone()
             again = fn()[1, 3, :GEMVS[3][1]]
-            record["check"][f"ctx {context} flow {config}"] = result = {
+            record["check"][f"ctx {context} flow {config} chunk {chunk}"] = result = {
                 "rel_err": ((got.double() - want).norm() / want.norm()).item(),
                 "gave_up_waiting": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
-            print(context, config, result, flush=True)
+            print(context, config, chunk, result, flush=True)
             if result["rel_err"] < 1e-2 and not result["gave_up_waiting"]:
-                paths[f"layer flow cap{config[6]} + attention, ctx {context}"] = (flow_chain(
-                    x0, weights, layers, config, GEMVS, WIDEST, norms=norms, attention=flow_state)[0], context)
+                paths[f"layer flow cap{config[6]} + attention chunk {chunk}, ctx {context}"] = (flow_chain(
+                    x0, weights, layers, config, GEMVS, WIDEST, norms=norms, attention=state)[0], context)
         engine_want = layer_reference(x0, weights, norms, 2, engine=True, attention=engine_state)
         engine_got = engine_layer_chain(x0, weights, norms, 2, engine_state)()[0].double()
         record["check"][f"ctx {context} skinny"] = {
