@@ -296,8 +296,9 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, layer, unit, T, tmax, rows_smem,
-                    halves_smem, APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
+def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
+                    rows_smem, halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
+                    APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
                     C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
@@ -332,6 +333,9 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
                                       [QKV + layer * N0 + gl.expand_dims(source, 1) + gl.expand_dims(d, 0),
                                        zero + epoch, zero, FAILED + zero], dtype=gl.int32, is_pure=False, pack=8)
     gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
+    stamps = PROFILE + (layer * nprog + unit) * 8  # TIMED == 3: %globaltimer at each stage
+    if TIMED == 3:
+        gl.store(stamps + 1, _globaltime())
     x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     # q/k RMSNorm over each head (v rows untouched)
     is_v = gl.expand_dims(kv_row & ((r - GQ) % 2 == 1), 1)
@@ -364,6 +368,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
     halves_smem.index(0).store(lo)
     halves_smem.index(1).store(hi)
     gl.thread_barrier()  # the shared halves, and this block's cache stores before its loads
+    if TIMED == 3:
+        gl.store(stamps + 2, _globaltime())
     q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
     q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
     # online softmax over this split's positions, a chunk's K and V loaded while the one before is used
@@ -407,6 +413,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
         o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
         m = m_new
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
+    if TIMED == 3:
+        gl.store(stamps + 3, _globaltime())
     # the warps' states into the split's
     m_split = gl.max(m, axis=0)
     warp_share = gl.exp(m - gl.expand_dims(gl.where(m_split == float("-inf"), 0.0, m_split), 0))
@@ -426,6 +434,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
     gl.thread_barrier()
     # the tickets only grow (SPLITS per group and run), so the last of a run's splits sees a multiple of SPLITS
     ticket = gl.atomic_add(TICKET + layer * KVH + kvh, 1, sem="acq_rel", scope="gpu")
+    if TIMED == 3:
+        gl.store(stamps + 4, _globaltime())
     if (ticket + 1) % SPLITS == 0:
         splits = gl.expand_dims(gl.arange(0, SPLITS, gl.SliceLayout(1, CL)), 1)
         cd = gl.arange(0, HD, gl.SliceLayout(0, CL))
@@ -437,6 +447,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch
             share = gl.where(m_s == float("-inf"), 0.0, gl.exp(m_s - gl.expand_dims(gl.max(m_s, axis=0), 0)))
             out = gl.sum(share * o_s, axis=0) / gl.sum(share * sum_s, axis=0)
             _store_rows(ACTS + (layer * 4 + 1) * WIDE + (kvh * GQ + h) * HD, out, cd, HD, epoch)
+        if TIMED == 3:
+            gl.store(stamps + 5, _globaltime())
 
 
 @gluon.jit
@@ -531,6 +543,9 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
             then = now
+        if TIMED == 3:
+            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_g == 1):
+                gl.store(PROFILE + (c_layer * nprog + pid) * 8 + 6, _globaltime())  # o_proj's first input is in
         if TIMED == 2:
             if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_layer * 4 + c_g > 0):
                 # the first unit of a GEMV has its activations: when the GEMV before became readable here
@@ -577,10 +592,13 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                 if c_row + gl.where(packed, BR // 2, BR) >= end:  # this program's last rows of the GEMV: stored when
                     gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
         if ATTN:
+            if TIMED == 3:
+                if (c_g == 0) & (n_g == 1):
+                    gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, epoch, c_layer, pid, T, tmax,
-                                rows_smem, halves_smem, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, ACHUNK,
-                                WARPS)
+                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
+                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
+                                HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -637,17 +655,17 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool = False,
+               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
                norms: torch.Tensor | None = None, attention: dict | None = None):
-    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages,
-    programs per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see
-    packed_gemvs). wait=False reads the
-    activations without waiting for them (wrong results): the kernel's streaming ceiling, so its dependency cost
-    is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per phase (see
-    gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per
-    GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's
-    first activations arrived there. Each run bumps a device-side epoch and stamps x0 with it; the callable returns the
-    values as fp32 [layers, 4, wide].
+    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages, programs
+    per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs).
+    wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling, so
+    its dependency cost is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per
+    phase (see gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and
+    receives, per GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the
+    next GEMV's first activations arrived there; with timeline="attention" it is int64 [layers, programs, 8] and
+    receives the attention stages' times (see gemv_chain.attention_timeline). Each run bumps a device-side epoch and
+    stamps x0 with it; the callable returns the values as fp32 [layers, 4, wide].
 
     With RMSNorm weights `norms` [layers, 2, hidden] (bf16) the chain is a Qwen3 layer without attention (o_proj
     reads q where attention's output would be), its elementwise work done where the data already is:
@@ -681,7 +699,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     norm_weights = norms if layer else torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
     failed = torch.zeros(1, device="cuda", dtype=torch.int32)
-    timed = 0 if profile is None else 2 if timeline else 1
+    timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)

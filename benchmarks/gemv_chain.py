@@ -69,7 +69,7 @@ FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64,
 # the flow kernel doing a layer's elementwise work as well (RMSNorm, residual adds, silu * up; attention left out)
 LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 # and with attention (--attention): (layer config, positions per step of the softmax loop)
-ATTENTION_VARIANTS = [(LAYER_CONFIGS[1], 16), (LAYER_CONFIGS[1], 32), (LAYER_CONFIGS[2], 16)]
+ATTENTION_VARIANTS = [(LAYER_CONFIGS[1], 16), (LAYER_CONFIGS[2], 16)]  # chunk 32 spills: 1.5 ms slower
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -481,6 +481,43 @@ def run(args) -> dict:
     return record
 
 
+def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
+                       config: tuple, attention: dict) -> dict:
+    """Where the flow kernel's attention hop goes, from %globaltimer stamps (one run after a warm-up), medians over
+    layers of per-layer medians over programs (us): `qkv_tail` last minus first program's last qkv store; `inputs`
+    an attention unit's wait for its q/k/v after its own last qkv store, `after_last_qkv` its inputs' arrival
+    after the layer's last qkv store; `norm_rope` q/k norm, RoPE and the cache store; `softmax` the split's loop;
+    `partial` storing the partial and taking the ticket; `combine` the last arriver's sum and store;
+    `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
+    input after its own last qkv store (the whole cost of attention as a program sees it)."""
+    from flow_gemv import flow_chain
+
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
+    stamps = torch.zeros(layers, nprog, 8, device="cuda", dtype=torch.int64)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, stamps, "attention", norms, attention)
+    fn()
+    fn()
+    t = stamps.cpu().double() / 1e3
+    units = 8 * (nprog // 8)
+    per: dict = {key: [] for key in ("qkv_tail", "inputs", "after_last_qkv", "norm_rope", "softmax", "partial",
+                                     "combine", "to_o_proj", "hop")}
+    for layer in t:
+        last_qkv = layer[:, 0].max()
+        att = layer[:units]
+        combined = att[att[:, 5] > 0]
+        per["qkv_tail"].append((last_qkv - layer[:, 0].min()).item())
+        per["inputs"].append((att[:, 1] - att[:, 0]).median().item())
+        per["after_last_qkv"].append((att[:, 1] - last_qkv).median().item())
+        per["norm_rope"].append((att[:, 2] - att[:, 1]).median().item())
+        per["softmax"].append((att[:, 3] - att[:, 2]).median().item())
+        per["partial"].append((att[:, 4] - att[:, 3]).median().item())
+        per["combine"].append((combined[:, 5] - combined[:, 4]).median().item())
+        per["to_o_proj"].append((layer[:, 6] - combined[:, 5].max()).median().item())
+        per["hop"].append((layer[:, 6] - layer[:, 0]).median().item())
+    return {"config": list(config), "chunk": attention.get("chunk", 32), "length": attention["length"],
+            "us": {key: statistics.median(values) for key, values in per.items()}}
+
+
 def run_attention(args) -> dict:
     """Whole decode layers, attention in: the flow kernel with its attention units against the engine's kernels,
     side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
@@ -528,6 +565,10 @@ def run_attention(args) -> dict:
         print(context, "skinny", record["check"][f"ctx {context} skinny"], flush=True)
         paths[f"layer skinny + attention (the engine's kernels), ctx {context}"] = (
             engine_layer_chain(x0, weights, norms, layers, engine_state), context)
+        config, chunk = ATTENTION_VARIANTS[0]
+        timeline = attention_timeline(x0, weights, norms, layers, config, {**flow_state, "chunk": chunk})
+        record.setdefault("attention_timelines", []).append(timeline)
+        print("attention timeline", timeline, flush=True)
     times = {name: [graph_ms(fn, args.reps)] for name, (fn, _) in paths.items()}
     for name in times:  # a second round, interleaved, for drift
         times[name].append(graph_ms(paths[name][0], args.reps))
@@ -551,6 +592,10 @@ def report(path: str) -> str:
                  "| path | context | ms | floor ms | x floor | us/layer |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {name} | {p['context'] or '-'} | {p['ms']:.3f} | {p['floor_ms']:.3f} | {p['x_floor']:.3f} | "
                   f"{p['us_per_layer']:.1f} |" for name, p in r["paths"].items()]
+        for timeline in r.get("attention_timelines", []):
+            lines += ["", f"Attention hop, flow {timeline['config']} chunk {timeline['chunk']}, {timeline['length']} "
+                      "positions (us, medians over layers of medians over programs): "
+                      + ", ".join(f"{key} {value:.2f}" for key, value in timeline["us"].items())]
         return "\n".join(lines + ["", f"Checks: {r['check']}"])
     if "winners" in r:
         kept = [row for row in r["sweep"] if "kept" in row]
