@@ -296,6 +296,36 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 
 
 @gluon.jit
+def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.constexpr):
+    """One chunk of cached K and V from position p (positions at or past `stop` read as zeros): the two halves
+    of each, [warp, position, dim]."""
+    inside = p + offset < stop
+    at = cache + (p + offset) * HD + dims
+    return (gl.load(KC + at, mask=inside, other=0.0), gl.load(KC + at + HALF, mask=inside, other=0.0),
+            gl.load(VC + at, mask=inside, other=0.0), gl.load(VC + at + HALF, mask=inside, other=0.0))
+
+
+@gluon.jit
+def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr,
+                  OW: gl.constexpr):
+    """One chunk of the online softmax: each warp's running max, sum and output over its positions (`valid`
+    marks the real ones), updated with the chunk's."""
+    s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
+               axis=3) * (HD ** -0.5)
+    s = gl.where(valid, s, float("-inf"))
+    m_new = gl.maximum(m, gl.max(s, axis=1))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no position yet
+    alpha = gl.exp(m - m_safe)
+    prob = gl.exp(s - gl.expand_dims(m_safe, 1))
+    total = total * alpha + gl.sum(prob, axis=1)
+    alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
+    prob = gl.expand_dims(prob, 3)
+    o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
+    o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
+    return m_new, total, o_lo, o_hi
+
+
+@gluon.jit
 def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
                     rows_smem, halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
@@ -323,10 +353,30 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # [split, dim]
     kvh = unit // SPLITS
     split = unit % SPLITS
-    # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
+    last = split == SPLITS - 1  # the split that adds the new position
+    # first, all that does not depend on this step's qkv, so that its latency hides in the wait for it: the norm
+    # weights, cos and sin, and the split's first two chunks of cached positions (the new one is taken from
+    # registers: nothing here reads the cache after writing it)
     r = gl.arange(0, 8, gl.SliceLayout(1, PL))
     d = gl.arange(0, HD, gl.SliceLayout(0, PL))
     kv_row = r >= GQ
+    weight = gl.load(QKNORM + layer * 2 * HD + gl.expand_dims(gl.where(kv_row, HD, 0), 1) + gl.expand_dims(d, 0))
+    hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
+    hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
+    cos = gl.load(ROPE + hd)
+    sin = gl.load(ROPE + HALF + hd)
+    start = split * (T - 1) // SPLITS
+    stop = (split + 1) * (T - 1) // SPLITS
+    cache = (layer * KVH + kvh) * tmax * HD
+    offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, KT))), 1), 2) \
+        * PW + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, KT))), 0), 2)
+    dims = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, KT))), 0), 1)
+    score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
+                                  2) * PW \
+        + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
+    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start, stop, offset, dims, HALF, HD)
+    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + C, stop, offset, dims, HALF, HD)
+    # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     source = gl.where(kv_row, (GQ + (r - GQ) % 2) * KVH * HD + kvh * HD, (kvh * GQ + r) * HD)
     zero = gl.zeros([8, HD], gl.int32, PL)
     words = gl.inline_asm_elementwise(APOLL, APOLL_OPERANDS,
@@ -339,7 +389,6 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     # q/k RMSNorm over each head (v rows untouched)
     is_v = gl.expand_dims(kv_row & ((r - GQ) % 2 == 1), 1)
-    weight = gl.load(QKNORM + layer * 2 * HD + gl.expand_dims(gl.where(kv_row, HD, 0), 1) + gl.expand_dims(d, 0))
     scale = gl.expand_dims(gl.rsqrt(gl.sum(x * x, axis=1) / HD + EPS), 1)
     normed = (weight.to(gl.float32) * (x * scale).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
     rows_smem.store(gl.where(is_v, x, normed))
@@ -347,10 +396,6 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     # RoPE on the two halves of each head (d pairs with d + HD / 2)
     lo = rows_smem.slice(0, HALF, dim=1).load(HL)
     hi = rows_smem.slice(HALF, HALF, dim=1).load(HL)
-    hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
-    hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
-    cos = gl.load(ROPE + hd)
-    sin = gl.load(ROPE + HALF + hd)
     rot_lo = ((lo * cos).to(gl.bfloat16).to(gl.float32) + (-hi * sin).to(gl.bfloat16).to(gl.float32)).to(
         gl.bfloat16).to(gl.float32)
     rot_hi = ((hi * cos).to(gl.bfloat16).to(gl.float32) + (lo * sin).to(gl.bfloat16).to(gl.float32)).to(
@@ -358,8 +403,7 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     v_rows = (hr >= GQ) & ((hr - GQ) % 2 == 1)
     lo = gl.where(v_rows, lo, rot_lo)
     hi = gl.where(v_rows, hi, rot_hi)
-    # the split that holds the new position (the last) stores its k and v, then reads them back like the rest
-    last = split == SPLITS - 1
+    # the last split stores the new position's k and v in the cache (for the steps after this one)
     new = ((layer * KVH + kvh) * tmax + T - 1) * HD + hd + hr * 0
     gl.store(KC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ))
     gl.store(KC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ))
@@ -367,52 +411,30 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     gl.store(VC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ + 1))
     halves_smem.index(0).store(lo)
     halves_smem.index(1).store(hi)
-    gl.thread_barrier()  # the shared halves, and this block's cache stores before its loads
+    gl.thread_barrier()
     if TIMED == 3:
         gl.store(stamps + 2, _globaltime())
     q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
     q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
-    # online softmax over this split's positions, a chunk's K and V loaded while the one before is used
-    start = split * T // SPLITS
-    stop = (split + 1) * T // SPLITS
-    cache = (layer * KVH + kvh) * tmax * HD
-    offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, KT))), 1), 2) \
-        * PW + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, KT))), 0), 2)
-    dims = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, KT))), 0), 1)
-    score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
-                                  2) * PW \
-        + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
-    inside = start + offset < stop
-    at = cache + (start + offset) * HD + dims
-    k_lo = gl.load(KC + at, mask=inside, other=0.0)
-    k_hi = gl.load(KC + at + HALF, mask=inside, other=0.0)
-    v_lo = gl.load(VC + at, mask=inside, other=0.0)
-    v_hi = gl.load(VC + at + HALF, mask=inside, other=0.0)
+    # online softmax over the split's cached positions, a chunk's K and V loaded two chunks ahead of its use
     m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
     total = gl.zeros([WARPS, GQ], gl.float32, MW)
     o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     for p in range(start, stop, C):
-        inside = p + C + offset < stop
-        at = cache + (p + C + offset) * HD + dims
-        next_k_lo = gl.load(KC + at, mask=inside, other=0.0)
-        next_k_hi = gl.load(KC + at + HALF, mask=inside, other=0.0)
-        next_v_lo = gl.load(VC + at, mask=inside, other=0.0)
-        next_v_hi = gl.load(VC + at + HALF, mask=inside, other=0.0)
-        s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
-                   axis=3) * (HD ** -0.5)
-        s = gl.where(p + score_offset < stop, s, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, axis=1))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no position yet
-        alpha = gl.exp(m - m_safe)
-        prob = gl.exp(s - gl.expand_dims(m_safe, 1))
-        total = total * alpha + gl.sum(prob, axis=1)
-        alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
-        prob = gl.expand_dims(prob, 3)
-        o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
-        o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
-        m = m_new
+        m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
+                                             o_lo, o_hi, HD, OW)
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
+        next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
+                                                               HD)
+    if last:  # the new position: its k and v from shared memory, in the first slot of warp 0
+        KROW: gl.constexpr = gl.SliceLayout(0, KT)
+        m, total, o_lo, o_hi = _softmax_step(
+            gl.expand_dims(halves_smem.index(0).slice(GQ, 1, dim=0).load(KROW), 0),
+            gl.expand_dims(halves_smem.index(1).slice(GQ, 1, dim=0).load(KROW), 0),
+            gl.expand_dims(halves_smem.index(0).slice(GQ + 1, 1, dim=0).load(KROW), 0),
+            gl.expand_dims(halves_smem.index(1).slice(GQ + 1, 1, dim=0).load(KROW), 0),
+            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD, OW)
     if TIMED == 3:
         gl.store(stamps + 3, _globaltime())
     # the warps' states into the split's
@@ -441,9 +463,9 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
         cd = gl.arange(0, HD, gl.SliceLayout(0, CL))
         partials = PART + (group + splits) * PSTRIDE
         for h in gl.static_range(GQ):
-            m_s = gl.load(partials + GQ * HD + h, volatile=True)
-            sum_s = gl.load(partials + GQ * HD + GQ + h, volatile=True)
-            o_s = gl.load(partials + h * HD + gl.expand_dims(cd, 0), volatile=True)
+            m_s = gl.load(partials + GQ * HD + h, cache_modifier=".cg")
+            sum_s = gl.load(partials + GQ * HD + GQ + h, cache_modifier=".cg")
+            o_s = gl.load(partials + h * HD + gl.expand_dims(cd, 0), cache_modifier=".cg")
             share = gl.where(m_s == float("-inf"), 0.0, gl.exp(m_s - gl.expand_dims(gl.max(m_s, axis=0), 0)))
             out = gl.sum(share * o_s, axis=0) / gl.sum(share * sum_s, axis=0)
             _store_rows(ACTS + (layer * 4 + 1) * WIDE + (kvh * GQ + h) * HD, out, cd, HD, epoch)
