@@ -296,6 +296,29 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 
 
 @gluon.jit
+def _store_float_words(OUT, value, epoch):
+    """fp32 values as two activation words each: the high 16 bits, then the low, under the run's epoch."""
+    bits = value.to(gl.int32, bitcast=True)
+    gl.store(OUT, ((bits >> 16) & 0xFFFF) | (epoch << 16))
+    gl.store(OUT + 1, (bits & 0xFFFF) | (epoch << 16))
+
+
+@gluon.jit
+def _float_from_words(high, low):
+    return (((high & 0xFFFF) << 16) | (low & 0xFFFF)).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _poll(words_at, early, epoch, FAILED, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr):
+    """The activation words at `words_at` once all carry the run's epoch (`early`: the words read before)."""
+    zero = early * 0
+    words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [words_at, zero + epoch, early, FAILED + zero],
+                                      dtype=gl.int32, is_pure=False, pack=PACK)
+    gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
+    return words
+
+
+@gluon.jit
 def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.constexpr):
     """One chunk of cached K and V from position p (positions at or past `stop` read as zeros): the two halves
     of each, [warp, position, dim]."""
@@ -306,10 +329,10 @@ def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.c
 
 
 @gluon.jit
-def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr,
-                  OW: gl.constexpr):
-    """One chunk of the online softmax: each warp's running max, sum and output over its positions (`valid`
-    marks the real ones), updated with the chunk's."""
+def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr):
+    """One chunk of the online softmax: each warp's running max and sum over its positions (`valid` marks the
+    real ones), and the output per position slot (summed over the slots once, after the loop: a sum per chunk
+    costs more shuffles than the multiply-adds it sums), updated with the chunk's."""
     s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
                axis=3) * (HD ** -0.5)
     s = gl.where(valid, s, float("-inf"))
@@ -318,27 +341,29 @@ def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_h
     alpha = gl.exp(m - m_safe)
     prob = gl.exp(s - gl.expand_dims(m_safe, 1))
     total = total * alpha + gl.sum(prob, axis=1)
-    alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
+    alpha = gl.expand_dims(gl.expand_dims(alpha, 1), 3)
     prob = gl.expand_dims(prob, 3)
-    o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
-    o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
+    o_lo = o_lo * alpha + prob * gl.expand_dims(v_lo.to(gl.float32), 2)
+    o_hi = o_hi * alpha + prob * gl.expand_dims(v_hi.to(gl.float32), 2)
     return m_new, total, o_lo, o_hi
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
+def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
                     rows_smem, halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
-                    APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
+                    APOLL_OPERANDS: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
+                    N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
                     C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
-    online softmax over the split's positions; the partial (o, max, sum) to PART. The split that arrives last at
-    the group's ticket sums the group's partials in split order (reruns stay bit-exact) and publishes the
-    attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's rows."""
+    online softmax over the split's positions; the partial (o / sum, max, sum) to PART as activation words. The
+    group's last split waits for the group's partials, sums them in split order (reruns stay bit-exact) and
+    publishes the attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's
+    rows."""
     HALF: gl.constexpr = HD // 2
-    PSTRIDE: gl.constexpr = GQ * HD + 2 * GQ  # one partial: o [GQ, HD], max [GQ], sum [GQ]
+    PSTRIDE: gl.constexpr = GQ * HD + 4 * GQ  # one partial's words: o / sum [GQ, HD], then per head max and sum
     PL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])  # [8, HD]: q heads, k, v, k, v
     HL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # [8, HALF]
     # the softmax loop's [warp, position, head, dim]: each warp keeps its own running max, sum and output over its
@@ -350,7 +375,6 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     OW: gl.constexpr = gl.SliceLayout(1, L4)  # [warp, head, dim]: running output
     QL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # [head, dim]
     PW: gl.constexpr = C // WARPS  # a warp's positions per chunk
-    CL: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # [split, dim]
     kvh = unit // SPLITS
     split = unit % SPLITS
     last = split == SPLITS - 1  # the split that adds the new position
@@ -419,11 +443,11 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     # online softmax over the split's cached positions, a chunk's K and V loaded two chunks ahead of its use
     m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
     total = gl.zeros([WARPS, GQ], gl.float32, MW)
-    o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
-    o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
+    o_lo = gl.zeros([WARPS, PW, GQ, HALF], gl.float32, L4)
+    o_hi = gl.zeros([WARPS, PW, GQ, HALF], gl.float32, L4)
     for p in range(start, stop, C):
         m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
-                                             o_lo, o_hi, HD, OW)
+                                             o_lo, o_hi, HD)
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
         next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
                                                                HD)
@@ -434,7 +458,7 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
             gl.expand_dims(halves_smem.index(1).slice(GQ, 1, dim=0).load(KROW), 0),
             gl.expand_dims(halves_smem.index(0).slice(GQ + 1, 1, dim=0).load(KROW), 0),
             gl.expand_dims(halves_smem.index(1).slice(GQ + 1, 1, dim=0).load(KROW), 0),
-            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD, OW)
+            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD)
     if TIMED == 3:
         gl.store(stamps + 3, _globaltime())
     # the warps' states into the split's
@@ -442,39 +466,54 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFI
     warp_share = gl.exp(m - gl.expand_dims(gl.where(m_split == float("-inf"), 0.0, m_split), 0))
     total = gl.sum(total * warp_share, axis=0)
     warp_share = gl.expand_dims(gl.convert_layout(warp_share, gl.SliceLayout(2, OW)), 2)
-    o_lo = gl.sum(o_lo * warp_share, axis=0)
-    o_hi = gl.sum(o_hi * warp_share, axis=0)
+    o_lo = gl.sum(gl.sum(o_lo, axis=1) * warp_share, axis=0)
+    o_hi = gl.sum(gl.sum(o_hi, axis=1) * warp_share, axis=0)
+    # the partial as activation words (no fence, no atomic: each word says itself whether it is this run's): the
+    # output divided by its sum as bf16, the max and the sum as fp32 in two words each
     group = (layer * KVH + kvh) * SPLITS
     part = PART + (group + split) * PSTRIDE
     at = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, gl.SliceLayout(0, OW))), 1) * HD \
         + gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(0, OW))), 0)
-    gl.store(part + at, o_lo)
-    gl.store(part + at + HALF, o_hi)
+    scale = gl.expand_dims(gl.convert_layout(gl.where(total > 0, 1.0 / total, 0.0),
+                                             gl.SliceLayout(1, gl.SliceLayout(0, OW))), 1)
+    _store_rows(part, o_lo * scale, at, GQ * HD, epoch)
+    _store_rows(part + HALF, o_hi * scale, at, GQ * HD, epoch)
     heads = gl.arange(0, GQ, gl.SliceLayout(0, MW))
-    gl.store(part + GQ * HD + heads, m_split)
-    gl.store(part + GQ * HD + GQ + heads, total)
-    gl.thread_barrier()
-    # the tickets only grow (SPLITS per group and run), so the last of a run's splits sees a multiple of SPLITS
-    ticket = gl.atomic_add(TICKET + layer * KVH + kvh, 1, sem="acq_rel", scope="gpu")
+    _store_float_words(part + GQ * HD + heads * 4, m_split, epoch)
+    _store_float_words(part + GQ * HD + heads * 4 + 2, total, epoch)
     if TIMED == 3:
         gl.store(stamps + 4, _globaltime())
-    if (ticket + 1) % SPLITS == 0:
-        splits = gl.expand_dims(gl.arange(0, SPLITS, gl.SliceLayout(1, CL)), 1)
-        cd = gl.arange(0, HD, gl.SliceLayout(0, CL))
-        partials = PART + (group + splits) * PSTRIDE
-        for h in gl.static_range(GQ):
-            m_s = gl.load(partials + GQ * HD + h, cache_modifier=".cg")
-            sum_s = gl.load(partials + GQ * HD + GQ + h, cache_modifier=".cg")
-            o_s = gl.load(partials + h * HD + gl.expand_dims(cd, 0), cache_modifier=".cg")
-            share = gl.where(m_s == float("-inf"), 0.0, gl.exp(m_s - gl.expand_dims(gl.max(m_s, axis=0), 0)))
-            out = gl.sum(share * o_s, axis=0) / gl.sum(share * sum_s, axis=0)
-            _store_rows(ACTS + (layer * 4 + 1) * WIDE + (kvh * GQ + h) * HD, out, cd, HD, epoch)
+    if last:  # the group's output, from all its splits' partials (in split order: reruns stay bit-exact)
+        O3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [WARPS, 1, 1], [2, 1, 0])  # [split, head, dim]
+        W2: gl.constexpr = gl.SliceLayout(2, O3)  # [split, head]
+        splits = gl.expand_dims(gl.arange(0, SPLITS, gl.SliceLayout(1, W2)), 1)
+        head = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(0, W2)), 0)
+        stats = PART + (group + splits) * PSTRIDE + GQ * HD + head * 4
+        dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0), 0)
+        outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + dim
+        # every word read once together, then waited for where stale
+        early = (gl.load(outputs, volatile=True), gl.load(stats, volatile=True), gl.load(stats + 1, volatile=True),
+                 gl.load(stats + 2, volatile=True), gl.load(stats + 3, volatile=True))
+        output_words = _poll(outputs, early[0], epoch, FAILED, POLL, POLL_OPERANDS, PACK)
+        m_s = _float_from_words(_poll(stats, early[1], epoch, FAILED, POLL, POLL_OPERANDS, PACK),
+                                _poll(stats + 1, early[2], epoch, FAILED, POLL, POLL_OPERANDS, PACK))
+        sum_s = _float_from_words(_poll(stats + 2, early[3], epoch, FAILED, POLL, POLL_OPERANDS, PACK),
+                                  _poll(stats + 3, early[4], epoch, FAILED, POLL, POLL_OPERANDS, PACK))
+        m_max = gl.max(m_s, axis=0)
+        share = gl.where(m_s == float("-inf"), 0.0,
+                         gl.exp(m_s - gl.expand_dims(gl.where(m_max == float("-inf"), 0.0, m_max), 0))) * sum_s
+        partial = (output_words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+        denominator = gl.convert_layout(gl.sum(share, axis=0), gl.SliceLayout(1, gl.SliceLayout(0, O3)))
+        out = gl.sum(gl.expand_dims(share, 2) * partial, axis=0) / gl.expand_dims(denominator, 1)
+        rows = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, gl.SliceLayout(0, O3))), 1) * HD \
+            + gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0)
+        _store_rows(ACTS + (layer * 4 + 1) * WIDE + kvh * GQ * HD, out, rows, GQ * HD, epoch)
         if TIMED == 3:
             gl.store(stamps + 5, _globaltime())
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, TICKET, T, tmax,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T, tmax,
                  ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -618,8 +657,9 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                 if (c_g == 0) & (n_g == 1):
                     gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, TICKET, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
-                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
+                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
+                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, POLL, POLL_OPERANDS,
+                                PACK, N0, WIDE, KVH, GQ,
                                 HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
@@ -636,7 +676,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
 
 @gluon.jit
 def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
-                TICKET, T, tmax, layers, nprog: gl.constexpr,
+                T, tmax, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -660,7 +700,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, TICKET, T,
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T,
                         tmax, ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
                         LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
@@ -727,8 +767,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     kvh, hd, splits, tmax, length, chunk = 1, 128, 1, 1, 1, 32
     att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
-                torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.float32),
-                torch.zeros(1, device="cuda", dtype=torch.int32)]
+                torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.int32)]
     if attention is not None:
         assert layer
         k_cache, v_cache = attention["k_cache"], attention["v_cache"]
@@ -740,8 +779,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         chunk = attention.get("chunk", 32)
         att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
                     attention["qk_norms"], attention["rope"],
-                    torch.zeros(layers * kvh * splits * (group * hd + 2 * group), device="cuda", dtype=torch.float32),
-                    torch.zeros(layers * kvh, device="cuda", dtype=torch.int32)]
+                    torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
