@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
+SPIN = gl.constexpr(SPIN_LIMIT)
 EPS = gl.constexpr(1e-6)  # the RMSNorms' epsilon in the layer chain
 
 
@@ -309,13 +310,9 @@ def _float_from_words(high, low):
 
 
 @gluon.jit
-def _poll(words_at, early, epoch, FAILED, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr):
-    """The activation words at `words_at` once all carry the run's epoch (`early`: the words read before)."""
-    zero = early * 0
-    words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [words_at, zero + epoch, early, FAILED + zero],
-                                      dtype=gl.int32, is_pure=False, pack=PACK)
-    gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
-    return words
+def _stale(words, epoch):
+    """How many of the block's words are not yet this run's (0 when all are)."""
+    return gl.sum(gl.reshape((((words >> 16) & 0xFFFF) != epoch).to(gl.int32), [words.numel]), axis=0)
 
 
 @gluon.jit
@@ -329,10 +326,11 @@ def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.c
 
 
 @gluon.jit
-def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr):
-    """One chunk of the online softmax: each warp's running max and sum over its positions (`valid` marks the
-    real ones), and the output per position slot (summed over the slots once, after the loop: a sum per chunk
-    costs more shuffles than the multiply-adds it sums), updated with the chunk's."""
+def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr,
+                  OW: gl.constexpr):
+    """One chunk of the online softmax: each warp's running max, sum and output over its positions (`valid`
+    marks the real ones), updated with the chunk's. (Keeping the output per position slot and summing the slots
+    once after the loop measured slower: 16d0930.)"""
     s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
                axis=3) * (HD ** -0.5)
     s = gl.where(valid, s, float("-inf"))
@@ -341,18 +339,17 @@ def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_h
     alpha = gl.exp(m - m_safe)
     prob = gl.exp(s - gl.expand_dims(m_safe, 1))
     total = total * alpha + gl.sum(prob, axis=1)
-    alpha = gl.expand_dims(gl.expand_dims(alpha, 1), 3)
+    alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
     prob = gl.expand_dims(prob, 3)
-    o_lo = o_lo * alpha + prob * gl.expand_dims(v_lo.to(gl.float32), 2)
-    o_hi = o_hi * alpha + prob * gl.expand_dims(v_hi.to(gl.float32), 2)
+    o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
+    o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
     return m_new, total, o_lo, o_hi
 
 
 @gluon.jit
 def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
                     rows_smem, halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
-                    APOLL_OPERANDS: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                    N0: gl.constexpr,
+                    APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
                     C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
@@ -443,11 +440,11 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     # online softmax over the split's cached positions, a chunk's K and V loaded two chunks ahead of its use
     m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
     total = gl.zeros([WARPS, GQ], gl.float32, MW)
-    o_lo = gl.zeros([WARPS, PW, GQ, HALF], gl.float32, L4)
-    o_hi = gl.zeros([WARPS, PW, GQ, HALF], gl.float32, L4)
+    o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
+    o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     for p in range(start, stop, C):
         m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
-                                             o_lo, o_hi, HD)
+                                             o_lo, o_hi, HD, OW)
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
         next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
                                                                HD)
@@ -458,7 +455,7 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
             gl.expand_dims(halves_smem.index(1).slice(GQ, 1, dim=0).load(KROW), 0),
             gl.expand_dims(halves_smem.index(0).slice(GQ + 1, 1, dim=0).load(KROW), 0),
             gl.expand_dims(halves_smem.index(1).slice(GQ + 1, 1, dim=0).load(KROW), 0),
-            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD)
+            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD, OW)
     if TIMED == 3:
         gl.store(stamps + 3, _globaltime())
     # the warps' states into the split's
@@ -466,8 +463,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     warp_share = gl.exp(m - gl.expand_dims(gl.where(m_split == float("-inf"), 0.0, m_split), 0))
     total = gl.sum(total * warp_share, axis=0)
     warp_share = gl.expand_dims(gl.convert_layout(warp_share, gl.SliceLayout(2, OW)), 2)
-    o_lo = gl.sum(gl.sum(o_lo, axis=1) * warp_share, axis=0)
-    o_hi = gl.sum(gl.sum(o_hi, axis=1) * warp_share, axis=0)
+    o_lo = gl.sum(o_lo * warp_share, axis=0)
+    o_hi = gl.sum(o_hi * warp_share, axis=0)
     # the partial as activation words (no fence, no atomic: each word says itself whether it is this run's): the
     # output divided by its sum as bf16, the max and the sum as fp32 in two words each
     group = (layer * KVH + kvh) * SPLITS
@@ -491,14 +488,26 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
         stats = PART + (group + splits) * PSTRIDE + GQ * HD + head * 4
         dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0), 0)
         outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + dim
-        # every word read once together, then waited for where stale
-        early = (gl.load(outputs, volatile=True), gl.load(stats, volatile=True), gl.load(stats + 1, volatile=True),
-                 gl.load(stats + 2, volatile=True), gl.load(stats + 3, volatile=True))
-        output_words = _poll(outputs, early[0], epoch, FAILED, POLL, POLL_OPERANDS, PACK)
-        m_s = _float_from_words(_poll(stats, early[1], epoch, FAILED, POLL, POLL_OPERANDS, PACK),
-                                _poll(stats + 1, early[2], epoch, FAILED, POLL, POLL_OPERANDS, PACK))
-        sum_s = _float_from_words(_poll(stats + 2, early[3], epoch, FAILED, POLL, POLL_OPERANDS, PACK),
-                                  _poll(stats + 3, early[4], epoch, FAILED, POLL, POLL_OPERANDS, PACK))
+        # all of the words read together, again until none is stale (waiting word group by word group costs a
+        # round trip per group: 29 us, 16d0930)
+        output_words = gl.load(outputs, volatile=True)
+        m_high = gl.load(stats, volatile=True)
+        m_low = gl.load(stats + 1, volatile=True)
+        sum_high = gl.load(stats + 2, volatile=True)
+        sum_low = gl.load(stats + 3, volatile=True)
+        polls = 0
+        while (_stale(output_words, epoch) + _stale(m_high, epoch) + _stale(m_low, epoch) + _stale(sum_high, epoch)
+               + _stale(sum_low, epoch) > 0) & (polls < SPIN):
+            output_words = gl.load(outputs, volatile=True)
+            m_high = gl.load(stats, volatile=True)
+            m_low = gl.load(stats + 1, volatile=True)
+            sum_high = gl.load(stats + 2, volatile=True)
+            sum_low = gl.load(stats + 3, volatile=True)
+            polls += 1
+        if polls == SPIN:
+            gl.atomic_max(FAILED, 1)
+        m_s = _float_from_words(m_high, m_low)
+        sum_s = _float_from_words(sum_high, sum_low)
         m_max = gl.max(m_s, axis=0)
         share = gl.where(m_s == float("-inf"), 0.0,
                          gl.exp(m_s - gl.expand_dims(gl.where(m_max == float("-inf"), 0.0, m_max), 0))) * sum_s
@@ -658,8 +667,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                     gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
-                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, POLL, POLL_OPERANDS,
-                                PACK, N0, WIDE, KVH, GQ,
+                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
                                 HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
