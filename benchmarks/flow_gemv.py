@@ -348,7 +348,7 @@ def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_h
 
 @gluon.jit
 def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
-                    rows_smem, halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
+                    halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
                     C: gl.constexpr, WARPS: gl.constexpr):
@@ -361,8 +361,10 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     rows."""
     HALF: gl.constexpr = HD // 2
     PSTRIDE: gl.constexpr = GQ * HD + 4 * GQ  # one partial's words: o / sum [GQ, HD], then per head max and sum
-    PL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [WARPS, 1], [1, 0])  # [8, HD]: q heads, k, v, k, v
-    HL: gl.constexpr = gl.BlockedLayout([1, 2], [1, 32], [WARPS, 1], [1, 0])  # [8, HALF]
+    # [half, row, dim]: the group's q heads, k, v, k, v (8 rows), each as its two halves (d pairs with d + HD / 2
+    # in RoPE), 8 words per thread; rows never cross warps, so the norm and RoPE need no shared memory
+    H3: gl.constexpr = gl.BlockedLayout([2, 1, 2], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
+    HL: gl.constexpr = gl.SliceLayout(0, H3)  # [row, dim] of one half
     # the softmax loop's [warp, position, head, dim]: each warp keeps its own running max, sum and output over its
     # positions of a chunk, so the loop reduces only within warps; the warps are combined once, at the end
     L4: gl.constexpr = gl.BlockedLayout([1, C // (4 * WARPS), GQ, 8], [1, 4, 1, 8], [WARPS, 1, 1, 1], [3, 2, 1, 0])
@@ -378,12 +380,12 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     # first, all that does not depend on this step's qkv, so that its latency hides in the wait for it: the norm
     # weights, cos and sin, and the split's first two chunks of cached positions (the new one is taken from
     # registers: nothing here reads the cache after writing it)
-    r = gl.arange(0, 8, gl.SliceLayout(1, PL))
-    d = gl.arange(0, HD, gl.SliceLayout(0, PL))
-    kv_row = r >= GQ
-    weight = gl.load(QKNORM + layer * 2 * HD + gl.expand_dims(gl.where(kv_row, HD, 0), 1) + gl.expand_dims(d, 0))
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
+    kv_row = hr >= GQ
+    weights = QKNORM + layer * 2 * HD + gl.where(kv_row, HD, 0) + hd
+    weight_lo = gl.load(weights).to(gl.float32)
+    weight_hi = gl.load(weights + HALF).to(gl.float32)
     cos = gl.load(ROPE + hd)
     sin = gl.load(ROPE + HALF + hd)
     start = split * (T - 1) // SPLITS
@@ -398,30 +400,32 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start, stop, offset, dims, HALF, HD)
     next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + C, stop, offset, dims, HALF, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
-    source = gl.where(kv_row, (GQ + (r - GQ) % 2) * KVH * HD + kvh * HD, (kvh * GQ + r) * HD)
-    zero = gl.zeros([8, HD], gl.int32, PL)
+    half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
+    row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
+    dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, H3))), 0), 1)
+    source = gl.where(row >= GQ, (GQ + (row - GQ) % 2) * KVH * HD + kvh * HD, (kvh * GQ + row) * HD)
+    zero = gl.zeros([2, 8, HALF], gl.int32, H3)
     words = gl.inline_asm_elementwise(APOLL, APOLL_OPERANDS,
-                                      [QKV + layer * N0 + gl.expand_dims(source, 1) + gl.expand_dims(d, 0),
-                                       zero + epoch, zero, FAILED + zero], dtype=gl.int32, is_pure=False, pack=8)
+                                      [QKV + layer * N0 + source + half * HALF + dim, zero + epoch, zero,
+                                       FAILED + zero], dtype=gl.int32, is_pure=False, pack=8)
     gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
     stamps = PROFILE + (layer * nprog + unit) * 8  # TIMED == 3: %globaltimer at each stage
     if TIMED == 3:
         gl.store(stamps + 1, _globaltime())
     x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
-    # q/k RMSNorm over each head (v rows untouched)
-    is_v = gl.expand_dims(kv_row & ((r - GQ) % 2 == 1), 1)
-    scale = gl.expand_dims(gl.rsqrt(gl.sum(x * x, axis=1) / HD + EPS), 1)
-    normed = (weight.to(gl.float32) * (x * scale).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(gl.float32)
-    rows_smem.store(gl.where(is_v, x, normed))
-    gl.thread_barrier()
-    # RoPE on the two halves of each head (d pairs with d + HD / 2)
-    lo = rows_smem.slice(0, HALF, dim=1).load(HL)
-    hi = rows_smem.slice(HALF, HALF, dim=1).load(HL)
+    lo = gl.sum(gl.where(half == 0, x, 0.0), axis=0)
+    hi = gl.sum(gl.where(half == 1, x, 0.0), axis=0)
+    # q/k RMSNorm over each head (v rows untouched), then RoPE
+    v_rows = kv_row & ((hr - GQ) % 2 == 1)
+    scale = gl.expand_dims(gl.rsqrt((gl.sum(lo * lo, axis=1) + gl.sum(hi * hi, axis=1)) / HD + EPS), 1)
+    lo = gl.where(v_rows, lo, (weight_lo * (lo * scale).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(
+        gl.float32))
+    hi = gl.where(v_rows, hi, (weight_hi * (hi * scale).to(gl.bfloat16).to(gl.float32)).to(gl.bfloat16).to(
+        gl.float32))
     rot_lo = ((lo * cos).to(gl.bfloat16).to(gl.float32) + (-hi * sin).to(gl.bfloat16).to(gl.float32)).to(
         gl.bfloat16).to(gl.float32)
     rot_hi = ((hi * cos).to(gl.bfloat16).to(gl.float32) + (lo * sin).to(gl.bfloat16).to(gl.float32)).to(
         gl.bfloat16).to(gl.float32)
-    v_rows = (hr >= GQ) & ((hr - GQ) % 2 == 1)
     lo = gl.where(v_rows, lo, rot_lo)
     hi = gl.where(v_rows, hi, rot_hi)
     # the last split stores the new position's k and v in the cache (for the steps after this one)
@@ -481,13 +485,15 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     if TIMED == 3:
         gl.store(stamps + 4, _globaltime())
     if last:  # the group's output, from all its splits' partials (in split order: reruns stay bit-exact)
-        O3: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, 1, 32], [WARPS, 1, 1], [2, 1, 0])  # [split, head, dim]
+        # [split, head, dim], a warp per head and the splits inside each thread: the sums over splits need no
+        # shuffles or shared memory
+        O3: gl.constexpr = gl.BlockedLayout([SPLITS, 1, 4], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
         W2: gl.constexpr = gl.SliceLayout(2, O3)  # [split, head]
         splits = gl.expand_dims(gl.arange(0, SPLITS, gl.SliceLayout(1, W2)), 1)
         head = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(0, W2)), 0)
         stats = PART + (group + splits) * PSTRIDE + GQ * HD + head * 4
-        dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0), 0)
-        outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + dim
+        head_dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0), 0)
+        outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + head_dim
         # all of the words read together, again until none is stale (waiting word group by word group costs a
         # round trip per group: 29 us, 16d0930)
         output_words = gl.load(outputs, volatile=True)
@@ -523,7 +529,7 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
 
 @gluon.jit
 def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T, tmax,
-                 ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog: gl.constexpr,
+                 ring, ready, empty, x_smem, halves_smem, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
                  BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -667,7 +673,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                     gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
-                                tmax, rows_smem, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
+                                tmax, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
                                 HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
@@ -703,13 +709,12 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # attention's exchanges between threads: a unit's 8 rows, and their two halves after RMSNorm
-    rows_smem = gl.allocate_shared_memory(gl.float32, [8, HD], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # attention's exchange between threads: a unit's 8 rows' two halves after RMSNorm and RoPE
     halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
         (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T,
-                        tmax, ring, ready, empty, x_smem, rows_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
+                        tmax, ring, ready, empty, x_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
                         LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
