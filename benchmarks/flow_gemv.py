@@ -183,57 +183,24 @@ def _unit_bytes(g, row, kk, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.c
 
 
 @gluon.jit
-def _prefetch_l2(W0, W1, W2, W3, layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
-                 N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-                 K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
-                 PF: gl.constexpr):
-    """Ask L2 for a unit's weight tile (as _issue would copy it), one request per 128-byte line, nothing back."""
-    packed = _packed(g, PACKED)
-    r = gl.arange(0, BR, gl.SliceLayout(1, PF))
-    rows = row + gl.where(packed, r % (BR // 2), r)
-    cols = kk + gl.expand_dims(gl.where(packed, r // (BR // 2), 0) * BK, 1) \
-        + gl.expand_dims(gl.arange(0, BK // 64, gl.SliceLayout(0, PF)) * 64, 0)
-    k = _pick(g, K0, K1, K2, K3)
-    base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
-    base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
-    inside = gl.expand_dims(rows < _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1], 1) & (cols < k)
-    lines = gl.where(inside, base + gl.expand_dims(rows, 1) * k + cols, base)
-    gl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [lines], dtype=gl.int32,
-                              is_pure=False, pack=1)
-
-
-@gluon.jit
 def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
                  STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr,
-                 PACKED: gl.constexpr, AHEAD: gl.constexpr):
+                 PACKED: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
-    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up).
-    With AHEAD > 0 they also ask L2 for unit i + AHEAD before waiting for unit i's slot, so that while the dot
-    warps wait for a dependency (attention: about 15 us a layer) and the ring is full, HBM keeps streaming."""
+    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    PF: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [PWARPS, 1], [1, 0])  # [rows, 128-byte lines]
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     layer, g, row, kk = _first_unit(pid, nprog, N0)
-    a_layer, a_g, a_row, a_kk = _first_unit(pid, nprog, N0)  # the unit AHEAD units on
-    for _ in range(AHEAD):
-        a_layer, a_g, a_row, a_kk = _advance(a_layer, a_g, a_row, a_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                                             BR, BK, G2, PACKED)
     # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
     l_layer, l_g, l_row, l_kk = _first_unit(pid, nprog, N0)
     flight = pid * 0
     for i in range(total):
-        if AHEAD > 0:
-            if i + AHEAD < total:
-                _prefetch_l2(W0, W1, W2, W3, a_layer, a_g, a_row, a_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                             BR, BK, G2, PACKED, PF)
-            a_layer, a_g, a_row, a_kk = _advance(a_layer, a_g, a_row, a_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3,
-                                                 K3, BR, BK, G2, PACKED)
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
         size = _unit_bytes(g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
@@ -729,7 +696,6 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                AHEAD: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
                 SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
@@ -752,7 +718,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
                         LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, AHEAD)),
+                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED)),
     ], [PWARPS], [PREGS])
 
 
@@ -767,8 +733,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
                norms: torch.Tensor | None = None, attention: dict | None = None):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages, programs
-    per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs;
-    optionally units asked of L2 ahead of the ring: see _ws_producer).
+    per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs).
     wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling, so
     its dependency cost is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per
     phase (see gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and
@@ -796,8 +761,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
     (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
     start with attention's output."""
-    br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config[:8]
-    ahead = config[8] if len(config) > 8 else 0
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
     pack = bk // (32 * warps)  # activation words per thread
@@ -832,7 +796,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, AHEAD=ahead, LAYER=layer,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
                      KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk,
