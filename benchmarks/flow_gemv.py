@@ -187,7 +187,7 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
                  STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr,
-                 PACKED: gl.constexpr):
+                 PACKED: gl.constexpr, COPIES: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
@@ -214,8 +214,9 @@ def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.cons
             l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                                  N3, K3, BR, BK, G2, PACKED)
             landed += 1
-        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-               N3, K3, BR, BK, G2, PACKED, COPY)
+        if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
+            _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                   N3, K3, BR, BK, G2, PACKED, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
         layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
@@ -695,7 +696,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
+                TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
                 SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
@@ -718,7 +719,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
                         LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED)),
+                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES)),
     ], [PWARPS], [PREGS])
 
 
@@ -731,7 +732,7 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
-               norms: torch.Tensor | None = None, attention: dict | None = None):
+               norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages, programs
     per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs).
     wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling, so
@@ -760,7 +761,10 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain is a whole Qwen3
     decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
     (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
-    start with attention's output."""
+    start with attention's output.
+
+    copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
+    work without the copies' instructions beside it."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
@@ -796,7 +800,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
                      POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, LAYER=layer,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
                      KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk,

@@ -483,19 +483,21 @@ def run(args) -> dict:
 
 
 def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
-                       config: tuple, attention: dict) -> dict:
+                       config: tuple, attention: dict, copies: bool = True) -> dict:
     """Where the flow kernel's attention hop goes, from %globaltimer stamps (one run after a warm-up), medians over
     layers of per-layer medians over programs (us): `qkv_tail` last minus first program's last qkv store; `inputs`
     an attention unit's wait for its q/k/v after its own last qkv store, `after_last_qkv` its inputs' arrival
     after the layer's last qkv store; `norm_rope` q/k norm, RoPE and the cache store; `softmax` the split's loop;
     `partial` storing the partial and taking the ticket; `combine` the last arriver's sum and store;
     `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
-    input after its own last qkv store (the whole cost of attention as a program sees it)."""
+    input after its own last qkv store (the whole cost of attention as a program sees it). copies=False: the
+    same without weight copies (wrong results), to see what the copy warps' instructions cost the stages."""
     from flow_gemv import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     stamps = torch.zeros(layers, nprog, 8, device="cuda", dtype=torch.int64)
-    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, stamps, "attention", norms, attention)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, True, stamps, "attention", norms, attention,
+                       copies)
     fn()
     fn()
     t = stamps.cpu().double() / 1e3
@@ -516,7 +518,7 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
         per["to_o_proj"].append((layer[:, 6] - combined[:, 5].max()).median().item())
         per["hop"].append((layer[:, 6] - layer[:, 0]).median().item())
     return {"config": list(config), "chunk": attention.get("chunk", 32), "length": attention["length"],
-            "us": {key: statistics.median(values) for key, values in per.items()}}
+            "copies": copies, "us": {key: statistics.median(values) for key, values in per.items()}}
 
 
 def run_attention(args) -> dict:
@@ -563,12 +565,16 @@ def run_attention(args) -> dict:
         record["check"][f"ctx {context} skinny"] = {
             "rel_err": ((engine_got - engine_want).norm() / engine_want.norm()).item()}
         print(context, "skinny", record["check"][f"ctx {context} skinny"], flush=True)
+        fn, _ = flow_chain(x0, weights, layers, ATTENTION_VARIANTS[0][0], GEMVS, WIDEST, norms=norms,
+                           attention={**flow_state, "chunk": ATTENTION_VARIANTS[0][1]}, copies=False)
+        paths[f"layer flow + attention, no weight copies (wrong results), ctx {context}"] = (fn, context)
         paths[f"layer skinny + attention (the engine's kernels), ctx {context}"] = (
             engine_layer_chain(x0, weights, norms, layers, engine_state), context)
         config, chunk = ATTENTION_VARIANTS[0]
-        timeline = attention_timeline(x0, weights, norms, layers, config, {**flow_state, "chunk": chunk})
-        record.setdefault("attention_timelines", []).append(timeline)
-        print("attention timeline", timeline, flush=True)
+        for copies in (True, False):
+            timeline = attention_timeline(x0, weights, norms, layers, config, {**flow_state, "chunk": chunk}, copies)
+            record.setdefault("attention_timelines", []).append(timeline)
+            print("attention timeline", timeline, flush=True)
     times = {name: [graph_ms(fn, args.reps)] for name, (fn, _) in paths.items()}
     for name in times:  # a second round, interleaved, for drift
         times[name].append(graph_ms(paths[name][0], args.reps))
@@ -594,7 +600,8 @@ def report(path: str) -> str:
                   f"{p['us_per_layer']:.1f} |" for name, p in r["paths"].items()]
         for timeline in r.get("attention_timelines", []):
             lines += ["", f"Attention hop, flow {timeline['config']} chunk {timeline['chunk']}, {timeline['length']} "
-                      "positions (us, medians over layers of medians over programs): "
+                      f"positions{'' if timeline.get('copies', True) else ', no weight copies'} (us, medians over "
+                      "layers of medians over programs): "
                       + ", ".join(f"{key} {value:.2f}" for key, value in timeline["us"].items())]
         return "\n".join(lines + ["", f"Checks: {r['check']}"])
     if "winners" in r:
