@@ -352,7 +352,7 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
                     halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    C: gl.constexpr, DEPTH: gl.constexpr, WARPS: gl.constexpr):
+                    C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
@@ -400,9 +400,6 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
         + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
     k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start, stop, offset, dims, HALF, HD)
     next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + C, stop, offset, dims, HALF, HD)
-    if DEPTH == 3:  # a third chunk in flight: the chunks after are loaded three ahead of their use
-        far_k_lo, far_k_hi, far_v_lo, far_v_hi = _kv_chunk(KC, VC, cache, start + 2 * C, stop, offset, dims, HALF,
-                                                           HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -454,13 +451,8 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
         m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
                                              o_lo, o_hi, HD, OW)
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
-        if DEPTH == 3:
-            next_k_lo, next_k_hi, next_v_lo, next_v_hi = far_k_lo, far_k_hi, far_v_lo, far_v_hi
-            far_k_lo, far_k_hi, far_v_lo, far_v_hi = _kv_chunk(KC, VC, cache, p + 3 * C, stop, offset, dims, HALF,
+        next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
                                                                HD)
-        else:
-            next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims,
-                                                                   HALF, HD)
     if last:  # the new position: its k and v from shared memory, in the first slot of warp 0
         KROW: gl.constexpr = gl.SliceLayout(0, KT)
         m, total, o_lo, o_hi = _softmax_step(
@@ -545,7 +537,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr, ADEPTH: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -683,7 +675,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
                                 tmax, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
-                                HD, SPLITS, ACHUNK, ADEPTH, WARPS)
+                                HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -707,7 +699,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr, ACHUNK: gl.constexpr, ADEPTH: gl.constexpr):
+                SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -725,7 +717,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
         (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T,
                         tmax, ring, ready, empty, x_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
-                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK, ADEPTH)),
+                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
         (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                         BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES)),
     ], [PWARPS], [PREGS])
@@ -766,8 +758,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
 
     With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
     [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
-    including the new one; chunk: positions per step of the softmax loop, 16 or 32; depth: chunks in flight, 2 or
-    3), the chain is a whole Qwen3
+    including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain is a whole Qwen3
     decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
     (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
     start with attention's output.
@@ -791,7 +782,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    kvh, hd, splits, tmax, length, chunk, depth = 1, 128, 1, 1, 1, 32, 2
+    kvh, hd, splits, tmax, length, chunk = 1, 128, 1, 1, 1, 32
     att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
                 torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.int32)]
     if attention is not None:
@@ -803,7 +794,6 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
         length = attention["length"]
         chunk = attention.get("chunk", 32)
-        depth = attention.get("depth", 2)
         att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
                     attention["qk_norms"], attention["rope"],
                     torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
@@ -813,7 +803,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk, ADEPTH=depth,
+                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
