@@ -163,21 +163,26 @@ def _kv_range(pid, T, ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexp
 @gluon.jit
 def _advance_kv(layer, g, row, kk, kv_start, kv_stop, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
                 N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-                K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr):
-    """The copy warps' next unit: as _advance, but with this program's cached K/V for attention (g == 4, rows
-    are positions, BR of them a unit) between each layer's qkv and o_proj units."""
-    if g == 4:
-        row += BR
-        if row >= kv_stop:
-            g = g * 0 + 1
-            row = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[0]
+                K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
+                ATTN: gl.constexpr):
+    """The copy warps' next unit: as _advance, but with attention this program's cached K/V (g == 4, rows are
+    positions, BR of them a unit) between each layer's qkv and o_proj units."""
+    if ATTN:
+        if g == 4:
+            row += BR
+            if row >= kv_stop:
+                g = g * 0 + 1
+                row = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[0]
+        else:
+            was_qkv = g == 0
+            layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
+                                         PACKED)
+            if was_qkv & (g == 1) & (kv_start < kv_stop):
+                g = g * 0 + 4
+                row = kv_start
     else:
-        was_qkv = g == 0
         layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
                                      PACKED)
-        if was_qkv & (g == 1) & (kv_start < kv_stop):
-            g = g * 0 + 4
-            row = kv_start
     return layer, g, row, kk
 
 
@@ -185,23 +190,27 @@ def _advance_kv(layer, g, row, kk, kv_start, kv_stop, pid, nprog, N0: gl.constex
 def _issue(W0, W1, W2, W3, KVC, slot, layer, g, row, kk, kv_stop, tmax, pid, nprog, N0: gl.constexpr,
            K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr,
            N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr,
-           PACKED: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, KVW: gl.constexpr, COPY: gl.constexpr):
+           PACKED: gl.constexpr, ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, KVW: gl.constexpr,
+           COPY: gl.constexpr):
     """cp.async of one unit's weight tile [BR, BK] into `slot` (packed: BR / 2 rows, two K tiles); rows past this
     program's range and columns past K are not read (the copy fills zeros). A K/V unit (g == 4) is the same
     copy from the cache, [positions, KVW]: each position's k and v side by side."""
     packed = _packed(g, PACKED)
-    is_kv = g == 4
     r = gl.arange(0, BR, gl.SliceLayout(1, COPY))
     rows = row + gl.where(packed, r % (BR // 2), r)
     cols = kk + gl.expand_dims(gl.where(packed, r // (BR // 2), 0) * BK, 1) \
         + gl.expand_dims(gl.arange(0, BK, gl.SliceLayout(0, COPY)), 0)
-    end = gl.where(is_kv, kv_stop, _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1])
-    k = gl.where(is_kv, KVW, _pick(g, K0, K1, K2, K3))
+    end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
+    k = _pick(g, K0, K1, K2, K3)
+    if ATTN:
+        end = gl.where(g == 4, kv_stop, end)
+        k = gl.where(g == 4, KVW, k)
     mask = gl.expand_dims(rows < end, 1) & (cols < k)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
     base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
-    base = gl.where(is_kv, KVC + (layer * KVH + pid // SPLITS).to(gl.int64) * tmax * KVW, base)
+    if ATTN:
+        base = gl.where(g == 4, KVC + (layer * KVH + pid // SPLITS).to(gl.int64) * tmax * KVW, base)
     cp.async_copy_global_to_shared(slot, base + gl.expand_dims(rows, 1) * k + cols, mask)
 
 
@@ -209,12 +218,14 @@ def _issue(W0, W1, W2, W3, KVC, slot, layer, g, row, kk, kv_stop, tmax, pid, npr
 def _unit_bytes(g, row, kk, kv_stop, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
                 N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
                 K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
-                KVW: gl.constexpr):
+                ATTN: gl.constexpr, KVW: gl.constexpr):
     """Bytes a unit at (g, row, kk) reads: its rows inside this program's range, its columns inside K."""
     packed = _packed(g, PACKED)
-    is_kv = g == 4
-    end = gl.where(is_kv, kv_stop, _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1])
-    columns = gl.where(is_kv, KVW, gl.minimum(_pick(g, K0, K1, K2, K3) - kk, gl.where(packed, 2 * BK, BK)))
+    end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
+    columns = gl.minimum(_pick(g, K0, K1, K2, K3) - kk, gl.where(packed, 2 * BK, BK))
+    if ATTN:
+        end = gl.where(g == 4, kv_stop, end)
+        columns = gl.where(g == 4, KVW, columns)
     return gl.minimum(end - row, gl.where(packed, BR // 2, BR)) * columns * 2
 
 
@@ -245,24 +256,24 @@ def _ws_producer(W0, W1, W2, W3, KVC, T, tmax, ring, ready, empty, layers, pid, 
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
         size = _unit_bytes(g, row, kk, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED,
-                           KVW)
+                           ATTN, KVW)
         # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
         # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
         while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
             if landed > i - STAGES:
                 mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
             flight -= _unit_bytes(l_g, l_row, l_kk, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
-                                  G2, PACKED, KVW)
+                                  G2, PACKED, ATTN, KVW)
             l_layer, l_g, l_row, l_kk = _advance_kv(l_layer, l_g, l_row, l_kk, kv_start, kv_stop, pid, nprog, N0,
-                                                    K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
+                                                    K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED, ATTN)
             landed += 1
         if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
             _issue(W0, W1, W2, W3, KVC, ring.index(slot), layer, g, row, kk, kv_stop, tmax, pid, nprog, N0, K0,
-                   N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED, KVH, SPLITS, KVW, COPY)
+                   N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED, ATTN, KVH, SPLITS, KVW, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
         layer, g, row, kk = _advance_kv(layer, g, row, kk, kv_start, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                        N3, K3, BR, BK, G2, PACKED)
+                                        N3, K3, BR, BK, G2, PACKED, ATTN)
 
 
 @gluon.jit
@@ -485,12 +496,13 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
         mbarrier.wait(ready.index(w % STAGES), (w // STAGES) & 1)
         slot = ring.index(w % STAGES)
         for c in gl.static_range(BR // C):
-            m, total, o_lo, o_hi = _softmax_step(
-                _slot_chunk(slot, c * C, 0, C, HALF, WARPS, KT2, KT),
-                _slot_chunk(slot, c * C, HALF, C, HALF, WARPS, KT2, KT),
-                _slot_chunk(slot, c * C, HD, C, HALF, WARPS, KT2, KT),
-                _slot_chunk(slot, c * C, HD + HALF, C, HALF, WARPS, KT2, KT),
-                q_lo, q_hi, kv_start + j * BR + c * C + score_offset < kv_stop, m, total, o_lo, o_hi, HD, OW)
+            if kv_start + j * BR + c * C < kv_stop:  # (a split's last slot is partly empty)
+                m, total, o_lo, o_hi = _softmax_step(
+                    _slot_chunk(slot, c * C, 0, C, HALF, WARPS, KT2, KT),
+                    _slot_chunk(slot, c * C, HALF, C, HALF, WARPS, KT2, KT),
+                    _slot_chunk(slot, c * C, HD, C, HALF, WARPS, KT2, KT),
+                    _slot_chunk(slot, c * C, HD + HALF, C, HALF, WARPS, KT2, KT),
+                    q_lo, q_hi, kv_start + j * BR + c * C + score_offset < kv_stop, m, total, o_lo, o_hi, HD, OW)
         mbarrier.arrive(empty.index(w % STAGES))
     if last:  # the new position: its k and v from shared memory, in the first slot of warp 0
         KROW: gl.constexpr = gl.SliceLayout(0, KT)
