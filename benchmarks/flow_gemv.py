@@ -151,50 +151,12 @@ def _advance(layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr, 
 
 
 @gluon.jit
-def _kv_range(pid, T, ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr):
-    """This program's share [start, stop) of the T - 1 cached positions of its attention unit's kv head (empty
-    without attention, or for the programs past the units)."""
-    split = pid % SPLITS
-    start = split * (T - 1) // SPLITS
-    stop = gl.where(ATTN & (pid < KVH * SPLITS), (split + 1) * (T - 1) // SPLITS, start)
-    return start, stop
-
-
-@gluon.jit
-def _advance_kv(layer, g, row, kk, kv_start, kv_stop, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
-                N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-                K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
-                ATTN: gl.constexpr):
-    """The copy warps' next unit: as _advance, but with attention this program's cached K/V (g == 4, rows are
-    positions, BR of them a unit) between each layer's qkv and o_proj units."""
-    if ATTN:
-        if g == 4:
-            row += BR
-            if row >= kv_stop:
-                g = g * 0 + 1
-                row = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[0]
-        else:
-            was_qkv = g == 0
-            layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
-                                         PACKED)
-            if was_qkv & (g == 1) & (kv_start < kv_stop):
-                g = g * 0 + 4
-                row = kv_start
-    else:
-        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
-                                     PACKED)
-    return layer, g, row, kk
-
-
-@gluon.jit
-def _issue(W0, W1, W2, W3, KVC, slot, layer, g, row, kk, kv_stop, tmax, pid, nprog, N0: gl.constexpr,
-           K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr,
-           N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr,
-           PACKED: gl.constexpr, ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, KVW: gl.constexpr,
+def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr, K0: gl.constexpr,
+           N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
+           K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
            COPY: gl.constexpr):
     """cp.async of one unit's weight tile [BR, BK] into `slot` (packed: BR / 2 rows, two K tiles); rows past this
-    program's range and columns past K are not read (the copy fills zeros). A K/V unit (g == 4) is the same
-    copy from the cache, [positions, KVW]: each position's k and v side by side."""
+    program's range and columns past K are not read (the copy fills zeros)."""
     packed = _packed(g, PACKED)
     r = gl.arange(0, BR, gl.SliceLayout(1, COPY))
     rows = row + gl.where(packed, r % (BR // 2), r)
@@ -202,51 +164,37 @@ def _issue(W0, W1, W2, W3, KVC, slot, layer, g, row, kk, kv_stop, tmax, pid, npr
         + gl.expand_dims(gl.arange(0, BK, gl.SliceLayout(0, COPY)), 0)
     end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
     k = _pick(g, K0, K1, K2, K3)
-    if ATTN:
-        end = gl.where(g == 4, kv_stop, end)
-        k = gl.where(g == 4, KVW, k)
     mask = gl.expand_dims(rows < end, 1) & (cols < k)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
     base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
-    if ATTN:
-        base = gl.where(g == 4, KVC + (layer * KVH + pid // SPLITS).to(gl.int64) * tmax * KVW, base)
     cp.async_copy_global_to_shared(slot, base + gl.expand_dims(rows, 1) * k + cols, mask)
 
 
 @gluon.jit
-def _unit_bytes(g, row, kk, kv_stop, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
-                N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
-                K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
-                ATTN: gl.constexpr, KVW: gl.constexpr):
+def _unit_bytes(g, row, kk, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
+                K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
+                BR: gl.constexpr, BK: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr):
     """Bytes a unit at (g, row, kk) reads: its rows inside this program's range, its columns inside K."""
     packed = _packed(g, PACKED)
     end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
     columns = gl.minimum(_pick(g, K0, K1, K2, K3) - kk, gl.where(packed, 2 * BK, BK))
-    if ATTN:
-        end = gl.where(g == 4, kv_stop, end)
-        columns = gl.where(g == 4, KVW, columns)
     return gl.minimum(end - row, gl.where(packed, BR // 2, BR)) * columns * 2
 
 
 @gluon.jit
-def _ws_producer(W0, W1, W2, W3, KVC, T, tmax, ring, ready, empty, layers, pid, nprog: gl.constexpr,
+def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
                  STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr,
-                 PACKED: gl.constexpr, COPIES: gl.constexpr, ATTN: gl.constexpr, KVH: gl.constexpr,
-                 SPLITS: gl.constexpr, KVW: gl.constexpr):
+                 PACKED: gl.constexpr, COPIES: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
-    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up).
-    With attention, a program's share of the cached K/V streams through the ring like weights, after its qkv
-    units (it does not depend on the step), so the attention unit reads it from shared memory."""
+    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    kv_start, kv_stop = _kv_range(pid, T, ATTN, KVH, SPLITS)
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED) \
-        + layers * gl.cdiv(kv_stop - kv_start, BR)
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     layer, g, row, kk = _first_unit(pid, nprog, N0)
     # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
@@ -255,25 +203,24 @@ def _ws_producer(W0, W1, W2, W3, KVC, T, tmax, ring, ready, empty, layers, pid, 
     for i in range(total):
         slot = i % STAGES
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
-        size = _unit_bytes(g, row, kk, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED,
-                           ATTN, KVW)
+        size = _unit_bytes(g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
         # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
         # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
         while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
             if landed > i - STAGES:
                 mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
-            flight -= _unit_bytes(l_g, l_row, l_kk, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
-                                  G2, PACKED, ATTN, KVW)
-            l_layer, l_g, l_row, l_kk = _advance_kv(l_layer, l_g, l_row, l_kk, kv_start, kv_stop, pid, nprog, N0,
-                                                    K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED, ATTN)
+            flight -= _unit_bytes(l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
+                                  PACKED)
+            l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                                 N3, K3, BR, BK, G2, PACKED)
             landed += 1
         if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
-            _issue(W0, W1, W2, W3, KVC, ring.index(slot), layer, g, row, kk, kv_stop, tmax, pid, nprog, N0, K0,
-                   N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED, ATTN, KVH, SPLITS, KVW, COPY)
+            _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                   N3, K3, BR, BK, G2, PACKED, COPY)
         cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
         flight += size
-        layer, g, row, kk = _advance_kv(layer, g, row, kk, kv_start, kv_stop, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                        N3, K3, BR, BK, G2, PACKED, ATTN)
+        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
+                                     PACKED)
 
 
 @gluon.jit
@@ -370,12 +317,13 @@ def _stale(words, epoch):
 
 
 @gluon.jit
-def _slot_chunk(slot, first: gl.constexpr, column: gl.constexpr, C: gl.constexpr, HALF: gl.constexpr,
-                WARPS: gl.constexpr, KT2: gl.constexpr, KT: gl.constexpr):
-    """C positions of one K or V half from a ring slot of cached K/V ([positions, k then v]), as
-    [warp, position, dim]."""
-    rows = slot.slice(first, C, dim=0).slice(column, HALF, dim=1).load(KT2)
-    return gl.convert_layout(gl.reshape(rows, [WARPS, C // WARPS, HALF]), KT)
+def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.constexpr):
+    """One chunk of cached K and V from position p (positions at or past `stop` read as zeros): the two halves
+    of each, [warp, position, dim]."""
+    inside = p + offset < stop
+    at = cache + (p + offset) * HD + dims
+    return (gl.load(KC + at, mask=inside, other=0.0), gl.load(KC + at + HALF, mask=inside, other=0.0),
+            gl.load(VC + at, mask=inside, other=0.0), gl.load(VC + at + HALF, mask=inside, other=0.0))
 
 
 @gluon.jit
@@ -400,17 +348,16 @@ def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_h
 
 
 @gluon.jit
-def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
-                    halves_smem, ring, ready, empty, first_slot, kv_start, kv_stop, nprog: gl.constexpr,
-                    TIMED: gl.constexpr, APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
+def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
+                    halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
+                    APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    C: gl.constexpr, BR: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr):
+                    C: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
-    qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as the
-    engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an online
-    softmax over the split's cached positions, which the copy warps have streamed into the ring (ring slots
-    first_slot on, BR positions each), and the new one; the partial (o / sum, max, sum) to PART as activation words.
-    The group's last split waits for the group's partials, sums them in split order (reruns stay bit-exact) and
+    qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
+    the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
+    online softmax over the split's positions; the partial (o / sum, max, sum) to PART as activation words. The
+    group's last split waits for the group's partials, sums them in split order (reruns stay bit-exact) and
     publishes the attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's
     rows."""
     HALF: gl.constexpr = HD // 2
@@ -428,12 +375,12 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
     OW: gl.constexpr = gl.SliceLayout(1, L4)  # [warp, head, dim]: running output
     QL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # [head, dim]
     PW: gl.constexpr = C // WARPS  # a warp's positions per chunk
-    KT2: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])  # [position, dim], as KT flattened
     kvh = unit // SPLITS
     split = unit % SPLITS
     last = split == SPLITS - 1  # the split that adds the new position
     # first, all that does not depend on this step's qkv, so that its latency hides in the wait for it: the norm
-    # weights, cos and sin
+    # weights, cos and sin, and the split's first two chunks of cached positions (the new one is taken from
+    # registers: nothing here reads the cache after writing it)
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
     kv_row = hr >= GQ
@@ -442,9 +389,17 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
     weight_hi = gl.load(weights + HALF).to(gl.float32)
     cos = gl.load(ROPE + hd)
     sin = gl.load(ROPE + HALF + hd)
+    start = split * (T - 1) // SPLITS
+    stop = (split + 1) * (T - 1) // SPLITS
+    cache = (layer * KVH + kvh) * tmax * HD
+    offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, KT))), 1), 2) \
+        * PW + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, KT))), 0), 2)
+    dims = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, KT))), 0), 1)
     score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
                                   2) * PW \
         + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
+    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start, stop, offset, dims, HALF, HD)
+    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + C, stop, offset, dims, HALF, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -474,11 +429,12 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
         gl.bfloat16).to(gl.float32)
     lo = gl.where(v_rows, lo, rot_lo)
     hi = gl.where(v_rows, hi, rot_hi)
-    # the last split stores the new position's k and v in the cache (for the steps after this one): rows GQ and
-    # GQ + 1 are k and v, side by side in the cache
-    new = ((layer * KVH + kvh) * tmax + T - 1) * 2 * HD + (hr - GQ) * HD + hd
-    gl.store(KVC + new, lo.to(gl.bfloat16), mask=last & kv_row & (hr < GQ + 2))
-    gl.store(KVC + new + HALF, hi.to(gl.bfloat16), mask=last & kv_row & (hr < GQ + 2))
+    # the last split stores the new position's k and v in the cache (for the steps after this one)
+    new = ((layer * KVH + kvh) * tmax + T - 1) * HD + hd + hr * 0
+    gl.store(KC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ))
+    gl.store(KC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ))
+    gl.store(VC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ + 1))
+    gl.store(VC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ + 1))
     halves_smem.index(0).store(lo)
     halves_smem.index(1).store(hi)
     gl.thread_barrier()
@@ -486,24 +442,17 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
         gl.store(stamps + 2, _globaltime())
     q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
     q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
-    # online softmax over the split's cached positions, from the ring: BR positions a slot, C a step
+    # online softmax over the split's cached positions, a chunk's K and V loaded two chunks ahead of its use
     m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
     total = gl.zeros([WARPS, GQ], gl.float32, MW)
     o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
-    for j in range(gl.cdiv(kv_stop - kv_start, BR)):
-        w = first_slot + j
-        mbarrier.wait(ready.index(w % STAGES), (w // STAGES) & 1)
-        slot = ring.index(w % STAGES)
-        for c in gl.static_range(BR // C):
-            if kv_start + j * BR + c * C < kv_stop:  # (a split's last slot is partly empty)
-                m, total, o_lo, o_hi = _softmax_step(
-                    _slot_chunk(slot, c * C, 0, C, HALF, WARPS, KT2, KT),
-                    _slot_chunk(slot, c * C, HALF, C, HALF, WARPS, KT2, KT),
-                    _slot_chunk(slot, c * C, HD, C, HALF, WARPS, KT2, KT),
-                    _slot_chunk(slot, c * C, HD + HALF, C, HALF, WARPS, KT2, KT),
-                    q_lo, q_hi, kv_start + j * BR + c * C + score_offset < kv_stop, m, total, o_lo, o_hi, HD, OW)
-        mbarrier.arrive(empty.index(w % STAGES))
+    for p in range(start, stop, C):
+        m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
+                                             o_lo, o_hi, HD, OW)
+        k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
+        next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
+                                                               HD)
     if last:  # the new position: its k and v from shared memory, in the first slot of warp 0
         KROW: gl.constexpr = gl.SliceLayout(0, KT)
         m, total, o_lo, o_hi = _softmax_step(
@@ -580,7 +529,7 @@ def _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, 
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM, ROPE, PART, T, tmax,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T, tmax,
                  ring, ready, empty, x_smem, halves_smem, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -617,8 +566,6 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM,
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    kv_start, kv_stop = _kv_range(pid, T, ATTN, KVH, SPLITS)
-    kv_seen = pid * 0
     # clock cycles per (GEMV, phase): waiting for weights, the next unit's cursor and prefetch, activations in, dot
     # and store
     slots = gl.arange(0, 16, X)
@@ -680,9 +627,8 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM,
             if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_layer * 4 + c_g > 0):
                 # the first unit of a GEMV has its activations: when the GEMV before became readable here
                 gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
-        w = i + kv_seen  # this unit's ring slot: the attention units' K/V slots come between the GEMVs'
-        slot = ring.index(w % STAGES)
-        mbarrier.wait(ready.index(w % STAGES), (w // STAGES) & 1)
+        slot = ring.index(i % STAGES)
+        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
@@ -694,7 +640,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM,
         else:
             acc0, acc1, acc2, acc3 = _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH,
                                                A_OP, B_OP, False)
-        mbarrier.arrive(empty.index(w % STAGES))
+        mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + gl.where(packed, 2 * BK, BK) >= k_now:
             # a row's sum: column 0, or for a packed unit's second half of the tile column 1 (its second K tile)
             half = gl.where(packed, out_rows // (BR // 2), 0)
@@ -727,10 +673,9 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM,
                 if (c_g == 0) & (n_g == 1):
                     gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KVC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
-                                tmax, halves_smem, ring, ready, empty, w + 1, kv_start, kv_stop, nprog, TIMED, APOLL,
-                                APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, ACHUNK, BR, STAGES, WARPS)
-                kv_seen += gl.cdiv(kv_stop - kv_start, BR)  # the ring slots it took
+                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
+                                tmax, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
+                                HD, SPLITS, ACHUNK, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -745,8 +690,8 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM,
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM, ROPE, PART, T,
-                tmax, layers, nprog: gl.constexpr,
+def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
+                T, tmax, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -769,13 +714,12 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KVC, QKNORM, ROPE, PART, T,
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T,
                         tmax, ring, ready, empty, x_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
                         N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
                         LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
-        (_ws_producer, (W0, W1, W2, W3, KVC, T, tmax, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2,
-                        K2, N3, K3, BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH,
-                        SPLITS, 2 * HD)),
+        (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES)),
     ], [PWARPS], [PREGS])
 
 
@@ -812,12 +756,12 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
     down.
 
-    With `attention` as well (a dict: kv_cache [layers, kv heads, max positions, 2, head_dim] bf16 (each position's
-    k, then v), qk_norms [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position),
-    length: the positions including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain
-    is a whole Qwen3 decode layer: o_proj reads attention's output, computed by (kv head, context split) units
-    between qkv and o_proj (see _attention_unit), the new k and v written to the cache at length - 1; the values
-    returned per layer then start with attention's output.
+    With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
+    [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
+    including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain is a whole Qwen3
+    decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
+    (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
+    start with attention's output.
 
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
     work without the copies' instructions beside it."""
@@ -839,19 +783,18 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     kvh, hd, splits, tmax, length, chunk = 1, 128, 1, 1, 1, 32
-    att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16,
+    att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
                 torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.int32)]
     if attention is not None:
         assert layer
-        kv_cache = attention["kv_cache"]
-        _, kvh, tmax, _, hd = kv_cache.shape
-        assert kv_cache.is_contiguous() and br == 64
+        k_cache, v_cache = attention["k_cache"], attention["v_cache"]
+        _, kvh, tmax, hd = k_cache.shape
         splits = 1 << ((nprog // kvh).bit_length() - 1)  # one unit per program at most, a power of two per group
         group = gemvs[1][2] // (kvh * hd)
         assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
         length = attention["length"]
         chunk = attention.get("chunk", 32)
-        att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), kv_cache,
+        att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
                     attention["qk_norms"], attention["rope"],
                     torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}

@@ -118,22 +118,17 @@ def bf(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).double()
 
 
-def make_attention(layers: int, context: int, seed: int = 2, interleaved: bool = False) -> dict:
+def make_attention(layers: int, context: int, seed: int = 2) -> dict:
     """A decode step's attention state at `context` cached positions (random bf16 K/V, one spare layer), q/k
     RMSNorm weights near 1, and cos/sin of the new position (theta 1e6, rounded to bf16 as the engine's are), in
-    flow_chain's `attention` form. K and V are k_cache and v_cache [layers, kv heads, positions, head_dim] for the
-    engine; interleaved, they are views of flow_chain's kv_cache [layers, kv heads, positions, 2, head_dim]."""
+    flow_chain's `attention` form."""
     gen = torch.Generator(device="cuda").manual_seed(seed)
     length = context + 1
     shape = (layers + 1, KV_HEADS, length, HEAD_DIM)
     inv_freq = 1.0 / (1e6 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM))
     angle = (length - 1) * inv_freq
-    keys = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
-    values = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
-    if interleaved:
-        kv = torch.stack([keys, values], dim=3)
-        keys, values = kv[:, :, :, 0], kv[:, :, :, 1]
-    return {**({"kv_cache": kv} if interleaved else {}), "k_cache": keys, "v_cache": values,
+    return {"k_cache": torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16),
+            "v_cache": torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16),
             "qk_norms": (1 + 0.1 * torch.randn(layers + 1, 2, HEAD_DIM, device="cuda", generator=gen)).to(
                 torch.bfloat16),
             "rope": torch.stack([angle.cos(), angle.sin()]).to(torch.bfloat16).float(), "length": length}
@@ -548,7 +543,7 @@ def run_attention(args) -> dict:
         fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms)
         paths[f"layer flow cap{config[6]}"] = (fn, 0)
     for context in args.contexts:
-        flow_state, engine_state = make_attention(layers, context, interleaved=True), make_attention(layers, context)
+        flow_state, engine_state = make_attention(layers, context), make_attention(layers, context)
         kv_bytes = layers * 2 * KV_HEADS * flow_state["length"] * HEAD_DIM * 2
         record["contexts"][context] = {"kv_bytes": kv_bytes,
                                        "floor_ms": (weight_bytes + kv_bytes) / bandwidth * 1e3}
