@@ -596,3 +596,56 @@ def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_
     # every flow config of that run was checked against fp64, never gave up waiting, and reran bit for bit
     checks = [c for name, c in record["check"].items() if name.startswith("flow")]
     assert checks and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"] for c in checks)
+
+
+def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton():
+    """The --attention run (whole decode layers, the flow kernel against the engine's kernels) renders from the
+    committed H100 JSON: its paths with their floors, the attention hop's stages, and checks that all passed."""
+    stored = REPO_ROOT / "benchmarks" / "results" / "gemv_chain-20261123-005558.json"
+    record = json.loads(stored.read_text())
+    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
+                         capture_output=True, text=True, check=True).stdout
+    flow = record["paths"]["layer flow cap64 + attention, ctx 512"]
+    assert f"| layer flow cap64 + attention, ctx 512 | 512 | {flow['ms']:.3f} | {flow['floor_ms']:.3f} | " \
+           f"{flow['x_floor']:.3f} |" in out
+    hop = record["attention_timelines"][0]["us"]["hop"]
+    assert f"hop {hop:.2f}" in out
+    flow_checks = [c for name, c in record["check"].items() if "flow" in name]
+    assert flow_checks and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"]
+                               for c in flow_checks)
+
+
+def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
+    """The fp64 attention that the flow kernel is checked against (gemv_chain.attention_reference) computes what
+    blockspec's eager decode path computes on the CPU in bf16 (q/k RMSNorm, rotate-half RoPE, the new k and v
+    stored at the last position, grouped-query attention): the GPU check is against the right function."""
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import gemv_chain
+
+    from blockspec.layers import RMSNorm, RotaryEmbedding, attention, qkv_rope_store
+
+    gen = torch.Generator().manual_seed(0)
+    hd, kvh = gemv_chain.HEAD_DIM, gemv_chain.KV_HEADS
+    heads, length = gemv_chain.GEMVS[1][2] // hd, 65
+    qkv = torch.randn((heads + 2 * kvh) * hd, generator=gen).to(torch.bfloat16)
+    keys, values = (torch.randn(1, kvh, length, hd, generator=gen).to(torch.bfloat16) for _ in range(2))
+    norms = (1 + 0.1 * torch.randn(1, 2, hd, generator=gen)).to(torch.bfloat16)
+    position = torch.tensor([[length - 1]])
+    cos, sin = RotaryEmbedding(1.0 / (1e6 ** (torch.arange(0, hd, 2).float() / hd)))(position, torch.bfloat16)
+    state = {"k_cache": keys, "v_cache": values, "qk_norms": norms, "length": length,
+             "rope": torch.stack([cos[0, 0, 0, :hd // 2], sin[0, 0, 0, :hd // 2]]).float()}
+    want = gemv_chain.attention_reference(qkv.double(), state, 0)
+
+    q_norm, k_norm = RMSNorm(hd, 1e-6), RMSNorm(hd, 1e-6)
+    q_norm.weight.data, k_norm.weight.data = norms[0, 0].clone(), norms[0, 1].clone()
+    k_cache, v_cache = keys.clone(), values.clone()
+    q, k, v = qkv.view(1, 1, -1).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
+    with torch.no_grad():
+        rotated = qkv_rope_store(q, k, v, heads, kvh, hd, q_norm, k_norm, cos, sin, position, k_cache, v_cache)
+        got = attention(rotated, k_cache, v_cache, position, length).reshape(-1).double()
+    assert torch.equal(k_cache[:, :, :-1], keys[:, :, :-1])  # only the new position was written
+    rel_err = ((got - want).norm() / want.norm()).item()
+    assert rel_err < 1e-2, rel_err
+    # and the check has teeth: the reference with its rotary frequencies in reverse order is far off
+    wrong = gemv_chain.attention_reference(qkv.double(), {**state, "rope": state["rope"].flip(1)}, 0)
+    assert ((got - wrong).norm() / want.norm()).item() > 10 * rel_err
