@@ -732,7 +732,8 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
-               norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True):
+               norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True,
+               last_only: bool = False):
     """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages, programs
     per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs).
     wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling, so
@@ -764,7 +765,8 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     start with attention's output.
 
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
-    work without the copies' instructions beside it."""
+    work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
+    [its rows]), without decoding every layer's words."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
@@ -811,6 +813,8 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
         _flow_chain[(nprog,)](*weights, acts, norm_weights, scratch, epoch, failed, cycles, *att_args, length, tmax,
                               layers, **constants, num_warps=warps)
+        if last_only:
+            return ((acts[layers * 4, :gemvs[3][1]] & 0xFFFF) << 16).view(torch.float32)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
     return run, failed

@@ -521,10 +521,25 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
             "copies": copies, "us": {key: statistics.median(values) for key, values in per.items()}}
 
 
+VOCAB = 151936  # Qwen3-4B's lm_head rows
+
+
+def with_lm_head(layers_fn, head: dict):
+    """A chain of layers (returning the last residual, bf16 [1, hidden]) followed by what ends an AR step: the
+    final RMSNorm, the lm_head (the engine's skinny GEMM) and the argmax."""
+    from blockspec import kernels
+
+    def run() -> torch.Tensor:
+        normed = kernels.rms_norm(layers_fn(), head["norm"], 1e-6)
+        return kernels.skinny_linear(normed, head["weight"]).argmax(-1)
+    return run
+
+
 def run_attention(args) -> dict:
     """Whole decode layers, attention in: the flow kernel with its attention units against the engine's kernels,
     side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
-    layers first. The floor adds the K/V bytes a step reads to the weights'."""
+    layers first. The floor adds the K/V bytes a step reads to the weights'. Then both as an AR step but for the
+    embedding (with_lm_head): its floor adds the lm_head's bytes (context keyed negative in the record)."""
     from flow_gemv import flow_chain
 
     torch.manual_seed(0)
@@ -538,6 +553,10 @@ def run_attention(args) -> dict:
                     "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": weight_bytes / bandwidth * 1e3,
                     "check": {}, "paths": {}, "contexts": {}}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    head = {"weight": torch.randn(VOCAB, GEMVS[0][2], device="cuda", generator=gen).to(torch.bfloat16)
+            * GEMVS[0][2] ** -0.5, "norm": norms[layers, 0]}  # the spare layer's norm as the final one
+    head_bytes = head["weight"].numel() * 2
     paths = {"layer skinny (the engine's kernels)": (engine_layer_chain(x0, weights, norms, layers), 0)}
     for config in LAYER_CONFIGS[1:2]:
         fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms)
@@ -570,7 +589,16 @@ def run_attention(args) -> dict:
         paths[f"layer flow + attention, no weight copies (wrong results), ctx {context}"] = (fn, context)
         paths[f"layer skinny + attention (the engine's kernels), ctx {context}"] = (
             engine_layer_chain(x0, weights, norms, layers, engine_state), context)
+        # an AR step but for the embedding: the layers, the final norm, the lm_head and the argmax
         config, chunk = ATTENTION_VARIANTS[0]
+        flow_layers, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms,
+                                    attention={**flow_state, "chunk": chunk}, last_only=True)
+        paths[f"AR step: flow kernel + lm_head, ctx {context}"] = (
+            with_lm_head(lambda fn=flow_layers: fn().to(torch.bfloat16)[None], head), -context)
+        paths[f"AR step: the engine's kernels + lm_head, ctx {context}"] = (
+            with_lm_head(engine_layer_chain(x0, weights, norms, layers, make_attention(layers, context)), head),
+            -context)
+        record["contexts"][-context] = {"floor_ms": (weight_bytes + kv_bytes + head_bytes) / bandwidth * 1e3}
         for copies in (True, False):
             timeline = attention_timeline(x0, weights, norms, layers, config, {**flow_state, "chunk": chunk}, copies)
             record.setdefault("attention_timelines", []).append(timeline)
@@ -581,6 +609,7 @@ def run_attention(args) -> dict:
     for name, ts in times.items():
         context = paths[name][1]
         floor = record["contexts"][context]["floor_ms"] if context else record["floor_ms"]
+        context = abs(context)
         ms = statistics.median(ts)
         record["paths"][name] = {"ms": ms, "rounds_ms": ts, "context": context, "floor_ms": floor,
                                  "x_floor": ms / floor, "us_per_layer": ms * 1e3 / layers}
