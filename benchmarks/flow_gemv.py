@@ -183,44 +183,93 @@ def _unit_bytes(g, row, kk, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.c
 
 
 @gluon.jit
-def _ws_producer(W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog: gl.constexpr,
-                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr,
-                 STAGES: gl.constexpr, PWARPS: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr,
-                 PACKED: gl.constexpr, COPIES: gl.constexpr):
+def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight, pid,
+             nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+             N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr,
+             BK: gl.constexpr, STAGES: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
+             COPIES: gl.constexpr, COPY: gl.constexpr):
+    """Unit i into ring slot i % STAGES, once the dot warps have released it and the bytes still on their way,
+    with it, stay within CAP (see _ws_producer)."""
+    slot = i % STAGES
+    mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
+    size = _unit_bytes(g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
+    # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
+    # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
+    while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
+        if landed > i - STAGES:
+            mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
+        flight -= _unit_bytes(l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
+        l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                                             BR, BK, G2, PACKED)
+        landed += 1
+    if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
+        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+               BR, BK, G2, PACKED, COPY)
+    cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
+    layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
+    return i + 1, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight + size
+
+
+@gluon.jit
+def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, T, tmax, pid, KVH: gl.constexpr,
+                     SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr, PWARPS: gl.constexpr):
+    """What a layer's attention unit needs that does not depend on the step, copied ahead into its own buffers:
+    the split's first KVP cached positions (k then v per row), the q/k norm weights, cos and sin."""
+    KVL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [PWARPS, 1], [1, 0])  # [KVP, HD]
+    NL: gl.constexpr = gl.BlockedLayout([2], [32], [PWARPS], [0])  # [HD]
+    RL: gl.constexpr = gl.BlockedLayout([1], [32], [PWARPS], [0])  # [HD / 2]
+    split = pid % SPLITS
+    start = split * (T - 1) // SPLITS
+    stop = gl.where(pid < KVH * SPLITS, (split + 1) * (T - 1) // SPLITS, start)
+    positions = start + gl.arange(0, KVP, gl.SliceLayout(1, KVL))
+    at = ((layer * KVH + pid // SPLITS) * tmax + gl.expand_dims(positions, 1)).to(gl.int64) * HD \
+        + gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
+    inside = gl.expand_dims(positions < stop, 1) & (at >= 0)
+    cp.async_copy_global_to_shared(kv_smem.slice(0, HD, dim=1), KC + at, inside)
+    cp.async_copy_global_to_shared(kv_smem.slice(HD, HD, dim=1), VC + at, inside)
+    for j in gl.static_range(2):  # q_norm and k_norm; cos and sin
+        cp.async_copy_global_to_shared(norm_smem.index(j), QKNORM + (layer * 2 + j) * HD + gl.arange(0, HD, NL))
+        cp.async_copy_global_to_shared(rope_smem.index(j), ROPE + j * (HD // 2) + gl.arange(0, HD // 2, RL))
+
+
+@gluon.jit
+def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem, rope_smem,
+                 kv_ready, kv_empty, layers, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
+                 N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
+                 K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, PWARPS: gl.constexpr,
+                 CAP: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr, COPIES: gl.constexpr,
+                 ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
-    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up)."""
+    ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up).
+    With attention, after each layer's qkv units they also copy what its attention unit will read from HBM into
+    buffers of its own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on
+    the attention's critical path). The loop runs per layer so that copy is not inside a branch."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
+    qkv_units = _units(pid, nprog, N0, K0, BR, BK, 1, PACKED & 1)
+    other_units = _total_units(1, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED) - qkv_units
+    i = pid * 0
     layer, g, row, kk = _first_unit(pid, nprog, N0)
     # the oldest unit not yet known to have landed (its cursor), and the bytes issued since
     landed = pid * 0
     l_layer, l_g, l_row, l_kk = _first_unit(pid, nprog, N0)
     flight = pid * 0
-    for i in range(total):
-        slot = i % STAGES
-        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)  # a fresh barrier passes the first round
-        size = _unit_bytes(g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
-        # retire landed units: every unit whose slot the dot warps released (landed, and its ready barrier may
-        # already be armed again, so no wait), then more, waiting for each, until this one fits under CAP
-        while (landed <= i - STAGES) | ((flight + size > CAP) & (landed < i)):
-            if landed > i - STAGES:
-                mbarrier.wait(ready.index(landed % STAGES), (landed // STAGES) & 1)
-            flight -= _unit_bytes(l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
-                                  PACKED)
-            l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                                 N3, K3, BR, BK, G2, PACKED)
-            landed += 1
-        if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
-            _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                   N3, K3, BR, BK, G2, PACKED, COPY)
-        cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
-        flight += size
-        layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2,
-                                     PACKED)
+    for each_layer in range(layers):
+        for _ in range(qkv_units):
+            i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight = _produce(
+                W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight,
+                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
+        if ATTN:
+            mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
+            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH,
+                             SPLITS, HD, KVP, PWARPS)
+            cp.mbarrier_arrive(kv_ready, increment_count=False)
+        for _ in range(other_units):
+            i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight = _produce(
+                W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight,
+                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
 
 
 @gluon.jit
@@ -317,6 +366,15 @@ def _stale(words, epoch):
 
 
 @gluon.jit
+def _smem_chunk(buffer, first: gl.constexpr, column: gl.constexpr, C: gl.constexpr, HALF: gl.constexpr,
+                WARPS: gl.constexpr, KT2: gl.constexpr, KT: gl.constexpr):
+    """C positions of one K or V half from the attention buffer ([positions, k then v]), as [warp, position,
+    dim]."""
+    rows = buffer.slice(first, C, dim=0).slice(column, HALF, dim=1).load(KT2)
+    return gl.convert_layout(gl.reshape(rows, [WARPS, C // WARPS, HALF]), KT)
+
+
+@gluon.jit
 def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.constexpr):
     """One chunk of cached K and V from position p (positions at or past `stop` read as zeros): the two halves
     of each, [warp, position, dim]."""
@@ -348,11 +406,12 @@ def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_h
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax,
-                    halves_smem, nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
+def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax, halves_smem,
+                    kv_smem, norm_smem, rope_smem, kv_ready, kv_empty,
+                    nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    C: gl.constexpr, WARPS: gl.constexpr):
+                    C: gl.constexpr, KVP: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
@@ -375,20 +434,16 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     OW: gl.constexpr = gl.SliceLayout(1, L4)  # [warp, head, dim]: running output
     QL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # [head, dim]
     PW: gl.constexpr = C // WARPS  # a warp's positions per chunk
+    KT2: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])  # [position, dim], as KT flattened
     kvh = unit // SPLITS
     split = unit % SPLITS
     last = split == SPLITS - 1  # the split that adds the new position
-    # first, all that does not depend on this step's qkv, so that its latency hides in the wait for it: the norm
-    # weights, cos and sin, and the split's first two chunks of cached positions (the new one is taken from
+    # the copy warps have put the norm weights, cos and sin and the split's first KVP cached positions in shared
+    # memory; the positions past those are loaded here, two chunks ahead (the new position is taken from
     # registers: nothing here reads the cache after writing it)
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
     kv_row = hr >= GQ
-    weights = QKNORM + layer * 2 * HD + gl.where(kv_row, HD, 0) + hd
-    weight_lo = gl.load(weights).to(gl.float32)
-    weight_hi = gl.load(weights + HALF).to(gl.float32)
-    cos = gl.load(ROPE + hd)
-    sin = gl.load(ROPE + HALF + hd)
     start = split * (T - 1) // SPLITS
     stop = (split + 1) * (T - 1) // SPLITS
     cache = (layer * KVH + kvh) * tmax * HD
@@ -398,8 +453,6 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
                                   2) * PW \
         + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
-    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start, stop, offset, dims, HALF, HD)
-    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + C, stop, offset, dims, HALF, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -414,6 +467,14 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
     if TIMED == 3:
         gl.store(stamps + 1, _globaltime())
     x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+    mbarrier.wait(kv_ready, layer & 1)
+    VEC: gl.constexpr = gl.SliceLayout(0, HL)
+    weight_lo = gl.where(kv_row, gl.expand_dims(norm_smem.index(1).slice(0, HALF).load(VEC), 0),
+                         gl.expand_dims(norm_smem.index(0).slice(0, HALF).load(VEC), 0)).to(gl.float32)
+    weight_hi = gl.where(kv_row, gl.expand_dims(norm_smem.index(1).slice(HALF, HALF).load(VEC), 0),
+                         gl.expand_dims(norm_smem.index(0).slice(HALF, HALF).load(VEC), 0)).to(gl.float32)
+    cos = gl.expand_dims(rope_smem.index(0).load(VEC), 0)
+    sin = gl.expand_dims(rope_smem.index(1).load(VEC), 0)
     lo = gl.sum(gl.where(half == 0, x, 0.0), axis=0)
     hi = gl.sum(gl.where(half == 1, x, 0.0), axis=0)
     # q/k RMSNorm over each head (v rows untouched), then RoPE
@@ -442,12 +503,26 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
         gl.store(stamps + 2, _globaltime())
     q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
     q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
-    # online softmax over the split's cached positions, a chunk's K and V loaded two chunks ahead of its use
+    # online softmax over the split's cached positions: the first KVP from shared memory, then the rest, a chunk's
+    # K and V loaded two chunks ahead of its use
     m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
     total = gl.zeros([WARPS, GQ], gl.float32, MW)
     o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
     o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
-    for p in range(start, stop, C):
+    for c in gl.static_range(KVP // C):
+        if start + c * C < stop:
+            m, total, o_lo, o_hi = _softmax_step(
+                _smem_chunk(kv_smem, c * C, 0, C, HALF, WARPS, KT2, KT),
+                _smem_chunk(kv_smem, c * C, HALF, C, HALF, WARPS, KT2, KT),
+                _smem_chunk(kv_smem, c * C, HD, C, HALF, WARPS, KT2, KT),
+                _smem_chunk(kv_smem, c * C, HD + HALF, C, HALF, WARPS, KT2, KT),
+                q_lo, q_hi, start + c * C + score_offset < stop, m, total, o_lo, o_hi, HD, OW)
+    gl.thread_barrier()  # every warp is done with the buffer before the copy warps may refill it
+    mbarrier.arrive(kv_empty)
+    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start + KVP, stop, offset, dims, HALF, HD)
+    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + KVP + C, stop, offset, dims, HALF,
+                                                           HD)
+    for p in range(start + KVP, stop, C):
         m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
                                              o_lo, o_hi, HD, OW)
         k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
@@ -529,15 +604,16 @@ def _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoc
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T, tmax,
-                 ring, ready, empty, x_smem, halves_smem, layers, pid, nprog: gl.constexpr,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
+                 empty, x_smem, halves_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
+                 nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
                  BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr, KVP: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -672,10 +748,12 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNO
             if TIMED == 3:
                 if (c_g == 0) & (n_g == 1):
                     gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
+            if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
+                mbarrier.arrive(kv_empty)
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, QKNORM, ROPE, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T,
-                                tmax, halves_smem, nprog, TIMED, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ,
-                                HD, SPLITS, ACHUNK, WARPS)
+                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, halves_smem,
+                                kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
+                                N0, WIDE, KVH, GQ, HD, SPLITS, ACHUNK, KVP, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -699,7 +777,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr, ACHUNK: gl.constexpr):
+                SPLITS: gl.constexpr, ACHUNK: gl.constexpr, KVP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -712,14 +790,26 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     # attention's exchange between threads: a unit's 8 rows' two halves after RMSNorm and RoPE
     halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # what the copy warps fetch for a layer's attention unit ahead of it (_issue_attention): the split's first
+    # KVP cached positions, the q/k norm weights, cos and sin; with barriers like a ring slot's
+    kv_smem = gl.allocate_shared_memory(gl.bfloat16, [KVP, 2 * HD],
+                                        gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    norm_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HD], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    rope_smem = gl.allocate_shared_memory(gl.float32, [2, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=32 * PWARPS)
+    mbarrier.init(kv_empty, count=1)
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART, T,
-                        tmax, ring, ready, empty, x_smem, halves_smem, layers, pid, nprog, N0, K0, N1, K1,
-                        N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL, POLL_OPERANDS, PACK, TIMED,
-                        LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, ACHUNK)),
-        (_ws_producer, (W0, W1, W2, W3, ring, ready, empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES)),
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
+                        empty, x_smem, halves_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
+                        nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
+                        POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
+                        ACHUNK, KVP)),
+        (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem,
+                        rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
+                        STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
     ], [PWARPS], [PREGS])
 
 
@@ -801,11 +891,12 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                     torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
     constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
     constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
-                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps, PREGS=80,
+                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps,
+                     PREGS=104 if attention is not None else 80,  # (the attention copies spill at 80)
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk,
+                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk, KVP=32 if attention is not None else 16,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
