@@ -439,8 +439,8 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     split = unit % SPLITS
     last = split == SPLITS - 1  # the split that adds the new position
     # the copy warps have put the norm weights, cos and sin and the split's first KVP cached positions in shared
-    # memory; the positions past those are loaded here, two chunks ahead (the new position is taken from
-    # registers: nothing here reads the cache after writing it)
+    # memory; the positions past those are loaded here, two chunks ahead, the first two before the wait for qkv
+    # (the new position is taken from registers: nothing here reads the cache after writing it)
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
     kv_row = hr >= GQ
@@ -453,6 +453,9 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
                                   2) * PW \
         + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
+    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start + KVP, stop, offset, dims, HALF, HD)
+    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + KVP + C, stop, offset, dims, HALF,
+                                                           HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -519,9 +522,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
                 q_lo, q_hi, start + c * C + score_offset < stop, m, total, o_lo, o_hi, HD, OW)
     gl.thread_barrier()  # every warp is done with the buffer before the copy warps may refill it
     mbarrier.arrive(kv_empty)
-    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start + KVP, stop, offset, dims, HALF, HD)
-    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + KVP + C, stop, offset, dims, HALF,
-                                                           HD)
     for p in range(start + KVP, stop, C):
         m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
                                              o_lo, o_hi, HD, OW)
