@@ -599,15 +599,19 @@ def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_
 
 
 def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton():
-    """The --attention run (whole decode layers, the flow kernel against the engine's kernels) renders from the
-    committed H100 JSON: its paths with their floors, the attention hop's stages, and checks that all passed."""
-    stored = REPO_ROOT / "benchmarks" / "results" / "gemv_chain-20261123-005558.json"
+    """The --attention run (whole decode layers and AR steps, the flow kernel against the engine's kernels)
+    renders from the committed H100 JSON: its paths with their floors, the attention hop's stages, and checks
+    that all passed."""
+    stored = REPO_ROOT / "benchmarks" / "results" / "gemv_chain-20261123-014016.json"
     record = json.loads(stored.read_text())
     out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
                          capture_output=True, text=True, check=True).stdout
-    flow = record["paths"]["layer flow cap64 + attention, ctx 512"]
-    assert f"| layer flow cap64 + attention, ctx 512 | 512 | {flow['ms']:.3f} | {flow['floor_ms']:.3f} | " \
-           f"{flow['x_floor']:.3f} |" in out
+    for name in ("layer flow cap64 + attention, ctx 512", "AR step: flow kernel + lm_head, ctx 512"):
+        path = record["paths"][name]
+        assert f"| {name} | 512 | {path['ms']:.3f} | {path['floor_ms']:.3f} | {path['x_floor']:.3f} |" in out
+    # the AR step's floor includes the lm_head, so it exceeds the layers' own
+    assert record["paths"]["AR step: flow kernel + lm_head, ctx 512"]["floor_ms"] \
+        > record["paths"]["layer flow cap64 + attention, ctx 512"]["floor_ms"]
     hop = record["attention_timelines"][0]["us"]["hop"]
     assert f"hop {hop:.2f}" in out
     flow_checks = [c for name, c in record["check"].items() if "flow" in name]
