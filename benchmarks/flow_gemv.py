@@ -360,6 +360,13 @@ def _float_from_words(high, low):
 
 
 @gluon.jit
+def _partial_words(outputs, stats):
+    """A group's partials as published: the output words, then per head the max's and the sum's two words each."""
+    return (gl.load(outputs, volatile=True), gl.load(stats, volatile=True), gl.load(stats + 1, volatile=True),
+            gl.load(stats + 2, volatile=True), gl.load(stats + 3, volatile=True))
+
+
+@gluon.jit
 def _stale(words, epoch):
     """How many of the block's words are not yet this run's (0 when all are)."""
     return gl.sum(gl.reshape((((words >> 16) & 0xFFFF) != epoch).to(gl.int32), [words.numel]), axis=0)
@@ -572,19 +579,11 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
         outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + head_dim
         # all of the words read together, again until none is stale (waiting word group by word group costs a
         # round trip per group: 29 us, 16d0930)
-        output_words = gl.load(outputs, volatile=True)
-        m_high = gl.load(stats, volatile=True)
-        m_low = gl.load(stats + 1, volatile=True)
-        sum_high = gl.load(stats + 2, volatile=True)
-        sum_low = gl.load(stats + 3, volatile=True)
+        output_words, m_high, m_low, sum_high, sum_low = _partial_words(outputs, stats)
         polls = 0
         while (_stale(output_words, epoch) + _stale(m_high, epoch) + _stale(m_low, epoch) + _stale(sum_high, epoch)
                + _stale(sum_low, epoch) > 0) & (polls < SPIN):
-            output_words = gl.load(outputs, volatile=True)
-            m_high = gl.load(stats, volatile=True)
-            m_low = gl.load(stats + 1, volatile=True)
-            sum_high = gl.load(stats + 2, volatile=True)
-            sum_low = gl.load(stats + 3, volatile=True)
+            output_words, m_high, m_low, sum_high, sum_low = _partial_words(outputs, stats)
             polls += 1
         if polls == SPIN:
             gl.atomic_max(FAILED, 1)

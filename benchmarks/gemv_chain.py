@@ -488,7 +488,8 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     layers of per-layer medians over programs (us): `qkv_tail` last minus first program's last qkv store; `inputs`
     an attention unit's wait for its q/k/v after its own last qkv store, `after_last_qkv` its inputs' arrival
     after the layer's last qkv store; `norm_rope` q/k norm, RoPE and the cache store; `softmax` the split's loop;
-    `partial` storing the partial and taking the ticket; `combine` the last arriver's sum and store;
+    `partial` combining the warps and publishing the partial; `combine` the last split's wait for the group's
+    partials, their sum and its publication;
     `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
     input after its own last qkv store (the whole cost of attention as a program sees it). copies=False: the
     same without weight copies (wrong results), to see what the copy warps' instructions cost the stages."""
@@ -584,23 +585,22 @@ def run_attention(args) -> dict:
         record["check"][f"ctx {context} skinny"] = {
             "rel_err": ((engine_got - engine_want).norm() / engine_want.norm()).item()}
         print(context, "skinny", record["check"][f"ctx {context} skinny"], flush=True)
-        fn, _ = flow_chain(x0, weights, layers, ATTENTION_VARIANTS[0][0], GEMVS, WIDEST, norms=norms,
-                           attention={**flow_state, "chunk": ATTENTION_VARIANTS[0][1]}, copies=False)
+        config, chunk = ATTENTION_VARIANTS[0]  # the diagnostics, the AR step and the timeline use the first
+        state = {**flow_state, "chunk": chunk}
+        fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms, attention=state, copies=False)
         paths[f"layer flow + attention, no weight copies (wrong results), ctx {context}"] = (fn, context)
         paths[f"layer skinny + attention (the engine's kernels), ctx {context}"] = (
             engine_layer_chain(x0, weights, norms, layers, engine_state), context)
         # an AR step but for the embedding: the layers, the final norm, the lm_head and the argmax
-        config, chunk = ATTENTION_VARIANTS[0]
-        flow_layers, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms,
-                                    attention={**flow_state, "chunk": chunk}, last_only=True)
+        flow_layers, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, norms=norms, attention=state,
+                                    last_only=True)
         paths[f"AR step: flow kernel + lm_head, ctx {context}"] = (
             with_lm_head(lambda fn=flow_layers: fn().to(torch.bfloat16)[None], head), -context)
         paths[f"AR step: the engine's kernels + lm_head, ctx {context}"] = (
-            with_lm_head(engine_layer_chain(x0, weights, norms, layers, make_attention(layers, context)), head),
-            -context)
+            with_lm_head(engine_layer_chain(x0, weights, norms, layers, engine_state), head), -context)
         record["contexts"][-context] = {"floor_ms": (weight_bytes + kv_bytes + head_bytes) / bandwidth * 1e3}
         for copies in (True, False):
-            timeline = attention_timeline(x0, weights, norms, layers, config, {**flow_state, "chunk": chunk}, copies)
+            timeline = attention_timeline(x0, weights, norms, layers, config, state, copies)
             record.setdefault("attention_timelines", []).append(timeline)
             print("attention timeline", timeline, flush=True)
     times = {name: [graph_ms(fn, args.reps)] for name, (fn, _) in paths.items()}
@@ -686,8 +686,7 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true",
                         help="only whole decode layers with attention (flow kernel vs the engine's kernels)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
-    args = parser.parse_args()
-    run_and_report(parser, run_attention if args.attention else run, report, "gemv_chain")
+    run_and_report(parser, lambda args: (run_attention if args.attention else run)(args), report, "gemv_chain")
 
 
 if __name__ == "__main__":
