@@ -347,11 +347,11 @@ def _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH: g
 
 
 @gluon.jit
-def _store_float_words(OUT, value, epoch):
+def _store_float_words(OUT, value, epoch, mask):
     """fp32 values as two activation words each: the high 16 bits, then the low, under the run's epoch."""
     bits = value.to(gl.int32, bitcast=True)
-    gl.store(OUT, ((bits >> 16) & 0xFFFF) | (epoch << 16))
-    gl.store(OUT + 1, (bits & 0xFFFF) | (epoch << 16))
+    gl.store(OUT, ((bits >> 16) & 0xFFFF) | (epoch << 16), mask=mask)
+    gl.store(OUT + 1, (bits & 0xFFFF) | (epoch << 16), mask=mask)
 
 
 @gluon.jit
@@ -373,96 +373,76 @@ def _stale(words, epoch):
 
 
 @gluon.jit
-def _smem_chunk(buffer, first: gl.constexpr, column: gl.constexpr, C: gl.constexpr, HALF: gl.constexpr,
-                WARPS: gl.constexpr, KT2: gl.constexpr, KT: gl.constexpr):
-    """C positions of one K or V half from the attention buffer ([positions, k then v]), as [warp, position,
-    dim]."""
-    rows = buffer.slice(first, C, dim=0).slice(column, HALF, dim=1).load(KT2)
-    return gl.convert_layout(gl.reshape(rows, [WARPS, C // WARPS, HALF]), KT)
+def _kv_rows(KC, VC, cache, p, stop, rows, dims, HD: gl.constexpr):
+    """A chunk of cached k and v rows from position p ([position, dim] each, 16-byte loads; positions at or past
+    `stop` read as zeros)."""
+    inside = p + rows < stop
+    at = cache + (p + rows) * HD + dims
+    return gl.load(KC + at, mask=inside, other=0.0), gl.load(VC + at, mask=inside, other=0.0)
 
 
 @gluon.jit
-def _kv_chunk(KC, VC, cache, p, stop, offset, dims, HALF: gl.constexpr, HD: gl.constexpr):
-    """One chunk of cached K and V from position p (positions at or past `stop` read as zeros): the two halves
-    of each, [warp, position, dim]."""
-    inside = p + offset < stop
-    at = cache + (p + offset) * HD + dims
-    return (gl.load(KC + at, mask=inside, other=0.0), gl.load(KC + at + HALF, mask=inside, other=0.0),
-            gl.load(VC + at, mask=inside, other=0.0), gl.load(VC + at + HALF, mask=inside, other=0.0))
-
-
-@gluon.jit
-def _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, valid, m, total, o_lo, o_hi, HD: gl.constexpr,
-                  OW: gl.constexpr):
-    """One chunk of the online softmax: each warp's running max, sum and output over its positions (`valid`
-    marks the real ones), updated with the chunk's. (Keeping the output per position slot and summing the slots
-    once after the loop measured slower: 16d0930.)"""
-    s = gl.sum(gl.expand_dims(k_lo.to(gl.float32), 2) * q_lo + gl.expand_dims(k_hi.to(gl.float32), 2) * q_hi,
-               axis=3) * (HD ** -0.5)
-    s = gl.where(valid, s, float("-inf"))
+def _attention_chunk(kv_smem, q_smem, p, stop, m, total, out, HD: gl.constexpr, C: gl.constexpr,
+                     MMA: gl.constexpr, A_OP: gl.constexpr, B_OP: gl.constexpr):
+    """One chunk of the online softmax on the tensor cores, over the C positions from p in kv_smem ([position,
+    k then v]; those at or past `stop` masked): scores [head, position] = q k^T, then the running max and sum
+    [head] and output [head, dim] updated with the chunk's (p rounded to bf16 for the second mma, as the engine's
+    decode_attention rounds it)."""
+    keys = kv_smem.slice(0, HD, dim=1).permute((1, 0)).load(B_OP)
+    s = mma_v2(q_smem.load(A_OP), keys, gl.zeros([16, C], gl.float32, MMA)) * (HD ** -0.5)
+    s = gl.where(gl.expand_dims(p + gl.arange(0, C, gl.SliceLayout(0, MMA)) < stop, 0), s, float("-inf"))
     m_new = gl.maximum(m, gl.max(s, axis=1))
-    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no position yet
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # no position yet
     alpha = gl.exp(m - m_safe)
     prob = gl.exp(s - gl.expand_dims(m_safe, 1))
     total = total * alpha + gl.sum(prob, axis=1)
-    alpha = gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(2, OW)), 2)
-    prob = gl.expand_dims(prob, 3)
-    o_lo = o_lo * alpha + gl.sum(prob * gl.expand_dims(v_lo.to(gl.float32), 2), axis=1)
-    o_hi = o_hi * alpha + gl.sum(prob * gl.expand_dims(v_hi.to(gl.float32), 2), axis=1)
-    return m_new, total, o_lo, o_hi
+    out = mma_v2(gl.convert_layout(prob.to(gl.bfloat16), A_OP), kv_smem.slice(HD, HD, dim=1).load(B_OP),
+                 out * gl.expand_dims(alpha, 1))
+    return m_new, total, out
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax, halves_smem,
+def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax, q_smem,
                     kv_smem, norm_smem, rope_smem, kv_ready, kv_empty,
                     nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    C: gl.constexpr, KVP: gl.constexpr, WARPS: gl.constexpr):
+                    KVP: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
-    online softmax over the split's positions; the partial (o / sum, max, sum) to PART as activation words. The
-    group's last split waits for the group's partials, sums them in split order (reruns stay bit-exact) and
-    publishes the attention output as o_proj's activation words, so o_proj's readers wait for it like any GEMV's
-    rows."""
+    online softmax over the split's positions, KVP at a time on the tensor cores; the partial (o / sum, max, sum)
+    to PART as activation words. The group's last split waits for the group's partials, sums them in split order
+    (reruns stay bit-exact) and publishes the attention output as o_proj's activation words, so o_proj's readers
+    wait for it like any GEMV's rows."""
     HALF: gl.constexpr = HD // 2
     PSTRIDE: gl.constexpr = GQ * HD + 4 * GQ  # one partial's words: o / sum [GQ, HD], then per head max and sum
     # [half, row, dim]: the group's q heads, k, v, k, v (8 rows), each as its two halves (d pairs with d + HD / 2
     # in RoPE), 8 words per thread; rows never cross warps, so the norm and RoPE need no shared memory
     H3: gl.constexpr = gl.BlockedLayout([2, 1, 2], [1, 1, 32], [1, WARPS, 1], [2, 1, 0])
     HL: gl.constexpr = gl.SliceLayout(0, H3)  # [row, dim] of one half
-    # the softmax loop's [warp, position, head, dim]: each warp keeps its own running max, sum and output over its
-    # positions of a chunk, so the loop reduces only within warps; the warps are combined once, at the end
-    L4: gl.constexpr = gl.BlockedLayout([1, C // (4 * WARPS), GQ, 8], [1, 4, 1, 8], [WARPS, 1, 1, 1], [3, 2, 1, 0])
-    KT: gl.constexpr = gl.SliceLayout(2, L4)  # [warp, position, dim]: K and V
-    S3: gl.constexpr = gl.SliceLayout(3, L4)  # [warp, position, head]: scores
-    MW: gl.constexpr = gl.SliceLayout(1, S3)  # [warp, head]: running max and sum
-    OW: gl.constexpr = gl.SliceLayout(1, L4)  # [warp, head, dim]: running output
-    QL: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, L4))  # [head, dim]
-    PW: gl.constexpr = C // WARPS  # a warp's positions per chunk
-    KT2: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])  # [position, dim], as KT flattened
+    # the softmax's [head, position] scores and [head, dim] output, the heads as q_smem's 16 rows (the group's GQ,
+    # then k and v, then zeros: only the first GQ are kept), the positions or dims split over the warps, so the
+    # reductions over a chunk's positions cross warps once each (the engine's decode_attention has this shape)
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, WARPS], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    KVL: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])  # [position, dim] of a K or V chunk
     kvh = unit // SPLITS
     split = unit % SPLITS
     last = split == SPLITS - 1  # the split that adds the new position
     # the copy warps have put the norm weights, cos and sin and the split's first KVP cached positions in shared
-    # memory; the positions past those are loaded here, two chunks ahead, the first two before the wait for qkv
-    # (the new position is taken from registers: nothing here reads the cache after writing it)
+    # memory; the next KVP are loaded into registers here, before the wait for qkv, and each chunk after that one
+    # chunk ahead of its use (the new position is taken from q_smem: nothing here reads the cache after writing it)
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
     kv_row = hr >= GQ
     start = split * (T - 1) // SPLITS
     stop = (split + 1) * (T - 1) // SPLITS
     cache = (layer * KVH + kvh) * tmax * HD
-    offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, KT))), 1), 2) \
-        * PW + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, KT))), 0), 2)
-    dims = gl.expand_dims(gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(1, KT))), 0), 1)
-    score_offset = gl.expand_dims(gl.expand_dims(gl.arange(0, WARPS, gl.SliceLayout(1, gl.SliceLayout(2, S3))), 1),
-                                  2) * PW \
-        + gl.expand_dims(gl.expand_dims(gl.arange(0, PW, gl.SliceLayout(0, gl.SliceLayout(2, S3))), 0), 2)
-    k_lo, k_hi, v_lo, v_hi = _kv_chunk(KC, VC, cache, start + KVP, stop, offset, dims, HALF, HD)
-    next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, start + KVP + C, stop, offset, dims, HALF,
-                                                           HD)
+    chunk_rows = gl.expand_dims(gl.arange(0, KVP, gl.SliceLayout(1, KVL)), 1)
+    chunk_dims = gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
+    k_ahead, v_ahead = _kv_rows(KC, VC, cache, start + KVP, stop, chunk_rows, chunk_dims, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -506,65 +486,51 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     gl.store(KC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ))
     gl.store(VC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ + 1))
     gl.store(VC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ + 1))
-    halves_smem.index(0).store(lo)
-    halves_smem.index(1).store(hi)
+    # the 8 rows as q_smem's first (bf16 already: exact); its rows 8-15 stay zero
+    q_smem.slice(0, 8, dim=0).slice(0, HALF, dim=1).store(lo.to(gl.bfloat16))
+    q_smem.slice(0, 8, dim=0).slice(HALF, HALF, dim=1).store(hi.to(gl.bfloat16))
     gl.thread_barrier()
     if TIMED == 3:
         gl.store(stamps + 2, _globaltime())
-    q_lo = gl.expand_dims(gl.expand_dims(halves_smem.index(0).slice(0, GQ, dim=0).load(QL), 0), 0)
-    q_hi = gl.expand_dims(gl.expand_dims(halves_smem.index(1).slice(0, GQ, dim=0).load(QL), 0), 0)
-    # online softmax over the split's cached positions: the first KVP from shared memory, then the rest, a chunk's
-    # K and V loaded two chunks ahead of its use
-    m = gl.full([WARPS, GQ], float("-inf"), gl.float32, MW)
-    total = gl.zeros([WARPS, GQ], gl.float32, MW)
-    o_lo = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
-    o_hi = gl.zeros([WARPS, GQ, HALF], gl.float32, OW)
-    for c in gl.static_range(KVP // C):
-        if start + c * C < stop:
-            m, total, o_lo, o_hi = _softmax_step(
-                _smem_chunk(kv_smem, c * C, 0, C, HALF, WARPS, KT2, KT),
-                _smem_chunk(kv_smem, c * C, HALF, C, HALF, WARPS, KT2, KT),
-                _smem_chunk(kv_smem, c * C, HD, C, HALF, WARPS, KT2, KT),
-                _smem_chunk(kv_smem, c * C, HD + HALF, C, HALF, WARPS, KT2, KT),
-                q_lo, q_hi, start + c * C + score_offset < stop, m, total, o_lo, o_hi, HD, OW)
-    gl.thread_barrier()  # every warp is done with the buffer before the copy warps may refill it
+    # online softmax over the split's cached positions: the first KVP as the copy warps left them in kv_smem, the
+    # rest through kv_smem too, stored there from registers a chunk at a time
+    m = gl.full([16], float("-inf"), gl.float32, gl.SliceLayout(1, MMA))
+    total = gl.zeros([16], gl.float32, gl.SliceLayout(1, MMA))
+    o_acc = gl.zeros([16, HD], gl.float32, MMA)
+    if start < stop:
+        m, total, o_acc = _attention_chunk(kv_smem, q_smem, start, stop, m, total, o_acc, HD, KVP, MMA, A_OP, B_OP)
+    for p in range(start + KVP, stop, KVP):
+        gl.thread_barrier()  # every warp is done with the chunk before
+        kv_smem.slice(0, HD, dim=1).store(k_ahead)
+        kv_smem.slice(HD, HD, dim=1).store(v_ahead)
+        gl.thread_barrier()
+        k_ahead, v_ahead = _kv_rows(KC, VC, cache, p + KVP, stop, chunk_rows, chunk_dims, HD)
+        m, total, o_acc = _attention_chunk(kv_smem, q_smem, p, stop, m, total, o_acc, HD, KVP, MMA, A_OP, B_OP)
+    gl.thread_barrier()  # every warp is done with kv_smem before the copy warps may refill it
     mbarrier.arrive(kv_empty)
-    for p in range(start + KVP, stop, C):
-        m, total, o_lo, o_hi = _softmax_step(k_lo, k_hi, v_lo, v_hi, q_lo, q_hi, p + score_offset < stop, m, total,
-                                             o_lo, o_hi, HD, OW)
-        k_lo, k_hi, v_lo, v_hi = next_k_lo, next_k_hi, next_v_lo, next_v_hi
-        next_k_lo, next_k_hi, next_v_lo, next_v_hi = _kv_chunk(KC, VC, cache, p + 2 * C, stop, offset, dims, HALF,
-                                                               HD)
-    if last:  # the new position: its k and v from shared memory, in the first slot of warp 0
-        KROW: gl.constexpr = gl.SliceLayout(0, KT)
-        m, total, o_lo, o_hi = _softmax_step(
-            gl.expand_dims(halves_smem.index(0).slice(GQ, 1, dim=0).load(KROW), 0),
-            gl.expand_dims(halves_smem.index(1).slice(GQ, 1, dim=0).load(KROW), 0),
-            gl.expand_dims(halves_smem.index(0).slice(GQ + 1, 1, dim=0).load(KROW), 0),
-            gl.expand_dims(halves_smem.index(1).slice(GQ + 1, 1, dim=0).load(KROW), 0),
-            q_lo, q_hi, score_offset == 0, m, total, o_lo, o_hi, HD, OW)
+    if last:  # the new position: its k and v are q_smem's rows GQ and GQ + 1
+        q_rows = q_smem.load(MMA).to(gl.float32)
+        head_rows = gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(1, MMA)), 1)
+        s_new = gl.sum(q_rows * gl.expand_dims(gl.sum(gl.where(head_rows == GQ, q_rows, 0.0), axis=0), 0),
+                       axis=1) * (HD ** -0.5)
+        m_new = gl.maximum(m, s_new)
+        alpha = gl.exp(m - m_new)
+        prob = gl.exp(s_new - m_new)
+        total = total * alpha + prob
+        o_acc = o_acc * gl.expand_dims(alpha, 1) \
+            + gl.expand_dims(prob, 1) * gl.expand_dims(gl.sum(gl.where(head_rows == GQ + 1, q_rows, 0.0), axis=0), 0)
+        m = m_new
     if TIMED == 3:
         gl.store(stamps + 3, _globaltime())
-    # the warps' states into the split's
-    m_split = gl.max(m, axis=0)
-    warp_share = gl.exp(m - gl.expand_dims(gl.where(m_split == float("-inf"), 0.0, m_split), 0))
-    total = gl.sum(total * warp_share, axis=0)
-    warp_share = gl.expand_dims(gl.convert_layout(warp_share, gl.SliceLayout(2, OW)), 2)
-    o_lo = gl.sum(o_lo * warp_share, axis=0)
-    o_hi = gl.sum(o_hi * warp_share, axis=0)
     # the partial as activation words (no fence, no atomic: each word says itself whether it is this run's): the
     # output divided by its sum as bf16, the max and the sum as fp32 in two words each
     group = (layer * KVH + kvh) * SPLITS
     part = PART + (group + split) * PSTRIDE
-    at = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, gl.SliceLayout(0, OW))), 1) * HD \
-        + gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, gl.SliceLayout(0, OW))), 0)
-    scale = gl.expand_dims(gl.convert_layout(gl.where(total > 0, 1.0 / total, 0.0),
-                                             gl.SliceLayout(1, gl.SliceLayout(0, OW))), 1)
-    _store_rows(part, o_lo * scale, at, GQ * HD, epoch)
-    _store_rows(part + HALF, o_hi * scale, at, GQ * HD, epoch)
-    heads = gl.arange(0, GQ, gl.SliceLayout(0, MW))
-    _store_float_words(part + GQ * HD + heads * 4, m_split, epoch)
-    _store_float_words(part + GQ * HD + heads * 4 + 2, total, epoch)
+    heads = gl.arange(0, 16, gl.SliceLayout(1, MMA))
+    at = gl.expand_dims(heads, 1) * HD + gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, MMA)), 0)
+    _store_rows(part, o_acc * gl.expand_dims(gl.where(total > 0, 1.0 / total, 0.0), 1), at, GQ * HD, epoch)
+    _store_float_words(part + GQ * HD + heads * 4, m, epoch, heads < GQ)
+    _store_float_words(part + GQ * HD + heads * 4 + 2, total, epoch, heads < GQ)
     if TIMED == 3:
         gl.store(stamps + 4, _globaltime())
     if last:  # the group's output, from all its splits' partials (in split order: reruns stay bit-exact)
@@ -604,7 +570,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
 
 @gluon.jit
 def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
-                 empty, x_smem, halves_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
+                 empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                  nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -612,7 +578,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr, ACHUNK: gl.constexpr, KVP: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -750,9 +716,9 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
                 mbarrier.arrive(kv_empty)
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, halves_smem,
+                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, q_smem,
                                 kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
-                                N0, WIDE, KVH, GQ, HD, SPLITS, ACHUNK, KVP, WARPS)
+                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -776,7 +742,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr, ACHUNK: gl.constexpr, KVP: gl.constexpr):
+                SPLITS: gl.constexpr, KVP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -787,8 +753,12 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BK], gl.SwizzledSharedLayout(1, 1, 1, [0]))
-    # attention's exchange between threads: a unit's 8 rows' two halves after RMSNorm and RoPE
-    halves_smem = gl.allocate_shared_memory(gl.float32, [2, 8, HD // 2], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    # an attention unit's q heads, k and v after RMSNorm and RoPE, as the softmax's first mma operand: 16 rows, the
+    # last 8 zero for good
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [16, HD],
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]),
+                                       gl.zeros([16, HD], gl.bfloat16,
+                                                gl.BlockedLayout([1, 8], [4, 8], [WARPS, 1], [1, 0])))
     # what the copy warps fetch for a layer's attention unit ahead of it (_issue_attention): the split's first
     # KVP cached positions, the q/k norm weights, cos and sin; with barriers like a ring slot's
     kv_smem = gl.allocate_shared_memory(gl.bfloat16, [KVP, 2 * HD],
@@ -802,10 +772,10 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     pid = gl.program_id(0)
     gl.warp_specialize([
         (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
-                        empty, x_smem, halves_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
+                        empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                         nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
                         POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
-                        ACHUNK, KVP)),
+                        KVP)),
         (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem,
                         rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
                         STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
@@ -848,10 +818,9 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
 
     With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
     [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
-    including the new one; chunk: positions per step of the softmax loop, 16 or 32), the chain is a whole Qwen3
-    decode layer: o_proj reads attention's output, computed by (kv head, context split) units between qkv and o_proj
-    (see _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then
-    start with attention's output.
+    including the new one), the chain is a whole Qwen3 decode layer: o_proj reads attention's output, computed by
+    (kv head, context split) units between qkv and o_proj (see _attention_unit), the new k and v written to the
+    cache at length - 1; the values returned per layer then start with attention's output.
 
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
     work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
@@ -873,7 +842,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
     x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
     dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    kvh, hd, splits, tmax, length, chunk = 1, 128, 1, 1, 1, 32
+    kvh, hd, splits, tmax, length = 1, 128, 1, 1, 1
     att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
                 torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.int32)]
     if attention is not None:
@@ -884,7 +853,6 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
         group = gemvs[1][2] // (kvh * hd)
         assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
         length = attention["length"]
-        chunk = attention.get("chunk", 32)
         att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
                     attention["qk_norms"], attention["rope"],
                     torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
@@ -895,7 +863,7 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                      CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, ACHUNK=chunk, KVP=32 if attention is not None else 16,
+                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, KVP=32 if attention is not None else 16,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
