@@ -443,7 +443,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     chunk_rows = gl.expand_dims(gl.arange(0, KVP, gl.SliceLayout(1, KVL)), 1)
     chunk_dims = gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
     k_ahead, v_ahead = _kv_rows(KC, VC, cache, start + KVP, stop, chunk_rows, chunk_dims, HD)
-    k_ahead2, v_ahead2 = _kv_rows(KC, VC, cache, start + 2 * KVP, stop, chunk_rows, chunk_dims, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -505,8 +504,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
         kv_smem.slice(0, HD, dim=1).store(k_ahead)
         kv_smem.slice(HD, HD, dim=1).store(v_ahead)
         gl.thread_barrier()
-        k_ahead, v_ahead = k_ahead2, v_ahead2
-        k_ahead2, v_ahead2 = _kv_rows(KC, VC, cache, p + 2 * KVP, stop, chunk_rows, chunk_dims, HD)
+        k_ahead, v_ahead = _kv_rows(KC, VC, cache, p + KVP, stop, chunk_rows, chunk_dims, HD)
         m, total, o_acc = _attention_chunk(kv_smem, q_smem, p, stop, m, total, o_acc, HD, KVP, MMA, A_OP, B_OP)
     gl.thread_barrier()  # every warp is done with kv_smem before the copy warps may refill it
     mbarrier.arrive(kv_empty)
