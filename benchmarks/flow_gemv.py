@@ -407,7 +407,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
                     nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    KVP: gl.constexpr, WARPS: gl.constexpr, KV_AHEAD: gl.constexpr):
+                    KVP: gl.constexpr, WARPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
@@ -442,8 +442,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     cache = (layer * KVH + kvh) * tmax * HD
     chunk_rows = gl.expand_dims(gl.arange(0, KVP, gl.SliceLayout(1, KVL)), 1)
     chunk_dims = gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
-    if KV_AHEAD:
-        k_ahead, v_ahead = _kv_rows(KC, VC, cache, start + KVP, stop, chunk_rows, chunk_dims, HD)
+    k_ahead, v_ahead = _kv_rows(KC, VC, cache, start + KVP, stop, chunk_rows, chunk_dims, HD)
     # wait for the group's qkv rows: GQ q heads, then k and v (twice over: the layout has 8 rows)
     half = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, gl.SliceLayout(1, gl.SliceLayout(2, H3))), 1), 2)
     row = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(0, gl.SliceLayout(2, H3))), 0), 2)
@@ -502,18 +501,10 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
         m, total, o_acc = _attention_chunk(kv_smem, q_smem, start, stop, m, total, o_acc, HD, KVP, MMA, A_OP, B_OP)
     for p in range(start + KVP, stop, KVP):
         gl.thread_barrier()  # every warp is done with the chunk before
-        if KV_AHEAD:
-            kv_smem.slice(0, HD, dim=1).store(k_ahead)
-            kv_smem.slice(HD, HD, dim=1).store(v_ahead)
-            gl.thread_barrier()
-            k_ahead, v_ahead = _kv_rows(KC, VC, cache, p + KVP, stop, chunk_rows, chunk_dims, HD)
-        else:  # copied straight in when needed: no registers held (positions at or past `stop` land as zeros)
-            at = cache + (p + chunk_rows) * HD + chunk_dims
-            cp.async_copy_global_to_shared(kv_smem.slice(0, HD, dim=1), KC + at, p + chunk_rows < stop)
-            cp.async_copy_global_to_shared(kv_smem.slice(HD, HD, dim=1), VC + at, p + chunk_rows < stop)
-            cp.commit_group()
-            cp.wait_group(0)
-            gl.thread_barrier()
+        kv_smem.slice(0, HD, dim=1).store(k_ahead)
+        kv_smem.slice(HD, HD, dim=1).store(v_ahead)
+        gl.thread_barrier()
+        k_ahead, v_ahead = _kv_rows(KC, VC, cache, p + KVP, stop, chunk_rows, chunk_dims, HD)
         m, total, o_acc = _attention_chunk(kv_smem, q_smem, p, stop, m, total, o_acc, HD, KVP, MMA, A_OP, B_OP)
     gl.thread_barrier()  # every warp is done with kv_smem before the copy warps may refill it
     mbarrier.arrive(kv_empty)
@@ -587,7 +578,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr, KV_AHEAD: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -727,7 +718,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, q_smem,
                                 kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
-                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, KV_AHEAD)
+                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -751,7 +742,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr, KVP: gl.constexpr, KV_AHEAD: gl.constexpr):
+                SPLITS: gl.constexpr, KVP: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -784,7 +775,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                         empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                         nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
                         POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
-                        KVP, KV_AHEAD)),
+                        KVP)),
         (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem,
                         rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
                         STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
@@ -827,11 +818,9 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
 
     With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
     [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
-    including the new one; kv_ahead: False to copy each chunk of cached positions past the first 32 into shared
-    memory when needed rather than hold the next in registers), the chain is a whole Qwen3 decode layer: o_proj
-    reads attention's output, computed by (kv head, context split) units between qkv and o_proj (see
-    _attention_unit), the new k and v written to the cache at length - 1; the values returned per layer then start
-    with attention's output.
+    including the new one), the chain is a whole Qwen3 decode layer: o_proj reads attention's output, computed by
+    (kv head, context split) units between qkv and o_proj (see _attention_unit), the new k and v written to the
+    cache at length - 1; the values returned per layer then start with attention's output.
 
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
     work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
@@ -875,7 +864,6 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
                      KVH=kvh, GQ=4, HD=hd, SPLITS=splits, KVP=32 if attention is not None else 16,
-                     KV_AHEAD=attention is None or attention.get("kv_ahead", True),
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
 
     def run() -> torch.Tensor:
