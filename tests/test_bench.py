@@ -598,11 +598,12 @@ def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_
     assert checks and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"] for c in checks)
 
 
-def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton():
-    """The --attention run (whole decode layers and AR steps, the flow kernel against the engine's kernels)
-    renders from the committed H100 JSON: its paths with their floors, the attention hop's stages, and checks
-    that all passed."""
-    stored = REPO_ROOT / "benchmarks" / "results" / "gemv_chain-20261123-014016.json"
+@pytest.mark.parametrize("run", ["gemv_chain-20261123-014016.json", "gemv_chain-20261123-021209.json"])
+def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton(run):
+    """The --attention runs (whole decode layers and AR steps, the flow kernel against the engine's kernels)
+    render from the committed H100 JSONs, before the mma softmax (chunked per warp) and after it: their paths
+    with their floors, the attention hop's stages, and checks that all passed."""
+    stored = REPO_ROOT / "benchmarks" / "results" / run
     record = json.loads(stored.read_text())
     out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
                          capture_output=True, text=True, check=True).stdout
@@ -612,8 +613,9 @@ def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton(
     # the AR step's floor includes the lm_head, so it exceeds the layers' own
     assert record["paths"]["AR step: flow kernel + lm_head, ctx 512"]["floor_ms"] \
         > record["paths"]["layer flow cap64 + attention, ctx 512"]["floor_ms"]
-    hop = record["attention_timelines"][0]["us"]["hop"]
-    assert f"hop {hop:.2f}" in out
+    timeline = record["attention_timelines"][0]
+    assert f"hop {timeline['us']['hop']:.2f}" in out
+    assert (f"chunk {timeline.get('chunk')}," in out) == ("chunk" in timeline)
     flow_checks = [c for name, c in record["check"].items() if "flow" in name]
     assert flow_checks and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"]
                                for c in flow_checks)
