@@ -22,9 +22,9 @@ granularity, and each program owns its rows outright (no atomics: reruns are bit
   into four accumulators (four short dependent chains, not one long one); the same code would take a verify
   block's 16 rows in the spare columns.
 
-The probe times the 144 GEMVs of an AR step (gemv_chain.py runs it side by side with the other paths), and,
-with RMSNorm weights, those GEMVs with a layer's norms, residual adds and silu * up done inside (flow_chain);
-attention is not in it yet.
+The probe times the 144 GEMVs of an AR step (gemv_chain.py runs it side by side with the other paths); with
+RMSNorm weights, those GEMVs with a layer's norms, residual adds and silu * up done inside; and with attention
+state, whole decode layers, the attention in (kv head, context split) units between qkv and o_proj (flow_chain).
 """
 
 from __future__ import annotations
@@ -511,14 +511,14 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     if last:  # the new position: its k and v are q_smem's rows GQ and GQ + 1
         q_rows = q_smem.load(MMA).to(gl.float32)
         head_rows = gl.expand_dims(gl.arange(0, 16, gl.SliceLayout(1, MMA)), 1)
-        s_new = gl.sum(q_rows * gl.expand_dims(gl.sum(gl.where(head_rows == GQ, q_rows, 0.0), axis=0), 0),
-                       axis=1) * (HD ** -0.5)
+        k_new = gl.expand_dims(gl.sum(gl.where(head_rows == GQ, q_rows, 0.0), axis=0), 0)
+        v_new = gl.expand_dims(gl.sum(gl.where(head_rows == GQ + 1, q_rows, 0.0), axis=0), 0)
+        s_new = gl.sum(q_rows * k_new, axis=1) * (HD ** -0.5)
         m_new = gl.maximum(m, s_new)
         alpha = gl.exp(m - m_new)
         prob = gl.exp(s_new - m_new)
         total = total * alpha + prob
-        o_acc = o_acc * gl.expand_dims(alpha, 1) \
-            + gl.expand_dims(prob, 1) * gl.expand_dims(gl.sum(gl.where(head_rows == GQ + 1, q_rows, 0.0), axis=0), 0)
+        o_acc = o_acc * gl.expand_dims(alpha, 1) + gl.expand_dims(prob, 1) * v_new
         m = m_new
     if TIMED == 3:
         gl.store(stamps + 3, _globaltime())
