@@ -372,21 +372,28 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
     return rows_out, winners
 
 
+def chain_setup(args) -> tuple[list[torch.Tensor], torch.Tensor, float, int, dict]:
+    """What every chain run starts from: the weights, the input, the copy bandwidth measured now, the weights'
+    bytes and the record with its floor."""
+    torch.manual_seed(0)
+    weights = make_weights(args.layers)
+    x0 = torch.randn(WIDEST, device="cuda", dtype=torch.float32)
+    bandwidth = copy_bandwidth("cuda", 2.0)
+    weight_bytes = sum(n * k * 2 for _, n, k in GEMVS) * args.layers
+    record: dict = {**run_header(args), "layers": args.layers, "weight_bytes": weight_bytes,
+                    "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": weight_bytes / bandwidth * 1e3,
+                    "check": {}, "paths": {}}
+    return weights, x0, bandwidth, weight_bytes, record
+
+
 def run(args) -> dict:
     from flow_gemv import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
 
-    torch.manual_seed(0)
     layers = args.layers
-    weights = make_weights(layers)
-    x0 = torch.randn(WIDEST, device="cuda", dtype=torch.float32)
-    bandwidth = copy_bandwidth("cuda", 2.0)
-    weight_bytes = sum(n * k * 2 for _, n, k in GEMVS) * layers
-    record: dict = {**run_header(args), "layers": layers, "weight_bytes": weight_bytes,
-                    "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": weight_bytes / bandwidth * 1e3,
-                    "check": {}, "paths": {}}
+    weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {record['floor_ms']:.3f} ms for {layers} layers",
           flush=True)
     if args.sweep_table:
@@ -542,16 +549,10 @@ def run_attention(args) -> dict:
     embedding (with_lm_head): its floor adds the lm_head's bytes (context keyed negative in the record)."""
     from flow_gemv import flow_chain
 
-    torch.manual_seed(0)
     layers = args.layers
-    weights = make_weights(layers)
+    weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
     norms = make_norms(layers)
-    x0 = torch.randn(WIDEST, device="cuda", dtype=torch.float32)
-    bandwidth = copy_bandwidth("cuda", 2.0)
-    weight_bytes = sum(n * k * 2 for _, n, k in GEMVS) * layers
-    record: dict = {**run_header(args), "layers": layers, "weight_bytes": weight_bytes,
-                    "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms": weight_bytes / bandwidth * 1e3,
-                    "check": {}, "paths": {}, "contexts": {}}
+    record["contexts"] = {}
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     gen = torch.Generator(device="cuda").manual_seed(3)
     head = {"weight": torch.randn(VOCAB, GEMVS[0][2], device="cuda", generator=gen).to(torch.bfloat16)
