@@ -13,7 +13,7 @@ in one run:
   dataflow     deterministic and barrier-free: each program owns whole output rows (no atomics), and every
                activation is a 64-bit word carrying the run's epoch, so a reader spins only on the tile it needs
                (NCCL's LL protocol); as written Triton does not pipeline its K loop (the spin is inside it)
-  flow         the same dataflow design in Gluon (flow_gemv.py) with the pipeline written out: copy warps stream
+  flow         the same dataflow design in Gluon (blockspec/flow.py) with the pipeline written out: copy warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
   layer        a Qwen3 layer without attention (o_proj reads q): RMSNorm before qkv and gate_up, residual adds
@@ -62,7 +62,7 @@ WIDEST = max(n for _, n, _ in GEMVS)
 PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2)]  # the best of the configs swept in session 7
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
-# the Gluon dataflow kernel with its cp.async weight ring (flow_gemv.py): (block rows, block_k, dot warps, ring
+# the Gluon dataflow kernel with its cp.async weight ring (blockspec/flow.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring, pack the GEMVs with at most
 # half a tile of rows per program: two K tiles per tile)
 FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
@@ -161,8 +161,8 @@ def attention_reference(qkv: torch.Tensor, attention: dict, layer: int) -> torch
 def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.Tensor, layers: int,
                     engine: bool = False, attention: dict | None = None) -> torch.Tensor:
     """fp64 layer chain (flow_chain's with norms; without `attention` o_proj reads q) with bf16 rounding where the
-    kernel rounds: RMSNorm's scale applied after the GEMV, gate_up's rows (gate, up) pairs; with engine=True as
-    engine_layer_chain computes it instead (the norm rounded before the GEMV, gate_up's halves gate and up).
+    kernel rounds (RMSNorm's scale applied after the GEMV); with engine=True as engine_layer_chain computes it
+    instead (the norm rounded before the GEMV). Both take gate_up's halves as gate and up, the engine's layout.
     Returns the residual stream after the last layer."""
     def normed_gemv(weight: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         scale = torch.rsqrt(x.square().mean() + 1e-6)
@@ -176,7 +176,7 @@ def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.
         o = qkv[:GEMVS[1][2]] if attention is None else attention_reference(qkv, attention, layer)
         h = bf(h + bf(weights[1][layer].double() @ o))
         gate_up = normed_gemv(weights[2][layer], h, norms[layer, 1])
-        gate, up = gate_up.chunk(2) if engine else (gate_up[0::2], gate_up[1::2])
+        gate, up = gate_up.chunk(2)
         h = bf(h + bf(weights[3][layer].double() @ bf(bf(gate * torch.sigmoid(gate)) * up)))
     return h
 
@@ -185,7 +185,7 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
                        attention: dict | None = None):
     """The layer chain as the engine runs a target layer today (without `attention`, attention left out and
     o_proj reading q): skinny GEMMs, the norm fused with the residual add before it, silu * up as its own kernel
-    (gate_up's halves are gate and up here, the engine's layout), with attention the engine's qkv_rope_store and
+    (gate_up's halves are gate and up, as in the flow kernel), with attention the engine's qkv_rope_store and
     split-K decode_attention, all under PDL in a CUDA graph."""
     from blockspec import kernels
 
@@ -269,7 +269,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     a warm-up. Medians over programs of each phase's share of the loop and its cycles per unit, overall and per
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
     bytes take to stream is where the dot warps, not the stream, set the pace)."""
-    from flow_gemv import flow_chain, packed_gemvs
+    from blockspec.flow import flow_chain, packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
@@ -307,7 +307,7 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
     that produces them (medians over layers, us): `store_spread` last minus first store (the GEMV's tail),
     `release` median arrival minus the last store (how long the last rows take to reach a reader), `first`
     earliest arrival minus the last store, `wait` a program's arrival minus its own last store."""
-    from flow_gemv import flow_chain
+    from blockspec.flow import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
@@ -387,7 +387,7 @@ def chain_setup(args) -> tuple[list[torch.Tensor], torch.Tensor, float, int, dic
 
 
 def run(args) -> dict:
-    from flow_gemv import flow_chain
+    from blockspec.flow import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels import skinny_linear
@@ -499,7 +499,7 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
     input after its own last qkv store (the whole cost of attention as a program sees it). copies=False: the
     same without weight copies (wrong results), to see what the copy warps' instructions cost the stages."""
-    from flow_gemv import flow_chain
+    from blockspec.flow import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     stamps = torch.zeros(layers, nprog, 8, device="cuda", dtype=torch.int64)
@@ -547,7 +547,7 @@ def run_attention(args) -> dict:
     side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
     layers first. The floor adds the K/V bytes a step reads to the weights'. Then both as an AR step but for the
     embedding (with_lm_head): its floor adds the lm_head's bytes (context keyed negative in the record)."""
-    from flow_gemv import flow_chain
+    from blockspec.flow import flow_chain
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)

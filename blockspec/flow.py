@@ -1,4 +1,6 @@
-"""The dataflow GEMV chain with an explicit weight pipeline, in Triton's Gluon dialect (issue 3's probe).
+"""The flow kernel: every decoder layer of a batch-1 decode step in one persistent launch, in Triton's Gluon
+dialect. The engine runs a Qwen3-shaped target's AR token through it (layer_decoder, from target/flow.py);
+benchmarks/gemv_chain.py times it, and its probe modes, against the engine's per-op kernels (flow_chain).
 
 Session 7's dataflow kernel (persistent_gemv.py) was deterministic and barrier-free but slow: Triton would not
 software-pipeline a K loop that holds a spin, so the weight stream stopped at every tile. Here the pipeline is
@@ -22,9 +24,9 @@ granularity, and each program owns its rows outright (no atomics: reruns are bit
   into four accumulators (four short dependent chains, not one long one); the same code would take a verify
   block's 16 rows in the spare columns.
 
-The probe times the 144 GEMVs of an AR step (gemv_chain.py runs it side by side with the other paths); with
-RMSNorm weights, those GEMVs with a layer's norms, residual adds and silu * up done inside; and with attention
-state, whole decode layers, the attention in (kv head, context split) units between qkv and o_proj (flow_chain).
+The probe modes time the 144 GEMVs of an AR step alone; with RMSNorm weights, those GEMVs with a layer's norms,
+residual adds and silu * up done inside; and with attention state, whole decode layers, the attention in (kv
+head, context split) units between qkv and o_proj: what the engine runs.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 SPIN = gl.constexpr(SPIN_LIMIT)
-EPS = gl.constexpr(1e-6)  # the RMSNorms' epsilon in the layer chain
 
 
 def poll_asm(words: int) -> str:
@@ -165,10 +166,13 @@ def _issue(W0, W1, W2, W3, slot, layer, g, row, kk, pid, nprog, N0: gl.constexpr
     end = _rows(g, pid, nprog, N0, N1, N2, N3, G2)[1]
     k = _pick(g, K0, K1, K2, K3)
     mask = gl.expand_dims(rows < end, 1) & (cols < k)
+    weight_rows = rows
+    if G2 > 1:  # gate_up's output rows are (gate j, up j) pairs; its weight holds the gate rows, then the up rows
+        weight_rows = gl.where(g == 2, rows // 2 + (rows % 2) * (N2 // 2), rows)
     # one copy whose base is chosen (Triton 3.6 cannot lower cp.async inside branches)
     base = gl.where(g == 0, W0, gl.where(g == 1, W1, gl.where(g == 2, W2, W3)))
     base += layer.to(gl.int64) * _pick(g, N0, N1, N2, N3) * k
-    cp.async_copy_global_to_shared(slot, base + gl.expand_dims(rows, 1) * k + cols, mask)
+    cp.async_copy_global_to_shared(slot, base + gl.expand_dims(weight_rows, 1) * k + cols, mask)
 
 
 @gluon.jit
@@ -233,7 +237,7 @@ def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer,
 
 
 @gluon.jit
-def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem, rope_smem,
+def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, empty, kv_smem, norm_smem, rope_smem,
                  kv_ready, kv_empty, layers, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
                  N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
                  K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, PWARPS: gl.constexpr,
@@ -248,6 +252,7 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, emp
     buffers of its own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on
     the attention's critical path). The loop runs per layer so that copy is not inside a branch."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
+    T = gl.load(POS).to(gl.int32) + 1  # positions cached after this step (device memory: graphs replay it)
     qkv_units = _units(pid, nprog, N0, K0, BR, BK, 1, PACKED & 1)
     other_units = _total_units(1, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED) - qkv_units
     i = pid * 0
@@ -281,7 +286,7 @@ def _store_rows(OUT, value, rows, end, epoch):
 
 @gluon.jit
 def _store_silu_pairs(OUT, SCRATCH, value, row, end, epoch, out_rows, pairs):
-    """Publish silu(gate) * up for a block of gate_up's interleaved (gate, up) rows starting at `row` (even),
+    """Publish silu(gate) * up for a block of gate_up's (gate, up) output row pairs starting at `row` (even),
     with the engine's rounding (silu rounded to bf16 first). The two rows of a pair may sit in different threads,
     so they are traded through this program's scratch row."""
     gl.store(SCRATCH + out_rows, value)
@@ -407,7 +412,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
                     nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
-                    KVP: gl.constexpr, WARPS: gl.constexpr):
+                    KVP: gl.constexpr, WARPS: gl.constexpr, EPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
     qkv rows and its first o_proj unit: wait for the group's q heads, k and v; q/k RMSNorm and RoPE (rounded as
     the engine's qkv_rope_store rounds); the split holding the new position writes k and v to the cache; an
@@ -569,7 +574,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
                  empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                  nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
@@ -578,7 +583,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
                  WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
                  TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
-                 HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr):
+                 HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr, EPS: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
     store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
     flow_chain)."""
@@ -589,6 +594,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
     CH: gl.constexpr = BK // 4
     G2: gl.constexpr = 2 if LAYER else 1
     epoch = gl.load(EPOCH) % 65535 + 1
+    T = gl.load(POS).to(gl.int32) + 1
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
@@ -718,7 +724,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
                 _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, q_smem,
                                 kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
-                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS)
+                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, EPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -734,7 +740,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
 
 @gluon.jit
 def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
-                T, tmax, layers, nprog: gl.constexpr,
+                POS, tmax, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -742,7 +748,7 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
                 TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
                 LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
-                SPLITS: gl.constexpr, KVP: gl.constexpr):
+                SPLITS: gl.constexpr, KVP: gl.constexpr, EPS: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
     warps run side by side, so a unit costs the longer of the two instead of their sum."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -771,15 +777,27 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     mbarrier.init(kv_empty, count=1)
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, T, tmax, ring, ready,
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
                         empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                         nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
                         POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
-                        KVP)),
-        (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, T, tmax, ring, ready, empty, kv_smem, norm_smem,
+                        KVP, EPS)),
+        (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, empty, kv_smem, norm_smem,
                         rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
                         STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
     ], [PWARPS], [PREGS])
+
+
+@gluon.jit
+def _stamp_input(X, ACTS, EPOCH, n, BLOCK: gl.constexpr):
+    """Start a run: bump the epoch and publish its input (bf16 bits) as activation words under it. One warp, so
+    its read of EPOCH precedes its write."""
+    L: gl.constexpr = gl.BlockedLayout([BLOCK // 32], [32], [1], [0])
+    epoch = gl.load(EPOCH) + 1
+    gl.store(EPOCH, epoch)
+    cols = gl.arange(0, BLOCK, L)
+    bits = gl.load(X + cols, mask=cols < n, other=0.0).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
+    gl.store(ACTS + cols, (bits & 0xFFFF) | ((epoch % 65535 + 1) << 16), mask=cols < n)
 
 
 def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: bool) -> list[bool]:
@@ -789,30 +807,80 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
             for index, (_, n, _) in enumerate(gemvs)]
 
 
+def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bool, kv_heads: int | None,
+                  head_dim: int, wait: bool, copies: bool, timed: int, eps: float) -> tuple[int, int, dict, dict]:
+    """The programs, the context splits per kv head, the kernel's constants and its scratch buffers for a chain
+    of `layers` (attention in when kv_heads is given)."""
+    br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
+    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
+    pack = bk // (32 * warps)  # activation words per thread
+    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
+    if layer:
+        assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
+    splits, group = 1, 4
+    if kv_heads is not None:
+        assert layer
+        splits = 1 << ((nprog // kv_heads).bit_length() - 1)  # one unit per program at most, a power of two per group
+        group = gemvs[1][2] // (kv_heads * head_dim)
+        assert group == 4 and warps == 4 and head_dim == 128 and gemvs[0][1] == (group + 2) * kv_heads * head_dim
+    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
+                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps,
+                     PREGS=104 if kv_heads is not None else 80,  # (the attention copies spill at 80)
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
+                     PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=kv_heads is not None,
+                     APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
+                     KVH=kv_heads or 1, GQ=group, HD=head_dim, SPLITS=splits,
+                     KVP=32 if kv_heads is not None else 16, EPS=eps,
+                     POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
+    words = dict(device="cuda", dtype=torch.int32)
+    buffers = {"acts": torch.zeros(layers * 4 + 1, wide, **words),
+               "scratch": torch.zeros(nprog, br, device="cuda", dtype=torch.float32),
+               "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words),
+               "qkv": torch.zeros(layers + 1, gemvs[0][1] if kv_heads is not None else 1, **words),
+               "partials": torch.zeros(layers * (kv_heads or 0) * splits * (group * head_dim + 4 * group) + 1,
+                                       **words)}
+    return nprog, warps, constants, buffers
+
+
+def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Tensor, weights: list[torch.Tensor],
+            norms: torch.Tensor, profile: torch.Tensor, qk_norms: torch.Tensor, rope: torch.Tensor,
+            position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layers: int) -> None:
+    """Stamp `x` in as the chain's input under a new epoch, then run the chain."""
+    _stamp_input[(1,)](x, buffers["acts"], buffers["epoch"], constants["K0"],
+                       BLOCK=max(32, 1 << (constants["K0"] - 1).bit_length()), num_warps=1)
+    _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"], buffers["failed"],
+                          profile, buffers["qkv"], k_cache, v_cache, qk_norms, rope, buffers["partials"], position,
+                          k_cache.shape[-2], layers, **constants, num_warps=warps)
+
+
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
                norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True,
                last_only: bool = False):
-    """As persistent_gemv.dataflow_chain, for this kernel; config (block rows, block_k, dot warps, stages, programs
-    per SM, copy warps, KiB in flight per program: 0 for the whole ring, pack small GEMVs: see packed_gemvs).
-    wait=False reads the activations without waiting for them (wrong results): the kernel's streaming ceiling, so
-    its dependency cost is flow - nowait. `profile` (int64 [programs, 4]) receives each program's clock cycles per
-    phase (see gemv_chain.flow_profile); with timeline=True it is int64 [layers * 4, programs, 2] instead and
-    receives, per GEMV and program, the %globaltimer when the program stored its last rows of the GEMV and when the
-    next GEMV's first activations arrived there; with timeline="attention" it is int64 [layers, programs, 8] and
-    receives the attention stages' times (see gemv_chain.attention_timeline). Each run bumps a device-side epoch and
-    stamps x0 with it; the callable returns the values as fp32 [layers, 4, wide].
+    """The probe's entry (benchmarks/gemv_chain.py): as persistent_gemv.dataflow_chain, for this kernel; config
+    (block rows, block_k, dot warps, stages, programs per SM, copy warps, KiB in flight per program: 0 for the
+    whole ring, pack small GEMVs: see packed_gemvs). wait=False reads the activations without waiting for them
+    (wrong results): the kernel's streaming ceiling, so its dependency cost is flow - nowait. `profile` (int64
+    [programs, 4]) receives each program's clock cycles per phase (see gemv_chain.flow_profile); with
+    timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per GEMV and program, the
+    %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's first activations
+    arrived there; with timeline="attention" it is int64 [layers, programs, 8] and receives the attention stages'
+    times (see gemv_chain.attention_timeline). Each run reads x0, bumps a device-side epoch and stamps the input
+    with it; the callable returns the values as fp32 [layers, 4, wide].
 
     With RMSNorm weights `norms` [layers, 2, hidden] (bf16) the chain is a Qwen3 layer without attention (o_proj
     reads q where attention's output would be), its elementwise work done where the data already is:
     - RMSNorm before qkv and gate_up by the reader, its scale taken out of the dot: (x * weight) rounded to bf16
       goes into the dot, sum(x^2) builds up over the K tiles, and the finished rows are multiplied by
-      rsqrt(mean + eps). (The engine rounds x * rsqrt first, which no reader can know before the whole vector is
-      in: waiting for it is a grid barrier, as 518322b's staged kernel measured.)
+      rsqrt(mean + eps). (The engine's kernels round x * rsqrt first, which no reader can know before the whole
+      vector is in: waiting for it is a grid barrier, as 518322b's staged kernel measured.)
     - the residual adds after o_proj and down by the rows' owner: both GEMVs have `hidden` rows split alike, so a
       program adds to rows that it stored itself;
-    - silu(gate) * up after gate_up by the rows' owner: gate_up's weight rows are taken as interleaved (gate j,
-      up j) and split two rows at a time, so down reads 9728 words, not 19456.
+    - silu(gate) * up after gate_up by the rows' owner: gate_up's output rows are taken as (gate j, up j) pairs
+      and split two at a time (its weight is the engine's: gate rows, then up rows), so down reads 9728 words,
+      not 19456.
     The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
     down.
 
@@ -825,54 +893,60 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
     work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
     [its rows]), without decoding every layer's words."""
-    br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
-    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
-    assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
-    pack = bk // (32 * warps)  # activation words per thread
     layer = norms is not None
-    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
-    if layer:
-        assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
-    acts = torch.zeros(layers * 4 + 1, wide, device="cuda", dtype=torch.int32)
-    scratch = torch.zeros(nprog, br, device="cuda", dtype=torch.float32)
-    norm_weights = norms if layer else torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    epoch = torch.zeros(1, device="cuda", dtype=torch.int32)
-    failed = torch.zeros(1, device="cuda", dtype=torch.int32)
     timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
-    cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
-    x_bits = x0[:gemvs[0][2]].to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    dummy_bf16 = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    kvh, hd, splits, tmax, length = 1, 128, 1, 1, 1
-    att_args = [torch.zeros(1, device="cuda", dtype=torch.int32), dummy_bf16, dummy_bf16, dummy_bf16,
-                torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.int32)]
+    kv_heads = None if attention is None else attention["k_cache"].shape[1]
+    nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, config, layer, kv_heads, 128, wait, copies,
+                                                     timed, 1e-6)
+    dummy = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    no_cache = torch.zeros(1, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
+    state = [dummy, torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.long),
+             no_cache, no_cache]
     if attention is not None:
-        assert layer
-        k_cache, v_cache = attention["k_cache"], attention["v_cache"]
-        _, kvh, tmax, hd = k_cache.shape
-        splits = 1 << ((nprog // kvh).bit_length() - 1)  # one unit per program at most, a power of two per group
-        group = gemvs[1][2] // (kvh * hd)
-        assert group == 4 and warps == 4 and gemvs[0][1] == (group + 2) * kvh * hd and attention["length"] <= tmax
-        length = attention["length"]
-        att_args = [torch.zeros(layers + 1, gemvs[0][1], device="cuda", dtype=torch.int32), k_cache, v_cache,
-                    attention["qk_norms"], attention["rope"],
-                    torch.zeros(layers * kvh * splits * (group * hd + 4 * group), device="cuda", dtype=torch.int32)]
-    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
-    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
-                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps,
-                     PREGS=104 if attention is not None else 80,  # (the attention copies spill at 80)
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
-                     PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=attention is not None,
-                     APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kvh, GQ=4, HD=hd, SPLITS=splits, KVP=32 if attention is not None else 16,
-                     POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
+        assert attention["length"] <= attention["k_cache"].shape[2]
+        state = [attention["qk_norms"], attention["rope"],
+                 torch.full((1,), attention["length"] - 1, device="cuda", dtype=torch.long),
+                 attention["k_cache"], attention["v_cache"]]
+    norm_weights = norms if layer else dummy
+    cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
+    acts = buffers["acts"]
 
     def run() -> torch.Tensor:
-        epoch.add_(1)
-        acts[0, :x_bits.numel()] = x_bits | ((epoch % 65535 + 1) << 16)
-        _flow_chain[(nprog,)](*weights, acts, norm_weights, scratch, epoch, failed, cycles, *att_args, length, tmax,
-                              layers, **constants, num_warps=warps)
+        _launch(buffers, constants, nprog, warps, x0, weights, norm_weights, cycles, *state, layers)
         if last_only:
             return ((acts[layers * 4, :gemvs[3][1]] & 0xFFFF) << 16).view(torch.float32)
         return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
 
-    return run, failed
+    return run, buffers["failed"]
+
+
+DECODE_CONFIG = (64, 512, 4, 3, 1, 2, 64, 1)  # gemv_chain.py's ATTENTION_CONFIGS[0], the fastest measured
+
+
+def layer_decoder(weights: list[torch.Tensor], norms: torch.Tensor, qk_norms: torch.Tensor, eps: float):
+    """Every decoder layer of a Qwen3-shaped target for one token in one launch (the engine's batch-1 decode):
+    weights [layers, N, K] per projection (qkv, o_proj, gate_up as gate rows then up rows, down), norms [layers, 2,
+    hidden] (input and post-attention RMSNorm), qk_norms [layers, 2, head_dim], all bf16. Returns
+    run(x, position, rope, k_cache, v_cache) -> the residual stream after the last layer (bf16 [hidden], a view
+    into the kernel's buffers, valid until the next run) and the FAILED flag (set when a program gave up waiting:
+    the programs were not all resident). x: the token's embedding (bf16 [hidden]); position: long [1], the new
+    token's position, in device memory so that a CUDA graph replays it; rope: fp32 [2, head_dim / 2], its cos and
+    sin; the caches [layers, kv heads, max positions, head_dim], to which the new k and v are written. Everything
+    a run reads from the host is fixed, so a run can be captured in a CUDA graph."""
+    layers, hidden = weights[0].shape[0], weights[0].shape[2]
+    head_dim = qk_norms.shape[-1]
+    gemvs = tuple((name, w.shape[1], w.shape[2]) for name, w in zip(("qkv", "o_proj", "gate_up", "down"), weights))
+    wide = max(n for _, n, _ in gemvs)
+    kv_heads = (gemvs[0][1] - gemvs[1][2]) // (2 * head_dim)  # qkv's rows: the q heads, then k and v
+    nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, DECODE_CONFIG, True, kv_heads, head_dim,
+                                                     True, True, 0, eps)
+    cycles = torch.zeros(1, device="cuda", dtype=torch.int64)
+    out = buffers["acts"][layers * 4, :hidden].view(torch.int16)[0::2].view(torch.bfloat16)  # the words' low halves
+
+    def run(x: torch.Tensor, position: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor,
+            v_cache: torch.Tensor) -> torch.Tensor:
+        _launch(buffers, constants, nprog, warps, x, weights, norms, cycles, qk_norms, rope, position, k_cache,
+                v_cache, layers)
+        return out
+
+    return run, buffers["failed"]
