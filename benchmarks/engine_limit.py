@@ -27,6 +27,7 @@ same table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import statistics
@@ -462,6 +463,7 @@ def run(args: argparse.Namespace) -> dict:
             for name, d in (("ar", None), *drafts.items())}}
         return record
     ar = CudaGraphDecoder(target, None, max_len=max_len)
+    ar_per_op = CudaGraphDecoder(target, None, max_len=max_len)  # its graphs captured with the flow kernel off
     spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
 
     # losslessness of the fast path: graphed greedy tokens == eager loop tokens, 256 tokens
@@ -469,6 +471,12 @@ def run(args: argparse.Namespace) -> dict:
     check_params = SamplingParams(max_new_tokens=256, ignore_eos=True)
     eager_ar = SpeculativeDecoder(target, None).generate(prompt, check_params).token_ids
     record["check"] = {"ar_graph_equals_eager": ar.generate(prompt, check_params).token_ids == eager_ar}
+    with per_op_kernels(model):
+        eager_per_op = SpeculativeDecoder(target, None).generate(prompt, check_params).token_ids
+        record["check"]["ar_per_op_graph_equals_eager"] = (
+            ar_per_op.generate(prompt, check_params).token_ids == eager_per_op)
+    record["check"]["ar_flow_equals_per_op"] = eager_ar == eager_per_op
+    record["check"]["flow_vs_per_op"] = flow_agreement(model, prompt)
     for kind, decoder in spec.items():
         eager = SpeculativeDecoder(target, drafts[kind]).generate(prompt, check_params).token_ids
         fast = decoder.generate(prompt, check_params).token_ids
@@ -479,9 +487,16 @@ def run(args: argparse.Namespace) -> dict:
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
         row: dict = {}
-        ar_s = timed_steps(ar, prompt, 1, args.steps, device)
         ar_floor = floors(cfg, model, None, ctx, 1) / bandwidth
-        row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": ar_s / ar_floor}
+        ar_times, per_op_times = [], []
+        for _ in range(2):  # interleaved, for drift
+            ar_times.append(timed_steps(ar, prompt, 1, args.steps, device))
+            with per_op_kernels(model):
+                per_op_times.append(timed_steps(ar_per_op, prompt, 1, args.steps, device))
+        ar_s, per_op_s = statistics.median(ar_times), statistics.median(per_op_times)
+        row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": ar_s / ar_floor,
+                     "flow_kernel": model._flow is not None}
+        row["ar_per_op"] = {"ms_per_token": per_op_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": per_op_s / ar_floor}
         for kind, decoder in spec.items():
             step_s = timed_steps(decoder, prompt, 16, args.steps, device)
             floor_s = floors(cfg, model, drafts[kind], ctx, 16) / bandwidth
@@ -504,6 +519,37 @@ def run(args: argparse.Namespace) -> dict:
     if args.sweep_attention and device.startswith("cuda"):
         record["attention_sweep"] = attention_sweep(device)
     return record
+
+
+@contextlib.contextmanager
+def per_op_kernels(model: TargetModel):
+    """Batch-1 decode tokens through the per-op kernels instead of the flow kernel (graphs keep the path they were
+    captured with)."""
+    model.use_flow = False
+    try:
+        yield
+    finally:
+        model.use_flow = True
+
+
+@torch.inference_mode()
+def flow_agreement(model: TargetModel, prompt: list[int]) -> dict:
+    """One decode token after the prompt through the flow kernel and through the per-op kernels, on the same
+    cache: how far apart the final-normed hidden states are (relative norm), and whether the logits' argmax
+    agrees. Only the kernels' rounding differs (the flow kernel scales by the RMSNorm after its GEMVs)."""
+    device = model.embed_tokens.weight.device
+    cache = model.new_cache(1, len(prompt) + 1)
+    model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None], cache)
+    token, position = torch.tensor([[prompt[-1]]], device=device), torch.tensor([[len(prompt)]], device=device)
+    hidden = {}
+    for flow in (False, True):
+        model.use_flow = flow
+        hidden[flow] = model(token, position, cache)[0].float()
+    model.use_flow = True
+    return {"flow_kernel": model._flow is not None,
+            "hidden_rel_err": ((hidden[True] - hidden[False]).norm() / hidden[False].norm()).item(),
+            "same_argmax": bool((model.logits(hidden[True].to(model.embed_tokens.weight.dtype)).argmax(-1)
+                                 == model.logits(hidden[False].to(model.embed_tokens.weight.dtype)).argmax(-1)).all())}
 
 
 def item(module: torch.nn.Module) -> int:
@@ -558,8 +604,13 @@ def report(path: str) -> str:
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for ctx, row in r["contexts"].items():
-        lines.append(f"| {ctx} | AR (blockspec) | {row['ar']['ms_per_token']:.2f} | {row['ar']['floor_ms']:.2f} | "
+        ar_label = "AR (blockspec, flow kernel)" if row["ar"].get("flow_kernel") else "AR (blockspec)"
+        lines.append(f"| {ctx} | {ar_label} | {row['ar']['ms_per_token']:.2f} | {row['ar']['floor_ms']:.2f} | "
                      f"{row['ar']['x_floor']:.2f} | {row['hf_eager_ms_per_token']:.1f} | |")
+        if "ar_per_op" in row:
+            per_op = row["ar_per_op"]
+            lines.append(f"| {ctx} | AR (blockspec, per-op kernels) | {per_op['ms_per_token']:.2f} | "
+                         f"{per_op['floor_ms']:.2f} | {per_op['x_floor']:.2f} | | |")
         for kind in ("dflash", "dflare"):
             k = row[kind]
             lines.append(f"| {ctx} | {kind} step | {k['ms_per_step']:.2f} | {k['floor_ms']:.2f} | {k['x_floor']:.2f} | "

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
-from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
-                              rope_inv_freq, silu_mul)
+from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
+                              qkv_rope_store, rope_inv_freq, silu_mul)
+from blockspec.target.flow import FlowDecode, flow_decoder
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -150,6 +151,9 @@ class TargetModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
+        self.use_flow = True  # batch-1 decode tokens through the flow kernel where it applies (target/flow.py)
+        self._flow: FlowDecode | None = None
+        self._flow_checked = False
 
     @staticmethod
     def from_hf(hf_model: nn.Module) -> "TargetModel":
@@ -207,6 +211,9 @@ class TargetModel(nn.Module):
         [b, n, len(tap_layer_ids) * H] (None when no taps are asked for). `kv_len` bounds the cache slots
         read by the CPU attention; by default max(positions) + 1 (a host sync: pass it in hot loops).
         """
+        flow = self._flow_for(input_ids, cache, tap_layer_ids)
+        if flow is not None:
+            return self.norm(flow(self.embed_tokens(input_ids), positions, cache).view(1, 1, -1)), None
         if kv_len is None:
             kv_len = int(positions.max()) + 1
         residual = self.embed_tokens(input_ids)
@@ -222,6 +229,19 @@ class TargetModel(nn.Module):
                 taps[index] = residual  # the layer's output, before the next layer's norm
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
         return normed, features
+
+    def _flow_for(self, input_ids: torch.Tensor, cache: KVCache, tap_layer_ids: tuple[int, ...]) -> FlowDecode | None:
+        """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on a cache of
+        one row. Built on the first such call (not while a CUDA graph is captured: the build runs the kernel once;
+        the engine warms up before capturing)."""
+        if not (self.use_flow and input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1
+                and cache.k.is_contiguous() and fused_kernels_apply(self.embed_tokens.weight)):
+            return None
+        if not self._flow_checked:
+            if torch.cuda.is_current_stream_capturing():
+                return None
+            self._flow, self._flow_checked = flow_decoder(self), True
+        return self._flow
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head.weight)  # the skinny GEMM where kernels.SKINNY_CONFIG lists the shape
