@@ -215,13 +215,14 @@ def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l
 
 
 @gluon.jit
-def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, T, tmax, pid, KVH: gl.constexpr,
+def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, POS, tmax, pid, KVH: gl.constexpr,
                      SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr, PWARPS: gl.constexpr):
     """What a layer's attention unit needs that does not depend on the step, copied ahead into its own buffers:
     the split's first KVP cached positions (k then v per row), the q/k norm weights, cos and sin."""
     KVL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [PWARPS, 1], [1, 0])  # [KVP, HD]
     NL: gl.constexpr = gl.BlockedLayout([2], [32], [PWARPS], [0])  # [HD]
     RL: gl.constexpr = gl.BlockedLayout([1], [32], [PWARPS], [0])  # [HD / 2]
+    T = gl.load(POS).to(gl.int32) + 1  # positions cached after this step (device memory: graphs replay it)
     split = pid % SPLITS
     start = split * (T - 1) // SPLITS
     stop = gl.where(pid < KVH * SPLITS, (split + 1) * (T - 1) // SPLITS, start)
@@ -252,7 +253,6 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
     buffers of its own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on
     the attention's critical path). The loop runs per layer so that copy is not inside a branch."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
-    T = gl.load(POS).to(gl.int32) + 1  # positions cached after this step (device memory: graphs replay it)
     qkv_units = _units(pid, nprog, N0, K0, BR, BK, 1, PACKED & 1)
     other_units = _total_units(1, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED) - qkv_units
     i = pid * 0
@@ -268,7 +268,7 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
                 pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
         if ATTN:
             mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
-            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH,
+            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, POS, tmax, pid, KVH,
                              SPLITS, HD, KVP, PWARPS)
             cp.mbarrier_arrive(kv_ready, increment_count=False)
         for _ in range(other_units):
@@ -407,7 +407,7 @@ def _attention_chunk(kv_smem, q_smem, p, stop, m, total, out, HD: gl.constexpr, 
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, T, tmax, q_smem,
+def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, POS, tmax, q_smem,
                     kv_smem, norm_smem, rope_smem, kv_ready, kv_empty,
                     nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
@@ -442,6 +442,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     hr = gl.expand_dims(gl.arange(0, 8, gl.SliceLayout(1, HL)), 1)
     hd = gl.expand_dims(gl.arange(0, HALF, gl.SliceLayout(0, HL)), 0)
     kv_row = hr >= GQ
+    T = gl.load(POS).to(gl.int32) + 1  # loaded here, not held across the consumer's loop (its registers are full)
     start = split * (T - 1) // SPLITS
     stop = (split + 1) * (T - 1) // SPLITS
     cache = (layer * KVH + kvh) * tmax * HD
@@ -594,7 +595,6 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
     CH: gl.constexpr = BK // 4
     G2: gl.constexpr = 2 if LAYER else 1
     epoch = gl.load(EPOCH) % 65535 + 1
-    T = gl.load(POS).to(gl.int32) + 1
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     xs = gl.arange(0, BK, X)
@@ -722,7 +722,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
                 mbarrier.arrive(kv_empty)
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, T, tmax, q_smem,
+                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, POS, tmax, q_smem,
                                 kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
                                 N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, EPS)
         if TIMED == 1:
