@@ -215,14 +215,13 @@ def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l
 
 
 @gluon.jit
-def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, POS, tmax, pid, KVH: gl.constexpr,
+def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, T, tmax, pid, KVH: gl.constexpr,
                      SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr, PWARPS: gl.constexpr):
     """What a layer's attention unit needs that does not depend on the step, copied ahead into its own buffers:
     the split's first KVP cached positions (k then v per row), the q/k norm weights, cos and sin."""
     KVL: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [PWARPS, 1], [1, 0])  # [KVP, HD]
     NL: gl.constexpr = gl.BlockedLayout([2], [32], [PWARPS], [0])  # [HD]
     RL: gl.constexpr = gl.BlockedLayout([1], [32], [PWARPS], [0])  # [HD / 2]
-    T = gl.load(POS).to(gl.int32) + 1  # positions cached after this step (device memory: graphs replay it)
     split = pid % SPLITS
     start = split * (T - 1) // SPLITS
     stop = gl.where(pid < KVH * SPLITS, (split + 1) * (T - 1) // SPLITS, start)
@@ -253,6 +252,9 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
     buffers of its own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on
     the attention's critical path). The loop runs per layer so that copy is not inside a branch."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
+    # positions cached after this step, from device memory (graphs replay it), read once: a read between the
+    # weight copies waits behind them
+    T = gl.load(POS).to(gl.int32) + 1
     qkv_units = _units(pid, nprog, N0, K0, BR, BK, 1, PACKED & 1)
     other_units = _total_units(1, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED) - qkv_units
     i = pid * 0
@@ -268,7 +270,7 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
                 pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
         if ATTN:
             mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
-            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, POS, tmax, pid, KVH,
+            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH,
                              SPLITS, HD, KVP, PWARPS)
             cp.mbarrier_arrive(kv_ready, increment_count=False)
         for _ in range(other_units):
