@@ -162,7 +162,7 @@ def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.
                     engine: bool = False, attention: dict | None = None) -> torch.Tensor:
     """fp64 layer chain (flow_chain's with norms; without `attention` o_proj reads q) with bf16 rounding where the
     kernel rounds (RMSNorm's scale applied after the GEMV); with engine=True as engine_layer_chain computes it
-    instead (the norm rounded before the GEMV). Both take gate_up's halves as gate and up, the engine's layout.
+    instead (the norm rounded before the GEMV). Both take gate_up's rows as (gate, up) pairs, the engine's layout.
     Returns the residual stream after the last layer."""
     def normed_gemv(weight: torch.Tensor, x: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
         scale = torch.rsqrt(x.square().mean() + 1e-6)
@@ -176,7 +176,7 @@ def layer_reference(x0: torch.Tensor, weights: list[torch.Tensor], norms: torch.
         o = qkv[:GEMVS[1][2]] if attention is None else attention_reference(qkv, attention, layer)
         h = bf(h + bf(weights[1][layer].double() @ o))
         gate_up = normed_gemv(weights[2][layer], h, norms[layer, 1])
-        gate, up = gate_up.chunk(2)
+        gate, up = gate_up[0::2], gate_up[1::2]
         h = bf(h + bf(weights[3][layer].double() @ bf(bf(gate * torch.sigmoid(gate)) * up)))
     return h
 
@@ -185,7 +185,7 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
                        attention: dict | None = None):
     """The layer chain as the engine runs a target layer today (without `attention`, attention left out and
     o_proj reading q): skinny GEMMs, the norm fused with the residual add before it, silu * up as its own kernel
-    (gate_up's halves are gate and up, as in the flow kernel), with attention the engine's qkv_rope_store and
+    (gate_up's rows (gate, up) pairs, as in the flow kernel), with attention the engine's qkv_rope_store and
     split-K decode_attention, all under PDL in a CUDA graph."""
     from blockspec import kernels
 
@@ -209,13 +209,12 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     def run() -> torch.Tensor:
         h = x0[:GEMVS[0][2]].to(torch.bfloat16)[None].contiguous()
         normed = kernels.rms_norm(h, norms[0, 0], 1e-6)
-        inter = GEMVS[3][2]
         for layer in range(layers):
             qkv = kernels.skinny_linear(normed, weights[0][layer])
             o = kernels.skinny_linear(attend(qkv, layer), weights[1][layer])
             h, normed = kernels.add_rms_norm(h, o, norms[layer, 1], 1e-6)
             gate_up = kernels.skinny_linear(normed, weights[2][layer])
-            down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, :inter], gate_up[:, inter:]), weights[3][layer])
+            down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, 0::2], gate_up[:, 1::2]), weights[3][layer])
             h, normed = kernels.add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
         return h
     return run

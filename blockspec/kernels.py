@@ -204,26 +204,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul(G, U, OUT, sg, su, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
-    g = tl.load(G + row * sg + cols, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + row * su + cols, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(G + row * sg + cols * sgc, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + row * su + cols * suc, mask=ok, other=0.0).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for gate and up [..., I], each with unit stride on the last axis (the two halves of a
-    fused gate_up projection are fine)."""
+    """silu(gate) * up for gate and up [..., I] (any strides: the even and odd columns of a fused gate_up
+    projection are fine)."""
     n = gate.shape[-1]
     g, u = gate.reshape(-1, n), up.reshape(-1, n)
     out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
     block = 1024
-    _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), u.stride(0), out.stride(0), n,
-                                                    BLOCK=block, **pdl_options(gate))
+    _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+                                                    out.stride(0), n, BLOCK=block, **pdl_options(gate))
     return out.view(*gate.shape[:-1], n)
 
 

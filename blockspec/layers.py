@@ -66,7 +66,7 @@ class GatedMLP(nn.Module):
 
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (one kernel on CUDA instead of two)."""
-    if fused_kernels_apply(gate, up) and gate.stride(-1) == 1 and up.stride(-1) == 1:
+    if fused_kernels_apply(gate, up):
         from blockspec.kernels import silu_mul as fused
 
         return fused(gate, up)
@@ -74,8 +74,8 @@ def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, for fused projections [..., 2I] holding gate then up."""
-    return gated(*gate_up.chunk(2, dim=-1))
+    """silu(gate) * up, for fused projections [..., 2I] holding (gate j, up j) pairs (see fuse_projections)."""
+    return gated(gate_up[..., 0::2], gate_up[..., 1::2])
 
 
 def rope_parameters(config: object) -> dict:

@@ -71,6 +71,9 @@ def test_rms_norm_and_silu_mul_match_torch(dtype):
     apart = torch.randn(3, 1536, generator=gen).to(DEVICE, dtype), torch.randn(3, 1536, generator=gen).to(DEVICE, dtype)
     expected = torch.nn.functional.silu(apart[0]) * apart[1]  # separate gate and up projections (the drafts)
     assert (kernels.silu_mul(*apart).float() - expected.float()).abs().max().item() <= tol
+    gate, up = gate_up[:, 0::2], gate_up[:, 1::2]  # the target's fused layout: (gate j, up j) pairs
+    expected = torch.nn.functional.silu(gate) * up
+    assert (kernels.silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])

@@ -101,7 +101,7 @@ class TargetAttention(nn.Module):
 
 
 class TargetMLP(nn.Module):
-    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matrix."""
+    """`down(silu(gate(x)) * up(x))` with gate and up fused into one matrix, their rows interleaved."""
 
     def __init__(self, cfg: TargetConfig) -> None:
         super().__init__()
@@ -127,7 +127,9 @@ class TargetLayer(nn.Module):
 
 
 def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF names -> ours: q/k/v_proj concatenated into qkv_proj, gate/up_proj into gate_up_proj."""
+    """HF names -> ours: q/k/v_proj concatenated into qkv_proj; gate/up_proj into gate_up_proj, their rows
+    interleaved as (gate j, up j) pairs: the flow kernel, which computes silu(gate) * up where gate_up's rows are
+    finished, streams one region of rows (read as two, gate then up, the same chain took 10% longer)."""
     fused = dict(state)
     for key in [k for k in state if k.endswith("self_attn.q_proj.weight") or k.endswith("self_attn.q_proj.bias")]:
         prefix, kind = key.rsplit(".q_proj.", 1)
@@ -136,7 +138,7 @@ def fuse_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key in [k for k in state if ".mlp.gate_proj." in k]:
         prefix, kind = key.rsplit(".gate_proj.", 1)
         parts = [fused.pop(f"{prefix}.{p}_proj.{kind}") for p in ("gate", "up")]
-        fused[f"{prefix}.gate_up_proj.{kind}"] = torch.cat(parts)
+        fused[f"{prefix}.gate_up_proj.{kind}"] = torch.stack(parts, dim=1).flatten(0, 1)
     return fused
 
 
