@@ -18,10 +18,11 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) the Triton skinny
-    GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not."""
+    """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights the
+    Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
+    (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory)."""
     params = (weight,) if bias is None else (weight, bias)
-    if x.dtype == weight.dtype and fused_kernels_apply(x, *params):
+    if x.dtype == weight.dtype and weight.element_size() == 2 and fused_kernels_apply(x, *params):
         from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
 
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
