@@ -579,7 +579,7 @@ def test_gemv_chain_report_renders_a_stored_h100_run_without_triton():
 
 def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_triton():
     """The Gluon flow kernel's rows, its loop-phase profile and its store-to-reader timeline render from the
-    committed H100 run (a machine without Triton, so flow_gemv.py is never imported)."""
+    committed H100 run (a machine without Triton, so blockspec/flow.py is never imported)."""
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-225211.json"
     record = json.loads(stored.read_text())
@@ -655,3 +655,24 @@ def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
     # and the check has teeth: the reference with its rotary frequencies in reverse order is far off
     wrong = gemv_chain.attention_reference(qkv.double(), {**state, "rope": state["rope"].flip(1)}, 0)
     assert ((got - wrong).norm() / want.norm()).item() > 10 * rel_err
+
+
+def test_engine_limit_report_puts_the_flow_kernel_ar_beside_the_per_op_kernels():
+    """The H100 run of the engine with its batch-1 decode in the flow kernel renders both AR paths, and its
+    checks held: graphs equal eager on both paths, and the flow kernel is as close to fp32 as the per-op
+    kernels are (the kernel's own error would stand out from the rounding both share)."""
+    repo = Path(__file__).resolve().parent.parent
+    stored = repo / "benchmarks" / "results" / "engine_limit-20261123-032659.json"
+    record = json.loads(stored.read_text())
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "engine_limit.py"), "--report", str(stored)],
+                         capture_output=True, text=True, check=True).stdout
+    for ctx, row in record["contexts"].items():
+        flow, per_op = row["ar"], row["ar_per_op"]
+        assert flow["flow_kernel"] and flow["ms_per_token"] < per_op["ms_per_token"]
+        assert (f"| {ctx} | AR (blockspec, flow kernel) | {flow['ms_per_token']:.2f} | {flow['floor_ms']:.2f} | "
+                f"{flow['x_floor']:.2f} |") in out
+        assert f"| {ctx} | AR (blockspec, per-op kernels) | {per_op['ms_per_token']:.2f} |" in out
+    check = record["check"]
+    assert check["ar_graph_equals_eager"] and check["ar_per_op_graph_equals_eager"]
+    for accuracy in check["flow_accuracy"]:
+        assert accuracy["flow_kernel"] and accuracy["flow_vs_fp32"] < 1.2 * accuracy["per_op_vs_fp32"]
