@@ -45,7 +45,6 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
-from blockspec.engine.batch import BatchDecoder  # noqa: E402
 from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
 from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
 
@@ -478,11 +477,6 @@ def run(args: argparse.Namespace) -> dict:
         record["check"]["ar_per_op_graph_equals_eager"] = (
             ar_per_op.generate(prompt, check_params).token_ids == eager_per_op)
     record["check"]["ar_flow_equals_per_op"] = eager_ar == eager_per_op
-    # a batching engine (the server's) with one request: row 0 of its caches through the flow kernel, graphed
-    batched = BatchDecoder(target, None, max_batch=4, max_len=max_len)
-    record["check"]["ar_batch_engine_one_request_equals_eager"] = (
-        batched.generate([prompt], check_params)[0].token_ids == eager_ar)
-    del batched
     record["check"]["flow_accuracy"] = [flow_accuracy(cfg, device, ctx) for ctx in args.contexts]
     for kind, decoder in spec.items():
         eager = SpeculativeDecoder(target, drafts[kind]).generate(prompt, check_params).token_ids

@@ -212,8 +212,7 @@ def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l
 
 
 @gluon.jit
-def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, T, tmax, layer_rows, pid,
-                     KVH: gl.constexpr,
+def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer, T, tmax, pid, KVH: gl.constexpr,
                      SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr, PWARPS: gl.constexpr):
     """What a layer's attention unit needs that does not depend on the step, copied ahead into its own buffers:
     the split's first KVP cached positions (k then v per row), the q/k norm weights, cos and sin."""
@@ -224,20 +223,19 @@ def _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, layer,
     start = split * (T - 1) // SPLITS
     stop = gl.where(pid < KVH * SPLITS, (split + 1) * (T - 1) // SPLITS, start)
     positions = start + gl.arange(0, KVP, gl.SliceLayout(1, KVL))
-    layer_at = layer.to(gl.int64) * layer_rows * HD  # the layer's cache (a multiple of HD: 16-byte copies)
-    at = ((pid // SPLITS) * tmax + gl.expand_dims(positions, 1)).to(gl.int64) * HD \
+    at = ((layer * KVH + pid // SPLITS) * tmax + gl.expand_dims(positions, 1)).to(gl.int64) * HD \
         + gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
     inside = gl.expand_dims(positions < stop, 1) & (at >= 0)
-    cp.async_copy_global_to_shared(kv_smem.slice(0, HD, dim=1), KC + layer_at + at, inside)
-    cp.async_copy_global_to_shared(kv_smem.slice(HD, HD, dim=1), VC + layer_at + at, inside)
+    cp.async_copy_global_to_shared(kv_smem.slice(0, HD, dim=1), KC + at, inside)
+    cp.async_copy_global_to_shared(kv_smem.slice(HD, HD, dim=1), VC + at, inside)
     for j in gl.static_range(2):  # q_norm and k_norm; cos and sin
         cp.async_copy_global_to_shared(norm_smem.index(j), QKNORM + (layer * 2 + j) * HD + gl.arange(0, HD, NL))
         cp.async_copy_global_to_shared(rope_smem.index(j), ROPE + j * (HD // 2) + gl.arange(0, HD // 2, RL))
 
 
 @gluon.jit
-def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, layer_rows, ring, ready, empty, kv_smem, norm_smem,
-                 rope_smem, kv_ready, kv_empty, layers, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
+def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, empty, kv_smem, norm_smem, rope_smem,
+                 kv_ready, kv_empty, layers, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
                  N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
                  K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, PWARPS: gl.constexpr,
                  CAP: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr, COPIES: gl.constexpr,
@@ -269,8 +267,8 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, layer_rows, ri
                 pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
         if ATTN:
             mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
-            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, layer_rows, pid,
-                             KVH, SPLITS, HD, KVP, PWARPS)
+            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH,
+                             SPLITS, HD, KVP, PWARPS)
             cp.mbarrier_arrive(kv_ready, increment_count=False)
         for _ in range(other_units):
             i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight = _produce(
@@ -408,7 +406,7 @@ def _attention_chunk(kv_smem, q_smem, p, stop, m, total, out, HD: gl.constexpr, 
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, POS, tmax, layer_rows, q_smem,
+def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, POS, tmax, q_smem,
                     kv_smem, norm_smem, rope_smem, kv_ready, kv_empty,
                     nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
                     APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
@@ -446,11 +444,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     T = gl.load(POS).to(gl.int32) + 1  # loaded here, not held across the consumer's loop (its registers are full)
     start = split * (T - 1) // SPLITS
     stop = (split + 1) * (T - 1) // SPLITS
-    # the layer's cache (one batch row's when batched) as base pointers, so the offsets from them stay 32-bit
-    layer_at = layer.to(gl.int64) * layer_rows * HD
-    KC = KC + layer_at
-    VC = VC + layer_at
-    cache = kvh * tmax * HD
+    cache = (layer * KVH + kvh) * tmax * HD
     chunk_rows = gl.expand_dims(gl.arange(0, KVP, gl.SliceLayout(1, KVL)), 1)
     chunk_dims = gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, KVL)), 0)
     k_ahead, v_ahead = _kv_rows(KC, VC, cache, start + KVP, stop, chunk_rows, chunk_dims, HD)
@@ -492,7 +486,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     lo = gl.where(v_rows, lo, rot_lo)
     hi = gl.where(v_rows, hi, rot_hi)
     # the last split stores the new position's k and v in the cache (for the steps after this one)
-    new = cache + (T - 1) * HD + hd + hr * 0
+    new = ((layer * KVH + kvh) * tmax + T - 1) * HD + hd + hr * 0
     gl.store(KC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ))
     gl.store(KC + new + HALF, hi.to(gl.bfloat16), mask=last & (hr == GQ))
     gl.store(VC + new, lo.to(gl.bfloat16), mask=last & (hr == GQ + 1))
@@ -580,7 +574,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, layer_rows, ring, ready,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
                  empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                  nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
@@ -727,9 +721,9 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
                 mbarrier.arrive(kv_empty)
             if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, POS, tmax, layer_rows,
-                                q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL,
-                                APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, EPS)
+                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, POS, tmax, q_smem,
+                                kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
+                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, EPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
@@ -745,7 +739,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
 
 @gluon.jit
 def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
-                POS, tmax, layer_rows, layers, nprog: gl.constexpr,
+                POS, tmax, layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
@@ -782,14 +776,14 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     mbarrier.init(kv_empty, count=1)
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, layer_rows, ring,
-                        ready, empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
+                        empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
                         nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
                         POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
                         KVP, EPS)),
-        (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, layer_rows, ring, ready, empty, kv_smem,
-                        norm_smem, rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                        BR, BK, STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
+        (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, empty, kv_smem, norm_smem,
+                        rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
+                        STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
     ], [PWARPS], [PREGS])
 
 
@@ -857,8 +851,7 @@ def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Ten
                        BLOCK=max(32, 1 << (constants["K0"] - 1).bit_length()), num_warps=1)
     _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"], buffers["failed"],
                           profile, buffers["qkv"], k_cache, v_cache, qk_norms, rope, buffers["partials"], position,
-                          k_cache.shape[-2], k_cache.stride(0) // k_cache.shape[-1], layers, **constants,
-                          num_warps=warps)
+                          k_cache.shape[-2], layers, **constants, num_warps=warps)
 
 
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
@@ -937,8 +930,7 @@ def layer_decoder(weights: list[torch.Tensor], norms: torch.Tensor, qk_norms: to
     into the kernel's buffers, valid until the next run) and the FAILED flag (set when a program gave up waiting:
     the programs were not all resident). x: the token's embedding (bf16 [hidden]); position: long [1], the new
     token's position, in device memory so that a CUDA graph replays it; rope: fp32 [2, head_dim / 2], its cos and
-    sin; the caches [layers, kv heads, max positions, head_dim] (or one batch row of [layers, batch, ...]: only
-    the layer stride may differ), to which the new k and v are written. Everything
+    sin; the caches [layers, kv heads, max positions, head_dim], to which the new k and v are written. Everything
     a run reads from the host is fixed, so a run can be captured in a CUDA graph."""
     layers, hidden = weights[0].shape[0], weights[0].shape[2]
     head_dim = qk_norms.shape[-1]

@@ -233,11 +233,11 @@ class TargetModel(nn.Module):
         return normed, features
 
     def _flow_for(self, input_ids: torch.Tensor, cache: KVCache, tap_layer_ids: tuple[int, ...]) -> FlowDecode | None:
-        """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on one row of
-        a cache (a batched engine's row 0 when it is the only one decoding). Built on the first such call (not while
-        a CUDA graph is captured: the build runs the kernel once; the engine warms up before capturing)."""
+        """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on a cache of
+        one row. Built on the first such call (not while a CUDA graph is captured: the build runs the kernel once;
+        the engine warms up before capturing)."""
         if not (self.use_flow and input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1
-                and fused_kernels_apply(self.embed_tokens.weight)):
+                and cache.k.is_contiguous() and fused_kernels_apply(self.embed_tokens.weight)):
             return None
         if not self._flow_checked:
             if torch.cuda.is_current_stream_capturing():
