@@ -808,8 +808,8 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bool, kv_heads: int | None,
                   head_dim: int, wait: bool, copies: bool, timed: int, eps: float) -> tuple[int, int, dict, dict]:
-    """The programs, the context splits per kv head, the kernel's constants and its scratch buffers for a chain
-    of `layers` (attention in when kv_heads is given)."""
+    """The programs, the dot warps, the kernel's constants and its scratch buffers for a chain of `layers`
+    (attention in when kv_heads is given)."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)

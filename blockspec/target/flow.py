@@ -12,7 +12,7 @@ engine's batch-1 greedy decode, eager or graphed, takes it alike.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -102,11 +102,10 @@ class FlowDecode:
         return not bool(self.failed.item())
 
 
-def flow_decoder(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor, KVCache], torch.Tensor] | None:
-    """The target's FlowDecode, built on first use; None where it does not apply (logged once)."""
+def flow_decoder(model: nn.Module) -> FlowDecode | None:
+    """The target's FlowDecode (call it outside CUDA-graph capture: building runs the kernel and synchronizes);
+    None where it does not apply (logged)."""
     reason = flow_unsupported(model)
-    if reason is None and torch.cuda.is_current_stream_capturing():
-        return None  # building runs and synchronizes: not inside a capture (the engine warms up before capturing)
     if reason is None:
         flow = FlowDecode(model)
         if flow.all_resident(model):
