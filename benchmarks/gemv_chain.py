@@ -70,6 +70,10 @@ FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64,
 LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 # and with attention (--attention); cap 96 measured 1-2% slower than 64 in every attention run
 ATTENTION_CONFIGS = [LAYER_CONFIGS[1]]
+# the layer chain for a verify block of 16 tokens (--block): 64 x 256 tiles, so that the ring, the two units of
+# activation words copied ahead ([16, 256] words each) and the block's bf16 operand fit in shared memory
+BLOCK_ROWS = 16
+BLOCK_CONFIGS = [(64, 256, 4, 5, 1, 2, 64, 0), (64, 256, 4, 5, 1, 2, 96, 0), (64, 256, 4, 4, 1, 2, 64, 0)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -207,7 +211,7 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
                                         position).view(1, -1)
 
     def run() -> torch.Tensor:
-        h = x0[:GEMVS[0][2]].to(torch.bfloat16)[None].contiguous()
+        h = x0[..., :GEMVS[0][2]].to(torch.bfloat16).reshape(-1, GEMVS[0][2]).contiguous()  # [tokens, hidden]
         normed = kernels.rms_norm(h, norms[0, 0], 1e-6)
         for layer in range(layers):
             qkv = kernels.skinny_linear(normed, weights[0][layer])
@@ -614,6 +618,57 @@ def run_attention(args) -> dict:
     return record
 
 
+def run_block(args) -> dict:
+    """The layer chain (no attention) for a verify block of 16 tokens: the flow kernel's block form against the
+    engine's kernels on 16 rows, side by side, checked per token against fp64 on 2 layers first; the one-token
+    layer chains of both in the same run for scale. The floor is the weights' bytes, as for one token."""
+    from blockspec.flow import flow_chain
+
+    layers = args.layers
+    weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
+    norms = make_norms(layers)
+    block = torch.randn(BLOCK_ROWS, GEMVS[0][2], device="cuda", dtype=torch.float32)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, floor {record['floor_ms']:.3f} ms", flush=True)
+    want = torch.stack([layer_reference(row, weights, norms, 2) for row in block])
+    engine_want = torch.stack([layer_reference(row, weights, norms, 2, engine=True) for row in block])
+    engine_got = engine_layer_chain(block, weights, norms, 2)().double()
+    record["check"]["block skinny"] = {"rel_err": ((engine_got - engine_want).norm() / engine_want.norm()).item()}
+    paths = {"block of 16, the engine's kernels": engine_layer_chain(block, weights, norms, layers),
+             "one token, the engine's kernels": engine_layer_chain(x0, weights, norms, layers),
+             "one token, flow kernel": flow_chain(x0, weights, layers, LAYER_CONFIGS[1], GEMVS, WIDEST, norms=norms)[0]}
+    failures = {}
+    for config in BLOCK_CONFIGS:
+        name = f"block of 16, flow r{config[0]} k{config[1]} ring{config[3]} cap{config[6]}"
+        try:
+            fn, failed = flow_chain(block, weights, 2, config, GEMVS, WIDEST, norms=norms, last_only=True,
+                                    rows=BLOCK_ROWS)
+            got = fn().double().clone()
+            again = fn().double()
+            torch.cuda.synchronize()
+            result = {"rel_err": ((got - want).norm() / want.norm()).item(),
+                      "rel_err_per_token_max": ((got - want).norm(dim=1) / want.norm(dim=1)).max().item(),
+                      "gave_up_waiting": bool(failed.item()), "bit_exact_rerun": bool(torch.equal(got, again))}
+        except Exception as exc:  # noqa: BLE001 (a config that does not fit: recorded, not fatal)
+            result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        record["check"][name] = result
+        print(name, result, flush=True)
+        if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
+            for wait in (True, False):
+                full = f"{name}{'' if wait else ' nowait (wrong results)'}"
+                paths[full], failures[full] = flow_chain(block, weights, layers, config, GEMVS, WIDEST, wait,
+                                                         norms=norms, last_only=True, rows=BLOCK_ROWS)
+    times = {name: [graph_ms(fn, args.reps)] for name, fn in paths.items()}
+    for name in times:  # a second round, interleaved, for drift
+        times[name].append(graph_ms(paths[name], args.reps))
+    for name, ts in times.items():
+        ms = statistics.median(ts)
+        record["paths"][name] = {"ms": ms, "rounds_ms": ts, "x_floor": ms / record["floor_ms"],
+                                 "TBps": weight_bytes / ms / 1e9, "us_per_layer": ms * 1e3 / layers,
+                                 "barrier_failed": bool(failures[name].item()) if name in failures else False}
+        print(f"{name:60s} {ms:7.3f} ms  {ms / record['floor_ms']:.3f}x floor", flush=True)
+    return record
+
+
 def report(path: str) -> str:
     import json
 
@@ -684,7 +739,10 @@ def main() -> None:
     parser.add_argument("--attention", action="store_true",
                         help="only whole decode layers with attention (flow kernel vs the engine's kernels)")
     parser.add_argument("--contexts", type=int, nargs="+", default=[512, 4096])
-    run_and_report(parser, lambda args: (run_attention if args.attention else run)(args), report, "gemv_chain")
+    parser.add_argument("--block", action="store_true",
+                        help="only the layer chain for a 16-token verify block (flow kernel vs the engine's kernels)")
+    run_and_report(parser, lambda args: (run_attention if args.attention else run_block if args.block else run)(args),
+                   report, "gemv_chain")
 
 
 if __name__ == "__main__":

@@ -277,10 +277,22 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
 
 
 @gluon.jit
-def _store_rows(OUT, value, rows, end, epoch):
-    """Publish finished rows as words: bf16 bits low, the run's epoch high."""
+def _store_words(OUT, value, mask, epoch):
+    """Publish values as activation words at the pointers OUT: bf16 bits low, the run's epoch high."""
     bits = value.to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-    gl.store(OUT + rows, bits | (epoch << 16), mask=rows < end)
+    gl.store(OUT, bits | (epoch << 16), mask=mask)
+
+
+@gluon.jit
+def _store_rows(OUT, value, rows, end, epoch):
+    """Publish finished rows [0, end) as words."""
+    _store_words(OUT + rows, value, rows < end, epoch)
+
+
+@gluon.jit
+def _from_words(words):
+    """The values of activation words (their low halves, bf16 bits) as fp32."""
+    return (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
 
 
 @gluon.jit
@@ -788,15 +800,152 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
 
 
 @gluon.jit
-def _stamp_input(X, ACTS, EPOCH, n, BLOCK: gl.constexpr):
-    """Start a run: bump the epoch and publish its input (bf16 bits) as activation words under it. One warp, so
-    its read of EPOCH precedes its write."""
+def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, words_smem, x_smem, layers, pid,
+                       nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+                       N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+                       BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr,
+                       WARPS: gl.constexpr, WAIT: gl.constexpr, EPS: gl.constexpr):
+    """The dot warps for a block of ROWS tokens (a verify block): as _ws_consumer's layer chain, but each unit
+    multiplies its weight tile by ROWS activation rows, the tokens as the mma's N. A unit's activations are
+    [ROWS, BK] words (each GEMV's output is ROWS rows of WIDE words), too many to hold the next unit's in
+    registers as the one-token loop does: they are copied into shared memory one unit ahead (cp.async), and only
+    if some are not yet this run's are they read again from memory until all are."""
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    WL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # [ROWS, BK] words: a row per warp
+    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # the same, 16-byte copies
+    PAIRS: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])  # [BR / 2, ROWS]
+    CH: gl.constexpr = BK // 4
+    SLAB: gl.constexpr = ROWS * WIDE  # one GEMV's activation words
+    epoch = gl.load(EPOCH) % 65535 + 1
+    total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, 2, 0)
+    c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
+    columns = gl.arange(0, BK, gl.SliceLayout(0, WL))
+    tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, WL)), 1) * WIDE + gl.expand_dims(columns, 0)
+    copy_tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, COPY)), 1) * WIDE \
+        + gl.expand_dims(gl.arange(0, BK, gl.SliceLayout(0, COPY)), 0)
+    tokens = gl.arange(0, ROWS, gl.SliceLayout(0, MMA))
+    out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
+    pair_rows = gl.expand_dims(gl.arange(0, BR // 2, gl.SliceLayout(1, PAIRS)), 1)
+    pair_tokens = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(0, PAIRS)), 0)
+    squares = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, WL))
+    acc0 = gl.zeros([BR, ROWS], gl.float32, MMA)
+    acc1 = gl.zeros([BR, ROWS], gl.float32, MMA)
+    acc2 = gl.zeros([BR, ROWS], gl.float32, MMA)
+    acc3 = gl.zeros([BR, ROWS], gl.float32, MMA)
+    cp.async_copy_global_to_shared(words_smem.index(0), ACTS + copy_tile)  # layer 0's qkv reads the input
+    cp.commit_group()
+    for i in range(total):
+        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK, 2, 0)
+        cp.async_copy_global_to_shared(words_smem.index((i + 1) % 2),
+                                       ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + copy_tile,
+                                       mask=(copy_tile >= 0) & (n_layer < layers))
+        cp.commit_group()
+        cp.wait_group(1)  # this unit's words, copied one unit ago
+        gl.thread_barrier()  # (copied by other threads than read them)
+        act = ACTS + (c_layer * 4 + c_g) * SLAB
+        k_now = _pick(c_g, K0, K1, K2, K3)
+        words = words_smem.index(i % 2).load(WL)
+        if WAIT:
+            polls = 0
+            while (_stale(words, epoch) > 0) & (polls < SPIN):
+                words = gl.load(act + c_kk + tile, volatile=True)
+                polls += 1
+            if polls == SPIN:
+                gl.atomic_max(FAILED, 1)
+        x = _from_words(words)
+        if c_g % 2 == 0:  # RMSNorm by the reader, its scale taken out of the dot (as in _ws_consumer), per token
+            squares = gl.where(c_kk == 0, 0.0, squares) + gl.sum(x * x, axis=1)
+            weight = gl.load(NORMS + (c_layer * 2 + c_g // 2) * K0 + c_kk + columns)
+            x = x * gl.expand_dims(weight.to(gl.float32), 0)
+        x_smem.store(x.to(gl.bfloat16))
+        gl.thread_barrier()
+        slot = ring.index(i % STAGES)
+        mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+        fresh = c_kk == 0
+        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP), x_smem.slice(0, CH, dim=1).permute((1, 0)).load(B_OP),
+                      gl.where(fresh, 0.0, acc0))
+        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP), x_smem.slice(CH, CH, dim=1).permute((1, 0)).load(B_OP),
+                      gl.where(fresh, 0.0, acc1))
+        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
+                      x_smem.slice(2 * CH, CH, dim=1).permute((1, 0)).load(B_OP), gl.where(fresh, 0.0, acc2))
+        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
+                      x_smem.slice(3 * CH, CH, dim=1).permute((1, 0)).load(B_OP), gl.where(fresh, 0.0, acc3))
+        mbarrier.arrive(empty.index(i % STAGES))
+        if c_kk + BK >= k_now:  # a row block's last unit: its [BR, ROWS] outputs
+            value = (acc0 + acc1) + (acc2 + acc3)
+            end = _rows(c_g, pid, nprog, N0, N1, N2, N3, 2)[1]
+            rows = c_row + out_rows
+            if c_g % 2 == 0:
+                value *= gl.expand_dims(gl.convert_layout(gl.rsqrt(squares / k_now + EPS), gl.SliceLayout(0, MMA)), 0)
+            value = value.to(gl.bfloat16).to(gl.float32)
+            if c_g == 2:  # silu(gate) * up of the (gate, up) row pairs, traded through this program's scratch
+                scratch = SCRATCH + pid * BR * ROWS
+                gl.store(scratch + gl.expand_dims(out_rows, 1) * ROWS + gl.expand_dims(tokens, 0), value)
+                gl.thread_barrier()
+                gate = gl.load(scratch + 2 * pair_rows * ROWS + pair_tokens, volatile=True)
+                up = gl.load(scratch + (2 * pair_rows + 1) * ROWS + pair_tokens, volatile=True)
+                gl.thread_barrier()  # read before the next row block overwrites them
+                silu = (gate / (1.0 + gl.exp(-gate))).to(gl.bfloat16).to(gl.float32)
+                half_rows = c_row // 2 + pair_rows
+                _store_words(act + SLAB + pair_tokens * WIDE + half_rows, silu * up,
+                             (half_rows < end // 2) & (pair_tokens >= 0), epoch)
+            else:
+                at = gl.expand_dims(tokens, 0) * WIDE + gl.expand_dims(rows, 1)
+                inside = gl.expand_dims(rows < end, 1) & gl.expand_dims(tokens >= 0, 0)
+                if c_g % 2 == 1:  # the residual's rows, stored by this program itself (see _finish_rows)
+                    value += _from_words(gl.load(ACTS + (c_layer * 4 + c_g - 1) * SLAB + at, mask=inside, other=0,
+                                                 volatile=True))
+                _store_words(act + SLAB + at, value, inside, epoch)
+        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
+    cp.wait_group(0)
+
+
+@gluon.jit
+def _flow_block_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, POS, layers, nprog: gl.constexpr,
+                      N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
+                      K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                      BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
+                      WAIT: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
+                      EPS: gl.constexpr):
+    """The flow kernel's layer chain (attention left out) for a block of ROWS tokens: the same copy warps and
+    weight ring as _flow_chain, the dot warps of _ws_block_consumer."""
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
+                                     gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=32 * PWARPS)
+        mbarrier.init(empty.index(s), count=1)
+    words_smem = gl.allocate_shared_memory(gl.int32, [2, ROWS, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [ROWS, BK],
+                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    pid = gl.program_id(0)
+    # (no attention: the copy warps' attention operands are never touched, so the ring and its barriers stand in)
+    gl.warp_specialize([
+        (_ws_block_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, words_smem, x_smem, layers,
+                              pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, ROWS, STAGES, WARPS, WAIT,
+                              EPS)),
+        (_ws_producer, (W0, W1, W2, W3, W0, W0, W0, W0, POS, layers, ring, ready, empty, ring, ring, ring,
+                        ready.index(0), ready.index(0), layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
+                        STAGES, PWARPS, CAP, 2, 0, True, False, 1, 1, 128, 16)),
+    ], [PWARPS], [PREGS])
+
+
+@gluon.jit
+def _stamp_input(X, ACTS, EPOCH, n, rows, WIDE: gl.constexpr, BLOCK: gl.constexpr):
+    """Start a run: bump the epoch and publish its input, `rows` rows of n values (bf16 bits), as activation words
+    under it, rows WIDE words apart. One warp, so its read of EPOCH precedes its write."""
     L: gl.constexpr = gl.BlockedLayout([BLOCK // 32], [32], [1], [0])
     epoch = gl.load(EPOCH) + 1
     gl.store(EPOCH, epoch)
     cols = gl.arange(0, BLOCK, L)
-    bits = gl.load(X + cols, mask=cols < n, other=0.0).to(gl.bfloat16).to(gl.int16, bitcast=True).to(gl.int32)
-    gl.store(ACTS + cols, (bits & 0xFFFF) | ((epoch % 65535 + 1) << 16), mask=cols < n)
+    for row in range(rows):
+        bits = gl.load(X + row * n + cols, mask=cols < n, other=0.0).to(gl.bfloat16).to(gl.int16, bitcast=True)
+        gl.store(ACTS + row * WIDE + cols, (bits.to(gl.int32) & 0xFFFF) | ((epoch % 65535 + 1) << 16),
+                 mask=cols < n)
 
 
 def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: bool) -> list[bool]:
@@ -807,48 +956,59 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
 
 
 def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bool, kv_heads: int | None,
-                  head_dim: int, wait: bool, copies: bool, timed: int, eps: float) -> tuple[int, int, dict, dict]:
+                  head_dim: int, wait: bool, copies: bool, timed: int, eps: float,
+                  rows: int = 1) -> tuple[int, int, dict, dict]:
     """The programs, the dot warps, the kernel's constants and its scratch buffers for a chain of `layers`
-    (attention in when kv_heads is given)."""
+    (attention in when kv_heads is given; a block of `rows` tokens when rows > 1: _flow_block_chain's)."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
-    pack = bk // (32 * warps)  # activation words per thread
-    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
     if layer:
         assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
+    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, STAGES=stages, WARPS=warps, WAIT=wait, PWARPS=copy_warps,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, EPS=eps)
+    words = dict(device="cuda", dtype=torch.int32)
+    buffers = {"acts": torch.zeros(layers * 4 + 1, rows * wide, **words),
+               "scratch": torch.zeros(nprog, br * rows, device="cuda", dtype=torch.float32),
+               "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words)}
+    if rows > 1:
+        assert layer and kv_heads is None and copies and not timed and not pack_small and rows == 16
+        constants.update(ROWS=rows, PREGS=80)
+        return nprog, warps, constants, buffers
+    pack = bk // (32 * warps)  # activation words per thread
+    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
     splits, group = 1, 4
     if kv_heads is not None:
         assert layer
         splits = 1 << ((nprog // kv_heads).bit_length() - 1)  # one unit per program at most, a power of two per group
         group = gemvs[1][2] // (kv_heads * head_dim)
         assert group == 4 and warps == 4 and head_dim == 128 and gemvs[0][1] == (group + 2) * kv_heads * head_dim
-    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
-    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, NPAD=8, STAGES=stages, WARPS=warps, WAIT=wait,
-                     POLL=poll_asm(pack), PACK=pack, TIMED=timed, PWARPS=copy_warps,
+    constants.update(NPAD=8, POLL=poll_asm(pack), PACK=pack, TIMED=timed,
                      PREGS=104 if kv_heads is not None else 80,  # (the attention copies spill at 80)
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, COPIES=copies, LAYER=layer,
+                     COPIES=copies, LAYER=layer,
                      PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=kv_heads is not None,
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
                      KVH=kv_heads or 1, GQ=group, HD=head_dim, SPLITS=splits,
-                     KVP=32 if kv_heads is not None else 16, EPS=eps,
+                     KVP=32 if kv_heads is not None else 16,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
-    words = dict(device="cuda", dtype=torch.int32)
-    buffers = {"acts": torch.zeros(layers * 4 + 1, wide, **words),
-               "scratch": torch.zeros(nprog, br, device="cuda", dtype=torch.float32),
-               "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words),
-               "qkv": torch.zeros(layers + 1, gemvs[0][1] if kv_heads is not None else 1, **words),
-               "partials": torch.zeros(layers * (kv_heads or 0) * splits * (group * head_dim + 4 * group) + 1,
-                                       **words)}
+    buffers.update(qkv=torch.zeros(layers + 1, gemvs[0][1] if kv_heads is not None else 1, **words),
+                   partials=torch.zeros(layers * (kv_heads or 0) * splits * (group * head_dim + 4 * group) + 1,
+                                        **words))
     return nprog, warps, constants, buffers
 
 
 def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Tensor, weights: list[torch.Tensor],
             norms: torch.Tensor, profile: torch.Tensor, qk_norms: torch.Tensor, rope: torch.Tensor,
             position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layers: int) -> None:
-    """Stamp `x` in as the chain's input under a new epoch, then run the chain."""
-    _stamp_input[(1,)](x, buffers["acts"], buffers["epoch"], constants["K0"],
+    """Stamp `x` (rows of K0 values) in as the chain's input under a new epoch, then run the chain."""
+    rows = constants.get("ROWS", 1)
+    _stamp_input[(1,)](x, buffers["acts"], buffers["epoch"], constants["K0"], rows, WIDE=constants["WIDE"],
                        BLOCK=max(32, 1 << (constants["K0"] - 1).bit_length()), num_warps=1)
+    if rows > 1:
+        _flow_block_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"],
+                                    buffers["failed"], position, layers, **constants, num_warps=warps)
+        return
     _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"], buffers["failed"],
                           profile, buffers["qkv"], k_cache, v_cache, qk_norms, rope, buffers["partials"], position,
                           k_cache.shape[-2], layers, **constants, num_warps=warps)
@@ -857,7 +1017,7 @@ def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Ten
 def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
                wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
                norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True,
-               last_only: bool = False):
+               last_only: bool = False, rows: int = 1):
     """The probe's entry (benchmarks/gemv_chain.py): as persistent_gemv.dataflow_chain, for this kernel; config
     (block rows, block_k, dot warps, stages, programs per SM, copy warps, KiB in flight per program: 0 for the
     whole ring, pack small GEMVs: see packed_gemvs). wait=False reads the activations without waiting for them
@@ -891,12 +1051,16 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
 
     copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
     work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
-    [its rows]), without decoding every layer's words."""
+    [its rows]), without decoding every layer's words.
+
+    rows=16 runs the layer chain (norms, no attention) for a block of 16 tokens, x0 [16, K0] (_flow_block_chain;
+    config as above, nothing packed); the values returned gain a token axis: [layers, 4, 16, wide], or
+    [16, rows] with last_only."""
     layer = norms is not None
     timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
     kv_heads = None if attention is None else attention["k_cache"].shape[1]
     nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, config, layer, kv_heads, 128, wait, copies,
-                                                     timed, 1e-6)
+                                                     timed, 1e-6, rows)
     dummy = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     no_cache = torch.zeros(1, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
     state = [dummy, torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.long),
@@ -913,8 +1077,8 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     def run() -> torch.Tensor:
         _launch(buffers, constants, nprog, warps, x0, weights, norm_weights, cycles, *state, layers)
         if last_only:
-            return ((acts[layers * 4, :gemvs[3][1]] & 0xFFFF) << 16).view(torch.float32)
-        return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
+            return ((acts[layers * 4].view(rows, wide)[:, :gemvs[3][1]] & 0xFFFF) << 16).view(torch.float32).squeeze(0)
+        return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, *([rows] if rows > 1 else []), wide)
 
     return run, buffers["failed"]
 
