@@ -800,16 +800,19 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
 
 
 @gluon.jit
-def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, words_smem, x_smem, layers, pid,
-                       nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
-                       N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
-                       BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr,
-                       WARPS: gl.constexpr, WAIT: gl.constexpr, EPS: gl.constexpr):
+def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, words_smem, x_smem, layers,
+                       pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
+                       K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
+                       WIDE: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
+                       STAGES: gl.constexpr, WARPS: gl.constexpr, WAIT: gl.constexpr, TIMED: gl.constexpr,
+                       EPS: gl.constexpr):
     """The dot warps for a block of ROWS tokens (a verify block): as _ws_consumer's layer chain, but each unit
     multiplies its weight tile by ROWS activation rows, the tokens as the mma's N. A unit's activations are
     [ROWS, BK] words (each GEMV's output is ROWS rows of WIDE words), too many to hold the next unit's in
-    registers as the one-token loop does: they are copied into shared memory one unit ahead (cp.async), and only
-    if some are not yet this run's are they read again from memory until all are."""
+    registers as the one-token loop does: they are copied into shared memory AHEAD units ahead (cp.async), and
+    only if some are not yet this run's are they read again from memory until all are. TIMED == 1: clock cycles
+    per (GEMV, phase) to PROFILE, as _ws_consumer's (weights landed; words copied; polled, normed and stored as
+    the operand; dot and store)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
@@ -834,20 +837,34 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, 
     acc1 = gl.zeros([BR, ROWS], gl.float32, MMA)
     acc2 = gl.zeros([BR, ROWS], gl.float32, MMA)
     acc3 = gl.zeros([BR, ROWS], gl.float32, MMA)
-    cp.async_copy_global_to_shared(words_smem.index(0), ACTS + copy_tile)  # layer 0's qkv reads the input
-    cp.commit_group()
-    for i in range(total):
-        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
-                                             N3, K3, BR, BK, 2, 0)
-        cp.async_copy_global_to_shared(words_smem.index((i + 1) % 2),
-                                       ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + copy_tile,
-                                       mask=(copy_tile >= 0) & (n_layer < layers))
+    # the unit whose words are copied next (AHEAD units ahead of the current one)
+    f_layer, f_g, f_row, f_kk = _first_unit(pid, nprog, N0)
+    for j in gl.static_range(AHEAD):
+        cp.async_copy_global_to_shared(words_smem.index(j), ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + copy_tile)
         cp.commit_group()
-        cp.wait_group(1)  # this unit's words, copied one unit ago
+        f_layer, f_g, f_row, f_kk = _advance(f_layer, f_g, f_row, f_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                                             BR, BK, 2, 0)
+    slots = gl.arange(0, 16, gl.BlockedLayout([1], [32], [WARPS], [0]))
+    spent = gl.zeros([16], gl.int64, gl.BlockedLayout([1], [32], [WARPS], [0]))
+    then = pid.to(gl.int64) * 0
+    if TIMED == 1:
+        then = _clock()
+    for i in range(total):
+        cp.async_copy_global_to_shared(words_smem.index((i + AHEAD) % (AHEAD + 1)),
+                                       ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + copy_tile,
+                                       mask=(copy_tile >= 0) & (f_layer < layers))
+        cp.commit_group()
+        f_layer, f_g, f_row, f_kk = _advance(f_layer, f_g, f_row, f_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                                             BR, BK, 2, 0)
+        cp.wait_group(AHEAD)  # this unit's words, copied AHEAD units ago
         gl.thread_barrier()  # (copied by other threads than read them)
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
+            then = now
         act = ACTS + (c_layer * 4 + c_g) * SLAB
         k_now = _pick(c_g, K0, K1, K2, K3)
-        words = words_smem.index(i % 2).load(WL)
+        words = words_smem.index(i % (AHEAD + 1)).load(WL)
         if WAIT:
             polls = 0
             while (_stale(words, epoch) > 0) & (polls < SPIN):
@@ -862,8 +879,16 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, 
             x = x * gl.expand_dims(weight.to(gl.float32), 0)
         x_smem.store(x.to(gl.bfloat16))
         gl.thread_barrier()
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
+            then = now
         slot = ring.index(i % STAGES)
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
+            then = now
         fresh = c_kk == 0
         acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP), x_smem.slice(0, CH, dim=1).permute((1, 0)).load(B_OP),
                       gl.where(fresh, 0.0, acc0))
@@ -899,17 +924,24 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, 
                     value += _from_words(gl.load(ACTS + (c_layer * 4 + c_g - 1) * SLAB + at, mask=inside, other=0,
                                                  volatile=True))
                 _store_words(act + SLAB + at, value, inside, epoch)
-        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
+            then = now
+        c_layer, c_g, c_row, c_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
+                                             BR, BK, 2, 0)
     cp.wait_group(0)
+    if TIMED == 1:
+        gl.store(PROFILE + pid * 16 + slots, spent)
 
 
 @gluon.jit
-def _flow_block_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, POS, layers, nprog: gl.constexpr,
-                      N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
-                      K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
-                      BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                      WAIT: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
-                      EPS: gl.constexpr):
+def _flow_block_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, POS, layers,
+                      nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+                      N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+                      BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
+                      STAGES: gl.constexpr, WARPS: gl.constexpr, WAIT: gl.constexpr, TIMED: gl.constexpr,
+                      PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, EPS: gl.constexpr):
     """The flow kernel's layer chain (attention left out) for a block of ROWS tokens: the same copy warps and
     weight ring as _flow_chain, the dot warps of _ws_block_consumer."""
     ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
@@ -919,15 +951,15 @@ def _flow_block_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, POS, 
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
-    words_smem = gl.allocate_shared_memory(gl.int32, [2, ROWS, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    words_smem = gl.allocate_shared_memory(gl.int32, [AHEAD + 1, ROWS, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     x_smem = gl.allocate_shared_memory(gl.bfloat16, [ROWS, BK],
                                        gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
     pid = gl.program_id(0)
     # (no attention: the copy warps' attention operands are never touched, so the ring and its barriers stand in)
     gl.warp_specialize([
-        (_ws_block_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, ring, ready, empty, words_smem, x_smem, layers,
-                              pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, ROWS, STAGES, WARPS, WAIT,
-                              EPS)),
+        (_ws_block_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, words_smem, x_smem,
+                              layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, ROWS, AHEAD, STAGES,
+                              WARPS, WAIT, TIMED, EPS)),
         (_ws_producer, (W0, W1, W2, W3, W0, W0, W0, W0, POS, layers, ring, ready, empty, ring, ring, ring,
                         ready.index(0), ready.index(0), layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
                         STAGES, PWARPS, CAP, 2, 0, True, False, 1, 1, 128, 16)),
@@ -973,8 +1005,9 @@ def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bo
                "scratch": torch.zeros(nprog, br * rows, device="cuda", dtype=torch.float32),
                "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words)}
     if rows > 1:
-        assert layer and kv_heads is None and copies and not timed and not pack_small and rows == 16
-        constants.update(ROWS=rows, PREGS=80)
+        assert layer and kv_heads is None and copies and timed in (0, 1) and rows == 16
+        # pack_small's place in the config: how many units ahead the dot warps copy their activation words
+        constants.update(ROWS=rows, AHEAD=pack_small, TIMED=timed, PREGS=80)
         return nprog, warps, constants, buffers
     pack = bk // (32 * warps)  # activation words per thread
     packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
@@ -1007,7 +1040,7 @@ def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Ten
                        BLOCK=max(32, 1 << (constants["K0"] - 1).bit_length()), num_warps=1)
     if rows > 1:
         _flow_block_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"],
-                                    buffers["failed"], position, layers, **constants, num_warps=warps)
+                                    buffers["failed"], profile, position, layers, **constants, num_warps=warps)
         return
     _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"], buffers["failed"],
                           profile, buffers["qkv"], k_cache, v_cache, qk_norms, rope, buffers["partials"], position,
@@ -1054,7 +1087,8 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     [its rows]), without decoding every layer's words.
 
     rows=16 runs the layer chain (norms, no attention) for a block of 16 tokens, x0 [16, K0] (_flow_block_chain;
-    config as above, nothing packed); the values returned gain a token axis: [layers, 4, 16, wide], or
+    config as above, but its last entry is how many units ahead the activation words are copied: nothing is
+    packed); `profile` as without timeline; the values returned gain a token axis: [layers, 4, 16, wide], or
     [16, rows] with last_only."""
     layer = norms is not None
     timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
