@@ -267,19 +267,19 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
 
 
 def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, wait: bool,
-                 norms: torch.Tensor | None = None, rows: int = 1) -> dict:
+                 norms: torch.Tensor | None = None, tokens: int = 1) -> dict:
     """Where the flow kernel's dot warps spend their time: each program's clock cycles per GEMV and phase
     (weights landed; the next unit's cursor and activation prefetch; activations in; dot and store), one run after
     a warm-up. Medians over programs of each phase's share of the loop and its cycles per unit, overall and per
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
-    bytes take to stream is where the dot warps, not the stream, set the pace). rows=16: the block form's dot
+    bytes take to stream is where the dot warps, not the stream, set the pace). tokens=16: the block form's dot
     warps (x0 [16, K]; their second phase is waiting for the copied activation words, their third polling them,
     the norm and storing the operand)."""
     from blockspec.flow import flow_chain, packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
-    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms, rows=rows)
+    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms, rows=tokens)
     fn()
     fn()
     c = cycles.cpu().double()  # [program, GEMV, phase]
@@ -288,11 +288,11 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
                           for index, (_, n, _) in enumerate(GEMVS)
                           for g in [2 if norms is not None and index == 2 else 1]] for p in range(nprog)],
                         dtype=torch.float64)  # [program, GEMV]
-    packed = torch.tensor(packed_gemvs(GEMVS, nprog, br, config[7] and rows == 1, norms is not None),
+    packed = torch.tensor(packed_gemvs(GEMVS, nprog, br, config[7] and tokens == 1, norms is not None),
                           dtype=torch.float64)
     k_tiles = torch.tensor([k // bk for _, _, k in GEMVS], dtype=torch.float64)
     units = layers * torch.ceil(rows / (br / (1 + packed))) * torch.ceil(k_tiles / (1 + packed))  # [program, GEMV]
-    phases = ("weights", "next unit", "poll", "dot") if rows == 1 else ("weights", "words copied", "operand", "dot")
+    phases = ("weights", "next unit", "poll", "dot") if tokens == 1 else ("weights", "words copied", "operand", "dot")
     total = c.sum(1)
     per_gemv = {}
     for index, (name, _, _) in enumerate(GEMVS):
@@ -301,7 +301,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
                           "units_per_layer": (units[:, index] / layers).median().item(),
                           "bytes_per_unit": (rows[:, index] * k_tiles[index] * bk * 2
                                              / (units[:, index] / layers)).median().item()}
-    return {"config": list(config), "wait": wait, "layer": norms is not None, "rows": rows,
+    return {"config": list(config), "wait": wait, "layer": norms is not None, "tokens": tokens,
             "share": {name: (total[:, j] / total.sum(1)).median().item() for j, name in enumerate(phases)},
             "cycles_per_unit": {name: (total[:, j] / units.sum(1)).median().item() for j, name in enumerate(phases)},
             "loop_cycles_per_unit": (total.sum(1) / units.sum(1)).median().item(), "per_gemv": per_gemv}
