@@ -70,11 +70,10 @@ FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64,
 LAYER_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
 # and with attention (--attention); cap 96 measured 1-2% slower than 64 in every attention run
 ATTENTION_CONFIGS = [LAYER_CONFIGS[1]]
-# the layer chain for a verify block of 16 tokens (--block): 64 x 256 tiles, so that the ring, the two units of
-# activation words copied ahead ([16, 256] words each) and the block's bf16 operand fit in shared memory
+# the layer chain for a verify block of 16 tokens (--block): 64 x 256 tiles (a unit's [16, 256] activation words
+# are 32 registers a thread, held twice: the current unit's and the next's)
 BLOCK_ROWS = 16
-# (the last entry: how many units ahead the dot warps copy their activation words)
-BLOCK_CONFIGS = [(64, 256, 4, 4, 1, 2, 64, 1), (64, 256, 4, 4, 1, 2, 64, 2), (64, 256, 4, 5, 1, 2, 64, 2)]
+BLOCK_CONFIGS = [(64, 256, 4, 5, 1, 2, 64, 0), (64, 256, 4, 6, 1, 2, 64, 0), (64, 256, 4, 6, 1, 2, 96, 0)]
 
 
 def make_weights(layers: int, seed: int = 0) -> list[torch.Tensor]:
@@ -273,8 +272,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     a warm-up. Medians over programs of each phase's share of the loop and its cycles per unit, overall and per
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
     bytes take to stream is where the dot warps, not the stream, set the pace). tokens=16: the block form's dot
-    warps (x0 [16, K]; their second phase is waiting for the copied activation words, their third polling them,
-    the norm and storing the operand)."""
+    warps (x0 [16, K]; their third phase also stores the operand for the wgmma)."""
     from blockspec.flow import flow_chain, packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
@@ -292,7 +290,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
                           dtype=torch.float64)
     k_tiles = torch.tensor([k // bk for _, _, k in GEMVS], dtype=torch.float64)
     units = layers * torch.ceil(rows / (br / (1 + packed))) * torch.ceil(k_tiles / (1 + packed))  # [program, GEMV]
-    phases = ("weights", "next unit", "poll", "dot") if tokens == 1 else ("weights", "words copied", "operand", "dot")
+    phases = ("weights", "next unit", "poll", "dot")
     total = c.sum(1)
     per_gemv = {}
     for index, (name, _, _) in enumerate(GEMVS):
@@ -642,7 +640,7 @@ def run_block(args) -> dict:
              "one token, flow kernel": flow_chain(x0, weights, layers, LAYER_CONFIGS[1], GEMVS, WIDEST, norms=norms)[0]}
     failures = {}
     for config in BLOCK_CONFIGS:
-        name = f"block of 16, flow r{config[0]} k{config[1]} ring{config[3]} cap{config[6]} ahead{config[7]}"
+        name = f"block of 16, flow r{config[0]} k{config[1]} ring{config[3]} cap{config[6]}"
         try:
             fn, failed = flow_chain(block, weights, 2, config, GEMVS, WIDEST, norms=norms, last_only=True,
                                     rows=BLOCK_ROWS)

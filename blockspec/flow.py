@@ -36,7 +36,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 SPIN = gl.constexpr(SPIN_LIMIT)
@@ -799,112 +799,107 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     ], [PWARPS], [PREGS])
 
 
+def poll_block_asm(wide: int) -> str:
+    """Inline PTX for one dot-warp thread's 32 activation words of a block unit ([16, 256] words, the layout
+    _ws_block_consumer's WORDS: rows warp + 4 r, columns lane * 8 + c, word r * 8 + c of the thread). Operands:
+    the 32 words out, then per word the words read early (the prefetch), the unit's base address, the run's epoch
+    and the FAILED address (all but the early words the same for every word: only the first is used). As poll_asm:
+    the early words are kept if all carry the epoch, else all are read again together (8 16-byte loads, from
+    addresses derived from %tid.x) until they do; a thread that gives up (SPIN_LIMIT polls) sets FAILED itself."""
+    check = [f"shr.u32 seen, ${j}, 16;\nsetp.ne{'' if j == 0 else '.or'}.u32 stale, seen, $96"
+             + ("" if j == 0 else ", stale") + ";" for j in range(32)]
+    loads = [f"ld.volatile.global.v4.u32 {{${8 * r + 4 * h}, ${8 * r + 4 * h + 1}, ${8 * r + 4 * h + 2}, "
+             f"${8 * r + 4 * h + 3}}}, [at+{(r * 4 * wide + 4 * h) * 4}];" for r in range(4) for h in range(2)]
+    return "\n".join(["{", ".reg .pred stale;", ".reg .u32 seen, polls, failed, thread;", ".reg .u64 at;",
+                      "mov.u32 polls, 0;", *[f"mov.u32 ${j}, ${32 + j};" for j in range(32)],
+                      "mov.u32 thread, %tid.x;", "and.b32 seen, thread, 31;", "shr.u32 thread, thread, 5;",
+                      f"mul.lo.u32 thread, thread, {wide * 4};", "mad.lo.u32 thread, seen, 32, thread;",
+                      "cvt.u64.u32 at, thread;", "add.u64 at, at, $64;", "CHECK:", *check, "@!stale bra DONE;",
+                      "add.u32 polls, polls, 1;", f"setp.lt.u32 stale, polls, {SPIN_LIMIT};", "@stale bra MORE;",
+                      "st.global.u32 [$128], polls;", "bra DONE;", "MORE:", "and.b32 seen, polls, 255;",
+                      "setp.ne.u32 stale, seen, 0;", "@stale bra LOAD;", "ld.volatile.global.u32 failed, [$128];",
+                      "setp.ne.u32 stale, failed, 0;", "@stale bra DONE;", "LOAD:", *loads, "bra CHECK;", "DONE:",
+                      "}"])
+
+
 @gluon.jit
-def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, words_smem, x_smem, layers,
-                       pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr,
-                       K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr,
-                       WIDE: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
-                       STAGES: gl.constexpr, WARPS: gl.constexpr, WAIT: gl.constexpr, TIMED: gl.constexpr,
-                       EPS: gl.constexpr):
-    """The dot warps for a block of ROWS tokens (a verify block): as _ws_consumer's layer chain, but each unit
-    multiplies its weight tile by ROWS activation rows, the tokens as the mma's N. A unit's activations are
-    [ROWS, BK] words (each GEMV's output is ROWS rows of WIDE words), too many to hold the next unit's in
-    registers as the one-token loop does: they are copied into shared memory AHEAD units ahead (cp.async), and
-    only if some are not yet this run's are they read again from memory until all are. TIMED == 1: clock cycles
-    per (GEMV, phase) to PROFILE, as _ws_consumer's (weights landed; words copied; polled, normed and stored as
-    the operand; dot and store)."""
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
-    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    WL: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # [ROWS, BK] words: a row per warp
-    COPY: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [WARPS, 1], [1, 0])  # the same, 16-byte copies
+def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
+                       nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
+                       N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+                       BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr,
+                       WARPS: gl.constexpr, WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr,
+                       TIMED: gl.constexpr, EPS: gl.constexpr):
+    """The dot warps for a block of ROWS = 16 tokens (a verify block): as _ws_consumer's layer chain, but each unit
+    multiplies its weight tile by the block's 16 activation rows, on the warpgroup's wgmma (the tokens its N), which
+    reads the tile and the operand from shared memory once for all four warps. (mma_v2 loads the operand into
+    every warp: with the words staged through shared memory as well, a unit moved about 136 KB through it,
+    2000 cycles against the 770 a 9.5 KB o_proj unit takes to stream, 1.55x of the floor without waiting at
+    all, 3e58ff3.) A unit's activations are [16, 256] words, 32 per thread, read one unit ahead into registers
+    and polled again per thread (POLL) only where stale. TIMED == 1: clock cycles per (GEMV, phase) to PROFILE,
+    as _ws_consumer's."""
+    ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, ROWS, 16])
+    WORDS: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # [ROWS, BK]: see poll_block_asm
     PAIRS: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])  # [BR / 2, ROWS]
-    CH: gl.constexpr = BK // 4
     SLAB: gl.constexpr = ROWS * WIDE  # one GEMV's activation words
     epoch = gl.load(EPOCH) % 65535 + 1
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, 2, 0)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
-    columns = gl.arange(0, BK, gl.SliceLayout(0, WL))
-    tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, WL)), 1) * WIDE + gl.expand_dims(columns, 0)
-    copy_tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, COPY)), 1) * WIDE \
-        + gl.expand_dims(gl.arange(0, BK, gl.SliceLayout(0, COPY)), 0)
-    tokens = gl.arange(0, ROWS, gl.SliceLayout(0, MMA))
-    out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
+    columns = gl.arange(0, BK, gl.SliceLayout(0, WORDS))
+    tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, WORDS)), 1) * WIDE + gl.expand_dims(columns, 0)
+    tokens = gl.arange(0, ROWS, gl.SliceLayout(0, ACC))
+    out_rows = gl.arange(0, BR, gl.SliceLayout(1, ACC))
     pair_rows = gl.expand_dims(gl.arange(0, BR // 2, gl.SliceLayout(1, PAIRS)), 1)
     pair_tokens = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(0, PAIRS)), 0)
-    squares = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, WL))
-    acc0 = gl.zeros([BR, ROWS], gl.float32, MMA)
-    acc1 = gl.zeros([BR, ROWS], gl.float32, MMA)
-    acc2 = gl.zeros([BR, ROWS], gl.float32, MMA)
-    acc3 = gl.zeros([BR, ROWS], gl.float32, MMA)
-    # the unit whose words are copied next (AHEAD units ahead of the current one)
-    f_layer, f_g, f_row, f_kk = _first_unit(pid, nprog, N0)
-    for j in gl.static_range(AHEAD):
-        cp.async_copy_global_to_shared(words_smem.index(j), ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + copy_tile)
-        cp.commit_group()
-        f_layer, f_g, f_row, f_kk = _advance(f_layer, f_g, f_row, f_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                                             BR, BK, 2, 0)
+    squares = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, WORDS))
+    acc = gl.zeros([BR, ROWS], gl.float32, ACC)
+    words = gl.load(ACTS + tile, volatile=True)
+    norm_weights = gl.load(NORMS + columns)
     slots = gl.arange(0, 16, gl.BlockedLayout([1], [32], [WARPS], [0]))
     spent = gl.zeros([16], gl.int64, gl.BlockedLayout([1], [32], [WARPS], [0]))
     then = pid.to(gl.int64) * 0
     if TIMED == 1:
         then = _clock()
     for i in range(total):
-        cp.async_copy_global_to_shared(words_smem.index((i + AHEAD) % (AHEAD + 1)),
-                                       ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + copy_tile,
-                                       mask=(copy_tile >= 0) & (f_layer < layers))
-        cp.commit_group()
-        f_layer, f_g, f_row, f_kk = _advance(f_layer, f_g, f_row, f_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                                             BR, BK, 2, 0)
-        cp.wait_group(AHEAD)  # this unit's words, copied AHEAD units ago
-        gl.thread_barrier()  # (copied by other threads than read them)
+        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+                                             N3, K3, BR, BK, 2, 0)
+        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + tile, mask=(n_layer < layers) & (tile >= 0),
+                             volatile=True)
+        next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + columns,
+                            mask=(n_layer < layers) & (n_g % 2 == 0) & (columns >= 0), other=0.0)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
             then = now
         act = ACTS + (c_layer * 4 + c_g) * SLAB
         k_now = _pick(c_g, K0, K1, K2, K3)
-        words = words_smem.index(i % (AHEAD + 1)).load(WL)
         if WAIT:
-            polls = 0
-            while (_stale(words, epoch) > 0) & (polls < SPIN):
-                words = gl.load(act + c_kk + tile, volatile=True)
-                polls += 1
-            if polls == SPIN:
-                gl.atomic_max(FAILED, 1)
+            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [words, act + c_kk, epoch, FAILED],
+                                              dtype=gl.int32, is_pure=False, pack=32)
         x = _from_words(words)
         if c_g % 2 == 0:  # RMSNorm by the reader, its scale taken out of the dot (as in _ws_consumer), per token
             squares = gl.where(c_kk == 0, 0.0, squares) + gl.sum(x * x, axis=1)
-            weight = gl.load(NORMS + (c_layer * 2 + c_g // 2) * K0 + c_kk + columns)
-            x = x * gl.expand_dims(weight.to(gl.float32), 0)
-        x_smem.store(x.to(gl.bfloat16))
+            x = x * gl.expand_dims(norm_weights.to(gl.float32), 0)
+        operand = x_smem.index(i % 2)  # two: a warp may store the next unit's before the others read this one's
+        operand.store(x.to(gl.bfloat16))
         gl.thread_barrier()
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
             then = now
-        slot = ring.index(i % STAGES)
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
+        fence_async_shared()  # the copies' and the stores' writes, before the wgmma reads them
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
             then = now
-        fresh = c_kk == 0
-        acc0 = mma_v2(slot.slice(0, CH, dim=1).load(A_OP), x_smem.slice(0, CH, dim=1).permute((1, 0)).load(B_OP),
-                      gl.where(fresh, 0.0, acc0))
-        acc1 = mma_v2(slot.slice(CH, CH, dim=1).load(A_OP), x_smem.slice(CH, CH, dim=1).permute((1, 0)).load(B_OP),
-                      gl.where(fresh, 0.0, acc1))
-        acc2 = mma_v2(slot.slice(2 * CH, CH, dim=1).load(A_OP),
-                      x_smem.slice(2 * CH, CH, dim=1).permute((1, 0)).load(B_OP), gl.where(fresh, 0.0, acc2))
-        acc3 = mma_v2(slot.slice(3 * CH, CH, dim=1).load(A_OP),
-                      x_smem.slice(3 * CH, CH, dim=1).permute((1, 0)).load(B_OP), gl.where(fresh, 0.0, acc3))
+        acc = warpgroup_mma(ring.index(i % STAGES), operand.permute((1, 0)), acc, use_acc=c_kk > 0)
         mbarrier.arrive(empty.index(i % STAGES))
         if c_kk + BK >= k_now:  # a row block's last unit: its [BR, ROWS] outputs
-            value = (acc0 + acc1) + (acc2 + acc3)
             end = _rows(c_g, pid, nprog, N0, N1, N2, N3, 2)[1]
             rows = c_row + out_rows
+            value = acc
             if c_g % 2 == 0:
-                value *= gl.expand_dims(gl.convert_layout(gl.rsqrt(squares / k_now + EPS), gl.SliceLayout(0, MMA)), 0)
+                value *= gl.expand_dims(gl.convert_layout(gl.rsqrt(squares / k_now + EPS), gl.SliceLayout(0, ACC)), 0)
             value = value.to(gl.bfloat16).to(gl.float32)
             if c_g == 2:  # silu(gate) * up of the (gate, up) row pairs, traded through this program's scratch
                 scratch = SCRATCH + pid * BR * ROWS
@@ -928,9 +923,9 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
             then = now
-        c_layer, c_g, c_row, c_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-                                             BR, BK, 2, 0)
-    cp.wait_group(0)
+        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
+        words = next_words
+        norm_weights = next_norm
     if TIMED == 1:
         gl.store(PROFILE + pid * 16 + slots, spent)
 
@@ -939,27 +934,25 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
 def _flow_block_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, POS, layers,
                       nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                       N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
-                      BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, AHEAD: gl.constexpr,
-                      STAGES: gl.constexpr, WARPS: gl.constexpr, WAIT: gl.constexpr, TIMED: gl.constexpr,
-                      PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, EPS: gl.constexpr):
-    """The flow kernel's layer chain (attention left out) for a block of ROWS tokens: the same copy warps and
-    weight ring as _flow_chain, the dot warps of _ws_block_consumer."""
-    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK],
-                                     gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+                      BR: gl.constexpr, BK: gl.constexpr, ROWS: gl.constexpr, STAGES: gl.constexpr,
+                      WARPS: gl.constexpr, WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr,
+                      TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr,
+                      EPS: gl.constexpr):
+    """The flow kernel's layer chain (attention left out) for a block of ROWS tokens: the same copy warps as
+    _flow_chain, into a ring laid out for wgmma; the dot warps of _ws_block_consumer."""
+    ring = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BR, BK], gl.NVMMASharedLayout(128, 16, rank=2))
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=32 * PWARPS)
         mbarrier.init(empty.index(s), count=1)
-    words_smem = gl.allocate_shared_memory(gl.int32, [AHEAD + 1, ROWS, BK], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [ROWS, BK],
-                                       gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0]))
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [2, ROWS, BK], gl.NVMMASharedLayout(128, 16, rank=2))
     pid = gl.program_id(0)
     # (no attention: the copy warps' attention operands are never touched, so the ring and its barriers stand in)
     gl.warp_specialize([
-        (_ws_block_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, words_smem, x_smem,
-                              layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, ROWS, AHEAD, STAGES,
-                              WARPS, WAIT, TIMED, EPS)),
+        (_ws_block_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
+                              nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, ROWS, STAGES, WARPS, WAIT, POLL,
+                              POLL_OPERANDS, TIMED, EPS)),
         (_ws_producer, (W0, W1, W2, W3, W0, W0, W0, W0, POS, layers, ring, ready, empty, ring, ring, ring,
                         ready.index(0), ready.index(0), layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
                         STAGES, PWARPS, CAP, 2, 0, True, False, 1, 1, 128, 16)),
@@ -1005,9 +998,10 @@ def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bo
                "scratch": torch.zeros(nprog, br * rows, device="cuda", dtype=torch.float32),
                "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words)}
     if rows > 1:
-        assert layer and kv_heads is None and copies and timed in (0, 1) and rows == 16
-        # pack_small's place in the config: how many units ahead the dot warps copy their activation words
-        constants.update(ROWS=rows, AHEAD=pack_small, TIMED=timed, PREGS=80)
+        assert layer and kv_heads is None and copies and timed in (0, 1) and rows == 16 and bk == 256 and warps == 4
+        assert not pack_small, "the block form packs nothing"
+        constants.update(ROWS=rows, TIMED=timed, PREGS=80, POLL=poll_block_asm(wide),
+                         POLL_OPERANDS=",".join(["=r"] * 32 + ["r"] * 32 + ["l"] * 32 + ["r"] * 32 + ["l"] * 32))
         return nprog, warps, constants, buffers
     pack = bk // (32 * warps)  # activation words per thread
     packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
@@ -1087,8 +1081,8 @@ def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, confi
     [its rows]), without decoding every layer's words.
 
     rows=16 runs the layer chain (norms, no attention) for a block of 16 tokens, x0 [16, K0] (_flow_block_chain;
-    config as above, but its last entry is how many units ahead the activation words are copied: nothing is
-    packed); `profile` as without timeline; the values returned gain a token axis: [layers, 4, 16, wide], or
+    config as above with block_k 256, 4 dot warps, nothing packed); `profile` as without timeline; the values
+    returned gain a token axis: [layers, 4, 16, wide], or
     [16, rows] with last_only."""
     layer = norms is not None
     timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
