@@ -36,7 +36,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 SPIN_LIMIT = 1 << 20  # polls of one word before a thread gives up (programs not all resident): flagged, not hung
 SPIN = gl.constexpr(SPIN_LIMIT)
@@ -823,6 +824,69 @@ def poll_block_asm(wide: int) -> str:
 
 
 @gluon.jit
+def _block_outputs(ACTS, SCRATCH, acc, scale, layer, g, row, pid, epoch, nprog: gl.constexpr, N0: gl.constexpr,
+                   N1: gl.constexpr, N2: gl.constexpr, N3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
+                   ROWS: gl.constexpr, ACC: gl.constexpr):
+    """A block row block's finished outputs acc [BR, ROWS] (GEMV g of `layer`, rows from `row`) as the next GEMV's
+    words: RMSNormed GEMVs scaled per token, the residual added after o_proj and down, silu(gate) * up after
+    gate_up (as _finish_rows and _store_silu_pairs for one token)."""
+    PAIRS: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [ACC.warps_per_cta[0], 1], [1, 0])  # [BR / 2, ROWS]
+    SLAB: gl.constexpr = ROWS * WIDE
+    out = ACTS + (layer * 4 + g + 1) * SLAB
+    tokens = gl.arange(0, ROWS, gl.SliceLayout(0, ACC))
+    out_rows = gl.arange(0, BR, gl.SliceLayout(1, ACC))
+    end = _rows(g, pid, nprog, N0, N1, N2, N3, 2)[1]
+    value = acc
+    if g % 2 == 0:
+        value *= gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(0, ACC)), 0)
+    value = value.to(gl.bfloat16).to(gl.float32)
+    if g == 2:  # silu(gate) * up of the (gate, up) row pairs, traded through this program's scratch
+        pair_rows = gl.expand_dims(gl.arange(0, BR // 2, gl.SliceLayout(1, PAIRS)), 1)
+        pair_tokens = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(0, PAIRS)), 0)
+        scratch = SCRATCH + pid * BR * ROWS
+        gl.store(scratch + gl.expand_dims(out_rows, 1) * ROWS + gl.expand_dims(tokens, 0), value)
+        gl.thread_barrier()
+        gate = gl.load(scratch + 2 * pair_rows * ROWS + pair_tokens, volatile=True)
+        up = gl.load(scratch + (2 * pair_rows + 1) * ROWS + pair_tokens, volatile=True)
+        gl.thread_barrier()  # read before the next row block overwrites them
+        silu = (gate / (1.0 + gl.exp(-gate))).to(gl.bfloat16).to(gl.float32)
+        half_rows = row // 2 + pair_rows
+        _store_words(out + pair_tokens * WIDE + half_rows, silu * up, (half_rows < end // 2) & (pair_tokens >= 0),
+                     epoch)
+    else:
+        rows = row + out_rows
+        at = gl.expand_dims(tokens, 0) * WIDE + gl.expand_dims(rows, 1)
+        inside = gl.expand_dims(rows < end, 1) & gl.expand_dims(tokens >= 0, 0)
+        if g % 2 == 1:  # the residual's rows, stored by this program itself (see _finish_rows)
+            value += _from_words(gl.load(ACTS + (layer * 4 + g - 1) * SLAB + at, mask=inside, other=0, volatile=True))
+        _store_words(out + at, value, inside, epoch)
+
+
+@gluon.jit
+def _block_operand(ACTS, FAILED, x_smem, buffer, words, norm_weights, squares, layer, g, kk, epoch,
+                   K0: gl.constexpr, K1: gl.constexpr, K2: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
+                   ROWS: gl.constexpr, WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr,
+                   EPS: gl.constexpr):
+    """A block unit's wgmma operand: its words (read ahead) polled again per thread until all are this run's,
+    RMSNormed by the reader where GEMV g reads a norm (x * weight into the dot, the sum of squares per token
+    building up over the K tiles), stored as bf16 [ROWS, BK] to x_smem.index(buffer). Returns the sums of squares
+    and the tokens' RMSNorm scales so far (complete at a row block's last unit; 1 for unnormed GEMVs)."""
+    k = _pick(g, K0, K1, K2, K3)
+    if WAIT:
+        words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [words, ACTS + (layer * 4 + g) * ROWS * WIDE + kk,
+                                                                epoch, FAILED], dtype=gl.int32, is_pure=False, pack=32)
+    x = _from_words(words)
+    scale = gl.full([ROWS], 1.0, gl.float32, squares.type.layout)
+    if g % 2 == 0:
+        squares = gl.where(kk == 0, 0.0, squares) + gl.sum(x * x, axis=1)
+        scale = gl.rsqrt(squares / k + EPS)
+        x = x * gl.expand_dims(norm_weights.to(gl.float32), 0)
+    x_smem.index(buffer).store(x.to(gl.bfloat16))
+    gl.thread_barrier()
+    return squares, scale
+
+
+@gluon.jit
 def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
                        nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                        N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -834,98 +898,85 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
     reads the tile and the operand from shared memory once for all four warps. (mma_v2 loads the operand into
     every warp: with the words staged through shared memory as well, a unit moved about 136 KB through it,
     2000 cycles against the 770 a 9.5 KB o_proj unit takes to stream, 1.55x of the floor without waiting at
-    all, 3e58ff3.) A unit's activations are [16, 256] words, 32 per thread, read one unit ahead into registers
-    and polled again per thread (POLL) only where stale. TIMED == 1: clock cycles per (GEMV, phase) to PROFILE,
-    as _ws_consumer's."""
+    all, 3e58ff3.) A unit's activations are [16, 256] words, 32 per thread, read ahead into registers and polled
+    again per thread (POLL) only where stale. Under the weight stream a load takes longer than a unit (2-3 us
+    against 0.4-1.1), so they are loaded two units ahead of their operand, and unit i's wgmma runs while unit
+    i + 1's operand is made (17b9785, synchronous, stalled on both). The wgmma is issued and waited for in one
+    iteration: a wgmma in flight across the loop's back edge makes ptxas wait for it at the top. TIMED == 1:
+    clock cycles per (GEMV, phase) to PROFILE: weights landed; loads issued; the next operand made; the wgmma
+    waited for and the outputs stored."""
     ACC: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, ROWS, 16])
     WORDS: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [WARPS, 1], [1, 0])  # [ROWS, BK]: see poll_block_asm
-    PAIRS: gl.constexpr = gl.BlockedLayout([1, 1], [2, 16], [WARPS, 1], [1, 0])  # [BR / 2, ROWS]
     SLAB: gl.constexpr = ROWS * WIDE  # one GEMV's activation words
     epoch = gl.load(EPOCH) % 65535 + 1
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, 2, 0)
-    c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
     columns = gl.arange(0, BK, gl.SliceLayout(0, WORDS))
     tile = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(1, WORDS)), 1) * WIDE + gl.expand_dims(columns, 0)
-    tokens = gl.arange(0, ROWS, gl.SliceLayout(0, ACC))
-    out_rows = gl.arange(0, BR, gl.SliceLayout(1, ACC))
-    pair_rows = gl.expand_dims(gl.arange(0, BR // 2, gl.SliceLayout(1, PAIRS)), 1)
-    pair_tokens = gl.expand_dims(gl.arange(0, ROWS, gl.SliceLayout(0, PAIRS)), 0)
-    squares = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, WORDS))
     acc = gl.zeros([BR, ROWS], gl.float32, ACC)
-    words = gl.load(ACTS + tile, volatile=True)
-    norm_weights = gl.load(NORMS + columns)
+    squares = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, WORDS))
+    # four units in the pipe: c, whose wgmma is issued now; o, whose operand is made meanwhile; n and f (from the
+    # loop), whose words and norm weights are on their way
+    c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
+    o_layer, o_g, o_row, o_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR,
+                                         BK, 2, 0)
+    n_layer, n_g, n_row, n_kk = _advance(o_layer, o_g, o_row, o_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR,
+                                         BK, 2, 0)
+    o_words = gl.load(ACTS + (o_layer * 4 + o_g) * SLAB + o_kk + tile, mask=(o_layer < layers) & (tile >= 0),
+                      volatile=True)
+    o_norm = gl.load(NORMS + (o_layer * 2 + o_g // 2) * K0 + o_kk + columns,
+                     mask=(o_layer < layers) & (o_g % 2 == 0) & (columns >= 0), other=0.0)
+    n_words = gl.load(ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + tile, mask=(n_layer < layers) & (tile >= 0),
+                      volatile=True)
+    n_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + columns,
+                     mask=(n_layer < layers) & (n_g % 2 == 0) & (columns >= 0), other=0.0)
+    squares, c_scale = _block_operand(ACTS, FAILED, x_smem, 0, gl.load(ACTS + tile, volatile=True),
+                                      gl.load(NORMS + columns), squares, c_layer, c_g, c_kk, epoch, K0, K1, K2, K3,
+                                      WIDE, ROWS, WAIT, POLL, POLL_OPERANDS, EPS)
+    o_scale = c_scale
     slots = gl.arange(0, 16, gl.BlockedLayout([1], [32], [WARPS], [0]))
     spent = gl.zeros([16], gl.int64, gl.BlockedLayout([1], [32], [WARPS], [0]))
     then = pid.to(gl.int64) * 0
     if TIMED == 1:
         then = _clock()
     for i in range(total):
-        n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
+        f_layer, f_g, f_row, f_kk = _advance(n_layer, n_g, n_row, n_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK, 2, 0)
-        next_words = gl.load(ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + tile, mask=(n_layer < layers) & (tile >= 0),
-                             volatile=True)
-        next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + columns,
-                            mask=(n_layer < layers) & (n_g % 2 == 0) & (columns >= 0), other=0.0)
+        f_words = gl.load(ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + tile, mask=(f_layer < layers) & (tile >= 0),
+                          volatile=True)
+        f_norm = gl.load(NORMS + (f_layer * 2 + f_g // 2) * K0 + f_kk + columns,
+                         mask=(f_layer < layers) & (f_g % 2 == 0) & (columns >= 0), other=0.0)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
             then = now
-        act = ACTS + (c_layer * 4 + c_g) * SLAB
-        k_now = _pick(c_g, K0, K1, K2, K3)
-        if WAIT:
-            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [words, act + c_kk, epoch, FAILED],
-                                              dtype=gl.int32, is_pure=False, pack=32)
-        x = _from_words(words)
-        if c_g % 2 == 0:  # RMSNorm by the reader, its scale taken out of the dot (as in _ws_consumer), per token
-            squares = gl.where(c_kk == 0, 0.0, squares) + gl.sum(x * x, axis=1)
-            x = x * gl.expand_dims(norm_weights.to(gl.float32), 0)
-        operand = x_smem.index(i % 2)  # two: a warp may store the next unit's before the others read this one's
-        operand.store(x.to(gl.bfloat16))
-        gl.thread_barrier()
-        if TIMED == 1:
-            now = _clock()
-            spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
-            then = now
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        fence_async_shared()  # the copies' and the stores' writes, before the wgmma reads them
+        fence_async_shared()  # the copies' and the operand's writes, before the wgmma reads them
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
             then = now
-        acc = warpgroup_mma(ring.index(i % STAGES), operand.permute((1, 0)), acc, use_acc=c_kk > 0)
+        pending = warpgroup_mma(ring.index(i % STAGES), x_smem.index(i % 2).permute((1, 0)), acc, use_acc=c_kk > 0,
+                                is_async=True)
+        if i + 1 < total:  # (the operand buffer the wgmma before this one read)
+            squares, o_scale = _block_operand(ACTS, FAILED, x_smem, (i + 1) % 2, o_words, o_norm, squares, o_layer,
+                                              o_g, o_kk, epoch, K0, K1, K2, K3, WIDE, ROWS, WAIT, POLL, POLL_OPERANDS,
+                                              EPS)
+        if TIMED == 1:
+            now = _clock()
+            spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
+            then = now
+        acc = warpgroup_mma_wait(0, deps=[pending])
         mbarrier.arrive(empty.index(i % STAGES))
-        if c_kk + BK >= k_now:  # a row block's last unit: its [BR, ROWS] outputs
-            end = _rows(c_g, pid, nprog, N0, N1, N2, N3, 2)[1]
-            rows = c_row + out_rows
-            value = acc
-            if c_g % 2 == 0:
-                value *= gl.expand_dims(gl.convert_layout(gl.rsqrt(squares / k_now + EPS), gl.SliceLayout(0, ACC)), 0)
-            value = value.to(gl.bfloat16).to(gl.float32)
-            if c_g == 2:  # silu(gate) * up of the (gate, up) row pairs, traded through this program's scratch
-                scratch = SCRATCH + pid * BR * ROWS
-                gl.store(scratch + gl.expand_dims(out_rows, 1) * ROWS + gl.expand_dims(tokens, 0), value)
-                gl.thread_barrier()
-                gate = gl.load(scratch + 2 * pair_rows * ROWS + pair_tokens, volatile=True)
-                up = gl.load(scratch + (2 * pair_rows + 1) * ROWS + pair_tokens, volatile=True)
-                gl.thread_barrier()  # read before the next row block overwrites them
-                silu = (gate / (1.0 + gl.exp(-gate))).to(gl.bfloat16).to(gl.float32)
-                half_rows = c_row // 2 + pair_rows
-                _store_words(act + SLAB + pair_tokens * WIDE + half_rows, silu * up,
-                             (half_rows < end // 2) & (pair_tokens >= 0), epoch)
-            else:
-                at = gl.expand_dims(tokens, 0) * WIDE + gl.expand_dims(rows, 1)
-                inside = gl.expand_dims(rows < end, 1) & gl.expand_dims(tokens >= 0, 0)
-                if c_g % 2 == 1:  # the residual's rows, stored by this program itself (see _finish_rows)
-                    value += _from_words(gl.load(ACTS + (c_layer * 4 + c_g - 1) * SLAB + at, mask=inside, other=0,
-                                                 volatile=True))
-                _store_words(act + SLAB + at, value, inside, epoch)
+        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):  # a row block's last unit: its [BR, ROWS] outputs
+            _block_outputs(ACTS, SCRATCH, acc, c_scale, c_layer, c_g, c_row, pid, epoch, nprog, N0, N1, N2, N3, WIDE,
+                           BR, ROWS, ACC)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
             then = now
-        c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
-        words = next_words
-        norm_weights = next_norm
+        c_layer, c_g, c_row, c_kk, c_scale = o_layer, o_g, o_row, o_kk, o_scale
+        o_layer, o_g, o_row, o_kk, o_words, o_norm = n_layer, n_g, n_row, n_kk, n_words, n_norm
+        n_layer, n_g, n_row, n_kk, n_words, n_norm = f_layer, f_g, f_row, f_kk, f_words, f_norm
     if TIMED == 1:
         gl.store(PROFILE + pid * 16 + slots, spent)
 
