@@ -901,7 +901,7 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
     all, 3e58ff3.) A unit's activations are [16, 256] words, 32 per thread, read ahead into registers and polled
     again per thread (POLL) only where stale. Under the weight stream a load takes longer than a unit (2-3 us
     against 0.4-1.1), so they are loaded two units ahead of their operand, and unit i's wgmma runs while unit
-    i + 1's operand is made (17b9785, synchronous, stalled on both). The wgmma is issued and waited for in one
+    i + 1's operand is made unless unit i ends a row block (17b9785, synchronous, stalled on both). The wgmma is issued and waited for in one
     iteration: a wgmma in flight across the loop's back edge makes ptxas wait for it at the top. TIMED == 1:
     clock cycles per (GEMV, phase) to PROFILE: weights landed; loads issued; the next operand made; the wgmma
     waited for and the outputs stored."""
@@ -957,7 +957,10 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
             then = now
         pending = warpgroup_mma(ring.index(i % STAGES), x_smem.index(i % 2).permute((1, 0)), acc, use_acc=c_kk > 0,
                                 is_async=True)
-        if i + 1 < total:  # (the operand buffer the wgmma before this one read)
+        # a row block's last unit stores its outputs before the next operand is polled (the next unit may read
+        # them: this program's last qkv rows are in o_proj's input); any other overlaps the next operand with it
+        ends = c_kk + BK >= _pick(c_g, K0, K1, K2, K3)
+        if (i + 1 < total) & (not ends):  # (into the operand buffer the wgmma before this one read)
             squares, o_scale = _block_operand(ACTS, FAILED, x_smem, (i + 1) % 2, o_words, o_norm, squares, o_layer,
                                               o_g, o_kk, epoch, K0, K1, K2, K3, WIDE, ROWS, WAIT, POLL, POLL_OPERANDS,
                                               EPS)
@@ -967,9 +970,13 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
             then = now
         acc = warpgroup_mma_wait(0, deps=[pending])
         mbarrier.arrive(empty.index(i % STAGES))
-        if c_kk + BK >= _pick(c_g, K0, K1, K2, K3):  # a row block's last unit: its [BR, ROWS] outputs
+        if ends:  # its [BR, ROWS] outputs, then the next operand
             _block_outputs(ACTS, SCRATCH, acc, c_scale, c_layer, c_g, c_row, pid, epoch, nprog, N0, N1, N2, N3, WIDE,
                            BR, ROWS, ACC)
+            if i + 1 < total:
+                squares, o_scale = _block_operand(ACTS, FAILED, x_smem, (i + 1) % 2, o_words, o_norm, squares,
+                                                  o_layer, o_g, o_kk, epoch, K0, K1, K2, K3, WIDE, ROWS, WAIT, POLL,
+                                                  POLL_OPERANDS, EPS)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
