@@ -16,6 +16,8 @@ in one run:
   flow         the same dataflow design in Gluon (blockspec/flow.py) with the pipeline written out: copy warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
+  block        (--block) the layer chain for a verify block of 16 tokens: the flow kernel's block form
+               (benchmarks/flow_block.py, wgmma) against the engine's kernels on 16 rows
   layer        a Qwen3 layer without attention (o_proj reads q): RMSNorm before qkv and gate_up, residual adds
                after o_proj and down, silu(gate) * up; "layer flow" is the flow kernel doing that work itself
                (flow_chain with norms; checked against an fp64 reference that rounds where it does), "layer
@@ -277,7 +279,12 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
-    fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms, rows=tokens)
+    if tokens == 1:
+        fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms)
+    else:
+        from flow_block import block_chain
+
+        fn, _ = block_chain(x0, weights, layers, config, GEMVS, WIDEST, norms, wait, cycles)
     fn()
     fn()
     c = cycles.cpu().double()  # [program, GEMV, phase]
@@ -624,6 +631,8 @@ def run_block(args) -> dict:
     """The layer chain (no attention) for a verify block of 16 tokens: the flow kernel's block form against the
     engine's kernels on 16 rows, side by side, checked per token against fp64 on 2 layers first; the one-token
     layer chains of both in the same run for scale. The floor is the weights' bytes, as for one token."""
+    from flow_block import block_chain
+
     from blockspec.flow import flow_chain
 
     layers = args.layers
@@ -642,8 +651,7 @@ def run_block(args) -> dict:
     for config in BLOCK_CONFIGS:
         name = f"block of 16, flow r{config[0]} k{config[1]} ring{config[3]} cap{config[6]}"
         try:
-            fn, failed = flow_chain(block, weights, 2, config, GEMVS, WIDEST, norms=norms, last_only=True,
-                                    rows=BLOCK_ROWS)
+            fn, failed = block_chain(block, weights, 2, config, GEMVS, WIDEST, norms)
             got = fn().double().clone()
             again = fn().double()
             torch.cuda.synchronize()
@@ -657,8 +665,7 @@ def run_block(args) -> dict:
         if result.get("rel_err", 1.0) < 1e-2 and not result["gave_up_waiting"]:
             for wait in (True, False):
                 full = f"{name}{'' if wait else ' nowait (wrong results)'}"
-                paths[full], failures[full] = flow_chain(block, weights, layers, config, GEMVS, WIDEST, wait,
-                                                         norms=norms, last_only=True, rows=BLOCK_ROWS)
+                paths[full], failures[full] = block_chain(block, weights, layers, config, GEMVS, WIDEST, norms, wait)
                 profile = flow_profile(block, weights, layers, config, wait, norms, BLOCK_ROWS)
                 record.setdefault("flow_profiles", []).append(profile)
                 print("profile", profile, flush=True)
