@@ -702,7 +702,8 @@ def report(path: str) -> str:
         kept = [row for row in r["sweep"] if "kept" in row]
         return "\n".join(f"M={row['m']} {row['gemm']}: {row['candidate']} x{row['gain']:.4f} over "
                          f"{row['incumbent']} ({'kept' if row['kept'] else 'not kept'})" for row in kept) or "no change"
-    lines = [f"GEMV chain, {r['layers']} Qwen3-4B layers (qkv, o_proj, gate_up, down; M = 1), {r['device']}, "
+    rows = "M = 1 and a block of 16" if any(name.startswith("block") for name in r["paths"]) else "M = 1"
+    lines = [f"GEMV chain, {r['layers']} Qwen3-4B layers (qkv, o_proj, gate_up, down; {rows}), {r['device']}, "
              f"commit {r['commit']}, {r['date']}; copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s, "
              f"floor {r['floor_ms']:.3f} ms", "", "| path | ms | x floor | TB/s | us/layer |",
              "| --- | --- | --- | --- | --- |"]
@@ -721,7 +722,8 @@ def report(path: str) -> str:
         lines += [f"| {name} | {u['gemv']:.2f} | {u['spread']:.2f} | {u['slowest']:.2f} | {u['release']:.2f} | "
                   f"{u['wait']:.2f} |" for name, u in profile["us"].items()]
     for profile in r.get("flow_profiles", []):
-        lines += ["", f"Flow kernel{' (layer chain)' if profile.get('layer') else ''} {profile['config']}"
+        block = ", a block of 16 tokens" if profile.get("tokens", 1) > 1 else ""
+        lines += ["", f"Flow kernel{' (layer chain' + block + ')' if profile.get('layer') else ''} {profile['config']}"
                   f"{'' if profile['wait'] else ' nowait'}: median over "
                   f"programs, {profile['loop_cycles_per_unit']:.0f} cycles per unit", "",
                   "| phase | share of the loop | cycles per unit |", "| --- | --- | --- |"]

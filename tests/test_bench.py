@@ -577,6 +577,29 @@ def test_gemv_chain_report_renders_a_stored_h100_run_without_triton():
     assert any(line.startswith("| gate_up |") and f"| {release:.2f} |" in line for line in out.splitlines())
 
 
+def test_gemv_chain_report_renders_the_16_token_block_run_without_triton():
+    """The --block run (the flow kernel's block form against the engine's kernels on 16 rows) renders from the
+    committed H100 JSON: both paths with their times, the block form's profile, a header naming the block; and that
+    run's block configs were all checked correct (fp64, never gave up, bit-exact reruns) yet slower than the
+    engine's kernels, as docs/benchmarks.md says."""
+    repo = Path(__file__).resolve().parent.parent
+    stored = repo / "benchmarks" / "results" / "gemv_chain-20261123-043208.json"
+    record = json.loads(stored.read_text())
+    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
+                         capture_output=True, text=True, check=True).stdout
+    assert "M = 1 and a block of 16" in out.splitlines()[0]
+    engine = record["paths"]["block of 16, the engine's kernels"]
+    flow = record["paths"]["block of 16, flow r64 k256 ring5 cap64"]
+    for name, path in (("block of 16, the engine's kernels", engine), ("block of 16, flow r64 k256 ring5 cap64", flow)):
+        assert f"| {name} | {path['ms']:.3f} | {path['x_floor']:.3f} |" in out
+    profile = record["flow_profiles"][0]
+    assert profile["tokens"] == 16 and f"a block of 16 tokens) {profile['config']}" in out
+    checks = [c for name, c in record["check"].items() if name.startswith("block of 16, flow")]
+    assert len(checks) == 3 and all(c["rel_err"] < 1e-2 and not c["gave_up_waiting"] and c["bit_exact_rerun"]
+                                    for c in checks)
+    assert flow["ms"] > engine["ms"]
+
+
 def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_triton():
     """The Gluon flow kernel's rows, its loop-phase profile and its store-to-reader timeline render from the
     committed H100 run (a machine without Triton, so blockspec/flow.py is never imported)."""
