@@ -118,6 +118,16 @@ def _block_operand(ACTS, FAILED, x_smem, buffer, words, norm_weights, squares, l
 
 
 @gluon.jit
+def _unit_inputs(ACTS, NORMS, layer, g, kk, layers, tile, columns, K0: gl.constexpr, SLAB: gl.constexpr):
+    """A block unit's activation words [ROWS, BK] and, where GEMV g reads an RMSNorm, its norm weights [BK], read
+    ahead (nothing past the last layer)."""
+    words = gl.load(ACTS + (layer * 4 + g) * SLAB + kk + tile, mask=(layer < layers) & (tile >= 0), volatile=True)
+    norm = gl.load(NORMS + (layer * 2 + g // 2) * K0 + kk + columns,
+                   mask=(layer < layers) & (g % 2 == 0) & (columns >= 0), other=0.0)
+    return words, norm
+
+
+@gluon.jit
 def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready, empty, x_smem, layers, pid,
                        nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
                        N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
@@ -152,14 +162,8 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
                                          BK, 2, 0)
     n_layer, n_g, n_row, n_kk = _advance(o_layer, o_g, o_row, o_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR,
                                          BK, 2, 0)
-    o_words = gl.load(ACTS + (o_layer * 4 + o_g) * SLAB + o_kk + tile, mask=(o_layer < layers) & (tile >= 0),
-                      volatile=True)
-    o_norm = gl.load(NORMS + (o_layer * 2 + o_g // 2) * K0 + o_kk + columns,
-                     mask=(o_layer < layers) & (o_g % 2 == 0) & (columns >= 0), other=0.0)
-    n_words = gl.load(ACTS + (n_layer * 4 + n_g) * SLAB + n_kk + tile, mask=(n_layer < layers) & (tile >= 0),
-                      volatile=True)
-    n_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + columns,
-                     mask=(n_layer < layers) & (n_g % 2 == 0) & (columns >= 0), other=0.0)
+    o_words, o_norm = _unit_inputs(ACTS, NORMS, o_layer, o_g, o_kk, layers, tile, columns, K0, SLAB)
+    n_words, n_norm = _unit_inputs(ACTS, NORMS, n_layer, n_g, n_kk, layers, tile, columns, K0, SLAB)
     squares, c_scale = _block_operand(ACTS, FAILED, x_smem, 0, gl.load(ACTS + tile, volatile=True),
                                       gl.load(NORMS + columns), squares, c_layer, c_g, c_kk, epoch, K0, K1, K2, K3,
                                       WIDE, ROWS, WAIT, POLL, POLL_OPERANDS, EPS)
@@ -172,10 +176,7 @@ def _ws_block_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, ring, ready
     for i in range(total):
         f_layer, f_g, f_row, f_kk = _advance(n_layer, n_g, n_row, n_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK, 2, 0)
-        f_words = gl.load(ACTS + (f_layer * 4 + f_g) * SLAB + f_kk + tile, mask=(f_layer < layers) & (tile >= 0),
-                          volatile=True)
-        f_norm = gl.load(NORMS + (f_layer * 2 + f_g // 2) * K0 + f_kk + columns,
-                         mask=(f_layer < layers) & (f_g % 2 == 0) & (columns >= 0), other=0.0)
+        f_words, f_norm = _unit_inputs(ACTS, NORMS, f_layer, f_g, f_kk, layers, tile, columns, K0, SLAB)
         if TIMED == 1:
             now = _clock()
             spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
