@@ -8,7 +8,8 @@ One run measures, side by side on one GPU:
     a reference-style eager speculative loop with a dynamic cache and host syncs), tokens/s and speedup
     at forced acceptance lengths (oracle acceptance: real per-step work, a chosen number committed);
   - a check that fast-path greedy tokens equal the eager path's for 256 tokens;
-  - a kernel-time profile of one speculative step (where the time goes);
+  - a kernel-time profile of one speculative step, and each part of the step (draft pass, verify pass,
+    lm_head, the verify's GEMMs alone) timed as a CUDA graph of its own beside its floor (where the time goes);
   - optionally SmolLM2-135M with real weights (--smollm2 PATH.gguf).
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -255,6 +257,111 @@ def profile_step(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> l
             rows.append({"kernel": evt.key[:90], "us_per_step": cuda_us / steps, "calls_per_step": evt.count / steps})
     rows.sort(key=lambda r: -r["us_per_step"])
     return rows[:25]
+
+
+def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: int = 7) -> float:
+    """Median ms of one replay of `fn` captured as a CUDA graph (CUDA events over `replays` back-to-back
+    replays, median of `rounds`); on the CPU (a logic check) of one eager call."""
+    from harness import capture_graph
+
+    if not device.startswith("cuda"):
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    graph, _ = capture_graph(fn)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+def phase_times(decoder: CudaGraphDecoder, prompt: list[int], bandwidth: float, device: str) -> dict:
+    """Where a step's time goes: each part of the graphed step captured as a CUDA graph of its own and timed
+    alone, beside its floor (its bytes / the run's copy bandwidth). Parts: the draft pass without and with its
+    lm_head; the target's pass (the verify block's 16 tokens with taps, or AR's one token) without and with
+    its lm_head; the lm_head alone; the target's weight GEMMs alone on the pass's rows (the engine's GEMM
+    kernels, nothing else); and the whole step (`_greedy_step`: acceptance and bookkeeping included, no host
+    read), after whose replays the row's state is restored."""
+    from blockspec.layers import linear
+
+    engine, draft = decoder.engine, decoder.draft
+    block = 16 if draft is not None else 1
+    model = decoder.target.model
+    cfg, item = model.config, model.embed_tokens.weight.element_size()
+    decoder.forced_acceptance = [0]
+    chunks = decoder.stream(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True), block_size=block)
+    try:
+        for _ in range(3):  # prefill and two steps: row 0 holds a live sequence at about `len(prompt)`
+            next(chunks)
+        sync(device)
+        ctx = int(engine.start[0])
+        block_pos = engine.start[:1, None] + engine.offsets[None, :block]
+        block_ids = torch.randint(0, cfg.vocab_size, (1, block), device=engine.start.device)
+        kv_len = engine.max_len
+        dtype = model.embed_tokens.weight.dtype
+
+        def target_hidden() -> torch.Tensor:
+            return model(block_ids, block_pos, engine.target_cache.rows(0, 1), engine.tap_ids, kv_len=kv_len)[0]
+
+        hidden = torch.randn(1, block, cfg.hidden_size, device=block_ids.device, dtype=dtype)
+        weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
+                                                         layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
+        inputs = {k: torch.randn(block, k, device=hidden.device, dtype=dtype) for k in {w.shape[1] for w in weights}}
+
+        def target_gemms() -> None:
+            for w in weights:
+                linear(inputs[w.shape[1]], w)
+
+        lm_head = model.lm_head.weight.numel() * item
+        kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, item) * (ctx + block)
+        layer_bytes = sum(param_bytes(layer) for layer in model.layers)
+        parts: dict = {}
+        if draft is not None:
+            dc = draft.config
+            draft_bytes = param_bytes(draft) + kv_bytes_per_token(dc.num_layers, dc.num_key_value_heads, dc.head_dim,
+                                                                  item) * (ctx + block)
+            feat, feat_pos, cache = engine.feat[:1], engine.feat_pos[:1], engine.draft_cache.rows(0, 1)
+
+            def draft_hidden() -> torch.Tensor:
+                embeds = draft.embed_block(engine.last_token[:1], model.embed_tokens, block)
+                return draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)
+
+            parts["draft pass, lm_head excluded"] = (draft_hidden, draft_bytes)
+            parts[f"draft pass with its lm_head ({block - 1} rows)"] = (
+                lambda: model.logits(draft_hidden()[:, 1:]), draft_bytes + lm_head)
+        parts[f"target pass ({cfg.num_layers} layers), lm_head excluded"] = (target_hidden, layer_bytes + kv)
+        parts["target pass with its lm_head"] = (lambda: model.logits(target_hidden()), layer_bytes + kv + lm_head)
+        parts["lm_head alone"] = (lambda: model.logits(hidden), lm_head)
+        gemm_bytes = sum(w.numel() * item for w in weights)
+        parts[f"the target's {len(weights)} weight GEMMs alone"] = (target_gemms, gemm_bytes)
+        out: dict = {"context": ctx, "parts": {}}
+
+        def record(name: str, ms: float, floor_ms: float) -> None:
+            out["parts"][name] = {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
+
+        with torch.inference_mode():  # as the engine runs its steps
+            for name, (fn, nbytes) in parts.items():
+                record(name, graph_ms(fn, device), nbytes / bandwidth * 1e3)
+            state = (engine.last_token, engine.start, engine.feat, engine.feat_pos)
+            saved = [t[:1].clone() for t in state]
+            # each replay commits one token (acceptance forced to 0): 52 replays stay inside max_len's slack
+            ms = graph_ms(lambda: engine._greedy_step(1, block, kv_len), device, replays=10, rounds=5)
+            for live, copy in zip(state, saved):
+                live[:1] = copy
+        record("whole step (graph, no host read)", ms, floors(cfg, model, draft, ctx, block) / bandwidth * 1e3)
+        return out
+    finally:
+        chunks.close()
+        decoder.forced_acceptance = None
 
 
 # kernel-name fragments of the engine's kernels, for graph_timeline's groups (anything else: "other")
@@ -498,6 +605,7 @@ def run(args: argparse.Namespace) -> dict:
         row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": ar_s / ar_floor,
                      "flow_kernel": model._flow is not None}
         row["ar_per_op"] = {"ms_per_token": per_op_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": per_op_s / ar_floor}
+        row["ar"]["phases"] = phase_times(ar, prompt, bandwidth, device)
         for kind, decoder in spec.items():
             step_s = timed_steps(decoder, prompt, 16, args.steps, device)
             floor_s = floors(cfg, model, drafts[kind], ctx, 16) / bandwidth
@@ -506,6 +614,7 @@ def run(args: argparse.Namespace) -> dict:
                 o["speedup_vs_blockspec_ar"] = o["tokens_per_s"] * ar_s
             row[kind] = {"ms_per_step": step_s * 1e3, "floor_ms": floor_s * 1e3, "x_floor": step_s / floor_s,
                          "oracle": oracle}
+            row[kind]["phases"] = phase_times(decoder, prompt, bandwidth, device)
         row["hf_eager_ms_per_token"] = hf_peer(cfg, device, ctx, args.peer_steps, tiny) * 1e3
         row["reference_loop_ms_per_step"] = {
             kind: reference_style_step(cfg, d, device, ctx, args.peer_steps, tiny) * 1e3 for kind, d in drafts.items()}
@@ -631,8 +740,27 @@ def report(path: str) -> str:
             cells = [f"{o['tokens_per_s']:.0f} tok/s ({o['speedup_vs_blockspec_ar']:.2f}x)"
                      for o in row[kind]["oracle"]]
             lines.append(f"| {ctx} | {kind} | " + " | ".join(cells) + " |")
+    for ctx, row in r["contexts"].items():
+        if any("phases" in row[p] for p in ("ar", "dflash", "dflare")):
+            lines += ["", report_phases(ctx, row)]
     if "smollm2" in r:
         lines += ["", report_smollm2(r, header=False)]
+    return "\n".join(lines)
+
+
+def report_phases(ctx: str, row: dict) -> str:
+    paths = [p for p in ("ar", "dflash", "dflare") if "phases" in row[p]]
+    lines = [f"Where a step's time goes, context {ctx}: each part captured as a CUDA graph of its own and timed "
+             "alone: ms (its floor, x floor). The target pass is AR's one token, or the speculative step's verify "
+             "block of 16 tokens with taps; the lm_head and GEMMs take as many rows.", "",
+             "| part | " + " | ".join(paths) + " |", "| --- | " + " | ".join("---" for _ in paths) + " |"]
+    names = list(dict.fromkeys(part for p in reversed(paths) for part in row[p]["phases"]["parts"]))
+    for part in names:
+        cells = []
+        for p in paths:
+            m = row[p]["phases"]["parts"].get(part)
+            cells.append(f"{m['ms']:.3f} ({m['floor_ms']:.3f}, {m['x_floor']:.2f}x)" if m else "")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -699,3 +699,37 @@ def test_engine_limit_report_puts_the_flow_kernel_ar_beside_the_per_op_kernels()
     assert check["ar_graph_equals_eager"] and check["ar_per_op_graph_equals_eager"]
     for accuracy in check["flow_accuracy"]:
         assert accuracy["flow_kernel"] and accuracy["flow_vs_fp32"] < 1.2 * accuracy["per_op_vs_fp32"]
+
+
+def test_engine_limit_times_each_part_of_a_step_beside_its_floor_on_tiny_shapes(tmp_path):
+    """The whole engine benchmark runs on the CPU on tiny shapes (a logic check of what the H100 run does): its
+    checks hold (graphed == eager on every path), and every path's step is broken into parts, each timed with
+    a floor from its own bytes, rendered as the report's per-context table."""
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "benchmarks" / "engine_limit.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--contexts", "32", "--steps", "4",
+                    "--peer-steps", "2", "--new-tokens", "24", "--out", str(tmp_path)], capture_output=True,
+                   text=True, check=True)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    record = json.loads(stored.read_text())
+    check = record["check"]
+    assert all(check[f"{path}_graph_equals_eager"] for path in ("ar", "ar_per_op", "dflash", "dflare"))
+    row = record["contexts"]["32"]
+    out = subprocess.run([sys.executable, str(script), "--report", str(stored)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "Where a step's time goes, context 32" in out
+    for path in ("ar", "dflash", "dflare"):
+        parts = row[path]["phases"]["parts"]
+        drafted = path != "ar"
+        assert ("draft pass with its lm_head (15 rows)" in parts) == drafted
+        target = parts["target pass (6 layers), lm_head excluded"]
+        with_head, head = parts["target pass with its lm_head"], parts["lm_head alone"]
+        # the floors are the parts' bytes: the pass with its lm_head reads exactly the lm_head more
+        assert with_head["floor_ms"] == pytest.approx(target["floor_ms"] + head["floor_ms"])
+        assert parts["the target's 24 weight GEMMs alone"]["floor_ms"] < target["floor_ms"]
+        for part in parts.values():
+            assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+        whole = parts["whole step (graph, no host read)"]
+        # the whole step's floor is the step's (its context is the prompt plus the steps already taken)
+        assert whole["floor_ms"] >= row[path]["floor_ms"]
+    assert "| draft pass, lm_head excluded |  | " in out
