@@ -22,6 +22,7 @@ same table.
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
     python benchmarks/engine_limit.py --ab --out DIR       # launch settings side by side (Hopper)
     python benchmarks/engine_limit.py --timeline --out DIR  # profile of graph-replayed steps
+    python benchmarks/engine_limit.py --sweep-attention --out DIR  # 16-query attention settings in graphed steps
     python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
 """
 
@@ -36,7 +37,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -284,35 +285,65 @@ def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: i
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def live_row(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> Iterator[int]:
+    """Row 0 of the decoder's engine holding a live sequence about `len(prompt)` long (prefill and two steps, each
+    committing one token), for capturing parts of its step; yields the block size."""
+    block = 16 if decoder.draft is not None else 1
+    decoder.forced_acceptance = [0]
+    chunks = decoder.stream(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True), block_size=block)
+    try:
+        for _ in range(3):
+            next(chunks)
+        sync(device)
+        yield block
+    finally:
+        chunks.close()
+        decoder.forced_acceptance = None
+
+
+def step_ms(decoder: CudaGraphDecoder, block: int, device: str) -> float:
+    """The whole greedy step of the live row (`_greedy_step`: draft, verify, acceptance, bookkeeping; no host
+    read) as a CUDA graph of its own; the row's state is restored after the replays."""
+    engine = decoder.engine
+    state = (engine.last_token, engine.start, engine.feat, engine.feat_pos)
+    saved = [t[:1].clone() for t in state]
+    with torch.inference_mode():
+        # each replay commits one token (acceptance forced to 0): 52 replays stay inside max_len's slack
+        ms = graph_ms(lambda: engine._greedy_step(1, block, engine.max_len), device, replays=10, rounds=5)
+        for live, copy in zip(state, saved):
+            live[:1] = copy
+    return ms
+
+
+def target_pass(decoder: CudaGraphDecoder, block: int) -> Callable[[], torch.Tensor]:
+    """The live row's target pass over `block` random tokens at its next block's positions (taps included when
+    drafting), without the lm_head: returns the final-normed hidden states."""
+    engine, model = decoder.engine, decoder.target.model
+    block_pos = engine.start[:1, None] + engine.offsets[None, :block]
+    block_ids = torch.randint(0, model.config.vocab_size, (1, block), device=block_pos.device)
+    cache = engine.target_cache.rows(0, 1)
+    return lambda: model(block_ids, block_pos, cache, engine.tap_ids, kv_len=engine.max_len)[0]
+
+
 def phase_times(decoder: CudaGraphDecoder, prompt: list[int], bandwidth: float, device: str) -> dict:
     """Where a step's time goes: each part of the graphed step captured as a CUDA graph of its own and timed
     alone, beside its floor (its bytes / the run's copy bandwidth). Parts: the draft pass without and with its
     lm_head; the target's pass (the verify block's 16 tokens with taps, or AR's one token) without and with
     its lm_head; the lm_head alone; the target's weight GEMMs alone on the pass's rows (the engine's GEMM
-    kernels, nothing else); and the whole step (`_greedy_step`: acceptance and bookkeeping included, no host
-    read), after whose replays the row's state is restored."""
+    kernels, nothing else); and the whole step (`step_ms`)."""
     from blockspec.layers import linear
 
     engine, draft = decoder.engine, decoder.draft
-    block = 16 if draft is not None else 1
     model = decoder.target.model
     cfg, item = model.config, model.embed_tokens.weight.element_size()
-    decoder.forced_acceptance = [0]
-    chunks = decoder.stream(prompt, SamplingParams(max_new_tokens=16, ignore_eos=True), block_size=block)
-    try:
-        for _ in range(3):  # prefill and two steps: row 0 holds a live sequence at about `len(prompt)`
-            next(chunks)
-        sync(device)
+    with live_row(decoder, prompt, device) as block:
         ctx = int(engine.start[0])
         block_pos = engine.start[:1, None] + engine.offsets[None, :block]
-        block_ids = torch.randint(0, cfg.vocab_size, (1, block), device=engine.start.device)
         kv_len = engine.max_len
         dtype = model.embed_tokens.weight.dtype
-
-        def target_hidden() -> torch.Tensor:
-            return model(block_ids, block_pos, engine.target_cache.rows(0, 1), engine.tap_ids, kv_len=kv_len)[0]
-
-        hidden = torch.randn(1, block, cfg.hidden_size, device=block_ids.device, dtype=dtype)
+        target_hidden = target_pass(decoder, block)
+        hidden = torch.randn(1, block, cfg.hidden_size, device=block_pos.device, dtype=dtype)
         weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                                                          layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
         inputs = {k: torch.randn(block, k, device=hidden.device, dtype=dtype) for k in {w.shape[1] for w in weights}}
@@ -351,17 +382,9 @@ def phase_times(decoder: CudaGraphDecoder, prompt: list[int], bandwidth: float, 
         with torch.inference_mode():  # as the engine runs its steps
             for name, (fn, nbytes) in parts.items():
                 record(name, graph_ms(fn, device), nbytes / bandwidth * 1e3)
-            state = (engine.last_token, engine.start, engine.feat, engine.feat_pos)
-            saved = [t[:1].clone() for t in state]
-            # each replay commits one token (acceptance forced to 0): 52 replays stay inside max_len's slack
-            ms = graph_ms(lambda: engine._greedy_step(1, block, kv_len), device, replays=10, rounds=5)
-            for live, copy in zip(state, saved):
-                live[:1] = copy
-        record("whole step (graph, no host read)", ms, floors(cfg, model, draft, ctx, block) / bandwidth * 1e3)
+        record("whole step (graph, no host read)", step_ms(decoder, block, device),
+               floors(cfg, model, draft, ctx, block) / bandwidth * 1e3)
         return out
-    finally:
-        chunks.close()
-        decoder.forced_acceptance = None
 
 
 # kernel-name fragments of the engine's kernels, for graph_timeline's groups (anything else: "other")
@@ -418,33 +441,39 @@ def graph_timeline(decoder: CudaGraphDecoder, prompt: list[int], block: int, ste
             "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))}
 
 
-def attention_sweep(device: str) -> list[dict]:
-    """Decode-attention launch settings, timed alone at Qwen3-4B shapes (median of CUDA-event timings)."""
-    import triton.testing
+# decode-attention launch settings for blocks of 16 queries (kernels.ATTENTION_CONFIG["wide"]) that
+# --sweep-attention times inside graphed steps: key splits per (row, KV head), keys per tile, warps
+ATTENTION_SWEEP = [{"splits": s, "block_n": n, "num_warps": w}
+                   for s in (4, 8, 16, 32) for n in (32, 64) for w in (4, 8)]
 
-    from blockspec import kernels
 
+def attention_sweep(decoder: CudaGraphDecoder, contexts: list[int], device: str) -> list[dict]:
+    """Each ATTENTION_SWEEP setting for the speculative step's 16-query attention (the draft's and the verify's),
+    timed where it runs: the whole graphed step and its target pass, each captured under the setting, at each
+    context. (Timed alone, a launch of this kernel costs more than its work, so only graphs tell settings
+    apart.)"""
+    if device.startswith("cuda"):
+        from blockspec.kernels import ATTENTION_CONFIG as configs
+    else:  # a logic check of the loop: the CPU attention has no launch settings
+        configs = {"wide": dict(ATTENTION_SWEEP[0])}
+    source = dict(configs["wide"])
+    cfg = decoder.target.model.config
     rows = []
-    for n_q in (1, 16):
-        for ctx in (512, 4096):
-            q = torch.randn(1, 32, n_q, 128, device=device, dtype=torch.bfloat16)
-            k = torch.randn(1, 8, ctx + 64, 128, device=device, dtype=torch.bfloat16)
-            v = torch.randn_like(k)
-            limits = (ctx + torch.arange(n_q, device=device))[None]
-            for splits in (4, 8, 16, 32):
-                for block_n in (32, 64):
-                    for warps in (2, 4, 8):
-                        cfg = {"splits": splits, "block_n": block_n, "num_warps": warps}
-                        ms = triton.testing.do_bench(lambda: kernels.decode_attention(q, k, v, limits, 0, cfg),
-                                                     warmup=20, rep=60, return_mode="median")
-                        rows.append({"n_q": n_q, "ctx": ctx, **cfg, "us": ms * 1e3})
-    best = {}
-    for r in rows:
-        key = (r["n_q"], r["ctx"])
-        if key not in best or r["us"] < best[key]["us"]:
-            best[key] = r
-    for r in best.values():
-        print("attention best", r, flush=True)
+    try:
+        for ctx in contexts:
+            prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+            with live_row(decoder, prompt, device) as block:
+                for setting in ATTENTION_SWEEP:
+                    configs["wide"] = setting
+                    with torch.inference_mode():
+                        target_ms = graph_ms(target_pass(decoder, block), device)
+                    rows.append({"context": ctx, **setting, "source": setting == source,
+                                 "step_ms": step_ms(decoder, block, device), "target_pass_ms": target_ms})
+    finally:
+        configs["wide"] = source
+    for ctx in contexts:
+        best = min((r for r in rows if r["context"] == ctx), key=lambda r: r["step_ms"])
+        print("attention best", best, flush=True)
     return rows
 
 
@@ -570,6 +599,10 @@ def run(args: argparse.Namespace) -> dict:
                    **graph_timeline(CudaGraphDecoder(target, d, max_len=max_len), prompt, 1 if d is None else 16)}
             for name, d in (("ar", None), *drafts.items())}}
         return record
+    if args.sweep_attention:
+        decoder = CudaGraphDecoder(target, drafts["dflash"], max_len=max_len)
+        record["attention_sweep"] = attention_sweep(decoder, args.contexts, device)
+        return record
     ar = CudaGraphDecoder(target, None, max_len=max_len)
     ar_per_op = CudaGraphDecoder(target, None, max_len=max_len)  # its graphs captured with the flow kernel off
     spec = {kind: CudaGraphDecoder(target, d, max_len=max_len) for kind, d in drafts.items()}
@@ -626,8 +659,6 @@ def run(args: argparse.Namespace) -> dict:
         record["profile_dflash_ctx%d" % min(args.contexts)] = profile_step(spec["dflash"], prompt, device)
     if args.smollm2:
         record["smollm2"] = smollm2(args.smollm2, device, args.steps)
-    if args.sweep_attention and device.startswith("cuda"):
-        record["attention_sweep"] = attention_sweep(device)
     return record
 
 
@@ -714,6 +745,8 @@ def report(path: str) -> str:
         return report_ab(r)
     if "timeline" in r:
         return report_timeline(r)
+    if "attention_sweep" in r:
+        return report_attention_sweep(r)
     if not r["contexts"]:
         return report_smollm2(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
@@ -761,6 +794,18 @@ def report_phases(ctx: str, row: dict) -> str:
             m = row[p]["phases"]["parts"].get(part)
             cells.append(f"{m['ms']:.3f} ({m['floor_ms']:.3f}, {m['x_floor']:.2f}x)" if m else "")
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report_attention_sweep(r: dict) -> str:
+    rows = r["attention_sweep"]
+    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}. The DFlash step's 16-query "
+             "decode attention (draft and verify) under each setting, captured in CUDA graphs: ms per whole step "
+             "and per target pass (36 layers of the verify block); * marks the source's setting.", "",
+             "| context | splits / keys per tile / warps | step ms | target pass ms |", "| --- | --- | --- | --- |"]
+    for x in sorted(rows, key=lambda x: (x["context"], x["step_ms"])):
+        setting = f"{x['splits']} / {x['block_n']} / {x['num_warps']}" + (" *" if x["source"] else "")
+        lines.append(f"| {x['context']} | {setting} | {x['step_ms']:.3f} | {x['target_pass_ms']:.3f} |")
     return "\n".join(lines)
 
 
@@ -820,7 +865,8 @@ def main() -> None:
     parser.add_argument("--smollm2-only", action="store_true", help="with --smollm2: only its timings")
     parser.add_argument("--timeline", action="store_true",
                         help="only a profile of graph-replayed steps at the smallest context (where the time goes)")
-    parser.add_argument("--sweep-attention", action="store_true", help="also time decode-attention settings")
+    parser.add_argument("--sweep-attention", action="store_true",
+                        help="only the 16-query decode-attention settings (ATTENTION_SWEEP), timed in graphed steps")
     parser.add_argument("--ab", action="store_true",
                         help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch; graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),

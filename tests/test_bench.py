@@ -733,3 +733,22 @@ def test_engine_limit_times_each_part_of_a_step_beside_its_floor_on_tiny_shapes(
         # the whole step's floor is the step's (its context is the prompt plus the steps already taken)
         assert whole["floor_ms"] >= row[path]["floor_ms"]
     assert "| draft pass, lm_head excluded |  | " in out
+
+
+def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shapes(tmp_path):
+    """--sweep-attention times every setting in the step on tiny CPU shapes (the loop's logic; the CPU attention
+    itself has no settings) and renders each with the source's setting marked once per context."""
+    repo = Path(__file__).resolve().parent.parent
+    script = repo / "benchmarks" / "engine_limit.py"
+    subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--contexts", "32", "48",
+                    "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    sweep = json.loads(stored.read_text())["attention_sweep"]
+    sys.path.insert(0, str(repo / "benchmarks"))
+    from engine_limit import ATTENTION_SWEEP
+
+    assert len(sweep) == 2 * len(ATTENTION_SWEEP) and sum(r["source"] for r in sweep) == 2
+    assert all(r["step_ms"] > 0 and r["target_pass_ms"] > 0 for r in sweep)
+    out = subprocess.run([sys.executable, str(script), "--report", str(stored)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.count(" * |") == 2 and out.count("\n| 48 | ") == len(ATTENTION_SWEEP)
