@@ -57,9 +57,11 @@ def _pdl_prologue(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 # Launch settings per query count (n <= 4: AR-like, else a block): key splits per (row, KV head), keys per
-# tile, warps. Partials are [b, nH, splits, n, d] fp32, so wide blocks use fewer splits.
+# tile, warps. "wide" is the best of 16 settings timed inside graphed DFlash steps on the H100 (`engine_limit.py
+# --sweep-attention`, engine_limit-20261123-050943.json): 16 splits of 32-key tiles put 128 programs on the
+# cache where 8 splits used 64, so a step at context 4096 took 4.92 ms instead of 5.12; at 512, 4.63 vs 4.65.
 ATTENTION_CONFIG = {"narrow": {"splits": 16, "block_n": 64, "num_warps": 4},
-                    "wide": {"splits": 8, "block_n": 64, "num_warps": 4}}
+                    "wide": {"splits": 16, "block_n": 32, "num_warps": 4}}
 
 
 # lengths and counts vary per call: specialising on them would recompile for new prompt lengths
