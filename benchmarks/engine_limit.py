@@ -481,9 +481,8 @@ def attention_sweep(decoder: CudaGraphDecoder, contexts: list[int], device: str)
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
 # skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
-# before the previous one's tokens are read (`BatchDecoder.pipeline`); next: bytes of the next GEMM's weight that
-# the small kernels between GEMMs ask L2 for (`kernels.PREFETCH_NEXT_BYTES`). "default" is the source's defaults.
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "next": 0}
+# before the previous one's tokens are read (`BatchDecoder.pipeline`). "default" is the source's defaults.
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False}
 _DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True}
 AB_SETTINGS = {
     "base": _OFF,
@@ -495,8 +494,6 @@ AB_SETTINGS = {
     "pipeline": {**_OFF, "pipeline": True},
     "default": _DEFAULT,
     "default+swept": {**_DEFAULT, "table": "swept"},
-    "default+next8": {**_DEFAULT, "next": 8 << 20},
-    "default+next32": {**_DEFAULT, "next": 32 << 20},
 }
 
 
@@ -518,7 +515,6 @@ def apply_setting(setting: dict, device: str, tables: dict) -> None:
         from blockspec import kernels
 
         kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
-        kernels.PREFETCH_NEXT_BYTES = setting["next"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 

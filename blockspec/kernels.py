@@ -32,12 +32,6 @@ PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
 PREFETCH_TILES = int(os.environ.get("BLOCKSPEC_PREFETCH_TILES", "2"))
 
 
-# With PDL, the small kernels between two GEMMs (attention, add + RMSNorm, silu * up) also ask L2 for the head of
-# the weight the next GEMM streams, up to this many bytes, spread over their programs, before their PDL wait: the
-# weight stream would otherwise stop while their short dependency chain runs (0: off).
-PREFETCH_NEXT_BYTES = int(os.environ.get("BLOCKSPEC_PREFETCH_NEXT_BYTES", "0"))
-
-
 @functools.lru_cache(maxsize=None)
 def _supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -52,30 +46,6 @@ def pdl_options(t: torch.Tensor) -> dict:
     """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
     on = use_pdl(t)
     return {"USE_PDL": on, "launch_pdl": on}
-
-
-def prefetch_options(t: torch.Tensor, weight: torch.Tensor | None) -> dict:
-    """A small kernel's prefetch arguments for `weight`, the next GEMM's (none without PDL, the setting or a weight):
-    PF, its number of 128-byte lines to ask L2 for, and PF_BLOCK (lines per step; 0: off)."""
-    if weight is None or PREFETCH_NEXT_BYTES <= 0 or not use_pdl(t):
-        return {"PF": t, "pf_lines": 0, "PF_BLOCK": 0}
-    lines = min(weight.numel() * weight.element_size(), PREFETCH_NEXT_BYTES) // 128
-    return {"PF": weight, "pf_lines": lines, "PF_BLOCK": 256}
-
-
-@triton.jit
-def _prefetch_next(PF, pf_lines, program, programs, PF_BLOCK: tl.constexpr):
-    """Ask L2 for this program's share of the first `pf_lines` 128-byte lines of PF (PF_BLOCK > 0)."""
-    if PF_BLOCK > 0:
-        line: tl.constexpr = 1024 // PF.dtype.element_ty.primitive_bitwidth  # elements per line
-        per = tl.cdiv(pf_lines, programs)
-        lo = program * per
-        hi = tl.minimum(lo + per, pf_lines)
-        for start in range(lo, hi, PF_BLOCK):
-            lines = start + tl.arange(0, PF_BLOCK)
-            ptrs = tl.where(lines < hi, PF + lines.to(tl.int64) * line, PF)
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -100,13 +70,11 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n,
                       n_q, n_kv_heads, n_splits, window, scale,
-                      PF, pf_lines,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PF_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    _prefetch_next(PF, pf_lines, pid_bh * n_splits + split, tl.num_programs(0) * n_splits, PF_BLOCK)
-    _pdl_prologue(USE_PDL)
     b = pid_bh // n_kv_heads
     kvh = pid_bh % n_kv_heads
     rows = tl.arange(0, ROWS)
@@ -176,10 +144,9 @@ def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
-                     window: int = 0, config: dict | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                     window: int = 0, config: dict | None = None) -> torch.Tensor:
     """q [b, nH, n, d] over caches [b, nKV, L, d]; query i of row r sees slots j <= limits[r, i]
-    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype. `prefetch`: the weight the
-    next GEMM reads (see PREFETCH_NEXT_BYTES)."""
+    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype."""
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
@@ -198,7 +165,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
-        n_q, n_kv, splits, window, d ** -0.5, **prefetch_options(q, prefetch),
+        n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=nq_pow2, ROWS=rows, D=d, BLOCK_N=config["block_n"],
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
     out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
@@ -239,10 +206,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, PF, pf_lines, BLOCK: tl.constexpr, PF_BLOCK: tl.constexpr,
-              USE_PDL: tl.constexpr):
-    _prefetch_next(PF, pf_lines, tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                   tl.num_programs(0) * tl.num_programs(1), PF_BLOCK)
+def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -253,16 +217,15 @@ def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, PF, pf_lines, BLOCK: tl.conste
     tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate and up [..., I] (any strides: the even and odd columns of a fused gate_up
-    projection are fine). `prefetch`: the weight the next GEMM reads (see PREFETCH_NEXT_BYTES)."""
+    projection are fine)."""
     n = gate.shape[-1]
     g, u = gate.reshape(-1, n), up.reshape(-1, n)
     out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
     block = 1024
     _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-                                                    out.stride(0), n, **prefetch_options(gate, prefetch),
-                                                    BLOCK=block, **pdl_options(gate))
+                                                    out.stride(0), n, BLOCK=block, **pdl_options(gate))
     return out.view(*gate.shape[:-1], n)
 
 
@@ -334,9 +297,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 
 @triton.jit
-def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, PF, pf_lines, BLOCK: tl.constexpr,
-                  PF_BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _prefetch_next(PF, pf_lines, tl.program_id(0), tl.num_programs(0), PF_BLOCK)
+def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -352,17 +313,16 @@ def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, PF, pf_lines, B
     tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
-                 prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, rms_norm(x + delta)) in one pass. `prefetch`: the weight the next GEMM reads (see
-    PREFETCH_NEXT_BYTES)."""
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass."""
     n = x.shape[-1]
     xr, dr = x.reshape(-1, n), delta.reshape(-1, n)
     total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
     out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
     _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
-                                  out.stride(0), n, eps, **prefetch_options(x, prefetch),
-                                  BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 
 

@@ -62,23 +62,21 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        hidden = gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias), prefetch=down.weight)
-        return linear(hidden, down.weight, down.bias)
+        return linear(gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias)), down.weight, down.bias)
 
 
-def gated(gate: torch.Tensor, up: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(gate) * up (one kernel on CUDA instead of two). `prefetch`: the weight of the GEMM that follows,
-    which the CUDA kernel may ask L2 for (kernels.PREFETCH_NEXT_BYTES); it changes no value."""
+def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (one kernel on CUDA instead of two)."""
     if fused_kernels_apply(gate, up):
         from blockspec.kernels import silu_mul as fused
 
-        return fused(gate, up, prefetch)
+        return fused(gate, up)
     return F.silu(gate) * up
 
 
-def silu_mul(gate_up: torch.Tensor, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for fused projections [..., 2I] holding (gate j, up j) pairs (see fuse_projections)."""
-    return gated(gate_up[..., 0::2], gate_up[..., 1::2], prefetch)
+    return gated(gate_up[..., 0::2], gate_up[..., 1::2])
 
 
 def rope_parameters(config: object) -> dict:
@@ -183,14 +181,12 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     return apply_rope(q.transpose(1, 2), cos, sin)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm,
-                 prefetch: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA).
-    `prefetch`: as for `gated`."""
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
     if fused_kernels_apply(x, delta, norm.weight):
         from blockspec.kernels import add_rms_norm as fused
 
-        return fused(x, delta, norm.weight, norm.eps, prefetch)
+        return fused(x, delta, norm.weight, norm.eps)
     total = x + delta
     return total, norm(total)
 
@@ -215,18 +211,17 @@ def visible_mask(limits: torch.Tensor, kv_len: int, window: int | None = None) -
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
-              kv_len: int, window: int | None = None, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+              kv_len: int, window: int | None = None) -> torch.Tensor:
     """Grouped-query attention of q [b, nH, n, d] over a static cache layer [b, nKV, max_len, d].
 
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
     slots and takes the limits from device memory (so the call can live in a CUDA graph); elsewhere the
     slots [0, kv_len) are read with an explicit mask (math as in HF's eager attention: softmax in fp32).
-    `prefetch`: as for `gated`.
     """
     if q.is_cuda and q.shape[2] <= DECODE_QUERIES:
         from blockspec.kernels import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, limits, window or 0, prefetch=prefetch)
+        return decode_attention(q, k_cache, v_cache, limits, window or 0)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if k.shape[1] != q.shape[1]:
         repeat = q.shape[1] // k.shape[1]

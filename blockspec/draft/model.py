@@ -104,7 +104,7 @@ class DraftAttention(nn.Module):
         qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
         q, k, v = linear(x, qkv_weight, qkv_bias).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         q = qkv_rope_store(q, k, v, *heads, self.q_norm, self.k_norm, *block_rope, block_positions, k_cache, v_cache)
-        out = attention(q, k_cache, v_cache, limits, kv_len, prefetch=self.o_proj.weight)
+        out = attention(q, k_cache, v_cache, limits, kv_len)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -121,8 +121,7 @@ class DraftLayer(nn.Module):
         """x: the block's residual stream, normed: input_layernorm(x); returns the layer's output and
         next_norm of it (each residual add fused with the norm after it: one kernel on CUDA)."""
         # The context is NOT passed through input_layernorm: it was normed once by hidden_norm.
-        h, h_normed = add_rms_norm(x, self.self_attn(normed, ctx, *attn_args), self.post_attention_layernorm,
-                                   prefetch=self.mlp.gate_proj.weight)
+        h, h_normed = add_rms_norm(x, self.self_attn(normed, ctx, *attn_args), self.post_attention_layernorm)
         return add_rms_norm(h, self.mlp(h_normed), next_norm)
 
 

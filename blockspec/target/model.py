@@ -96,7 +96,7 @@ class TargetAttention(nn.Module):
         q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
                            cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
-        out = attention(q, k_cache, v_cache, positions, kv_len, window, prefetch=self.o_proj.weight)
+        out = attention(q, k_cache, v_cache, positions, kv_len, window)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
@@ -110,7 +110,7 @@ class TargetMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.gate_up_proj, self.down_proj
-        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias), prefetch=down.weight), down.weight, down.bias)
+        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias)), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
@@ -224,12 +224,9 @@ class TargetModel(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             attn = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
-            residual, normed = add_rms_norm(residual, attn, layer.post_attention_layernorm,
-                                            prefetch=layer.mlp.gate_up_proj.weight)
-            last = index + 1 == len(self.layers)
-            next_norm = self.norm if last else self.layers[index + 1].input_layernorm
-            next_weight = self.lm_head.weight if last else self.layers[index + 1].self_attn.qkv_proj.weight
-            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm, prefetch=next_weight)
+            residual, normed = add_rms_norm(residual, attn, layer.post_attention_layernorm)
+            next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
+            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm)
             if index in tap_layer_ids:
                 taps[index] = residual  # the layer's output, before the next layer's norm
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
