@@ -329,8 +329,9 @@ def target_pass(decoder: CudaGraphDecoder, block: int) -> Callable[[], torch.Ten
 def phase_times(decoder: CudaGraphDecoder, prompt: list[int], bandwidth: float, device: str) -> dict:
     """Where a step's time goes: each part of the graphed step captured as a CUDA graph of its own and timed
     alone, beside its floor (its bytes / the run's copy bandwidth). Parts: the draft pass without and with its
-    lm_head; the target's pass (the verify block's 16 tokens with taps, or AR's one token) without and with
-    its lm_head; the lm_head alone; the target's weight GEMMs alone on the pass's rows (the engine's GEMM
+    greedy tokens (lm_head and argmax); the target's pass (the verify block's 16 tokens with taps, or AR's one
+    token) without and with them; the lm_head alone, followed by torch's argmax of its logits, and with the
+    argmax fused (what the step runs); the target's weight GEMMs alone on the pass's rows (the engine's GEMM
     kernels, nothing else); and the whole step (`step_ms`)."""
     from blockspec.layers import linear
 
@@ -367,11 +368,14 @@ def phase_times(decoder: CudaGraphDecoder, prompt: list[int], bandwidth: float, 
                 return draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)
 
             parts["draft pass, lm_head excluded"] = (draft_hidden, draft_bytes)
-            parts[f"draft pass with its lm_head ({block - 1} rows)"] = (
-                lambda: model.logits(draft_hidden()[:, 1:]), draft_bytes + lm_head)
+            parts[f"draft pass with its greedy tokens ({block - 1} rows)"] = (
+                lambda: model.greedy_tokens(draft_hidden()[:, 1:]), draft_bytes + lm_head)
         parts[f"target pass ({cfg.num_layers} layers), lm_head excluded"] = (target_hidden, layer_bytes + kv)
-        parts["target pass with its lm_head"] = (lambda: model.logits(target_hidden()), layer_bytes + kv + lm_head)
+        parts["target pass with its greedy tokens"] = (lambda: model.greedy_tokens(target_hidden()),
+                                                       layer_bytes + kv + lm_head)
         parts["lm_head alone"] = (lambda: model.logits(hidden), lm_head)
+        parts["lm_head, then argmax of its logits"] = (lambda: model.logits(hidden).argmax(-1), lm_head)
+        parts["lm_head with the argmax fused (the step's)"] = (lambda: model.greedy_tokens(hidden), lm_head)
         gemm_bytes = sum(w.numel() * item for w in weights)
         parts[f"the target's {len(weights)} weight GEMMs alone"] = (target_gemms, gemm_bytes)
         out: dict = {"context": ctx, "parts": {}}

@@ -397,9 +397,10 @@ def skinny_config(n: int, k: int, m: int) -> dict | None:
 
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
 @triton.jit(do_not_specialize=["m"])
-def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
+def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, ARGMAX: tl.constexpr,
+                   USE_PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     split = tl.program_id(1)
     rows = tl.arange(0, ROWS)
@@ -449,8 +450,15 @@ def _skinny_linear(X, W, BIAS, OUT, m, n, k, k_split, sx, sw, so_split, so_m,
             x_ptrs += BLOCK_K
     if HAS_BIAS:
         out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
-    tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
-             mask=col_ok & (rows[None, :] < m))
+    if ARGMAX:  # per row, this column block's largest output as rounded to x's dtype, and its first column
+        values = tl.where(col_ok, out.to(X.dtype.element_ty).to(tl.float32), float("-inf"))
+        first = tl.program_id(0) * BLOCK_N + tl.argmax(values, axis=0, tie_break_left=True)
+        slot = tl.program_id(0) * so_split + rows
+        tl.store(OUT + slot, tl.max(values, axis=0), mask=rows < m)
+        tl.store(IDX + slot, first, mask=rows < m)
+    else:
+        tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
+                 mask=col_ok & (rows[None, :] < m))
 
 
 @triton.jit
@@ -465,6 +473,44 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
     if HAS_BIAS:
         acc += tl.load(BIAS + offs % n, mask=ok, other=0.0).to(tl.float32)
     tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _argmax_blocks(VALUES, IDX, OUT, blocks, m, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Row r's column blocks' maxima reduced: the first block holding the largest value gives its first column."""
+    _pdl_prologue(USE_PDL)
+    row = tl.program_id(0)
+    b = tl.arange(0, BLOCK)
+    ok = b < blocks
+    values = tl.load(VALUES + b * m + row, mask=ok, other=float("-inf"))
+    cols = tl.load(IDX + b * m + row, mask=ok, other=0)
+    best = tl.argmax(values, axis=0, tie_break_left=True)
+    tl.store(OUT + row, tl.sum(tl.where(b == best, cols, 0), axis=0).to(tl.int64))
+
+
+def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
+    """argmax over the columns of x [m, k] @ weight [n, k]^T per row, as torch's argmax of the logits
+    `skinny_linear` would write (the same rounding to x's dtype, the first column on ties), without writing them:
+    each GEMM program keeps its column block's maximum per row, and a second kernel reduces those. [m] int64.
+    For a greedy step's lm_head; `config` must not split K."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 0 < m <= config["rows"] and config["split_k"] == 1 and weight.shape[1] == k and weight.stride(1) == 1
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    blocks = triton.cdiv(n, config["block_n"])
+    values = torch.empty(blocks, m, device=x.device, dtype=torch.float32)
+    cols = torch.empty(blocks, m, device=x.device, dtype=torch.int32)
+    pdl = pdl_options(x)
+    _skinny_linear[(blocks, 1)](
+        x, weight, weight, values, cols, m, n, k, triton.cdiv(k, config["block_k"]) * config["block_k"], x.stride(0),
+        weight.stride(0), values.stride(0), 0, ROWS=config["rows"], BLOCK_N=config["block_n"],
+        BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=PREFETCH_TILES if pdl["launch_pdl"] else 0,
+        ARGMAX=True, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
+    out = torch.empty(m, device=x.device, dtype=torch.long)
+    _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
+    return out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -487,11 +533,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
     pdl = pdl_options(x)
     _skinny_linear[(triton.cdiv(n, block_n), split)](
-        x, weight, bias if bias is not None else weight, part, m, n, k, k_split, x.stride(0), weight.stride(0),
+        x, weight, bias if bias is not None else weight, part, part, m, n, k, k_split, x.stride(0), weight.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=PREFETCH_TILES if pdl["launch_pdl"] else 0, num_warps=config["num_warps"],
+        PREFETCH=PREFETCH_TILES if pdl["launch_pdl"] else 0, ARGMAX=False, num_warps=config["num_warps"],
         num_stages=config["num_stages"], **pdl)
     if split > 1:
         block = 1024

@@ -33,6 +33,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`linear(x, weight).argmax(-1)` ([..., k] -> [...] int64): a greedy step's tokens. Where `linear` takes the
+    skinny GEMM and its settings do not split K, the same GEMM keeps each column block's maximum instead of
+    writing the logits (bit-identical choices: the same rounding, the first column on ties)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if 0 < rows and x.dtype == weight.dtype and weight.element_size() == 2 and fused_kernels_apply(x, weight):
+        from blockspec.kernels import SKINNY_ROWS, skinny_argmax, skinny_config
+
+        config = skinny_config(weight.shape[0], weight.shape[1], rows) if rows <= SKINNY_ROWS else None
+        if config is not None and config["split_k"] == 1:
+            return skinny_argmax(x.reshape(rows, -1), weight, config).view(x.shape[:-1])
+    return linear(x, weight).argmax(-1)
+
+
 class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight."""
 

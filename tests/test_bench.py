@@ -721,9 +721,9 @@ def test_engine_limit_times_each_part_of_a_step_beside_its_floor_on_tiny_shapes(
     for path in ("ar", "dflash", "dflare"):
         parts = row[path]["phases"]["parts"]
         drafted = path != "ar"
-        assert ("draft pass with its lm_head (15 rows)" in parts) == drafted
+        assert ("draft pass with its greedy tokens (15 rows)" in parts) == drafted
         target = parts["target pass (6 layers), lm_head excluded"]
-        with_head, head = parts["target pass with its lm_head"], parts["lm_head alone"]
+        with_head, head = parts["target pass with its greedy tokens"], parts["lm_head alone"]
         # the floors are the parts' bytes: the pass with its lm_head reads exactly the lm_head more
         assert with_head["floor_ms"] == pytest.approx(target["floor_ms"] + head["floor_ms"])
         assert parts["the target's 24 weight GEMMs alone"]["floor_ms"] < target["floor_ms"]

@@ -160,6 +160,28 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_skinny_argmax_picks_what_argmax_of_the_logits_picks(m, dtype):
+    """The lm_head with its argmax fused chooses, row by row, exactly what torch's argmax of the logits that
+    skinny_linear writes chooses, ties included: weight rows repeated across column blocks (and inside one)
+    make the largest logit appear several times, and the first column must win."""
+    gen = torch.Generator().manual_seed(m)
+    for n, k, rows in ((1000, 256, 16), (515, 300, 16), (300, 64, 1)):  # 515 x 300: ragged tiles
+        if rows == 1 and m > 1:
+            continue
+        config = {"rows": rows, "block_n": 64, "block_k": 64, "split_k": 1, "num_warps": 4, "num_stages": 2}
+        w = torch.randn(n, k, generator=gen)
+        w[n - 3] = w[70] = w[5]  # ties across blocks and within the first one
+        w[n - 1] = w[n - 2]
+        w, x = w.to(DEVICE, dtype), torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+        x[0] = w[5] * 3  # row 0's largest logit is column 5's, repeated at 70 and n - 3
+        logits = kernels.skinny_linear(x, w, None, config)
+        got = kernels.skinny_argmax(x, w, config)
+        assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1)), config
+        assert int(got[0]) == 5
+
+
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
 def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
     """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's

@@ -342,16 +342,17 @@ class BatchDecoder:
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
+        model = self.target.model
         block_pos = self.start[:nb, None] + self.offsets[None, :block]
-        draft_logits = self._draft_logits(nb, block, block_pos, kv_len)
+        draft_hidden = self._draft_hidden(nb, block, block_pos, kv_len)
         last = self.last_token[:nb, None]
-        if draft_logits is None:
+        if draft_hidden is None:
             draft_tokens, block_ids = None, last
         else:
-            draft_tokens = draft_logits.argmax(-1)
+            draft_tokens = model.greedy_tokens(draft_hidden)
             block_ids = torch.cat([last, draft_tokens], dim=1)
-        logits, verify_feat = self._verify(nb, block_ids, block_pos, kv_len)
-        choices = logits.argmax(-1)  # [nb, block]
+        hidden, verify_feat = self._verify(nb, block_ids, block_pos, kv_len)
+        choices = model.greedy_tokens(hidden)  # [nb, block]
         if draft_tokens is None:
             accepted = torch.zeros_like(self.start[:nb])
         else:
@@ -366,7 +367,8 @@ class BatchDecoder:
         """An eager step for a batch with sampling rows: (accepted drafts, committed tokens) per row."""
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
-        draft_logits = self._draft_logits(n, block, block_pos, kv_len)
+        draft_hidden = self._draft_hidden(n, block, block_pos, kv_len)
+        draft_logits = self.target.model.logits(draft_hidden) if draft_hidden is not None else None
         draft_tokens = torch.zeros(n, block - 1, dtype=torch.long, device=self.target.device)
         proposals = []
         for row, seq in enumerate(self.rows):
@@ -380,7 +382,8 @@ class BatchDecoder:
             draft_tokens[row, :k] = tokens
             proposals.append((tokens, probs))
         block_ids = torch.cat([self.last_token[:n, None], draft_tokens], dim=1)
-        logits, verify_feat = self._verify(n, block_ids, block_pos, kv_len)
+        hidden, verify_feat = self._verify(n, block_ids, block_pos, kv_len)
+        logits = self.target.model.logits(hidden)
         results = []
         for row, (seq, (tokens, probs)) in enumerate(zip(self.rows, proposals)):
             k = tokens.shape[0]
@@ -398,9 +401,10 @@ class BatchDecoder:
         self._advance(n, block, accepted, next_tokens, verify_feat)
         return results
 
-    def _draft_logits(self, nb: int, block: int, block_pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-        """The draft's logits for block slots 1.. [nb, block - 1, V]; None when nothing is drafted (no draft,
-        or block 1, where the pending features are still stored so the draft's context stays complete)."""
+    def _draft_hidden(self, nb: int, block: int, block_pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
+        """The draft's final hidden states for block slots 1.. [nb, block - 1, H] (the target's lm_head makes them
+        logits); None when nothing is drafted (no draft, or block 1, where the pending features are still stored
+        so the draft's context stays complete)."""
         if self.draft is None:
             return None
         feat, feat_pos, cache = self.feat[:nb], self.feat_pos[:nb], self.draft_cache.rows(0, nb)
@@ -408,14 +412,12 @@ class BatchDecoder:
             self.draft.store_context(feat, feat_pos, cache)
             return None
         embeds = self.draft.embed_block(self.last_token[:nb], self.target.model.embed_tokens, block)
-        hidden = self.draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)
-        return self.target.model.logits(hidden[:, 1:])
+        return self.draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)[:, 1:]
 
     def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        target = self.target.model
-        hidden, features = target(block_ids, block_pos, self.target_cache.rows(0, nb), self.tap_ids, kv_len=kv_len)
-        return target.logits(hidden), features
+        """The target's final hidden states of the block [nb, block, H] (before the lm_head) and its taps."""
+        return self.target.model(block_ids, block_pos, self.target_cache.rows(0, nb), self.tap_ids, kv_len=kv_len)
 
     def _advance(self, nb: int, block: int, accepted: torch.Tensor, next_tokens: torch.Tensor,
                  verify_feat: torch.Tensor | None) -> None:

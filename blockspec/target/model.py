@@ -15,7 +15,7 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
-                              qkv_rope_store, rope_inv_freq, silu_mul)
+                              linear_argmax, qkv_rope_store, rope_inv_freq, silu_mul)
 from blockspec.target.flow import FlowDecode, flow_decoder
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -247,3 +247,7 @@ class TargetModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return linear(hidden, self.lm_head.weight)  # the skinny GEMM where kernels.SKINNY_CONFIG lists the shape
+
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`logits(hidden).argmax(-1)`, without writing the logits where the lm_head runs on the skinny GEMM."""
+        return linear_argmax(hidden, self.lm_head.weight)
