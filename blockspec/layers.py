@@ -17,19 +17,30 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
+def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
+    """(rows, settings) when x's product with params[0] (a weight [n, k]) runs on the Triton skinny GEMM: CUDA
+    inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights, a shape the measured
+    table lists (kernels.SKINNY_CONFIG); None: cuBLAS (F.linear)."""
+    weight = params[0]
+    if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
+        return None
+    from blockspec.kernels import SKINNY_ROWS, skinny_config
+
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+    return (rows, config) if config is not None else None
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights the
     Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
     (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory)."""
-    params = (weight,) if bias is None else (weight, bias)
-    if x.dtype == weight.dtype and weight.element_size() == 2 and fused_kernels_apply(x, *params):
-        from blockspec.kernels import SKINNY_ROWS, skinny_config, skinny_linear
+    skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
+    if skinny is not None:
+        from blockspec.kernels import skinny_linear
 
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        # None: cuBLAS measured faster for this shape
-        config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
-        if config is not None:
-            return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+        rows, config = skinny
+        return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
     return F.linear(x, weight, bias)
 
 
@@ -37,13 +48,12 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`linear(x, weight).argmax(-1)` ([..., k] -> [...] int64): a greedy step's tokens. Where `linear` takes the
     skinny GEMM and its settings do not split K, the same GEMM keeps each column block's maximum instead of
     writing the logits (bit-identical choices: the same rounding, the first column on ties)."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if 0 < rows and x.dtype == weight.dtype and weight.element_size() == 2 and fused_kernels_apply(x, weight):
-        from blockspec.kernels import SKINNY_ROWS, skinny_argmax, skinny_config
+    skinny = _skinny_rows(x, weight)
+    if skinny is not None and skinny[1]["split_k"] == 1:
+        from blockspec.kernels import skinny_argmax
 
-        config = skinny_config(weight.shape[0], weight.shape[1], rows) if rows <= SKINNY_ROWS else None
-        if config is not None and config["split_k"] == 1:
-            return skinny_argmax(x.reshape(rows, -1), weight, config).view(x.shape[:-1])
+        rows, config = skinny
+        return skinny_argmax(x.reshape(rows, -1), weight, config).view(x.shape[:-1])
     return linear(x, weight).argmax(-1)
 
 
