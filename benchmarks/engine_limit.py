@@ -485,9 +485,10 @@ def attention_sweep(decoder: CudaGraphDecoder, contexts: list[int], device: str)
 # GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
 # skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
-# before the previous one's tokens are read (`BatchDecoder.pipeline`). "default" is the source's defaults.
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False}
-_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True}
+# before the previous one's tokens are read (`BatchDecoder.pipeline`); rope: RoPE tables in one kernel
+# (`kernels.FUSED_ROPE_TABLES`) instead of the torch ops. "default" is the source's defaults.
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False}
+_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "rope": True}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
@@ -498,6 +499,7 @@ AB_SETTINGS = {
     "pipeline": {**_OFF, "pipeline": True},
     "default": _DEFAULT,
     "default+swept": {**_DEFAULT, "table": "swept"},
+    "default-rope": {**_DEFAULT, "rope": False},
 }
 
 
@@ -519,6 +521,7 @@ def apply_setting(setting: dict, device: str, tables: dict) -> None:
         from blockspec import kernels
 
         kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
+        kernels.FUSED_ROPE_TABLES = setting["rope"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 

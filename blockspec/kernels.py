@@ -32,6 +32,12 @@ PDL = os.environ.get("BLOCKSPEC_PDL", "1") != "0"
 PREFETCH_TILES = int(os.environ.get("BLOCKSPEC_PREFETCH_TILES", "2"))
 
 
+# RoPE's cos/sin tables for a pass's positions in one kernel instead of the ~9 small torch kernels of
+# layers.RotaryEmbedding (a verify pass, a draft pass and an AR token each build theirs); BLOCKSPEC_FUSED_ROPE=0
+# keeps the torch ops (the `--ab` comparison).
+FUSED_ROPE_TABLES = os.environ.get("BLOCKSPEC_FUSED_ROPE", "1") != "0"
+
+
 @functools.lru_cache(maxsize=None)
 def _supports_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -324,6 +330,33 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
                                   out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
                                   num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
+
+
+@triton.jit
+def _rope_tables(POS, INV_FREQ, COS, SIN, scaling, half, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    t = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    ok = j < 2 * half
+    freq = tl.load(POS + t).to(tl.float32) * tl.load(INV_FREQ + j % half, mask=ok, other=0.0)
+    # libdevice's accurate cosf / sinf: what torch's elementwise cos / sin compute (not the fast approximations)
+    cos = tl.extra.cuda.libdevice.cos(freq) * scaling
+    sin = tl.extra.cuda.libdevice.sin(freq) * scaling
+    tl.store(COS + t * 2 * half + j, cos.to(COS.dtype.element_ty), mask=ok)
+    tl.store(SIN + t * 2 * half + j, sin.to(SIN.dtype.element_ty), mask=ok)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., d] for `positions` [...] (d = 2 * len(inv_freq)), as layers.RotaryEmbedding computes them:
+    the angle in fp32, cos/sin in fp32, times `scaling`, rounded to `dtype`; one kernel."""
+    half = inv_freq.shape[0]
+    flat = positions.reshape(-1)
+    cos = torch.empty(flat.shape[0], 2 * half, device=positions.device, dtype=dtype)
+    sin = torch.empty_like(cos)
+    _rope_tables[(flat.shape[0],)](flat, inv_freq, cos, sin, scaling, half, BLOCK=triton.next_power_of_2(2 * half),
+                                   num_warps=1, **pdl_options(positions))
+    return cos.view(*positions.shape, 2 * half), sin.view(*positions.shape, 2 * half)
 
 
 # ---- skinny GEMMs ----------------------------------------------------------------------------------------

@@ -169,6 +169,12 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if positions.is_cuda and self.inv_freq.is_cuda:
+            from blockspec import kernels
+
+            if kernels.FUSED_ROPE_TABLES:  # the same values in one kernel
+                cos, sin = kernels.rope_tables(positions, self.inv_freq, self.attention_scaling, dtype)
+                return cos[:, None], sin[:, None]
         freqs = positions.float()[..., None] * self.inv_freq  # [b, n, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
