@@ -760,7 +760,7 @@ def test_engine_limit_stored_run_renders_its_parts_and_they_account_for_the_step
     the fused lm_head + argmax alone; the whole step is at least both passes; the graphed step is what the first
     table reports), and the fused argmax was faster than torch's argmax of written logits on every path."""
     repo = Path(__file__).resolve().parent.parent
-    stored = repo / "benchmarks" / "results" / "engine_limit-20261123-053500.json"
+    stored = repo / "benchmarks" / "results" / "engine_limit-20261123-054945.json"
     record = json.loads(stored.read_text())
     check = record["check"]
     assert all(check[f"{path}_graph_equals_eager"] for path in ("ar", "ar_per_op", "dflash", "dflare"))
