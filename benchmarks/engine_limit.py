@@ -14,9 +14,9 @@ One run measures, side by side on one GPU:
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
 (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the weight
-prefetch before the PDL wait, the one-deep step pipeline), in turn, in one run, each with graphs captured
-under it; the floors; and checks that every setting's graphed greedy tokens equal the eager path's under the
-same table.
+prefetch before the PDL wait, the one-deep step pipeline, the RoPE-table kernel), in turn, in one run, each
+with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens equal the
+eager path's under the same table.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -875,7 +875,8 @@ def main() -> None:
     parser.add_argument("--sweep-attention", action="store_true",
                         help="only the 16-query decode-attention settings (ATTENTION_SWEEP), timed in graphed steps")
     parser.add_argument("--ab", action="store_true",
-                        help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch, pipeline, RoPE kernel; "
+                             "graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")
