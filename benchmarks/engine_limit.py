@@ -14,9 +14,9 @@ One run measures, side by side on one GPU:
 
 --ab runs only this instead: the graphed AR token and DFlash / DFlare steps under each setting of AB_SETTINGS
 (programmatic dependent launch off / on, the source's skinny-GEMM table / one just swept, the weight
-prefetch before the PDL wait, the one-deep step pipeline, the RoPE-table kernel, the drafts' stacked gate and
-up), in turn, in one run, each with graphs captured under it; the floors; and checks that every setting's
-graphed greedy tokens equal the eager path's under the same table and stacking.
+prefetch before the PDL wait, the one-deep step pipeline, the RoPE-table kernel), in turn, in one run, each
+with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens equal the
+eager path's under the same table.
 
     python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
     python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
@@ -486,10 +486,9 @@ def attention_sweep(decoder: CudaGraphDecoder, contexts: list[int], device: str)
 # so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
 # skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
 # before the previous one's tokens are read (`BatchDecoder.pipeline`); rope: RoPE tables in one kernel
-# (`kernels.FUSED_ROPE_TABLES`) instead of the torch ops; stack: the drafts' gate and up projections as one GEMM
-# (`GatedMLP.stack_at_inference`). "default" is the source's defaults.
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False, "stack": False}
-_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "rope": True, "stack": True}
+# (`kernels.FUSED_ROPE_TABLES`) instead of the torch ops. "default" is the source's defaults.
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False}
+_DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "rope": True}
 AB_SETTINGS = {
     "base": _OFF,
     "pdl": {**_OFF, "pdl": True},
@@ -501,7 +500,6 @@ AB_SETTINGS = {
     "default": _DEFAULT,
     "default+swept": {**_DEFAULT, "table": "swept"},
     "default-rope": {**_DEFAULT, "rope": False},
-    "default-stack": {**_DEFAULT, "stack": False},
 }
 
 
@@ -521,10 +519,9 @@ def apply_setting(setting: dict, device: str, tables: dict) -> None:
     """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
     if device.startswith("cuda"):
         from blockspec import kernels
-        from blockspec.layers import GatedMLP
 
         kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
-        kernels.FUSED_ROPE_TABLES, GatedMLP.stack_at_inference = setting["rope"], setting["stack"]
+        kernels.FUSED_ROPE_TABLES = setting["rope"]
         kernels.SKINNY_CONFIG = tables[setting["table"]]
 
 
@@ -533,9 +530,8 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     """Each of AB_SETTINGS side by side: fresh decoders per setting whose graphs are captured under it (a
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
     context; the median of each setting's repeats. Graphed greedy tokens must equal the eager path's under
-    the same table and stacking (PDL and the prefetch change when kernels start and what sits in L2, never what
-    they compute; a table's split-K or the stacked draft GEMM may change rounding, so each has its own eager
-    reference)."""
+    the same table (PDL and the prefetch change when kernels start and what sits in L2, never what they
+    compute; a table's split-K may change rounding, so each table has its own eager reference)."""
     cfg, model = target.model.config, target.model
     tables = skinny_tables(args)
     names = [n for n in args.ab_settings or AB_SETTINGS if AB_SETTINGS[n]["table"] in tables]
@@ -546,18 +542,17 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     decoders: dict = {}
     for setting in names:
         apply_setting(AB_SETTINGS[setting], args.device, tables)
-        # the table's split-K and the drafts' stacking may change rounding: each combination its own reference
-        key = (AB_SETTINGS[setting]["table"], AB_SETTINGS[setting]["stack"])
-        if key not in eager:
-            eager[key] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
-                          for name, d in (("ar", None), *drafts.items())}
+        table = AB_SETTINGS[setting]["table"]
+        if table not in eager:
+            eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+                            for name, d in (("ar", None), *drafts.items())}
         decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
                              for name, d in (("ar", None), *drafts.items())}
         for name, decoder in decoders[setting].items():
             decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
             decoder.engine.capture_graphs()
             out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                decoder.generate(prompt, params).token_ids == eager[key][name])
+                decoder.generate(prompt, params).token_ids == eager[table][name])
     print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
@@ -880,8 +875,8 @@ def main() -> None:
     parser.add_argument("--sweep-attention", action="store_true",
                         help="only the 16-query decode-attention settings (ATTENTION_SWEEP), timed in graphed steps")
     parser.add_argument("--ab", action="store_true",
-                        help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch, pipeline, RoPE kernel, "
-                             "stacked draft MLP; graphed steps, checks)")
+                        help="only the settings A/B (AB_SETTINGS: PDL, tables, prefetch, pipeline, RoPE kernel; "
+                             "graphed steps, checks)")
     parser.add_argument("--ab-settings", nargs="+", choices=list(AB_SETTINGS),
                         help="with --ab: these settings only, the first is the baseline (default: all)")
     run_and_report(parser, run, report, "engine_limit")

@@ -75,45 +75,8 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class StackedLinears(nn.Module):
-    """A module whose separate nn.Linear parameters (the published checkpoint names) may run as one concatenated
-    projection at inference: one weight stream, one GEMM."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._stacked: dict[str, tuple] = {}  # inference-time concatenations, see stacked()
-
-    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
-        # .to() / .half() give the parts new storage: drop concatenations of the old one
-        self._stacked = {}
-        return super()._apply(fn, recurse)
-
-    def stacked(self, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weights (and biases) of `layers` concatenated into one projection.
-
-        The separate layers stay the parameters, so state_dict keys (the published names) and training are
-        untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts);
-        otherwise it is cached until a part changes: an optimizer step or load_state_dict bumps its version
-        (writes through `.data` do not; inference tensors have none, and change only in inference mode). A CUDA
-        graph captured earlier keeps reading the concatenation it captured: capture again after changing weights.
-        """
-        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
-        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
-        cached = self._stacked.get(name)
-        if cache and cached is not None and cached[0] == key:
-            return cached[1]
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        if cache:
-            self._stacked[name] = (key, (weight, bias))
-        return weight, bias
-
-
-class GatedMLP(StackedLinears):
-    """`down(silu(gate(x)) * up(x))`; on CUDA inference gate and up run as one stacked GEMM."""
-
-    stack_at_inference = True  # False: two GEMMs (engine_limit.py --ab measures the two)
+class GatedMLP(nn.Module):
+    """`down(silu(gate(x)) * up(x))`."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
@@ -123,13 +86,7 @@ class GatedMLP(StackedLinears):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        if self.stack_at_inference and fused_kernels_apply(x, gate.weight):
-            weight, bias = self.stacked("gate_up", gate, up)
-            gate_up = linear(x, weight, bias)
-            hidden = gated(gate_up[..., :gate.out_features], gate_up[..., gate.out_features:])
-        else:
-            hidden = gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias))
-        return linear(hidden, down.weight, down.bias)
+        return linear(gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias)), down.weight, down.bias)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
