@@ -19,12 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
 from blockspec.draft import load_draft  # noqa: E402
-from blockspec.engine import SamplingParams  # noqa: E402
+from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.hub import DEFAULT_TARGET  # noqa: E402
 from blockspec.shipped import shipped_draft_dir  # noqa: E402
 from blockspec.target import load_target  # noqa: E402
 from blockspec.train.data import benchmark_conversations, gsm8k_prompts  # noqa: E402
-from blockspec.train.evaluate import make_decoder  # noqa: E402
 
 
 def run(args) -> dict:
@@ -39,7 +38,7 @@ def run(args) -> dict:
               "max_new_tokens": args.max_new_tokens, "rows": []}
     for name in args.drafts.split(","):
         draft = load_draft(shipped_draft_dir(name), device=device, dtype=target.dtype)
-        decoder = make_decoder(target, draft)
+        decoder = SpeculativeDecoder(target, draft, max_len=4096)
         row = {"draft": name}
         for label, prompts in (("gsm8k-train", seen), ("gsm8k-test", held_out)):
             taus = [decoder.generate(target.encode(m), params).stats.mean_acceptance_length for m in prompts]

@@ -211,8 +211,7 @@ def conversations(name: str, limit: int) -> list[list[str]]:
 
 
 def phase_eval(args, target) -> dict:
-    from blockspec.engine import SamplingParams
-    from blockspec.train.evaluate import make_decoder
+    from blockspec.engine import SamplingParams, SpeculativeDecoder
 
     params = SamplingParams(max_new_tokens=args.eval_max_new_tokens)
     sets = {"gsm8k-test": args.eval_limit, "humaneval": args.eval_limit, "mt-bench": args.eval_limit}
@@ -230,7 +229,7 @@ def phase_eval(args, target) -> dict:
     drafts_all = dict(drafts)
     drafts_all["untrained-dflash"] = untrained
     for arch, draft in drafts_all.items():
-        decoder = make_decoder(target, draft, max_len=4096)
+        decoder = SpeculativeDecoder(target, draft, max_len=4096)
         per_set = {}
         for name, limit in sets.items():
             if arch.startswith("untrained"):

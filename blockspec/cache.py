@@ -35,6 +35,14 @@ class KVCache:
         self.k[:, dest, :, :length] = self.k[:, source, :, :length]
         self.v[:, dest, :, :length] = self.v[:, source, :, :length]
 
+    def commit(self, keep: torch.Tensor) -> None:
+        """After a verify pass over these rows, `keep` [rows] block tokens of each stay. Nothing to do: the
+        rejected slots are never read before the next pass overwrites them."""
+
+    def step_state(self) -> list[torch.Tensor]:
+        """Tensors a step changes other than position-addressed slots: none here."""
+        return []
+
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All slots of one layer: [b, nKV, max_len, d] each (attention reads only the visible ones)."""
         return self.k[layer], self.v[layer]

@@ -74,4 +74,6 @@ def test_cpu_decode_tokens_take_the_per_op_path_and_build_nothing() -> None:
     with torch.inference_mode():
         hidden, features = model(torch.tensor([[3]]), torch.tensor([[0]]), model.new_cache(1, 8))
     assert hidden.shape == (1, 1, 512) and features is None
-    assert model._flow is None and not model._flow_checked
+    assert model._flow is None and not model._prepared  # a forward builds nothing: the engine prepares
+    model.prepare_fast_path()
+    assert model._flow is None and model._prepared  # on the CPU there is nothing to build

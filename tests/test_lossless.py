@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
 
 TINY_TARGETS = ("qwen3", "llama", "qwen3-sw")  # built by the `zoo` fixture (conftest.py)
@@ -57,52 +57,89 @@ def forced_lengths(pattern: Pattern, block: int, n_tokens: int) -> list[int]:
     return lengths
 
 
-class OracleDecoder(SpeculativeDecoder):
-    """Proposes the TRUE greedy continuation, corrupted where `pattern` says so.
+class PatternOracle:
+    """A proposer of the TRUE greedy continuation, corrupted where `pattern` says so.
 
     `seq[p]` is the token at position p (prompt then greedy continuation). Slot j of a block starting at
     position `start` predicts the token at position start + j. A wrong slot gets (true + 1) % vocab.
-    Records every call so the test can check the context (positions + features) the draft was fed.
+    Records every call so the test can check the context (positions + features) the draft was fed: the prompt's
+    at the first block, then the committed slots of each verified block.
     """
 
-    def __init__(self, target, draft, prompt: list[int], continuation: list[int], pattern: Pattern,
-                 block_size: int | None = None) -> None:
-        super().__init__(target, draft, block_size)
+    def __init__(self, inner: DraftProposer, prompt: list[int], continuation: list[int], pattern: Pattern,
+                 vocab: int) -> None:
+        self.inner, self.max_block, self.tap_layer_ids = inner, inner.max_block, inner.tap_layer_ids
         self.prompt_len = len(prompt)
         self.seq = list(prompt) + list(continuation)
-        self.pattern = pattern
-        self.vocab = target.model.config.vocab_size
+        self.pattern, self.vocab = pattern, vocab
         self.starts: list[int] = []
         self.ctx_positions: list[list[int]] = []
         self.features: list[torch.Tensor] = []
 
-    def propose(self, first, block_positions, features, ctx_positions, draft_cache, params, generator):
+    def allocate(self, max_batch: int, max_len: int) -> None:
+        self.inner.allocate(max_batch, max_len)
+
+    def join(self, row, features, positions) -> None:
+        self.inner.join(row, features, positions)
+        self.joined = (positions[0].tolist(), features[0].clone())
+
+    def propose_greedy(self, n, block_size, last_tokens, block_positions, kv_len):
+        assert n == 1
         block = block_positions.shape[1]
         start = int(block_positions[0, 0])
         assert block_positions[0].tolist() == list(range(start, start + block))
-        assert int(first[0]) == self.seq[start], "a block must start with the newest committed token"
+        assert int(last_tokens[0]) == self.seq[start], "a block must start with the newest committed token"
         assert start + block - 1 < len(self.seq), "oracle continuation too short for this block"
-        assert features.shape[:2] == ctx_positions.shape
+        if self.starts:  # the slots of the last verified block that were committed
+            committed = start - self.starts[-1]
+            positions, features = self.inner.feat_pos[0, :committed].tolist(), self.inner.feat[0, :committed].clone()
+        else:
+            positions, features = self.joined
+        assert features.shape[0] == len(positions)
         correct = list(self.pattern(len(self.starts), block))
         assert len(correct) == block - 1
         tokens = [self.seq[start + j] if correct[j - 1] else (self.seq[start + j] + 1) % self.vocab
                   for j in range(1, block)]
         self.starts.append(start)
-        self.ctx_positions.append(ctx_positions[0].tolist())
-        self.features.append(features[0].clone())
-        return torch.tensor(tokens, dtype=torch.long, device=first.device), None
+        self.ctx_positions.append(positions)
+        self.features.append(features)
+        return torch.tensor([tokens], dtype=torch.long, device=last_tokens.device)
+
+    def observe(self, n, block_positions, features) -> None:
+        self.inner.observe(n, block_positions, features)
+
+    def move_row(self, source, dest, length) -> None:
+        self.inner.move_row(source, dest, length)
+
+    def step_state(self, n):
+        return self.inner.step_state(n)
+
+
+class OracleDecoder(SpeculativeDecoder):
+    """One sequence decoded with a PatternOracle; `starts` and `check_context` report what it was fed."""
+
+    def __init__(self, target, draft, prompt: list[int], continuation: list[int], pattern: Pattern,
+                 block_size: int | None = None) -> None:
+        self.oracle = PatternOracle(DraftProposer(draft, target.model), prompt, continuation, pattern,
+                                    target.model.config.vocab_size)
+        super().__init__(target, self.oracle, block_size)
+
+    @property
+    def starts(self) -> list[int]:
+        return self.oracle.starts
 
     def check_context(self, taps: tuple[int, ...]) -> None:
         """Every committed position reached the draft exactly once, in order, with the right features."""
-        assert self.ctx_positions[0] == list(range(self.prompt_len))
-        for prev, start, seen in zip(self.starts, self.starts[1:], self.ctx_positions[1:]):
+        oracle = self.oracle
+        assert oracle.ctx_positions[0] == list(range(oracle.prompt_len))
+        for prev, start, seen in zip(oracle.starts, oracle.starts[1:], oracle.ctx_positions[1:]):
             assert seen == list(range(prev, start)), "the draft must see exactly the positions committed last step"
-        end = self.starts[-1]
+        end = oracle.starts[-1]
         model = self.target.model
-        ids = torch.tensor([self.seq[:end]])
+        ids = torch.tensor([oracle.seq[:end]])
         with torch.no_grad():
             _, expected = model(ids, torch.arange(end)[None], model.new_cache(1, end + 1), taps)
-        got = torch.cat(self.features, dim=0)
+        got = torch.cat(oracle.features, dim=0)
         scale = float(expected.abs().max())
         torch.testing.assert_close(got, expected[0], atol=2e-5 * scale, rtol=1e-4)
 

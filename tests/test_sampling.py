@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from blockspec.draft import DraftConfig, DraftModel
-from blockspec.engine import SamplingParams, SpeculativeDecoder
-from blockspec.engine.sampling import accept_greedy, accept_sampled, sample, warped_probs
+from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
+from blockspec.engine.acceptance import accept_row, accept_sampled, greedy_accepted
+from blockspec.engine.sampling import sample, warped_probs
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
 
@@ -386,12 +387,12 @@ def _logits_for(choices: list[int], vocab: int = 9) -> torch.Tensor:
     ([], [4], 0),  # no draft: plain autoregressive step
 ])
 def test_accept_greedy(draft, choices, accepted):
-    out = accept_greedy(torch.tensor(draft, dtype=torch.long), _logits_for(choices))
+    logits, drafts = _logits_for(choices), torch.tensor(draft, dtype=torch.long)
+    out = greedy_accepted(drafts[None], logits.argmax(-1)[None])
     assert out.dtype == torch.long
-    assert out.tolist() == [accepted] + choices
+    assert out.tolist() == [accepted]
     # committed tokens = drafts[:a] + [choice a], identical to the target's own choices
-    host = out.tolist()
-    assert host[1:1 + host[0]] + [host[1 + host[0]]] == choices[:accepted + 1]
+    assert accept_row(SamplingParams(), drafts, None, logits, None) == (accepted, choices[:accepted + 1])
 
 
 # ---- SamplingParams.validate ----------------------------------------------------------------------------
@@ -489,15 +490,14 @@ def test_tiny_target_distributions_are_interesting(tiny_pair):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-class PointMassDraftDecoder(SpeculativeDecoder):
-    """Proposes the draft's argmax tokens with no distribution (draft_probs None) even when sampling."""
+class PointMassProposer(DraftProposer):
+    """Proposes the draft's argmax tokens with no distribution (draft probs None) even when sampling."""
 
-    def propose(self, first, block_positions, features, ctx_positions, draft_cache, params, generator):
-        greedy = dataclasses.replace(params, temperature=0.0)
-        tokens, probs = super().propose(first, block_positions, features, ctx_positions, draft_cache, greedy,
-                                        generator)
-        assert probs is None
-        return tokens, None
+    def propose_sampled(self, n, block, last_tokens, block_positions, kv_len, rows):
+        greedy_rows = [(dataclasses.replace(params, temperature=0.0), generator, k) for params, generator, k in rows]
+        proposals = super().propose_sampled(n, block, last_tokens, block_positions, kv_len, greedy_rows)
+        assert all(probs is None for _, probs in proposals)
+        return proposals
 
 
 def _sample_runs(decoder, params: SamplingParams, runs: int, seed0: int):
@@ -557,11 +557,11 @@ def test_speculative_sampling_matches_target_distribution(tiny_pair, case, runs)
 
 def test_end_to_end_check_catches_a_biased_acceptance_rule(tiny_pair, monkeypatch):
     """Power of the end-to-end check: the loop with a biased rule (resample from p) fails it."""
-    import blockspec.engine.speculative as speculative
+    import blockspec.engine.acceptance as acceptance
 
     hf, target, draft = tiny_pair
     params = E2E_CASES["t1"]
-    monkeypatch.setattr(speculative, "accept_sampled", biased_resample_from_p)
+    monkeypatch.setattr(acceptance, "accept_sampled", biased_resample_from_p)
     samples, _ = _sample_runs(SpeculativeDecoder(target, draft), params, 1000, seed0=1000)
     with pytest.raises(AssertionError):
         _assert_matches(samples, exact_joint(hf, PROMPT, params))
@@ -570,7 +570,8 @@ def test_end_to_end_check_catches_a_biased_acceptance_rule(tiny_pair, monkeypatc
 def test_point_mass_draft_sampling_matches_target_distribution(tiny_pair):
     hf, target, draft = tiny_pair
     params = E2E_CASES["t1"]
-    samples, lengths = _sample_runs(PointMassDraftDecoder(target, draft), params, 1500, seed0=50_000)
+    decoder = SpeculativeDecoder(target, PointMassProposer(draft, target.model))
+    samples, lengths = _sample_runs(decoder, params, 1500, seed0=50_000)
     assert max(lengths) > 1  # some greedy drafts were accepted
     _assert_matches(samples, exact_joint(hf, PROMPT, params))
 

@@ -1,12 +1,13 @@
-"""The fast path's static-buffer step (CudaGraphDecoder; on the CPU the same step function runs without a
-graph) against the eager loop: same tokens, same acceptance, rollback and bookkeeping on the device."""
+"""The engine's device-side greedy step (the one a CUDA graph holds; on the CPU the same step runs without a
+graph) on a fixed-length cache against a growing one and against plain decoding: same tokens, same acceptance,
+rollback and bookkeeping on the device."""
 
 import pytest
 import torch
 
+from benchmarks.oracle import OracleProposer
 from blockspec.draft import new_draft_for_target
-from blockspec.engine import SamplingParams, SpeculativeDecoder
-from blockspec.engine.graphs import CudaGraphDecoder
+from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.target import Target, TargetConfig, TargetModel
 
 VOCAB, HIDDEN, LAYERS = 97, 64, 4
@@ -51,7 +52,7 @@ def test_static_step_equals_eager_loop(arch, block):
     target = tiny_target(seed=block)
     draft = new_draft_for_target(target.model.config, arch, num_layers=2, block_size=8, seed=2)
     params = SamplingParams(max_new_tokens=30, ignore_eos=True)
-    fast = CudaGraphDecoder(target, draft, max_len=256)
+    fast = SpeculativeDecoder(target, draft, max_len=256)
     eager = SpeculativeDecoder(target, draft)
     for length in (1, 5, 23):
         prompt = torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(length)).tolist()
@@ -65,7 +66,7 @@ def test_static_step_equals_eager_loop(arch, block):
 
 def test_whole_blocks_accepted_and_max_new_tokens_lands_mid_block():
     target, draft = agreeing_pair(block_size=8)
-    fast = CudaGraphDecoder(target, draft, max_len=128)
+    fast = SpeculativeDecoder(target, draft, max_len=128)
     eager = SpeculativeDecoder(target, draft)
     for max_new in (1, 8, 9, 20, 33):
         params = SamplingParams(max_new_tokens=max_new, ignore_eos=True)
@@ -80,7 +81,7 @@ def test_whole_blocks_accepted_and_max_new_tokens_lands_mid_block():
 def test_stop_token_inside_an_accepted_run():
     target, draft = agreeing_pair(block_size=8)
     params = SamplingParams(max_new_tokens=50, stop_token_ids=(7,))
-    for decoder in (CudaGraphDecoder(target, draft, max_len=128), SpeculativeDecoder(target, draft)):
+    for decoder in (SpeculativeDecoder(target, draft, max_len=128), SpeculativeDecoder(target, draft)):
         result = decoder.generate([1, 2], params)
         assert result.token_ids == [7] and result.finish_reason == "stop"
 
@@ -89,24 +90,24 @@ def test_stop_token_inside_an_accepted_run():
 def test_forced_acceptance_schedule_commits_what_it_says(pipeline):
     target = tiny_target(seed=5)
     draft = new_draft_for_target(target.model.config, "dflash", num_layers=1, block_size=8, seed=2)
-    fast = CudaGraphDecoder(target, draft, max_len=256)
-    fast.engine.pipeline = pipeline  # the CUDA path runs one step ahead of the host
-    fast.forced_acceptance = [2, 7, 0, 5]
-    result = fast.generate([9, 8, 7], SamplingParams(max_new_tokens=60, ignore_eos=True))
+    prompt = [9, 8, 7]
+    plain = SpeculativeDecoder(target, None).generate(prompt, SamplingParams(max_new_tokens=70, ignore_eos=True))
+    oracle = OracleProposer(DraftProposer(draft, target.model), prompt + plain.token_ids, [2, 7, 0, 5], VOCAB, "cpu")
+    fast = SpeculativeDecoder(target, oracle, max_len=256)
+    fast._engine_for(100).pipeline = pipeline  # the CUDA path runs one step ahead of the host
+    result = fast.generate(prompt, SamplingParams(max_new_tokens=60, ignore_eos=True))
     assert result.stats.acceptance_lengths[:8] == [3, 8, 1, 6, 3, 8, 1, 6]
-    assert len(result.token_ids) == 60
+    assert result.token_ids == plain.token_ids[:60]
     # the caches and state stay consistent after forced rollbacks: plain decoding from the same decoder is
     # unaffected and equals the eager loop
-    fast.forced_acceptance = None
     params = SamplingParams(max_new_tokens=25, ignore_eos=True)
-    assert fast.generate([9, 8, 7], params).token_ids == SpeculativeDecoder(target, None).generate(
-        [9, 8, 7], params).token_ids
+    assert fast.generate(prompt, params, block_size=1).token_ids == plain.token_ids[:25]
 
 
 def test_static_cache_too_small_is_a_user_error():
     from blockspec.errors import BlockspecError
 
     target = tiny_target()
-    fast = CudaGraphDecoder(target, None, max_len=32)
+    fast = SpeculativeDecoder(target, None, max_len=32)
     with pytest.raises(BlockspecError, match="static cache"):
         fast.generate(list(range(20)), SamplingParams(max_new_tokens=20))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from blockspec.draft import DraftConfig, DraftModel
-from blockspec.engine import GenerationStats, SamplingParams, SpeculativeDecoder
+from benchmarks.oracle import OracleProposer
+from blockspec.engine import DraftProposer, GenerationStats, SamplingParams, SpeculativeDecoder
 from blockspec.target import target_from_hf
 
 KEYS = {"block_size", "prompt_tokens", "generated_tokens", "acceptance_lengths", "ttft_s", "total_s", "steps",
@@ -140,13 +141,9 @@ def test_real_generation_accepts_drafts_sometimes(tiny):
     params = SamplingParams(temperature=0.0, max_new_tokens=25, ignore_eos=True)
     reference = SpeculativeDecoder(target, None).generate(prompt, params).token_ids
 
-    class OracleDecoder(SpeculativeDecoder):
-        def propose(self, first, block_positions, *args):
-            start = int(block_positions[0, 0]) - len(prompt)  # index of `first` in the generated tokens
-            nxt = (reference + [0] * 8)[start + 1:start + self.block_size]
-            return torch.tensor(nxt, device=first.device), None
-
-    result = OracleDecoder(target, draft).generate(prompt, params)
+    oracle = OracleProposer(DraftProposer(draft, target.model), prompt + reference, [draft.block_size - 1],
+                            target.model.config.vocab_size, "cpu")
+    result = SpeculativeDecoder(target, oracle).generate(prompt, params)
     assert result.token_ids == reference
     stats = result.stats
     _check_real(stats, result, len(prompt), 4, 25)

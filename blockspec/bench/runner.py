@@ -127,7 +127,7 @@ def run_samples(decoder: SpeculativeDecoder, target, samples: list[Sample], sett
 
 # ---- decoder choice -----------------------------------------------------------------------------------------
 def static_cache_len(target, samples: list[Sample], settings: BenchSettings, block_size: int) -> int:
-    """A bound on the positions any conversation of `samples` needs (for the CUDA-graph decoder's cache).
+    """A bound on the positions any conversation of `samples` needs (a fixed cache row for the CUDA graphs).
 
     Each turn's prompt is at most the turns so far plus the previous answers (<= max_new_tokens each, with a
     margin for re-tokenizing their text and the template), then the answer and one block of overshoot.
@@ -143,14 +143,11 @@ def static_cache_len(target, samples: list[Sample], settings: BenchSettings, blo
 
 def build_decoder(target, draft, block_size: int | None, settings: BenchSettings,
                   samples: list[Sample]) -> tuple[SpeculativeDecoder, int]:
-    """CudaGraphDecoder on CUDA with greedy decoding, else the eager SpeculativeDecoder; and the block size."""
-    if target.device.type == "cuda" and settings.temperature == 0:
-        from blockspec.engine.graphs import CudaGraphDecoder
-
-        probe = SpeculativeDecoder(target, draft, block_size)  # validates the block size
-        max_len = static_cache_len(target, samples, settings, probe.block_size)
-        return CudaGraphDecoder(target, draft, probe.block_size, max_len=max_len), probe.block_size
+    """The decoder and its block size. On CUDA its cache row is sized once for every sample, so that the greedy
+    steps' CUDA graphs are captured once; elsewhere the row grows as requests need."""
     decoder = SpeculativeDecoder(target, draft, block_size)
+    if target.device.type == "cuda":
+        decoder.max_len = static_cache_len(target, samples, settings, decoder.block_size)
     return decoder, decoder.block_size
 
 

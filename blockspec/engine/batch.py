@@ -1,9 +1,13 @@
-"""Batched speculative decoding with continuous batching.
+"""The decoding engine: speculative decoding of many sequences at once, with continuous batching.
 
-Many sequences decode together: per step ONE draft pass and ONE verify pass over the whole batch, each row
-accepting its own number of tokens. Rows are the first n slots of static caches [L, max_batch, nKV, max_len,
-d]; within a row slot == position, exactly as in the single-sequence engine, so ragged acceptance needs no
-padding and rollback no copies: every row carries its own positions.
+One step for all active rows: ONE draft pass (the proposer), ONE verify pass of the target over each row's
+block, the acceptance rule (engine/acceptance.py), and the state update; each row accepts its own number of
+tokens. A single sequence is a batch of one (`SpeculativeDecoder` wraps exactly that), and plain
+autoregressive decoding is the same step with a block of one token.
+
+Rows are the first n slots of static caches [L, max_batch, nKV, max_len, d]; within a row slot == position, so
+ragged acceptance needs no padding and rollback no copies: every row carries its own positions. Targets with
+recurrent state (cache.commit) keep the state of the accepted prefix instead.
 
 Sequences join between steps (the prompt is prefilled into the next free row) and leave when done; the last
 active row then moves into the hole (only its used cache prefix is copied), so the active rows are always
@@ -12,8 +16,8 @@ rows [0, n) and a step runs on a prefix of every buffer.
 On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
 of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
 position 0 of free rows that a joining prompt's prefill overwrites before anyone reads them. A step with any
-sampling row runs the same modules eagerly and draws each row's tokens from the row's own generator in the
-order the single-sequence loop does.
+sampling row runs the same modules eagerly and draws each row's tokens from the row's own generator, in the
+same order whatever else is in the batch.
 
 With CUDA graphs the greedy steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
@@ -22,7 +26,9 @@ everything the next step needs; a row that the read shows finished simply has on
 are dropped. A step with a sampling row first commits the step in flight.
 
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
-accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block).
+accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block). A
+request with block 1 is plain decoding and never needs the proposer: a step whose rows all have block 1 runs
+the target alone, without taps (on CUDA, one row of it takes the target's batch-1 decode kernel).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from blockspec.draft import DraftModel
-from blockspec.engine.sampling import SamplingParams, accept_greedy, accept_sampled, sample, warped_probs
+from blockspec.engine import acceptance
+from blockspec.engine.acceptance import RowFailure, greedy_accepted
+from blockspec.engine.proposer import DraftProposer, Proposer
+from blockspec.engine.sampling import SamplingParams, sample, warped_probs
 from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
                                        check_request, new_generator)
 from blockspec.errors import BlockspecError
@@ -59,38 +68,42 @@ class _Sequence:
     output: OutputTracker
     generator: torch.Generator | None
     position: int = 0  # position of the newest committed token (not yet in the target cache)
-    steps: int = 0  # steps committed
-    launched: int = 0  # greedy steps launched (one ahead of `steps` while a step is in flight)
 
 
 class BatchDecoder:
-    """Decodes up to `max_batch` sequences at once with `target`, drafting with `draft` (None: batched
-    autoregressive decoding). Each row holds up to `max_len` positions (prompt + new tokens + 2 blocks).
+    """Decodes up to `max_batch` sequences at once with `target`, drafting with `draft` (a DraftModel, any
+    Proposer, or None: autoregressive decoding). Each row holds up to `max_len` positions (prompt + new tokens +
+    2 blocks).
 
     Drive it with `add` (queue a request), `step` (admit waiting requests into free rows, then decode one
     step for every row) and `cancel`; `generate` runs a list of prompts to completion.
     """
 
-    def __init__(self, target: Target, draft: DraftModel | None = None, *, max_batch: int = 8,
+    def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> None:
-        check_pair(target, draft)
+        if isinstance(draft, DraftModel):
+            check_pair(target, draft)
+            draft = DraftProposer(draft, target.model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
-        self.target, self.draft, self.max_batch = target, draft, max_batch
-        self.max_block = draft.block_size if draft is not None else 1
+        self.target, self.proposer, self.max_batch = target, draft, max_batch
+        self.max_block = draft.max_block if draft is not None else 1
         self.block_size = check_block_size(block_size, self.max_block)
         model = target.model
         self.max_len = max_len or min(model.config.max_position_embeddings, 4096)
-        self.tap_ids = tuple(draft.config.target_layer_ids) if draft is not None else ()
+        self.tap_ids = draft.tap_layer_ids if draft is not None else ()
         self.use_graphs = use_graphs and target.device.type == "cuda"
         self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
         self.pipeline = self.use_graphs  # launch each greedy step before reading the last one (tests force it)
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
+        if max_batch == 1 and target.device.type == "cuda":
+            model.prepare_fast_path()  # the batch-1 decode kernel, built before any graph is captured
 
         try:
             self.target_cache = model.new_cache(max_batch, self.max_len)
-            self.draft_cache = draft.new_cache(max_batch, self.max_len) if draft is not None else None
+            if draft is not None:
+                draft.allocate(max_batch, self.max_len)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocators raise RuntimeError
             if "memory" not in str(exc).lower():
                 raise
@@ -98,30 +111,21 @@ class BatchDecoder:
                                  f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
                                  f"(--max-model-len)") from None
         long = dict(device=target.device, dtype=torch.long)
-        width = len(self.tap_ids) * model.config.hidden_size
-        # Device state, one row per sequence. feat/feat_pos: the target taps of each row's last verified block
-        # and their positions, stored into the draft cache by the next draft pass; only the accepted ones are
-        # real, the rest land on slots at or after the next block start, which that block overwrites first.
+        # Device state, one row per sequence.
         self.last_token = torch.zeros(max_batch, **long)  # newest committed token, block slot 0
         self.start = torch.zeros(max_batch, **long)  # its position
-        self.feat = torch.zeros(max_batch, self.max_block, max(width, 1), device=target.device, dtype=target.dtype)
-        self.feat_pos = torch.zeros(max_batch, self.max_block, **long)
         self.cap = torch.zeros(max_batch, **long)  # the most drafts a row may accept: its block size - 1
-        self.forced = torch.full((max_batch,), -1, **long)  # oracle acceptance (benchmarks), -1 = off
         self.offsets = torch.arange(self.max_block, **long)
         self.out = torch.zeros(max_batch, self.max_block + 1, **long)  # accepted count, then the target's choices
-        # two host copies of `out` (a step's is read while the next one fills the other) and of the forced
-        # acceptance (a pinned host->device copy does not stall the stream the way a pageable one does)
+        # two host copies of `out`: a step's is read while the next one fills the other (pinned: a true async copy)
         pinned = target.device.type == "cuda"
         self._out_host = [torch.zeros(max_batch * (self.max_block + 1), dtype=torch.long, pin_memory=pinned)
                           for _ in range(2)]
-        self._forced_host = [torch.zeros(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._flip = 0
         self._in_flight: _Launched | None = None
 
         self.rows: list[_Sequence] = []  # active sequences; index == cache row
         self.waiting: deque[_Sequence] = deque()
-        self.forced_acceptance: list[int] | None = None  # oracle schedule per sequence step, cycled
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
         self._next_id = 0
@@ -165,15 +169,21 @@ class BatchDecoder:
     @torch.inference_mode()
     def step(self) -> list[tuple[int, StreamChunk]]:
         """Admit waiting requests into free rows, then one draft + verify step for every active row.
-        Returns (request id, chunk) for each request that committed tokens; a finished request's chunk
-        carries its result, and the request has left the batch."""
+        Returns (request id, chunk) for each request that committed tokens or failed; a finished request's
+        chunk carries its result, a failed one's its error, and the request has left the batch. A request
+        that joined gets its prefill token and its first step's tokens in one chunk."""
         chunks: dict[int, StreamChunk] = {}
-        while self.waiting and len(self.rows) < self.max_batch:
-            self._join(self.waiting.popleft(), chunks)
-        self._retire_finished()
+        self._admit(chunks)
         if self.rows:
             self._decode(chunks)
             self._retire_finished()
+        return list(chunks.items())
+
+    @torch.inference_mode()
+    def admit(self) -> list[tuple[int, StreamChunk]]:
+        """Only prefill waiting requests into free rows: (request id, chunk of its first token) each."""
+        chunks: dict[int, StreamChunk] = {}
+        self._admit(chunks)
         return list(chunks.items())
 
     def capture_graphs(self, block_sizes: tuple[int, ...] | None = None) -> int:
@@ -196,31 +206,38 @@ class BatchDecoder:
         wanted, results = set(ids), {}
         while wanted - results.keys():
             for seq_id, chunk in self.step():
+                if chunk.error is not None and seq_id in wanted:
+                    raise BlockspecError(f"request {seq_id} failed: {chunk.error}")
                 if chunk.result is not None and seq_id in wanted:
                     results[seq_id] = chunk.result
         return [results[i] for i in ids]
 
     # ---- joining and leaving ------------------------------------------------------------------------------
+    def _admit(self, chunks: dict[int, StreamChunk]) -> None:
+        while self.waiting and len(self.rows) < self.max_batch:
+            self._join(self.waiting.popleft(), chunks)
+        self._retire_finished()
+
     def _join(self, seq: _Sequence, chunks: dict[int, StreamChunk]) -> None:
         """Prefill the prompt into the next free row and commit the first token."""
         row = len(self.rows)
         target, device = self.target.model, self.target.device
         n = len(seq.prompt_ids)
+        drafted = seq.block_size > 1  # a plain-decoding request never needs the proposer
         ids = torch.tensor([seq.prompt_ids], device=device)
         positions = torch.arange(n, device=device)[None]
-        hidden, features = target(ids, positions, self.target_cache.rows(row, row + 1), self.tap_ids, kv_len=n)
+        hidden, features = target(ids, positions, self.target_cache.rows(row, row + 1),
+                                  self.tap_ids if drafted else (), kv_len=n)
         logits = target.logits(hidden[0, -1:])
         if seq.params.greedy:
             token = int(logits.argmax(-1))
         else:
             token = int(sample(warped_probs(logits, seq.params), seq.generator))
-        if self.draft is not None:  # the prompt becomes draft context now; nothing is pending for this row
-            self.draft.store_context(features, positions, self.draft_cache.rows(row, row + 1))
+        if drafted:  # the prompt becomes the proposer's context now; nothing is pending for this row
+            self.proposer.join(row, features, positions)
         self.last_token[row] = token
         self.start[row] = n
-        self.feat_pos[row] = n + self.offsets  # dummy rows on slots the first block overwrites
         self.cap[row] = seq.block_size - 1
-        self.forced[row] = -1
         seq.position = n
         self.rows.append(seq)
         self._commit(seq, [token], chunks)
@@ -239,9 +256,9 @@ class BatchDecoder:
             # to a block more, which it commits later; everything after that is rewritten
             length = min(moved.position + self.max_block, self.max_len)
             self.target_cache.copy_row(last, row, length)
-            if self.draft_cache is not None:
-                self.draft_cache.copy_row(last, row, length)
-            for state in (self.last_token, self.start, self.feat, self.feat_pos, self.cap, self.forced):
+            if self.proposer is not None:
+                self.proposer.move_row(last, row, length)
+            for state in (self.last_token, self.start, self.cap):
                 state[row] = state[last]
             self.rows[row] = moved
         self.rows.pop()
@@ -251,7 +268,6 @@ class BatchDecoder:
         """Make rows [first, stop) idle: position 0, nothing accepted (CUDA-graph padding runs them)."""
         for state in (self.start, self.last_token, self.cap):
             state[first:stop] = 0
-        self.forced[first:stop] = -1
 
     def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
         chunk = seq.output.commit(tokens)
@@ -259,6 +275,11 @@ class BatchDecoder:
         if earlier is not None:  # the prefill token and the first step's tokens, in one chunk
             chunk = StreamChunk(earlier.token_ids + chunk.token_ids, earlier.text + chunk.text, chunk.result)
         chunks[seq.seq_id] = chunk
+
+    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
+        seq.output.stats.acceptance_lengths.append(accepted + 1)
+        seq.position += accepted + 1
+        self._commit(seq, tokens, chunks)
 
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
@@ -270,21 +291,13 @@ class BatchDecoder:
         n = len(self.rows)
         block = max(seq.block_size for seq in self.rows)
         if all(seq.params.greedy for seq in self.rows):
-            self._set_forced(n)
             launched = self._launch_greedy(n, block)
             if self.pipeline:  # read the previous step while this one runs
                 launched, self._in_flight = self._in_flight, launched
             if launched is not None:
                 self._commit_launched(launched, chunks)
             return
-        for seq, (accepted, tokens) in zip(self.rows, self._mixed(n, block)):
-            self._commit_step(seq, accepted, tokens, chunks)
-
-    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
-        seq.output.stats.acceptance_lengths.append(accepted + 1)
-        seq.position += accepted + 1
-        seq.steps += 1
-        self._commit(seq, tokens, chunks)
+        self._sampled_step(n, block, chunks)
 
     def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk]) -> None:
         """Commit a greedy step's tokens for its rows that are still decoding (a row that finished or was
@@ -300,16 +313,6 @@ class BatchDecoder:
         launched, self._in_flight = self._in_flight, None
         if launched is not None:
             self._commit_launched(launched, chunks)
-
-    def _set_forced(self, n: int) -> None:
-        """Oracle acceptance for the next step (benchmarks), through a pinned buffer: a pageable copy would
-        wait for the step in flight."""
-        if not self.forced_acceptance:
-            return
-        schedule = self.forced_acceptance
-        host = self._forced_host[self._flip][:n]
-        host.copy_(torch.tensor([schedule[seq.launched % len(schedule)] for seq in self.rows]))
-        self.forced[:n].copy_(host, non_blocking=True)
 
     def _kv_len(self, block: int) -> int:
         """Cache slots the CPU attention reads (the Triton kernel reads the limits from the device); with a
@@ -329,8 +332,6 @@ class BatchDecoder:
             self._greedy_step(padded, block, self._kv_len(block))
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
-        for seq in self.rows:
-            seq.launched += 1
         host = self._out_host[self._flip][:n * (block + 1)].view(n, block + 1)  # contiguous: a true async copy
         self._flip ^= 1
         host.copy_(self.out[:n, :block + 1], non_blocking=True)  # the one device->host read of the step
@@ -342,89 +343,77 @@ class BatchDecoder:
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
-        model = self.target.model
         block_pos = self.start[:nb, None] + self.offsets[None, :block]
-        draft_hidden = self._draft_hidden(nb, block, block_pos, kv_len)
-        last = self.last_token[:nb, None]
-        if draft_hidden is None:
-            draft_tokens, block_ids = None, last
+        last = self.last_token[:nb]
+        if block > 1:
+            drafts = self.proposer.propose_greedy(nb, block, last, block_pos, kv_len)
+            block_ids = torch.cat([last[:, None], drafts], dim=1)
         else:
-            draft_tokens = model.greedy_tokens(draft_hidden)
-            block_ids = torch.cat([last, draft_tokens], dim=1)
-        hidden, verify_feat = self._verify(nb, block_ids, block_pos, kv_len)
-        choices = model.greedy_tokens(hidden)  # [nb, block]
-        if draft_tokens is None:
-            accepted = torch.zeros_like(self.start[:nb])
-        else:
-            accepted = (draft_tokens == choices[:, :-1]).long().cumprod(1).sum(1)
-        accepted = torch.where(self.forced[:nb] >= 0, self.forced[:nb], accepted)
-        accepted = torch.minimum(accepted, self.cap[:nb]).clamp(max=block - 1)
+            block_ids = last[:, None]
+        hidden, taps = self._verify(nb, block_ids, block_pos, kv_len)
+        choices = self.target.model.greedy_tokens(hidden)  # [nb, block]
+        accepted = greedy_accepted(drafts, choices) if block > 1 else torch.zeros_like(last)
+        accepted = torch.minimum(accepted, self.cap[:nb])
         self.out[:nb, 0] = accepted
         self.out[:nb, 1:block + 1] = choices
-        self._advance(nb, block, accepted, choices.gather(1, accepted[:, None])[:, 0], verify_feat)
+        self._advance(nb, block_pos, accepted, choices.gather(1, accepted[:, None])[:, 0], taps)
 
-    def _mixed(self, n: int, block: int) -> list[tuple[int, list[int]]]:
-        """An eager step for a batch with sampling rows: (accepted drafts, committed tokens) per row."""
+    def _sampled_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
+        """An eager step for a batch with sampling rows. A row whose step cannot be computed (RowFailure) leaves
+        the batch with an error chunk; the others commit as usual."""
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
-        draft_hidden = self._draft_hidden(n, block, block_pos, kv_len)
-        draft_logits = self.target.model.logits(draft_hidden) if draft_hidden is not None else None
-        draft_tokens = torch.zeros(n, block - 1, dtype=torch.long, device=self.target.device)
-        proposals = []
-        for row, seq in enumerate(self.rows):
-            k = seq.block_size - 1 if draft_logits is not None else 0
-            probs = None
-            if seq.params.greedy:
-                tokens = draft_logits[row, :k].argmax(-1) if k else draft_tokens[row, :0]
-            else:
-                probs = warped_probs(draft_logits[row, :k], seq.params) if k else None
-                tokens = sample(probs, seq.generator) if k else draft_tokens[row, :0]
-            draft_tokens[row, :k] = tokens
-            proposals.append((tokens, probs))
-        block_ids = torch.cat([self.last_token[:n, None], draft_tokens], dim=1)
-        hidden, verify_feat = self._verify(n, block_ids, block_pos, kv_len)
+        last = self.last_token[:n]
+        wanted = [seq.block_size - 1 if block > 1 else 0 for seq in self.rows]
+        empty = last.new_zeros(0)
+        if block > 1:
+            proposals = self.proposer.propose_sampled(n, block, last, block_pos, kv_len,
+                                                      [(s.params, s.generator, k) for s, k in zip(self.rows, wanted)])
+        else:
+            proposals = [(empty, None)] * n
+        draft_tokens = last.new_zeros(n, block - 1)
+        for row, proposal in enumerate(proposals):
+            if not isinstance(proposal, RowFailure):
+                draft_tokens[row, :wanted[row]] = proposal[0]
+        hidden, taps = self._verify(n, torch.cat([last[:, None], draft_tokens], dim=1), block_pos, kv_len)
         logits = self.target.model.logits(hidden)
-        results = []
-        for row, (seq, (tokens, probs)) in enumerate(zip(self.rows, proposals)):
-            k = tokens.shape[0]
-            if seq.params.greedy:
-                host = accept_greedy(tokens, logits[row, :k + 1]).tolist()
-                accepted, committed = host[0], host[1:2 + host[0]]
-            else:
-                target_probs = warped_probs(logits[row, :k + 1], seq.params)
-                accepted, token = accept_sampled(tokens, probs, target_probs, seq.generator)
-                committed = tokens[:accepted].tolist() + [token]
-            results.append((accepted, committed))
+        results: list[tuple[int, list[int]] | RowFailure] = []
+        for row, (seq, proposal) in enumerate(zip(self.rows, proposals)):
+            if isinstance(proposal, RowFailure):
+                results.append(proposal)
+                continue
+            tokens, probs = proposal
+            try:
+                results.append(acceptance.accept_row(seq.params, tokens, probs, logits[row, :wanted[row] + 1],
+                                                     seq.generator))
+            except RowFailure as failure:
+                results.append(failure)
+        committed = [r if not isinstance(r, RowFailure) else (0, [0]) for r in results]
         device = self.target.device
-        accepted = torch.tensor([a for a, _ in results], device=device)
-        next_tokens = torch.tensor([c[-1] for _, c in results], device=device)
-        self._advance(n, block, accepted, next_tokens, verify_feat)
-        return results
-
-    def _draft_hidden(self, nb: int, block: int, block_pos: torch.Tensor, kv_len: int) -> torch.Tensor | None:
-        """The draft's final hidden states for block slots 1.. [nb, block - 1, H] (the target's lm_head makes them
-        logits); None when nothing is drafted (no draft, or block 1, where the pending features are still stored
-        so the draft's context stays complete)."""
-        if self.draft is None:
-            return None
-        feat, feat_pos, cache = self.feat[:nb], self.feat_pos[:nb], self.draft_cache.rows(0, nb)
-        if block == 1:
-            self.draft.store_context(feat, feat_pos, cache)
-            return None
-        embeds = self.draft.embed_block(self.last_token[:nb], self.target.model.embed_tokens, block)
-        return self.draft(embeds, block_pos, feat, feat_pos, cache, kv_len=kv_len)[:, 1:]
+        accepted = torch.tensor([a for a, _ in committed], device=device)
+        next_tokens = torch.tensor([c[-1] for _, c in committed], device=device)
+        self._advance(n, block_pos, accepted, next_tokens, taps)
+        for seq, result in zip(list(self.rows), results):
+            if isinstance(result, RowFailure):
+                chunks[seq.seq_id] = StreamChunk([], "", error=str(result))
+                self._leave(self.rows.index(seq))
+            else:
+                self._commit_step(seq, *result, chunks)
 
     def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The target's final hidden states of the block [nb, block, H] (before the lm_head) and its taps."""
-        return self.target.model(block_ids, block_pos, self.target_cache.rows(0, nb), self.tap_ids, kv_len=kv_len)
+        """The target's final hidden states of the block [nb, block, H] (before the lm_head) and, when the
+        block is drafted, the proposer's taps."""
+        taps = self.tap_ids if block_ids.shape[1] > 1 else ()
+        return self.target.model(block_ids, block_pos, self.target_cache.rows(0, nb), taps, kv_len=kv_len)
 
-    def _advance(self, nb: int, block: int, accepted: torch.Tensor, next_tokens: torch.Tensor,
-                 verify_feat: torch.Tensor | None) -> None:
-        """Commit `accepted` drafts + 1 per row: the verified block's taps become pending draft context."""
-        if verify_feat is not None:
-            self.feat[:nb, :block] = verify_feat
-        self.feat_pos[:nb] = self.start[:nb, None] + self.offsets[None]  # the verified block's positions
+    def _advance(self, nb: int, block_pos: torch.Tensor, accepted: torch.Tensor, next_tokens: torch.Tensor,
+                 taps: torch.Tensor | None) -> None:
+        """Commit `accepted` drafts + 1 per row: the target keeps that prefix of the block, the proposer sees
+        the verified block's taps, and the bonus token opens the next block."""
+        self.target_cache.rows(0, nb).commit(accepted + 1)
+        if taps is not None:
+            self.proposer.observe(nb, block_pos, taps)
         self.last_token[:nb] = next_tokens
         self.start[:nb] += accepted + 1
 
@@ -432,8 +421,10 @@ class BatchDecoder:
     def _capture(self, nb: int, block: int) -> torch.cuda.CUDAGraph:
         """Capture the greedy step for `nb` rows and this block size. Warm-up runs advance the state, so it is
         restored; their cache writes land on slots at or after each row's block start (rewritten later)."""
-        state = (self.last_token, self.start, self.feat, self.feat_pos)
-        saved = [t[:nb].clone() for t in state]
+        state = [self.last_token[:nb], self.start[:nb], *self.target_cache.rows(0, nb).step_state()]
+        if self.proposer is not None:
+            state += self.proposer.step_state(nb)
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -441,7 +432,7 @@ class BatchDecoder:
                 self._greedy_step(nb, block, self.max_len)
         torch.cuda.current_stream().wait_stream(stream)
         for live, copy in zip(state, saved):
-            live[:nb] = copy
+            live.copy_(copy)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()

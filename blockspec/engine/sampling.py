@@ -1,13 +1,5 @@
-"""Sampling settings and the lossless acceptance rules.
-
-Greedy: the draft proposes argmax tokens; the target keeps the longest prefix equal to its own argmax plus
-one bonus token -- output identical to plain greedy decoding.
-
-Sampling: the draft samples from its own distribution q (warped with the same temperature / top-k / top-p as
-the target's p) and the standard speculative rule accepts draft token x with probability min(1, p(x)/q(x)),
-resampling from norm(max(0, p - q)) at the first rejection and from p after a fully accepted block. Every
-committed token is then distributed exactly as the target alone would sample it.
-"""
+"""Sampling settings and the warped distributions both the draft and the target sample from (the draft's q is
+warped with the same temperature / top-k / top-p as the target's p; engine/acceptance.py holds the rule)."""
 
 from __future__ import annotations
 
@@ -70,44 +62,3 @@ def warped_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of `probs` [n, V] -> [n]."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def accept_greedy(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
-    """Greedy verification of one sequence on the device.
-
-    draft_tokens [k], target_logits [k+1, V] -> int64 tensor [1 + k + 1]: the number of accepted drafts `a`,
-    then the target's choice at every position (position a is the bonus token). One small tensor so the host
-    needs a single read per step.
-    """
-    choices = target_logits.argmax(-1)
-    accepted = (draft_tokens == choices[:-1]).long().cumprod(0).sum().view(1)
-    return torch.cat([accepted, choices])
-
-
-def accept_sampled(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[int, int]:
-    """Speculative-sampling verification of one sequence.
-
-    draft_tokens [k] drawn from draft_probs [k, V] (None: the draft is a point mass on its tokens, as when it
-    proposes greedily); target_probs [k+1, V]. Returns (accepted count a, next token): the token the target
-    commits after the a accepted drafts.
-    """
-    k = draft_tokens.shape[0]
-    accepted = 0
-    if k:
-        rows = torch.arange(k, device=draft_tokens.device)
-        p_x = target_probs[rows, draft_tokens]
-        q_x = draft_probs[rows, draft_tokens] if draft_probs is not None else torch.ones_like(p_x)
-        u = torch.rand(k, generator=generator, device=draft_tokens.device)
-        # accept iff u < p/q, written without division (q_x > 0 for any token the draft sampled)
-        accepted = int((u * q_x < p_x).long().cumprod(0).sum())
-    if accepted == k:
-        return accepted, int(sample(target_probs[k:k + 1], generator))
-    if draft_probs is not None:
-        residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0)
-    else:
-        residual = target_probs[accepted].clone()
-        residual[draft_tokens[accepted]] = 0
-    if float(residual.sum()) <= 0:  # p == q up to rounding: any rejection then came from rounding alone
-        residual = target_probs[accepted]
-    return accepted, int(sample((residual / residual.sum())[None], generator))

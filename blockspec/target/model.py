@@ -153,9 +153,9 @@ class TargetModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
-        self.use_flow = True  # batch-1 decode tokens through the flow kernel where it applies (target/flow.py)
+        self.use_flow = True  # batch-1 decode tokens through the flow kernel where prepared (target/flow.py)
         self._flow: FlowDecode | None = None
-        self._flow_checked = False
+        self._prepared = False
 
     @staticmethod
     def from_hf(hf_model: nn.Module) -> "TargetModel":
@@ -232,17 +232,23 @@ class TargetModel(nn.Module):
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
         return normed, features
 
+    def prepare_fast_path(self) -> None:
+        """Build the CUDA fast path now, before any CUDA graph is captured: the flow kernel for batch-1 decode
+        tokens where it applies (it stacks the layers' weights into the layout it streams and makes the layers'
+        parameters views into the stacks, so the per-op kernels read the same storage). Idempotent; the engine
+        calls it on CUDA. Building runs the kernel once and synchronizes."""
+        if not self._prepared:
+            self._flow = flow_decoder(self)
+            self._prepared = True
+
     def _flow_for(self, input_ids: torch.Tensor, cache: KVCache, tap_layer_ids: tuple[int, ...]) -> FlowDecode | None:
         """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on a cache of
-        one row. Built on the first such call (not while a CUDA graph is captured: the build runs the kernel once;
-        the engine warms up before capturing)."""
-        if not (self.use_flow and input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1
-                and cache.k.is_contiguous() and fused_kernels_apply(self.embed_tokens.weight)):
+        one row, once `prepare_fast_path` has built it."""
+        if self._flow is None or not self.use_flow:
             return None
-        if not self._flow_checked:
-            if torch.cuda.is_current_stream_capturing():
-                return None
-            self._flow, self._flow_checked = flow_decoder(self), True
+        if not (input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1 and cache.k.is_contiguous()
+                and fused_kernels_apply(self.embed_tokens.weight)):
+            return None
         return self._flow
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,11 @@
 """Real tau during and after training: the speculative loop itself, greedy, on held-out prompts.
 
-tau = mean over responses of each response's mean acceptance length (SPEC section 7). On CUDA the
-CUDA-graph decoder is used (same kernels and tokens as the eager loop, much faster); elsewhere the eager
-`SpeculativeDecoder`.
+tau = mean over responses of each response's mean acceptance length (SPEC section 7).
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 import time
 
 import torch
@@ -21,18 +18,6 @@ def serving_copy(draft: DraftModel, dtype: torch.dtype, device: torch.device) ->
     """The draft as the engine runs it: a detached copy in the target's dtype, eval mode, no grads."""
     model = copy.deepcopy(draft).to(device=device, dtype=dtype).eval()
     return model.requires_grad_(False)
-
-
-def make_decoder(target, draft: DraftModel | None, max_len: int = 4096) -> SpeculativeDecoder:
-    if target.device.type == "cuda":
-        try:
-            from blockspec.engine.graphs import CudaGraphDecoder
-
-            return CudaGraphDecoder(target, draft, max_len=max_len)
-        except Exception as exc:  # the fast path is optional here; the eager loop gives the same tokens
-            print(f"note: CUDA-graph decoder unavailable ({type(exc).__name__}: {exc}); using the eager loop",
-                  file=sys.stderr)
-    return SpeculativeDecoder(target, draft)
 
 
 def measure_tau(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: int,
@@ -64,7 +49,7 @@ def measure_tau(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_t
 def evaluate_draft(target, draft: DraftModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
     """tau of a (training) draft on `prompts`: runs a serving copy, leaves the draft and every RNG untouched."""
     model = serving_copy(draft, target.dtype, target.device)
-    decoder = make_decoder(target, model, max_len=max(len(p) for p in prompts) + max_new_tokens + 64)
+    decoder = SpeculativeDecoder(target, model, max_len=max(len(p) for p in prompts) + max_new_tokens + 64)
     result = measure_tau(decoder, prompts, max_new_tokens)
     result.pop("outputs")
     del decoder, model
