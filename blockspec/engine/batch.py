@@ -16,14 +16,14 @@ rows [0, n) and a step runs on a prefix of every buffer.
 On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
 of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
 position 0 of free rows that a joining prompt's prefill overwrites before anyone reads them. A step with any
-sampling row runs the same modules eagerly and draws each row's tokens from the row's own generator, in the
-same order whatever else is in the batch.
+row that samples or returns log-probabilities runs the same modules eagerly, writing the logits, and draws
+each sampling row's tokens from the row's own generator, in the same order whatever else is in the batch.
 
 With CUDA graphs the greedy steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
 bookkeeping, the next launch -- overlaps the GPU's work instead of idling it. The device state already holds
 everything the next step needs; a row that the read shows finished simply has one wasted step, whose tokens
-are dropped. A step with a sampling row first commits the step in flight.
+are dropped. An eager step first commits the step in flight.
 
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
 accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block). A
@@ -42,7 +42,7 @@ from blockspec.draft import DraftModel
 from blockspec.engine import acceptance
 from blockspec.engine.acceptance import RowFailure, greedy_accepted
 from blockspec.engine.proposer import DraftProposer, Proposer
-from blockspec.engine.sampling import SamplingParams, sample, warped_probs
+from blockspec.engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs, warped_probs
 from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
                                        check_request, new_generator)
 from blockspec.errors import BlockspecError
@@ -233,6 +233,7 @@ class BatchDecoder:
             token = int(logits.argmax(-1))
         else:
             token = int(sample(warped_probs(logits, seq.params), seq.generator))
+        logprobs = token_logprobs(logits, [token], seq.params.logprobs) if seq.params.logprobs is not None else None
         if drafted:  # the prompt becomes the proposer's context now; nothing is pending for this row
             self.proposer.join(row, features, positions)
         self.last_token[row] = token
@@ -240,7 +241,7 @@ class BatchDecoder:
         self.cap[row] = seq.block_size - 1
         seq.position = n
         self.rows.append(seq)
-        self._commit(seq, [token], chunks)
+        self._commit(seq, [token], chunks, logprobs)
 
     def _retire_finished(self) -> None:
         for row in reversed(range(len(self.rows))):
@@ -269,35 +270,39 @@ class BatchDecoder:
         for state in (self.start, self.last_token, self.cap):
             state[first:stop] = 0
 
-    def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
-        chunk = seq.output.commit(tokens)
+    def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk],
+                logprobs: list[TokenLogprob] | None = None) -> None:
+        chunk = seq.output.commit(tokens, logprobs)
         earlier = chunks.get(seq.seq_id)
         if earlier is not None:  # the prefill token and the first step's tokens, in one chunk
-            chunk = StreamChunk(earlier.token_ids + chunk.token_ids, earlier.text + chunk.text, chunk.result)
+            both = earlier.logprobs + chunk.logprobs if chunk.logprobs is not None else None
+            chunk = StreamChunk(earlier.token_ids + chunk.token_ids, earlier.text + chunk.text, chunk.result,
+                                logprobs=both)
         chunks[seq.seq_id] = chunk
 
-    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
+    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk],
+                     logprobs: list[TokenLogprob] | None = None) -> None:
         seq.output.stats.acceptance_lengths.append(accepted + 1)
         seq.position += accepted + 1
-        self._commit(seq, tokens, chunks)
+        self._commit(seq, tokens, chunks, logprobs)
 
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
-        if not all(seq.params.greedy for seq in self.rows):
-            self._finish_in_flight(chunks)  # a sampling step starts from every earlier token committed
+        if any(seq.params.needs_logits for seq in self.rows):
+            self._finish_in_flight(chunks)  # an eager step starts from every earlier token committed
             self._retire_finished()
             if not self.rows:
                 return
         n = len(self.rows)
         block = max(seq.block_size for seq in self.rows)
-        if all(seq.params.greedy for seq in self.rows):
+        if not any(seq.params.needs_logits for seq in self.rows):
             launched = self._launch_greedy(n, block)
             if self.pipeline:  # read the previous step while this one runs
                 launched, self._in_flight = self._in_flight, launched
             if launched is not None:
                 self._commit_launched(launched, chunks)
             return
-        self._sampled_step(n, block, chunks)
+        self._logits_step(n, block, chunks)
 
     def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk]) -> None:
         """Commit a greedy step's tokens for its rows that are still decoding (a row that finished or was
@@ -358,19 +363,23 @@ class BatchDecoder:
         self.out[:nb, 1:block + 1] = choices
         self._advance(nb, block_pos, accepted, choices.gather(1, accepted[:, None])[:, 0], taps)
 
-    def _sampled_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
-        """An eager step for a batch with sampling rows. A row whose step cannot be computed (RowFailure) leaves
-        the batch with an error chunk; the others commit as usual."""
+    def _logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
+        """An eager step that writes the logits, for a batch with rows that sample or return log-probabilities.
+        A row whose step cannot be computed (RowFailure) leaves the batch with an error chunk; the others commit
+        as usual."""
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
         last = self.last_token[:n]
         wanted = [seq.block_size - 1 if block > 1 else 0 for seq in self.rows]
         empty = last.new_zeros(0)
-        if block > 1:
+        if block == 1:
+            proposals = [(empty, None)] * n
+        elif all(seq.params.greedy for seq in self.rows):  # greedy rows that return log-probabilities
+            drafts = self.proposer.propose_greedy(n, block, last, block_pos, kv_len)
+            proposals = [(drafts[row, :k], None) for row, k in enumerate(wanted)]
+        else:
             proposals = self.proposer.propose_sampled(n, block, last, block_pos, kv_len,
                                                       [(s.params, s.generator, k) for s, k in zip(self.rows, wanted)])
-        else:
-            proposals = [(empty, None)] * n
         draft_tokens = last.new_zeros(n, block - 1)
         for row, proposal in enumerate(proposals):
             if not isinstance(proposal, RowFailure):
@@ -393,12 +402,15 @@ class BatchDecoder:
         accepted = torch.tensor([a for a, _ in committed], device=device)
         next_tokens = torch.tensor([c[-1] for _, c in committed], device=device)
         self._advance(n, block_pos, accepted, next_tokens, taps)
-        for seq, result in zip(list(self.rows), results):
+        for row, (seq, result) in enumerate(zip(list(self.rows), results)):
             if isinstance(result, RowFailure):
                 chunks[seq.seq_id] = StreamChunk([], "", error=str(result))
                 self._leave(self.rows.index(seq))
-            else:
-                self._commit_step(seq, *result, chunks)
+                continue
+            accepted, tokens = result
+            top = seq.params.logprobs
+            logprobs = token_logprobs(logits[row], tokens, top) if top is not None else None
+            self._commit_step(seq, accepted, tokens, chunks, logprobs)
 
     def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -21,6 +21,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] | None = None  # None: the target's EOS ids
     stop_strings: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: each token's log-probability under the target and its top k
+
+    MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -35,7 +38,15 @@ class SamplingParams:
             raise BlockspecError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise BlockspecError("stop strings must be non-empty strings")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int)
+                                              and 0 <= self.logprobs <= self.MAX_LOGPROBS):
+            raise BlockspecError(f"logprobs must be an integer in 0..{self.MAX_LOGPROBS}, got {self.logprobs!r}")
         return self
+
+    @property
+    def needs_logits(self) -> bool:
+        """A step must write this request's logits: it samples, or returns log-probabilities."""
+        return not self.greedy or self.logprobs is not None
 
     @property
     def greedy(self) -> bool:
@@ -62,3 +73,24 @@ def warped_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """One draw per row of `probs` [n, V] -> [n]."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class TokenLogprob:
+    """A committed token's log-probability under the target's own (unwarped) distribution at its position, and
+    the `top` most likely tokens there, best first, as (token id, log-probability)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """TokenLogprob for `tokens` [m] chosen at positions whose target logits are `logits` [m, V] (fp32 log-softmax)."""
+    logp = torch.log_softmax(logits[:len(tokens)].float(), dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    best = logp.topk(top, dim=-1) if top else None
+    out = []
+    for i, (token, value) in enumerate(zip(tokens, chosen)):
+        pairs = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else []
+        out.append(TokenLogprob(token, value, pairs))
+    return out

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from blockspec.draft import DraftModel, check_draft_fits_target
-from blockspec.engine.sampling import SamplingParams
+from blockspec.engine.sampling import SamplingParams, TokenLogprob
 from blockspec.engine.stats import GenerationStats
 from blockspec.engine.text import TextStream
 from blockspec.errors import BlockspecError
@@ -23,6 +23,7 @@ class GenerationResult:
     text: str
     finish_reason: str  # "stop" (stop token or string) | "length"
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
 
 
 @dataclass
@@ -31,6 +32,7 @@ class StreamChunk:
     text: str  # text released by this step
     result: GenerationResult | None = field(default=None)  # set on the last chunk only
     error: str | None = None  # set when this request failed and left the batch (its result stays None)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
 
 def check_pair(target: Target, draft: DraftModel | None) -> None:
@@ -93,6 +95,7 @@ class OutputTracker:
         self.text = TextStream(target.tokenizer, params.stop_strings) if target.tokenizer is not None else None
         self.stats = GenerationStats(block_size=block_size, prompt_tokens=prompt_tokens)
         self.generated: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.started_s = time.perf_counter()
 
@@ -100,9 +103,10 @@ class OutputTracker:
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def commit(self, tokens: list[int]) -> StreamChunk:
-        """Append one step's tokens, stopping at a stop token or string or the length limit. The returned
-        chunk holds the tokens actually committed and the text they release; the last one carries the result."""
+    def commit(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> StreamChunk:
+        """Append one step's tokens (and their log-probabilities, when asked for), stopping at a stop token or
+        string or the length limit. The returned chunk holds the tokens actually committed and the text they
+        release; the last one carries the result."""
         committed: list[int] = []
         for token in tokens:
             committed.append(token)
@@ -114,13 +118,17 @@ class OutputTracker:
             if len(self.generated) >= self.params.max_new_tokens:
                 self.finish_reason = "length"
                 break
+        kept = logprobs[:len(committed)] if logprobs is not None and self.logprobs is not None else None
+        if kept is not None:
+            self.logprobs += kept
         now = time.perf_counter()
         if not self.stats.ttft_s:
             self.stats.ttft_s = now - self.started_s
         if not self.done:
-            return StreamChunk(committed, self.text.release() if self.text is not None else "")
+            return StreamChunk(committed, self.text.release() if self.text is not None else "", logprobs=kept)
         self.stats.generated_tokens = len(self.generated)
         self.stats.total_s = now - self.started_s
         text = self.text.text if self.text is not None else ""
         delta = self.text.release(final=True) if self.text is not None else ""
-        return StreamChunk(committed, delta, GenerationResult(self.generated, text, self.finish_reason, self.stats))
+        result = GenerationResult(self.generated, text, self.finish_reason, self.stats, self.logprobs)
+        return StreamChunk(committed, delta, result, logprobs=kept)
