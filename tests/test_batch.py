@@ -177,6 +177,31 @@ def test_seeded_sampling_in_a_batch_equals_alone(zoo):
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
+def test_the_step_block_shrinks_as_the_batch_grows(zoo):
+    """With max_step_tokens a step's block is the largest power of two whose rows x block fits it: rows still get
+    exactly their tokens alone, and each request's stats say which block every step drafted for it."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of([4, 9, 2, 6], tiny.config.vocab_size, seed=8)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (6, 30, 12, 40)]
+    sampled = SamplingParams(max_new_tokens=25, temperature=0.9, seed=4, ignore_eos=True)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=96, max_step_tokens=16)
+    got = decoder.generate(prompts + prompts[:1], params + [sampled])  # a sampling row makes some steps eager
+    want = alone(tiny.target, draft, prompts, params)
+    assert [g.token_ids for g in got[:4]] == [w.token_ids for w in want]
+    assert len(got[4].token_ids) == 25  # (its seeded draws follow its blocks: equal in distribution only)
+    blocks = [set(g.stats.step_blocks) for g in got]
+    assert {4, 8} <= set().union(*blocks) and set().union(*blocks) <= {4, 8}  # 4 rows: 4; 2 or fewer: 8
+    assert blocks[0] == {4}  # the shortest request finished while all four rows ran
+    for g in got:
+        s = g.stats
+        assert len(s.step_blocks) == s.steps and s.num_draft_tokens == sum(b - 1 for b in s.step_blocks)
+        assert all(n <= b for n, b in zip(s.acceptance_lengths, s.step_blocks))
+        assert s.block_size_counts == {str(b): s.step_blocks.count(b) for b in sorted(set(s.step_blocks))}
+    with pytest.raises(BlockspecError, match="max_step_tokens must be an integer >= 2"):
+        BatchDecoder(tiny.target, draft, max_step_tokens=1)
+
+
 def test_stop_strings_and_streamed_text():
     from transformers import AutoTokenizer
 

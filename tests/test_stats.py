@@ -12,7 +12,7 @@ from blockspec.target import target_from_hf
 
 KEYS = {"block_size", "prompt_tokens", "generated_tokens", "acceptance_lengths", "ttft_s", "total_s", "steps",
         "mean_acceptance_length", "acceptance_histogram", "num_draft_tokens", "num_accepted_draft_tokens",
-        "tpot_s", "tokens_per_s"}
+        "tpot_s", "tokens_per_s", "step_blocks", "block_size_counts"}
 
 
 # ---- formulas -----------------------------------------------------------------------------------------
@@ -69,6 +69,7 @@ def test_to_dict():
         assert d[key] == getattr(stats, key)
     assert d["acceptance_lengths"] == [3, 1] and d["acceptance_lengths"] is not stats.acceptance_lengths
     assert d["acceptance_histogram"] == [1, 0, 1] and d["steps"] == 2
+    assert d["block_size_counts"] == {"3": 2} and d["num_draft_tokens"] == 4  # no per-step blocks: the request's
     import json
 
     assert json.loads(json.dumps(d)) == d  # plain JSON types only

@@ -26,9 +26,11 @@ everything the next step needs; a row that the read shows finished simply has on
 are dropped. An eager step first commits the step in flight.
 
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
-accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block). A
-request with block 1 is plain decoding and never needs the proposer: a step whose rows all have block 1 runs
-the target alone, without taps (on CUDA, one row of it takes the target's batch-1 decode kernel).
+accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block). With
+`max_step_tokens` the block also shrinks as the batch grows: the largest power of two whose rows x block fits
+it (at least 2), since a verify of many rows stops being bound by reading the weights once and the best block
+then falls. A request with block 1 is plain decoding and never needs the proposer: a step whose rows all have
+block 1 runs the target alone, without taps (on CUDA, one row of it takes the target's batch-1 decode kernel).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 @dataclass(eq=False)
 class _Launched:
-    """A greedy step in flight: the rows it ran for, and where its accepted counts and tokens arrive."""
+    """A greedy step in flight: the rows it ran for, its block, and where its accepted counts and tokens arrive."""
     rows: list["_Sequence"]
+    block: int
     host: torch.Tensor  # [n, block + 1] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
 
@@ -76,17 +79,21 @@ class BatchDecoder:
     2 blocks).
 
     Drive it with `add` (queue a request), `step` (admit waiting requests into free rows, then decode one
-    step for every row) and `cancel`; `generate` runs a list of prompts to completion.
+    step for every row) and `cancel`; `generate` runs a list of prompts to completion. `max_step_tokens`
+    (None: off) bounds rows x block per step by shrinking the block as the batch grows.
     """
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
-                 graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES) -> None:
+                 graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None) -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             draft = DraftProposer(draft, target.model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 2):
+            raise BlockspecError(f"max_step_tokens must be an integer >= 2, got {max_step_tokens!r}")
+        self.max_step_tokens = max_step_tokens
         self.target, self.proposer, self.max_batch = target, draft, max_batch
         self.max_block = draft.max_block if draft is not None else 1
         self.block_size = check_block_size(block_size, self.max_block)
@@ -280,9 +287,10 @@ class BatchDecoder:
                                 logprobs=both)
         chunks[seq.seq_id] = chunk
 
-    def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk],
-                     logprobs: list[TokenLogprob] | None = None) -> None:
+    def _commit_step(self, seq: _Sequence, block: int, accepted: int, tokens: list[int],
+                     chunks: dict[int, StreamChunk], logprobs: list[TokenLogprob] | None = None) -> None:
         seq.output.stats.acceptance_lengths.append(accepted + 1)
+        seq.output.stats.step_blocks.append(min(block, seq.block_size))
         seq.position += accepted + 1
         self._commit(seq, tokens, chunks, logprobs)
 
@@ -294,7 +302,7 @@ class BatchDecoder:
             if not self.rows:
                 return
         n = len(self.rows)
-        block = max(seq.block_size for seq in self.rows)
+        block = self._step_block(n)
         if not any(seq.params.needs_logits for seq in self.rows):
             launched = self._launch_greedy(n, block)
             if self.pipeline:  # read the previous step while this one runs
@@ -304,6 +312,14 @@ class BatchDecoder:
             return
         self._logits_step(n, block, chunks)
 
+    def _step_block(self, n: int) -> int:
+        """The block of a step over the active rows (see the module docstring)."""
+        block = max(seq.block_size for seq in self.rows)
+        if self.max_step_tokens is not None and block > 2:
+            fit = max(2, self.max_step_tokens // n)
+            block = min(block, 1 << (fit.bit_length() - 1))
+        return block
+
     def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk]) -> None:
         """Commit a greedy step's tokens for its rows that are still decoding (a row that finished or was
         cancelled after the launch had a wasted step)."""
@@ -312,7 +328,7 @@ class BatchDecoder:
         active = {id(seq) for seq in self.rows}
         for seq, row in zip(launched.rows, launched.host.tolist()):
             if id(seq) in active:
-                self._commit_step(seq, row[0], row[1:2 + row[0]], chunks)
+                self._commit_step(seq, launched.block, row[0], row[1:2 + row[0]], chunks)
 
     def _finish_in_flight(self, chunks: dict[int, StreamChunk]) -> None:
         launched, self._in_flight = self._in_flight, None
@@ -344,7 +360,7 @@ class BatchDecoder:
         if self.out.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Launched(list(self.rows), host, done)
+        return _Launched(list(self.rows), block, host, done)
 
     def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
@@ -370,7 +386,7 @@ class BatchDecoder:
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
         last = self.last_token[:n]
-        wanted = [seq.block_size - 1 if block > 1 else 0 for seq in self.rows]
+        wanted = [min(seq.block_size, block) - 1 for seq in self.rows]
         empty = last.new_zeros(0)
         if block == 1:
             proposals = [(empty, None)] * n
@@ -410,7 +426,7 @@ class BatchDecoder:
             accepted, tokens = result
             top = seq.params.logprobs
             logprobs = token_logprobs(logits[row], tokens, top) if top is not None else None
-            self._commit_step(seq, accepted, tokens, chunks, logprobs)
+            self._commit_step(seq, block, accepted, tokens, chunks, logprobs)
 
     def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:

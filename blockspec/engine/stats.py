@@ -11,6 +11,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     acceptance_lengths: list[int] = field(default_factory=list)  # per step, bonus included (1..block_size)
+    step_blocks: list[int] = field(default_factory=list)  # per step, the block drafted for this request (<= block_size)
     ttft_s: float = 0.0  # prompt in -> first token out
     total_s: float = 0.0
 
@@ -33,7 +34,18 @@ class GenerationStats:
 
     @property
     def num_draft_tokens(self) -> int:
+        if self.step_blocks:
+            return sum(b - 1 for b in self.step_blocks)
         return self.steps * (self.block_size - 1)
+
+    @property
+    def block_size_counts(self) -> dict[str, int]:
+        """Steps per block size this request ran with, {"8": steps, ...} (an engine that sizes blocks per step
+        varies them); string keys, as JSON has them."""
+        counts: dict[int, int] = {}
+        for b in self.step_blocks or [self.block_size] * self.steps:
+            counts[b] = counts.get(b, 0) + 1
+        return {str(b): counts[b] for b in sorted(counts)}
 
     @property
     def num_accepted_draft_tokens(self) -> int:
@@ -50,7 +62,7 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for name in ("steps", "mean_acceptance_length", "acceptance_histogram", "num_draft_tokens",
+        for name in ("steps", "mean_acceptance_length", "acceptance_histogram", "num_draft_tokens", "block_size_counts",
                      "num_accepted_draft_tokens", "tpot_s", "tokens_per_s"):
             out[name] = getattr(self, name)
         return out
