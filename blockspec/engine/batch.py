@@ -89,7 +89,7 @@ class BatchDecoder:
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
 
         try:
-            self.target_cache = model.new_cache(max_batch, self.max_len)
+            self.target_cache = model.new_cache(max_batch, self.max_len, self.max_block)
             self.draft_cache = draft.new_cache(max_batch, self.max_len) if draft is not None else None
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocators raise RuntimeError
             if "memory" not in str(exc).lower():
@@ -359,6 +359,7 @@ class BatchDecoder:
             accepted = (draft_tokens == choices[:, :-1]).long().cumprod(1).sum(1)
         accepted = torch.where(self.forced[:nb] >= 0, self.forced[:nb], accepted)
         accepted = torch.minimum(accepted, self.cap[:nb]).clamp(max=block - 1)
+        self.target_cache.rows(0, nb).commit(accepted + 1)  # recurrent state: each row's kept prefix
         self.out[:nb, 0] = accepted
         self.out[:nb, 1:block + 1] = choices
         self._advance(nb, block, accepted, choices.gather(1, accepted[:, None])[:, 0], verify_feat)
@@ -397,6 +398,7 @@ class BatchDecoder:
             results.append((accepted, committed))
         device = self.target.device
         accepted = torch.tensor([a for a, _ in results], device=device)
+        self.target_cache.rows(0, n).commit(accepted + 1)  # recurrent state: each row's kept prefix
         next_tokens = torch.tensor([c[-1] for _, c in results], device=device)
         self._advance(n, block, accepted, next_tokens, verify_feat)
         return results
@@ -431,9 +433,12 @@ class BatchDecoder:
     # ---- CUDA graphs ----------------------------------------------------------------------------------
     def _capture(self, nb: int, block: int) -> torch.cuda.CUDAGraph:
         """Capture the greedy step for `nb` rows and this block size. Warm-up runs advance the state, so it is
-        restored; their cache writes land on slots at or after each row's block start (rewritten later)."""
+        restored, and so is a hybrid target's recurrent state; their K/V writes land on slots at or after each row's
+        block start (rewritten later)."""
         state = (self.last_token, self.start, self.feat, self.feat_pos)
         saved = [t[:nb].clone() for t in state]
+        recurrent = self.target_cache.rows(0, nb).state()
+        saved_recurrent = [t.clone() for t in recurrent]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -442,6 +447,8 @@ class BatchDecoder:
         torch.cuda.current_stream().wait_stream(stream)
         for live, copy in zip(state, saved):
             live[:nb] = copy
+        for live, copy in zip(recurrent, saved_recurrent):
+            live.copy_(copy)
         graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()

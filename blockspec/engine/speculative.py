@@ -84,7 +84,7 @@ class SpeculativeDecoder:
         n_prompt = len(prompt_ids)
         max_len = n_prompt + params.max_new_tokens + 2 * block
         generator = new_generator(params, device)
-        target_cache = target.new_cache(1, max_len)
+        target_cache = target.new_cache(1, max_len, block)
         draft_cache = draft.new_cache(1, max_len) if use_draft else None
 
         # 1. prefill
@@ -123,6 +123,7 @@ class SpeculativeDecoder:
                 accepted, token = accept_sampled(draft_tokens, draft_probs, target_probs, generator)
                 new_tokens = draft_tokens[:accepted].tolist() + [token]
             stats.acceptance_lengths.append(accepted + 1)
+            target_cache.commit(torch.tensor([accepted + 1], device=device))  # recurrent state: the kept prefix
             if use_draft:
                 features = verify_features[:, :accepted + 1]
                 ctx_positions = block_positions[:, :accepted + 1]
