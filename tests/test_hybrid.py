@@ -221,6 +221,17 @@ def test_batched_autoregressive_and_sampling_rows(pair):
         assert [g.token_ids for g in got] == [w.token_ids for w in want]
 
 
+def test_batched_data_generation_equals_the_engine(pair):
+    """Right-padded prompts of different lengths (train/generate.py) continue exactly as each alone."""
+    from blockspec.train.generate import generate_batch
+
+    _, target, _ = pair
+    prompts = prompts_of([3, 11, 6], 32, seed=9)
+    outs = generate_batch(target.model, prompts, [0.0] * 3, 20, stop_ids=())
+    for prompt, out in zip(prompts, outs):
+        assert out == SpeculativeDecoder(target, None).generate(prompt, greedy(20)).token_ids
+
+
 def test_sampling_is_lossless_and_the_check_sees_a_missing_rollback(monkeypatch):
     """The statistical check of tests/test_sampling.py on a tiny Qwen3.5 target (vocabulary 8), drafting blocks of 2
     with a point-mass draft: most first steps reject their draft, whose token the recurrent state must forget
