@@ -72,14 +72,11 @@ class HybridCache(KVCache):
         self.recurrent = torch.zeros(*rows, *state_shape, dtype=torch.float32, device=device)
         self.windows = torch.zeros(*rows, channels, kernel - 1 + verify_tokens, dtype=dtype, device=device)
         self.steps = torch.zeros(*rows, verify_tokens, *state_shape, dtype=torch.float32, device=device)
-
-    @property
-    def verify_tokens(self) -> int:
-        return self.steps.shape[2]
+        self.steps_kept = [False]  # whether the last forward kept its per-token states (shared by the row views)
 
     def rows(self, start: int, stop: int) -> "HybridCache":
         view = object.__new__(HybridCache)
-        view.max_len = self.max_len
+        view.max_len, view.steps_kept = self.max_len, self.steps_kept
         for name in ("k", "v", "conv", "recurrent", "windows", "steps"):
             setattr(view, name, getattr(self, name)[:, start:stop])
         return view
@@ -89,6 +86,12 @@ class HybridCache(KVCache):
         self.conv[:, dest] = self.conv[:, source]
         self.recurrent[:, dest] = self.recurrent[:, source]
 
+    def keeps_steps(self, n: int) -> bool:
+        """Whether a forward of `n` tokens keeps each token's state (a decode or a verify, which commit may follow)
+        or only the final one (a prefill)."""
+        self.steps_kept[0] = n <= self.steps.shape[2]
+        return self.steps_kept[0]
+
     def gdn_layer(self, layer: int) -> tuple[torch.Tensor, ...]:
         """Gated DeltaNet layer `layer`'s (conv state, recurrent state, conv window buffer, per-token states)."""
         return self.conv[layer], self.recurrent[layer], self.windows[layer], self.steps[layer]
@@ -96,6 +99,9 @@ class HybridCache(KVCache):
     def commit(self, keep: torch.Tensor) -> None:
         """Each row's conv and recurrent state become those after its first `keep` (1..n) tokens of the last forward
         (of n <= verify_tokens tokens). The conv state after m tokens is window[m : m + K-1]."""
+        if not self.steps_kept[0]:
+            raise RuntimeError("commit() must follow a forward of at most verify_tokens tokens: create the cache "
+                               "with new_cache(..., verify_tokens=the block size)")
         rows = torch.arange(keep.shape[0], device=keep.device)
         self.recurrent.copy_(self.steps[:, rows, keep - 1])
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]

@@ -100,10 +100,10 @@ def test_prefill_logits_and_taps_match_transformers(length):
 def test_cached_decode_and_verify_match_transformers():
     hf = tiny_qwen35(std=0.12, seed=4)
     model = target_from_hf(hf).model
-    ids = torch.randint(0, 64, (2, 44), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, 64, (2, 45), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True)
-        cache = model.new_cache(2, 64)
+        cache = model.new_cache(2, 64, verify_tokens=16)
         model(ids[:, :20], torch.arange(20)[None].expand(2, -1), cache)
         for p in range(20, 28):  # one token at a time
             hidden, features = model(ids[:, p:p + 1], torch.full((2, 1), p), cache, (1, 2))
@@ -112,6 +112,9 @@ def test_cached_decode_and_verify_match_transformers():
             torch.testing.assert_close(features[:, 0], expected, atol=1e-5, rtol=1e-5)
         hidden, _ = model(ids[:, 28:44], (28 + torch.arange(16))[None].expand(2, -1), cache)  # a verify block
         torch.testing.assert_close(model.logits(hidden), ref.logits[:, 28:44], atol=1e-5, rtol=1e-5)
+        cache.commit(torch.tensor([16, 16]))  # keeping the whole block is the state after it
+        hidden, _ = model(ids[:, 44:45], torch.full((2, 1), 44), cache)
+        torch.testing.assert_close(model.logits(hidden)[:, 0], ref.logits[:, 44], atol=1e-5, rtol=1e-5)
 
 
 # ---- rollback ---------------------------------------------------------------------------------------------------
@@ -161,6 +164,8 @@ def test_rows_views_copy_row_and_a_reused_row_start_clean():
         model(torch.tensor([prompts[1]]), torch.arange(5)[None], cache.rows(0, 1))
         torch.testing.assert_close(cache.rows(0, 1).recurrent, alone.recurrent, atol=0, rtol=0)
         torch.testing.assert_close(cache.rows(0, 1).conv, alone.conv, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="verify_tokens"):  # the prefill kept no per-token states
+        cache.rows(0, 2).commit(torch.tensor([1, 1]))
 
 
 # ---- lossless decoding -------------------------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class GatedDeltaNet(nn.Module):
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).transpose(1, 2)  # [b, h, n]
         beta = beta.sigmoid().float().transpose(1, 2)
         current = torch.where(fresh[..., None], 0, state)
-        if n <= cache.verify_tokens:  # decode or verify: token by token, every state kept for commit()
+        if cache.keeps_steps(n):  # decode or verify: token by token, every state kept for commit()
             windows[..., :window.shape[-1]] = window
             outputs = []
             for t in range(n):

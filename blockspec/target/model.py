@@ -249,9 +249,10 @@ class TargetModel(nn.Module):
                 module.weight.fill_(0.0 if getattr(module, "zero_centred", False) else 1.0)
         return model.eval()
 
-    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 16) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1) -> KVCache:
         """A cache for `batch_size` rows of `max_len` positions. A hybrid target's cache keeps every position's state
-        of a forward of up to `verify_tokens` tokens, so that `commit` can roll back after a verify of that many."""
+        of a forward of up to `verify_tokens` tokens, so that `commit` can roll back after a verify of that many:
+        pass the block size when verifying."""
         c = self.config
         weight = self.embed_tokens.weight
         if not c.gdn_layers:
