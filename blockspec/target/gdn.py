@@ -78,7 +78,7 @@ def delta_rule_chunked(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     o_t = e^(G_t) S_0^T q_t + sum_{s<=t} e^(G_t-G_s) (q_t.k_s) u_s and S_C = e^(G_C) S_0 + sum_s e^(G_C-G_s) k_s u_s^T.
     Padding tokens (g = beta = 0, k = 0) leave the state unchanged.
     """
-    b, h, n, _ = k.shape
+    n = k.shape[2]
     pad = -n % chunk
     q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # [b, h, m, C, d]
     g, beta = (F.pad(t, (0, pad)).unflatten(2, (-1, chunk)) for t in (g, beta))  # [b, h, m, C]
@@ -139,8 +139,7 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache) -> torch.Tensor:
         """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
         sequence in a reused row), decided on the device. Updates the row states in `cache`."""
-        c = self.cfg
-        b, n, _ = x.shape
+        c, n = self.cfg, x.shape[1]
         conv_state, state, windows, steps = cache.gdn_layer(self.gdn_index)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = linear(x, self.in_proj.weight).split(self.splits, dim=-1)
