@@ -55,8 +55,8 @@ class OracleProposer:
         self.inner.move_row(source, dest, length)
         self.steps[dest] = self.steps[source]
 
-    def step_state(self, n: int) -> list[torch.Tensor]:
-        return self.inner.step_state(n) + [self.steps[:n]]
+    def state(self, n: int) -> list[torch.Tensor]:
+        return self.inner.state(n) + [self.steps[:n]]
 
 
 @torch.no_grad()

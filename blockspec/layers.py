@@ -58,20 +58,26 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight."""
+    """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    Zero-centred (Qwen3.5): the weight is stored as an offset from 1 and applied as `(1 + w)` in fp32 before the
+    cast, as Hugging Face's Qwen3.5 code does (no fused kernel takes this form yet)."""
+
+    def __init__(self, dim: int, eps: float, zero_centred: bool = False) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.zeros(dim) if zero_centred else torch.ones(dim))
         self.eps = eps
+        self.zero_centred = zero_centred
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_kernels_apply(x, self.weight):
+        if not self.zero_centred and fused_kernels_apply(x, self.weight):
             from blockspec.kernels import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centred:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
@@ -188,9 +194,11 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
                    v_cache: torch.Tensor) -> torch.Tensor | None:
     """Projections q [b, n, nH*d] (None: context only, no queries), k and v [b, n, nKV*d]: RMSNorm q and k
     per head when norms are given (Qwen3), rotate them, store K and V at `positions` in the cache layer
-    [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA; plain ops elsewhere."""
-    norms = [n.weight for n in (q_norm, k_norm) if n is not None]
-    if fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *norms):
+    [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA (full-width RoPE, plain norms); plain ops
+    elsewhere."""
+    norms = [n for n in (q_norm, k_norm) if n is not None]
+    plain = cos.shape[-1] == head_dim and not any(n.zero_centred for n in norms)  # what the kernel implements
+    if plain and fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *[n.weight for n in norms]):
         from blockspec.kernels import qkv_rope_store as fused
 
         eps = k_norm.eps if k_norm is not None else 0.0
@@ -213,7 +221,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
-    if fused_kernels_apply(x, delta, norm.weight):
+    if not norm.zero_centred and fused_kernels_apply(x, delta, norm.weight):
         from blockspec.kernels import add_rms_norm as fused
 
         return fused(x, delta, norm.weight, norm.eps)
@@ -222,8 +230,12 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[t
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on `x` of shape [b, heads, n, d]."""
-    half = x.shape[-1] // 2
+    """Rotate-half RoPE on `x` of shape [b, heads, n, d]. Partial RoPE (cos/sin narrower than d, Qwen3.5) rotates
+    the first cos.shape[-1] dims of each head and passes the rest through."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
+    half = rot // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
 

@@ -111,8 +111,8 @@ class PatternOracle:
     def move_row(self, source, dest, length) -> None:
         self.inner.move_row(source, dest, length)
 
-    def step_state(self, n):
-        return self.inner.step_state(n)
+    def state(self, n):
+        return self.inner.state(n)
 
 
 class OracleDecoder(SpeculativeDecoder):

@@ -1,5 +1,11 @@
 """The draft `config.json`: a Qwen3 config plus `architectures`, `block_size`, `num_target_layers` and
-`dflash_config: {mask_token_id, target_layer_ids}` (SPEC section 4).
+`dflash_config: {mask_token_id, target_layer_ids}` (SPEC section 4). Newer z-lab configs keep `block_size` in
+`dflash_config` too; as in z-lab's loader, a key there wins over the same key at the top level.
+
+Attention per layer (`layer_types`, as z-lab's reference reads them, docs/design-notes.md): a `full_attention`
+layer sees the whole context and the whole block; a `sliding_attention` layer is causal inside the block and a
+query at position p sees positions > p - `sliding_window` (when `use_sliding_window` is set, as transformers'
+Qwen3Config requires). A top-level `is_causal` makes every layer causal (true) or bidirectional (false).
 
 `DraftConfig` keeps the whole original dict, so keys it does not model (training keys, `auto_map`,
 `transformers_version`, either RoPE layout, ...) survive a load -> save round trip untouched.
@@ -18,7 +24,10 @@ DFLASH_ARCHITECTURES = ("DFlashDraftModel", "QwenDFlashDraftModel")
 DFLARE_ARCHITECTURES = ("QwenDFlareDraftModel",)
 ARCHITECTURES = DFLASH_ARCHITECTURES + DFLARE_ARCHITECTURES
 REQUIRED_KEYS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "block_size")
+                 "num_attention_heads")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# dflash_config keys of newer z-lab drafts that change the draft's output; blockspec implements their defaults
+OUTPUT_KEYS = {"input_embedding_scale": 1.0, "output_multiplier": 1.0, "final_logit_softcapping": None}
 
 
 def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -43,15 +52,27 @@ class DraftConfig:
         if not isinstance(raw.get("dflash_config") or {}, dict):
             raise BlockspecError(f"draft config {source}: 'dflash_config' must be an object "
                                  f"{{mask_token_id, target_layer_ids}}, got {raw['dflash_config']!r}")
+        dflash = raw.get("dflash_config") or {}
+        block_size = dflash.get("block_size", raw.get("block_size"))
+        if block_size is None:
+            raise BlockspecError(f"draft config {source} is missing the required key 'block_size' (at the top level "
+                                 f"or in dflash_config)")
+        for key, default in OUTPUT_KEYS.items():
+            if dflash.get(key, default) != default:
+                raise BlockspecError(f"draft config {source}: dflash_config.{key} = {dflash[key]!r} is not "
+                                     f"implemented (blockspec runs drafts with {key} = {default})")
         arch = raw["architectures"]
         if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in ARCHITECTURES:
             raise BlockspecError(f"draft config {source}: unknown 'architectures' {arch!r}; "
                                  f"expected one of {', '.join(ARCHITECTURES)}")
-        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "block_size"):
-            if not isinstance(raw[key], int) or raw[key] < 1:
-                raise BlockspecError(f"draft config {source}: {key!r} must be a positive integer, got {raw[key]!r}")
-        if raw["block_size"] < 2:
-            raise BlockspecError(f"draft config {source}: 'block_size' must be at least 2, got {raw['block_size']}")
+        sizes = {key: raw[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads")}
+        sizes["block_size"] = block_size
+        for key, value in sizes.items():
+            if not isinstance(value, int) or value < 1:
+                raise BlockspecError(f"draft config {source}: {key!r} must be a positive integer, got {value!r}")
+        if block_size < 2:
+            raise BlockspecError(f"draft config {source}: 'block_size' must be at least 2, got {block_size}")
         cfg = DraftConfig(raw)
         if cfg.hidden_size % cfg.num_attention_heads and "head_dim" not in raw:
             raise BlockspecError(f"draft config {source}: 'head_dim' is required when hidden_size is not a "
@@ -61,7 +82,27 @@ class DraftConfig:
         if not cfg.target_layer_ids:
             raise BlockspecError(f"draft config {source}: 'dflash_config.target_layer_ids' is empty and "
                                  f"'num_target_layers' is missing to derive it")
+        cfg._check_layer_types(source)
         return cfg
+
+    def _check_layer_types(self, source: str) -> None:
+        types = self.raw.get("layer_types")
+        if types is not None and (not isinstance(types, list) or len(types) != self.num_layers):
+            raise BlockspecError(f"draft config {source}: 'layer_types' must list one type per layer "
+                                 f"({self.num_layers}), got {types!r}")
+        unknown = [t for t in self.layer_types if t not in LAYER_TYPES]
+        if unknown:
+            raise BlockspecError(f"draft config {source}: layer type {unknown[0]!r} is not implemented by blockspec; "
+                                 f"supported: {', '.join(LAYER_TYPES)}")
+        window = self.sliding_window
+        if "sliding_attention" in self.layer_types and window is not None:
+            if not isinstance(window, int) or window < 1:
+                raise BlockspecError(f"draft config {source}: 'sliding_window' must be a positive integer, "
+                                     f"got {window!r}")
+            if self.raw.get("is_causal") is False:
+                raise BlockspecError(f"draft config {source}: 'is_causal': false with sliding-window layers (a "
+                                     f"window reaching ahead of the query) is not implemented; drop 'is_causal' to "
+                                     f"run sliding layers causal inside the block as z-lab's reference does")
 
     @staticmethod
     def load(directory: str | Path) -> "DraftConfig":
@@ -156,21 +197,40 @@ class DraftConfig:
 
     @property
     def block_size(self) -> int:
-        return self.raw["block_size"]
+        return self._dflash_value("block_size")
 
     @property
     def num_target_layers(self) -> int | None:
         return self.raw.get("num_target_layers")
 
+    def _dflash_value(self, key: str) -> object:
+        """`dflash_config[key]`, else the top-level key (z-lab's loader reads them in this order)."""
+        return (self.raw.get("dflash_config") or {}).get(key, self.raw.get(key))
+
     @property
     def mask_token_id(self) -> int | None:
-        return (self.raw.get("dflash_config") or {}).get("mask_token_id")
+        return self._dflash_value("mask_token_id")
 
     @property
     def target_layer_ids(self) -> list[int]:
-        ids = (self.raw.get("dflash_config") or {}).get("target_layer_ids")
+        ids = self._dflash_value("target_layer_ids")
         if ids:
             return list(ids)
         if self.num_target_layers:
             return default_target_layer_ids(self.num_target_layers, self.num_layers)
         return []
+
+    @property
+    def layer_types(self) -> list[str]:
+        return list(self.raw.get("layer_types") or ["full_attention"] * self.num_layers)
+
+    @property
+    def sliding_window(self) -> int | None:
+        """The window of sliding layers; None without `use_sliding_window` (transformers' Qwen3Config drops it)."""
+        return self.raw.get("sliding_window") if self.raw.get("use_sliding_window") else None
+
+    def layer_attention(self, index: int) -> tuple[bool, int | None]:
+        """(causal inside the block, window or None) of draft layer `index`."""
+        sliding = self.layer_types[index] == "sliding_attention"
+        causal = self.raw.get("is_causal")
+        return (sliding if causal is None else bool(causal)), (self.sliding_window if sliding else None)

@@ -2,7 +2,9 @@
 
 A draft proposes a block `[last token, MASK x (B-1)]` in one pass, attending (unmasked, bidirectionally)
 to the context -- fused features tapped from the target -- and to the block itself. Context K/V go into a
-static cache at their positions and stay valid forever; block K/V are never stored.
+static cache at their positions and stay valid forever; block K/V are never stored. A `sliding_attention` layer
+(DraftConfig.layer_attention) is causal inside the block instead and sees the positions within its window of
+each query; positions stay absolute.
 
 The two architectures differ only in how target features become per-layer context:
 - DFlash: one `ctx = hidden_norm(fc(concat taps))` shared by all layers, projected by k_proj / v_proj.
@@ -40,6 +42,7 @@ class DraftAttention(nn.Module):
         self.o_proj = nn.Linear(nh * d, h, bias=bias)
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.causal, self.window = cfg.layer_attention(layer_index)
         self.separate_context_proj = cfg.kind == "dflare"
         if self.separate_context_proj:
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
@@ -94,9 +97,10 @@ class DraftAttention(nn.Module):
         """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c].
 
         Context K/V are written at their positions, then the block's at the block positions (overwriting
-        anything stale there), and the block attends to every slot before its end: the whole context and the
-        whole block, unmasked. The block's slots are rewritten by the next call's context, so they never
-        need cropping.
+        anything stale there), and the block attends to every slot up to `limits` (the block's end): the whole
+        context and the whole block, unmasked; a causal layer's query to the slots up to its own position, a
+        sliding one's to those within its window. The block's slots are rewritten by the next call's context,
+        so they never need cropping.
         """
         self.store_context(ctx, ctx_rope, ctx_positions, cache)
         k_cache, v_cache = cache.layer(self.layer_index)
@@ -104,7 +108,7 @@ class DraftAttention(nn.Module):
         qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
         q, k, v = linear(x, qkv_weight, qkv_bias).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         q = qkv_rope_store(q, k, v, *heads, self.q_norm, self.k_norm, *block_rope, block_positions, k_cache, v_cache)
-        out = attention(q, k_cache, v_cache, limits, kv_len)
+        out = attention(q, k_cache, v_cache, block_positions if self.causal else limits, kv_len, self.window)
         return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 

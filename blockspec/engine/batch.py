@@ -108,7 +108,7 @@ class BatchDecoder:
             model.prepare_fast_path()  # the batch-1 decode kernel, built before any graph is captured
 
         try:
-            self.target_cache = model.new_cache(max_batch, self.max_len)
+            self.target_cache = model.new_cache(max_batch, self.max_len, self.max_block)
             if draft is not None:
                 draft.allocate(max_batch, self.max_len)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocators raise RuntimeError
@@ -449,9 +449,9 @@ class BatchDecoder:
     def _capture(self, nb: int, block: int) -> torch.cuda.CUDAGraph:
         """Capture the greedy step for `nb` rows and this block size. Warm-up runs advance the state, so it is
         restored; their cache writes land on slots at or after each row's block start (rewritten later)."""
-        state = [self.last_token[:nb], self.start[:nb], *self.target_cache.rows(0, nb).step_state()]
+        state = [self.last_token[:nb], self.start[:nb], *self.target_cache.rows(0, nb).state()]
         if self.proposer is not None:
-            state += self.proposer.step_state(nb)
+            state += self.proposer.state(nb)
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -46,7 +46,7 @@ class Proposer(Protocol):
     def move_row(self, source: int, dest: int, length: int) -> None:
         """Row `source` moves to `dest`; its state at positions below `length` must follow."""
 
-    def step_state(self, n: int) -> list[torch.Tensor]:
+    def state(self, n: int) -> list[torch.Tensor]:
         """Views of rows [0, n) of every tensor a step changes, other than caches addressed by position
         (a CUDA-graph capture restores them after its warm-up steps)."""
 
@@ -112,5 +112,5 @@ class DraftProposer:
         self.feat[dest] = self.feat[source]
         self.feat_pos[dest] = self.feat_pos[source]
 
-    def step_state(self, n: int) -> list[torch.Tensor]:
+    def state(self, n: int) -> list[torch.Tensor]:
         return [self.feat[:n], self.feat_pos[:n]]

@@ -32,7 +32,8 @@ WEIGHT_GROUPS = (("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_p
 def shape_unsupported(c: TargetConfig, rope_scaling: float = 1.0) -> str | None:
     """Why the flow kernel cannot take a target of this shape (None: it can)."""
     q_dim = c.num_heads * c.head_dim
-    reasons = [(c.qk_norm, "no q/k norms"), (not (c.qkv_bias or c.o_bias or c.mlp_bias), "biases"),
+    reasons = [(not c.hybrid, "Qwen3.5-style layers"), (c.qk_norm, "no q/k norms"),
+               (not (c.qkv_bias or c.o_bias or c.mlp_bias), "biases"),
                (all(w is None for w in c.sliding_windows), "sliding-window layers"),
                (c.head_dim == 128, f"head_dim {c.head_dim}, not 128"),
                (c.num_heads == 4 * c.num_kv_heads, f"{c.num_heads} q heads over {c.num_kv_heads} kv heads, not 4 each"),

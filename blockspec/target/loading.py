@@ -135,7 +135,10 @@ def _hf_source(name: str) -> str:
 
 def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "auto", tokenizer: bool = True) -> Target:
-    """Load a Llama / Qwen2 / Qwen3 / Mistral causal LM from a directory, a GGUF file or a model-hub id."""
+    """Load a Llama / Qwen2 / Qwen3 / Mistral / Qwen3.5 causal LM from a directory, a GGUF file or a model-hub id.
+
+    Qwen3.5 comes as the published multimodal checkpoint (transformers loads its text model: the weights under
+    `model.language_model.`, without the vision tower and the MTP head) or as a text-only Qwen3_5ForCausalLM."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
@@ -167,7 +170,8 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         eos += [gen.eos_token_id] if isinstance(gen.eos_token_id, int) else list(gen.eos_token_id or [])
     except (OSError, ValueError):
         pass
-    for candidate in (getattr(hf_config, "eos_token_id", None), getattr(tok, "eos_token_id", None)):
+    text_config = hf_config.get_text_config()  # a multimodal config keeps its stop ids in text_config
+    for candidate in (getattr(text_config, "eos_token_id", None), getattr(tok, "eos_token_id", None)):
         eos += [candidate] if isinstance(candidate, int) else list(candidate or [])
     return Target(model=model, tokenizer=tok, name=name, eos_token_ids=tuple(dict.fromkeys(eos)),
                   hf_config=hf_config)

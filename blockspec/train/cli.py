@@ -41,6 +41,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     g.add_argument("--target-layer-ids", type=_int_list, default=None, help="taps, e.g. 1,8,14,20,27")
     g.add_argument("--mask-token-id", type=int, default=None,
                    help="a spare vocabulary id for MASK (default: a learned mask embedding)")
+    g.add_argument("--sliding-window", type=int, default=None, metavar="W",
+                   help="every draft layer but the last attends causally to the last W positions (as the "
+                        "Qwen3.5 DFlash drafts do); default: full attention")
     g.add_argument("--init-from", default=None, help="warm start: initial weights from this draft (not resume)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
     g.add_argument("--dtype", default="auto", help="target dtype: auto (bf16 on CUDA, fp32 on CPU)")
@@ -155,8 +158,9 @@ def run_train(args: argparse.Namespace) -> int:
         cfg = TrainConfig(arch=args.arch, num_layers=args.num_layers, block_size=args.block_size,
                           intermediate_size=args.intermediate_size, num_heads=args.num_heads,
                           num_kv_heads=args.num_kv_heads, target_layer_ids=args.target_layer_ids,
-                          mask_token_id=args.mask_token_id, steps=args.steps, epochs=args.epochs,
-                          batch_size=args.batch_size, num_anchors=args.num_anchors, seq_len=args.seq_len, lr=args.lr,
+                          mask_token_id=args.mask_token_id, sliding_window=args.sliding_window, steps=args.steps,
+                          epochs=args.epochs, batch_size=args.batch_size, num_anchors=args.num_anchors,
+                          seq_len=args.seq_len, lr=args.lr,
                           warmup_ratio=args.warmup_ratio, grad_clip=args.grad_clip, gamma=args.gamma, seed=args.seed,
                           attention=args.attention, features=args.features,
                           parallel=args.parallel, log_every=args.log_every,

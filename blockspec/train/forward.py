@@ -2,10 +2,11 @@
 
 Queries are the N*B block slots of a sequence; keys are its S context positions (fused target features,
 projected like the inference draft projects context) followed by the N*B block slots. Block n (anchor p_n)
-sees context positions < p_n strictly and its own B slots (bidirectionally), nothing else. That is exactly
-what `DraftModel.forward` computes for one block at inference time, with the context up to p_n in its
-cache, so the trained parameters are the inference draft's parameters, unchanged (the tests check the two
-forwards agree).
+sees context positions < p_n strictly and its own B slots (bidirectionally), nothing else; in a causal layer
+(a sliding one, DraftConfig.layer_attention) a slot sees its block's slots up to itself, and with a window W
+a slot at position p sees positions > p - W only. That is exactly what `DraftModel.forward` computes for one
+block at inference time, with the context up to p_n in its cache, so the trained parameters are the inference
+draft's parameters, unchanged (the tests check the two forwards agree).
 
 The math here re-expresses `DraftModel`'s modules with plain differentiable torch ops: on CUDA the
 inference `RMSNorm` runs a Triton kernel that has no backward pass, so norms are computed here from the
@@ -46,31 +47,49 @@ def fuse_context(draft: DraftModel, features: torch.Tensor) -> list[torch.Tensor
 
 
 # ---- the block attention mask --------------------------------------------------------------------------------
-def block_mask_mod(anchors: torch.Tensor, context_len: int, block_size: int):
+def block_mask_mod(anchors: torch.Tensor, context_len: int, block_size: int, causal: bool = False,
+                   window: int | None = None):
     """mask_mod(b, h, q, kv) for flex_attention: query slot q belongs to block q // B with anchor p; it sees
-    context kv < min(S, p) and block slots kv >= S of its own block."""
+    context kv < min(S, p) and block slots kv >= S of its own block (causal: those up to itself); with a
+    window W, only positions > its own (p + q % B) - W."""
 
     def mask_mod(b, h, q_idx, kv_idx):  # noqa: ANN001 (flex_attention's signature)
         block = q_idx // block_size
         anchor = anchors[b, block]
-        sees_context = (kv_idx < context_len) & (kv_idx < anchor)
-        sees_block = (kv_idx >= context_len) & ((kv_idx - context_len) // block_size == block)
-        return sees_context | sees_block
+        slot, kv_slot = q_idx % block_size, (kv_idx - context_len) % block_size
+        in_context = kv_idx < context_len
+        sees_context = in_context & (kv_idx < anchor)
+        sees_block = ~in_context & ((kv_idx - context_len) // block_size == block)
+        if causal:
+            sees_block = sees_block & (kv_slot <= slot)
+        visible = sees_context | sees_block
+        if window is not None:
+            visible = visible & (anchor + slot - torch.where(in_context, kv_idx, anchor + kv_slot) < window)
+        return visible
 
     return mask_mod
 
 
-def dense_block_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+def dense_block_mask(anchors: torch.Tensor, context_len: int, block_size: int, causal: bool = False,
+                     window: int | None = None) -> torch.Tensor:
     """The same mask as a dense boolean tensor [b, 1, N*B, S + N*B] (True = may attend)."""
     b, n = anchors.shape
     q = torch.arange(n * block_size, device=anchors.device)
     kv = torch.arange(context_len + n * block_size, device=anchors.device)
-    block = q // block_size  # [Q]
+    block, slot = q // block_size, q % block_size  # [Q]
+    kv_slot = (kv - context_len).remainder(block_size)  # [K]
     anchor = anchors[:, block]  # [b, Q]
-    sees_context = (kv[None, None] < context_len) & (kv[None, None] < anchor[:, :, None])
-    sees_block = (kv[None, None] >= context_len) & (
+    in_context = kv[None, None] < context_len
+    sees_context = in_context & (kv[None, None] < anchor[:, :, None])
+    sees_block = ~in_context & (
         (kv[None, None] - context_len).div(block_size, rounding_mode="floor") == block[None, :, None])
-    return (sees_context | sees_block)[:, None]
+    if causal:
+        sees_block = sees_block & (kv_slot[None, None] <= slot[None, :, None])
+    visible = sees_context | sees_block
+    if window is not None:
+        kv_pos = torch.where(in_context, kv[None, None], anchor[:, :, None] + kv_slot[None, None])  # [b, Q, K]
+        visible = visible & ((anchor + slot)[:, :, None] - kv_pos < window)
+    return visible[:, None]
 
 
 _compiled_flex = None
@@ -85,16 +104,17 @@ def _flex():
     return _compiled_flex
 
 
-def make_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int, kind: str):
-    """A BlockMask (kind 'flex') or a dense boolean mask (kind 'dense') for one batch."""
+def make_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int, kind: str, causal: bool = False,
+                        window: int | None = None):
+    """A BlockMask (kind 'flex') or a dense boolean mask (kind 'dense') for one batch and one kind of layer."""
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
 
         b, n = anchors.shape
         q_len = n * block_size
-        return create_block_mask(block_mask_mod(anchors, context_len, block_size), b, None, q_len,
+        return create_block_mask(block_mask_mod(anchors, context_len, block_size, causal, window), b, None, q_len,
                                  context_len + q_len, device=anchors.device)
-    return dense_block_mask(anchors, context_len, block_size)
+    return dense_block_mask(anchors, context_len, block_size, causal, window)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, kind: str,
@@ -162,9 +182,11 @@ class BlockTrainer(nn.Module):
         ctx_pos = torch.arange(s, device=anchors.device)[None].expand(b, s)
         block_rope = draft.rotary(block_pos, x.dtype)
         ctx_rope = draft.rotary(ctx_pos, x.dtype)
-        mask = make_attention_mask(anchors, s, block, self.attention)
+        kinds = {(layer.self_attn.causal, layer.self_attn.window) for layer in draft.layers}
+        masks = {kind: make_attention_mask(anchors, s, block, self.attention, *kind) for kind in kinds}
         contexts = fuse_context(draft, features)
         for layer, ctx in zip(draft.layers, contexts):
+            mask = masks[layer.self_attn.causal, layer.self_attn.window]
             x = self._layer(layer, x, ctx.to(x.dtype), block_rope, ctx_rope, mask)
         return rms_norm(x, draft.norm)
 

@@ -4,7 +4,8 @@ Why not Hugging Face `generate`: `load_target` keeps only blockspec's forward (t
 its weights are shared), and training data must be what THIS forward produces -- the same numerics the
 served target has, taps and all. The static cache makes batching simple: slot index == position, per row.
 Prompts are right-padded and every row keeps its own positions, so a row's pad tokens sit on slots its
-generated tokens overwrite before any query of that row can see them (queries see slots <= their position).
+generated tokens overwrite before any query of that row can see them (queries see slots <= their position);
+a hybrid target's recurrent state cannot skip pads, so there each prompt is prefilled on its own.
 Rows finish independently (their later tokens are computed but ignored); a batch stops when every row has
 hit a stop id or the token limit. Prompts are grouped by length so a batch carries little padding.
 """
@@ -55,9 +56,13 @@ def generate_batch(model: TargetModel, prompts: list[list[int]], temperatures: l
         ids[row, :len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     cache = model.new_cache(b, width + max_new_tokens + 1)
     positions = torch.arange(width, device=device)[None].expand(b, width)
-    hidden, _ = model(ids, positions, cache, kv_len=width)
-    rows = torch.arange(b, device=device)
-    logits = model.logits(hidden[rows, lengths - 1])
+    if model.config.gdn_layers:  # a recurrent state would run through the pads: each row's prompt alone
+        last = torch.cat([model(ids[r:r + 1, :n], positions[r:r + 1, :n], cache.rows(r, r + 1), kv_len=n)[0][:, -1]
+                          for r, n in enumerate(len(p) for p in prompts)])
+    else:
+        hidden, _ = model(ids, positions, cache, kv_len=width)
+        last = hidden[torch.arange(b, device=device), lengths - 1]
+    logits = model.logits(last)
     temps = torch.tensor(temperatures, dtype=torch.float32, device=device)
     stops = torch.tensor(sorted(stop_ids) or [-1], device=device)
     out = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)

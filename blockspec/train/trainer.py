@@ -42,7 +42,8 @@ PLOT = "curves.png"
 # settings a resumed run must share with the checkpoint (the others -- logging, eval, time budget -- may change)
 RESUME_KEYS = ("arch", "num_layers", "block_size", "intermediate_size", "num_heads", "num_kv_heads",
                "target_layer_ids", "mask_token_id", "steps", "epochs", "batch_size", "num_anchors", "seq_len", "lr",
-               "warmup_ratio", "weight_decay", "grad_clip", "gamma", "seed", "init_std", "pad_multiple", "attention")
+               "warmup_ratio", "weight_decay", "grad_clip", "gamma", "seed", "init_std", "pad_multiple", "attention",
+               "sliding_window")
 
 
 @dataclass
@@ -55,6 +56,7 @@ class TrainConfig:
     num_kv_heads: int | None = None
     target_layer_ids: list[int] | None = None  # default: SPEC's rule for num_layers
     mask_token_id: int | None = None  # None: a learned mask embedding (works for any vocabulary)
+    sliding_window: int | None = None  # every layer but the last slides over this many positions (Qwen3.5 drafts)
     steps: int | None = None  # default: epochs * batches per epoch
     epochs: float = 6.0
     batch_size: int = 16  # sequences per optimizer step, over all ranks
@@ -163,6 +165,12 @@ def build_draft(target, cfg: TrainConfig) -> DraftModel:
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < tc.vocab_size:
         raise BlockspecError(f"mask token id {cfg.mask_token_id} is outside the target vocabulary "
                              f"(0..{tc.vocab_size - 1})")
+    if cfg.sliding_window is not None:
+        if cfg.sliding_window < 1 or cfg.num_layers < 2:
+            raise BlockspecError(f"a sliding window needs a positive size ({cfg.sliding_window}) and at least 2 "
+                                 f"draft layers ({cfg.num_layers}): the last layer keeps full attention")
+        overrides.update(layer_types=["sliding_attention"] * (cfg.num_layers - 1) + ["full_attention"],
+                         sliding_window=cfg.sliding_window, use_sliding_window=True)
     draft = new_draft_for_target(tc, arch=cfg.arch, num_layers=cfg.num_layers, block_size=cfg.block_size,
                                  mask_token_id=cfg.mask_token_id, seed=cfg.seed, **overrides)
     return draft.float().init_weights(cfg.seed, cfg.init_std)

@@ -1,0 +1,170 @@
+"""The Gated DeltaNet mixer of hybrid targets (Qwen3.5), with its two torch recurrences (SPEC section 9).
+
+Per token t and value head, with the state S [Dk, Dv] in fp32, L2-normalised q_t and k_t, beta_t = sigmoid(b_t)
+and the decay g_t = -exp(A_log) * softplus(a_t + dt_bias):
+
+    S_t = exp(g_t) S_{t-1} + k_t (beta_t (v_t - (exp(g_t) S_{t-1})^T k_t))^T,    o_t = S_t^T q_t / sqrt(Dk)
+
+Decode and verify run the per-token form (`delta_rule_step`), so a verify makes the same choices as one-token
+decoding; a prefill longer than the cache's verify window runs the chunked form (`delta_rule_chunked`), the same
+recurrence folded into a few matrix products per chunk. The depthwise causal convolution in front runs as K
+shifted multiply-adds in fp32, the same arithmetic for any number of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockspec.cache import HybridCache
+from blockspec.layers import linear
+
+
+@dataclass(frozen=True)
+class GDNConfig:
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+    conv_kernel: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.num_key_heads * self.key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.num_value_heads * self.value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        """Channels of the convolution: q, k and v."""
+        return 2 * self.key_dim + self.value_dim
+
+
+def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """SiLU of the depthwise causal convolution, in fp32: window [b, C, K-1+n] (the conv state, then n inputs),
+    weight [C, 1, K] -> [b, C, n]. Output t is sum_j weight[j] * window[t + j]."""
+    kernel = weight.shape[-1]
+    n = window.shape[-1] - kernel + 1
+    w = weight.float()[:, 0]
+    out = window[..., :n].float() * w[:, :1]
+    for j in range(1, kernel):
+        out = out + window[..., j:j + n].float() * w[:, j:j + 1]
+    return F.silu(out)
+
+
+def delta_rule_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                    beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token: state [b, h, Dk, Dv]; q, k [b, h, Dk]; v [b, h, Dv]; g, beta [b, h] (all fp32) ->
+    (the new state, the output [b, h, Dv])."""
+    state = state * g.exp()[..., None, None]
+    innovation = (v - (state * k[..., None]).sum(-2)) * beta[..., None]
+    state = state + k[..., None] * innovation[..., None, :]
+    return state, (state * q[..., None]).sum(-2)
+
+
+def delta_rule_chunked(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                       beta: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """n tokens at once: q, k [b, h, n, Dk]; v [b, h, n, Dv]; g, beta [b, h, n] -> (the final state, outputs
+    [b, h, n, Dv]).
+
+    Within a chunk, with G_t the cumulative decay since the chunk start and S_0 the state before it, the
+    innovations u_t = beta_t (v_t - (exp(g_t) S_{t-1})^T k_t) solve the unit lower-triangular system
+    u_t + beta_t sum_{s<t} e^(G_t-G_s) (k_t.k_s) u_s = beta_t (v_t - e^(G_t) S_0^T k_t); then
+    o_t = e^(G_t) S_0^T q_t + sum_{s<=t} e^(G_t-G_s) (q_t.k_s) u_s and S_C = e^(G_C) S_0 + sum_s e^(G_C-G_s) k_s u_s^T.
+    Padding tokens (g = beta = 0, k = 0) leave the state unchanged.
+    """
+    n = k.shape[2]
+    pad = -n % chunk
+    q, k, v = (F.pad(t, (0, 0, 0, pad)).unflatten(2, (-1, chunk)) for t in (q, k, v))  # [b, h, m, C, d]
+    g, beta = (F.pad(t, (0, pad)).unflatten(2, (-1, chunk)) for t in (g, beta))  # [b, h, m, C]
+    cum = g.cumsum(-1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [.., t, s]
+    system = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
+    rhs = torch.cat([beta[..., None] * v, (beta * cum.exp())[..., None] * k], dim=-1)
+    solved = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    from_values, from_state = solved.split([v.shape[-1], k.shape[-1]], dim=-1)  # u = from_values - from_state @ S_0
+    scores = (q @ k.transpose(-1, -2)) * decay
+    q_decayed = q * cum.exp()[..., None]
+    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
+    chunk_decay = cum[..., -1].exp()[..., None, None]
+    outputs = []
+    for i in range(q.shape[2]):
+        innovations = from_values[:, :, i] - from_state[:, :, i] @ state
+        outputs.append(q_decayed[:, :, i] @ state + scores[:, :, i] @ innovations)
+        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ innovations
+    return state, torch.cat(outputs, dim=2)[:, :, :n]
+
+
+def l2_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm(x) * silu(gate) per value head: plain (not zero-centred) weight; the rounding points of Hugging
+    Face's Qwen3.5 code (normed in fp32, cast, times the weight, times silu(gate) in fp32, cast)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return (self.weight * normed * F.silu(gate.float())).to(x.dtype)
+
+
+class GatedDeltaNet(nn.Module):
+    """The token mixer of a linear-attention layer. Its projections in_proj_qkv, in_proj_z, in_proj_b and in_proj_a
+    are fused into one `in_proj` (one weight read); `conv1d` keeps Hugging Face's name and weight [C, 1, K]."""
+
+    def __init__(self, cfg: GDNConfig, hidden_size: int, eps: float, gdn_index: int) -> None:
+        super().__init__()
+        self.cfg, self.gdn_index = cfg, gdn_index
+        heads = cfg.num_value_heads
+        self.splits = [cfg.conv_dim, cfg.value_dim, heads, heads]  # qkv, z, b, a
+        self.in_proj = nn.Linear(hidden_size, sum(self.splits), bias=False)
+        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.conv_kernel, groups=cfg.conv_dim, bias=False)
+        self.dt_bias = nn.Parameter(torch.ones(heads))
+        self.A_log = nn.Parameter(torch.zeros(heads))
+        self.norm = GatedRMSNorm(cfg.value_head_dim, eps)
+        self.out_proj = nn.Linear(cfg.value_dim, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+        """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
+        sequence in a reused row), decided on the device. Updates the row states in `cache`."""
+        c, n = self.cfg, x.shape[1]
+        conv_state, state, windows, steps = cache.gdn_layer(self.gdn_index)
+        fresh = (positions[:, 0] == 0)[:, None, None]
+        qkv, z, beta, a = linear(x, self.in_proj.weight).split(self.splits, dim=-1)
+        window = torch.cat([torch.where(fresh, 0, conv_state), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
+        mixed = causal_conv(window, self.conv1d.weight).to(x.dtype).transpose(1, 2)
+        q, k, v = mixed.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
+        repeat = c.num_value_heads // c.num_key_heads  # each q/k head serves this many consecutive value heads
+        q, k = (l2_normalise(t.float().unflatten(-1, (c.num_key_heads, c.key_head_dim)))
+                .repeat_interleave(repeat, dim=2).transpose(1, 2) for t in (q, k))  # [b, h, n, Dk]
+        q = q * c.key_head_dim ** -0.5
+        v = v.float().unflatten(-1, (c.num_value_heads, c.value_head_dim)).transpose(1, 2)
+        g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).transpose(1, 2)  # [b, h, n]
+        beta = beta.sigmoid().float().transpose(1, 2)
+        current = torch.where(fresh[..., None], 0, state)
+        if cache.keeps_steps(n):  # decode or verify: token by token, every state kept for commit()
+            windows[..., :window.shape[-1]] = window
+            outputs = []
+            for t in range(n):
+                current, out = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t])
+                steps[:, t] = current
+                outputs.append(out)
+            out = torch.stack(outputs, dim=2)
+        else:  # a prefill
+            current, out = delta_rule_chunked(current, q, k, v, g, beta)
+        conv_state.copy_(window[..., window.shape[-1] - conv_state.shape[-1]:])
+        state.copy_(current)
+        out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
+        return linear(out.flatten(2), self.out_proj.weight)
