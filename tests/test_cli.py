@@ -521,6 +521,10 @@ BUG_CASES = [
     _bug("seed-out-of-range", lambda t, p: gen_args(t, *PROMPT_ARGS, "--temperature", "1", "--seed", str(2 ** 64)),
          ValueError, "engine/sampling.py SamplingParams.validate does not range-check seed; "
                      "torch.Generator.manual_seed(2**64) raises ValueError in engine/speculative.py _steps"),
+    _bug("device-mps", lambda t, p: gen_args(t, *PROMPT_ARGS, "--device", "mps"), RuntimeError,
+         "issue 24: only cuda was checked; torch accepts the name 'mps' and fails on the first tensor moved there"),
+    _bug("device-meta", lambda t, p: gen_args(t, *PROMPT_ARGS, "--device", "meta"), RuntimeError,
+         "issue 24: weights moved to 'meta' hold no data; the first real op fails"),
 ]
 
 

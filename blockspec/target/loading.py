@@ -21,16 +21,32 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
+def resolve_device(device: str) -> str:
+    """The device to run on: cpu, cuda or cuda:N ('auto': cuda when available). Anything else -- mps, meta, a
+    missing GPU -- is a one-line user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BlockspecError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise BlockspecError(f"--device {device} is not supported: blockspec runs on cpu or cuda[:N]")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BlockspecError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 elsewhere (fp16 reportedly destroys acceptance)."""
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise BlockspecError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    device = torch.device(resolve_device(device) if isinstance(device, str) else device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise BlockspecError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
