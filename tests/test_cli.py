@@ -341,6 +341,16 @@ def _only_pickle(tiny: TinyPair, tmp_path: Path) -> Path:
     return out
 
 
+def _non_finite_draft(tiny: TinyPair, tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = _draft_variant(tiny, tmp_path, weights=False)
+    tensors = load_file(str(tiny.draft / "model.safetensors"))
+    tensors["layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
 def _messages(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "messages.json"
     path.write_text(text)
@@ -402,6 +412,9 @@ ERROR_CASES = {
     "empty-raw-prompt": lambda t, p: (gen_args(t, "--prompt", "", "--no-chat-template"), ["prompt is empty"]),
     "device-cuda-on-cpu-machine": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--device", "cuda"),
                                                 ["CUDA is not available"]),
+    "draft-non-finite-weights": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, "--temperature", "0.8", draft=_non_finite_draft(t, p)),
+        ["'layers.0.mlp.up_proj.weight'", "not finite"]),
     "dtype-nonsense": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--dtype", "nonsense"), ["dtype", "'nonsense'"]),
     "unsupported-target-model-type": lambda t, p: (
         ["generate", "--target", _gpt2_target(p), "--draft", t.draft, *PROMPT_ARGS], ["model_type 'gpt2'"]),
