@@ -23,6 +23,9 @@ are dropped. A step with a sampling row first commits the step in flight.
 
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
 accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block).
+
+A request whose step cannot be computed (a sampled row whose probabilities are not finite) leaves the batch
+with a chunk whose `error` is set; the other rows' step completes as if it had not been there.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _finite(probs: torch.Tensor) -> bool:
+    """Whether a sampled row can be drawn from (a NaN or inf anywhere makes torch.multinomial raise)."""
+    return bool(torch.isfinite(probs).all())
+
+
+def _not_finite(model: str) -> str:
+    return f"the {model}'s probabilities for this request are not finite (NaN or inf)"
 
 
 @dataclass(eq=False)
@@ -61,6 +73,7 @@ class _Sequence:
     position: int = 0  # position of the newest committed token (not yet in the target cache)
     steps: int = 0  # steps committed
     launched: int = 0  # greedy steps launched (one ahead of `steps` while a step is in flight)
+    error: str | None = None  # why this request's step could not be computed (it leaves the batch)
 
 
 class BatchDecoder:
@@ -166,7 +179,7 @@ class BatchDecoder:
     def step(self) -> list[tuple[int, StreamChunk]]:
         """Admit waiting requests into free rows, then one draft + verify step for every active row.
         Returns (request id, chunk) for each request that committed tokens; a finished request's chunk
-        carries its result, and the request has left the batch."""
+        carries its result and a failed request's chunk its error, and the request has left the batch."""
         chunks: dict[int, StreamChunk] = {}
         while self.waiting and len(self.rows) < self.max_batch:
             self._join(self.waiting.popleft(), chunks)
@@ -213,7 +226,11 @@ class BatchDecoder:
         if seq.params.greedy:
             token = int(logits.argmax(-1))
         else:
-            token = int(sample(warped_probs(logits, seq.params), seq.generator))
+            probs = warped_probs(logits, seq.params)
+            if not _finite(probs):  # the row was never claimed: nothing to undo
+                chunks[seq.seq_id] = StreamChunk([], "", error=_not_finite("target"))
+                return
+            token = int(sample(probs, seq.generator))
         if self.draft is not None:  # the prompt becomes draft context now; nothing is pending for this row
             self.draft.store_context(features, positions, self.draft_cache.rows(row, row + 1))
         self.last_token[row] = token
@@ -277,8 +294,17 @@ class BatchDecoder:
             if launched is not None:
                 self._commit_launched(launched, chunks)
             return
-        for seq, (accepted, tokens) in zip(self.rows, self._mixed(n, block)):
-            self._commit_step(seq, accepted, tokens, chunks)
+        for seq, step in zip(self.rows, self._mixed(n, block)):
+            if step is not None:
+                self._commit_step(seq, *step, chunks)
+        self._drop_failed(chunks)
+
+    def _drop_failed(self, chunks: dict[int, StreamChunk]) -> None:
+        for row in reversed(range(len(self.rows))):
+            seq = self.rows[row]
+            if seq.error is not None:
+                self._leave(row)
+                chunks[seq.seq_id] = StreamChunk([], "", error=seq.error)
 
     def _commit_step(self, seq: _Sequence, accepted: int, tokens: list[int], chunks: dict[int, StreamChunk]) -> None:
         seq.output.stats.acceptance_lengths.append(accepted + 1)
@@ -363,8 +389,9 @@ class BatchDecoder:
         self.out[:nb, 1:block + 1] = choices
         self._advance(nb, block, accepted, choices.gather(1, accepted[:, None])[:, 0], verify_feat)
 
-    def _mixed(self, n: int, block: int) -> list[tuple[int, list[int]]]:
-        """An eager step for a batch with sampling rows: (accepted drafts, committed tokens) per row."""
+    def _mixed(self, n: int, block: int) -> list[tuple[int, list[int]] | None]:
+        """An eager step for a batch with sampling rows: (accepted drafts, committed tokens) per row, or None
+        for a row whose probabilities are not finite (its `error` is set; it draws nothing)."""
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
         draft_hidden = self._draft_hidden(n, block, block_pos, kv_len)
@@ -378,26 +405,36 @@ class BatchDecoder:
                 tokens = draft_logits[row, :k].argmax(-1) if k else draft_tokens[row, :0]
             else:
                 probs = warped_probs(draft_logits[row, :k], seq.params) if k else None
-                tokens = sample(probs, seq.generator) if k else draft_tokens[row, :0]
-            draft_tokens[row, :k] = tokens
+                if probs is not None and not _finite(probs):
+                    seq.error, probs = _not_finite("draft"), None
+                tokens = sample(probs, seq.generator) if probs is not None else draft_tokens[row, :0]
+            draft_tokens[row, :tokens.shape[0]] = tokens
             proposals.append((tokens, probs))
         block_ids = torch.cat([self.last_token[:n, None], draft_tokens], dim=1)
         hidden, verify_feat = self._verify(n, block_ids, block_pos, kv_len)
         logits = self.target.model.logits(hidden)
-        results = []
+        results: list[tuple[int, list[int]] | None] = []
         for row, (seq, (tokens, probs)) in enumerate(zip(self.rows, proposals)):
             k = tokens.shape[0]
+            if seq.error is not None:
+                results.append(None)
+                continue
             if seq.params.greedy:
                 host = accept_greedy(tokens, logits[row, :k + 1]).tolist()
                 accepted, committed = host[0], host[1:2 + host[0]]
             else:
                 target_probs = warped_probs(logits[row, :k + 1], seq.params)
+                if not _finite(target_probs):
+                    seq.error = _not_finite("target")
+                    results.append(None)
+                    continue
                 accepted, token = accept_sampled(tokens, probs, target_probs, seq.generator)
                 committed = tokens[:accepted].tolist() + [token]
             results.append((accepted, committed))
         device = self.target.device
-        accepted = torch.tensor([a for a, _ in results], device=device)
-        next_tokens = torch.tensor([c[-1] for _, c in results], device=device)
+        steps = [step or (0, [0]) for step in results]  # a failed row's state is dropped when it leaves
+        accepted = torch.tensor([a for a, _ in steps], device=device)
+        next_tokens = torch.tensor([c[-1] for _, c in steps], device=device)
         self._advance(n, block, accepted, next_tokens, verify_feat)
         return results
 

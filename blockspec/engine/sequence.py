@@ -30,6 +30,7 @@ class StreamChunk:
     token_ids: list[int]  # tokens committed by this step
     text: str  # text released by this step
     result: GenerationResult | None = field(default=None)  # set on the last chunk only
+    error: str | None = None  # set (and no result) when the request failed and left the batch
 
 
 def check_pair(target: Target, draft: DraftModel | None) -> None:
