@@ -10,7 +10,6 @@ and checks the answer against `blockspec generate`. Every wait is bounded in tim
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -88,8 +87,8 @@ class LiveServer:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+        """Every sample of /metrics, read with prometheus_client's parser: 'name{label="value"}' -> value."""
+        return sample_values(httpx.get(self.url + "/metrics", timeout=10).text)
 
     def wait_metric(self, name: str, predicate, timeout_s: float = 15.0) -> float:
         deadline = time.monotonic() + timeout_s
@@ -105,6 +104,16 @@ class LiveServer:
         self.thread.join(30)
         self.sock.close()
         assert not self.thread.is_alive(), "server did not stop"
+
+
+def sample_values(exposition: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def key(sample) -> str:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+        return f"{sample.name}{{{labels}}}" if labels else sample.name
+
+    return {key(s): s.value for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
 def start_server(target_dir: Path, draft_dir: Path, **app_kwargs) -> LiveServer:
@@ -179,12 +188,65 @@ def test_models_health_and_metrics_endpoints(server):
                  "blockspec_prompt_tokens_total", "blockspec_generation_tokens_total",
                  "blockspec_spec_decode_num_drafts_total", "blockspec_spec_decode_num_draft_tokens_total",
                  "blockspec_spec_decode_num_accepted_tokens_total",
-                 'blockspec_spec_decode_acceptance_length_bucket{le="8"}',
+                 'blockspec_spec_decode_acceptance_length_bucket{le="8.0"}',
                  'blockspec_spec_decode_acceptance_length_bucket{le="+Inf"}',
                  "blockspec_e2e_request_latency_seconds_count", "blockspec_time_to_first_token_seconds_sum",
                  "blockspec_time_per_output_token_seconds_count", "blockspec_request_queue_time_seconds_count",
                  "blockspec_num_requests_running", "blockspec_num_requests_waiting"):
         assert name in names, name
+
+
+def test_metrics_count_the_requests_served(server, tiny):
+    """/metrics read with prometheus_client's parser: a fresh app (each app has a registry of its own, beside
+    the module's server that has served requests already) counts exactly the requests it served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    chat(server.client(), max_tokens=2)
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny")
+    try:
+        response = httpx.get(live.url + "/metrics", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        assert families["blockspec_requests"].type == "counter"
+        assert families["blockspec_num_requests_running"].type == "gauge"
+        assert families["blockspec_spec_decode_acceptance_length"].type == "histogram"
+        fresh = sample_values(response.text)
+        assert fresh['blockspec_requests_total{outcome="length"}'] == fresh["blockspec_prompt_tokens_total"] == 0
+        assert server.metrics()["blockspec_prompt_tokens_total"] > 0
+
+        client = live.client()
+        whole = [chat(client, max_tokens=8, extra_body={"ignore_eos": True}),
+                 chat(client, PROMPT + " Briefly.", max_tokens=5, extra_body={"ignore_eos": True})]
+        chunks = list(chat(client, max_tokens=6, stream=True, stream_options={"include_usage": True},
+                           extra_body={"ignore_eos": True}))
+        assert httpx.post(live.url + "/v1/chat/completions", json={"messages": []}, timeout=10).status_code == 400
+        usages = [w.usage for w in whole] + [chunks[-1].usage]
+        specs = [w.model_extra["spec_decode_metrics"] for w in whole] + [chunks[-1].model_extra["spec_decode_metrics"]]
+        hist = [sum(h) for h in zip(*(s["acceptance_histogram"] for s in specs))]  # lengths 1..8, all requests
+
+        m = live.metrics()
+        assert {o: m[f'blockspec_requests_total{{outcome="{o}"}}'] for o in ("length", "stop", "invalid", "error")} \
+            == {"length": 3, "stop": 0, "invalid": 1, "error": 0}
+        assert m["blockspec_prompt_tokens_total"] == sum(u.prompt_tokens for u in usages)
+        assert m["blockspec_generation_tokens_total"] == sum(u.completion_tokens for u in usages) == 19
+        for name, key in (("num_drafts", "num_drafts"), ("num_draft_tokens", "num_draft_tokens"),
+                          ("num_accepted_tokens", "num_accepted_draft_tokens")):
+            assert m[f"blockspec_spec_decode_{name}_total"] == sum(s[key] for s in specs), name
+        length = "blockspec_spec_decode_acceptance_length"
+        assert m[f"{length}_count"] == sum(hist) == sum(s["num_drafts"] for s in specs)
+        assert m[f"{length}_sum"] == sum((i + 1) * n for i, n in enumerate(hist))
+        assert [m[f'{length}_bucket{{le="{n}.0"}}'] for n in range(1, 9)] == [sum(hist[:n]) for n in range(1, 9)]
+        assert m[f'{length}_bucket{{le="+Inf"}}'] == sum(hist)
+        for name in ("e2e_request_latency", "time_to_first_token", "time_per_output_token", "request_queue_time"):
+            assert m[f"blockspec_{name}_seconds_count"] == 3, name
+            assert m[f'blockspec_{name}_seconds_bucket{{le="+Inf"}}'] == 3, name
+        assert m["blockspec_num_requests_running"] == m["blockspec_num_requests_waiting"] == 0
+        openmetrics = httpx.get(live.url + "/metrics", timeout=10,
+                                headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n")
+    finally:
+        live.stop()
 
 
 def test_chat_streaming_and_not(server, tiny):
@@ -677,8 +739,9 @@ def test_one_failing_request_does_not_fail_the_others_in_its_batch(tiny):
         assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
         assert text == expected
         after = live.metrics()
-        assert after['blockspec_requests_total{outcome="error"}'] == before['blockspec_requests_total{outcome="error"}'] + 2
-        assert after['blockspec_requests_total{outcome="length"}'] == before['blockspec_requests_total{outcome="length"}'] + 1
+        for outcome, more in (("error", 2), ("length", 1)):
+            key = f'blockspec_requests_total{{outcome="{outcome}"}}'
+            assert after[key] == before[key] + more, outcome
     finally:
         live.stop()
 

@@ -1,11 +1,11 @@
 """The OpenAI-compatible HTTP application: `create_app(target, draft)` returns a FastAPI app.
 
-Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models, POST /v1/chat/completions and
-POST /v1/completions (server-sent events with `"stream": true`). The event loop only reads, validates,
-queues and formats; tokenizing (and the chat template) runs on a thread of its own, and generation on the
-worker thread of worker.py, which decodes up to `max_num_seqs` requests together (continuous batching: they
-join in arrival order and leave between steps). A client that disconnects has its generation cancelled
-between two decoding steps.
+Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models,
+POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`). The event
+loop only reads, validates, queues and formats; tokenizing (and the chat template) runs on a thread of its
+own, and generation on the worker thread of worker.py, which decodes up to `max_num_seqs` requests together
+(continuous batching: they join in arrival order and leave between steps). A client that disconnects has
+its generation cancelled between two decoding steps.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with short messages that never
 echo a huge input or a library's internals: 400 for bad input (malformed JSON, wrong types, unsupported
@@ -32,7 +32,7 @@ from contextlib import asynccontextmanager
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -199,7 +199,7 @@ class Service:
     def error_response(self, status: int, message: str, param: str | None = None, code: str | None = None,
                        headers: dict[str, str] | None = None) -> JSONResponse:
         if 400 <= status < 500:
-            self.metrics.requests.inc(outcome="invalid")
+            self.metrics.requests.labels(outcome="invalid").inc()
         return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
     def api_key_ok(self, scope: dict) -> bool:
@@ -265,8 +265,7 @@ class Service:
     # ---- queue and answer -------------------------------------------------------------------------------
     def retry_after_s(self) -> int:
         """A guess at when a place frees up: mean request latency so far times the batches of requests ahead."""
-        e2e = self.metrics.e2e
-        mean = e2e.sum / e2e.count if e2e.count else 1.0
+        mean = self.metrics.mean_latency_s() or 1.0
         batches_ahead = math.ceil((self.worker.num_waiting + 1) / self.worker.decoder.max_batch)
         return int(min(60, max(1, math.ceil(mean * batches_ahead))))
 
@@ -277,14 +276,14 @@ class Service:
             raise APIError(400, f"block_size {brief(body.block_size)} exceeds the draft's trained block size "
                                 f"{self.max_block}", param="block_size")
         if self.draining:
-            self.metrics.requests.inc(outcome="rejected")
+            self.metrics.requests.labels(outcome="rejected").inc()
             raise APIError(503, "the server is shutting down: retry on another server or later",
                            code="shutting_down")
         job = Job(prompt_ids, params, asyncio.get_running_loop(), body.block_size)
         try:
             self.worker.submit(job)
         except QueueFull:
-            self.metrics.requests.inc(outcome="rejected")
+            self.metrics.requests.labels(outcome="rejected").inc()
             running = self.worker.num_jobs - self.worker.num_waiting
             raise APIError(503, f"the server is busy ({running} requests running, {self.worker.num_waiting} "
                                 f"waiting): retry later", code="queue_full",
@@ -449,7 +448,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error", exc_info=exc)
-        service.metrics.requests.inc(outcome="error")
+        service.metrics.requests.labels(outcome="error").inc()
         return service.error_response(500, "internal error (the server log has the details)")
 
     @app.get("/health")
@@ -459,8 +458,9 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        body, content_type = service.metrics.exposition(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
     async def models() -> dict:

@@ -92,7 +92,7 @@ class Worker:
                 return  # running (the thread drops it before the next step) or already finished
             self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
-        self.metrics.requests.inc(outcome="cancelled")
+        self.metrics.requests.labels(outcome="cancelled").inc()
         job.emit("cancelled", None)
 
     @property
@@ -135,14 +135,14 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         if job.cancelled.is_set():  # cancelled just as it left the queue
-            self.metrics.requests.inc(outcome="cancelled")
+            self.metrics.requests.labels(outcome="cancelled").inc()
             job.emit("cancelled", None)
             return
         self.metrics.queue_time.observe(time.perf_counter() - job.submitted_s)
         try:
             seq_id = self.decoder.add(job.prompt_ids, job.params, job.block_size)
         except BlockspecError as exc:  # a request the checks in app.py let through; the engine refused it
-            self.metrics.requests.inc(outcome="error")
+            self.metrics.requests.labels(outcome="error").inc()
             job.emit("error", (400, str(exc)))
             return
         self.running[seq_id] = job
@@ -152,7 +152,7 @@ class Worker:
             if job.cancelled.is_set():
                 self.decoder.cancel(seq_id)
                 del self.running[seq_id]
-                self.metrics.requests.inc(outcome="cancelled")
+                self.metrics.requests.labels(outcome="cancelled").inc()
                 self.metrics.prompt_tokens.inc(len(job.prompt_ids))
                 self.metrics.generation_tokens.inc(job.generated)
                 job.emit("cancelled", None)
@@ -164,27 +164,32 @@ class Worker:
             log.exception("generation failed")
             for seq_id, job in self.running.items():
                 self.decoder.cancel(seq_id)
-                self.metrics.requests.inc(outcome="error")
+                self.metrics.requests.labels(outcome="error").inc()
                 job.emit("error", (500, "internal error during generation (the server log has the details)"))
             self.running.clear()
             return
+        events = []
         for seq_id, chunk in outputs:
             job = self.running[seq_id]
             if chunk.error is not None:  # this request alone failed and left the batch
                 log.error("request %d failed: %s", seq_id, chunk.error)
                 del self.running[seq_id]
-                self.metrics.requests.inc(outcome="error")
-                job.emit("error", (500, f"generation failed: {chunk.error}"))
+                self.metrics.requests.labels(outcome="error").inc()
+                events.append((job, "error", (500, f"generation failed: {chunk.error}")))
                 continue
             job.generated += len(chunk.token_ids)
-            job.emit("chunk", chunk)
             if chunk.result is not None:
                 del self.running[seq_id]
                 self._record_finished(job, chunk.result)
+            events.append((job, "chunk", chunk))
+        # the metrics first: a client that reads /metrics once answered finds its request counted
+        self.metrics.running.set(len(self.running))
+        for job, kind, payload in events:
+            job.emit(kind, payload)
 
     def _record_finished(self, job: Job, result: GenerationResult) -> None:
         m, s = self.metrics, result.stats
-        m.requests.inc(outcome=result.finish_reason)
+        m.requests.labels(outcome=result.finish_reason).inc()
         m.prompt_tokens.inc(s.prompt_tokens)
         m.generation_tokens.inc(s.generated_tokens)
         m.num_drafts.inc(s.steps)
