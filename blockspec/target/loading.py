@@ -120,7 +120,7 @@ def gguf_as_hf_dir(gguf: Path) -> Path:
         os.replace(tmp, out)
     except OSError as exc:
         if not (out / "config.json").is_file():  # else another process finished the same conversion first
-            reason = exc.strerror or str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:160]
             raise BlockspecError(f"converting {gguf.name} into the cache {out.parent} failed ({reason}): check the "
                                  f"free space there, or set BLOCKSPEC_CACHE to another folder") from None
     finally:

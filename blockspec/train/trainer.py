@@ -130,8 +130,12 @@ def remove_stale_temporaries(out: Path) -> None:
     """Half-written files that a killed run left in its output folder (ours are removed as we go)."""
     mine = f".tmp-{os.getpid()}"
     for path in [*out.glob(f"{CHECKPOINT}.tmp-*"), *out.glob(f".{DRAFT_DIR}.tmp-*")]:
-        if not path.name.endswith(mine):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.name.endswith(mine):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def load_checkpoint(path: Path) -> dict:
