@@ -700,10 +700,11 @@ def test_cli_serves_until_interrupted(tiny):
 
 
 # ---- faults and abuse (issue 24) --------------------------------------------------------------------------
-def sse_events(lines) -> list:
-    """The data events of an SSE stream, decoded ("[DONE]" stays a string), until the stream ends."""
-    return [line[6:] if line == "data: [DONE]" else json.loads(line[6:]) for line in lines
-            if line.startswith("data: ")]
+def sse_events(lines):
+    """The data events of an SSE stream as they come, decoded ("[DONE]" stays a string)."""
+    for line in lines:
+        if line.startswith("data: "):
+            yield line[6:] if line == "data: [DONE]" else json.loads(line[6:])
 
 
 def test_one_failing_request_does_not_fail_the_others_in_its_batch(tiny):
@@ -730,11 +731,11 @@ def test_one_failing_request_does_not_fail_the_others_in_its_batch(tiny):
                 chat(client, temperature=0.8, seed=5, max_tokens=20)
             assert info.value.status_code == 500 and "not finite" in info.value.message
             with httpx.stream("POST", live.url + "/v1/completions", json=sampled, timeout=60) as response:
-                events = sse_events(response.iter_lines())
+                events = list(sse_events(response.iter_lines()))
             assert events[-1] == "[DONE]" and "not finite" in events[-2]["error"]["message"]
             assert events[-2]["error"]["type"] == "server_error"
             live.wait_metric("blockspec_num_requests_running", lambda v: v == 1)  # the greedy stream runs on
-            rest = sse_events(lines)
+            rest = list(sse_events(lines))
         text = "".join(e["choices"][0]["text"] for e in [json.loads(first[6:])] + rest[:-1])
         assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
         assert text == expected
@@ -894,10 +895,9 @@ def test_sigterm_drains_streams_then_exits(tmp_path, tiny):
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
             assert response.status_code == 200
             events = []
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:] if line == "data: [DONE]" else json.loads(line[6:]))
-                    started[i].set()
+            for event in sse_events(response.iter_lines()):
+                events.append(event)
+                started[i].set()
             return events
 
     try:
