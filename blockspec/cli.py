@@ -92,14 +92,11 @@ def _read_messages(path: Path) -> list[dict]:
 
 def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str) -> tuple[object, object, bool]:
     """(target, draft, draft_is_trained): the draft defaults to the one shipped for the default target."""
-    import torch
-
     from blockspec.draft import load_draft, new_draft_for_target
     from blockspec.shipped import default_draft_for
-    from blockspec.target import load_target
+    from blockspec.target import load_target, resolve_device
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(device)
     target = load_target(target_name, device=device, dtype=dtype)
     if draft_name is None:
         draft_name = default_draft_for(target_name) or UNTRAINED_DRAFT

@@ -268,6 +268,29 @@ def iter_until_done(decoder):
         yield from decoder.step()
 
 
+def test_a_request_whose_step_cannot_be_computed_leaves_the_others_untouched(zoo):
+    """A sampled row whose draft probabilities are not finite (a NaN put into the draft's weights after
+    loading) leaves the batch with an error chunk; the greedy rows beside it, one of which moves into its
+    cache row, decode exactly plain greedy. Before, the whole step raised (issue 24, item 3)."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.custom_draft("qwen3", "dflash", block_size=8, seed=5)
+    with torch.no_grad():
+        draft.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    prompts = prompts_of([6, 11, 4], tiny.config.vocab_size, seed=3)
+    sampled = SamplingParams(max_new_tokens=20, temperature=0.8, seed=1, ignore_eos=True)
+    greedy = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=3, max_len=64)
+    ids = [decoder.add(prompts[0], sampled), decoder.add(prompts[1], greedy), decoder.add(prompts[2], greedy)]
+    chunks = {i: [] for i in ids}
+    for seq_id, chunk in iter_until_done(decoder):
+        chunks[seq_id].append(chunk)
+    (failed,) = chunks[ids[0]]
+    assert failed.result is None and failed.token_ids == [] and "draft's probabilities" in failed.error
+    for seq_id, prompt in zip(ids[1:], prompts[1:]):
+        assert all(c.error is None for c in chunks[seq_id])
+        assert chunks[seq_id][-1].result.token_ids == zoo.ar("qwen3", prompt, 20)
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.integers(1, 20), st.integers(1, 24), st.integers(0, 4)), min_size=1, max_size=6),
        st.integers(1, 4))

@@ -341,6 +341,16 @@ def _only_pickle(tiny: TinyPair, tmp_path: Path) -> Path:
     return out
 
 
+def _non_finite_draft(tiny: TinyPair, tmp_path: Path) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = _draft_variant(tiny, tmp_path, weights=False)
+    tensors = load_file(str(tiny.draft / "model.safetensors"))
+    tensors["layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
 def _messages(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "messages.json"
     path.write_text(text)
@@ -402,6 +412,9 @@ ERROR_CASES = {
     "empty-raw-prompt": lambda t, p: (gen_args(t, "--prompt", "", "--no-chat-template"), ["prompt is empty"]),
     "device-cuda-on-cpu-machine": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--device", "cuda"),
                                                 ["CUDA is not available"]),
+    "draft-non-finite-weights": lambda t, p: (
+        gen_args(t, *PROMPT_ARGS, "--temperature", "0.8", draft=_non_finite_draft(t, p)),
+        ["'layers.0.mlp.up_proj.weight'", "not finite"]),
     "dtype-nonsense": lambda t, p: (gen_args(t, *PROMPT_ARGS, "--dtype", "nonsense"), ["dtype", "'nonsense'"]),
     "unsupported-target-model-type": lambda t, p: (
         ["generate", "--target", _gpt2_target(p), "--draft", t.draft, *PROMPT_ARGS], ["model_type 'gpt2'"]),
@@ -521,6 +534,10 @@ BUG_CASES = [
     _bug("seed-out-of-range", lambda t, p: gen_args(t, *PROMPT_ARGS, "--temperature", "1", "--seed", str(2 ** 64)),
          ValueError, "engine/sampling.py SamplingParams.validate does not range-check seed; "
                      "torch.Generator.manual_seed(2**64) raises ValueError in engine/speculative.py _steps"),
+    _bug("device-mps", lambda t, p: gen_args(t, *PROMPT_ARGS, "--device", "mps"), RuntimeError,
+         "issue 24: only cuda was checked; torch accepts the name 'mps' and fails on the first tensor moved there"),
+    _bug("device-meta", lambda t, p: gen_args(t, *PROMPT_ARGS, "--device", "meta"), RuntimeError,
+         "issue 24: weights moved to 'meta' hold no data; the first real op fails"),
 ]
 
 
@@ -562,3 +579,100 @@ def test_copy_of_default_gguf_gets_the_shipped_draft(tmp_path):
     copy.rename(renamed)
     assert default_draft_for(str(renamed)) is None
     assert default_draft_for(str(tmp_path / "missing" / SMOLLM2_GGUF)) is None
+
+
+# ---- the GGUF conversion cache (issue 24) -----------------------------------------------------------------
+class _FakeConversion:
+    """Stands in for transformers' GGUF loaders: each save writes one small file (the real conversion takes
+    ~20 s and 517 MB); `fail_save` raises as a full disk would."""
+
+    def __init__(self, monkeypatch, fail_save: bool = False) -> None:
+        import transformers
+
+        self.calls, self.fail_save = 0, fail_save
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", self.loaded("config.json"))
+        monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", self.loaded("tokenizer.json"))
+
+    def loaded(self, filename: str):
+        def from_pretrained(*args, **kwargs):
+            self.calls += 1
+            return self._Saved(filename, self)
+        return from_pretrained
+
+    class _Saved:
+        def __init__(self, filename: str, owner: "_FakeConversion") -> None:
+            self.filename, self.owner, self.config = filename, owner, type("Config", (), {})()
+
+        def save_pretrained(self, folder) -> None:
+            (Path(folder) / self.filename).write_text("{}")
+            if self.owner.fail_save:
+                raise OSError(28, "No space left on device")
+
+
+def _fake_gguf(tmp_path: Path) -> Path:
+    path = tmp_path / "models" / "tiny.gguf"
+    path.parent.mkdir()
+    path.write_bytes(b"GGUF" + bytes(60))
+    return path
+
+
+def _all_files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_gguf_conversion_works_when_the_temp_folder_is_another_filesystem(tmp_path, monkeypatch):
+    """The first run converted in /tmp and renamed into the cache; across filesystems the rename fails (here
+    simulated: every rename between two different folders fails with EXDEV, as Linux does across mounts)
+    and the copy was deleted, returning a folder that did not exist."""
+    import errno
+    import tempfile
+
+    from blockspec.target.loading import gguf_as_hf_dir
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    monkeypatch.setenv("BLOCKSPEC_CACHE", str(tmp_path / "cache"))  # does not exist yet: a first run
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).parent != Path(dst).parent:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    fake = _FakeConversion(monkeypatch)
+    gguf = _fake_gguf(tmp_path)
+    out = gguf_as_hf_dir(gguf)
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert out.parent == tmp_path / "cache" / "gguf" and _all_files(out.parent) == sorted(
+        [out.name, f"{out.name}/config.json", f"{out.name}/tokenizer.json"])
+    assert _all_files(system_tmp) == []
+    assert gguf_as_hf_dir(gguf) == out and fake.calls == 2  # the second run finds the cached copy
+
+
+def test_gguf_conversion_into_an_unwritable_cache_is_one_line_and_leaves_nothing(capsys, tmp_path, monkeypatch):
+    """BLOCKSPEC_CACHE under a regular file was a NotADirectoryError traceback after the whole conversion, and
+    every attempt left the converted copy (517 MB for SmolLM2) in /tmp; a full disk left a half-written one."""
+    import tempfile
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    gguf = _fake_gguf(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("BLOCKSPEC_CACHE", str(tmp_path / "a-file" / "cache"))
+    fake = _FakeConversion(monkeypatch)
+    code, out, err = cli(capsys, "generate", "--target", gguf, "--prompt", "hi")
+    assert_user_error(code, out, err, str(tmp_path / "a-file"), "BLOCKSPEC_CACHE")
+    assert fake.calls == 0  # refused before converting
+    assert _all_files(system_tmp) == []
+
+    monkeypatch.setenv("BLOCKSPEC_CACHE", str(tmp_path / "cache"))
+    fake = _FakeConversion(monkeypatch, fail_save=True)
+    code, out, err = cli(capsys, "generate", "--target", gguf, "--prompt", "hi")
+    assert code == 2 and out == "" and "Traceback" not in err
+    notice, error = err.strip().splitlines()  # "converting ... once", then the error
+    assert error.startswith("blockspec: error: ") and "No space left on device" in error and "BLOCKSPEC_CACHE" in error
+    assert fake.calls == 1
+    assert _all_files(system_tmp) == [] and _all_files(tmp_path / "cache") == ["gguf"]

@@ -10,7 +10,6 @@ and checks the answer against `blockspec generate`. Every wait is bounded in tim
 from __future__ import annotations
 
 import json
-import re
 import socket
 import subprocess
 import sys
@@ -88,8 +87,8 @@ class LiveServer:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
 
     def metrics(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10).text
-        return {m.group(1): float(m.group(2)) for m in re.finditer(r"^(\S+) (\S+)$", text, re.M)}
+        """Every sample of /metrics, read with prometheus_client's parser: 'name{label="value"}' -> value."""
+        return sample_values(httpx.get(self.url + "/metrics", timeout=10).text)
 
     def wait_metric(self, name: str, predicate, timeout_s: float = 15.0) -> float:
         deadline = time.monotonic() + timeout_s
@@ -105,6 +104,16 @@ class LiveServer:
         self.thread.join(30)
         self.sock.close()
         assert not self.thread.is_alive(), "server did not stop"
+
+
+def sample_values(exposition: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def key(sample) -> str:
+        labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+        return f"{sample.name}{{{labels}}}" if labels else sample.name
+
+    return {key(s): s.value for family in text_string_to_metric_families(exposition) for s in family.samples}
 
 
 def start_server(target_dir: Path, draft_dir: Path, **app_kwargs) -> LiveServer:
@@ -179,12 +188,65 @@ def test_models_health_and_metrics_endpoints(server):
                  "blockspec_prompt_tokens_total", "blockspec_generation_tokens_total",
                  "blockspec_spec_decode_num_drafts_total", "blockspec_spec_decode_num_draft_tokens_total",
                  "blockspec_spec_decode_num_accepted_tokens_total",
-                 'blockspec_spec_decode_acceptance_length_bucket{le="8"}',
+                 'blockspec_spec_decode_acceptance_length_bucket{le="8.0"}',
                  'blockspec_spec_decode_acceptance_length_bucket{le="+Inf"}',
                  "blockspec_e2e_request_latency_seconds_count", "blockspec_time_to_first_token_seconds_sum",
                  "blockspec_time_per_output_token_seconds_count", "blockspec_request_queue_time_seconds_count",
                  "blockspec_num_requests_running", "blockspec_num_requests_waiting"):
         assert name in names, name
+
+
+def test_metrics_count_the_requests_served(server, tiny):
+    """/metrics read with prometheus_client's parser: a fresh app (each app has a registry of its own, beside
+    the module's server that has served requests already) counts exactly the requests it served."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    chat(server.client(), max_tokens=2)
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny")
+    try:
+        response = httpx.get(live.url + "/metrics", timeout=10)
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        assert families["blockspec_requests"].type == "counter"
+        assert families["blockspec_num_requests_running"].type == "gauge"
+        assert families["blockspec_spec_decode_acceptance_length"].type == "histogram"
+        fresh = sample_values(response.text)
+        assert fresh['blockspec_requests_total{outcome="length"}'] == fresh["blockspec_prompt_tokens_total"] == 0
+        assert server.metrics()["blockspec_prompt_tokens_total"] > 0
+
+        client = live.client()
+        whole = [chat(client, max_tokens=8, extra_body={"ignore_eos": True}),
+                 chat(client, PROMPT + " Briefly.", max_tokens=5, extra_body={"ignore_eos": True})]
+        chunks = list(chat(client, max_tokens=6, stream=True, stream_options={"include_usage": True},
+                           extra_body={"ignore_eos": True}))
+        assert httpx.post(live.url + "/v1/chat/completions", json={"messages": []}, timeout=10).status_code == 400
+        usages = [w.usage for w in whole] + [chunks[-1].usage]
+        specs = [w.model_extra["spec_decode_metrics"] for w in whole] + [chunks[-1].model_extra["spec_decode_metrics"]]
+        hist = [sum(h) for h in zip(*(s["acceptance_histogram"] for s in specs))]  # lengths 1..8, all requests
+
+        m = live.metrics()
+        assert {o: m[f'blockspec_requests_total{{outcome="{o}"}}'] for o in ("length", "stop", "invalid", "error")} \
+            == {"length": 3, "stop": 0, "invalid": 1, "error": 0}
+        assert m["blockspec_prompt_tokens_total"] == sum(u.prompt_tokens for u in usages)
+        assert m["blockspec_generation_tokens_total"] == sum(u.completion_tokens for u in usages) == 19
+        for name, key in (("num_drafts", "num_drafts"), ("num_draft_tokens", "num_draft_tokens"),
+                          ("num_accepted_tokens", "num_accepted_draft_tokens")):
+            assert m[f"blockspec_spec_decode_{name}_total"] == sum(s[key] for s in specs), name
+        length = "blockspec_spec_decode_acceptance_length"
+        assert m[f"{length}_count"] == sum(hist) == sum(s["num_drafts"] for s in specs)
+        assert m[f"{length}_sum"] == sum((i + 1) * n for i, n in enumerate(hist))
+        assert [m[f'{length}_bucket{{le="{n}.0"}}'] for n in range(1, 9)] == [sum(hist[:n]) for n in range(1, 9)]
+        assert m[f'{length}_bucket{{le="+Inf"}}'] == sum(hist)
+        for name in ("e2e_request_latency", "time_to_first_token", "time_per_output_token", "request_queue_time"):
+            assert m[f"blockspec_{name}_seconds_count"] == 3, name
+            assert m[f'blockspec_{name}_seconds_bucket{{le="+Inf"}}'] == 3, name
+        assert m["blockspec_num_requests_running"] == m["blockspec_num_requests_waiting"] == 0
+        openmetrics = httpx.get(live.url + "/metrics", timeout=10,
+                                headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+        assert openmetrics.text.endswith("# EOF\n")
+    finally:
+        live.stop()
 
 
 def test_chat_streaming_and_not(server, tiny):
@@ -520,6 +582,17 @@ BAD_REQUESTS = {
     "two prompts": _completion(prompt=["a", "b"]),
     "block_size above the draft's": _chat(block_size=9),
     "block_size zero": _chat(block_size=0),
+    # issue 24, item 6: these were 500s echoing the exception, or messages echoing the input in full
+    "nested 10,000 levels deep": ("/v1/chat/completions", b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"),
+    "integer of 5,000 digits": ("/v1/completions", b'{"prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}"),
+    "seed of 4,000 digits": _chat(seed=10**3999),
+    "n of 4,000 digits": _chat(n=10**3999),
+    "block_size of 4,000 digits": _chat(block_size=10**3999),
+    "max_tokens of 4,000 digits (context)": _chat(max_tokens=10**3999),
+    "model name of a megabyte": _chat(model="m" * 2**20),
+    "template kwargs set messages": _chat(chat_template_kwargs={"messages": 3}),
+    "template kwargs trip the tokenizer": _chat(chat_template_kwargs={"self": 1}),
+    "prompt of 3 MB, far beyond the context": _completion(prompt="lighthouse " * (3 * 2**20 // 11)),
 }
 NOT_FOUND = {
     "unknown model": _chat(model="gpt-17"),
@@ -537,6 +610,7 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
     assert response.status_code == (404 if case == "unknown path" else 400), response.text
     error = response.json()["error"]
     assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
+    assert len(error["message"]) <= 300 and "Error" not in error["message"], error["message"]  # no internals
     assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
     if "context" in case or "huge" in case:
         assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
@@ -589,6 +663,9 @@ def test_cli_user_errors(capsys, tiny):
     _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
                              "--max-num-seqs", "0"], "max_num_seqs")
     _one_error_line(capsys, ["serve", "--port", "70000"], "70000")
+    _one_error_line(capsys, ["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout")
+    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
+                             "--max-request-bytes", "0"], "request size limit")
 
 
 def test_cli_serves_until_interrupted(tiny):
@@ -620,3 +697,244 @@ def test_cli_serves_until_interrupted(tiny):
             proc.communicate()
     assert proc.returncode == 0, err
     assert f"http://127.0.0.1:{port}/v1" in err and "Traceback" not in err
+
+
+# ---- faults and abuse (issue 24) --------------------------------------------------------------------------
+def sse_events(lines):
+    """The data events of an SSE stream as they come, decoded ("[DONE]" stays a string)."""
+    for line in lines:
+        if line.startswith("data: "):
+            yield line[6:] if line == "data: [DONE]" else json.loads(line[6:])
+
+
+def test_one_failing_request_does_not_fail_the_others_in_its_batch(tiny):
+    """A sampled request whose draft probabilities are not finite (a NaN put into the served draft's weights)
+    gets a 500 alone -- a whole answer, or an SSE error event then [DONE] -- while the greedy stream decoding
+    beside it in the same batch finishes with exactly its answer. Before, the step's exception answered 500
+    to every request in the batch (issue 24, item 3)."""
+    import torch
+
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny")
+    try:
+        client = live.client()
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
+        expected = httpx.post(live.url + "/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        with torch.no_grad():  # the worker is idle between requests
+            live.service.worker.decoder.proposer.draft.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+        before = live.metrics()
+        sampled = {"model": "tiny", "prompt": "hi", "max_tokens": 20, "temperature": 0.8, "stream": True}
+        with httpx.stream("POST", live.url + "/v1/completions", json={**body, "stream": True}, timeout=60) as greedy:
+            lines = greedy.iter_lines()
+            first = next(line for line in lines if line.startswith("data: "))
+            live.wait_metric("blockspec_num_requests_running", lambda v: v == 1)
+            with pytest.raises(openai.InternalServerError) as info:
+                chat(client, temperature=0.8, seed=5, max_tokens=20)
+            assert info.value.status_code == 500 and "not finite" in info.value.message
+            with httpx.stream("POST", live.url + "/v1/completions", json=sampled, timeout=60) as response:
+                events = list(sse_events(response.iter_lines()))
+            assert events[-1] == "[DONE]" and "not finite" in events[-2]["error"]["message"]
+            assert events[-2]["error"]["type"] == "server_error"
+            live.wait_metric("blockspec_num_requests_running", lambda v: v == 1)  # the greedy stream runs on
+            rest = list(sse_events(lines))
+        text = "".join(e["choices"][0]["text"] for e in [json.loads(first[6:])] + rest[:-1])
+        assert rest[-1] == "[DONE]" and rest[-2]["choices"][0]["finish_reason"] == "length"
+        assert text == expected
+        after = live.metrics()
+        for outcome, more in (("error", 2), ("length", 1)):
+            key = f'blockspec_requests_total{{outcome="{outcome}"}}'
+            assert after[key] == before[key] + more, outcome
+    finally:
+        live.stop()
+
+
+def _health_latencies(url: str, stop: threading.Event) -> list[float]:
+    latencies = []
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+        start = time.monotonic()
+        assert httpx.get(url + "/health", timeout=10).status_code == 200
+        latencies.append(time.monotonic() - start)
+        time.sleep(0.02)
+    return latencies
+
+
+def _while_polling_health(url: str, action):
+    """Run `action()` while another thread polls /health: (action's result, the slowest /health answer)."""
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        poller = pool.submit(_health_latencies, url, stop)
+        time.sleep(0.1)
+        try:
+            result = action()
+        finally:
+            stop.set()
+        latencies = poller.result(timeout=60)
+    assert len(latencies) >= 3
+    return result, max(latencies)
+
+
+def test_a_huge_body_is_refused_and_the_server_stays_responsive(server):
+    """A 10 MB body is refused with 413 (at once from Content-Length, or as it streams in without one), a
+    3 MB prompt under the limit is refused before it is tokenized, and /health answers in < 0.5 s meanwhile.
+    Before, a 10 MB chat body was tokenized on the event loop: /health took ~9 s (issue 24, item 4)."""
+    content = "lighthouse " * (10 * 2**20 // 11)
+    body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": content}]}).encode()
+    assert len(body) > 10 * 2**20
+
+    def chunked():  # no Content-Length: the limit applies while the body streams in
+        for i in range(0, len(body), 2**20):
+            time.sleep(0.05)
+            yield body[i:i + 2**20]
+
+    for kwargs in ({"content": body}, {"content": chunked()}):
+        response, slowest = _while_polling_health(server.url, lambda: httpx.post(
+            server.url + "/v1/chat/completions", timeout=60, **kwargs))
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "request_too_large" and slowest < 0.5, slowest
+    prompt = "lighthouse " * (3 * 2**20 // 11)  # under the 4 MiB default
+    response, slowest = _while_polling_health(server.url, lambda: httpx.post(
+        server.url + "/v1/completions", timeout=60, json={"model": "tiny", "prompt": prompt}))
+    assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+    assert slowest < 0.5, slowest
+    assert chat(server.client(), max_tokens=2).usage.completion_tokens >= 1
+
+
+def test_tokenizing_runs_off_the_event_loop(tiny):
+    """However slow the chat template, /health answers at once, and so does the request limit."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_request_bytes=1000)
+    encoder = live.service.encoder
+
+    class SlowEncoder:
+        def encode(self, *args, **kwargs):
+            time.sleep(1.5)
+            return encoder.encode(*args, **kwargs)
+
+    live.service.encoder = SlowEncoder()
+    try:
+        answer, slowest = _while_polling_health(live.url, lambda: chat(live.client(), max_tokens=2))
+        assert answer.usage.completion_tokens >= 1 and slowest < 0.5, slowest
+        response = httpx.post(live.url + "/v1/completions", timeout=10, json={"prompt": "x" * 1000})
+        assert response.status_code == 413 and "1000 bytes" in response.json()["error"]["message"]
+        assert httpx.post(live.url + "/v1/completions", timeout=30, json={"prompt": "x", "max_tokens": 1}
+                          ).status_code == 200
+    finally:
+        live.stop()
+
+
+def test_a_burst_is_admitted_up_to_the_configured_capacity(tiny):
+    """With max_num_seqs 4 and max_queue 8, 40 simultaneous streams: exactly 12 admitted (4 running, 8
+    waiting), 28 answered 503. Before, the waiting places filled up while the worker was busy with a step,
+    before it could move requests into the batch, so only 9 of 40 got in (issue 24, item 7). Each step
+    here takes 0.3 s, as the default pair's do on a CPU."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_num_seqs=4, max_queue=8)
+    decoder = live.service.worker.decoder
+    step = decoder.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return step()
+
+    decoder.step = slow_step
+    barrier = threading.Barrier(40, timeout=60)
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 900, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    release = threading.Event()
+
+    def one(i: int) -> int:
+        with httpx.Client(timeout=60) as http:
+            barrier.wait()
+            with http.stream("POST", live.url + "/v1/completions", json=body) as response:
+                release.wait(60)  # keep the admitted ones open until every status is in
+                return response.status_code
+
+    try:
+        with ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(one, i) for i in range(40)]
+            deadline = time.monotonic() + 60
+            while live.metrics()['blockspec_requests_total{outcome="rejected"}'] < 28:
+                assert time.monotonic() < deadline, live.metrics()
+                time.sleep(0.05)
+            live.wait_metric("blockspec_num_requests_waiting", lambda v: v == 8)  # after the worker's next step
+            live.wait_metric("blockspec_num_requests_running", lambda v: v == 4)
+            release.set()
+            statuses = [f.result(timeout=60) for f in futures]
+        assert statuses.count(200) == 12 and statuses.count(503) == 28
+        live.wait_metric("blockspec_num_requests_running", lambda v: v == 0)
+    finally:
+        release.set()
+        live.stop()
+
+
+def test_sigterm_drains_streams_then_exits(tmp_path, tiny):
+    """`blockspec serve` with 4 streams in flight gets SIGTERM: new requests get 503, the two short streams
+    finish, the two that cannot finish within --shutdown-timeout end with an SSE error event, every stream
+    ends with [DONE], and the process exits 0 within its grace period. Before, uvicorn cut the streams off
+    mid-chunk ("incomplete chunked read", no [DONE]) (issue 24, item 5)."""
+    import signal
+
+    from blockspec.draft import new_draft_for_target, save_draft
+
+    grace = 4.0
+    # a context long enough that the long streams cannot finish within the grace period on any CPU
+    config = save_tiny_chat_target(tmp_path / "target", tiny.tokenizer, 16384, eos_token_id=tiny.tokenizer.eos_token_id)
+    save_draft(new_draft_for_target(config, num_layers=1, block_size=8, seed=3), tmp_path / "draft")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-m", "blockspec", "serve", "--target", str(tmp_path / "target"), "--draft",
+           str(tmp_path / "draft"), "--port", str(port), "--served-model-name", "tiny", "--max-num-seqs", "4",
+           "--max-model-len", "16384", "--shutdown-timeout", str(grace), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    started = [threading.Event() for _ in range(4)]
+
+    def stream(i: int) -> list:
+        n = 40 if i < 2 else 16000
+        body = {"model": "tiny", "prompt": f"{PROMPT} {i}", "max_tokens": n, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            events = []
+            for event in sse_events(response.iter_lines()):
+                events.append(event)
+                started[i].set()
+            return events
+
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "`blockspec serve` did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(stream, i) for i in range(4)]
+            assert all(e.wait(60) for e in started)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while httpx.get(url + "/health", timeout=5).status_code != 503:
+                assert time.monotonic() - signalled < 2
+                time.sleep(0.02)
+            refused = httpx.post(url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            results = [f.result(timeout=grace + 30) for f in futures]
+        _, err = proc.communicate(timeout=grace + 30)
+        exited = time.monotonic() - signalled
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for i, events in enumerate(results):
+        assert events[-1] == "[DONE]", (i, events[-3:])
+        last = events[-2]
+        if i < 2:  # finished within the grace period
+            assert last["choices"][0]["finish_reason"] == "length"
+            assert sum(1 for e in events[:-1] if e["choices"][0]["text"]) >= 1
+        else:  # still running at the end of it
+            assert last["error"]["code"] is None and "shutting down" in last["error"]["message"]
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "blockspec: server stopped" in err
+    assert grace <= exited < grace + 15, exited

@@ -326,6 +326,29 @@ def test_checkpoint_writes_are_atomic(bigram, tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name) == []
 
 
+def test_resume_from_a_truncated_checkpoint_is_one_line_and_stale_temporaries_are_removed(bigram, tmp_path):
+    """A run killed while saving leaves checkpoint.pt.tmp-PID behind; a truncated checkpoint.pt (copied
+    half-way, a full disk) was a zip-reader traceback on --resume (issue 24, item 8)."""
+    target, _, data, _ = bigram
+    train(target, data, tiny_config(steps=2), tmp_path, log=QUIET)
+    stale = [tmp_path / f"{CHECKPOINT}.tmp-99999999", tmp_path / ".draft.tmp-99999999"]
+    stale[0].write_bytes(b"half a checkpoint")
+    stale[1].mkdir()
+    (stale[1] / "config.json").write_text("{")
+    Trainer(target, data, tiny_config(steps=2), tmp_path, resume=True, log=QUIET)
+    assert not any(p.exists() for p in stale)
+    assert (tmp_path / CHECKPOINT).is_file() and (tmp_path / "draft" / "config.json").is_file()
+
+    path = tmp_path / CHECKPOINT
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    with pytest.raises(BlockspecError, match="checkpoint.pt is unreadable") as info:
+        Trainer(target, data, tiny_config(steps=2), tmp_path, resume=True, log=QUIET)
+    assert len(str(info.value).splitlines()) == 1 and len(str(info.value)) < 400
+    torch.save({"step": 1}, path)  # readable, but not a training checkpoint
+    with pytest.raises(BlockspecError, match="not a blockspec training checkpoint"):
+        Trainer(target, data, tiny_config(steps=2), tmp_path, resume=True, log=QUIET)
+
+
 def test_export_layouts(bigram, tmp_path):
     from blockspec.train.export import export_draft
 
@@ -739,7 +762,9 @@ def test_fsdp_two_processes_match_one_and_resume(bigram, tmp_path):
     (["--data", "gsm8k", "--temperatures", "hot"], "temperature mix"),
     (["--data", "gsm8k", "--samples-per-prompt", "0"], "--samples-per-prompt"),
     ([], "no training data"),
-], ids=["bad-target", "unknown-arch", "zero-steps", "bad-temperatures", "zero-samples", "no-data"])
+    (["--data", "gsm8k", "--device", "mps"], "--device mps"),
+    (["--data", "gsm8k", "--device", "meta"], "--device meta"),
+], ids=["bad-target", "unknown-arch", "zero-steps", "bad-temperatures", "zero-samples", "no-data", "mps", "meta"])
 def test_cli_user_errors_exit_2(capsys, tmp_path, argv, needle):
     code, out, err = run_cli(capsys, "train", "--output", tmp_path / "run", *argv)
     assert code == 2 and out == "" and "Traceback" not in err

@@ -89,24 +89,15 @@ def _check_args(args: argparse.Namespace) -> None:
             raise BlockspecError(f"{flag} must be at least {low}, got {value}")
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def _bench(args: argparse.Namespace) -> int:
     from blockspec.bench.datasets import resolve_names
 
     datasets = resolve_names(args.dataset)  # a wrong name fails before anything is loaded
     _check_args(args)
     from blockspec.bench import runner
+    from blockspec.target import resolve_device
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     info, device = runner.init_distributed(device)
     try:
         code = _run(args, datasets, device, info)

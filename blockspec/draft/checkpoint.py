@@ -77,6 +77,10 @@ def load_draft(name: str | Path, device: str | torch.device = "cpu", dtype: torc
         if tuple(tensors[key].shape) != tuple(meta.shape):
             raise BlockspecError(f"draft tensor {key!r} has shape {list(tensors[key].shape)}, but config.json "
                                  f"implies {list(meta.shape)}")
+        # greedy decoding would hide it (NaN drafts are merely rejected), but every sampled request would fail
+        if not torch.isfinite(tensors[key]).all():
+            raise BlockspecError(f"draft tensor {key!r} in {directory} holds values that are not finite (NaN or "
+                                 f"inf): the checkpoint is corrupt; re-download or re-train it")
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise BlockspecError(f"draft checkpoint has tensor {unexpected[0]!r} that {cfg.architecture} does not "

@@ -67,6 +67,6 @@ def accept_row(params: SamplingParams, draft_tokens: torch.Tensor, draft_probs: 
         return accepted, choices[:accepted + 1].tolist()
     target_probs = warped_probs(target_logits, params)
     if not bool(torch.isfinite(target_probs).all()):
-        raise RowFailure("the target's distribution is not finite (NaN or infinite logits)")
+        raise RowFailure("the target's probabilities for this request are not finite (NaN or inf)")
     accepted, token = accept_sampled(draft_tokens, draft_probs, target_probs, generator)
     return accepted, draft_tokens[:min(accepted, k)].tolist() + [token]

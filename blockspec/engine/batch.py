@@ -11,7 +11,9 @@ recurrent state (cache.commit) keep the state of the accepted prefix instead.
 
 Sequences join between steps (the prompt is prefilled into the next free row) and leave when done; the last
 active row then moves into the hole (only its used cache prefix is copied), so the active rows are always
-rows [0, n) and a step runs on a prefix of every buffer.
+rows [0, n) and a step runs on a prefix of every buffer. A request whose step cannot be computed (a sampled row
+whose probabilities are not finite) leaves the batch with a chunk whose `error` is set; the other rows' step
+completes as if it had not been there.
 
 On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
 of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
@@ -239,7 +241,12 @@ class BatchDecoder:
         if seq.params.greedy:
             token = int(logits.argmax(-1))
         else:
-            token = int(sample(warped_probs(logits, seq.params), seq.generator))
+            probs = warped_probs(logits, seq.params)
+            if not bool(torch.isfinite(probs).all()):  # the row was never claimed: nothing to undo
+                chunks[seq.seq_id] = StreamChunk([], "", error="the target's probabilities for this request are not "
+                                                               "finite (NaN or inf)")
+                return
+            token = int(sample(probs, seq.generator))
         logprobs = token_logprobs(logits, [token], seq.params.logprobs) if seq.params.logprobs is not None else None
         if drafted:  # the prompt becomes the proposer's context now; nothing is pending for this row
             self.proposer.join(row, features, positions)

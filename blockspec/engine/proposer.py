@@ -97,7 +97,7 @@ class DraftProposer:
                 continue
             probs = warped_probs(logits[row, :k], params)
             if not bool(torch.isfinite(probs).all()):
-                proposals.append(RowFailure("the draft's distribution is not finite (NaN or infinite logits)"))
+                proposals.append(RowFailure("the draft's probabilities for this request are not finite (NaN or inf)"))
                 continue
             proposals.append((sample(probs, generator), probs))
         return proposals

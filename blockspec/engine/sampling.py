@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 
 
 @dataclass
@@ -27,15 +27,15 @@ class SamplingParams:
 
     def validate(self) -> "SamplingParams":
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise BlockspecError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+            raise BlockspecError(f"max_new_tokens must be a positive integer, got {brief(self.max_new_tokens)}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise BlockspecError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+            raise BlockspecError(f"temperature must be a finite number >= 0, got {brief(self.temperature)}")
         if self.seed is not None and not (isinstance(self.seed, int) and -2**63 <= self.seed < 2**64):
-            raise BlockspecError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+            raise BlockspecError(f"seed must be an integer in [-2**63, 2**64), got {brief(self.seed)}")
         if not 0 < self.top_p <= 1:
-            raise BlockspecError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise BlockspecError(f"top_p must be in (0, 1], got {brief(self.top_p)}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise BlockspecError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
+            raise BlockspecError(f"top_k must be a non-negative integer (0 = off), got {brief(self.top_k)}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise BlockspecError("stop strings must be non-empty strings")
         if self.logprobs is not None and not (isinstance(self.logprobs, int)

@@ -13,7 +13,7 @@ from blockspec.draft import DraftModel, check_draft_fits_target
 from blockspec.engine.sampling import SamplingParams, TokenLogprob
 from blockspec.engine.stats import GenerationStats
 from blockspec.engine.text import TextStream
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 from blockspec.target import Target
 
 
@@ -48,9 +48,9 @@ def check_block_size(block_size: int | None, trained: int) -> int:
     """The block size to use: `block_size`, or the draft's `trained` one when None (1 without a draft)."""
     block_size = trained if block_size is None else block_size
     if not isinstance(block_size, int) or block_size < 1:
-        raise BlockspecError(f"block size must be a positive integer, got {block_size!r}")
+        raise BlockspecError(f"block size must be a positive integer, got {brief(block_size)}")
     if block_size > trained:
-        raise BlockspecError(f"block size {block_size} exceeds the draft's trained block_size {trained}")
+        raise BlockspecError(f"block size {brief(block_size)} exceeds the draft's trained block_size {trained}")
     return block_size
 
 

@@ -1,15 +1,18 @@
 """The OpenAI-compatible HTTP application: `create_app(target, draft)` returns a FastAPI app.
 
-Endpoints: GET /health, GET /metrics (Prometheus text), GET /v1/models, POST /v1/chat/completions and
-POST /v1/completions (server-sent events with `"stream": true`). The event loop only validates, tokenizes,
-queues and formats; generation runs on the worker thread of worker.py, which decodes up to
-`max_num_seqs` requests together (continuous batching: they join in arrival order and leave between steps).
-A client that disconnects has its generation cancelled between two decoding steps.
+Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models,
+POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`). The event
+loop only reads, validates, queues and formats; tokenizing (and the chat template) runs on a thread of its
+own, and generation on the worker thread of worker.py, which decodes up to `max_num_seqs` requests together
+(continuous batching: they join in arrival order and leave between steps). A client that disconnects has
+its generation cancelled between two decoding steps.
 
-Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 for bad input (malformed
-JSON, wrong types, unsupported parameters, a prompt that does not fit the context, an unknown model with
-code model_not_found), 401 for a wrong API key, 404 for an unknown path, 503 with Retry-After when the
-queue is full.
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with short messages that never
+echo a huge input or a library's internals: 400 for bad input (malformed JSON, wrong types, unsupported
+parameters, a prompt that does not fit the context, an unknown model with code model_not_found), 401 for a
+wrong API key, 404 for an unknown path, 413 for a body over `max_request_bytes`, 500 for a request whose
+generation failed (the others in its batch go on), 503 with Retry-After when the queue is full, and 503
+while the server shuts down (`DrainingServer`).
 """
 
 from __future__ import annotations
@@ -20,19 +23,23 @@ import dataclasses
 import hmac
 import inspect
 import json
+import logging
 import math
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, GenerationResult, GenerationStats, SamplingParams
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
+from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 from blockspec.serve.metrics import ServerMetrics
 from blockspec.serve.schemas import ChatCompletionRequest, CompletionRequest, CommonFields
 from blockspec.serve.worker import Job, QueueFull, Worker
@@ -41,6 +48,9 @@ from blockspec.target import Target
 DEFAULT_MAX_MODEL_LEN = 4096
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+MAX_MESSAGE_CHARS = 500  # every error message is cut to this (messages are built short; this is the backstop)
+
+log = logging.getLogger("blockspec.serve")
 
 
 class APIError(Exception):
@@ -54,7 +64,9 @@ class APIError(Exception):
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 3] + "..."
+    return {"error": {"message": message, "type": kind, "param": param and param[:100], "code": code}}
 
 
 def spec_decode_metrics(stats: GenerationStats) -> dict:
@@ -68,19 +80,42 @@ def sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-async def parse_body(request: Request, schema: type[BaseModel]) -> BaseModel:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or 413 past `limit` bytes: at once from Content-Length, else as soon as the body
+    streaming in (chunked, or longer than declared) passes it."""
+    too_large = APIError(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
     """The JSON body as `schema` (whatever the Content-Type says, as curl -d sends form-encoded).
 
     Malformed JSON and wrong types are 400s naming the first few offending fields."""
     try:
-        data = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"the request body is not valid JSON ({exc})") from None
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise APIError(400, f"the request body is not valid JSON ({exc.msg} at line {exc.lineno}, column "
+                            f"{exc.colno})") from None
+    except UnicodeDecodeError:
+        raise APIError(400, "the request body is not valid JSON (it is not UTF-8 text)") from None
+    except ValueError:  # Python refuses to read integers of more than 4,300 digits
+        raise APIError(400, "the request body holds a number too long to read") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply") from None
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
+        parts = [f"{'.'.join(str(p)[:40] for p in e['loc']) or 'body'}: {e['msg']}" for e in errors[:3]]
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         param = ".".join(str(p) for p in errors[0]["loc"]) or None
         raise APIError(400, "invalid request: " + "; ".join(parts) + more, param=param) from None
@@ -130,32 +165,41 @@ class Reply:
 
 
 class Service:
-    """Request handling shared by the routes: validation, tokenization, queueing, answering."""
+    """Request handling shared by the routes: validation, tokenization, queueing, answering, draining."""
 
     def __init__(self, target: Target, decoder: BatchDecoder, name: str, max_model_len: int, max_queue: int,
-                 api_key: str | None) -> None:
+                 api_key: str | None, max_request_bytes: int) -> None:
         self.name, self.max_model_len, self.api_key = name, max_model_len, api_key
+        self.max_request_bytes = max_request_bytes
         self.max_block = decoder.max_block
         self.vocab_size = target.model.config.vocab_size
         self.metrics = ServerMetrics(decoder.block_size)
         self.worker = Worker(decoder, self.metrics, max_queue)
-        # The worker thread decodes with target.tokenizer; the event loop encodes with its own copy, so the
-        # (not thread-safe) tokenizer object is never used by two threads at once.
+        self.draining = False  # shutting down: new requests get 503
+        # Tokenizing a long prompt takes a while: one thread of its own keeps the event loop answering. The
+        # worker thread decodes with target.tokenizer and this thread encodes with its own copy, so the (not
+        # thread-safe) tokenizer object is never used by two threads at once.
+        self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="blockspec-tokenize")
         tokenizer = target.tokenizer
         try:
             tokenizer = copy.deepcopy(tokenizer)
         except Exception:  # an uncopyable tokenizer: share it (encode and decode rarely collide)
             pass
         self.encoder = dataclasses.replace(target, tokenizer=tokenizer)
+        # No token spans more characters than the vocabulary's longest entry, so a prompt of more characters
+        # than max_model_len such entries cannot fit: refused without tokenizing it.
+        longest = max(map(len, tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
+        self.max_prompt_chars = max_model_len * longest
         # chat_template_kwargs are template variables: they may not set apply_chat_template's own arguments
+        # nor the variables it sets itself
         own_args = inspect.signature(tokenizer.apply_chat_template).parameters if tokenizer is not None else {}
-        self.reserved_template_args = set(own_args) - {"kwargs"}
+        self.reserved_template_args = set(own_args) - {"kwargs"} | {"messages"}
 
     # ---- errors -----------------------------------------------------------------------------------------
     def error_response(self, status: int, message: str, param: str | None = None, code: str | None = None,
                        headers: dict[str, str] | None = None) -> JSONResponse:
         if 400 <= status < 500:
-            self.metrics.requests.inc(outcome="invalid")
+            self.metrics.requests.labels(outcome="invalid").inc()
         return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
     def api_key_ok(self, scope: dict) -> bool:
@@ -167,28 +211,45 @@ class Service:
     # ---- request -> prompt ids and sampling parameters --------------------------------------------------
     def check_common(self, body: CommonFields) -> None:
         if body.model is not None and body.model != self.name:
-            raise APIError(400, f"model {body.model!r} is not served here; this server serves {self.name!r}",
+            raise APIError(400, f"model {brief(body.model)} is not served here; this server serves {self.name!r}",
                            param="model", code="model_not_found")
         if body.n != 1:
-            raise APIError(400, f"n must be 1 (one completion per request), got {body.n}", param="n")
+            raise APIError(400, f"n must be 1 (one completion per request), got {brief(body.n)}", param="n")
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])
 
-    def encode(self, prompt: str | list[dict], chat: bool, template_kwargs: dict | None = None) -> list[int]:
+    async def encode(self, prompt: str | list[dict], chat: bool, template_kwargs: dict | None = None) -> list[int]:
+        """Token ids, computed on the tokenizing thread; a prompt too long to fit is refused before."""
+        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+        if chars > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {chars} characters, more than this model's maximum context "
+                                f"length of {self.max_model_len} tokens can hold: shorten the prompt",
+                           param="messages" if chat else "prompt", code="context_length_exceeded")
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizing, self._encode, prompt, chat,
+                                                                template_kwargs)
+
+    def _encode(self, prompt: str | list[dict], chat: bool, template_kwargs: dict | None) -> list[int]:
         try:
             return self.encoder.encode(prompt, chat=chat, template_kwargs=template_kwargs)
         except BlockspecError as exc:
             raise APIError(400, str(exc)) from None
-        except Exception as exc:  # the chat template refused the conversation (roles, missing variables...)
-            raise APIError(400, f"the chat template failed: {type(exc).__name__}: {exc}", param="messages") from None
+        except Exception as exc:
+            from jinja2 import TemplateError
+
+            if isinstance(exc, TemplateError):  # the template refused the conversation: its words are for users
+                raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from None
+            # the template or tokenizer tripped over this input; its internals are no business of the client's
+            log.warning("the chat template failed on a request", exc_info=True)
+            raise APIError(400, "the chat template cannot render these messages with these "
+                                "chat_template_kwargs", param="messages") from None
 
     def sampling_params(self, body: CommonFields, n_prompt: int, max_tokens: int | None) -> SamplingParams:
         if n_prompt == 0:
             raise APIError(400, "the prompt is empty", param="prompt")
         room = self.max_model_len - n_prompt
         if room < 1 or (max_tokens is not None and max_tokens > room):
-            asked = "" if max_tokens is None else f" and max_tokens is {max_tokens}"
+            asked = "" if max_tokens is None else f" and max_tokens is {brief(max_tokens)}"
             raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
                                 f"has {n_prompt} tokens{asked}: shorten the prompt or lower max_tokens",
                            param="max_tokens" if room >= 1 else "messages", code="context_length_exceeded")
@@ -204,8 +265,7 @@ class Service:
     # ---- queue and answer -------------------------------------------------------------------------------
     def retry_after_s(self) -> int:
         """A guess at when a place frees up: mean request latency so far times the batches of requests ahead."""
-        e2e = self.metrics.e2e
-        mean = e2e.sum / e2e.count if e2e.count else 1.0
+        mean = self.metrics.mean_latency_s() or 1.0
         batches_ahead = math.ceil((self.worker.num_waiting + 1) / self.worker.decoder.max_batch)
         return int(min(60, max(1, math.ceil(mean * batches_ahead))))
 
@@ -213,15 +273,21 @@ class Service:
                      chat: bool):
         params = self.sampling_params(body, len(prompt_ids), max_tokens)
         if body.block_size is not None and body.block_size > self.max_block:
-            raise APIError(400, f"block_size {body.block_size} exceeds the draft's trained block size "
+            raise APIError(400, f"block_size {brief(body.block_size)} exceeds the draft's trained block size "
                                 f"{self.max_block}", param="block_size")
+        if self.draining:
+            self.metrics.requests.labels(outcome="rejected").inc()
+            raise APIError(503, "the server is shutting down: retry on another server or later",
+                           code="shutting_down")
         job = Job(prompt_ids, params, asyncio.get_running_loop(), body.block_size)
         try:
             self.worker.submit(job)
         except QueueFull:
-            self.metrics.requests.inc(outcome="rejected")
-            raise APIError(503, f"the server is busy ({self.worker.max_waiting} requests waiting): retry later",
-                           code="queue_full", headers={"Retry-After": str(self.retry_after_s())}) from None
+            self.metrics.requests.labels(outcome="rejected").inc()
+            running = self.worker.num_jobs - self.worker.num_waiting
+            raise APIError(503, f"the server is busy ({running} requests running, {self.worker.num_waiting} "
+                                f"waiting): retry later", code="queue_full",
+                           headers={"Retry-After": str(self.retry_after_s())}) from None
         include_usage = body.stream_options is not None and body.stream_options.include_usage
         reply = Reply(chat, self.name, len(prompt_ids), include_usage)
         if body.stream:
@@ -261,7 +327,7 @@ class Service:
                 if kind == "error":
                     raise APIError(*payload)
                 if kind == "cancelled":  # by the disconnect watcher (nobody reads this) or a shutdown
-                    raise APIError(503, "the request was cancelled")
+                    raise APIError(503, "the server is shutting down")
         finally:
             watcher.cancel()
             self.worker.cancel(job)
@@ -270,6 +336,48 @@ class Service:
         while not await request.is_disconnected():
             await asyncio.sleep(DISCONNECT_POLL_S)
         self.worker.cancel(job)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Shut down gently: new requests get 503 from now on, the admitted ones have `timeout_s` seconds to
+        finish, then the rest are ended (a 503, or an SSE error event then [DONE])."""
+        self.draining = True
+        deadline = time.monotonic() + timeout_s
+        while self.worker.num_jobs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.to_thread(self.worker.stop)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that the first SIGTERM or SIGINT drains the service (`Service.drain`) before
+    uvicorn shuts down, so that no stream is cut off mid-chunk. A second signal is uvicorn's own: it stops
+    without waiting."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self.service, self.shutdown_timeout_s = service, shutdown_timeout_s
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self.loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.loop is None or self.service.draining or self.should_exit:
+            super().handle_exit(sig, frame)
+        else:  # a signal handler may not touch the loop's tasks: hand the start over to the loop
+            self.service.draining = True
+            self.loop.call_soon_threadsafe(self._start_draining)
+
+    def _start_draining(self) -> None:
+        log.info("draining: new requests get 503; running ones have %.0f s to finish", self.shutdown_timeout_s)
+        self._drain_task = asyncio.create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.service.drain(self.shutdown_timeout_s)
+        finally:
+            self.should_exit = True
 
 
 class _APIKeyCheck:
@@ -289,12 +397,14 @@ class _APIKeyCheck:
 
 def create_app(target: Target, draft: DraftModel | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_queue: int = 64, max_model_len: int | None = None,
-               block_size: int | None = None, max_num_seqs: int = 8) -> FastAPI:
+               block_size: int | None = None, max_num_seqs: int = 8,
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The server for one target (and draft; None = plain decoding). `max_num_seqs`: requests decoded
-    together. `max_queue`: requests allowed to wait (the running ones not counted) before new ones get 503.
-    `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
+    together. `max_queue`: requests allowed to wait beside the `max_num_seqs` running ones before new ones
+    get 503. `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
     DEFAULT_MAX_MODEL_LEN (every one of the `max_num_seqs` cache rows holds that many positions).
-    `block_size`: the default block (requests may ask for a smaller one)."""
+    `block_size`: the default block (requests may ask for a smaller one). `max_request_bytes`: larger
+    bodies get 413."""
     context = target.model.config.max_position_embeddings
     if max_model_len is None:
         max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
@@ -305,10 +415,13 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         raise BlockspecError(f"the queue must hold at least 1 request, got {max_queue}")
     if not isinstance(max_num_seqs, int) or max_num_seqs < 1:
         raise BlockspecError(f"max_num_seqs must be a positive integer, got {max_num_seqs!r}")
+    if max_request_bytes < 1:
+        raise BlockspecError(f"the request size limit must be at least 1 byte, got {max_request_bytes}")
     max_block = draft.block_size if draft is not None else 1
     decoder = BatchDecoder(target, draft, max_batch=max_num_seqs, max_len=max_model_len + 2 * max_block,
                            block_size=block_size)
-    service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key)
+    service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key,
+                      max_request_bytes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -317,6 +430,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
             yield
         finally:
             service.worker.stop()
+            service.tokenizing.shutdown(wait=False, cancel_futures=True)
 
     started = int(time.time())
     app = FastAPI(title="blockspec", summary="OpenAI-compatible speculative decoding server", lifespan=lifespan)
@@ -333,16 +447,20 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        service.metrics.requests.inc(outcome="error")
-        return service.error_response(500, f"internal error ({type(exc).__name__}: {exc})")
+        log.error("internal error", exc_info=exc)
+        service.metrics.requests.labels(outcome="error").inc()
+        return service.error_response(500, "internal error (the server log has the details)")
 
     @app.get("/health")
-    async def health() -> dict:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if service.draining:  # load balancers: send new requests elsewhere
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    async def metrics(request: Request) -> Response:
+        body, content_type = service.metrics.exposition(request.headers.get("accept"))
+        return Response(body, headers={"Content-Type": content_type})
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -351,7 +469,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse_body(request, ChatCompletionRequest)
+        body = parse_body(await read_body(request, service.max_request_bytes), ChatCompletionRequest)
         service.check_common(body)
         template_kwargs = body.chat_template_kwargs or {}
         reserved = sorted(set(template_kwargs) & service.reserved_template_args)
@@ -359,13 +477,13 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",
                            param="chat_template_kwargs")
         messages = [{"role": m.role, "content": m.text} for m in body.messages]
-        prompt_ids = service.encode(messages, chat=True, template_kwargs=template_kwargs)
+        prompt_ids = await service.encode(messages, chat=True, template_kwargs=template_kwargs)
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         return await service.answer(request, body, prompt_ids, max_tokens, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
+        body = parse_body(await read_body(request, service.max_request_bytes), CompletionRequest)
         service.check_common(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
@@ -373,7 +491,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
                 raise APIError(400, f"one prompt per request, got a list of {len(prompt)}", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            prompt_ids = service.encode(prompt, chat=False)
+            prompt_ids = await service.encode(prompt, chat=False)
         else:
             prompt_ids = list(prompt)
             if any(not 0 <= t < service.vocab_size for t in prompt_ids):

@@ -9,6 +9,7 @@ import sys
 
 from blockspec.cli import UNTRAINED_DRAFT, _add_model_args, load_pair
 from blockspec.errors import BlockspecError
+from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -26,7 +27,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-num-seqs", type=int, default=8,
                        help="requests decoded together (continuous batching; default: 8)")
     serve.add_argument("--max-queue", type=int, default=64,
-                       help="requests allowed to wait for the generation thread; more get 503 (default: 64)")
+                       help="requests allowed to wait beside the --max-num-seqs running ones; more get 503 "
+                            "(default: 64)")
+    serve.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                       help=f"larger request bodies get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
+    serve.add_argument("--shutdown-timeout", type=float, default=20.0,
+                       help="seconds that running requests get to finish after SIGTERM or Ctrl-C, while new ones "
+                            "get 503; the rest then end with an error (default: 20)")
     serve.add_argument("--block-size", type=int, default=None,
                        help="default block per request (default: the draft's trained block size); a request "
                             "may ask for a smaller one with the extra field block_size")
@@ -50,9 +57,11 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from blockspec.serve.app import create_app
+        from blockspec.serve.app import DrainingServer, create_app
     except ModuleNotFoundError as exc:
         raise BlockspecError(f"`blockspec serve` needs {exc.name}: pip install 'blockspec[serve]'") from None
+    if not args.shutdown_timeout >= 0:
+        raise BlockspecError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     sock = _listen(args.host, args.port)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
@@ -64,16 +73,18 @@ def _serve(args: argparse.Namespace) -> int:
                   "but ~1 token per step: no speedup)", file=sys.stderr)
         app = create_app(target, draft, served_model_name=args.served_model_name or args.target,
                          api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                         block_size=args.block_size, max_num_seqs=args.max_num_seqs)
+                         block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                         max_request_bytes=args.max_request_bytes)
         name = args.served_model_name or args.target
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
         print(f"blockspec: serving {name!r} (draft: {args.draft or ('shipped' if trained else UNTRAINED_DRAFT)}) "
               f"at http://{host}:{port}/v1", file=sys.stderr)
+        # once drained, every response has its last event: uvicorn's own grace period only flushes them
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
         try:
-            uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises the signal
+            DrainingServer(config, app.state.service, args.shutdown_timeout).run(sockets=[sock])
+        except KeyboardInterrupt:  # a second Ctrl-C: uvicorn stops at once, then re-raises the signal
             pass
         print("blockspec: server stopped", file=sys.stderr)
     finally:

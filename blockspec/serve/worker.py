@@ -1,10 +1,11 @@
 """The generation thread: continuous batching over one BatchDecoder, first come first served.
 
-The model is not thread-safe, so a single thread runs every decoding step. Requests wait in a FIFO queue of
-bounded length (a full queue is the caller's cue to answer 503) and enter the batch in arrival order as soon as
-it has a free row, so a waiting request is never overtaken and none starves; requests join and leave the
-batch between steps. `cancel` removes a waiting request at once, and a running one before the next step
-(its row goes to the next request).
+The model is not thread-safe, so a single thread runs every decoding step. Requests wait in a FIFO queue and
+enter the batch in arrival order as soon as it has a free row, so a waiting request is never overtaken and
+none starves; requests join and leave the batch between steps. The server holds at most `max_batch` running
+plus `max_waiting` waiting requests (one more is QueueFull: the caller's cue to answer 503). `cancel` removes
+a waiting request at once, and a running one before the next step (its row goes to the next request). A
+request whose step fails alone (StreamChunk.error) is answered 500; the others go on.
 
 Each job reports to its event loop through an asyncio queue of events, always ending with exactly one
 terminal event: the chunk that carries the result, ("error", (status, message)) or ("cancelled", None).
@@ -57,6 +58,7 @@ class Worker:
         self.running: dict[int, Job] = {}  # the decoder's request id -> job (touched by the thread only)
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
+        self._num_running = 0  # running jobs, plus those just taken from the queue for the batch (under _cond)
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="blockspec-generate", daemon=True)
 
@@ -76,7 +78,7 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if self._stopping or len(self._waiting) >= self.max_waiting:
+            if self._stopping or self.num_jobs >= self.decoder.max_batch + self.max_waiting:
                 raise QueueFull
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
@@ -90,23 +92,30 @@ class Worker:
                 return  # running (the thread drops it before the next step) or already finished
             self._waiting.remove(job)
             self.metrics.waiting.set(len(self._waiting))
-        self.metrics.requests.inc(outcome="cancelled")
+        self.metrics.requests.labels(outcome="cancelled").inc()
         job.emit("cancelled", None)
 
     @property
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def num_jobs(self) -> int:
+        """Requests running or waiting."""
+        return self._num_running + len(self._waiting)
+
     # ---- the generation thread --------------------------------------------------------------------------
     def _admit(self) -> list[Job] | None:
         """Wait for work; take waiting jobs for the batch's free rows, in arrival order (None: stop)."""
         with self._cond:
+            self._num_running = len(self.running)
             while not self._waiting and not self.running and not self._stopping:
                 self._cond.wait()
             if self._stopping:
                 return None
             free = self.decoder.max_batch - len(self.running)
             admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            self._num_running += len(admitted)
             self.metrics.waiting.set(len(self._waiting))
             return admitted
 
@@ -126,14 +135,14 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         if job.cancelled.is_set():  # cancelled just as it left the queue
-            self.metrics.requests.inc(outcome="cancelled")
+            self.metrics.requests.labels(outcome="cancelled").inc()
             job.emit("cancelled", None)
             return
         self.metrics.queue_time.observe(time.perf_counter() - job.submitted_s)
         try:
             seq_id = self.decoder.add(job.prompt_ids, job.params, job.block_size)
         except BlockspecError as exc:  # a request the checks in app.py let through; the engine refused it
-            self.metrics.requests.inc(outcome="error")
+            self.metrics.requests.labels(outcome="error").inc()
             job.emit("error", (400, str(exc)))
             return
         self.running[seq_id] = job
@@ -143,7 +152,7 @@ class Worker:
             if job.cancelled.is_set():
                 self.decoder.cancel(seq_id)
                 del self.running[seq_id]
-                self.metrics.requests.inc(outcome="cancelled")
+                self.metrics.requests.labels(outcome="cancelled").inc()
                 self.metrics.prompt_tokens.inc(len(job.prompt_ids))
                 self.metrics.generation_tokens.inc(job.generated)
                 job.emit("cancelled", None)
@@ -151,25 +160,36 @@ class Worker:
     def _step(self) -> None:
         try:
             outputs = self.decoder.step()
-        except Exception as exc:  # a bug: log it, answer 500 to the batch, keep serving
+        except Exception:  # a bug: log it, answer 500 to the batch, keep serving
             log.exception("generation failed")
             for seq_id, job in self.running.items():
                 self.decoder.cancel(seq_id)
-                self.metrics.requests.inc(outcome="error")
-                job.emit("error", (500, f"internal error during generation ({type(exc).__name__}: {exc})"))
+                self.metrics.requests.labels(outcome="error").inc()
+                job.emit("error", (500, "internal error during generation (the server log has the details)"))
             self.running.clear()
             return
+        events = []
         for seq_id, chunk in outputs:
             job = self.running[seq_id]
+            if chunk.error is not None:  # this request alone failed and left the batch
+                log.error("request %d failed: %s", seq_id, chunk.error)
+                del self.running[seq_id]
+                self.metrics.requests.labels(outcome="error").inc()
+                events.append((job, "error", (500, f"generation failed: {chunk.error}")))
+                continue
             job.generated += len(chunk.token_ids)
-            job.emit("chunk", chunk)
             if chunk.result is not None:
                 del self.running[seq_id]
                 self._record_finished(job, chunk.result)
+            events.append((job, "chunk", chunk))
+        # the metrics first: a client that reads /metrics once answered finds its request counted
+        self.metrics.running.set(len(self.running))
+        for job, kind, payload in events:
+            job.emit(kind, payload)
 
     def _record_finished(self, job: Job, result: GenerationResult) -> None:
         m, s = self.metrics, result.stats
-        m.requests.inc(outcome=result.finish_reason)
+        m.requests.labels(outcome=result.finish_reason).inc()
         m.prompt_tokens.inc(s.prompt_tokens)
         m.generation_tokens.inc(s.generated_tokens)
         m.num_drafts.inc(s.steps)

@@ -21,16 +21,32 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
+def resolve_device(device: str) -> str:
+    """The device to run on: cpu, cuda or cuda:N ('auto': cuda when available). Anything else -- mps, meta, a
+    missing GPU -- is a one-line user error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise BlockspecError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise BlockspecError(f"--device {device} is not supported: blockspec runs on cpu or cuda[:N]")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise BlockspecError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 elsewhere (fp16 reportedly destroys acceptance)."""
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise BlockspecError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    device = torch.device(resolve_device(device) if isinstance(device, str) else device)
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise BlockspecError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
@@ -84,17 +100,38 @@ def gguf_as_hf_dir(gguf: Path) -> Path:
     """A GGUF file converted once to a plain HF directory (dequantized safetensors + tokenizer), cached.
 
     transformers dequantizes GGUF tensors on every load (~20 s for SmolLM2-135M); the cached copy loads in
-    a few seconds. The conversion goes to a temporary folder renamed into place, so it is never half-written.
+    a few seconds. The conversion goes to a temporary folder beside its destination (a rename across
+    filesystems would fail) and is renamed into place, so it is never half-written; a failed conversion
+    leaves nothing behind.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-
     stat = gguf.stat()
     out = cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
     if (out / "config.json").is_file():
         return out
+    try:  # before the ~20 s conversion: an unwritable cache fails at once
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    except OSError as exc:
+        raise BlockspecError(f"cannot write the model cache {out.parent} ({exc.strerror or exc}): set "
+                             f"BLOCKSPEC_CACHE to a writable folder") from None
     print(f"blockspec: converting {gguf.name} once to {out} (dequantized)", file=sys.stderr)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        _convert_gguf(gguf, tmp)
+        os.replace(tmp, out)
+    except OSError as exc:
+        if not (out / "config.json").is_file():  # else another process finished the same conversion first
+            reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+            raise BlockspecError(f"converting {gguf.name} into the cache {out.parent} failed ({reason}): check the "
+                                 f"free space there, or set BLOCKSPEC_CACHE to another folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _convert_gguf(gguf: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
     quiet_tqdm = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(quiet_tqdm, disable=True)  # its bar ignores transformers' settings
     try:
@@ -102,16 +139,10 @@ def gguf_as_hf_dir(gguf: Path) -> Path:
         model.config.quantization_config = None
         if hasattr(model, "hf_quantizer"):
             model.hf_quantizer = None
-        model.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(folder)
     finally:
         gguf_utils.tqdm = quiet_tqdm
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def _hf_source(name: str) -> str:

@@ -109,9 +109,7 @@ def _positive(args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from blockspec.target import load_target
+    from blockspec.target import load_target, resolve_device
     from blockspec.train import distributed
     from blockspec.train.data import DataConfig, SequenceDataset, build_dataset, eval_prompt_ids, \
         parse_temperature_mix
@@ -121,11 +119,7 @@ def run_train(args: argparse.Namespace) -> int:
     temperatures = parse_temperature_mix(args.temperatures)
     if not args.data and not args.resume:
         raise BlockspecError("no training data: pass --data (gsm8k, mbpp, self:N, FILE.jsonl, hub:NAME)")
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    device = resolve_device(args.device)
     info = distributed.init_from_env(device)
     if info.enabled and device.startswith("cuda"):
         device = f"cuda:{info.local_rank}"

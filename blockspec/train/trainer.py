@@ -8,8 +8,9 @@ run draws exactly what one GPU would at the same global batch (each rank keeps a
 is normalised by the GLOBAL weight sum, so DDP's (or FSDP2's) gradient average equals the one-GPU gradient).
 
 Checkpoints are written to a temporary file and moved into place with os.replace (atomic): a crash
-leaves the previous checkpoint intact. They hold the full draft and optimizer state keyed by parameter name
-(gathered from the shards under FSDP2), so a run resumes under any number of processes and either mode.
+leaves the previous checkpoint intact (the next start removes the temporary file). They hold the full
+draft and optimizer state keyed by parameter name (gathered from the shards under FSDP2), so a run
+resumes under any number of processes and either mode.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ CHECKPOINT = "checkpoint.pt"
 DRAFT_DIR = "draft"
 METRICS = "metrics.jsonl"
 PLOT = "curves.png"
+CHECKPOINT_KEYS = {"draft", "draft_config", "optimizer", "scheduler", "step", "data_position", "rng", "train_config",
+                   "data_fingerprint"}
 # settings a resumed run must share with the checkpoint (the others -- logging, eval, time budget -- may change)
 RESUME_KEYS = ("arch", "num_layers", "block_size", "intermediate_size", "num_heads", "num_kv_heads",
                "target_layer_ids", "mask_token_id", "steps", "epochs", "batch_size", "num_anchors", "seq_len", "lr",
@@ -125,6 +128,32 @@ def atomic_torch_save(obj: object, path: Path) -> None:
             tmp.unlink()
 
 
+def remove_stale_temporaries(out: Path) -> None:
+    """Half-written files that a killed run left in its output folder (ours are removed as we go)."""
+    mine = f".tmp-{os.getpid()}"
+    for path in [*out.glob(f"{CHECKPOINT}.tmp-*"), *out.glob(f".{DRAFT_DIR}.tmp-*")]:
+        if path.name.endswith(mine):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise BlockspecError(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError or UnpicklingError for a cut-off file
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise BlockspecError(f"--resume: {path} is unreadable ({reason}); it was cut off or corrupted: delete it "
+                             f"to start over") from None
+    if not isinstance(checkpoint, dict) or not CHECKPOINT_KEYS <= checkpoint.keys():
+        raise BlockspecError(f"--resume: {path} is not a blockspec training checkpoint")
+    return checkpoint
+
+
 def atomic_save_draft(draft: DraftModel, directory: Path, dtype: torch.dtype | None = None) -> None:
     """save_draft into a fresh temporary folder, then swapped into place (never a half-written draft)."""
     directory = Path(directory)
@@ -206,12 +235,11 @@ class Trainer:
         for p in target.model.parameters():
             p.requires_grad_(False)
 
+        if self.dist.main and self.out.is_dir():
+            remove_stale_temporaries(self.out)
         checkpoint = None
         if resume:
-            path = self.out / CHECKPOINT
-            if not path.is_file():
-                raise BlockspecError(f"--resume: no checkpoint at {path}")
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_checkpoint(self.out / CHECKPOINT)
             saved = checkpoint["train_config"]
             now = cfg.resume_view()
             diff = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
