@@ -36,7 +36,7 @@ checked against an fp64 reference of the same chain.
 
     python benchmarks/gemv_chain.py --commit HASH     # on the H100
     python benchmarks/gemv_chain.py --sweep-table --commit HASH
-        # instead: tune kernels.SKINNY_CONFIG in the chain rather than on one GEMM repeated (gemm_shapes.py
+        # instead: tune the device's skinny table in the chain rather than on one GEMM repeated (gemm_shapes.py
         # --skinny): per GEMV and row count (1: AR, 16: a verify block) in turn, every candidate launch config
         # timed as the whole 36-layer skinny chain, a winner kept only if it beats the incumbent again when
         # re-timed alternately; the record's "winners" load into engine_limit.py --skinny-table
@@ -193,7 +193,9 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     o_proj reading q): skinny GEMMs, the norm fused with the residual add before it, silu * up as its own kernel
     (gate_up's rows (gate, up) pairs, as in the flow kernel), with attention the engine's qkv_rope_store and
     split-K decode_attention, all under PDL in a CUDA graph."""
-    from blockspec import kernels
+    from blockspec.kernels.attention import decode_attention
+    from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm, silu_mul
+    from blockspec.kernels.skinny import skinny_linear
 
     heads = GEMVS[1][2] // HEAD_DIM
     if attention is not None:
@@ -205,23 +207,22 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
             return qkv[:, :GEMVS[1][2]]
         q_rows, k_rows, v_rows = qkv.view(1, 1, -1).split([heads * HEAD_DIM, KV_HEADS * HEAD_DIM,
                                                            KV_HEADS * HEAD_DIM], dim=-1)
-        q = kernels.qkv_rope_store(q_rows, k_rows, v_rows, heads, KV_HEADS, HEAD_DIM,
-                                   attention["qk_norms"][layer, 0], attention["qk_norms"][layer, 1], 1e-6, cos, sin,
-                                   position, attention["k_cache"][layer:layer + 1],
-                                   attention["v_cache"][layer:layer + 1])
-        return kernels.decode_attention(q, attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1],
-                                        position).view(1, -1)
+        q = qkv_rope_store(q_rows, k_rows, v_rows, heads, KV_HEADS, HEAD_DIM, attention["qk_norms"][layer, 0],
+                           attention["qk_norms"][layer, 1], 1e-6, cos, sin, position,
+                           attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1])
+        return decode_attention(q, attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1],
+                                position).view(1, -1)
 
     def run() -> torch.Tensor:
         h = x0[..., :GEMVS[0][2]].to(torch.bfloat16).reshape(-1, GEMVS[0][2]).contiguous()  # [tokens, hidden]
-        normed = kernels.rms_norm(h, norms[0, 0], 1e-6)
+        normed = rms_norm(h, norms[0, 0], 1e-6)
         for layer in range(layers):
-            qkv = kernels.skinny_linear(normed, weights[0][layer])
-            o = kernels.skinny_linear(attend(qkv, layer), weights[1][layer])
-            h, normed = kernels.add_rms_norm(h, o, norms[layer, 1], 1e-6)
-            gate_up = kernels.skinny_linear(normed, weights[2][layer])
-            down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, 0::2], gate_up[:, 1::2]), weights[3][layer])
-            h, normed = kernels.add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
+            qkv = skinny_linear(normed, weights[0][layer])
+            o = skinny_linear(attend(qkv, layer), weights[1][layer])
+            h, normed = add_rms_norm(h, o, norms[layer, 1], 1e-6)
+            gate_up = skinny_linear(normed, weights[2][layer])
+            down = skinny_linear(silu_mul(gate_up[:, 0::2], gate_up[:, 1::2]), weights[3][layer])
+            h, normed = add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
         return h
     return run
 
@@ -341,15 +342,18 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
-    """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the source table; returns the
-    timing rows and the table as gemm_shapes-style winners (every source entry, the tuned ones replaced)."""
-    from blockspec import kernels
+    """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the table in effect (the device's,
+    or --skinny-table's); returns the timing rows and the table as gemm_shapes-style winners (every entry of the
+    table in effect, the tuned ones replaced)."""
+    from blockspec.kernels.skinny import SKINNY_ROWS, skinny_config, skinny_linear, skinny_table
 
-    table = {m: {(n, k): kernels.skinny_config(n, k, m) for _, n, k in GEMVS} for m in (1, kernels.SKINNY_ROWS)}
+    device = x0.device
+    source = skinny_table(device)
+    table = {m: {(n, k): skinny_config(n, k, m, device) for _, n, k in GEMVS} for m in (1, SKINNY_ROWS)}
     rows_out = []
 
     def chain_ms(m: int, configs: dict) -> float:
-        project = lambda x, w: kernels.skinny_linear(x, w, None, configs[tuple(w.shape)])  # noqa: E731
+        project = lambda x, w: skinny_linear(x, w, None, configs[tuple(w.shape)])  # noqa: E731
         return graph_ms(kernel_chain(x0, weights, layers, project, rows=m), reps)
 
     for m in table:
@@ -377,10 +381,10 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
                 if kept:
                     table[m][(n, k)] = best
     winners = []
-    for (n, k), entry in kernels.SKINNY_CONFIG.items():
+    for (n, k), entry in source.items():
         tuned = {m: table[m].get((n, k), entry[m]) for m in table}
         name = next((g for g, gn, gk in GEMVS if (gn, gk) == (n, k)), "other")
-        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[kernels.SKINNY_ROWS]})
+        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[SKINNY_ROWS]})
     return rows_out, winners
 
 
@@ -402,7 +406,7 @@ def run(args) -> dict:
     from blockspec.flow import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
-    from blockspec.kernels import skinny_linear
+    from blockspec.kernels.skinny import skinny_linear
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
@@ -546,11 +550,12 @@ VOCAB = 151936  # Qwen3-4B's lm_head rows
 def with_lm_head(layers_fn, head: dict):
     """A chain of layers (returning the last residual, bf16 [1, hidden]) followed by what ends an AR step: the
     final RMSNorm, the lm_head (the engine's skinny GEMM) and the argmax."""
-    from blockspec import kernels
+    from blockspec.kernels.norm_rope import rms_norm
+    from blockspec.kernels.skinny import skinny_linear
 
     def run() -> torch.Tensor:
-        normed = kernels.rms_norm(layers_fn(), head["norm"], 1e-6)
-        return kernels.skinny_linear(normed, head["weight"]).argmax(-1)
+        normed = rms_norm(layers_fn(), head["norm"], 1e-6)
+        return skinny_linear(normed, head["weight"]).argmax(-1)
     return run
 
 

@@ -246,7 +246,7 @@ class TargetModel(nn.Module):
         return self._flow
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight)  # the skinny GEMM where kernels.SKINNY_CONFIG lists the shape
+        return linear(hidden, self.lm_head.weight)  # the skinny GEMM where the device's table lists the shape
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """`logits(hidden).argmax(-1)`, without writing the logits where the lm_head runs on the skinny GEMM."""
