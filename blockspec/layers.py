@@ -14,9 +14,10 @@ from blockspec.kernels import current_settings
 
 
 def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels serve CUDA inference; they have no backward, so anything needing gradients (draft
-    training) takes the plain torch ops."""
-    return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """The Triton kernels serve CUDA inference (unless KernelSettings.fused_kernels is off); they have no
+    backward, so anything needing gradients (draft training) takes the plain torch ops."""
+    return (tensors[0].is_cuda and current_settings().fused_kernels
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
@@ -171,7 +172,7 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.is_cuda and self.inv_freq.is_cuda and current_settings().fused_rope:  # the same values, one kernel
+        if self.inv_freq.is_cuda and fused_kernels_apply(positions) and current_settings().fused_rope:  # one kernel
             from blockspec.kernels.norm_rope import rope_tables
 
             cos, sin = rope_tables(positions, self.inv_freq, self.attention_scaling, dtype)
@@ -249,7 +250,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     slots and takes the limits from device memory (so the call can live in a CUDA graph); elsewhere the
     slots [0, kv_len) are read with an explicit mask (math as in HF's eager attention: softmax in fp32).
     """
-    if q.is_cuda and q.shape[2] <= DECODE_QUERIES:
+    if q.is_cuda and q.shape[2] <= DECODE_QUERIES and current_settings().fused_kernels:
         from blockspec.kernels.attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0)

@@ -3,6 +3,7 @@
 import json
 from importlib import resources
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
 from blockspec.kernels.settings import FLOW_FIELDS, tables_for
+from blockspec.layers import fused_kernels_apply
 
 
 def test_use_settings_changes_the_current_settings_inside_only_and_nests():
@@ -28,6 +30,14 @@ def test_settings_are_restored_when_the_block_raises():
     with pytest.raises(RuntimeError), use_settings(pdl=False):
         raise RuntimeError
     assert current_settings().pdl
+
+
+def test_fused_kernels_off_sends_cuda_inference_to_the_torch_ops():
+    cuda_like = SimpleNamespace(is_cuda=True, requires_grad=False)  # what fused_kernels_apply asks of a tensor
+    assert fused_kernels_apply(cuda_like)
+    with use_settings(fused_kernels=False):
+        assert not fused_kernels_apply(cuda_like)
+    assert not fused_kernels_apply(torch.ones(1))  # a CPU tensor, whatever the settings
 
 
 @pytest.mark.parametrize("name, file", [("NVIDIA H100 80GB HBM3", "h100.json"), ("NVIDIA H100 PCIe", "h100.json"),
