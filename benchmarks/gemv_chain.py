@@ -13,7 +13,8 @@ in one run:
   dataflow     deterministic and barrier-free: each program owns whole output rows (no atomics), and every
                activation is a 64-bit word carrying the run's epoch, so a reader spins only on the tile it needs
                (NCCL's LL protocol); as written Triton does not pipeline its K loop (the spin is inside it)
-  flow         the same dataflow design in Gluon (blockspec/flow.py) with the pipeline written out: copy warps stream
+  flow         the same dataflow design in Gluon (the flow kernel: flow_probe.py) with the pipeline written out: copy
+               warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
   block        (--block) the layer chain for a verify block of 16 tokens: the flow kernel's block form
@@ -64,7 +65,7 @@ WIDEST = max(n for _, n, _ in GEMVS)
 PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2)]  # the best of the configs swept in session 7
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
-# the Gluon dataflow kernel with its cp.async weight ring (blockspec/flow.py): (block rows, block_k, dot warps, ring
+# the Gluon dataflow kernel with its cp.async weight ring (flow_probe.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring, pack the GEMVs with at most
 # half a tile of rows per program: two K tiles per tile)
 FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
@@ -276,7 +277,9 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
     bytes take to stream is where the dot warps, not the stream, set the pace). tokens=16: the block form's dot
     warps (x0 [16, K]; their third phase also stores the operand for the wgmma)."""
-    from blockspec.flow import flow_chain, packed_gemvs
+    from flow_probe import flow_chain
+
+    from blockspec.kernels.flow import packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
@@ -320,7 +323,7 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
     that produces them (medians over layers, us): `store_spread` last minus first store (the GEMV's tail),
     `release` median arrival minus the last store (how long the last rows take to reach a reader), `first`
     earliest arrival minus the last store, `wait` a program's arrival minus its own last store."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
@@ -403,7 +406,7 @@ def chain_setup(args) -> tuple[list[torch.Tensor], torch.Tensor, float, int, dic
 
 
 def run(args) -> dict:
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels.skinny import skinny_linear
@@ -515,7 +518,7 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
     input after its own last qkv store (the whole cost of attention as a program sees it). copies=False: the
     same without weight copies (wrong results), to see what the copy warps' instructions cost the stages."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     stamps = torch.zeros(layers, nprog, 8, device="cuda", dtype=torch.int64)
@@ -564,7 +567,7 @@ def run_attention(args) -> dict:
     side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
     layers first. The floor adds the K/V bytes a step reads to the weights'. Then both as an AR step but for the
     embedding (with_lm_head): its floor adds the lm_head's bytes (context keyed negative in the record)."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
@@ -638,7 +641,7 @@ def run_block(args) -> dict:
     layer chains of both in the same run for scale. The floor is the weights' bytes, as for one token."""
     from flow_block import block_chain
 
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
