@@ -280,3 +280,54 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(prefetch):
         torch.cuda.synchronize()
         assert torch.equal(out, want)
 
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the flow kernel (Gluon) runs on a GPU only")
+def test_flow_kernel_decodes_a_token_as_the_per_op_kernels_do():
+    """One decode token of a Qwen3-shaped target (random bf16 weights, a 200-token context) through the flow
+    kernel and through the per-op kernels: the final hidden states and the new k and v in the cache agree within
+    bf16 rounding, the flow kernel is no further from the same model in fp32 than the per-op kernels are (a wrong
+    head, residual or norm in the kernel would be off by far more), no program gave up waiting, and a rerun is
+    bit-exact."""
+    from test_flow_adapter import qwen3_config
+
+    from blockspec.cache import KVCache
+    from blockspec.target import TargetModel
+    from blockspec.target.flow import FlowDecode, flow_unsupported
+
+    cfg, context = qwen3_config(), 200
+    model = TargetModel.random(cfg, device=DEVICE, dtype=torch.bfloat16, seed=5, std=0.02)
+    reason = flow_unsupported(model)
+    if reason is not None:
+        pytest.skip(f"the flow kernel does not apply here: {reason}")
+    exact = TargetModel.random(cfg, device=DEVICE, dtype=torch.float32, seed=5, std=0.02)
+    exact.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, cfg.vocab_size, (1, context + 1), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    token, position = prompt[:, -1:], torch.full((1, 1), context, device=DEVICE)
+
+    def prefilled(net: TargetModel) -> KVCache:
+        cache = net.new_cache(1, context + 8)
+        net(prompt[:, :-1], torch.arange(context, device=DEVICE)[None], cache)
+        return cache
+
+    with torch.inference_mode():
+        want = exact(token, position, prefilled(exact))[0]
+        model.use_flow = False  # the per-op kernels (the flow kernel is built apart below)
+        per_op_cache = prefilled(model)
+        per_op = model(token, position, per_op_cache)[0]
+        flow = FlowDecode(model)
+        runs = []
+        for _ in range(2):
+            cache = prefilled(model)
+            runs.append((model.norm(flow(model.embed_tokens(token), position, cache).view(1, 1, -1)), cache))
+    (got, flow_cache), (again, _) = runs
+    assert not flow.failed.item()
+    assert torch.equal(got, again)
+    assert relative_error(got, per_op) < 0.05
+    assert relative_error(got, want) < 1.5 * relative_error(per_op, want) + 5e-3
+    for stored, per_op_stored in ((flow_cache.k, per_op_cache.k), (flow_cache.v, per_op_cache.v)):
+        assert relative_error(stored[:, :, :, context], per_op_stored[:, :, :, context]) < 0.05
+        assert torch.equal(stored[:, :, :, :context], per_op_stored[:, :, :, :context])  # the context untouched
