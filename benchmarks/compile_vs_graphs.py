@@ -23,7 +23,7 @@ import json
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -34,21 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_limit import qwen3_4b_config, sync  # noqa: E402
 from harness import capture_graph, parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
-import blockspec.layers as layers  # noqa: E402
+from blockspec.kernels import use_settings  # noqa: E402
 from blockspec.target import TargetModel  # noqa: E402
 
 CONTEXT = 512
-
-
-@contextmanager
-def plain_torch():
-    """Switch blockspec's Triton kernels off: every layer takes its plain torch branch."""
-    saved = layers.fused_kernels_apply, layers.DECODE_QUERIES
-    layers.fused_kernels_apply, layers.DECODE_QUERIES = (lambda *tensors: False), 0
-    try:
-        yield
-    finally:
-        layers.fused_kernels_apply, layers.DECODE_QUERIES = saved
 
 
 def make_step(model: TargetModel, cache, n: int, device: str):
@@ -104,7 +93,7 @@ def run(args: argparse.Namespace) -> dict:
                 row = {"tokens": n, "variant": name}
                 try:
                     # the plain variant traces and runs with our kernels off
-                    with plain_torch() if name == "compile-plain" else nullcontext():
+                    with use_settings(fused_kernels=False) if name == "compile-plain" else nullcontext():
                         started = time.perf_counter()
                         fn = build()
                         for _ in range(3):  # capture / compile and warm-up, untimed

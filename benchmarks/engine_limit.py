@@ -49,6 +49,7 @@ from harness import parser_with_common_flags, run_and_report, run_header  # noqa
 from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
+from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings  # noqa: E402
 from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
 
 TAUS = (3.0, 5.0, 6.5, 8.0)
@@ -445,7 +446,7 @@ def graph_timeline(decoder: CudaGraphDecoder, prompt: list[int], block: int, ste
             "groups": dict(sorted(groups.items(), key=lambda kv: -kv[1]["us"]))}
 
 
-# decode-attention launch settings for blocks of 16 queries (kernels.ATTENTION_CONFIG["wide"]) that
+# decode-attention launch settings for blocks of 16 queries (a launch table's attention["wide"]) that
 # --sweep-attention times inside graphed steps: key splits per (row, KV head), keys per tile, warps
 ATTENTION_SWEEP = [{"splits": s, "block_n": n, "num_warps": w}
                    for s in (4, 8, 16, 32) for n in (32, 64) for w in (4, 8)]
@@ -456,37 +457,31 @@ def attention_sweep(decoder: CudaGraphDecoder, contexts: list[int], device: str)
     timed where it runs: the whole graphed step and its target pass, each captured under the setting, at each
     context. (Timed alone, a launch of this kernel costs more than its work, so only graphs tell settings
     apart.)"""
-    if device.startswith("cuda"):
-        from blockspec.kernels import ATTENTION_CONFIG as configs
-    else:  # a logic check of the loop: the CPU attention has no launch settings
-        configs = {"wide": dict(ATTENTION_SWEEP[0])}
-    source = dict(configs["wide"])
+    # (on the CPU, a logic check of the loop, the attention has no launch settings: the table goes unread)
+    source = device_tables(torch.device(device)).attention
     cfg = decoder.target.model.config
     rows = []
-    try:
-        for ctx in contexts:
-            prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
-            with live_row(decoder, prompt, device) as block:
-                for setting in ATTENTION_SWEEP:
-                    configs["wide"] = setting
-                    with torch.inference_mode():
-                        target_ms = graph_ms(target_pass(decoder, block), device)
-                    rows.append({"context": ctx, **setting, "source": setting == source,
-                                 "step_ms": step_ms(decoder, block, device), "target_pass_ms": target_ms})
-    finally:
-        configs["wide"] = source
+    for ctx in contexts:
+        prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+        with live_row(decoder, prompt, device) as block:
+            for setting in ATTENTION_SWEEP:
+                with use_settings(attention_table={**source, "wide": setting}), torch.inference_mode():
+                    target_ms = graph_ms(target_pass(decoder, block), device)
+                    ms = step_ms(decoder, block, device)
+                rows.append({"context": ctx, **setting, "source": setting == source["wide"], "step_ms": ms,
+                             "target_pass_ms": target_ms})
     for ctx in contexts:
         best = min((r for r in rows if r["context"] == ctx), key=lambda r: r["step_ms"])
         print("attention best", best, flush=True)
     return rows
 
 
-# --ab: settings compared side by side. pdl: programmatic dependent launch (`kernels.PDL`); table: the skinny
-# GEMM settings, the source's `kernels.SKINNY_CONFIG` or the one --skinny-table loaded (swept in the same call,
-# so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
-# skinny-GEMM program asks L2 for before its PDL wait (`kernels.PREFETCH_TILES`); pipeline: each step launched
-# before the previous one's tokens are read (`BatchDecoder.pipeline`); rope: RoPE tables in one kernel
-# (`kernels.FUSED_ROPE_TABLES`) instead of the torch ops. "default" is the source's defaults.
+# --ab: settings compared side by side. pdl: programmatic dependent launch (`KernelSettings.pdl`); table: the
+# skinny-GEMM table, the device's (blockspec/kernels/tables) or the one --skinny-table loaded (swept in the same
+# call, so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
+# skinny-GEMM program asks L2 for before its PDL wait (`KernelSettings.prefetch_tiles`); pipeline: each step
+# launched before the previous one's tokens are read (`BatchDecoder.pipeline`); rope: RoPE tables in one kernel
+# (`KernelSettings.fused_rope`) instead of the torch ops. "default" is the source's defaults.
 _OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False}
 _DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "rope": True}
 AB_SETTINGS = {
@@ -504,25 +499,18 @@ AB_SETTINGS = {
 
 
 def skinny_tables(args: argparse.Namespace) -> dict:
-    """The skinny-GEMM tables a setting may pick: "source", and "swept" when --skinny-table loaded one (call
-    before any apply_setting)."""
-    if not args.device.startswith("cuda"):
-        return {"source": None}
-    from blockspec import kernels
-
-    if not args.skinny_table:
-        return {"source": kernels.SKINNY_CONFIG}
-    return {"source": args.source_skinny_config, "swept": kernels.SKINNY_CONFIG}  # the harness loaded the latter
+    """The skinny-GEMM tables a setting may pick: "source" (the device's), and "swept" when --skinny-table loaded
+    one (the harness runs the benchmark under it)."""
+    tables = {"source": device_tables(torch.device(args.device)).skinny}
+    if args.skinny_table:
+        tables["swept"] = current_settings().skinny_table
+    return tables
 
 
-def apply_setting(setting: dict, device: str, tables: dict) -> None:
-    """Make `setting` the one kernels are launched (and graphs captured) with from now on."""
-    if device.startswith("cuda"):
-        from blockspec import kernels
-
-        kernels.PDL, kernels.PREFETCH_TILES = setting["pdl"], setting["prefetch"]
-        kernels.FUSED_ROPE_TABLES = setting["rope"]
-        kernels.SKINNY_CONFIG = tables[setting["table"]]
+def kernel_settings(setting: dict, tables: dict) -> KernelSettings:
+    """The kernel settings of an AB_SETTINGS entry (its pipeline is the decoders' own)."""
+    return KernelSettings(pdl=setting["pdl"], prefetch_tiles=setting["prefetch"], fused_rope=setting["rope"],
+                          skinny_table=tables[setting["table"]])
 
 
 def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
@@ -541,27 +529,28 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     eager: dict = {}
     decoders: dict = {}
     for setting in names:
-        apply_setting(AB_SETTINGS[setting], args.device, tables)
-        table = AB_SETTINGS[setting]["table"]
-        if table not in eager:
-            eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
-                            for name, d in (("ar", None), *drafts.items())}
-        decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
-                             for name, d in (("ar", None), *drafts.items())}
-        for name, decoder in decoders[setting].items():
-            decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
-            decoder.engine.capture_graphs()
-            out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                decoder.generate(prompt, params).token_ids == eager[table][name])
+        with use_settings(kernel_settings(AB_SETTINGS[setting], tables)):
+            table = AB_SETTINGS[setting]["table"]
+            if table not in eager:
+                eager[table] = {name: SpeculativeDecoder(target, d).generate(prompt, params).token_ids
+                                for name, d in (("ar", None), *drafts.items())}
+            decoders[setting] = {name: CudaGraphDecoder(target, d, max_len=max_len)
+                                 for name, d in (("ar", None), *drafts.items())}
+            for name, decoder in decoders[setting].items():
+                decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
+                decoder.engine.capture_graphs()
+                out["check"][f"{setting}_{name}_graph_equals_eager"] = (
+                    decoder.generate(prompt, params).token_ids == eager[table][name])
     print("check", out["check"], flush=True)
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
         times: dict = {s: {name: [] for name in decoders[s]} for s in names}
         for _ in range(2):
             for setting in names:
-                for name, decoder in decoders[setting].items():
-                    times[setting][name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, args.steps,
-                                                            args.device))
+                with use_settings(kernel_settings(AB_SETTINGS[setting], tables)):  # (its prefill, too)
+                    for name, decoder in decoders[setting].items():
+                        times[setting][name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16,
+                                                                args.steps, args.device))
         row: dict = {}
         for name in decoders[names[0]]:
             draft = drafts.get(name)
@@ -619,7 +608,7 @@ def run(args: argparse.Namespace) -> dict:
     check_params = SamplingParams(max_new_tokens=256, ignore_eos=True)
     eager_ar = SpeculativeDecoder(target, None).generate(prompt, check_params).token_ids
     record["check"] = {"ar_graph_equals_eager": ar.generate(prompt, check_params).token_ids == eager_ar}
-    with per_op_kernels(model):
+    with per_op_kernels():
         eager_per_op = SpeculativeDecoder(target, None).generate(prompt, check_params).token_ids
         record["check"]["ar_per_op_graph_equals_eager"] = (
             ar_per_op.generate(prompt, check_params).token_ids == eager_per_op)
@@ -639,7 +628,7 @@ def run(args: argparse.Namespace) -> dict:
         ar_times, per_op_times = [], []
         for _ in range(2):  # interleaved, for drift
             ar_times.append(timed_steps(ar, prompt, 1, args.steps, device))
-            with per_op_kernels(model):
+            with per_op_kernels():
                 per_op_times.append(timed_steps(ar_per_op, prompt, 1, args.steps, device))
         ar_s, per_op_s = statistics.median(ar_times), statistics.median(per_op_times)
         row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": ar_floor * 1e3, "x_floor": ar_s / ar_floor,
@@ -669,15 +658,10 @@ def run(args: argparse.Namespace) -> dict:
     return record
 
 
-@contextlib.contextmanager
-def per_op_kernels(model: TargetModel):
+def per_op_kernels() -> contextlib.AbstractContextManager:
     """Batch-1 decode tokens through the per-op kernels instead of the flow kernel (graphs keep the path they were
     captured with)."""
-    model.use_flow = False
-    try:
-        yield
-    finally:
-        model.use_flow = True
+    return use_settings(flow_decode=False)
 
 
 @torch.inference_mode()
@@ -693,11 +677,12 @@ def flow_accuracy(cfg: TargetConfig, device: str, context: int, layers: int = 4)
     prompt = torch.randint(0, cfg.vocab_size, (1, context), device=device)
     token, position = prompt[:, -1:], torch.full((1, 1), context, device=device)
     hidden = {}
+    model.prepare_fast_path()
     for name, net, flow in (("fp32", exact, False), ("per_op", model, False), ("flow", model, True)):
         cache = net.new_cache(1, context + 1)
         net(prompt, torch.arange(context, device=device)[None], cache)
-        net.use_flow = flow
-        hidden[name] = net(token, position, cache)[0].double()
+        with use_settings(flow_decode=flow):
+            hidden[name] = net(token, position, cache)[0].double()
 
     def rel_err(a: str, b: str) -> float:
         return ((hidden[a] - hidden[b]).norm() / hidden[b].norm()).item()
@@ -722,28 +707,21 @@ def smollm2(gguf: str, device: str, steps: int) -> dict:
     prompt = target.encode("Write a short story about a robot who learns to paint.")
     decoders = {}
     for pdl in (True, False):
-        set_pdl(pdl, device)
-        decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=2048),
-                         "spec": CudaGraphDecoder(target, draft, max_len=2048)}
-        for decoder in decoders[pdl].values():
-            decoder.engine.capture_graphs()
-    set_pdl(True, device)
+        with use_settings(pdl=pdl):
+            decoders[pdl] = {"ar": CudaGraphDecoder(target, None, max_len=2048),
+                             "spec": CudaGraphDecoder(target, draft, max_len=2048)}
+            for decoder in decoders[pdl].values():
+                decoder.engine.capture_graphs()
     times: dict = {(pdl, name): [] for pdl in (True, False) for name in ("ar", "spec")}
     for _ in range(2):
         for pdl in (True, False):
-            for name, decoder in decoders[pdl].items():
-                times[pdl, name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, steps, device))
+            with use_settings(pdl=pdl):
+                for name, decoder in decoders[pdl].items():
+                    times[pdl, name].append(timed_steps(decoder, prompt, 1 if name == "ar" else 16, steps, device))
     ms = {key: statistics.median(t) * 1e3 for key, t in times.items()}
     return {"prompt_tokens": len(prompt), "dtype": str(target.dtype),
             "ar_ms_per_token": ms[True, "ar"], "spec_ms_per_step": ms[True, "spec"],
             "pdl_off": {"ar_ms_per_token": ms[False, "ar"], "spec_ms_per_step": ms[False, "spec"]}}
-
-
-def set_pdl(on: bool, device: str) -> None:
-    if device.startswith("cuda"):
-        from blockspec import kernels
-
-        kernels.PDL = on
 
 
 def report(path: str) -> str:

@@ -2,8 +2,8 @@
 `benchmarks/gemv_chain.py --block` against the engine's kernels on 16 rows. Not an engine path: it is correct
 (relative error 0.004 against fp64, bit-exact reruns) but slower than the engine's kernels (4.7 against 3.05 ms for
 36 layers, 39357c8), because a program reads as many activation bytes from L2 as weight bytes from HBM (see
-docs/benchmarks.md, "Session 13"). It shares the copy warps, the cursor and the activation words of
-blockspec/flow.py; its dot warps (_ws_block_consumer) are its own.
+docs/benchmarks.md, "Session 13"). It shares the copy warps, the cursor and the activation words of the flow
+kernel (blockspec/kernels/flow.py, its probe form in flow_probe.py); its dot warps (_ws_block_consumer) are its own.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from blockspec.flow import (SPIN_LIMIT, _advance, _clock, _first_unit, _launch_setup, _pick,  # noqa: E402
-                            _rows, _store_words, _total_units, _ws_producer, stamp_input)
+from flow_probe import _clock, _launch_setup, _ws_producer  # noqa: E402
+
+from blockspec.kernels.flow import (SPIN_LIMIT, _advance, _first_unit, _pick, _rows, _store_words,  # noqa: E402
+                                    _total_units, stamp_input)
 
 ROWS = 16
 

@@ -5,8 +5,8 @@ many, with the weights rotated so the L2 cache does not serve them.
     python benchmarks/gemm_shapes.py      # on a CUDA machine; prints a table, writes JSON to --out
     python benchmarks/gemm_shapes.py --skinny
         # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
-        # (target and drafts, plus the lm_head) and M; prints the winners as a SKINNY_CONFIG to paste into
-        # blockspec/kernels.py
+        # (target and drafts, plus the lm_head) and M; prints the winners as the "skinny" entries to paste
+        # into the device's launch table (blockspec/kernels/tables/*.json)
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import capture_graph  # noqa: E402
+
+from blockspec.kernels.settings import SkinnyTable, skinny_table_from_winners  # noqa: E402
 
 SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
 # the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
@@ -83,7 +85,7 @@ def label(config: dict) -> str:
 
 def project(x: torch.Tensor, w: torch.Tensor, config: dict | None) -> torch.Tensor:
     """cuBLAS (config None) or skinny_linear under `config`."""
-    from blockspec.kernels import skinny_linear
+    from blockspec.kernels.skinny import skinny_linear
 
     return F.linear(x, w) if config is None else skinny_linear(x, w, None, config)
 
@@ -105,9 +107,9 @@ def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
 
 
 def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
-    """cuBLAS, the kernel table's config and every candidate, per shape and M (1, 16); prints one line per
+    """cuBLAS, the device table's config and every candidate, per shape and M (1, 16); prints one line per
     (shape, M) and returns all rows and the winners {(N, K): {"name", 1: config, 16: config}} (None: cuBLAS)."""
-    from blockspec.kernels import skinny_config
+    from blockspec.kernels.skinny import skinny_config
 
     rows, winners = [], {}
     for name, (n, k) in SKINNY_SHAPES.items():
@@ -116,7 +118,7 @@ def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), weights[0].float())
-            table = skinny_config(n, k, m)
+            table = skinny_config(n, k, m, x.device)
             runs = [("cublas", None)] + ([("table", table)] if table is not None else [])
             results = []
             for kind, config in runs + [("candidate", c) for c in candidates(m, k)]:
@@ -146,23 +148,19 @@ def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
     return rows, winners
 
 
-def load_winners(path: str) -> dict:
-    """Fill kernels.SKINNY_CONFIG from a --skinny results JSON, so a benchmark in the same device call can
-    measure the engine with the table just swept (before it is pasted into the source); returns the table."""
-    from blockspec import kernels
+def load_winners(path: str, device: torch.device) -> SkinnyTable:
+    """The skinny table of `device` with the winners of a --skinny (or gemv_chain.py --sweep-table) results JSON
+    in place of its entries, for a benchmark in the same device call to run under (KernelSettings.skinny_table)
+    before they are pasted into the device's table file."""
+    from blockspec.kernels import device_tables
 
-    for w in json.loads(Path(path).read_text())["winners"]:
-        kernels.SKINNY_CONFIG[(w["n"], w["k"])] = {1: w["m1"], 16: w["m16"]}
-    return {f"{n},{k}": v for (n, k), v in kernels.SKINNY_CONFIG.items()}
+    winners = skinny_table_from_winners(json.loads(Path(path).read_text())["winners"])
+    return {**device_tables(device).skinny, **winners}
 
 
-def paste_table(winners: dict) -> str:
-    """The winners as SKINNY_CONFIG source."""
-    lines = ["SKINNY_CONFIG: dict[tuple[int, int], dict[int, dict | None]] = {"]
-    for (n, k), entry in winners.items():
-        lines += [f"    ({n}, {k}): {{  # {entry['name']}", *(f"        {m}: {entry[m]!r}," for m in (1, 16)),
-                  "    },"]
-    return "\n".join(lines + ["}"])
+def paste_table(winners: list[dict]) -> str:
+    """The winners as a launch table's "skinny" entries (blockspec/kernels/tables/*.json), one a line."""
+    return '"skinny": [\n' + ",\n".join(f"    {json.dumps(w)}" for w in winners) + "\n]"
 
 
 def variants_probe(bandwidth: float) -> list[dict]:
@@ -211,7 +209,7 @@ def main() -> None:
         record["rows"], winners = skinny_sweep(bandwidth)
         record["winners"] = [{"gemm": e["name"], "n": n, "k": k, "m1": e[1], "m16": e[16]}
                              for (n, k), e in winners.items()]
-        print(paste_table(winners))
+        print(paste_table(record["winners"]))
     else:
         record["rows"] = variants_probe(bandwidth)
     record["seconds"] = time.perf_counter() - started

@@ -13,7 +13,8 @@ in one run:
   dataflow     deterministic and barrier-free: each program owns whole output rows (no atomics), and every
                activation is a 64-bit word carrying the run's epoch, so a reader spins only on the tile it needs
                (NCCL's LL protocol); as written Triton does not pipeline its K loop (the spin is inside it)
-  flow         the same dataflow design in Gluon (blockspec/flow.py) with the pipeline written out: copy warps stream
+  flow         the same dataflow design in Gluon (the flow kernel: flow_probe.py) with the pipeline written out: copy
+               warps stream
                the weights through a shared-memory ring, capped in bytes in flight, dot warps poll per tile;
                "nowait" reads the activations without waiting (wrong results): its streaming ceiling
   block        (--block) the layer chain for a verify block of 16 tokens: the flow kernel's block form
@@ -36,7 +37,7 @@ checked against an fp64 reference of the same chain.
 
     python benchmarks/gemv_chain.py --commit HASH     # on the H100
     python benchmarks/gemv_chain.py --sweep-table --commit HASH
-        # instead: tune kernels.SKINNY_CONFIG in the chain rather than on one GEMM repeated (gemm_shapes.py
+        # instead: tune the device's skinny table in the chain rather than on one GEMM repeated (gemm_shapes.py
         # --skinny): per GEMV and row count (1: AR, 16: a verify block) in turn, every candidate launch config
         # timed as the whole 36-layer skinny chain, a winner kept only if it beats the incumbent again when
         # re-timed alternately; the record's "winners" load into engine_limit.py --skinny-table
@@ -64,7 +65,7 @@ WIDEST = max(n for _, n, _ in GEMVS)
 PERSISTENT_CONFIGS = [(64, 128, 4, 4, 1, 2)]  # the best of the configs swept in session 7
 # the dataflow kernel (deterministic, no barriers): (block rows, block_k, num_warps, num_stages, programs per SM)
 DATAFLOW_CONFIGS = [(32, 256, 4, 4, 2)]
-# the Gluon dataflow kernel with its cp.async weight ring (blockspec/flow.py): (block rows, block_k, dot warps, ring
+# the Gluon dataflow kernel with its cp.async weight ring (flow_probe.py): (block rows, block_k, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program: 0 = the whole ring, pack the GEMVs with at most
 # half a tile of rows per program: two K tiles per tile)
 FLOW_CONFIGS = [(64, 512, 4, 3, 1, 2, 64, 0), (64, 512, 4, 3, 1, 2, 64, 1), (64, 512, 4, 3, 1, 2, 96, 1)]
@@ -193,7 +194,9 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     o_proj reading q): skinny GEMMs, the norm fused with the residual add before it, silu * up as its own kernel
     (gate_up's rows (gate, up) pairs, as in the flow kernel), with attention the engine's qkv_rope_store and
     split-K decode_attention, all under PDL in a CUDA graph."""
-    from blockspec import kernels
+    from blockspec.kernels.attention import decode_attention
+    from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm, silu_mul
+    from blockspec.kernels.skinny import skinny_linear
 
     heads = GEMVS[1][2] // HEAD_DIM
     if attention is not None:
@@ -205,23 +208,22 @@ def engine_layer_chain(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
             return qkv[:, :GEMVS[1][2]]
         q_rows, k_rows, v_rows = qkv.view(1, 1, -1).split([heads * HEAD_DIM, KV_HEADS * HEAD_DIM,
                                                            KV_HEADS * HEAD_DIM], dim=-1)
-        q = kernels.qkv_rope_store(q_rows, k_rows, v_rows, heads, KV_HEADS, HEAD_DIM,
-                                   attention["qk_norms"][layer, 0], attention["qk_norms"][layer, 1], 1e-6, cos, sin,
-                                   position, attention["k_cache"][layer:layer + 1],
-                                   attention["v_cache"][layer:layer + 1])
-        return kernels.decode_attention(q, attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1],
-                                        position).view(1, -1)
+        q = qkv_rope_store(q_rows, k_rows, v_rows, heads, KV_HEADS, HEAD_DIM, attention["qk_norms"][layer, 0],
+                           attention["qk_norms"][layer, 1], 1e-6, cos, sin, position,
+                           attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1])
+        return decode_attention(q, attention["k_cache"][layer:layer + 1], attention["v_cache"][layer:layer + 1],
+                                position).view(1, -1)
 
     def run() -> torch.Tensor:
         h = x0[..., :GEMVS[0][2]].to(torch.bfloat16).reshape(-1, GEMVS[0][2]).contiguous()  # [tokens, hidden]
-        normed = kernels.rms_norm(h, norms[0, 0], 1e-6)
+        normed = rms_norm(h, norms[0, 0], 1e-6)
         for layer in range(layers):
-            qkv = kernels.skinny_linear(normed, weights[0][layer])
-            o = kernels.skinny_linear(attend(qkv, layer), weights[1][layer])
-            h, normed = kernels.add_rms_norm(h, o, norms[layer, 1], 1e-6)
-            gate_up = kernels.skinny_linear(normed, weights[2][layer])
-            down = kernels.skinny_linear(kernels.silu_mul(gate_up[:, 0::2], gate_up[:, 1::2]), weights[3][layer])
-            h, normed = kernels.add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
+            qkv = skinny_linear(normed, weights[0][layer])
+            o = skinny_linear(attend(qkv, layer), weights[1][layer])
+            h, normed = add_rms_norm(h, o, norms[layer, 1], 1e-6)
+            gate_up = skinny_linear(normed, weights[2][layer])
+            down = skinny_linear(silu_mul(gate_up[:, 0::2], gate_up[:, 1::2]), weights[3][layer])
+            h, normed = add_rms_norm(h, down, norms[layer + 1, 0], 1e-6)
         return h
     return run
 
@@ -275,7 +277,9 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     GEMV, with the weight bytes of the median program's unit of that GEMV (a unit that takes longer than its
     bytes take to stream is where the dot warps, not the stream, set the pace). tokens=16: the block form's dot
     warps (x0 [16, K]; their third phase also stores the operand for the wgmma)."""
-    from blockspec.flow import flow_chain, packed_gemvs
+    from flow_probe import flow_chain
+
+    from blockspec.kernels.flow import packed_gemvs
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     cycles = torch.zeros(nprog, 4, 4, device="cuda", dtype=torch.int64)
@@ -319,7 +323,7 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
     that produces them (medians over layers, us): `store_spread` last minus first store (the GEMV's tail),
     `release` median arrival minus the last store (how long the last rows take to reach a reader), `first`
     earliest arrival minus the last store, `wait` a program's arrival minus its own last store."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
@@ -341,15 +345,18 @@ def flow_timeline(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, co
 
 
 def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps: int) -> tuple[list, list]:
-    """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the source table; returns the
-    timing rows and the table as gemm_shapes-style winners (every source entry, the tuned ones replaced)."""
-    from blockspec import kernels
+    """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the table in effect (the device's,
+    or --skinny-table's); returns the timing rows and the table as gemm_shapes-style winners (every entry of the
+    table in effect, the tuned ones replaced)."""
+    from blockspec.kernels.skinny import SKINNY_ROWS, skinny_config, skinny_linear, skinny_table
 
-    table = {m: {(n, k): kernels.skinny_config(n, k, m) for _, n, k in GEMVS} for m in (1, kernels.SKINNY_ROWS)}
+    device = x0.device
+    source = skinny_table(device)
+    table = {m: {(n, k): skinny_config(n, k, m, device) for _, n, k in GEMVS} for m in (1, SKINNY_ROWS)}
     rows_out = []
 
     def chain_ms(m: int, configs: dict) -> float:
-        project = lambda x, w: kernels.skinny_linear(x, w, None, configs[tuple(w.shape)])  # noqa: E731
+        project = lambda x, w: skinny_linear(x, w, None, configs[tuple(w.shape)])  # noqa: E731
         return graph_ms(kernel_chain(x0, weights, layers, project, rows=m), reps)
 
     for m in table:
@@ -377,10 +384,10 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
                 if kept:
                     table[m][(n, k)] = best
     winners = []
-    for (n, k), entry in kernels.SKINNY_CONFIG.items():
+    for (n, k), entry in source.items():
         tuned = {m: table[m].get((n, k), entry[m]) for m in table}
         name = next((g for g, gn, gk in GEMVS if (gn, gk) == (n, k)), "other")
-        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[kernels.SKINNY_ROWS]})
+        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[SKINNY_ROWS]})
     return rows_out, winners
 
 
@@ -399,10 +406,10 @@ def chain_setup(args) -> tuple[list[torch.Tensor], torch.Tensor, float, int, dic
 
 
 def run(args) -> dict:
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
     from persistent_gemv import dataflow_chain, persistent_chain
 
-    from blockspec.kernels import skinny_linear
+    from blockspec.kernels.skinny import skinny_linear
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
@@ -511,7 +518,7 @@ def attention_timeline(x0: torch.Tensor, weights: list[torch.Tensor], norms: tor
     `to_o_proj` a program's first o_proj input after the layer's last combine; `hop` a program's first o_proj
     input after its own last qkv store (the whole cost of attention as a program sees it). copies=False: the
     same without weight copies (wrong results), to see what the copy warps' instructions cost the stages."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     stamps = torch.zeros(layers, nprog, 8, device="cuda", dtype=torch.int64)
@@ -546,11 +553,12 @@ VOCAB = 151936  # Qwen3-4B's lm_head rows
 def with_lm_head(layers_fn, head: dict):
     """A chain of layers (returning the last residual, bf16 [1, hidden]) followed by what ends an AR step: the
     final RMSNorm, the lm_head (the engine's skinny GEMM) and the argmax."""
-    from blockspec import kernels
+    from blockspec.kernels.norm_rope import rms_norm
+    from blockspec.kernels.skinny import skinny_linear
 
     def run() -> torch.Tensor:
-        normed = kernels.rms_norm(layers_fn(), head["norm"], 1e-6)
-        return kernels.skinny_linear(normed, head["weight"]).argmax(-1)
+        normed = rms_norm(layers_fn(), head["norm"], 1e-6)
+        return skinny_linear(normed, head["weight"]).argmax(-1)
     return run
 
 
@@ -559,7 +567,7 @@ def run_attention(args) -> dict:
     side by side per context, with the attention-free layer chains as the baseline; checked against fp64 on 2
     layers first. The floor adds the K/V bytes a step reads to the weights'. Then both as an AR step but for the
     embedding (with_lm_head): its floor adds the lm_head's bytes (context keyed negative in the record)."""
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)
@@ -633,7 +641,7 @@ def run_block(args) -> dict:
     layer chains of both in the same run for scale. The floor is the weights' bytes, as for one token."""
     from flow_block import block_chain
 
-    from blockspec.flow import flow_chain
+    from flow_probe import flow_chain
 
     layers = args.layers
     weights, x0, bandwidth, weight_bytes, record = chain_setup(args)

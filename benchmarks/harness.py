@@ -4,7 +4,6 @@ table, a hand-captured CUDA graph, the results JSON and its markdown report."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import time
@@ -14,6 +13,7 @@ from typing import Callable
 import torch
 
 from blockspec.bench.report import git_commit
+from blockspec.kernels import use_settings
 
 
 def capture_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
@@ -55,7 +55,7 @@ def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf: also time it with real weights")
     parser.add_argument("--skinny-table", default=None,
-                        help="a gemm_shapes.py --skinny results JSON: use its winners as kernels.SKINNY_CONFIG")
+                        help="a gemm_shapes.py --skinny results JSON: run with its winners in the skinny table")
     parser.add_argument("--commit", default=None, help="default: the checkout's ($BLOCKSPEC_GIT_COMMIT without .git)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")
@@ -75,10 +75,9 @@ def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Name
     if args.skinny_table:
         from gemm_shapes import load_winners
 
-        from blockspec import kernels
-
-        args.source_skinny_config = copy.deepcopy(kernels.SKINNY_CONFIG)  # for scripts that compare the two
-        skinny = load_winners(args.skinny_table)
-    record = run(args)
-    record["skinny_table"] = skinny if skinny is not None else "the source's kernels.SKINNY_CONFIG"
+        skinny = load_winners(args.skinny_table, torch.device(args.device))
+    with use_settings(skinny_table=skinny):  # None: the device's table
+        record = run(args)
+    record["skinny_table"] = ({f"{n},{k}": v for (n, k), v in skinny.items()} if skinny is not None
+                              else "the device's (blockspec/kernels/tables)")
     write_record(record, args.out, name, report)

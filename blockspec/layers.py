@@ -10,24 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockspec.kernels import current_settings
+
 
 def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels serve CUDA inference; they have no backward, so anything needing gradients (draft
-    training) takes the plain torch ops."""
-    return tensors[0].is_cuda and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    """The Triton kernels serve CUDA inference (unless KernelSettings.fused_kernels is off); they have no
+    backward, so anything needing gradients (draft training) takes the plain torch ops."""
+    return (tensors[0].is_cuda and current_settings().fused_kernels
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
     """(rows, settings) when x's product with params[0] (a weight [n, k]) runs on the Triton skinny GEMM: CUDA
     inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights, a shape the measured
-    table lists (kernels.SKINNY_CONFIG); None: cuBLAS (F.linear)."""
+    table lists for the device (kernels.skinny.skinny_table); None: cuBLAS (F.linear)."""
     weight = params[0]
     if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
         return None
-    from blockspec.kernels import SKINNY_ROWS, skinny_config
+    from blockspec.kernels.skinny import SKINNY_ROWS, skinny_config
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    config = skinny_config(weight.shape[0], weight.shape[1], rows) if 0 < rows <= SKINNY_ROWS else None
+    config = skinny_config(weight.shape[0], weight.shape[1], rows, x.device) if 0 < rows <= SKINNY_ROWS else None
     return (rows, config) if config is not None else None
 
 
@@ -37,7 +40,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory)."""
     skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
     if skinny is not None:
-        from blockspec.kernels import skinny_linear
+        from blockspec.kernels.skinny import skinny_linear
 
         rows, config = skinny
         return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
@@ -50,7 +53,7 @@ def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     writing the logits (bit-identical choices: the same rounding, the first column on ties)."""
     skinny = _skinny_rows(x, weight)
     if skinny is not None and skinny[1]["split_k"] == 1:
-        from blockspec.kernels import skinny_argmax
+        from blockspec.kernels.skinny import skinny_argmax
 
         rows, config = skinny
         return skinny_argmax(x.reshape(rows, -1), weight, config).view(x.shape[:-1])
@@ -71,7 +74,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.zero_centred and fused_kernels_apply(x, self.weight):
-            from blockspec.kernels import rms_norm
+            from blockspec.kernels.norm_rope import rms_norm
 
             return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
@@ -98,7 +101,7 @@ class GatedMLP(nn.Module):
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up (one kernel on CUDA instead of two)."""
     if fused_kernels_apply(gate, up):
-        from blockspec.kernels import silu_mul as fused
+        from blockspec.kernels.norm_rope import silu_mul as fused
 
         return fused(gate, up)
     return F.silu(gate) * up
@@ -175,12 +178,11 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if positions.is_cuda and self.inv_freq.is_cuda:
-            from blockspec import kernels
+        if self.inv_freq.is_cuda and fused_kernels_apply(positions) and current_settings().fused_rope:  # one kernel
+            from blockspec.kernels.norm_rope import rope_tables
 
-            if kernels.FUSED_ROPE_TABLES:  # the same values in one kernel
-                cos, sin = kernels.rope_tables(positions, self.inv_freq, self.attention_scaling, dtype)
-                return cos[:, None], sin[:, None]
+            cos, sin = rope_tables(positions, self.inv_freq, self.attention_scaling, dtype)
+            return cos[:, None], sin[:, None]
         freqs = positions.float()[..., None] * self.inv_freq  # [b, n, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)
@@ -199,7 +201,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     norms = [n for n in (q_norm, k_norm) if n is not None]
     plain = cos.shape[-1] == head_dim and not any(n.zero_centred for n in norms)  # what the kernel implements
     if plain and fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *[n.weight for n in norms]):
-        from blockspec.kernels import qkv_rope_store as fused
+        from blockspec.kernels.norm_rope import qkv_rope_store as fused
 
         eps = k_norm.eps if k_norm is not None else 0.0
         return fused(q, k, v, n_heads, n_kv, head_dim, q_norm.weight if q_norm is not None else None,
@@ -222,7 +224,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
     if not norm.zero_centred and fused_kernels_apply(x, delta, norm.weight):
-        from blockspec.kernels import add_rms_norm as fused
+        from blockspec.kernels.norm_rope import add_rms_norm as fused
 
         return fused(x, delta, norm.weight, norm.eps)
     total = x + delta
@@ -260,8 +262,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     slots and takes the limits from device memory (so the call can live in a CUDA graph); elsewhere the
     slots [0, kv_len) are read with an explicit mask (math as in HF's eager attention: softmax in fp32).
     """
-    if q.is_cuda and q.shape[2] <= DECODE_QUERIES:
-        from blockspec.kernels import decode_attention
+    if q.is_cuda and q.shape[2] <= DECODE_QUERIES and current_settings().fused_kernels:
+        from blockspec.kernels.attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]

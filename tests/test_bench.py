@@ -602,7 +602,7 @@ def test_gemv_chain_report_renders_the_16_token_block_run_without_triton():
 
 def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_triton():
     """The Gluon flow kernel's rows, its loop-phase profile and its store-to-reader timeline render from the
-    committed H100 run (a machine without Triton, so blockspec/flow.py is never imported)."""
+    committed H100 run (a machine without Triton, so the flow kernel is never imported)."""
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-225211.json"
     record = json.loads(stored.read_text())

@@ -17,7 +17,11 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
-from blockspec import kernels  # noqa: E402
+from blockspec.kernels import use_settings  # noqa: E402
+from blockspec.kernels.attention import decode_attention  # noqa: E402
+from blockspec.kernels.launch import use_pdl  # noqa: E402
+from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm, silu_mul  # noqa: E402
+from blockspec.kernels.skinny import skinny_argmax, skinny_linear  # noqa: E402
 
 
 def reference_attention(q, k, v, limits, window):
@@ -41,11 +45,11 @@ def test_decode_attention_matches_reference(shape, dtype):
     v = torch.randn(b, nkv, length, d, generator=gen).to(DEVICE, dtype)
     start = torch.randint(0, length - n, (b,), generator=gen)
     limits = (start[:, None] + torch.arange(n)).to(DEVICE)
-    out = kernels.decode_attention(q, k, v, limits, window)
+    out = decode_attention(q, k, v, limits, window)
     ref = reference_attention(q, k, v, limits, window)
     # the draft passes one limit per row, expanded over the block (stride 0)
     block_end = limits[:, -1:].expand_as(limits)
-    shared = kernels.decode_attention(q, k, v, block_end, window)
+    shared = decode_attention(q, k, v, block_end, window)
     shared_ref = reference_attention(q, k, v, block_end.contiguous(), window)
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
     assert ((shared.double() - shared_ref).norm() / shared_ref.norm()).item() < tolerance
@@ -61,19 +65,19 @@ def test_rms_norm_and_silu_mul_match_torch(dtype):
     norm.weight.data = torch.randn(576, generator=gen).to(DEVICE, dtype)
     x32 = x.float()
     expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
-    got = kernels.rms_norm(x, norm.weight, 1e-5)
+    got = rms_norm(x, norm.weight, 1e-5)
     assert (got.float() - expected.float()).abs().max().item() <= (1e-5 if dtype == torch.float32 else 2e-2)
     gate_up = torch.randn(3, 2 * 1536, generator=gen).to(DEVICE, dtype)
     gate, up = gate_up.chunk(2, -1)
     expected = torch.nn.functional.silu(gate) * up
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert (kernels.silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
+    assert (silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
     apart = torch.randn(3, 1536, generator=gen).to(DEVICE, dtype), torch.randn(3, 1536, generator=gen).to(DEVICE, dtype)
     expected = torch.nn.functional.silu(apart[0]) * apart[1]  # separate gate and up projections (the drafts)
-    assert (kernels.silu_mul(*apart).float() - expected.float()).abs().max().item() <= tol
+    assert (silu_mul(*apart).float() - expected.float()).abs().max().item() <= tol
     gate, up = gate_up[:, 0::2], gate_up[:, 1::2]  # the target's fused layout: (gate j, up j) pairs
     expected = torch.nn.functional.silu(gate) * up
-    assert (kernels.silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
+    assert (silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -94,8 +98,8 @@ def test_qkv_rope_store_matches_torch(qk_norm):
     k_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
     v_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
     q_src, k_src, v_src = qkv.split([nh * d, nkv * d, nkv * d], -1)  # views into one fused projection
-    q = kernels.qkv_rope_store(q_src, k_src, v_src, nh, nkv, d, qn.weight if qk_norm else None,
-                               kn.weight if qk_norm else None, 1e-6, cos, sin, positions, k_cache, v_cache)
+    q = qkv_rope_store(q_src, k_src, v_src, nh, nkv, d, qn.weight if qk_norm else None,
+                       kn.weight if qk_norm else None, 1e-6, cos, sin, positions, k_cache, v_cache)
     q_ref, k_ref, v_ref = qkv.split([nh * d, nkv * d, nkv * d], -1)
     q_ref, k_ref = q_ref.view(b, n, nh, d), k_ref.view(b, n, nkv, d)
     if qk_norm:
@@ -124,14 +128,13 @@ def test_context_only_store_and_add_rms_norm():
     cos, sin = torch.ones(b, n, d, device=DEVICE), torch.zeros(b, n, d, device=DEVICE)  # RoPE off
     k_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
     v_cache = torch.zeros(b, nkv, length, d, device=DEVICE)
-    assert kernels.qkv_rope_store(None, k, v, 4, nkv, d, None, None, 0.0, cos, sin, positions, k_cache,
-                                  v_cache) is None
+    assert qkv_rope_store(None, k, v, 4, nkv, d, None, None, 0.0, cos, sin, positions, k_cache, v_cache) is None
     torch.testing.assert_close(k_cache[0][:, 3:3 + n], k.view(n, nkv, d).transpose(0, 1))
     torch.testing.assert_close(v_cache[0][:, 3:3 + n], v.view(n, nkv, d).transpose(0, 1))
     x = torch.randn(4, 576, generator=gen).to(DEVICE)
     delta = torch.randn(4, 576, generator=gen).to(DEVICE)
     weight = torch.randn(576, generator=gen).to(DEVICE)
-    total, normed = kernels.add_rms_norm(x, delta, weight, 1e-5)
+    total, normed = add_rms_norm(x, delta, weight, 1e-5)
     s32 = (x + delta).float()
     torch.testing.assert_close(total, x + delta)
     torch.testing.assert_close(normed, weight * (s32 * torch.rsqrt(s32.pow(2).mean(-1, keepdim=True) + 1e-5)))
@@ -153,15 +156,15 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
         b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
         expected = torch.nn.functional.linear(x.double(), w.double(), b.double() if bias else None)
         for config in configs:
-            got = kernels.skinny_linear(x, w, b, config)
+            got = skinny_linear(x, w, b, config)
             assert got.dtype == dtype and got.shape == (m, n)
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             assert ((got.double() - expected).norm() / expected.norm()).item() < tol, config
-            assert torch.equal(got, kernels.skinny_linear(x, w, b, config))
+            assert torch.equal(got, skinny_linear(x, w, b, config))
 
 
 @pytest.mark.parametrize("theta, scaling, dim", [(1e6, 1.0, 128), (1e4, 1.0, 64), (5e5, 1.1, 80)])
-def test_rope_tables_kernel_equals_the_torch_ops_bit_for_bit(theta, scaling, dim, monkeypatch):
+def test_rope_tables_kernel_equals_the_torch_ops_bit_for_bit(theta, scaling, dim):
     """RotaryEmbedding's one-kernel tables are the torch ops' values exactly (the same fp32 angle, libdevice's
     accurate cos/sin as torch's, the same rounding), over positions up to 40960 and a head dim that is not a power
     of two; the kernel path and the torch path give bit-identical caches and tokens."""
@@ -172,10 +175,10 @@ def test_rope_tables_kernel_equals_the_torch_ops_bit_for_bit(theta, scaling, dim
     gen = torch.Generator().manual_seed(dim)
     positions = torch.randint(0, 40960, (3, 17), generator=gen).to(DEVICE)
     for dtype in (torch.bfloat16, torch.float32):
-        monkeypatch.setattr(kernels, "FUSED_ROPE_TABLES", True)
-        got = rotary(positions, dtype)
-        monkeypatch.setattr(kernels, "FUSED_ROPE_TABLES", False)
-        want = rotary(positions, dtype)
+        with use_settings(fused_rope=True):
+            got = rotary(positions, dtype)
+        with use_settings(fused_rope=False):
+            want = rotary(positions, dtype)
         for g, w in zip(got, want):
             assert g.shape == w.shape == (3, 1, 17, dim) and g.dtype == dtype
             assert torch.equal(g, w), (g.float() - w.float()).abs().max()
@@ -197,16 +200,17 @@ def test_skinny_argmax_picks_what_argmax_of_the_logits_picks(m, dtype):
         w[n - 1] = w[n - 2]
         w, x = w.to(DEVICE, dtype), torch.randn(m, k, generator=gen).to(DEVICE, dtype)
         x[0] = w[5] * 3  # row 0's largest logit is column 5's, repeated at 70 and n - 3
-        logits = kernels.skinny_linear(x, w, None, config)
-        got = kernels.skinny_argmax(x, w, config)
+        logits = skinny_linear(x, w, None, config)
+        got = skinny_argmax(x, w, config)
         assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1)), config
         assert int(got[0]) == 5
 
 
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
 def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
-    """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through layers.linear's
-    skinny_linear and the other kernels equals the plain torch pass."""
+    """A whole draft pass (stacked q/k/v, the context's k/v rows, biases, fc, MLP) through the kernels equals the
+    plain torch pass (its fp32 projections stay on F.linear: layers.linear takes the skinny GEMM for 16-bit
+    weights only)."""
     from conftest import build_draft
     from test_static_engine import tiny_target
 
@@ -220,8 +224,6 @@ def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
         expected = draft(embeds, torch.arange(5, 13)[None], features, torch.arange(5)[None], draft.new_cache(1, 32))
         if INTERPRET:  # CPU tensors: let the kernel paths run anyway
             monkeypatch.setattr("blockspec.layers.fused_kernels_apply", lambda *tensors: True)
-        # these tiny shapes are in no measured table: run them with the default launch settings
-        monkeypatch.setattr("blockspec.kernels.skinny_config", lambda n, k, m: kernels.default_skinny_config(n, k))
         draft = draft.to(DEVICE)
         got = draft(embeds.to(DEVICE), torch.arange(5, 13, device=DEVICE)[None], features.to(DEVICE),
                     torch.arange(5, device=DEVICE)[None], draft.new_cache(1, 32))
@@ -231,7 +233,7 @@ def test_draft_fp32_through_kernels_matches_torch(arch, monkeypatch):
 @pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.get_device_capability()[0] < 9,
                     reason="programmatic dependent launch needs a Hopper or later GPU")
 @pytest.mark.parametrize("prefetch", [0, 2])
-def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, prefetch):
+def test_pdl_chain_in_cuda_graph_equals_plain_launches(prefetch):
     """With programmatic dependent launch every kernel may start before the one it reads from has finished;
     its griddepcontrol.wait must still order the memory, and a skinny GEMM's weight prefetch before that wait
     changes nothing. A chain of dependent kernels (skinny GEMMs with and without split-K, add+RMSNorm,
@@ -250,31 +252,82 @@ def test_pdl_chain_in_cuda_graph_equals_plain_launches(monkeypatch, prefetch):
     split = {"rows": 16, "block_n": 32, "block_k": 64, "split_k": 4, "num_warps": 4, "num_stages": 2}
 
     def chain(x):
-        h = kernels.skinny_linear(x, w_in)
-        total, normed = kernels.add_rms_norm(x, h, norm_w, 1e-6)
-        act = kernels.silu_mul(*kernels.skinny_linear(normed, w_up, config=split).chunk(2, -1))
-        q = kernels.rms_norm(kernels.skinny_linear(act, w_down), torch.ones(heads * d, device=DEVICE, dtype=dtype),
-                             1e-6)
-        attn = kernels.decode_attention(q.view(1, rows, heads, d).transpose(1, 2), k, v, limits)
-        return total + kernels.skinny_linear(attn.view(rows, heads * d), w_down.T.contiguous()[:hidden])
+        h = skinny_linear(x, w_in)
+        total, normed = add_rms_norm(x, h, norm_w, 1e-6)
+        act = silu_mul(*skinny_linear(normed, w_up, config=split).chunk(2, -1))
+        q = rms_norm(skinny_linear(act, w_down), torch.ones(heads * d, device=DEVICE, dtype=dtype), 1e-6)
+        attn = decode_attention(q.view(1, rows, heads, d).transpose(1, 2), k, v, limits)
+        return total + skinny_linear(attn.view(rows, heads * d), w_down.T.contiguous()[:hidden])
 
     inputs = [torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(3)]
-    expected = [chain(x) for x in inputs]
-    monkeypatch.setattr(kernels, "PDL", True)
-    monkeypatch.setattr(kernels, "PREFETCH_TILES", prefetch)
-    assert kernels.use_pdl(inputs[0])
-    assert torch.equal(chain(inputs[0]), expected[0])
-    static = inputs[0].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        chain(static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(static)
+    with use_settings(pdl=False):
+        expected = [chain(x) for x in inputs]
+    with use_settings(pdl=True, prefetch_tiles=prefetch):
+        assert use_pdl(inputs[0])
+        assert torch.equal(chain(inputs[0]), expected[0])
+        static = inputs[0].clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            chain(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(static)
     for x, want in zip(inputs[::-1], expected[::-1]):
         static.copy_(x)
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, want)
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).norm() / want.double().norm()).item()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the flow kernel (Gluon) runs on a GPU only")
+def test_flow_kernel_decodes_a_token_as_the_per_op_kernels_do():
+    """One decode token of a Qwen3-shaped target (random bf16 weights, a 200-token context) through the flow
+    kernel and through the per-op kernels: the final hidden states and the new k and v in the cache agree within
+    bf16 rounding, the flow kernel is no further from the same model in fp32 than the per-op kernels are (a wrong
+    head, residual or norm in the kernel would be off by far more), no program gave up waiting, and a rerun is
+    bit-exact."""
+    from test_flow_adapter import qwen3_config
+
+    from blockspec.cache import KVCache
+    from blockspec.target import TargetModel
+    from blockspec.target.flow import FlowDecode, flow_unsupported
+
+    cfg, context = qwen3_config(), 200
+    model = TargetModel.random(cfg, device=DEVICE, dtype=torch.bfloat16, seed=5, std=0.02)
+    reason = flow_unsupported(model)
+    if reason is not None:
+        pytest.skip(f"the flow kernel does not apply here: {reason}")
+    exact = TargetModel.random(cfg, device=DEVICE, dtype=torch.float32, seed=5, std=0.02)
+    exact.load_state_dict(model.state_dict())
+    prompt = torch.randint(0, cfg.vocab_size, (1, context + 1), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    token, position = prompt[:, -1:], torch.full((1, 1), context, device=DEVICE)
+
+    def prefilled(net: TargetModel) -> KVCache:
+        cache = net.new_cache(1, context + 8)
+        net(prompt[:, :-1], torch.arange(context, device=DEVICE)[None], cache)
+        return cache
+
+    with torch.inference_mode():
+        want = exact(token, position, prefilled(exact))[0]
+        # the model was never prepared, so its forward takes the per-op kernels; the flow kernel is built apart below
+        per_op_cache = prefilled(model)
+        per_op = model(token, position, per_op_cache)[0]
+        flow = FlowDecode(model)
+        runs = []
+        for _ in range(2):
+            cache = prefilled(model)
+            runs.append((model.norm(flow(model.embed_tokens(token), position, cache).view(1, 1, -1)), cache))
+    (got, flow_cache), (again, _) = runs
+    assert not flow.failed.item()
+    assert torch.equal(got, again)
+    assert relative_error(got, per_op) < 0.05
+    assert relative_error(got, want) < 1.5 * relative_error(per_op, want) + 5e-3
+    for stored, per_op_stored in ((flow_cache.k, per_op_cache.k), (flow_cache.v, per_op_cache.v)):
+        assert relative_error(stored[:, :, :, context], per_op_stored[:, :, :, context]) < 0.05
+        assert torch.equal(stored[:, :, :, :context], per_op_stored[:, :, :, :context])  # the context untouched

@@ -1,6 +1,7 @@
-"""The target's batch-1 decode token in one launch: every decoder layer through the flow kernel (blockspec/flow.py)
-instead of ~10 kernels per layer, where the target's shape allows it (Qwen3-style: q/k norms, 4 q heads per kv
-head of 128 dims, no biases or sliding windows, bf16 on CUDA).
+"""The target's batch-1 decode token in one launch: every decoder layer through the flow kernel
+(blockspec/kernels/flow.py) instead of ~10 kernels per layer, where the target's shape allows it (Qwen3-style: q/k
+norms, 4 q heads per kv head of 128 dims, no biases or sliding windows, bf16 on CUDA) and the device has measured
+launch settings for it (blockspec/kernels/tables).
 
 The kernel reads each projection's weights as one tensor [layers, N, K], so building it stacks every layer's
 weights and makes the layers' parameters views into the stacks (the per-op kernels of the verify and prefill
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from blockspec.cache import KVCache
+from blockspec.kernels import device_tables
 
 if TYPE_CHECKING:
     from blockspec.target.model import TargetConfig
@@ -50,10 +52,12 @@ def flow_unsupported(model: nn.Module) -> str | None:
         return "not bf16 on CUDA"
     if torch.cuda.get_device_capability(weight.device) < (9, 0):
         return "not a Hopper or newer GPU"
+    if device_tables(weight.device).flow is None:
+        return f"no flow-kernel settings measured for {torch.cuda.get_device_name(weight.device)}"
     reason = shape_unsupported(model.config, model.rotary.attention_scaling)
     if reason is None:
         try:
-            import blockspec.flow  # noqa: F401  (Triton's Gluon dialect, Triton >= 3.6)
+            import blockspec.kernels.flow  # noqa: F401  (Triton's Gluon dialect, Triton >= 3.6)
         except ImportError as exc:
             reason = f"no Gluon ({exc})"
     return reason
@@ -81,11 +85,12 @@ class FlowDecode:
     cache; it returns the residual stream after the last layer, the new k and v written to the cache."""
 
     def __init__(self, model: nn.Module) -> None:
-        from blockspec.flow import layer_decoder
+        from blockspec.kernels.flow import layer_decoder
 
         *projections, norms, qk_norms = stack_layer_weights(model.layers)
         self.rotary = model.rotary
-        self.run, self.failed = layer_decoder(projections, norms, qk_norms, model.config.rms_norm_eps)
+        self.run, self.failed = layer_decoder(projections, norms, qk_norms, model.config.rms_norm_eps,
+                                              device_tables(projections[0].device).flow)
 
     def __call__(self, embedding: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         cos, sin = self.rotary(positions, embedding.dtype)

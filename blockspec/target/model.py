@@ -20,6 +20,7 @@ from torch import nn
 
 from blockspec.cache import HybridCache, KVCache
 from blockspec.errors import BlockspecError
+from blockspec.kernels import current_settings
 from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
                               linear_argmax, qkv_rope_store, rope_inv_freq, rope_parameters, silu_mul)
 from blockspec.target.flow import FlowDecode, flow_decoder
@@ -201,7 +202,6 @@ class TargetModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(inv_freq, attention_scaling)
-        self.use_flow = True  # batch-1 decode tokens through the flow kernel where prepared (target/flow.py)
         self._flow: FlowDecode | None = None
         self._prepared = False
 
@@ -305,7 +305,7 @@ class TargetModel(nn.Module):
     def _flow_for(self, input_ids: torch.Tensor, cache: KVCache, tap_layer_ids: tuple[int, ...]) -> FlowDecode | None:
         """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on a cache of
         one row, once `prepare_fast_path` has built it."""
-        if self._flow is None or not self.use_flow:
+        if self._flow is None or not current_settings().flow_decode:
             return None
         if not (input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1 and cache.k.is_contiguous()
                 and fused_kernels_apply(self.embed_tokens.weight)):
@@ -313,7 +313,7 @@ class TargetModel(nn.Module):
         return self._flow
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return linear(hidden, self.lm_head.weight)  # the skinny GEMM where kernels.SKINNY_CONFIG lists the shape
+        return linear(hidden, self.lm_head.weight)  # the skinny GEMM where the device's table lists the shape
 
     def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
         """`logits(hidden).argmax(-1)`, without writing the logits where the lm_head runs on the skinny GEMM."""

@@ -1,6 +1,7 @@
 """The flow kernel: every decoder layer of a batch-1 decode step in one persistent launch, in Triton's Gluon
 dialect. The engine runs a Qwen3-shaped target's AR token through it (layer_decoder, from target/flow.py);
-benchmarks/gemv_chain.py times it, and its probe modes, against the engine's per-op kernels (flow_chain).
+benchmarks/flow_probe.py holds the probe form that benchmarks/gemv_chain.py times (the GEMV chain alone, clock
+profiles and timelines, diagnostics), built from the same pieces.
 
 Session 7's dataflow kernel (persistent_gemv.py) was deterministic and barrier-free but slow: Triton would not
 software-pipeline a K loop that holds a spin, so the weight stream stopped at every tile. Here the pipeline is
@@ -24,9 +25,18 @@ granularity, and each program owns its rows outright (no atomics: reruns are bit
   into four accumulators (four short dependent chains, not one long one); the same code would take a verify
   block's 16 rows in the spare columns.
 
-The probe modes time the 144 GEMVs of an AR step alone; with RMSNorm weights, those GEMVs with a layer's norms,
-residual adds and silu * up done inside; and with attention state, whole decode layers, the attention in (kv
-head, context split) units between qkv and o_proj: what the engine runs.
+A layer's other work is done where the data already is:
+- RMSNorm before qkv and gate_up by the reader, its scale taken out of the dot: (x * weight) rounded to bf16 goes
+  into the dot, sum(x^2) builds up over the K tiles, and the finished rows are multiplied by rsqrt(mean + eps).
+  (The per-op kernels round x * rsqrt first, which no reader can know before the whole vector is in: waiting for
+  it is a grid barrier, as 518322b's staged kernel measured.)
+- the residual adds after o_proj and down by the rows' owner: both GEMVs have `hidden` rows split alike, so a
+  program adds to rows that it stored itself;
+- silu(gate) * up after gate_up by the rows' owner: gate_up's rows are (gate, up) pairs, the engine's layout,
+  split two at a time, so down reads 9728 words, not 19456. (Read as gate rows then up rows, two regions at once,
+  the same chain streamed 10% slower: 2.968 against 2.690 ms, 148dcb3.)
+- attention between qkv and o_proj, in (kv head, context split) units (_attention_unit), the new k and v written
+  to the cache.
 """
 
 from __future__ import annotations
@@ -60,16 +70,6 @@ def poll_asm(words: int) -> str:
                       "setp.ne.u32 stale, failed, 0;", "@stale bra DONE;", "LOAD:",
                       *[f"ld.volatile.global.u32 ${o}, [${p}];" for o, p in zip(out, ptr)], "bra CHECK;", "DONE:",
                       "}"])
-
-
-@gluon.jit
-def _clock():
-    return gl.inline_asm_elementwise("mov.u64 $0, %clock64;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
-
-
-@gluon.jit
-def _globaltime():
-    return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -188,7 +188,7 @@ def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l
              nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr,
              N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, BR: gl.constexpr,
              BK: gl.constexpr, STAGES: gl.constexpr, CAP: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr,
-             COPIES: gl.constexpr, COPY: gl.constexpr):
+             COPY: gl.constexpr):
     """Unit i into ring slot i % STAGES, once the dot warps have released it and the bytes still on their way,
     with it, stay within CAP (see _ws_producer)."""
     slot = i % STAGES
@@ -203,9 +203,8 @@ def _produce(W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l
         l_layer, l_g, l_row, l_kk = _advance(l_layer, l_g, l_row, l_kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
                                              BR, BK, G2, PACKED)
         landed += 1
-    if COPIES:  # (False: a diagnostic, the slots keep whatever they hold)
-        _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3,
-               BR, BK, G2, PACKED, COPY)
+    _issue(W0, W1, W2, W3, ring.index(slot), layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR,
+           BK, G2, PACKED, COPY)
     cp.mbarrier_arrive(ready.index(slot), increment_count=False)  # each copy thread, once its copies land
     layer, g, row, kk = _advance(layer, g, row, kk, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     return i + 1, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight + size
@@ -238,17 +237,18 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
                  kv_ready, kv_empty, layers, pid, nprog: gl.constexpr, N0: gl.constexpr, K0: gl.constexpr,
                  N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr, K2: gl.constexpr, N3: gl.constexpr,
                  K3: gl.constexpr, BR: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, PWARPS: gl.constexpr,
-                 CAP: gl.constexpr, G2: gl.constexpr, PACKED: gl.constexpr, COPIES: gl.constexpr,
-                 ATTN: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, HD: gl.constexpr, KVP: gl.constexpr):
+                 CAP: gl.constexpr, PACKED: gl.constexpr, KVH: gl.constexpr, SPLITS: gl.constexpr, HD: gl.constexpr,
+                 KVP: gl.constexpr):
     """The copy warps: fill ring slot i % STAGES with unit i as soon as the dot warps have released it and the
     bytes still on their way, with it, stay within CAP. Outstanding copies delay every other read of the GPU
     (the activation polls queue behind them: a GEMV's last rows reached its readers 4.75 us after the store
     with 192 KB per SM in flight, 1.5 us with 64 KB), so the ring should hold landed tiles, not outstanding
     ones; and the cap is in bytes because a unit's valid rows vary (19 of 64 in o_proj, all 64 in gate_up).
-    With attention, after each layer's qkv units they also copy what its attention unit will read from HBM into
-    buffers of its own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on
-    the attention's critical path). The loop runs per layer so that copy is not inside a branch."""
+    After each layer's qkv units they also copy what its attention unit will read from HBM into buffers of its
+    own (_issue_attention; HBM reads wait behind the weight stream, 5.6 us, so none may be on the attention's
+    critical path). The loop runs per layer so that copy is not inside a branch."""
     COPY: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [PWARPS, 1], [1, 0])
+    G2: gl.constexpr = 2  # gate_up's rows come in (gate, up) pairs
     # positions cached after this step, from device memory (graphs replay it), read once: a read between the
     # weight copies waits behind them
     T = gl.load(POS).to(gl.int32) + 1
@@ -264,16 +264,15 @@ def _ws_producer(W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, e
         for _ in range(qkv_units):
             i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight = _produce(
                 W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight,
-                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
-        if ATTN:
-            mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
-            _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH,
-                             SPLITS, HD, KVP, PWARPS)
-            cp.mbarrier_arrive(kv_ready, increment_count=False)
+                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPY)
+        mbarrier.wait(kv_empty, (each_layer & 1) ^ 1)  # the dot warps are done with the layer before's
+        _issue_attention(KC, VC, QKNORM, ROPE, kv_smem, norm_smem, rope_smem, each_layer, T, tmax, pid, KVH, SPLITS,
+                         HD, KVP, PWARPS)
+        cp.mbarrier_arrive(kv_ready, increment_count=False)
         for _ in range(other_units):
             i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight = _produce(
                 W0, W1, W2, W3, ring, ready, empty, i, layer, g, row, kk, landed, l_layer, l_g, l_row, l_kk, flight,
-                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPIES, COPY)
+                pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, STAGES, CAP, G2, PACKED, COPY)
 
 
 @gluon.jit
@@ -315,16 +314,15 @@ def _fold_halves(SCRATCH, value, out_rows, halves, HALF: gl.constexpr):
 
 
 @gluon.jit
-def _finish_rows(ACTS, OUT, value, rows, end, layer, g, epoch, WIDE: gl.constexpr, LAYER: gl.constexpr):
-    """Store finished rows; in a layer, after o_proj and down, with the residual added by the rows' owner."""
-    if LAYER:
-        value = value.to(gl.bfloat16).to(gl.float32)
-        if g % 2 == 1:
-            # the residual stream's rows, which this program stored itself (o_proj and down split their rows
-            # alike): the layer's input for o_proj, o_proj's output for down
-            residual = ACTS + (layer * 4 + g - 1) * WIDE
-            value += (gl.load(residual + rows, mask=rows < end, other=0, volatile=True) & 0xFFFF).to(
-                gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
+def _finish_rows(ACTS, OUT, value, rows, end, layer, g, epoch, WIDE: gl.constexpr):
+    """Store finished rows; after o_proj and down, with the residual added by the rows' owner."""
+    value = value.to(gl.bfloat16).to(gl.float32)
+    if g % 2 == 1:
+        # the residual stream's rows, which this program stored itself (o_proj and down split their rows
+        # alike): the layer's input for o_proj, o_proj's output for down
+        residual = ACTS + (layer * 4 + g - 1) * WIDE
+        value += (gl.load(residual + rows, mask=rows < end, other=0, volatile=True) & 0xFFFF).to(
+            gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     _store_rows(OUT, value, rows, end, epoch)
 
 
@@ -412,10 +410,8 @@ def _attention_chunk(kv_smem, q_smem, p, stop, m, total, out, HD: gl.constexpr, 
 
 
 @gluon.jit
-def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit, POS, tmax, q_smem,
-                    kv_smem, norm_smem, rope_smem, kv_ready, kv_empty,
-                    nprog: gl.constexpr, TIMED: gl.constexpr, APOLL: gl.constexpr,
-                    APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
+def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, epoch, layer, unit, POS, tmax, q_smem, kv_smem, norm_smem,
+                    rope_smem, kv_ready, kv_empty, APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, N0: gl.constexpr,
                     WIDE: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr, SPLITS: gl.constexpr,
                     KVP: gl.constexpr, WARPS: gl.constexpr, EPS: gl.constexpr):
     """One (kv head, context split) unit of a layer's decode attention, by the dot warps between a program's last
@@ -464,9 +460,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
                                       [QKV + layer * N0 + source + half * HALF + dim, zero + epoch, zero,
                                        FAILED + zero], dtype=gl.int32, is_pure=False, pack=8)
     gl.atomic_max(FAILED + zero, zero + 1, mask=((words >> 16) & 0xFFFF) != epoch)
-    stamps = PROFILE + (layer * nprog + unit) * 8  # TIMED == 3: %globaltimer at each stage
-    if TIMED == 3:
-        gl.store(stamps + 1, _globaltime())
     x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True).to(gl.float32)
     mbarrier.wait(kv_ready, layer & 1)
     VEC: gl.constexpr = gl.SliceLayout(0, HL)
@@ -501,8 +494,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     q_smem.slice(0, 8, dim=0).slice(0, HALF, dim=1).store(lo.to(gl.bfloat16))
     q_smem.slice(0, 8, dim=0).slice(HALF, HALF, dim=1).store(hi.to(gl.bfloat16))
     gl.thread_barrier()
-    if TIMED == 3:
-        gl.store(stamps + 2, _globaltime())
     # online softmax over the split's cached positions: the first KVP as the copy warps left them in kv_smem, the
     # rest through kv_smem too, stored there from registers a chunk at a time
     m = gl.full([16], float("-inf"), gl.float32, gl.SliceLayout(1, MMA))
@@ -531,8 +522,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
         total = total * alpha + prob
         o_acc = o_acc * gl.expand_dims(alpha, 1) + gl.expand_dims(prob, 1) * v_new
         m = m_new
-    if TIMED == 3:
-        gl.store(stamps + 3, _globaltime())
     # the partial as activation words (no fence, no atomic: each word says itself whether it is this run's): the
     # output divided by its sum as bf16, the max and the sum as fp32 in two words each
     group = (layer * KVH + kvh) * SPLITS
@@ -542,8 +531,6 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
     _store_rows(part, o_acc * gl.expand_dims(gl.where(total > 0, 1.0 / total, 0.0), 1), at, GQ * HD, epoch)
     _store_float_words(part + GQ * HD + heads * 4, m, epoch, heads < GQ)
     _store_float_words(part + GQ * HD + heads * 4 + 2, total, epoch, heads < GQ)
-    if TIMED == 3:
-        gl.store(stamps + 4, _globaltime())
     if last:  # the group's output, from all its splits' partials (in split order: reruns stay bit-exact)
         # [split, head, dim], a warp per head and the splits inside each thread: the sums over splits need no
         # shuffles or shared memory
@@ -575,30 +562,26 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, layer, unit
         rows = gl.expand_dims(gl.arange(0, GQ, gl.SliceLayout(1, gl.SliceLayout(0, O3))), 1) * HD \
             + gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0)
         _store_rows(ACTS + (layer * 4 + 1) * WIDE + kvh * GQ * HD, out, rows, GQ * HD, epoch)
-        if TIMED == 3:
-            gl.store(stamps + 5, _globaltime())
 
 
 @gluon.jit
-def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
-                 empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
-                 nprog: gl.constexpr,
+def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, QKV, KC, VC, PART, POS, tmax, ring, ready, empty, x_smem,
+                 q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid, nprog: gl.constexpr,
                  N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                  K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr,
                  BR: gl.constexpr, BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                 WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                 TIMED: gl.constexpr, LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr,
+                 POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr, PACKED: gl.constexpr,
                  APOLL: gl.constexpr, APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr,
                  HD: gl.constexpr, SPLITS: gl.constexpr, KVP: gl.constexpr, EPS: gl.constexpr):
     """The dot warps: per unit, wait for its activations and its weight slot, multiply, release the slot, and
-    store the finished rows. With LAYER, also a layer's elementwise work, and with ATTN its attention (see
-    flow_chain)."""
+    store the finished rows, doing the layer's other work where the data already is (the module's docstring says
+    how) and its attention between qkv and o_proj (_attention_unit)."""
     MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, 8])
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     X: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
     CH: gl.constexpr = BK // 4
-    G2: gl.constexpr = 2 if LAYER else 1
+    G2: gl.constexpr = 2  # gate_up's rows come in (gate, up) pairs
     epoch = gl.load(EPOCH) % 65535 + 1
     total = _total_units(layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK, G2, PACKED)
     c_layer, c_g, c_row, c_kk = _first_unit(pid, nprog, N0)
@@ -606,7 +589,7 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
     epochs = gl.full([BK], 0, gl.int32, X) + epoch
     words = gl.load(ACTS + xs, volatile=True)
     words2 = words  # a packed unit's second K tile (layer 0's qkv is not packed)
-    norm_weights = gl.load(NORMS + xs, mask=LAYER & (xs >= 0), other=0.0)
+    norm_weights = gl.load(NORMS + xs, mask=xs >= 0, other=0.0)
     squares = gl.zeros([BK], gl.float32, X)
     cols = gl.arange(0, NPAD, gl.SliceLayout(0, MMA))
     out_rows = gl.arange(0, BR, gl.SliceLayout(1, MMA))
@@ -618,13 +601,6 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
     acc1 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc2 = gl.zeros([BR, NPAD], gl.float32, MMA)
     acc3 = gl.zeros([BR, NPAD], gl.float32, MMA)
-    # clock cycles per (GEMV, phase): waiting for weights, the next unit's cursor and prefetch, activations in, dot
-    # and store
-    slots = gl.arange(0, 16, X)
-    spent = gl.zeros([16], gl.int64, X)
-    then = pid.to(gl.int64) * 0
-    if TIMED == 1:
-        then = _clock()
     for i in range(total):
         n_layer, n_g, n_row, n_kk = _advance(c_layer, c_g, c_row, c_kk, pid, nprog, N0, K0, N1, K1, N2, K2,
                                              N3, K3, BR, BK, G2, PACKED)
@@ -633,58 +609,37 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
         next_words2 = gl.load(ACTS + (n_layer * 4 + n_g) * WIDE + n_kk + BK + xs,
                               mask=(n_layer < layers) & _packed(n_g, PACKED)
                               & (n_kk + BK + xs < _pick(n_g, K0, K1, K2, K3)), other=0, volatile=True)
-        if LAYER:  # qkv's and gate_up's inputs are RMSNormed: the norm weights' tile too
-            next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + xs,
-                                mask=(n_layer < layers) & (n_g % 2 == 0) & (xs >= 0), other=0.0)
-        if TIMED == 1:
-            now = _clock()
-            spent += gl.where(slots == c_g * 4 + 1, now - then, 0)
-            then = now
+        # qkv's and gate_up's inputs are RMSNormed: the norm weights' tile too
+        next_norm = gl.load(NORMS + (n_layer * 2 + n_g // 2) * K0 + n_kk + xs,
+                            mask=(n_layer < layers) & (n_g % 2 == 0) & (xs >= 0), other=0.0)
         act = ACTS + (c_layer * 4 + c_g) * WIDE
         packed = _packed(c_g, PACKED)
         k_now = _pick(c_g, K0, K1, K2, K3)
         has_second = packed & (c_kk + BK < k_now)
-        if WAIT:
-            words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
-                                              dtype=gl.int32, is_pure=False, pack=PACK)
-            stale = ((words >> 16) & 0xFFFF) != epoch
-            if has_second:
-                words2 = gl.inline_asm_elementwise(POLL, POLL_OPERANDS,
-                                                   [act + c_kk + BK + xs, epochs, words2, FAILED + xs * 0],
-                                                   dtype=gl.int32, is_pure=False, pack=PACK)
-                stale = stale | (((words2 >> 16) & 0xFFFF) != epoch)
-            gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
+        words = gl.inline_asm_elementwise(POLL, POLL_OPERANDS, [act + c_kk + xs, epochs, words, FAILED + xs * 0],
+                                          dtype=gl.int32, is_pure=False, pack=PACK)
+        stale = ((words >> 16) & 0xFFFF) != epoch
+        if has_second:
+            words2 = gl.inline_asm_elementwise(POLL, POLL_OPERANDS,
+                                               [act + c_kk + BK + xs, epochs, words2, FAILED + xs * 0],
+                                               dtype=gl.int32, is_pure=False, pack=PACK)
+            stale = stale | (((words2 >> 16) & 0xFFFF) != epoch)
+        gl.atomic_max(FAILED + xs * 0, gl.full([BK], 1, gl.int32, X), mask=stale)
         x = (words & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True)
         x2 = gl.where(has_second, (words2 & 0xFFFF).to(gl.int16).to(gl.bfloat16, bitcast=True), 0.0)
-        if LAYER:
-            if c_g % 2 == 0:
-                # RMSNorm with its scale taken out of the dot: x * weight goes in, the sum of squares builds up
-                # over the K tiles, and the row block's outputs are scaled once all are in (the reader cannot
-                # know the scale before the whole vector is there, and waiting for it is a grid barrier)
-                xf = x.to(gl.float32)
-                squares = gl.where(c_kk == 0, 0.0, squares) + xf * xf
-                x = (xf * norm_weights.to(gl.float32)).to(gl.bfloat16)
+        if c_g % 2 == 0:
+            # RMSNorm with its scale taken out of the dot: x * weight goes in, the sum of squares builds up over
+            # the K tiles, and the row block's outputs are scaled once all are in (the reader cannot know the
+            # scale before the whole vector is there, and waiting for it is a grid barrier)
+            xf = x.to(gl.float32)
+            squares = gl.where(c_kk == 0, 0.0, squares) + xf * xf
+            x = (xf * norm_weights.to(gl.float32)).to(gl.bfloat16)
         x_smem.index(0).store(x)
         if packed:
             x_smem.index(1).store(x2.to(gl.bfloat16))
         gl.thread_barrier()
-        if TIMED == 1:
-            now = _clock()
-            spent += gl.where(slots == c_g * 4 + 2, now - then, 0)
-            then = now
-        if TIMED == 3:
-            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_g == 1):
-                gl.store(PROFILE + (c_layer * nprog + pid) * 8 + 6, _globaltime())  # o_proj's first input is in
-        if TIMED == 2:
-            if (c_kk == 0) & (c_row == _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[0]) & (c_layer * 4 + c_g > 0):
-                # the first unit of a GEMV has its activations: when the GEMV before became readable here
-                gl.store(PROFILE + ((c_layer * 4 + c_g - 1) * nprog + pid) * 2 + 1, _globaltime())
         slot = ring.index(i % STAGES)
         mbarrier.wait(ready.index(i % STAGES), (i // STAGES) & 1)
-        if TIMED == 1:
-            now = _clock()
-            spent += gl.where(slots == c_g * 4 + 0, now - then, 0)
-            then = now
         fresh = c_kk == 0
         if packed:  # the second K tile's operand column costs a load and a select: only where it is used
             acc0, acc1, acc2, acc3 = _dot_tile(slot, x_smem, second, zero_b, fresh, acc0, acc1, acc2, acc3, CH,
@@ -701,57 +656,38 @@ def _ws_consumer(ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART
             end = _rows(c_g, pid, nprog, N0, N1, N2, N3, G2)[1]
             if packed:
                 _finish_rows(ACTS, act + WIDE, _fold_halves(SCRATCH + pid * BR, value, out_rows, pairs, BR // 2),
-                             c_row + pairs, end, c_layer, c_g, epoch, WIDE, LAYER)
+                             c_row + pairs, end, c_layer, c_g, epoch, WIDE)
             else:
-                if LAYER:
-                    if c_g % 2 == 0:
-                        value *= gl.rsqrt(gl.sum(squares, axis=0) / k_now + EPS)
-                    if c_g == 2:
-                        _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value.to(gl.bfloat16).to(gl.float32),
-                                          c_row, end, epoch, out_rows, pairs)
-                    else:
-                        out = act + WIDE
-                        if ATTN:
-                            if c_g == 0:  # qkv's rows go to attention, whose output o_proj reads
-                                out = QKV + c_layer * N0
-                        _finish_rows(ACTS, out, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
+                if c_g % 2 == 0:
+                    value *= gl.rsqrt(gl.sum(squares, axis=0) / k_now + EPS)
+                if c_g == 2:
+                    _store_silu_pairs(act + WIDE, SCRATCH + pid * BR, value.to(gl.bfloat16).to(gl.float32), c_row,
+                                      end, epoch, out_rows, pairs)
                 else:
-                    _finish_rows(ACTS, act + WIDE, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE, LAYER)
-            if TIMED == 2:
-                if c_row + gl.where(packed, BR // 2, BR) >= end:  # this program's last rows of the GEMV: stored when
-                    gl.store(PROFILE + ((c_layer * 4 + c_g) * nprog + pid) * 2, _globaltime())
-        if ATTN:
-            if TIMED == 3:
-                if (c_g == 0) & (n_g == 1):
-                    gl.store(PROFILE + (c_layer * nprog + pid) * 8, _globaltime())
-            if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
-                mbarrier.arrive(kv_empty)
-            if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
-                _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, PROFILE, epoch, c_layer, pid, POS, tmax, q_smem,
-                                kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, nprog, TIMED, APOLL, APOLL_OPERANDS,
-                                N0, WIDE, KVH, GQ, HD, SPLITS, KVP, WARPS, EPS)
-        if TIMED == 1:
-            now = _clock()
-            spent += gl.where(slots == c_g * 4 + 3, now - then, 0)
-            then = now
+                    out = act + WIDE
+                    if c_g == 0:  # qkv's rows go to attention, whose output o_proj reads
+                        out = QKV + c_layer * N0
+                    _finish_rows(ACTS, out, value, c_row + out_rows, end, c_layer, c_g, epoch, WIDE)
+        if (c_g == 0) & (n_g == 1) & (pid >= KVH * SPLITS):  # no unit: the copy warps may go on anyway
+            mbarrier.arrive(kv_empty)
+        if (c_g == 0) & (n_g == 1) & (pid < KVH * SPLITS):  # this program's last qkv rows are out
+            _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, epoch, c_layer, pid, POS, tmax, q_smem, kv_smem,
+                            norm_smem, rope_smem, kv_ready, kv_empty, APOLL, APOLL_OPERANDS, N0, WIDE, KVH, GQ, HD,
+                            SPLITS, KVP, WARPS, EPS)
         c_layer, c_g, c_row, c_kk = n_layer, n_g, n_row, n_kk
         words = next_words
         words2 = next_words2
-        if LAYER:
-            norm_weights = next_norm
-    if TIMED == 1:
-        gl.store(PROFILE + pid * 16 + slots, spent)
+        norm_weights = next_norm
 
 
 @gluon.jit
-def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, QKNORM, ROPE, PART,
-                POS, tmax, layers, nprog: gl.constexpr,
+def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, QKV, KC, VC, QKNORM, ROPE, PART, POS, tmax,
+                layers, nprog: gl.constexpr,
                 N0: gl.constexpr, K0: gl.constexpr, N1: gl.constexpr, K1: gl.constexpr, N2: gl.constexpr,
                 K2: gl.constexpr, N3: gl.constexpr, K3: gl.constexpr, WIDE: gl.constexpr, BR: gl.constexpr,
                 BK: gl.constexpr, NPAD: gl.constexpr, STAGES: gl.constexpr, WARPS: gl.constexpr,
-                WAIT: gl.constexpr, POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr,
-                TIMED: gl.constexpr, PWARPS: gl.constexpr, PREGS: gl.constexpr, CAP: gl.constexpr, COPIES: gl.constexpr,
-                LAYER: gl.constexpr, PACKED: gl.constexpr, ATTN: gl.constexpr, APOLL: gl.constexpr,
+                POLL: gl.constexpr, POLL_OPERANDS: gl.constexpr, PACK: gl.constexpr, PWARPS: gl.constexpr,
+                PREGS: gl.constexpr, CAP: gl.constexpr, PACKED: gl.constexpr, APOLL: gl.constexpr,
                 APOLL_OPERANDS: gl.constexpr, KVH: gl.constexpr, GQ: gl.constexpr, HD: gl.constexpr,
                 SPLITS: gl.constexpr, KVP: gl.constexpr, EPS: gl.constexpr):
     """The flow kernel with its copies in their own warps (warp specialization): the copy warps and the dot
@@ -782,14 +718,13 @@ def _flow_chain(W0, W1, W2, W3, ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QK
     mbarrier.init(kv_empty, count=1)
     pid = gl.program_id(0)
     gl.warp_specialize([
-        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, PROFILE, QKV, KC, VC, PART, POS, tmax, ring, ready,
-                        empty, x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid,
-                        nprog, N0, K0, N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, WAIT, POLL,
-                        POLL_OPERANDS, PACK, TIMED, LAYER, PACKED, ATTN, APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS,
-                        KVP, EPS)),
+        (_ws_consumer, (ACTS, NORMS, SCRATCH, EPOCH, FAILED, QKV, KC, VC, PART, POS, tmax, ring, ready, empty,
+                        x_smem, q_smem, kv_smem, norm_smem, rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0,
+                        N1, K1, N2, K2, N3, K3, WIDE, BR, BK, NPAD, STAGES, WARPS, POLL, POLL_OPERANDS, PACK, PACKED,
+                        APOLL, APOLL_OPERANDS, KVH, GQ, HD, SPLITS, KVP, EPS)),
         (_ws_producer, (W0, W1, W2, W3, KC, VC, QKNORM, ROPE, POS, tmax, ring, ready, empty, kv_smem, norm_smem,
                         rope_smem, kv_ready, kv_empty, layers, pid, nprog, N0, K0, N1, K1, N2, K2, N3, K3, BR, BK,
-                        STAGES, PWARPS, CAP, 2 if LAYER else 1, PACKED, COPIES, ATTN, KVH, SPLITS, HD, KVP)),
+                        STAGES, PWARPS, CAP, PACKED, KVH, SPLITS, HD, KVP)),
     ], [PWARPS], [PREGS])
 
 
@@ -814,45 +749,33 @@ def packed_gemvs(gemvs: tuple, nprog: int, br: int, pack_small: bool, layer: boo
             for index, (_, n, _) in enumerate(gemvs)]
 
 
-def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, layer: bool, kv_heads: int | None,
-                  head_dim: int, wait: bool, copies: bool, timed: int, eps: float,
-                  rows: int = 1) -> tuple[int, int, dict, dict]:
-    """The programs, the dot warps, the kernel's constants and its scratch buffers for a chain of `layers`
-    (attention in when kv_heads is given). rows > 1: only what any dataflow chain of `rows` tokens shares (the
-    block probe, benchmarks/flow_block.py, adds its own)."""
+def _launch_setup(gemvs: tuple, wide: int, layers: int, config: tuple, kv_heads: int, head_dim: int, eps: float,
+                  device: torch.device) -> tuple[int, int, dict, dict]:
+    """The programs, the dot warps, the kernel's constants and its scratch buffers for `layers` decoder layers of
+    these GEMVs (name, N, K: qkv, o_proj, gate_up, down), with attention over kv_heads heads."""
     br, bk, warps, stages, per_sm, copy_warps, cap_kib, pack_small = config
-    nprog = torch.cuda.get_device_properties(0).multi_processor_count * per_sm
+    nprog = torch.cuda.get_device_properties(device).multi_processor_count * per_sm
     assert br % (16 * warps) == 0 and bk % 64 == 0 and all(k % bk == 0 and n >= nprog for _, n, k in gemvs)
-    if layer:
-        assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
-    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
-    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, STAGES=stages, WARPS=warps, WAIT=wait, PWARPS=copy_warps,
-                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, EPS=eps)
-    words = dict(device="cuda", dtype=torch.int32)
-    buffers = {"acts": torch.zeros(layers * 4 + 1, rows * wide, **words),
-               "scratch": torch.zeros(nprog, br * rows, device="cuda", dtype=torch.float32),
-               "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words)}
-    if rows > 1:
-        return nprog, warps, constants, buffers
+    assert gemvs[3][2] * 2 == gemvs[2][1] and gemvs[1][1] == gemvs[3][1] == gemvs[0][2]
+    splits = 1 << ((nprog // kv_heads).bit_length() - 1)  # one unit per program at most, a power of two per group
+    group = gemvs[1][2] // (kv_heads * head_dim)
+    assert group == 4 and warps == 4 and head_dim == 128 and gemvs[0][1] == (group + 2) * kv_heads * head_dim
     pack = bk // (32 * warps)  # activation words per thread
-    packed = packed_gemvs(gemvs, nprog, br, pack_small, layer)
-    splits, group = 1, 4
-    if kv_heads is not None:
-        assert layer
-        splits = 1 << ((nprog // kv_heads).bit_length() - 1)  # one unit per program at most, a power of two per group
-        group = gemvs[1][2] // (kv_heads * head_dim)
-        assert group == 4 and warps == 4 and head_dim == 128 and gemvs[0][1] == (group + 2) * kv_heads * head_dim
-    constants.update(NPAD=8, POLL=poll_asm(pack), PACK=pack, TIMED=timed,
-                     PREGS=104 if kv_heads is not None else 80,  # (the attention copies spill at 80)
-                     COPIES=copies, LAYER=layer,
-                     PACKED=sum(1 << i for i, p in enumerate(packed) if p), ATTN=kv_heads is not None,
+    packed = packed_gemvs(gemvs, nprog, br, pack_small, True)
+    constants = {f"{a}{i}": v for i, (_, n, k) in enumerate(gemvs) for a, v in (("N", n), ("K", k))}
+    constants.update(nprog=nprog, WIDE=wide, BR=br, BK=bk, STAGES=stages, WARPS=warps, PWARPS=copy_warps,
+                     CAP=(cap_kib or stages * br * bk * 2 // 1024) * 1024, EPS=eps, NPAD=8, POLL=poll_asm(pack),
+                     PACK=pack, PREGS=104,  # (the attention copies spill at 80)
+                     PACKED=sum(1 << i for i, p in enumerate(packed) if p),
                      APOLL=poll_asm(8), APOLL_OPERANDS=",".join(["=r"] * 8 + ["l"] * 8 + ["r"] * 16 + ["l"] * 8),
-                     KVH=kv_heads or 1, GQ=group, HD=head_dim, SPLITS=splits,
-                     KVP=32 if kv_heads is not None else 16,
+                     KVH=kv_heads, GQ=group, HD=head_dim, SPLITS=splits, KVP=32,
                      POLL_OPERANDS=",".join(["=r"] * pack + ["l"] * pack + ["r"] * 2 * pack + ["l"] * pack))
-    buffers.update(qkv=torch.zeros(layers + 1, gemvs[0][1] if kv_heads is not None else 1, **words),
-                   partials=torch.zeros(layers * (kv_heads or 0) * splits * (group * head_dim + 4 * group) + 1,
-                                        **words))
+    words = dict(device=device, dtype=torch.int32)
+    buffers = {"acts": torch.zeros(layers * 4 + 1, wide, **words),
+               "scratch": torch.zeros(nprog, br, device=device, dtype=torch.float32),
+               "epoch": torch.zeros(1, **words), "failed": torch.zeros(1, **words),
+               "qkv": torch.zeros(layers + 1, gemvs[0][1], **words),
+               "partials": torch.zeros(layers * kv_heads * splits * (group * head_dim + 4 * group) + 1, **words)}
     return nprog, warps, constants, buffers
 
 
@@ -862,113 +785,33 @@ def stamp_input(x: torch.Tensor, buffers: dict, constants: dict, rows: int = 1) 
                        BLOCK=max(32, 1 << (constants["K0"] - 1).bit_length()), num_warps=1)
 
 
-def _launch(buffers: dict, constants: dict, nprog: int, warps: int, x: torch.Tensor, weights: list[torch.Tensor],
-            norms: torch.Tensor, profile: torch.Tensor, qk_norms: torch.Tensor, rope: torch.Tensor,
-            position: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, layers: int) -> None:
-    """Stamp `x` in as the chain's input under a new epoch, then run the chain."""
-    stamp_input(x, buffers, constants)
-    _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"], buffers["failed"],
-                          profile, buffers["qkv"], k_cache, v_cache, qk_norms, rope, buffers["partials"], position,
-                          k_cache.shape[-2], layers, **constants, num_warps=warps)
-
-
-def flow_chain(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, config: tuple, gemvs: tuple,
-               wide: int, wait: bool = True, profile: torch.Tensor | None = None, timeline: bool | str = False,
-               norms: torch.Tensor | None = None, attention: dict | None = None, copies: bool = True,
-               last_only: bool = False):
-    """The probe's entry (benchmarks/gemv_chain.py): as persistent_gemv.dataflow_chain, for this kernel; config
-    (block rows, block_k, dot warps, stages, programs per SM, copy warps, KiB in flight per program: 0 for the
-    whole ring, pack small GEMVs: see packed_gemvs). wait=False reads the activations without waiting for them
-    (wrong results): the kernel's streaming ceiling, so its dependency cost is flow - nowait. `profile` (int64
-    [programs, 4]) receives each program's clock cycles per phase (see gemv_chain.flow_profile); with
-    timeline=True it is int64 [layers * 4, programs, 2] instead and receives, per GEMV and program, the
-    %globaltimer when the program stored its last rows of the GEMV and when the next GEMV's first activations
-    arrived there; with timeline="attention" it is int64 [layers, programs, 8] and receives the attention stages'
-    times (see gemv_chain.attention_timeline). Each run reads x0, bumps a device-side epoch and stamps the input
-    with it; the callable returns the values as fp32 [layers, 4, wide].
-
-    With RMSNorm weights `norms` [layers, 2, hidden] (bf16) the chain is a Qwen3 layer without attention (o_proj
-    reads q where attention's output would be), its elementwise work done where the data already is:
-    - RMSNorm before qkv and gate_up by the reader, its scale taken out of the dot: (x * weight) rounded to bf16
-      goes into the dot, sum(x^2) builds up over the K tiles, and the finished rows are multiplied by
-      rsqrt(mean + eps). (The engine's kernels round x * rsqrt first, which no reader can know before the whole
-      vector is in: waiting for it is a grid barrier, as 518322b's staged kernel measured.)
-    - the residual adds after o_proj and down by the rows' owner: both GEMVs have `hidden` rows split alike, so a
-      program adds to rows that it stored itself;
-    - silu(gate) * up after gate_up by the rows' owner: gate_up's rows are (gate j, up j) pairs, the engine's
-      layout, split two at a time, so down reads 9728 words, not 19456. (Read as gate rows then up rows, two
-      regions at once, the same chain streamed 10% slower: 2.968 against 2.690 ms, 148dcb3.)
-    The values returned are then per layer: qkv, the residual after o_proj, silu(gate) * up, the residual after
-    down.
-
-    With `attention` as well (a dict: k_cache and v_cache [layers, kv heads, max positions, head_dim] bf16, qk_norms
-    [layers, 2, head_dim] bf16, rope [2, head_dim / 2] fp32 (cos, sin of the new position), length: the positions
-    including the new one), the chain is a whole Qwen3 decode layer: o_proj reads attention's output, computed by
-    (kv head, context split) units between qkv and o_proj (see _attention_unit), the new k and v written to the
-    cache at length - 1; the values returned per layer then start with attention's output.
-
-    copies=False is a diagnostic: the copy warps issue no weight copies (wrong results), to time the dot warps'
-    work without the copies' instructions beside it. last_only=True returns only the last GEMV's output (fp32
-    [its rows]), without decoding every layer's words.
-
-    rows=16 runs the layer chain (norms, no attention) for a block of 16 tokens, x0 [16, K0] (_flow_block_chain;
-    config as above with block_k 256, 4 dot warps, nothing packed); `profile` as without timeline; the values
-    returned gain a token axis: [layers, 4, 16, wide], or
-    [16, rows] with last_only."""
-    layer = norms is not None
-    timed = 0 if profile is None else 3 if timeline == "attention" else 2 if timeline else 1
-    kv_heads = None if attention is None else attention["k_cache"].shape[1]
-    nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, config, layer, kv_heads, 128, wait, copies,
-                                                     timed, 1e-6)
-    dummy = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
-    no_cache = torch.zeros(1, 1, 1, 1, device="cuda", dtype=torch.bfloat16)
-    state = [dummy, torch.zeros(1, device="cuda", dtype=torch.float32), torch.zeros(1, device="cuda", dtype=torch.long),
-             no_cache, no_cache]
-    if attention is not None:
-        assert attention["length"] <= attention["k_cache"].shape[2]
-        state = [attention["qk_norms"], attention["rope"],
-                 torch.full((1,), attention["length"] - 1, device="cuda", dtype=torch.long),
-                 attention["k_cache"], attention["v_cache"]]
-    norm_weights = norms if layer else dummy
-    cycles = profile if timed else torch.zeros(1, device="cuda", dtype=torch.int64)
-    acts = buffers["acts"]
-
-    def run() -> torch.Tensor:
-        _launch(buffers, constants, nprog, warps, x0, weights, norm_weights, cycles, *state, layers)
-        if last_only:
-            return ((acts[layers * 4, :gemvs[3][1]] & 0xFFFF) << 16).view(torch.float32)
-        return ((acts[1:] & 0xFFFF) << 16).view(torch.float32).view(layers, 4, wide)
-
-    return run, buffers["failed"]
-
-
-DECODE_CONFIG = (64, 512, 4, 3, 1, 2, 64, 1)  # gemv_chain.py's ATTENTION_CONFIGS[0], the fastest measured
-
-
-def layer_decoder(weights: list[torch.Tensor], norms: torch.Tensor, qk_norms: torch.Tensor, eps: float):
+def layer_decoder(weights: list[torch.Tensor], norms: torch.Tensor, qk_norms: torch.Tensor, eps: float,
+                  config: tuple):
     """Every decoder layer of a Qwen3-shaped target for one token in one launch (the engine's batch-1 decode):
     weights [layers, N, K] per projection (qkv, o_proj, gate_up as (gate, up) row pairs, down), norms [layers, 2,
-    hidden] (input and post-attention RMSNorm), qk_norms [layers, 2, head_dim], all bf16. Returns
-    run(x, position, rope, k_cache, v_cache) -> the residual stream after the last layer (bf16 [hidden], a view
-    into the kernel's buffers, valid until the next run) and the FAILED flag (set when a program gave up waiting:
-    the programs were not all resident). x: the token's embedding (bf16 [hidden]); position: long [1], the new
-    token's position, in device memory so that a CUDA graph replays it; rope: fp32 [2, head_dim / 2], its cos and
-    sin; the caches [layers, kv heads, max positions, head_dim], to which the new k and v are written. Everything
-    a run reads from the host is fixed, so a run can be captured in a CUDA graph."""
+    hidden] (input and post-attention RMSNorm), qk_norms [layers, 2, head_dim], all bf16; config: the device's
+    launch settings (settings.LaunchTables.flow). Returns run(x, position, rope, k_cache, v_cache) -> the residual
+    stream after the last layer (bf16 [hidden], a view into the kernel's buffers, valid until the next run) and
+    the FAILED flag (set when a program gave up waiting: the programs were not all resident). x: the token's
+    embedding (bf16 [hidden]); position: long [1], the new token's position, in device memory so that a CUDA graph
+    replays it; rope: fp32 [2, head_dim / 2], its cos and sin; the caches [layers, kv heads, max positions,
+    head_dim], to which the new k and v are written. Everything a run reads from the host is fixed, so a run can
+    be captured in a CUDA graph."""
     layers, hidden = weights[0].shape[0], weights[0].shape[2]
     head_dim = qk_norms.shape[-1]
     gemvs = tuple((name, w.shape[1], w.shape[2]) for name, w in zip(("qkv", "o_proj", "gate_up", "down"), weights))
     wide = max(n for _, n, _ in gemvs)
     kv_heads = (gemvs[0][1] - gemvs[1][2]) // (2 * head_dim)  # qkv's rows: the q heads, then k and v
-    nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, DECODE_CONFIG, True, kv_heads, head_dim,
-                                                     True, True, 0, eps)
-    cycles = torch.zeros(1, device="cuda", dtype=torch.int64)
+    nprog, warps, constants, buffers = _launch_setup(gemvs, wide, layers, config, kv_heads, head_dim, eps,
+                                                     weights[0].device)
     out = buffers["acts"][layers * 4, :hidden].view(torch.int16)[0::2].view(torch.bfloat16)  # the words' low halves
 
     def run(x: torch.Tensor, position: torch.Tensor, rope: torch.Tensor, k_cache: torch.Tensor,
             v_cache: torch.Tensor) -> torch.Tensor:
-        _launch(buffers, constants, nprog, warps, x, weights, norms, cycles, qk_norms, rope, position, k_cache,
-                v_cache, layers)
+        stamp_input(x, buffers, constants)
+        _flow_chain[(nprog,)](*weights, buffers["acts"], norms, buffers["scratch"], buffers["epoch"],
+                              buffers["failed"], buffers["qkv"], k_cache, v_cache, qk_norms, rope,
+                              buffers["partials"], position, k_cache.shape[-2], layers, **constants, num_warps=warps)
         return out
 
     return run, buffers["failed"]

@@ -1,0 +1,37 @@
+"""How every Triton kernel of the package launches: programmatic dependent launch (Hopper and later) when
+`KernelSettings.pdl` is on, each kernel waiting for the one before it in its first statement."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from blockspec.kernels.settings import current_settings
+
+
+@functools.lru_cache(maxsize=None)
+def _supports_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def use_pdl(t: torch.Tensor) -> bool:
+    """Launch with programmatic dependent launch: enabled (`KernelSettings.pdl`) and a CUDA device that has it."""
+    return current_settings().pdl and t.is_cuda and _supports_pdl(t.device.index if t.device.index is not None else 0)
+
+
+def pdl_options(t: torch.Tensor) -> dict:
+    """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
+    on = use_pdl(t)
+    return {"USE_PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def _pdl_prologue(USE_PDL: tl.constexpr):
+    """Every kernel's first statement (after a skinny GEMM's weight prefetch): the previous kernel's writes
+    first, then the next may start launching."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

@@ -1,0 +1,185 @@
+"""The elementwise kernels of a layer: RMSNorm (alone and fused with the residual add before it), silu(gate) * up,
+q/k RMSNorm + RoPE + the KV-cache store in one kernel, and RoPE's cos/sin tables. Each reproduces the rounding
+points of the eager torch code it replaces (fp32 math, a cast to the activation dtype wherever eager
+materialises a tensor), so the CUDA path stays numerically faithful.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blockspec.kernels.launch import _pdl_prologue, pdl_options
+
+
+@triton.jit
+def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    r = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
+    y = (x * r).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = x.shape[-1]
+    rows = x.reshape(-1, n)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps,
+                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
+    return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < n
+    g = tl.load(G + row * sg + cols * sgc, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(U + row * su + cols * suc, mask=ok, other=0.0).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
+    tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate and up [..., I] (any strides: the even and odd columns of a fused gate_up
+    projection are fine)."""
+    n = gate.shape[-1]
+    g, u = gate.reshape(-1, n), up.reshape(-1, n)
+    out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
+    block = 1024
+    _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
+                                                    out.stride(0), n, BLOCK=block, **pdl_options(gate))
+    return out.view(*gate.shape[:-1], n)
+
+
+@triton.jit(do_not_specialize=["n_q"])
+def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
+                    s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
+                    n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
+    h = tl.program_id(1)  # head among q heads, then k heads, then v heads
+    b = t // n_q
+    i = t % n_q
+    dims = tl.arange(0, D)
+    pos = tl.load(POS + t)
+    if h < n_heads + n_kv:
+        if h < n_heads:
+            src = Q_SRC + t * s_q + h * D
+            w_ptr = QN
+        else:
+            src = K_SRC + t * s_k + (h - n_heads) * D
+            w_ptr = KN
+        partner = (dims + D // 2) % D
+        x = tl.load(src + dims).to(tl.float32)
+        xp = tl.load(src + partner).to(tl.float32)
+        if HAS_NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            x = (tl.load(w_ptr + dims).to(tl.float32)
+                 * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+            xp = (tl.load(w_ptr + partner).to(tl.float32)
+                  * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+        rotated = tl.where(dims < D // 2, -xp, xp)
+        cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
+        a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
+        c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
+        y = (a + c).to(KC.dtype.element_ty)
+        if h < n_heads:
+            tl.store(QOUT + b * s_qo_b + h * s_qo_h + i * s_qo_n + dims, y)
+        else:
+            tl.store(KC + b * s_kc_b + (h - n_heads) * s_kc_h + pos * s_kc_l + dims, y)
+    else:
+        v = tl.load(V_SRC + t * s_v + (h - n_heads - n_kv) * D + dims)
+        tl.store(VC + b * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos * s_vc_l + dims, v)
+
+
+def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv: int,
+                   head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                   cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor) -> torch.Tensor | None:
+    """Projections q [b, n, nH*d] (or None: context only), k and v [b, n, nKV*d], each with unit stride on
+    the last axis (views into one fused projection are fine): q/k RMSNorm (optional), RoPE, K and V stored
+    into the cache layer at `positions`; returns q as [b, nH, n, d]."""
+    b, n, _ = k.shape
+    heads = n_heads if q is not None else 0
+    rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
+    cos = cos.reshape(b * n, head_dim)
+    sin = sin.reshape(b * n, head_dim)
+    q_out = torch.empty(b, heads, n, head_dim, device=k.device, dtype=k.dtype)
+    q_rows = rows[0] if rows[0] is not None else rows[1]
+    norm = q_norm is not None
+    _qkv_rope_store[(b * n, heads + 2 * n_kv)](
+        q_rows, rows[1], rows[2], q_norm if norm else k_norm if k_norm is not None else rows[1],
+        k_norm if k_norm is not None else rows[1], cos, sin, positions.reshape(-1), q_out, k_cache, v_cache,
+        q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
+        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1, **pdl_options(k))
+    return q_out if q is not None else None
+
+
+@triton.jit
+def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < n
+    x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
+    d = tl.load(DELTA + row * sd + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (x + d).to(SUM.dtype.element_ty)
+    tl.store(SUM + row * ss + cols, s, mask=ok)
+    s32 = s.to(tl.float32)
+    r = tl.rsqrt(tl.sum(s32 * s32, axis=0) / n + eps)
+    y = (s32 * r).to(OUT.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass."""
+    n = x.shape[-1]
+    xr, dr = x.reshape(-1, n), delta.reshape(-1, n)
+    total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
+    out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x))
+    return total.view(x.shape), out.view(x.shape)
+
+
+@triton.jit
+def _rope_tables(POS, INV_FREQ, COS, SIN, scaling, half, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    t = tl.program_id(0)
+    j = tl.arange(0, BLOCK)
+    ok = j < 2 * half
+    freq = tl.load(POS + t).to(tl.float32) * tl.load(INV_FREQ + j % half, mask=ok, other=0.0)
+    # libdevice's accurate cosf / sinf: what torch's elementwise cos / sin compute (not the fast approximations)
+    cos = tl.extra.cuda.libdevice.cos(freq) * scaling
+    sin = tl.extra.cuda.libdevice.sin(freq) * scaling
+    tl.store(COS + t * 2 * half + j, cos.to(COS.dtype.element_ty), mask=ok)
+    tl.store(SIN + t * 2 * half + j, sin.to(SIN.dtype.element_ty), mask=ok)
+
+
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scaling: float,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [..., d] for `positions` [...] (d = 2 * len(inv_freq)), as layers.RotaryEmbedding computes them:
+    the angle in fp32, cos/sin in fp32, times `scaling`, rounded to `dtype`; one kernel."""
+    half = inv_freq.shape[0]
+    flat = positions.reshape(-1)
+    cos = torch.empty(flat.shape[0], 2 * half, device=positions.device, dtype=dtype)
+    sin = torch.empty_like(cos)
+    _rope_tables[(flat.shape[0],)](flat, inv_freq, cos, sin, scaling, half, BLOCK=triton.next_power_of_2(2 * half),
+                                   num_warps=1, **pdl_options(positions))
+    return cos.view(*positions.shape, 2 * half), sin.view(*positions.shape, 2 * half)

@@ -1,0 +1,136 @@
+"""What the CUDA path launches: the switches a benchmark compares side by side, and the launch tables tuned per
+device. Neither imports Triton, so the CPU path (and a machine without Triton) can use them.
+
+The switches are a KernelSettings, current per context (`use_settings`), which the kernels read when they launch:
+a CUDA graph keeps the launches it was captured with. The tables are data (tables/*.json), chosen by the name
+of the device a tensor lives on the first time that device launches a kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+import json
+from importlib import resources
+from typing import Iterator
+
+import torch
+
+# per weight shape (n, k), per row bucket (1: one token; 16: 2..16 rows): a skinny-GEMM launch config, or None
+# where cuBLAS is faster
+SkinnyTable = dict[tuple[int, int], dict[int, dict | None]]
+# the flow kernel's config, in order (tables/*.json name them): rows per tile, K per tile, dot warps, ring
+# stages, programs per SM, copy warps, KiB in flight per program, whether small GEMVs pack two K tiles per tile
+FLOW_FIELDS = ("block_rows", "block_k", "dot_warps", "stages", "programs_per_sm", "copy_warps", "kib_in_flight",
+               "pack_small")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSettings:
+    """The CUDA path's switches; the defaults are what measured fastest on the H100 (`benchmarks/engine_limit.py
+    --ab`, docs/benchmarks.md), and tokens are the same under any of them.
+
+    pdl: programmatic dependent launch (Hopper and later). Every kernel may be scheduled while the one before it
+        is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
+        lets the next one start launching, so launch latency and ramp-up overlap the previous kernel's tail, the
+        cost that ~440 small launches a speculative step pay: AR and speculative steps 0.998-1.070x, median
+        1.032x over seven runs.
+    prefetch_tiles: with PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they
+        ask L2 for their first this-many weight tiles before waiting on it, so the weight stream starts during
+        that kernel: 1.4-3.1% on top of PDL (1 and 2 tiles alike, 4 less; 0: off).
+    fused_rope: RoPE's cos/sin tables for a pass's positions in one kernel instead of the ~9 small torch ops of
+        layers.RotaryEmbedding (bit-identical values).
+    flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
+        device allow it; False: the per-op kernels.
+    fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
+        benchmarks/compile_vs_graphs.py hands to torch.compile).
+    skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
+        the device's (`device_tables`).
+    """
+
+    pdl: bool = True
+    prefetch_tiles: int = 2
+    fused_rope: bool = True
+    flow_decode: bool = True
+    fused_kernels: bool = True
+    skinny_table: SkinnyTable | None = None
+    attention_table: dict[str, dict] | None = None
+
+
+_CURRENT: contextvars.ContextVar[KernelSettings] = contextvars.ContextVar("blockspec_kernel_settings",
+                                                                          default=KernelSettings())
+
+
+# torch.compile cannot trace a ContextVar: it takes the settings current when it traces, as a CUDA graph keeps
+# those current when it is captured
+@torch.compiler.assume_constant_result
+def current_settings() -> KernelSettings:
+    """The settings kernels launch with here (KernelSettings() unless inside `use_settings`)."""
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def use_settings(settings: KernelSettings | None = None, **changes: object) -> Iterator[KernelSettings]:
+    """Launch (and capture graphs) inside with `settings` (default: the current ones) changed by `changes`, e.g.
+    `with use_settings(pdl=False): ...`."""
+    token = _CURRENT.set(dataclasses.replace(settings or current_settings(), **changes))
+    try:
+        yield _CURRENT.get()
+    finally:
+        _CURRENT.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchTables:
+    """One device's launch settings, as a tables/*.json file holds them.
+
+    skinny: the skinny GEMM's config per weight shape and row bucket (SkinnyTable); a shape it does not list
+        stays on cuBLAS.
+    attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block): key splits
+        per (row, KV head), keys per tile, warps.
+    flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
+        takes the per-op kernels.
+    """
+
+    file: str
+    skinny: SkinnyTable
+    attention: dict[str, dict]
+    flow: tuple | None
+
+
+def skinny_table_from_winners(winners: list[dict]) -> SkinnyTable:
+    """A SkinnyTable from entries {"n", "k", "m1", "m16"} (a table file's "skinny", or the "winners" of a
+    gemm_shapes.py --skinny or gemv_chain.py --sweep-table run)."""
+    return {(w["n"], w["k"]): {1: w["m1"], 16: w["m16"]} for w in winners}
+
+
+def _table_files() -> list[tuple[str, dict]]:
+    folder = resources.files(__package__).joinpath("tables")
+    return [(f.name, json.loads(f.read_text())) for f in sorted(folder.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".json")]
+
+
+@functools.lru_cache(maxsize=None)
+def tables_for(device_name: str) -> LaunchTables:
+    """The first table file whose "devices" names part of `device_name` (as torch.cuda.get_device_name writes
+    it); default.json (no devices) where none does."""
+    files = _table_files()
+    file, data = next(((name, data) for name, data in files if any(d in device_name for d in data["devices"])),
+                      next((name, data) for name, data in files if name == "default.json"))
+    flow = data["flow"]
+    return LaunchTables(file, skinny_table_from_winners(data["skinny"]), data["attention"],
+                        None if flow is None else tuple(flow[field] for field in FLOW_FIELDS))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_tables(index: int) -> LaunchTables:
+    return tables_for(torch.cuda.get_device_name(index))
+
+
+def device_tables(device: torch.device) -> LaunchTables:
+    """The launch tables for kernels on `device` (default.json for a CPU device: Triton's interpreter)."""
+    if device.type != "cuda":
+        return tables_for("")
+    return _cuda_tables(device.index if device.index is not None else torch.cuda.current_device())

@@ -1,0 +1,204 @@
+"""Skinny GEMMs: a decode-time projection multiplies a few rows (1 token, or a 16-token block) by a large weight
+[N, K], and the cost is streaming the weight once. Each program owns BLOCK_N output features and one K range and
+reads that slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go to an fp32 buffer
+that a second kernel sums in split order: never atomics, so results are bit-identical run to run (the engine
+checks CUDA-graph replays against eager steps).
+
+Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows) from the device's
+table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16 is a tensor-core dot with the rows padded
+to 16 (its weight tiles pipelined through shared memory), rows = 1 a multiply-and-sum on the CUDA cores for a
+single row; split_k is the number of K ranges. A shape the table does not list, or lists as None, stays on cuBLAS
+(`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blockspec.kernels.launch import _pdl_prologue, pdl_options
+from blockspec.kernels.settings import SkinnyTable, current_settings, device_tables
+
+SKINNY_ROWS = 16  # the most rows skinny_linear takes (one verify block)
+FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
+
+
+def default_skinny_config(n: int, k: int) -> dict:
+    """Settings for a shape the table does not list: split K until the grid fills the GPU, keeping at least
+    two tiles per K range (shorter loops leave the load pipeline no time to fill)."""
+    block_n, block_k = 64, 128
+    blocks_n, blocks_k = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    split = 1
+    while blocks_n * split < FILL_PROGRAMS and blocks_k >= 4 * split:
+        split *= 2
+    return {"rows": 16, "block_n": block_n, "block_k": block_k, "split_k": split, "num_warps": 4, "num_stages": 4}
+
+
+def skinny_table(device: torch.device) -> SkinnyTable:
+    """The skinny-GEMM table kernels on `device` launch with: the current settings', else the device's."""
+    table = current_settings().skinny_table
+    return table if table is not None else device_tables(device).skinny
+
+
+def skinny_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
+    """The table's settings for an [m, k] x [n, k]^T product on `device`; None (use cuBLAS) when the table says
+    so or does not list the shape: the kernel runs only where a measurement showed it faster."""
+    table = skinny_table(device).get((n, k))
+    return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
+
+
+def _prefetch_tiles(pdl: dict) -> int:
+    """Weight tiles a skinny GEMM asks L2 for before its PDL wait (none without PDL: nothing to overlap)."""
+    return current_settings().prefetch_tiles if pdl["launch_pdl"] else 0
+
+
+# m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
+@triton.jit(do_not_specialize=["m"])
+def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_m,
+                   ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, ARGMAX: tl.constexpr,
+                   USE_PDL: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
+    rows = tl.arange(0, ROWS)
+    lo = split * k_split
+    hi = tl.minimum(lo + k_split, k)
+    if PREFETCH > 0:  # weights never depend on the kernel before: start their stream before waiting on it
+        line: tl.constexpr = 1024 // W.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        offs = tl.arange(0, PREFETCH * BLOCK_K // line) * line
+        ok = (cols[:, None] < n) & (offs[None, :] < hi - lo)
+        first = W + cols[:, None].to(tl.int64) * sw + lo + offs[None, :]
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                  [tl.where(ok, first, W).to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
+    _pdl_prologue(USE_PDL)
+    ks = lo + tl.arange(0, BLOCK_K)
+    col_ok = cols[:, None] < n
+    w_ptrs = W + cols[:, None].to(tl.int64) * sw + ks[None, :]
+    x_ptrs = X + rows[:, None] * sx + ks[None, :]
+    # EVEN_K (K a multiple of BLOCK_K, so every range holds whole tiles): no K mask, which keeps the weight
+    # loads 16-byte vectors
+    if ROWS == 1:  # one row: multiply-and-sum, reduced across K once after the loop
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+                x = tl.load(x_ptrs)
+            else:
+                k_ok = ks[None, :] + (start - lo) < hi
+                w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+        out = tl.sum(acc, axis=1)[:, None]
+    else:  # W tile [BLOCK_N, BLOCK_K] times x^T [BLOCK_K, ROWS]: the weight is the dot's wide operand
+        out = tl.zeros([BLOCK_N, ROWS], tl.float32)
+        row_ok = rows[:, None] < m
+        for start in range(lo, hi, BLOCK_K):
+            if EVEN_K:
+                w = tl.load(w_ptrs, mask=col_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=row_ok, other=0.0)
+            else:
+                k_ok = ks[None, :] + (start - lo) < hi
+                w = tl.load(w_ptrs, mask=col_ok & k_ok, other=0.0)
+                x = tl.load(x_ptrs, mask=row_ok & k_ok, other=0.0)
+            out = tl.dot(w, tl.trans(x), out, input_precision=PRECISION)
+            w_ptrs += BLOCK_K
+            x_ptrs += BLOCK_K
+    if HAS_BIAS:
+        out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
+    if ARGMAX:  # per row, this column block's largest output as rounded to x's dtype, and its first column
+        values = tl.where(col_ok, out.to(X.dtype.element_ty).to(tl.float32), float("-inf"))
+        first = tl.program_id(0) * BLOCK_N + tl.argmax(values, axis=0, tie_break_left=True)
+        slot = tl.program_id(0) * so_split + rows
+        tl.store(OUT + slot, tl.max(values, axis=0), mask=rows < m)
+        tl.store(IDX + slot, first, mask=rows < m)
+    else:
+        tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
+                 mask=col_ok & (rows[None, :] < m))
+
+
+@triton.jit
+def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    acc = tl.load(PART + offs, mask=ok, other=0.0)
+    for s in range(1, splits):  # fixed order: deterministic
+        acc += tl.load(PART + s * total + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs % n, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _argmax_blocks(VALUES, IDX, OUT, blocks, m, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    """Row r's column blocks' maxima reduced: the first block holding the largest value gives its first column."""
+    _pdl_prologue(USE_PDL)
+    row = tl.program_id(0)
+    b = tl.arange(0, BLOCK)
+    ok = b < blocks
+    values = tl.load(VALUES + b * m + row, mask=ok, other=float("-inf"))
+    cols = tl.load(IDX + b * m + row, mask=ok, other=0)
+    best = tl.argmax(values, axis=0, tie_break_left=True)
+    tl.store(OUT + row, tl.sum(tl.where(b == best, cols, 0), axis=0).to(tl.int64))
+
+
+def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
+    """argmax over the columns of x [m, k] @ weight [n, k]^T per row, as torch's argmax of the logits
+    `skinny_linear` would write (the same rounding to x's dtype, the first column on ties), without writing them:
+    each GEMM program keeps its column block's maximum per row, and a second kernel reduces those. [m] int64.
+    For a greedy step's lm_head; `config` must not split K."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 0 < m <= config["rows"] and config["split_k"] == 1 and weight.shape[1] == k and weight.stride(1) == 1
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    blocks = triton.cdiv(n, config["block_n"])
+    values = torch.empty(blocks, m, device=x.device, dtype=torch.float32)
+    cols = torch.empty(blocks, m, device=x.device, dtype=torch.int32)
+    pdl = pdl_options(x)
+    _skinny_linear[(blocks, 1)](
+        x, weight, weight, values, cols, m, n, k, triton.cdiv(k, config["block_k"]) * config["block_k"], x.stride(0),
+        weight.stride(0), values.stride(0), 0, ROWS=config["rows"], BLOCK_N=config["block_n"],
+        BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_tiles(pdl),
+        ARGMAX=True, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
+    out = torch.empty(m, device=x.device, dtype=torch.long)
+    _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
+    return out
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
+    """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
+    [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
+    table prefers cuBLAS)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
+    config = config or skinny_config(n, k, m, x.device) or default_skinny_config(n, k)
+    rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
+    assert m <= rows, "rows = 1 settings serve one row only"
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    split = config["split_k"]
+    k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per K range
+    split = triton.cdiv(k, k_split)  # no empty trailing ranges
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    pdl = pdl_options(x)
+    _skinny_linear[(triton.cdiv(n, block_n), split)](
+        x, weight, bias if bias is not None else weight, part, part, m, n, k, k_split, x.stride(0), weight.stride(0),
+        part.stride(0) if split > 1 else 0, part.stride(-2),
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PREFETCH=_prefetch_tiles(pdl), ARGMAX=False, num_warps=config["num_warps"],
+        num_stages=config["num_stages"], **pdl)
+    if split > 1:
+        block = 1024
+        _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
+                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
+    return out

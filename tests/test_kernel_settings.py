@@ -1,0 +1,86 @@
+"""The kernels' settings and launch tables (blockspec/kernels/settings.py), on the CPU: no Triton needed."""
+
+import json
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import blockspec.kernels
+from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
+from blockspec.kernels.settings import FLOW_FIELDS, tables_for
+from blockspec.layers import fused_kernels_apply
+
+
+def test_use_settings_changes_the_current_settings_inside_only_and_nests():
+    assert current_settings() == KernelSettings()
+    with use_settings(pdl=False) as outer:
+        assert current_settings() is outer and not outer.pdl and outer.prefetch_tiles == 2
+        with use_settings(prefetch_tiles=0):
+            assert current_settings() == KernelSettings(pdl=False, prefetch_tiles=0)
+        with use_settings(KernelSettings(fused_rope=False)):  # a whole settings object replaces the current one
+            assert current_settings() == KernelSettings(fused_rope=False)
+        assert current_settings() is outer
+    assert current_settings() == KernelSettings()
+
+
+def test_settings_are_restored_when_the_block_raises():
+    with pytest.raises(RuntimeError), use_settings(pdl=False):
+        raise RuntimeError
+    assert current_settings().pdl
+
+
+def test_fused_kernels_off_sends_cuda_inference_to_the_torch_ops():
+    cuda_like = SimpleNamespace(is_cuda=True, requires_grad=False)  # what fused_kernels_apply asks of a tensor
+    assert fused_kernels_apply(cuda_like)
+    with use_settings(fused_kernels=False):
+        assert not fused_kernels_apply(cuda_like)
+    assert not fused_kernels_apply(torch.ones(1))  # a CPU tensor, whatever the settings
+
+
+@pytest.mark.parametrize("name, file", [("NVIDIA H100 80GB HBM3", "h100.json"), ("NVIDIA H100 PCIe", "h100.json"),
+                                        ("NVIDIA H200", "h100.json"), ("NVIDIA A100-SXM4-80GB", "default.json"),
+                                        ("NVIDIA GeForce RTX 4090", "default.json"), ("", "default.json")])
+def test_tables_are_chosen_by_the_device_name(name: str, file: str):
+    assert tables_for(name).file == file
+
+
+def test_the_h100_table_holds_the_measured_settings():
+    tables = tables_for("NVIDIA H100 80GB HBM3")
+    assert tables.skinny[(6144, 2560)][1] == {"rows": 16, "block_n": 64, "block_k": 256, "split_k": 1,
+                                              "num_warps": 4, "num_stages": 3}
+    assert tables.skinny[(2560, 9728)][16]["split_k"] == 4
+    assert tables.skinny[(2048, 2560)] == {1: None, 16: None}  # cuBLAS measured faster
+    assert tables.attention["wide"] == {"splits": 16, "block_n": 32, "num_warps": 4}
+    assert dict(zip(FLOW_FIELDS, tables.flow)) == {"block_rows": 64, "block_k": 512, "dot_warps": 4, "stages": 3,
+                                                   "programs_per_sm": 1, "copy_warps": 2, "kib_in_flight": 64,
+                                                   "pack_small": True}
+
+
+def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():
+    tables = tables_for("NVIDIA A100-SXM4-80GB")
+    assert tables.skinny == {} and tables.flow is None
+    assert set(tables.attention) == {"narrow", "wide"}
+    assert device_tables(torch.device("cpu")) is tables_for("")  # CPU tensors (Triton's interpreter)
+
+
+def test_every_table_file_is_complete_reachable_and_shipped_with_the_package():
+    folder = resources.files("blockspec.kernels").joinpath("tables")
+    files = {f.name: json.loads(f.read_text()) for f in folder.iterdir() if f.name.endswith(".json")}
+    assert {"default.json", "h100.json"} <= set(files)
+    for name, data in files.items():
+        assert set(data) == {"devices", "notes", "skinny", "attention", "flow"}, name
+        tables = tables_for(data["devices"][0] if data["devices"] else "")  # each file's first device gets it
+        assert tables.file == name
+        assert all(set(entry) == {1, 16} for entry in tables.skinny.values())
+        assert tables.flow is None or len(tables.flow) == len(FLOW_FIELDS)
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '"kernels/tables/*.json"' in pyproject  # package data: a wheel ships the tables
+
+
+def test_no_environment_variable_is_read_in_the_kernels_package():
+    for path in Path(blockspec.kernels.__file__).parent.glob("*.py"):
+        source = path.read_text()
+        assert "environ" not in source and "getenv" not in source, path.name
