@@ -32,7 +32,7 @@ from blockspec.train.generate import generate_batch
 from blockspec.train.loss import block_labels, default_gamma, sample_anchors
 from blockspec.train.metrics import read_metrics
 from blockspec.train.trainer import CHECKPOINT, TrainConfig, Trainer, build_draft, train
-from conftest import run_cli
+from conftest import run_cli, seeded_normal
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,18 +46,14 @@ def bigram_target(vocab: int = 64, hidden: int = 64, layers: int = 3, seed: int 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
                       tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
     hf = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(vocab, generator=gen)
+    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         for name, param in hf.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            elif "embed_tokens" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
             else:
-                param.copy_(noise * torch.randn(param.shape, generator=gen))
+                param.copy_(seeded_normal(seed, name, param.shape) * (1.0 if "embed_tokens" in name else noise))
         hf.lm_head.weight.copy_(hf.model.embed_tokens.weight[torch.argsort(perm)])
     return target_from_hf(hf, name=f"tiny-bigram-{seed}"), perm, hf
 
