@@ -152,13 +152,11 @@ def smollm2(args: argparse.Namespace, device: str) -> dict:
     from blockspec.draft import load_draft
     from blockspec.shipped import shipped_draft_dir
     from blockspec.target import load_target
-    from blockspec.train.data import benchmark_conversations
+    from blockspec.datasets import load_dataset
 
-    if args.data_dir:
-        os.environ["BLOCKSPEC_DATA_DIR"] = args.data_dir
     target = load_target(args.smollm2, device=device, dtype="auto")
-    prompts = [target.encode([{"role": "user", "content": turns[0]}])
-               for turns in benchmark_conversations("gsm8k-test", 64)]
+    prompts = [target.encode([{"role": "user", "content": s.turns[0]}])
+               for s in load_dataset("gsm8k", args.data_dir)[0][:64]]
     params = SamplingParams(max_new_tokens=256)
     max_len = max(len(p) for p in prompts) + 256 + 64
     ar = BatchDecoder(target, None, max_batch=max(CONCURRENCY), max_len=max_len)
@@ -217,7 +215,7 @@ def report(path: str) -> str:
 
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
-    parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
     parser.add_argument("--repeats", type=int, default=3)
     run_and_report(parser, run, report, "batch_throughput")
 

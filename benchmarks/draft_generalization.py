@@ -23,7 +23,8 @@ from blockspec.engine import SamplingParams  # noqa: E402
 from blockspec.hub import DEFAULT_TARGET  # noqa: E402
 from blockspec.shipped import shipped_draft_dir  # noqa: E402
 from blockspec.target import load_target  # noqa: E402
-from blockspec.train.data import benchmark_conversations, gsm8k_prompts  # noqa: E402
+from blockspec.datasets import load_dataset  # noqa: E402
+from blockspec.train.data import gsm8k_prompts  # noqa: E402
 from blockspec.train.evaluate import make_decoder  # noqa: E402
 
 
@@ -32,8 +33,7 @@ def run(args) -> dict:
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     target = load_target(args.target, device=device, dtype=dtype)
     seen = [p.messages for p in gsm8k_prompts(args.prompts)]
-    held_out = [[{"role": "user", "content": turns[0]}] for turns in benchmark_conversations("gsm8k-test",
-                                                                                            args.prompts)]
+    held_out = [[{"role": "user", "content": s.turns[0]}] for s in load_dataset("gsm8k")[0][:args.prompts]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     record = {**run_header(args), "dtype": dtype, "target": args.target, "prompts": args.prompts,
               "max_new_tokens": args.max_new_tokens, "rows": []}

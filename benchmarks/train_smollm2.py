@@ -57,8 +57,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from blockspec.draft import load_draft  # noqa: E402
 from blockspec.hub import DEFAULT_TARGET  # noqa: E402
 from blockspec.target import load_target  # noqa: E402
-from blockspec.train.data import (DataConfig, SequenceDataset, benchmark_conversations, build_dataset,  # noqa: E402
-                                  parse_temperature_mix)
+from blockspec.datasets import load_dataset  # noqa: E402
+from blockspec.train.data import EVAL_SETS, DataConfig, SequenceDataset, build_dataset, parse_temperature_mix  # noqa: E402
 from blockspec.train.trainer import TrainConfig, Trainer, build_draft, count_parameters, train  # noqa: E402
 
 ARCHS = ("dflash", "dflare")
@@ -206,8 +206,9 @@ def phase_train(args, target, data: SequenceDataset, arch: str) -> dict:
     return summary
 
 
-def conversations(name: str, limit: int) -> list[list[str]]:
-    return benchmark_conversations(name, limit)
+def conversations(name: str, limit: int) -> list[tuple[str, ...]]:
+    samples, _ = load_dataset(EVAL_SETS[name])
+    return [s.turns for s in samples[:limit]]
 
 
 def phase_eval(args, target) -> dict:

@@ -21,7 +21,7 @@ from statistics import mean
 import pytest
 import torch
 
-from blockspec.bench import datasets as bd
+from blockspec import datasets as bd
 from blockspec.bench.metrics import (TIMING_FIELDS, without_timing, acceptance_histogram, answers_match, extract_answer,
                                      last_boxed, normalize_answer, per_position_acceptance, summarize_group)
 from blockspec.bench.runner import BenchSettings, run_sample

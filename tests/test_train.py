@@ -550,11 +550,32 @@ def test_chat_template_rendering_masks_exactly_the_assistant_tokens(tmp_path):
         assert mask[n:].all() and 1 <= len(ids) - n <= 6
 
 
-def test_prompt_sources():
-    from blockspec.train.data import data_dir
+def test_held_out_sets_are_the_benchmark_prompts(tmp_path, monkeypatch):
+    """--eval-data names a benchmark set: read by blockspec bench's reader from the default data folder and
+    phrased as blockspec bench phrases it (first user turn)."""
+    from types import SimpleNamespace
 
-    if not (data_dir() / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip(f"training prompts not found under {data_dir()}")
+    from blockspec.datasets import MATH_SUFFIX
+    from blockspec.train.data import eval_prompt_ids
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in ("Q1?", "Q2?", "Q3?")))
+    (tmp_path / "mt_bench").mkdir()
+    (tmp_path / "mt_bench" / "question.jsonl").write_text(json.dumps({"question_id": 81, "turns": ["a", "b"]}))
+    monkeypatch.setenv("BLOCKSPEC_DATA_DIR", str(tmp_path))
+    target = SimpleNamespace(name="fake", tokenizer=object(),
+                             encode=lambda messages, chat, enable_thinking: messages)
+    assert eval_prompt_ids(target, "gsm8k-test:2") == [[{"role": "user", "content": q + MATH_SUFFIX}]
+                                                       for q in ("Q1?", "Q2?")]
+    assert eval_prompt_ids(target, "mt-bench") == [[{"role": "user", "content": "a"}]]
+
+
+def test_prompt_sources():
+    from blockspec.datasets import default_data_dir
+
+    if not (default_data_dir() / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"training prompts not found under {default_data_dir()}")
     gsm = gsm8k_prompts()
     assert len(gsm) == 7473 and gsm[0].messages[0]["content"].endswith("within \\boxed{}.")
     mbpp = mbpp_train_prompts()

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blockspec.bench.datasets import DATASET_NAMES, HUB
+from blockspec.datasets import DATASET_NAMES, HUB
 from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET
 
@@ -45,8 +45,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
     p.add_argument("--enable-thinking", action="store_true", help="chat templates that know it think (default: off)")
     p.add_argument("--data-dir", default=None,
-                   help="folder holding the datasets (gsm8k/test.jsonl, ...; default: ../shared/data next to the "
-                        f"repository when present, else the model hub); '{HUB}' = always the model hub")
+                   help="folder holding the datasets (gsm8k/test.jsonl, ...; default: $BLOCKSPEC_DATA_DIR or "
+                        "../shared/data next to the repository when it holds them, else the model hub); "
+                        f"'{HUB}' = always the model hub")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: bench-results/TIMESTAMP)")
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
@@ -100,7 +101,7 @@ def _resolve_device(device: str) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from blockspec.bench.datasets import resolve_names
+    from blockspec.datasets import resolve_names
 
     datasets = resolve_names(args.dataset)  # a wrong name fails before anything is loaded
     _check_args(args)
@@ -126,7 +127,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     from tqdm import tqdm
 
     from blockspec.bench import report, runner
-    from blockspec.bench.datasets import load_samples
+    from blockspec.datasets import load_samples
     from blockspec.bench.metrics import summarize
     from blockspec.cli import UNTRAINED_DRAFT, load_pair
     from blockspec.shipped import default_draft_for

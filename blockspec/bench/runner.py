@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from blockspec.bench.datasets import Sample
+from blockspec.datasets import Sample
 from blockspec.bench.metrics import answers_match, extract_answer
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError

@@ -1,4 +1,5 @@
-"""Benchmark datasets and their prompt formats (SPEC section 7), from a local folder or the model hub.
+"""Benchmark datasets and their prompt formats (SPEC section 7), from a local folder or the model hub: the one
+reader of prompt sets for `blockspec bench`, training's held-out evaluation and the benchmark scripts.
 
 Every dataset becomes a list of `Sample`s: the user turns in order (already formatted), the reference final
 answer where there is one, and the dataset's own id and category.
@@ -15,7 +16,7 @@ Prompt formats, exactly:
 - mt-bench, spec-bench: the `turns`, in order; the runner feeds each run's own answer back as the
   assistant turn before the next user turn.
 
-Local layout (`--data-dir DIR`), as in the project's shared data folder: `gsm8k/test.jsonl`,
+Local layout (`--data-dir DIR`; default `default_data_dir()`), as in the project's shared data folder: `gsm8k/test.jsonl`,
 `math500/test.jsonl`, `aime2024/test.jsonl`, `aime2025/test.jsonl`, `humaneval/HumanEval.jsonl.gz`,
 `mbpp/sanitized-mbpp.json`, `mt_bench/question.jsonl`, `spec_bench/question.jsonl`.
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +41,14 @@ HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure t
                       "```python\n{prompt}\n```")
 MBPP_TEST_TASK_IDS = range(11, 511)  # the standard MBPP test split: task ids 11..510
 
-# `--data-dir` default: the project's shared data folder next to the repository, when present.
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 HUB = "hub"  # `--data-dir hub`: always download from the model hub
+
+
+def default_data_dir() -> Path:
+    """The data folder used when none is named: $BLOCKSPEC_DATA_DIR, else the project's shared data folder next
+    to the repository (../shared/data)."""
+    env = os.environ.get("BLOCKSPEC_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @dataclass(frozen=True)
@@ -210,12 +217,12 @@ def _hub_files(spec: DatasetSpec) -> list[Path]:
 def locate(name: str, data_dir: str | Path | None) -> tuple[list[Path], str]:
     """The files of a dataset and a description of where they came from.
 
-    data_dir None: the shared data folder when it holds the dataset, else the model hub; "hub": the model hub;
+    data_dir None: the default data folder when it holds the dataset, else the model hub; "hub": the model hub;
     a folder: that folder only (a missing file is an error).
     """
     spec = DATASETS[name]
     if data_dir is None:
-        local = DEFAULT_DATA_DIR / spec.local
+        local = default_data_dir() / spec.local
         if local.is_file():
             return [local], str(local)
         return _hub_files(spec), f"hub:{spec.hub_repo}/{spec.hub_files}"
