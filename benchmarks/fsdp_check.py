@@ -50,14 +50,11 @@ def worker(args) -> None:
     from test_train import bigram_target
 
     from blockspec.target.loading import target_from_hf
-    from blockspec.train import distributed
+    from blockspec import distributed
     from blockspec.train.data import SequenceDataset
     from blockspec.train.trainer import train
 
-    device = args.device
-    info = distributed.init_from_env(device)
-    if device == "cuda":
-        device = f"cuda:{info.local_rank}"
+    info, device = distributed.init_from_env(args.device)
     _, _, hf = bigram_target(vocab=args.vocab, hidden=args.hidden, layers=3)
     target = target_from_hf(hf.to(device), name="tiny-bigram")
     data = SequenceDataset.load(args.data)

@@ -649,11 +649,11 @@ SCRIPT_SETUP = """
 import json, shutil, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from blockspec.train import distributed
+from blockspec import distributed
 from blockspec.train.data import SequenceDataset
 from blockspec.train.trainer import train
 from test_train import bigram_target, tiny_config
-info = distributed.init_from_env("cpu")
+info, _ = distributed.init_from_env("cpu")
 target, _, _ = bigram_target()
 data = SequenceDataset.load({data!r})
 logs = []

@@ -105,20 +105,17 @@ def _bench(args: argparse.Namespace) -> int:
 
     datasets = resolve_names(args.dataset)  # a wrong name fails before anything is loaded
     _check_args(args)
-    from blockspec.bench import runner
+    from blockspec import distributed
 
     device = _resolve_device(args.device)
-    info, device = runner.init_distributed(device)
+    info, device = distributed.init_from_env(device)
     try:
         code = _run(args, datasets, device, info)
     except BaseException:
-        if info.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.shutdown()
         raise
-    runner.finish_distributed(info)
+    distributed.barrier()
+    distributed.shutdown()
     return code
 
 
@@ -126,6 +123,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     import torch
     from tqdm import tqdm
 
+    from blockspec import distributed
     from blockspec.bench import report, runner
     from blockspec.datasets import load_samples
     from blockspec.bench.metrics import summarize
@@ -141,7 +139,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     torch.manual_seed(args.seed)
     target, draft, trained = load_pair(args.target, args.draft, device, args.dtype)
-    if not trained and info.is_main:
+    if not trained and info.main:
         print("blockspec bench: note: no trained draft for this target; using an UNTRAINED random draft (expect "
               "tau ~1 and no speedup)", file=sys.stderr)
     decoder, block = runner.build_decoder(target, draft, args.block_size, settings, samples)
@@ -150,8 +148,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     mine = info.shard(samples)
     warm = runner.warm_up(decoder, target, mine[0], settings, block) if mine else None
     bar = tqdm(total=len(mine), unit="prompt", file=sys.stderr, dynamic_ncols=True,
-               desc="bench" if info.world_size == 1 else f"bench rank 0/{info.world_size}",
-               disable=args.no_progress or not info.is_main)
+               desc="bench" if info.world == 1 else f"bench rank 0/{info.world}",
+               disable=args.no_progress or not info.main)
     taus: list[float] = []
 
     def done(record: dict) -> None:
@@ -163,9 +161,9 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         records = runner.run_samples(decoder, target, mine, settings, block, graded, on_done=done)
     finally:
         bar.close()
-    gathered = runner.gather(info, {"records": records, "device": report.device_description(device),
+    gathered = distributed.gather({"records": records, "device": report.device_description(device),
                                     "warmup": warm})
-    if not info.is_main:
+    if not info.main:
         return 0
 
     records = runner.sort_records([r for part in gathered for r in part["records"]], datasets)
@@ -176,7 +174,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t0,
         "config": {
-            "command": _command(args, info.world_size),
+            "command": _command(args, info.world),
             "target": args.target,
             "draft": draft_name,
             "draft_trained": trained,
@@ -191,7 +189,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
             "device": str(target.device),
             "dtype": str(target.dtype).replace("torch.", ""),
             "decoder": type(decoder).__name__,
-            "world_size": info.world_size,
+            "world_size": info.world,
             "backend": info.backend,
             "warmup": [part["warmup"] for part in gathered],
             "timing": "each prompt decoded with block size 1 (AR) then block size B (spec) in this process; one "

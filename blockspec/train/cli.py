@@ -108,8 +108,8 @@ def _positive(args: argparse.Namespace) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import torch
 
+    from blockspec import distributed
     from blockspec.target import load_target
-    from blockspec.train import distributed
     from blockspec.train.data import DataConfig, SequenceDataset, build_dataset, eval_prompt_ids, \
         parse_temperature_mix
     from blockspec.train.trainer import TrainConfig, train
@@ -123,9 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    info = distributed.init_from_env(device)
-    if info.enabled and device.startswith("cuda"):
-        device = f"cuda:{info.local_rank}"
+    info, device = distributed.init_from_env(device)
     log = (lambda msg: print(msg, file=sys.stderr, flush=True)) if info.main else (lambda msg: None)
     try:
         target = load_target(args.target, device=device, dtype=args.dtype)

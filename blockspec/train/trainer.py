@@ -28,7 +28,7 @@ import torch
 from blockspec.draft import DraftConfig, DraftModel, load_draft, new_draft_for_target, save_draft
 from blockspec.errors import BlockspecError
 from blockspec.layers import RotaryEmbedding, rope_inv_freq
-from blockspec.train import distributed
+from blockspec import distributed
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
 from blockspec.train.loss import (anchor_scores, block_labels, block_loss, block_metrics, cosine_with_warmup,
@@ -185,8 +185,8 @@ class Trainer:
         self.eval_prompts = eval_prompts or []
         self.device = target.device
         # under torchrun, join the process group here if the caller has not (the CLI already has)
-        self.dist = distributed.init_from_env(str(self.device)) if not distributed.current().enabled \
-            else distributed.current()
+        self.dist = distributed.current() if distributed.current().enabled \
+            else distributed.init_from_env(str(self.device))[0]
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if not self.dist.main:
             self.log = lambda msg: None
