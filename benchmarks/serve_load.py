@@ -74,7 +74,7 @@ def main() -> None:
     if args.report:
         print(report(args.report))
         return
-    from blockspec.cli import load_pair
+    from blockspec.cli_args import load_pair
     from blockspec.hub import DEFAULT_TARGET
     from blockspec.serve.app import create_app
 

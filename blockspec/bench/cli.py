@@ -15,9 +15,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair, resolve_device
 from blockspec.datasets import DATASET_NAMES, HUB
 from blockspec.errors import BlockspecError
-from blockspec.hub import DEFAULT_TARGET
 
 DEFAULT_DATASETS = "gsm8k,math500,humaneval,mbpp,mt-bench"
 
@@ -27,11 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description="Decode every prompt plainly (block size 1) and speculatively (block size "
                                         "B) in the same process and report tau, acceptance, TTFT/TPOT, speedup and "
                                         "answer accuracy. Under torchrun, prompts are sharded across ranks.")
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"HF model directory, .gguf file or model-hub id (default: {DEFAULT_TARGET})")
-    p.add_argument("--draft", default=None,
-                   help="draft directory, shipped draft name or hub id (default: the shipped draft for the default "
-                        "target; 'untrained' = a seeded random draft)")
+    add_model_args(p, device="auto")
     p.add_argument("--dataset", default=DEFAULT_DATASETS,
                    help=f"comma-separated datasets (default: {DEFAULT_DATASETS}); valid: {', '.join(DATASET_NAMES)}")
     p.add_argument("--max-samples", type=int, default=None, help="first N prompts of each dataset (default: all)")
@@ -49,8 +45,6 @@ def register(commands: argparse._SubParsersAction) -> None:
                         "../shared/data next to the repository when it holds them, else the model hub); "
                         f"'{HUB}' = always the model hub")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: bench-results/TIMESTAMP)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--warmup-tokens", type=int, default=64, help="tokens per mode in the untimed warm-up")
     p.add_argument("--no-prompt-warmup", action="store_true",
                    help="skip the untimed prefill of each prompt before its timed decodes (then one-time kernel "
@@ -90,16 +84,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise BlockspecError(f"{flag} must be at least {low}, got {value}")
 
 
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return device
-
-
 def _bench(args: argparse.Namespace) -> int:
     from blockspec.datasets import resolve_names
 
@@ -107,7 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
     _check_args(args)
     from blockspec import distributed
 
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     info, device = distributed.init_from_env(device)
     try:
         code = _run(args, datasets, device, info)
@@ -127,7 +111,6 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     from blockspec.bench import report, runner
     from blockspec.datasets import load_samples
     from blockspec.bench.metrics import summarize
-    from blockspec.cli import UNTRAINED_DRAFT, load_pair
     from blockspec.shipped import default_draft_for
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
