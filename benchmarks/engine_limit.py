@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
 
-from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
+from blockspec.draft import DraftConfig, DraftModel, new_draft  # noqa: E402
 from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
 from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
@@ -70,13 +70,7 @@ def make_draft(kind: str, cfg: TargetConfig, device: str, dtype: torch.dtype, ti
                               num_layers=layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                               head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, num_target_layers=cfg.num_layers,
                               block_size=16, target_layer_ids=ids, mask_token_id=cfg.vocab_size - 1)
-    with torch.device("meta"):
-        draft = DraftModel(dcfg)
-    draft = draft.to_empty(device=device).to(dtype)
-    from blockspec.layers import RotaryEmbedding, rope_inv_freq
-
-    draft.rotary = RotaryEmbedding(*rope_inv_freq(dcfg.raw, dcfg.head_dim)).to(device)
-    return draft.init_weights(seed=1).requires_grad_(False)
+    return new_draft(dcfg).to_empty(device=device).to(dtype).init_weights(seed=1).requires_grad_(False)
 
 
 def sync(device: str) -> None:

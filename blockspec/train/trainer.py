@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from blockspec.draft import DraftConfig, DraftModel, load_draft, new_draft_for_target, save_draft
-from blockspec.errors import BlockspecError
-from blockspec.layers import RotaryEmbedding, rope_inv_freq
 from blockspec import distributed
+from blockspec.draft import (MASK_EMBEDDING, DraftConfig, DraftModel, load_draft, new_draft, new_draft_for_target,
+                             save_draft)
+from blockspec.errors import BlockspecError
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
 from blockspec.train.loss import (anchor_scores, block_labels, block_loss, block_metrics, cosine_with_warmup,
@@ -163,9 +163,8 @@ def build_draft(target, cfg: TrainConfig) -> DraftModel:
     if cfg.mask_token_id is not None and not 0 <= cfg.mask_token_id < tc.vocab_size:
         raise BlockspecError(f"mask token id {cfg.mask_token_id} is outside the target vocabulary "
                              f"(0..{tc.vocab_size - 1})")
-    draft = new_draft_for_target(tc, arch=cfg.arch, num_layers=cfg.num_layers, block_size=cfg.block_size,
-                                 mask_token_id=cfg.mask_token_id, seed=cfg.seed, **overrides)
-    return draft.float().init_weights(cfg.seed, cfg.init_std)
+    return new_draft_for_target(tc, arch=cfg.arch, num_layers=cfg.num_layers, block_size=cfg.block_size,
+                                mask_token_id=cfg.mask_token_id, seed=cfg.seed, std=cfg.init_std, **overrides)
 
 
 def count_parameters(draft: DraftModel) -> int:
@@ -312,11 +311,8 @@ class Trainer:
         return choice
 
     def _draft_from_config(self, raw: dict, state: dict) -> DraftModel:
-        cfg = DraftConfig.from_dict(raw, "checkpoint")
-        with torch.device("meta"):
-            draft = DraftModel(cfg, mask_embedding="mask_embedding" in state)
+        draft = new_draft(DraftConfig.from_dict(raw, "checkpoint"), mask_embedding=MASK_EMBEDDING in state)
         draft.load_state_dict(state, assign=True)
-        draft.rotary = RotaryEmbedding(*rope_inv_freq(cfg.raw, cfg.head_dim))
         return draft
 
     # ---- batches ---------------------------------------------------------------------------------------------
