@@ -16,8 +16,8 @@ Prompt formats, exactly:
 - mt-bench, spec-bench: the `turns`, in order; the runner feeds each run's own answer back as the
   assistant turn before the next user turn.
 
-Local layout (`--data-dir DIR`; default `default_data_dir()`), as in the project's shared data folder: `gsm8k/test.jsonl`,
-`math500/test.jsonl`, `aime2024/test.jsonl`, `aime2025/test.jsonl`, `humaneval/HumanEval.jsonl.gz`,
+Local layout (`--data-dir DIR`; default `default_data_dir()`), as in the project's shared data folder:
+`gsm8k/test.jsonl`, `math500/test.jsonl`, `aime2024/test.jsonl`, `aime2025/test.jsonl`, `humaneval/HumanEval.jsonl.gz`,
 `mbpp/sanitized-mbpp.json`, `mt_bench/question.jsonl`, `spec_bench/question.jsonl`.
 
 Model hub: the same sets are fetched with `huggingface_hub` (no `datasets` dependency); parquet files need

@@ -253,7 +253,7 @@ def test_new_draft_allocates_nothing_and_keeps_a_real_rope_table(zoo, arch, mask
     reference = DraftModel(direct.config, mask_embedding=mask_embedding).init_weights(3)
     torch.testing.assert_close(draft_outputs(initialised, embed), draft_outputs(reference, embed), rtol=0, atol=0)
     fresh = new_draft_for_target(zoo.target("qwen3").config, "dflare", num_layers=2, seed=3, std=0.5)
-    assert 0.45 < float(fresh.layers[0].mlp.up_proj.weight.detach().std()) < 0.55  # initialised once, with the std asked
+    assert 0.45 < float(fresh.layers[0].mlp.up_proj.weight.detach().std()) < 0.55  # one init, the std asked for
 
 
 def test_sharded_checkpoint_loads(zoo, tmp_path):

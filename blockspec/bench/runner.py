@@ -19,10 +19,9 @@ from typing import Callable
 
 import torch
 
-from blockspec.datasets import Sample
 from blockspec.bench.metrics import answers_match, extract_answer
+from blockspec.datasets import Sample
 from blockspec.engine import SamplingParams, SpeculativeDecoder
-from blockspec.errors import BlockspecError
 
 
 @dataclass
