@@ -13,16 +13,15 @@ prefill included, as a server sees it. AR is BatchDecoder without a draft; specu
 median quoted (the SmolLM2 AR baseline is measured once and shared by both drafts' tables). CUDA graphs for
 every batch size and block are captured before timing.
 
-    python benchmarks/batch_throughput.py --smollm2 PATH.gguf --data-dir DIR --out DIR   # on a CUDA machine
-    python benchmarks/batch_throughput.py --tiny --device cpu                           # logic check
-    python benchmarks/batch_throughput.py --report FILE.json                            # markdown
+    python -m benchmarks.batch_throughput --smollm2 PATH.gguf --data-dir DIR --out DIR   # on a CUDA machine
+    python -m benchmarks.batch_throughput --tiny --device cpu                           # logic check
+    python -m benchmarks.batch_throughput --report FILE.json                            # markdown
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_limit import make_draft, qwen3_4b_config, sync  # noqa: E402
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.engine import BatchDecoder, SamplingParams  # noqa: E402
-from blockspec.target import Target, TargetModel  # noqa: E402
+from benchmarks.harness import (make_draft, parser_with_common_flags, qwen3_4b_config, run_and_report, run_header,
+                                sync)
+from blockspec.engine import BatchDecoder, SamplingParams
+from blockspec.target import Target, TargetModel
 
 CONCURRENCY = (1, 4, 8, 16, 32)
 BLOCKS = (4, 8, 16)
@@ -215,7 +210,8 @@ def report(path: str) -> str:
 
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
-    parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
     parser.add_argument("--repeats", type=int, default=3)
     run_and_report(parser, run, report, "batch_throughput")
 

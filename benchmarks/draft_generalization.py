@@ -2,30 +2,24 @@
 against gsm8k test questions (never seen), same settings, one run. A large gap means the draft learned the
 training answers better than the kind of text: more distinct prompts, not more steps, is then the lever.
 
-    python benchmarks/draft_generalization.py --prompts 12 --out benchmarks/results     # CPU, fp32
-    python benchmarks/draft_generalization.py --report benchmarks/results/draft_generalization-*.json
+    python -m benchmarks.draft_generalization --prompts 12 --out benchmarks/results     # CPU, fp32
+    python -m benchmarks.draft_generalization --report benchmarks/results/draft_generalization-*.json
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.draft import load_draft  # noqa: E402
-from blockspec.engine import SamplingParams  # noqa: E402
-from blockspec.hub import DEFAULT_TARGET  # noqa: E402
-from blockspec.shipped import shipped_draft_dir  # noqa: E402
-from blockspec.target import load_target  # noqa: E402
-from blockspec.datasets import load_dataset  # noqa: E402
-from blockspec.train.data import gsm8k_prompts  # noqa: E402
-from blockspec.train.evaluate import make_decoder  # noqa: E402
+from benchmarks.harness import parser_with_common_flags, run_and_report, run_header
+from blockspec.draft import load_draft
+from blockspec.engine import SamplingParams
+from blockspec.hub import DEFAULT_TARGET
+from blockspec.shipped import shipped_draft_dir
+from blockspec.target import load_target
+from blockspec.datasets import load_dataset
+from blockspec.train.data import gsm8k_prompts
+from blockspec.train.evaluate import make_decoder
 
 
 def run(args) -> dict:

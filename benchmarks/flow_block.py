@@ -8,18 +8,13 @@ blockspec/flow.py; its dot warps (_ws_block_consumer) are its own.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from blockspec.flow import (SPIN_LIMIT, _advance, _clock, _first_unit, _launch_setup, _pick,  # noqa: E402
+from blockspec.flow import (SPIN_LIMIT, _advance, _clock, _first_unit, _launch_setup, _pick,
                             _rows, _store_words, _total_units, _ws_producer, stamp_input)
 
 ROWS = 16

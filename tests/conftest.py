@@ -10,7 +10,6 @@ degenerate target that repeats one token would make the lossless tests meaningle
 from __future__ import annotations
 
 import os
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.harness import seeded_normal
 from blockspec.draft import DraftConfig, DraftModel
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
@@ -32,13 +32,6 @@ DEFAULT_GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
 
 
 # ---- random initialisation --------------------------------------------------------------------------------
-def seeded_normal(seed: int, name: str, shape: torch.Size) -> torch.Tensor:
-    """Standard normal values that depend only on (seed, name, shape): neither on a library's own weight init
-    nor on the order in which a model registers its parameters, so a new transformers cannot change them."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-    return torch.randn(shape, generator=gen)
-
-
 def init_hf_target_(model: nn.Module, seed: int, embed_std: float = 1.0, std: float = 0.3) -> None:
     """Every parameter of a transformers causal LM, redrawn: varied logits, far from degenerate."""
     with torch.no_grad():

@@ -569,8 +569,8 @@ def test_gemv_chain_report_renders_a_stored_h100_run_without_triton():
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-214830.json"
     record = json.loads(stored.read_text())
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gemv_chain", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     persistent = record["paths"]["persistent n64 k128 w4 st4 x1 pf2"]
     assert f"| persistent n64 k128 w4 st4 x1 pf2 | {persistent['ms']:.3f} | {persistent['x_floor']:.3f} |" in out
     release = record["barrier_profiles"][0]["us"]["gate_up"]["release"]
@@ -585,8 +585,8 @@ def test_gemv_chain_report_renders_the_16_token_block_run_without_triton():
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "gemv_chain-20261123-043208.json"
     record = json.loads(stored.read_text())
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gemv_chain", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     assert "M = 1 and a block of 16" in out.splitlines()[0]
     engine = record["paths"]["block of 16, the engine's kernels"]
     flow = record["paths"]["block of 16, flow r64 k256 ring5 cap64"]
@@ -606,8 +606,8 @@ def test_gemv_chain_report_renders_the_flow_kernel_profile_and_timeline_without_
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "gemv_chain-20261122-225211.json"
     record = json.loads(stored.read_text())
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gemv_chain", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     lines = out.splitlines()
     flow = record["paths"]["flow r64 k512 w4 ring3 x1 copy2 cap64"]
     assert f"| flow r64 k512 w4 ring3 x1 copy2 cap64 | {flow['ms']:.3f} | {flow['x_floor']:.3f} |" in out
@@ -628,8 +628,8 @@ def test_gemv_chain_attention_report_renders_the_whole_layer_run_without_triton(
     with their floors, the attention hop's stages, and checks that all passed."""
     stored = REPO_ROOT / "benchmarks" / "results" / run
     record = json.loads(stored.read_text())
-    out = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "gemv_chain.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.gemv_chain", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     for name in ("layer flow cap64 + attention, ctx 512", "AR step: flow kernel + lm_head, ctx 512"):
         path = record["paths"][name]
         assert f"| {name} | 512 | {path['ms']:.3f} | {path['floor_ms']:.3f} | {path['x_floor']:.3f} |" in out
@@ -648,8 +648,7 @@ def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
     """The fp64 attention that the flow kernel is checked against (gemv_chain.attention_reference) computes what
     blockspec's eager decode path computes on the CPU in bf16 (q/k RMSNorm, rotate-half RoPE, the new k and v
     stored at the last position, grouped-query attention): the GPU check is against the right function."""
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import gemv_chain
+    from benchmarks import gemv_chain
 
     from blockspec.layers import RMSNorm, RotaryEmbedding, attention, qkv_rope_store
 
@@ -687,8 +686,8 @@ def test_engine_limit_report_puts_the_flow_kernel_ar_beside_the_per_op_kernels()
     repo = Path(__file__).resolve().parent.parent
     stored = repo / "benchmarks" / "results" / "engine_limit-20261123-032659.json"
     record = json.loads(stored.read_text())
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "engine_limit.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     for ctx, row in record["contexts"].items():
         flow, per_op = row["ar"], row["ar_per_op"]
         assert flow["flow_kernel"] and flow["ms_per_token"] < per_op["ms_per_token"]
@@ -706,16 +705,16 @@ def test_engine_limit_times_each_part_of_a_step_beside_its_floor_on_tiny_shapes(
     checks hold (graphed == eager on every path), and every path's step is broken into parts, each timed with
     a floor from its own bytes, rendered as the report's per-context table."""
     repo = Path(__file__).resolve().parent.parent
-    script = repo / "benchmarks" / "engine_limit.py"
-    subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--contexts", "32", "--steps", "4",
+    script = ["-m", "benchmarks.engine_limit"]
+    subprocess.run([sys.executable, *script, "--tiny", "--device", "cpu", "--contexts", "32", "--steps", "4",
                     "--peer-steps", "2", "--new-tokens", "24", "--out", str(tmp_path)], capture_output=True,
-                   text=True, check=True)
+                   text=True, check=True, cwd=REPO_ROOT)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     record = json.loads(stored.read_text())
     check = record["check"]
     assert all(check[f"{path}_graph_equals_eager"] for path in ("ar", "ar_per_op", "dflash", "dflare"))
     row = record["contexts"]["32"]
-    out = subprocess.run([sys.executable, str(script), "--report", str(stored)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, *script, "--report", str(stored)], capture_output=True, text=True, cwd=REPO_ROOT,
                          check=True).stdout
     assert "Where a step's time goes, context 32" in out
     for path in ("ar", "dflash", "dflare"):
@@ -739,17 +738,16 @@ def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shape
     """--sweep-attention times every setting in the step on tiny CPU shapes (the loop's logic; the CPU attention
     itself has no settings) and renders each with the source's setting marked once per context."""
     repo = Path(__file__).resolve().parent.parent
-    script = repo / "benchmarks" / "engine_limit.py"
-    subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--contexts", "32", "48",
-                    "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, check=True)
+    script = ["-m", "benchmarks.engine_limit"]
+    subprocess.run([sys.executable, *script, "--tiny", "--device", "cpu", "--contexts", "32", "48",
+                    "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, cwd=REPO_ROOT, check=True)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     sweep = json.loads(stored.read_text())["attention_sweep"]
-    sys.path.insert(0, str(repo / "benchmarks"))
-    from engine_limit import ATTENTION_SWEEP
+    from benchmarks.engine_limit import ATTENTION_SWEEP
 
     assert len(sweep) == 2 * len(ATTENTION_SWEEP) and sum(r["source"] for r in sweep) == 2
     assert all(r["step_ms"] > 0 and r["target_pass_ms"] > 0 for r in sweep)
-    out = subprocess.run([sys.executable, str(script), "--report", str(stored)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, *script, "--report", str(stored)], capture_output=True, text=True, cwd=REPO_ROOT,
                          check=True).stdout
     assert out.count(" * |") == 2 and out.count("\n| 48 | ") == len(ATTENTION_SWEEP)
 
@@ -764,8 +762,8 @@ def test_engine_limit_stored_run_renders_its_parts_and_they_account_for_the_step
     record = json.loads(stored.read_text())
     check = record["check"]
     assert all(check[f"{path}_graph_equals_eager"] for path in ("ar", "ar_per_op", "dflash", "dflare"))
-    out = subprocess.run([sys.executable, str(repo / "benchmarks" / "engine_limit.py"), "--report", str(stored)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--report", str(stored)],
+                         capture_output=True, text=True, cwd=REPO_ROOT, check=True).stdout
     for ctx, row in record["contexts"].items():
         assert f"Where a step's time goes, context {ctx}:" in out
         for path in ("ar", "dflash", "dflare"):

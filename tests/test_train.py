@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.harness import bigram_target, random_prompts
 from blockspec.draft import load_draft
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
-from blockspec.train.data import (DataConfig, Prompt, SequenceDataset, build_dataset, epoch_batches,
-                                  gsm8k_prompts, load_prompts, mbpp_train_prompts, prompt_from_record)
+from blockspec.train.data import (DataConfig, SequenceDataset, build_dataset, epoch_batches, gsm8k_prompts,
+                                  load_prompts, mbpp_train_prompts, prompt_from_record)
 from blockspec.train.evaluate import evaluate_draft
 from blockspec.train.forward import (BlockTrainer, block_mask_mod, dense_block_mask, make_attention_mask,
                                      masked_attention)
@@ -32,38 +33,12 @@ from blockspec.train.generate import generate_batch
 from blockspec.train.loss import block_labels, default_gamma, sample_anchors
 from blockspec.train.metrics import read_metrics
 from blockspec.train.trainer import CHECKPOINT, TrainConfig, Trainer, build_draft, train
-from conftest import run_cli, seeded_normal
+from conftest import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-def bigram_target(vocab: int = 64, hidden: int = 64, layers: int = 3, seed: int = 0, noise: float = 0.02):
-    """A tiny Llama whose greedy next token is perm[current token]: logits[j] = <e_x, e_inv[j]> peaks at
-    j = perm[x] (random embeddings in 64 dims: a margin of ~64 against noise of ~8)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    hf = LlamaForCausalLM(cfg).eval()
-    perm = torch.randperm(vocab, generator=torch.Generator().manual_seed(seed))
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                param.copy_(seeded_normal(seed, name, param.shape) * (1.0 if "embed_tokens" in name else noise))
-        hf.lm_head.weight.copy_(hf.model.embed_tokens.weight[torch.argsort(perm)])
-    return target_from_hf(hf, name=f"tiny-bigram-{seed}"), perm, hf
-
-
-def random_prompts(vocab: int, n: int, seed: int) -> list[Prompt]:
-    gen = torch.Generator().manual_seed(seed)
-    return [Prompt(ids=torch.randint(0, vocab, (int(torch.randint(4, 12, (1,), generator=gen)),),
-                                     generator=gen).tolist(), source="random") for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def bigram():
     target, perm, hf = bigram_target()
