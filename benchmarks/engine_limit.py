@@ -705,7 +705,7 @@ def report(path: str) -> str:
     if not r["contexts"]:
         return report_smollm2(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
-             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
+             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write).", "", report_checks(r["check"]), "",
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for ctx, row in r["contexts"].items():
@@ -734,6 +734,18 @@ def report(path: str) -> str:
     if "smollm2" in r:
         lines += ["", report_smollm2(r, header=False)]
     return "\n".join(lines)
+
+
+def report_checks(check: dict) -> str:
+    """The run's checks in words: graphed greedy tokens against the eager path's on every path, and the flow
+    kernel's error against fp32 beside the per-op kernels'."""
+    paths = [name.removesuffix("_graph_equals_eager") for name in check if name.endswith("_graph_equals_eager")]
+    graphed = ", ".join(f"{path} {'yes' if check[f'{path}_graph_equals_eager'] else 'NO'}" for path in paths)
+    lines = [f"Checks: graphed greedy tokens equal the eager path's: {graphed}."]
+    for a in check.get("flow_accuracy", []):
+        lines.append(f"One decode token on {a['layers']} layers at context {a['context']}, relative error against "
+                     f"fp32: flow kernel {a['flow_vs_fp32']:.4f}, per-op kernels {a['per_op_vs_fp32']:.4f}.")
+    return " ".join(lines)
 
 
 def report_phases(ctx: str, row: dict) -> str:

@@ -50,6 +50,8 @@ def register(commands: argparse._SubParsersAction) -> None:
                    help="skip the untimed prefill of each prompt before its timed decodes (then one-time kernel "
                         "compilation for a new prompt length lands in the TTFT of the first run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", type=Path, default=None, metavar="RESULTS",
+                   help="only print the summary of a results.json (or .json.gz) written by an earlier run")
     p.set_defaults(handler=_bench)
 
 
@@ -85,6 +87,11 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.report is not None:
+        from blockspec.bench.report import read_results, summary_markdown
+
+        print(summary_markdown(read_results(args.report)), end="")
+        return 0
     from blockspec.datasets import resolve_names
 
     datasets = resolve_names(args.dataset)  # a wrong name fails before anything is loaded
