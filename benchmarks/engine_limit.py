@@ -23,7 +23,7 @@ eager path's under the same table.
     python -m benchmarks.engine_limit --ab --out DIR       # launch settings side by side (Hopper)
     python -m benchmarks.engine_limit --timeline --out DIR  # profile of graph-replayed steps
     python -m benchmarks.engine_limit --sweep-attention --out DIR  # 16-query attention settings in graphed steps
-    python -m benchmarks.engine_limit --report FILE.json   # markdown table for docs/benchmarks.md
+    python -m benchmarks.engine_limit --report FILE.json   # markdown tables for docs/performance.md
 """
 
 from __future__ import annotations

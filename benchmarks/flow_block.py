@@ -1,8 +1,8 @@
 """A probe: the flow kernel's layer chain (attention left out) for a verify block of 16 tokens, timed by
-`benchmarks/gemv_chain.py --block` against the engine's kernels on 16 rows. Not an engine path: it is correct
-(relative error 0.004 against fp64, bit-exact reruns) but slower than the engine's kernels (4.7 against 3.05 ms for
-36 layers, 39357c8), because a program reads as many activation bytes from L2 as weight bytes from HBM (see
-docs/benchmarks.md, "Session 13"). It shares the copy warps, the cursor and the activation words of
+`python -m benchmarks.gemv_chain --block` against the engine's kernels on 16 rows. Not an engine path: it is
+correct (relative error 0.004 against fp64, bit-exact reruns) but slower than the engine's kernels (4.7 against
+3.05 ms for 36 layers, 39357c8), because a program reads as many activation bytes from L2 as weight bytes from HBM
+(see docs/design-notes.md). It shares the copy warps, the cursor and the activation words of
 blockspec/flow.py; its dot warps (_ws_block_consumer) are its own.
 """
 

@@ -5,7 +5,7 @@ The server runs in this process (uvicorn on 127.0.0.1, a free port) with the giv
 clients are the official `openai` client in threads (blockspec.bench.load).
 
     python -m benchmarks.serve_load --out DIR                      # SmolLM2-135M + shipped DFlash, CPU
-    python -m benchmarks.serve_load --report FILE.json             # markdown for docs/benchmarks.md
+    python -m benchmarks.serve_load --report FILE.json             # markdown for docs/performance.md
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ Logic check on the CPU (gloo, tiny sizes, the default SmolLM2 target from the ll
 
   python -m benchmarks.train_scaling --smoke --work /tmp/scaling --out /tmp/scaling-out
 
-Markdown for docs/benchmarks.md:
+Markdown for docs/performance.md:
 
   python -m benchmarks.train_scaling --report OUT/train_scaling.json
 """

@@ -22,9 +22,9 @@ Steps: --steps N, or --train-seconds S (default): a short probe times both archi
 
 Typical H100 calls (the GGUF staged under /root/stage as for benchmarks/engine_limit.py):
 
-  python3 benchmarks/train_smollm2.py --target /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf \\
+  python -m benchmarks.train_smollm2 --target /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf \\
       --work /root/work --out $OUT --phases data,dflash --train-seconds 180
-  python3 benchmarks/train_smollm2.py --target /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf \\
+  python -m benchmarks.train_smollm2 --target /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf \\
       --work /root/work --out $OUT --phases dflare,eval
 
 Continuing the shipped drafts instead of training from scratch: add --init-from-shipped (weights only, a new
@@ -32,11 +32,11 @@ warmup + cosine schedule of --steps for each draft, the same for both).
 
 Logic check on the CPU (minutes, meaningless numbers):
 
-  python benchmarks/train_smollm2.py --work /tmp/w --out /tmp/o --phases all --smoke
+  python -m benchmarks.train_smollm2 --work /tmp/w --out /tmp/o --phases all --smoke
 
-Markdown for docs/benchmarks.md from the results:
+Markdown for docs/performance.md from the results:
 
-  python benchmarks/train_smollm2.py --report OUT/summary.json
+  python -m benchmarks.train_smollm2 --report OUT/summary.json
 """
 
 from __future__ import annotations

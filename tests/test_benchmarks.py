@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,9 @@ from blockspec.bench.report import summary_markdown
 from conftest import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+PAGES = ("docs/performance.md", "docs/design-notes.md")
+CITED_RESULT = re.compile(r"[\w.-]*\d{8}[\w./-]*?\.json(?:\.gz)?")  # a results file: named by the date of its run
 
 
 def render(report, record: dict, tmp_path: Path) -> str:
@@ -398,3 +402,24 @@ def test_bench_report_prints_the_summary_of_a_stored_run(capsys, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"paths": {}}))
     code, out, err = run_cli(capsys, "bench", "--report", tmp_path / "other.json")
     assert code == 2 and out == "" and err.count("\n") == 1 and "is not a `blockspec bench` results.json" in err
+
+
+# ---- the pages the results back ---------------------------------------------------------------------------------
+def test_the_pages_cite_every_results_file_and_only_existing_ones():
+    """A results file is kept because a page cites it, and a page cites only files that are there."""
+    cited = {name.removeprefix("benchmarks/results/") for page in PAGES
+             for name in CITED_RESULT.findall((REPO_ROOT / page).read_text())}
+    stored = {str(path.relative_to(RESULTS)) for path in RESULTS.rglob("*") if path.is_file()}
+    assert cited - stored == set(), "cited but missing"
+    assert stored - cited == set(), "stored but cited by no page: cite it or remove it"
+    assert len((REPO_ROOT / "docs" / "performance.md").read_text().splitlines()) <= 300
+
+
+def test_every_figure_the_readme_quotes_is_on_the_performance_page():
+    readme = (REPO_ROOT / "README.md").read_text()
+    page = (REPO_ROOT / "docs" / "performance.md").read_text()
+    # ratios and percentages as written; taus and milliseconds by their number
+    figures = re.findall(r"(?<![\w.])\d+(?:\.\d+)?[x%](?![\w.])", readme)
+    figures += re.findall(r"tau (\d+\.\d+)|(?<![\w.])(\d+\.\d+) ms", readme)
+    figures = [f if isinstance(f, str) else "".join(f) for f in figures]
+    assert len(figures) > 10 and [f for f in figures if f not in page] == []
