@@ -116,8 +116,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
 
     from blockspec import distributed
     from blockspec.bench import report, runner
-    from blockspec.datasets import load_samples
     from blockspec.bench.metrics import summarize
+    from blockspec.datasets import load_samples
     from blockspec.shipped import default_draft_for
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
@@ -152,7 +152,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     finally:
         bar.close()
     gathered = distributed.gather({"records": records, "device": report.device_description(device),
-                                    "warmup": warm})
+                                   "warmup": warm})
     if not info.main:
         return 0
 
