@@ -13,16 +13,15 @@ prefill included, as a server sees it. AR is BatchDecoder without a draft; specu
 median quoted (the SmolLM2 AR baseline is measured once and shared by both drafts' tables). CUDA graphs for
 every batch size and block are captured before timing.
 
-    python benchmarks/batch_throughput.py --smollm2 PATH.gguf --data-dir DIR --out DIR   # on a CUDA machine
-    python benchmarks/batch_throughput.py --tiny --device cpu                           # logic check
-    python benchmarks/batch_throughput.py --report FILE.json                            # markdown
+    python -m benchmarks.batch_throughput --smollm2 PATH.gguf --data-dir DIR --out DIR   # on a CUDA machine
+    python -m benchmarks.batch_throughput --tiny --device cpu                           # logic check
+    python -m benchmarks.batch_throughput --report FILE.json                            # markdown
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_limit import make_draft, qwen3_4b_config, sync  # noqa: E402
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.engine import BatchDecoder, SamplingParams  # noqa: E402
-from blockspec.target import Target, TargetModel  # noqa: E402
+from benchmarks.harness import (make_draft, parser_with_common_flags, qwen3_4b_config, run_and_report, run_header,
+                                sync)
+from blockspec.engine import BatchDecoder, SamplingParams
+from blockspec.target import Target, TargetModel
 
 CONCURRENCY = (1, 4, 8, 16, 32)
 BLOCKS = (4, 8, 16)
@@ -152,13 +147,11 @@ def smollm2(args: argparse.Namespace, device: str) -> dict:
     from blockspec.draft import load_draft
     from blockspec.shipped import shipped_draft_dir
     from blockspec.target import load_target
-    from blockspec.train.data import benchmark_conversations
+    from blockspec.datasets import load_dataset
 
-    if args.data_dir:
-        os.environ["BLOCKSPEC_DATA_DIR"] = args.data_dir
     target = load_target(args.smollm2, device=device, dtype="auto")
-    prompts = [target.encode([{"role": "user", "content": turns[0]}])
-               for turns in benchmark_conversations("gsm8k-test", 64)]
+    prompts = [target.encode([{"role": "user", "content": s.turns[0]}])
+               for s in load_dataset("gsm8k", args.data_dir)[0][:64]]
     params = SamplingParams(max_new_tokens=256)
     max_len = max(len(p) for p in prompts) + 256 + 64
     ar = BatchDecoder(target, None, max_batch=max(CONCURRENCY), max_len=max_len)
@@ -217,7 +210,8 @@ def report(path: str) -> str:
 
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
-    parser.add_argument("--data-dir", default=None, help="folder holding gsm8k/test.jsonl (default: ../shared/data)")
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
     parser.add_argument("--repeats", type=int, default=3)
     run_and_report(parser, run, report, "batch_throughput")
 

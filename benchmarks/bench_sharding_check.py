@@ -1,7 +1,7 @@
 """Compare the records of two `blockspec bench` results.json files apart from timing fields: a torchrun run
 sharded over N ranks must give the records of a 1-process run.
 
-    python benchmarks/bench_sharding_check.py ONE/results.json SHARDED/results.json
+    python -m benchmarks.bench_sharding_check ONE/results.json SHARDED/results.json
 """
 
 from __future__ import annotations

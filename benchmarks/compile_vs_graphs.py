@@ -12,8 +12,8 @@ engine runs it:
   eager             our kernels, no graph (the launch overhead graphs remove)
 Each variant's ms/step is the median over --steps replays after warm-up; compile time is reported apart.
 
-    python benchmarks/compile_vs_graphs.py --out DIR          # on a CUDA machine
-    python benchmarks/compile_vs_graphs.py --tiny --device cpu  # logic check (no graphs, compile on CPU)
+    python -m benchmarks.compile_vs_graphs --out DIR          # on a CUDA machine
+    python -m benchmarks.compile_vs_graphs --tiny --device cpu  # logic check (no graphs, compile on CPU)
 """
 
 from __future__ import annotations
@@ -21,21 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_limit import qwen3_4b_config, sync  # noqa: E402
-from harness import capture_graph, parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.kernels import use_settings  # noqa: E402
-from blockspec.target import TargetModel  # noqa: E402
+from benchmarks.harness import (capture_graph, parser_with_common_flags, qwen3_4b_config, run_and_report, run_header,
+                                sync)
+from blockspec.kernels import use_settings
+from blockspec.target import TargetModel
 
 CONTEXT = 512
 

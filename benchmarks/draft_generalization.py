@@ -2,28 +2,23 @@
 against gsm8k test questions (never seen), same settings, one run. A large gap means the draft learned the
 training answers better than the kind of text: more distinct prompts, not more steps, is then the lever.
 
-    python benchmarks/draft_generalization.py --prompts 12 --out benchmarks/results     # CPU, fp32
-    python benchmarks/draft_generalization.py --report benchmarks/results/draft_generalization-*.json
+    python -m benchmarks.draft_generalization --prompts 12 --out benchmarks/results     # CPU, fp32
+    python -m benchmarks.draft_generalization --report benchmarks/results/draft_generalization-*.json
 """
 
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.draft import load_draft  # noqa: E402
-from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
-from blockspec.hub import DEFAULT_TARGET  # noqa: E402
-from blockspec.shipped import shipped_draft_dir  # noqa: E402
-from blockspec.target import load_target  # noqa: E402
-from blockspec.train.data import benchmark_conversations, gsm8k_prompts  # noqa: E402
+from benchmarks.harness import parser_with_common_flags, run_and_report, run_header
+from blockspec.datasets import load_dataset
+from blockspec.draft import load_draft
+from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.hub import DEFAULT_TARGET
+from blockspec.shipped import shipped_draft_dir
+from blockspec.target import load_target
+from blockspec.train.data import gsm8k_prompts
 
 
 def run(args) -> dict:
@@ -31,8 +26,7 @@ def run(args) -> dict:
     dtype = "bfloat16" if device.startswith("cuda") else "float32"
     target = load_target(args.target, device=device, dtype=dtype)
     seen = [p.messages for p in gsm8k_prompts(args.prompts)]
-    held_out = [[{"role": "user", "content": turns[0]}] for turns in benchmark_conversations("gsm8k-test",
-                                                                                            args.prompts)]
+    held_out = [[{"role": "user", "content": s.turns[0]}] for s in load_dataset("gsm8k")[0][:args.prompts]]
     params = SamplingParams(max_new_tokens=args.max_new_tokens)
     record = {**run_header(args), "dtype": dtype, "target": args.target, "prompts": args.prompts,
               "max_new_tokens": args.max_new_tokens, "rows": []}

@@ -18,12 +18,12 @@ prefetch before the PDL wait, the one-deep step pipeline, the RoPE-table kernel)
 with graphs captured under it; the floors; and checks that every setting's graphed greedy tokens equal the
 eager path's under the same table.
 
-    python benchmarks/engine_limit.py --out DIR          # on a CUDA machine
-    python benchmarks/engine_limit.py --tiny --device cpu  # logic check on small shapes
-    python benchmarks/engine_limit.py --ab --out DIR       # launch settings side by side (Hopper)
-    python benchmarks/engine_limit.py --timeline --out DIR  # profile of graph-replayed steps
-    python benchmarks/engine_limit.py --sweep-attention --out DIR  # 16-query attention settings in graphed steps
-    python benchmarks/engine_limit.py --report FILE.json   # markdown table for docs/benchmarks.md
+    python -m benchmarks.engine_limit --out DIR          # on a CUDA machine
+    python -m benchmarks.engine_limit --tiny --device cpu  # logic check on small shapes
+    python -m benchmarks.engine_limit --ab --out DIR       # launch settings side by side (Hopper)
+    python -m benchmarks.engine_limit --timeline --out DIR  # profile of graph-replayed steps
+    python -m benchmarks.engine_limit --sweep-attention --out DIR  # 16-query attention settings in graphed steps
+    python -m benchmarks.engine_limit --report FILE.json   # markdown tables for docs/performance.md
 """
 
 from __future__ import annotations
@@ -34,71 +34,21 @@ import dataclasses
 import functools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
-
-from blockspec.draft import DraftConfig, DraftModel  # noqa: E402
-from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
-from blockspec.engine.graphs import CudaGraphDecoder  # noqa: E402
-from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings  # noqa: E402
-from blockspec.target import Target, TargetConfig, TargetModel  # noqa: E402
+from benchmarks.harness import (capture_graph, copy_bandwidth, make_draft, parser_with_common_flags,
+                                qwen3_4b_config, run_and_report, run_header, sync)
+from blockspec.draft import DraftModel
+from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.engine.graphs import CudaGraphDecoder
+from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
+from blockspec.target import Target, TargetConfig, TargetModel
 
 TAUS = (3.0, 5.0, 6.5, 8.0)
-
-
-def qwen3_4b_config(tiny: bool) -> TargetConfig:
-    if tiny:
-        return TargetConfig("qwen3", 512, 64, 128, 6, 4, 2, 16, 1e-6, True, False, False, False, True,
-                            (None,) * 6, 8192)
-    return TargetConfig("qwen3", 151936, 2560, 9728, 36, 32, 8, 128, 1e-6, True, False, False, False, True,
-                        (None,) * 36, 40960)
-
-
-def make_draft(kind: str, cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool) -> DraftModel:
-    layers, ids = (5, None) if kind == "dflash" else (7, [1, 5, 9, 13, 17, 21, 25, 29, 33])
-    if tiny:
-        layers, ids = (2, None) if kind == "dflash" else (3, [0, 2, 4])
-    dcfg = DraftConfig.create(kind, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                              num_layers=layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
-                              head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, num_target_layers=cfg.num_layers,
-                              block_size=16, target_layer_ids=ids, mask_token_id=cfg.vocab_size - 1)
-    with torch.device("meta"):
-        draft = DraftModel(dcfg)
-    draft = draft.to_empty(device=device).to(dtype)
-    from blockspec.layers import RotaryEmbedding, rope_inv_freq
-
-    draft.rotary = RotaryEmbedding(*rope_inv_freq(dcfg.raw, dcfg.head_dim)).to(device)
-    return draft.init_weights(seed=1).requires_grad_(False)
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device: str, gib: float) -> float:
-    """Bytes/s of a large device-to-device copy, counting bytes read plus written (median of 20)."""
-    n = int(gib * 2**30) // 2
-    src = torch.randn(n, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(25):
-        sync(device)
-        t = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 5:
-            times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 2 / statistics.median(times)
 
 
 def param_bytes(module: torch.nn.Module) -> int:
@@ -264,8 +214,6 @@ def profile_step(decoder: CudaGraphDecoder, prompt: list[int], device: str) -> l
 def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: int = 7) -> float:
     """Median ms of one replay of `fn` captured as a CUDA graph (CUDA events over `replays` back-to-back
     replays, median of `rounds`); on the CPU (a logic check) of one eager call."""
-    from harness import capture_graph
-
     if not device.startswith("cuda"):
         times = []
         for _ in range(rounds):
@@ -735,7 +683,7 @@ def report(path: str) -> str:
     if not r["contexts"]:
         return report_smollm2(r)
     lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; "
-             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write). Check: {r['check']}.", "",
+             f"copy bandwidth {r['copy_bandwidth_GBps']:.0f} GB/s (read + write).", "", report_checks(r["check"]), "",
              "| context | path | ms/step | floor ms | x floor | HF eager ms/token | reference loop ms/step |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for ctx, row in r["contexts"].items():
@@ -764,6 +712,18 @@ def report(path: str) -> str:
     if "smollm2" in r:
         lines += ["", report_smollm2(r, header=False)]
     return "\n".join(lines)
+
+
+def report_checks(check: dict) -> str:
+    """The run's checks in words: graphed greedy tokens against the eager path's on every path, and the flow
+    kernel's error against fp32 beside the per-op kernels'."""
+    paths = [name.removesuffix("_graph_equals_eager") for name in check if name.endswith("_graph_equals_eager")]
+    graphed = ", ".join(f"{path} {'yes' if check[f'{path}_graph_equals_eager'] else 'NO'}" for path in paths)
+    lines = [f"Checks: graphed greedy tokens equal the eager path's: {graphed}."]
+    for a in check.get("flow_accuracy", []):
+        lines.append(f"One decode token on {a['layers']} layers at context {a['context']}, relative error against "
+                     f"fp32: flow kernel {a['flow_vs_fp32']:.4f}, per-op kernels {a['per_op_vs_fp32']:.4f}.")
+    return " ".join(lines)
 
 
 def report_phases(ctx: str, row: dict) -> str:

@@ -1,15 +1,12 @@
 """A probe: the flow kernel's layer chain (attention left out) for a verify block of 16 tokens, timed by
-`benchmarks/gemv_chain.py --block` against the engine's kernels on 16 rows. Not an engine path: it is correct
-(relative error 0.004 against fp64, bit-exact reruns) but slower than the engine's kernels (4.7 against 3.05 ms for
-36 layers, 39357c8), because a program reads as many activation bytes from L2 as weight bytes from HBM (see
-docs/benchmarks.md, "Session 13"). It shares the copy warps, the cursor and the activation words of the flow
-kernel (blockspec/kernels/flow.py, its probe form in flow_probe.py); its dot warps (_ws_block_consumer) are its own.
+`python -m benchmarks.gemv_chain --block` against the engine's kernels on 16 rows. Not an engine path: it is
+correct (relative error 0.004 against fp64, bit-exact reruns) but slower than the engine's kernels (4.7 against
+3.05 ms for 36 layers, 39357c8), because a program reads as many activation bytes from L2 as weight bytes from HBM
+(see docs/design-notes.md). It shares the copy warps, the cursor and the activation words of the flow kernel
+(blockspec/kernels/flow.py, its probe form in flow_probe.py); its dot warps (_ws_block_consumer) are its own.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import torch
 from triton.experimental import gluon
@@ -17,13 +14,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_wait)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from flow_probe import _clock, _launch_setup, _ws_producer  # noqa: E402
-
-from blockspec.kernels.flow import (SPIN_LIMIT, _advance, _first_unit, _pick, _rows, _store_words,  # noqa: E402
-                                    _total_units, stamp_input)
+from benchmarks.flow_probe import _clock, _launch_setup, _ws_producer
+from blockspec.kernels.flow import (SPIN_LIMIT, _advance, _first_unit, _pick, _rows, _store_words, _total_units,
+                                    stamp_input)
 
 ROWS = 16
 

@@ -2,10 +2,10 @@
 batch; and a stop + resume across the two. The CPU tests check the same with gloo in fp32; on GPUs training
 runs flex_attention and bf16 autocast, so the losses agree to bf16 rounding, not to 1e-6.
 
-One call on a 2-GPU machine (kind nvidia-h200-x2; nothing to stage, the target is the tests' tiny bigram
-Llama, whose draft really learns):
+One call on a 2-GPU machine (kind nvidia-h200-x2; nothing to stage, the target is harness.bigram_target, the
+training tests' tiny bigram Llama, whose draft really learns):
 
-    python3 benchmarks/fsdp_check.py --out $OUT          # 1 process, then torchrun 2 x FSDP, then a report
+    python -m benchmarks.fsdp_check --out $OUT          # 1 process, then torchrun 2 x FSDP, then a report
 
 Runs (each a subprocess; this process never touches the GPU):
   single   1 process, `--steps` steps straight
@@ -29,11 +29,8 @@ from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(ROOT / "tests"))  # the tests' bigram target
 
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
+from benchmarks.harness import bigram_target, parser_with_common_flags, random_prompts, run_and_report, run_header
 
 
 def train_config(args, **overrides):
@@ -47,17 +44,12 @@ def train_config(args, **overrides):
 
 def worker(args) -> None:
     """One process of a run: the bigram target on this process's GPU, the shared dataset, train."""
-    from test_train import bigram_target
-
     from blockspec.target.loading import target_from_hf
-    from blockspec.train import distributed
+    from blockspec import distributed
     from blockspec.train.data import SequenceDataset
     from blockspec.train.trainer import train
 
-    device = args.device
-    info = distributed.init_from_env(device)
-    if device == "cuda":
-        device = f"cuda:{info.local_rank}"
+    info, device = distributed.init_from_env(args.device)
     _, _, hf = bigram_target(vocab=args.vocab, hidden=args.hidden, layers=3)
     target = target_from_hf(hf.to(device), name="tiny-bigram")
     data = SequenceDataset.load(args.data)
@@ -77,8 +69,6 @@ def worker(args) -> None:
 
 def make_data(args, path: Path) -> None:
     """Greedy bigram chains from random prompts (the target's own answers), as the tests build them."""
-    from test_train import bigram_target, random_prompts
-
     from blockspec.train.data import DataConfig, build_dataset
 
     target, _, _ = bigram_target(vocab=args.vocab, hidden=args.hidden, layers=3)
@@ -88,7 +78,7 @@ def make_data(args, path: Path) -> None:
 
 
 def launch(args, run_dir: Path, processes: int, stop_after: int) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--data", str(args.work / "data.safetensors"),
+    cmd = [sys.executable, "-m", "benchmarks.fsdp_check", "--worker", "--data", str(args.work / "data.safetensors"),
            "--run-dir", str(run_dir), "--steps", str(args.steps), "--stop-after", str(stop_after),
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--device", args.device]
     if processes > 1:
@@ -97,9 +87,9 @@ def launch(args, run_dir: Path, processes: int, stop_after: int) -> float:
             port = sock.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
                "--master-addr", "127.0.0.1", "--master-port", str(port), *cmd[1:]]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout, cwd=ROOT)
     (args.work / f"{run_dir.name}.stderr.txt").write_text(proc.stderr[-20000:])
     if proc.returncode != 0:
         raise SystemExit(f"{run_dir.name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

@@ -2,8 +2,8 @@
 memory-bandwidth floor? Each variant is timed as CUDA-graph replays (no Python launch cost), median of
 many, with the weights rotated so the L2 cache does not serve them.
 
-    python benchmarks/gemm_shapes.py      # on a CUDA machine; prints a table, writes JSON to --out
-    python benchmarks/gemm_shapes.py --skinny
+    python -m benchmarks.gemm_shapes      # on a CUDA machine; prints a table, writes JSON to --out
+    python -m benchmarks.gemm_shapes --skinny
         # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
         # (target and drafts, plus the lm_head) and M; prints the winners as the "skinny" entries to paste
         # into the device's launch table (blockspec/kernels/tables/*.json)
@@ -16,19 +16,16 @@ import functools
 import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.harness import capture_graph
+from benchmarks.harness import copy_bandwidth as host_copy_bandwidth
 
-from harness import capture_graph  # noqa: E402
-
-from blockspec.kernels.settings import SkinnyTable, skinny_table_from_winners  # noqa: E402
+from blockspec.kernels.settings import SkinnyTable, skinny_table_from_winners
 
 SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
 # the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
@@ -193,8 +190,6 @@ def main() -> None:
     parser.add_argument("--skinny", action="store_true", help="time skinny_linear configs against cuBLAS")
     args = parser.parse_args()
     started = time.perf_counter()
-    from engine_limit import copy_bandwidth as host_copy_bandwidth
-
     in_graph, host = copy_bandwidth(), host_copy_bandwidth("cuda", 2.0)
     bandwidth = max(in_graph, host)  # the denominator of every %: never flatter the GEMMs
     print(f"copy bandwidth {in_graph / 1e9:.0f} GB/s in a graph, {host / 1e9:.0f} GB/s host-timed as in "

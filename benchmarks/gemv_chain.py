@@ -35,8 +35,8 @@ where per-GEMM kernels cannot. The
 persistent kernel is a probe, not an engine path (fp32 atomics make it nondeterministic); its output is
 checked against an fp64 reference of the same chain.
 
-    python benchmarks/gemv_chain.py --commit HASH     # on the H100
-    python benchmarks/gemv_chain.py --sweep-table --commit HASH
+    python -m benchmarks.gemv_chain --commit HASH     # on the H100
+    python -m benchmarks.gemv_chain --sweep-table --commit HASH
         # instead: tune the device's skinny table in the chain rather than on one GEMM repeated (gemm_shapes.py
         # --skinny): per GEMV and row count (1: AR, 16: a verify block) in turn, every candidate launch config
         # timed as the whole 36-layer skinny chain, a winner kept only if it beats the incumbent again when
@@ -46,18 +46,13 @@ checked against an fp64 reference of the same chain.
 from __future__ import annotations
 
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from engine_limit import copy_bandwidth  # noqa: E402
-from gemm_shapes import candidates, graph_time, label  # noqa: E402
-from harness import parser_with_common_flags, run_and_report, run_header  # noqa: E402
+from benchmarks.gemm_shapes import candidates, graph_time, label
+from benchmarks.harness import copy_bandwidth, parser_with_common_flags, run_and_report, run_header
 
 GEMVS = (("qkv", 6144, 2560), ("o_proj", 2560, 4096), ("gate_up", 19456, 2560), ("down", 2560, 9728))  # N, K
 WIDEST = max(n for _, n, _ in GEMVS)
@@ -242,7 +237,7 @@ def barrier_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, 
     `slowest` the slowest program's time minus that median. `systematic`: correlation over programs between
     their mean GEMV times (relative to each GEMV's median) on even and on odd layers: near 1 if the same
     programs (SMs) are slow every time, near 0 if the tail is random."""
-    from persistent_gemv import persistent_chain
+    from benchmarks.persistent_gemv import persistent_chain
 
     nprog = torch.cuda.get_device_properties(0).multi_processor_count * config[4]
     times = torch.zeros(layers * 4, nprog, 2, device="cuda", dtype=torch.int64)
@@ -286,7 +281,7 @@ def flow_profile(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, con
     if tokens == 1:
         fn, _ = flow_chain(x0, weights, layers, config, GEMVS, WIDEST, wait, cycles, norms=norms)
     else:
-        from flow_block import block_chain
+        from benchmarks.flow_block import block_chain
 
         fn, _ = block_chain(x0, weights, layers, config, GEMVS, WIDEST, norms, wait, cycles)
     fn()
@@ -406,8 +401,8 @@ def chain_setup(args) -> tuple[list[torch.Tensor], torch.Tensor, float, int, dic
 
 
 def run(args) -> dict:
-    from flow_probe import flow_chain
-    from persistent_gemv import dataflow_chain, persistent_chain
+    from benchmarks.flow_probe import flow_chain
+    from benchmarks.persistent_gemv import dataflow_chain, persistent_chain
 
     from blockspec.kernels.skinny import skinny_linear
 
@@ -639,7 +634,7 @@ def run_block(args) -> dict:
     """The layer chain (no attention) for a verify block of 16 tokens: the flow kernel's block form against the
     engine's kernels on 16 rows, side by side, checked per token against fp64 on 2 layers first; the one-token
     layer chains of both in the same run for scale. The floor is the weights' bytes, as for one token."""
-    from flow_block import block_chain
+    from benchmarks.flow_block import block_chain
 
     from flow_probe import flow_chain
 

@@ -4,8 +4,8 @@ against the same request served alone, p50/p99 latency. Bounded in count (--requ
 The server runs in this process (uvicorn on 127.0.0.1, a free port) with the given target and draft; the
 clients are the official `openai` client in threads (blockspec.bench.load).
 
-    python benchmarks/serve_load.py --out DIR                      # SmolLM2-135M + shipped DFlash, CPU
-    python benchmarks/serve_load.py --report FILE.json             # markdown for docs/benchmarks.md
+    python -m benchmarks.serve_load --out DIR                      # SmolLM2-135M + shipped DFlash, CPU
+    python -m benchmarks.serve_load --report FILE.json             # markdown for docs/performance.md
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from blockspec.bench.load import LoadRequest, run_load  # noqa: E402
-from blockspec.bench.report import git_commit  # noqa: E402
-from harness import write_record  # noqa: E402
+from benchmarks.harness import write_record
+from blockspec.bench.load import LoadRequest, run_load
+from blockspec.bench.report import git_commit
 
 TOPICS = ("a lighthouse", "the moon", "bread", "a lost key", "rain", "a library", "trains", "a garden")
 
@@ -74,7 +71,7 @@ def main() -> None:
     if args.report:
         print(report(args.report))
         return
-    from blockspec.cli import load_pair
+    from blockspec.cli_args import load_pair
     from blockspec.hub import DEFAULT_TARGET
     from blockspec.serve.app import create_app
 

@@ -6,7 +6,7 @@ benchmark datasets from ../shared/data into one small archive, and fetches the g
 network). Each part is copied to /root/stage in its own call, back to back (a machine stays warm ~30 s),
 and the last call joins them:
 
-    python benchmarks/stage_for_gpu.py      # then make the printed calls, in order
+    python -m benchmarks.stage_for_gpu      # then make the printed calls, in order
 """
 
 from __future__ import annotations
@@ -18,12 +18,10 @@ import sys
 import tarfile
 from pathlib import Path
 
+from blockspec.datasets import default_data_dir
+from blockspec.hub import smollm2_gguf_path
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from blockspec.hub import smollm2_gguf_path  # noqa: E402
-from blockspec.train.data import data_dir  # noqa: E402
-
 CARRY_LIMIT = 64 * 2**20
 MARGIN = 4 * 2**20  # untracked files, the wheel and the data archive ride along
 DATASETS = ("gsm8k", "mbpp", "humaneval", "mt_bench")
@@ -49,7 +47,7 @@ def main() -> int:
         (stage / f"part{i:02d}").write_bytes(data[i * size:(i + 1) * size])
     with tarfile.open(stage / "data.tar.xz", "w:xz") as tar:
         for name in DATASETS:
-            tar.add(data_dir() / name, arcname=f"data/{name}")
+            tar.add(default_data_dir() / name, arcname=f"data/{name}")
     if not list(wheels.glob("gguf-*.whl")):
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), GGUF_WHEEL],
                        check=True)

@@ -9,31 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, add_sampling_args, load_pair
 from blockspec.errors import BlockspecError
-from blockspec.hub import DEFAULT_TARGET
-
-UNTRAINED_DRAFT = "untrained"
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", default=DEFAULT_TARGET,
-                        help=f"HF model directory, .gguf file or model-hub id (default: {DEFAULT_TARGET})")
-    parser.add_argument("--draft", default=None,
-                        help="draft checkpoint directory, shipped draft name or hub id (default: the shipped "
-                             f"draft for the default target; '{UNTRAINED_DRAFT}' = a seeded random draft)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
-
-
-def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    parser.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
-
 
 # Subcommands living in their own packages; each module has `register(subparsers)`, which adds its parser
 # with `set_defaults(handler=...)` (a function taking the parsed args and returning an exit code).
@@ -57,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def register_generate(commands: argparse._SubParsersAction) -> None:
     gen = commands.add_parser("generate", help="speculative generation of one prompt, streamed")
-    _add_model_args(gen)
+    add_model_args(gen)
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="user message (or raw text with --no-chat-template)")
     source.add_argument("--messages", type=Path, help="JSON file: a list of {role, content} chat messages")
     gen.add_argument("--no-chat-template", action="store_true", help="feed --prompt as raw text")
     gen.add_argument("--enable-thinking", action="store_true", help="passed to chat templates that know it")
-    _add_sampling_args(gen)
+    add_sampling_args(gen)
     gen.add_argument("--compare-ar", action="store_true",
                      help="also decode plainly (block size 1) and report speedup and token identity")
     gen.add_argument("--json", action="store_true", help="print one JSON record (text + stats) instead of text")
@@ -88,22 +65,6 @@ def _read_messages(path: Path) -> list[dict]:
         raise BlockspecError(f"messages file {str(path)!r} must hold a non-empty list of "
                              f'{{"role": str, "content": str}} objects')
     return data
-
-
-def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str) -> tuple[object, object, bool]:
-    """(target, draft, draft_is_trained): the draft defaults to the one shipped for the default target."""
-    from blockspec.draft import load_draft, new_draft_for_target
-    from blockspec.shipped import default_draft_for
-    from blockspec.target import load_target, resolve_device
-
-    device = resolve_device(device)
-    target = load_target(target_name, device=device, dtype=dtype)
-    if draft_name is None:
-        draft_name = default_draft_for(target_name) or UNTRAINED_DRAFT
-    if draft_name == UNTRAINED_DRAFT:
-        draft = new_draft_for_target(target.model.config).to(device=device, dtype=target.dtype)
-        return target, draft, False
-    return target, load_draft(draft_name, device=device, dtype=target.dtype), True
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ DRAFTS_DIR = Path(__file__).resolve().parent / "drafts"
 
 # target name -> shipped draft folder under blockspec/drafts/ (the first one present is the default)
 SHIPPED_DRAFTS: dict[str, tuple[str, ...]] = {
-    # DFlash first: it measured the higher tau on held-out gsm8k (docs/benchmarks.md)
+    # DFlash first: it measured the higher tau on held-out gsm8k (docs/performance.md)
     DEFAULT_TARGET: ("smollm2-135m-instruct-dflash", "smollm2-135m-instruct-dflare"),
 }
 

@@ -1,8 +1,9 @@
 """Shared fixtures: tiny random Hugging Face targets, random DFlash / DFlare drafts fitted to them, and the
 README's default target (SmolLM2-135M-Instruct GGUF) with a random mask-embedding draft.
 
-Everything runs in fp32 on the CPU. Random weights are drawn from seeded generators so every run sees the
-same models; the scales are chosen so that greedy decoding of the tiny targets is far from constant (a
+Everything runs in fp32 on the CPU. Every weight is drawn by the tests themselves (`seeded_normal`, seeded per
+parameter name), never left to a library's init, so every run and every transformers version sees the same
+models; the scales are chosen so that greedy decoding of the tiny targets is far from constant (a
 degenerate target that repeats one token would make the lossless tests meaningless).
 """
 
@@ -16,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.harness import seeded_normal
 from blockspec.draft import DraftConfig, DraftModel
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
@@ -32,10 +34,9 @@ DEFAULT_GOLDEN_DIR = REPO_ROOT.parent / "shared" / "golden"
 # ---- random initialisation --------------------------------------------------------------------------------
 def init_hf_target_(model: nn.Module, seed: int, embed_std: float = 1.0, std: float = 0.3) -> None:
     """Every parameter of a transformers causal LM, redrawn: varied logits, far from degenerate."""
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
+            noise = seeded_normal(seed, name, param.shape)
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * noise)
             elif name.endswith(".bias"):
@@ -48,10 +49,9 @@ def init_hf_target_(model: nn.Module, seed: int, embed_std: float = 1.0, std: fl
 
 def init_draft_(draft: DraftModel, seed: int, std: float = 0.1) -> DraftModel:
     """Every draft parameter (they are created as zeros/ones), including fusion weights and mask embedding."""
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in draft.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
+            noise = seeded_normal(seed, name, param.shape)
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.1 * noise)
             elif name == "layer_fusion_weights":
@@ -98,7 +98,6 @@ def build_tiny_target(name: str, seed: int = 0) -> TinyTarget:
     from transformers import LlamaForCausalLM, Qwen3ForCausalLM
 
     cfg = _tiny_hf_config(name)
-    torch.manual_seed(seed)
     cls = LlamaForCausalLM if cfg.model_type == "llama" else Qwen3ForCausalLM
     hf = cls(cfg).eval()
     init_hf_target_(hf, seed=1000 + seed)
@@ -222,12 +221,10 @@ def save_tiny_chat_target(folder: Path, tokenizer, max_position_embeddings: int 
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       max_position_embeddings=max_position_embeddings, tie_word_embeddings=True, rope_theta=1e6,
                       eos_token_id=eos_token_id)
-    torch.manual_seed(0)
     hf = Qwen3ForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            noise = torch.randn(param.shape, generator=gen)
+            noise = seeded_normal(1, name, param.shape)
             param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else
                         noise if "embed_tokens" in name else 0.3 * noise)
     hf.save_pretrained(folder)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blockspec.draft import (DraftConfig, DraftModel, check_draft_fits_target, default_target_layer_ids, load_draft,
-                             save_draft)
+                             new_draft, new_draft_for_target, save_draft)
 from blockspec.engine import SpeculativeDecoder
 from blockspec.errors import BlockspecError
 from blockspec.target import load_target
@@ -237,6 +237,25 @@ def test_inv_freq_stays_fp32_when_loaded_in_half_precision(zoo, tmp_path):
 
 
 # ---- sharded and pickle checkpoints -------------------------------------------------------------------------
+@pytest.mark.parametrize("arch, mask_embedding", [("dflash", False), ("dflare", True)])
+def test_new_draft_allocates_nothing_and_keeps_a_real_rope_table(zoo, arch, mask_embedding):
+    """The one way a draft is built without allocating its weights twice: parameters on meta, the RoPE table
+    real; both ways to give it weights (a state assigned, or storage then init_weights) serve as a draft built
+    directly does."""
+    direct = make_draft(zoo, arch, mask_embedding=mask_embedding)
+    embed = zoo.target("qwen3").target.model.embed_tokens
+    empty = new_draft(direct.config, mask_embedding=mask_embedding)
+    assert all(p.is_meta for p in empty.parameters())
+    assert torch.equal(empty.rotary.inv_freq, direct.rotary.inv_freq)
+    empty.load_state_dict(direct.state_dict(), assign=True)
+    torch.testing.assert_close(draft_outputs(empty, embed), draft_outputs(direct, embed), rtol=0, atol=0)
+    initialised = new_draft(direct.config, mask_embedding=mask_embedding).to_empty(device="cpu").init_weights(3)
+    reference = DraftModel(direct.config, mask_embedding=mask_embedding).init_weights(3)
+    torch.testing.assert_close(draft_outputs(initialised, embed), draft_outputs(reference, embed), rtol=0, atol=0)
+    fresh = new_draft_for_target(zoo.target("qwen3").config, "dflare", num_layers=2, seed=3, std=0.5)
+    assert 0.45 < float(fresh.layers[0].mlp.up_proj.weight.detach().std()) < 0.55  # one init, the std asked for
+
+
 def test_sharded_checkpoint_loads(zoo, tmp_path):
     draft = make_draft(zoo, "dflare", mask_embedding=True)
     save_draft(draft, tmp_path)

@@ -11,6 +11,7 @@ through the same harness and the same bound, which must fail it: the tests have 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -22,11 +23,7 @@ from blockspec.engine.acceptance import accept_row, accept_sampled, greedy_accep
 from blockspec.engine.sampling import sample, warped_probs
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
-
-try:  # optional: a chi-square test on top of the TV bound in the end-to-end checks
-    from scipy.stats import chisquare
-except ImportError:  # pragma: no cover
-    chisquare = None
+from conftest import seeded_normal
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -39,9 +36,17 @@ def _single_thread():
 
 
 # ---- statistics helpers ---------------------------------------------------------------------------------
-def tv_bound(n: int, m: int, delta: float = 1e-5) -> float:
+DELTA = 1e-5  # the probability a bound below may be exceeded by chance
+
+
+def mcdiarmid_margin(n: int, delta: float = DELTA) -> float:
+    """An empirical TV of n draws falls more than this below its mean with probability <= delta."""
+    return math.sqrt(math.log(1 / delta) / (2 * n))
+
+
+def tv_bound(n: int, m: int, delta: float = DELTA) -> float:
     """TV(empirical, true) stays below this with probability >= 1 - delta (n draws, m outcomes)."""
-    return 0.5 * math.sqrt((m - 1) / n) + math.sqrt(math.log(1 / delta) / (2 * n))
+    return 0.5 * math.sqrt((m - 1) / n) + mcdiarmid_margin(n, delta)
 
 
 def empirical(samples: torch.Tensor, m: int) -> torch.Tensor:
@@ -74,7 +79,21 @@ def chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor, min_expected: float =
             exp.append(e)
     if len(obs) < 2:
         return 1.0
-    return float(chisquare(obs, exp).pvalue)
+    statistic = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    # the chi-square survival function with k - 1 degrees of freedom, Q((k - 1) / 2, statistic / 2)
+    half_dof = torch.tensor((len(obs) - 1) / 2, dtype=torch.float64)
+    return float(torch.special.gammaincc(half_dof, torch.tensor(statistic / 2, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("statistic, dof, pvalue", [(3.841459, 1, 0.05), (11.070498, 5, 0.05),
+                                                    (23.209251, 10, 0.01), (7.0, 7, 0.428880)])
+def test_chi2_pvalue_matches_the_chi_square_table(statistic, dof, pvalue):
+    # observed counts whose statistic against a uniform expectation is exactly `statistic`
+    cells, n = dof + 1, 1000.0
+    expected = n / cells
+    deviation = math.sqrt(statistic * expected / 2)
+    counts = torch.tensor([expected + deviation, expected - deviation] + [expected] * (cells - 2))
+    assert chi2_pvalue(counts, torch.full((cells,), 1 / cells)) == pytest.approx(pvalue, rel=1e-4)
 
 
 # ---- the acceptance rule in isolation -------------------------------------------------------------------
@@ -425,35 +444,51 @@ def _tiny_hf_target(vocab: int = TV_VOCAB, seed: int = 1):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf = Qwen3ForCausalLM(cfg).float().eval()
-    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+            noise = seeded_normal(seed, name, param.shape)
+            param.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.3 * noise)
         # next-token distributions: far from uniform and far from one-hot (max prob ~0.2..0.8)
         hf.lm_head.weight.mul_(0.5)
     return hf
 
 
+def _half_vocabulary_draft(hf, seed: int = 5) -> DraftModel:
+    """A DFlash draft that proposes about uniformly from the half of the vocabulary holding about half of the
+    target's next-token mass, whatever the context: far from every target row, so a rule that resamples from p
+    instead of the residual is off by about s(1 - s) ~ 0.2 in TV (s: the target's mass on that half), whichever
+    seed drew the target.
+
+    Its layers run on random weights but write little into the residual stream, which the mask embedding (all
+    ones) dominates; the final norm's weight solves lm_head(h) = z for logits z of +3 on that half, -3 elsewhere.
+    """
+    cfg = DraftConfig.create("dflash", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                             num_kv_heads=1, head_dim=16, vocab_size=TV_VOCAB, num_target_layers=2, block_size=4,
+                             mask_token_id=None)
+    draft = DraftModel(cfg, mask_embedding=True)
+    next_token = exact_joint(hf, PROMPT, E2E_CASES["t1"]).sum((0, 2))
+    half = min(itertools.combinations(range(TV_VOCAB), TV_VOCAB // 2),
+               key=lambda tokens: abs(float(next_token[list(tokens)].sum()) - 0.5))
+    logits = torch.full((TV_VOCAB,), -3.0)
+    logits[list(half)] = 3.0
+    with torch.no_grad():
+        for name, param in draft.named_parameters():
+            noise = seeded_normal(seed, name, param.shape)
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * noise)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                param.copy_(0.002 * noise)
+            else:
+                param.copy_(0.5 * noise)
+        draft.mask_embedding.fill_(1.0)
+        draft.norm.weight.copy_(torch.linalg.pinv(hf.lm_head.weight) @ logits)
+    return draft.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny_pair():
     hf = _tiny_hf_target()
-    target = target_from_hf(hf)
-    cfg = DraftConfig.create("dflash", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-                             num_kv_heads=1, head_dim=16, vocab_size=TV_VOCAB, num_target_layers=2, block_size=4,
-                             mask_token_id=0)
-    draft = DraftModel(cfg)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for name, param in draft.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
-    draft.eval()
-    return hf, target, draft
+    return hf, target_from_hf(hf), _half_vocabulary_draft(hf)
 
 
 def exact_joint(hf, prompt: list[int], params: SamplingParams) -> torch.Tensor:
@@ -526,9 +561,8 @@ def _assert_matches(samples: torch.Tensor, joint: torch.Tensor) -> None:
         if m <= v * v:
             d = tv(counts.double() / n, probs)
             assert d < tv_bound(n, m), f"{name}: TV {d:.4f} >= {tv_bound(n, m):.4f}"
-        if chisquare is not None:
-            pvalue = chi2_pvalue(counts, probs)
-            assert pvalue > 1e-4, f"{name}: chi-square p-value {pvalue:.2e}"
+        pvalue = chi2_pvalue(counts, probs)
+        assert pvalue > 1e-4, f"{name}: chi-square p-value {pvalue:.2e}"
 
 
 E2E_CASES = {
@@ -547,7 +581,7 @@ def test_speculative_sampling_matches_target_distribution(tiny_pair, case, runs)
     hist = torch.bincount(torch.tensor(lengths), minlength=5)
     assert hist[1] > 0.05 * len(lengths) and hist[2:].sum() > 0.2 * len(lengths), hist.tolist()
     _assert_matches(samples, joint)
-    if case != "t1" and chisquare is not None:
+    if case != "t1":
         # power: the same samples clearly reject the un-warped distribution (top-k/top-p/temperature dropped)
         wrong = exact_joint(hf, PROMPT, E2E_CASES["t1"])
         codes = (samples[:, 0] * TV_VOCAB + samples[:, 1])
@@ -555,16 +589,44 @@ def test_speculative_sampling_matches_target_distribution(tiny_pair, case, runs)
         assert chi2_pvalue(counts, wrong.sum(2)) < 1e-8
 
 
+def draft_probs_after(target, draft, first: int, params: SamplingParams) -> torch.Tensor:
+    """The draft's warped distribution for block slot 1 when the block starts with `first` after PROMPT."""
+    model, n = target.model, len(PROMPT)
+    with torch.inference_mode():
+        _, features = model(torch.tensor([PROMPT]), torch.arange(n)[None], model.new_cache(1, 16),
+                            tuple(draft.config.target_layer_ids))
+        embeds = draft.embed_block(torch.tensor([first]), model.embed_tokens)
+        hidden = draft(embeds, (n + torch.arange(draft.block_size))[None], features, torch.arange(n)[None],
+                       draft.new_cache(1, 16))
+        return warped_probs(model.logits(hidden[0, 1:2]), params)[0].double()
+
+
 def test_end_to_end_check_catches_a_biased_acceptance_rule(tiny_pair, monkeypatch):
-    """Power of the end-to-end check: the loop with a biased rule (resample from p) fails it."""
+    """Power of the end-to-end check: the loop with a biased rule (resample from p) fails it.
+
+    The power is shown before sampling, not by one lucky draw: the biased rule's exact law of t2 (t1 from the
+    target; the first draft token x ~ q accepted with probability min(1, p/q), else t2 ~ p: min(p, q) + (1 -
+    sum min(p, q)) p) is farther from the target's than the TV check's bound plus a McDiarmid margin, so the
+    biased runs fail that check with probability >= 1 - DELTA.
+    """
     import blockspec.engine.acceptance as acceptance
 
     hf, target, draft = tiny_pair
-    params = E2E_CASES["t1"]
+    params, runs = E2E_CASES["t1"], 2500
+    joint = exact_joint(hf, PROMPT, params)
+    first = joint.sum((1, 2))
+    biased_t2 = torch.zeros(TV_VOCAB, dtype=torch.float64)
+    for t1 in range(TV_VOCAB):
+        p = joint[t1].sum(1) / first[t1]
+        overlap = torch.minimum(p, draft_probs_after(target, draft, t1, params))
+        biased_t2 += first[t1] * (overlap + (1 - overlap.sum()) * p)
+    distance = tv(biased_t2, joint.sum((0, 2)))
+    assert distance > tv_bound(runs, TV_VOCAB) + mcdiarmid_margin(runs), \
+        f"the biased rule's t2 is only {distance:.3f} away in TV: the check would hinge on the draw"
     monkeypatch.setattr(acceptance, "accept_sampled", biased_resample_from_p)
-    samples, _ = _sample_runs(SpeculativeDecoder(target, draft), params, 1000, seed0=1000)
+    samples, _ = _sample_runs(SpeculativeDecoder(target, draft), params, runs, seed0=1000)
     with pytest.raises(AssertionError):
-        _assert_matches(samples, exact_joint(hf, PROMPT, params))
+        _assert_matches(samples, joint)
 
 
 def test_point_mass_draft_sampling_matches_target_distribution(tiny_pair):

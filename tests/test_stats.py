@@ -9,6 +9,7 @@ from blockspec.draft import DraftConfig, DraftModel
 from benchmarks.oracle import OracleProposer
 from blockspec.engine import DraftProposer, GenerationStats, SamplingParams, SpeculativeDecoder
 from blockspec.target import target_from_hf
+from conftest import seeded_normal
 
 KEYS = {"block_size", "prompt_tokens", "generated_tokens", "acceptance_lengths", "ttft_s", "total_s", "steps",
         "mean_acceptance_length", "acceptance_histogram", "num_draft_tokens", "num_accepted_draft_tokens",
@@ -87,11 +88,9 @@ def tiny():
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf = Qwen3ForCausalLM(cfg).float().eval()
-    gen = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+            param.copy_(1.0 if name.endswith("norm.weight") else 0.3 * seeded_normal(4, name, param.shape))
     target = target_from_hf(hf)
     dcfg = DraftConfig.create("dflash", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                               num_kv_heads=1, head_dim=16, vocab_size=vocab, num_target_layers=2, block_size=4,

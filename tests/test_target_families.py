@@ -8,6 +8,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from blockspec.draft import new_draft_for_target
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.target import target_from_hf
+from conftest import seeded_normal
 
 SHAPE = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
@@ -22,14 +23,14 @@ FAMILIES = {
 
 def build(family: str):
     cls, config = FAMILIES[family]
-    torch.manual_seed(0)
     model = cls(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
+            noise = seeded_normal(0, name, p.shape)
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+                p.copy_(1.0 + 0.25 * noise)
             else:
-                p.normal_(0, 0.3 if "embed" not in name else 1.0)
+                p.copy_(noise * (0.3 if "embed" not in name else 1.0))
     return model
 
 

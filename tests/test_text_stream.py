@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockspec.engine.text import TextStream
+from conftest import seeded_normal
 
 REPLACEMENT = "\ufffd"
 CORPUS = [
@@ -340,11 +341,9 @@ def tiny_text_target(bpe):
                       num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
                       tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf = Qwen3ForCausalLM(cfg).float().eval()
-    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in hf.named_parameters():
-            if not name.endswith("norm.weight"):
-                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+            param.copy_(1.0 if name.endswith("norm.weight") else 0.5 * seeded_normal(0, name, param.shape))
     target = target_from_hf(hf, tokenizer=bpe)
     dcfg = DraftConfig.create("dflash", hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
                               num_kv_heads=1, head_dim=16, vocab_size=vocab, num_target_layers=2, block_size=4,

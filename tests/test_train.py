@@ -19,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.harness import bigram_target, random_prompts
 from blockspec.draft import load_draft
 from blockspec.engine import SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
-from blockspec.train.data import (DataConfig, Prompt, SequenceDataset, build_dataset, epoch_batches,
-                                  gsm8k_prompts, load_prompts, mbpp_train_prompts, prompt_from_record)
+from blockspec.train.data import (DataConfig, SequenceDataset, build_dataset, epoch_batches, gsm8k_prompts,
+                                  load_prompts, mbpp_train_prompts, prompt_from_record)
 from blockspec.train.evaluate import evaluate_draft
 from blockspec.train.forward import (BlockTrainer, block_mask_mod, dense_block_mask, make_attention_mask,
                                      masked_attention)
@@ -38,36 +39,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
-def bigram_target(vocab: int = 64, hidden: int = 64, layers: int = 3, seed: int = 0, noise: float = 0.02):
-    """A tiny Llama whose greedy next token is perm[current token]: logits[j] = <e_x, e_inv[j]> peaks at
-    j = perm[x] (random embeddings in 64 dims: a margin of ~64 against noise of ~8)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                      tie_word_embeddings=False, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    torch.manual_seed(seed)
-    hf = LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(vocab, generator=gen)
-    with torch.no_grad():
-        for name, param in hf.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif "embed_tokens" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
-            else:
-                param.copy_(noise * torch.randn(param.shape, generator=gen))
-        hf.lm_head.weight.copy_(hf.model.embed_tokens.weight[torch.argsort(perm)])
-    return target_from_hf(hf, name=f"tiny-bigram-{seed}"), perm, hf
-
-
-def random_prompts(vocab: int, n: int, seed: int) -> list[Prompt]:
-    gen = torch.Generator().manual_seed(seed)
-    return [Prompt(ids=torch.randint(0, vocab, (int(torch.randint(4, 12, (1,), generator=gen)),),
-                                     generator=gen).tolist(), source="random") for _ in range(n)]
-
-
 @pytest.fixture(scope="module")
 def bigram():
     target, perm, hf = bigram_target()
@@ -577,11 +548,32 @@ def test_chat_template_rendering_masks_exactly_the_assistant_tokens(tmp_path):
         assert mask[n:].all() and 1 <= len(ids) - n <= 6
 
 
-def test_prompt_sources():
-    from blockspec.train.data import data_dir
+def test_held_out_sets_are_the_benchmark_prompts(tmp_path, monkeypatch):
+    """--eval-data names a benchmark set: read by blockspec bench's reader from the default data folder and
+    phrased as blockspec bench phrases it (first user turn)."""
+    from types import SimpleNamespace
 
-    if not (data_dir() / "gsm8k" / "train.jsonl").is_file():
-        pytest.skip(f"training prompts not found under {data_dir()}")
+    from blockspec.datasets import MATH_SUFFIX
+    from blockspec.train.data import eval_prompt_ids
+
+    (tmp_path / "gsm8k").mkdir()
+    (tmp_path / "gsm8k" / "test.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": "#### 1"}) + "\n" for q in ("Q1?", "Q2?", "Q3?")))
+    (tmp_path / "mt_bench").mkdir()
+    (tmp_path / "mt_bench" / "question.jsonl").write_text(json.dumps({"question_id": 81, "turns": ["a", "b"]}))
+    monkeypatch.setenv("BLOCKSPEC_DATA_DIR", str(tmp_path))
+    target = SimpleNamespace(name="fake", tokenizer=object(),
+                             encode=lambda messages, chat, enable_thinking: messages)
+    assert eval_prompt_ids(target, "gsm8k-test:2") == [[{"role": "user", "content": q + MATH_SUFFIX}]
+                                                       for q in ("Q1?", "Q2?")]
+    assert eval_prompt_ids(target, "mt-bench") == [[{"role": "user", "content": "a"}]]
+
+
+def test_prompt_sources():
+    from blockspec.datasets import default_data_dir
+
+    if not (default_data_dir() / "gsm8k" / "train.jsonl").is_file():
+        pytest.skip(f"training prompts not found under {default_data_dir()}")
     gsm = gsm8k_prompts()
     assert len(gsm) == 7473 and gsm[0].messages[0]["content"].endswith("within \\boxed{}.")
     mbpp = mbpp_train_prompts()
@@ -655,11 +647,11 @@ SCRIPT_SETUP = """
 import json, shutil, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
-from blockspec.train import distributed
+from blockspec import distributed
 from blockspec.train.data import SequenceDataset
 from blockspec.train.trainer import train
 from test_train import bigram_target, tiny_config
-info = distributed.init_from_env("cpu")
+info, _ = distributed.init_from_env("cpu")
 target, _, _ = bigram_target()
 data = SequenceDataset.load({data!r})
 logs = []

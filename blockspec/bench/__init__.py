@@ -1,6 +1,6 @@
 """`blockspec bench`: autoregressive vs speculative decoding in one harness over the standard datasets.
 
-- `datasets`: loaders and the exact prompt formats of SPEC section 7 (local copies or the model hub).
+- `blockspec.datasets` (shared with training): loaders and the exact prompt formats of SPEC section 7.
 - `metrics`: final-answer extraction and matching, acceptance statistics, aggregation.
 - `runner`: decodes every prompt twice in the same process (block size 1, then block size B) after a warm-up
   excluded from timing, feeding multi-turn conversations their own answers; shards prompts across

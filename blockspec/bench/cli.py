@@ -15,9 +15,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blockspec.bench.datasets import DATASET_NAMES, HUB
+from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair
+from blockspec.datasets import DATASET_NAMES, HUB
 from blockspec.errors import BlockspecError
-from blockspec.hub import DEFAULT_TARGET
 
 DEFAULT_DATASETS = "gsm8k,math500,humaneval,mbpp,mt-bench"
 
@@ -27,11 +27,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             description="Decode every prompt plainly (block size 1) and speculatively (block size "
                                         "B) in the same process and report tau, acceptance, TTFT/TPOT, speedup and "
                                         "answer accuracy. Under torchrun, prompts are sharded across ranks.")
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help=f"HF model directory, .gguf file or model-hub id (default: {DEFAULT_TARGET})")
-    p.add_argument("--draft", default=None,
-                   help="draft directory, shipped draft name or hub id (default: the shipped draft for the default "
-                        "target; 'untrained' = a seeded random draft)")
+    add_model_args(p, device="auto")
     p.add_argument("--dataset", default=DEFAULT_DATASETS,
                    help=f"comma-separated datasets (default: {DEFAULT_DATASETS}); valid: {', '.join(DATASET_NAMES)}")
     p.add_argument("--max-samples", type=int, default=None, help="first N prompts of each dataset (default: all)")
@@ -45,16 +41,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
     p.add_argument("--enable-thinking", action="store_true", help="chat templates that know it think (default: off)")
     p.add_argument("--data-dir", default=None,
-                   help="folder holding the datasets (gsm8k/test.jsonl, ...; default: ../shared/data next to the "
-                        f"repository when present, else the model hub); '{HUB}' = always the model hub")
+                   help="folder holding the datasets (gsm8k/test.jsonl, ...; default: $BLOCKSPEC_DATA_DIR or "
+                        "../shared/data next to the repository when it holds them, else the model hub); "
+                        f"'{HUB}' = always the model hub")
     p.add_argument("--output", type=Path, default=None, help="output folder (default: bench-results/TIMESTAMP)")
-    p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     p.add_argument("--warmup-tokens", type=int, default=64, help="tokens per mode in the untimed warm-up")
     p.add_argument("--no-prompt-warmup", action="store_true",
                    help="skip the untimed prefill of each prompt before its timed decodes (then one-time kernel "
                         "compilation for a new prompt length lands in the TTFT of the first run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--report", type=Path, default=None, metavar="RESULTS",
+                   help="only print the summary of a results.json (or .json.gz) written by an earlier run")
     p.set_defaults(handler=_bench)
 
 
@@ -90,25 +87,26 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from blockspec.bench.datasets import resolve_names
+    if args.report is not None:
+        from blockspec.bench.report import read_results, summary_markdown
+
+        print(summary_markdown(read_results(args.report)), end="")
+        return 0
+    from blockspec.datasets import resolve_names
 
     datasets = resolve_names(args.dataset)  # a wrong name fails before anything is loaded
     _check_args(args)
-    from blockspec.bench import runner
+    from blockspec import distributed
     from blockspec.target import resolve_device
 
-    device = resolve_device(args.device)
-    info, device = runner.init_distributed(device)
+    info, device = distributed.init_from_env(resolve_device(args.device))
     try:
         code = _run(args, datasets, device, info)
     except BaseException:
-        if info.world_size > 1:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
+        distributed.shutdown()
         raise
-    runner.finish_distributed(info)
+    distributed.barrier()
+    distributed.shutdown()
     return code
 
 
@@ -116,10 +114,10 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     import torch
     from tqdm import tqdm
 
+    from blockspec import distributed
     from blockspec.bench import report, runner
-    from blockspec.bench.datasets import load_samples
     from blockspec.bench.metrics import summarize
-    from blockspec.cli import UNTRAINED_DRAFT, load_pair
+    from blockspec.datasets import load_samples
     from blockspec.shipped import default_draft_for
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
@@ -131,7 +129,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     torch.manual_seed(args.seed)
     target, draft, trained = load_pair(args.target, args.draft, device, args.dtype)
-    if not trained and info.is_main:
+    if not trained and info.main:
         print("blockspec bench: note: no trained draft for this target; using an UNTRAINED random draft (expect "
               "tau ~1 and no speedup)", file=sys.stderr)
     decoder, block = runner.build_decoder(target, draft, args.block_size, settings, samples)
@@ -140,8 +138,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     mine = info.shard(samples)
     warm = runner.warm_up(decoder, target, mine[0], settings, block) if mine else None
     bar = tqdm(total=len(mine), unit="prompt", file=sys.stderr, dynamic_ncols=True,
-               desc="bench" if info.world_size == 1 else f"bench rank 0/{info.world_size}",
-               disable=args.no_progress or not info.is_main)
+               desc="bench" if info.world == 1 else f"bench rank 0/{info.world}",
+               disable=args.no_progress or not info.main)
     taus: list[float] = []
 
     def done(record: dict) -> None:
@@ -153,9 +151,9 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         records = runner.run_samples(decoder, target, mine, settings, block, graded, on_done=done)
     finally:
         bar.close()
-    gathered = runner.gather(info, {"records": records, "device": report.device_description(device),
-                                    "warmup": warm})
-    if not info.is_main:
+    gathered = distributed.gather({"records": records, "device": report.device_description(device),
+                                   "warmup": warm})
+    if not info.main:
         return 0
 
     records = runner.sort_records([r for part in gathered for r in part["records"]], datasets)
@@ -166,7 +164,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "wall_s": time.perf_counter() - t0,
         "config": {
-            "command": _command(args, info.world_size),
+            "command": _command(args, info.world),
             "target": args.target,
             "draft": draft_name,
             "draft_trained": trained,
@@ -181,7 +179,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
             "device": str(target.device),
             "dtype": str(target.dtype).replace("torch.", ""),
             "decoder": type(decoder).__name__,
-            "world_size": info.world_size,
+            "world_size": info.world,
             "backend": info.backend,
             "warmup": [part["warmup"] for part in gathered],
             "timing": "each prompt decoded with block size 1 (AR) then block size B (spec) in this process; one "

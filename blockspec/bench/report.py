@@ -3,12 +3,15 @@ PNG plots (acceptance histogram per dataset, per-position acceptance, speedup pe
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
 import sys
 from importlib import metadata
 from pathlib import Path
+
+from blockspec.errors import BlockspecError
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -90,6 +93,21 @@ def _fmt(value, spec: str = ".2f", scale: float = 1.0, suffix: str = "") -> str:
 
 def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def read_results(path: Path) -> dict:
+    """A results.json, or the results.json.gz it is stored as in benchmarks/results/."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            results = json.load(f)
+    except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BlockspecError(f"cannot read bench results {str(path)!r} ({type(exc).__name__}): pass the "
+                             f"results.json (or .json.gz) a `blockspec bench` run wrote") from None
+    if not (isinstance(results, dict) and {"config", "environment", "summary"} <= set(results)):
+        raise BlockspecError(f"{str(path)!r} is not a `blockspec bench` results.json (no config / environment / "
+                             f"summary)")
+    return results
 
 
 def summary_markdown(results: dict) -> str:

@@ -13,17 +13,15 @@ from the timing fields.
 
 from __future__ import annotations
 
-import os
 import zlib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 
-from blockspec.bench.datasets import Sample
 from blockspec.bench.metrics import answers_match, extract_answer
+from blockspec.datasets import Sample
 from blockspec.engine import SamplingParams, SpeculativeDecoder
-from blockspec.errors import BlockspecError
 
 
 @dataclass
@@ -149,67 +147,6 @@ def build_decoder(target, draft, block_size: int | None, settings: BenchSettings
     if target.device.type == "cuda":
         decoder.max_len = static_cache_len(target, samples, settings, decoder.block_size)
     return decoder, decoder.block_size
-
-
-# ---- torch.distributed ----------------------------------------------------------------------------------------
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def shard(self, samples: list) -> list:
-        return samples[self.rank::self.world_size]
-
-
-def init_distributed(device: str) -> tuple[DistInfo, str]:
-    """Join the torchrun process group when WORLD_SIZE > 1; returns the info and this rank's device.
-
-    gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo(), device
-    import torch.distributed as dist
-
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = device.startswith("cuda")
-    if cuda:
-        if not torch.cuda.is_available():
-            raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if torch.cuda.device_count() <= local:
-            raise BlockspecError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(local)
-    backend = "nccl" if cuda else "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=torch.device(device) if cuda else None)
-    return DistInfo(rank=rank, world_size=dist.get_world_size(), local_rank=local, backend=backend), device
-
-
-def gather(info: DistInfo, obj: object) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (just [obj] without a process group)."""
-    if info.world_size <= 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def finish_distributed(info: DistInfo) -> None:
-    if info.world_size > 1:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
 
 
 def sort_records(records: list[dict], datasets: list[str]) -> list[dict]:

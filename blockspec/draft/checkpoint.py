@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blockspec.draft.config import DraftConfig
-from blockspec.draft.model import MASK_EMBEDDING, DraftModel
+from blockspec.draft.model import MASK_EMBEDDING, DraftModel, new_draft
 from blockspec.errors import BlockspecError
 from blockspec.hub import download_from_hub, looks_like_hub_id, resolve_local
-from blockspec.layers import RotaryEmbedding, rope_inv_freq
 from blockspec.shipped import shipped_draft_dir
 
 # Tensors some exporters add that a draft does not own (it borrows the target's embedding and head).
@@ -67,8 +66,7 @@ def load_draft(name: str | Path, device: str | torch.device = "cpu", dtype: torc
     tensors = _read_tensors(directory)
     for ignored in IGNORED_TENSORS:
         tensors.pop(ignored, None)
-    with torch.device("meta"):
-        model = DraftModel(cfg, mask_embedding=MASK_EMBEDDING in tensors)
+    model = new_draft(cfg, mask_embedding=MASK_EMBEDDING in tensors)
     expected = model.state_dict()
     for key, meta in expected.items():
         if key not in tensors:
@@ -86,8 +84,6 @@ def load_draft(name: str | Path, device: str | torch.device = "cpu", dtype: torc
         raise BlockspecError(f"draft checkpoint has tensor {unexpected[0]!r} that {cfg.architecture} does not "
                              f"use: is 'architectures' in config.json right?")
     model.load_state_dict(tensors, assign=True)
-    # The RoPE table is not stored in checkpoints; build it for real (the model was made on 'meta').
-    model.rotary = RotaryEmbedding(*rope_inv_freq(cfg.raw, cfg.head_dim))
     model = model.to(device)
     return model.to(dtype) if dtype is not None else model
 
@@ -102,9 +98,10 @@ def save_draft(model: DraftModel, directory: str | Path) -> None:
 
 
 def new_draft_for_target(target_config: object, arch: str = "dflash", num_layers: int = 1,
-                         block_size: int = 16, mask_token_id: int | None = None, seed: int = 0,
+                         block_size: int = 16, mask_token_id: int | None = None, seed: int = 0, std: float = 0.02,
                          **overrides: object) -> DraftModel:
-    """A freshly initialised draft shaped for a target (its width, heads and MLP width by default).
+    """A freshly initialised draft (`init_weights(seed, std)`), on the CPU, shaped for a target (its width, heads
+    and MLP width by default).
 
     Without `mask_token_id` the draft owns a learned mask embedding, which works for any vocabulary.
     """
@@ -115,7 +112,7 @@ def new_draft_for_target(target_config: object, arch: str = "dflash", num_layers
     cfg = DraftConfig.create(arch, num_layers=num_layers, vocab_size=c.vocab_size, num_target_layers=c.num_layers,
                              block_size=block_size, mask_token_id=mask_token_id, rms_norm_eps=c.rms_norm_eps,
                              **shape)
-    return DraftModel(cfg, mask_embedding=mask_token_id is None).init_weights(seed)
+    return new_draft(cfg, mask_embedding=mask_token_id is None).to_empty(device="cpu").init_weights(seed, std)
 
 
 def check_draft_fits_target(draft: DraftModel, target_config: object, source: str = "draft") -> None:

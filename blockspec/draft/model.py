@@ -225,3 +225,13 @@ class DraftModel(nn.Module):
             x, normed = layer(x, normed, ctx.to(x.dtype), next_norm, block_rope, ctx_rope, block_positions,
                               ctx_positions, cache, kv_len, limits)
         return normed
+
+
+def new_draft(cfg: DraftConfig, mask_embedding: bool = False) -> DraftModel:
+    """A DraftModel with nothing allocated: its parameters are on the meta device, and its RoPE table, which no
+    checkpoint stores, is computed for real. Give it weights with `load_state_dict(state, assign=True)`, or
+    storage with `to_empty(device=...)` and then `init_weights` (the table survives both)."""
+    with torch.device("meta"):
+        model = DraftModel(cfg, mask_embedding=mask_embedding)
+    model.rotary = RotaryEmbedding(*rope_inv_freq(cfg.raw, cfg.head_dim))
+    return model

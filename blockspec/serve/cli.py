@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from blockspec.cli import UNTRAINED_DRAFT, _add_model_args, load_pair
+from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair
 from blockspec.errors import BlockspecError
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 
@@ -15,7 +15,7 @@ from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 def register(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, "
                                               "/metrics)")
-    _add_model_args(serve)
+    add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="default: 8000")
     serve.add_argument("--api-key", default=os.environ.get("BLOCKSPEC_API_KEY"),

@@ -8,7 +8,8 @@ torchrun multi-GPU, export.
 Modules: data (prompts, regeneration, cache, batching), generate (batched AR generation), forward (the
 block-masked training forward), loss (anchors, labels, gamma-decayed CE), features (online / offline target
 taps), trainer (the loop, checkpoints, resume), evaluate (tau via the speculative loop), metrics, export,
-distributed, cli (`blockspec train`). Names are imported lazily so `blockspec --help` stays fast.
+cli (`blockspec train`); torchrun support is `blockspec.distributed`, shared with `blockspec bench`. Names are
+imported lazily so `blockspec --help` stays fast.
 """
 
 from __future__ import annotations

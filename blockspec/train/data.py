@@ -1,8 +1,8 @@
 """Training data: prompts in, target-regenerated chat sequences with an assistant-token loss mask out.
 
 Prompt sources (`--data`, repeatable):
-  gsm8k[:N]            GSM8K train questions (../shared/data/gsm8k/train.jsonl, or $BLOCKSPEC_DATA_DIR),
-                       phrased like the gsm8k benchmark prompts (SPEC section 7)
+  gsm8k[:N]            GSM8K train questions (gsm8k/train.jsonl in `blockspec.datasets.default_data_dir()`:
+                       $BLOCKSPEC_DATA_DIR or ../shared/data), phrased like the gsm8k benchmark prompts
   mbpp[:N]             MBPP train split (task_id 601-974), text + its tests
   self[:N]             N prompts written by the target itself from its chat template's user turn
   variants:SOURCE[:N]  N new prompts in the style of SOURCE's (default: as many as it has): the target
@@ -31,21 +31,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from blockspec.datasets import MATH_SUFFIX, default_data_dir, load_dataset
 from blockspec.errors import BlockspecError
 
-GSM8K_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
-HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
-                      "```python\n{}\n```")
 MBPP_TRAIN_IDS = range(601, 975)
 CACHE_VERSION = 1
-
-
-def data_dir() -> Path:
-    """The shared data folder (../shared/data next to the repository), or $BLOCKSPEC_DATA_DIR."""
-    env = os.environ.get("BLOCKSPEC_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+# held-out evaluation sets (`--eval-data`) -> the benchmark datasets they are
+EVAL_SETS = {"gsm8k-test": "gsm8k", "humaneval": "humaneval", "mt-bench": "mt-bench", "mbpp-test": "mbpp"}
 
 
 @dataclass
@@ -114,15 +106,16 @@ def prompt_from_record(record: dict, source: str) -> Prompt | None:
 
 
 def gsm8k_prompts(limit: int | None = None) -> list[Prompt]:
-    records = _read_records(data_dir() / "gsm8k" / "train.jsonl")
-    prompts = [Prompt(messages=[{"role": "user", "content": r["question"] + GSM8K_SUFFIX}], source="gsm8k")
+    records = _read_records(default_data_dir() / "gsm8k" / "train.jsonl")
+    prompts = [Prompt(messages=[{"role": "user", "content": r["question"] + MATH_SUFFIX}], source="gsm8k")
                for r in records]
     return prompts[:limit] if limit else prompts
 
 
 def mbpp_train_prompts(limit: int | None = None) -> list[Prompt]:
     """MBPP train split (task_id 601-974): the task text and its tests, the usual MBPP prompt."""
-    records = [r for r in _read_records(data_dir() / "mbpp" / "mbpp.jsonl") if r.get("task_id") in MBPP_TRAIN_IDS]
+    records = [r for r in _read_records(default_data_dir() / "mbpp" / "mbpp.jsonl")
+               if r.get("task_id") in MBPP_TRAIN_IDS]
     prompts = []
     for r in records:
         tests = "\n".join(r.get("test_list") or [])
@@ -560,35 +553,14 @@ def collate(dataset: SequenceDataset, indices: list[int], pad_to: int, pad_id: i
 
 
 # ---- held-out evaluation prompts (benchmark sets, never used for training) ---------------------------------------
-def benchmark_conversations(name: str, limit: int | None = None) -> list[list[str]]:
-    """User turns per conversation for a benchmark set, phrased as SPEC section 7 says:
-    gsm8k-test, humaneval, mt-bench (two turns each), mbpp-test (task_id 11-510)."""
-    import gzip
-
-    root = data_dir()
-    if name == "gsm8k-test":
-        convs = [[r["question"] + GSM8K_SUFFIX] for r in _read_records(root / "gsm8k" / "test.jsonl")]
-    elif name == "humaneval":
-        path = root / "humaneval" / "HumanEval.jsonl.gz"
-        if not path.is_file():
-            raise BlockspecError(f"{path} not found")
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            convs = [[HUMANEVAL_TEMPLATE.format(json.loads(line)["prompt"])] for line in f if line.strip()]
-    elif name == "mt-bench":
-        convs = [list(r["turns"]) for r in _read_records(root / "mt_bench" / "question.jsonl")]
-    elif name == "mbpp-test":
-        convs = [[r["text"]] for r in _read_records(root / "mbpp" / "mbpp.jsonl") if 11 <= r["task_id"] <= 510]
-    else:
-        raise BlockspecError(f"unknown evaluation set {name!r}: use gsm8k-test, humaneval, mt-bench or mbpp-test")
-    return convs[:limit] if limit else convs
-
-
 def eval_prompt_ids(target, spec: str, enable_thinking: bool | None = None) -> list[list[int]]:
-    """Token ids of held-out prompts (first user turn) from a benchmark name[:N] or a prompt file[:N]."""
+    """Token ids of held-out prompts (first user turn) from a benchmark set name[:N] (EVAL_SETS, phrased as
+    `blockspec bench` phrases them) or a prompt file[:N]."""
     name, _, count = spec.rpartition(":") if spec.rpartition(":")[2].isdigit() else (spec, "", "")
     limit = int(count) if count else None
-    if name in ("gsm8k-test", "humaneval", "mt-bench", "mbpp-test"):
-        prompts = [Prompt(messages=[{"role": "user", "content": c[0]}]) for c in benchmark_conversations(name, limit)]
+    if name in EVAL_SETS:
+        samples, _ = load_dataset(EVAL_SETS[name])
+        prompts = [Prompt(messages=[{"role": "user", "content": s.turns[0]}]) for s in samples[:limit]]
     else:
         loaded = load_prompts(spec)
         if isinstance(loaded, int):

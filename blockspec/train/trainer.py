@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from blockspec.draft import DraftConfig, DraftModel, load_draft, new_draft_for_target, save_draft
+from blockspec import distributed
+from blockspec.draft import (MASK_EMBEDDING, DraftConfig, DraftModel, load_draft, new_draft, new_draft_for_target,
+                             save_draft)
 from blockspec.errors import BlockspecError
-from blockspec.layers import RotaryEmbedding, rope_inv_freq
-from blockspec.train import distributed
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
 from blockspec.train.loss import (anchor_scores, block_labels, block_loss, block_metrics, cosine_with_warmup,
@@ -200,9 +200,8 @@ def build_draft(target, cfg: TrainConfig) -> DraftModel:
                                  f"draft layers ({cfg.num_layers}): the last layer keeps full attention")
         overrides.update(layer_types=["sliding_attention"] * (cfg.num_layers - 1) + ["full_attention"],
                          sliding_window=cfg.sliding_window, use_sliding_window=True)
-    draft = new_draft_for_target(tc, arch=cfg.arch, num_layers=cfg.num_layers, block_size=cfg.block_size,
-                                 mask_token_id=cfg.mask_token_id, seed=cfg.seed, **overrides)
-    return draft.float().init_weights(cfg.seed, cfg.init_std)
+    return new_draft_for_target(tc, arch=cfg.arch, num_layers=cfg.num_layers, block_size=cfg.block_size,
+                                mask_token_id=cfg.mask_token_id, seed=cfg.seed, std=cfg.init_std, **overrides)
 
 
 def count_parameters(draft: DraftModel) -> int:
@@ -222,8 +221,8 @@ class Trainer:
         self.eval_prompts = eval_prompts or []
         self.device = target.device
         # under torchrun, join the process group here if the caller has not (the CLI already has)
-        self.dist = distributed.init_from_env(str(self.device)) if not distributed.current().enabled \
-            else distributed.current()
+        self.dist = distributed.current() if distributed.current().enabled \
+            else distributed.init_from_env(str(self.device))[0]
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if not self.dist.main:
             self.log = lambda msg: None
@@ -348,11 +347,8 @@ class Trainer:
         return choice
 
     def _draft_from_config(self, raw: dict, state: dict) -> DraftModel:
-        cfg = DraftConfig.from_dict(raw, "checkpoint")
-        with torch.device("meta"):
-            draft = DraftModel(cfg, mask_embedding="mask_embedding" in state)
+        draft = new_draft(DraftConfig.from_dict(raw, "checkpoint"), mask_embedding=MASK_EMBEDDING in state)
         draft.load_state_dict(state, assign=True)
-        draft.rotary = RotaryEmbedding(*rope_inv_freq(cfg.raw, cfg.head_dim))
         return draft
 
     # ---- batches ---------------------------------------------------------------------------------------------

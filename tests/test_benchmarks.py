@@ -1,0 +1,425 @@
+"""The benchmark scripts (`python -m benchmarks.X`): each script's report code on small records built here, so
+a change to how a figure is rendered fails a test, and the engine benchmark's logic on tiny CPU shapes.
+
+The committed result files are not read: what they hold cannot change with the code."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blockspec.bench.report import summary_markdown
+from conftest import run_cli
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS = REPO_ROOT / "benchmarks" / "results"
+PAGES = ("docs/performance.md", "docs/design-notes.md")
+CITED_RESULT = re.compile(r"[\w.-]*\d{8}[\w./-]*?\.json(?:\.gz)?")  # a results file: named by the date of its run
+
+
+def render(report, record: dict, tmp_path: Path) -> str:
+    """A script's report of `record`, read back from a results JSON as --report reads it."""
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    return report(str(path))
+
+
+def timed(ms: float, floor_ms: float) -> dict:
+    return {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
+
+
+# ---- engine_limit ---------------------------------------------------------------------------------------------
+def engine_record(flow_kernel: bool = True, graphs_equal: bool = True) -> dict:
+    oracle = [{"tokens_per_s": 664.4, "speedup_vs_blockspec_ar": 2.181}, {"tokens_per_s": 1106.0,
+              "speedup_vs_blockspec_ar": 3.634}, {"tokens_per_s": 1406.2, "speedup_vs_blockspec_ar": 4.618},
+              {"tokens_per_s": 1755.1, "speedup_vs_blockspec_ar": 5.764}]
+    row = {
+        "ar": {"ms_per_token": 3.281, "floor_ms": 2.794, "x_floor": 1.174, "flow_kernel": flow_kernel,
+               "phases": {"parts": {"target pass (36 layers), lm_head excluded": timed(2.994, 2.526),
+                                    "whole step (graph, no host read)": timed(3.265, 2.794)}}},
+        "ar_per_op": {"ms_per_token": 3.472, "floor_ms": 2.794, "x_floor": 1.243},
+        "dflash": {"ms_per_step": 4.493, "floor_ms": 3.436, "x_floor": 1.308, "oracle": oracle,
+                   "phases": {"parts": {"draft pass, lm_head excluded": timed(0.568, 0.374),
+                                        "target pass (36 layers), lm_head excluded": timed(3.436, 2.527),
+                                        "whole step (graph, no host read)": timed(4.555, 3.436)}}},
+        "dflare": {"ms_per_step": 4.741, "floor_ms": 3.579, "x_floor": 1.324, "oracle": oracle},
+        "hf_eager_ms_per_token": 116.73, "reference_loop_ms_per_step": {"dflash": 147.81, "dflare": 80.44},
+    }
+    check = {"ar_graph_equals_eager": True, "dflash_graph_equals_eager": graphs_equal,
+             "dflare_graph_equals_eager": True, "dflash_equals_ar": False,
+             "flow_accuracy": [{"layers": 4, "context": 512, "flow_kernel": True, "flow_vs_fp32": 0.01491,
+                                "per_op_vs_fp32": 0.01478}]}
+    return {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "dtype": "torch.bfloat16",
+            "commit": "f616f56", "date": "2026-11-23 05:47:59", "copy_bandwidth_GBps": 2907.3, "check": check,
+            "contexts": {"512": row},
+            "smollm2": {"dtype": "torch.bfloat16", "prompt_tokens": 42, "ar_ms_per_token": 0.831,
+                        "spec_ms_per_step": 1.024}}
+
+
+def test_engine_limit_report_renders_each_path_beside_its_floor_and_the_checks(tmp_path):
+    from benchmarks.engine_limit import report
+
+    out = render(report, engine_record(), tmp_path)
+    lines = out.splitlines()
+    assert lines[0].startswith("Device NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, torch.bfloat16, commit f616f56, "
+                               "2026-11-23 05:47:59; copy bandwidth 2907 GB/s")
+    for row in ("| 512 | AR (blockspec, flow kernel) | 3.28 | 2.79 | 1.17 | 116.7 | |",
+                "| 512 | AR (blockspec, per-op kernels) | 3.47 | 2.79 | 1.24 | | |",
+                "| 512 | dflash step | 4.49 | 3.44 | 1.31 | | 147.8 |",
+                "| 512 | dflare step | 4.74 | 3.58 | 1.32 | | 80.4 |",
+                "| 512 | dflash | 664 tok/s (2.18x) | 1106 tok/s (3.63x) | 1406 tok/s (4.62x) | 1755 tok/s (5.76x) |"):
+        assert row in lines, row
+    checks = next(line for line in lines if line.startswith("Checks:"))
+    assert "ar yes, dflash yes, dflare yes." in checks
+    assert "context 512, relative error against fp32: flow kernel 0.0149, per-op kernels 0.0148" in checks
+    # the parts table has a column per path that timed its parts, a row per part, empty cells where none
+    assert "| part | ar | dflash |" in lines
+    assert "| draft pass, lm_head excluded |  | 0.568 (0.374, 1.52x) |" in lines
+    assert "| whole step (graph, no host read) | 3.265 (2.794, 1.17x) | 4.555 (3.436, 1.33x) |" in lines
+    assert out.endswith("SmolLM2-135M-Instruct (real weights, torch.bfloat16, prompt 42 tokens): AR 0.83 ms/token, "
+                        "speculative step (2-layer DFlash, block 16) 1.02 ms.")
+
+
+def test_engine_limit_report_names_a_failed_check_and_the_per_op_ar(tmp_path):
+    from benchmarks.engine_limit import report
+
+    out = render(report, engine_record(flow_kernel=False, graphs_equal=False), tmp_path)
+    assert "ar yes, dflash NO, dflare yes." in out
+    assert "| 512 | AR (blockspec) | 3.28 |" in out and "flow kernel)" not in out
+
+
+def test_engine_limit_ab_report_sets_each_setting_beside_the_first(tmp_path):
+    from benchmarks.engine_limit import report
+
+    settings = {"default": {"pdl": True}, "default+next8": {"pdl": True, "next": 8}}
+    row = {"dflash": {"floor_ms": 3.436, "default": {"ms": 4.521, "x_floor": 1.316, "speedup": 1.0},
+                      "default+next8": {"ms": 4.712, "x_floor": 1.371, "speedup": 0.9597}}}
+    record = {"device": "H100", "torch": "2.11", "dtype": "torch.bfloat16", "commit": "da4d8ab", "date": "d",
+              "copy_bandwidth_GBps": 2950.0,
+              "ab": {"settings": settings, "check": {"default": True, "default+next8": False},
+                     "contexts": {"512": row}}}
+    out = render(report, record, tmp_path)
+    assert "All graphed tokens equal eager: False." in out
+    assert "| context | path | floor ms | default | default+next8 |" in out
+    assert "| 512 | dflash | 3.44 | 4.52 (1.32, 1.000x) | 4.71 (1.37, 0.960x) |" in out
+
+
+def test_engine_limit_runs_on_tiny_shapes_and_times_each_part_beside_its_floor(tmp_path):
+    """The whole engine benchmark on the CPU on tiny shapes (a logic check of what the H100 run does): its checks
+    hold (graphed == eager on every path), and every path's step is broken into parts, each timed with a floor
+    from its own bytes, rendered as the report's per-context table."""
+    from benchmarks.engine_limit import report
+
+    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
+                    "--steps", "4", "--peer-steps", "2", "--new-tokens", "24", "--out", str(tmp_path)],
+                   capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    record = json.loads(stored.read_text())
+    check = record["check"]
+    assert all(check[f"{path}_graph_equals_eager"] for path in ("ar", "ar_per_op", "dflash", "dflare"))
+    row = record["contexts"]["32"]
+    out = report(str(stored))
+    assert "Where a step's time goes, context 32" in out
+    for path in ("ar", "dflash", "dflare"):
+        parts = row[path]["phases"]["parts"]
+        drafted = path != "ar"
+        assert ("draft pass with its greedy tokens (15 rows)" in parts) == drafted
+        target = parts["target pass (6 layers), lm_head excluded"]
+        with_head, head = parts["target pass with its greedy tokens"], parts["lm_head alone"]
+        # the floors are the parts' bytes: the pass with its lm_head reads exactly the lm_head more
+        assert with_head["floor_ms"] == pytest.approx(target["floor_ms"] + head["floor_ms"])
+        assert parts["the target's 24 weight GEMMs alone"]["floor_ms"] < target["floor_ms"]
+        for part in parts.values():
+            assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+        whole = parts["whole step (graph, no host read)"]
+        # the whole step's floor is the step's (its context is the prompt plus the steps already taken)
+        assert whole["floor_ms"] >= row[path]["floor_ms"]
+    assert "| draft pass, lm_head excluded |  | " in out
+
+
+def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shapes(tmp_path):
+    """--sweep-attention times every setting in the step on tiny CPU shapes (the loop's logic; the CPU attention
+    itself has no settings) and renders each with the source's setting marked once per context."""
+    from benchmarks.engine_limit import ATTENTION_SWEEP, report
+
+    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
+                    "48", "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, check=True,
+                   cwd=REPO_ROOT)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    sweep = json.loads(stored.read_text())["attention_sweep"]
+    assert len(sweep) == 2 * len(ATTENTION_SWEEP) and sum(r["source"] for r in sweep) == 2
+    assert all(r["step_ms"] > 0 and r["target_pass_ms"] > 0 for r in sweep)
+    out = report(str(stored))
+    assert out.count(" * |") == 2 and out.count("\n| 48 | ") == len(ATTENTION_SWEEP)
+
+
+# ---- gemv_chain (its report needs no Triton) ------------------------------------------------------------------
+def test_gemv_chain_report_renders_paths_profiles_and_timelines(tmp_path):
+    from benchmarks.gemv_chain import report
+
+    record = {
+        "layers": 36, "device": "NVIDIA H100 80GB HBM3", "commit": "8f4356e", "date": "2026-11-22 21:48",
+        "copy_bandwidth_GBps": 2928.4, "floor_ms": 2.4824,
+        "paths": {"skinny": {"ms": 2.9431, "x_floor": 1.1856, "TBps": 2.471, "us_per_layer": 81.75,
+                             "barrier_failed": False},
+                  "persistent n64 k128": {"ms": 2.7641, "x_floor": 1.1135, "TBps": 2.63, "us_per_layer": 76.8,
+                                          "barrier_failed": True},
+                  "block of 16, flow r64": {"error": "out of shared memory"}},
+        "barrier_profiles": [{"config": "n64 k128", "systematic": 0.434,
+                              "us": {"gate_up": {"gemv": 33.12, "spread": 4.5, "slowest": 2.12, "release": 1.0,
+                                                 "wait": 3.12}}}],
+        "flow_profiles": [{"config": "r64 k256", "wait": False, "layer": True, "tokens": 16,
+                           "loop_cycles_per_unit": 2830.4, "share": {"weights": 0.271, "dot": 0.358},
+                           "cycles_per_unit": {"weights": 767.2, "dot": 1014.0},
+                           "per_gemv": {"o_proj": {"units_per_layer": 4, "bytes_per_unit": 19456,
+                                                   "cycles_per_unit": {"weights": 512.0, "dot": 880.4}}}}],
+        "flow_timelines": [{"config": "r64 k512", "us": {"o_proj": {"store_spread": 2.0, "first": 1.1,
+                                                                    "release": 1.62, "wait": 3.25}}}],
+    }
+    lines = render(report, record, tmp_path).splitlines()
+    assert lines[0].startswith("GEMV chain, 36 Qwen3-4B layers (qkv, o_proj, gate_up, down; M = 1 and a block of "
+                               "16), NVIDIA H100 80GB HBM3, commit 8f4356e")
+    assert lines[0].endswith("copy bandwidth 2928 GB/s, floor 2.482 ms")
+    assert "| skinny | 2.943 | 1.186 | 2.47 | 81.8 |" in lines
+    assert "| persistent n64 k128 (barrier gave up) | 2.764 | 1.113 | 2.63 | 76.8 |" in lines
+    assert "| block of 16, flow r64 | out of shared memory | | | |" in lines
+    assert "| gate_up | 33.12 | 4.50 | 2.12 | 1.00 | 3.12 |" in lines
+    assert any("correlation 0.43" in line for line in lines)
+    assert ("Flow kernel (layer chain, a block of 16 tokens) r64 k256 nowait: median over programs, 2830 cycles per "
+            "unit") in lines
+    assert "| weights | 0.271 | 767 |" in lines and "| o_proj | 4 | 19.0 | 512 | 880 |" in lines
+    assert "| o_proj | 2.00 | 1.10 | 1.62 | 3.25 |" in lines
+
+
+def test_gemv_chain_attention_and_table_sweep_reports(tmp_path):
+    from benchmarks.gemv_chain import report
+
+    record = {"contexts": [512], "layers": 2, "device": "H100", "commit": "2c645ca", "date": "d",
+              "copy_bandwidth_GBps": 2974.0,
+              "paths": {"layer flow cap64 + attention, ctx 512": {"context": 512, "ms": 3.0451, "floor_ms": 2.8613,
+                                                                  "x_floor": 1.0642, "us_per_layer": 84.59},
+                        "gemvs alone": {"context": None, "ms": 2.6, "floor_ms": 2.45, "x_floor": 1.061,
+                                        "us_per_layer": 72.2}},
+              "attention_timelines": [{"config": "cap64", "chunk": 32, "length": 512, "copies": False,
+                                       "us": {"hop": 10.1, "softmax": 2.5}}],
+              "check": {"flow cap64": {"rel_err": 0.0043, "bit_exact_rerun": True}}}
+    lines = render(report, record, tmp_path).splitlines()
+    assert "| layer flow cap64 + attention, ctx 512 | 512 | 3.045 | 2.861 | 1.064 | 84.6 |" in lines
+    assert "| gemvs alone | - | 2.600 | 2.450 | 1.061 | 72.2 |" in lines
+    hop = next(line for line in lines if line.startswith("Attention hop"))
+    assert "flow cap64 chunk 32, 512 positions, no weight copies" in hop and hop.endswith("hop 10.10, softmax 2.50")
+    assert lines[-1] == "Checks: {'flow cap64': {'rel_err': 0.0043, 'bit_exact_rerun': True}}"
+    sweep = {"winners": [], "sweep": [{"m": 1, "gemm": "o_proj", "candidate": "split2", "gain": 1.0481,
+                                       "incumbent": "split1", "kept": True}, {"m": 16, "gemm": "qkv"}]}
+    assert render(report, sweep, tmp_path) == "M=1 o_proj: split2 x1.0481 over split1 (kept)"
+
+
+def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
+    """The fp64 attention that the flow kernel is checked against (gemv_chain.attention_reference) computes what
+    blockspec's eager decode path computes on the CPU in bf16 (q/k RMSNorm, rotate-half RoPE, the new k and v
+    stored at the last position, grouped-query attention): the GPU check is against the right function."""
+    from benchmarks import gemv_chain
+    from blockspec.layers import RMSNorm, RotaryEmbedding, attention, qkv_rope_store
+
+    gen = torch.Generator().manual_seed(0)
+    hd, kvh = gemv_chain.HEAD_DIM, gemv_chain.KV_HEADS
+    heads, length = gemv_chain.GEMVS[1][2] // hd, 65
+    qkv = torch.randn((heads + 2 * kvh) * hd, generator=gen).to(torch.bfloat16)
+    keys, values = (torch.randn(1, kvh, length, hd, generator=gen).to(torch.bfloat16) for _ in range(2))
+    norms = (1 + 0.1 * torch.randn(1, 2, hd, generator=gen)).to(torch.bfloat16)
+    position = torch.tensor([[length - 1]])
+    cos, sin = RotaryEmbedding(1.0 / (1e6 ** (torch.arange(0, hd, 2).float() / hd)))(position, torch.bfloat16)
+    state = {"k_cache": keys, "v_cache": values, "qk_norms": norms, "length": length,
+             "rope": torch.stack([cos[0, 0, 0, :hd // 2], sin[0, 0, 0, :hd // 2]]).float()}
+    want = gemv_chain.attention_reference(qkv.double(), state, 0)
+
+    q_norm, k_norm = RMSNorm(hd, 1e-6), RMSNorm(hd, 1e-6)
+    q_norm.weight.data, k_norm.weight.data = norms[0, 0].clone(), norms[0, 1].clone()
+    k_cache, v_cache = keys.clone(), values.clone()
+    q, k, v = qkv.view(1, 1, -1).split([heads * hd, kvh * hd, kvh * hd], dim=-1)
+    with torch.no_grad():
+        rotated = qkv_rope_store(q, k, v, heads, kvh, hd, q_norm, k_norm, cos, sin, position, k_cache, v_cache)
+        got = attention(rotated, k_cache, v_cache, position, length).reshape(-1).double()
+    assert torch.equal(k_cache[:, :, :-1], keys[:, :, :-1])  # only the new position was written
+    rel_err = ((got - want).norm() / want.norm()).item()
+    assert rel_err < 1e-2, rel_err
+    # and the check has teeth: the reference with its rotary frequencies in reverse order is far off
+    wrong = gemv_chain.attention_reference(qkv.double(), {**state, "rope": state["rope"].flip(1)}, 0)
+    assert ((got - wrong).norm() / want.norm()).item() > 10 * rel_err
+
+
+# ---- batched throughput and serving ---------------------------------------------------------------------------
+def test_batch_throughput_report_renders_every_block_and_the_best(tmp_path):
+    from benchmarks.batch_throughput import report
+
+    def cell(tokens_per_s: float, tau: float) -> dict:
+        return {"tokens_per_s": tokens_per_s, "tau": tau}
+
+    row = {"ar": cell(927.4, 1.0), "spec_b4": cell(1875.2, 2.81), "spec_b8": cell(2279.9, 3.756),
+           "spec_b16": cell(2237.0, 3.79), "best_block": 8, "best_speedup": 2.4583}
+    record = {"device": "H100", "torch": "2.11", "commit": "9e0bd19", "date": "2026-11-22", "repeats": 3,
+              "command": "python -m benchmarks.batch_throughput --smollm2 G", "blocks": [4, 8, 16],
+              "qwen3_4b": {"graph_check": {"identical": "16/16"}, "oracle_accepted_drafts": [5, 6],
+                           "prompt_tokens": 128, "new_tokens": 128, "concurrency": {"1": row}},
+              "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 64 questions",
+                          "max_new_tokens": 256, "dflash": {"32": row}, "dflare": {"1": row}}}
+    lines = render(report, record, tmp_path).splitlines()
+    assert lines[0].endswith("median of 3 runs per cell. Command: `python -m benchmarks.batch_throughput --smollm2 G`")
+    assert any(line.endswith("joining and leaving): 16/16 identical.") for line in lines)
+    assert "| 1 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
+    assert "| 32 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
+    assert sum(line.startswith("SmolLM2-135M-Instruct (torch.bfloat16), shipped") for line in lines) == 2
+
+
+@pytest.mark.parametrize("equal", [True, False])
+def test_serve_load_report_renders_the_latencies_and_the_answer_check(tmp_path, equal):
+    from benchmarks.serve_load import report
+
+    summary = {"requests": 48, "concurrency": 16, "errors": 0, "all_equal_to_single_request": equal,
+               "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
+               "ttft_p50_s": 0.538, "ttft_p99_s": 1.0, "output_tokens_per_s": 764.94,
+               "single_request_mean_latency_s": 0.1212}
+    record = {"target": "smollm2", "draft": "shipped", "device": "cuda", "machine": "x86_64, 16 cores",
+              "commit": "d670384", "date": "2026-11-22", "command": "python -m benchmarks.serve_load",
+              "max_tokens": 128, "max_num_seqs": 8, "summary": summary}
+    out = render(report, record, tmp_path)
+    assert "48 requests (max_tokens 32..128, greedy), 16 concurrent streaming clients, server batching 8." in out
+    verdict = "all" if equal else "NOT all: [3, 17]"
+    assert f"| 0 | {verdict} | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 764.9 | 0.12 s |" in out.splitlines()
+
+
+# ---- training ---------------------------------------------------------------------------------------------------
+def test_train_smollm2_report_renders_training_and_held_out_tau(tmp_path):
+    from benchmarks.train_smollm2 import report
+
+    record = {"device": "H100", "torch": "2.11", "dtype": "bfloat16", "block_size": 16, "target": "G",
+              "data": {"sequences": 19733, "sources": {"gsm8k": 7473}, "tokens": 7260650,
+                       "assistant_tokens": 5100748, "phase_seconds": 420.2,
+                       "generation": {"seconds": 293.81, "tokens_per_s": 17363.3}},
+              "plan": {"taps": [1, 14, 27], "shapes": {"dflash": {"intermediate_size": 896, "params": 8299968,
+                                                                  "bf16_bytes": 16599936}}},
+              "training": {"dflash": {"config": {"num_layers": 3}, "steps": 3000, "seconds": 321.8,
+                                      "median_step_s": 0.0981, "sequences_per_s": 653.4, "final_loss": 1.5449,
+                                      "final_accept_len_estimate": 5.468}},
+              "eval": {"dflash": {"gsm8k-test": {"tau": 4.0512, "responses": 80, "speedup_tpot_first_responses": 0.81},
+                                  "mt-bench": {"tau": 2.114, "responses": 160}},
+                       "untrained-dflash": {"gsm8k-test": {"tau": 1.0, "responses": 10}}},
+              "phase_seconds": {"data": 420.2}, "eval_settings": {"greedy": True}}
+    out = render(report, record, tmp_path)
+    lines = out.splitlines()
+    assert ("| dflash | 3 | 896 | [1, 14, 27] | 8,299,968 | 16.60 | 3000 | 321.8 | 0.098 | 653.4 | 1.545 | 5.47 |"
+            in lines)
+    assert "| draft | gsm8k-test tau (responses) | mt-bench tau (responses) |" in lines
+    assert "| dflash | 4.05 (80) | 2.11 (160) |" in lines and "| untrained-dflash | 1.00 (10) |  |" in lines
+    assert "speedup" not in out  # the eval's first-response timings are not a figure to read
+
+
+def test_train_scaling_report_renders_both_runs_the_speedup_and_the_loss_match(tmp_path):
+    from benchmarks.train_scaling import report
+
+    def run(nproc: int, step_s: float, loss: float) -> dict:
+        return {"nproc": nproc, "per_rank_batch": 64 // nproc, "attention": "flex", "fell_back_to_dense": nproc == 2,
+                "steps": 300, "median_step_s": step_s, "sequences_per_s": 64 / step_s, "tokens_per_s": 170685.2,
+                "first_step_s": 13.08, "wall_s": 71.9, "final_loss": loss, "mean_loss_last_20pct": 2.6952}
+
+    diff = {"steps": "241-300", "max_abs": 0.019, "max_rel": 0.00727, "mean_abs": 0.00563}
+    record = {"environment": {"devices": ["H200", "H200"], "backend": "nccl", "torch": "2.11", "transformers": "5.17",
+                              "commit": "9e0bd19", "date": "d", "command": "python -m benchmarks.train_scaling"},
+              "config": {"prompts": 1024, "max_new_tokens": 256, "layers": 3, "taps": [1, 14, 27],
+                         "intermediate_size": 896, "block_size": 16, "batch_size": 64, "num_anchors": 32,
+                         "seq_len": 640, "steps": 300, "seed": 0, "skip_steps": 10},
+              "data": {"sequences": 1024, "tokens": 328012, "assistant_tokens": 217383},
+              "runs": {"1": run(1, 0.1201, 2.74733), "2": run(2, 0.0815, 2.74064)},
+              "scaling": {"speedup": 1.4737, "nproc": 2, "efficiency": 0.7368},
+              "loss_match": {"all": {**diff, "steps": "1-300"}, "last_20pct": diff, "final_loss_1": 2.74733,
+                             "final_loss_n": 2.74064}}
+    out = render(report, record, tmp_path)
+    lines = out.splitlines()
+    assert "| 2 | 32 | flex (fell back to dense) | 300 | 0.0815 | 785.3 | 170685 | 13.08 | 71.9 | 2.7406 | 2.6952 |" \
+        in lines
+    assert "Speedup 1.47x on 2 processes, scaling efficiency 73.7%." in lines
+    assert "| last 20% | 241-300 | 1.90e-02 | 7.27e-03 | 5.63e-03 |" in lines
+    assert lines[-1] == "Final loss: 2.74733 (1 process) vs 2.74064 (2 processes)."
+
+
+def test_fsdp_check_draft_generalization_and_compile_reports(tmp_path):
+    from benchmarks import compile_vs_graphs, draft_generalization, fsdp_check
+
+    fsdp = {"device": "H200", "gpus": 2, "torch": "2.11", "commit": "a5711f2", "date": "d",
+            "loss_first_last": {"single": [29.9067, 13.0094], "fsdp": [29.9067, 12.9548]},
+            "median_step_s": {"single": 0.0311, "fsdp": 0.0413}, "wall_s": {"single": 25.91, "fsdp": 34.8},
+            "processes": 2, "resumed_at": 12, "max_rel_loss_diff": 0.00713, "median_rel_loss_diff": 0.00176,
+            "max_weight_diff": 0.00413, "max_weight": 1.02, "fsdp_logged": True, "resume_logged": False}
+    out = render(fsdp_check.report, fsdp, tmp_path)
+    assert "| fsdp | 29.9067 | 12.9548 | 0.0413 | 34.8 |" in out
+    assert "loss relative difference max 7.13e-03" in out and out.endswith("resume logged: False.")
+    generalization = {"device": "cpu", "dtype": "float32", "torch": "2.13", "commit": "f97cc4f", "date": "d",
+                      "max_new_tokens": 256, "prompts": 12,
+                      "rows": [{"draft": "dflash", "gsm8k-train": {"tau": 5.021}, "gsm8k-test": {"tau": 4.049}}]}
+    assert render(draft_generalization.report, generalization, tmp_path).endswith("| dflash | 5.02 | 4.05 | +0.97 |")
+    compiled = {"device": "H100", "torch": "2.11", "commit": "ad609ce", "date": "d", "context": 512, "steps": 30,
+                "compile_mode": "reduce-overhead",
+                "rows": [{"tokens": 1, "variant": "graphs", "ms": 3.834, "setup_s": 4.2},
+                         {"tokens": 1, "variant": "compile-kernels", "error": "x" * 200}]}
+    lines = render(compile_vs_graphs.report, compiled, tmp_path).splitlines()
+    assert "| 1 | graphs | 3.83 | 4.2 |" in lines and f"| 1 | compile-kernels | failed: {'x' * 80} |  |" in lines
+
+
+# ---- blockspec bench --report -----------------------------------------------------------------------------------
+def bench_results() -> dict:
+    spec = {"tau": 4.07, "tokens_per_s": 2308.3, "mean_tpot_s": 0.00028, "mean_ttft_s": 0.0322, "steps": 2148,
+            "acceptance_histogram_fraction": [0.5, 0.5], "per_position_acceptance": [0.79]}
+    row = {"samples": 40, "responses": 40, "speedup": 3.1, "outputs_equal": 5, "accuracy": {"ar": 0.05, "spec": 0.025},
+           "ar": {"tokens_per_s": 986.7, "mean_tpot_s": 0.00087, "mean_ttft_s": 0.0306}, "spec": spec}
+    return {"config": {"target": "G", "draft": "smollm2-135m-instruct-dflash", "draft_trained": True, "world_size": 1,
+                       "dtype": "bfloat16", "decoder": "CudaGraphDecoder", "block_size": 2, "max_samples": 40,
+                       "command": "blockspec bench --dataset gsm8k",
+                       "sampling": {"temperature": 0.0, "max_new_tokens": 256, "enable_thinking": False}},
+            "environment": {"device": "NVIDIA H100", "git_commit": "e5f5417",
+                            "versions": {"torch": "2.11", "blockspec": "0.1.0"}},
+            "summary": {"datasets": {"gsm8k": row}, "overall": row}, "finished_at": "2026-11-22T20:10:37"}
+
+
+def test_bench_report_prints_the_summary_of_a_stored_run(capsys, tmp_path):
+    results = bench_results()
+    expected = summary_markdown(results)
+    assert "| gsm8k | 40 | 40 | 4.07 | 3.10x | 986.7 | 2308.3 | 0.87 | 0.28 | 30.6 | 32.2 | 5.0% | 2.5% | 5/40 |" \
+        in expected.splitlines()
+    plain, packed = tmp_path / "results.json", tmp_path / "results.json.gz"
+    plain.write_text(json.dumps(results))
+    with gzip.open(packed, "wt") as f:
+        json.dump(results, f)
+    for path in (plain, packed):
+        code, out, err = run_cli(capsys, "bench", "--report", path)
+        assert (code, out, err) == (0, expected, "")
+    (tmp_path / "other.json").write_text(json.dumps({"paths": {}}))
+    code, out, err = run_cli(capsys, "bench", "--report", tmp_path / "other.json")
+    assert code == 2 and out == "" and err.count("\n") == 1 and "is not a `blockspec bench` results.json" in err
+
+
+# ---- the pages the results back ---------------------------------------------------------------------------------
+def test_the_pages_cite_every_results_file_and_only_existing_ones():
+    """A results file is kept because a page cites it, and a page cites only files that are there."""
+    cited = {name.removeprefix("benchmarks/results/") for page in PAGES
+             for name in CITED_RESULT.findall((REPO_ROOT / page).read_text())}
+    stored = {str(path.relative_to(RESULTS)) for path in RESULTS.rglob("*") if path.is_file()}
+    assert cited - stored == set(), "cited but missing"
+    assert stored - cited == set(), "stored but cited by no page: cite it or remove it"
+    assert len((REPO_ROOT / "docs" / "performance.md").read_text().splitlines()) <= 300
+
+
+def test_every_figure_the_readme_quotes_is_on_the_performance_page():
+    readme = (REPO_ROOT / "README.md").read_text()
+    page = (REPO_ROOT / "docs" / "performance.md").read_text()
+    # ratios and percentages as written; taus and milliseconds by their number
+    figures = re.findall(r"(?<![\w.])\d+(?:\.\d+)?[x%](?![\w.])", readme)
+    figures += re.findall(r"tau (\d+\.\d+)|(?<![\w.])(\d+\.\d+) ms", readme)
+    figures = [f if isinstance(f, str) else "".join(f) for f in figures]
+    assert len(figures) > 10 and [f for f in figures if f not in page] == []
