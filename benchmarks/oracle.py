@@ -5,7 +5,9 @@ a known continuation of the sequence, right for the scheduled number of slots an
 engine's own acceptance rule then accepts exactly that many. The continuation must be the target's own: for a
 trained pair the greedy output decoded beforehand; for random-weight timing targets, `constant_choice` makes
 the target's greedy choice token 0 at every position, whatever the rounding, so the continuation is all zeros.
-Greedy steps only (graph-capturable: the schedule and each row's step count live on the device).
+Greedy steps only (graph-capturable: the schedule and each row's step count live on the device, and
+`set_schedule` changes the schedule in place, so graphs captured earlier follow it; an entry of -1 passes the
+draft's own tokens through).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from blockspec.engine.proposer import Proposer
 
 class OracleProposer:
     """Wraps `inner` (whose draft pass runs every step); proposes `reference[p]` (the token at position p) for
-    the first `schedule[i % len(schedule)]` drafted slots of a row's i-th step and a wrong token after them."""
+    the first `schedule[i % len(schedule)]` drafted slots of a row's i-th step and a wrong token after them (-1:
+    the inner proposer's tokens)."""
 
     def __init__(self, inner: Proposer, reference: list[int] | torch.Tensor, schedule: list[int], vocab_size: int,
                  device: torch.device | str) -> None:
@@ -35,15 +38,19 @@ class OracleProposer:
         self.inner.join(row, features, positions)
         self.steps[row] = 0
 
+    def set_schedule(self, schedule: list[int]) -> None:
+        """A new schedule of the same length, written in place (graphs captured earlier read it)."""
+        self.schedule.copy_(torch.as_tensor(schedule, device=self.schedule.device))
+
     def propose_greedy(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
                        kv_len: int) -> torch.Tensor:
-        self.inner.propose_greedy(n, block, last_tokens, block_positions, kv_len)
+        drafted = self.inner.propose_greedy(n, block, last_tokens, block_positions, kv_len)
         slots = block_positions[:, 1:].clamp(max=self.reference.shape[0] - 1)
         right = self.reference[slots]
         correct = self.schedule[self.steps[:n] % self.schedule.shape[0]]
         self.steps[:n] += 1
-        keep = self.slots[None, :block - 1] < correct[:, None]
-        return torch.where(keep, right, (right + 1) % self.vocab_size)
+        oracle = torch.where(self.slots[None, :block - 1] < correct[:, None], right, (right + 1) % self.vocab_size)
+        return torch.where(correct[:, None] < 0, drafted, oracle)
 
     def propose_sampled(self, *args: object) -> list:
         raise NotImplementedError("oracle acceptance is for greedy steps")

@@ -94,7 +94,7 @@ def test_forced_acceptance_schedule_commits_what_it_says(pipeline):
     plain = SpeculativeDecoder(target, None).generate(prompt, SamplingParams(max_new_tokens=70, ignore_eos=True))
     oracle = OracleProposer(DraftProposer(draft, target.model), prompt + plain.token_ids, [2, 7, 0, 5], VOCAB, "cpu")
     fast = SpeculativeDecoder(target, oracle, max_len=256)
-    fast._engine_for(100).pipeline = pipeline  # the CUDA path runs one step ahead of the host
+    fast.engine.pipeline = pipeline  # the CUDA path runs one step ahead of the host
     result = fast.generate(prompt, SamplingParams(max_new_tokens=60, ignore_eos=True))
     assert result.stats.acceptance_lengths[:8] == [3, 8, 1, 6, 3, 8, 1, 6]
     assert result.token_ids == plain.token_ids[:60]

@@ -24,8 +24,8 @@ LENGTH_STEP = 256  # a growing cache grows to a multiple of this, so that simila
 
 class SpeculativeDecoder:
     """Decodes one prompt at a time with `target`, drafting with `draft` (a DraftModel, any Proposer, or None:
-    autoregressive). With `max_len` the engine's cache row is fixed at that many positions; without it the row
-    grows to fit each request (a new engine, its CUDA graphs captured again)."""
+    autoregressive). With `max_len` the engine's cache row is fixed at that many positions and `engine` is built
+    at once; without it the row grows to fit each request (a new engine, its CUDA graphs captured again)."""
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, block_size: int | None = None,
                  max_len: int | None = None, use_graphs: bool = True) -> None:
@@ -35,6 +35,8 @@ class SpeculativeDecoder:
         self.trained_block = 1 if draft is None else draft.block_size if isinstance(draft, DraftModel) else draft.max_block
         self.block_size = check_block_size(block_size, self.trained_block)
         self.engine: BatchDecoder | None = None
+        if max_len is not None:  # a fixed row: the engine (and its cache) now
+            self._engine_for(0)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
                  block_size: int | None = None) -> GenerationResult:
