@@ -163,9 +163,11 @@ def long_stream(live: LiveServer, headers: dict | None = None):
 
 
 def check_spec_metrics(m: dict, completion_tokens: int, block_size: int = 8) -> None:
+    """Consistent per-request metrics of a server without a step budget: every step drafts the request's block."""
     hist = m["acceptance_histogram"]
     assert len(hist) == block_size == m["block_size"]
     assert sum(hist) == m["num_drafts"]
+    assert m["block_size_counts"] == ({str(block_size): m["num_drafts"]} if m["num_drafts"] else {})
     assert m["num_draft_tokens"] == m["num_drafts"] * (block_size - 1)
     assert m["num_accepted_draft_tokens"] == sum(i * n for i, n in enumerate(hist))
     if m["num_drafts"]:
@@ -460,6 +462,44 @@ def test_per_request_block_size(server):
     assert small.choices[0].message.content == default.choices[0].message.content
     check_spec_metrics(small.model_extra["spec_decode_metrics"], small.usage.completion_tokens, block_size=2)
     check_spec_metrics(default.model_extra["spec_decode_metrics"], default.usage.completion_tokens)
+
+
+def test_the_step_block_shrinks_as_concurrency_grows(tiny):
+    """With max_step_tokens 16 and 4 rows a step drafts blocks of 4, alone 8: each response says which blocks
+    its request ran with (block_size_counts), its draft tokens follow them, and its answer is the one it gets
+    alone."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_num_seqs=4, max_step_tokens=16)
+    try:
+        assert live.service.worker.decoder.max_step_tokens == 16
+        client = live.client()
+        questions = [f"Question {i}: why is the sea salty?" for i in range(4)]
+        alone = [chat(client, q, max_tokens=40, extra_body={"ignore_eos": True}) for q in questions]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda q: chat(client, q, max_tokens=40, extra_body={"ignore_eos": True}),
+                                     questions, timeout=120))
+        for one, shared in zip(alone, together):
+            assert shared.choices[0].message.content == one.choices[0].message.content
+            assert one.model_extra["spec_decode_metrics"]["block_size_counts"] == {
+                "8": one.model_extra["spec_decode_metrics"]["num_drafts"]}
+            m = shared.model_extra["spec_decode_metrics"]
+            counts = {int(b): n for b, n in m["block_size_counts"].items()}
+            assert set(counts) <= {4, 8} and sum(counts.values()) == m["num_drafts"] and m["block_size"] == 8
+            assert m["num_draft_tokens"] == sum((b - 1) * n for b, n in counts.items())
+            assert len(m["acceptance_histogram"]) == 8
+        assert any("4" in r.model_extra["spec_decode_metrics"]["block_size_counts"] for r in together)
+    finally:
+        live.stop()
+
+
+def test_max_step_tokens_default_by_device(capsys, tiny):
+    from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS, step_token_budget
+
+    assert step_token_budget(None, "cuda") == CUDA_MAX_STEP_TOKENS == 256
+    assert step_token_budget(None, "cpu") is None and step_token_budget(0, "cuda") is None
+    assert step_token_budget(64, "cpu") == 64
+    for bad in ("1", "-3"):
+        _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--port", "0", "--max-step-tokens", bad],
+                        "--max-step-tokens must be 0 (off) or at least 2")
 
 
 def test_disconnect_mid_stream_cancels_the_generation(server):

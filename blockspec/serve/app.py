@@ -70,10 +70,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def spec_decode_metrics(stats: GenerationStats) -> dict:
-    """Per-request speculative metrics, with vLLM's names."""
+    """Per-request speculative metrics, with vLLM's names, and the blocks this request's steps drafted with
+    (`block_size` is the most it may draft; with --max-step-tokens a step's block shrinks as the batch grows)."""
     return {"mean_acceptance_length": stats.mean_acceptance_length, "num_drafts": stats.steps,
             "num_draft_tokens": stats.num_draft_tokens, "num_accepted_draft_tokens": stats.num_accepted_draft_tokens,
-            "acceptance_histogram": stats.acceptance_histogram, "block_size": stats.block_size}
+            "acceptance_histogram": stats.acceptance_histogram, "block_size": stats.block_size,
+            "block_size_counts": stats.block_size_counts}
 
 
 def sse(obj: dict | str) -> str:
@@ -398,13 +400,14 @@ class _APIKeyCheck:
 def create_app(target: Target, draft: DraftModel | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_queue: int = 64, max_model_len: int | None = None,
                block_size: int | None = None, max_num_seqs: int = 8,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_step_tokens: int | None = None) -> FastAPI:
     """The server for one target (and draft; None = plain decoding). `max_num_seqs`: requests decoded
     together. `max_queue`: requests allowed to wait beside the `max_num_seqs` running ones before new ones
     get 503. `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
     DEFAULT_MAX_MODEL_LEN (every one of the `max_num_seqs` cache rows holds that many positions).
     `block_size`: the default block (requests may ask for a smaller one). `max_request_bytes`: larger
-    bodies get 413."""
+    bodies get 413. `max_step_tokens`: each step drafts the largest power-of-two block whose rows x block fits
+    it (None: always the requests' own blocks; `blockspec serve` picks it by device)."""
     context = target.model.config.max_position_embeddings
     if max_model_len is None:
         max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
@@ -419,7 +422,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         raise BlockspecError(f"the request size limit must be at least 1 byte, got {max_request_bytes}")
     max_block = draft.block_size if draft is not None else 1
     decoder = BatchDecoder(target, draft, max_batch=max_num_seqs, max_len=max_model_len + 2 * max_block,
-                           block_size=block_size)
+                           block_size=block_size, max_step_tokens=max_step_tokens)
     service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key,
                       max_request_bytes)
 
