@@ -202,6 +202,77 @@ def test_the_step_block_shrinks_as_the_batch_grows(zoo):
         BatchDecoder(tiny.target, draft, max_step_tokens=1)
 
 
+def counting_forwards(model, monkeypatch) -> list[tuple[int, int]]:
+    """The [rows, tokens] shape of every target forward from now on."""
+    shapes, forward = [], model.forward
+
+    def counted(ids, *args, **kwargs):
+        shapes.append(tuple(ids.shape))
+        return forward(ids, *args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    return shapes
+
+
+def test_joiners_are_prefilled_together_in_one_forward(zoo, monkeypatch):
+    """Requests joining in one step share one target forward over their prompts right-padded to the longest, and
+    each still gets exactly its tokens alone: greedy rows, a plain-decoding row (block 1), a seeded sampling row
+    with log-probabilities. A request whose prefill cannot be sampled is never claimed (the rows after it move
+    up); max_prefill_tokens splits the joiners in arrival order."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of([5, 17, 2, 11, 9], tiny.config.vocab_size, seed=10)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in (20, 9, 26, 14, 18)]
+    params[1] = SamplingParams(max_new_tokens=16, temperature=0.9, seed=2, ignore_eos=True, logprobs=3)
+    blocks = [8, 8, 1, 8, 8]
+    want = [alone(tiny.target, draft, [p], [q], b)[0] for p, q, b in zip(prompts, params, blocks)]
+    shapes = counting_forwards(tiny.target.model, monkeypatch)
+
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=96)
+    ids = [decoder.add(p, q, b) for p, q, b in zip(prompts, params, blocks)]
+    assert sorted(seq_id for seq_id, _ in decoder.admit()) == ids[:4]
+    assert shapes == [(4, 17)]  # four rows in one forward; the fifth waits for a free row
+    got = {seq_id: c.result for seq_id, c in iter_until_done(decoder) if c.result is not None}
+    assert [got[i].token_ids for i in ids] == [w.token_ids for w in want]
+    assert [lp.logprob for lp in got[ids[1]].logprobs] == pytest.approx([lp.logprob for lp in want[1].logprobs],
+                                                                         abs=1e-5)
+
+    shapes.clear()
+    decoder = BatchDecoder(tiny.target, draft, max_batch=6, max_len=96, max_prefill_tokens=40)
+    broken = SamplingParams(max_new_tokens=5, temperature=1e-300)  # its target probabilities are NaN
+    requests = list(zip(prompts, params))
+    requests.insert(3, (prompts[0], broken))
+    ids = [decoder.add(p, q) for p, q in requests]
+    chunks = decoder.admit()
+    assert shapes == [(2, 17), (3, 11), (1, 9)]  # 5 and 17 (3 x 17 > 40), then 2, 5 and 11 (4 x 11 > 40), then 9
+    assert [seq_id for seq_id, c in chunks if c.error is not None] == [ids[3]]
+    assert "not finite" in dict(chunks)[ids[3]].error and decoder.num_active == 5
+    got = {seq_id: c.result for seq_id, c in iter_until_done(decoder) if c.result is not None}
+    assert [got[i].token_ids for i in ids[:3] + ids[4:]] == [w.token_ids for w in want]
+    with pytest.raises(BlockspecError, match="max_prefill_tokens must be a positive integer"):
+        BatchDecoder(tiny.target, draft, max_prefill_tokens=0)
+
+
+def test_a_hybrid_target_prefills_one_joiner_at_a_time(monkeypatch):
+    """A recurrent state cannot skip a row's right-padding: joiners of a Qwen3.5 target get a forward each."""
+    from blockspec.target import target_from_hf
+    from test_hybrid import tiny_qwen35
+
+    target = target_from_hf(tiny_qwen35(vocab=32, seed=1), name="tiny-qwen3.5")
+    prompts = prompts_of([4, 9, 6], 32, seed=11)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    want = [SpeculativeDecoder(target, None).generate(p, params).token_ids for p in prompts]
+    shapes = counting_forwards(target.model, monkeypatch)
+    decoder = BatchDecoder(target, None, max_batch=3, max_len=64)
+    for prompt in prompts:
+        decoder.add(prompt, params)
+    decoder.admit()
+    assert shapes == [(1, 4), (1, 9), (1, 6)]
+    assert decoder.num_active == 3
+    got = {seq_id: c.result.token_ids for seq_id, c in iter_until_done(decoder) if c.result is not None}
+    assert [got[i] for i in range(3)] == want
+
+
 def test_stop_strings_and_streamed_text():
     from transformers import AutoTokenizer
 

@@ -27,6 +27,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from blockspec.cli import main  # noqa: E402
+from blockspec.engine import SamplingParams, SpeculativeDecoder  # noqa: E402
 from blockspec.errors import BlockspecError  # noqa: E402
 from blockspec.serve.app import create_app  # noqa: E402
 from conftest import save_tiny_chat_target  # noqa: E402
@@ -163,9 +164,11 @@ def long_stream(live: LiveServer, headers: dict | None = None):
 
 
 def check_spec_metrics(m: dict, completion_tokens: int, block_size: int = 8) -> None:
+    """Consistent per-request metrics of a server without a step budget: every step drafts the request's block."""
     hist = m["acceptance_histogram"]
     assert len(hist) == block_size == m["block_size"]
     assert sum(hist) == m["num_drafts"]
+    assert m["block_size_counts"] == ({str(block_size): m["num_drafts"]} if m["num_drafts"] else {})
     assert m["num_draft_tokens"] == m["num_drafts"] * (block_size - 1)
     assert m["num_accepted_draft_tokens"] == sum(i * n for i, n in enumerate(hist))
     if m["num_drafts"]:
@@ -462,6 +465,212 @@ def test_per_request_block_size(server):
     check_spec_metrics(default.model_extra["spec_decode_metrics"], default.usage.completion_tokens)
 
 
+def test_the_step_block_shrinks_as_concurrency_grows(tiny):
+    """With max_step_tokens 16 and 4 rows a step drafts blocks of 4, alone 8: each response says which blocks
+    its request ran with (block_size_counts), its draft tokens follow them, and its answer is the one it gets
+    alone."""
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny", max_num_seqs=4, max_step_tokens=16)
+    try:
+        assert live.service.worker.decoder.max_step_tokens == 16
+        client = live.client()
+        questions = [f"Question {i}: why is the sea salty?" for i in range(4)]
+        alone = [chat(client, q, max_tokens=40, extra_body={"ignore_eos": True}) for q in questions]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda q: chat(client, q, max_tokens=40, extra_body={"ignore_eos": True}),
+                                     questions, timeout=120))
+        for one, shared in zip(alone, together):
+            assert shared.choices[0].message.content == one.choices[0].message.content
+            assert one.model_extra["spec_decode_metrics"]["block_size_counts"] == {
+                "8": one.model_extra["spec_decode_metrics"]["num_drafts"]}
+            m = shared.model_extra["spec_decode_metrics"]
+            counts = {int(b): n for b, n in m["block_size_counts"].items()}
+            assert set(counts) <= {4, 8} and sum(counts.values()) == m["num_drafts"] and m["block_size"] == 8
+            assert m["num_draft_tokens"] == sum((b - 1) * n for b, n in counts.items())
+            assert len(m["acceptance_histogram"]) == 8
+        assert any("4" in r.model_extra["spec_decode_metrics"]["block_size_counts"] for r in together)
+    finally:
+        live.stop()
+
+
+def test_max_step_tokens_default_by_device(capsys, tiny):
+    from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS, step_token_budget
+
+    assert step_token_budget(None, "cuda") == CUDA_MAX_STEP_TOKENS == 256
+    assert step_token_budget(None, "cpu") is None and step_token_budget(0, "cuda") is None
+    assert step_token_budget(64, "cpu") == 64
+    for bad in ("1", "-3"):
+        _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--port", "0", "--max-step-tokens", bad],
+                        "--max-step-tokens must be 0 (off) or at least 2")
+
+
+# ---- log-probabilities (issue 26) ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """The served pair loaded a second time, for reference runs beside the server's worker thread."""
+    from blockspec.draft import load_draft
+    from blockspec.target import load_target
+
+    return load_target(str(tiny.target), dtype="float32"), load_draft(str(tiny.draft))
+
+
+def expected_tokens(reference, prompt_ids: list[int], params: SamplingParams) -> tuple:
+    """The tokens the engine commits for this request alone, and the target's log-softmax at each of them
+    ([tokens, vocab], from one plain forward)."""
+    from test_logprobs import reference_logprobs
+
+    target, draft = reference
+    tokens = SpeculativeDecoder(target, draft).generate(prompt_ids, params).token_ids
+    return tokens, reference_logprobs(target.model, prompt_ids, tokens)
+
+
+def chat_prompt_ids(tokenizer) -> list[int]:
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        tokenize=True)
+    return ids["input_ids"] if not isinstance(ids, list) else ids
+
+
+def chat_entries(response) -> list:
+    """A chat answer's logprobs content entries, whole or gathered from its stream's chunks."""
+    if hasattr(response, "choices"):
+        return response.choices[0].logprobs.content
+    return [e for c in response if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+
+
+def completion_logprobs(response) -> dict:
+    """A completion's logprobs lists, whole or concatenated over its stream's chunks."""
+    chunks = [response] if hasattr(response, "choices") else list(response)
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        if chunk.choices and chunk.choices[0].logprobs:
+            for key in out:
+                out[key] += getattr(chunk.choices[0].logprobs, key)
+    return out
+
+
+def check_chat_entries(entries, tokenizer, tokens: list[int], expected, top: int) -> None:
+    assert [e.token for e in entries] == [tokenizer.decode([t]) for t in tokens]
+    assert [e.logprob for e in entries] == pytest.approx([float(row[t]) for row, t in zip(expected, tokens)],
+                                                         abs=1e-4)
+    for entry, row in zip(entries, expected):
+        best = row.topk(top)
+        assert [t.token for t in entry.top_logprobs] == [tokenizer.decode([i]) for i in best.indices.tolist()]
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        for item in [entry, *entry.top_logprobs]:
+            assert item.bytes == list(item.token.encode()) or "\ufffd" in item.token
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_chat_logprobs_are_the_targets_log_softmax(server, tiny, reference, temperature):
+    """Each returned token's logprob, and its top alternatives, are the target's own log-softmax at its position
+    (one plain forward of the target over prompt + answer), streamed and not; the stream's entries, gathered,
+    equal the whole answer's."""
+    client = server.client()
+    prompt_ids = chat_prompt_ids(tiny.tokenizer)
+    params = SamplingParams(max_new_tokens=14, temperature=temperature, seed=11, ignore_eos=True)
+    tokens, expected = expected_tokens(reference, prompt_ids, params)
+    ask = dict(max_tokens=14, temperature=temperature, seed=11, logprobs=True, top_logprobs=3,
+               extra_body={"ignore_eos": True})
+    whole = chat(client, **ask)
+    check_chat_entries(chat_entries(whole), tiny.tokenizer, tokens, expected, 3)
+    assert len(chat_entries(whole)) == whole.usage.completion_tokens == 14
+    streamed = chat_entries(chat(client, stream=True, **ask))
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in chat_entries(whole)]
+    bare = chat(client, max_tokens=4, temperature=temperature, seed=11, logprobs=True)  # top_logprobs unset: none
+    assert [e.top_logprobs for e in chat_entries(bare)] == [[]] * 4
+    assert chat(client, max_tokens=2).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_completion_logprobs_are_the_targets_log_softmax(server, tiny, reference, temperature):
+    """Completions' lists: tokens, token_logprobs, top_logprobs holding the chosen token and the top k, and
+    text_offset (each token's offset in the concatenated tokens), streamed and not."""
+    client = server.client()
+    prompt_ids = tiny.tokenizer.encode(PROMPT, add_special_tokens=True)
+    params = SamplingParams(max_new_tokens=12, temperature=temperature, seed=5, ignore_eos=True)
+    tokens, expected = expected_tokens(reference, prompt_ids, params)
+    names = [tiny.tokenizer.decode([t]) for t in tokens]
+    ask = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=temperature, seed=5, logprobs=2,
+               extra_body={"ignore_eos": True})
+    whole = completion_logprobs(client.completions.create(**ask))
+    assert whole["tokens"] == names
+    assert whole["token_logprobs"] == pytest.approx([float(row[t]) for row, t in zip(expected, tokens)], abs=1e-4)
+    for top, row, token in zip(whole["top_logprobs"], expected, tokens):
+        best = row.topk(2)
+        want = {tiny.tokenizer.decode([token]): float(row[token])}
+        want.update({tiny.tokenizer.decode([i]): v for i, v in zip(best.indices.tolist(), best.values.tolist())})
+        assert top.keys() == want.keys() and list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert whole["text_offset"] == [sum(len(n) for n in names[:i]) for i in range(len(names))]
+    assert completion_logprobs(client.completions.create(stream=True, **ask)) == whole
+
+
+def test_logprobs_one_entry_per_returned_token_when_cut(server, tiny, reference):
+    """A stop string, a stop token or max_tokens ends the answer inside a step: exactly one entry per returned
+    token (the tokens that spell a stop string, and the stop token, included), streamed and not."""
+    import dataclasses
+
+    from blockspec.draft import load_draft
+    from blockspec.target import load_target
+
+    client = server.client()
+    prompt_ids = chat_prompt_ids(tiny.tokenizer)
+    text = chat(client, max_tokens=30, extra_body={"ignore_eos": True}).choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    for cut, params in (({"max_tokens": 5}, SamplingParams(max_new_tokens=5, ignore_eos=True)),
+                        ({"max_tokens": 30, "stop": [stop]},
+                         SamplingParams(max_new_tokens=30, stop_strings=(stop,), ignore_eos=True))):
+        tokens, _ = expected_tokens(reference, prompt_ids, params)
+        ask = dict(logprobs=True, top_logprobs=1, extra_body={"ignore_eos": True}, **cut)
+        whole = chat(client, **ask)
+        chunks = list(chat(client, stream=True, stream_options={"include_usage": True}, **ask))
+        entries = chat_entries(whole)
+        assert [e.token for e in entries] == [tiny.tokenizer.decode([t]) for t in tokens]
+        assert len(entries) == whole.usage.completion_tokens == chunks[-1].usage.completion_tokens
+        assert [e.model_dump() for e in chat_entries(chunks)] == [e.model_dump() for e in entries]
+        assert whole.choices[0].finish_reason == ("stop" if "stop" in cut else "length")
+    assert whole.choices[0].message.content == text[:text.index(stop)]
+
+    # a stop token: the target's EOS set to a token from the middle of its free answer
+    free, _ = expected_tokens(reference, tiny.tokenizer.encode(PROMPT, add_special_tokens=True),
+                              SamplingParams(max_new_tokens=30, ignore_eos=True))
+    eos = free[6]
+    returned = free[:free.index(eos) + 1]
+    target = dataclasses.replace(load_target(str(tiny.target), dtype="float32"), eos_token_ids=(eos,))
+    live = LiveServer(create_app(target, load_draft(str(tiny.draft)), served_model_name="tiny"))
+    try:
+        ask = dict(model="tiny", prompt=PROMPT, max_tokens=30, logprobs=0, temperature=0)
+        whole = live.client().completions.create(**ask)
+        lists = completion_logprobs(whole)
+        assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(returned)
+        assert lists["tokens"] == [tiny.tokenizer.decode([t]) for t in returned]
+        assert [len(top) for top in lists["top_logprobs"]] == [1] * len(returned)  # k = 0: the chosen token alone
+        assert completion_logprobs(live.client().completions.create(stream=True, **ask)) == lists
+    finally:
+        live.stop()
+
+
+def test_token_bytes_reassemble_split_characters(tiny):
+    """Tokens holding part of a character decode to U+FFFD alone; their bytes come from the vocabulary (byte-level
+    BPE, or byte-fallback pieces), so the bytes of a text's tokens, joined, are the text's UTF-8."""
+    from blockspec.serve.app import TokenTexts
+
+    text = "h\u00e9llo \u4e2d\u6587 \U0001f600 ok"
+    ids = tiny.tokenizer.encode(text, add_special_tokens=False)
+    texts = TokenTexts(tiny.tokenizer)
+    assert any("\ufffd" in texts(i)[0] for i in ids)  # the emoji is split across tokens
+    assert b"".join(bytes(texts(i)[1]) for i in ids) == text.encode()
+
+    class ByteFallback:  # a SentencePiece tokenizer's byte piece
+        def decode(self, ids):
+            return "\ufffd"
+
+        def convert_ids_to_tokens(self, token_id):
+            return {5: "<0xE2>", 6: "\u2581word"}[token_id]
+
+    assert TokenTexts(ByteFallback())(5) == ("\ufffd", [0xE2])
+    assert TokenTexts(ByteFallback())(6) == ("\ufffd", None)  # no bytes known
+    assert TokenTexts(None)(7) == ("token_id:7", None)
+
+
 def test_disconnect_mid_stream_cancels_the_generation(server):
     before = server.metrics()
     http, response, lines, first = long_stream(server)
@@ -573,7 +782,13 @@ BAD_REQUESTS = {
     "stop empty": _chat(stop=[""]),
     "stream a string": _chat(stream="yes"),
     "n is 2": _chat(n=2),
-    "logprobs": _chat(logprobs=True),
+    "an unsupported parameter": _completion(echo=True),
+    "top_logprobs above 20": _chat(logprobs=True, top_logprobs=21),
+    "top_logprobs negative": _chat(logprobs=True, top_logprobs=-1),
+    "top_logprobs without logprobs": _chat(top_logprobs=2),
+    "chat logprobs a number": _chat(logprobs=3),
+    "completion logprobs above 20": _completion(logprobs=21),
+    "completion logprobs a bool": _completion(logprobs=True),
     "template kwargs not a dict": _chat(chat_template_kwargs=["enable_thinking"]),
     "template kwargs reserved": _chat(chat_template_kwargs={"tokenize": False}),
     "prompt a number": _completion(prompt=42),

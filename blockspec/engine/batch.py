@@ -9,11 +9,13 @@ Rows are the first n slots of static caches [L, max_batch, nKV, max_len, d]; wit
 ragged acceptance needs no padding and rollback no copies: every row carries its own positions. Targets with
 recurrent state (cache.commit) keep the state of the accepted prefix instead.
 
-Sequences join between steps (the prompt is prefilled into the next free row) and leave when done; the last
-active row then moves into the hole (only its used cache prefix is copied), so the active rows are always
-rows [0, n) and a step runs on a prefix of every buffer. A request whose step cannot be computed (a sampled row
-whose probabilities are not finite) leaves the batch with a chunk whose `error` is set; the other rows' step
-completes as if it had not been there.
+Sequences join between steps and leave when done. The requests joining in one step are prefilled together, in
+one target forward over their prompts right-padded to the longest (at most `max_prefill_tokens` rows x longest,
+so that a long prompt does not pad many short ones); a target with recurrent state prefills them one at a time,
+since its state would run through the padding. When a sequence leaves, the last active row moves into the hole
+(only its used cache prefix is copied), so the active rows are always rows [0, n) and a step runs on a prefix
+of every buffer. A request whose step cannot be computed (a sampled row whose probabilities are not finite)
+leaves the batch with a chunk whose `error` is set; the other rows' step completes as if it had not been there.
 
 On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
 of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
@@ -53,6 +55,7 @@ from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+MAX_PREFILL_TOKENS = 4096  # padded tokens (rows x longest prompt) of one joint prefill
 
 
 @dataclass(eq=False)
@@ -82,12 +85,14 @@ class BatchDecoder:
 
     Drive it with `add` (queue a request), `step` (admit waiting requests into free rows, then decode one
     step for every row) and `cancel`; `generate` runs a list of prompts to completion. `max_step_tokens`
-    (None: off) bounds rows x block per step by shrinking the block as the batch grows.
+    (None: off) bounds rows x block per step by shrinking the block as the batch grows; `max_prefill_tokens`
+    bounds rows x longest prompt of the requests prefilled together.
     """
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
-                 graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None) -> None:
+                 graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None,
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             draft = DraftProposer(draft, target.model)
@@ -95,7 +100,9 @@ class BatchDecoder:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
         if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 2):
             raise BlockspecError(f"max_step_tokens must be an integer >= 2, got {max_step_tokens!r}")
-        self.max_step_tokens = max_step_tokens
+        if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:
+            raise BlockspecError(f"max_prefill_tokens must be a positive integer, got {max_prefill_tokens!r}")
+        self.max_step_tokens, self.max_prefill_tokens = max_step_tokens, max_prefill_tokens
         self.target, self.proposer, self.max_batch = target, draft, max_batch
         self.max_block = draft.max_block if draft is not None else 1
         self.block_size = check_block_size(block_size, self.max_block)
@@ -119,6 +126,7 @@ class BatchDecoder:
             raise BlockspecError(f"no memory for the KV caches of {max_batch} sequences x {self.max_len} positions "
                                  f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
                                  f"(--max-model-len)") from None
+        self.batched_prefill = not self.target_cache.state()  # no recurrent state to run through padding
         long = dict(device=target.device, dtype=torch.long)
         # Device state, one row per sequence.
         self.last_token = torch.zeros(max_batch, **long)  # newest committed token, block slot 0
@@ -224,38 +232,62 @@ class BatchDecoder:
     # ---- joining and leaving ------------------------------------------------------------------------------
     def _admit(self, chunks: dict[int, StreamChunk]) -> None:
         while self.waiting and len(self.rows) < self.max_batch:
-            self._join(self.waiting.popleft(), chunks)
+            self._join(self._next_joiners(), chunks)
         self._retire_finished()
 
-    def _join(self, seq: _Sequence, chunks: dict[int, StreamChunk]) -> None:
-        """Prefill the prompt into the next free row and commit the first token."""
-        row = len(self.rows)
+    def _next_joiners(self) -> list[_Sequence]:
+        """The waiting requests to prefill together next, in arrival order: as many as there are free rows
+        while rows x longest prompt fits `max_prefill_tokens` (at least one). One at a time for a target
+        with recurrent state, which would run through a row's padding."""
+        group = [self.waiting.popleft()]
+        longest = len(group[0].prompt_ids)
+        while self.batched_prefill and self.waiting and len(self.rows) + len(group) < self.max_batch:
+            padded = max(longest, len(self.waiting[0].prompt_ids))
+            if (len(group) + 1) * padded > self.max_prefill_tokens:
+                break
+            group.append(self.waiting.popleft())
+            longest = padded
+        return group
+
+    def _join(self, group: list[_Sequence], chunks: dict[int, StreamChunk]) -> None:
+        """Prefill the prompts of `group` in one target forward into the next free rows, right-padded to the
+        longest (a row's padding slots hold garbage K/V at positions that its own later passes overwrite
+        before any query reads them), and commit each one's first token from its own last position."""
+        first = len(self.rows)
         target, device = self.target.model, self.target.device
-        n = len(seq.prompt_ids)
-        drafted = seq.block_size > 1  # a plain-decoding request never needs the proposer
-        ids = torch.tensor([seq.prompt_ids], device=device)
-        positions = torch.arange(n, device=device)[None]
-        hidden, features = target(ids, positions, self.target_cache.rows(row, row + 1),
-                                  self.tap_ids if drafted else (), kv_len=n)
-        logits = target.logits(hidden[0, -1:])
-        if seq.params.greedy:
-            token = int(logits.argmax(-1))
-        else:
-            probs = warped_probs(logits, seq.params)
-            if not bool(torch.isfinite(probs).all()):  # the row was never claimed: nothing to undo
-                chunks[seq.seq_id] = StreamChunk([], "", error="the target's probabilities for this request are not "
-                                                               "finite (NaN or inf)")
-                return
-            token = int(sample(probs, seq.generator))
-        logprobs = token_logprobs(logits, [token], seq.params.logprobs) if seq.params.logprobs is not None else None
-        if drafted:  # the prompt becomes the proposer's context now; nothing is pending for this row
-            self.proposer.join(row, features, positions)
-        self.last_token[row] = token
-        self.start[row] = n
-        self.cap[row] = seq.block_size - 1
-        seq.position = n
-        self.rows.append(seq)
-        self._commit(seq, [token], chunks, logprobs)
+        lengths = [len(seq.prompt_ids) for seq in group]
+        longest = max(lengths)
+        drafted = [seq.block_size > 1 for seq in group]  # a plain-decoding request never needs the proposer
+        ids = torch.tensor([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)], device=device)
+        positions = torch.arange(longest, device=device).repeat(len(group), 1)
+        hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
+                                  self.tap_ids if any(drafted) else (), kv_len=longest)
+        ends = torch.tensor(lengths, device=device) - 1
+        logits = target.logits(hidden[torch.arange(len(group), device=device), ends])
+        row = first
+        for i, (seq, n) in enumerate(zip(group, lengths)):
+            if seq.params.greedy:
+                token = int(logits[i].argmax(-1))
+            else:
+                probs = warped_probs(logits[i:i + 1], seq.params)
+                if not bool(torch.isfinite(probs).all()):  # never claimed: the rows after it move up
+                    chunks[seq.seq_id] = StreamChunk([], "", error="the target's probabilities for this request are "
+                                                                   "not finite (NaN or inf)")
+                    continue
+                token = int(sample(probs, seq.generator))
+            top = seq.params.logprobs
+            logprobs = token_logprobs(logits[i:i + 1], [token], top) if top is not None else None
+            if row != first + i:
+                self.target_cache.copy_row(first + i, row, n)
+            if drafted[i]:  # the prompt becomes the proposer's context now; nothing is pending for this row
+                self.proposer.join(row, features[i:i + 1, :n], positions[i:i + 1, :n])
+            self.last_token[row] = token
+            self.start[row] = n
+            self.cap[row] = seq.block_size - 1
+            seq.position = n
+            self.rows.append(seq)
+            self._commit(seq, [token], chunks, logprobs)
+            row += 1
 
     def _retire_finished(self) -> None:
         for row in reversed(range(len(self.rows))):

@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP application: `create_app(target, draft)` returns a FastAPI app.
 
 Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models,
-POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`). The event
-loop only reads, validates, queues and formats; tokenizing (and the chat template) runs on a thread of its
-own, and generation on the worker thread of worker.py, which decodes up to `max_num_seqs` requests together
-(continuous batching: they join in arrival order and leave between steps). A client that disconnects has
-its generation cancelled between two decoding steps.
+POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`; `logprobs` and
+`top_logprobs` as OpenAI's, from the target's own distribution at each token). The event loop only reads,
+validates, queues and formats (naming log-probability tokens with a tokenizer of its own); tokenizing (and the
+chat template) runs on a thread of its own, and generation on the worker thread of worker.py, which decodes up
+to `max_num_seqs` requests together (continuous batching: they join in arrival order and leave between steps).
+A client that disconnects has its generation cancelled between two decoding steps.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with short messages that never
 echo a huge input or a library's internals: 400 for bad input (malformed JSON, wrong types, unsupported
@@ -25,6 +26,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException
 
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, GenerationResult, GenerationStats, SamplingParams
+from blockspec.engine.sampling import TokenLogprob
 from blockspec.errors import BlockspecError, brief
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 from blockspec.serve.metrics import ServerMetrics
@@ -49,6 +52,7 @@ DEFAULT_MAX_MODEL_LEN = 4096
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 MAX_MESSAGE_CHARS = 500  # every error message is cut to this (messages are built short; this is the backstop)
+LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for -inf, which JSON cannot carry
 
 log = logging.getLogger("blockspec.serve")
 
@@ -70,10 +74,12 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def spec_decode_metrics(stats: GenerationStats) -> dict:
-    """Per-request speculative metrics, with vLLM's names."""
+    """Per-request speculative metrics, with vLLM's names, and the blocks this request's steps drafted with
+    (`block_size` is the most it may draft; with --max-step-tokens a step's block shrinks as the batch grows)."""
     return {"mean_acceptance_length": stats.mean_acceptance_length, "num_drafts": stats.steps,
             "num_draft_tokens": stats.num_draft_tokens, "num_accepted_draft_tokens": stats.num_accepted_draft_tokens,
-            "acceptance_histogram": stats.acceptance_histogram, "block_size": stats.block_size}
+            "acceptance_histogram": stats.acceptance_histogram, "block_size": stats.block_size,
+            "block_size_counts": stats.block_size_counts}
 
 
 def sse(obj: dict | str) -> str:
@@ -121,13 +127,67 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> BaseModel:
         raise APIError(400, "invalid request: " + "; ".join(parts) + more, param=param) from None
 
 
+def own_copy(tokenizer: object) -> object:
+    """A copy of the tokenizer for one thread (they are not thread-safe), or the same one if it cannot be copied
+    (uncopyable tokenizers are rare, and their uses seldom collide)."""
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:
+        return tokenizer
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2-style byte-level BPE's alphabet, character -> byte: printable Latin-1 bytes stand for themselves, each
+    other byte b for chr(256 + its rank among those others)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + rank): b for rank, b in enumerate(others)}
+
+
+class TokenTexts:
+    """A token's text and UTF-8 bytes for log-probability entries: the token decoded alone, special tokens included
+    (as vLLM shows them), cached. A token holding part of a character decodes to U+FFFD; its bytes then come from
+    its vocabulary entry where the tokenizer is byte-level or has byte-fallback pieces `<0xNN>`, else they are
+    None. Without a tokenizer a token reads `token_id:N`."""
+
+    def __init__(self, tokenizer: object | None) -> None:
+        self.tokenizer = tokenizer
+        self.alphabet = byte_level_alphabet()
+        self.cache: dict[int, tuple[str, list[int] | None]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int] | None]:
+        if token_id not in self.cache:
+            self.cache[token_id] = self._lookup(token_id)
+        return self.cache[token_id]
+
+    def _lookup(self, token_id: int) -> tuple[str, list[int] | None]:
+        if self.tokenizer is None:
+            return f"token_id:{token_id}", None
+        text = self.tokenizer.decode([token_id])
+        if "\ufffd" not in text:
+            return text, list(text.encode())
+        piece = self.tokenizer.convert_ids_to_tokens(token_id) or ""
+        if re.fullmatch("<0x[0-9A-Fa-f]{2}>", piece):
+            return text, [int(piece[3:5], 16)]
+        if piece and all(c in self.alphabet for c in piece):
+            return text, [self.alphabet[c] for c in piece]
+        return text, None
+
+
+def floored(logprob: float) -> float:
+    """A log-probability JSON can carry: -inf (and NaN) become LOGPROB_FLOOR."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 class Reply:
     """One request's answer as OpenAI objects (chat or text completion): whole, or as SSE chunks."""
 
-    def __init__(self, chat: bool, model: str, prompt_tokens: int, include_usage: bool) -> None:
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, include_usage: bool, texts: TokenTexts) -> None:
         self.chat, self.model, self.prompt_tokens, self.include_usage = chat, model, prompt_tokens, include_usage
+        self.texts = texts
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.text_offset = 0  # completions' text_offset of the next token: the lengths of the tokens before it
 
     def _object(self, kind: str, choices: list[dict], **extra: object) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
@@ -137,8 +197,31 @@ class Reply:
         n = len(result.token_ids)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
+    def logprobs(self, entries: list[TokenLogprob] | None) -> dict | None:
+        """OpenAI's logprobs object for these tokens (None when not asked for): chat's `content` entries, or the
+        completions' parallel lists, whose top_logprobs hold the chosen token and the top k, as OpenAI's do, and
+        whose text_offset continues from the tokens formatted before (a stream's earlier chunks)."""
+        if entries is None:
+            return None
+        if self.chat:
+            return {"content": [{**self._entry(lp.token_id, lp.logprob),
+                                 "top_logprobs": [self._entry(t, v) for t, v in lp.top]} for lp in entries]}
+        tokens = [self.texts(lp.token_id)[0] for lp in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.text_offset)
+            self.text_offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [floored(lp.logprob) for lp in entries],
+                "top_logprobs": [{self.texts(t)[0]: floored(v) for t, v in [(lp.token_id, lp.logprob), *lp.top]}
+                                 for lp in entries],
+                "text_offset": offsets}
+
+    def _entry(self, token_id: int, logprob: float) -> dict:
+        text, raw = self.texts(token_id)
+        return {"token": text, "logprob": floored(logprob), "bytes": raw}
+
     def whole(self, result: GenerationResult) -> dict:
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": result.finish_reason}
+        choice: dict = {"index": 0, "logprobs": self.logprobs(result.logprobs), "finish_reason": result.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": result.text}
         else:
@@ -146,8 +229,9 @@ class Reply:
         return self._object("chat.completion" if self.chat else "text_completion", [choice],
                             usage=self.usage(result), spec_decode_metrics=spec_decode_metrics(result.stats))
 
-    def chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False, **extra: object) -> str:
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason}
+    def chunk(self, text: str = "", finish_reason: str | None = None, first: bool = False,
+              logprobs: list[TokenLogprob] | None = None, **extra: object) -> str:
+        choice: dict = {"index": 0, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         if self.chat:
             choice["delta"] = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
         else:
@@ -177,15 +261,13 @@ class Service:
         self.worker = Worker(decoder, self.metrics, max_queue)
         self.draining = False  # shutting down: new requests get 503
         # Tokenizing a long prompt takes a while: one thread of its own keeps the event loop answering. The
-        # worker thread decodes with target.tokenizer and this thread encodes with its own copy, so the (not
-        # thread-safe) tokenizer object is never used by two threads at once.
+        # worker thread decodes with target.tokenizer, this thread encodes with its own copy and the event loop
+        # names log-probability tokens with a third, so the (not thread-safe) tokenizer object is never used by
+        # two threads at once.
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="blockspec-tokenize")
-        tokenizer = target.tokenizer
-        try:
-            tokenizer = copy.deepcopy(tokenizer)
-        except Exception:  # an uncopyable tokenizer: share it (encode and decode rarely collide)
-            pass
+        tokenizer = own_copy(target.tokenizer)
         self.encoder = dataclasses.replace(target, tokenizer=tokenizer)
+        self.token_texts = TokenTexts(own_copy(target.tokenizer))
         # No token spans more characters than the vocabulary's longest entry, so a prompt of more characters
         # than max_model_len such entries cannot fit: refused without tokenizing it.
         longest = max(map(len, tokenizer.get_vocab()), default=1) if tokenizer is not None else 1
@@ -256,7 +338,8 @@ class Service:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         params = SamplingParams(max_new_tokens=room if max_tokens is None else max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                                seed=body.seed, stop_strings=stop, ignore_eos=body.ignore_eos)
+                                seed=body.seed, stop_strings=stop, ignore_eos=body.ignore_eos,
+                                logprobs=body.num_logprobs)
         try:
             return params.validate()
         except BlockspecError as exc:
@@ -289,7 +372,7 @@ class Service:
                                 f"waiting): retry later", code="queue_full",
                            headers={"Retry-After": str(self.retry_after_s())}) from None
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        reply = Reply(chat, self.name, len(prompt_ids), include_usage)
+        reply = Reply(chat, self.name, len(prompt_ids), include_usage, self.token_texts)
         if body.stream:
             return StreamingResponse(self.stream(job, reply), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -303,8 +386,10 @@ class Service:
             while True:
                 kind, payload = await job.events.get()
                 if kind == "chunk":
-                    if payload.text:
-                        yield reply.chunk(text=payload.text)
+                    # a step's tokens bring their log-probabilities even while their text is held back (a
+                    # possible stop string), as vLLM's chunks do: one entry per token, in the chunk of its step
+                    if payload.text or payload.logprobs:
+                        yield reply.chunk(text=payload.text, logprobs=payload.logprobs)
                     if payload.result is not None:
                         for chunk in reply.last_chunks(payload.result):
                             yield chunk
@@ -398,13 +483,14 @@ class _APIKeyCheck:
 def create_app(target: Target, draft: DraftModel | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_queue: int = 64, max_model_len: int | None = None,
                block_size: int | None = None, max_num_seqs: int = 8,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_step_tokens: int | None = None) -> FastAPI:
     """The server for one target (and draft; None = plain decoding). `max_num_seqs`: requests decoded
     together. `max_queue`: requests allowed to wait beside the `max_num_seqs` running ones before new ones
     get 503. `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
     DEFAULT_MAX_MODEL_LEN (every one of the `max_num_seqs` cache rows holds that many positions).
     `block_size`: the default block (requests may ask for a smaller one). `max_request_bytes`: larger
-    bodies get 413."""
+    bodies get 413. `max_step_tokens`: each step drafts the largest power-of-two block whose rows x block fits
+    it (None: always the requests' own blocks; `blockspec serve` picks it by device)."""
     context = target.model.config.max_position_embeddings
     if max_model_len is None:
         max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
@@ -419,7 +505,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         raise BlockspecError(f"the request size limit must be at least 1 byte, got {max_request_bytes}")
     max_block = draft.block_size if draft is not None else 1
     decoder = BatchDecoder(target, draft, max_batch=max_num_seqs, max_len=max_model_len + 2 * max_block,
-                           block_size=block_size)
+                           block_size=block_size, max_step_tokens=max_step_tokens)
     service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key,
                       max_request_bytes)
 
@@ -472,6 +558,8 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         body = parse_body(await read_body(request, service.max_request_bytes), ChatCompletionRequest)
         service.check_common(body)
         template_kwargs = body.chat_template_kwargs or {}
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         reserved = sorted(set(template_kwargs) & service.reserved_template_args)
         if reserved:
             raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}",

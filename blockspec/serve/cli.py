@@ -11,6 +11,14 @@ from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair
 from blockspec.errors import BlockspecError
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 
+# A verify of R rows reads the weights once and does 2 x parameters FLOPs per row, so it stays bound by that read
+# up to about (dense bf16 FLOP/s) / (bytes/s) rows: ~300 on an H100 (990 TFLOP/s over 3.35 TB/s), fewer at the
+# matmul rates really reached. Below that a bigger block is nearly free, above it every drafted token costs
+# compute, so rows x block is capped there. A roofline estimate, to be measured. On a CPU the verify is bound by
+# compute from about one block of rows on (a few cores' FLOP/s over their memory bandwidth is tens of rows), so
+# the batch size does not move the best block: the budget stays off and --block-size is the knob.
+CUDA_MAX_STEP_TOKENS = 256
+
 
 def register(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming, "
@@ -37,8 +45,21 @@ def register(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--block-size", type=int, default=None,
                        help="default block per request (default: the draft's trained block size); a request "
                             "may ask for a smaller one with the extra field block_size")
+    serve.add_argument("--max-step-tokens", type=int, default=None, metavar="N",
+                       help=f"each step drafts the largest power-of-two block (at least 2; a request's own block "
+                            f"still caps it) whose rows x block fits N, so the block shrinks as the batch grows; "
+                            f"0: off (default: {CUDA_MAX_STEP_TOKENS} on CUDA, a roofline estimate of where a verify "
+                            f"stops being bound by one read of the weights, to be measured; off on the CPU, where "
+                            f"a verify is bound by compute at any batch size)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     serve.set_defaults(handler=_serve)
+
+
+def step_token_budget(flag: int | None, device_type: str) -> int | None:
+    """BatchDecoder's max_step_tokens for --max-step-tokens `flag` (None: the device's default, 0: off)."""
+    if flag is None:
+        return CUDA_MAX_STEP_TOKENS if device_type == "cuda" else None
+    return flag or None
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -60,6 +81,8 @@ def _serve(args: argparse.Namespace) -> int:
         from blockspec.serve.app import DrainingServer, create_app
     except ModuleNotFoundError as exc:
         raise BlockspecError(f"`blockspec serve` needs {exc.name}: pip install 'blockspec[serve]'") from None
+    if args.max_step_tokens is not None and (args.max_step_tokens < 0 or args.max_step_tokens == 1):
+        raise BlockspecError(f"--max-step-tokens must be 0 (off) or at least 2, got {args.max_step_tokens}")
     if not args.shutdown_timeout >= 0:
         raise BlockspecError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     sock = _listen(args.host, args.port)
@@ -74,7 +97,8 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(target, draft, served_model_name=args.served_model_name or args.target,
                          api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                         max_request_bytes=args.max_request_bytes)
+                         max_request_bytes=args.max_request_bytes,
+                         max_step_tokens=step_token_budget(args.max_step_tokens, target.device.type))
         name = args.served_model_name or args.target
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host

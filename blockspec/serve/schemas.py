@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset blockspec serves (strict types: a wrong type is a 400).
 
 Unknown fields are ignored, as vLLM does, except the ones in UNSUPPORTED, which are refused when set
-(silently ignoring `tools` or `logprobs` would return a wrong answer).
+(silently ignoring `tools` or `echo` would return a wrong answer).
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "presence_penalty",
-               "frequency_penalty", "tools", "functions", "response_format")
+from blockspec.engine.sampling import SamplingParams
+
+UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions",
+               "response_format")
 
 
 class StreamOptions(BaseModel):
@@ -52,6 +54,11 @@ class CommonFields(BaseModel):
     block_size: int | None = Field(None, ge=1)  # blockspec extension: this request's draft block
     user: str | None = None
 
+    @property
+    def num_logprobs(self) -> int | None:
+        """How many alternatives each token's log-probability entry lists (None: no log-probabilities)."""
+        return None
+
     def unsupported(self) -> list[str]:
         """The UNSUPPORTED fields this request sets to something other than a no-op value."""
         extra = self.model_extra or {}
@@ -63,7 +70,18 @@ class ChatCompletionRequest(CommonFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(CommonFields):
     prompt: str | list[int] | list[str]  # text, token ids, or a list holding one text
+    logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)  # the alternatives listed per token
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
