@@ -893,15 +893,7 @@ def test_cli_serves_until_interrupted(tiny):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "`blockspec serve` did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_up(proc, url)
         client = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
         assert chat(client, max_tokens=4).usage.completion_tokens >= 1
         proc.send_signal(2)  # SIGINT, as Ctrl-C
@@ -915,6 +907,19 @@ def test_cli_serves_until_interrupted(tiny):
 
 
 # ---- faults and abuse (issue 24) --------------------------------------------------------------------------
+def wait_until_up(proc: subprocess.Popen, url: str, limit_s: float = 90) -> None:
+    """Until a `blockspec serve` subprocess answers /health (its stderr if it dies first)."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "`blockspec serve` did not come up"
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def sse_events(lines):
     """The data events of an SSE stream as they come, decoded ("[DONE]" stays a string)."""
     for line in lines:
@@ -1116,15 +1121,7 @@ def test_sigterm_drains_streams_then_exits(tmp_path, tiny):
             return events
 
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "`blockspec serve` did not come up"
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        wait_until_up(proc, url)
         with ThreadPoolExecutor(4) as pool:
             futures = [pool.submit(stream, i) for i in range(4)]
             assert all(e.wait(60) for e in started)
