@@ -9,8 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET
+
+if TYPE_CHECKING:
+    from blockspec.kernels import KernelSettings
 
 UNTRAINED_DRAFT = "untrained"
 
@@ -33,6 +38,29 @@ def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     parser.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
+
+
+def _add_exact_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true",
+                        help="batch-invariant kernels on CUDA (bf16 or fp16): greedy speculative output identical "
+                             "to plain decoding bit for bit, and a request's tokens independent of the batch; "
+                             "slower by an amount not measured yet (no effect on the CPU)")
+
+
+def kernel_settings(exact: bool, target: object) -> KernelSettings:
+    """The kernel settings a command decodes under: with `exact` (--exact), batch-invariant kernels
+    (KernelSettings.batch_invariant), refused where they cannot make the target's CUDA results exact."""
+    from blockspec.kernels import KernelSettings
+
+    if exact and target.device.type == "cuda":
+        if target.model.config.hybrid:
+            raise BlockspecError("--exact covers targets of attention layers only (Llama, Qwen2, Qwen3, Mistral): "
+                                 "this target's Gated DeltaNet layers and zero-centred norms run torch ops whose "
+                                 "rounding depends on the batch; drop --exact")
+        if target.dtype.itemsize != 2:  # bf16, fp16
+            raise BlockspecError(f"--exact covers bf16 and fp16 weights on CUDA, not {str(target.dtype)[6:]}: pass "
+                                 f"--dtype bfloat16 or drop --exact")
+    return KernelSettings(batch_invariant=exact)
 
 
 # Subcommands living in their own packages; each module has `register(subparsers)`, which adds its parser
@@ -67,6 +95,7 @@ def register_generate(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--compare-ar", action="store_true",
                      help="also decode plainly (block size 1) and report speedup and token identity")
     gen.add_argument("--json", action="store_true", help="print one JSON record (text + stats) instead of text")
+    _add_exact_arg(gen)
     gen.set_defaults(handler=_generate)
 
 
@@ -108,9 +137,11 @@ def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str)
 
 def _generate(args: argparse.Namespace) -> int:
     from blockspec.engine import SamplingParams, SpeculativeDecoder
+    from blockspec.kernels import use_settings
 
     messages = _read_messages(args.messages) if args.messages else None
     target, draft, trained = load_pair(args.target, args.draft, args.device, args.dtype)
+    settings = kernel_settings(args.exact, target)
     if not trained:
         print("note: no trained draft for this target; using an UNTRAINED random draft, so expect ~1 token per "
               "step and no speedup. The output is checked against plain greedy decoding (losslessness).",
@@ -120,18 +151,19 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_ids = target.encode(prompt, chat=not args.no_chat_template, enable_thinking=args.enable_thinking or None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
+    compare = args.compare_ar or (not trained and params.greedy)
     result = None
-    for chunk in decoder.stream(prompt_ids, params):
-        if not args.json:
-            print(chunk.text, end="", flush=True)
-        result = chunk.result
+    with use_settings(settings):  # every launch, and the CUDA graphs that hold them
+        for chunk in decoder.stream(prompt_ids, params):
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+            result = chunk.result
+        plain = decoder.generate(prompt_ids, params, block_size=1) if compare else None
     record: dict = {"target": args.target, "draft": args.draft or ("shipped" if trained else UNTRAINED_DRAFT),
                     "draft_trained": trained, "prompt_tokens": len(prompt_ids), "text": result.text,
                     "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                    "stats": result.stats.to_dict()}
-    compare = args.compare_ar or (not trained and params.greedy)
+                    "stats": result.stats.to_dict(), "exact": args.exact}
     if compare:
-        plain = decoder.generate(prompt_ids, params, block_size=1)
         record["ar"] = {"token_ids_equal": plain.token_ids == result.token_ids, "stats": plain.stats.to_dict(),
                         "speedup_tpot": plain.stats.tpot_s / result.stats.tpot_s if result.stats.tpot_s else None}
     if args.json:

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from blockspec.cli import UNTRAINED_DRAFT, _add_model_args, load_pair
+from blockspec.cli import UNTRAINED_DRAFT, _add_exact_arg, _add_model_args, kernel_settings, load_pair
 from blockspec.errors import BlockspecError
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 
@@ -38,6 +38,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                        help="default block per request (default: the draft's trained block size); a request "
                             "may ask for a smaller one with the extra field block_size")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    _add_exact_arg(serve)
     serve.set_defaults(handler=_serve)
 
 
@@ -74,7 +75,8 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(target, draft, served_model_name=args.served_model_name or args.target,
                          api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                         max_request_bytes=args.max_request_bytes)
+                         max_request_bytes=args.max_request_bytes,
+                         kernel_settings=kernel_settings(args.exact, target))
         name = args.served_model_name or args.target
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host
