@@ -8,7 +8,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from blockspec.errors import BlockspecError
