@@ -163,6 +163,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
     chunk = config.get("chunk", 0)
     if chunk:
+        assert chunk % config["block_n"] == 0, "a window's first tile must fall on the splits' tile grid"
         splits = triton.cdiv(k_cache.shape[2], chunk)
         per_query = b * n_heads * splits * d * 4
         step = max(INVARIANT_QUERIES, SCRATCH_BYTES // per_query // INVARIANT_QUERIES * INVARIANT_QUERIES)
