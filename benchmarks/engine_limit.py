@@ -460,8 +460,10 @@ def attention_sweep(decoder: SpeculativeDecoder, contexts: list[int], device: st
 # call, so under the same PDL default), settings needing it are left out without one; prefetch: weight tiles each
 # skinny-GEMM program asks L2 for before its PDL wait (`KernelSettings.prefetch_tiles`); pipeline: each step
 # launched before the previous one's tokens are read (`BatchDecoder.pipeline`); rope: RoPE tables in one kernel
-# (`KernelSettings.fused_rope`) instead of the torch ops. "default" is the source's defaults.
-_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False}
+# (`KernelSettings.fused_rope`) instead of the torch ops; exact: batch-invariant kernels (`--exact`,
+# `KernelSettings.batch_invariant`), whose cost decides whether they become the default. "default" is the source's
+# defaults.
+_OFF = {"pdl": False, "table": "source", "prefetch": 0, "pipeline": False, "rope": False, "exact": False}
 _DEFAULT = {**_OFF, "pdl": True, "prefetch": 2, "pipeline": True, "rope": True}
 AB_SETTINGS = {
     "base": _OFF,
@@ -474,6 +476,7 @@ AB_SETTINGS = {
     "default": _DEFAULT,
     "default+swept": {**_DEFAULT, "table": "swept"},
     "default-rope": {**_DEFAULT, "rope": False},
+    "default+exact": {**_DEFAULT, "exact": True},
 }
 
 
@@ -489,7 +492,7 @@ def skinny_tables(args: argparse.Namespace) -> dict:
 def kernel_settings(setting: dict, tables: dict) -> KernelSettings:
     """The kernel settings of an AB_SETTINGS entry (its pipeline is the decoders' own)."""
     return KernelSettings(pdl=setting["pdl"], prefetch_tiles=setting["prefetch"], fused_rope=setting["rope"],
-                          skinny_table=tables[setting["table"]])
+                          skinny_table=tables[setting["table"]], batch_invariant=setting["exact"])
 
 
 def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, DraftModel], bandwidth: float,
@@ -498,8 +501,9 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     graph keeps the launches it was captured with), timed in turn (every setting, then again) at each
     context; the median of each setting's repeats. Graphed greedy tokens must equal the eager path's under
     the same table (PDL and the prefetch change when kernels start and what sits in L2, never what they
-    compute; a table's split-K may change rounding, so each table has its own eager reference); the checks
-    run first, with the drafts' own tokens, then the target is made constant_choice for the timed steps."""
+    compute; a table's split-K may change rounding, and so does exact, so each table and exact have their own
+    eager reference); the checks run first, with the drafts' own tokens, then the target is made constant_choice
+    for the timed steps."""
     cfg, model = target.model.config, target.model
     tables = skinny_tables(args)
     names = [n for n in args.ab_settings or AB_SETTINGS if AB_SETTINGS[n]["table"] in tables]
@@ -510,16 +514,17 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     decoders: dict = {}
     for setting in names:
         with use_settings(kernel_settings(AB_SETTINGS[setting], tables)):
-            table = AB_SETTINGS[setting]["table"]
-            if table not in eager:
-                eager[table] = {name: SpeculativeDecoder(target, d, use_graphs=False).generate(prompt, params).token_ids
-                                for name, d in (("ar", None), *drafts.items())}
+            reference = AB_SETTINGS[setting]["table"], AB_SETTINGS[setting]["exact"]
+            if reference not in eager:
+                eager[reference] = {name: SpeculativeDecoder(target, d, use_graphs=False).generate(prompt,
+                                                                                                   params).token_ids
+                                    for name, d in (("ar", None), *drafts.items())}
             decoders[setting] = {name: oracle_decoder(target, d, max_len) for name, d in (("ar", None), *drafts.items())}
             for name, decoder in decoders[setting].items():
                 decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
                 decoder.engine.capture_graphs()
                 out["check"][f"{setting}_{name}_graph_equals_eager"] = (
-                    decoder.generate(prompt, params).token_ids == eager[table][name])
+                    decoder.generate(prompt, params).token_ids == eager[reference][name])
     print("check", out["check"], flush=True)
     constant_choice(model)
     for ctx in args.contexts:

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, add_sampling_args, load_pair
+from blockspec.cli_args import (UNTRAINED_DRAFT, add_exact_arg, add_model_args, add_sampling_args, kernel_settings,
+                                load_pair)
 from blockspec.errors import BlockspecError
+
 
 # Subcommands living in their own packages; each module has `register(subparsers)`, which adds its parser
 # with `set_defaults(handler=...)` (a function taking the parsed args and returning an exit code).
@@ -44,6 +46,7 @@ def register_generate(commands: argparse._SubParsersAction) -> None:
     gen.add_argument("--compare-ar", action="store_true",
                      help="also decode plainly (block size 1) and report speedup and token identity")
     gen.add_argument("--json", action="store_true", help="print one JSON record (text + stats) instead of text")
+    add_exact_arg(gen)
     gen.set_defaults(handler=_generate)
 
 
@@ -69,9 +72,11 @@ def _read_messages(path: Path) -> list[dict]:
 
 def _generate(args: argparse.Namespace) -> int:
     from blockspec.engine import SamplingParams, SpeculativeDecoder
+    from blockspec.kernels import use_settings
 
     messages = _read_messages(args.messages) if args.messages else None
     target, draft, trained = load_pair(args.target, args.draft, args.device, args.dtype)
+    settings = kernel_settings(args.exact, target)
     if not trained:
         print("note: no trained draft for this target; using an UNTRAINED random draft, so expect ~1 token per "
               "step and no speedup. The output is checked against plain greedy decoding (losslessness).",
@@ -81,18 +86,19 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_ids = target.encode(prompt, chat=not args.no_chat_template, enable_thinking=args.enable_thinking or None)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop_strings=tuple(args.stop))
+    compare = args.compare_ar or (not trained and params.greedy)
     result = None
-    for chunk in decoder.stream(prompt_ids, params):
-        if not args.json:
-            print(chunk.text, end="", flush=True)
-        result = chunk.result
+    with use_settings(settings):  # every launch, and the CUDA graphs that hold them
+        for chunk in decoder.stream(prompt_ids, params):
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+            result = chunk.result
+        plain = decoder.generate(prompt_ids, params, block_size=1) if compare else None
     record: dict = {"target": args.target, "draft": args.draft or ("shipped" if trained else UNTRAINED_DRAFT),
                     "draft_trained": trained, "prompt_tokens": len(prompt_ids), "text": result.text,
                     "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                    "stats": result.stats.to_dict()}
-    compare = args.compare_ar or (not trained and params.greedy)
+                    "stats": result.stats.to_dict(), "exact": args.exact}
     if compare:
-        plain = decoder.generate(prompt_ids, params, block_size=1)
         record["ar"] = {"token_ids_equal": plain.token_ids == result.token_ids, "stats": plain.stats.to_dict(),
                         "speedup_tpot": plain.stats.tpot_s / result.stats.tpot_s if result.stats.tpot_s else None}
     if args.json:

@@ -4,9 +4,13 @@ target with its draft. Importing this module is cheap (no torch): every command'
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET
+
+if TYPE_CHECKING:
+    from blockspec.kernels import KernelSettings
 
 UNTRAINED_DRAFT = "untrained"
 
@@ -48,3 +52,26 @@ def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str)
         draft = new_draft_for_target(target.model.config).to(device=target.device, dtype=target.dtype)
         return target, draft, False
     return target, load_draft(draft_name, device=target.device, dtype=target.dtype), True
+
+
+def add_exact_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--exact", action="store_true",
+                        help="batch-invariant kernels on CUDA (bf16 or fp16): greedy speculative output identical "
+                             "to plain decoding bit for bit, and a request's tokens independent of the batch; "
+                             "slower by an amount not measured yet (no effect on the CPU)")
+
+
+def kernel_settings(exact: bool, target: object) -> KernelSettings:
+    """The kernel settings a command decodes under: with `exact` (--exact), batch-invariant kernels
+    (KernelSettings.batch_invariant), refused where they cannot make the target's CUDA results exact."""
+    from blockspec.kernels import KernelSettings
+
+    if exact and target.device.type == "cuda":
+        if target.model.config.hybrid:
+            raise BlockspecError("--exact covers targets of attention layers only (Llama, Qwen2, Qwen3, Mistral): "
+                                 "this target's Gated DeltaNet layers and zero-centred norms run torch ops whose "
+                                 "rounding depends on the batch; drop --exact")
+        if target.dtype.itemsize != 2:  # bf16, fp16
+            raise BlockspecError(f"--exact covers bf16 and fp16 weights on CUDA, not {str(target.dtype)[6:]}: pass "
+                                 f"--dtype bfloat16 or drop --exact")
+    return KernelSettings(batch_invariant=exact)

@@ -22,22 +22,30 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
 
 def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
     """(rows, settings) when x's product with params[0] (a weight [n, k]) runs on the Triton skinny GEMM: CUDA
-    inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights, a shape the measured
-    table lists for the device (kernels.skinny.skinny_table); None: cuBLAS (F.linear)."""
+    inference of 16-bit weights with at most 16 rows (decoding, a verify or draft block) of a shape the measured
+    table lists for the device (kernels.skinny.skinny_table), or any rows and shape under
+    `KernelSettings.batch_invariant`; None: cuBLAS (F.linear)."""
     weight = params[0]
     if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
         return None
-    from blockspec.kernels.skinny import SKINNY_ROWS, skinny_config
+    from blockspec.kernels.skinny import SKINNY_ROWS, invariant_config, skinny_config
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    config = skinny_config(weight.shape[0], weight.shape[1], rows, x.device) if 0 < rows <= SKINNY_ROWS else None
+    if rows == 0:
+        return None
+    n, k = weight.shape
+    if current_settings().batch_invariant:
+        return rows, invariant_config(n, k, x.device)
+    config = skinny_config(n, k, rows, x.device) if rows <= SKINNY_ROWS else None
     return (rows, config) if config is not None else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights the
     Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
-    (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory)."""
+    (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory); with
+    `KernelSettings.batch_invariant`, every product of 16-bit weights, so that a row's output does not depend
+    on the row count."""
     skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
     if skinny is not None:
         from blockspec.kernels.skinny import skinny_linear
@@ -259,10 +267,12 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     """Grouped-query attention of q [b, nH, n, d] over a static cache layer [b, nKV, max_len, d].
 
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
-    slots and takes the limits from device memory (so the call can live in a CUDA graph); elsewhere the
-    slots [0, kv_len) are read with an explicit mask (math as in HF's eager attention: softmax in fp32).
+    slots and takes the limits from device memory (so the call can live in a CUDA graph): for up to 16 queries,
+    or for any number under `KernelSettings.batch_invariant` (prefills too, so that a prompt's cache does not
+    depend on what it is prefilled with); elsewhere the slots [0, kv_len) are read with an explicit mask (math as
+    in HF's eager attention: softmax in fp32).
     """
-    if q.is_cuda and q.shape[2] <= DECODE_QUERIES and current_settings().fused_kernels:
+    if fused_kernels_apply(q) and (q.shape[2] <= DECODE_QUERIES or current_settings().batch_invariant):
         from blockspec.kernels.attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0)

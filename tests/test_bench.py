@@ -349,6 +349,14 @@ def bench_args(tiny, out: Path, *extra: str) -> list[str]:
             "--device", "cpu", "--warmup-tokens", "8", *extra]
 
 
+def test_exact_is_part_of_the_command_that_reproduces_a_run():
+    from blockspec.bench.cli import _command
+    from blockspec.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--dataset", "gsm8k", "--exact"])
+    assert args.exact and _command(args).endswith(" --exact")
+
+
 @pytest.fixture(scope="module")
 def e2e(tiny, tmp_path_factory):
     if not (DATA_DIR / "gsm8k" / "test.jsonl").is_file():
@@ -372,6 +380,7 @@ def test_end_to_end_schema(e2e, tiny):
     assert cfg["world_size"] == 1 and cfg["warmup"] == [{"dataset": "gsm8k", "index": 0, "max_new_tokens": 8}]
     assert cfg["data"]["gsm8k"]["source"] == str(DATA_DIR / "gsm8k" / "test.jsonl")
     assert cfg["command"].startswith("blockspec bench --target ")
+    assert cfg["exact"] is False and "--exact" not in cfg["command"]
     env = res["environment"]
     assert env["versions"]["torch"] == torch.__version__ and env["versions"]["transformers"]
     assert "git_commit" in env and env["device"].startswith("CPU")

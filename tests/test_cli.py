@@ -136,6 +136,36 @@ def test_json_record_is_complete_and_lossless(capsys, tiny):
     assert ar["speedup_tpot"] == pytest.approx(ar["stats"]["tpot_s"] / s["tpot_s"])
 
 
+def test_exact_flag_is_recorded_and_changes_nothing_on_the_cpu(capsys, tiny):
+    """--exact (batch-invariant CUDA kernels) leaves the CPU's torch ops, and so the tokens, as they are."""
+    args = ("--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", "12")
+    plain, _ = run_json(capsys, tiny, *args)
+    exact, _ = run_json(capsys, tiny, *args, "--exact", "--compare-ar")
+    assert plain["exact"] is False and exact["exact"] is True
+    assert exact["token_ids"] == plain["token_ids"] and exact["ar"]["token_ids_equal"] is True
+
+
+def test_exact_is_refused_where_cuda_results_cannot_be_made_exact():
+    """On CUDA, --exact covers 16-bit targets of attention layers: a hybrid (Gated DeltaNet) target or fp32
+    weights get one line naming the way out; the CPU takes it as a no-op."""
+    from types import SimpleNamespace
+
+    from blockspec.cli import kernel_settings
+
+    def target(device: str, dtype: torch.dtype, hybrid: bool = False) -> SimpleNamespace:
+        config = SimpleNamespace(hybrid=hybrid)
+        return SimpleNamespace(device=torch.device(device), dtype=dtype, model=SimpleNamespace(config=config))
+
+    assert kernel_settings(True, target("cuda", torch.bfloat16)).batch_invariant
+    assert kernel_settings(True, target("cuda", torch.float16)).batch_invariant
+    assert not kernel_settings(False, target("cuda", torch.float32, hybrid=True)).batch_invariant
+    assert kernel_settings(True, target("cpu", torch.float32, hybrid=True)).batch_invariant
+    with pytest.raises(BlockspecError, match="Gated DeltaNet.*drop --exact"):
+        kernel_settings(True, target("cuda", torch.bfloat16, hybrid=True))
+    with pytest.raises(BlockspecError, match="not float32: pass --dtype bfloat16 or drop --exact"):
+        kernel_settings(True, target("cuda", torch.float32))
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_max_new_tokens_is_exact(capsys, tiny, n):
     rec, _ = run_json(capsys, tiny, "--prompt", PROMPT, "--no-chat-template", "--max-new-tokens", str(n))

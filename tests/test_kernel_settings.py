@@ -84,3 +84,19 @@ def test_no_environment_variable_is_read_in_the_kernels_package():
     for path in Path(blockspec.kernels.__file__).parent.glob("*.py"):
         source = path.read_text()
         assert "environ" not in source and "getenv" not in source, path.name
+
+
+def test_batch_invariant_is_off_by_default_and_changes_nothing_on_the_cpu():
+    """`--exact` is a switch (its cost is not measured yet); on the CPU every path is the torch ops either way, so
+    the same requests give the same tokens with it on, prefills of more than 16 tokens included."""
+    from blockspec.engine import BatchDecoder, SamplingParams
+    from test_static_engine import tiny_target
+
+    assert KernelSettings().batch_invariant is False
+    target = tiny_target(seed=4)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 2], list(range(3, 40))]
+    plain = BatchDecoder(target, max_batch=2).generate(prompts, params)
+    with use_settings(batch_invariant=True):
+        exact = BatchDecoder(target, max_batch=2).generate(prompts, params)
+    assert [r.token_ids for r in exact] == [r.token_ids for r in plain]

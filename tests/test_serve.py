@@ -967,6 +967,24 @@ def test_one_failing_request_does_not_fail_the_others_in_its_batch(tiny):
         live.stop()
 
 
+def test_the_generation_thread_decodes_under_the_apps_kernel_settings(tiny, monkeypatch):
+    """Kernel settings live in a context variable, which a new thread starts from the defaults: the generation
+    thread runs every step under the settings the app was made with (`--exact`: batch_invariant)."""
+    from blockspec.kernels import KernelSettings, current_settings
+
+    live = start_server(tiny.target, tiny.draft, served_model_name="tiny",
+                        kernel_settings=KernelSettings(batch_invariant=True))
+    seen = []
+    try:
+        decoder = live.service.worker.decoder
+        step = decoder.step
+        monkeypatch.setattr(decoder, "step", lambda: seen.append(current_settings()) or step())
+        chat(live.client(), max_tokens=4)
+    finally:
+        live.stop()
+    assert seen and all(s == KernelSettings(batch_invariant=True) for s in seen)
+
+
 def _health_latencies(url: str, stop: threading.Event) -> list[float]:
     latencies = []
     deadline = time.monotonic() + 60

@@ -15,7 +15,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair
+from blockspec.cli_args import UNTRAINED_DRAFT, add_exact_arg, add_model_args, kernel_settings, load_pair
 from blockspec.datasets import DATASET_NAMES, HUB
 from blockspec.errors import BlockspecError
 
@@ -52,6 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--report", type=Path, default=None, metavar="RESULTS",
                    help="only print the summary of a results.json (or .json.gz) written by an earlier run")
+    add_exact_arg(p)
     p.set_defaults(handler=_bench)
 
 
@@ -76,6 +77,8 @@ def _command(args: argparse.Namespace, world_size: int = 1) -> str:
         parts.append("--enable-thinking")
     if args.no_prompt_warmup:
         parts.append("--no-prompt-warmup")
+    if args.exact:
+        parts.append("--exact")
     return shlex.join(parts)
 
 
@@ -118,6 +121,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     from blockspec.bench import report, runner
     from blockspec.bench.metrics import summarize
     from blockspec.datasets import load_samples
+    from blockspec.kernels import use_settings
     from blockspec.shipped import default_draft_for
 
     started, t0 = datetime.now(timezone.utc), time.perf_counter()
@@ -129,6 +133,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     samples, data_info = load_samples(datasets, args.data_dir, args.max_samples, args.shuffle_seed)
     torch.manual_seed(args.seed)
     target, draft, trained = load_pair(args.target, args.draft, device, args.dtype)
+    kernels = kernel_settings(args.exact, target)
     if not trained and info.main:
         print("blockspec bench: note: no trained draft for this target; using an UNTRAINED random draft (expect "
               "tau ~1 and no speedup)", file=sys.stderr)
@@ -136,7 +141,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
     graded = {name for name in datasets if data_info[name]["graded"]}
 
     mine = info.shard(samples)
-    warm = runner.warm_up(decoder, target, mine[0], settings, block) if mine else None
+    with use_settings(kernels):  # every launch, and the CUDA graphs that hold them
+        warm = runner.warm_up(decoder, target, mine[0], settings, block) if mine else None
     bar = tqdm(total=len(mine), unit="prompt", file=sys.stderr, dynamic_ncols=True,
                desc="bench" if info.world == 1 else f"bench rank 0/{info.world}",
                disable=args.no_progress or not info.main)
@@ -148,7 +154,8 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
         bar.update(1)
 
     try:
-        records = runner.run_samples(decoder, target, mine, settings, block, graded, on_done=done)
+        with use_settings(kernels):
+            records = runner.run_samples(decoder, target, mine, settings, block, graded, on_done=done)
     finally:
         bar.close()
     gathered = distributed.gather({"records": records, "device": report.device_description(device),
@@ -178,6 +185,7 @@ def _run(args: argparse.Namespace, datasets: list[str], device: str, info) -> in
             "sampling": settings.to_dict(),
             "device": str(target.device),
             "dtype": str(target.dtype).replace("torch.", ""),
+            "exact": args.exact,
             "decoder": type(decoder).__name__,
             "world_size": info.world,
             "backend": info.backend,

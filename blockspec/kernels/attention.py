@@ -5,6 +5,12 @@ device memory (`limits`), never from the host, which is what lets a whole specul
 graph. The keys are cut into a fixed number of splits of the *visible* length, so every split has work at any
 context and the result does not depend on the cache's allocated size (the eager and graphed paths give
 bit-identical outputs).
+
+With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
+above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
+block (a grid of splits covering the cache, those past every limit idle), every call has tiles of 16 queries,
+the splits a query sees are summed one after another in order, and any number of queries (a prefill) runs as
+such tiles.
 """
 
 from __future__ import annotations
@@ -16,6 +22,12 @@ import triton.language as tl
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
 from blockspec.kernels.settings import current_settings, device_tables
 
+# batch_invariant: keys per split (a multiple of every block_n). Shorter splits spread a short context over more
+# programs; longer ones keep the partial sums' scratch small (it grows with the cache length, not the context).
+INVARIANT_CHUNK = 256
+INVARIANT_QUERIES = 16  # queries per tile, for one token as for a block
+SCRATCH_BYTES = 256 << 20  # a prefill's queries run in launches whose partial sums fit this
+
 
 # lengths and counts vary per call: specialising on them would recompile for new prompt lengths
 @triton.jit(do_not_specialize=["n_q", "window"])
@@ -24,7 +36,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -32,7 +44,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
     kvh = pid_bh % n_kv_heads
     rows = tl.arange(0, ROWS)
     g = rows // NQ  # query head within the GQA group
-    i = rows % NQ  # query token
+    i = tl.program_id(2) * NQ + rows % NQ  # query token
     valid = (g < GROUP) & (i < n_q)
     head = kvh * GROUP + g
     dims = tl.arange(0, D)
@@ -40,9 +52,15 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
                 mask=valid[:, None], other=0.0)
     lim = tl.load(LIM + b * slim_b + i * slim_n, mask=valid, other=-1).to(tl.int32)
     total = tl.max(lim, axis=0) + 1
-    chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
+    if CHUNK > 0:  # fixed offsets: the tiles a query's keys fall into do not depend on the other queries
+        chunk = CHUNK
+    else:
+        chunk = tl.cdiv(tl.cdiv(total, n_splits), BLOCK_N) * BLOCK_N
     lo = split * chunk
     hi = tl.minimum(lo + chunk, total)
+    stored = valid
+    if CHUNK > 0:  # a split past every limit: no query's combine reads it
+        stored = valid & (lo < total)
     if window > 0:
         lo = tl.maximum(lo, (tl.min(tl.where(valid, lim, 2147483647), axis=0) - window + 1) // BLOCK_N * BLOCK_N)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -68,72 +86,120 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     out = b * sa_b + head[:, None] * sa_h + split * sa_s + i[:, None] * sa_n + dims[None, :]
-    tl.store(ACC + out, acc, mask=valid[:, None])
+    tl.store(ACC + out, acc, mask=stored[:, None])
     ml = ML + b * sm_b + head * sm_h + split * sm_s + i * sm_n
-    tl.store(ml, m_i, mask=valid)
-    tl.store(ml + 1, l_i, mask=valid)
+    tl.store(ml, m_i, mask=stored)
+    tl.store(ml + 1, l_i, mask=stored)
 
 
-@triton.jit(do_not_specialize=["n_q"])
-def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
-                    n_q, n_heads, n_splits, SPLITS: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+@triton.jit(do_not_specialize=["n_q", "window"])
+def _combine_splits(ACC, ML, LIM, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
+                    so_b, so_n, so_h, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr, D: tl.constexpr,
+                    CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
     h = (pid // n_q) % n_heads
     b = pid // (n_q * n_heads)
-    s = tl.arange(0, SPLITS)
-    ok = s < n_splits
-    ml = ML + b * sm_b + h * sm_h + s * sm_s + i * sm_n
-    m = tl.load(ml, mask=ok, other=float("-inf"))
-    denom = tl.load(ml + 1, mask=ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
     dims = tl.arange(0, D)
-    acc = tl.load(ACC + b * sa_b + h * sa_h + s[:, None] * sa_s + i * sa_n + dims[None, :],
-                  mask=ok[:, None], other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
+    ml = ML + b * sm_b + h * sm_h + i * sm_n
+    acc = ACC + b * sa_b + h * sa_h + i * sa_n + dims
+    if CHUNK > 0:  # the splits this query sees, summed in order: the same sums as for this query alone
+        lim = tl.load(LIM + b * slim_b + i * slim_n).to(tl.int32)
+        first = tl.where(window > 0, tl.maximum(lim - window + 1, 0) // CHUNK, 0)
+        last = lim // CHUNK
+        m_max = tl.load(ml + first * sm_s)
+        for s in range(first + 1, last + 1):
+            m_max = tl.maximum(m_max, tl.load(ml + s * sm_s))
+        num = tl.zeros([D], tl.float32)
+        denom = 0.0
+        for s in range(first, last + 1):
+            m = tl.load(ml + s * sm_s)
+            w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+            num += tl.load(acc + s * sa_s) * w
+            denom += tl.load(ml + s * sm_s + 1) * w
+        out = num / denom
+    else:
+        s = tl.arange(0, SPLITS)
+        ok = s < n_splits
+        m = tl.load(ml + s * sm_s, mask=ok, other=float("-inf"))
+        denom = tl.load(ml + s * sm_s + 1, mask=ok, other=0.0)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+        parts = tl.load(acc[None, :] + s[:, None] * sa_s, mask=ok[:, None], other=0.0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
     tl.store(OUT + b * so_b + i * so_n + h * so_h + dims, out.to(OUT.dtype.element_ty))
+
+
+# batch_invariant: the same kernels, one binary for any number of queries. Triton specialises integer arguments
+# on their divisibility by 16, and the strides that follow the query count would then pick vector widths, and so
+# register layouts and reduction orders, per call.
+_attention_splits_any_count = triton.jit(do_not_specialize=[
+    "n_q", "window", "sq_b", "sq_h", "slim_b", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s"])(_attention_splits.fn)
+_combine_splits_any_count = triton.jit(do_not_specialize=[
+    "n_q", "window", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "slim_b", "so_b"])(_combine_splits.fn)
 
 
 def attention_config(n_q: int, device: torch.device) -> dict:
     """The launch settings for n_q queries (up to 4: "narrow", AR-like; more: "wide", a block): key splits per
-    (row, KV head), keys per tile, warps; from the current settings' table, else the device's."""
-    table = current_settings().attention_table
-    if table is None:
-        table = device_tables(device).attention
+    (row, KV head), keys per tile, warps; from the current settings' table, else the device's. Under
+    `KernelSettings.batch_invariant`, "wide"'s tiles for any n_q, with "chunk": keys per split."""
+    settings = current_settings()
+    table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
+    if settings.batch_invariant:
+        return {**table["wide"], "chunk": INVARIANT_CHUNK}
     return table["narrow" if n_q <= 4 else "wide"]
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
                      window: int = 0, config: dict | None = None) -> torch.Tensor:
     """q [b, nH, n, d] over caches [b, nKV, L, d]; query i of row r sees slots j <= limits[r, i]
-    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype."""
+    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype. A config with "chunk" cuts
+    the keys at fixed offsets (batch_invariant) and takes any n; without, n is at most 16."""
+    b, n_heads, n_q, d = q.shape
+    config = config or attention_config(n_q, q.device)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
+    chunk = config.get("chunk", 0)
+    if chunk:
+        assert chunk % config["block_n"] == 0, "a window's first tile must fall on the splits' tile grid"
+        splits = triton.cdiv(k_cache.shape[2], chunk)
+        per_query = b * n_heads * splits * d * 4
+        step = max(INVARIANT_QUERIES, SCRATCH_BYTES // per_query // INVARIANT_QUERIES * INVARIANT_QUERIES)
+        for start in range(0, n_q, step):
+            part = slice(start, start + step)
+            _launch(q[:, :, part], k_cache, v_cache, limits[:, part], out[:, part], window, config, splits,
+                    INVARIANT_QUERIES)
+    else:
+        _launch(q, k_cache, v_cache, limits, out, window, config, config["splits"], triton.next_power_of_2(n_q))
+    return out.view(b, n_q, n_heads * d)
+
+
+def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor, out: torch.Tensor,
+            window: int, config: dict, splits: int, tile: int) -> None:
+    """Both kernels for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]."""
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
-    nq_pow2 = triton.next_power_of_2(n_q)
-    rows = max(16, triton.next_power_of_2(group * nq_pow2))
-    config = config or attention_config(n_q, q.device)
-    splits = config["splits"]
-    if q.stride(-1) != 1:
-        q = q.contiguous()
+    rows = max(16, triton.next_power_of_2(group * tile))
+    chunk = config.get("chunk", 0)
     pdl = pdl_options(q)
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
     ml = torch.empty(b, n_heads, splits, n_q, 2, device=q.device, dtype=torch.float32)
-    _attention_splits[(b * n_kv, splits)](
+    splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
+                                     else (_attention_splits, _combine_splits))
+    splits_kernel[(b * n_kv, splits, triton.cdiv(n_q, tile))](
         q, k_cache, v_cache, limits, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
         n_q, n_kv, splits, window, d ** -0.5,
-        GROUP=group, NQ=nq_pow2, ROWS=rows, D=d, BLOCK_N=config["block_n"],
+        GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=config["block_n"], CHUNK=chunk,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
-    out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)
-    _combine_splits[(b * n_heads * n_q,)](
-        acc, ml, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
-        ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        n_q, n_heads, splits, SPLITS=triton.next_power_of_2(splits), D=d, num_warps=1, **pdl)
-    return out.view(b, n_q, n_heads * d)
-
+    combine_kernel[(b * n_heads * n_q,)](
+        acc, ml, limits, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
+        out.stride(0), out.stride(1), out.stride(2), n_q, n_heads, splits, window,
+        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, num_warps=1, **pdl)

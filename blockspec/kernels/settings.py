@@ -30,7 +30,8 @@ FLOW_FIELDS = ("block_rows", "block_k", "dot_warps", "stages", "programs_per_sm"
 @dataclasses.dataclass(frozen=True)
 class KernelSettings:
     """The CUDA path's switches; the defaults are what measured fastest on the H100 (`benchmarks/engine_limit.py
-    --ab`, docs/benchmarks.md), and tokens are the same under any of them.
+    --ab`, docs/benchmarks.md). pdl, prefetch_tiles and fused_rope change no result; the others change where
+    bf16 rounds.
 
     pdl: programmatic dependent launch (Hopper and later). Every kernel may be scheduled while the one before it
         is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
@@ -48,6 +49,14 @@ class KernelSettings:
         benchmarks/compile_vs_graphs.py hands to torch.compile).
     skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
         the device's (`device_tables`).
+    batch_invariant: a row's every result independent of how many rows run with it and what they hold
+        (`--exact`), so that speculative tokens equal plain decoding's bit for bit in bf16 and a request's tokens
+        do not depend on the batch. Every product of 16-bit weights, whatever its row count (prefills too), runs
+        the Triton GEMM with one config per weight shape (skinny.invariant_config); attention, for any number of
+        queries, cuts each query's keys at fixed offsets and sums the pieces in order; batch-1 decode skips the
+        flow kernel. The norms, silu * up and RoPE kernels are per row already. CUDA inference of targets
+        without Gated DeltaNet layers, with fused_kernels (docs/design-notes.md has the argument and the limits);
+        its cost is not measured yet, hence off.
     """
 
     pdl: bool = True
@@ -55,6 +64,7 @@ class KernelSettings:
     fused_rope: bool = True
     flow_decode: bool = True
     fused_kernels: bool = True
+    batch_invariant: bool = False
     skinny_table: SkinnyTable | None = None
     attention_table: dict[str, dict] | None = None
 

@@ -1,14 +1,18 @@
 """Skinny GEMMs: a decode-time projection multiplies a few rows (1 token, or a 16-token block) by a large weight
-[N, K], and the cost is streaming the weight once. Each program owns BLOCK_N output features and one K range and
-reads that slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go to an fp32 buffer
-that a second kernel sums in split order: never atomics, so results are bit-identical run to run (the engine
-checks CUDA-graph replays against eager steps).
+[N, K], and the cost is streaming the weight once. Each program owns a tile of rows, BLOCK_N output features and
+one K range, and reads that slab of the weight as row-contiguous [BLOCK_N, BLOCK_K] tiles. Split-K partials go
+to an fp32 buffer that a second kernel sums in split order: never atomics, so results are bit-identical run to
+run (the engine checks CUDA-graph replays against eager steps).
 
 Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows) from the device's
 table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16 is a tensor-core dot with the rows padded
 to 16 (its weight tiles pipelined through shared memory), rows = 1 a multiply-and-sum on the CUDA cores for a
 single row; split_k is the number of K ranges. A shape the table does not list, or lists as None, stays on cuBLAS
 (`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config.
+
+More rows than a tile holds run as more tiles of the same program, so under one config a row's output does not
+depend on how many rows run with it: with `KernelSettings.batch_invariant` every product of any row count runs
+here under `invariant_config`, one config per weight shape.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import triton.language as tl
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
 from blockspec.kernels.settings import SkinnyTable, current_settings, device_tables
 
-SKINNY_ROWS = 16  # the most rows skinny_linear takes (one verify block)
+SKINNY_ROWS = 16  # the most rows the table's configs serve (one verify block)
 FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
 
 
@@ -48,6 +52,13 @@ def skinny_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
     return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
 
 
+def invariant_config(n: int, k: int, device: torch.device) -> dict:
+    """The one config of an [n, k] weight's products of any row count (`KernelSettings.batch_invariant`): the
+    table's block config where it lists one, else the default; never the one-row kernel, whose sums run in
+    another order, nor cuBLAS, whose kernels change with the row count."""
+    return skinny_table(device).get((n, k), {}).get(SKINNY_ROWS) or default_skinny_config(n, k)
+
+
 def _prefetch_tiles(pdl: dict) -> int:
     """Weight tiles a skinny GEMM asks L2 for before its PDL wait (none without PDL: nothing to overlap)."""
     return current_settings().prefetch_tiles if pdl["launch_pdl"] else 0
@@ -59,8 +70,12 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, ARGMAX: tl.constexpr,
                    USE_PDL: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    split = tl.program_id(1)
+    # the row tiles of one weight tile are neighbours in launch order, so they find it in L2
+    row0 = tl.program_id(0) * ROWS
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(2)
+    X += row0.to(tl.int64) * sx
+    m -= row0  # rows of this tile and after it
     rows = tl.arange(0, ROWS)
     lo = split * k_split
     hi = tl.minimum(lo + k_split, k)
@@ -110,11 +125,12 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
         out += tl.load(BIAS + cols, mask=cols < n, other=0.0).to(tl.float32)[:, None]
     if ARGMAX:  # per row, this column block's largest output as rounded to x's dtype, and its first column
         values = tl.where(col_ok, out.to(X.dtype.element_ty).to(tl.float32), float("-inf"))
-        first = tl.program_id(0) * BLOCK_N + tl.argmax(values, axis=0, tie_break_left=True)
-        slot = tl.program_id(0) * so_split + rows
+        first = tl.program_id(1) * BLOCK_N + tl.argmax(values, axis=0, tie_break_left=True)
+        slot = tl.program_id(1) * so_split + row0 + rows
         tl.store(OUT + slot, tl.max(values, axis=0), mask=rows < m)
         tl.store(IDX + slot, first, mask=rows < m)
     else:
+        OUT += row0.to(tl.int64) * so_m
         tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
                  mask=col_ok & (rows[None, :] < m))
 
@@ -146,6 +162,15 @@ def _argmax_blocks(VALUES, IDX, OUT, blocks, m, BLOCK: tl.constexpr, USE_PDL: tl
     tl.store(OUT + row, tl.sum(tl.where(b == best, cols, 0), axis=0).to(tl.int64))
 
 
+# batch_invariant: the same kernel, one binary for every row count (so_split follows the rows, and Triton would
+# specialise on it: on 1, or on divisibility by 16, which picks vector widths and so register layouts)
+_skinny_linear_any_rows = triton.jit(do_not_specialize=["m", "so_split"])(_skinny_linear.fn)
+
+
+def _gemm_kernel() -> triton.runtime.JITFunction:
+    return _skinny_linear_any_rows if current_settings().batch_invariant else _skinny_linear
+
+
 def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.Tensor:
     """argmax over the columns of x [m, k] @ weight [n, k]^T per row, as torch's argmax of the logits
     `skinny_linear` would write (the same rounding to x's dtype, the first column on ties), without writing them:
@@ -153,14 +178,14 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
     For a greedy step's lm_head; `config` must not split K."""
     m, k = x.shape
     n = weight.shape[0]
-    assert 0 < m <= config["rows"] and config["split_k"] == 1 and weight.shape[1] == k and weight.stride(1) == 1
+    assert m > 0 and config["split_k"] == 1 and weight.shape[1] == k and weight.stride(1) == 1
     if x.stride(1) != 1:
         x = x.contiguous()
     blocks = triton.cdiv(n, config["block_n"])
     values = torch.empty(blocks, m, device=x.device, dtype=torch.float32)
     cols = torch.empty(blocks, m, device=x.device, dtype=torch.int32)
     pdl = pdl_options(x)
-    _skinny_linear[(blocks, 1)](
+    _gemm_kernel()[(triton.cdiv(m, config["rows"]), blocks, 1)](
         x, weight, weight, values, cols, m, n, k, triton.cdiv(k, config["block_k"]) * config["block_k"], x.stride(0),
         weight.stride(0), values.stride(0), 0, ROWS=config["rows"], BLOCK_N=config["block_n"],
         BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
@@ -173,15 +198,14 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: dict | None = None) -> torch.Tensor:
-    """F.linear for x [m, k] with m <= 16 rows: weight [n, k] (unit stride on k), optional bias [n]; returns
-    [m, n] in x's dtype, accumulated in fp32. `config` defaults to the table (or the default where the
-    table prefers cuBLAS)."""
+    """F.linear for x [m, k]: weight [n, k] (unit stride on k), optional bias [n]; returns [m, n] in x's dtype,
+    accumulated in fp32, the rows in tiles of config["rows"]. `config` defaults to the table (or the default
+    where the table prefers cuBLAS)."""
     m, k = x.shape
     n = weight.shape[0]
-    assert 0 < m <= SKINNY_ROWS and weight.shape[1] == k and weight.stride(1) == 1
-    config = config or skinny_config(n, k, m, x.device) or default_skinny_config(n, k)
+    assert m > 0 and weight.shape[1] == k and weight.stride(1) == 1
+    config = config or skinny_config(n, k, min(m, SKINNY_ROWS), x.device) or default_skinny_config(n, k)
     rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
-    assert m <= rows, "rows = 1 settings serve one row only"
     if x.stride(1) != 1:
         x = x.contiguous()
     split = config["split_k"]
@@ -190,7 +214,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
     pdl = pdl_options(x)
-    _skinny_linear[(triton.cdiv(n, block_n), split)](
+    _gemm_kernel()[(triton.cdiv(m, rows), triton.cdiv(n, block_n), split)](
         x, weight, bias if bias is not None else weight, part, part, m, n, k, k_split, x.stride(0), weight.stride(0),
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,

@@ -42,6 +42,7 @@ from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, GenerationResult, GenerationStats, SamplingParams
 from blockspec.engine.sampling import TokenLogprob
 from blockspec.errors import BlockspecError, brief
+from blockspec.kernels import KernelSettings, current_settings
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 from blockspec.serve.metrics import ServerMetrics
 from blockspec.serve.schemas import ChatCompletionRequest, CompletionRequest, CommonFields
@@ -252,13 +253,13 @@ class Service:
     """Request handling shared by the routes: validation, tokenization, queueing, answering, draining."""
 
     def __init__(self, target: Target, decoder: BatchDecoder, name: str, max_model_len: int, max_queue: int,
-                 api_key: str | None, max_request_bytes: int) -> None:
+                 api_key: str | None, max_request_bytes: int, kernel_settings: KernelSettings) -> None:
         self.name, self.max_model_len, self.api_key = name, max_model_len, api_key
         self.max_request_bytes = max_request_bytes
         self.max_block = decoder.max_block
         self.vocab_size = target.model.config.vocab_size
         self.metrics = ServerMetrics(decoder.block_size)
-        self.worker = Worker(decoder, self.metrics, max_queue)
+        self.worker = Worker(decoder, self.metrics, max_queue, kernel_settings)
         self.draining = False  # shutting down: new requests get 503
         # Tokenizing a long prompt takes a while: one thread of its own keeps the event loop answering. The
         # worker thread decodes with target.tokenizer, this thread encodes with its own copy and the event loop
@@ -483,14 +484,17 @@ class _APIKeyCheck:
 def create_app(target: Target, draft: DraftModel | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_queue: int = 64, max_model_len: int | None = None,
                block_size: int | None = None, max_num_seqs: int = 8,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_step_tokens: int | None = None) -> FastAPI:
+               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, max_step_tokens: int | None = None,
+               kernel_settings: KernelSettings | None = None) -> FastAPI:
     """The server for one target (and draft; None = plain decoding). `max_num_seqs`: requests decoded
     together. `max_queue`: requests allowed to wait beside the `max_num_seqs` running ones before new ones
     get 503. `max_model_len`: prompt + max_tokens limit; by default the target's context, at most
     DEFAULT_MAX_MODEL_LEN (every one of the `max_num_seqs` cache rows holds that many positions).
     `block_size`: the default block (requests may ask for a smaller one). `max_request_bytes`: larger
     bodies get 413. `max_step_tokens`: each step drafts the largest power-of-two block whose rows x block fits
-    it (None: always the requests' own blocks; `blockspec serve` picks it by device)."""
+    it (None: always the requests' own blocks; `blockspec serve` picks it by device). `kernel_settings`: what the
+    generation thread decodes under (default: the settings current here), e.g.
+    KernelSettings(batch_invariant=True) for `--exact`."""
     context = target.model.config.max_position_embeddings
     if max_model_len is None:
         max_model_len = min(context, DEFAULT_MAX_MODEL_LEN)
@@ -507,7 +511,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
     decoder = BatchDecoder(target, draft, max_batch=max_num_seqs, max_len=max_model_len + 2 * max_block,
                            block_size=block_size, max_step_tokens=max_step_tokens)
     service = Service(target, decoder, served_model_name or target.name, max_model_len, max_queue, api_key,
-                      max_request_bytes)
+                      max_request_bytes, kernel_settings or current_settings())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from blockspec.cli_args import UNTRAINED_DRAFT, add_model_args, load_pair
+from blockspec.cli_args import UNTRAINED_DRAFT, add_exact_arg, add_model_args, kernel_settings, load_pair
 from blockspec.errors import BlockspecError
 from blockspec.serve import DEFAULT_MAX_REQUEST_BYTES
 
@@ -52,6 +52,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                             f"stops being bound by one read of the weights, to be measured; off on the CPU, where "
                             f"a verify is bound by compute at any batch size)")
     serve.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    add_exact_arg(serve)
     serve.set_defaults(handler=_serve)
 
 
@@ -98,7 +99,8 @@ def _serve(args: argparse.Namespace) -> int:
                          api_key=args.api_key, max_queue=args.max_queue, max_model_len=args.max_model_len,
                          block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                          max_request_bytes=args.max_request_bytes,
-                         max_step_tokens=step_token_budget(args.max_step_tokens, target.device.type))
+                         max_step_tokens=step_token_budget(args.max_step_tokens, target.device.type),
+                         kernel_settings=kernel_settings(args.exact, target))
         name = args.served_model_name or args.target
         host, port = sock.getsockname()[:2]
         host = f"[{host}]" if ":" in host else host

@@ -1,6 +1,8 @@
 """The generation thread: continuous batching over one BatchDecoder, first come first served.
 
-The model is not thread-safe, so a single thread runs every decoding step. Requests wait in a FIFO queue and
+The model is not thread-safe, so a single thread runs every decoding step, under the server's kernel settings
+(they live in a context variable, which a new thread would otherwise start from the defaults). Requests wait in a
+FIFO queue and
 enter the batch in arrival order as soon as it has a free row, so a waiting request is never overtaken and
 none starves; requests join and leave the batch between steps. The server holds at most `max_batch` running
 plus `max_waiting` waiting requests (one more is QueueFull: the caller's cue to answer 503). `cancel` removes
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 from blockspec.engine import BatchDecoder, GenerationResult, SamplingParams
 from blockspec.errors import BlockspecError
+from blockspec.kernels import KernelSettings, use_settings
 from blockspec.serve.metrics import ServerMetrics
 
 log = logging.getLogger("blockspec.serve")
@@ -51,8 +54,10 @@ class Job:
 
 
 class Worker:
-    def __init__(self, decoder: BatchDecoder, metrics: ServerMetrics, max_waiting: int) -> None:
+    def __init__(self, decoder: BatchDecoder, metrics: ServerMetrics, max_waiting: int,
+                 kernel_settings: KernelSettings) -> None:
         self.decoder = decoder
+        self.kernel_settings = kernel_settings
         self.metrics = metrics
         self.max_waiting = max_waiting
         self.running: dict[int, Job] = {}  # the decoder's request id -> job (touched by the thread only)
@@ -120,6 +125,10 @@ class Worker:
             return admitted
 
     def _run(self) -> None:
+        with use_settings(self.kernel_settings):  # the steps, and the CUDA graphs they capture
+            self._serve()
+
+    def _serve(self) -> None:
         while (admitted := self._admit()) is not None:
             for job in admitted:
                 self._start(job)

@@ -304,8 +304,10 @@ class TargetModel(nn.Module):
 
     def _flow_for(self, input_ids: torch.Tensor, cache: KVCache, tap_layer_ids: tuple[int, ...]) -> FlowDecode | None:
         """The flow kernel for this call, or None: it takes one token of one sequence, without taps, on a cache of
-        one row, once `prepare_fast_path` has built it."""
-        if self._flow is None or not current_settings().flow_decode:
+        one row, once `prepare_fast_path` has built it; never under `KernelSettings.batch_invariant` (its RMSNorm
+        rounds where the per-op kernels of a verify block do not)."""
+        settings = current_settings()
+        if self._flow is None or not settings.flow_decode or settings.batch_invariant:
             return None
         if not (input_ids.shape == (1, 1) and not tap_layer_ids and cache.k.shape[1] == 1 and cache.k.is_contiguous()
                 and fused_kernels_apply(self.embed_tokens.weight)):
