@@ -44,6 +44,8 @@ class KernelSettings:
         layers.RotaryEmbedding (bit-identical values).
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
         device allow it; False: the per-op kernels.
+    fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
+        (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
         benchmarks/compile_vs_graphs.py hands to torch.compile).
     skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
@@ -54,6 +56,7 @@ class KernelSettings:
     prefetch_tiles: int = 2
     fused_rope: bool = True
     flow_decode: bool = True
+    fused_gdn: bool = True
     fused_kernels: bool = True
     skinny_table: SkinnyTable | None = None
     attention_table: dict[str, dict] | None = None
