@@ -96,13 +96,15 @@ def _combine_splits(ACC, ML, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n
     tl.store(OUT + b * so_b + i * so_n + h * so_h + dims, out.to(OUT.dtype.element_ty))
 
 
-def attention_config(n_q: int, device: torch.device) -> dict:
+def attention_config(n_q: int, device: torch.device, head_dim: int = 128) -> dict:
     """The launch settings for n_q queries (up to 4: "narrow", AR-like; more: "wide", a block): key splits per
-    (row, KV head), keys per tile, warps; from the current settings' table, else the device's."""
+    (row, KV head), keys per tile, warps; from the current settings' table, else the device's. A table may give a
+    head dim its own ("wide_d256")."""
     table = current_settings().attention_table
     if table is None:
         table = device_tables(device).attention
-    return table["narrow" if n_q <= 4 else "wide"]
+    kind = "narrow" if n_q <= 4 else "wide"
+    return table.get(f"{kind}_d{head_dim}", table[kind])
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
@@ -114,7 +116,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = n_heads // n_kv
     nq_pow2 = triton.next_power_of_2(n_q)
     rows = max(16, triton.next_power_of_2(group * nq_pow2))
-    config = config or attention_config(n_q, q.device)
+    config = config or attention_config(n_q, q.device, d)
     splits = config["splits"]
     if q.stride(-1) != 1:
         q = q.contiguous()

@@ -91,8 +91,8 @@ class LaunchTables:
 
     skinny: the skinny GEMM's config per weight shape and row bucket (SkinnyTable); a shape it does not list
         stays on cuBLAS.
-    attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block): key splits
-        per (row, KV head), keys per tile, warps.
+    attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block), and per head
+        dim where one needs its own ("wide_d256"): key splits per (row, KV head), keys per tile, warps.
     flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
         takes the per-op kernels.
     """
