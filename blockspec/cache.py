@@ -74,8 +74,8 @@ class GDNLayerState:
             self.base.copy_(state)
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
-        """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T (k [b, h, Dk],
-        decay [b, h], innovation [b, h, Dv])."""
+        """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T
+        (k [b, h, Dk], decay [b, h], innovation [b, h, Dv])."""
         if self.steps is not None:
             self.steps[:, t] = state
         else:
@@ -95,8 +95,8 @@ class HybridCache(KVCache):
     tokens, on the device with static shapes (SPEC section 9), in one of two ways (`rollback`):
     - "states": the state after each token (`steps`, verify_tokens states per layer and row); commit gathers one.
     - "replay": the state before the forward (`base`) and each token's update (k, the decay exp(g) and the
-      beta-weighted innovation: a few KiB per token); commit replays the first `keep` updates from `base`, the same
-      arithmetic as the forward, so both ways give the same state.
+      beta-weighted innovation: 32 KiB a token for the 4B, against 2 MiB a state); commit replays the first `keep`
+      updates from `base` with the forward's own arithmetic, so both ways give the same state bit for bit.
     Either way a forward leaves the state after its last token, so a forward needs no commit after it (a prefill);
     a longer forward keeps only that.
     """

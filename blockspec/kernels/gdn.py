@@ -145,15 +145,16 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, s_ob, s_on, s_oh, s_pb, s_pn
             tl.store(conv + v_channels * s_cc + j, tl.load(window + v_channels * s_wc + n + j))
             for i in tl.static_range(2):  # q, then k
                 channels = (i * HK + h) * DK + dk
-                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + n + j, mask=h < HK), mask=h < HK)
+                head = h < HK
+                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + n + j, mask=head), mask=head)
 
 
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState) -> torch.Tensor:
-    """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected` [b, n, C + V +
-    2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at position 0 starts
-    from empty states). Updates `layer` as target/gdn.py's torch path does; returns the gated norm's output
-    [b, n, V] (what out_proj takes)."""
+    """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected`
+    [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at
+    position 0 starts from empty states). Updates `layer` as target/gdn.py's torch path does; returns the gated
+    norm's output [b, n, V] (what out_proj takes)."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]

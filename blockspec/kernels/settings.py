@@ -46,6 +46,8 @@ class KernelSettings:
         device allow it; False: the per-op kernels.
     fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
         (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
+    fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
+        is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
         benchmarks/compile_vs_graphs.py hands to torch.compile).
     skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
@@ -57,6 +59,7 @@ class KernelSettings:
     fused_rope: bool = True
     flow_decode: bool = True
     fused_gdn: bool = True
+    fla_prefill: bool = True
     fused_kernels: bool = True
     skinny_table: SkinnyTable | None = None
     attention_table: dict[str, dict] | None = None

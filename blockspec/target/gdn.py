@@ -9,11 +9,16 @@ Decode and verify run the per-token form (`delta_rule_step`), so a verify makes 
 decoding; a prefill longer than the cache's verify window runs the chunked form (`delta_rule_chunked`), the same
 recurrence folded into a few matrix products per chunk. The depthwise causal convolution in front runs as K
 shifted multiply-adds in fp32, the same arithmetic for any number of tokens.
+
+On CUDA a decode or verify runs kernels/gdn.py (two launches a layer, the same per-token arithmetic), and a prefill
+flash-linear-attention's chunked kernels where that package is installed (`prefill_delta_rule`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +131,29 @@ def delta_rule_chunked(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     return state, torch.cat(outputs, dim=2)[:, :, :n]
 
 
+@functools.cache
+def _fla_chunked() -> Callable | None:
+    """flash-linear-attention's chunked gated delta rule where that package is installed (an optional dependency)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule
+
+
+def prefill_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                       beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's recurrence, as `delta_rule_chunked` takes and returns it: on CUDA through flash-linear-attention's
+    Triton kernels where it is installed and KernelSettings.fla_prefill allows (its dots in tf32: a prefill need not
+    round as decoding does), else the torch chunked form."""
+    fla = _fla_chunked() if q.is_cuda and current_settings().fla_prefill else None
+    if fla is None:
+        return delta_rule_chunked(state, q, k, v, g, beta)
+    out, state = fla(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), scale=1.0, initial_state=state,
+                     output_final_state=True)  # q comes scaled; fla takes [b, n, h, ...]
+    return state, out.transpose(1, 2)
+
+
 def l2_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
@@ -198,7 +226,7 @@ class GatedDeltaNet(nn.Module):
                 outputs.append(out)
             out = torch.stack(outputs, dim=2)
         else:  # a prefill
-            current, out = delta_rule_chunked(current, q, k, v, g, beta)
+            current, out = prefill_delta_rule(current, q, k, v, g, beta)
         layer.conv.copy_(window[..., window.shape[-1] - layer.conv.shape[-1]:])
         layer.recurrent.copy_(current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
