@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from blockspec.errors import BlockspecError
+from blockspec.kernels import current_settings
+from blockspec.layers import fused_kernels_apply
+
 
 class KVCache:
     """Per-layer K/V tensors [batch, nKV, max_len, d]. `layers.qkv_rope_store` writes each position's slot
@@ -51,33 +55,85 @@ class KVCache:
         return ()
 
 
+class GDNLayerState:
+    """One Gated DeltaNet layer's part of a HybridCache (views of the cache's tensors, rows [b]), with what a
+    forward of n <= verify_tokens tokens keeps for `HybridCache.commit`: each token's state (rollback "states": steps
+    [b, T, h, Dk, Dv]), or the state before the forward and each token's rank-one update (rollback "replay": base
+    [b, h, Dk, Dv]; the tape tape_k [b, T, h, Dk], tape_decay [b, T, h], tape_u [b, T, h, Dv])."""
+
+    def __init__(self, cache: "HybridCache", layer: int) -> None:
+        self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
+        self.steps = cache.steps[layer] if cache.rollback == "states" else None
+        self.base, self.tape_k, self.tape_decay, self.tape_u = (
+            (cache.base[layer], cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
+            if cache.rollback == "replay" else (None,) * 4)
+
+    def start(self, state: torch.Tensor) -> None:
+        """The state a verify starts from ([b, h, Dk, Dv]): replay's base."""
+        if self.base is not None:
+            self.base.copy_(state)
+
+    def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
+        """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T
+        (k [b, h, Dk], decay [b, h], innovation [b, h, Dv])."""
+        if self.steps is not None:
+            self.steps[:, t] = state
+        else:
+            self.tape_k[:, t], self.tape_decay[:, t], self.tape_u[:, t] = k, decay, innovation
+
+
+ROLLBACKS = ("states", "replay")
+
+
 class HybridCache(KVCache):
     """The cache of a hybrid target (Qwen3.5): K/V slots for its attention layers, and per Gated DeltaNet layer
     and row the conv state (the last K-1 inputs of its causal convolution, [L, b, channels, K-1]) and the fp32
     recurrent state ([L, b, heads, Dk, Dv]).
 
-    A recurrent state does not roll back for free, so a forward of at most `verify_tokens` tokens also keeps the
-    state after each of its tokens (`steps`) and its conv inputs (`windows`), and `commit(keep)` then sets each row
-    to its state after its first `keep` tokens with two gathers: no host sync, static shapes (SPEC section 9,
-    option 1: per-position states). A longer forward (a prefill) keeps only the final state.
+    A recurrent state does not roll back for free, so a forward of at most `verify_tokens` tokens also keeps its
+    conv inputs (`windows`) and what `commit(keep)` needs to set each row to its state after its first `keep`
+    tokens, on the device with static shapes (SPEC section 9), in one of two ways (`rollback`):
+    - "states": the state after each token (`steps`, verify_tokens states per layer and row); commit gathers one.
+    - "replay": the state before the forward (`base`) and each token's update (k, the decay exp(g) and the
+      beta-weighted innovation: 32 KiB a token for the 4B, against 2 MiB a state); commit replays the first `keep`
+      updates from `base` with the forward's own arithmetic, so both ways give the same state bit for bit.
+    Either way a forward leaves the state after its last token, so a forward needs no commit after it (a prefill);
+    a longer forward keeps only that.
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
                  max_len: int, head_dim: int, conv_shape: tuple[int, int], state_shape: tuple[int, int, int],
-                 verify_tokens: int, dtype: torch.dtype, device: torch.device | str) -> None:
+                 verify_tokens: int, dtype: torch.dtype, device: torch.device | str, rollback: str = "states") -> None:
+        if rollback not in ROLLBACKS:
+            raise BlockspecError(f"unknown rollback {rollback!r}: choose one of {', '.join(ROLLBACKS)}")
         super().__init__(num_attention_layers, batch_size, num_kv_heads, max_len, head_dim, dtype, device)
         channels, kernel = conv_shape
+        heads, key_dim, value_dim = state_shape
         rows = (num_gdn_layers, batch_size)
+        fp32 = dict(dtype=torch.float32, device=device)
+        self.rollback = rollback
         self.conv = torch.zeros(*rows, channels, kernel - 1, dtype=dtype, device=device)
-        self.recurrent = torch.zeros(*rows, *state_shape, dtype=torch.float32, device=device)
+        self.recurrent = torch.zeros(*rows, *state_shape, **fp32)
         self.windows = torch.zeros(*rows, channels, kernel - 1 + verify_tokens, dtype=dtype, device=device)
-        self.steps = torch.zeros(*rows, verify_tokens, *state_shape, dtype=torch.float32, device=device)
-        self.steps_kept = [False]  # whether the last forward kept its per-token states (shared by the row views)
+        if rollback == "states":
+            self.steps = torch.zeros(*rows, verify_tokens, *state_shape, **fp32)
+        else:
+            self.base = torch.zeros(*rows, *state_shape, **fp32)
+            self.tape_k = torch.zeros(*rows, verify_tokens, heads, key_dim, **fp32)
+            self.tape_decay = torch.zeros(*rows, verify_tokens, heads, **fp32)
+            self.tape_u = torch.zeros(*rows, verify_tokens, heads, value_dim, **fp32)
+        self.verify_tokens = verify_tokens
+        self.last_forward = [0]  # tokens of the last forward when it kept what commit needs, else 0 (shared by views)
+
+    def _row_tensors(self) -> tuple[str, ...]:
+        kept = ("steps",) if self.rollback == "states" else ("base", "tape_k", "tape_decay", "tape_u")
+        return ("k", "v", "conv", "recurrent", "windows") + kept
 
     def rows(self, start: int, stop: int) -> "HybridCache":
         view = object.__new__(HybridCache)
-        view.max_len, view.steps_kept = self.max_len, self.steps_kept
-        for name in ("k", "v", "conv", "recurrent", "windows", "steps"):
+        view.max_len, view.rollback, view.verify_tokens = self.max_len, self.rollback, self.verify_tokens
+        view.last_forward = self.last_forward
+        for name in self._row_tensors():
             setattr(view, name, getattr(self, name)[:, start:stop])
         return view
 
@@ -87,23 +143,33 @@ class HybridCache(KVCache):
         self.recurrent[:, dest] = self.recurrent[:, source]
 
     def keeps_steps(self, n: int) -> bool:
-        """Whether a forward of `n` tokens keeps each token's state (a decode or a verify, which commit may follow)
-        or only the final one (a prefill)."""
-        self.steps_kept[0] = n <= self.steps.shape[2]
-        return self.steps_kept[0]
+        """Whether a forward of `n` tokens keeps what commit needs (a decode or a verify, which commit may follow)
+        or only its final state (a prefill)."""
+        self.last_forward[0] = n if n <= self.verify_tokens else 0
+        return bool(self.last_forward[0])
 
-    def gdn_layer(self, layer: int) -> tuple[torch.Tensor, ...]:
-        """Gated DeltaNet layer `layer`'s (conv state, recurrent state, conv window buffer, per-token states)."""
-        return self.conv[layer], self.recurrent[layer], self.windows[layer], self.steps[layer]
+    def gdn_layer(self, layer: int) -> GDNLayerState:
+        """Gated DeltaNet layer `layer`'s states and what it keeps for commit."""
+        return GDNLayerState(self, layer)
 
     def commit(self, keep: torch.Tensor) -> None:
         """Each row's conv and recurrent state become those after its first `keep` (1..n) tokens of the last forward
         (of n <= verify_tokens tokens). The conv state after m tokens is window[m : m + K-1]."""
-        if not self.steps_kept[0]:
+        n = self.last_forward[0]
+        if not n:
             raise RuntimeError("commit() must follow a forward of at most verify_tokens tokens: create the cache "
                                "with new_cache(..., verify_tokens=the block size)")
-        rows = torch.arange(keep.shape[0], device=keep.device)
-        self.recurrent.copy_(self.steps[:, rows, keep - 1])
+        if self.rollback == "states":
+            rows = torch.arange(keep.shape[0], device=keep.device)
+            self.recurrent.copy_(self.steps[:, rows, keep - 1])
+        elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
+            from blockspec.kernels.gdn import replay
+
+            replay(self.recurrent, self.base, self.tape_k, self.tape_decay, self.tape_u, keep, n)
+        else:
+            from blockspec.target.gdn import replay_steps
+
+            self.recurrent.copy_(replay_steps(self.base, self.tape_k, self.tape_decay, self.tape_u, keep, n))
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]
         self.conv.copy_(self.windows.gather(-1, taps[None, :, None].expand_as(self.conv)))
 

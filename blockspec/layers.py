@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
     """`x * rsqrt(mean(x^2) + eps)` in fp32, cast back to the input dtype, then times the weight.
 
     Zero-centred (Qwen3.5): the weight is stored as an offset from 1 and applied as `(1 + w)` in fp32 before the
-    cast, as Hugging Face's Qwen3.5 code does (no fused kernel takes this form yet)."""
+    cast, as Hugging Face's Qwen3.5 code does."""
 
     def __init__(self, dim: int, eps: float, zero_centred: bool = False) -> None:
         super().__init__()
@@ -81,10 +81,10 @@ class RMSNorm(nn.Module):
         self.zero_centred = zero_centred
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.zero_centred and fused_kernels_apply(x, self.weight):
+        if fused_kernels_apply(x, self.weight):
             from blockspec.kernels.norm_rope import rms_norm
 
-            return rms_norm(x, self.weight, self.eps)
+            return rms_norm(x, self.weight, self.eps, self.zero_centred)
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.zero_centred:
@@ -204,16 +204,15 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
                    v_cache: torch.Tensor) -> torch.Tensor | None:
     """Projections q [b, n, nH*d] (None: context only, no queries), k and v [b, n, nKV*d]: RMSNorm q and k
     per head when norms are given (Qwen3), rotate them, store K and V at `positions` in the cache layer
-    [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA (full-width RoPE, plain norms); plain ops
-    elsewhere."""
+    [b, nKV, max_len, d]; returns q as [b, nH, n, d]. One kernel on CUDA; plain ops elsewhere."""
     norms = [n for n in (q_norm, k_norm) if n is not None]
-    plain = cos.shape[-1] == head_dim and not any(n.zero_centred for n in norms)  # what the kernel implements
-    if plain and fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *[n.weight for n in norms]):
+    if fused_kernels_apply(k, *[t for t in (q, v) if t is not None], *[n.weight for n in norms]):
         from blockspec.kernels.norm_rope import qkv_rope_store as fused
 
         eps = k_norm.eps if k_norm is not None else 0.0
         return fused(q, k, v, n_heads, n_kv, head_dim, q_norm.weight if q_norm is not None else None,
-                     k_norm.weight if k_norm is not None else None, eps, cos, sin, positions, k_cache, v_cache)
+                     k_norm.weight if k_norm is not None else None, eps, cos, sin, positions, k_cache, v_cache,
+                     any(n.zero_centred for n in norms))
     b, n, _ = k.shape
     k = k.reshape(b, n, n_kv, head_dim)
     if k_norm is not None:
@@ -231,10 +230,10 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, norm(x + delta)): the residual update fused with the next norm (one kernel on CUDA)."""
-    if not norm.zero_centred and fused_kernels_apply(x, delta, norm.weight):
+    if fused_kernels_apply(x, delta, norm.weight):
         from blockspec.kernels.norm_rope import add_rms_norm as fused
 
-        return fused(x, delta, norm.weight, norm.eps)
+        return fused(x, delta, norm.weight, norm.eps, norm.zero_centred)
     total = x + delta
     return total, norm(total)
 

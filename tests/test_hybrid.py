@@ -118,7 +118,8 @@ def test_cached_decode_and_verify_match_transformers():
 
 
 # ---- rollback ---------------------------------------------------------------------------------------------------
-def test_rollback_to_every_accepted_length_equals_token_by_token_decoding():
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_rollback_to_every_accepted_length_equals_token_by_token_decoding(rollback):
     """Verify a block of B tokens, commit each row to its own length m (ragged), and the conv and recurrent
     states, and the next token's logits, are those of decoding the first m tokens one by one (up to the rounding
     of GEMMs of different heights)."""
@@ -127,7 +128,7 @@ def test_rollback_to_every_accepted_length_equals_token_by_token_decoding():
     ids = torch.randint(0, 64, (rows, 30), generator=torch.Generator().manual_seed(2))
     prompt = 12
     with torch.no_grad():
-        cache = model.new_cache(rows, 40, verify_tokens=block)
+        cache = model.new_cache(rows, 40, verify_tokens=block, rollback=rollback)
         model(ids[:, :prompt], torch.arange(prompt)[None].expand(rows, -1), cache)
         reference = model.new_cache(rows, 40, verify_tokens=block)
         model(ids[:, :prompt], torch.arange(prompt)[None].expand(rows, -1), reference)
@@ -145,6 +146,40 @@ def test_rollback_to_every_accepted_length_equals_token_by_token_decoding():
         after, _ = model(token, nxt[:, None], cache)
         expected, _ = model(token, nxt[:, None], reference)
         torch.testing.assert_close(model.logits(after), model.logits(expected), atol=1e-5, rtol=1e-5)
+
+
+def test_replay_and_per_position_states_roll_back_to_the_same_states():
+    """Two verifies in a row, each followed by a commit to ragged lengths (the full block included): a "replay" cache
+    holds bit for bit the states of a "states" cache (the same two roundings per update, replayed)."""
+    model = target_from_hf(tiny_qwen35(seed=11)).model
+    block, rows, prompt = 6, 4, 9
+    ids = torch.randint(0, 64, (rows, prompt + 2 * block), generator=torch.Generator().manual_seed(12))
+    caches = {mode: model.new_cache(rows, 40, verify_tokens=block, rollback=mode) for mode in ("states", "replay")}
+    with torch.no_grad():
+        for cache in caches.values():
+            start = torch.zeros(rows, dtype=torch.long)
+            model(ids[:, :prompt], torch.arange(prompt)[None].expand(rows, -1), cache)
+            for keep in (torch.tensor([1, 6, 3, 5]), torch.tensor([6, 2, 1, 4])):
+                pos = prompt + start[:, None] + torch.arange(block)
+                model(ids.gather(1, pos - prompt + prompt // 2), pos, cache)
+                cache.commit(keep)
+                start += keep
+    states, replay = caches["states"], caches["replay"]
+    assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
+    assert not hasattr(replay, "steps") and not hasattr(states, "base")  # each keeps only what it replays from
+    with pytest.raises(BlockspecError, match="rollback 'undo'"):
+        model.new_cache(1, 8, rollback="undo")
+
+
+def test_greedy_batched_decoding_is_the_same_with_either_rollback(pair):
+    _, target, draft = pair
+    prompts = prompts_of([6, 17, 3], 32, seed=13)
+    params = [greedy(m) for m in (25, 14, 30)]
+    got = {mode: BatchDecoder(target, draft, max_batch=3, max_len=80, rollback=mode).generate(prompts, params)
+           for mode in ("states", "replay")}
+    for s, r in zip(got["states"], got["replay"]):
+        assert s.token_ids == r.token_ids and s.stats.acceptance_lengths == r.stats.acceptance_lengths
+    assert any(max(r.stats.acceptance_lengths) > 1 for r in got["replay"])
 
 
 def test_rows_views_copy_row_and_a_reused_row_start_clean():

@@ -86,13 +86,14 @@ class BatchDecoder:
     Drive it with `add` (queue a request), `step` (admit waiting requests into free rows, then decode one
     step for every row) and `cancel`; `generate` runs a list of prompts to completion. `max_step_tokens`
     (None: off) bounds rows x block per step by shrinking the block as the batch grows; `max_prefill_tokens`
-    bounds rows x longest prompt of the requests prefilled together.
+    bounds rows x longest prompt of the requests prefilled together. `rollback` is how a hybrid target's cache
+    rolls its recurrent state back after a verify ("states" or "replay", cache.HybridCache).
     """
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None,
-                 max_prefill_tokens: int = MAX_PREFILL_TOKENS) -> None:
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, rollback: str = "states") -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             draft = DraftProposer(draft, target.model)
@@ -117,7 +118,7 @@ class BatchDecoder:
             model.prepare_fast_path()  # the batch-1 decode kernel, built before any graph is captured
 
         try:
-            self.target_cache = model.new_cache(max_batch, self.max_len, self.max_block)
+            self.target_cache = model.new_cache(max_batch, self.max_len, self.max_block, rollback)
             if draft is not None:
                 draft.allocate(max_batch, self.max_len)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # CPU allocators raise RuntimeError

@@ -140,15 +140,17 @@ _combine_splits_any_count = triton.jit(do_not_specialize=[
     "n_q", "window", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "slim_b", "so_b"])(_combine_splits.fn)
 
 
-def attention_config(n_q: int, device: torch.device) -> dict:
+def attention_config(n_q: int, device: torch.device, head_dim: int = 128) -> dict:
     """The launch settings for n_q queries (up to 4: "narrow", AR-like; more: "wide", a block): key splits per
-    (row, KV head), keys per tile, warps; from the current settings' table, else the device's. Under
-    `KernelSettings.batch_invariant`, "wide"'s tiles for any n_q, with "chunk": keys per split."""
+    (row, KV head), keys per tile, warps; from the current settings' table, else the device's. A table may give a
+    head dim its own ("wide_d256"). Under `KernelSettings.batch_invariant`, "wide"'s tiles for any n_q, with
+    "chunk": keys per split."""
     settings = current_settings()
     table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
+    wide = table.get(f"wide_d{head_dim}", table["wide"])
     if settings.batch_invariant:
-        return {**table["wide"], "chunk": INVARIANT_CHUNK}
-    return table["narrow" if n_q <= 4 else "wide"]
+        return {**wide, "chunk": INVARIANT_CHUNK}
+    return table.get(f"narrow_d{head_dim}", table["narrow"]) if n_q <= 4 else wide
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
@@ -157,7 +159,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype. A config with "chunk" cuts
     the keys at fixed offsets (batch_invariant) and takes any n; without, n is at most 16."""
     b, n_heads, n_q, d = q.shape
-    config = config or attention_config(n_q, q.device)
+    config = config or attention_config(n_q, q.device, d)
     if q.stride(-1) != 1:
         q = q.contiguous()
     out = torch.empty(b, n_q, n_heads, d, device=q.device, dtype=q.dtype)

@@ -14,26 +14,44 @@ from blockspec.kernels.launch import _pdl_prologue, pdl_options
 
 
 @triton.jit
-def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _store_normed(OUT, row, so, x, r, W, cols, ok, ZERO_CENTRED: tl.constexpr):
+    """Row `row` of OUT = the normed x * r times the weight, rounded as eager does: w * (x r cast), or zero-centred
+    (Qwen3.5) x r (1 + w) in fp32, cast once."""
+    if ZERO_CENTRED:
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + row * so + cols, (x * r * (1.0 + w)).to(OUT.dtype.element_ty), mask=ok)
+    else:
+        y = (x * r).to(OUT.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, ZERO_CENTRED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
     x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
     r = tl.rsqrt(tl.sum(x * x, axis=0) / n + eps)
-    y = (x * r).to(OUT.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+    _store_normed(OUT, row, so, x, r, W, cols, ok, ZERO_CENTRED)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm_dtype(x: torch.Tensor, weight: torch.Tensor, zero_centred: bool) -> torch.dtype:
+    """What eager returns: x's dtype when zero-centred (cast after the weight), else x's and the weight's promoted."""
+    return x.dtype if zero_centred else torch.promote_types(x.dtype, weight.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bool = False) -> torch.Tensor:
+    """RMSNorm of x's rows: weight * (x normed, cast), or with `zero_centred` (x normed * (1 + weight)) cast."""
     n = x.shape[-1]
     rows = x.reshape(-1, n)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    out = torch.empty(rows.shape, device=x.device, dtype=_norm_dtype(x, weight, zero_centred))
     _rms_norm[(rows.shape[0],)](rows, weight, out, rows.stride(0), out.stride(0), n, eps,
-                                BLOCK=triton.next_power_of_2(n), num_warps=4 if n >= 1024 else 1, **pdl_options(x))
+                                BLOCK=triton.next_power_of_2(n), ZERO_CENTRED=zero_centred,
+                                num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return out.view(*x.shape[:-1], n)
 
 
@@ -64,7 +82,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 @triton.jit(do_not_specialize=["n_q"])
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
-                    n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+                    n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, ZERO_CENTRED: tl.constexpr,
+                    ROT: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
     h = tl.program_id(1)  # head among q heads, then k heads, then v heads
@@ -79,18 +98,30 @@ def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
         else:
             src = K_SRC + t * s_k + (h - n_heads) * D
             w_ptr = KN
-        partner = (dims + D // 2) % D
+        if ROT:  # partial RoPE (Qwen3.5): the first ROT dims rotate among themselves, the others pass through
+            partner = tl.where(dims < ROT, (dims + ROT // 2) % ROT, dims)
+        else:
+            partner = (dims + D // 2) % D
         x = tl.load(src + dims).to(tl.float32)
         xp = tl.load(src + partner).to(tl.float32)
         if HAS_NORM:
             r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            x = (tl.load(w_ptr + dims).to(tl.float32)
-                 * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
-            xp = (tl.load(w_ptr + partner).to(tl.float32)
-                  * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
-        rotated = tl.where(dims < D // 2, -xp, xp)
-        cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
-        sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
+            if ZERO_CENTRED:  # x r (1 + w) in fp32, cast once
+                x = (x * r * (1.0 + tl.load(w_ptr + dims).to(tl.float32))).to(KC.dtype.element_ty).to(tl.float32)
+                xp = (xp * r * (1.0 + tl.load(w_ptr + partner).to(tl.float32))).to(KC.dtype.element_ty).to(tl.float32)
+            else:
+                x = (tl.load(w_ptr + dims).to(tl.float32)
+                     * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+                xp = (tl.load(w_ptr + partner).to(tl.float32)
+                      * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+        if ROT:  # cos 1 and sin 0 past the rotary dims: x * 1 + anything * 0 is x
+            rotated = tl.where(dims < ROT // 2, -xp, xp)
+            cos = tl.load(COS + t * s_cos + dims, mask=dims < ROT, other=1.0).to(tl.float32)
+            sin = tl.load(SIN + t * s_cos + dims, mask=dims < ROT, other=0.0).to(tl.float32)
+        else:
+            rotated = tl.where(dims < D // 2, -xp, xp)
+            cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
+            sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
         a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
         c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
         y = (a + c).to(KC.dtype.element_ty)
@@ -106,15 +137,17 @@ def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
 def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv: int,
                    head_dim: int, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
                    cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor) -> torch.Tensor | None:
+                   v_cache: torch.Tensor, zero_centred: bool = False) -> torch.Tensor | None:
     """Projections q [b, n, nH*d] (or None: context only), k and v [b, n, nKV*d], each with unit stride on
-    the last axis (views into one fused projection are fine): q/k RMSNorm (optional), RoPE, K and V stored
-    into the cache layer at `positions`; returns q as [b, nH, n, d]."""
+    the last axis (views into one fused projection are fine): q/k RMSNorm (optional; `zero_centred`: x̂ (1 + w)),
+    RoPE (on the first cos.shape[-1] dims of each head: partial where that is less than d), K and V stored into the
+    cache layer at `positions`; returns q as [b, nH, n, d]."""
     b, n, _ = k.shape
     heads = n_heads if q is not None else 0
     rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
-    cos = cos.reshape(b * n, head_dim)
-    sin = sin.reshape(b * n, head_dim)
+    rotary = cos.shape[-1]
+    cos = cos.reshape(b * n, rotary)
+    sin = sin.reshape(b * n, rotary)
     q_out = torch.empty(b, heads, n, head_dim, device=k.device, dtype=k.dtype)
     q_rows = rows[0] if rows[0] is not None else rows[1]
     norm = q_norm is not None
@@ -124,12 +157,14 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
         q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
-        HAS_NORM=k_norm is not None, D=head_dim, num_warps=1, **pdl_options(k))
+        HAS_NORM=k_norm is not None, D=head_dim, ZERO_CENTRED=zero_centred, ROT=rotary if rotary < head_dim else 0,
+        num_warps=1, **pdl_options(k))
     return q_out if q is not None else None
 
 
 @triton.jit
-def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, ZERO_CENTRED: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -140,20 +175,18 @@ def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.const
     tl.store(SUM + row * ss + cols, s, mask=ok)
     s32 = s.to(tl.float32)
     r = tl.rsqrt(tl.sum(s32 * s32, axis=0) / n + eps)
-    y = (s32 * r).to(OUT.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + row * so + cols, (w * y).to(OUT.dtype.element_ty), mask=ok)
+    _store_normed(OUT, row, so, s32, r, W, cols, ok, ZERO_CENTRED)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
+                 zero_centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)) in one pass."""
     n = x.shape[-1]
     xr, dr = x.reshape(-1, n), delta.reshape(-1, n)
     total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
-    out = torch.empty(xr.shape, device=x.device, dtype=torch.promote_types(x.dtype, weight.dtype))
+    out = torch.empty(xr.shape, device=x.device, dtype=_norm_dtype(x, weight, zero_centred))
     _add_rms_norm[(xr.shape[0],)](xr, dr, weight, total, out, xr.stride(0), dr.stride(0), total.stride(0),
-                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), ZERO_CENTRED=zero_centred,
                                   num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 

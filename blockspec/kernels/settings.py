@@ -45,6 +45,10 @@ class KernelSettings:
         layers.RotaryEmbedding (bit-identical values).
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
         device allow it; False: the per-op kernels.
+    fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
+        (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
+    fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
+        is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
         benchmarks/compile_vs_graphs.py hands to torch.compile).
     skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
@@ -63,6 +67,8 @@ class KernelSettings:
     prefetch_tiles: int = 2
     fused_rope: bool = True
     flow_decode: bool = True
+    fused_gdn: bool = True
+    fla_prefill: bool = True
     fused_kernels: bool = True
     batch_invariant: bool = False
     skinny_table: SkinnyTable | None = None
@@ -98,8 +104,8 @@ class LaunchTables:
 
     skinny: the skinny GEMM's config per weight shape and row bucket (SkinnyTable); a shape it does not list
         stays on cuBLAS.
-    attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block): key splits
-        per (row, KV head), keys per tile, warps.
+    attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block), and per head
+        dim where one needs its own ("wide_d256"): key splits per (row, KV head), keys per tile, warps.
     flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
         takes the per-op kernels.
     """

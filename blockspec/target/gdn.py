@@ -9,18 +9,24 @@ Decode and verify run the per-token form (`delta_rule_step`), so a verify makes 
 decoding; a prefill longer than the cache's verify window runs the chunked form (`delta_rule_chunked`), the same
 recurrence folded into a few matrix products per chunk. The depthwise causal convolution in front runs as K
 shifted multiply-adds in fp32, the same arithmetic for any number of tokens.
+
+On CUDA a decode or verify runs kernels/gdn.py (two launches a layer, the same per-token arithmetic), and a prefill
+flash-linear-attention's chunked kernels where that package is installed (`prefill_delta_rule`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blockspec.cache import HybridCache
-from blockspec.layers import linear
+from blockspec.kernels import current_settings
+from blockspec.layers import fused_kernels_apply, linear
 
 
 @dataclass(frozen=True)
@@ -57,14 +63,38 @@ def causal_conv(window: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.silu(out)
 
 
+def decayed(state: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """state [.., Dk, Dv] * decay [..] (= exp(g))."""
+    return state * decay[..., None, None]
+
+
+def rank_one_update(state: torch.Tensor, k: torch.Tensor, innovation: torch.Tensor) -> torch.Tensor:
+    """state + k innovation^T (k [.., Dk], innovation [.., Dv]). A step and a replay of it share these two functions,
+    so they round alike."""
+    return state + k[..., None] * innovation[..., None, :]
+
+
 def delta_rule_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
-                    beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    beta: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """One token: state [b, h, Dk, Dv]; q, k [b, h, Dk]; v [b, h, Dv]; g, beta [b, h] (all fp32) ->
-    (the new state, the output [b, h, Dv])."""
-    state = state * g.exp()[..., None, None]
+    (the new state, the output [b, h, Dv], the decay exp(g) [b, h] and the innovation [b, h, Dv] it applied)."""
+    decay = g.exp()
+    state = decayed(state, decay)
     innovation = (v - (state * k[..., None]).sum(-2)) * beta[..., None]
-    state = state + k[..., None] * innovation[..., None, :]
-    return state, (state * q[..., None]).sum(-2)
+    state = rank_one_update(state, k, innovation)
+    return state, (state * q[..., None]).sum(-2), decay, innovation
+
+
+def replay_steps(base: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
+                 keep: torch.Tensor, n: int) -> torch.Tensor:
+    """Each row's state after its first keep[row] tokens of a forward of n, from the state before it, base
+    [L, b, h, Dk, Dv], and the forward's updates (tape_k [L, b, T, h, Dk], tape_decay [L, b, T, h], tape_u
+    [L, b, T, h, Dv]): bit for bit the state that forward reached after that token."""
+    state = base
+    for t in range(n):
+        stepped = rank_one_update(decayed(state, tape_decay[:, :, t]), tape_k[:, :, t], tape_u[:, :, t])
+        state = torch.where((t < keep)[None, :, None, None, None], stepped, state)
+    return state
 
 
 def delta_rule_chunked(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
@@ -99,6 +129,29 @@ def delta_rule_chunked(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         outputs.append(q_decayed[:, :, i] @ state + scores[:, :, i] @ innovations)
         state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ innovations
     return state, torch.cat(outputs, dim=2)[:, :, :n]
+
+
+@functools.cache
+def _fla_chunked() -> Callable | None:
+    """flash-linear-attention's chunked gated delta rule where that package is installed (an optional dependency)."""
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    return chunk_gated_delta_rule
+
+
+def prefill_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                       beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prompt's recurrence, as `delta_rule_chunked` takes and returns it: on CUDA through flash-linear-attention's
+    Triton kernels where it is installed and KernelSettings.fla_prefill allows (its dots in tf32: a prefill need not
+    round as decoding does), else the torch chunked form."""
+    fla = _fla_chunked() if q.is_cuda and current_settings().fla_prefill else None
+    if fla is None:
+        return delta_rule_chunked(state, q, k, v, g, beta)
+    out, state = fla(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), scale=1.0, initial_state=state,
+                     output_final_state=True)  # q comes scaled; fla takes [b, n, h, ...]
+    return state, out.transpose(1, 2)
 
 
 def l2_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -140,10 +193,18 @@ class GatedDeltaNet(nn.Module):
         """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
         sequence in a reused row), decided on the device. Updates the row states in `cache`."""
         c, n = self.cfg, x.shape[1]
-        conv_state, state, windows, steps = cache.gdn_layer(self.gdn_index)
+        layer = cache.gdn_layer(self.gdn_index)
+        projected = linear(x, self.in_proj.weight)
+        keeps_steps = cache.keeps_steps(n)  # decode or verify: token by token, keeping what commit() needs
+        if keeps_steps and self._fused(projected):
+            from blockspec.kernels.gdn import gdn_steps
+
+            out = gdn_steps(projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
+                            self.norm.eps, layer)
+            return linear(out, self.out_proj.weight)
         fresh = (positions[:, 0] == 0)[:, None, None]
-        qkv, z, beta, a = linear(x, self.in_proj.weight).split(self.splits, dim=-1)
-        window = torch.cat([torch.where(fresh, 0, conv_state), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
+        qkv, z, beta, a = projected.split(self.splits, dim=-1)
+        window = torch.cat([torch.where(fresh, 0, layer.conv), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
         mixed = causal_conv(window, self.conv1d.weight).to(x.dtype).transpose(1, 2)
         q, k, v = mixed.split([c.key_dim, c.key_dim, c.value_dim], dim=-1)
         repeat = c.num_value_heads // c.num_key_heads  # each q/k head serves this many consecutive value heads
@@ -153,18 +214,27 @@ class GatedDeltaNet(nn.Module):
         v = v.float().unflatten(-1, (c.num_value_heads, c.value_head_dim)).transpose(1, 2)
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).transpose(1, 2)  # [b, h, n]
         beta = beta.sigmoid().float().transpose(1, 2)
-        current = torch.where(fresh[..., None], 0, state)
-        if cache.keeps_steps(n):  # decode or verify: token by token, every state kept for commit()
-            windows[..., :window.shape[-1]] = window
+        current = torch.where(fresh[..., None], 0, layer.recurrent)
+        if keeps_steps:
+            layer.windows[..., :window.shape[-1]] = window
+            layer.start(current)
             outputs = []
             for t in range(n):
-                current, out = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t])
-                steps[:, t] = current
+                current, out, decay, innovation = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t],
+                                                                  g[:, :, t], beta[:, :, t])
+                layer.keep(t, current, k[:, :, t], decay, innovation)
                 outputs.append(out)
             out = torch.stack(outputs, dim=2)
         else:  # a prefill
-            current, out = delta_rule_chunked(current, q, k, v, g, beta)
-        conv_state.copy_(window[..., window.shape[-1] - conv_state.shape[-1]:])
-        state.copy_(current)
+            current, out = prefill_delta_rule(current, q, k, v, g, beta)
+        layer.conv.copy_(window[..., window.shape[-1] - layer.conv.shape[-1]:])
+        layer.recurrent.copy_(current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return linear(out.flatten(2), self.out_proj.weight)
+
+    def _fused(self, projected: torch.Tensor) -> bool:
+        """Whether a decode or verify runs the Triton kernels: CUDA inference with KernelSettings.fused_gdn on, head
+        dims that are powers of two."""
+        c = self.cfg
+        return (fused_kernels_apply(projected, self.conv1d.weight) and current_settings().fused_gdn
+                and all(d & (d - 1) == 0 for d in (c.key_head_dim, c.value_head_dim)))

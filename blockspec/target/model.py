@@ -249,10 +249,10 @@ class TargetModel(nn.Module):
                 module.weight.fill_(0.0 if getattr(module, "zero_centred", False) else 1.0)
         return model.eval()
 
-    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1) -> KVCache:
-        """A cache for `batch_size` rows of `max_len` positions. A hybrid target's cache keeps every position's state
-        of a forward of up to `verify_tokens` tokens, so that `commit` can roll back after a verify of that many:
-        pass the block size when verifying."""
+    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1, rollback: str = "states") -> KVCache:
+        """A cache for `batch_size` rows of `max_len` positions. A hybrid target's cache keeps what `commit` needs to
+        roll back after a verify of up to `verify_tokens` tokens (pass the block size when verifying), by `rollback`
+        "states" or "replay" (HybridCache); other targets roll back for free and ignore both."""
         c = self.config
         weight = self.embed_tokens.weight
         if not c.gdn_layers:
@@ -260,7 +260,7 @@ class TargetModel(nn.Module):
         g = c.gdn
         return HybridCache(c.num_layers - len(c.gdn_layers), len(c.gdn_layers), batch_size, c.num_kv_heads, max_len,
                            c.head_dim, (g.conv_dim, g.conv_kernel), (g.num_value_heads, g.key_head_dim,
-                           g.value_head_dim), verify_tokens, weight.dtype, weight.device)
+                           g.value_head_dim), verify_tokens, weight.dtype, weight.device, rollback)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
                 tap_layer_ids: tuple[int, ...] = (), kv_len: int | None = None

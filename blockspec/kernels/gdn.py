@@ -1,0 +1,227 @@
+"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, and the commit of
+a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
+
+`_gdn_steps`: a program per (row, value head, block of BLOCK_V value dims) holds its [Dk, BLOCK_V] slice of the fp32
+state in registers and runs the tokens through it one by one with the torch path's per-token arithmetic: the causal
+conv + SiLU of its q, k and v channels (from the conv state, then the projection), the L2 norms of q and k, beta and
+the decay from b, a, A_log and dt_bias, then `delta_rule_step`. It writes each token's output, what commit needs (the
+state after each token, or the replay tape), the conv window and the final state. A verify of n tokens and n one-token
+decodes run the same code per token, so they make the same choices.
+
+`_gdn_output`: the gated RMSNorm * silu(z) of each token and head (it needs the head's whole output), and the conv
+state after the last token, copied from the window: the programs of `_gdn_steps` cannot update it themselves, as one
+program would overwrite what another has yet to read.
+
+Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that update the state: each product and sum
+rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from blockspec.cache import GDNLayerState
+from blockspec.kernels.launch import _pdl_prologue, pdl_options
+
+# value dims per program, one warp each: a [128, 8] fp32 state slice is 32 registers a thread, and the 4B's 32 heads of
+# 128 give 512 programs a row (flash-linear-attention's decode kernel uses the same split); not yet measured here
+BLOCK_V = 8
+
+
+@triton.jit
+def _softplus(x):
+    """torch's softplus (threshold 20): log1p(exp(x)), with log1p as log(u) * y / (u - 1) for u = 1 + y, accurate
+    where exp(x) is tiny (libdevice's log1p has no counterpart in Triton's interpreter)."""
+    y = tl.exp(x)
+    u = 1.0 + y
+    log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, KERNEL: tl.constexpr):
+    """SiLU of the depthwise causal conv at token t for `channels`, rounded to X's dtype: sum_j W[c, j] * window[c, t+j]
+    in fp32, where the window is the conv state (zeros unless `kept`) followed by the tokens' inputs X[token, c]."""
+    acc = 0.0
+    for j in tl.static_range(KERNEL):
+        p = t + j  # position in the window
+        in_state = p < KERNEL - 1
+        old = tl.load(CONV + channels * s_cc + p, mask=in_state & kept, other=0.0)
+        new = tl.load(X + (p - (KERNEL - 1)) * s_xn + channels, mask=p >= KERNEL - 1, other=0.0)
+        acc = acc + tl.where(in_state, old, new).to(tl.float32) * tl.load(W + channels * KERNEL + j).to(tl.float32)
+    return (acc / (1.0 + tl.exp(-acc))).to(X.dtype.element_ty)
+
+
+@triton.jit
+def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, n, kept, mask, KERNEL: tl.constexpr):
+    """window[c] = the conv state (zeros unless `kept`), then the n tokens' inputs, for `channels` (where `mask`)."""
+    for j in tl.static_range(KERNEL - 1):
+        tl.store(WINDOW + channels * s_wc + j, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0), mask=mask)
+    for t in range(n):
+        tl.store(WINDOW + channels * s_wc + KERNEL - 1 + t, tl.load(X + t * s_xn + channels), mask=mask)
+
+
+# n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
+@triton.jit(do_not_specialize=["n"])
+def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, STATE, WINDOW, STEPS, BASE, TAPE_K, TAPE_DECAY, TAPE_U, O,
+               s_pb, s_pn, s_pos, s_cb, s_cc, s_sb, s_sh, s_wb, s_wc, s_tb, s_tt, s_th, s_bb, s_bh,
+               s_kb, s_kt, s_kh, s_db, s_dt, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n,
+               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KERNEL: tl.constexpr,
+               BV: tl.constexpr, KEEP_STATES: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    vb = tl.program_id(2)
+    dk = tl.arange(0, DK)
+    dv = vb * BV + tl.arange(0, BV)
+    q_channels = h // (HV // HK) * DK + dk  # each q/k head serves HV // HK consecutive value heads
+    k_channels = HK * DK + q_channels
+    v_channels = 2 * HK * DK + h * DV + dv
+    x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
+    conv = CONV + b * s_cb
+    kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
+    # the window's q and k channels are written by their key head's first value head, in its first value block
+    window = WINDOW + b * s_wb
+    first = (h % (HV // HK) == 0) & (vb == 0)
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, n, kept, first, KERNEL)
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, n, kept, first, KERNEL)
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, n, kept, True, KERNEL)
+
+    tile = dk[:, None] * DV + dv[None, :]
+    state = STATE + b * s_sb + h * s_sh + tile
+    S = tl.load(state, mask=kept, other=0.0)
+    if not KEEP_STATES:
+        tl.store(BASE + b * s_bb + h * s_bh + tile, S)
+    neg_a = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
+    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
+    for t in range(n):
+        q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
+        k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
+        v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, KERNEL).to(tl.float32)
+        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+        q = q * (DK ** -0.5)
+        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+        gates = x + t * s_pn + 2 * HK * DK + 2 * HV * DV + h  # b, then a
+        beta = tl.load(gates).to(tl.float32)
+        beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
+        a = tl.load(gates + HV).to(tl.float32) + dt_bias
+        decay = tl.exp(neg_a * _softplus(a))
+        S = S * decay
+        innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
+        S = S + k[:, None] * innovation[None, :]
+        o = tl.sum(S * q[:, None], axis=0)
+        tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))
+        if KEEP_STATES:
+            tl.store(STEPS + b * s_tb + t * s_tt + h * s_th + tile, S)
+        else:
+            tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)
+            tl.store(TAPE_K + b * s_kb + t * s_kt + h * s_kh + dk, k, mask=vb == 0)
+            tl.store(TAPE_DECAY + b * s_db + t * s_dt + h, decay, mask=vb == 0)
+    tl.store(state, S)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wc,
+                s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                KERNEL: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    b = tl.program_id(0) // n
+    t = tl.program_id(0) % n
+    h = tl.program_id(1)
+    dv = tl.arange(0, DV)
+    # GatedRMSNorm's rounding points: normed in fp32 and cast, times the weight (cast), times silu(z) in fp32, cast
+    o = tl.load(O + b * s_ob + t * s_on + h * s_oh + dv).to(tl.float32)
+    normed = (o * tl.rsqrt(tl.sum(o * o, axis=0) / DV + eps)).to(OUT.dtype.element_ty).to(tl.float32)
+    y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
+    z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv).to(tl.float32)
+    tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty))
+    if t == 0:  # the conv state after the last token: window[n : n + K-1], head h's v channels and q/k head h's
+        dk = tl.arange(0, DK)
+        window, conv = WINDOW + b * s_wb, CONV + b * s_cb
+        for j in tl.static_range(KERNEL - 1):
+            v_channels = 2 * HK * DK + h * DV + dv
+            tl.store(conv + v_channels * s_cc + j, tl.load(window + v_channels * s_wc + n + j))
+            for i in tl.static_range(2):  # q, then k
+                channels = (i * HK + h) * DK + dk
+                head = h < HK
+                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + n + j, mask=head), mask=head)
+
+
+def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
+              dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState) -> torch.Tensor:
+    """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected`
+    [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at
+    position 0 starts from empty states). Updates `layer` as target/gdn.py's torch path does; returns the gated
+    norm's output [b, n, V] (what out_proj takes)."""
+    b, n, _ = projected.shape
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
+    key_heads = (channels - heads * value_dim) // (2 * key_dim)
+    for t in (layer.recurrent, layer.steps, layer.base):
+        assert t is None or t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
+    assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
+    o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
+    out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
+    states = layer.steps is not None
+    steps = layer.steps if states else layer.recurrent.unsqueeze(1)  # the unused buffers: any tensor will do
+    base, tape_k, tape_decay, tape_u = ((layer.recurrent, steps[..., 0], steps[..., 0, 0], steps[..., 0, :])
+                                        if states else (layer.base, layer.tape_k, layer.tape_decay, layer.tape_u))
+    block_v = min(BLOCK_V, value_dim)
+    pdl = pdl_options(projected)
+    _gdn_steps[(b, heads, value_dim // block_v)](
+        projected, conv_weight, A_log, dt_bias, positions, layer.conv, layer.recurrent, layer.windows, steps, base,
+        tape_k, tape_decay, tape_u, o,
+        projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
+        layer.recurrent.stride(0), layer.recurrent.stride(1), layer.windows.stride(0), layer.windows.stride(1),
+        steps.stride(0), steps.stride(1), steps.stride(2), base.stride(0), base.stride(1),
+        tape_k.stride(0), tape_k.stride(1), tape_k.stride(2), tape_decay.stride(0), tape_decay.stride(1),
+        tape_u.stride(0), tape_u.stride(1), tape_u.stride(2), o.stride(0), o.stride(1), o.stride(2), n,
+        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, BV=block_v, KEEP_STATES=states,
+        num_warps=1, enable_fp_fusion=False, **pdl)
+    _gdn_output[(b * n, heads)](
+        o, projected, norm_weight, out, layer.windows, layer.conv, o.stride(0), o.stride(1), o.stride(2),
+        projected.stride(0), projected.stride(1), out.stride(0), out.stride(1), layer.windows.stride(0),
+        layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1), n, eps,
+        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, num_warps=1, **pdl)
+    return out
+
+
+@triton.jit(do_not_specialize=["n"])
+def _gdn_replay(STATE, BASE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_bl, s_bb, s_bh,
+                s_kl, s_kb, s_kt, s_kh, s_dl, s_db, s_dt, s_ul, s_ub, s_ut, s_uh, s_keep, rows, n,
+                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    layer = tl.program_id(0) // rows
+    b = tl.program_id(0) % rows
+    h = tl.program_id(1)
+    dk = tl.arange(0, DK)
+    dv = tl.program_id(2) * BV + tl.arange(0, BV)
+    tile = dk[:, None] * DV + dv[None, :]
+    keep = tl.load(KEEP + b * s_keep)
+    if keep < n:  # a row that kept every token already holds its state after them
+        S = tl.load(BASE + layer * s_bl + b * s_bb + h * s_bh + tile)
+        for t in range(n):
+            # the verify's two roundings: S * decay, then + k innovation^T
+            decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
+            k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
+            innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
+            stepped = S * decay
+            stepped = stepped + k[:, None] * innovation[None, :]
+            S = tl.where(t < keep, stepped, S)
+        tl.store(STATE + layer * s_sl + b * s_sb + h * s_sh + tile, S)
+
+
+def replay(recurrent: torch.Tensor, base: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor,
+           tape_u: torch.Tensor, keep: torch.Tensor, n: int) -> None:
+    """A "replay" cache's commit of its recurrent states [L, b, h, Dk, Dv], all layers in one launch: each row's state
+    becomes `base` advanced by its first keep[row] (1..n) updates of the tape (target/gdn.py replay_steps)."""
+    layers, b, heads, key_dim, value_dim = recurrent.shape
+    block_v = min(BLOCK_V, value_dim)
+    for t in (recurrent, base):
+        assert t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
+    _gdn_replay[(layers * b, heads, value_dim // block_v)](
+        recurrent, base, tape_k, tape_decay, tape_u, keep, *recurrent.stride()[:3], *base.stride()[:3],
+        *tape_k.stride()[:4], *tape_decay.stride()[:3], *tape_u.stride()[:4], keep.stride(0), b, n,
+        DK=key_dim, DV=value_dim, BV=block_v, num_warps=1, enable_fp_fusion=False, **pdl_options(recurrent))

@@ -1,0 +1,249 @@
+"""The kernels of hybrid (Qwen3.5) targets against the torch ops they replace: the Gated DeltaNet kernels
+(kernels/gdn.py, target/gdn.py's torch path), zero-centred RMSNorms, partial RoPE, decode attention at head dim 256,
+and whole greedy decodes through all of them.
+
+Runs on a CUDA machine, or on the CPU under Triton's interpreter (TRITON_INTERPRET=1), in fp32 there (bf16 in the
+interpreter rounds its own way); skipped otherwise.
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (torch.cuda.is_available() or INTERPRET):
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
+
+from blockspec.engine import BatchDecoder  # noqa: E402
+from blockspec.kernels import use_settings  # noqa: E402
+from blockspec.kernels.attention import decode_attention  # noqa: E402
+from blockspec.kernels.gdn import gdn_steps  # noqa: E402
+from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm  # noqa: E402
+from blockspec.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+from blockspec.layers import qkv_rope_store as qkv_rope_store_ops  # noqa: E402
+from blockspec.target import target_from_hf  # noqa: E402
+from conftest import build_draft  # noqa: E402
+from test_hybrid import LAYER_TYPES, TEXT_SHAPE, greedy, prompts_of, randomise_, tiny_qwen35  # noqa: E402
+from test_kernels import reference_attention  # noqa: E402
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+ROWS, PROMPT, BLOCK = 3, 12, 8
+
+
+@pytest.fixture
+def kernels_on_cpu(monkeypatch):
+    """Under the interpreter the tensors are on the CPU: let the GDN layers and the cache's commit take the kernels
+    anyway (KernelSettings.fused_gdn still chooses)."""
+    if INTERPRET:
+        for module in ("blockspec.target.gdn", "blockspec.cache"):
+            monkeypatch.setattr(f"{module}.fused_kernels_apply", lambda *tensors: True)
+
+
+def tiny_target(seed: int, dtype: torch.dtype = torch.float32):
+    return target_from_hf(tiny_qwen35(seed=seed)).model.to(DEVICE, dtype)
+
+
+def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor], object]:
+    """Prefill (the torch chunked form either way), a decode token, a verify block in which row 0 starts a new sequence
+    at position 0, a ragged commit, then another decode token: the logits of each pass, and the cache."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (ROWS, PROMPT + 2 + BLOCK), generator=gen).to(DEVICE)
+    cache = model.new_cache(ROWS, 48, verify_tokens=BLOCK, rollback=rollback)
+    logits = []
+    with torch.no_grad(), use_settings(fused_gdn=fused):
+        def run(tokens, positions):
+            hidden, _ = model(tokens, positions.to(DEVICE), cache)
+            logits.append(model.logits(hidden))
+
+        run(ids[:, :PROMPT], torch.arange(PROMPT)[None].expand(ROWS, -1))
+        run(ids[:, PROMPT:PROMPT + 1], torch.full((ROWS, 1), PROMPT))
+        positions = PROMPT + 1 + torch.arange(BLOCK)[None].repeat(ROWS, 1)
+        positions[0] = torch.arange(BLOCK)  # a new sequence in row 0
+        run(ids[:, PROMPT + 1:PROMPT + 1 + BLOCK], positions)
+        keep = torch.tensor([3, BLOCK, 1], device=DEVICE)
+        cache.commit(keep)
+        run(ids[:, -1:], (positions.to(DEVICE).gather(1, keep[:, None] - 1) + 1))
+    return logits, cache
+
+
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback):
+    model = tiny_target(seed=21)
+    got_logits, got = decode_session(model, True, rollback)
+    want_logits, want = decode_session(model, False, rollback)
+    for g, w in zip(got_logits, want_logits):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
+    names = ["conv", "recurrent", "windows"] + (["steps"] if rollback == "states" else
+                                                ["base", "tape_k", "tape_decay", "tape_u"])
+    for name in names:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
+    assert got.recurrent.abs().amax() > 0.01 and got.recurrent[:, 0].abs().amax() > 0  # real states, row 0 too
+
+
+def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernels_on_cpu):
+    model = tiny_target(seed=22)
+    _, states = decode_session(model, True, "states")
+    _, replay = decode_session(model, True, "replay")
+    assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
+
+
+def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on_cpu):
+    """The kernel's per-token work does not depend on the block: n tokens in one launch and one launch per token
+    give bit-identical outputs, conv and recurrent states (row 0 starting a new sequence at position 0)."""
+    model = tiny_target(seed=23)
+    mixer = model.layers[0].linear_attn
+    gen = torch.Generator().manual_seed(1)
+    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    positions = (5 + torch.arange(BLOCK))[None].repeat(ROWS, 1)
+    positions[0] -= 5
+    positions = positions.to(DEVICE)
+    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK) for _ in range(2)]
+    for cache in caches:
+        cache.keeps_steps(BLOCK)
+        torch.manual_seed(2)
+        cache.conv.normal_()
+        cache.recurrent.normal_()
+    args = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
+    block = gdn_steps(projected, positions, *args, caches[0].gdn_layer(0))
+    tokens = torch.cat([gdn_steps(projected[:, t:t + 1], positions[:, t:t + 1], *args, caches[1].gdn_layer(0))
+                        for t in range(BLOCK)], dim=1)
+    assert torch.equal(block, tokens)
+    assert torch.equal(caches[0].recurrent[0], caches[1].recurrent[0])
+    assert torch.equal(caches[0].conv[0], caches[1].conv[0])
+    assert torch.equal(caches[0].steps[0, :, -1], caches[1].steps[0, :, 0])  # the last token's state, kept both ways
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_zero_centred_rms_norms_match_the_torch_ops(dtype):
+    gen = torch.Generator().manual_seed(3)
+    for width in (576, 16):
+        norm = RMSNorm(width, 1e-6, zero_centred=True).to(DEVICE, dtype)
+        norm.weight.data = (0.3 * torch.randn(width, generator=gen)).to(DEVICE, dtype)
+        x, delta = (torch.randn(5, width, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        with use_settings(fused_kernels=False):
+            want = norm(x)
+            want_sum = x + delta
+            want_normed = norm(want_sum)
+        tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(rms_norm(x, norm.weight, 1e-6, zero_centred=True), want, **tolerance)
+        total, normed = add_rms_norm(x, delta, norm.weight, 1e-6, zero_centred=True)
+        assert torch.equal(total, want_sum)
+        torch.testing.assert_close(normed, want_normed, **tolerance)
+        plain = rms_norm(x, norm.weight, 1e-6)  # the plain form is another function of the weight
+        assert (plain.float() - want.float()).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("zero_centred", [True, False], ids=["zero-centred", "plain"])
+def test_partial_rope_with_qk_norms_stores_what_the_torch_ops_store(zero_centred, dtype):
+    """Qwen3.5's attention: RoPE on the first quarter of each head (rotate-half within it), the rest passed through,
+    after per-head q/k RMSNorms; q returned, K and V stored at the positions."""
+    gen = torch.Generator().manual_seed(4)
+    b, n, heads, kv_heads, d, rotary, length = 2, 5, 4, 2, 32, 8, 40
+    norms = [RMSNorm(d, 1e-6, zero_centred).to(DEVICE, dtype) for _ in range(2)]
+    for norm in norms:
+        norm.weight.data = ((0.0 if zero_centred else 1.0) + 0.3 * torch.randn(d, generator=gen)).to(DEVICE, dtype)
+    qkv = torch.randn(b, n, (heads + 2 * kv_heads) * d, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], -1)
+    positions = (torch.tensor([[3], [17]]) + torch.arange(n)).to(DEVICE)
+    rope = RotaryEmbedding(1.0 / 1e7 ** (torch.arange(0, rotary, 2).float() / rotary)).to(DEVICE)
+    cos, sin = rope(positions, dtype)
+    assert cos.shape[-1] == rotary
+    caches = [[torch.zeros(b, kv_heads, length, d, device=DEVICE, dtype=dtype) for _ in range(2)] for _ in range(2)]
+    with use_settings(fused_kernels=False):
+        want = qkv_rope_store_ops(q, k, v, heads, kv_heads, d, *norms, cos, sin, positions, *caches[0])
+    got = qkv_rope_store(q, k, v, heads, kv_heads, d, norms[0].weight, norms[1].weight, 1e-6, cos, sin, positions,
+                         *caches[1], zero_centred=zero_centred)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(got, want, **tolerance)
+    for mine, theirs in zip(caches[1], caches[0]):
+        torch.testing.assert_close(mine, theirs, **tolerance)
+
+
+@pytest.mark.parametrize("queries", [1, 16])
+def test_decode_attention_at_qwen35_head_dim_256(queries):
+    """Qwen3.5-4B's attention layers: 16 query and 4 KV heads of 256 dims, one token or a verify block."""
+    gen = torch.Generator().manual_seed(queries)
+    b, length = 2, 300
+    q = torch.randn(b, 16, queries, 256, generator=gen).to(DEVICE)
+    k, v = (torch.randn(b, 4, length, 256, generator=gen).to(DEVICE) for _ in range(2))
+    limits = (torch.tensor([[200], [290 - queries]]) + torch.arange(queries)).to(DEVICE)
+    out = decode_attention(q, k, v, limits)
+    want = reference_attention(q, k, v, limits, 0)
+    assert ((out.double() - want).norm() / want.norm()).item() < 1e-5
+
+
+def qwen35_shaped(dtype: torch.dtype):
+    """A tiny target with Qwen3.5-4B's head shapes: attention heads of 256 (a quarter rotated), GDN heads of 128."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    shape = dict(TEXT_SHAPE, hidden_size=128, intermediate_size=256, head_dim=256, linear_key_head_dim=128,
+                 linear_value_head_dim=128)
+    cfg = Qwen3_5TextConfig(vocab_size=64, num_hidden_layers=len(LAYER_TYPES), layer_types=LAYER_TYPES,
+                            tie_word_embeddings=False, **shape)
+    hf = Qwen3_5ForCausalLM(cfg).eval()
+    randomise_(hf.named_parameters(), seed=15, std=0.1)
+    return target_from_hf(hf.to(DEVICE, dtype))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a GPU run (the interpreter takes ~13 s a forward: decode_session "
+                                             "covers the GDN kernels there)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_greedy_decoding_through_the_kernels_equals_the_torch_ops_graphed_and_eager(rollback, dtype):
+    """A Qwen3.5-shaped target with a DFlash draft, batched with ragged acceptance: in fp32 the tokens through the
+    kernels, eager and graphed, are those of the plain torch ops; in bf16 (where the two round differently) graphed
+    and eager kernel runs agree."""
+    target = qwen35_shaped(dtype)
+    draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8,
+                        target_layer_ids=[1, 2, 4]).to(DEVICE, dtype)
+    prompts = prompts_of([7, 13, 30], 64, seed=14)
+    params = [greedy(40), greedy(25), greedy(33)]
+
+    def generate(use_graphs: bool):
+        decoder = BatchDecoder(target, draft, max_batch=4, max_len=128, rollback=rollback, use_graphs=use_graphs)
+        return [(r.token_ids, r.stats.acceptance_lengths) for r in decoder.generate(prompts, params)]
+
+    eager = generate(False)
+    assert generate(True) == eager
+    if dtype == torch.float32:
+        with use_settings(fused_kernels=False):
+            assert generate(False) == eager
+    assert len(set(eager[0][0])) > 8 and any(max(lengths) > 1 for _, lengths in eager)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="flash-linear-attention runs on a GPU only (its kernels do not run under "
+                                             "Triton's interpreter)")
+def test_a_prefill_through_flash_linear_attention_matches_the_torch_chunked_form():
+    pytest.importorskip("fla")
+    from blockspec.target.gdn import delta_rule_chunked, l2_normalise, prefill_delta_rule
+
+    gen = torch.Generator().manual_seed(16)
+    b, h, n, d = 2, 8, 300, 128
+    q, k = (l2_normalise(torch.randn(b, h, n, d, generator=gen)).to(DEVICE) for _ in range(2))
+    v = torch.randn(b, h, n, d, generator=gen).to(DEVICE)
+    g = -torch.rand(b, h, n, generator=gen).to(DEVICE)
+    beta = torch.rand(b, h, n, generator=gen).to(DEVICE)
+    state = torch.randn(b, h, d, d, generator=gen).to(DEVICE)
+    want_state, want = delta_rule_chunked(state, q * d ** -0.5, k, v, g, beta)
+    got_state, got = prefill_delta_rule(state, q * d ** -0.5, k, v, g, beta)
+    for mine, theirs in ((got, want), (got_state, want_state)):
+        assert mine.shape == theirs.shape
+        assert ((mine.double() - theirs.double()).norm() / theirs.double().norm()).item() < 1e-2
+
+
+def test_a_head_dim_with_its_own_attention_entry_launches_with_it():
+    from blockspec.kernels.attention import attention_config
+    from blockspec.kernels.settings import tables_for
+
+    table = {kind: {"splits": splits, "block_n": 32, "num_warps": 4}
+             for kind, splits in (("narrow", 8), ("wide", 16), ("wide_d256", 32))}
+    with use_settings(attention_table=table):
+        assert attention_config(16, torch.device(DEVICE), 256)["splits"] == 32
+        assert attention_config(16, torch.device(DEVICE), 128)["splits"] == 16
+        assert attention_config(1, torch.device(DEVICE), 256)["splits"] == 8  # no narrow_d256: the narrow entry
+    assert tables_for("NVIDIA H100 80GB HBM3").attention["wide_d256"]["splits"] == 32
