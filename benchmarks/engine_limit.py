@@ -515,11 +515,11 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
     for setting in names:
         with use_settings(kernel_settings(AB_SETTINGS[setting], tables)):
             reference = AB_SETTINGS[setting]["table"], AB_SETTINGS[setting]["exact"]
+            paths = (("ar", None), *drafts.items())
             if reference not in eager:
-                eager[reference] = {name: SpeculativeDecoder(target, d, use_graphs=False).generate(prompt,
-                                                                                                   params).token_ids
-                                    for name, d in (("ar", None), *drafts.items())}
-            decoders[setting] = {name: oracle_decoder(target, d, max_len) for name, d in (("ar", None), *drafts.items())}
+                eager[reference] = {name: SpeculativeDecoder(target, d, use_graphs=False).generate(prompt, params)
+                                    .token_ids for name, d in paths}
+            decoders[setting] = {name: oracle_decoder(target, d, max_len) for name, d in paths}
             for name, decoder in decoders[setting].items():
                 decoder.engine.pipeline = AB_SETTINGS[setting]["pipeline"]
                 decoder.engine.capture_graphs()

@@ -31,8 +31,10 @@ class SpeculativeDecoder:
                  max_len: int | None = None, use_graphs: bool = True) -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
+            self.trained_block = draft.block_size
+        else:
+            self.trained_block = draft.max_block if draft is not None else 1
         self.target, self.draft, self.max_len, self.use_graphs = target, draft, max_len, use_graphs
-        self.trained_block = 1 if draft is None else draft.block_size if isinstance(draft, DraftModel) else draft.max_block
         self.block_size = check_block_size(block_size, self.trained_block)
         self.engine: BatchDecoder | None = None
         if max_len is not None:  # a fixed row: the engine (and its cache) now
