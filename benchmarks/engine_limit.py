@@ -42,9 +42,11 @@ from typing import Callable, Iterator
 
 import torch
 
-from benchmarks.harness import (capture_graph, copy_bandwidth, make_draft, parser_with_common_flags,
-                                qwen3_4b_config, run_and_report, run_header, sync)
+from benchmarks import roofline
+from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, parser_with_common_flags, qwen3_4b_config,
+                                run_and_report, run_header, step_ms, sync, target_pass)
 from benchmarks.oracle import OracleProposer, constant_choice
+from benchmarks.roofline import kv_bytes_per_token, param_bytes
 from blockspec.draft import DraftModel
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
@@ -53,32 +55,11 @@ from blockspec.target import Target, TargetConfig, TargetModel
 TAUS = (3.0, 5.0, 6.5, 8.0)
 
 
-def param_bytes(module: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in module.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, itemsize: int) -> int:
-    return layers * 2 * kv_heads * head_dim * itemsize
-
-
-def floors(cfg: TargetConfig, target: TargetModel, draft: DraftModel | None, ctx: int, block: int) -> int:
-    """Bytes one step must move: every weight once (the lm_head twice when drafting: draft logits, then
-    verify logits), the visible K/V of target (and draft), the new K/V written."""
-    item = target.embed_tokens.weight.element_size()
-    total = param_bytes(target)  # a tied embedding counts once: the lm_head reads all of it
-    if target.lm_head.weight.data_ptr() != target.embed_tokens.weight.data_ptr():
-        total -= target.embed_tokens.weight.numel() * item  # untied: only a few embedding rows are read
-    total += kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, item) * (ctx + block)
-    if draft is not None:
-        dc = draft.config
-        total += param_bytes(draft) + target.lm_head.weight.numel() * item
-        total += kv_bytes_per_token(dc.num_layers, dc.num_key_value_heads, dc.head_dim, item) * (ctx + block)
-    return total
+def floors(target: TargetModel, draft: DraftModel | None, ctx: int, block: int) -> float:
+    """Bytes one step must move (benchmarks/roofline.py): every weight once (the lm_head twice when drafting:
+    draft logits, then verify logits), the visible K/V of target (and draft), the new K/V written (and a hybrid
+    target's recurrent state)."""
+    return roofline.step(target, draft, [ctx], block).bytes
 
 
 def oracle_decoder(target: Target, draft: DraftModel | None, max_len: int) -> SpeculativeDecoder:
@@ -240,29 +221,6 @@ def profile_step(decoder: SpeculativeDecoder, prompt: list[int], device: str) ->
     return rows[:25]
 
 
-def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: int = 7) -> float:
-    """Median ms of one replay of `fn` captured as a CUDA graph (CUDA events over `replays` back-to-back
-    replays, median of `rounds`); on the CPU (a logic check) of one eager call."""
-    if not device.startswith("cuda"):
-        times = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
-    graph, _ = capture_graph(fn)
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / replays)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def live_row(decoder: SpeculativeDecoder, prompt: list[int], device: str) -> Iterator[int]:
     """Row 0 of the decoder's engine holding a live sequence about `len(prompt)` long (prefill and two steps, each
@@ -277,32 +235,6 @@ def live_row(decoder: SpeculativeDecoder, prompt: list[int], device: str) -> Ite
             yield block
         finally:
             chunks.close()
-
-
-def step_ms(decoder: SpeculativeDecoder, block: int, device: str) -> float:
-    """The whole greedy step of the live row (`_greedy_step`: draft, verify, acceptance, bookkeeping; no host
-    read) as a CUDA graph of its own; the row's state is restored after the replays."""
-    engine = decoder.engine
-    state = [engine.last_token[:1], engine.start[:1], *engine.target_cache.rows(0, 1).state()]
-    if engine.proposer is not None:
-        state += engine.proposer.state(1)
-    saved = [t.clone() for t in state]
-    with torch.inference_mode():
-        # each replay commits one token (acceptance forced to 0): 52 replays stay inside max_len's slack
-        ms = graph_ms(lambda: engine._greedy_step(1, block, engine.max_len), device, replays=10, rounds=5)
-        for live, copy in zip(state, saved):
-            live.copy_(copy)
-    return ms
-
-
-def target_pass(decoder: SpeculativeDecoder, block: int) -> Callable[[], torch.Tensor]:
-    """The live row's target pass over `block` random tokens at its next block's positions (taps included when
-    drafting), without the lm_head: returns the final-normed hidden states."""
-    engine, model = decoder.engine, decoder.target.model
-    block_pos = engine.start[:1, None] + engine.offsets[None, :block]
-    block_ids = torch.randint(0, model.config.vocab_size, (1, block), device=block_pos.device)
-    cache = engine.target_cache.rows(0, 1)
-    return lambda: model(block_ids, block_pos, cache, engine.tap_ids, kv_len=engine.max_len)[0]
 
 
 def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float, device: str) -> dict:
@@ -323,7 +255,7 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
         block_pos = engine.start[:1, None] + engine.offsets[None, :block]
         kv_len = engine.max_len
         dtype = model.embed_tokens.weight.dtype
-        target_hidden = target_pass(decoder, block)
+        target_hidden = target_pass(engine, 1, block)
         hidden = torch.randn(1, block, cfg.hidden_size, device=block_pos.device, dtype=dtype)
         weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
                                                          layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
@@ -367,8 +299,8 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
         with torch.inference_mode():  # as the engine runs its steps
             for name, (fn, nbytes) in parts.items():
                 record(name, graph_ms(fn, device), nbytes / bandwidth * 1e3)
-        record("whole step (graph, no host read)", step_ms(decoder, block, device),
-               floors(cfg, model, draft, ctx, block) / bandwidth * 1e3)
+        record("whole step (graph, no host read)", step_ms(engine, 1, block, device),
+               floors(model, draft, ctx, block) / bandwidth * 1e3)
         return out
 
 
@@ -445,8 +377,8 @@ def attention_sweep(decoder: SpeculativeDecoder, contexts: list[int], device: st
         with live_row(decoder, prompt, device) as block:
             for setting in ATTENTION_SWEEP:
                 with use_settings(attention_table={**source, "wide": setting}), torch.inference_mode():
-                    target_ms = graph_ms(target_pass(decoder, block), device)
-                    ms = step_ms(decoder, block, device)
+                    target_ms = graph_ms(target_pass(decoder.engine, 1, block), device)
+                    ms = step_ms(decoder.engine, 1, block, device)
                 rows.append({"context": ctx, **setting, "source": setting == source["wide"], "step_ms": ms,
                              "target_pass_ms": target_ms})
     for ctx in contexts:
@@ -534,7 +466,7 @@ def settings_ab(args: argparse.Namespace, target: Target, drafts: dict[str, Draf
         row: dict = {}
         for name in decoders[names[0]]:
             draft = drafts.get(name)
-            floor_s = floors(cfg, model, draft, ctx, 1 if draft is None else 16) / bandwidth
+            floor_s = floors(model, draft, ctx, 1 if draft is None else 16) / bandwidth
             base = statistics.median(times[names[0]][name])
             row[name] = {"floor_ms": floor_s * 1e3, **{
                 setting: {"ms": statistics.median(times[setting][name]) * 1e3,
@@ -572,7 +504,7 @@ def run(args: argparse.Namespace) -> dict:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
         constant_choice(model)
         record["timeline"] = {"context": ctx, **{
-            name: {"floor_us": floors(cfg, model, d, ctx, 1 if d is None else 16) / bandwidth * 1e6,
+            name: {"floor_us": floors(model, d, ctx, 1 if d is None else 16) / bandwidth * 1e6,
                    **graph_timeline(oracle_decoder(target, d, max_len), prompt, 1 if d is None else 16)}
             for name, d in (("ar", None), *drafts.items())}}
         return record
@@ -607,7 +539,7 @@ def run(args: argparse.Namespace) -> dict:
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
         row: dict = {}
-        ar_floor = floors(cfg, model, None, ctx, 1) / bandwidth
+        ar_floor = floors(model, None, ctx, 1) / bandwidth
         ar_times, per_op_times = [], []
         for _ in range(2):  # interleaved, for drift
             ar_times.append(timed_steps(ar, prompt, 1, args.steps, device))
@@ -620,7 +552,7 @@ def run(args: argparse.Namespace) -> dict:
         row["ar"]["phases"] = phase_times(ar, prompt, bandwidth, device)
         for kind, decoder in spec.items():
             step_s = timed_steps(decoder, prompt, 16, args.steps, device)
-            floor_s = floors(cfg, model, drafts[kind], ctx, 16) / bandwidth
+            floor_s = floors(model, drafts[kind], ctx, 16) / bandwidth
             oracle = [oracle_rate(decoder, prompt, tau, args.new_tokens) for tau in TAUS]
             for o in oracle:
                 o["speedup_vs_blockspec_ar"] = o["tokens_per_s"] * ar_s

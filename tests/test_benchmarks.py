@@ -35,6 +35,93 @@ def timed(ms: float, floor_ms: float) -> dict:
     return {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
 
 
+# ---- oracle acceptance and floors ------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [1.0, 3.43, 5.3, 6.75, 7.72])
+def test_tau_schedule_has_the_mean_and_spreads_it_over_every_prefix(tau):
+    from benchmarks.oracle import MAX_SCHEDULE, tau_schedule
+
+    schedule = tau_schedule(tau)
+    assert len(schedule) == MAX_SCHEDULE and sum(schedule) == round((tau - 1) * MAX_SCHEDULE)
+    for n in range(1, MAX_SCHEDULE + 1):  # a request of n steps accepts within one draft of its share
+        assert abs(sum(schedule[:n]) - n * (tau - 1)) < 1
+
+
+def test_oracle_schedules_per_block_are_accepted_at_each_block():
+    """An OracleProposer with a schedule per block: a run at each block accepts what its schedule says (greedy
+    run to the constant-choice target's own continuation), and a block it does not list follows the next larger
+    listed block, capped by its size."""
+    from benchmarks.harness import qwen3_4b_config
+    from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
+    from blockspec.draft import new_draft_for_target
+    from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
+    from blockspec.target import Target, TargetModel
+
+    cfg = qwen3_4b_config(tiny=True)
+    model = TargetModel.random(cfg, seed=3)
+    constant_choice(model)
+    target = Target(model=model, tokenizer=None, name="tiny", eos_token_ids=())
+    draft = new_draft_for_target(cfg, "dflash", num_layers=1, block_size=16, seed=2)
+    schedules = {4: tau_schedule(3.43), 8: tau_schedule(5.3), 16: [5, 6]}
+    oracle = OracleProposer(DraftProposer(draft, model), [0] * 1024, schedules, cfg.vocab_size, "cpu")
+    decoder = SpeculativeDecoder(target, oracle, max_len=1024)
+    for block, steps in ((4, 40), (8, 30), (16, 2), (2, 4)):
+        result = decoder.generate([1, 2, 3], SamplingParams(max_new_tokens=900, ignore_eos=True), block_size=block)
+        lengths = result.stats.acceptance_lengths
+        assert set(result.token_ids) == {0}
+        if block == 2:
+            assert set(lengths) == {2}  # block 4's schedule (2 or 3 drafts), capped at 1
+        else:
+            wanted = [a + 1 for a in schedules[block]] * 10
+            assert lengths[:steps] == wanted[:steps]
+
+
+def test_constant_choice_makes_every_greedy_token_zero_on_plain_and_zero_centred_norms():
+    from benchmarks.harness import qwen3_4b_config, qwen35_4b_config
+    from benchmarks.oracle import constant_choice
+    from blockspec.engine import SamplingParams, SpeculativeDecoder
+    from blockspec.target import Target, TargetModel
+
+    for cfg in (qwen3_4b_config(tiny=True), qwen35_4b_config(tiny=True)):
+        model = TargetModel.random(cfg, seed=4, std=0.3)
+        target = Target(model=model, tokenizer=None, name="tiny", eos_token_ids=())
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        assert set(SpeculativeDecoder(target).generate([5, 6, 7], params).token_ids) != {0}
+        constant_choice(model)
+        assert SpeculativeDecoder(target).generate([5, 6, 7], params).token_ids == [0] * 12
+
+
+def test_roofline_counts_windows_and_recurrent_state():
+    """Floors by hand on tiny shapes: a full-attention pass reads its weights and every row's K/V; a sliding draft
+    layer reads at most its window; a Gated DeltaNet layer reads each row's state once and writes it per token."""
+    from benchmarks import roofline
+    from benchmarks.harness import qwen3_4b_config, qwen35_4b_config, qwen35_draft
+    from blockspec.target import TargetModel
+
+    cfg = qwen3_4b_config(tiny=True)
+    model = TargetModel.random(cfg)
+    weights = roofline.param_bytes(model)
+    per_token = roofline.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4)
+    assert roofline.target_pass(model, [100, 20], 4).bytes == weights + per_token * (104 + 24)
+    assert roofline.target_pass(model, [100], 8).flops > 8 * roofline.target_pass(model, [100], 1).flops * 0.99
+
+    hybrid_cfg = qwen35_4b_config(tiny=True)
+    hybrid = TargetModel.random(hybrid_cfg)
+    g, attention_layers = hybrid_cfg.gdn, hybrid_cfg.num_layers - len(hybrid_cfg.gdn_layers)
+    state = g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
+    conv = g.conv_dim * 4
+    kv = roofline.kv_bytes_per_token(attention_layers, hybrid_cfg.num_kv_heads, hybrid_cfg.head_dim, 4)
+    gdn = len(hybrid_cfg.gdn_layers) * (state * (1 + 8) + conv * (2 * 3 + 8))
+    assert roofline.target_pass(hybrid, [50], 8).bytes == roofline.param_bytes(hybrid) + kv * 58 + gdn
+
+    draft = qwen35_draft(hybrid_cfg, "cpu", torch.float32, tiny=True)  # a sliding layer (window 8), a full one
+    dc = draft.config
+    draft_kv = roofline.kv_bytes_per_token(1, dc.num_key_value_heads, dc.head_dim, 4)
+    lm_head = hybrid.lm_head.weight.numel() * 4
+    assert roofline.draft_pass(draft, hybrid, [50], 8).bytes == (roofline.param_bytes(draft) + lm_head
+                                                                  + draft_kv * ((8 + 8) + (50 + 8)))
+    assert roofline.Cost(100, 10).seconds(10, 10) == 10 and roofline.Cost(10, 100).seconds(10, 10) == 10
+
+
 # ---- engine_limit ---------------------------------------------------------------------------------------------
 def engine_record(flow_kernel: bool = True, graphs_equal: bool = True) -> dict:
     oracle = [{"tokens_per_s": 664.4, "speedup_vs_blockspec_ar": 2.181}, {"tokens_per_s": 1106.0,
