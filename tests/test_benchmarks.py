@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -29,6 +30,14 @@ def render(report, record: dict, tmp_path: Path) -> str:
     path = tmp_path / "record.json"
     path.write_text(json.dumps(record))
     return report(str(path))
+
+
+def run_benchmark(module: str, *args: object) -> None:
+    """`python -m benchmarks.MODULE ARGS` in a subprocess on one intra-op thread (as conftest sets for the tests
+    themselves: two threads stall when the other core is busy)."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 def timed(ms: float, floor_ms: float) -> dict:
@@ -204,9 +213,8 @@ def test_engine_limit_runs_on_tiny_shapes_and_times_each_part_beside_its_floor(t
     from its own bytes, rendered as the report's per-context table."""
     from benchmarks.engine_limit import report
 
-    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
-                    "--steps", "4", "--peer-steps", "2", "--new-tokens", "24", "--out", str(tmp_path)],
-                   capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--contexts", "32", "--steps", "4", "--peer-steps", "2",
+                  "--new-tokens", "24", "--out", tmp_path)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     record = json.loads(stored.read_text())
     check = record["check"]
@@ -236,9 +244,8 @@ def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shape
     itself has no settings) and renders each with the source's setting marked once per context."""
     from benchmarks.engine_limit import ATTENTION_SWEEP, report
 
-    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
-                    "48", "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, check=True,
-                   cwd=REPO_ROOT)
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--contexts", "32", "48", "--sweep-attention", "--out",
+                  tmp_path)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     sweep = json.loads(stored.read_text())["attention_sweep"]
     assert len(sweep) == 2 * len(ATTENTION_SWEEP) and sum(r["source"] for r in sweep) == 2
@@ -343,26 +350,89 @@ def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
 
 
 # ---- batched throughput and serving ---------------------------------------------------------------------------
-def test_batch_throughput_report_renders_every_block_and_the_best(tmp_path):
+def throughput_cell(tokens_per_s: float, tau: float, block: int, floor_tokens_per_s: float,
+                    bound: str = "memory") -> dict:
+    return {"tokens_per_s": tokens_per_s, "tau": tau, "blocks": {str(block): 10},
+            "floor": {"block": block, "step_ms": 3.0, "tokens_per_s": floor_tokens_per_s, "bound": bound}}
+
+
+def throughput_record() -> dict:
+    def row(ar: float, spec: float) -> dict:
+        step = {"step": timed(3.9, 3.0)}
+        return {"requests": 64, "ar": throughput_cell(ar, 1.0, 1, 10000.0),
+                "b4": throughput_cell(spec * 0.8, 3.43, 4, 20000.0), "b8": throughput_cell(spec, 5.3, 8, 30000.0),
+                "b16": throughput_cell(spec * 0.9, 6.75, 16, 25000.0, "compute"),
+                "auto": throughput_cell(spec * 1.01, 5.3, 8, 30000.0),
+                "parts": {"1": step, "8": {**step, "verify": timed(3.1, 2.9), "draft": timed(0.6, 0.4)}}}
+
+    cols = {"ar": 1, "b4": 4, "b8": 8, "b16": 16, "auto": 16}
+    check = {"requests": 16, "concurrency": 8, "identical": {"1": "16/16", "16": "15/16"}, "ok": False}
+    qwen = {"check": check, "prompt_tokens": 512, "new_tokens": 256, "columns": cols,
+            "card_tau": {"4": 3.43, "8": 5.3, "16": 6.75}, "concurrency": {"1": row(250.0, 1000.0),
+                                                                             "32": row(2500.0, 5000.0),
+                                                                             "64": row(4000.0, 3900.0)}}
+    hybrid = {**qwen, "columns": {"ar": 1, "b8": 8}, "card_tau": {"8": 5.3}, "sglang_c32_speedup": 2.35,
+              "check": {**check, "identical": {"1": "16/16", "8": "16/16"}, "ok": True}}
+    return {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "repeats": 2,
+            "command": "python -m benchmarks.batch_throughput", "copy_bandwidth_GBps": 2950.0, "matmul_TFLOPs": 790.0,
+            "max_step_tokens": 256, "qwen3_4b": qwen, "qwen35_4b": hybrid,
+            "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 128 questions", "max_new_tokens": 256,
+                        "dflash": {"32": row(5000.0, 6000.0)}, "dflare": {"32": row(5000.0, 5500.0)}}}
+
+
+def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_and_parts(tmp_path):
     from benchmarks.batch_throughput import report
 
-    def cell(tokens_per_s: float, tau: float) -> dict:
-        return {"tokens_per_s": tokens_per_s, "tau": tau}
-
-    row = {"ar": cell(927.4, 1.0), "spec_b4": cell(1875.2, 2.81), "spec_b8": cell(2279.9, 3.756),
-           "spec_b16": cell(2237.0, 3.79), "best_block": 8, "best_speedup": 2.4583}
-    record = {"device": "H100", "torch": "2.11", "commit": "9e0bd19", "date": "2026-11-22", "repeats": 3,
-              "command": "python -m benchmarks.batch_throughput --smollm2 G", "blocks": [4, 8, 16],
-              "qwen3_4b": {"graph_check": {"identical": "16/16"}, "oracle_accepted_drafts": [5, 6],
-                           "prompt_tokens": 128, "new_tokens": 128, "concurrency": {"1": row}},
-              "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 64 questions",
-                          "max_new_tokens": 256, "dflash": {"32": row}, "dflare": {"1": row}}}
-    lines = render(report, record, tmp_path).splitlines()
-    assert lines[0].endswith("median of 3 runs per cell. Command: `python -m benchmarks.batch_throughput --smollm2 G`")
-    assert any(line.endswith("joining and leaving): 16/16 identical.") for line in lines)
-    assert "| 1 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
-    assert "| 32 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
+    lines = render(report, throughput_record(), tmp_path).splitlines()
+    assert lines[0].startswith("Device H100, torch 2.11, commit abc1234, 2026-12-06; copy bandwidth 2950 GB/s, bf16 "
+                               "matmul 790 TFLOP/s; median of 2 runs per cell.")
+    assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in lines
+    # measured / floor tokens/s (floor over measured), tau for drafted columns, the auto column's block
+    assert ("| 32 | 2500 / 10000 (4.0x) | 4000 / 20000 (5.0x), tau 3.43 | 5000 / 30000 (6.0x), tau 5.30 | "
+            "4500 / 25000 (5.6x, C), tau 6.75 | 5050 / 30000 (5.9x), tau 5.30 at B=8 | 2.02x (auto) |") in lines
+    assert any("identical AR 16/16, block 16 15/16." in line for line in lines)
+    assert "- batched AR decode step within 1.3x of its floor at c <= 32: worst 1.30x at c = 1: met." in lines
+    assert "- speculative / AR >= 2.3x at c = 32: 2.02x: missed by 12%." in lines
+    assert "- speculative above AR at every c up to 64: missed at c = 64." in lines
+    assert "| 32 | 8 | 3.90 (3.00, 1.30x) | 3.10 (2.90, 1.07x) | 0.60 (0.40, 1.50x) |" in lines
+    assert "| 64 | AR | 3.90 (3.00, 1.30x) |  |  |" in lines
+    assert ("At c = 32, block 8 over AR: 2.00x, beside SGLang's 2.35x (B200, the model card): missed by 15%."
+            in lines)
     assert sum(line.startswith("SmolLM2-135M-Instruct (torch.bfloat16), shipped") for line in lines) == 2
+
+
+def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
+    """Both random-weight workloads on the CPU (a logic check of the H100 run): the checks hold, every drafted
+    column accepts its card's tau, the automatic column runs the largest block at small batches, each cell has
+    its floor at the block it ran, and each concurrency times the parts of its step."""
+    from benchmarks.batch_throughput import CARD_TAU, report
+
+    run_benchmark("batch_throughput", "--tiny", "--device", "cpu", "--workload", "qwen3_4b", "qwen35_4b", "--concurrency",
+                  1, 2, "--repeats", 1, "--out", tmp_path)
+    (stored,) = tmp_path.glob("batch_throughput-*.json")
+    record = json.loads(stored.read_text())
+    for name, blocks in (("qwen3_4b", (4, 8, 16)), ("qwen35_4b", (8,))):
+        q = record[name]
+        assert q["check"]["ok"] and set(q["check"]["identical"]) == {"1", str(max(blocks))}
+        for c, row in q["concurrency"].items():
+            assert row["ar"]["floor"]["block"] == 1 and set(row["ar"]["blocks"]) == {"1"}
+            for block in blocks:
+                cell = row[f"b{block}"]
+                assert set(cell["blocks"]) == {str(block)} and cell["floor"]["block"] == block
+                assert abs(cell["tau"] - CARD_TAU[block]) < 0.25  # 24 new tokens: a few steps of the schedule
+                assert cell["floor"]["tokens_per_s"] > 0
+            if len(blocks) > 1:
+                assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
+            assert set(row["parts"]) == {"1", *map(str, blocks)}
+            for block, parts in row["parts"].items():
+                assert set(parts) == ({"step"} if block == "1" else {"step", "verify", "draft"})
+                for part in parts.values():
+                    assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+                if block != "1":  # the whole step costs what its two passes cost
+                    passes = parts["verify"]["floor_ms"], parts["draft"]["floor_ms"]
+                    assert max(passes) < parts["step"]["floor_ms"] <= sum(passes) * (1 + 1e-9)
+    out = report(str(stored))
+    assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in out and "| c | AR | B=8 | best / AR |" in out
 
 
 @pytest.mark.parametrize("equal", [True, False])
