@@ -73,21 +73,25 @@ def qwen35_4b_config(tiny: bool) -> TargetConfig:
     return TargetConfig.from_hf(hf, {f"model.layers.{first_attention}.self_attn.q_norm.weight"})
 
 
-def qwen35_draft(cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool, block_size: int = 16) -> DraftModel:
+def qwen35_draft_config(cfg: TargetConfig, tiny: bool, block_size: int = 16) -> DraftConfig:
     """The published Qwen3.5-4B-DFlash draft's shape (issue 25): 6 layers, 5 sliding (window 4096) then one full,
-    32/8 heads of 128, intermediate 9216, 8 taps [1, 5, ..., 29], mask id 248077; random weights."""
+    32/8 heads of 128, intermediate 9216, 8 taps [1, 5, ..., 29], mask id 248077."""
     if tiny:
         layers, heads, kv_heads, head_dim, inter, window, mask = 2, 4, 2, 16, 128, 8, cfg.vocab_size - 1
         ids = [1, 3, 5]
     else:
         layers, heads, kv_heads, head_dim, inter, window, mask = 6, 32, 8, 128, 9216, 4096, 248077
         ids = list(range(1, 30, 4))
-    dcfg = DraftConfig.create("dflash", hidden_size=cfg.hidden_size, intermediate_size=inter, num_layers=layers,
+    return DraftConfig.create("dflash", hidden_size=cfg.hidden_size, intermediate_size=inter, num_layers=layers,
                               num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
                               num_target_layers=cfg.num_layers, block_size=block_size, target_layer_ids=ids,
                               mask_token_id=mask, rope_theta=1e7, sliding_window=window, use_sliding_window=True,
                               layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
-    return random_draft(dcfg, device, dtype)
+
+
+def qwen35_draft(cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool, block_size: int = 16) -> DraftModel:
+    """`qwen35_draft_config`'s draft with random weights."""
+    return random_draft(qwen35_draft_config(cfg, tiny, block_size), device, dtype)
 
 
 def sync(device: str) -> None:

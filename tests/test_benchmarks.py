@@ -254,6 +254,78 @@ def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shape
     assert out.count(" * |") == 2 and out.count("\n| 48 | ") == len(ATTENTION_SWEEP)
 
 
+def test_qwen35_shapes_are_the_issues():
+    """The Qwen3.5-4B target and draft shapes that issue 25's rows time (derived from transformers' config, as the
+    HF peer is built)."""
+    from benchmarks.harness import qwen35_4b_config, qwen35_draft_config
+
+    cfg = qwen35_4b_config(tiny=False)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (248320, 2560, 9216, 32)
+    assert [i for i in range(32) if i not in cfg.gdn_layers] == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) == (16, 4, 256, 64)
+    g = cfg.gdn
+    assert (g.num_key_heads, g.num_value_heads, g.key_head_dim, g.value_head_dim, g.conv_kernel) == (16, 32, 128, 128, 4)
+    assert cfg.tie_word_embeddings and cfg.attn_output_gate and cfg.zero_centred_norms
+    dc = qwen35_draft_config(cfg, tiny=False)
+    assert dc.layer_types == ["sliding_attention"] * 5 + ["full_attention"] and dc.sliding_window == 4096
+    assert (dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size) == (32, 8, 128, 9216)
+    assert dc.target_layer_ids == [1, 5, 9, 13, 17, 21, 25, 29] and dc.mask_token_id == 248077 and dc.block_size == 16
+
+
+def qwen35_record() -> dict:
+    def oracle(rate: float, taus: dict) -> dict:
+        return {name: {"tau_forced": tau, "tau_measured": tau, "tokens_per_s": rate * tau} for name, tau in taus.items()}
+
+    from benchmarks.engine_limit import QWEN35_CARD
+
+    row = {"ar": {"ms_per_token": 3.3, "floor_ms": 3.0, "x_floor": 1.1},
+           "block16": {"ms_per_step": 4.2, "floor_ms": 3.5, "x_floor": 1.2, "oracle": oracle(500.0, QWEN35_CARD[16])},
+           "block8": {"ms_per_step": 4.9, "floor_ms": 3.4, "x_floor": 1.44, "oracle": oracle(400.0, QWEN35_CARD[8])},
+           "hf_eager_ms_per_token": 95.4}
+    check = {"ar_graph_equals_eager": True, "block16_graph_equals_eager": True, "block8_graph_equals_eager": False}
+    return {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "dtype": "torch.bfloat16", "commit": "abc1234",
+            "date": "2026-12-06", "copy_bandwidth_GBps": 3000.0,
+            "qwen35": {"params": {"target": 4_206_000_000, "draft": 640_000_000}, "check": check,
+                       "hf_gdn_kernels": "flash-linear-attention 0.6.0",
+                       "contexts": {"512": row, "16384": {"error": "OutOfMemoryError: CUDA out of memory"}}}}
+
+
+def test_engine_limit_qwen35_report_sets_goals_and_sglang_beside_the_rows(tmp_path):
+    from benchmarks.engine_limit import report
+
+    lines = render(report, qwen35_record(), tmp_path).splitlines()
+    assert "HF eager's Gated DeltaNet ran on: flash-linear-attention 0.6.0." in lines[0]
+    assert "Checks: graphed greedy tokens equal the eager path's: ar yes, block16 yes, block8 NO." in lines
+    assert "| 512 | AR | 3.30 | 3.00 | 1.10 | <= 1.2x: met | 95.4 |" in lines
+    assert "| 512 | step, block 8 | 4.90 | 3.40 | 1.44 | <= 1.3x: missed by 11% | |" in lines
+    assert "| 16384 | failed: OutOfMemoryError: CUDA out of memory | | | | | |" in lines
+    assert "| 512 | 16 | 3375 (6.75) | 3740 (7.48) | 3860 (7.72) | 3265 (6.53) | 2965 (5.93) |" in lines
+    # SGLang's B200 figures times 3.0 / 8 TB/s = 0.375: gsm8k 1387 -> 520, ours 3375 = 6.49x
+    assert "| scaled to this GPU | 520 | 614 | 613 | 561 | 454 |" in lines
+    assert lines[-1].startswith("| over scaled SGLang | 6.49x (met) | ")
+
+
+def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
+    """--qwen35 on the CPU on tiny shapes: the checks hold, and each context has AR and both blocks beside floors
+    that count the Gated DeltaNet state, oracle rates at each card tau, and the HF peer."""
+    from benchmarks.engine_limit import QWEN35_CARD, report
+
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--qwen35", "--contexts", 32, "--steps", 4,
+                  "--peer-steps", 2, "--new-tokens", 24, "--out", tmp_path)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    q = json.loads(stored.read_text())["qwen35"]
+    assert all(q["check"].values()) and len(q["check"]) == 3 and q["hf_gdn_kernels"] == "torch (CPU)"
+    row = q["contexts"]["32"]
+    assert row["ar"]["x_floor"] == pytest.approx(row["ar"]["ms_per_token"] / row["ar"]["floor_ms"])
+    assert row["block16"]["floor_ms"] > row["block8"]["floor_ms"] > row["ar"]["floor_ms"]
+    for block, taus in QWEN35_CARD.items():
+        oracle = row[f"block{block}"]["oracle"]
+        assert set(oracle) == set(taus)
+        assert all(abs(o["tau_measured"] - o["tau_forced"]) < 0.35 and o["tokens_per_s"] > 0 for o in oracle.values())
+    assert row["hf_eager_ms_per_token"] > 0
+    assert "| 32 | step, block 16 |" in report(str(stored))
+
+
 # ---- gemv_chain (its report needs no Triton) ------------------------------------------------------------------
 def test_gemv_chain_report_renders_paths_profiles_and_timelines(tmp_path):
     from benchmarks.gemv_chain import report
