@@ -326,6 +326,41 @@ def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
     assert "| 32 | step, block 16 |" in report(str(stored))
 
 
+# ---- compare_runs (issue 23's side by side) ---------------------------------------------------------------------
+def ab_record(commit: str, scale: float, graphs_equal: bool = True) -> dict:
+    def path(ms: float) -> dict:
+        return {"floor_ms": 2.8, "default": {"ms": ms * scale, "x_floor": ms * scale / 2.8, "speedup": 1.0}}
+
+    rows = {"512": {"ar": path(3.28), "dflash": path(4.49), "dflare": path(4.74)}, "4096": {"ar": path(3.63)}}
+    return {"commit": commit, "device": "NVIDIA H100 80GB HBM3",
+            "ab": {"settings": {"default": {"pdl": True}}, "contexts": rows,
+                   "check": {"default_ar_graph_equals_eager": True, "default_dflash_graph_equals_eager": graphs_equal}}}
+
+
+def test_compare_runs_sets_two_commits_side_by_side_and_flags_a_slower_path():
+    from benchmarks.compare_runs import compare, report
+
+    old = [ab_record("f43e335", 1.0), ab_record("f43e335", 1.004)]
+    same = report(compare(old, [ab_record("abc1234", 1.01), ab_record("abc1234", 0.998)], 0.02)).splitlines()
+    assert same[0].startswith("Commit f43e335 (2 runs) against abc1234 (2 runs), one call on NVIDIA H100 80GB HBM3")
+    assert "run-to-run spread within a commit up to 0.4% (old) and 1.2% (new)." in same[0]
+    assert "| 512 | dflash | 4.499 | 4.508 | 1.002 | yes |" in same  # medians of the two runs of each commit
+    assert "Every path within 2%: yes." in same
+    assert "Graphed greedy tokens equal eager in every run: old yes (4 checks), new yes (4 checks)." in same
+    slower = report(compare(old, [ab_record("abc1234", 1.03, graphs_equal=False)], 0.02))
+    assert "| 4096 | ar | 3.637 | 3.739 | 1.028 | NO |" in slower.splitlines()
+    assert "Every path within 2%: NO (ar at 512, dflash at 512, dflare at 512, ar at 4096)." in slower
+    assert "new NO (2 checks)." in slower
+
+
+def test_compare_runs_reads_the_main_mode_too():
+    from benchmarks.compare_runs import step_ms
+
+    record = engine_record()
+    assert step_ms(record) == {("512", "ar"): 3.281, ("512", "ar_per_op"): 3.472, ("512", "dflash"): 4.493,
+                               ("512", "dflare"): 4.741}
+
+
 # ---- gemv_chain (its report needs no Triton) ------------------------------------------------------------------
 def test_gemv_chain_report_renders_paths_profiles_and_timelines(tmp_path):
     from benchmarks.gemv_chain import report
