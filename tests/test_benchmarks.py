@@ -608,6 +608,45 @@ def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path)
     assert o["http_over_offline"] == pytest.approx(o["http"]["output_tokens_per_s"] / o["offline"]["output_tokens_per_s"])
 
 
+# ---- staging the GPU calls ----------------------------------------------------------------------------------------
+def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
+    from benchmarks.stage_for_gpu import COMMAND_LIMIT, calls, device_command, plan_parts
+
+    assert plan_parts(100, [60, 60, 60]) == [0, 40, 60] and plan_parts(50, [60, 0, 60]) == [0, 0, 50]
+    with pytest.raises(ValueError, match="more room"):
+        plan_parts(200, [60, 60, 60])
+    plan = calls("SmolLM2-135M-Instruct.Q4_1.gguf", "0" * 64)
+    for call in plan:
+        call.parts = ["part00"]
+        command = device_command(call, "abcdef1")
+        assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
+        assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
+    assert "--commit f43e335 --out $O/old2" in plan[0].command and "compare_runs" in plan[0].command
+    assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
+                                       + "0" * 64)
+    assert ".whl/fla" in plan[2].carry and ".whl/serve" in plan[3].carry
+
+
+def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
+    from benchmarks.stage_for_gpu import OLD_COMMIT, export_old_tree
+
+    if subprocess.run(["git", "cat-file", "-e", OLD_COMMIT], cwd=REPO_ROOT, capture_output=True).returncode:
+        pytest.skip(f"commit {OLD_COMMIT} is not in this checkout's history")
+    export_old_tree(tmp_path)
+    assert (tmp_path / "benchmarks" / "engine_limit.py").is_file() and (tmp_path / "blockspec" / "layers.py").is_file()
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "benchmarks" / "results").exists()
+
+
+def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    from benchmarks.stage_for_gpu import DEVICE_KEEPS, serve_wheels
+
+    wheels = serve_wheels()
+    assert {"fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "openai", "jiter", "gguf"} <= set(wheels)
+    assert not DEVICE_KEEPS & set(wheels)
+
+
 # ---- training ---------------------------------------------------------------------------------------------------
 def test_train_smollm2_report_renders_training_and_held_out_tau(tmp_path):
     from benchmarks.train_smollm2 import report
