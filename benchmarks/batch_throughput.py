@@ -134,10 +134,11 @@ class Floors:
 
 
 def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams, cols: dict[str, int],
-          concurrency: tuple[int, ...], repeats: int, floors: Floors, device: str, label: str,
-          ar_rows: dict | None = None, parts: bool = False) -> dict:
-    """Every column at every concurrency (the median of `repeats`), each cell beside its floor; AR from
-    `ar_rows` when given (shared between drafts). With `parts`, where the step's time goes at each concurrency."""
+          concurrency: tuple[int, ...], repeats: int, floors: Floors, device: str, label: str, ar: dict,
+          parts: bool = False) -> dict:
+    """Every column at every concurrency (the median of `repeats`), each cell beside its floor. `ar` holds the
+    AR cell and answers per concurrency: measured here into an empty dict, reused when filled (one baseline for
+    two drafts). With `parts`, where the step's time goes at each concurrency."""
     for name, block in cols.items():  # first-call effects (compilation, allocator growth) are not timed
         with step_tokens(engine, name):
             run_workload(engine, prompts[:4], params, 4, block, device)
@@ -145,16 +146,15 @@ def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams
     for c in concurrency:
         work = prompts[:max(4, 2 * c)]
         row: dict = {"requests": len(work)}
-        reference = None
         for name, block in cols.items():
-            if name == "ar" and ar_rows is not None:
-                row["ar"], reference = ar_rows[str(c)]["ar"], ar_rows[str(c)]["ar_outputs"]
+            if name == "ar" and c in ar:
+                row["ar"] = ar[c][0]
                 continue
             with step_tokens(engine, name):
                 runs = [run_workload(engine, work, params, c, block, device) for _ in range(repeats)]
-            row[name] = summarize(runs, None if name == "ar" else reference)
+            row[name] = summarize(runs, None if name == "ar" else ar[c][1])
             if name == "ar":
-                reference = row["ar_outputs"] = runs[0]["outputs"]
+                ar[c] = (row["ar"], runs[0]["outputs"])
             ran = max(row[name]["blocks"].items(), key=lambda kv: kv[1])[0] if row[name]["blocks"] else "1"
             row[name]["floor"] = floors.cell(c, int(ran), row[name]["tau"])
         if parts:
@@ -261,7 +261,7 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
     floors = Floors(model, draft, prompt_len + new // 2, bandwidth, flop_rate)
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     cols = columns(blocks, auto=len(blocks) > 1)
-    rows = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, device, name, parts=True)
+    rows = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, device, name, {}, parts=True)
     return {"check": check, "prompt_tokens": prompt_len, "new_tokens": new, "columns": cols,
             "card_tau": {str(b): t for b, t in CARD_TAU.items() if b in blocks}, "graphs": graphs,
             "capture_s": capture_s, "concurrency": rows}
@@ -300,7 +300,7 @@ def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: f
     max_len = max(len(p) for p in prompts) + new + 64
     out: dict = {"prompts": f"gsm8k test, first {len(prompts)} questions", "max_new_tokens": new,
                  "dtype": str(target.dtype)}
-    ar_rows = None
+    ar: dict = {}  # one AR baseline for both drafts
     for kind in ("dflash", "dflare"):
         draft = load_draft(str(shipped_draft_dir(f"smollm2-135m-instruct-{kind}")), device=args.device,
                            dtype=target.dtype)
@@ -310,12 +310,8 @@ def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: f
         context = statistics.mean(map(len, prompts)) + new // 2
         floors = Floors(target.model, draft, int(context), bandwidth, flop_rate)
         out[kind] = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, args.device,
-                          f"smollm2-{kind}", ar_rows)
-        ar_rows = out[kind]  # one AR baseline for both drafts
+                          f"smollm2-{kind}", ar)
         del engine
-    for rows in (out["dflash"], out["dflare"]):
-        for row in rows.values():
-            row.pop("ar_outputs", None)
     return out
 
 
@@ -335,8 +331,6 @@ def run(args: argparse.Namespace) -> dict:
         for name in args.workload:
             build, default = WORKLOADS[name]
             record[name] = build(args, tuple(args.concurrency or default), bandwidth, flop_rate)
-            for row in record[name].get("concurrency", {}).values():
-                row.pop("ar_outputs", None)
     return record
 
 
@@ -383,8 +377,8 @@ def check_text(q: dict) -> str:
 
 
 def cell_text(cell: dict) -> str:
-    floor = cell["floor"]
-    text = f"{cell['tokens_per_s']:.0f} / {floor['tokens_per_s']:.0f} ({floor['tokens_per_s'] / cell['tokens_per_s']:.1f}x"
+    floor, measured = cell["floor"], cell["tokens_per_s"]
+    text = f"{measured:.0f} / {floor['tokens_per_s']:.0f} ({floor['tokens_per_s'] / measured:.1f}x"
     text += ", C)" if floor["bound"] == "compute" else ")"
     return text if floor["block"] == 1 else text + f", tau {cell['tau']:.2f}"
 
@@ -397,8 +391,9 @@ def table(rows: dict, cols: dict) -> list[str]:
     for c, row in rows.items():
         cells = [cell_text(row[n]) + (f" at B={row[n]['floor']['block']}" if n == "auto" else "") for n in names]
         best = max(names, key=lambda n: row[n]["tokens_per_s"])
+        speedup = row[best]["tokens_per_s"] / row["ar"]["tokens_per_s"]
         lines.append(f"| {c} | {cell_text(row['ar'])} | " + " | ".join(cells)
-                     + f" | {row[best]['tokens_per_s'] / row['ar']['tokens_per_s']:.2f}x ({labels[names.index(best)]}) |")
+                     + f" | {speedup:.2f}x ({labels[names.index(best)]}) |")
     return lines
 
 
@@ -439,7 +434,8 @@ def goals_qwen3(q: dict) -> list[str]:
         lines.append(f"- speculative / AR >= 2.3x at c = 32: {best(rows['32']):.2f}x: "
                      f"{verdict(best(rows['32']), 2.3, at_most=False)}.")
     below = [c for c, row in rows.items() if best(row) <= 1]
-    lines.append(f"- speculative above AR at every c up to 64: {'met' if not below else 'missed at c = ' + ', '.join(below)}.")
+    lines.append("- speculative above AR at every c up to 64: "
+                 + ("met." if not below else f"missed at c = {', '.join(below)}."))
     return lines
 
 

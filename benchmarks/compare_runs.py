@@ -64,10 +64,11 @@ def compare(old: list[dict], new: list[dict], tolerance: float) -> dict:
 
 def report(c: dict) -> str:
     tol = f"{c['tolerance'] * 100:g}%"
-    lines = [f"Commit {c['old_commit']} ({c['runs'][0]} runs) against {c['new_commit']} ({c['runs'][1]} runs), one call "
-             f"on {c['device']}; median ms per step; run-to-run spread within a commit up to "
+    lines = [f"Commit {c['old_commit']} ({c['runs'][0]} runs) against {c['new_commit']} ({c['runs'][1]} runs), one "
+             f"call on {c['device']}; median ms per step; run-to-run spread within a commit up to "
              f"{c['spread'][0] * 100:.1f}% (old) and {c['spread'][1] * 100:.1f}% (new).", "",
-             f"| context | path | old ms | new ms | new / old | within {tol} |", "| --- | --- | --- | --- | --- | --- |"]
+             f"| context | path | old ms | new ms | new / old | within {tol} |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for row in c["rows"]:
         lines.append(f"| {row['context']} | {row['path']} | {row['old_ms']:.3f} | {row['new_ms']:.3f} | "
                      f"{row['ratio']:.3f} | {'yes' if row['within'] else 'NO'} |")

@@ -45,7 +45,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -777,9 +777,10 @@ def report_qwen35(r: dict) -> str:
     q, bandwidth = r["qwen35"], r["copy_bandwidth_GBps"] * 1e9
     checks = ", ".join(f"{name.removesuffix('_graph_equals_eager')} {'yes' if ok else 'NO'}"
                        for name, ok in q["check"].items())
-    lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; copy bandwidth "
-             f"{bandwidth / 1e9:.0f} GB/s (read + write). Qwen3.5-4B-shaped target ({q['params']['target']:,} "
-             f"parameters, random weights) and the 6-layer sliding-window draft shape ({q['params']['draft']:,}). "
+    lines = [f"Device {r['device']}, torch {r['torch']}, {r['dtype']}, commit {r['commit']}, {r['date']}; copy "
+             f"bandwidth {bandwidth / 1e9:.0f} GB/s (read + write). Qwen3.5-4B-shaped target "
+             f"({q['params']['target']:,} parameters, random weights) and the 6-layer sliding-window draft shape "
+             f"({q['params']['draft']:,}). "
              f"Floors: weights, visible K/V, and each Gated DeltaNet layer's recurrent and conv state read once and "
              f"written per token of the pass. HF eager's Gated DeltaNet ran on: {q['hf_gdn_kernels']}.", "",
              f"Checks: graphed greedy tokens equal the eager path's: {checks}.", "",
@@ -800,7 +801,8 @@ def report_qwen35(r: dict) -> str:
                          f"{goal(k['x_floor'], GOALS['step_x_floor'])} | |")
     names = list(SGLANG_B200_BLOCK16)
     lines += ["", "Oracle tokens/s at the card's acceptance lengths (tau in brackets; the real per-step work):", "",
-              "| context | block | " + " | ".join(names) + " |", "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
+              "| context | block | " + " | ".join(names) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for ctx, row in q["contexts"].items():
         for block in QWEN35_CARD:
             if f"block{block}" in row:

@@ -149,7 +149,8 @@ def report(path: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", load_row(s)]
     if "overhead" in r:
         o, off = r["overhead"], r["overhead"]["offline"]
-        lines += [load_row(o["http"]), "", f"HTTP overhead at {off['concurrency']} concurrent requests (the first {off['requests']}): "
+        lines += [load_row(o["http"]), "", f"HTTP overhead at {off['concurrency']} concurrent requests (the first "
+                                           f"{off['requests']}): "
                       f"{o['http']['output_tokens_per_s']:.1f} output tok/s through the server against "
                       f"{off['output_tokens_per_s']:.1f} from its engine offline ({off['completion_tokens']} tokens "
                       f"offline, {o['http']['completion_tokens']} served): {(1 - o['http_over_offline']) * 100:.1f}% "
@@ -163,8 +164,9 @@ def load_row(s: dict) -> str:
 
     equal = "all" if s["all_equal_to_single_request"] else "NOT all: " + str(s["mismatches"])
     return (f"| {s['concurrency']} | {s['errors']} | {equal} | {s['output_tokens_per_s']:.1f} | "
-            f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | {s['ttft_p99_s']:.2f} s | "
-            f"{ms('tpot_p50_s')} | {ms('tpot_p99_s')} | {s['single_request_mean_latency_s']:.2f} s |")
+            f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | "
+            f"{s['ttft_p99_s']:.2f} s | {ms('tpot_p50_s')} | {ms('tpot_p99_s')} | "
+            f"{s['single_request_mean_latency_s']:.2f} s |")
 
 
 if __name__ == "__main__":

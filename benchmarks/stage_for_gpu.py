@@ -216,10 +216,11 @@ def main() -> int:
             (STAGE / name).write_bytes(data[offset:offset + part])
             offset += part
             call.parts, call.carry = [name], call.carry + [f".stage/{name}"]
-    print(f"tracked tree {(base - MARGIN) / 2**20:.1f} MiB; the GGUF ({len(data) / 2**20:.1f} MiB, sha256 {digest[:16]}) in "
-          f"{sum(bool(c.parts) for c in plan)} parts; serve wheels {size(WHEELS / 'serve') / 2**20:.1f} MiB "
-          f"({', '.join(f'{n} {v}' for n, v in wheels.items())}); flash-linear-attention "
-          f"{size(WHEELS / 'fla') / 2**20:.1f} MiB; the old tree {size(STAGE / 'old') / 2**20:.1f} MiB.\n")
+    print(f"tracked tree {(base - MARGIN) / 2**20:.1f} MiB; the GGUF ({len(data) / 2**20:.1f} MiB, sha256 "
+          f"{digest[:16]}) in {sum(bool(c.parts) for c in plan)} parts; serve wheels "
+          f"{size(WHEELS / 'serve') / 2**20:.1f} MiB ({', '.join(f'{n} {v}' for n, v in wheels.items())}); "
+          f"flash-linear-attention {size(WHEELS / 'fla') / 2**20:.1f} MiB; the old tree "
+          f"{size(STAGE / 'old') / 2**20:.1f} MiB.\n")
     print("Make these calls back to back (the machine goes back ~30 s after a call, and /root/stage with it), with "
           "kind left out (one H100; an H200 may come: say which card gave each number). Then render each JSON with "
           "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
