@@ -1,219 +1,465 @@
-"""Output tokens/s of batched autoregressive vs batched speculative decoding at concurrency 1-32 (issue 7).
+"""Output tokens/s of batched autoregressive and speculative decoding at concurrency 1-64, each cell beside its
+floor, and where a step's time goes (issues 25 and 26).
 
-One run, side by side on one GPU, for two workloads:
-  - a Qwen3-4B-shaped target with random bf16 weights and a 5-layer DFlash draft (SPEC shapes), with
-    oracle acceptance (each sequence's steps alternately accept 5 and 6 drafts: tau 6.5, capped by the block:
-    the real per-step work, a chosen number of tokens committed); random 128-token prompts, 128 new tokens;
-  - SmolLM2-135M-Instruct with the shipped DFlash and DFlare drafts on held-out gsm8k test questions (chat
-    template, greedy, up to 256 new tokens, real acceptance).
-For each concurrency c, the engine keeps c requests in flight (continuous batching: a finished request's
-row goes to the next prompt) until 2c requests (at least 4) are done; tokens/s = output tokens / wall time,
-prefill included, as a server sees it. AR is BatchDecoder without a draft; speculative runs block sizes
-4, 8 and 16 and the best one is reported per concurrency. Every measurement is repeated (--repeats) and the
-median quoted (the SmolLM2 AR baseline is measured once and shared by both drafts' tables). CUDA graphs for
-every batch size and block are captured before timing.
+Workloads (--workload, any of them in one run):
+  - qwen3_4b: a Qwen3-4B-shaped target with random bf16 weights and a 5-layer DFlash draft (SPEC shapes);
+    random 512-token prompts, 256 new tokens. Columns: AR (block 1); blocks 4, 8 and 16 with oracle acceptance at
+    the Qwen3.5-4B-DFlash card's tau for that block (3.43, 5.30, 6.75; benchmarks/oracle.py: the real draft pass
+    every step, a chosen number of its tokens accepted); and the automatic block (requests of block 16 on an engine
+    with max_step_tokens, `blockspec serve`'s CUDA default), each step accepting its own block's card tau.
+  - qwen35_4b: the Qwen3.5-4B-shaped hybrid target (Gated DeltaNet + gated attention, random bf16 weights) with the
+    6-layer sliding-window draft shape of Qwen3.5-4B-DFlash; AR and block 8 at tau 5.30, c = 1..32, beside
+    SGLang's published 2.35x over AR at c = 32 (the model card, B200).
+  - smollm2: SmolLM2-135M-Instruct (--smollm2 PATH.gguf) with the shipped DFlash and DFlare drafts on gsm8k test
+    questions (chat template, greedy, up to 256 new tokens): real acceptance, the same columns.
+Before any timing, a random-weight workload checks the engine with the draft's own tokens: graphed greedy tokens
+equal the same engine run eagerly on the same padded shapes (16 requests, 8 at a time, joining and leaving), for
+AR and drafted steps; then the target is made to choose token 0 everywhere (`constant_choice`, which changes no
+step's work) so that the oracle's continuation is known.
 
-    python -m benchmarks.batch_throughput --smollm2 PATH.gguf --data-dir DIR --out DIR   # on a CUDA machine
-    python -m benchmarks.batch_throughput --tiny --device cpu                           # logic check
-    python -m benchmarks.batch_throughput --report FILE.json                            # markdown
+For each concurrency c the engine keeps c requests in flight (continuous batching) until 2c (at least 4) are
+answered; tokens/s = output tokens / wall time, prefill included, as a server sees it; the median of --repeats.
+One engine serves every column (AR requests are block-1 requests), its CUDA graphs captured before timing.
+The floor of a cell is one decode step of c rows at the mean context (prompt + half the new tokens) with the
+block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
+bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
+goes, per concurrency: c live rows, and per block the whole greedy step, the verify pass and the draft pass
+(each with its greedy tokens) captured as CUDA graphs of their own, beside their floors.
+
+    python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
+    python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
+    python -m benchmarks.batch_throughput --workload smollm2 --smollm2 PATH.gguf --data-dir DIR --out DIR
+    python -m benchmarks.batch_throughput --tiny --device cpu --concurrency 1 2      # logic check
+    python -m benchmarks.batch_throughput --report FILE.json                        # markdown
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
-from benchmarks.harness import (make_draft, parser_with_common_flags, qwen3_4b_config, run_and_report, run_header,
-                                sync)
-from blockspec.engine import BatchDecoder, SamplingParams
+from benchmarks import roofline
+from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, matmul_rate, parser_with_common_flags,
+                                qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored, run_and_report,
+                                run_header, step_ms, sync, target_pass)
+from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
+from blockspec.draft import DraftModel
+from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
+from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS
 from blockspec.target import Target, TargetModel
 
-CONCURRENCY = (1, 4, 8, 16, 32)
-BLOCKS = (4, 8, 16)
-ORACLE = [5, 6]  # accepted drafts per step, cycled: tau 6.5
+CONCURRENCY = (1, 2, 4, 8, 16, 32, 64)
+CARD_TAU = {4: 3.43, 8: 5.30, 16: 6.75}  # Qwen3.5-4B-DFlash's model card, gsm8k, per block
+SGLANG_C32_SPEEDUP = 2.35  # the same card: SGLang, block 8, over AR at concurrency 32 (B200)
 
 
-def run_workload(decoder: BatchDecoder, prompts: list[list[int]], params: SamplingParams, concurrency: int,
-                 block: int, device: str) -> dict:
-    """Keep `concurrency` requests in flight until every prompt is answered."""
+def columns(blocks: tuple[int, ...], auto: bool) -> dict[str, int]:
+    """Column name -> the block its requests ask for: AR, each block, and the automatic block (the largest)."""
+    cols = {"ar": 1, **{f"b{b}": b for b in blocks}}
+    if auto:
+        cols["auto"] = max(blocks)
+    return cols
+
+
+def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 concurrency: int, block: int | None, device: str) -> dict:
+    """Keep `concurrency` requests in flight until every prompt is answered (with its own params when a list;
+    block None: the engine's default)."""
+    per_prompt = params if isinstance(params, list) else [params] * len(prompts)
     pending = deque(enumerate(prompts))
     index, outputs = {}, [None] * len(prompts)
-    tokens, steps, taus = 0, 0, []
+    tokens, steps, taus, blocks = 0, 0, [], Counter()
     sync(device)
     started = time.perf_counter()
-    while pending or decoder.has_work:
-        while pending and decoder.num_active + len(decoder.waiting) < concurrency:
+    while pending or engine.has_work:
+        while pending and engine.num_active + len(engine.waiting) < concurrency:
             i, prompt = pending.popleft()
-            index[decoder.add(prompt, params, block_size=block)] = i
-        for seq_id, chunk in decoder.step():
+            index[engine.add(prompt, per_prompt[i], block_size=block)] = i
+        for seq_id, chunk in engine.step():
             tokens += len(chunk.token_ids)
             if chunk.result is not None:
                 taus.append(chunk.result.stats.mean_acceptance_length)
+                blocks.update(chunk.result.stats.step_blocks)
                 outputs[index[seq_id]] = chunk.result.token_ids
         steps += 1
     sync(device)
     wall = time.perf_counter() - started
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
-            "tau": statistics.mean(taus), "outputs": outputs}
+            "tau": statistics.mean(taus), "blocks": {str(b): n for b, n in sorted(blocks.items())},
+            "outputs": outputs}
 
 
-def ar_sweep(ar: BatchDecoder, prompts: list[list[int]], params: SamplingParams, device: str,
-             repeats: int) -> dict:
-    """Batched AR per concurrency: the summary (median of repeats) and the first run's outputs."""
-    run_workload(ar, prompts[:4], params, 4, 1, device)  # first-call effects are not timed
+def summarize(runs: list[dict], reference: list | None) -> dict:
+    """The median tokens/s of the runs, and what the first run did (steps, tau, the blocks its requests' steps
+    ran, how many answers equal the AR answers)."""
+    first = runs[0]
+    cell = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
+            "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs], "tokens": first["tokens"],
+            "steps": first["steps"], "tau": first["tau"], "blocks": first["blocks"]}
+    if reference is not None:  # bf16: a verify of many rows and a 1-row step round differently; reported
+        cell["identical_to_ar"] = sum(a == b for a, b in zip(first["outputs"], reference)) / len(reference)
+    return cell
+
+
+@dataclass
+class Floors:
+    """The floors of one workload's cells: its target and draft, the mean context of a decoding row, and the
+    run's measured copy bandwidth (bytes/s) and matmul rate (FLOP/s)."""
+    model: TargetModel
+    draft: DraftModel | None
+    context: int
+    bandwidth: float
+    flop_rate: float
+
+    def cell(self, concurrency: int, block: int, tau: float) -> dict:
+        """One decode step of `concurrency` rows with `block`, and the tokens/s it allows at `tau`."""
+        cost = roofline.step(self.model, self.draft if block > 1 else None, [self.context] * concurrency, block)
+        seconds = cost.seconds(self.bandwidth, self.flop_rate)
+        return {"block": block, "step_ms": seconds * 1e3, "tokens_per_s": concurrency * tau / seconds,
+                "bound": "memory" if cost.bytes / self.bandwidth >= cost.flops / self.flop_rate else "compute"}
+
+    def timed(self, ms: float, cost: roofline.Cost) -> dict:
+        floor_ms = cost.seconds(self.bandwidth, self.flop_rate) * 1e3
+        return {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
+
+
+def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams, cols: dict[str, int],
+          concurrency: tuple[int, ...], repeats: int, floors: Floors, device: str, label: str, ar: dict,
+          parts: bool = False) -> dict:
+    """Every column at every concurrency (the median of `repeats`), each cell beside its floor. `ar` holds the
+    AR cell and answers per concurrency: measured here into an empty dict, reused when filled (one baseline for
+    two drafts). With `parts`, where the step's time goes at each concurrency."""
+    for name, block in cols.items():  # first-call effects (compilation, allocator growth) are not timed
+        with step_tokens(engine, name):
+            run_workload(engine, prompts[:4], params, 4, block, device)
     rows = {}
-    for c in CONCURRENCY:
-        runs = [run_workload(ar, prompts[:max(4, 2 * c)], params, c, 1, device) for _ in range(repeats)]
-        rows[c] = (summarize(runs), runs[0]["outputs"])
-    return rows
-
-
-def sweep(ar_rows: dict, spec: BatchDecoder, prompts: list[list[int]], params: SamplingParams,
-          device: str, repeats: int, label: str) -> dict:
-    """Speculative tokens/s (median of repeats) at every block, per concurrency, beside the AR rows."""
-    for block in BLOCKS:  # first-call effects (kernel compilation, allocator growth) are not timed
-        run_workload(spec, prompts[:4], params, 4, block, device)
-    rows = {}
-    for c in CONCURRENCY:
+    for c in concurrency:
         work = prompts[:max(4, 2 * c)]
-        ar_summary, reference = ar_rows[c]
-        row: dict = {"requests": len(work), "ar": ar_summary}
-        for block in BLOCKS:
-            runs = [run_workload(spec, work, params, c, block, device) for _ in range(repeats)]
-            row[f"spec_b{block}"] = summarize(runs)
-            # bf16: a 16-row verify and a 1-row step round differently, so equality is reported, not required
-            row[f"spec_b{block}"]["identical_to_ar"] = sum(
-                a == b for a, b in zip(runs[0]["outputs"], reference)) / len(work)
-        best = max(BLOCKS, key=lambda b: row[f"spec_b{b}"]["tokens_per_s"])
-        row["best_block"] = best
-        row["best_speedup"] = row[f"spec_b{best}"]["tokens_per_s"] / row["ar"]["tokens_per_s"]
+        row: dict = {"requests": len(work)}
+        for name, block in cols.items():
+            if name == "ar" and c in ar:
+                row["ar"] = ar[c][0]
+                continue
+            with step_tokens(engine, name):
+                runs = [run_workload(engine, work, params, c, block, device) for _ in range(repeats)]
+            row[name] = summarize(runs, None if name == "ar" else ar[c][1])
+            if name == "ar":
+                ar[c] = (row["ar"], runs[0]["outputs"])
+            ran = max(row[name]["blocks"].items(), key=lambda kv: kv[1])[0] if row[name]["blocks"] else "1"
+            row[name]["floor"] = floors.cell(c, int(ran), row[name]["tau"])
+        if parts:
+            row["parts"] = where_time_goes(engine, prompts, c, tuple(b for b in cols.values() if b > 1), floors,
+                                           device)
         rows[str(c)] = row
-        print(json.dumps({label: {c: {k: (v if not isinstance(v, dict) else round(v["tokens_per_s"]))
-                                      for k, v in row.items()}}}), flush=True)
+        print(json.dumps({label: {c: {k: round(v["tokens_per_s"]) for k, v in row.items()
+                                      if isinstance(v, dict) and "tokens_per_s" in v}}}), flush=True)
     return rows
 
 
-def graph_check(target: Target, draft, prompts: list[list[int]], params: SamplingParams, max_len: int,
+@contextlib.contextmanager
+def step_tokens(engine: BatchDecoder, column: str) -> Iterator[None]:
+    """The engine's max_step_tokens while inside: blockspec serve's CUDA default for the automatic column
+    (the block then shrinks as the batch grows), off for the others."""
+    engine.max_step_tokens = CUDA_MAX_STEP_TOKENS if column == "auto" else None
+    try:
+        yield
+    finally:
+        engine.max_step_tokens = None
+
+
+def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
+                    floors: Floors, device: str) -> dict:
+    """`concurrency` live rows (prompts prefilled, two steps taken, the oracle accepting nothing, so that each
+    replay moves a row by one position), and per block (1: AR) the whole greedy step, the verify pass with its
+    greedy tokens and the draft pass with its greedy tokens, each captured as a CUDA graph of its own and timed
+    alone, beside its floor at the rows' real contexts."""
+    oracle: OracleProposer = engine.proposer
+    model = engine.target.model
+    ids = [engine.add(p, SamplingParams(max_new_tokens=64, ignore_eos=True), block_size=oracle.max_block)
+           for p in prompts[:concurrency]]
+    oracle.set_schedule([0])
+    out: dict = {}
+    try:
+        while engine.waiting:
+            engine.step()
+        engine.step()
+        sync(device)
+        n = concurrency
+        contexts = engine.start[:n].tolist()
+        for block in (1, *blocks):
+            parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
+                                          roofline.step(model, floors.draft if block > 1 else None, contexts, block))}
+            if block > 1:
+                block_pos = engine.start[:n, None] + engine.offsets[None, :block]
+                with torch.inference_mode(), restored(engine, n):
+                    verify = target_pass(engine, n, block)
+                    parts["verify"] = floors.timed(graph_ms(lambda: model.greedy_tokens(verify()), device, 5, 3),
+                                                   roofline.target_pass(model, contexts, block))
+                    parts["draft"] = floors.timed(
+                        graph_ms(lambda: oracle.inner.propose_greedy(n, block, engine.last_token[:n], block_pos,
+                                                                     engine.max_len), device, 5, 3),
+                        roofline.draft_pass(floors.draft, model, contexts, block))
+            out[str(block)] = parts
+    finally:
+        for seq_id in ids:
+            engine.cancel(seq_id)
+        oracle.set_schedule(card_schedules(oracle.max_block))
+    return out
+
+
+def card_schedules(max_block: int) -> dict[int, list[int]]:
+    """Each block's accepted drafts per step at the card's tau (a block the card does not list: see OracleProposer)."""
+    return {b: tau_schedule(tau) for b, tau in CARD_TAU.items() if b <= max_block}
+
+
+def graph_check(target: Target, draft: DraftModel, prompts: list[list[int]], blocks: tuple[int, ...], max_len: int,
                 device: str) -> dict:
     """The CUDA-graph path against the same engine run eagerly on the same padded shapes (so the same kernels
-    see the same GEMM shapes): greedy tokens must be identical, with requests joining and leaving."""
+    see the same GEMM shapes), with the draft's own tokens: greedy tokens must be identical, with requests joining
+    and leaving, for every block in `blocks` (1: AR)."""
+    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
     graphed = BatchDecoder(target, draft, max_batch=8, max_len=max_len)
     eager = BatchDecoder(target, draft, max_batch=8, max_len=max_len, use_graphs=False)
-    eager.pad_rows = True
-    results = [run_workload(d, prompts[:16], params, 8, 16, device)["outputs"] for d in (graphed, eager)]
-    same = sum(a == b for a, b in zip(*results))
-    return {"requests": 16, "concurrency": 8, "identical": f"{same}/16", "ok": same == 16}
+    eager.pad_rows = graphed.pad_rows  # rounded up to the graph sizes on CUDA
+    out = {}
+    for block in blocks:
+        results = [run_workload(d, prompts[:16], params, 8, block, device)["outputs"] for d in (graphed, eager)]
+        out[str(block)] = f"{sum(a == b for a, b in zip(*results))}/{len(results[0])}"
+    return {"requests": 16, "concurrency": 8, "identical": out, "ok": all(v == "16/16" for v in out.values())}
 
 
-def summarize(runs: list[dict]) -> dict:
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
-            "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs], "tokens": runs[0]["tokens"],
-            "steps": runs[0]["steps"], "tau": runs[0]["tau"]}
-
-
-def qwen3_4b(args: argparse.Namespace, device: str) -> dict:
-    cfg = qwen3_4b_config(args.tiny)
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0)
-    target = Target(model=model, tokenizer=None, name="qwen3-4b-shaped-random", eos_token_ids=())
-    draft = make_draft("dflash", cfg, device, dtype, args.tiny)
-    prompt_len, new = (16, 24) if args.tiny else (128, 128)
-    max_len = prompt_len + new + 64
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=g).tolist() for _ in range(64)]
-    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    ar = BatchDecoder(target, None, max_batch=max(CONCURRENCY), max_len=max_len)
-    spec = BatchDecoder(target, draft, max_batch=max(CONCURRENCY), max_len=max_len)
-    spec.forced_acceptance = ORACLE
-    check = graph_check(target, draft, prompts, SamplingParams(max_new_tokens=48, ignore_eos=True), max_len, device)
-    print(json.dumps({"graph_check": check}), flush=True)
+def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draft: DraftModel, blocks: tuple[int, ...],
+                   concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+    """A random-weight workload: the checks with the draft's own tokens, then the sweep with oracle acceptance at
+    the card's tau per block, and the parts of the step per concurrency."""
+    device = args.device
+    target = Target(model=model, tokenizer=None, name=f"{name}-shaped-random", eos_token_ids=())
+    prompt_len, new = (16, 24) if args.tiny else (args.prompt_tokens, args.new_tokens)
+    max_len = prompt_len + new + 2 * draft.block_size + 64  # the parts' replays run past the longest request
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
+               for _ in range(max(16, 2 * max(concurrency)))]
+    check = graph_check(target, draft, prompts, (1, max(blocks)), max_len, device)
+    print(json.dumps({f"{name} graph_check": check}), flush=True)
+    constant_choice(model)
+    oracle = OracleProposer(DraftProposer(draft, model), torch.zeros(max_len, dtype=torch.long),
+                            card_schedules(draft.block_size), model.config.vocab_size, device)
+    engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len)
     started = time.perf_counter()
-    graphs = ar.capture_graphs((1,)) + spec.capture_graphs(BLOCKS)
+    graphs = engine.capture_graphs((1, *blocks))
     capture_s = time.perf_counter() - started
-    rows = sweep(ar_sweep(ar, prompts, params, device, args.repeats), spec, prompts, params, device, args.repeats,
-                 "qwen3-4b")
-    return {"graph_check": check, "prompt_tokens": prompt_len, "new_tokens": new, "oracle_accepted_drafts": ORACLE,
-            "graphs": graphs, "capture_s": capture_s, "concurrency": rows}
+    floors = Floors(model, draft, prompt_len + new // 2, bandwidth, flop_rate)
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    cols = columns(blocks, auto=len(blocks) > 1)
+    rows = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, device, name, {}, parts=True)
+    return {"check": check, "prompt_tokens": prompt_len, "new_tokens": new, "columns": cols,
+            "card_tau": {str(b): t for b, t in CARD_TAU.items() if b in blocks}, "graphs": graphs,
+            "capture_s": capture_s, "concurrency": rows}
 
 
-def smollm2(args: argparse.Namespace, device: str) -> dict:
+def qwen3_4b(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+    cfg = qwen3_4b_config(args.tiny)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = TargetModel.random(cfg, device=args.device, dtype=dtype, seed=0)
+    draft = make_draft("dflash", cfg, args.device, dtype, args.tiny)
+    return random_weights(args, "qwen3_4b", model, draft, (4, 8, 16), concurrency, bandwidth, flop_rate)
+
+
+def qwen35_4b(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+    cfg = qwen35_4b_config(args.tiny)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    model = TargetModel.random(cfg, device=args.device, dtype=dtype, seed=0, rope_theta=1e7)
+    # drafted at block 8 (as SGLang serves it): the per-position states kept for rollback are sized by the block
+    draft = qwen35_draft(cfg, args.device, dtype, args.tiny, block_size=8)
+    out = random_weights(args, "qwen35_4b", model, draft, (8,), concurrency, bandwidth, flop_rate)
+    out["sglang_c32_speedup"] = SGLANG_C32_SPEEDUP
+    return out
+
+
+def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+    from blockspec.datasets import load_dataset
     from blockspec.draft import load_draft
     from blockspec.shipped import shipped_draft_dir
     from blockspec.target import load_target
-    from blockspec.datasets import load_dataset
 
-    target = load_target(args.smollm2, device=device, dtype="auto")
-    prompts = [target.encode([{"role": "user", "content": s.turns[0]}])
-               for s in load_dataset("gsm8k", args.data_dir)[0][:64]]
-    params = SamplingParams(max_new_tokens=256)
-    max_len = max(len(p) for p in prompts) + 256 + 64
-    ar = BatchDecoder(target, None, max_batch=max(CONCURRENCY), max_len=max_len)
-    ar.capture_graphs((1,))
-    ar_rows = ar_sweep(ar, prompts, params, device, args.repeats)  # one AR baseline for both drafts
-    out = {"prompts": "gsm8k test, first 64 questions", "max_new_tokens": 256, "dtype": str(target.dtype)}
+    target = load_target(args.smollm2, device=args.device, dtype="auto")
+    questions = load_dataset("gsm8k", args.data_dir)[0][:max(4, 2 * max(concurrency))]
+    prompts = [target.encode([{"role": "user", "content": s.turns[0]}]) for s in questions]
+    new = 24 if args.tiny else 256
+    params = SamplingParams(max_new_tokens=new)
+    max_len = max(len(p) for p in prompts) + new + 64
+    out: dict = {"prompts": f"gsm8k test, first {len(prompts)} questions", "max_new_tokens": new,
+                 "dtype": str(target.dtype)}
+    ar: dict = {}  # one AR baseline for both drafts
     for kind in ("dflash", "dflare"):
-        draft = load_draft(str(shipped_draft_dir(f"smollm2-135m-instruct-{kind}")), device=device, dtype=target.dtype)
-        spec = BatchDecoder(target, draft, max_batch=max(CONCURRENCY), max_len=max_len)
-        spec.capture_graphs(BLOCKS)
-        out[kind] = sweep(ar_rows, spec, prompts, params, device, args.repeats, f"smollm2-{kind}")
-        del spec
+        draft = load_draft(str(shipped_draft_dir(f"smollm2-135m-instruct-{kind}")), device=args.device,
+                           dtype=target.dtype)
+        engine = BatchDecoder(target, draft, max_batch=max(concurrency), max_len=max_len)
+        cols = columns((4, 8, 16), auto=True)
+        engine.capture_graphs(tuple(cols.values()))
+        context = statistics.mean(map(len, prompts)) + new // 2
+        floors = Floors(target.model, draft, int(context), bandwidth, flop_rate)
+        out[kind] = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, args.device,
+                          f"smollm2-{kind}", ar)
+        del engine
     return out
+
+
+WORKLOADS = {"qwen3_4b": (qwen3_4b, CONCURRENCY), "qwen35_4b": (qwen35_4b, CONCURRENCY[:-1]),
+             "smollm2": (smollm2, CONCURRENCY)}
 
 
 def run(args: argparse.Namespace) -> dict:
     device = args.device
+    bandwidth = copy_bandwidth(device, 0.05 if args.tiny else 2.0)
+    flop_rate = matmul_rate(device, 256 if args.tiny else 8192)
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s", flush=True)
     record = {**run_header(args), "command": " ".join(sys.argv), "repeats": args.repeats,
-              "concurrency": CONCURRENCY, "blocks": BLOCKS}
+              "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPs": flop_rate / 1e12,
+              "max_step_tokens": CUDA_MAX_STEP_TOKENS}
     with torch.inference_mode():
-        record["qwen3_4b"] = qwen3_4b(args, device)
-        if args.smollm2:
-            record["smollm2"] = smollm2(args, device)
+        for name in args.workload:
+            build, default = WORKLOADS[name]
+            record[name] = build(args, tuple(args.concurrency or default), bandwidth, flop_rate)
     return record
 
 
+# ---- the report ---------------------------------------------------------------------------------------------
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
-    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; median of "
-             f"{r['repeats']} runs per cell. Command: `{r['command']}`", ""]
-
-    def table(title: str, rows: dict) -> None:
-        blocks = r["blocks"]
-        lines.extend([title, "", "| concurrency | AR tok/s | " + " | ".join(f"spec B={b} tok/s (tau)" for b in blocks)
-                      + " | best block | best speedup |",
-                      "| --- | --- | " + " | ".join("---" for _ in blocks) + " | --- | --- |"])
-        for c, row in rows.items():
-            cells = [f"{row[f'spec_b{b}']['tokens_per_s']:.0f} ({row[f'spec_b{b}']['tau']:.2f})" for b in r["blocks"]]
-            lines.append(f"| {c} | {row['ar']['tokens_per_s']:.0f} | " + " | ".join(cells)
-                         + f" | {row['best_block']} | {row['best_speedup']:.2f}x |")
-        lines.append("")
-
-    q = r["qwen3_4b"]
-    lines.extend([f"CUDA graphs vs the same engine run eagerly on the same shapes (16 greedy requests, 8 at a time, "
-                  f"joining and leaving): {q['graph_check']['identical']} identical.", ""])
-    table(f"Qwen3-4B-shaped random bf16 target, 5-layer DFlash, oracle acceptance {q['oracle_accepted_drafts']} "
-          f"drafts per step (tau 6.5, capped at the block), {q['prompt_tokens']}-token prompts, "
-          f"{q['new_tokens']} new tokens:", q["concurrency"])
+    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; copy bandwidth "
+             f"{r['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {r['matmul_TFLOPs']:.0f} TFLOP/s; median of "
+             f"{r['repeats']} runs per cell. Command: `{r['command']}`", "",
+             "Each cell: measured tokens/s / the floor's tokens/s (floor over measured), tau; the floor is one decode "
+             "step of c rows at the mean context with the block the cell ran, its bytes over the copy bandwidth or "
+             "its FLOPs over the matmul rate (C: compute-bound).", ""]
+    if "qwen3_4b" in r:
+        q = r["qwen3_4b"]
+        lines += [f"Qwen3-4B-shaped random bf16 target, 5-layer DFlash, oracle acceptance at the card's tau per block "
+                  f"({card_text(q)}), {q['prompt_tokens']}-token prompts, {q['new_tokens']} new tokens; auto: "
+                  f"requests of block 16 with max_step_tokens {r['max_step_tokens']}. {check_text(q)}", "",
+                  *table(q["concurrency"], q["columns"]), "", *goals_qwen3(q), "", *parts_table(q["concurrency"])]
+    if "qwen35_4b" in r:
+        q = r["qwen35_4b"]
+        lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
+                      f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, {q['new_tokens']} new "
+                      f"tokens. {check_text(q)}", "", *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q),
+                  "", *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]
         for kind in ("dflash", "dflare"):
-            table(f"SmolLM2-135M-Instruct ({s['dtype']}), shipped {kind} draft, {s['prompts']}, greedy, up to "
-                  f"{s['max_new_tokens']} new tokens (real acceptance):", s[kind])
+            lines += ["", f"SmolLM2-135M-Instruct ({s['dtype']}), shipped {kind} draft, {s['prompts']}, greedy, up to "
+                          f"{s['max_new_tokens']} new tokens (real acceptance; auto: block 16 requests with "
+                          f"max_step_tokens {r['max_step_tokens']}):", "",
+                      *table(s[kind], {"ar": 1, "b4": 4, "b8": 8, "b16": 16, "auto": 16})]
     return "\n".join(lines)
+
+
+def card_text(q: dict) -> str:
+    return ", ".join(f"block {b}: {t}" for b, t in q["card_tau"].items())
+
+
+def check_text(q: dict) -> str:
+    c = q["check"]
+    cases = ", ".join(f"{'AR' if b == '1' else 'block ' + b} {same}" for b, same in c["identical"].items())
+    return (f"CUDA graphs vs the same engine run eagerly on the same shapes ({c['requests']} greedy requests, "
+            f"{c['concurrency']} at a time, the draft's own tokens): identical {cases}.")
+
+
+def cell_text(cell: dict) -> str:
+    floor, measured = cell["floor"], cell["tokens_per_s"]
+    text = f"{measured:.0f} / {floor['tokens_per_s']:.0f} ({floor['tokens_per_s'] / measured:.1f}x"
+    text += ", C)" if floor["bound"] == "compute" else ")"
+    return text if floor["block"] == 1 else text + f", tau {cell['tau']:.2f}"
+
+
+def table(rows: dict, cols: dict) -> list[str]:
+    names = [n for n in cols if n != "ar"]
+    labels = ["auto" if n == "auto" else f"B={cols[n]}" for n in names]
+    lines = ["| c | AR | " + " | ".join(f"{label} (its block)" if label == "auto" else label for label in labels)
+             + " | best / AR |", "| --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    for c, row in rows.items():
+        cells = [cell_text(row[n]) + (f" at B={row[n]['floor']['block']}" if n == "auto" else "") for n in names]
+        best = max(names, key=lambda n: row[n]["tokens_per_s"])
+        speedup = row[best]["tokens_per_s"] / row["ar"]["tokens_per_s"]
+        lines.append(f"| {c} | {cell_text(row['ar'])} | " + " | ".join(cells)
+                     + f" | {speedup:.2f}x ({labels[names.index(best)]}) |")
+    return lines
+
+
+def parts_table(rows: dict) -> list[str]:
+    lines = ["Where a step's time goes: c live rows, each part captured as a CUDA graph of its own and timed alone: "
+             "ms (its floor, x floor).", "", "| c | block | whole step | verify pass | draft pass |",
+             "| --- | --- | --- | --- | --- |"]
+
+    def part(m: dict | None) -> str:
+        return f"{m['ms']:.2f} ({m['floor_ms']:.2f}, {m['x_floor']:.2f}x)" if m else ""
+
+    for c, row in rows.items():
+        for block, parts in row.get("parts", {}).items():
+            lines.append(f"| {c} | {'AR' if block == '1' else block} | {part(parts['step'])} | "
+                         f"{part(parts.get('verify'))} | {part(parts.get('draft'))} |")
+    return lines
+
+
+def verdict(value: float, goal: float, at_most: bool) -> str:
+    met = value <= goal if at_most else value >= goal
+    return "met" if met else f"missed by {abs(value / goal - 1) * 100:.0f}%"
+
+
+def goals_qwen3(q: dict) -> list[str]:
+    rows = q["concurrency"]
+    lines = ["Goals (issue 26):"]
+    ar = [(c, row["parts"]["1"]["step"]["x_floor"]) for c, row in rows.items() if int(c) <= 32 and "parts" in row]
+    if ar:
+        worst = max(ar, key=lambda cx: cx[1])
+        lines.append(f"- batched AR decode step within 1.3x of its floor at c <= 32: worst {worst[1]:.2f}x at c = "
+                     f"{worst[0]}: {verdict(worst[1], 1.3, at_most=True)}.")
+    spec = [n for n in q["columns"] if n != "ar"]
+
+    def best(row: dict) -> float:
+        return max(row[n]["tokens_per_s"] for n in spec) / row["ar"]["tokens_per_s"]
+
+    if "32" in rows:
+        lines.append(f"- speculative / AR >= 2.3x at c = 32: {best(rows['32']):.2f}x: "
+                     f"{verdict(best(rows['32']), 2.3, at_most=False)}.")
+    below = [c for c, row in rows.items() if best(row) <= 1]
+    lines.append("- speculative above AR at every c up to 64: "
+                 + ("met." if not below else f"missed at c = {', '.join(below)}."))
+    return lines
+
+
+def goals_qwen35(q: dict) -> list[str]:
+    rows = q["concurrency"]
+    if "32" not in rows:
+        return []
+    speedup = rows["32"]["b8"]["tokens_per_s"] / rows["32"]["ar"]["tokens_per_s"]
+    return [f"At c = 32, block 8 over AR: {speedup:.2f}x, beside SGLang's {q['sglang_c32_speedup']}x (B200, the "
+            f"model card): {verdict(speedup, q['sglang_c32_speedup'], at_most=False)}."]
 
 
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=["qwen3_4b"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="default: 1-64 (qwen35_4b: 1-32)")
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--data-dir", default=None,
                         help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
     run_and_report(parser, run, report, "batch_throughput")
+
 
 if __name__ == "__main__":
     main()

@@ -1,24 +1,26 @@
 """What the benchmark scripts share: the common flags, the commit, an optional freshly swept skinny-GEMM
-table, the Qwen3-4B shapes and drafts they time, the copy bandwidth behind every floor, a hand-captured CUDA
-graph, the results JSON and its markdown report; and the tiny bigram target that the FSDP check (here) and the
-training tests (tests/test_train.py) train drafts for."""
+table, the Qwen3-4B and Qwen3.5-4B shapes and drafts they time, the copy bandwidth and dense matmul rate behind
+every floor, hand-captured CUDA graphs of a step and its parts, the results JSON and its markdown report; and the
+tiny bigram target that the FSDP check (here) and the training tests (tests/test_train.py) train drafts for."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
 import time
 import zlib
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
 from blockspec.bench.report import git_commit
 from blockspec.kernels import use_settings
 from blockspec.draft import DraftConfig, DraftModel, new_draft
+from blockspec.engine import BatchDecoder
 from blockspec.target import Target, TargetConfig, target_from_hf
 
 
@@ -38,7 +40,58 @@ def make_draft(kind: str, cfg: TargetConfig, device: str, dtype: torch.dtype, ti
                               num_layers=layers, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                               head_dim=cfg.head_dim, vocab_size=cfg.vocab_size, num_target_layers=cfg.num_layers,
                               block_size=16, target_layer_ids=ids, mask_token_id=cfg.vocab_size - 1)
+    return random_draft(dcfg, device, dtype)
+
+
+def random_draft(dcfg: DraftConfig, device: str, dtype: torch.dtype) -> DraftModel:
     return new_draft(dcfg).to_empty(device=device).to(dtype).init_weights(seed=1).requires_grad_(False)
+
+
+def qwen35_4b_hf_config(tiny: bool) -> object:
+    """The Qwen3.5-4B text model's shape (issue 25) as a transformers Qwen3_5TextConfig: hidden 2560, 32 layers
+    (every 4th full attention, 16/4 heads of 256, partial rotary 0.25, theta 1e7; the others Gated DeltaNet with
+    16 key / 32 value heads of 128, conv kernel 4), intermediate 9216, vocab 248,320, tied. The HF peer is built
+    from it and blockspec's target config derived from it, so the two cannot differ."""
+    from transformers import Qwen3_5TextConfig
+
+    if tiny:
+        shape = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                     linear_key_head_dim=16, linear_value_head_dim=16)
+    else:
+        shape = dict(vocab_size=248320, hidden_size=2560, intermediate_size=9216, num_hidden_layers=32,
+                     num_attention_heads=16, num_key_value_heads=4, head_dim=256, linear_num_key_heads=16,
+                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128)
+    return Qwen3_5TextConfig(**shape, linear_conv_kernel_dim=4, tie_word_embeddings=True,
+                             max_position_embeddings=262144, eos_token_id=None, bos_token_id=None, pad_token_id=None,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25})
+
+
+def qwen35_4b_config(tiny: bool) -> TargetConfig:
+    hf = qwen35_4b_hf_config(tiny)
+    first_attention = hf.layer_types.index("full_attention")  # its q/k norms tell from_hf they exist
+    return TargetConfig.from_hf(hf, {f"model.layers.{first_attention}.self_attn.q_norm.weight"})
+
+
+def qwen35_draft_config(cfg: TargetConfig, tiny: bool, block_size: int = 16) -> DraftConfig:
+    """The published Qwen3.5-4B-DFlash draft's shape (issue 25): 6 layers, 5 sliding (window 4096) then one full,
+    32/8 heads of 128, intermediate 9216, 8 taps [1, 5, ..., 29], mask id 248077."""
+    if tiny:
+        layers, heads, kv_heads, head_dim, inter, window, mask = 2, 4, 2, 16, 128, 8, cfg.vocab_size - 1
+        ids = [1, 3, 5]
+    else:
+        layers, heads, kv_heads, head_dim, inter, window, mask = 6, 32, 8, 128, 9216, 4096, 248077
+        ids = list(range(1, 30, 4))
+    return DraftConfig.create("dflash", hidden_size=cfg.hidden_size, intermediate_size=inter, num_layers=layers,
+                              num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, vocab_size=cfg.vocab_size,
+                              num_target_layers=cfg.num_layers, block_size=block_size, target_layer_ids=ids,
+                              mask_token_id=mask, rope_theta=1e7, sliding_window=window, use_sliding_window=True,
+                              layer_types=["sliding_attention"] * (layers - 1) + ["full_attention"])
+
+
+def qwen35_draft(cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool, block_size: int = 16) -> DraftModel:
+    """`qwen35_draft_config`'s draft with random weights."""
+    return random_draft(qwen35_draft_config(cfg, tiny, block_size), device, dtype)
 
 
 def sync(device: str) -> None:
@@ -62,6 +115,22 @@ def copy_bandwidth(device: str, gib: float) -> float:
     return 2 * src.numel() * 2 / statistics.median(times)
 
 
+def matmul_rate(device: str, n: int = 8192) -> float:
+    """FLOP/s of an n x n x n matmul on random data (median of 10 after 3 warm-ups): bf16 on CUDA, the dense rate
+    behind every FLOP floor; fp32 on the CPU (a logic check)."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = []
+    for i in range(13):
+        sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
 def capture_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
     """`fn` captured in one CUDA graph after warm-up runs on a side stream (as the engine captures its step);
     returns the graph and what the captured call returned (its static output)."""
@@ -75,6 +144,64 @@ def capture_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cud
     with torch.cuda.graph(graph):
         out = fn()
     return graph, out
+
+
+def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: int = 7) -> float:
+    """Median ms of one replay of `fn` captured as a CUDA graph (CUDA events over `replays` back-to-back
+    replays, median of `rounds`); on the CPU (a logic check) of one eager call."""
+    if not device.startswith("cuda"):
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+    graph, _ = capture_graph(fn)
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def restored(engine: BatchDecoder, n: int) -> Iterator[None]:
+    """Rows [0, n) of `engine` as they were before the block: a step or pass replayed for timing advances them
+    (the positions, the proposer's rows, a hybrid target's recurrent state; K/V slots past a row's position are
+    rewritten before anyone reads them)."""
+    state = [engine.last_token[:n], engine.start[:n], *engine.target_cache.rows(0, n).state()]
+    if engine.proposer is not None:
+        state += engine.proposer.state(n)
+    saved = [t.clone() for t in state]
+    try:
+        yield
+    finally:
+        for live, copy in zip(state, saved):
+            live.copy_(copy)
+
+
+def step_ms(engine: BatchDecoder, n: int, block: int, device: str, replays: int = 10, rounds: int = 5) -> float:
+    """The whole greedy step of live rows [0, n) (`_greedy_step`: draft, verify, acceptance, bookkeeping; no host
+    read) as a CUDA graph of its own. Each replay moves a row by its accepted drafts + 1: force acceptance to 0 so
+    that the replays stay within the rows' slack."""
+    with torch.inference_mode(), restored(engine, n):
+        return graph_ms(lambda: engine._greedy_step(n, block, engine.max_len), device, replays, rounds)
+
+
+def target_pass(engine: BatchDecoder, n: int, block: int) -> Callable[[], torch.Tensor]:
+    """Live rows [0, n)'s target pass over `block` random tokens at their next block's positions (taps included
+    when drafting), without the lm_head: returns the final-normed hidden states. Time it inside `restored`."""
+    model = engine.target.model
+    block_pos = engine.start[:n, None] + engine.offsets[None, :block]
+    block_ids = torch.randint(0, model.config.vocab_size, (n, block), device=block_pos.device)
+    cache = engine.target_cache.rows(0, n)
+    taps = engine.tap_ids if block > 1 else ()
+    return lambda: model(block_ids, block_pos, cache, taps, kv_len=engine.max_len)[0]
 
 
 def write_record(record: dict, out_dir: str | Path, name: str, report: Callable[[str], str]) -> Path:

@@ -1,10 +1,16 @@
-"""Load test of `blockspec serve` (issue 7): N concurrent streaming clients on loopback, every answer checked
-against the same request served alone, p50/p99 latency. Bounded in count (--requests) and time (--timeout).
+"""Load test of `blockspec serve` (issues 7 and 26): N concurrent streaming clients on loopback, every answer checked
+against the same request served alone; output tokens/s, latency, TTFT and TPOT at p50 and p99. Bounded in count
+(--requests) and time (--timeout).
 
 The server runs in this process (uvicorn on 127.0.0.1, a free port) with the given target and draft; the
-clients are the official `openai` client in threads (blockspec.bench.load).
+clients are the official `openai` client in threads (blockspec.bench.load). With --overhead-concurrency C the same
+first 2C requests are then served at C clients, and, once the server has stopped, decoded offline by the server's
+own engine (its BatchDecoder, the same graphs) with C in flight: the HTTP overhead is how much fewer output
+tokens/s the clients saw than the engine makes alone.
 
     python -m benchmarks.serve_load --out DIR                      # SmolLM2-135M + shipped DFlash, CPU
+    python -m benchmarks.serve_load --device cuda --requests 128 --concurrency 64 --max-num-seqs 64 \\
+        --max-tokens 256 --overhead-concurrency 32 --out DIR       # issue 26's run on a GPU
     python -m benchmarks.serve_load --report FILE.json             # markdown for docs/performance.md
 """
 
@@ -21,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.harness import write_record
-from blockspec.bench.load import LoadRequest, run_load
+from blockspec.bench.load import LoadRequest, percentile, run_load
 from blockspec.bench.report import git_commit
 
 TOPICS = ("a lighthouse", "the moon", "bread", "a lost key", "rain", "a library", "trains", "a garden")
@@ -55,6 +61,26 @@ def serve_in_thread(app) -> tuple[str, callable]:
     return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
 
 
+def tpot(load: dict) -> dict:
+    """Time per output token after the first, per answer: p50 and p99 over the answers of more than one token."""
+    values = [(a["latency_s"] - a["ttft_s"]) / (a["completion_tokens"] - 1) for a in load["answers"]
+              if a["error"] is None and a["ttft_s"] and a["completion_tokens"] > 1]
+    return {"tpot_p50_s": percentile(values, 50), "tpot_p99_s": percentile(values, 99)} if values else {}
+
+
+def offline(decoder, target, requests: list[LoadRequest], concurrency: int, device: str) -> dict:
+    """The requests decoded by the server's engine directly, `concurrency` in flight: greedy, each its own
+    max_tokens, the prompts chat-templated as the server does."""
+    from benchmarks.batch_throughput import run_workload
+    from blockspec.engine import SamplingParams
+
+    prompts = [target.encode(r.prompt) for r in requests]
+    params = [SamplingParams(max_new_tokens=r.max_tokens, temperature=0.0) for r in requests]
+    run = run_workload(decoder, prompts, params, concurrency, None, device)
+    return {"requests": len(requests), "concurrency": concurrency, "completion_tokens": run["tokens"],
+            "wall_s": run["wall_s"], "output_tokens_per_s": run["tokens_per_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default=None, help="default: SmolLM2-135M-Instruct")
@@ -64,6 +90,11 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-num-seqs", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-step-tokens", type=int, default=None,
+                        help="as for `blockspec serve` (default: its default for the device)")
+    parser.add_argument("--overhead-concurrency", type=int, default=None,
+                        help="also serve the first 2C requests at C clients and decode them offline with the "
+                             "server's engine at C in flight: the HTTP overhead")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per request")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None)
@@ -74,37 +105,68 @@ def main() -> None:
     from blockspec.cli_args import load_pair
     from blockspec.hub import DEFAULT_TARGET
     from blockspec.serve.app import create_app
+    from blockspec.serve.cli import step_token_budget
 
     target_name = args.target or DEFAULT_TARGET
     target, draft, trained = load_pair(target_name, args.draft, args.device, "auto")
+    step_tokens = step_token_budget(args.max_step_tokens, target.device.type)
     app = create_app(target, draft, served_model_name="model", max_queue=args.requests,
-                     max_num_seqs=args.max_num_seqs)
+                     max_num_seqs=args.max_num_seqs, max_step_tokens=step_tokens)
+    requests = requests_for(args.requests, args.max_tokens)
     url, stop = serve_in_thread(app)
     try:
-        result = run_load(url, "model", requests_for(args.requests, args.max_tokens), args.concurrency,
-                          timeout_s=args.timeout)
+        result = run_load(url, "model", requests, args.concurrency, timeout_s=args.timeout)
+        result["summary"].update(tpot(result))
+        if args.overhead_concurrency:
+            c = args.overhead_concurrency
+            at_c = run_load(url, "model", requests[:2 * c], c, timeout_s=args.timeout)
+            result["overhead"] = {"http": {**at_c["summary"], **tpot(at_c)}}
     finally:
         stop()
+    if args.overhead_concurrency:
+        overhead = result["overhead"]
+        overhead["offline"] = offline(app.state.service.worker.decoder, target, requests[:2 * c], c, args.device)
+        overhead["http_over_offline"] = (overhead["http"]["output_tokens_per_s"]
+                                         / overhead["offline"]["output_tokens_per_s"])
     commit = (git_commit() or "unknown")[:7]
     record = {"target": target_name, "draft": args.draft or ("shipped" if trained else "untrained"),
               "device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "max_num_seqs": args.max_num_seqs,
-              "max_tokens": args.max_tokens, **result}
+              "max_step_tokens": step_tokens, "max_tokens": args.max_tokens, **result}
     write_record(record, args.out, "serve_load", report)
+
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
-    s = r["summary"]
-    return "\n".join([
+    s = {**tpot(r), **r["summary"]}  # (runs before TPOT was summarised kept every answer's timings)
+    lines = [
         f"{r['target']} + {r['draft']} draft on {r['device']} ({r['machine']}), commit {r['commit']}, {r['date']}, "
         f"`{r['command']}`: {s['requests']} requests (max_tokens {r['max_tokens'] // 4}..{r['max_tokens']}, greedy), "
-        f"{s['concurrency']} concurrent streaming clients, server batching {r['max_num_seqs']}.", "",
-        "| errors | equal to single-request answers | latency p50 | latency p99 | TTFT p50 | TTFT p99 | "
-        "output tok/s under load | mean latency alone |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-        f"| {s['errors']} | {'all' if s['all_equal_to_single_request'] else 'NOT all: ' + str(s['mismatches'])} | "
-        f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | "
-        f"{s['ttft_p99_s']:.2f} s | {s['output_tokens_per_s']:.1f} | {s['single_request_mean_latency_s']:.2f} s |"])
+        f"{s['concurrency']} concurrent streaming clients, server batching {r['max_num_seqs']}"
+        + (f", max_step_tokens {r['max_step_tokens']}." if r.get("max_step_tokens") else "."), "",
+        "| clients | errors | equal to single-request answers | output tok/s | latency p50 | latency p99 | TTFT p50 | "
+        "TTFT p99 | TPOT p50 | TPOT p99 | mean latency alone |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", load_row(s)]
+    if "overhead" in r:
+        o, off = r["overhead"], r["overhead"]["offline"]
+        lines += [load_row(o["http"]), "", f"HTTP overhead at {off['concurrency']} concurrent requests (the first "
+                                           f"{off['requests']}): "
+                      f"{o['http']['output_tokens_per_s']:.1f} output tok/s through the server against "
+                      f"{off['output_tokens_per_s']:.1f} from its engine offline ({off['completion_tokens']} tokens "
+                      f"offline, {o['http']['completion_tokens']} served): {(1 - o['http_over_offline']) * 100:.1f}% "
+                      f"fewer (goal <= 10%: {'met' if o['http_over_offline'] >= 0.9 else 'missed'})."]
+    return "\n".join(lines)
+
+
+def load_row(s: dict) -> str:
+    def ms(key: str) -> str:
+        return f"{s[key] * 1e3:.1f} ms" if key in s else "-"
+
+    equal = "all" if s["all_equal_to_single_request"] else "NOT all: " + str(s["mismatches"])
+    return (f"| {s['concurrency']} | {s['errors']} | {equal} | {s['output_tokens_per_s']:.1f} | "
+            f"{s['latency_p50_s']:.2f} s | {s['latency_p99_s']:.2f} s | {s['ttft_p50_s']:.2f} s | "
+            f"{s['ttft_p99_s']:.2f} s | {ms('tpot_p50_s')} | {ms('tpot_p99_s')} | "
+            f"{s['single_request_mean_latency_s']:.2f} s |")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,27 @@
-"""Prepare the ignored `.stage/` and `.whl/` folders for GPU runs through the device tool, and print the calls.
+"""Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs of issues 23, 25 and 26, and print the device
+calls that make them, in order:
 
-A device call carries the tracked tree plus what it names in `carry`, 64 MiB in all, so the SmolLM2 GGUF
-(98 MB) travels in parts: this script splits it into as few parts as fit beside the tracked tree, packs the
-benchmark datasets from ../shared/data into one small archive, and fetches the gguf wheel (the device has no
-network). Each part is copied to /root/stage in its own call, back to back (a machine stays warm ~30 s),
-and the last call joins them:
+  1. issue 23: engine_limit --ab (the default settings) at commit f43e335, the last main before the one-engine
+     rewrite, and at this commit, alternately, twice each, then compare_runs (AR and the DFlash / DFlare steps
+     within 2%, graphed tokens equal eager). Back: four engine_limit JSONs, compare.md, the log.
+  2. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, the
+     automatic block, floors, the parts of each step). Back: its JSON and log.
+  3. issue 25: engine_limit --qwen35 (contexts 512, 4096, 16384; HF peer with flash-linear-attention) and
+     batch_throughput's Qwen3.5 row (c = 1..32, block 8). Back: two JSONs, two logs.
+  4. issue 26: serve_load against a live `blockspec serve` (SmolLM2 + the shipped DFlash, 64 streaming clients,
+     the HTTP overhead at 32), then batch_throughput with SmolLM2 and both shipped drafts. Back: two JSONs, logs.
+
+A call carries the tracked tree plus what it names in `carry`, 64 MiB in all, and the shipped drafts alone take
+half of that, so the SmolLM2 GGUF (98 MB) travels in parts riding with the last calls, each copied to
+/root/stage; call 4 joins them and checks the digest. /root/stage lives only while the machine stays warm (about
+30 s after a call): make the calls back to back. If call 4 finds a part missing, it stops at once and says so;
+the parts can then travel on their own (the fallback calls printed last) before call 4 is made again.
+
+What each call needs and the device lacks comes from here (it has no network): the old commit's `blockspec/`
+and `benchmarks/` (`git archive`, without the drafts' weights and results), flash-linear-attention's wheels
+(pure Python; transformers' Qwen3.5 falls back to torch without them), and the server's and the openai client's
+wheels for the device's Python 3.12 on x86_64, at the versions installed here, except what its image already
+runs torch and transformers with (KINDS.md lists its packages).
 
     python -m benchmarks.stage_for_gpu      # then make the printed calls, in order
 """
@@ -12,20 +29,42 @@ and the last call joins them:
 from __future__ import annotations
 
 import hashlib
-import math
+import io
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass, field
+from importlib.metadata import requires, version
 from pathlib import Path
 
 from blockspec.datasets import default_data_dir
 from blockspec.hub import smollm2_gguf_path
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGE, WHEELS = ROOT / ".stage", ROOT / ".whl"
 CARRY_LIMIT = 64 * 2**20
-MARGIN = 4 * 2**20  # untracked files, the wheel and the data archive ride along
-DATASETS = ("gsm8k", "mbpp", "humaneval", "mt_bench")
-GGUF_WHEEL = "gguf==0.19.0"
+MARGIN = 2 * 2**20  # files that change between staging and the call (a commit, a log)
+COMMAND_LIMIT = 2000  # characters of one device command
+OLD_COMMIT = "f43e335"  # the last main before the one-engine rewrite (issue 23)
+FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
+SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
+# in the device's image and what its torch and transformers run with: not shadowed by a carried copy
+DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
+DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+                    "manylinux2014_x86_64", "manylinux1_x86_64")
+DEVICE_MARKERS = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+                  "platform_system": "Linux", "platform_machine": "x86_64", "implementation_name": "cpython",
+                  "platform_python_implementation": "CPython", "os_name": "posix", "extra": ""}
+
+
+@dataclass
+class Call:
+    title: str
+    minutes: str  # an estimate, before any of these runs was made on the device
+    carry: list[str]  # paths relative to the repository root
+    command: str
+    returns: str
+    parts: list[str] = field(default_factory=list)  # GGUF parts it carries to /root/stage
 
 
 def tracked_bytes() -> int:
@@ -33,38 +72,167 @@ def tracked_bytes() -> int:
     return sum((ROOT / n).stat().st_size for n in names.decode().split("\0") if n and (ROOT / n).is_file())
 
 
+def size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def head_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def export_old_tree(dest: Path, commit: str = OLD_COMMIT) -> None:
+    """`blockspec/` and `benchmarks/` of `commit` into `dest`, without the drafts' weights and the results files
+    (its engine_limit needs neither)."""
+    archive = subprocess.run(["git", "archive", commit, "blockspec", "benchmarks"], cwd=ROOT, capture_output=True,
+                             check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        members = [m for m in tar.getmembers()
+                   if not m.name.endswith(".safetensors") and not m.name.startswith("benchmarks/results")]
+        tar.extractall(dest, members=members, filter="data")
+
+
+def serve_wheels() -> dict[str, str]:
+    """The server's, the openai client's and gguf's packages and everything they need on the device (Python 3.12,
+    Linux), at the versions installed here, less DEVICE_KEEPS."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    wanted: dict[str, str] = {}
+    todo = list(SERVE_ROOTS)
+    while todo:
+        name = canonicalize_name(todo.pop())
+        if name in wanted or name in DEVICE_KEEPS:
+            continue
+        wanted[name] = version(name)
+        for req in map(Requirement, requires(name) or []):
+            if req.marker is None or req.marker.evaluate(DEVICE_MARKERS):
+                todo.append(req.name)
+    return dict(sorted(wanted.items()))
+
+
+def download(folder: Path, specs: list[str]) -> None:
+    """Wheels for the device's Python and platform (pip matches each manylinux tag exactly)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    platforms = [arg for p in DEVICE_PLATFORMS for arg in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *specs],
+                   check=True)
+
+
+def plan_parts(total: int, rooms: list[int]) -> list[int]:
+    """Bytes of the GGUF each call carries, filling the last calls first (the fewer calls the parts depend on
+    staying warm between, the better); 0 where a call carries none. ValueError if the rooms are too small."""
+    sizes = [0] * len(rooms)
+    left = total
+    for i in reversed(range(len(rooms))):
+        sizes[i] = max(0, min(left, rooms[i]))
+        left -= sizes[i]
+    if left > 0:
+        raise ValueError(f"the GGUF needs {left / 2**20:.1f} MiB more room than the calls leave")
+    return sizes
+
+
+def install(folder: str) -> str:
+    return (f"python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+            f"{folder}/*.whl && export PYTHONPATH=/tmp/site:$PWD && ")
+
+
+def calls(gguf_name: str, digest: str) -> list[Call]:
+    """The device calls, in order (their parts added by `main`)."""
+    run = "python3 -m benchmarks."
+    ab = "--ab --ab-settings default --contexts 512 4096 --steps 100"
+    gguf = f"/root/stage/{gguf_name}"
+    rounds = " ".join(
+        f"(cd .stage/old && python3 benchmarks/engine_limit.py {ab} --commit {OLD_COMMIT} --out $O/old{i}) && "
+        f"{run}engine_limit {ab} --out $O/new{i} && "
+        f"{run}compare_runs --old $O/old*/*.json --new $O/new*/*.json | tee $O/compare.md &&" for i in (1, 2))
+    return [
+        Call("issue 23: engine_limit at f43e335 and at this commit, side by side", "4-6", [".stage/old"],
+             f"{{ {rounds} true; }} 2>&1 | tee $O/log.txt",
+             "old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
+        Call("issue 26: batch_throughput, Qwen3-4B shape, c = 1..64", "5-7", [],
+             f"{run}batch_throughput --workload qwen3_4b --repeats 2 --out $O 2>&1 | tee $O/log.txt",
+             "batch_throughput-*.json, log.txt"),
+        Call("issue 25: engine_limit --qwen35 and batch_throughput's Qwen3.5 row", "6-8", [".whl/fla"],
+             install(".whl/fla")
+             + f"{run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+               f"2>&1 | tee $O/engine_limit.log; "
+             + f"{run}batch_throughput --workload qwen35_4b --repeats 2 --out $O 2>&1 | tee $O/batch.log",
+             "engine_limit-*.json, batch_throughput-*.json, engine_limit.log, batch.log"),
+        Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "5-7",
+             [".whl/serve", ".stage/data.tar.xz"],
+             f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
+             f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls; make the fallback "
+             f"calls, then this one again'; ls -l /root/stage; exit 3; }}; "
+             + install(".whl/serve")
+             + "mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data && "
+             + f"{run}serve_load --device cuda --target {gguf} --draft blockspec/drafts/smollm2-135m-instruct-dflash "
+               f"--requests 128 --concurrency 64 --max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 "
+               f"--timeout 300 --out $O 2>&1 | tee $O/serve.log; "
+             + f"{run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data --repeats 2 "
+               f"--out $O 2>&1 | tee $O/batch.log",
+             "serve_load-*.json, batch_throughput-*.json, serve.log, batch.log"),
+    ]
+
+
+def device_command(call: Call, head: str) -> str:
+    """The call's whole command: unbuffered output, $OUT as an absolute path ($O), this commit's hash for the
+    records (no .git travels), its GGUF parts copied to /root/stage, then its runs."""
+    copy = "".join(f"cp .stage/{p} /root/stage/ && " for p in call.parts)
+    command = (f"export PYTHONUNBUFFERED=1 BLOCKSPEC_GIT_COMMIT={head}; set -o pipefail; O=$(cd \"$OUT\" && pwd); "
+               f"mkdir -p /root/stage && {copy}{call.command}")
+    if len(command) > COMMAND_LIMIT:
+        raise ValueError(f"{call.title}: the command has {len(command)} characters, more than {COMMAND_LIMIT}")
+    return command
+
+
 def main() -> int:
     gguf = smollm2_gguf_path()
-    stage, wheels = ROOT / ".stage", ROOT / ".whl"
-    stage.mkdir(exist_ok=True)
-    for old in stage.glob("part*"):
+    head = head_commit()
+    STAGE.mkdir(exist_ok=True)
+    for old in STAGE.glob("part*"):
         old.unlink()
-    room = CARRY_LIMIT - MARGIN - tracked_bytes()
+    if not (STAGE / "old" / "blockspec").is_dir():
+        export_old_tree(STAGE / "old")
+    with tarfile.open(STAGE / "data.tar.xz", "w:xz") as tar:
+        tar.add(default_data_dir() / "gsm8k" / "test.jsonl", arcname="data/gsm8k/test.jsonl")
+    wheels = serve_wheels()
+    for folder, specs in ((WHEELS / "fla", list(FLA_WHEELS)),
+                          (WHEELS / "serve", [f"{name}=={v}" for name, v in wheels.items()])):
+        if len(list(folder.glob("*.whl"))) != len(specs):  # two versions of one package would stop the install
+            for stale in folder.glob("*.whl"):
+                stale.unlink()
+            download(folder, specs)
     data = gguf.read_bytes()
-    parts = math.ceil(len(data) / room)
-    size = math.ceil(len(data) / parts)
-    for i in range(parts):
-        (stage / f"part{i:02d}").write_bytes(data[i * size:(i + 1) * size])
-    with tarfile.open(stage / "data.tar.xz", "w:xz") as tar:
-        for name in DATASETS:
-            tar.add(default_data_dir() / name, arcname=f"data/{name}")
-    if not list(wheels.glob("gguf-*.whl")):
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels), GGUF_WHEEL],
-                       check=True)
     digest = hashlib.sha256(data).hexdigest()
-    print(f"{parts} parts of {size / 2**20:.1f} MiB beside {tracked_bytes() / 2**20:.1f} MiB tracked; "
-          f"sha256 {digest[:16]}\n")
-    for i in range(parts - 1):
-        print(f"call {i + 1}: carry ['.stage/part{i:02d}']\n"
-              f"  mkdir -p /root/stage && cp .stage/part{i:02d} /root/stage/")
-    joined = " ".join(f"/root/stage/part{i:02d}" for i in range(parts - 1))
-    print(f"call {parts}: carry ['.stage/part{parts - 1:02d}', '.whl', '.stage/data.tar.xz']\n"
-          f"  cat {joined} .stage/part{parts - 1:02d} > /root/stage/{gguf.name} && "
-          f"sha256sum /root/stage/{gguf.name} | cut -c1-16 && "
-          f"pip install -q --no-index --no-deps --target /root/site .whl/*.whl && "
-          f"mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data")
-    print(f"\nthen: export PYTHONPATH=/root/site:$PWD BLOCKSPEC_DATA_DIR=/root/data/data "
-          f"BLOCKSPEC_GIT_COMMIT=$(git rev-parse --short HEAD here); the target is /root/stage/{gguf.name}")
+    plan = calls(gguf.name, digest)
+    base = tracked_bytes() + MARGIN
+    rooms = [CARRY_LIMIT - base - sum(size(ROOT / p) for p in call.carry) for call in plan]
+    offset = 0
+    for i, (call, part) in enumerate(zip(plan, plan_parts(len(data), rooms))):
+        if part:
+            name = f"part{i:02d}"
+            (STAGE / name).write_bytes(data[offset:offset + part])
+            offset += part
+            call.parts, call.carry = [name], call.carry + [f".stage/{name}"]
+    print(f"tracked tree {(base - MARGIN) / 2**20:.1f} MiB; the GGUF ({len(data) / 2**20:.1f} MiB, sha256 "
+          f"{digest[:16]}) in {sum(bool(c.parts) for c in plan)} parts; serve wheels "
+          f"{size(WHEELS / 'serve') / 2**20:.1f} MiB ({', '.join(f'{n} {v}' for n, v in wheels.items())}); "
+          f"flash-linear-attention {size(WHEELS / 'fla') / 2**20:.1f} MiB; the old tree "
+          f"{size(STAGE / 'old') / 2**20:.1f} MiB.\n")
+    print("Make these calls back to back (the machine goes back ~30 s after a call, and /root/stage with it), with "
+          "kind left out (one H100; an H200 may come: say which card gave each number). Then render each JSON with "
+          "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
+    for i, call in enumerate(plan, 1):
+        carried = base - MARGIN + sum(size(ROOT / p) for p in call.carry)
+        print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
+              f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
+    print(f"fallback, if call {len(plan)} stops with the GGUF incomplete: these calls back to back, then call "
+          f"{len(plan)} again (it carries its own part):")
+    for call in plan[:-1]:
+        for part in call.parts:
+            print(f"  carry: ['.stage/{part}']  command: mkdir -p /root/stage && cp .stage/{part} /root/stage/")
     return 0
 
 

