@@ -1,6 +1,9 @@
-"""Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs of issues 23, 25 and 26, and print the device
-calls that make them, in order:
+"""Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs of issues 23, 25, 26 and 27, and print the
+device calls that make them, in order:
 
+  0. the CUDA tests, first: every kernel written without a GPU (the package, the batch-invariant kernels, the
+     Gated DeltaNet kernels, the flow kernel against the per-op path) and the engine end to end on CUDA graphs
+     (tests/test_kernels.py, test_exact.py, test_hybrid_kernels.py). Back: the pytest log.
   1. issue 23: engine_limit --ab (the default settings) at commit f43e335, the last main before the one-engine
      rewrite, and at this commit, alternately, twice each, then compare_runs (AR and the DFlash / DFlare steps
      within 2%, graphed tokens equal eager). Back: four engine_limit JSONs, compare.md, the log.
@@ -48,6 +51,8 @@ COMMAND_LIMIT = 2000  # characters of one device command
 OLD_COMMIT = "f43e335"  # the last main before the one-engine rewrite (issue 23)
 FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
+TEST_ROOTS = ("pytest",)
+CUDA_TESTS = "tests/test_kernels.py tests/test_exact.py tests/test_hybrid_kernels.py"
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
 DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
 DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -92,14 +97,14 @@ def export_old_tree(dest: Path, commit: str = OLD_COMMIT) -> None:
         tar.extractall(dest, members=members, filter="data")
 
 
-def serve_wheels() -> dict[str, str]:
-    """The server's, the openai client's and gguf's packages and everything they need on the device (Python 3.12,
-    Linux), at the versions installed here, less DEVICE_KEEPS."""
+def device_wheels(roots: tuple[str, ...]) -> dict[str, str]:
+    """`roots` (e.g. the server's, the openai client's and gguf's packages) and everything they need on the device
+    (Python 3.12, Linux), at the versions installed here, less DEVICE_KEEPS."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     wanted: dict[str, str] = {}
-    todo = list(SERVE_ROOTS)
+    todo = list(roots)
     while todo:
         name = canonicalize_name(todo.pop())
         if name in wanted or name in DEVICE_KEEPS:
@@ -148,6 +153,9 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
         f"{run}engine_limit {ab} --out $O/new{i} && "
         f"{run}compare_runs --old $O/old*/*.json --new $O/new*/*.json | tee $O/compare.md &&" for i in (1, 2))
     return [
+        Call("the CUDA tests: kernels written without a GPU, the engine on CUDA graphs", "2-4", [".whl/test"],
+             install(".whl/test") + f"python3 -m pytest -q -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log",
+             "pytest.log"),
         Call("issue 23: engine_limit at f43e335 and at this commit, side by side", "4-6", [".stage/old"],
              f"{{ {rounds} true; }} 2>&1 | tee $O/log.txt",
              "old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
@@ -197,9 +205,10 @@ def main() -> int:
         export_old_tree(STAGE / "old")
     with tarfile.open(STAGE / "data.tar.xz", "w:xz") as tar:
         tar.add(default_data_dir() / "gsm8k" / "test.jsonl", arcname="data/gsm8k/test.jsonl")
-    wheels = serve_wheels()
+    wheels = device_wheels(SERVE_ROOTS)
     for folder, specs in ((WHEELS / "fla", list(FLA_WHEELS)),
-                          (WHEELS / "serve", [f"{name}=={v}" for name, v in wheels.items()])):
+                          (WHEELS / "serve", [f"{name}=={v}" for name, v in wheels.items()]),
+                          (WHEELS / "test", [f"{name}=={v}" for name, v in device_wheels(TEST_ROOTS).items()])):
         if len(list(folder.glob("*.whl"))) != len(specs):  # two versions of one package would stop the install
             for stale in folder.glob("*.whl"):
                 stale.unlink()

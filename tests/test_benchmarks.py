@@ -625,10 +625,11 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    assert "--commit f43e335 --out $O/old2" in plan[0].command and "compare_runs" in plan[0].command
+    assert "tests/test_exact.py" in plan[0].command and ".whl/test" in plan[0].carry  # the CUDA tests first
+    assert "--commit f43e335 --out $O/old2" in plan[1].command and "compare_runs" in plan[1].command
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
-    assert ".whl/fla" in plan[2].carry and ".whl/serve" in plan[3].carry
+    assert ".whl/fla" in plan[3].carry and ".whl/serve" in plan[4].carry
 
 
 def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
@@ -644,11 +645,12 @@ def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
 def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
     for module in ("fastapi", "uvicorn", "openai"):
         pytest.importorskip(module)
-    from benchmarks.stage_for_gpu import DEVICE_KEEPS, serve_wheels
+    from benchmarks.stage_for_gpu import DEVICE_KEEPS, SERVE_ROOTS, TEST_ROOTS, device_wheels
 
-    wheels = serve_wheels()
+    wheels = device_wheels(SERVE_ROOTS)
     assert {"fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "openai", "jiter", "gguf"} <= set(wheels)
     assert not DEVICE_KEEPS & set(wheels)
+    assert {"pytest", "pluggy", "iniconfig"} <= set(device_wheels(TEST_ROOTS))
 
 
 # ---- training ---------------------------------------------------------------------------------------------------
