@@ -19,6 +19,12 @@ class RowFailure(Exception):
     """This row's step cannot be computed (a distribution that is not finite); the other rows are unaffected."""
 
 
+def check_finite(probs: torch.Tensor, model: str) -> None:
+    """RowFailure unless every probability of this row is finite (torch.multinomial would raise for the batch)."""
+    if not bool(torch.isfinite(probs).all()):
+        raise RowFailure(f"the {model}'s probabilities for this request are not finite (NaN or inf)")
+
+
 def greedy_accepted(draft_tokens: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
     """Accepted drafts per row [n]: the longest prefix of `draft_tokens` [n, k] equal to the target's own
     choices `choices` [n, k + 1] at the same slots. On the device, no host read (a CUDA graph can hold it)."""
@@ -60,13 +66,11 @@ def accept_row(params: SamplingParams, draft_tokens: torch.Tensor, draft_probs: 
 
     draft_tokens [k], target_logits [k + 1, V] (the verify's logits at the row's block slots 0..k). Raises
     RowFailure when the row's target distribution is not finite."""
-    k = draft_tokens.shape[0]
     if params.greedy:
         choices = target_logits.argmax(-1)
         accepted = int(greedy_accepted(draft_tokens[None], choices[None])[0])
         return accepted, choices[:accepted + 1].tolist()
     target_probs = warped_probs(target_logits, params)
-    if not bool(torch.isfinite(target_probs).all()):
-        raise RowFailure("the target's probabilities for this request are not finite (NaN or inf)")
+    check_finite(target_probs, "target")
     accepted, token = accept_sampled(draft_tokens, draft_probs, target_probs, generator)
-    return accepted, draft_tokens[:min(accepted, k)].tolist() + [token]
+    return accepted, draft_tokens[:accepted].tolist() + [token]

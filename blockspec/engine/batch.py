@@ -46,7 +46,7 @@ import torch
 
 from blockspec.draft import DraftModel
 from blockspec.engine import acceptance
-from blockspec.engine.acceptance import RowFailure, greedy_accepted
+from blockspec.engine.acceptance import RowFailure, check_finite, greedy_accepted
 from blockspec.engine.proposer import DraftProposer, Proposer
 from blockspec.engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs, warped_probs
 from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
@@ -271,9 +271,10 @@ class BatchDecoder:
                 token = int(logits[i].argmax(-1))
             else:
                 probs = warped_probs(logits[i:i + 1], seq.params)
-                if not bool(torch.isfinite(probs).all()):  # never claimed: the rows after it move up
-                    chunks[seq.seq_id] = StreamChunk([], "", error="the target's probabilities for this request are "
-                                                                   "not finite (NaN or inf)")
+                try:
+                    check_finite(probs, "target")
+                except RowFailure as failure:  # never claimed: the rows after it move up
+                    chunks[seq.seq_id] = StreamChunk([], "", error=str(failure))
                     continue
                 token = int(sample(probs, seq.generator))
             top = seq.params.logprobs

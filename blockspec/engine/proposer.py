@@ -13,8 +13,8 @@ from typing import Protocol
 import torch
 
 from blockspec.draft import DraftModel
+from blockspec.engine.acceptance import RowFailure, check_finite
 from blockspec.engine.sampling import SamplingParams, sample, warped_probs
-from blockspec.engine.acceptance import RowFailure
 
 
 class Proposer(Protocol):
@@ -96,8 +96,10 @@ class DraftProposer:
                 proposals.append((logits[row, :k].argmax(-1), None))
                 continue
             probs = warped_probs(logits[row, :k], params)
-            if not bool(torch.isfinite(probs).all()):
-                proposals.append(RowFailure("the draft's probabilities for this request are not finite (NaN or inf)"))
+            try:
+                check_finite(probs, "draft")
+            except RowFailure as failure:
+                proposals.append(failure)
                 continue
             proposals.append((sample(probs, generator), probs))
         return proposals
