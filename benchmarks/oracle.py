@@ -70,6 +70,11 @@ class OracleProposer:
             self.schedules[block, :len(entries)] = torch.tensor(entries)
             self.lengths[block] = len(entries)
 
+    def set_reference(self, reference: list[int] | torch.Tensor) -> None:
+        """A new continuation, written in place (graphs captured earlier read it); no longer than the first."""
+        reference = torch.as_tensor(reference)
+        self.reference[:reference.shape[0]].copy_(reference)
+
     def propose_greedy(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
                        kv_len: int) -> torch.Tensor:
         drafted = self.inner.propose_greedy(n, block, last_tokens, block_positions, kv_len)

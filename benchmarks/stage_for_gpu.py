@@ -1,30 +1,32 @@
 """Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs of issues 23, 25, 26 and 27, and print the
-device calls that make them, in order:
+three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
+`timeout` of its own so that what finished comes back):
 
-  0. the CUDA tests, first: every kernel written without a GPU (the package, the batch-invariant kernels, the
+  1. the CUDA tests, first: every kernel written without a GPU (the package, the batch-invariant kernels, the
      Gated DeltaNet kernels, the flow kernel against the per-op path) and the engine end to end on CUDA graphs
-     (tests/test_kernels.py, test_exact.py, test_hybrid_kernels.py). Back: the pytest log.
-  1. issue 23: engine_limit --ab (the default settings) at commit f43e335, the last main before the one-engine
-     rewrite, and at this commit, alternately, twice each, then compare_runs (AR and the DFlash / DFlare steps
-     within 2%, graphed tokens equal eager). Back: four engine_limit JSONs, compare.md, the log.
-  2. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, the
-     automatic block, floors, the parts of each step). Back: its JSON and log.
-  3. issue 25: engine_limit --qwen35 (contexts 512, 4096, 16384; HF peer with flash-linear-attention) and
-     batch_throughput's Qwen3.5 row (c = 1..32, block 8). Back: two JSONs, two logs.
-  4. issue 26: serve_load against a live `blockspec serve` (SmolLM2 + the shipped DFlash, 64 streaming clients,
-     the HTTP overhead at 32), then batch_throughput with SmolLM2 and both shipped drafts. Back: two JSONs, logs.
+     (tests/test_kernels.py, test_exact.py, test_hybrid_kernels.py); then issue 23: engine_limit --ab (the
+     default settings) at commit f43e335, the last main before the one-engine rewrite, and at this commit,
+     alternately, twice each, with compare_runs (AR and the DFlash / DFlare steps within 2%, graphed tokens equal
+     eager). Back: the pytest log, four engine_limit JSONs, compare.md, the log.
+  2. issue 27 at the Qwen3-4B shape: exact_check (speculative == plain decoding, batched == alone, and the
+     default-kernel control) and engine_limit --ab default vs default+exact (the cost); then issue 26's
+     batch_throughput re-measure on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors).
+  3. SmolLM2: `blockspec bench --exact` on gsm8k, humaneval and mt-bench (40 prompts each, issue 27's 160
+     responses), then serve_load against a live `blockspec serve` (64 streaming clients, the HTTP overhead at 32).
 
-A call carries the tracked tree plus what it names in `carry`, 64 MiB in all, and the shipped drafts alone take
-half of that, so the SmolLM2 GGUF (98 MB) travels in parts riding with the last calls, each copied to
-/root/stage; call 4 joins them and checks the digest. /root/stage lives only while the machine stays warm (about
-30 s after a call): make the calls back to back. If call 4 finds a part missing, it stops at once and says so;
-the parts can then travel on their own (the fallback calls printed last) before call 4 is made again.
+A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
+in two parts, with calls 1 and 2, each copied to /root/stage; call 3 joins them and checks the digest. The shipped
+drafts (32 MiB, tracked) are needed by call 3 alone, so calls 1 and 2 leave them behind: before call 1 take them
+out of git's index and ignore them (the commands are printed; the files stay here), and put them back before call
+3. /root/stage lives only while the machine stays warm (about 30 s after a call): make the calls back to back.
+If call 3 finds a part missing, it stops at once and says so.
 
 What each call needs and the device lacks comes from here (it has no network): the old commit's `blockspec/`
-and `benchmarks/` (`git archive`, without the drafts' weights and results), flash-linear-attention's wheels
-(pure Python; transformers' Qwen3.5 falls back to torch without them), and the server's and the openai client's
-wheels for the device's Python 3.12 on x86_64, at the versions installed here, except what its image already
-runs torch and transformers with (KINDS.md lists its packages).
+and `benchmarks/` (`git archive`, without the drafts' weights and results), the datasets' files, and the
+server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
+installed here, except what its image already runs torch and transformers with (KINDS.md lists its packages).
+Issue 25's runs (engine_limit --qwen35, batch_throughput --workload qwen35_4b, with flash-linear-attention's
+wheels from `.whl/fla`) wait for a session whose calls 1-3 have passed.
 
     python -m benchmarks.stage_for_gpu      # then make the printed calls, in order
 """
@@ -52,6 +54,8 @@ OLD_COMMIT = "f43e335"  # the last main before the one-engine rewrite (issue 23)
 FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
+DATA_FILES = ("gsm8k/test.jsonl", "humaneval/HumanEval.jsonl.gz", "mt_bench/question.jsonl")
+DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
 CUDA_TESTS = "tests/test_kernels.py tests/test_exact.py tests/test_hybrid_kernels.py"
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
 DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
@@ -70,11 +74,14 @@ class Call:
     command: str
     returns: str
     parts: list[str] = field(default_factory=list)  # GGUF parts it carries to /root/stage
+    drafts: bool = False  # needs the shipped drafts (the others leave them behind)
 
 
 def tracked_bytes() -> int:
+    """The tracked tree without the shipped drafts (whether or not they are in the index now)."""
     names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    return sum((ROOT / n).stat().st_size for n in names.decode().split("\0") if n and (ROOT / n).is_file())
+    return sum((ROOT / n).stat().st_size for n in names.decode().split("\0")
+               if n and not n.startswith(DRAFTS + "/") and (ROOT / n).is_file())
 
 
 def size(path: Path) -> int:
@@ -153,34 +160,35 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
         f"{run}engine_limit {ab} --out $O/new{i} && "
         f"{run}compare_runs --old $O/old*/*.json --new $O/new*/*.json | tee $O/compare.md &&" for i in (1, 2))
     return [
-        Call("the CUDA tests: kernels written without a GPU, the engine on CUDA graphs", "2-4", [".whl/test"],
-             install(".whl/test") + f"python3 -m pytest -q -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log",
-             "pytest.log"),
-        Call("issue 23: engine_limit at f43e335 and at this commit, side by side", "4-6", [".stage/old"],
-             f"{{ {rounds} true; }} 2>&1 | tee $O/log.txt",
-             "old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
-        Call("issue 26: batch_throughput, Qwen3-4B shape, c = 1..64", "5-7", [],
-             f"{run}batch_throughput --workload qwen3_4b --repeats 2 --out $O 2>&1 | tee $O/log.txt",
-             "batch_throughput-*.json, log.txt"),
-        Call("issue 25: engine_limit --qwen35 and batch_throughput's Qwen3.5 row", "6-8", [".whl/fla"],
-             install(".whl/fla")
-             + f"{run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-               f"2>&1 | tee $O/engine_limit.log; "
-             + f"{run}batch_throughput --workload qwen35_4b --repeats 2 --out $O 2>&1 | tee $O/batch.log",
-             "engine_limit-*.json, batch_throughput-*.json, engine_limit.log, batch.log"),
-        Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "5-7",
+        Call("the CUDA tests, then issue 23: engine_limit at f43e335 and at this commit, side by side", "8-9",
+             [".whl/test", ".stage/old"],
+             install(".whl/test") + f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | "
+             f"tee $O/pytest.log; timeout 330 bash -c '{{ {rounds} true; }}' 2>&1 | tee $O/log.txt",
+             "pytest.log, old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
+        Call("issue 27 at the Qwen3-4B shape (exact_check, the cost of --exact), issue 26's batch_throughput", "9",
+             [],
+             f"timeout 270 {run}exact_check --out $O 2>&1 | tee $O/exact.log; "
+             f"timeout 100 {run}engine_limit --ab --ab-settings default default+exact --contexts 512 4096 --steps 50 "
+             f"--out $O 2>&1 | tee $O/cost.log; "
+             f"timeout 150 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
+             "exact_check-*.json, engine_limit-*.json, batch_throughput-*.json, exact.log, cost.log, batch.log",
+             ),
+        Call("SmolLM2: bench --exact on 160 responses (issue 27), serve_load on a live server (issue 26)", "7-8",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
-             f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls; make the fallback "
-             f"calls, then this one again'; ls -l /root/stage; exit 3; }}; "
+             f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls'; ls -l /root/stage; "
+             f"exit 3; }}; "
              + install(".whl/serve")
              + "mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data && "
-             + f"{run}serve_load --device cuda --target {gguf} --draft blockspec/drafts/smollm2-135m-instruct-dflash "
-               f"--requests 128 --concurrency 64 --max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 "
-               f"--timeout 300 --out $O 2>&1 | tee $O/serve.log; "
-             + f"{run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data --repeats 2 "
-               f"--out $O 2>&1 | tee $O/batch.log",
-             "serve_load-*.json, batch_throughput-*.json, serve.log, batch.log"),
+             + f"timeout 240 python3 -m blockspec bench --target {gguf} --draft smollm2-135m-instruct-dflash "
+               f"--dataset gsm8k,humaneval,mt-bench --max-samples 40 --max-new-tokens 256 --temperature 0.0 "
+               f"--data-dir /root/data/data --output $O/bench --device cuda --exact --no-progress "
+               f"2>&1 | tee $O/bench.log; "
+             + f"timeout 200 {run}serve_load --device cuda --target {gguf} "
+               f"--draft blockspec/drafts/smollm2-135m-instruct-dflash --requests 128 --concurrency 64 "
+               f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --out $O "
+               f"2>&1 | tee $O/serve.log",
+             "bench/ (results.json), serve_load-*.json, bench.log, serve.log", drafts=True),
     ]
 
 
@@ -188,7 +196,7 @@ def device_command(call: Call, head: str) -> str:
     """The call's whole command: unbuffered output, $OUT as an absolute path ($O), this commit's hash for the
     records (no .git travels), its GGUF parts copied to /root/stage, then its runs."""
     copy = "".join(f"cp .stage/{p} /root/stage/ && " for p in call.parts)
-    command = (f"export PYTHONUNBUFFERED=1 BLOCKSPEC_GIT_COMMIT={head}; set -o pipefail; O=$(cd \"$OUT\" && pwd); "
+    command = (f"export PYTHONUNBUFFERED=1 BLOCKSPEC_GIT_COMMIT={head}; set -o pipefail; export O=$(cd \"$OUT\" && pwd); "
                f"mkdir -p /root/stage && {copy}{call.command}")
     if len(command) > COMMAND_LIMIT:
         raise ValueError(f"{call.title}: the command has {len(command)} characters, more than {COMMAND_LIMIT}")
@@ -204,7 +212,8 @@ def main() -> int:
     if not (STAGE / "old" / "blockspec").is_dir():
         export_old_tree(STAGE / "old")
     with tarfile.open(STAGE / "data.tar.xz", "w:xz") as tar:
-        tar.add(default_data_dir() / "gsm8k" / "test.jsonl", arcname="data/gsm8k/test.jsonl")
+        for name in DATA_FILES:
+            tar.add(default_data_dir() / name, arcname=f"data/{name}")
     wheels = device_wheels(SERVE_ROOTS)
     for folder, specs in ((WHEELS / "fla", list(FLA_WHEELS)),
                           (WHEELS / "serve", [f"{name}=={v}" for name, v in wheels.items()]),
@@ -217,7 +226,8 @@ def main() -> int:
     digest = hashlib.sha256(data).hexdigest()
     plan = calls(gguf.name, digest)
     base = tracked_bytes() + MARGIN
-    rooms = [CARRY_LIMIT - base - sum(size(ROOT / p) for p in call.carry) for call in plan]
+    drafts = size(ROOT / DRAFTS)
+    rooms = [CARRY_LIMIT - base - drafts * call.drafts - sum(size(ROOT / p) for p in call.carry) for call in plan]
     offset = 0
     for i, (call, part) in enumerate(zip(plan, plan_parts(len(data), rooms))):
         if part:
@@ -233,15 +243,17 @@ def main() -> int:
     print("Make these calls back to back (the machine goes back ~30 s after a call, and /root/stage with it), with "
           "kind left out (one H100; an H200 may come: say which card gave each number). Then render each JSON with "
           "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
+    hidden = False
     for i, call in enumerate(plan, 1):
-        carried = base - MARGIN + sum(size(ROOT / p) for p in call.carry)
+        if call.drafts == hidden:  # the drafts travel with the tracked tree only while they are in the index
+            print(f"  here, before call {i}: " + (f"git reset -q -- {DRAFTS} && sed -i '\\#^/{DRAFTS}/$#d' "
+                                                  f".git/info/exclude" if hidden else
+                                                  f"git rm -r -q --cached {DRAFTS} && echo /{DRAFTS}/ >> "
+                                                  f".git/info/exclude") + "\n")
+            hidden = not hidden
+        carried = base - MARGIN + drafts * call.drafts + sum(size(ROOT / p) for p in call.carry)
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
-    print(f"fallback, if call {len(plan)} stops with the GGUF incomplete: these calls back to back, then call "
-          f"{len(plan)} again (it carries its own part):")
-    for call in plan[:-1]:
-        for part in call.parts:
-            print(f"  carry: ['.stage/{part}']  command: mkdir -p /root/stage && cp .stage/{part} /root/stage/")
     return 0
 
 
