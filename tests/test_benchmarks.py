@@ -613,6 +613,33 @@ def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path)
 
 
 # ---- staging the GPU calls ----------------------------------------------------------------------------------------
+def test_exact_check_report_gives_identical_counts_per_run_and_the_control(tmp_path):
+    from benchmarks.exact_check import report
+
+    cell = {"identical": 32, "of": 32, "tau": 6.75}
+    record = {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-05", "dtype": "torch.bfloat16",
+              "prompts": 32, "new_tokens": 256,
+              "exact": {"distinct_tokens": 4000, "speculative": {"dflash": {"16": cell}, "dflare": {"4": cell}},
+                        "batched": {"32": {"identical": 32, "of": 32}}},
+              "default": {"distinct_tokens": 900, "speculative": {"dflash": {"16": {**cell, "identical": 3, "of": 8}}},
+                          "batched": {"8": {"identical": 5, "of": 8}}}}
+    lines = render(report, record, tmp_path).splitlines()
+    assert "| dflash, block 16 | 32/32 | 6.75 |" in lines and "| dflare, block 4 | 32/32 | 6.75 |" in lines
+    assert "| batched, c = 32 (block 16) | 32/32 | - |" in lines
+    assert "| dflash, block 16 | 3/8 | 6.75 |" in lines and "| batched, c = 8 (block 16) | 5/8 | - |" in lines
+    assert lines.index("| batched, c = 32 (block 16) | 32/32 | - |") < lines.index("| dflash, block 16 | 3/8 | 6.75 |")
+
+
+def test_exact_check_runs_end_to_end_on_a_tiny_target(tmp_path):
+    run_benchmark("exact_check", "--tiny", "--device", "cpu", "--prompts", "3", "--new-tokens", "12",
+                  "--concurrency", "1", "2", "--control", "1", "--out", tmp_path)
+    record = json.loads(next(tmp_path.glob("exact_check-*.json")).read_text())
+    runs = [c for blocks in record["exact"]["speculative"].values() for c in blocks.values()]
+    runs += list(record["exact"]["batched"].values())
+    assert len(runs) == 8 and all(c["identical"] == c["of"] > 0 for c in runs)  # fp32 on the CPU: no near-ties
+    assert record["exact"]["speculative"]["dflash"]["16"]["tau"] > 3  # the oracle made blocks accept deep
+
+
 def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
     from benchmarks.stage_for_gpu import COMMAND_LIMIT, calls, device_command, plan_parts
 
@@ -625,11 +652,14 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    assert "tests/test_exact.py" in plan[0].command and ".whl/test" in plan[0].carry  # the CUDA tests first
-    assert "--commit f43e335 --out $O/old2" in plan[1].command and "compare_runs" in plan[1].command
+    first = plan[0].command
+    assert "tests/test_exact.py" in first and ".whl/test" in plan[0].carry  # the CUDA tests first
+    assert first.index("pytest") < first.index("--commit f43e335 --out $O/old2") < first.rindex("compare_runs")
+    assert "exact_check" in plan[1].command and "default+exact" in plan[1].command
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
-    assert ".whl/fla" in plan[3].carry and ".whl/serve" in plan[4].carry
+    assert "--exact" in plan[-1].command and ".whl/serve" in plan[-1].carry
+    assert [call.drafts for call in plan] == [False, False, True]  # only the SmolLM2 call carries the drafts
 
 
 def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
