@@ -9,8 +9,7 @@ three device calls that make them, in order (each well inside a command's 10 min
      alternately, twice each, with compare_runs (AR and the DFlash / DFlare steps within 2%, graphed tokens equal
      eager). Back: the pytest log, four engine_limit JSONs, compare.md, the log.
   2. issue 27 at the Qwen3-4B shape: exact_check (speculative == plain decoding, batched == alone, and the
-     default-kernel control) and engine_limit --ab default vs default+exact (the cost); then issue 26's
-     batch_throughput re-measure on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors).
+     default-kernel control) and engine_limit --ab default vs default+exact (the cost).
   3. SmolLM2: `blockspec bench --exact` on gsm8k, humaneval and mt-bench (40 prompts each, issue 27's 160
      responses), then serve_load against a live `blockspec serve` (64 streaming clients, the HTTP overhead at 32).
 
@@ -25,8 +24,9 @@ What each call needs and the device lacks comes from here (it has no network): t
 and `benchmarks/` (`git archive`, without the drafts' weights and results), the datasets' files, and the
 server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
 installed here, except what its image already runs torch and transformers with (KINDS.md lists its packages).
-Issue 25's runs (engine_limit --qwen35, batch_throughput --workload qwen35_4b, with flash-linear-attention's
-wheels from `.whl/fla`) wait for a session whose calls 1-3 have passed.
+Then, while device time remains: issue 26's batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16
+at the card's tau, floors), and issue 25's engine_limit --qwen35 and batch_throughput --workload qwen35_4b (with
+flash-linear-attention's wheels from `.whl/fla`).
 
     python -m benchmarks.stage_for_gpu      # then make the printed calls, in order
 """
@@ -165,14 +165,12 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              install(".whl/test") + f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | "
              f"tee $O/pytest.log; timeout 330 bash -c '{{ {rounds} true; }}' 2>&1 | tee $O/log.txt",
              "pytest.log, old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
-        Call("issue 27 at the Qwen3-4B shape (exact_check, the cost of --exact), issue 26's batch_throughput", "9",
+        Call("issue 27 at the Qwen3-4B shape: exact_check, the cost of --exact", "5-6",
              [],
              f"timeout 270 {run}exact_check --out $O 2>&1 | tee $O/exact.log; "
              f"timeout 100 {run}engine_limit --ab --ab-settings default default+exact --contexts 512 4096 --steps 50 "
-             f"--out $O 2>&1 | tee $O/cost.log; "
-             f"timeout 150 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
-             "exact_check-*.json, engine_limit-*.json, batch_throughput-*.json, exact.log, cost.log, batch.log",
-             ),
+             f"--out $O 2>&1 | tee $O/cost.log",
+             "exact_check-*.json, engine_limit-*.json, exact.log, cost.log"),
         Call("SmolLM2: bench --exact on 160 responses (issue 27), serve_load on a live server (issue 26)", "7-8",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
@@ -189,6 +187,22 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
                f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --out $O "
                f"2>&1 | tee $O/serve.log",
              "bench/ (results.json), serve_load-*.json, bench.log, serve.log", drafts=True),
+    ]
+
+
+def later_calls() -> list[Call]:
+    """Calls for device time that remains after `calls` (no GGUF: their order does not matter)."""
+    run = "python3 -m benchmarks."
+    return [
+        Call("issue 26: batch_throughput, Qwen3-4B shape, c = 1..64", "5-7", [],
+             f"{run}batch_throughput --workload qwen3_4b --repeats 2 --out $O 2>&1 | tee $O/log.txt",
+             "batch_throughput-*.json, log.txt", drafts=True),
+        Call("issue 25: engine_limit --qwen35 and batch_throughput's Qwen3.5 row", "6-8", [".whl/fla"],
+             install(".whl/fla")
+             + f"{run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+               f"2>&1 | tee $O/engine_limit.log; "
+             + f"{run}batch_throughput --workload qwen35_4b --repeats 2 --out $O 2>&1 | tee $O/batch.log",
+             "engine_limit-*.json, batch_throughput-*.json, engine_limit.log, batch.log", drafts=True),
     ]
 
 
@@ -254,6 +268,10 @@ def main() -> int:
         carried = base - MARGIN + drafts * call.drafts + sum(size(ROOT / p) for p in call.carry)
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
+    print("Then, while device time remains, in any order:\n")
+    for call in later_calls():
+        print(f"{call.title}; about {call.minutes} min (an estimate)\n  carry: {call.carry}\n"
+              f"  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
     return 0
 
 
