@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.harness import write_record
 from blockspec.bench.load import LoadRequest, percentile, run_load
 from blockspec.bench.report import git_commit
+from blockspec.cli_args import add_exact_arg, kernel_settings, load_pair
 
 TOPICS = ("a lighthouse", "the moon", "bread", "a lost key", "rain", "a library", "trains", "a garden")
 
@@ -96,13 +97,14 @@ def main() -> None:
                         help="also serve the first 2C requests at C clients and decode them offline with the "
                              "server's engine at C in flight: the HTTP overhead")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per request")
+    add_exact_arg(parser)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None)
     args = parser.parse_args()
     if args.report:
         print(report(args.report))
         return
-    from blockspec.cli_args import load_pair
+    from blockspec.kernels import use_settings
     from blockspec.hub import DEFAULT_TARGET
     from blockspec.serve.app import create_app
     from blockspec.serve.cli import step_token_budget
@@ -110,8 +112,9 @@ def main() -> None:
     target_name = args.target or DEFAULT_TARGET
     target, draft, trained = load_pair(target_name, args.draft, args.device, "auto")
     step_tokens = step_token_budget(args.max_step_tokens, target.device.type)
+    settings = kernel_settings(args.exact, target)
     app = create_app(target, draft, served_model_name="model", max_queue=args.requests,
-                     max_num_seqs=args.max_num_seqs, max_step_tokens=step_tokens)
+                     max_num_seqs=args.max_num_seqs, max_step_tokens=step_tokens, kernel_settings=settings)
     requests = requests_for(args.requests, args.max_tokens)
     url, stop = serve_in_thread(app)
     try:
@@ -125,14 +128,15 @@ def main() -> None:
         stop()
     if args.overhead_concurrency:
         overhead = result["overhead"]
-        overhead["offline"] = offline(app.state.service.worker.decoder, target, requests[:2 * c], c, args.device)
+        with use_settings(settings):  # the server's kernels, as its worker thread runs them
+            overhead["offline"] = offline(app.state.service.worker.decoder, target, requests[:2 * c], c, args.device)
         overhead["http_over_offline"] = (overhead["http"]["output_tokens_per_s"]
                                          / overhead["offline"]["output_tokens_per_s"])
     commit = (git_commit() or "unknown")[:7]
     record = {"target": target_name, "draft": args.draft or ("shipped" if trained else "untrained"),
               "device": args.device, "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "max_num_seqs": args.max_num_seqs,
-              "max_step_tokens": step_tokens, "max_tokens": args.max_tokens, **result}
+              "max_step_tokens": step_tokens, "max_tokens": args.max_tokens, "exact": args.exact, **result}
     write_record(record, args.out, "serve_load", report)
 
 
@@ -143,7 +147,8 @@ def report(path: str) -> str:
         f"{r['target']} + {r['draft']} draft on {r['device']} ({r['machine']}), commit {r['commit']}, {r['date']}, "
         f"`{r['command']}`: {s['requests']} requests (max_tokens {r['max_tokens'] // 4}..{r['max_tokens']}, greedy), "
         f"{s['concurrency']} concurrent streaming clients, server batching {r['max_num_seqs']}"
-        + (f", max_step_tokens {r['max_step_tokens']}." if r.get("max_step_tokens") else "."), "",
+        + (f", max_step_tokens {r['max_step_tokens']}" if r.get("max_step_tokens") else "")
+        + (", batch-invariant kernels (--exact)." if r.get("exact") else "."), "",
         "| clients | errors | equal to single-request answers | output tok/s | latency p50 | latency p99 | TTFT p50 | "
         "TTFT p99 | TPOT p50 | TPOT p99 | mean latency alone |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", load_row(s)]

@@ -11,7 +11,8 @@ three device calls that make them, in order (each well inside a command's 10 min
   2. issue 27 at the Qwen3-4B shape: exact_check (speculative == plain decoding, batched == alone, and the
      default-kernel control) and engine_limit --ab default vs default+exact (the cost).
   3. SmolLM2: `blockspec bench --exact` on gsm8k, humaneval and mt-bench (40 prompts each, issue 27's 160
-     responses), then serve_load against a live `blockspec serve` (64 streaming clients, the HTTP overhead at 32).
+     responses), then serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer
+     checked against the same request alone, the HTTP overhead at 32).
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in two parts, with calls 1 and 2, each copied to /root/stage; call 3 joins them and checks the digest. The shipped
@@ -184,7 +185,7 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
                f"2>&1 | tee $O/bench.log; "
              + f"timeout 200 {run}serve_load --device cuda --target {gguf} "
                f"--draft blockspec/drafts/smollm2-135m-instruct-dflash --requests 128 --concurrency 64 "
-               f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --out $O "
+               f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --exact --out $O "
                f"2>&1 | tee $O/serve.log",
              "bench/ (results.json), serve_load-*.json, bench.log, serve.log", drafts=True),
     ]
