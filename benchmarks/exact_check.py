@@ -70,7 +70,9 @@ def speculative(target: Target, draft: torch.nn.Module, block: int, prompt_set: 
         got = decoder.generate(prompt, params)
         same += got.token_ids == want
         accepted += got.stats.acceptance_lengths
-    return {"identical": same, "of": len(prompt_set), "tau": sum(accepted) / max(len(accepted), 1)}
+    cell = {"identical": same, "of": len(prompt_set), "tau": sum(accepted) / max(len(accepted), 1)}
+    print(f"  {draft.config.kind} block {block}: {cell}", flush=True)  # a run cut short still tells
+    return cell
 
 
 def batched(target: Target, draft: torch.nn.Module, c: int, prompt_set: list[list[int]],
@@ -82,6 +84,7 @@ def batched(target: Target, draft: torch.nn.Module, c: int, prompt_set: list[lis
     engine = BatchDecoder(target, draft, max_batch=c, max_len=max_len, block_size=16)
     results = engine.generate(prompt_set[:n], params)
     same = sum(r.token_ids == reference[i][:lengths[i]] for i, r in enumerate(results))
+    print(f"  batched c = {c}: {same}/{n}", flush=True)
     return {"identical": same, "of": n}
 
 
@@ -103,6 +106,7 @@ def run(args: argparse.Namespace) -> dict:
         subset = prompt_set[:count]
         with use_settings(batch_invariant=exact):
             reference = plain(target, subset, args.new_tokens, max_len)
+            print(f"{name}: plain decoding of {count} prompts, {time.perf_counter() - start:.0f} s", flush=True)
             blocks = args.blocks if exact else [16]
             kinds = drafts if exact else {"dflash": drafts["dflash"]}
             concurrency = args.concurrency if exact else [c for c in args.concurrency if c == 8] or args.concurrency[:1]
