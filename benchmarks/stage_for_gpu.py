@@ -163,13 +163,13 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     return [
         Call("the CUDA tests, then issue 23: engine_limit at f43e335 and at this commit, side by side", "8-9",
              [".whl/test", ".stage/old"],
-             install(".whl/test") + f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | "
-             f"tee $O/pytest.log; timeout 330 bash -c '{{ {rounds} true; }}' 2>&1 | tee $O/log.txt",
+             install(".whl/test") + f"timeout 180 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | "
+             f"tee $O/pytest.log; timeout 300 bash -c '{{ {rounds} true; }}' 2>&1 | tee $O/log.txt",
              "pytest.log, old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
         Call("issue 27 at the Qwen3-4B shape: exact_check, the cost of --exact", "5-6",
              [],
-             f"timeout 270 {run}exact_check --out $O 2>&1 | tee $O/exact.log; "
-             f"timeout 100 {run}engine_limit --ab --ab-settings default default+exact --contexts 512 4096 --steps 50 "
+             f"timeout 250 {run}exact_check --out $O 2>&1 | tee $O/exact.log; "
+             f"timeout 80 {run}engine_limit --ab --ab-settings default default+exact --contexts 512 4096 --steps 50 "
              f"--out $O 2>&1 | tee $O/cost.log",
              "exact_check-*.json, engine_limit-*.json, exact.log, cost.log"),
         Call("SmolLM2: bench --exact on 160 responses (issue 27), serve_load on a live server (issue 26)", "7-8",
@@ -179,11 +179,11 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"exit 3; }}; "
              + install(".whl/serve")
              + "mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data && "
-             + f"timeout 240 python3 -m blockspec bench --target {gguf} --draft smollm2-135m-instruct-dflash "
+             + f"timeout 210 python3 -m blockspec bench --target {gguf} --draft smollm2-135m-instruct-dflash "
                f"--dataset gsm8k,humaneval,mt-bench --max-samples 40 --max-new-tokens 256 --temperature 0.0 "
                f"--data-dir /root/data/data --output $O/bench --device cuda --exact --no-progress "
                f"2>&1 | tee $O/bench.log; "
-             + f"timeout 200 {run}serve_load --device cuda --target {gguf} "
+             + f"timeout 170 {run}serve_load --device cuda --target {gguf} "
                f"--draft blockspec/drafts/smollm2-135m-instruct-dflash --requests 128 --concurrency 64 "
                f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --exact --out $O "
                f"2>&1 | tee $O/serve.log",
