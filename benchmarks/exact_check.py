@@ -123,19 +123,21 @@ def run(args: argparse.Namespace) -> dict:
 def report(path: str) -> str:
     r = json.load(open(path))
     lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; {r['dtype']}; "
-             f"{r['prompts']} random prompts, {r['new_tokens']} new tokens each.", ""]
-    for name, title in (("exact", "batch-invariant kernels (--exact)"), ("default", "default kernels (control)")):
-        if name not in r:
-            continue
-        part = r[name]
-        lines += [f"**{title}**: plain decoding's outputs hold {part['distinct_tokens']} distinct tokens.", "",
-                  "| run | identical to plain decoding | tau |", "| --- | --- | --- |"]
-        for kind, blocks in part["speculative"].items():
-            for block, cell in blocks.items():
-                lines.append(f"| {kind}, block {block} | {cell['identical']}/{cell['of']} | {cell['tau']:.2f} |")
-        for c, cell in part["batched"].items():
-            lines.append(f"| batched, c = {c} (block 16) | {cell['identical']}/{cell['of']} | - |")
-        lines.append("")
+             f"{r['prompts']} random prompts, {r['new_tokens']} new tokens each. Cells: runs whose tokens equal plain "
+             f"decoding's (tau).", ""]
+    parts = [(name, r[name]) for name in ("exact", "default") if name in r]
+    blocks = sorted({int(b) for _, part in parts for runs in part["speculative"].values() for b in runs})
+    lines += ["| kernels | draft | " + " | ".join(f"block {b}" for b in blocks) + " | batched, block 16 (c: rows) |",
+              "| --- | --- | " + " | ".join("---" for _ in blocks) + " | --- |"]
+    for name, part in parts:
+        title = {"exact": "--exact", "default": "default (control)"}[name]
+        batched = ", ".join(f"{c}: {cell['identical']}/{cell['of']}" for c, cell in part["batched"].items())
+        for i, (kind, runs) in enumerate(part["speculative"].items()):
+            cells = [f"{runs[str(b)]['identical']}/{runs[str(b)]['of']} ({runs[str(b)]['tau']:.2f})"
+                     if str(b) in runs else "" for b in blocks]
+            lines.append(f"| {title} | {kind} | " + " | ".join(cells) + f" | {batched if i == 0 else ''} |")
+    lines += ["", "Distinct tokens in plain decoding's outputs: "
+              + ", ".join(f"{part['distinct_tokens']} ({name})" for name, part in parts) + "."]
     return "\n".join(lines)
 
 

@@ -624,10 +624,11 @@ def test_exact_check_report_gives_identical_counts_per_run_and_the_control(tmp_p
               "default": {"distinct_tokens": 900, "speculative": {"dflash": {"16": {**cell, "identical": 3, "of": 8}}},
                           "batched": {"8": {"identical": 5, "of": 8}}}}
     lines = render(report, record, tmp_path).splitlines()
-    assert "| dflash, block 16 | 32/32 | 6.75 |" in lines and "| dflare, block 4 | 32/32 | 6.75 |" in lines
-    assert "| batched, c = 32 (block 16) | 32/32 | - |" in lines
-    assert "| dflash, block 16 | 3/8 | 6.75 |" in lines and "| batched, c = 8 (block 16) | 5/8 | - |" in lines
-    assert lines.index("| batched, c = 32 (block 16) | 32/32 | - |") < lines.index("| dflash, block 16 | 3/8 | 6.75 |")
+    assert "| kernels | draft | block 4 | block 16 | batched, block 16 (c: rows) |" in lines
+    assert "| --exact | dflash |  | 32/32 (6.75) | 32: 32/32 |" in lines
+    assert "| --exact | dflare | 32/32 (6.75) |  |  |" in lines
+    assert "| default (control) | dflash |  | 3/8 (6.75) | 8: 5/8 |" in lines
+    assert lines[-1] == "Distinct tokens in plain decoding's outputs: 4000 (exact), 900 (default)."
 
 
 def test_exact_check_runs_end_to_end_on_a_tiny_target(tmp_path):

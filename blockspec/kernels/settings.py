@@ -59,8 +59,9 @@ class KernelSettings:
         the Triton GEMM with one config per weight shape (skinny.invariant_config); attention, for any number of
         queries, cuts each query's keys at fixed offsets and sums the pieces in order; batch-1 decode skips the
         flow kernel. The norms, silu * up and RoPE kernels are per row already. CUDA inference of targets
-        without Gated DeltaNet layers, with fused_kernels (docs/design-notes.md has the argument and the limits);
-        its cost is not measured yet, hence off.
+        without Gated DeltaNet layers, with fused_kernels (docs/design-notes.md has the argument and the limits).
+        Off by default: on an H100 it makes a plain token 5-9% slower (a speculative step 1-2%), over the 3% a
+        default may cost (docs/performance.md).
     """
 
     pdl: bool = True
