@@ -45,13 +45,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
     (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory); with
     `KernelSettings.batch_invariant`, every product of 16-bit weights, so that a row's output does not depend
-    on the row count."""
+    on the row count.
+
+    Leading dims are flattened into one matrix of rows first. Given a strided x (the draft's lm_head input, slots
+    1.. of each block) and a weight without autograd state (a model built under inference mode, as the benchmarks
+    build theirs), F.linear runs a matmul batched over the leading dim that reads the weight once per index: for
+    the 4B's lm_head 778 MB a row, most of a batched draft pass."""
     skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
     if skinny is not None:
         from blockspec.kernels.skinny import skinny_linear
 
         rows, config = skinny
         return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+    if x.dim() > 2:  # a contiguous x is a view: the same GEMM F.linear folds it into
+        return F.linear(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
     return F.linear(x, weight, bias)
 
 
