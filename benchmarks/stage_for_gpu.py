@@ -1,18 +1,14 @@
-"""Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs of issues 23, 25, 26 and 27, and print the
-three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
+"""Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs that issues 25 and 26 still need, and print
+the three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
 `timeout` of its own so that what finished comes back):
 
-  1. the CUDA tests, first: every kernel written without a GPU (the package, the batch-invariant kernels, the
-     Gated DeltaNet kernels, the flow kernel against the per-op path) and the engine end to end on CUDA graphs
-     (tests/test_kernels.py, test_exact.py, test_hybrid_kernels.py); then issue 23: engine_limit --ab (the
-     default settings) at commit f43e335, the last main before the one-engine rewrite, and at this commit,
-     alternately, twice each, with compare_runs (AR and the DFlash / DFlare steps within 2%, graphed tokens equal
-     eager). Back: the pytest log, four engine_limit JSONs, compare.md, the log.
-  2. issue 27 at the Qwen3-4B shape: exact_check (speculative == plain decoding, batched == alone, and the
-     default-kernel control) and engine_limit --ab default vs default+exact (the cost).
-  3. SmolLM2: `blockspec bench --exact` on gsm8k, humaneval and mt-bench (40 prompts each, issue 27's 160
-     responses), then serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer
-     checked against the same request alone, the HTTP overhead at 32).
+  1. the CUDA tests, first (tests/test_kernels.py, test_exact.py, test_hybrid_kernels.py: the kernel package, the
+     batch-invariant kernels, the Gated DeltaNet kernels with flash-linear-attention carried, the engine on CUDA
+     graphs); then issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384; the HF peer).
+  2. batch_throughput on the Qwen3-4B shape (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
+     the parts of each step) and on the Qwen3.5-4B shape (issue 25: c = 1..32, block 8).
+  3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
+     against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in two parts, with calls 1 and 2, each copied to /root/stage; call 3 joins them and checks the digest. The shipped
@@ -21,13 +17,9 @@ out of git's index and ignore them (the commands are printed; the files stay her
 3. /root/stage lives only while the machine stays warm (about 30 s after a call): make the calls back to back.
 If call 3 finds a part missing, it stops at once and says so.
 
-What each call needs and the device lacks comes from here (it has no network): the old commit's `blockspec/`
-and `benchmarks/` (`git archive`, without the drafts' weights and results), the datasets' files, and the
+What each call needs and the device lacks comes from here (it has no network): the datasets' files and the
 server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
 installed here, except what its image already runs torch and transformers with (KINDS.md lists its packages).
-Then, while device time remains: issue 26's batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16
-at the card's tau, floors), and issue 25's engine_limit --qwen35 and batch_throughput --workload qwen35_4b (with
-flash-linear-attention's wheels from `.whl/fla`).
 
     python -m benchmarks.stage_for_gpu      # then make the printed calls, in order
 """
@@ -35,7 +27,6 @@ flash-linear-attention's wheels from `.whl/fla`).
 from __future__ import annotations
 
 import hashlib
-import io
 import subprocess
 import sys
 import tarfile
@@ -51,7 +42,6 @@ STAGE, WHEELS = ROOT / ".stage", ROOT / ".whl"
 CARRY_LIMIT = 64 * 2**20
 MARGIN = 2 * 2**20  # files that change between staging and the call (a commit, a log)
 COMMAND_LIMIT = 2000  # characters of one device command
-OLD_COMMIT = "f43e335"  # the last main before the one-engine rewrite (issue 23)
 FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
@@ -92,17 +82,6 @@ def size(path: Path) -> int:
 def head_commit() -> str:
     return subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
-
-
-def export_old_tree(dest: Path, commit: str = OLD_COMMIT) -> None:
-    """`blockspec/` and `benchmarks/` of `commit` into `dest`, without the drafts' weights and the results files
-    (its engine_limit needs neither)."""
-    archive = subprocess.run(["git", "archive", commit, "blockspec", "benchmarks"], cwd=ROOT, capture_output=True,
-                             check=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        members = [m for m in tar.getmembers()
-                   if not m.name.endswith(".safetensors") and not m.name.startswith("benchmarks/results")]
-        tar.extractall(dest, members=members, filter="data")
 
 
 def device_wheels(roots: tuple[str, ...]) -> dict[str, str]:
@@ -154,56 +133,34 @@ def install(folder: str) -> str:
 def calls(gguf_name: str, digest: str) -> list[Call]:
     """The device calls, in order (their parts added by `main`)."""
     run = "python3 -m benchmarks."
-    ab = "--ab --ab-settings default --contexts 512 4096 --steps 100"
     gguf = f"/root/stage/{gguf_name}"
-    rounds = " ".join(
-        f"(cd .stage/old && python3 benchmarks/engine_limit.py {ab} --commit {OLD_COMMIT} --out $O/old{i}) && "
-        f"{run}engine_limit {ab} --out $O/new{i} && "
-        f"{run}compare_runs --old $O/old*/*.json --new $O/new*/*.json | tee $O/compare.md &&" for i in (1, 2))
     return [
-        Call("the CUDA tests, then issue 23: engine_limit at f43e335 and at this commit, side by side", "8-9",
-             [".whl/test", ".stage/old"],
-             install(".whl/test") + f"timeout 180 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | "
-             f"tee $O/pytest.log; timeout 300 bash -c '{{ {rounds} true; }}' 2>&1 | tee $O/log.txt",
-             "pytest.log, old1/, old2/, new1/, new2/ (an engine_limit JSON each), compare.md, log.txt"),
-        Call("issue 27 at the Qwen3-4B shape: exact_check, the cost of --exact", "5-6",
-             [],
-             f"timeout 250 {run}exact_check --out $O 2>&1 | tee $O/exact.log; "
-             f"timeout 80 {run}engine_limit --ab --ab-settings default default+exact --contexts 512 4096 --steps 50 "
-             f"--out $O 2>&1 | tee $O/cost.log",
-             "exact_check-*.json, engine_limit-*.json, exact.log, cost.log"),
-        Call("SmolLM2: bench --exact on 160 responses (issue 27), serve_load on a live server (issue 26)", "7-8",
+        Call("the CUDA tests, then issue 25: engine_limit --qwen35", "8-9", [".whl/test", ".whl/fla"],
+             install(".whl/test") + "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+             "--target /tmp/site .whl/fla/*.whl && "
+             f"timeout 260 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
+             f"timeout 270 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+             f"2>&1 | tee $O/engine_limit.log",
+             "pytest.log, engine_limit-*.json, engine_limit.log"),
+        Call("issues 26 and 25: batch_throughput, the Qwen3-4B shape (c = 1..64) and the Qwen3.5-4B shape", "8-9",
+             [], f"timeout 300 {run}batch_throughput --workload qwen3_4b --repeats 2 --out $O 2>&1 | tee $O/batch.log; "
+                 f"timeout 250 {run}batch_throughput --workload qwen35_4b --repeats 2 --out $O 2>&1 "
+                 f"| tee $O/batch35.log",
+             "two batch_throughput-*.json, batch.log, batch35.log"),
+        Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
              f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls'; ls -l /root/stage; "
              f"exit 3; }}; "
              + install(".whl/serve")
              + "mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data && "
-             + f"timeout 210 python3 -m blockspec bench --target {gguf} --draft smollm2-135m-instruct-dflash "
-               f"--dataset gsm8k,humaneval,mt-bench --max-samples 40 --max-new-tokens 256 --temperature 0.0 "
-               f"--data-dir /root/data/data --output $O/bench --device cuda --exact --no-progress "
-               f"2>&1 | tee $O/bench.log; "
-             + f"timeout 170 {run}serve_load --device cuda --target {gguf} "
+             + f"timeout 200 {run}serve_load --device cuda --target {gguf} "
                f"--draft blockspec/drafts/smollm2-135m-instruct-dflash --requests 128 --concurrency 64 "
                f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --exact --out $O "
-               f"2>&1 | tee $O/serve.log",
-             "bench/ (results.json), serve_load-*.json, bench.log, serve.log", drafts=True),
-    ]
-
-
-def later_calls() -> list[Call]:
-    """Calls for device time that remains after `calls` (no GGUF: their order does not matter)."""
-    run = "python3 -m benchmarks."
-    return [
-        Call("issue 26: batch_throughput, Qwen3-4B shape, c = 1..64", "5-7", [],
-             f"{run}batch_throughput --workload qwen3_4b --repeats 2 --out $O 2>&1 | tee $O/log.txt",
-             "batch_throughput-*.json, log.txt", drafts=True),
-        Call("issue 25: engine_limit --qwen35 and batch_throughput's Qwen3.5 row", "6-8", [".whl/fla"],
-             install(".whl/fla")
-             + f"{run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-               f"2>&1 | tee $O/engine_limit.log; "
-             + f"{run}batch_throughput --workload qwen35_4b --repeats 2 --out $O 2>&1 | tee $O/batch.log",
-             "engine_limit-*.json, batch_throughput-*.json, engine_limit.log, batch.log", drafts=True),
+               f"2>&1 | tee $O/serve.log; "
+             + f"timeout 180 {run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data "
+               f"--repeats 2 --out $O 2>&1 | tee $O/batch.log",
+             "serve_load-*.json, batch_throughput-*.json, serve.log, batch.log", drafts=True),
     ]
 
 
@@ -224,8 +181,6 @@ def main() -> int:
     STAGE.mkdir(exist_ok=True)
     for old in STAGE.glob("part*"):
         old.unlink()
-    if not (STAGE / "old" / "blockspec").is_dir():
-        export_old_tree(STAGE / "old")
     with tarfile.open(STAGE / "data.tar.xz", "w:xz") as tar:
         for name in DATA_FILES:
             tar.add(default_data_dir() / name, arcname=f"data/{name}")
@@ -253,8 +208,7 @@ def main() -> int:
     print(f"tracked tree {(base - MARGIN) / 2**20:.1f} MiB; the GGUF ({len(data) / 2**20:.1f} MiB, sha256 "
           f"{digest[:16]}) in {sum(bool(c.parts) for c in plan)} parts; serve wheels "
           f"{size(WHEELS / 'serve') / 2**20:.1f} MiB ({', '.join(f'{n} {v}' for n, v in wheels.items())}); "
-          f"flash-linear-attention {size(WHEELS / 'fla') / 2**20:.1f} MiB; the old tree "
-          f"{size(STAGE / 'old') / 2**20:.1f} MiB.\n")
+          f"flash-linear-attention {size(WHEELS / 'fla') / 2**20:.1f} MiB.\n")
     print("Make these calls back to back (the machine goes back ~30 s after a call, and /root/stage with it), with "
           "kind left out (one H100; an H200 may come: say which card gave each number). Then render each JSON with "
           "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
@@ -269,10 +223,6 @@ def main() -> int:
         carried = base - MARGIN + drafts * call.drafts + sum(size(ROOT / p) for p in call.carry)
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
-    print("Then, while device time remains, in any order:\n")
-    for call in later_calls():
-        print(f"{call.title}; about {call.minutes} min (an estimate)\n  carry: {call.carry}\n"
-              f"  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
     return 0
 
 

@@ -654,23 +654,13 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
     first = plan[0].command
-    assert "tests/test_exact.py" in first and ".whl/test" in plan[0].carry  # the CUDA tests first
-    assert first.index("pytest") < first.index("--commit f43e335 --out $O/old2") < first.rindex("compare_runs")
-    assert "exact_check" in plan[1].command and "default+exact" in plan[1].command
+    assert "tests/test_hybrid_kernels.py" in first and {".whl/test", ".whl/fla"} <= set(plan[0].carry)
+    assert first.index("pytest") < first.index("engine_limit --qwen35")  # the CUDA tests first
+    assert "--workload qwen3_4b" in plan[1].command and "--workload qwen35_4b" in plan[1].command
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
-    assert "--exact" in plan[-1].command and ".whl/serve" in plan[-1].carry
+    assert "serve_load" in plan[-1].command and ".whl/serve" in plan[-1].carry
     assert [call.drafts for call in plan] == [False, False, True]  # only the SmolLM2 call carries the drafts
-
-
-def test_stage_for_gpu_exports_the_old_tree_without_weights(tmp_path):
-    from benchmarks.stage_for_gpu import OLD_COMMIT, export_old_tree
-
-    if subprocess.run(["git", "cat-file", "-e", OLD_COMMIT], cwd=REPO_ROOT, capture_output=True).returncode:
-        pytest.skip(f"commit {OLD_COMMIT} is not in this checkout's history")
-    export_old_tree(tmp_path)
-    assert (tmp_path / "benchmarks" / "engine_limit.py").is_file() and (tmp_path / "blockspec" / "layers.py").is_file()
-    assert not list(tmp_path.rglob("*.safetensors")) and not (tmp_path / "benchmarks" / "results").exists()
 
 
 def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
