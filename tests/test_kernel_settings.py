@@ -1,5 +1,6 @@
 """The kernels' settings and launch tables (blockspec/kernels/settings.py), on the CPU: no Triton needed."""
 
+import itertools
 import json
 from importlib import resources
 from pathlib import Path
@@ -10,7 +11,8 @@ import torch
 
 import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
-from blockspec.kernels.settings import FLOW_FIELDS, tables_for
+from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
+                                       tables_for)
 from blockspec.layers import fused_kernels_apply
 
 
@@ -57,6 +59,33 @@ def test_the_h100_table_holds_the_measured_settings():
     assert dict(zip(FLOW_FIELDS, tables.flow)) == {"block_rows": 64, "block_k": 512, "dot_warps": 4, "stages": 3,
                                                    "programs_per_sm": 1, "copy_warps": 2, "kib_in_flight": 64,
                                                    "pack_small": True}
+
+
+@pytest.mark.parametrize("device", ["NVIDIA H100 80GB HBM3", ""])
+def test_every_decode_attention_tile_fits_the_h100_and_the_tuned_ones_stay(device: str):
+    """Head dims 64/128/256, one query up to a block of 16 (tiles of 1-4 queries on "narrow", 8 or 16 on "wide", 16
+    under batch_invariant), GQA groups up to 8, 16- and 32-bit caches: every launch fits the 227 KiB an H100 or H200
+    gives a program, and the tables' tiles at head dims up to 128 (whose timings are tuned) are launched as they are."""
+    hopper = 232448
+    attention = tables_for(device).attention
+    for head_dim, group, itemsize in itertools.product((64, 128, 256), (1, 2, 4, 8), (2, 4)):
+        for kind, tiles in (("narrow", (1, 2, 4)), ("wide", (8, 16))):
+            block_n = attention.get(f"{kind}_d{head_dim}", attention[kind])["block_n"]
+            for tile in tiles:
+                rows = attention_rows(group, tile)
+                fitted = attention_keys_per_tile(block_n, rows, head_dim, itemsize, hopper)
+                assert attention_shared_bytes(rows, fitted, head_dim, itemsize) <= hopper, (head_dim, group, tile)
+                assert fitted == block_n or head_dim > 128
+
+
+def test_qwen35s_fp32_decode_token_takes_half_the_keys_per_tile_to_fit():
+    """What the H100 refused: one query over 4 KV heads of 256 dims in fp32 at 64 keys a tile needs 282688 bytes
+    (Triton 3.6's compiled size, which the estimate matches), over the 232448 there are; 32 keys need 149568."""
+    rows = attention_rows(4, 1)
+    assert rows == 16 and attention_shared_bytes(rows, 64, 256, 4) == 282688
+    assert attention_keys_per_tile(64, rows, 256, 4, 232448) == 32
+    assert attention_shared_bytes(rows, 32, 256, 4) == 149568
+    assert attention_keys_per_tile(64, rows, 256, 2, 232448) == 64  # bf16: 138 KiB, as tabled
 
 
 def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():

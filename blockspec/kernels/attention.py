@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, pdl_options
-from blockspec.kernels.settings import current_settings, device_tables
+from blockspec.kernels.launch import _pdl_prologue, max_shared_bytes, pdl_options
+from blockspec.kernels.settings import attention_keys_per_tile, attention_rows, current_settings, device_tables
 
 # batch_invariant: keys per split (a multiple of every block_n). Shorter splits spread a short context over more
 # programs; longer ones keep the partial sums' scratch small (it grows with the cache length, not the context).
@@ -184,7 +184,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
-    rows = max(16, triton.next_power_of_2(group * tile))
+    rows = attention_rows(group, tile)
+    block_n = attention_keys_per_tile(config["block_n"], rows, d, q.element_size(), max_shared_bytes(q))
     chunk = config.get("chunk", 0)
     pdl = pdl_options(q)
     acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
@@ -198,7 +199,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
         n_q, n_kv, splits, window, d ** -0.5,
-        GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=config["block_n"], CHUNK=chunk,
+        GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
     combine_kernel[(b * n_heads * n_q,)](
         acc, ml, limits, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),

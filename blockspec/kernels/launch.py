@@ -1,9 +1,11 @@
 """How every Triton kernel of the package launches: programmatic dependent launch (Hopper and later) when
-`KernelSettings.pdl` is on, each kernel waiting for the one before it in its first statement."""
+`KernelSettings.pdl` is on, each kernel waiting for the one before it in its first statement; and the shared memory
+a program may take on the device, which a launch's tiles must fit."""
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import triton
@@ -26,6 +28,17 @@ def pdl_options(t: torch.Tensor) -> dict:
     """The launch options of a kernel here for tensors on t's device: the kernel's USE_PDL and Triton's."""
     on = use_pdl(t)
     return {"USE_PDL": on, "launch_pdl": on}
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_bytes(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def max_shared_bytes(t: torch.Tensor) -> int:
+    """The most shared memory one program may take on t's device, the limit Triton checks a launch against; none
+    off CUDA (Triton's interpreter)."""
+    return _max_shared_bytes(t.device.index) if t.is_cuda else sys.maxsize
 
 
 @triton.jit

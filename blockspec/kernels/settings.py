@@ -1,5 +1,6 @@
 """What the CUDA path launches: the switches a benchmark compares side by side, and the launch tables tuned per
-device. Neither imports Triton, so the CPU path (and a machine without Triton) can use them.
+device, and how big a decode-attention tile may be. None of it imports Triton, so the CPU path (and a machine
+without Triton) can use it.
 
 The switches are a KernelSettings, current per context (`use_settings`), which the kernels read when they launch:
 a CUDA graph keeps the launches it was captured with. The tables are data (tables/*.json), chosen by the name
@@ -97,6 +98,32 @@ def use_settings(settings: KernelSettings | None = None, **changes: object) -> I
         yield _CURRENT.get()
     finally:
         _CURRENT.reset(token)
+
+
+def attention_rows(group: int, queries: int) -> int:
+    """Rows of one decode-attention program: its GQA group's heads times its queries, a power of two and 16 at least
+    (a dot's smallest)."""
+    return max(16, 1 << (group * queries - 1).bit_length())
+
+
+def attention_shared_bytes(rows: int, block_n: int, head_dim: int, itemsize: int) -> int:
+    """An upper bound on one decode-attention program's shared memory as Triton 3.6 compiles it for sm_90 (at most
+    512 bytes over the compiled size at head dims 64-256, 16-128 rows and 16-128 keys a tile, checked offline). The
+    dots read the queries from it, and the loop's pipeline keeps K and V tiles in flight there: three of each on
+    wgmma (16-bit inputs, 64 rows or more); otherwise two, beside the probabilities and a word a row."""
+    if itemsize == 2 and rows >= 64:
+        return (6 * block_n + rows) * head_dim * itemsize
+    return (4 * block_n + rows) * head_dim * itemsize + rows * block_n * itemsize + rows * 4
+
+
+def attention_keys_per_tile(block_n: int, rows: int, head_dim: int, itemsize: int, shared_limit: int) -> int:
+    """A config's keys per tile, halved (down to 16) while a program would need more shared memory than the device
+    gives one: fp32 at head dim 256 needs 276 KiB with 64 keys, the H100 has 227 (where the tables' tiles at head
+    dims up to 128 fit as they are). A function of the launch's shape alone: the batch-invariant path keeps one
+    tiling whatever the query count."""
+    while block_n > 16 and attention_shared_bytes(rows, block_n, head_dim, itemsize) > shared_limit:
+        block_n //= 2
+    return block_n
 
 
 @dataclasses.dataclass(frozen=True)
