@@ -7,7 +7,8 @@ clients are the official `openai` client in threads (blockspec.bench.load) of an
 parsing of every chunk does not take the GIL from the server they measure. With --overhead-concurrency C the same
 first 2C requests are then served at C clients, and, once the server has stopped, decoded offline by the server's
 own engine (its BatchDecoder, the same graphs) with C in flight: the HTTP overhead is how much fewer output
-tokens/s the clients saw than the engine makes alone.
+tokens/s the clients saw than the engine makes alone. Beside it, the same 2C requests streamed from threads of the
+server's own process: what a load generator sharing the server's GIL costs it.
 
     python -m benchmarks.serve_load --out DIR                      # SmolLM2-135M + shipped DFlash, CPU
     python -m benchmarks.serve_load --device cuda --requests 128 --concurrency 64 --max-num-seqs 64 \\
