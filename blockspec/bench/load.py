@@ -67,18 +67,28 @@ def _ask(client: object, model: str, request: LoadRequest, stream: bool, timeout
     return answer
 
 
-def run_load(base_url: str, model: str, requests: list[LoadRequest], concurrency: int, api_key: str = "none",
-             timeout_s: float = 300.0) -> dict:
-    """Reference answers one at a time, then all requests from `concurrency` streaming clients."""
+def new_client(base_url: str, api_key: str = "none", timeout_s: float = 300.0) -> object:
     import openai
 
-    client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
-    reference = [_ask(client, model, r, stream=False, timeout_s=timeout_s) for r in requests]
+    return openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=timeout_s)
+
+
+def stream_all(client: object, model: str, requests: list[LoadRequest], concurrency: int,
+               timeout_s: float = 300.0) -> tuple[list[Answer], float]:
+    """All requests from `concurrency` streaming client threads: the answers, in order, and the wall time."""
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
         futures = [pool.submit(_ask, client, model, r, True, timeout_s) for r in requests]
         loaded = [f.result(timeout=timeout_s) for f in futures]
-    wall_s = time.perf_counter() - started
+    return loaded, time.perf_counter() - started
+
+
+def run_load(base_url: str, model: str, requests: list[LoadRequest], concurrency: int, api_key: str = "none",
+             timeout_s: float = 300.0) -> dict:
+    """Reference answers one at a time, then all requests from `concurrency` streaming clients."""
+    client = new_client(base_url, api_key, timeout_s)
+    reference = [_ask(client, model, r, stream=False, timeout_s=timeout_s) for r in requests]
+    loaded, wall_s = stream_all(client, model, requests, concurrency, timeout_s)
     ok = [a for a in loaded if a.error is None]
     mismatches = [i for i, (a, b) in enumerate(zip(loaded, reference))
                   if a.error is None and (a.text, a.completion_tokens) != (b.text, b.completion_tokens)]

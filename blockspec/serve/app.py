@@ -380,28 +380,43 @@ class Service:
         return await self.collect(request, job, reply)
 
     async def stream(self, job: Job, reply: Reply):
-        """SSE body. Starlette cancels this generator when the client disconnects; `finally` frees the slot."""
+        """SSE body. Starlette cancels this generator when the client disconnects; `finally` frees the slot.
+        The events waiting when it wakes go out in one write (a client that reads slower than the steps come
+        costs one send, not one per step)."""
         try:
             if reply.chat:
                 yield reply.chunk(first=True)
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "chunk":
-                    # a step's tokens bring their log-probabilities even while their text is held back (a
-                    # possible stop string), as vLLM's chunks do: one entry per token, in the chunk of its step
-                    if payload.text or payload.logprobs:
-                        yield reply.chunk(text=payload.text, logprobs=payload.logprobs)
-                    if payload.result is not None:
-                        for chunk in reply.last_chunks(payload.result):
-                            yield chunk
+            done = False
+            while not done:
+                events = [await job.events.get()]
+                while not job.events.empty():
+                    events.append(job.events.get_nowait())
+                out = []
+                for kind, payload in events:
+                    done = self._format_event(kind, payload, reply, out)
+                    if done:
                         break
-                else:  # an error, or cancelled by a server shutdown
-                    status, message = payload if kind == "error" else (503, "the server is shutting down")
-                    yield sse(error_body(status, message))
-                    break
-            yield sse("[DONE]")
+                if out:  # nothing when a step's text is all held back
+                    yield "".join(out)
         finally:
             self.worker.cancel(job)
+
+    @staticmethod
+    def _format_event(kind: str, payload: object, reply: Reply, out: list[str]) -> bool:
+        """Append one worker event's SSE chunks to `out`; True after the last one ([DONE] included)."""
+        if kind == "chunk":
+            # a step's tokens bring their log-probabilities even while their text is held back (a possible
+            # stop string), as vLLM's chunks do: one entry per token, in the chunk of its step
+            if payload.text or payload.logprobs:
+                out.append(reply.chunk(text=payload.text, logprobs=payload.logprobs))
+            if payload.result is None:
+                return False
+            out += reply.last_chunks(payload.result)
+        else:  # an error, or cancelled by a server shutdown
+            status, message = payload if kind == "error" else (503, "the server is shutting down")
+            out.append(sse(error_body(status, message)))
+        out.append(sse("[DONE]"))
+        return True
 
     async def collect(self, request: Request, job: Job, reply: Reply) -> JSONResponse:
         watcher = asyncio.create_task(self._cancel_on_disconnect(request, job))

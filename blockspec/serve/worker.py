@@ -10,7 +10,9 @@ a waiting request at once, and a running one before the next step (its row goes 
 request whose step fails alone (StreamChunk.error) is answered 500; the others go on.
 
 Each job reports to its event loop through an asyncio queue of events, always ending with exactly one
-terminal event: the chunk that carries the result, ("error", (status, message)) or ("cancelled", None).
+terminal event: the chunk that carries the result, ("error", (status, message)) or ("cancelled", None). A step's
+events reach the loop in one hand-over (`emit_all`): one wake-up per step, not one per request, each of which
+would make the generation thread and the event loop trade the GIL.
 """
 
 from __future__ import annotations
@@ -47,10 +49,24 @@ class Job:
 
     def emit(self, kind: str, payload: object) -> None:
         """Hand one event to the request's coroutine (from any thread)."""
+        emit_all([(self, kind, payload)])
+
+
+def emit_all(events: list[tuple[Job, str, object]]) -> None:
+    """Hand events to their requests' coroutines (from any thread), in order: one call into each event loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, tuple[str, object]]]] = {}
+    for job, kind, payload in events:
+        by_loop.setdefault(job.loop, []).append((job.events, (kind, payload)))
+    for loop, batch in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+            loop.call_soon_threadsafe(_put_all, batch)
         except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, tuple[str, object]]]) -> None:
+    for queue, event in batch:
+        queue.put_nowait(event)
 
 
 class Worker:
@@ -193,8 +209,7 @@ class Worker:
             events.append((job, "chunk", chunk))
         # the metrics first: a client that reads /metrics once answered finds its request counted
         self.metrics.running.set(len(self.running))
-        for job, kind, payload in events:
-            job.emit(kind, payload)
+        emit_all(events)
 
     def _record_finished(self, job: Job, result: GenerationResult) -> None:
         m, s = self.metrics, result.stats
