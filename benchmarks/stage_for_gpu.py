@@ -45,7 +45,7 @@ COMMAND_LIMIT = 2000  # characters of one device command
 FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
-DATA_FILES = ("gsm8k/test.jsonl", "humaneval/HumanEval.jsonl.gz", "mt_bench/question.jsonl")
+DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
 CUDA_TESTS = "tests/test_kernels.py tests/test_exact.py tests/test_hybrid_kernels.py"
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
