@@ -1,12 +1,13 @@
-"""Skinny GEMMs of the decode step (M = 1 or 16 rows) at Qwen3-4B shapes: which formulation reaches the
-memory-bandwidth floor? Each variant is timed as CUDA-graph replays (no Python launch cost), median of
-many, with the weights rotated so the L2 cache does not serve them.
+"""Skinny GEMMs of the decode step (M = 1 or 16 rows; 32 or 64 in a batch) at Qwen3-4B and Qwen3.5-4B shapes:
+which formulation reaches the memory-bandwidth floor? Each variant is timed as CUDA-graph replays (no Python launch
+cost), median of many, with the weights rotated so the L2 cache does not serve them.
 
     python -m benchmarks.gemm_shapes      # on a CUDA machine; prints a table, writes JSON to --out
-    python -m benchmarks.gemm_shapes --skinny
+    python -m benchmarks.gemm_shapes --skinny [--shapes qkv lm_head ...] [--rows 1 16 32 64]
         # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
-        # (target and drafts, plus the lm_head) and M; prints the winners as the "skinny" entries to paste
-        # into the device's launch table (blockspec/kernels/tables/*.json)
+        # (targets and drafts, plus the lm_heads) and row bucket; prints the winners as the "skinny" entries to
+        # paste into the device's launch table (blockspec/kernels/tables/*.json); a benchmark's --skinny-table
+        # runs under them in the same call
 """
 
 from __future__ import annotations
@@ -25,12 +26,17 @@ import torch.nn.functional as F
 from benchmarks.harness import capture_graph
 from benchmarks.harness import copy_bandwidth as host_copy_bandwidth
 
-from blockspec.kernels.settings import SkinnyTable, skinny_table_from_winners
+from blockspec.kernels.settings import SkinnyTable, merged_skinny_tables, skinny_table_from_winners
 
 SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
 # the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
 SKINNY_SHAPES = {**SHAPES, "draft_gate": (9728, 2560), "ctx_kv": (2048, 2560), "fc": (2560, 12800),
-                 "lm_head": (151936, 2560)}
+                 "lm_head": (151936, 2560),
+                 # Qwen3.5-4B and its draft (their o_proj, out_proj, qkv and ctx_kv shapes are listed above)
+                 "q35_qkv": (10240, 2560), "q35_in_proj": (12352, 2560), "q35_gate_up": (18432, 2560),
+                 "q35_down": (2560, 9216), "q35_draft_gate": (9216, 2560), "q35_fc": (2560, 20480),
+                 "q35_lm_head": (248320, 2560)}
+QWEN35_SHAPES = [name for name in SKINNY_SHAPES if name.startswith("q35_")]
 VARIANTS = {
     "linear": lambda x, w: F.linear(x, w),
     "transposed": lambda x, w: torch.mm(w, x.t()).t(),
@@ -41,6 +47,9 @@ VARIANTS = {
 DOT_TILES = [(16, 256, 4, 4), (16, 512, 4, 3), (32, 128, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3),
              (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]
 SUM_TILES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 128, 4, 3), (64, 256, 8, 3)]  # M = 1 only
+# --quick: the tiles that won a bucket on the H100 (tables/h100.json) and their neighbours, dot tiles only (they won
+# M = 1 too), for a sweep that fits a device call beside the benchmark that runs under it
+QUICK_TILES = [(32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 8, 4)]
 SPLITS = (1, 2, 4, 8)
 CALLS = 20  # back-to-back calls per graph, as a decode step's graph runs them
 ROTATE_BYTES = 200e6  # weight copies cycled per graph: 4x the H100's 50 MB L2, so HBM serves every call
@@ -70,10 +79,16 @@ def copy_bandwidth() -> float:
     return 2 * n * 2 / graph_time(lambda: dst.copy_(src))[0]
 
 
-def candidates(m: int, k: int) -> list[dict]:
-    tiles = [(16, *t) for t in DOT_TILES] + ([(1, *t) for t in SUM_TILES] if m == 1 else [])
+def candidates(m: int, k: int, quick: bool = False) -> list[dict]:
+    """Launch configs for a product of m rows (1, 16, 32 or 64: a row bucket) and K: dot tiles of max(16, m) rows
+    (the one-row sums too at m = 1, unless `quick`), each with every split that leaves two K tiles a range (up to 4
+    when `quick`)."""
+    dot = max(16, m)
+    tiles = [(dot, *t) for t in (QUICK_TILES if quick else DOT_TILES)]
+    tiles += [(1, *t) for t in SUM_TILES] if m == 1 and not quick else []
+    splits = SPLITS[:3] if quick else SPLITS
     return [{"rows": rows, "block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
-            for rows, bn, bk, warps, stages in tiles for split in SPLITS if split == 1 or k >= 2 * split * bk]
+            for rows, bn, bk, warps, stages in tiles for split in splits if split == 1 or k >= 2 * split * bk]
 
 
 def label(config: dict) -> str:
@@ -103,22 +118,23 @@ def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
     return row
 
 
-def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
-    """cuBLAS, the device table's config and every candidate, per shape and M (1, 16); prints one line per
-    (shape, M) and returns all rows and the winners {(N, K): {"name", 1: config, 16: config}} (None: cuBLAS)."""
+def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool) -> tuple[list[dict], dict]:
+    """cuBLAS, the device table's config and every candidate, per shape and M (each row bucket); prints one line per
+    (shape, M) and returns all rows and the winners {(N, K): {"name", M: config, ...}} (None: cuBLAS)."""
     from blockspec.kernels.skinny import skinny_config
 
     rows, winners = [], {}
-    for name, (n, k) in SKINNY_SHAPES.items():
+    for name in shapes:
+        n, k = SKINNY_SHAPES[name]
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                    for _ in range(max(1, math.ceil(ROTATE_BYTES / (n * k * 2))))]
-        for m in (1, 16):
+        for m in buckets:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x.float(), weights[0].float())
             table = skinny_config(n, k, m, x.device)
             runs = [("cublas", None)] + ([("table", table)] if table is not None else [])
             results = []
-            for kind, config in runs + [("candidate", c) for c in candidates(m, k)]:
+            for kind, config in runs + [("candidate", c) for c in candidates(m, k, quick)]:
                 row = {"gemm": name, "n": n, "k": k, "m": m, "kind": kind, "config": config}
                 try:
                     row.update(time_config(x, weights, ref, config, bandwidth))
@@ -145,14 +161,16 @@ def skinny_sweep(bandwidth: float) -> tuple[list[dict], dict]:
     return rows, winners
 
 
-def load_winners(path: str, device: torch.device) -> SkinnyTable:
-    """The skinny table of `device` with the winners of a --skinny (or gemv_chain.py --sweep-table) results JSON
-    in place of its entries, for a benchmark in the same device call to run under (KernelSettings.skinny_table)
-    before they are pasted into the device's table file."""
+def load_winners(paths: list[str], device: torch.device) -> SkinnyTable:
+    """The skinny table of `device` with the winners of --skinny (or gemv_chain.py --sweep-table) results JSONs in
+    place of its entries, bucket by bucket, in order, for a benchmark in the same device call to run under
+    (KernelSettings.skinny_table) before they are pasted into the device's table file."""
     from blockspec.kernels import device_tables
 
-    winners = skinny_table_from_winners(json.loads(Path(path).read_text())["winners"])
-    return {**device_tables(device).skinny, **winners}
+    table = device_tables(device).skinny
+    for path in paths:
+        table = merged_skinny_tables(table, skinny_table_from_winners(json.loads(Path(path).read_text())["winners"]))
+    return table
 
 
 def paste_table(winners: list[dict]) -> str:
@@ -188,6 +206,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--skinny", action="store_true", help="time skinny_linear configs against cuBLAS")
+    parser.add_argument("--shapes", nargs="+", choices=[*SKINNY_SHAPES, "qwen35"], default=None,
+                        help="with --skinny: these projections only (qwen35: Qwen3.5-4B's and its draft's; default: all)")
+    parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64], default=[1, 16],
+                        help="with --skinny: the row buckets to sweep")
+    parser.add_argument("--quick", action="store_true", help="with --skinny: QUICK_TILES' candidates only")
     args = parser.parse_args()
     started = time.perf_counter()
     in_graph, host = copy_bandwidth(), host_copy_bandwidth("cuda", 2.0)
@@ -201,8 +224,9 @@ def main() -> None:
         import triton
 
         record["triton"] = triton.__version__
-        record["rows"], winners = skinny_sweep(bandwidth)
-        record["winners"] = [{"gemm": e["name"], "n": n, "k": k, "m1": e[1], "m16": e[16]}
+        shapes = [s for name in args.shapes or SKINNY_SHAPES for s in (QWEN35_SHAPES if name == "qwen35" else [name])]
+        record["rows"], winners = skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick)
+        record["winners"] = [{"gemm": e["name"], "n": n, "k": k, **{f"m{m}": e[m] for m in args.rows}}
                              for (n, k), e in winners.items()]
         print(paste_table(record["winners"]))
     else:

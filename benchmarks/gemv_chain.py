@@ -343,11 +343,11 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
     """Coordinate descent over the chain's four GEMVs for 1 and 16 rows, from the table in effect (the device's,
     or --skinny-table's); returns the timing rows and the table as gemm_shapes-style winners (every entry of the
     table in effect, the tuned ones replaced)."""
-    from blockspec.kernels.skinny import SKINNY_ROWS, skinny_config, skinny_linear, skinny_table
+    from blockspec.kernels.skinny import BLOCK_ROWS, skinny_config, skinny_linear, skinny_table
 
     device = x0.device
     source = skinny_table(device)
-    table = {m: {(n, k): skinny_config(n, k, m, device) for _, n, k in GEMVS} for m in (1, SKINNY_ROWS)}
+    table = {m: {(n, k): skinny_config(n, k, m, device) for _, n, k in GEMVS} for m in (1, BLOCK_ROWS)}
     rows_out = []
 
     def chain_ms(m: int, configs: dict) -> float:
@@ -382,7 +382,7 @@ def sweep_table(x0: torch.Tensor, weights: list[torch.Tensor], layers: int, reps
     for (n, k), entry in source.items():
         tuned = {m: table[m].get((n, k), entry[m]) for m in table}
         name = next((g for g, gn, gk in GEMVS if (gn, gk) == (n, k)), "other")
-        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[SKINNY_ROWS]})
+        winners.append({"gemm": name, "n": n, "k": k, "m1": tuned[1], "m16": tuned[BLOCK_ROWS]})
     return rows_out, winners
 
 

@@ -22,13 +22,13 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
 
 def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
     """(rows, settings) when x's product with params[0] (a weight [n, k]) runs on the Triton skinny GEMM: CUDA
-    inference of 16-bit weights with at most 16 rows (decoding, a verify or draft block) of a shape the measured
-    table lists for the device (kernels.skinny.skinny_table), or any rows and shape under
+    inference of 16-bit weights of a shape and row count the device's measured table lists (decoding, a verify or
+    draft block, a small batch of them: kernels.skinny.skinny_table), or any rows and shape under
     `KernelSettings.batch_invariant`; None: cuBLAS (F.linear)."""
     weight = params[0]
     if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
         return None
-    from blockspec.kernels.skinny import SKINNY_ROWS, invariant_config, skinny_config
+    from blockspec.kernels.skinny import invariant_config, skinny_config
 
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows == 0:
@@ -36,13 +36,13 @@ def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | N
     n, k = weight.shape
     if current_settings().batch_invariant:
         return rows, invariant_config(n, k, x.device)
-    config = skinny_config(n, k, rows, x.device) if rows <= SKINNY_ROWS else None
+    config = skinny_config(n, k, rows, x.device)
     return (rows, config) if config is not None else None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on CUDA inference with at most 16 rows (decoding, a verify or draft block) of 16-bit weights the
-    Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
+    """F.linear; on CUDA inference with few rows (decoding, a verify or draft block, a small batch) of 16-bit weights
+    the Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
     (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory); with
     `KernelSettings.batch_invariant`, every product of 16-bit weights, so that a row's output does not depend
     on the row count.

@@ -12,7 +12,7 @@ import torch
 import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
 from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
-                                       tables_for)
+                                       bucket_config, merged_skinny_tables, skinny_table_from_winners, tables_for)
 from blockspec.layers import fused_kernels_apply
 
 
@@ -88,6 +88,21 @@ def test_qwen35s_fp32_decode_token_takes_half_the_keys_per_tile_to_fit():
     assert attention_keys_per_tile(64, rows, 256, 2, 232448) == 64  # bf16: 138 KiB, as tabled
 
 
+def test_a_product_takes_the_smallest_row_bucket_that_holds_it_and_cublas_past_the_largest():
+    one, block, batch = ({"rows": rows, "block_n": 64, "block_k": 128, "split_k": split, "num_warps": 4,
+                          "num_stages": 4} for rows, split in ((16, 1), (16, 2), (64, 1)))
+    table = skinny_table_from_winners([{"gemm": "qkv", "n": 96, "k": 32, "m1": one, "m16": block, "m64": batch},
+                                       {"gemm": "o", "n": 32, "k": 32, "m1": None, "m16": block}])
+    assert table == {(96, 32): {1: one, 16: block, 64: batch}, (32, 32): {1: None, 16: block}}
+    assert [bucket_config(table[(96, 32)], m) for m in (1, 2, 16, 17, 64, 65)] == [one, block, block, batch, batch,
+                                                                                     None]
+    assert [bucket_config(table[(32, 32)], m) for m in (1, 16, 17)] == [None, block, None]
+    assert bucket_config({}, 1) is None  # a shape the table does not list
+    swept = skinny_table_from_winners([{"n": 32, "k": 32, "m32": batch}, {"n": 8, "k": 8, "m1": None}])
+    assert merged_skinny_tables(table, swept) == {(96, 32): table[(96, 32)], (32, 32): {1: None, 16: block, 32: batch},
+                                                  (8, 8): {1: None}}
+
+
 def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():
     tables = tables_for("NVIDIA A100-SXM4-80GB")
     assert tables.skinny == {} and tables.flow is None
@@ -103,7 +118,7 @@ def test_every_table_file_is_complete_reachable_and_shipped_with_the_package():
         assert set(data) == {"devices", "notes", "skinny", "attention", "flow"}, name
         tables = tables_for(data["devices"][0] if data["devices"] else "")  # each file's first device gets it
         assert tables.file == name
-        assert all(set(entry) == {1, 16} for entry in tables.skinny.values())
+        assert all({1, 16} <= set(entry) <= {1, 16, 32, 64} for entry in tables.skinny.values())
         assert tables.flow is None or len(tables.flow) == len(FLOW_FIELDS)
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
     assert '"kernels/tables/*.json"' in pyproject  # package data: a wheel ships the tables

@@ -142,14 +142,14 @@ def test_context_only_store_and_add_rms_norm():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("m", [1, 3, 16, 40])
 def test_skinny_linear_matches_linear(m, bias, dtype):
-    """Every path (one-row multiply-sum, tensor-core dot, split-K with its reduce, K a multiple of the tile or
-    not) against F.linear; two calls give bit-identical results."""
+    """Every path (one-row multiply-sum, tensor-core dot of 16, 32 or 64 rows, more rows than a tile, split-K with
+    its reduce, K a multiple of the tile or not) against F.linear; two calls give bit-identical results."""
     gen = torch.Generator().manual_seed(m)
     base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
-    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in ((1, 16) if m == 1 else (16,))
-                        for split in (1, 3)]
+    tiles = (1, 16) if m == 1 else (16, 32, 64) if m > 16 else (16,)
+    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in tiles for split in (1, 3)]
     for n, k in ((100, 300), (48, 256)):  # 100 x 300: neither a multiple of the tiles
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
         w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)

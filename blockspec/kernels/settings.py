@@ -14,13 +14,14 @@ import contextvars
 import dataclasses
 import functools
 import json
+import re
 from importlib import resources
 from typing import Iterator
 
 import torch
 
-# per weight shape (n, k), per row bucket (1: one token; 16: 2..16 rows): a skinny-GEMM launch config, or None
-# where cuBLAS is faster
+# per weight shape (n, k), per row bucket (a table's "m1", "m16", "m32", "m64": a product of m rows takes the
+# smallest bucket of at least m) a skinny-GEMM launch config, or None where cuBLAS is faster
 SkinnyTable = dict[tuple[int, int], dict[int, dict | None]]
 # the flow kernel's config, in order (tables/*.json name them): rows per tile, K per tile, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program, whether small GEMVs pack two K tiles per tile
@@ -145,9 +146,22 @@ class LaunchTables:
 
 
 def skinny_table_from_winners(winners: list[dict]) -> SkinnyTable:
-    """A SkinnyTable from entries {"n", "k", "m1", "m16"} (a table file's "skinny", or the "winners" of a
-    gemm_shapes.py --skinny or gemv_chain.py --sweep-table run)."""
-    return {(w["n"], w["k"]): {1: w["m1"], 16: w["m16"]} for w in winners}
+    """A SkinnyTable from entries {"n", "k", "m1", "m16", ...} (a table file's "skinny", or the "winners" of a
+    gemm_shapes.py --skinny or gemv_chain.py --sweep-table run): each "m<rows>" field is a row bucket."""
+    return {(w["n"], w["k"]): {int(key[1:]): config for key, config in w.items() if re.fullmatch(r"m\d+", key)}
+            for w in winners}
+
+
+def bucket_config(buckets: dict[int, dict | None], rows: int) -> dict | None:
+    """One shape's config for a product of `rows` rows: its smallest row bucket of at least that many (None: cuBLAS,
+    also past the largest)."""
+    return next((buckets[bucket] for bucket in sorted(buckets) if rows <= bucket), None)
+
+
+def merged_skinny_tables(base: SkinnyTable, update: SkinnyTable) -> SkinnyTable:
+    """`base` with `update`'s buckets in place of its own, shape by shape (a sweep of some buckets keeps the
+    others)."""
+    return {shape: {**base.get(shape, {}), **update.get(shape, {})} for shape in {**base, **update}}
 
 
 def _table_files() -> list[tuple[str, dict]]:

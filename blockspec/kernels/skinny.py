@@ -4,10 +4,11 @@ one K range, and reads that slab of the weight as row-contiguous [BLOCK_N, BLOCK
 to an fp32 buffer that a second kernel sums in split order: never atomics, so results are bit-identical run to
 run (the engine checks CUDA-graph replays against eager steps).
 
-Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows) from the device's
-table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16 is a tensor-core dot with the rows padded
-to 16 (its weight tiles pipelined through shared memory), rows = 1 a multiply-and-sum on the CUDA cores for a
-single row; split_k is the number of K ranges. A shape the table does not list, or lists as None, stays on cuBLAS
+Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows; 32 and 64: a batch of
+tokens or small blocks) from the device's table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16,
+32 or 64 is a tensor-core dot with the rows padded to that (its weight tiles pipelined through shared memory), so
+the weight is streamed once for all of them; rows = 1 a multiply-and-sum on the CUDA cores for a single row; split_k
+is the number of K ranges. A shape or row count the table does not list, or lists as None, stays on cuBLAS
 (`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config.
 
 More rows than a tile holds run as more tiles of the same program, so under one config a row's output does not
@@ -22,9 +23,9 @@ import triton
 import triton.language as tl
 
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
-from blockspec.kernels.settings import SkinnyTable, current_settings, device_tables
+from blockspec.kernels.settings import SkinnyTable, bucket_config, current_settings, device_tables
 
-SKINNY_ROWS = 16  # the most rows the table's configs serve (one verify block)
+BLOCK_ROWS = 16  # the row bucket of one verify block, whose config the batch-invariant path takes for any rows
 FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
 
 
@@ -46,17 +47,17 @@ def skinny_table(device: torch.device) -> SkinnyTable:
 
 
 def skinny_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
-    """The table's settings for an [m, k] x [n, k]^T product on `device`; None (use cuBLAS) when the table says
-    so or does not list the shape: the kernel runs only where a measurement showed it faster."""
-    table = skinny_table(device).get((n, k))
-    return table[1 if m == 1 else SKINNY_ROWS] if table is not None else None
+    """The table's settings for an [m, k] x [n, k]^T product on `device` (its smallest row bucket of at least m
+    rows); None (use cuBLAS) when the table says so or lists no such shape or bucket: the kernel runs only where a
+    measurement showed it faster."""
+    return bucket_config(skinny_table(device).get((n, k), {}), m)
 
 
 def invariant_config(n: int, k: int, device: torch.device) -> dict:
     """The one config of an [n, k] weight's products of any row count (`KernelSettings.batch_invariant`): the
     table's block config where it lists one, else the default; never the one-row kernel, whose sums run in
     another order, nor cuBLAS, whose kernels change with the row count."""
-    return skinny_table(device).get((n, k), {}).get(SKINNY_ROWS) or default_skinny_config(n, k)
+    return skinny_table(device).get((n, k), {}).get(BLOCK_ROWS) or default_skinny_config(n, k)
 
 
 def _prefetch_tiles(pdl: dict) -> int:
@@ -204,7 +205,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     m, k = x.shape
     n = weight.shape[0]
     assert m > 0 and weight.shape[1] == k and weight.stride(1) == 1
-    config = config or skinny_config(n, k, min(m, SKINNY_ROWS), x.device) or default_skinny_config(n, k)
+    config = config or skinny_config(n, k, m, x.device) or default_skinny_config(n, k)
     rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
     if x.stride(1) != 1:
         x = x.contiguous()
