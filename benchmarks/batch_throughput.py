@@ -51,7 +51,7 @@ import torch
 from benchmarks import roofline
 from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, matmul_rate, parser_with_common_flags,
                                 qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored, run_and_report,
-                                run_header, step_ms, sync, target_pass)
+                                run_header, step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
@@ -180,9 +180,9 @@ def step_tokens(engine: BatchDecoder, column: str) -> Iterator[None]:
 def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
                     floors: Floors, device: str) -> dict:
     """`concurrency` live rows (prompts prefilled, two steps taken, the oracle accepting nothing, so that each
-    replay moves a row by one position), and per block (1: AR) the whole greedy step, the verify pass with its
-    greedy tokens and the draft pass with its greedy tokens, each captured as a CUDA graph of its own and timed
-    alone, beside its floor at the rows' real contexts."""
+    replay moves a row by one position), and per block (1: AR) the whole greedy step, the target's weight GEMMs
+    alone on its c x block rows, the verify pass with its greedy tokens and the draft pass with its greedy tokens,
+    each captured as a CUDA graph of its own and timed alone, beside its floor at the rows' real contexts."""
     oracle: OracleProposer = engine.proposer
     model = engine.target.model
     ids = [engine.add(p, SamplingParams(max_new_tokens=64, ignore_eos=True), block_size=oracle.max_block)
@@ -199,6 +199,10 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
                                           roofline.step(model, floors.draft if block > 1 else None, contexts, block))}
+            gemms, gemm_bytes, gemm_params = weight_gemms(model, n * block)
+            with torch.inference_mode():
+                parts["gemms"] = floors.timed(graph_ms(gemms, device, 5, 3),
+                                              roofline.Cost(gemm_bytes, 2 * n * block * gemm_params))
             if block > 1:
                 block_pos = engine.start[:n, None] + engine.offsets[None, :block]
                 with torch.inference_mode(), restored(engine, n):
@@ -399,8 +403,8 @@ def table(rows: dict, cols: dict) -> list[str]:
 
 def parts_table(rows: dict) -> list[str]:
     lines = ["Where a step's time goes: c live rows, each part captured as a CUDA graph of its own and timed alone: "
-             "ms (its floor, x floor).", "", "| c | block | whole step | verify pass | draft pass |",
-             "| --- | --- | --- | --- | --- |"]
+             "ms (its floor, x floor); weight GEMMs: the target's, alone, on the step's c x block rows.", "",
+             "| c | block | whole step | weight GEMMs | verify pass | draft pass |", "| --- | --- | --- | --- | --- | --- |"]
 
     def part(m: dict | None) -> str:
         return f"{m['ms']:.2f} ({m['floor_ms']:.2f}, {m['x_floor']:.2f}x)" if m else ""
@@ -408,7 +412,7 @@ def parts_table(rows: dict) -> list[str]:
     for c, row in rows.items():
         for block, parts in row.get("parts", {}).items():
             lines.append(f"| {c} | {'AR' if block == '1' else block} | {part(parts['step'])} | "
-                         f"{part(parts.get('verify'))} | {part(parts.get('draft'))} |")
+                         f"{part(parts.get('gemms'))} | {part(parts.get('verify'))} | {part(parts.get('draft'))} |")
     return lines
 
 

@@ -52,7 +52,7 @@ import torch
 from benchmarks import roofline
 from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, parser_with_common_flags, qwen3_4b_config,
                                 qwen35_4b_config, qwen35_4b_hf_config, qwen35_draft, run_and_report, run_header,
-                                step_ms, sync, target_pass)
+                                step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from benchmarks.roofline import kv_bytes_per_token, param_bytes
 from blockspec.draft import DraftModel
@@ -70,14 +70,15 @@ def floors(target: TargetModel, draft: DraftModel | None, ctx: int, block: int) 
     return roofline.step(target, draft, [ctx], block).bytes
 
 
-def oracle_decoder(target: Target, draft: DraftModel | None, max_len: int) -> SpeculativeDecoder:
+def oracle_decoder(target: Target, draft: DraftModel | None, max_len: int, rollback: str = "states"
+                   ) -> SpeculativeDecoder:
     """A decoder on a fixed cache row whose draft (if any) is wrapped in an OracleProposer, passing the draft's
     tokens through (schedule -1) until `forced` sets one; for a target made `constant_choice`."""
     if draft is None:
         return SpeculativeDecoder(target, None, max_len=max_len)
     oracle = OracleProposer(DraftProposer(draft, target.model), torch.zeros(max_len, dtype=torch.long), [-1, -1],
                             target.model.config.vocab_size, target.device)
-    return SpeculativeDecoder(target, oracle, max_len=max_len)
+    return SpeculativeDecoder(target, oracle, max_len=max_len, rollback=rollback)
 
 
 @contextlib.contextmanager
@@ -272,8 +273,6 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
     token) without and with them; the lm_head alone, followed by torch's argmax of its logits, and with the
     argmax fused (what the step runs); the target's weight GEMMs alone on the pass's rows (the engine's GEMM
     kernels, nothing else); and the whole step (`step_ms`)."""
-    from blockspec.layers import linear
-
     engine = decoder.engine
     draft = engine.proposer.inner.draft if engine.proposer is not None else None
     model = decoder.target.model
@@ -285,14 +284,7 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
         dtype = model.embed_tokens.weight.dtype
         target_hidden = target_pass(engine, 1, block)
         hidden = torch.randn(1, block, cfg.hidden_size, device=block_pos.device, dtype=dtype)
-        weights = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight, layer.self_attn.o_proj.weight,
-                                                         layer.mlp.gate_up_proj.weight, layer.mlp.down_proj.weight)]
-        inputs = {k: torch.randn(block, k, device=hidden.device, dtype=dtype) for k in {w.shape[1] for w in weights}}
-
-        def target_gemms() -> None:
-            for w in weights:
-                linear(inputs[w.shape[1]], w)
-
+        target_gemms, gemm_bytes, _ = weight_gemms(model, block)
         lm_head = model.lm_head.weight.numel() * item
         kv = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, item) * (ctx + block)
         layer_bytes = sum(param_bytes(layer) for layer in model.layers)
@@ -317,8 +309,7 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
         parts["lm_head alone"] = (lambda: model.logits(hidden), lm_head)
         parts["lm_head, then argmax of its logits"] = (lambda: model.logits(hidden).argmax(-1), lm_head)
         parts["lm_head with the argmax fused (the step's)"] = (lambda: model.greedy_tokens(hidden), lm_head)
-        gemm_bytes = sum(w.numel() * item for w in weights)
-        parts[f"the target's {len(weights)} weight GEMMs alone"] = (target_gemms, gemm_bytes)
+        parts[f"the target's {4 * cfg.num_layers} weight GEMMs alone"] = (target_gemms, gemm_bytes)
         out: dict = {"context": ctx, "parts": {}}
 
         def record(name: str, ms: float, floor_ms: float) -> None:
@@ -699,6 +690,7 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
     draft = qwen35_draft(cfg, device, dtype, tiny)
     max_len = max(args.contexts) + max(args.new_tokens, 256) + 64
     ar, spec = oracle_decoder(target, None, max_len), oracle_decoder(target, draft, max_len)
+    replay = oracle_decoder(target, draft, max_len, rollback="replay")
     out: dict = {"params": {"target": param_bytes(model) // item(model), "draft": param_bytes(draft) // item(draft)},
                  "hf_gdn_kernels": gdn_kernels(device), "check": {}, "contexts": {}}
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
@@ -708,7 +700,11 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
     for block in QWEN35_CARD:
         eager = SpeculativeDecoder(target, draft, use_graphs=False).generate(prompt, check_params, block).token_ids
         out["check"][f"block{block}_graph_equals_eager"] = spec.generate(prompt, check_params, block).token_ids == eager
+        out["check"][f"block{block}_replay_graph_equals_eager"] = (
+            replay.generate(prompt, check_params, block).token_ids == eager)
     print("check", out["check"], flush=True)
+    out["parts"] = qwen35_parts(model, max(QWEN35_CARD), bandwidth, device)
+    print("parts", json.dumps(out["parts"]), flush=True)
     constant_choice(model)  # the timed steps accept as the oracle says
     for ctx in args.contexts:
         prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
@@ -719,10 +715,12 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
             row["ar"] = {"ms_per_token": ar_s * 1e3, "floor_ms": floor_s * 1e3, "x_floor": ar_s / floor_s}
             for block, taus in QWEN35_CARD.items():
                 step_s = timed_steps(spec, prompt, block, args.steps, device)
+                replay_s = timed_steps(replay, prompt, block, args.steps, device)
                 floor_s = floors(model, draft, ctx, block) / bandwidth
                 oracle = {name: oracle_rate(spec, prompt, tau, args.new_tokens, block) for name, tau in taus.items()}
                 row[f"block{block}"] = {"ms_per_step": step_s * 1e3, "floor_ms": floor_s * 1e3,
-                                        "x_floor": step_s / floor_s, "oracle": oracle}
+                                        "x_floor": step_s / floor_s, "replay_ms_per_step": replay_s * 1e3,
+                                        "oracle": oracle}
             row["hf_eager_ms_per_token"] = hf_peer(hf_qwen35(device, tiny), cfg.vocab_size, device, ctx,
                                                    args.peer_steps) * 1e3
         except (torch.OutOfMemoryError, RuntimeError) as exc:
@@ -731,6 +729,23 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
                 torch.cuda.empty_cache()
         out["contexts"][str(ctx)] = row
         print(json.dumps({ctx: row}), flush=True)
+    return out
+
+
+def qwen35_parts(model: TargetModel, block: int, bandwidth: float, device: str) -> dict:
+    """The parts of a Qwen3.5 pass that the GEMM kernels alone decide, at one row (AR) and a block's rows: every
+    layer's weight GEMMs, and the lm_head with its argmax fused, each a CUDA graph of its own beside its floor."""
+    out = {}
+    item = model.embed_tokens.weight.element_size()
+    with torch.inference_mode():
+        for rows in (1, block):
+            gemms, gemm_bytes, _ = weight_gemms(model, rows)
+            hidden = torch.randn(1, rows, model.config.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
+            for name, fn, nbytes in (("weight GEMMs", gemms, gemm_bytes),
+                                     ("lm_head + argmax", lambda: model.greedy_tokens(hidden),
+                                      model.lm_head.weight.numel() * item)):
+                ms, floor_ms = graph_ms(fn, device), nbytes / bandwidth * 1e3
+                out[f"{name}, {rows} rows"] = {"ms": ms, "floor_ms": floor_ms, "x_floor": ms / floor_ms}
     return out
 
 
@@ -789,21 +804,25 @@ def report_qwen35(r: dict) -> str:
              f"Floors: weights, visible K/V, and each Gated DeltaNet layer's recurrent and conv state read once and "
              f"written per token of the pass. HF eager's Gated DeltaNet ran on: {q['hf_gdn_kernels']}.", "",
              f"Checks: graphed greedy tokens equal the eager path's: {checks}.", "",
-             "| context | path | ms/step | floor ms | x floor | goal | HF eager ms/token |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| context | path | ms/step | floor ms | x floor | goal | rollback by replay, ms | HF eager ms/token |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for ctx, row in q["contexts"].items():
         if "error" in row:
-            lines.append(f"| {ctx} | failed: {row['error'][:100]} | | | | | |")
+            lines.append(f"| {ctx} | failed: {row['error'][:100]} | | | | | | |")
             continue
         ar = row["ar"]
         lines.append(f"| {ctx} | AR | {ar['ms_per_token']:.2f} | {ar['floor_ms']:.2f} | {ar['x_floor']:.2f} | "
-                     f"<= {GOALS['ar_x_floor']}x: {goal(ar['x_floor'], GOALS['ar_x_floor'])} | "
+                     f"<= {GOALS['ar_x_floor']}x: {goal(ar['x_floor'], GOALS['ar_x_floor'])} | | "
                      f"{row['hf_eager_ms_per_token']:.1f} |")
         for block in QWEN35_CARD:
             k = row[f"block{block}"]
+            replay = f"{k['replay_ms_per_step']:.2f}" if "replay_ms_per_step" in k else ""
             lines.append(f"| {ctx} | step, block {block} | {k['ms_per_step']:.2f} | {k['floor_ms']:.2f} | "
                          f"{k['x_floor']:.2f} | <= {GOALS['step_x_floor']}x: "
-                         f"{goal(k['x_floor'], GOALS['step_x_floor'])} | |")
+                         f"{goal(k['x_floor'], GOALS['step_x_floor'])} | {replay} | |")
+    if "parts" in q:
+        lines += ["", "Parts that the GEMM kernels alone decide, each a CUDA graph of its own: " + "; ".join(
+            f"{name} {p['ms']:.3f} ms ({p['x_floor']:.2f}x its floor)" for name, p in q["parts"].items()) + "."]
     names = list(SGLANG_B200_BLOCK16)
     lines += ["", "Oracle tokens/s at the card's acceptance lengths (tau in brackets; the real per-step work):", "",
               "| context | block | " + " | ".join(names) + " |",

@@ -204,6 +204,22 @@ def target_pass(engine: BatchDecoder, n: int, block: int) -> Callable[[], torch.
     return lambda: model(block_ids, block_pos, cache, taps, kv_len=engine.max_len)[0]
 
 
+def weight_gemms(model: torch.nn.Module, rows: int) -> tuple[Callable[[], None], int, int]:
+    """Every weight GEMM of `model`'s layers on `rows` random rows, with the engine's GEMM kernels (`layers.linear`)
+    and nothing else, and those weights' bytes and elements: the part of a pass that only the GEMM kernels decide."""
+    from blockspec.layers import linear
+
+    weights = [m.weight for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {k: torch.randn(rows, k, device=weights[0].device, dtype=weights[0].dtype)
+              for k in {w.shape[1] for w in weights}}
+
+    def run() -> None:
+        for w in weights:
+            linear(inputs[w.shape[1]], w)
+
+    return run, sum(w.numel() * w.element_size() for w in weights), sum(w.numel() for w in weights)
+
+
 def write_record(record: dict, out_dir: str | Path, name: str, report: Callable[[str], str]) -> Path:
     """Write OUT/NAME-<time>.json and print its markdown."""
     out = Path(out_dir)
@@ -227,8 +243,8 @@ def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="small shapes, for a logic check on the CPU")
     parser.add_argument("--smollm2", default=None, help="SmolLM2-135M-Instruct .gguf: also time it with real weights")
-    parser.add_argument("--skinny-table", default=None,
-                        help="a gemm_shapes.py --skinny results JSON: run with its winners in the skinny table")
+    parser.add_argument("--skinny-table", nargs="+", default=None,
+                        help="gemm_shapes.py --skinny results JSONs: run with their winners in the skinny table")
     parser.add_argument("--commit", default=None, help="default: the checkout's ($BLOCKSPEC_GIT_COMMIT without .git)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--report", default=None, help="render a results JSON as markdown and exit")

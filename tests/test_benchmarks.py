@@ -281,7 +281,8 @@ def qwen35_record() -> dict:
     from benchmarks.engine_limit import QWEN35_CARD
 
     row = {"ar": {"ms_per_token": 3.3, "floor_ms": 3.0, "x_floor": 1.1},
-           "block16": {"ms_per_step": 4.2, "floor_ms": 3.5, "x_floor": 1.2, "oracle": oracle(500.0, QWEN35_CARD[16])},
+           "block16": {"ms_per_step": 4.2, "floor_ms": 3.5, "x_floor": 1.2, "replay_ms_per_step": 4.35,
+                       "oracle": oracle(500.0, QWEN35_CARD[16])},
            "block8": {"ms_per_step": 4.9, "floor_ms": 3.4, "x_floor": 1.44, "oracle": oracle(400.0, QWEN35_CARD[8])},
            "hf_eager_ms_per_token": 95.4}
     check = {"ar_graph_equals_eager": True, "block16_graph_equals_eager": True, "block8_graph_equals_eager": False}
@@ -289,6 +290,7 @@ def qwen35_record() -> dict:
             "date": "2026-12-06", "copy_bandwidth_GBps": 3000.0,
             "qwen35": {"params": {"target": 4_206_000_000, "draft": 640_000_000}, "check": check,
                        "hf_gdn_kernels": "flash-linear-attention 0.6.0",
+                       "parts": {"weight GEMMs, 1 rows": {"ms": 2.5, "floor_ms": 2.4, "x_floor": 2.5 / 2.4}},
                        "contexts": {"512": row, "16384": {"error": "OutOfMemoryError: CUDA out of memory"}}}}
 
 
@@ -298,9 +300,11 @@ def test_engine_limit_qwen35_report_sets_goals_and_sglang_beside_the_rows(tmp_pa
     lines = render(report, qwen35_record(), tmp_path).splitlines()
     assert "HF eager's Gated DeltaNet ran on: flash-linear-attention 0.6.0." in lines[0]
     assert "Checks: graphed greedy tokens equal the eager path's: ar yes, block16 yes, block8 NO." in lines
-    assert "| 512 | AR | 3.30 | 3.00 | 1.10 | <= 1.2x: met | 95.4 |" in lines
-    assert "| 512 | step, block 8 | 4.90 | 3.40 | 1.44 | <= 1.3x: missed by 11% | |" in lines
-    assert "| 16384 | failed: OutOfMemoryError: CUDA out of memory | | | | | |" in lines
+    assert "| 512 | AR | 3.30 | 3.00 | 1.10 | <= 1.2x: met | | 95.4 |" in lines
+    assert "| 512 | step, block 16 | 4.20 | 3.50 | 1.20 | <= 1.3x: met | 4.35 | |" in lines
+    assert "| 512 | step, block 8 | 4.90 | 3.40 | 1.44 | <= 1.3x: missed by 11% |  | |" in lines
+    assert "| 16384 | failed: OutOfMemoryError: CUDA out of memory | | | | | | |" in lines
+    assert any(line.endswith("weight GEMMs, 1 rows 2.500 ms (1.04x its floor).") for line in lines)
     assert "| 512 | 16 | 3375 (6.75) | 3740 (7.48) | 3860 (7.72) | 3265 (6.53) | 2965 (5.93) |" in lines
     # SGLang's B200 figures times 3.0 / 8 TB/s = 0.375: gsm8k 1387 -> 520, ours 3375 = 6.49x
     assert "| scaled to this GPU | 520 | 614 | 613 | 561 | 454 |" in lines
@@ -316,8 +320,10 @@ def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
                   "--peer-steps", 2, "--new-tokens", 24, "--out", tmp_path)
     (stored,) = tmp_path.glob("engine_limit-*.json")
     q = json.loads(stored.read_text())["qwen35"]
-    assert all(q["check"].values()) and len(q["check"]) == 3 and q["hf_gdn_kernels"] == "torch (CPU)"
+    assert all(q["check"].values()) and len(q["check"]) == 5 and q["hf_gdn_kernels"] == "torch (CPU)"
+    assert set(q["parts"]) == {f"{part}, {rows} rows" for part in ("weight GEMMs", "lm_head + argmax") for rows in (1, 16)}
     row = q["contexts"]["32"]
+    assert all(row[f"block{block}"]["replay_ms_per_step"] > 0 for block in QWEN35_CARD)
     assert row["ar"]["x_floor"] == pytest.approx(row["ar"]["ms_per_token"] / row["ar"]["floor_ms"])
     assert row["block16"]["floor_ms"] > row["block8"]["floor_ms"] > row["ar"]["floor_ms"]
     for block, taus in QWEN35_CARD.items():
@@ -472,7 +478,8 @@ def throughput_record() -> dict:
                 "b4": throughput_cell(spec * 0.8, 3.43, 4, 20000.0), "b8": throughput_cell(spec, 5.3, 8, 30000.0),
                 "b16": throughput_cell(spec * 0.9, 6.75, 16, 25000.0, "compute"),
                 "auto": throughput_cell(spec * 1.01, 5.3, 8, 30000.0),
-                "parts": {"1": step, "8": {**step, "verify": timed(3.1, 2.9), "draft": timed(0.6, 0.4)}}}
+                "parts": {"1": step, "8": {**step, "gemms": timed(2.6, 2.5), "verify": timed(3.1, 2.9),
+                                           "draft": timed(0.6, 0.4)}}}
 
     cols = {"ar": 1, "b4": 4, "b8": 8, "b16": 16, "auto": 16}
     check = {"requests": 16, "concurrency": 8, "identical": {"1": "16/16", "16": "15/16"}, "ok": False}
@@ -503,8 +510,8 @@ def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_
     assert "- batched AR decode step within 1.3x of its floor at c <= 32: worst 1.30x at c = 1: met." in lines
     assert "- speculative / AR >= 2.3x at c = 32: 2.02x: missed by 12%." in lines
     assert "- speculative above AR at every c up to 64: missed at c = 64." in lines
-    assert "| 32 | 8 | 3.90 (3.00, 1.30x) | 3.10 (2.90, 1.07x) | 0.60 (0.40, 1.50x) |" in lines
-    assert "| 64 | AR | 3.90 (3.00, 1.30x) |  |  |" in lines
+    assert "| 32 | 8 | 3.90 (3.00, 1.30x) | 2.60 (2.50, 1.04x) | 3.10 (2.90, 1.07x) | 0.60 (0.40, 1.50x) |" in lines
+    assert "| 64 | AR | 3.90 (3.00, 1.30x) |  |  |  |" in lines
     assert ("At c = 32, block 8 over AR: 2.00x, beside SGLang's 2.35x (B200, the model card): missed by 15%."
             in lines)
     assert sum(line.startswith("SmolLM2-135M-Instruct (torch.bfloat16), shipped") for line in lines) == 2
@@ -534,7 +541,8 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
                 assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
             assert set(row["parts"]) == {"1", *map(str, blocks)}
             for block, parts in row["parts"].items():
-                assert set(parts) == ({"step"} if block == "1" else {"step", "verify", "draft"})
+                assert set(parts) == ({"step", "gemms"} if block == "1" else {"step", "gemms", "verify", "draft"})
+                assert parts["gemms"]["floor_ms"] < parts["step"]["floor_ms"]  # the weights, not the K/V nor lm_head
                 for part in parts.values():
                     assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
                 if block != "1":  # the whole step costs what its two passes cost
@@ -688,8 +696,9 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
     first = plan[0].command
     assert "tests/test_hybrid_kernels.py" in first and {".whl/test", ".whl/fla"} <= set(plan[0].carry)
-    assert first.index("pytest") < first.index("engine_limit --qwen35")  # the CUDA tests first
+    assert first.index("pytest") < first.index("gemm_shapes --skinny") < first.index("engine_limit --qwen35")
     assert "--workload qwen3_4b" in plan[1].command and "--workload qwen35_4b" in plan[1].command
+    assert plan[1].command.count("--skinny-table .stage/sweeps/*.json") == 2 and ".stage/sweeps" in plan[1].carry
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
     assert "serve_load" in plan[-1].command and ".whl/serve" in plan[-1].carry

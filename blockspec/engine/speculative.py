@@ -25,16 +25,18 @@ LENGTH_STEP = 256  # a growing cache grows to a multiple of this, so that simila
 class SpeculativeDecoder:
     """Decodes one prompt at a time with `target`, drafting with `draft` (a DraftModel, any Proposer, or None:
     autoregressive). With `max_len` the engine's cache row is fixed at that many positions and `engine` is built
-    at once; without it the row grows to fit each request (a new engine, its CUDA graphs captured again)."""
+    at once; without it the row grows to fit each request (a new engine, its CUDA graphs captured again).
+    `rollback`: how a hybrid target's recurrent state returns to the accepted prefix (BatchDecoder)."""
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, block_size: int | None = None,
-                 max_len: int | None = None, use_graphs: bool = True) -> None:
+                 max_len: int | None = None, use_graphs: bool = True, rollback: str = "states") -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             self.trained_block = draft.block_size
         else:
             self.trained_block = draft.max_block if draft is not None else 1
         self.target, self.draft, self.max_len, self.use_graphs = target, draft, max_len, use_graphs
+        self.rollback = rollback
         self.block_size = check_block_size(block_size, self.trained_block)
         self.engine: BatchDecoder | None = None
         if max_len is not None:  # a fixed row: the engine (and its cache) now
@@ -74,5 +76,6 @@ class SpeculativeDecoder:
             self.engine = None  # free the old caches first
             self.engine = BatchDecoder(self.target, self.draft, max_batch=1,
                                        max_len=self.max_len or -(-need // LENGTH_STEP) * LENGTH_STEP,
-                                       block_size=self.block_size, use_graphs=self.use_graphs)
+                                       block_size=self.block_size, use_graphs=self.use_graphs,
+                                       rollback=self.rollback)
         return self.engine
