@@ -19,6 +19,7 @@ import math
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +119,11 @@ def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
     return row
 
 
-def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool) -> tuple[list[dict], dict]:
+def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool,
+                 done: Callable[[list[dict], dict], None]) -> None:
     """cuBLAS, the device table's config and every candidate, per shape and M (each row bucket); prints one line per
-    (shape, M) and returns all rows and the winners {(N, K): {"name", M: config, ...}} (None: cuBLAS)."""
+    (shape, M) and, after each shape, hands `done` all rows so far and the winners {(N, K): {"name", M: config, ...}}
+    (None: cuBLAS): a sweep cut short by its timeout keeps the shapes it finished."""
     from blockspec.kernels.skinny import skinny_config
 
     rows, winners = [], {}
@@ -158,7 +161,7 @@ def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick:
             print(" | ".join(cells) + (f" | {failed} failed" if failed else ""), flush=True)
         del weights
         torch.cuda.empty_cache()
-    return rows, winners
+        done(rows, winners)
 
 
 def load_winners(paths: list[str], device: torch.device) -> SkinnyTable:
@@ -220,22 +223,30 @@ def main() -> None:
     record: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                     "copy_bandwidth_GBps": bandwidth / 1e9, "copy_bandwidth_graph_GBps": in_graph / 1e9,
                     "copy_bandwidth_host_GBps": host / 1e9, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if args.skinny:
-        import triton
-
-        record["triton"] = triton.__version__
-        shapes = [s for name in args.shapes or SKINNY_SHAPES for s in (QWEN35_SHAPES if name == "qwen35" else [name])]
-        record["rows"], winners = skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick)
-        record["winners"] = [{"gemm": e["name"], "n": n, "k": k, **{f"m{m}": e[m] for m in args.rows}}
-                             for (n, k), e in winners.items()]
-        print(paste_table(record["winners"]))
-    else:
-        record["rows"] = variants_probe(bandwidth)
-    record["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"gemm_shapes{'-skinny' if args.skinny else ''}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(record, indent=1))
+
+    def write() -> None:
+        record["seconds"] = time.perf_counter() - started
+        path.write_text(json.dumps(record, indent=1))
+
+    if args.skinny:
+        import triton
+
+        def done(rows: list[dict], winners: dict) -> None:
+            record["rows"] = rows
+            record["winners"] = [{"gemm": e["name"], "n": n, "k": k, **{f"m{m}": e[m] for m in args.rows}}
+                                 for (n, k), e in winners.items()]
+            write()
+
+        record["triton"] = triton.__version__
+        shapes = [s for name in args.shapes or SKINNY_SHAPES for s in (QWEN35_SHAPES if name == "qwen35" else [name])]
+        skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick, done)
+        print(paste_table(record["winners"]))
+    else:
+        record["rows"] = variants_probe(bandwidth)
+        write()
     print(f"wrote {path} ({record['seconds']:.0f} s)")
 
 

@@ -3,13 +3,13 @@ the three device calls that make them, in order (each well inside a command's 10
 `timeout` of its own so that what finished comes back):
 
   1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py: the kernel package, the Gated DeltaNet
-     kernels with flash-linear-attention carried, the engine on CUDA graphs); two skinny-GEMM sweeps (gemm_shapes
-     --skinny --quick: Qwen3.5-4B's shapes at 1 and 16 rows, which the device's table does not list yet, and the
-     Qwen3-4B target's at 32 and 64 rows, a batch's AR step); then issue 25's engine_limit --qwen35 (contexts 512,
-     4096, 16384; the HF peer) under the swept table.
-  2. batch_throughput on the Qwen3-4B shape (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
-     the parts of each step) and on the Qwen3.5-4B shape (issue 25: c = 1..32, block 8), under call 1's swept
-     table: copy its two gemm_shapes-skinny-*.json into .stage/sweeps/ before call 2 (the command is printed).
+     kernels with flash-linear-attention carried, the engine on CUDA graphs); a skinny-GEMM sweep of Qwen3.5-4B's
+     shapes at 1 and 16 rows (gemm_shapes --skinny --quick: the device's table lists none of them yet); then issue
+     25's engine_limit --qwen35 (contexts 512, 4096, 16384; the HF peer) under the swept table.
+  2. a sweep of the Qwen3-4B target's shapes at 32 and 64 rows (a batch's AR step), then batch_throughput on the
+     Qwen3-4B shape (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau, floors, the parts of each step) and
+     on the Qwen3.5-4B shape (issue 25: c = 1..32, block 8), under both sweeps: copy call 1's
+     gemm_shapes-skinny-*.json into .stage/sweeps/ before call 2 (the command is printed).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
@@ -143,22 +143,22 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              [".whl/test", ".whl/fla"],
              install(".whl/test") + "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
              "--target /tmp/site .whl/fla/*.whl && "
-             f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
-             f"timeout 100 {run}gemm_shapes --skinny --quick --shapes qwen35 --rows 1 16 --out $O 2>&1 "
+             f"timeout 170 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
+             f"timeout 120 {run}gemm_shapes --skinny --quick --shapes qwen35 --rows 1 16 --out $O 2>&1 "
              f"| tee $O/sweep.log; "
-             f"timeout 100 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 32 64 "
-             f"--out $O 2>&1 | tee -a $O/sweep.log; "
-             "T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null | tr '\\n' ' '); "  # no sweep: the device's table
-             f"timeout 240 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 "
+             "T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "  # no sweep: the device's table
+             f"timeout 250 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 "
              "${T:+--skinny-table $T} --out $O 2>&1 | tee $O/engine_limit.log",
-             "pytest.log, sweep.log, two gemm_shapes-skinny-*.json, engine_limit-*.json, engine_limit.log"),
-        Call("issues 26 and 25: batch_throughput, the Qwen3-4B shape (c = 1..64) and the Qwen3.5-4B shape", "6-8",
-             [SWEEPS],
-             f"timeout 300 {run}batch_throughput --workload qwen3_4b --repeats 2 --skinny-table {SWEEPS}/*.json "
+             "pytest.log, sweep.log, gemm_shapes-skinny-*.json, engine_limit-*.json, engine_limit.log"),
+        Call("issues 26 and 25: a sweep of the Qwen3-4B target's GEMMs at 32 and 64 rows, then batch_throughput, "
+             "the Qwen3-4B shape (c = 1..64) and the Qwen3.5-4B shape, under the sweeps", "8-9", [SWEEPS],
+             f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 32 64 "
+             f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls {SWEEPS}/*.json $O/gemm_shapes-skinny-*.json 2>/dev/null); "
+             f"timeout 280 {run}batch_throughput --workload qwen3_4b --repeats 2 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
-             f"timeout 250 {run}batch_throughput --workload qwen35_4b --repeats 2 --skinny-table {SWEEPS}/*.json "
+             f"timeout 220 {run}batch_throughput --workload qwen35_4b --repeats 2 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch35.log",
-             "two batch_throughput-*.json, batch.log, batch35.log"),
+             "sweep.log, gemm_shapes-skinny-*.json, two batch_throughput-*.json, batch.log, batch35.log"),
         Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
