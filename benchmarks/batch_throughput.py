@@ -53,6 +53,7 @@ from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, matmul_rat
                                 qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored, run_and_report,
                                 run_header, step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
+from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
 from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS
@@ -243,9 +244,11 @@ def graph_check(target: Target, draft: DraftModel, prompts: list[list[int]], blo
 
 
 def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draft: DraftModel, blocks: tuple[int, ...],
-                   concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+                   concurrency: tuple[int, ...], bandwidth: float, flop_rate: float,
+                   rollback: str = DEFAULT_ROLLBACK) -> dict:
     """A random-weight workload: the checks with the draft's own tokens, then the sweep with oracle acceptance at
-    the card's tau per block, and the parts of the step per concurrency."""
+    the card's tau per block, and the parts of the step per concurrency (a hybrid target's cache rolling back by
+    `rollback`)."""
     device = args.device
     target = Target(model=model, tokenizer=None, name=f"{name}-shaped-random", eos_token_ids=())
     prompt_len, new = (16, 24) if args.tiny else (args.prompt_tokens, args.new_tokens)
@@ -258,7 +261,7 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
     constant_choice(model)
     oracle = OracleProposer(DraftProposer(draft, model), torch.zeros(max_len, dtype=torch.long),
                             card_schedules(draft.block_size), model.config.vocab_size, device)
-    engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len)
+    engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len, rollback=rollback)
     started = time.perf_counter()
     graphs = engine.capture_graphs((1, *blocks))
     capture_s = time.perf_counter() - started
@@ -280,14 +283,18 @@ def qwen3_4b(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: 
 
 
 def qwen35_4b(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
+    """The hybrid workload with each of --rollback in turn (the first, the default, is the record's; the others go
+    under "by_rollback"), on one target and draft."""
     cfg = qwen35_4b_config(args.tiny)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     model = TargetModel.random(cfg, device=args.device, dtype=dtype, seed=0, rope_theta=1e7)
-    # drafted at block 8 (as SGLang serves it): the per-position states kept for rollback are sized by the block
+    # drafted at block 8 (as SGLang serves it): what the cache keeps for rollback is sized by the block
     draft = qwen35_draft(cfg, args.device, dtype, args.tiny, block_size=8)
-    out = random_weights(args, "qwen35_4b", model, draft, (8,), concurrency, bandwidth, flop_rate)
-    out["sglang_c32_speedup"] = SGLANG_C32_SPEEDUP
-    return out
+    runs = {rollback: {**random_weights(args, "qwen35_4b", model, draft, (8,), concurrency, bandwidth, flop_rate,
+                                        rollback), "rollback": rollback, "sglang_c32_speedup": SGLANG_C32_SPEEDUP}
+            for rollback in args.rollback}
+    first, *others = runs.values()
+    return {**first, "by_rollback": {r["rollback"]: r for r in others}} if others else first
 
 
 def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: float, flop_rate: float) -> dict:
@@ -354,11 +361,11 @@ def report(path: str) -> str:
                   f"requests of block 16 with max_step_tokens {r['max_step_tokens']}. {check_text(q)}", "",
                   *table(q["concurrency"], q["columns"]), "", *goals_qwen3(q), "", *parts_table(q["concurrency"])]
     if "qwen35_4b" in r:
-        q = r["qwen35_4b"]
-        lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
-                      f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, {q['new_tokens']} new "
-                      f"tokens. {check_text(q)}", "", *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q),
-                  "", *parts_table(q["concurrency"])]
+        for q in (r["qwen35_4b"], *r["qwen35_4b"].get("by_rollback", {}).values()):
+            lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
+                          f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, {q['new_tokens']} new "
+                          f"tokens, rollback by {q.get('rollback', 'states')}. {check_text(q)}", "",
+                      *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]
         for kind in ("dflash", "dflare"):
@@ -462,6 +469,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder holding gsm8k/test.jsonl (default: blockspec.datasets.default_data_dir())")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rollback", nargs="+", choices=ROLLBACKS, default=[DEFAULT_ROLLBACK],
+                        help="qwen35_4b: how the hybrid cache rolls back, each in turn (default: the engine's)")
     run_and_report(parser, run, report, "batch_throughput")
 
 

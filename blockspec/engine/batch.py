@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blockspec.cache import DEFAULT_ROLLBACK
 from blockspec.draft import DraftModel
 from blockspec.engine import acceptance
 from blockspec.engine.acceptance import RowFailure, check_finite, greedy_accepted
@@ -93,7 +94,7 @@ class BatchDecoder:
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, *, max_batch: int = 8,
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None,
-                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, rollback: str = "states") -> None:
+                 max_prefill_tokens: int = MAX_PREFILL_TOKENS, rollback: str = DEFAULT_ROLLBACK) -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             draft = DraftProposer(draft, target.model)

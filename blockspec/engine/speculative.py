@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+from blockspec.cache import DEFAULT_ROLLBACK
 from blockspec.draft import DraftModel
 from blockspec.engine.batch import BatchDecoder
 from blockspec.engine.proposer import Proposer
@@ -29,7 +30,7 @@ class SpeculativeDecoder:
     `rollback`: how a hybrid target's recurrent state returns to the accepted prefix (BatchDecoder)."""
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, block_size: int | None = None,
-                 max_len: int | None = None, use_graphs: bool = True, rollback: str = "states") -> None:
+                 max_len: int | None = None, use_graphs: bool = True, rollback: str = DEFAULT_ROLLBACK) -> None:
         if isinstance(draft, DraftModel):
             check_pair(target, draft)
             self.trained_block = draft.block_size

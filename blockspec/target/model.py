@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from blockspec.cache import HybridCache, KVCache
+from blockspec.cache import DEFAULT_ROLLBACK, HybridCache, KVCache
 from blockspec.errors import BlockspecError
 from blockspec.kernels import current_settings
 from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
@@ -249,7 +249,7 @@ class TargetModel(nn.Module):
                 module.weight.fill_(0.0 if getattr(module, "zero_centred", False) else 1.0)
         return model.eval()
 
-    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1, rollback: str = "states") -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1, rollback: str = DEFAULT_ROLLBACK) -> KVCache:
         """A cache for `batch_size` rows of `max_len` positions. A hybrid target's cache keeps what `commit` needs to
         roll back after a verify of up to `verify_tokens` tokens (pass the block size when verifying), by `rollback`
         "states" or "replay" (HybridCache); other targets roll back for free and ignore both."""
