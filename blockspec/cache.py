@@ -69,7 +69,7 @@ class GDNLayerState:
             if cache.rollback == "replay" else (None,) * 4)
 
     def start(self, state: torch.Tensor) -> None:
-        """The state a verify starts from ([b, h, Dk, Dv]): replay's base."""
+        """The state a verify of two or more tokens starts from ([b, h, Dk, Dv]): replay's base."""
         if self.base is not None:
             self.base.copy_(state)
 
@@ -163,6 +163,8 @@ class HybridCache(KVCache):
         if not n:
             raise RuntimeError("commit() must follow a forward of at most verify_tokens tokens: create the cache "
                                "with new_cache(..., verify_tokens=the block size)")
+        if n == 1:  # a one-token decode keeps its token: the forward left every row's states as they must be
+            return
         if self.rollback == "states":
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])

@@ -101,7 +101,7 @@ def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on
     positions = (5 + torch.arange(BLOCK))[None].repeat(ROWS, 1)
     positions[0] -= 5
     positions = positions.to(DEVICE)
-    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK) for _ in range(2)]
+    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback="states") for _ in range(2)]
     for cache in caches:
         cache.keeps_steps(BLOCK)
         torch.manual_seed(2)

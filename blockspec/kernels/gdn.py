@@ -92,7 +92,7 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, STATE, WINDOW, STEPS, BA
     tile = dk[:, None] * DV + dv[None, :]
     state = STATE + b * s_sb + h * s_sh + tile
     S = tl.load(state, mask=kept, other=0.0)
-    if not KEEP_STATES:
+    if not KEEP_STATES and n > 1:  # a one-token decode always keeps its token: commit never replays from base
         tl.store(BASE + b * s_bb + h * s_bh + tile, S)
     neg_a = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
     dt_bias = tl.load(DT_BIAS + h).to(tl.float32)

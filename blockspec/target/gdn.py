@@ -217,7 +217,8 @@ class GatedDeltaNet(nn.Module):
         current = torch.where(fresh[..., None], 0, layer.recurrent)
         if keeps_steps:
             layer.windows[..., :window.shape[-1]] = window
-            layer.start(current)
+            if n > 1:  # a one-token decode always keeps its token: commit never replays it from the start
+                layer.start(current)
             outputs = []
             for t in range(n):
                 current, out, decay, innovation = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t],
