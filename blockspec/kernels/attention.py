@@ -2,9 +2,9 @@
 flash-decoding style. Each program owns one (row, KV head, key split) and serves all the query heads of its GQA
 group and all query tokens at once, so every cached K/V byte is read exactly once. The visible length comes from
 device memory (`limits`), never from the host, which is what lets a whole speculative step live in one CUDA
-graph. The keys are cut into a fixed number of splits of the *visible* length, so every split has work at any
-context and the result does not depend on the cache's allocated size (the eager and graphed paths give
-bit-identical outputs).
+graph. The keys are cut into a number of splits of the *visible* length (the table's for one row, fewer for a
+batch of rows, which fills the GPU on its own), so every split has work at any context and the result does not
+depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs).
 
 With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
 above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
@@ -174,7 +174,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             _launch(q[:, :, part], k_cache, v_cache, limits[:, part], out[:, part], window, config, splits,
                     INVARIANT_QUERIES)
     else:
-        _launch(q, k_cache, v_cache, limits, out, window, config, config["splits"], triton.next_power_of_2(n_q))
+        # the table's splits are tuned for one row; b rows fill the GPU with b times its programs, and every split
+        # costs its partial sums' scratch traffic (at 32 rows of 8 queries, more bytes than the K/V): b rows take
+        # splits // b of them, at least one, keeping one row's program count
+        splits = max(1, config["splits"] // b)
+        _launch(q, k_cache, v_cache, limits, out, window, config, splits, triton.next_power_of_2(n_q))
     return out.view(b, n_q, n_heads * d)
 
 
