@@ -81,10 +81,11 @@ def copy_bandwidth() -> float:
 
 
 def candidates(m: int, k: int, quick: bool = False) -> list[dict]:
-    """Launch configs for a product of m rows (1, 16, 32 or 64: a row bucket) and K: dot tiles of max(16, m) rows
-    (the one-row sums too at m = 1, unless `quick`), each with every split that leaves two K tiles a range (up to 4
+    """Launch configs for a product of m rows (a row bucket: 1, 16, 32, 64, 128 or 256) and K: dot tiles of
+    max(16, m) rows up to 64 (more rows run as more tiles, neighbours in launch order that find the weight tile in
+    L2), the one-row sums too at m = 1 unless `quick`, each with every split that leaves two K tiles a range (up to 4
     when `quick`)."""
-    dot = max(16, m)
+    dot = min(max(16, m), 64)
     tiles = [(dot, *t) for t in (QUICK_TILES if quick else DOT_TILES)]
     tiles += [(1, *t) for t in SUM_TILES] if m == 1 and not quick else []
     splits = SPLITS[:3] if quick else SPLITS
@@ -211,7 +212,7 @@ def main() -> None:
     parser.add_argument("--skinny", action="store_true", help="time skinny_linear configs against cuBLAS")
     parser.add_argument("--shapes", nargs="+", choices=[*SKINNY_SHAPES, "qwen35"], default=None,
                         help="with --skinny: these projections only (qwen35: Qwen3.5-4B's and its draft's; default: all)")
-    parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64], default=[1, 16],
+    parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64, 128, 256], default=[1, 16],
                         help="with --skinny: the row buckets to sweep")
     parser.add_argument("--quick", action="store_true", help="with --skinny: QUICK_TILES' candidates only")
     args = parser.parse_args()

@@ -2,19 +2,19 @@
 the three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
 `timeout` of its own so that what finished comes back):
 
-  1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py: the kernel package, the Gated DeltaNet
-     kernels with flash-linear-attention carried, the engine on CUDA graphs); a skinny-GEMM sweep of Qwen3.5-4B's
-     shapes at 1 and 16 rows (gemm_shapes --skinny --quick: the device's table lists none of them yet); then issue
-     25's engine_limit --qwen35 (contexts 512, 4096, 16384; the HF peer) under the swept table.
-  2. a sweep of the Qwen3-4B target's shapes at 32 and 64 rows (a batch's AR step), then batch_throughput on the
-     Qwen3-4B shape (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau, floors, the parts of each step) and
-     on the Qwen3.5-4B shape (issue 25: c = 1..32, block 8), under both sweeps: copy call 1's
-     gemm_shapes-skinny-*.json into .stage/sweeps/ before call 2 (the command is printed).
+  1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py: the kernel package, the
+     Gated DeltaNet kernels with flash-linear-attention carried, the batch-invariant kernels; a cold Triton cache
+     makes them take over 3 minutes); then issue 25's batched Qwen3.5-4B shape (c = 1..32, block 8) with rollback by
+     replay (the default) and by per-position states, side by side.
+  2. a sweep of the Qwen3-4B target's GEMMs at 128 and 256 rows (a batch's verify: cuBLAS ran them at 1.62x),
+     batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau,
+     floors, the parts of each step), then issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
-in two parts, with calls 1 and 2, each copied to /root/stage; call 3 joins them and checks the digest. The shipped
+in parts, with the calls that have room (the last ones first), each copied to /root/stage; call 3 joins them and
+checks the digest. A first start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin. The
 drafts (32 MiB, tracked) are needed by call 3 alone, so calls 1 and 2 leave them behind: before call 1 take them
 out of git's index and ignore them (the commands are printed; the files stay here), and put them back before call
 3. /root/stage lives only while the machine stays warm (about 30 s after a call): make the calls back to back.
@@ -50,8 +50,7 @@ SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
-CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py"
-SWEEPS = ".stage/sweeps"  # call 1's skinny-GEMM sweeps, for calls 2's benchmarks to run under
+CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
 DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
 DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -139,26 +138,23 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     run = "python3 -m benchmarks."
     gguf = f"/root/stage/{gguf_name}"
     return [
-        Call("the CUDA tests, skinny-GEMM sweeps, then issue 25: engine_limit --qwen35 under them", "8-9",
+        Call("the CUDA tests, then issue 25: the batched Qwen3.5-4B shape, both rollbacks", "8-9",
              [".whl/test", ".whl/fla"],
              install(".whl/test") + "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
              "--target /tmp/site .whl/fla/*.whl && "
-             f"timeout 170 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
-             f"timeout 120 {run}gemm_shapes --skinny --quick --shapes qwen35 --rows 1 16 --out $O 2>&1 "
-             f"| tee $O/sweep.log; "
-             "T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "  # no sweep: the device's table
-             f"timeout 250 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 "
-             "${T:+--skinny-table $T} --out $O 2>&1 | tee $O/engine_limit.log",
-             "pytest.log, sweep.log, gemm_shapes-skinny-*.json, engine_limit-*.json, engine_limit.log"),
-        Call("issues 26 and 25: a sweep of the Qwen3-4B target's GEMMs at 32 and 64 rows, then batch_throughput, "
-             "the Qwen3-4B shape (c = 1..64) and the Qwen3.5-4B shape, under the sweeps", "8-9", [SWEEPS],
-             f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 32 64 "
-             f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls {SWEEPS}/*.json $O/gemm_shapes-skinny-*.json 2>/dev/null); "
+             f"timeout 330 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
+             f"timeout 230 {run}batch_throughput --workload qwen35_4b --rollback replay states --repeats 1 --out $O "
+             f"2>&1 | tee $O/batch35.log",
+             "pytest.log, batch_throughput-*.json, batch35.log"),
+        Call("issues 26 and 25: a sweep at 128 and 256 rows, batch_throughput on the Qwen3-4B shape under it, "
+             "engine_limit --qwen35", "9", [],
+             f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
+             f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
              f"timeout 280 {run}batch_throughput --workload qwen3_4b --repeats 2 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
-             f"timeout 220 {run}batch_throughput --workload qwen35_4b --repeats 2 ${{T:+--skinny-table $T}} "
-             f"--out $O 2>&1 | tee $O/batch35.log",
-             "sweep.log, gemm_shapes-skinny-*.json, two batch_throughput-*.json, batch.log, batch35.log"),
+             f"timeout 190 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+             f"2>&1 | tee $O/engine_limit.log",
+             "sweep.log, gemm_shapes-skinny-*.json, batch_throughput-*.json, engine_limit-*.json, two logs"),
         Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
@@ -191,7 +187,7 @@ def main() -> int:
     gguf = smollm2_gguf_path()
     head = head_commit()
     STAGE.mkdir(exist_ok=True)
-    for old in [*STAGE.glob("part*"), *STAGE.glob("sweeps/*")]:
+    for old in STAGE.glob("part*"):
         old.unlink()
     with tarfile.open(STAGE / "data.tar.xz", "w:xz") as tar:
         for name in DATA_FILES:
@@ -226,9 +222,6 @@ def main() -> int:
           "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
     hidden = False
     for i, call in enumerate(plan, 1):
-        if SWEEPS in call.carry and i == 2:
-            print(f"  here, before call 2, at once: mkdir -p {SWEEPS} && cp FILES_AT/gemm_shapes-skinny-*.json "
-                  f"{SWEEPS}/ (FILES_AT: call 1's files_at)\n")
         if call.drafts == hidden:  # the drafts travel with the tracked tree only while they are in the index
             print(f"  here, before call {i}: " + (f"git reset -q -- {DRAFTS} && sed -i '\\#^/{DRAFTS}/$#d' "
                                                   f".git/info/exclude" if hidden else

@@ -694,14 +694,11 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    first = plan[0].command
+    first, second = plan[0].command, plan[1].command
     assert "tests/test_hybrid_kernels.py" in first and {".whl/test", ".whl/fla"} <= set(plan[0].carry)
-    assert first.index("pytest") < first.index("gemm_shapes --skinny") < first.index("engine_limit --qwen35")
-    assert "--workload qwen3_4b" in plan[1].command and "--workload qwen35_4b" in plan[1].command
-    second = plan[1].command  # call 1's sweep (copied to .stage/sweeps) and its own, for both workloads
-    assert "T=$(ls .stage/sweeps/*.json $O/gemm_shapes-skinny-*.json" in second and ".stage/sweeps" in plan[1].carry
-    assert second.index("gemm_shapes --skinny") < second.index("batch_throughput")
-    assert second.count("${T:+--skinny-table $T}") == 2
+    assert first.index("pytest") < first.index("--workload qwen35_4b --rollback replay states")  # the tests first
+    assert second.index("gemm_shapes --skinny") < second.index("--workload qwen3_4b") < second.index("--qwen35")
+    assert second.count("${T:+--skinny-table $T}") == 1  # the sweep the same call made
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
     assert "serve_load" in plan[-1].command and ".whl/serve" in plan[-1].carry

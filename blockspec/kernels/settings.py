@@ -20,8 +20,8 @@ from typing import Iterator
 
 import torch
 
-# per weight shape (n, k), per row bucket (a table's "m1", "m16", "m32", "m64": a product of m rows takes the
-# smallest bucket of at least m) a skinny-GEMM launch config, or None where cuBLAS is faster
+# per weight shape (n, k), per row bucket (a table's "m1", "m16", "m32", ...: a product of m rows takes the smallest
+# bucket of at least m) a skinny-GEMM launch config, or None where cuBLAS is faster
 SkinnyTable = dict[tuple[int, int], dict[int, dict | None]]
 # the flow kernel's config, in order (tables/*.json name them): rows per tile, K per tile, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program, whether small GEMVs pack two K tiles per tile

@@ -4,8 +4,8 @@ one K range, and reads that slab of the weight as row-contiguous [BLOCK_N, BLOCK
 to an fp32 buffer that a second kernel sums in split order: never atomics, so results are bit-identical run to
 run (the engine checks CUDA-graph replays against eager steps).
 
-Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows; 32 and 64: a batch of
-tokens or small blocks) from the device's table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16,
+Launch settings come per weight shape (N, K) and row bucket (1: one token; 16: 2..16 rows; 32 and up: a batch of
+tokens or blocks) from the device's table (settings.LaunchTables.skinny, measured: tables/*.json). rows = 16,
 32 or 64 is a tensor-core dot with the rows padded to that (its weight tiles pipelined through shared memory), so
 the weight is streamed once for all of them; rows = 1 a multiply-and-sum on the CUDA cores for a single row; split_k
 is the number of K ranges. A shape or row count the table does not list, or lists as None, stays on cuBLAS
