@@ -2,13 +2,14 @@
 the three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
 `timeout` of its own so that what finished comes back):
 
-  1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py: the kernel package, the
-     Gated DeltaNet kernels with flash-linear-attention carried, the batch-invariant kernels; a cold Triton cache
-     makes them take over 3 minutes); then issue 25's batched Qwen3.5-4B shape (c = 1..32, block 8) with rollback by
-     replay (the default) and by per-position states, side by side.
+  1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py: the kernel package, the Gated DeltaNet
+     kernels with flash-linear-attention carried; a cold Triton cache makes them take over 3 minutes); gdn_tiles (the Gated DeltaNet program tile at 1-32 rows); then issue 25's
+     batched Qwen3.5-4B shape (c = 1..32, block 8) with rollback by replay (the default) and by per-position states,
+     side by side.
   2. a sweep of the Qwen3-4B target's GEMMs at 128 and 256 rows (a batch's verify: cuBLAS ran them at 1.62x),
      batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau,
-     floors, the parts of each step), then issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384).
+     floors, the parts of each step), issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384), and
+     tests/test_exact.py (the batch-invariant kernels; this call needs the test wheels too).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
@@ -50,7 +51,7 @@ SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
-CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"
+CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py"
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
 DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
 DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -138,23 +139,25 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     run = "python3 -m benchmarks."
     gguf = f"/root/stage/{gguf_name}"
     return [
-        Call("the CUDA tests, then issue 25: the batched Qwen3.5-4B shape, both rollbacks", "8-9",
+        Call("the CUDA tests, gdn_tiles, then issue 25: the batched Qwen3.5-4B shape, both rollbacks", "9-10",
              [".whl/test", ".whl/fla"],
              install(".whl/test") + "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
              "--target /tmp/site .whl/fla/*.whl && "
-             f"timeout 330 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
-             f"timeout 230 {run}batch_throughput --workload qwen35_4b --rollback replay states --repeats 1 --out $O "
+             f"timeout 290 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tee $O/pytest.log; "
+             f"timeout 80 {run}gdn_tiles --out $O 2>&1 | tee $O/gdn_tiles.log; "
+             f"timeout 200 {run}batch_throughput --workload qwen35_4b --rollback replay states --repeats 1 --out $O "
              f"2>&1 | tee $O/batch35.log",
-             "pytest.log, batch_throughput-*.json, batch35.log"),
+             "pytest.log, gdn_tiles-*.json, batch_throughput-*.json, two logs"),
         Call("issues 26 and 25: a sweep at 128 and 256 rows, batch_throughput on the Qwen3-4B shape under it, "
-             "engine_limit --qwen35", "9", [],
-             f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
+             "engine_limit --qwen35, tests/test_exact.py", "9-10", [".whl/test"],
+             install(".whl/test") + f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
              f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
-             f"timeout 280 {run}batch_throughput --workload qwen3_4b --repeats 2 ${{T:+--skinny-table $T}} "
+             f"timeout 200 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
              f"timeout 190 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-             f"2>&1 | tee $O/engine_limit.log",
-             "sweep.log, gemm_shapes-skinny-*.json, batch_throughput-*.json, engine_limit-*.json, two logs"),
+             f"2>&1 | tee $O/engine_limit.log; "
+             f"timeout 100 python3 -m pytest -q -rf -p no:cacheprovider tests/test_exact.py 2>&1 | tee $O/pytest.log",
+             "sweep.log, gemm_shapes-skinny-*.json, batch_throughput-*.json, engine_limit-*.json, three logs"),
         Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "

@@ -682,6 +682,25 @@ def test_exact_check_runs_end_to_end_on_a_tiny_target(tmp_path):
     assert record["exact"]["speculative"]["dflash"]["16"]["tau"] > 3  # the oracle made blocks accept deep
 
 
+def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path):
+    from benchmarks.gdn_tiles import TILES, report
+
+    assert all(128 % value_dims == 0 for value_dims, _ in TILES) and TILES[0] == (8, 1)  # the tables' tile first
+
+    def tiles(*us):
+        return {f"{v}x{w}": {"us": t, "x_floor": t / 10, "rel_err": 1e-6 * i} for i, ((v, w), t) in
+                enumerate(zip(TILES[:2], us))}
+
+    record = {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "copy_bandwidth_GBps": 3000,
+              "tiles": TILES[:2], "cells": [{"rows": 1, "tokens": 1, "floor_us": 10.0, "tiles": tiles(30.0, 20.0)},
+                                            {"rows": 32, "tokens": 8, "floor_us": 10.0, "tiles": tiles(12.0, 15.0)}]}
+    lines = render(report, record, tmp_path).splitlines()
+    assert "| rows | tokens | floor us | 8x1 | 8x2 | best |" in lines
+    assert "| 1 | 1 | 10.0 | 30.0 (3.00) | 20.0 (2.00) | 8x2 |" in lines
+    assert "| 32 | 8 | 10.0 | 12.0 (1.20) | 15.0 (1.50) | 8x1 |" in lines
+    assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
+
+
 def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
     from benchmarks.stage_for_gpu import COMMAND_LIMIT, calls, device_command, plan_parts
 

@@ -70,10 +70,14 @@ def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor
     return logits, cache
 
 
-@pytest.mark.parametrize("rollback", ["states", "replay"])
-def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback):
+@pytest.mark.parametrize("rollback, tile", [("states", None), ("replay", None), ("replay", {"value_dims": 4,
+                                                                                              "warps": 2})])
+def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback, tile):
+    """Also with a program tile other than the table's (half of an 8-dim value head a program, where the table's 8
+    takes it whole: the tiling benchmarks/gdn_tiles.py varies)."""
     model = tiny_target(seed=21)
-    got_logits, got = decode_session(model, True, rollback)
+    with use_settings(gdn_tile=tile):
+        got_logits, got = decode_session(model, True, rollback)
     want_logits, want = decode_session(model, False, rollback)
     for g, w in zip(got_logits, want_logits):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)

@@ -115,7 +115,8 @@ def test_every_table_file_is_complete_reachable_and_shipped_with_the_package():
     files = {f.name: json.loads(f.read_text()) for f in folder.iterdir() if f.name.endswith(".json")}
     assert {"default.json", "h100.json"} <= set(files)
     for name, data in files.items():
-        assert set(data) == {"devices", "notes", "skinny", "attention", "flow"}, name
+        assert set(data) == {"devices", "notes", "skinny", "attention", "gdn", "flow"}, name
+        assert set(data["gdn"]) == {"value_dims", "warps"} and 128 % data["gdn"]["value_dims"] == 0, name
         tables = tables_for(data["devices"][0] if data["devices"] else "")  # each file's first device gets it
         assert tables.file == name
         assert all({1, 16} <= set(entry) <= {1, 16, 32, 64, 128, 256} for entry in tables.skinny.values())

@@ -1,8 +1,8 @@
 """Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, and the commit of
 a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
 
-`_gdn_steps`: a program per (row, value head, block of BLOCK_V value dims) holds its [Dk, BLOCK_V] slice of the fp32
-state in registers and runs the tokens through it one by one with the torch path's per-token arithmetic: the causal
+`_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32
+state in registers (the tile: `gdn_tile`) and runs the tokens through it one by one with the torch path's per-token arithmetic: the causal
 conv + SiLU of its q, k and v channels (from the conv state, then the projection), the L2 norms of q and k, beta and
 the decay from b, a, A_log and dt_bias, then `delta_rule_step`. It writes each token's output, what commit needs (the
 state after each token, or the replay tape), the conv window and the final state. A verify of n tokens and n one-token
@@ -24,10 +24,18 @@ import triton.language as tl
 
 from blockspec.cache import GDNLayerState
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
+from blockspec.kernels.settings import current_settings, device_tables
 
-# value dims per program, one warp each: a [128, 8] fp32 state slice is 32 registers a thread, and the 4B's 32 heads of
-# 128 give 512 programs a row (flash-linear-attention's decode kernel uses the same split); not yet measured here
+# replay's value dims per program: a [128, 8] fp32 state slice is 32 registers a thread of one warp
 BLOCK_V = 8
+
+
+def gdn_tile(device: torch.device) -> dict:
+    """The decode/verify program's tile on `device`: {"value_dims", "warps"} from the current settings, else the
+    device's table. The table files' (8, 1) is flash-linear-attention's decode split, 512 programs a row for the 4B;
+    benchmarks/gdn_tiles.py times the others."""
+    tile = current_settings().gdn_tile
+    return tile if tile is not None else device_tables(device).gdn
 
 
 @triton.jit
@@ -168,7 +176,8 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     steps = layer.steps if states else layer.recurrent.unsqueeze(1)  # the unused buffers: any tensor will do
     base, tape_k, tape_decay, tape_u = ((layer.recurrent, steps[..., 0], steps[..., 0, 0], steps[..., 0, :])
                                         if states else (layer.base, layer.tape_k, layer.tape_decay, layer.tape_u))
-    block_v = min(BLOCK_V, value_dim)
+    tile = gdn_tile(projected.device)
+    block_v = min(tile["value_dims"], value_dim)
     pdl = pdl_options(projected)
     _gdn_steps[(b, heads, value_dim // block_v)](
         projected, conv_weight, A_log, dt_bias, positions, layer.conv, layer.recurrent, layer.windows, steps, base,
@@ -179,7 +188,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         tape_k.stride(0), tape_k.stride(1), tape_k.stride(2), tape_decay.stride(0), tape_decay.stride(1),
         tape_u.stride(0), tape_u.stride(1), tape_u.stride(2), o.stride(0), o.stride(1), o.stride(2), n,
         HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, BV=block_v, KEEP_STATES=states,
-        num_warps=1, enable_fp_fusion=False, **pdl)
+        num_warps=tile["warps"], enable_fp_fusion=False, **pdl)
     _gdn_output[(b * n, heads)](
         o, projected, norm_weight, out, layer.windows, layer.conv, o.stride(0), o.stride(1), o.stride(2),
         projected.stride(0), projected.stride(1), out.stride(0), out.stride(1), layer.windows.stride(0),

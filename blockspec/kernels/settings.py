@@ -53,8 +53,8 @@ class KernelSettings:
         is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
         benchmarks/compile_vs_graphs.py hands to torch.compile).
-    skinny_table, attention_table: launch tables to use instead of the device's (a sweep's candidates); None:
-        the device's (`device_tables`).
+    skinny_table, attention_table, gdn_tile: launch tables to use instead of the device's (a sweep's candidates);
+        None: the device's (`device_tables`).
     batch_invariant: a row's every result independent of how many rows run with it and what they hold
         (`--exact`), so that speculative tokens equal plain decoding's bit for bit in bf16 and a request's tokens
         do not depend on the batch. Every product of 16-bit weights, whatever its row count (prefills too), runs
@@ -76,6 +76,7 @@ class KernelSettings:
     batch_invariant: bool = False
     skinny_table: SkinnyTable | None = None
     attention_table: dict[str, dict] | None = None
+    gdn_tile: dict | None = None
 
 
 _CURRENT: contextvars.ContextVar[KernelSettings] = contextvars.ContextVar("blockspec_kernel_settings",
@@ -137,12 +138,15 @@ class LaunchTables:
         dim where one needs its own ("wide_d256"): key splits per (row, KV head), keys per tile, warps.
     flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
         takes the per-op kernels.
+    gdn: a Gated DeltaNet decode or verify program's tile (kernels/gdn.py): value dims of one value head's state it
+        holds ("value_dims") and its warps.
     """
 
     file: str
     skinny: SkinnyTable
     attention: dict[str, dict]
     flow: tuple | None
+    gdn: dict
 
 
 def skinny_table_from_winners(winners: list[dict]) -> SkinnyTable:
@@ -179,7 +183,7 @@ def tables_for(device_name: str) -> LaunchTables:
                       next((name, data) for name, data in files if name == "default.json"))
     flow = data["flow"]
     return LaunchTables(file, skinny_table_from_winners(data["skinny"]), data["attention"],
-                        None if flow is None else tuple(flow[field] for field in FLOW_FIELDS))
+                        None if flow is None else tuple(flow[field] for field in FLOW_FIELDS), data["gdn"])
 
 
 @functools.lru_cache(maxsize=None)

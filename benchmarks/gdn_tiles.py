@@ -1,0 +1,111 @@
+"""Which tile runs a Gated DeltaNet decode or verify fastest (kernels/gdn.py `gdn_steps`), at one row and at a batch?
+(issue 25: on the H100 the batched Qwen3.5-4B AR step grew by 0.33 ms a row, 3.4x its floor at 32 rows.)
+
+A tile is the value dims of one value head's state that a program holds, and its warps: the table files' (8, 1)
+gives the 4B 512 one-warp programs a row at 216-222 registers each (sm_90), nine programs an SM; wider tiles repeat
+the q and k work fewer times and more warps take fewer registers a thread. For the Qwen3.5-4B layer shape (32 value
+heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 (a verify block), each
+tile is timed as CUDA-graph replays of one launch per Gated DeltaNet layer over all 24 layers' states (so the states
+stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
+what commit keeps per token (the tape; the state before a block), and the projections in and the outputs out. Each
+tile's outputs are checked against the first's.
+
+    python -m benchmarks.gdn_tiles --out DIR          # on a CUDA machine
+    TRITON_INTERPRET=1 python -m benchmarks.gdn_tiles --tiny --device cpu   # logic check on small shapes
+    python -m benchmarks.gdn_tiles --report FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import (copy_bandwidth, graph_ms, parser_with_common_flags, qwen35_4b_config, run_and_report,
+                                run_header)
+from blockspec.kernels import use_settings
+from blockspec.target import TargetModel
+
+TILES = [(8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (value dims, warps); the table's first
+ROWS = (1, 8, 32)
+TOKENS = (1, 8)
+
+
+def floor_bytes(model: TargetModel, rows: int, tokens: int) -> int:
+    """What one Gated DeltaNet layer's decode or verify must move for `rows` rows of `tokens` tokens."""
+    g, item = model.config.gdn, model.embed_tokens.weight.element_size()
+    state = g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
+    tape = g.num_value_heads * (g.key_head_dim + g.value_head_dim + 1) * 4
+    projected = g.conv_dim + g.num_value_heads * (g.value_head_dim + 2)
+    per_row = 2 * state + (state if tokens > 1 else 0) + tokens * (tape + projected * item
+                                                                   + 2 * g.num_value_heads * g.value_head_dim * item)
+    return rows * per_row
+
+
+def run(args: argparse.Namespace) -> dict:
+    from blockspec.kernels.gdn import gdn_steps
+
+    device, tiny = args.device, args.tiny
+    bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    model = TargetModel.random(qwen35_4b_config(tiny), device=device, dtype=dtype, seed=0, rope_theta=1e7)
+    tiles = [(v, w) for v, w in TILES if v <= model.config.gdn.value_head_dim]
+    layers = [model.layers[i].linear_attn for i in model.config.gdn_layers]
+    mixer = layers[0]
+    args_of = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
+    width = mixer.in_proj.weight.shape[0]
+    record: dict = {**run_header(args), "copy_bandwidth_GBps": bandwidth / 1e9, "tiles": tiles, "cells": []}
+    gen = torch.Generator(device=device).manual_seed(0)
+    for rows in (1, 2) if tiny else ROWS:
+        cache = model.new_cache(rows, 32, verify_tokens=max(TOKENS), rollback="replay")
+        states = [cache.gdn_layer(i) for i in range(len(layers))]
+        for tokens in TOKENS:
+            projected = torch.randn(rows, tokens, width, device=device, dtype=dtype, generator=gen)
+            positions = (5 + torch.arange(tokens, device=device))[None].expand(rows, -1).contiguous()
+            floor_us = floor_bytes(model, rows, tokens) / bandwidth * 1e6
+            cell: dict = {"rows": rows, "tokens": tokens, "floor_us": floor_us, "tiles": {}}
+            reference, start = None, [t.clone() for t in (states[0].conv, states[0].recurrent)]
+            for value_dims, warps in tiles:
+                with torch.inference_mode(), use_settings(gdn_tile={"value_dims": value_dims, "warps": warps}):
+                    states[0].conv.copy_(start[0])  # each tile's checked call from the same states
+                    states[0].recurrent.copy_(start[1])
+                    out = gdn_steps(projected, positions, *args_of, states[0])
+                    us = graph_ms(lambda: [gdn_steps(projected, positions, *args_of, s) for s in states], device,
+                                  replays=5, rounds=1 if tiny else 5) * 1e3 / len(states)
+                reference = out if reference is None else reference
+                error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+                cell["tiles"][f"{value_dims}x{warps}"] = {"us": us, "x_floor": us / floor_us, "rel_err": error}
+            record["cells"].append(cell)
+            print(json.dumps(cell), flush=True)
+        del cache, states
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return record
+
+
+def report(path: str) -> str:
+    r = json.loads(Path(path).read_text())
+    names = [f"{v}x{w}" for v, w in r["tiles"]]
+    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; copy bandwidth "
+             f"{r['copy_bandwidth_GBps']:.0f} GB/s. One Gated DeltaNet layer of the Qwen3.5-4B shape (rollback by "
+             f"replay), us per layer (x floor), per tile (value dims x warps):", "",
+             "| rows | tokens | floor us | " + " | ".join(names) + " | best |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    for cell in r["cells"]:
+        tiles = cell["tiles"]
+        best = min(tiles, key=lambda name: tiles[name]["us"])
+        lines.append(f"| {cell['rows']} | {cell['tokens']} | {cell['floor_us']:.1f} | " + " | ".join(
+            f"{tiles[n]['us']:.1f} ({tiles[n]['x_floor']:.2f})" for n in names) + f" | {best} |")
+    worst = max(t["rel_err"] for cell in r["cells"] for t in cell["tiles"].values())
+    lines += ["", f"Outputs against the first tile's: relative error at most {worst:.1e}."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    run_and_report(parser_with_common_flags(__doc__), run, report, "gdn_tiles")
+
+
+if __name__ == "__main__":
+    main()
