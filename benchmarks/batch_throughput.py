@@ -363,8 +363,9 @@ def report(path: str) -> str:
     if "qwen35_4b" in r:
         for q in (r["qwen35_4b"], *r["qwen35_4b"].get("by_rollback", {}).values()):
             lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
-                          f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, {q['new_tokens']} new "
-                          f"tokens, rollback by {q.get('rollback', 'states')}. {check_text(q)}", "",
+                          f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, "
+                          f"{q['new_tokens']} new tokens, rollback by {q.get('rollback', 'states')}. "
+                          f"{check_text(q)}", "",
                       *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]
@@ -411,7 +412,8 @@ def table(rows: dict, cols: dict) -> list[str]:
 def parts_table(rows: dict) -> list[str]:
     lines = ["Where a step's time goes: c live rows, each part captured as a CUDA graph of its own and timed alone: "
              "ms (its floor, x floor); weight GEMMs: the target's, alone, on the step's c x block rows.", "",
-             "| c | block | whole step | weight GEMMs | verify pass | draft pass |", "| --- | --- | --- | --- | --- | --- |"]
+             "| c | block | whole step | weight GEMMs | verify pass | draft pass |",
+             "| --- | --- | --- | --- | --- | --- |"]
 
     def part(m: dict | None) -> str:
         return f"{m['ms']:.2f} ({m['floor_ms']:.2f}, {m['x_floor']:.2f}x)" if m else ""

@@ -740,7 +740,8 @@ def qwen35_parts(model: TargetModel, block: int, bandwidth: float, device: str) 
     with torch.inference_mode():
         for rows in (1, block):
             gemms, gemm_bytes, _ = weight_gemms(model, rows)
-            hidden = torch.randn(1, rows, model.config.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
+            hidden = torch.randn(1, rows, model.config.hidden_size, device=device,
+                                 dtype=model.embed_tokens.weight.dtype)
             for name, fn, nbytes in (("weight GEMMs", gemms, gemm_bytes),
                                      ("lm_head + argmax", lambda: model.greedy_tokens(hidden),
                                       model.lm_head.weight.numel() * item)):

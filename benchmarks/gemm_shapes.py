@@ -211,7 +211,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--skinny", action="store_true", help="time skinny_linear configs against cuBLAS")
     parser.add_argument("--shapes", nargs="+", choices=[*SKINNY_SHAPES, "qwen35"], default=None,
-                        help="with --skinny: these projections only (qwen35: Qwen3.5-4B's and its draft's; default: all)")
+                        help="with --skinny: these projections only (qwen35: Qwen3.5-4B's and its draft's; "
+                             "default: all)")
     parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64, 128, 256], default=[1, 16],
                         help="with --skinny: the row buckets to sweep")
     parser.add_argument("--quick", action="store_true", help="with --skinny: QUICK_TILES' candidates only")

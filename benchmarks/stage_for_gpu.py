@@ -3,9 +3,9 @@ the three device calls that make them, in order (each well inside a command's 10
 `timeout` of its own so that what finished comes back):
 
   1. the CUDA tests, first (tests/test_kernels.py, test_hybrid_kernels.py: the kernel package, the Gated DeltaNet
-     kernels with flash-linear-attention carried; a cold Triton cache makes them take over 3 minutes); gdn_tiles (the Gated DeltaNet program tile at 1-32 rows); then issue 25's
-     batched Qwen3.5-4B shape (c = 1..32, block 8) with rollback by replay (the default) and by per-position states,
-     side by side.
+     kernels with flash-linear-attention carried; a cold Triton cache makes them take over 3 minutes); gdn_tiles
+     (the Gated DeltaNet program tile at 1-32 rows); then issue 25's batched Qwen3.5-4B shape (c = 1..32, block 8)
+     with rollback by replay (the default) and by per-position states, side by side.
   2. a sweep of the Qwen3-4B target's GEMMs at 128 and 256 rows (a batch's verify: cuBLAS ran them at 1.62x),
      batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau,
      floors, the parts of each step), issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384), and
@@ -150,7 +150,8 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              "pytest.log, gdn_tiles-*.json, batch_throughput-*.json, two logs"),
         Call("issues 26 and 25: a sweep at 128 and 256 rows, batch_throughput on the Qwen3-4B shape under it, "
              "engine_limit --qwen35, tests/test_exact.py", "9-10", [".whl/test"],
-             install(".whl/test") + f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
+             install(".whl/test")
+             + f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
              f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
              f"timeout 200 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "

@@ -321,7 +321,8 @@ def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
     (stored,) = tmp_path.glob("engine_limit-*.json")
     q = json.loads(stored.read_text())["qwen35"]
     assert all(q["check"].values()) and len(q["check"]) == 5 and q["hf_gdn_kernels"] == "torch (CPU)"
-    assert set(q["parts"]) == {f"{part}, {rows} rows" for part in ("weight GEMMs", "lm_head + argmax") for rows in (1, 16)}
+    assert set(q["parts"]) == {f"{part}, {rows} rows" for part in ("weight GEMMs", "lm_head + argmax")
+                               for rows in (1, 16)}
     row = q["contexts"]["32"]
     assert all(row[f"block{block}"]["replay_ms_per_step"] > 0 for block in QWEN35_CARD)
     assert row["ar"]["x_floor"] == pytest.approx(row["ar"]["ms_per_token"] / row["ar"]["floor_ms"])

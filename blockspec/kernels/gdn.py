@@ -1,12 +1,12 @@
 """Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, and the commit of
 a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
 
-`_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32
-state in registers (the tile: `gdn_tile`) and runs the tokens through it one by one with the torch path's per-token arithmetic: the causal
-conv + SiLU of its q, k and v channels (from the conv state, then the projection), the L2 norms of q and k, beta and
-the decay from b, a, A_log and dt_bias, then `delta_rule_step`. It writes each token's output, what commit needs (the
-state after each token, or the replay tape), the conv window and the final state. A verify of n tokens and n one-token
-decodes run the same code per token, so they make the same choices.
+`_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32 state
+in registers (the tile: `gdn_tile`) and runs the tokens through it one by one with the torch path's per-token
+arithmetic: the causal conv + SiLU of its q, k and v channels (from the conv state, then the projection), the L2 norms
+of q and k, beta and the decay from b, a, A_log and dt_bias, then `delta_rule_step`. It writes each token's output,
+what commit needs (the state after each token, or the replay tape), the conv window and the final state. A verify of n
+tokens and n one-token decodes run the same code per token, so they make the same choices.
 
 `_gdn_output`: the gated RMSNorm * silu(z) of each token and head (it needs the head's whole output), and the conv
 state after the last token, copied from the window: the programs of `_gdn_steps` cannot update it themselves, as one
