@@ -4,8 +4,8 @@
 A tile is the value dims of one value head's state that a program holds, and its warps: the table files' (8, 1)
 gives the 4B 512 one-warp programs a row at 216-222 registers each (sm_90), nine programs an SM; wider tiles repeat
 the q and k work fewer times and more warps take fewer registers a thread. For the Qwen3.5-4B layer shape (32 value
-heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 (a verify block), each
-tile is timed as CUDA-graph replays of one launch per Gated DeltaNet layer over all 24 layers' states (so the states
+heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or 16 (a verify block),
+each tile is timed as CUDA-graph replays of one launch per Gated DeltaNet layer over all 24 layers' states (so the states
 stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
 what commit keeps per token (the tape; the state before a block), and the projections in and the outputs out. Each
 tile's outputs are checked against the first's.
@@ -30,7 +30,7 @@ from blockspec.target import TargetModel
 
 TILES = [(8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (value dims, warps); the table's first
 ROWS = (1, 8, 32)
-TOKENS = (1, 8)
+TOKENS = (1, 8, 16)
 
 
 def floor_bytes(model: TargetModel, rows: int, tokens: int) -> int:
