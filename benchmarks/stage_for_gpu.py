@@ -6,10 +6,10 @@ the three device calls that make them, in order (each well inside a command's 10
      kernels with flash-linear-attention carried; a cold Triton cache makes them take over 3 minutes); gdn_tiles
      (the Gated DeltaNet program tile at 1-32 rows); then issue 25's batched Qwen3.5-4B shape (c = 1..32, block 8)
      with rollback by replay (the default) and by per-position states, side by side.
-  2. a sweep of the Qwen3-4B target's GEMMs at 128 and 256 rows (a batch's verify: cuBLAS ran them at 1.62x),
-     batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR, blocks 4/8/16 at the card's tau,
-     floors, the parts of each step), issue 25's engine_limit --qwen35 (contexts 512, 4096, 16384), and
-     tests/test_exact.py (the batch-invariant kernels; this call needs the test wheels too).
+  2. a sweep of the Qwen3-4B target's and draft's GEMMs at 32-256 rows (a batch's verify and draft passes: cuBLAS ran
+     the 256-row verify's at 1.62x), batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR,
+     blocks 4/8/16 at the card's tau, floors, the parts of each step), issue 25's engine_limit --qwen35 (contexts
+     512, 4096, 16384), and tests/test_exact.py (the batch-invariant kernels; this call needs the test wheels too).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
@@ -148,11 +148,11 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 200 {run}batch_throughput --workload qwen35_4b --rollback replay states --repeats 1 --out $O "
              f"2>&1 | tee $O/batch35.log",
              "pytest.log, gdn_tiles-*.json, batch_throughput-*.json, two logs"),
-        Call("issues 26 and 25: a sweep at 128 and 256 rows, batch_throughput on the Qwen3-4B shape under it, "
+        Call("issues 26 and 25: a sweep at 32-256 rows, batch_throughput on the Qwen3-4B shape under it, "
              "engine_limit --qwen35, tests/test_exact.py", "9-10", [".whl/test"],
              install(".whl/test")
-             + f"timeout 80 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head --rows 128 256 "
-             f"--out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
+             + f"timeout 100 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head draft_gate "
+             f"--rows 32 64 128 256 --out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
              f"timeout 200 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
              f"timeout 190 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
