@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
                 cell["tiles"][f"{value_dims}x{warps}"] = {"us": us, "x_floor": us / floor_us, "rel_err": error}
             record["cells"].append(cell)
             print(json.dumps(cell), flush=True)
-        del cache, states
+        cache = states = None  # this row count's states go before the next one's are made
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
     return record
