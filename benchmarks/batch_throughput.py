@@ -23,8 +23,8 @@ One engine serves every column (AR requests are block-1 requests), its CUDA grap
 The floor of a cell is one decode step of c rows at the mean context (prompt + half the new tokens) with the
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
-goes, per concurrency: c live rows, and per block the whole greedy step, the verify pass and the draft pass
-(each with its greedy tokens) captured as CUDA graphs of their own, beside their floors.
+goes, per concurrency: c live rows, and per block the whole greedy step (with its costliest kernels), the verify
+pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside their floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -49,9 +49,9 @@ from typing import Iterator
 import torch
 
 from benchmarks import roofline
-from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, matmul_rate, parser_with_common_flags,
-                                qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored, run_and_report,
-                                run_header, step_ms, sync, target_pass, weight_gemms)
+from benchmarks.harness import (copy_bandwidth, graph_kernels, graph_ms, make_draft, matmul_rate,
+                                parser_with_common_flags, qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored,
+                                run_and_report, run_header, step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
@@ -200,6 +200,8 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
                                           roofline.step(model, floors.draft if block > 1 else None, contexts, block))}
+            with torch.inference_mode(), restored(engine, n):
+                parts["step"]["kernels"] = graph_kernels(lambda: engine._greedy_step(n, block, engine.max_len), device)
             gemms, gemm_bytes, gemm_params = weight_gemms(model, n * block)
             with torch.inference_mode():
                 parts["gemms"] = floors.timed(graph_ms(gemms, device, 5, 3),

@@ -169,6 +169,30 @@ def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: i
     return statistics.median(times)
 
 
+def graph_kernels(fn: Callable[[], object], device: str, replays: int = 5, top: int = 12) -> list[dict]:
+    """Where one replay of `fn` (captured as a CUDA graph) spends its device time: the `top` kernels by summed
+    duration, per replay. On the CPU (a logic check) the CPU ops of eager calls stand in for kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    run = fn
+    if cuda:
+        graph, _ = capture_graph(fn)
+        run = graph.replay
+    run()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(replays):
+            run()
+        sync(device)
+    rows = []
+    for evt in prof.key_averages():
+        us = (evt.self_device_time_total if cuda else evt.self_cpu_time_total) / replays
+        if us > 0:
+            rows.append({"kernel": evt.key[:80], "us": us, "launches": evt.count / replays})
+    return sorted(rows, key=lambda r: -r["us"])[:top]
+
+
 @contextlib.contextmanager
 def restored(engine: BatchDecoder, n: int) -> Iterator[None]:
     """Rows [0, n) of `engine` as they were before the block: a step or pass replayed for timing advances them
