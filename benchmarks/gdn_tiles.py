@@ -1,12 +1,11 @@
 """Which tile runs a Gated DeltaNet decode or verify fastest (kernels/gdn.py `gdn_steps`), at one row and at a batch?
 (issue 25: on the H100 the batched Qwen3.5-4B AR step grew by 0.33 ms a row, 3.4x its floor at 32 rows.)
 
-A tile is the value dims of one value head's state that a program holds, and its warps: the table files' (8, 1)
-gives the 4B 512 one-warp programs a row at 216-222 registers each (sm_90), nine programs an SM; wider tiles repeat
-the q and k work fewer times and more warps take fewer registers a thread. For the Qwen3.5-4B layer shape (32 value
-heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or 16 (a verify block),
-each tile is timed as CUDA-graph replays of one launch per Gated DeltaNet layer over all 24 layers' states (so the states
-stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
+A tile is the value dims of one value head's state that a program holds, and its warps: narrow tiles put more
+programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. For the Qwen3.5-4B
+layer shape (32 value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or
+16 (a verify block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
+layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
 what commit keeps per token (the tape; the state before a block), and the projections in and the outputs out. Each
 tile's outputs are checked against the first's.
 
@@ -28,7 +27,7 @@ from benchmarks.harness import (copy_bandwidth, graph_ms, parser_with_common_fla
 from blockspec.kernels import use_settings
 from blockspec.target import TargetModel
 
-TILES = [(8, 1), (8, 2), (8, 4), (16, 2), (16, 4), (32, 2), (32, 4), (64, 4)]  # (value dims, warps); the table's first
+TILES = [(64, 4), (16, 2), (32, 2), (32, 4), (64, 2), (64, 8), (128, 4), (128, 8)]  # (value dims, warps); H100's first
 ROWS = (1, 8, 32)
 TOKENS = (1, 8, 16)
 

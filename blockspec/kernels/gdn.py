@@ -1,19 +1,23 @@
-"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, and the commit of
-a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
+"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in three kernels, and the commit
+of a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
+
+`_gdn_inputs`: a program per (row, token, value head) computes what the recurrence takes, with the torch path's
+per-token arithmetic: the causal conv + SiLU of its q, k and v channels (from the conv state, then the projection),
+the L2 norms of q and k, beta and the decay from b, a, A_log and dt_bias; it also writes the conv window. Apart from
+the recurrence, all tokens at once: the serial part below does no more than it must.
 
 `_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32 state
-in registers (the tile: `gdn_tile`) and runs the tokens through it one by one with the torch path's per-token
-arithmetic: the causal conv + SiLU of its q, k and v channels (from the conv state, then the projection), the L2 norms
-of q and k, beta and the decay from b, a, A_log and dt_bias, then `delta_rule_step`. It writes each token's output,
-what commit needs (the state after each token, or the replay tape), the conv window and the final state. A verify of n
-tokens and n one-token decodes run the same code per token, so they make the same choices.
+in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
+token's output, what commit needs (the state after each token, or the replay tape) and the final state. A verify of
+n tokens and n one-token decodes run the same code per token, so they make the same choices.
 
 `_gdn_output`: the gated RMSNorm * silu(z) of each token and head (it needs the head's whole output), and the conv
-state after the last token, copied from the window: the programs of `_gdn_steps` cannot update it themselves, as one
-program would overwrite what another has yet to read.
+state after the last token, copied from the window: the programs of `_gdn_inputs` cannot update it themselves, as
+one program would overwrite what another has yet to read.
 
-Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that update the state: each product and sum
-rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit for bit.
+Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that compute the inputs and update the state:
+each product and sum rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit
+for bit.
 """
 
 from __future__ import annotations
@@ -32,8 +36,7 @@ BLOCK_V = 8
 
 def gdn_tile(device: torch.device) -> dict:
     """The decode/verify program's tile on `device`: {"value_dims", "warps"} from the current settings, else the
-    device's table. The table files' (8, 1) is flash-linear-attention's decode split, 512 programs a row for the 4B;
-    benchmarks/gdn_tiles.py times the others."""
+    device's table (benchmarks/gdn_tiles.py times the candidates)."""
     tile = current_settings().gdn_tile
     return tile if tile is not None else device_tables(device).gdn
 
@@ -63,59 +66,90 @@ def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, n, kept, mask, KERNEL: tl.constexpr):
-    """window[c] = the conv state (zeros unless `kept`), then the n tokens' inputs, for `channels` (where `mask`)."""
+def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, t, kept, mask, KERNEL: tl.constexpr):
+    """window[c, K-1+t] = token t's input X[t, c], and for t = 0 window[c, :K-1] = the conv state (zeros unless
+    `kept`), for `channels` (where `mask`)."""
+    tl.store(WINDOW + channels * s_wc + KERNEL - 1 + t, tl.load(X + t * s_xn + channels), mask=mask)
     for j in tl.static_range(KERNEL - 1):
-        tl.store(WINDOW + channels * s_wc + j, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0), mask=mask)
-    for t in range(n):
-        tl.store(WINDOW + channels * s_wc + KERNEL - 1 + t, tl.load(X + t * s_xn + channels), mask=mask)
+        tl.store(WINDOW + channels * s_wc + j, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0),
+                 mask=mask & (t == 0))
 
 
 # n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
 @triton.jit(do_not_specialize=["n"])
-def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, STATE, WINDOW, STEPS, BASE, TAPE_K, TAPE_DECAY, TAPE_U, O,
-               s_pb, s_pn, s_pos, s_cb, s_cc, s_sb, s_sh, s_wb, s_wc, s_tb, s_tt, s_th, s_bb, s_bh,
-               s_kb, s_kt, s_kh, s_db, s_dt, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n,
-               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KERNEL: tl.constexpr,
-               BV: tl.constexpr, KEEP_STATES: tl.constexpr, USE_PDL: tl.constexpr):
+def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, WINDOW, Q, K, V, BETA, DECAY,
+                s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wc, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+                s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                KERNEL: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
-    b = tl.program_id(0)
+    b = tl.program_id(0) // n
+    t = tl.program_id(0) % n
     h = tl.program_id(1)
-    vb = tl.program_id(2)
     dk = tl.arange(0, DK)
-    dv = vb * BV + tl.arange(0, BV)
+    dv = tl.arange(0, DV)
     q_channels = h // (HV // HK) * DK + dk  # each q/k head serves HV // HK consecutive value heads
     k_channels = HK * DK + q_channels
     v_channels = 2 * HK * DK + h * DV + dv
     x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
     conv = CONV + b * s_cb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
-    # the window's q and k channels are written by their key head's first value head, in its first value block
+    # the window's q and k channels are written by their key head's first value head
     window = WINDOW + b * s_wb
-    first = (h % (HV // HK) == 0) & (vb == 0)
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, n, kept, first, KERNEL)
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, n, kept, first, KERNEL)
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, n, kept, True, KERNEL)
+    first = h % (HV // HK) == 0
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
+    _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
 
+    q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
+    k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
+    v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, KERNEL).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+    q = q * (DK ** -0.5)
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    gates = x + t * s_pn + 2 * HK * DK + 2 * HV * DV + h  # b, then a
+    beta = tl.load(gates).to(tl.float32)
+    beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
+    a = tl.load(gates + HV).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
+    decay = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * _softplus(a))
+    tl.store(Q + b * s_qb + t * s_qn + h * s_qh + dk, q)
+    tl.store(K + b * s_kb + t * s_kn + h * s_kh + dk, k)
+    tl.store(V + b * s_vb + t * s_vn + h * s_vh + dv, v)
+    tl.store(BETA + b * s_bb + t * s_bn + h, beta)
+    tl.store(DECAY + b * s_db + t * s_dn + h, decay)
+
+
+@triton.jit(do_not_specialize=["n"])
+def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, BASE, TAPE_U, O,
+               s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
+               s_tb, s_tt, s_th, s_baseb, s_baseh, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n,
+               DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, KEEP_STATES: tl.constexpr,
+               USE_PDL: tl.constexpr):
+    _pdl_prologue(USE_PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    dk = tl.arange(0, DK)
+    dv = tl.program_id(2) * BV + tl.arange(0, BV)
+    q_at = Q + b * s_qb + h * s_qh + dk
+    k_at = K + b * s_kb + h * s_kh + dk
+    v_at = V + b * s_vb + h * s_vh + dv
+    beta_at = BETA + b * s_bb + h
+    decay_at = DECAY + b * s_db + h
     tile = dk[:, None] * DV + dv[None, :]
     state = STATE + b * s_sb + h * s_sh + tile
+    kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
     if not KEEP_STATES and n > 1:  # a one-token decode always keeps its token: commit never replays from base
-        tl.store(BASE + b * s_bb + h * s_bh + tile, S)
-    neg_a = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
-    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
+        tl.store(BASE + b * s_baseb + h * s_baseh + tile, S)
+    q, k, v = tl.load(q_at), tl.load(k_at), tl.load(v_at)
+    beta, decay = tl.load(beta_at), tl.load(decay_at)
     for t in range(n):
-        q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
-        k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
-        v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, KERNEL).to(tl.float32)
-        q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
-        q = q * (DK ** -0.5)
-        k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-        gates = x + t * s_pn + 2 * HK * DK + 2 * HV * DV + h  # b, then a
-        beta = tl.load(gates).to(tl.float32)
-        beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
-        a = tl.load(gates + HV).to(tl.float32) + dt_bias
-        decay = tl.exp(neg_a * _softplus(a))
+        # the next token's inputs are loaded before this token's stores, so their latency hides behind its work
+        more = t + 1 < n
+        q_next = tl.load(q_at + (t + 1) * s_qn, mask=more, other=0.0)
+        k_next = tl.load(k_at + (t + 1) * s_kn, mask=more, other=0.0)
+        v_next = tl.load(v_at + (t + 1) * s_vn, mask=more, other=0.0)
+        beta_next = tl.load(beta_at + (t + 1) * s_bn, mask=more, other=0.0)
+        decay_next = tl.load(decay_at + (t + 1) * s_dn, mask=more, other=0.0)
         S = S * decay
         innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
         S = S + k[:, None] * innovation[None, :]
@@ -125,8 +159,7 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, STATE, WINDOW, STEPS, BA
             tl.store(STEPS + b * s_tb + t * s_tt + h * s_th + tile, S)
         else:
             tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)
-            tl.store(TAPE_K + b * s_kb + t * s_kt + h * s_kh + dk, k, mask=vb == 0)
-            tl.store(TAPE_DECAY + b * s_db + t * s_dt + h, decay, mask=vb == 0)
+        q, k, v, beta, decay = q_next, k_next, v_next, beta_next, decay_next
     tl.store(state, S)
 
 
@@ -170,25 +203,34 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     for t in (layer.recurrent, layer.steps, layer.base):
         assert t is None or t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
+    fp32 = {"device": projected.device, "dtype": torch.float32}
+    q = torch.empty(b, n, heads, key_dim, **fp32)
+    v = torch.empty(b, n, heads, value_dim, **fp32)
+    beta = torch.empty(b, n, heads, **fp32)
     o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     states = layer.steps is not None
-    steps = layer.steps if states else layer.recurrent.unsqueeze(1)  # the unused buffers: any tensor will do
-    base, tape_k, tape_decay, tape_u = ((layer.recurrent, steps[..., 0], steps[..., 0, 0], steps[..., 0, :])
-                                        if states else (layer.base, layer.tape_k, layer.tape_decay, layer.tape_u))
+    # k and the decay go straight to a replay cache's tape; the other buffers go unused by one rollback or the other
+    k, decay = ((torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)) if states
+                else (layer.tape_k, layer.tape_decay))
+    steps = layer.steps if states else layer.recurrent.unsqueeze(1)
+    base, tape_u = (layer.recurrent, v) if states else (layer.base, layer.tape_u)
+    pdl = pdl_options(projected)
+    _gdn_inputs[(b * n, heads)](
+        projected, conv_weight, A_log, dt_bias, positions, layer.conv, layer.windows, q, k, v, beta, decay,
+        projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
+        layer.windows.stride(0), layer.windows.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *beta.stride()[:2], *decay.stride()[:2], n,
+        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, num_warps=4, enable_fp_fusion=False, **pdl)
     tile = gdn_tile(projected.device)
     block_v = min(tile["value_dims"], value_dim)
-    pdl = pdl_options(projected)
     _gdn_steps[(b, heads, value_dim // block_v)](
-        projected, conv_weight, A_log, dt_bias, positions, layer.conv, layer.recurrent, layer.windows, steps, base,
-        tape_k, tape_decay, tape_u, o,
-        projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
-        layer.recurrent.stride(0), layer.recurrent.stride(1), layer.windows.stride(0), layer.windows.stride(1),
-        steps.stride(0), steps.stride(1), steps.stride(2), base.stride(0), base.stride(1),
-        tape_k.stride(0), tape_k.stride(1), tape_k.stride(2), tape_decay.stride(0), tape_decay.stride(1),
-        tape_u.stride(0), tape_u.stride(1), tape_u.stride(2), o.stride(0), o.stride(1), o.stride(2), n,
-        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, BV=block_v, KEEP_STATES=states,
-        num_warps=tile["warps"], enable_fp_fusion=False, **pdl)
+        q, k, v, beta, decay, positions, layer.recurrent, steps, base, tape_u, o,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
+        positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
+        base.stride(0), base.stride(1), *tape_u.stride()[:3], *o.stride()[:3], n,
+        DK=key_dim, DV=value_dim, BV=block_v, KEEP_STATES=states, num_warps=tile["warps"], enable_fp_fusion=False,
+        **pdl)
     _gdn_output[(b * n, heads)](
         o, projected, norm_weight, out, layer.windows, layer.conv, o.stride(0), o.stride(1), o.stride(2),
         projected.stride(0), projected.stride(1), out.stride(0), out.stride(1), layer.windows.stride(0),
