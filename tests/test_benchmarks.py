@@ -686,7 +686,9 @@ def test_exact_check_runs_end_to_end_on_a_tiny_target(tmp_path):
 def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path):
     from benchmarks.gdn_tiles import TILES, report
 
-    assert all(128 % value_dims == 0 for value_dims, _ in TILES) and TILES[0] == (8, 1)  # the tables' tile first
+    h100 = json.loads((REPO_ROOT / "blockspec" / "kernels" / "tables" / "h100.json").read_text())["gdn"]
+    assert all(128 % value_dims == 0 for value_dims, _ in TILES)
+    assert TILES[0] == (h100["value_dims"], h100["warps"])  # the table's tile first: the others beside it
 
     def tiles(*us):
         return {f"{v}x{w}": {"us": t, "x_floor": t / 10, "rel_err": 1e-6 * i} for i, ((v, w), t) in
@@ -696,9 +698,10 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
               "tiles": TILES[:2], "cells": [{"rows": 1, "tokens": 1, "floor_us": 10.0, "tiles": tiles(30.0, 20.0)},
                                             {"rows": 32, "tokens": 8, "floor_us": 10.0, "tiles": tiles(12.0, 15.0)}]}
     lines = render(report, record, tmp_path).splitlines()
-    assert "| rows | tokens | floor us | 8x1 | 8x2 | best |" in lines
-    assert "| 1 | 1 | 10.0 | 30.0 (3.00) | 20.0 (2.00) | 8x2 |" in lines
-    assert "| 32 | 8 | 10.0 | 12.0 (1.20) | 15.0 (1.50) | 8x1 |" in lines
+    first, second = (f"{v}x{w}" for v, w in TILES[:2])
+    assert f"| rows | tokens | floor us | {first} | {second} | best |" in lines
+    assert f"| 1 | 1 | 10.0 | 30.0 (3.00) | 20.0 (2.00) | {second} |" in lines
+    assert f"| 32 | 8 | 10.0 | 12.0 (1.20) | 15.0 (1.50) | {first} |" in lines
     assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
 
 
