@@ -30,10 +30,6 @@ from blockspec.cache import GDNLayerState
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
 from blockspec.kernels.settings import current_settings, device_tables
 
-# replay's value dims per program: a [128, 8] fp32 state slice is 32 registers a thread of one warp
-BLOCK_V = 8
-
-
 def gdn_tile(device: torch.device) -> dict:
     """The decode/verify program's tile on `device`: {"value_dims", "warps"} from the current settings, else the
     device's table (benchmarks/gdn_tiles.py times the candidates)."""
@@ -253,26 +249,28 @@ def _gdn_replay(STATE, BASE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh,
     keep = tl.load(KEEP + b * s_keep)
     if keep < n:  # a row that kept every token already holds its state after them
         S = tl.load(BASE + layer * s_bl + b * s_bb + h * s_bh + tile)
-        for t in range(n):
+        for t in range(keep):
             # the verify's two roundings: S * decay, then + k innovation^T
             decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
             k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
             innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
-            stepped = S * decay
-            stepped = stepped + k[:, None] * innovation[None, :]
-            S = tl.where(t < keep, stepped, S)
+            S = S * decay
+            S = S + k[:, None] * innovation[None, :]
         tl.store(STATE + layer * s_sl + b * s_sb + h * s_sh + tile, S)
 
 
 def replay(recurrent: torch.Tensor, base: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor,
            tape_u: torch.Tensor, keep: torch.Tensor, n: int) -> None:
     """A "replay" cache's commit of its recurrent states [L, b, h, Dk, Dv], all layers in one launch: each row's state
-    becomes `base` advanced by its first keep[row] (1..n) updates of the tape (target/gdn.py replay_steps)."""
+    becomes `base` advanced by its first keep[row] (1..n) updates of the tape (target/gdn.py replay_steps). Programs
+    take the decode's state tile (`gdn_tile`)."""
     layers, b, heads, key_dim, value_dim = recurrent.shape
-    block_v = min(BLOCK_V, value_dim)
+    tile = gdn_tile(recurrent.device)
+    block_v = min(tile["value_dims"], value_dim)
     for t in (recurrent, base):
         assert t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
     _gdn_replay[(layers * b, heads, value_dim // block_v)](
         recurrent, base, tape_k, tape_decay, tape_u, keep, *recurrent.stride()[:3], *base.stride()[:3],
         *tape_k.stride()[:4], *tape_decay.stride()[:3], *tape_u.stride()[:4], keep.stride(0), b, n,
-        DK=key_dim, DV=value_dim, BV=block_v, num_warps=1, enable_fp_fusion=False, **pdl_options(recurrent))
+        DK=key_dim, DV=value_dim, BV=block_v, num_warps=tile["warps"], enable_fp_fusion=False,
+        **pdl_options(recurrent))
