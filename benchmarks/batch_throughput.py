@@ -23,8 +23,9 @@ One engine serves every column (AR requests are block-1 requests), its CUDA grap
 The floor of a cell is one decode step of c rows at the mean context (prompt + half the new tokens) with the
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
-goes, per concurrency: c live rows, and per block the whole greedy step (with its costliest kernels), the verify
-pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside their floors.
+goes, per concurrency: c live rows, and per block the whole greedy step (with its costliest kernels, timed without
+PDL), the verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside
+their floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -56,6 +57,7 @@ from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
+from blockspec.kernels import use_settings
 from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS
 from blockspec.target import Target, TargetModel
 
@@ -200,7 +202,8 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
                                           roofline.step(model, floors.draft if block > 1 else None, contexts, block))}
-            with torch.inference_mode(), restored(engine, n):
+            # PDL off: a kernel launched early would count its wait for the one before it as its own time
+            with torch.inference_mode(), restored(engine, n), use_settings(pdl=False):
                 parts["step"]["kernels"] = graph_kernels(lambda: engine._greedy_step(n, block, engine.max_len), device)
             gemms, gemm_bytes, gemm_params = weight_gemms(model, n * block)
             with torch.inference_mode():
