@@ -4,7 +4,8 @@ group and all query tokens at once, so every cached K/V byte is read exactly onc
 device memory (`limits`), never from the host, which is what lets a whole speculative step live in one CUDA
 graph. The keys are cut into a number of splits of the *visible* length (the table's for one row, fewer for a
 batch of rows, which fills the GPU on its own), so every split has work at any context and the result does not
-depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs).
+depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs). With one split (16
+rows or more) the kernel writes the output itself and the combine is not launched.
 
 With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
 above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
@@ -31,12 +32,13 @@ SCRATCH_BYTES = 256 << 20  # a prefill's queries run in launches whose partial s
 
 # lengths and counts vary per call: specialising on them would recompile for new prompt lengths
 @triton.jit(do_not_specialize=["n_q", "window"])
-def _attention_splits(Q, K, V, LIM, ACC, ML,
+def _attention_splits(Q, K, V, LIM, ACC, ML, OUT,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
-                      sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n,
+                      sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr):
+                      BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,11 +87,15 @@ def _attention_splits(Q, K, V, LIM, ACC, ML,
         v = tl.load(v_base + keys[:, None] * sv_l + dims[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    out = b * sa_b + head[:, None] * sa_h + split * sa_s + i[:, None] * sa_n + dims[None, :]
-    tl.store(ACC + out, acc, mask=stored[:, None])
-    ml = ML + b * sm_b + head * sm_h + split * sm_s + i * sm_n
-    tl.store(ml, m_i, mask=stored)
-    tl.store(ml + 1, l_i, mask=stored)
+    if DIRECT:  # the only split: what the combine would compute from it (acc / l, bit for bit), without its launch
+        out = OUT + b * so_b + i[:, None] * so_n + head[:, None] * so_h + dims[None, :]
+        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None])
+    else:
+        out = b * sa_b + head[:, None] * sa_h + split * sa_s + i[:, None] * sa_n + dims[None, :]
+        tl.store(ACC + out, acc, mask=stored[:, None])
+        ml = ML + b * sm_b + head * sm_h + split * sm_s + i * sm_n
+        tl.store(ml, m_i, mask=stored)
+        tl.store(ml + 1, l_i, mask=stored)
 
 
 @triton.jit(do_not_specialize=["n_q", "window"])
@@ -135,7 +141,8 @@ def _combine_splits(ACC, ML, LIM, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s,
 # on their divisibility by 16, and the strides that follow the query count would then pick vector widths, and so
 # register layouts and reduction orders, per call.
 _attention_splits_any_count = triton.jit(do_not_specialize=[
-    "n_q", "window", "sq_b", "sq_h", "slim_b", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s"])(_attention_splits.fn)
+    "n_q", "window", "sq_b", "sq_h", "slim_b", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "so_b"]
+)(_attention_splits.fn)
 _combine_splits_any_count = triton.jit(do_not_specialize=[
     "n_q", "window", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "slim_b", "so_b"])(_combine_splits.fn)
 
@@ -184,7 +191,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor, out: torch.Tensor,
             window: int, config: dict, splits: int, tile: int) -> None:
-    """Both kernels for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]."""
+    """Both kernels for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]; one split (no chunk) needs
+    no combine."""
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
@@ -192,19 +200,23 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     block_n = attention_keys_per_tile(config["block_n"], rows, d, q.element_size(), max_shared_bytes(q))
     chunk = config.get("chunk", 0)
     pdl = pdl_options(q)
-    acc = torch.empty(b, n_heads, splits, n_q, d, device=q.device, dtype=torch.float32)
-    ml = torch.empty(b, n_heads, splits, n_q, 2, device=q.device, dtype=torch.float32)
+    direct = splits == 1 and not chunk
+    scratch = (1, 1, 1, 1) if direct else (b, n_heads, splits, n_q)
+    acc = torch.empty(*scratch, d, device=q.device, dtype=torch.float32)
+    ml = torch.empty(*scratch, 2, device=q.device, dtype=torch.float32)
     splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
                                      else (_attention_splits, _combine_splits))
     splits_kernel[(b * n_kv, splits, triton.cdiv(n_q, tile))](
-        q, k_cache, v_cache, limits, acc, ml,
+        q, k_cache, v_cache, limits, acc, ml, out,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
-        ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3),
+        ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
         n_q, n_kv, splits, window, d ** -0.5,
-        GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk,
+        GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
+    if direct:
+        return
     combine_kernel[(b * n_heads * n_q,)](
         acc, ml, limits, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
