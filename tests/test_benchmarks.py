@@ -718,10 +718,10 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
     first, second = plan[0].command, plan[1].command
-    assert "tests/test_hybrid_kernels.py" in first and {".whl/test", ".whl/fla"} <= set(plan[0].carry)
-    assert first.index("pytest") < first.index("--workload qwen35_4b --rollback replay states")  # the tests first
-    assert second.index("gemm_shapes --skinny") < second.index("--workload qwen3_4b") < second.index("--qwen35")
-    assert second.count("${T:+--skinny-table $T}") == 1  # the sweep the same call made
+    assert first.index("gemm_shapes --skinny") < first.index("--workload qwen3_4b") < first.index("qwen35_4b")
+    assert first.count("${T:+--skinny-table $T}") == 1  # the sweep the same call made
+    assert "tests/test_hybrid_kernels.py" in second and {".whl/test", ".whl/fla"} <= set(plan[1].carry)
+    assert second.index("pytest") < second.index("--qwen35")  # the tests first
     assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                                        + "0" * 64)
     assert "serve_load" in plan[-1].command and ".whl/serve" in plan[-1].carry
