@@ -4,11 +4,11 @@ the three device calls that make them, in order (each well inside a command's 10
 
   1. a sweep of the Qwen3-4B target's and draft's GEMMs at 32-256 rows (a batch's verify and draft passes: cuBLAS ran
      the 256-row verify's at 1.60x), batch_throughput on the Qwen3-4B shape under it (issue 26: c = 1..64, AR,
-     blocks 4/8/16 at the card's tau, floors, the parts of each step), then issue 25's batched Qwen3.5-4B shape
-     (c = 1..32, block 8, rollback by replay: its commit's new tile).
-  2. the CUDA tests (tests/test_kernels.py, test_hybrid_kernels.py with flash-linear-attention carried; a cold
-     Triton cache makes them take about 3 minutes), then issue 25's engine_limit --qwen35 (contexts 512, 4096,
-     16384).
+     blocks 4/8/16 at the card's tau, floors, the parts of each step), then issue 25's engine_limit --qwen35
+     (contexts 512, 4096, 16384; flash-linear-attention carried for HF's peer).
+  2. the same sweep for Qwen3.5-4B's shapes (they ran on cuBLAS at 32 rows: 1.34x), issue 25's batched Qwen3.5-4B
+     shape under it (c = 1..32, block 8, rollback by replay: its commit's new tile), then the CUDA tests
+     (tests/test_kernels.py, test_hybrid_kernels.py; a cold Triton cache makes them take about 3 minutes).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
 
@@ -51,6 +51,8 @@ TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
 CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py"
+FLA_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
+               ".whl/fla/*.whl && ")
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
 DEVICE_KEEPS = {"numpy", "pyyaml", "requests", "urllib3", "charset-normalizer", "certifi", "tqdm"}
 DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
@@ -138,22 +140,26 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     run = "python3 -m benchmarks."
     gguf = f"/root/stage/{gguf_name}"
     return [
-        Call("issues 26 and 25: a sweep at 32-256 rows, batch_throughput on the Qwen3-4B shape under it, then the "
-             "batched Qwen3.5-4B shape", "8-9", [".whl/test"],
-             install(".whl/test")
+        Call("issues 26 and 25: a sweep at 32-256 rows, batch_throughput on the Qwen3-4B shape under it, then "
+             "engine_limit --qwen35", "9", [".whl/test", ".whl/fla"],
+             install(".whl/test") + FLA_INSTALL
              + f"timeout 100 {run}gemm_shapes --skinny --quick --shapes qkv o_proj gate_up down lm_head draft_gate "
              f"--rows 32 64 128 256 --out $O 2>&1 | tee $O/sweep.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
              f"timeout 200 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
-             f"timeout 180 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 | tee $O/batch35.log",
-             "sweep.log, gemm_shapes-skinny-*.json, two batch_throughput-*.json, two logs"),
-        Call("the CUDA tests, then issue 25: engine_limit --qwen35", "8-9", [".whl/test", ".whl/fla"],
-             install(".whl/test") + "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
-             "--target /tmp/site .whl/fla/*.whl && "
-             f"timeout 270 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 | tee $O/pytest.log; "
              f"timeout 230 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
              f"2>&1 | tee $O/engine_limit.log",
-             "pytest.log, engine_limit-*.json, engine_limit.log"),
+             "sweep.log, gemm_shapes-skinny-*.json, batch_throughput-*.json, engine_limit-*.json, three logs"),
+        Call("issue 25: Qwen3.5-4B's sweep at 32-256 rows, the batched Qwen3.5-4B shape under it, the CUDA tests",
+             "9-10", [".whl/test", ".whl/fla"],
+             install(".whl/test") + FLA_INSTALL
+             + f"timeout 150 {run}gemm_shapes --skinny --quick --shapes qwen35 o_proj --rows 32 64 128 256 --out $O "
+             f"2>&1 | tee $O/sweep35.log; T=$(ls $O/gemm_shapes-skinny-*.json 2>/dev/null); "
+             f"timeout 180 {run}batch_throughput --workload qwen35_4b --repeats 1 ${{T:+--skinny-table $T}} "
+             f"--out $O 2>&1 | tee $O/batch35.log; "
+             f"timeout 230 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
+             f"| tee $O/pytest.log",
+             "sweep35.log, gemm_shapes-skinny-*.json, batch_throughput-*.json, pytest.log, two logs"),
         Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
