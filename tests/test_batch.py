@@ -253,22 +253,37 @@ def test_joiners_are_prefilled_together_in_one_forward(zoo, monkeypatch):
         BatchDecoder(tiny.target, draft, max_prefill_tokens=0)
 
 
-def test_a_hybrid_target_prefills_one_joiner_at_a_time(monkeypatch):
-    """A recurrent state cannot skip a row's right-padding: joiners of a Qwen3.5 target get a forward each."""
+@pytest.mark.parametrize("lengths, block", [([4, 9, 70], 1), ([3, 8, 5], 8)],
+                         ids=["chunked prefill, across a 64-token chunk", "within the verify window, token by token"])
+def test_a_hybrid_target_prefills_ragged_joiners_together(lengths, block, monkeypatch):
+    """Joiners of a Qwen3.5 target share one forward; each row's recurrent and conv state stop at its own last
+    token, so they equal the states of its prompt prefilled alone (up to the rounding of GEMMs of another shape),
+    and so do the answers."""
     from blockspec.target import target_from_hf
+    from conftest import build_draft
     from test_hybrid import tiny_qwen35
 
     target = target_from_hf(tiny_qwen35(vocab=32, seed=1), name="tiny-qwen3.5")
-    prompts = prompts_of([4, 9, 6], 32, seed=11)
+    draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8, target_layer_ids=[1, 2, 4])
+    prompts = prompts_of(lengths, 32, seed=11)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    want = [SpeculativeDecoder(target, None).generate(p, params).token_ids for p in prompts]
-    shapes = counting_forwards(target.model, monkeypatch)
-    decoder = BatchDecoder(target, None, max_batch=3, max_len=64)
+    alone = []
     for prompt in prompts:
-        decoder.add(prompt, params)
+        decoder = BatchDecoder(target, draft, max_batch=1, max_len=128)
+        decoder.add(prompt, params, block)
+        decoder.admit()
+        alone.append([t.clone() for t in decoder.target_cache.state()])
+    want = [SpeculativeDecoder(target, draft).generate(p, params, block).token_ids for p in prompts]
+    shapes = counting_forwards(target.model, monkeypatch)
+    decoder = BatchDecoder(target, draft, max_batch=3, max_len=128)
+    for prompt in prompts:
+        decoder.add(prompt, params, block)
     decoder.admit()
-    assert shapes == [(1, 4), (1, 9), (1, 6)]
-    assert decoder.num_active == 3
+    assert shapes == [(3, max(lengths))] and decoder.num_active == 3
+    for row, states in enumerate(alone):
+        for got, one in zip(decoder.target_cache.state(), states):  # conv, recurrent: [L, rows, ...]
+            torch.testing.assert_close(got[:, row], one[:, 0], atol=1e-5, rtol=1e-4)  # GEMMs of other shapes
+            assert one[:, 0].abs().amax() > 0.01  # real states
     got = {seq_id: c.result.token_ids for seq_id, c in iter_until_done(decoder) if c.result is not None}
     assert [got[i] for i in range(3)] == want
 

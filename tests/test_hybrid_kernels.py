@@ -121,6 +121,32 @@ def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on
     assert torch.equal(caches[0].steps[0, :, -1], caches[1].steps[0, :, 0])  # the last token's state, kept both ways
 
 
+def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
+    """Prompts prefilled together are right-padded: with `lengths` each row's recurrent and conv state after the
+    launch equal, bit for bit, those of its own tokens alone (a padding token leaves the state as it was)."""
+    model = tiny_target(seed=24)
+    mixer = model.layers[0].linear_attn
+    gen = torch.Generator().manual_seed(3)
+    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    positions = (5 + torch.arange(BLOCK))[None].repeat(ROWS, 1).to(DEVICE)
+    lengths = torch.tensor([3, BLOCK, 5], device=DEVICE)
+    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback="replay") for _ in range(2)]
+    for cache in caches:
+        cache.keeps_steps(BLOCK)
+        torch.manual_seed(4)
+        cache.conv.normal_()
+        cache.recurrent.normal_()
+    args = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
+    gdn_steps(projected, positions, *args, caches[0].gdn_layer(0), lengths)
+    for row, n in enumerate(lengths.tolist()):
+        gdn_steps(projected[row:row + 1, :n], positions[row:row + 1, :n], *args,
+                  caches[1].rows(row, row + 1).gdn_layer(0))
+    assert torch.equal(caches[0].recurrent[0], caches[1].recurrent[0])
+    assert torch.equal(caches[0].conv[0], caches[1].conv[0])
+    kept = caches[0].conv.shape[-1]
+    assert not torch.equal(caches[0].conv[0, 0], caches[0].windows[0, 0, :, -kept:])  # row 0 did not take the last
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_zero_centred_rms_norms_match_the_torch_ops(dtype):
     gen = torch.Generator().manual_seed(3)

@@ -11,8 +11,8 @@ recurrent state (cache.commit) keep the state of the accepted prefix instead.
 
 Sequences join between steps and leave when done. The requests joining in one step are prefilled together, in
 one target forward over their prompts right-padded to the longest (at most `max_prefill_tokens` rows x longest,
-so that a long prompt does not pad many short ones); a target with recurrent state prefills them one at a time,
-since its state would run through the padding. When a sequence leaves, the last active row moves into the hole
+so that a long prompt does not pad many short ones); a target with recurrent state stops each row's state at its
+own last token (the forward's `lengths`). When a sequence leaves, the last active row moves into the hole
 (only its used cache prefix is copied), so the active rows are always rows [0, n) and a step runs on a prefix
 of every buffer. A request whose step cannot be computed (a sampled row whose probabilities are not finite)
 leaves the batch with a chunk whose `error` is set; the other rows' step completes as if it had not been there.
@@ -128,7 +128,6 @@ class BatchDecoder:
             raise BlockspecError(f"no memory for the KV caches of {max_batch} sequences x {self.max_len} positions "
                                  f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
                                  f"(--max-model-len)") from None
-        self.batched_prefill = not self.target_cache.state()  # no recurrent state to run through padding
         long = dict(device=target.device, dtype=torch.long)
         # Device state, one row per sequence.
         self.last_token = torch.zeros(max_batch, **long)  # newest committed token, block slot 0
@@ -239,11 +238,10 @@ class BatchDecoder:
 
     def _next_joiners(self) -> list[_Sequence]:
         """The waiting requests to prefill together next, in arrival order: as many as there are free rows
-        while rows x longest prompt fits `max_prefill_tokens` (at least one). One at a time for a target
-        with recurrent state, which would run through a row's padding."""
+        while rows x longest prompt fits `max_prefill_tokens` (at least one)."""
         group = [self.waiting.popleft()]
         longest = len(group[0].prompt_ids)
-        while self.batched_prefill and self.waiting and len(self.rows) + len(group) < self.max_batch:
+        while self.waiting and len(self.rows) + len(group) < self.max_batch:
             padded = max(longest, len(self.waiting[0].prompt_ids))
             if (len(group) + 1) * padded > self.max_prefill_tokens:
                 break
@@ -262,10 +260,11 @@ class BatchDecoder:
         drafted = [seq.block_size > 1 for seq in group]  # a plain-decoding request never needs the proposer
         ids = torch.tensor([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)], device=device)
         positions = torch.arange(longest, device=device).repeat(len(group), 1)
+        real = torch.tensor(lengths, device=device)
         hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
-                                  self.tap_ids if any(drafted) else (), kv_len=longest)
-        ends = torch.tensor(lengths, device=device) - 1
-        logits = target.logits(hidden[torch.arange(len(group), device=device), ends])
+                                  self.tap_ids if any(drafted) else (), kv_len=longest,
+                                  lengths=real if min(lengths) < longest else None)
+        logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
         row = first
         for i, (seq, n) in enumerate(zip(group, lengths)):
             if seq.params.greedy:

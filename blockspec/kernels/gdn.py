@@ -73,10 +73,10 @@ def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, t, kept, mask, KE
 
 # n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
 @triton.jit(do_not_specialize=["n"])
-def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, WINDOW, Q, K, V, BETA, DECAY,
+def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
                 s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wc, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                 s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, USE_PDL: tl.constexpr):
+                KERNEL: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0) // n
     t = tl.program_id(0) % n
@@ -107,6 +107,10 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, CONV, WINDOW, Q, K, V, BETA, 
     beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
     a = tl.load(gates + HV).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
     decay = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * _softplus(a))
+    if RAGGED:  # a padding token: zero inputs and no decay leave the state exactly as it was
+        real = t < tl.load(LENGTHS + b)
+        q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
+        beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 1.0)
     tl.store(Q + b * s_qb + t * s_qn + h * s_qh + dk, q)
     tl.store(K + b * s_kb + t * s_kn + h * s_kh + dk, k)
     tl.store(V + b * s_vb + t * s_vn + h * s_vh + dv, v)
@@ -160,9 +164,9 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, BASE, TAPE_U, O,
 
 
 @triton.jit(do_not_specialize=["n"])
-def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wc,
-                s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, USE_PDL: tl.constexpr):
+def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb,
+                s_wc, s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                KERNEL: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0) // n
     t = tl.program_id(0) % n
@@ -174,24 +178,27 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, s_ob, s_on, s_oh, s_pb, s_pn
     y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
     z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv).to(tl.float32)
     tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty))
-    if t == 0:  # the conv state after the last token: window[n : n + K-1], head h's v channels and q/k head h's
+    if t == 0:  # the conv state after the row's last token m: window[m : m + K-1], head h's v and q/k channels
+        m = tl.load(LENGTHS + b) if RAGGED else n
         dk = tl.arange(0, DK)
         window, conv = WINDOW + b * s_wb, CONV + b * s_cb
         for j in tl.static_range(KERNEL - 1):
             v_channels = 2 * HK * DK + h * DV + dv
-            tl.store(conv + v_channels * s_cc + j, tl.load(window + v_channels * s_wc + n + j))
+            tl.store(conv + v_channels * s_cc + j, tl.load(window + v_channels * s_wc + m + j))
             for i in tl.static_range(2):  # q, then k
                 channels = (i * HK + h) * DK + dk
                 head = h < HK
-                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + n + j, mask=head), mask=head)
+                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + m + j, mask=head), mask=head)
 
 
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
-              dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState) -> torch.Tensor:
+              dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
+              lengths: torch.Tensor | None = None) -> torch.Tensor:
     """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected`
     [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at
-    position 0 starts from empty states). Updates `layer` as target/gdn.py's torch path does; returns the gated
-    norm's output [b, n, V] (what out_proj takes)."""
+    position 0 starts from empty states), and with `lengths` [b] rows right-padded past them (prompts prefilled
+    together). Updates `layer` as target/gdn.py's torch path does; returns the gated norm's output [b, n, V]
+    (what out_proj takes)."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
@@ -212,12 +219,15 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     steps = layer.steps if states else layer.recurrent.unsqueeze(1)
     base, tape_u = (layer.recurrent, v) if states else (layer.base, layer.tape_u)
     pdl = pdl_options(projected)
+    ragged = lengths is not None
+    lengths = lengths if ragged else positions  # unread: any tensor will do
     _gdn_inputs[(b * n, heads)](
-        projected, conv_weight, A_log, dt_bias, positions, layer.conv, layer.windows, q, k, v, beta, decay,
+        projected, conv_weight, A_log, dt_bias, positions, lengths, layer.conv, layer.windows, q, k, v, beta, decay,
         projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
         layer.windows.stride(0), layer.windows.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *beta.stride()[:2], *decay.stride()[:2], n,
-        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, num_warps=4, enable_fp_fusion=False, **pdl)
+        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged, num_warps=4,
+        enable_fp_fusion=False, **pdl)
     tile = gdn_tile(projected.device)
     block_v = min(tile["value_dims"], value_dim)
     _gdn_steps[(b, heads, value_dim // block_v)](
@@ -228,10 +238,10 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         DK=key_dim, DV=value_dim, BV=block_v, KEEP_STATES=states, num_warps=tile["warps"], enable_fp_fusion=False,
         **pdl)
     _gdn_output[(b * n, heads)](
-        o, projected, norm_weight, out, layer.windows, layer.conv, o.stride(0), o.stride(1), o.stride(2),
+        o, projected, norm_weight, out, layer.windows, layer.conv, lengths, o.stride(0), o.stride(1), o.stride(2),
         projected.stride(0), projected.stride(1), out.stride(0), out.stride(1), layer.windows.stride(0),
         layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1), n, eps,
-        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, num_warps=1, **pdl)
+        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged, num_warps=1, **pdl)
     return out
 
 

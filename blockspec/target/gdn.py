@@ -189,9 +189,12 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(cfg.value_head_dim, eps)
         self.out_proj = nn.Linear(cfg.value_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
-        sequence in a reused row), decided on the device. Updates the row states in `cache`."""
+        sequence in a reused row), decided on the device. Updates the row states in `cache`. With `lengths` [b]
+        a row's tokens past its length are padding: zero inputs (q, k, v, beta and the log-decay g), which leave
+        the recurrent state as it was, bit for bit, and the conv state is the one after the row's last token."""
         c, n = self.cfg, x.shape[1]
         layer = cache.gdn_layer(self.gdn_index)
         projected = linear(x, self.in_proj.weight)
@@ -200,7 +203,7 @@ class GatedDeltaNet(nn.Module):
             from blockspec.kernels.gdn import gdn_steps
 
             out = gdn_steps(projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-                            self.norm.eps, layer)
+                            self.norm.eps, layer, lengths)
             return linear(out, self.out_proj.weight)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
@@ -214,6 +217,10 @@ class GatedDeltaNet(nn.Module):
         v = v.float().unflatten(-1, (c.num_value_heads, c.value_head_dim)).transpose(1, 2)
         g = (-self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())).transpose(1, 2)  # [b, h, n]
         beta = beta.sigmoid().float().transpose(1, 2)
+        if lengths is not None:
+            real = torch.arange(n, device=x.device) < lengths[:, None]  # [b, n]
+            q, k, v = (t * real[:, None, :, None] for t in (q, k, v))
+            g, beta = g * real[:, None], beta * real[:, None]
         current = torch.where(fresh[..., None], 0, layer.recurrent)
         if keeps_steps:
             layer.windows[..., :window.shape[-1]] = window
@@ -228,7 +235,12 @@ class GatedDeltaNet(nn.Module):
             out = torch.stack(outputs, dim=2)
         else:  # a prefill
             current, out = prefill_delta_rule(current, q, k, v, g, beta)
-        layer.conv.copy_(window[..., window.shape[-1] - layer.conv.shape[-1]:])
+        kept = layer.conv.shape[-1]  # the conv state after token m is window[m : m + K-1]
+        if lengths is None:
+            layer.conv.copy_(window[..., window.shape[-1] - kept:])
+        else:
+            taps = lengths[:, None] + torch.arange(kept, device=x.device)
+            layer.conv.copy_(window.gather(-1, taps[:, None, :].expand_as(layer.conv)))
         layer.recurrent.copy_(current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return linear(out.flatten(2), self.out_proj.weight)
