@@ -23,9 +23,9 @@ One engine serves every column (AR requests are block-1 requests), its CUDA grap
 The floor of a cell is one decode step of c rows at the mean context (prompt + half the new tokens) with the
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
-goes, per concurrency: c live rows, and per block the whole greedy step (with its costliest kernels, timed without
-PDL), the verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside
-their floors.
+goes, per concurrency: the prefill of c prompts joining at once; c live rows, and per block the whole greedy step
+(with its costliest kernels, timed without PDL), the verify pass and the draft pass (each with its greedy tokens)
+captured as CUDA graphs of their own, beside their floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -161,6 +161,7 @@ def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams
             ran = max(row[name]["blocks"].items(), key=lambda kv: kv[1])[0] if row[name]["blocks"] else "1"
             row[name]["floor"] = floors.cell(c, int(ran), row[name]["tau"])
         if parts:
+            row["prefill"] = prefill_time(engine, prompts[:c], device)
             row["parts"] = where_time_goes(engine, prompts, c, tuple(b for b in cols.values() if b > 1), floors,
                                            device)
         rows[str(c)] = row
@@ -178,6 +179,22 @@ def step_tokens(engine: BatchDecoder, column: str) -> Iterator[None]:
         yield
     finally:
         engine.max_step_tokens = None
+
+
+def prefill_time(engine: BatchDecoder, prompts: list[list[int]], device: str) -> dict:
+    """The prefill of `prompts` joining an idle engine at once (`admit`: one forward per group of joiners that fits
+    max_prefill_tokens), timed from the host: ms in all and per prompt."""
+    ids = [engine.add(p, SamplingParams(max_new_tokens=8, ignore_eos=True), block_size=1) for p in prompts]
+    try:
+        sync(device)
+        started = time.perf_counter()
+        engine.admit()
+        sync(device)
+        ms = (time.perf_counter() - started) * 1e3
+    finally:
+        for seq_id in ids:
+            engine.cancel(seq_id)
+    return {"prompts": len(prompts), "ms": ms, "ms_per_prompt": ms / len(prompts)}
 
 
 def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
@@ -427,6 +444,10 @@ def parts_table(rows: dict) -> list[str]:
         for block, parts in row.get("parts", {}).items():
             lines.append(f"| {c} | {'AR' if block == '1' else block} | {part(parts['step'])} | "
                          f"{part(parts.get('gemms'))} | {part(parts.get('verify'))} | {part(parts.get('draft'))} |")
+    prefills = [f"{c}: {row['prefill']['ms']:.1f} ({row['prefill']['ms_per_prompt']:.1f})" for c, row in rows.items()
+                if "prefill" in row]
+    if prefills:
+        lines += ["", "Prefill of c prompts joining at once, ms (per prompt): " + ", ".join(prefills) + "."]
     return lines
 
 
