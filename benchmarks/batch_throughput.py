@@ -50,7 +50,7 @@ from typing import Iterator
 import torch
 
 from benchmarks import roofline
-from benchmarks.harness import (copy_bandwidth, graph_kernels, graph_ms, make_draft, matmul_rate,
+from benchmarks.harness import (copy_bandwidth, gdn_kernels, graph_kernels, graph_ms, make_draft, matmul_rate,
                                 parser_with_common_flags, qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored,
                                 run_and_report, run_header, step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
@@ -313,7 +313,8 @@ def qwen35_4b(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth:
     # drafted at block 8 (as SGLang serves it): what the cache keeps for rollback is sized by the block
     draft = qwen35_draft(cfg, args.device, dtype, args.tiny, block_size=8)
     runs = {rollback: {**random_weights(args, "qwen35_4b", model, draft, (8,), concurrency, bandwidth, flop_rate,
-                                        rollback), "rollback": rollback, "sglang_c32_speedup": SGLANG_C32_SPEEDUP}
+                                        rollback), "rollback": rollback, "sglang_c32_speedup": SGLANG_C32_SPEEDUP,
+                       "gdn_prefill": gdn_kernels(args.device)}
             for rollback in args.rollback}
     first, *others = runs.values()
     return {**first, "by_rollback": {r["rollback"]: r for r in others}} if others else first
@@ -386,8 +387,8 @@ def report(path: str) -> str:
         for q in (r["qwen35_4b"], *r["qwen35_4b"].get("by_rollback", {}).values()):
             lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
                           f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, "
-                          f"{q['new_tokens']} new tokens, rollback by {q.get('rollback', 'states')}. "
-                          f"{check_text(q)}", "",
+                          f"{q['new_tokens']} new tokens, rollback by {q.get('rollback', 'states')}; the prefill's "
+                          f"Gated DeltaNet on {q.get('gdn_prefill', 'not recorded')}. {check_text(q)}", "",
                       *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]

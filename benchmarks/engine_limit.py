@@ -50,9 +50,9 @@ from typing import Iterator
 import torch
 
 from benchmarks import roofline
-from benchmarks.harness import (copy_bandwidth, graph_ms, make_draft, parser_with_common_flags, qwen3_4b_config,
-                                qwen35_4b_config, qwen35_4b_hf_config, qwen35_draft, run_and_report, run_header,
-                                step_ms, sync, target_pass, weight_gemms)
+from benchmarks.harness import (copy_bandwidth, gdn_kernels, graph_ms, make_draft, parser_with_common_flags,
+                                qwen3_4b_config, qwen35_4b_config, qwen35_4b_hf_config, qwen35_draft, run_and_report,
+                                run_header, step_ms, sync, target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from benchmarks.roofline import kv_bytes_per_token, param_bytes
 from blockspec.draft import DraftModel
@@ -154,19 +154,6 @@ def hf_qwen35(device: str, tiny: bool) -> torch.nn.Module:
 
     with torch.device(device):
         return Qwen3_5ForCausalLM(qwen35_4b_hf_config(tiny)).to(torch.float32 if tiny else torch.bfloat16).eval()
-
-
-def gdn_kernels(device: str) -> str:
-    """Which Gated DeltaNet kernels transformers' Qwen3.5 runs: flash-linear-attention's where it imports (as
-    transformers tries when its Qwen3.5 module loads) and the inputs are on CUDA, else its torch fallback."""
-    if not device.startswith("cuda"):
-        return "torch (CPU)"
-    try:
-        import fla
-        import fla.ops.gated_delta_rule  # noqa: F401
-    except Exception as exc:  # what stopped the import is the answer
-        return f"torch (flash-linear-attention: {type(exc).__name__}: {str(exc)[:80]})"
-    return f"flash-linear-attention {getattr(fla, '__version__', '?')}"
 
 
 def hf_peer(model: torch.nn.Module, vocab_size: int, device: str, ctx: int, tokens: int) -> float:

@@ -94,6 +94,20 @@ def qwen35_draft(cfg: TargetConfig, device: str, dtype: torch.dtype, tiny: bool,
     return random_draft(qwen35_draft_config(cfg, tiny, block_size), device, dtype)
 
 
+def gdn_kernels(device: str) -> str:
+    """Which Gated DeltaNet kernels a prefill runs, blockspec's as transformers' Qwen3.5: flash-linear-attention's
+    where it imports (as transformers tries when its Qwen3.5 module loads) and the inputs are on CUDA, else the
+    torch form."""
+    if not device.startswith("cuda"):
+        return "torch (CPU)"
+    try:
+        import fla
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception as exc:  # what stopped the import is the answer
+        return f"torch (flash-linear-attention: {type(exc).__name__}: {str(exc)[:80]})"
+    return f"flash-linear-attention {getattr(fla, '__version__', '?')}"
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
