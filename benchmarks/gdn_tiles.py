@@ -6,7 +6,7 @@ programs on the state, wide ones fewer and larger, and more warps take fewer reg
 layer shape (32 value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or
 16 (a verify block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
 layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
-what commit keeps per token (the tape; the state before a block), and the projections in and the outputs out. Each
+what commit keeps per token (the tape), and the projections in and the outputs out. Each
 tile's outputs are checked against the first's.
 
     python -m benchmarks.gdn_tiles --out DIR          # on a CUDA machine
@@ -38,8 +38,7 @@ def floor_bytes(model: TargetModel, rows: int, tokens: int) -> int:
     state = g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
     tape = g.num_value_heads * (g.key_head_dim + g.value_head_dim + 1) * 4
     projected = g.conv_dim + g.num_value_heads * (g.value_head_dim + 2)
-    per_row = 2 * state + (state if tokens > 1 else 0) + tokens * (tape + projected * item
-                                                                   + 2 * g.num_value_heads * g.value_head_dim * item)
+    per_row = 2 * state + tokens * (tape + projected * item + 2 * g.num_value_heads * g.value_head_dim * item)
     return rows * per_row
 
 

@@ -58,20 +58,15 @@ class KVCache:
 class GDNLayerState:
     """One Gated DeltaNet layer's part of a HybridCache (views of the cache's tensors, rows [b]), with what a
     forward of n <= verify_tokens tokens keeps for `HybridCache.commit`: each token's state (rollback "states": steps
-    [b, T, h, Dk, Dv]), or the state before the forward and each token's rank-one update (rollback "replay": base
-    [b, h, Dk, Dv]; the tape tape_k [b, T, h, Dk], tape_decay [b, T, h], tape_u [b, T, h, Dv])."""
+    [b, T, h, Dk, Dv]), or each token's rank-one update (rollback "replay": the tape tape_k [b, T, h, Dk], tape_decay
+    [b, T, h], tape_u [b, T, h, Dv])."""
 
     def __init__(self, cache: "HybridCache", layer: int) -> None:
         self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
         self.steps = cache.steps[layer] if cache.rollback == "states" else None
-        self.base, self.tape_k, self.tape_decay, self.tape_u = (
-            (cache.base[layer], cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
-            if cache.rollback == "replay" else (None,) * 4)
-
-    def start(self, state: torch.Tensor) -> None:
-        """The state a verify of two or more tokens starts from ([b, h, Dk, Dv]): replay's base."""
-        if self.base is not None:
-            self.base.copy_(state)
+        self.tape_k, self.tape_decay, self.tape_u = (
+            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
+            if cache.rollback == "replay" else (None,) * 3)
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
         """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T
@@ -83,7 +78,7 @@ class GDNLayerState:
 
 
 ROLLBACKS = ("states", "replay")
-# replay: 5-6% faster verify steps than "states" on the H100 at batch 1 (docs/performance.md), 2.5 MiB kept per
+# replay: 5-6% faster verify steps than "states" on the H100 at batch 1 (docs/performance.md), 0.5 MiB kept per
 # layer and row instead of 32, and no commit copy after a one-token decode
 DEFAULT_ROLLBACK = "replay"
 
@@ -97,11 +92,12 @@ class HybridCache(KVCache):
     conv inputs (`windows`) and what `commit(keep)` needs to set each row to its state after its first `keep`
     tokens, on the device with static shapes (SPEC section 9), in one of two ways (`rollback`):
     - "states": the state after each token (`steps`, verify_tokens states per layer and row); commit gathers one.
-    - "replay": the state before the forward (`base`) and each token's update (k, the decay exp(g) and the
-      beta-weighted innovation: 32 KiB a token for the 4B, against 2 MiB a state); commit replays the first `keep`
-      updates from `base` with the forward's own arithmetic, so both ways give the same state bit for bit.
-    Either way a forward leaves the state after its last token, so a forward needs no commit after it (a prefill);
-    a longer forward keeps only that.
+    - "replay": each token's update (k, the decay exp(g) and the beta-weighted innovation: 32 KiB a token for the
+      4B, against 2 MiB a state); commit replays the first `keep` updates with the forward's own arithmetic, so
+      both ways give the same state bit for bit.
+    A forward that commit follows (`commit_follows`, a verify of two or more tokens) leaves the recurrent state as
+    it was (empty for a row starting a new sequence): commit moves it once, to the kept prefix. Any other forward
+    leaves the state after its last token and needs no commit (a decode, a prefill).
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
@@ -122,15 +118,16 @@ class HybridCache(KVCache):
         if rollback == "states":
             self.steps = torch.zeros(*rows, verify_tokens, *state_shape, **fp32)
         else:
-            self.base = torch.zeros(*rows, *state_shape, **fp32)
             self.tape_k = torch.zeros(*rows, verify_tokens, heads, key_dim, **fp32)
             self.tape_decay = torch.zeros(*rows, verify_tokens, heads, **fp32)
             self.tape_u = torch.zeros(*rows, verify_tokens, heads, value_dim, **fp32)
         self.verify_tokens = verify_tokens
-        self.last_forward = [0]  # tokens of the last forward when it kept what commit needs, else 0 (shared by views)
+        # the last forward: its tokens when it kept what commit needs (else 0), and whether it left the recurrent
+        # state to commit (a list, so that row views share it)
+        self.last_forward = [0, False]
 
     def _row_tensors(self) -> tuple[str, ...]:
-        kept = ("steps",) if self.rollback == "states" else ("base", "tape_k", "tape_decay", "tape_u")
+        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u")
         return ("k", "v", "conv", "recurrent", "windows") + kept
 
     def rows(self, start: int, stop: int) -> "HybridCache":
@@ -146,11 +143,13 @@ class HybridCache(KVCache):
         self.conv[:, dest] = self.conv[:, source]
         self.recurrent[:, dest] = self.recurrent[:, source]
 
-    def keeps_steps(self, n: int) -> bool:
-        """Whether a forward of `n` tokens keeps what commit needs (a decode or a verify, which commit may follow)
-        or only its final state (a prefill)."""
-        self.last_forward[0] = n if n <= self.verify_tokens else 0
-        return bool(self.last_forward[0])
+    def keeps_steps(self, n: int, commit_follows: bool = False) -> tuple[bool, bool]:
+        """Whether a forward of `n` tokens keeps what commit needs (at most verify_tokens: a decode or a verify) or
+        only its final state (a prefill), and whether it leaves the recurrent state to commit (`commit_follows`
+        and two or more tokens kept)."""
+        kept = n if n <= self.verify_tokens else 0
+        self.last_forward[:] = [kept, commit_follows and kept > 1]
+        return bool(kept), self.last_forward[1]
 
     def gdn_layer(self, layer: int) -> GDNLayerState:
         """Gated DeltaNet layer `layer`'s states and what it keeps for commit."""
@@ -158,24 +157,26 @@ class HybridCache(KVCache):
 
     def commit(self, keep: torch.Tensor) -> None:
         """Each row's conv and recurrent state become those after its first `keep` (1..n) tokens of the last forward
-        (of n <= verify_tokens tokens). The conv state after m tokens is window[m : m + K-1]."""
-        n = self.last_forward[0]
+        (of n <= verify_tokens tokens, with commit_follows). The conv state after m tokens is window[m : m + K-1]."""
+        n, deferred = self.last_forward
         if not n:
             raise RuntimeError("commit() must follow a forward of at most verify_tokens tokens: create the cache "
                                "with new_cache(..., verify_tokens=the block size)")
         if n == 1:  # a one-token decode keeps its token: the forward left every row's states as they must be
             return
+        if not deferred:
+            raise RuntimeError("commit() must follow a forward that left the state to it: pass commit_follows=True")
         if self.rollback == "states":
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
         elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
             from blockspec.kernels.gdn import replay
 
-            replay(self.recurrent, self.base, self.tape_k, self.tape_decay, self.tape_u, keep, n)
+            replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep)
         else:
             from blockspec.target.gdn import replay_steps
 
-            self.recurrent.copy_(replay_steps(self.base, self.tape_k, self.tape_decay, self.tape_u, keep, n))
+            self.recurrent.copy_(replay_steps(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, n))
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]
         self.conv.copy_(self.windows.gather(-1, taps[None, :, None].expand_as(self.conv)))
 

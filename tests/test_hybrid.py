@@ -110,8 +110,11 @@ def test_cached_decode_and_verify_match_transformers():
             torch.testing.assert_close(model.logits(hidden)[:, 0], ref.logits[:, p], atol=1e-5, rtol=1e-5)
             expected = torch.cat([ref.hidden_states[2][:, p], ref.hidden_states[3][:, p]], dim=-1)
             torch.testing.assert_close(features[:, 0], expected, atol=1e-5, rtol=1e-5)
-        hidden, _ = model(ids[:, 28:44], (28 + torch.arange(16))[None].expand(2, -1), cache)  # a verify block
+        before = cache.recurrent.clone()
+        hidden, _ = model(ids[:, 28:44], (28 + torch.arange(16))[None].expand(2, -1), cache,
+                          commit_follows=True)  # a verify block
         torch.testing.assert_close(model.logits(hidden), ref.logits[:, 28:44], atol=1e-5, rtol=1e-5)
+        assert torch.equal(cache.recurrent, before)  # left for commit to set once
         cache.commit(torch.tensor([16, 16]))  # keeping the whole block is the state after it
         hidden, _ = model(ids[:, 44:45], torch.full((2, 1), 44), cache)
         torch.testing.assert_close(model.logits(hidden)[:, 0], ref.logits[:, 44], atol=1e-5, rtol=1e-5)
@@ -133,7 +136,8 @@ def test_rollback_to_every_accepted_length_equals_token_by_token_decoding(rollba
         reference = model.new_cache(rows, 40, verify_tokens=block)
         model(ids[:, :prompt], torch.arange(prompt)[None].expand(rows, -1), reference)
         keep = torch.arange(1, rows + 1)  # row r keeps r + 1 of the block: every length 1..B
-        model(ids[:, prompt:prompt + block], (prompt + torch.arange(block))[None].expand(rows, -1), cache)
+        model(ids[:, prompt:prompt + block], (prompt + torch.arange(block))[None].expand(rows, -1), cache,
+              commit_follows=True)
         cache.commit(keep)
         for r in range(rows):
             one = reference.rows(r, r + 1)
@@ -161,12 +165,12 @@ def test_replay_and_per_position_states_roll_back_to_the_same_states():
             model(ids[:, :prompt], torch.arange(prompt)[None].expand(rows, -1), cache)
             for keep in (torch.tensor([1, 6, 3, 5]), torch.tensor([6, 2, 1, 4])):
                 pos = prompt + start[:, None] + torch.arange(block)
-                model(ids.gather(1, pos - prompt + prompt // 2), pos, cache)
+                model(ids.gather(1, pos - prompt + prompt // 2), pos, cache, commit_follows=True)
                 cache.commit(keep)
                 start += keep
     states, replay = caches["states"], caches["replay"]
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
-    assert not hasattr(replay, "steps") and not hasattr(states, "base")  # each keeps only what it replays from
+    assert not hasattr(replay, "steps") and not hasattr(states, "tape_u")  # each keeps only what it replays from
     with pytest.raises(BlockspecError, match="rollback 'undo'"):
         model.new_cache(1, 8, rollback="undo")
 
@@ -201,6 +205,11 @@ def test_rows_views_copy_row_and_a_reused_row_start_clean():
         torch.testing.assert_close(cache.rows(0, 1).conv, alone.conv, atol=0, rtol=0)
     with pytest.raises(RuntimeError, match="verify_tokens"):  # the prefill kept no per-token states
         cache.rows(0, 2).commit(torch.tensor([1, 1]))
+    verifying = model.new_cache(2, 16, verify_tokens=4)
+    with torch.no_grad():
+        model(torch.tensor([prompts[1][:3]] * 2), torch.arange(3)[None].expand(2, -1), verifying)
+    with pytest.raises(RuntimeError, match="commit_follows=True"):  # that forward set the states itself
+        verifying.commit(torch.tensor([1, 1]))
 
 
 # ---- lossless decoding -------------------------------------------------------------------------------------------

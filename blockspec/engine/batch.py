@@ -474,7 +474,8 @@ class BatchDecoder:
         """The target's final hidden states of the block [nb, block, H] (before the lm_head) and, when the
         block is drafted, the proposer's taps."""
         taps = self.tap_ids if block_ids.shape[1] > 1 else ()
-        return self.target.model(block_ids, block_pos, self.target_cache.rows(0, nb), taps, kv_len=kv_len)
+        return self.target.model(block_ids, block_pos, self.target_cache.rows(0, nb), taps, kv_len=kv_len,
+                                 commit_follows=True)  # _advance commits
 
     def _advance(self, nb: int, block_pos: torch.Tensor, accepted: torch.Tensor, next_tokens: torch.Tensor,
                  taps: torch.Tensor | None) -> None:

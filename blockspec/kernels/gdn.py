@@ -118,10 +118,11 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     tl.store(DECAY + b * s_db + t * s_dn + h, decay)
 
 
-@triton.jit(do_not_specialize=["n"])
-def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, BASE, TAPE_U, O,
+# deferred, like n, must not compile a verify apart from a decode
+@triton.jit(do_not_specialize=["n", "deferred"])
+def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
-               s_tb, s_tt, s_th, s_baseb, s_baseh, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n,
+               s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n, deferred,
                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, KEEP_STATES: tl.constexpr,
                USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
@@ -138,8 +139,8 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, BASE, TAPE_U, O,
     state = STATE + b * s_sb + h * s_sh + tile
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
-    if not KEEP_STATES and n > 1:  # a one-token decode always keeps its token: commit never replays from base
-        tl.store(BASE + b * s_baseb + h * s_baseh + tile, S)
+    if deferred != 0:  # commit sets the state from the one before the block: empty for a row starting a new sequence
+        tl.store(state, S, mask=kept == 0)
     q, k, v = tl.load(q_at), tl.load(k_at), tl.load(v_at)
     beta, decay = tl.load(beta_at), tl.load(decay_at)
     for t in range(n):
@@ -160,7 +161,8 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, BASE, TAPE_U, O,
         else:
             tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)
         q, k, v, beta, decay = q_next, k_next, v_next, beta_next, decay_next
-    tl.store(state, S)
+    if deferred == 0:
+        tl.store(state, S)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -193,17 +195,17 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s
 
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
-              lengths: torch.Tensor | None = None) -> torch.Tensor:
+              lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
     """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected`
     [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at
     position 0 starts from empty states), and with `lengths` [b] rows right-padded past them (prompts prefilled
-    together). Updates `layer` as target/gdn.py's torch path does; returns the gated norm's output [b, n, V]
-    (what out_proj takes)."""
+    together). Updates `layer` as target/gdn.py's torch path does (`deferred`: the recurrent state is left to
+    commit); returns the gated norm's output [b, n, V] (what out_proj takes)."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
     key_heads = (channels - heads * value_dim) // (2 * key_dim)
-    for t in (layer.recurrent, layer.steps, layer.base):
+    for t in (layer.recurrent, layer.steps):
         assert t is None or t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
     fp32 = {"device": projected.device, "dtype": torch.float32}
@@ -216,8 +218,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     # k and the decay go straight to a replay cache's tape; the other buffers go unused by one rollback or the other
     k, decay = ((torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)) if states
                 else (layer.tape_k, layer.tape_decay))
-    steps = layer.steps if states else layer.recurrent.unsqueeze(1)
-    base, tape_u = (layer.recurrent, v) if states else (layer.base, layer.tape_u)
+    steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
     pdl = pdl_options(projected)
     ragged = lengths is not None
     lengths = lengths if ragged else positions  # unread: any tensor will do
@@ -231,10 +232,10 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     tile = gdn_tile(projected.device)
     block_v = min(tile["value_dims"], value_dim)
     _gdn_steps[(b, heads, value_dim // block_v)](
-        q, k, v, beta, decay, positions, layer.recurrent, steps, base, tape_u, o,
+        q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
         positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
-        base.stride(0), base.stride(1), *tape_u.stride()[:3], *o.stride()[:3], n,
+        *tape_u.stride()[:3], *o.stride()[:3], n, int(deferred),
         DK=key_dim, DV=value_dim, BV=block_v, KEEP_STATES=states, num_warps=tile["warps"], enable_fp_fusion=False,
         **pdl)
     _gdn_output[(b * n, heads)](
@@ -245,42 +246,39 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     return out
 
 
-@triton.jit(do_not_specialize=["n"])
-def _gdn_replay(STATE, BASE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_bl, s_bb, s_bh,
-                s_kl, s_kb, s_kt, s_kh, s_dl, s_db, s_dt, s_ul, s_ub, s_ut, s_uh, s_keep, rows, n,
-                DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, USE_PDL: tl.constexpr):
+@triton.jit
+def _gdn_replay(STATE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_kl, s_kb, s_kt, s_kh, s_dl, s_db, s_dt,
+                s_ul, s_ub, s_ut, s_uh, s_keep, rows, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+                USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     layer = tl.program_id(0) // rows
     b = tl.program_id(0) % rows
     h = tl.program_id(1)
     dk = tl.arange(0, DK)
     dv = tl.program_id(2) * BV + tl.arange(0, BV)
-    tile = dk[:, None] * DV + dv[None, :]
-    keep = tl.load(KEEP + b * s_keep)
-    if keep < n:  # a row that kept every token already holds its state after them
-        S = tl.load(BASE + layer * s_bl + b * s_bb + h * s_bh + tile)
-        for t in range(keep):
-            # the verify's two roundings: S * decay, then + k innovation^T
-            decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
-            k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
-            innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
-            S = S * decay
-            S = S + k[:, None] * innovation[None, :]
-        tl.store(STATE + layer * s_sl + b * s_sb + h * s_sh + tile, S)
+    state = STATE + layer * s_sl + b * s_sb + h * s_sh + dk[:, None] * DV + dv[None, :]
+    S = tl.load(state)
+    for t in range(tl.load(KEEP + b * s_keep)):
+        # the verify's two roundings: S * decay, then + k innovation^T
+        decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
+        k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
+        innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
+        S = S * decay
+        S = S + k[:, None] * innovation[None, :]
+    tl.store(state, S)
 
 
-def replay(recurrent: torch.Tensor, base: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor,
-           tape_u: torch.Tensor, keep: torch.Tensor, n: int) -> None:
+def replay(recurrent: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
+           keep: torch.Tensor) -> None:
     """A "replay" cache's commit of its recurrent states [L, b, h, Dk, Dv], all layers in one launch: each row's state
-    becomes `base` advanced by its first keep[row] (1..n) updates of the tape (target/gdn.py replay_steps). Programs
-    take the decode's state tile (`gdn_tile`)."""
+    (the one before the verify) advances, in place, by its first keep[row] updates of the tape (target/gdn.py
+    replay_steps). Programs take the decode's state tile (`gdn_tile`)."""
     layers, b, heads, key_dim, value_dim = recurrent.shape
     tile = gdn_tile(recurrent.device)
     block_v = min(tile["value_dims"], value_dim)
-    for t in (recurrent, base):
-        assert t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
+    assert recurrent.stride(-1) == 1 and recurrent.stride(-2) == value_dim, "state tiles must be contiguous"
     _gdn_replay[(layers * b, heads, value_dim // block_v)](
-        recurrent, base, tape_k, tape_decay, tape_u, keep, *recurrent.stride()[:3], *base.stride()[:3],
-        *tape_k.stride()[:4], *tape_decay.stride()[:3], *tape_u.stride()[:4], keep.stride(0), b, n,
+        recurrent, tape_k, tape_decay, tape_u, keep, *recurrent.stride()[:3], *tape_k.stride()[:4],
+        *tape_decay.stride()[:3], *tape_u.stride()[:4], keep.stride(0), b,
         DK=key_dim, DV=value_dim, BV=block_v, num_warps=tile["warps"], enable_fp_fusion=False,
         **pdl_options(recurrent))

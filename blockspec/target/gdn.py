@@ -85,12 +85,11 @@ def delta_rule_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return state, (state * q[..., None]).sum(-2), decay, innovation
 
 
-def replay_steps(base: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
+def replay_steps(state: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
                  keep: torch.Tensor, n: int) -> torch.Tensor:
-    """Each row's state after its first keep[row] tokens of a forward of n, from the state before it, base
-    [L, b, h, Dk, Dv], and the forward's updates (tape_k [L, b, T, h, Dk], tape_decay [L, b, T, h], tape_u
+    """Each row's state after its first keep[row] tokens of a forward of n, from the state before it
+    [L, b, h, Dk, Dv] and the forward's updates (tape_k [L, b, T, h, Dk], tape_decay [L, b, T, h], tape_u
     [L, b, T, h, Dv]): bit for bit the state that forward reached after that token."""
-    state = base
     for t in range(n):
         stepped = rank_one_update(decayed(state, tape_decay[:, :, t]), tape_k[:, :, t], tape_u[:, :, t])
         state = torch.where((t < keep)[None, :, None, None, None], stepped, state)
@@ -190,20 +189,22 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(cfg.value_dim, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache,
-                lengths: torch.Tensor | None = None) -> torch.Tensor:
+                lengths: torch.Tensor | None = None, commit_follows: bool = False) -> torch.Tensor:
         """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
-        sequence in a reused row), decided on the device. Updates the row states in `cache`. With `lengths` [b]
-        a row's tokens past its length are padding: zero inputs (q, k, v, beta and the log-decay g), which leave
-        the recurrent state as it was, bit for bit, and the conv state is the one after the row's last token."""
+        sequence in a reused row), decided on the device. Updates the row states in `cache` (with
+        `commit_follows`, a verify: the recurrent state waits for `cache.commit`). With `lengths` [b] a row's
+        tokens past its length are padding: zero inputs (q, k, v, beta and the log-decay g), which leave the
+        recurrent state as it was, bit for bit, and the conv state is the one after the row's last token."""
         c, n = self.cfg, x.shape[1]
+        # decode or verify: token by token, keeping what commit() needs
+        keeps_steps, deferred = cache.keeps_steps(n, commit_follows)
         layer = cache.gdn_layer(self.gdn_index)
         projected = linear(x, self.in_proj.weight)
-        keeps_steps = cache.keeps_steps(n)  # decode or verify: token by token, keeping what commit() needs
         if keeps_steps and self._fused(projected):
             from blockspec.kernels.gdn import gdn_steps
 
             out = gdn_steps(projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-                            self.norm.eps, layer, lengths)
+                            self.norm.eps, layer, lengths, deferred)
             return linear(out, self.out_proj.weight)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
@@ -221,11 +222,9 @@ class GatedDeltaNet(nn.Module):
             real = torch.arange(n, device=x.device) < lengths[:, None]  # [b, n]
             q, k, v = (t * real[:, None, :, None] for t in (q, k, v))
             g, beta = g * real[:, None], beta * real[:, None]
-        current = torch.where(fresh[..., None], 0, layer.recurrent)
+        initial = current = torch.where(fresh[..., None], 0, layer.recurrent)
         if keeps_steps:
             layer.windows[..., :window.shape[-1]] = window
-            if n > 1:  # a one-token decode always keeps its token: commit never replays it from the start
-                layer.start(current)
             outputs = []
             for t in range(n):
                 current, out, decay, innovation = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t],
@@ -241,7 +240,7 @@ class GatedDeltaNet(nn.Module):
         else:
             taps = lengths[:, None] + torch.arange(kept, device=x.device)
             layer.conv.copy_(window.gather(-1, taps[:, None, :].expand_as(layer.conv)))
-        layer.recurrent.copy_(current)
+        layer.recurrent.copy_(initial if deferred else current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return linear(out.flatten(2), self.out_proj.weight)
 

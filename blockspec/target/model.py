@@ -263,8 +263,8 @@ class TargetModel(nn.Module):
                            g.value_head_dim), verify_tokens, weight.dtype, weight.device, rollback)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                tap_layer_ids: tuple[int, ...] = (), kv_len: int | None = None, lengths: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                tap_layer_ids: tuple[int, ...] = (), kv_len: int | None = None, lengths: torch.Tensor | None = None,
+                commit_follows: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run `input_ids` [b, n] at `positions` [b, n], writing their K/V (and recurrent states) into `cache`.
 
         Returns the final-normed hidden states [b, n, H] (feed them to `logits`) and the tapped features
@@ -272,6 +272,7 @@ class TargetModel(nn.Module):
         read by the CPU attention; by default max(positions) + 1 (a host sync: pass it in hot loops).
         `lengths` [b]: right-padded rows (prompts prefilled together) hold this many real tokens; a recurrent
         state then stops at each row's last (padding K/V sits past it, rewritten before any query reads it).
+        `commit_follows`: a verify whose `cache.commit(keep)` comes next, which sets a recurrent state only once.
         """
         flow = self._flow_for(input_ids, cache, tap_layer_ids)
         if flow is not None:
@@ -284,7 +285,7 @@ class TargetModel(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             if layer.linear_attn is not None:
-                mixed = layer.linear_attn(normed, positions, cache, lengths)
+                mixed = layer.linear_attn(normed, positions, cache, lengths, commit_follows)
             else:
                 mixed = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
             residual, normed = add_rms_norm(residual, mixed, layer.post_attention_layernorm)
