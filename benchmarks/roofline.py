@@ -5,7 +5,8 @@ the measured dense bf16 rate (`Cost.seconds`).
 Bytes: every weight once (a tied embedding once, as the lm_head; an untied embedding only for the few rows a
 step looks up), the lm_head again for the draft's logits, each row's visible K/V (a sliding layer's window, not
 the whole context), and for a Gated DeltaNet layer each row's recurrent and conv state read once and written once
-per token of the pass (the per-position states that a rollback needs). FLOPs: two per weight per token, four per
+a pass (a verify's commit can set the kept prefix's state from the one before it: no rollback must write more)
+and its inputs. FLOPs: two per weight per token, four per
 visible key per query per head dimension (scores and values), six per recurrent-state entry per token.
 """
 
@@ -68,7 +69,7 @@ def target_pass(model: TargetModel, contexts: list[int], block: int) -> Cost:
         g = cfg.gdn
         state = g.num_value_heads * g.key_head_dim * g.value_head_dim
         conv = g.conv_dim * (g.conv_kernel - 1) * item
-        per_row = state * 4 * (1 + block) + 2 * conv + g.conv_dim * block * item
+        per_row = state * 4 * 2 + 2 * conv + g.conv_dim * block * item
         cost += Cost(len(cfg.gdn_layers) * len(contexts) * per_row, len(cfg.gdn_layers) * 6 * state * tokens)
     return cost
 

@@ -101,7 +101,7 @@ def test_constant_choice_makes_every_greedy_token_zero_on_plain_and_zero_centred
 
 def test_roofline_counts_windows_and_recurrent_state():
     """Floors by hand on tiny shapes: a full-attention pass reads its weights and every row's K/V; a sliding draft
-    layer reads at most its window; a Gated DeltaNet layer reads each row's state once and writes it per token."""
+    layer reads at most its window; a Gated DeltaNet layer reads each row's state once and writes it once."""
     from benchmarks import roofline
     from benchmarks.harness import qwen3_4b_config, qwen35_4b_config, qwen35_draft
     from blockspec.target import TargetModel
@@ -119,7 +119,7 @@ def test_roofline_counts_windows_and_recurrent_state():
     state = g.num_value_heads * g.key_head_dim * g.value_head_dim * 4
     conv = g.conv_dim * 4
     kv = roofline.kv_bytes_per_token(attention_layers, hybrid_cfg.num_kv_heads, hybrid_cfg.head_dim, 4)
-    gdn = len(hybrid_cfg.gdn_layers) * (state * (1 + 8) + conv * (2 * 3 + 8))
+    gdn = len(hybrid_cfg.gdn_layers) * (state * 2 + conv * (2 * 3 + 8))
     assert roofline.target_pass(hybrid, [50], 8).bytes == roofline.param_bytes(hybrid) + kv * 58 + gdn
 
     draft = qwen35_draft(hybrid_cfg, "cpu", torch.float32, tiny=True)  # a sliding layer (window 8), a full one
