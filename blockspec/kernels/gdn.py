@@ -8,8 +8,9 @@ the recurrence, all tokens at once: the serial part below does no more than it m
 
 `_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32 state
 in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
-token's output, what commit needs (the state after each token, or the replay tape) and the final state. A verify of
-n tokens and n one-token decodes run the same code per token, so they make the same choices.
+token's output, what commit needs (the state after each token, or the replay tape) and the final state, except in
+a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
+updates). A verify of n tokens and n one-token decodes run the same code per token, so they make the same choices.
 
 `_gdn_output`: the gated RMSNorm * silu(z) of each token and head (it needs the head's whole output), and the conv
 state after the last token, copied from the window: the programs of `_gdn_inputs` cannot update it themselves, as
