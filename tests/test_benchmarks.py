@@ -324,7 +324,8 @@ def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
     assert set(q["parts"]) == {f"{part}, {rows} rows" for part in ("weight GEMMs", "lm_head + argmax")
                                for rows in (1, 16)}
     row = q["contexts"]["32"]
-    assert all(row[f"block{block}"]["replay_ms_per_step"] > 0 for block in QWEN35_CARD)
+    assert (q["rollback"], q["other_rollback"]) == ("replay", "states")  # the default, the other beside it
+    assert all(row[f"block{block}"]["other_ms_per_step"] > 0 for block in QWEN35_CARD)
     assert row["ar"]["x_floor"] == pytest.approx(row["ar"]["ms_per_token"] / row["ar"]["floor_ms"])
     assert row["block16"]["floor_ms"] > row["block8"]["floor_ms"] > row["ar"]["floor_ms"]
     for block, taus in QWEN35_CARD.items():
