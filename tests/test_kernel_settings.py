@@ -12,7 +12,8 @@ import torch
 import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
 from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
-                                       bucket_config, merged_skinny_tables, skinny_table_from_winners, tables_for)
+                                       bucket_config, gdn_tile, merged_skinny_tables, skinny_table_from_winners,
+                                       tables_for)
 from blockspec.layers import fused_kernels_apply
 
 
@@ -110,13 +111,24 @@ def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():
     assert device_tables(torch.device("cpu")) is tables_for("")  # CPU tensors (Triton's interpreter)
 
 
+def test_a_batch_of_rows_takes_the_gdn_tables_batch_tile_and_a_setting_overrides_both(monkeypatch):
+    h100 = tables_for("NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr("blockspec.kernels.settings.device_tables", lambda device: h100)
+    one, batch = (gdn_tile(torch.device("cuda"), rows) for rows in (7, 8))
+    assert (one["value_dims"], one["warps"]) == (64, 4) and (batch["value_dims"], batch["warps"]) == (64, 2)
+    with use_settings(gdn_tile={"value_dims": 16, "warps": 2}):
+        assert gdn_tile(torch.device("cuda"), 32) == {"value_dims": 16, "warps": 2}
+
+
 def test_every_table_file_is_complete_reachable_and_shipped_with_the_package():
     folder = resources.files("blockspec.kernels").joinpath("tables")
     files = {f.name: json.loads(f.read_text()) for f in folder.iterdir() if f.name.endswith(".json")}
     assert {"default.json", "h100.json"} <= set(files)
     for name, data in files.items():
         assert set(data) == {"devices", "notes", "skinny", "attention", "gdn", "flow"}, name
-        assert set(data["gdn"]) == {"value_dims", "warps"} and 128 % data["gdn"]["value_dims"] == 0, name
+        for tile in (data["gdn"], data["gdn"].get("batch", {"value_dims": 64, "warps": 4})):
+            assert {"value_dims", "warps"} <= set(tile) <= {"value_dims", "warps", "batch", "rows"}, name
+            assert 128 % tile["value_dims"] == 0, name
         tables = tables_for(data["devices"][0] if data["devices"] else "")  # each file's first device gets it
         assert tables.file == name
         assert all({1, 16} <= set(entry) <= {1, 16, 32, 64, 128, 256} for entry in tables.skinny.values())

@@ -29,13 +29,7 @@ import triton.language as tl
 
 from blockspec.cache import GDNLayerState
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
-from blockspec.kernels.settings import current_settings, device_tables
-
-def gdn_tile(device: torch.device) -> dict:
-    """The decode/verify program's tile on `device`: {"value_dims", "warps"} from the current settings, else the
-    device's table (benchmarks/gdn_tiles.py times the candidates)."""
-    tile = current_settings().gdn_tile
-    return tile if tile is not None else device_tables(device).gdn
+from blockspec.kernels.settings import gdn_tile
 
 
 @triton.jit
@@ -230,7 +224,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         *beta.stride()[:2], *decay.stride()[:2], n,
         HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged, num_warps=4,
         enable_fp_fusion=False, **pdl)
-    tile = gdn_tile(projected.device)
+    tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     _gdn_steps[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o,
@@ -275,7 +269,7 @@ def replay(recurrent: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tens
     (the one before the verify) advances, in place, by its first keep[row] updates of the tape (target/gdn.py
     replay_steps). Programs take the decode's state tile (`gdn_tile`)."""
     layers, b, heads, key_dim, value_dim = recurrent.shape
-    tile = gdn_tile(recurrent.device)
+    tile = gdn_tile(recurrent.device, b)
     block_v = min(tile["value_dims"], value_dim)
     assert recurrent.stride(-1) == 1 and recurrent.stride(-2) == value_dim, "state tiles must be contiguous"
     _gdn_replay[(layers * b, heads, value_dim // block_v)](

@@ -139,7 +139,7 @@ class LaunchTables:
     flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
         takes the per-op kernels.
     gdn: a Gated DeltaNet decode or verify program's tile (kernels/gdn.py): value dims of one value head's state it
-        holds ("value_dims") and its warps.
+        holds ("value_dims") and its warps; optionally "batch", the tile from its "rows" rows up.
     """
 
     file: str
@@ -196,3 +196,15 @@ def device_tables(device: torch.device) -> LaunchTables:
     if device.type != "cuda":
         return tables_for("")
     return _cuda_tables(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def gdn_tile(device: torch.device, rows: int) -> dict:
+    """A Gated DeltaNet decode/verify program's tile on `device` for `rows` rows (kernels/gdn.py): {"value_dims",
+    "warps"} from the current settings, else the device's table, whose "batch" entry (if any) takes over from its
+    "rows" up (benchmarks/gdn_tiles.py times the candidates)."""
+    tile = current_settings().gdn_tile
+    if tile is not None:
+        return tile
+    table = device_tables(device).gdn
+    batch = table.get("batch")
+    return batch if batch is not None and rows >= batch["rows"] else table
