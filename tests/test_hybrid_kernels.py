@@ -95,23 +95,29 @@ def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernel
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
 
 
+def mixer_launch(seed: int, rollback: str) -> tuple[torch.Tensor, tuple, list]:
+    """A tiny target's first Gated DeltaNet layer: random projections [ROWS, BLOCK, in_proj's width], the rest of
+    `gdn_steps`'s arguments, and two caches holding the same random conv and recurrent states."""
+    model = tiny_target(seed=seed)
+    mixer = model.layers[0].linear_attn
+    gen = torch.Generator().manual_seed(seed)
+    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback=rollback) for _ in range(2)]
+    for cache in caches:
+        cache.keeps_steps(BLOCK)
+        torch.manual_seed(seed)
+        cache.conv.normal_()
+        cache.recurrent.normal_()
+    return projected, (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps), caches
+
+
 def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on_cpu):
     """The kernel's per-token work does not depend on the block: n tokens in one launch and one launch per token
     give bit-identical outputs, conv and recurrent states (row 0 starting a new sequence at position 0)."""
-    model = tiny_target(seed=23)
-    mixer = model.layers[0].linear_attn
-    gen = torch.Generator().manual_seed(1)
-    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    projected, args, caches = mixer_launch(23, "states")
     positions = (5 + torch.arange(BLOCK))[None].repeat(ROWS, 1)
     positions[0] -= 5
     positions = positions.to(DEVICE)
-    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback="states") for _ in range(2)]
-    for cache in caches:
-        cache.keeps_steps(BLOCK)
-        torch.manual_seed(2)
-        cache.conv.normal_()
-        cache.recurrent.normal_()
-    args = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
     block = gdn_steps(projected, positions, *args, caches[0].gdn_layer(0))
     tokens = torch.cat([gdn_steps(projected[:, t:t + 1], positions[:, t:t + 1], *args, caches[1].gdn_layer(0))
                         for t in range(BLOCK)], dim=1)
@@ -124,19 +130,9 @@ def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on
 def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
     """Prompts prefilled together are right-padded: with `lengths` each row's recurrent and conv state after the
     launch equal, bit for bit, those of its own tokens alone (a padding token leaves the state as it was)."""
-    model = tiny_target(seed=24)
-    mixer = model.layers[0].linear_attn
-    gen = torch.Generator().manual_seed(3)
-    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    projected, args, caches = mixer_launch(24, "replay")
     positions = (5 + torch.arange(BLOCK))[None].repeat(ROWS, 1).to(DEVICE)
     lengths = torch.tensor([3, BLOCK, 5], device=DEVICE)
-    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback="replay") for _ in range(2)]
-    for cache in caches:
-        cache.keeps_steps(BLOCK)
-        torch.manual_seed(4)
-        cache.conv.normal_()
-        cache.recurrent.normal_()
-    args = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
     gdn_steps(projected, positions, *args, caches[0].gdn_layer(0), lengths)
     for row, n in enumerate(lengths.tolist()):
         gdn_steps(projected[row:row + 1, :n], positions[row:row + 1, :n], *args,
