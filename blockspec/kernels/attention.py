@@ -4,8 +4,8 @@ group and all query tokens at once, so every cached K/V byte is read exactly onc
 device memory (`limits`), never from the host, which is what lets a whole speculative step live in one CUDA
 graph. The keys are cut into a number of splits of the *visible* length (the table's for one row, fewer for a
 batch of rows, which fills the GPU on its own), so every split has work at any context and the result does not
-depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs). With one split (16
-rows or more) the kernel writes the output itself and the combine is not launched.
+depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs). With one split (as
+many rows as the table's splits, or more) the kernel writes the output itself and the combine is not launched.
 
 With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
 above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
