@@ -62,6 +62,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`silu_mul(linear(x, weight, bias))` for a fused gate_up projection ([..., k] -> [..., n / 2]). Where `linear`
+    takes the skinny GEMM and its settings do not split K, the GEMM's epilogue writes silu(gate) * up itself: one
+    launch instead of two, bit-identical."""
+    skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
+    if skinny is not None and skinny[1]["split_k"] == 1:
+        from blockspec.kernels.skinny import skinny_linear
+
+        rows, config = skinny
+        return skinny_linear(x.reshape(rows, -1), weight, bias, config, silu_mul=True).view(*x.shape[:-1], -1)
+    return silu_mul(linear(x, weight, bias))
+
+
 def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`linear(x, weight).argmax(-1)` ([..., k] -> [...] int64): a greedy step's tokens. Where `linear` takes the
     skinny GEMM and its settings do not split K, the same GEMM keeps each column block's maximum instead of

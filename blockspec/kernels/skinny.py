@@ -70,7 +70,7 @@ def _prefetch_tiles(pdl: dict) -> int:
 def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_m,
                    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                    HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, PREFETCH: tl.constexpr, ARGMAX: tl.constexpr,
-                   USE_PDL: tl.constexpr):
+                   SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
     # the row tiles of one weight tile are neighbours in launch order, so they find it in L2
     row0 = tl.program_id(0) * ROWS
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,6 +130,14 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
         slot = tl.program_id(1) * so_split + row0 + rows
         tl.store(OUT + slot, tl.max(values, axis=0), mask=rows < m)
         tl.store(IDX + slot, first, mask=rows < m)
+    elif SILU_MUL:  # (gate j, up j) column pairs -> silu(gate) * up, rounded where the output and _silu_mul round
+        pairs = tl.reshape(out.to(OUT.dtype.element_ty).to(tl.float32), [BLOCK_N // 2, 2, ROWS])
+        gate, up = tl.split(tl.permute(pairs, [0, 2, 1]))
+        silu = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty).to(tl.float32)
+        half = tl.program_id(1) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+        OUT += row0.to(tl.int64) * so_m
+        tl.store(OUT + rows[None, :] * so_m + half[:, None], (silu * up).to(OUT.dtype.element_ty),
+                 mask=(half[:, None] < n // 2) & (rows[None, :] < m))
     else:
         OUT += row0.to(tl.int64) * so_m
         tl.store(OUT + split * so_split + rows[None, :] * so_m + cols[:, None], out.to(OUT.dtype.element_ty),
@@ -191,28 +199,30 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
         weight.stride(0), values.stride(0), 0, ROWS=config["rows"], BLOCK_N=config["block_n"],
         BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_tiles(pdl),
-        ARGMAX=True, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
+        ARGMAX=True, SILU_MUL=False, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
     out = torch.empty(m, device=x.device, dtype=torch.long)
     _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
     return out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  config: dict | None = None, silu_mul: bool = False) -> torch.Tensor:
     """F.linear for x [m, k]: weight [n, k] (unit stride on k), optional bias [n]; returns [m, n] in x's dtype,
     accumulated in fp32, the rows in tiles of config["rows"]. `config` defaults to the table (or the default
-    where the table prefers cuBLAS)."""
+    where the table prefers cuBLAS). With `silu_mul` (a fused gate_up projection, its columns (gate j, up j)
+    pairs; `config` must not split K) returns [m, n / 2]: norm_rope.silu_mul of that output, bit for bit."""
     m, k = x.shape
     n = weight.shape[0]
     assert m > 0 and weight.shape[1] == k and weight.stride(1) == 1
     config = config or skinny_config(n, k, m, x.device) or default_skinny_config(n, k)
     rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
+    assert not silu_mul or (config["split_k"] == 1 and n % 2 == 0), "silu_mul needs whole pairs, one K range"
     if x.stride(1) != 1:
         x = x.contiguous()
     split = config["split_k"]
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per K range
     split = triton.cdiv(k, k_split)  # no empty trailing ranges
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    out = torch.empty(m, n // 2 if silu_mul else n, device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
     pdl = pdl_options(x)
     _gemm_kernel()[(triton.cdiv(m, rows), triton.cdiv(n, block_n), split)](
@@ -220,7 +230,7 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         part.stride(0) if split > 1 else 0, part.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=_prefetch_tiles(pdl), ARGMAX=False, num_warps=config["num_warps"],
+        PREFETCH=_prefetch_tiles(pdl), ARGMAX=False, SILU_MUL=silu_mul, num_warps=config["num_warps"],
         num_stages=config["num_stages"], **pdl)
     if split > 1:
         block = 1024

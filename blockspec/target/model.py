@@ -22,7 +22,7 @@ from blockspec.cache import DEFAULT_ROLLBACK, HybridCache, KVCache
 from blockspec.errors import BlockspecError
 from blockspec.kernels import current_settings
 from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
-                              linear_argmax, qkv_rope_store, rope_inv_freq, rope_parameters, silu_mul)
+                              linear_argmax, linear_silu_mul, qkv_rope_store, rope_inv_freq, rope_parameters)
 from blockspec.target.flow import FlowDecode, flow_decoder
 from blockspec.target.gdn import GatedDeltaNet, GDNConfig
 
@@ -145,7 +145,7 @@ class TargetMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up, down = self.gate_up_proj, self.down_proj
-        return linear(silu_mul(linear(x, gate_up.weight, gate_up.bias)), down.weight, down.bias)
+        return linear(linear_silu_mul(x, gate_up.weight, gate_up.bias), down.weight, down.bias)
 
 
 class TargetLayer(nn.Module):
