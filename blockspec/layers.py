@@ -20,12 +20,12 @@ def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
-def _skinny_rows(x: torch.Tensor, *params: torch.Tensor) -> tuple[int, dict] | None:
-    """(rows, settings) when x's product with params[0] (a weight [n, k]) runs on the Triton skinny GEMM: CUDA
+def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, dict] | None:
+    """(rows, settings) when x's product with `weight` [n, k] (and `bias`) runs on the Triton skinny GEMM: CUDA
     inference of 16-bit weights of a shape and row count the device's measured table lists (decoding, a verify or
     draft block, a small batch of them: kernels.skinny.skinny_table), or any rows and shape under
     `KernelSettings.batch_invariant`; None: cuBLAS (F.linear)."""
-    weight = params[0]
+    params = (weight,) if bias is None else (weight, bias)
     if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
         return None
     from blockspec.kernels.skinny import invariant_config, skinny_config
@@ -51,7 +51,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     1.. of each block) and a weight without autograd state (a model built under inference mode, as the benchmarks
     build theirs), F.linear runs a matmul batched over the leading dim that reads the weight once per index: for
     the 4B's lm_head 778 MB a row, most of a batched draft pass."""
-    skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
+    skinny = _skinny_rows(x, weight, bias)
     if skinny is not None:
         from blockspec.kernels.skinny import skinny_linear
 
@@ -66,7 +66,7 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     """`silu_mul(linear(x, weight, bias))` for a fused gate_up projection ([..., k] -> [..., n / 2]). Where `linear`
     takes the skinny GEMM and its settings do not split K, the GEMM's epilogue writes silu(gate) * up itself: one
     launch instead of two, bit-identical."""
-    skinny = _skinny_rows(x, weight) if bias is None else _skinny_rows(x, weight, bias)
+    skinny = _skinny_rows(x, weight, bias)
     if skinny is not None and skinny[1]["split_k"] == 1:
         from blockspec.kernels.skinny import skinny_linear
 

@@ -249,7 +249,8 @@ class TargetModel(nn.Module):
                 module.weight.fill_(0.0 if getattr(module, "zero_centred", False) else 1.0)
         return model.eval()
 
-    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1, rollback: str = DEFAULT_ROLLBACK) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int, verify_tokens: int = 1,
+                  rollback: str = DEFAULT_ROLLBACK) -> KVCache:
         """A cache for `batch_size` rows of `max_len` positions. A hybrid target's cache keeps what `commit` needs to
         roll back after a verify of up to `verify_tokens` tokens (pass the block size when verifying), by `rollback`
         "states" or "replay" (HybridCache); other targets roll back for free and ignore both."""
