@@ -83,55 +83,51 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, ZERO_CENTRED: tl.constexpr,
-                    ROT: tl.constexpr, USE_PDL: tl.constexpr):
+                    ROT: tl.constexpr, HEADS: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
-    h = tl.program_id(1)  # head among q heads, then k heads, then v heads
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # heads: q heads, then k heads, then v heads
     b = t // n_q
     i = t % n_q
-    dims = tl.arange(0, D)
+    dims = tl.arange(0, D)[None, :]
     pos = tl.load(POS + t)
-    if h < n_heads + n_kv:
-        if h < n_heads:
-            src = Q_SRC + t * s_q + h * D
-            w_ptr = QN
-        else:
-            src = K_SRC + t * s_k + (h - n_heads) * D
-            w_ptr = KN
-        if ROT:  # partial RoPE (Qwen3.5): the first ROT dims rotate among themselves, the others pass through
-            partner = tl.where(dims < ROT, (dims + ROT // 2) % ROT, dims)
-        else:
-            partner = (dims + D // 2) % D
-        x = tl.load(src + dims).to(tl.float32)
-        xp = tl.load(src + partner).to(tl.float32)
-        if HAS_NORM:
-            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-            if ZERO_CENTRED:  # x r (1 + w) in fp32, cast once
-                x = (x * r * (1.0 + tl.load(w_ptr + dims).to(tl.float32))).to(KC.dtype.element_ty).to(tl.float32)
-                xp = (xp * r * (1.0 + tl.load(w_ptr + partner).to(tl.float32))).to(KC.dtype.element_ty).to(tl.float32)
-            else:
-                x = (tl.load(w_ptr + dims).to(tl.float32)
-                     * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
-                xp = (tl.load(w_ptr + partner).to(tl.float32)
-                      * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
-        if ROT:  # cos 1 and sin 0 past the rotary dims: x * 1 + anything * 0 is x
-            rotated = tl.where(dims < ROT // 2, -xp, xp)
-            cos = tl.load(COS + t * s_cos + dims, mask=dims < ROT, other=1.0).to(tl.float32)
-            sin = tl.load(SIN + t * s_cos + dims, mask=dims < ROT, other=0.0).to(tl.float32)
-        else:
-            rotated = tl.where(dims < D // 2, -xp, xp)
-            cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
-            sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
-        a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
-        c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
-        y = (a + c).to(KC.dtype.element_ty)
-        if h < n_heads:
-            tl.store(QOUT + b * s_qo_b + h * s_qo_h + i * s_qo_n + dims, y)
-        else:
-            tl.store(KC + b * s_kc_b + (h - n_heads) * s_kc_h + pos * s_kc_l + dims, y)
+    is_q = h < n_heads
+    is_k = (h >= n_heads) & (h < n_heads + n_kv)
+    is_v = (h >= n_heads + n_kv) & (h < n_heads + 2 * n_kv)
+    if ROT:  # partial RoPE (Qwen3.5): the first ROT dims rotate among themselves, the others pass through
+        partner = tl.where(dims < ROT, (dims + ROT // 2) % ROT, dims)
     else:
-        v = tl.load(V_SRC + t * s_v + (h - n_heads - n_kv) * D + dims)
-        tl.store(VC + b * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos * s_vc_l + dims, v)
+        partner = (dims + D // 2) % D
+    src = tl.where(is_q, Q_SRC + t * s_q + h * D, tl.where(is_k, K_SRC + t * s_k + (h - n_heads) * D,
+                                                            V_SRC + t * s_v + (h - n_heads - n_kv) * D))
+    used = is_q | is_k | is_v
+    raw = tl.load(src + dims, mask=used, other=0.0)
+    x = raw.to(tl.float32)
+    xp = tl.load(src + partner, mask=used & ~is_v, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        r = tl.rsqrt(tl.sum(x * x, axis=1)[:, None] / D + eps)
+        w = tl.where(is_q, tl.load(QN + dims), tl.load(KN + dims)).to(tl.float32)
+        wp = tl.where(is_q, tl.load(QN + partner), tl.load(KN + partner)).to(tl.float32)
+        if ZERO_CENTRED:  # x r (1 + w) in fp32, cast once
+            x = (x * r * (1.0 + w)).to(KC.dtype.element_ty).to(tl.float32)
+            xp = (xp * r * (1.0 + wp)).to(KC.dtype.element_ty).to(tl.float32)
+        else:
+            x = (w * (x * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+            xp = (wp * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
+    if ROT:  # cos 1 and sin 0 past the rotary dims: x * 1 + anything * 0 is x
+        rotated = tl.where(dims < ROT // 2, -xp, xp)
+        cos = tl.load(COS + t * s_cos + dims, mask=dims < ROT, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims, mask=dims < ROT, other=0.0).to(tl.float32)
+    else:
+        rotated = tl.where(dims < D // 2, -xp, xp)
+        cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
+    a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
+    c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
+    y = (a + c).to(KC.dtype.element_ty)
+    tl.store(QOUT + b * s_qo_b + h * s_qo_h + i * s_qo_n + dims, y, mask=is_q)
+    tl.store(KC + b * s_kc_b + (h - n_heads) * s_kc_h + pos * s_kc_l + dims, y, mask=is_k)
+    tl.store(VC + b * s_vc_b + (h - n_heads - n_kv) * s_vc_h + pos * s_vc_l + dims, raw, mask=is_v)
 
 
 def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_heads: int, n_kv: int,
@@ -141,7 +137,8 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     """Projections q [b, n, nH*d] (or None: context only), k and v [b, n, nKV*d], each with unit stride on
     the last axis (views into one fused projection are fine): q/k RMSNorm (optional; `zero_centred`: x̂ (1 + w)),
     RoPE (on the first cos.shape[-1] dims of each head: partial where that is less than d), K and V stored into the
-    cache layer at `positions`; returns q as [b, nH, n, d]."""
+    cache layer at `positions`; returns q as [b, nH, n, d]. A program takes a token's heads by groups of up to
+    1024 values (one head a program left most of a verify's programs waiting for a free slot on the SMs)."""
     b, n, _ = k.shape
     heads = n_heads if q is not None else 0
     rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
@@ -151,14 +148,15 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     q_out = torch.empty(b, heads, n, head_dim, device=k.device, dtype=k.dtype)
     q_rows = rows[0] if rows[0] is not None else rows[1]
     norm = q_norm is not None
-    _qkv_rope_store[(b * n, heads + 2 * n_kv)](
+    group = min(triton.next_power_of_2(heads + 2 * n_kv), max(1, 1024 // head_dim))
+    _qkv_rope_store[(b * n, triton.cdiv(heads + 2 * n_kv, group))](
         q_rows, rows[1], rows[2], q_norm if norm else k_norm if k_norm is not None else rows[1],
         k_norm if k_norm is not None else rows[1], cos, sin, positions.reshape(-1), q_out, k_cache, v_cache,
         q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
         HAS_NORM=k_norm is not None, D=head_dim, ZERO_CENTRED=zero_centred, ROT=rotary if rotary < head_dim else 0,
-        num_warps=1, **pdl_options(k))
+        HEADS=group, num_warps=4 if group * head_dim >= 1024 else 2, **pdl_options(k))
     return q_out if q is not None else None
 
 
