@@ -288,24 +288,30 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
     slots and takes the limits from device memory (so the call can live in a CUDA graph): for up to 16 queries,
     or for any number under `KernelSettings.batch_invariant` (prefills too, so that a prompt's cache does not
-    depend on what it is prefilled with); elsewhere the slots [0, kv_len) are read with an explicit mask (math as
-    in HF's eager attention: softmax in fp32).
+    depend on what it is prefilled with). Longer query blocks read the slots [0, kv_len): on CUDA through SDPA, on
+    the CPU with an explicit mask (math as in HF's eager attention: softmax in fp32). A call with as many queries as
+    slots is a prompt from its start (row r's query i at slot i).
     """
     if fused_kernels_apply(q) and (q.shape[2] <= DECODE_QUERIES or current_settings().batch_invariant):
         from blockspec.kernels.attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-    if k.shape[1] != q.shape[1]:
-        repeat = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(repeat, dim=1)
-        v = v.repeat_interleave(repeat, dim=1)
-    mask = visible_mask(limits, kv_len, window)
-    if q.is_cuda:  # prefill: a long prompt, once per request
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.is_cuda and q.shape[2] == kv_len and (window is None or window >= kv_len):
+        # a prompt from its start: plain causal attention, which SDPA runs on its flash kernel, KV heads shared in
+        # place (a mask takes a slower kernel, which needs the KV heads repeated)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-        scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        if k.shape[1] != q.shape[1]:
+            repeat = q.shape[1] // k.shape[1]
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        mask = visible_mask(limits, kv_len, window)
+        if q.is_cuda:  # a prompt after a cached prefix, or past a sliding window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            scores = scores.masked_fill(~mask, float("-inf"))
+            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)

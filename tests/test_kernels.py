@@ -58,6 +58,25 @@ def test_decode_attention_matches_reference(shape, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="SDPA's CUDA kernels")
+@pytest.mark.parametrize("window", [None, 40, 100])
+def test_prefill_attention_from_a_prompts_start_and_after_a_cached_prefix(window):
+    """Long query blocks: a prompt from its start (as many queries as slots: SDPA's causal kernel) and one after a
+    cached prefix (an explicit mask) attend as the float64 reference does, sliding window or not."""
+    from blockspec.layers import attention
+
+    gen = torch.Generator().manual_seed(7)
+    b, nh, nkv, d, n = 3, 8, 2, 64, 80
+    k = torch.randn(b, nkv, 128, d, generator=gen).to(DEVICE, torch.bfloat16)
+    v = torch.randn(b, nkv, 128, d, generator=gen).to(DEVICE, torch.bfloat16)
+    q = torch.randn(b, nh, n, d, generator=gen).to(DEVICE, torch.bfloat16)
+    for start in (0, 30):
+        limits = (start + torch.arange(n, device=DEVICE)).expand(b, n)
+        got = attention(q, k, v, limits, start + n, window)
+        want = reference_attention(q, k[:, :, :start + n], v[:, :, :start + n], limits, window)
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_rms_norm_and_silu_mul_match_torch(dtype):
     gen = torch.Generator().manual_seed(0)
