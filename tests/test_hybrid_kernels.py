@@ -18,13 +18,14 @@ if not (torch.cuda.is_available() or INTERPRET):
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 
 from blockspec.engine import BatchDecoder  # noqa: E402
-from blockspec.kernels import attention, use_settings  # noqa: E402
+from blockspec.kernels import attention, current_settings, use_settings  # noqa: E402
 from blockspec.kernels.attention import decode_attention  # noqa: E402
 from blockspec.kernels.gdn import gdn_steps  # noqa: E402
 from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm  # noqa: E402
 from blockspec.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 from blockspec.layers import qkv_rope_store as qkv_rope_store_ops  # noqa: E402
 from blockspec.target import target_from_hf  # noqa: E402
+from blockspec.target.gdn import delta_rule_chunked  # noqa: E402
 from conftest import build_draft  # noqa: E402
 from test_hybrid import LAYER_TYPES, TEXT_SHAPE, greedy, prompts_of, randomise_, tiny_qwen35  # noqa: E402
 from test_kernels import reference_attention  # noqa: E402
@@ -141,6 +142,51 @@ def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
     assert torch.equal(caches[0].conv[0], caches[1].conv[0])
     kept = caches[0].conv.shape[-1]
     assert not torch.equal(caches[0].conv[0, 0], caches[0].windows[0, 0, :, -kept:])  # row 0 did not take the last
+
+
+def torch_chunked_as_fla(q, k, v, g, beta, scale, initial_state, output_final_state):
+    """delta_rule_chunked behind flash-linear-attention's calling convention ([b, n, h, ...]; outputs, then the state)."""
+    state, out = delta_rule_chunked(initial_state, *(t.transpose(1, 2) for t in (q * scale, k, v, g, beta)))
+    assert output_final_state
+    return out.transpose(1, 2), state
+
+
+@pytest.mark.parametrize("recurrence", ["torch", pytest.param("fla", marks=pytest.mark.skipif(
+    DEVICE != "cuda", reason="flash-linear-attention runs on a GPU only"))])
+def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, kernels_on_cpu, monkeypatch):
+    """Prompts prefilled together, right-padded: two rows starting a sequence and one continuing its own with fewer
+    tokens than the conv's width. The kernels' inputs and gated norm around a chunked recurrence (the torch form, or
+    flash-linear-attention's with its tf32 dots) give the torch path's outputs, recurrent states, and conv states
+    (gathered from the old state where a row has few tokens)."""
+    model = tiny_target(seed=25)
+    mixer = model.layers[0].linear_attn
+    gen = torch.Generator().manual_seed(25)
+    n = 20  # more than the cache's verify window: a prefill
+    x = torch.randn(ROWS, n, model.config.hidden_size, generator=gen).to(DEVICE)
+    positions = torch.arange(n)[None].repeat(ROWS, 1)
+    positions[2] += 7
+    positions, lengths = positions.to(DEVICE), torch.tensor([13, n, 2], device=DEVICE)
+    caches = [model.new_cache(ROWS, 48, verify_tokens=BLOCK) for _ in range(2)]
+    for cache in caches:
+        torch.manual_seed(25)
+        cache.conv.normal_()
+        cache.recurrent.normal_()
+    if recurrence == "torch":
+        monkeypatch.setattr("blockspec.target.gdn.chunked_kernel",
+                            lambda x: torch_chunked_as_fla if current_settings().fla_prefill else None)
+        tolerance = dict(atol=2e-5, rtol=1e-5)
+    else:
+        pytest.importorskip("fla")
+        tolerance = dict(atol=2e-2, rtol=2e-2)
+    with torch.no_grad():
+        got = mixer(x, positions, caches[0], lengths)
+        with use_settings(fused_gdn=False, fla_prefill=False):
+            want = mixer(x, positions, caches[1], lengths)
+    for row, length in enumerate(lengths.tolist()):
+        torch.testing.assert_close(got[row, :length], want[row, :length], **tolerance)
+    torch.testing.assert_close(caches[0].recurrent, caches[1].recurrent, **tolerance)
+    assert torch.equal(caches[0].conv, caches[1].conv)
+    assert caches[0].recurrent[0].abs().amax() > 0.01 and caches[0].conv[2].abs().amax() > 0.01
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

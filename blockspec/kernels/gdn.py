@@ -1,5 +1,6 @@
-"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in three kernels, and the commit
-of a "replay" cache (SPEC section 9; the torch path and the arithmetic are in target/gdn.py).
+"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in three kernels, the commit of a
+"replay" cache, and a prefill's inputs and gated norm around a chunked recurrence (SPEC section 9; the torch path and
+the arithmetic are in target/gdn.py).
 
 `_gdn_inputs`: a program per (row, token, value head) computes what the recurrence takes, with the torch path's
 per-token arithmetic: the causal conv + SiLU of its q, k and v channels (from the conv state, then the projection),
@@ -16,12 +17,17 @@ updates). A verify of n tokens and n one-token decodes run the same code per tok
 state after the last token, copied from the window: the programs of `_gdn_inputs` cannot update it themselves, as
 one program would overwrite what another has yet to read.
 
+A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (its scattered stores would cost more than the
+prompt's conv state, gathered after), flash-linear-attention's chunked recurrence, then `_gdn_output`.
+
 Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that compute the inputs and update the state:
 each product and sum rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit
 for bit.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import triton
@@ -71,7 +77,7 @@ def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, t, kept, mask, KE
 def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
                 s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wc, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                 s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
+                KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0) // n
     t = tl.program_id(0) % n
@@ -84,12 +90,12 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
     conv = CONV + b * s_cb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
-    # the window's q and k channels are written by their key head's first value head
-    window = WINDOW + b * s_wb
-    first = h % (HV // HK) == 0
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
-    _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
+    if not PREFILL:  # the window's q and k channels are written by their key head's first value head
+        window = WINDOW + b * s_wb
+        first = h % (HV // HK) == 0
+        _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
+        _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
+        _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
 
     q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
     k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
@@ -101,11 +107,12 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     beta = tl.load(gates).to(tl.float32)
     beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
     a = tl.load(gates + HV).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
-    decay = tl.exp(-tl.exp(tl.load(A_LOG + h).to(tl.float32)) * _softplus(a))
+    g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * _softplus(a)
+    decay = g if PREFILL else tl.exp(g)  # the chunked prefill takes the log-decay
     if RAGGED:  # a padding token: zero inputs and no decay leave the state exactly as it was
         real = t < tl.load(LENGTHS + b)
         q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
-        beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 1.0)
+        beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 0.0 if PREFILL else 1.0)
     tl.store(Q + b * s_qb + t * s_qn + h * s_qh + dk, q)
     tl.store(K + b * s_kb + t * s_kn + h * s_kh + dk, k)
     tl.store(V + b * s_vb + t * s_vn + h * s_vh + dv, v)
@@ -163,7 +170,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
 @triton.jit(do_not_specialize=["n"])
 def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb,
                 s_wc, s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
+                KERNEL: tl.constexpr, RAGGED: tl.constexpr, CONV_STATE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0) // n
     t = tl.program_id(0) % n
@@ -175,7 +182,7 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s
     y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
     z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv).to(tl.float32)
     tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty))
-    if t == 0:  # the conv state after the row's last token m: window[m : m + K-1], head h's v and q/k channels
+    if CONV_STATE and t == 0:  # the conv state after the row's last token m: window[m : m + K-1], head h's channels
         m = tl.load(LENGTHS + b) if RAGGED else n
         dk = tl.arange(0, DK)
         window, conv = WINDOW + b * s_wb, CONV + b * s_cb
@@ -188,6 +195,52 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s
                 tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + m + j, mask=head), mask=head)
 
 
+def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
+            dt_bias: torch.Tensor, layer: GDNLayerState, lengths: torch.Tensor | None, k: torch.Tensor,
+            decay: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, ...]:
+    """`_gdn_inputs` over every token of `projected` [b, n, ...]: (q, k, v, beta, decay) in fp32, [b, n, h, ...],
+    writing k and the decay into the buffers given. A prefill writes no conv window and gives the log-decay."""
+    b, n, _ = projected.shape
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
+    fp32 = {"device": projected.device, "dtype": torch.float32}
+    q = torch.empty(b, n, heads, key_dim, **fp32)
+    v = torch.empty(b, n, heads, value_dim, **fp32)
+    beta = torch.empty(b, n, heads, **fp32)
+    ragged = lengths is not None
+    _gdn_inputs[(b * n, heads)](
+        projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
+        layer.windows, q, k, v, beta, decay, projected.stride(0), projected.stride(1), positions.stride(0),
+        layer.conv.stride(0), layer.conv.stride(1), layer.windows.stride(0), layer.windows.stride(1),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2], n,
+        HK=_key_heads(layer, channels), HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged,
+        PREFILL=prefill, num_warps=4, enable_fp_fusion=False, **pdl_options(projected))
+    return q, k, v, beta, decay
+
+
+def _output(o: torch.Tensor, projected: torch.Tensor, positions: torch.Tensor, norm_weight: torch.Tensor,
+            eps: float, layer: GDNLayerState, lengths: torch.Tensor | None, conv_kernel: int,
+            conv_state: bool) -> torch.Tensor:
+    """`_gdn_output`: the gated norm of the recurrence's outputs o [b, n, h, Dv] -> [b, n, h * Dv]; with `conv_state`,
+    also the conv state from the window that `_gdn_inputs` wrote."""
+    b, n, heads, value_dim = o.shape
+    out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
+    ragged = lengths is not None
+    _gdn_output[(b * n, heads)](
+        o, projected, norm_weight, out, layer.windows, layer.conv, lengths if ragged else positions, o.stride(0),
+        o.stride(1), o.stride(2), projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
+        layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1), n, eps,
+        HK=_key_heads(layer, layer.conv.shape[1]), HV=heads, DK=layer.recurrent.shape[2], DV=value_dim,
+        KERNEL=conv_kernel, RAGGED=ragged, CONV_STATE=conv_state, num_warps=1, **pdl_options(projected))
+    return out
+
+
+def _key_heads(layer: GDNLayerState, channels: int) -> int:
+    """The q/k heads of a layer whose conv has `channels` (q, k, then v)."""
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    return (channels - heads * value_dim) // (2 * key_dim)
+
+
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
               lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
@@ -198,32 +251,18 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     commit); returns the gated norm's output [b, n, V] (what out_proj takes)."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
-    channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
-    key_heads = (channels - heads * value_dim) // (2 * key_dim)
     for t in (layer.recurrent, layer.steps):
         assert t is None or t.stride(-1) == 1 and t.stride(-2) == value_dim, "state tiles must be contiguous"
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
     fp32 = {"device": projected.device, "dtype": torch.float32}
-    q = torch.empty(b, n, heads, key_dim, **fp32)
-    v = torch.empty(b, n, heads, value_dim, **fp32)
-    beta = torch.empty(b, n, heads, **fp32)
-    o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
-    out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     states = layer.steps is not None
     # k and the decay go straight to a replay cache's tape; the other buffers go unused by one rollback or the other
     k, decay = ((torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)) if states
                 else (layer.tape_k, layer.tape_decay))
+    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths, k, decay,
+                                   prefill=False)
+    o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
     steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
-    pdl = pdl_options(projected)
-    ragged = lengths is not None
-    lengths = lengths if ragged else positions  # unread: any tensor will do
-    _gdn_inputs[(b * n, heads)](
-        projected, conv_weight, A_log, dt_bias, positions, lengths, layer.conv, layer.windows, q, k, v, beta, decay,
-        projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
-        layer.windows.stride(0), layer.windows.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *beta.stride()[:2], *decay.stride()[:2], n,
-        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged, num_warps=4,
-        enable_fp_fusion=False, **pdl)
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     _gdn_steps[(b, heads, value_dim // block_v)](
@@ -232,12 +271,38 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
         *tape_u.stride()[:3], *o.stride()[:3], n, int(deferred),
         DK=key_dim, DV=value_dim, BV=block_v, KEEP_STATES=states, num_warps=tile["warps"], enable_fp_fusion=False,
-        **pdl)
-    _gdn_output[(b * n, heads)](
-        o, projected, norm_weight, out, layer.windows, layer.conv, lengths, o.stride(0), o.stride(1), o.stride(2),
-        projected.stride(0), projected.stride(1), out.stride(0), out.stride(1), layer.windows.stride(0),
-        layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1), n, eps,
-        HK=key_heads, HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged, num_warps=1, **pdl)
+        **pdl_options(projected))
+    return _output(o, projected, positions, norm_weight, eps, layer, lengths, conv_weight.shape[-1], conv_state=True)
+
+
+def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
+                dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
+                lengths: torch.Tensor | None, chunked: Callable) -> torch.Tensor:
+    """A Gated DeltaNet layer's prefill of n tokens, arguments as `gdn_steps` takes them: the inputs and the gated norm
+    in this module's kernels (the decode's arithmetic), the recurrence in `chunked` (flash-linear-attention's
+    chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states."""
+    b, n, _ = projected.shape
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
+    fp32 = {"device": projected.device, "dtype": torch.float32}
+    q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
+                               torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
+                               prefill=True)
+    fresh = positions[:, 0] == 0  # a new sequence starts from empty states
+    initial = torch.where(fresh[:, None, None, None], 0.0, layer.recurrent)
+    o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=initial, output_final_state=True)
+    out = _output(o.to(projected.dtype), projected, positions, norm_weight, eps, layer, lengths, kernel,
+                  conv_state=False)
+    # the conv state after each row's last token m: window slots m .. m+K-2 of (old conv state, the tokens' inputs)
+    width = kernel - 1
+    last = lengths if lengths is not None else torch.full((b,), n, device=projected.device)
+    slots = last[:, None] + torch.arange(width, device=projected.device)  # [b, K-1]
+    tokens = slots - width  # the input each slot holds, or (< 0) the old state's slot
+    from_tokens = projected[torch.arange(b, device=projected.device)[:, None], tokens.clamp(min=0), :channels]
+    old = torch.where(fresh[:, None, None], 0, layer.conv)
+    from_state = old.gather(-1, slots.clamp(max=width - 1)[:, None, :].expand(-1, channels, -1))
+    layer.conv.copy_(torch.where((tokens >= 0)[:, None, :], from_tokens.transpose(1, 2), from_state))
+    layer.recurrent.copy_(final)
     return out
 
 

@@ -10,8 +10,9 @@ decoding; a prefill longer than the cache's verify window runs the chunked form 
 recurrence folded into a few matrix products per chunk. The depthwise causal convolution in front runs as K
 shifted multiply-adds in fp32, the same arithmetic for any number of tokens.
 
-On CUDA a decode or verify runs kernels/gdn.py (three launches a layer, the same per-token arithmetic), and a prefill
-flash-linear-attention's chunked kernels where that package is installed (`prefill_delta_rule`).
+On CUDA a decode or verify runs kernels/gdn.py (three launches a layer, the same per-token arithmetic); a prefill runs
+flash-linear-attention's chunked kernels where that package is installed, between the same kernels' inputs and
+gated norm (`gdn_prefill`; without them, `prefill_delta_rule` on the torch path's inputs).
 """
 
 from __future__ import annotations
@@ -140,12 +141,17 @@ def _fla_chunked() -> Callable | None:
     return chunk_gated_delta_rule
 
 
+def chunked_kernel(x: torch.Tensor) -> Callable | None:
+    """flash-linear-attention's chunked recurrence for a prefill on x's device: where it is installed, x is on CUDA and
+    KernelSettings.fla_prefill allows (its dots in tf32: a prefill need not round as decoding does)."""
+    return _fla_chunked() if x.is_cuda and current_settings().fla_prefill else None
+
+
 def prefill_delta_rule(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                        beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prompt's recurrence, as `delta_rule_chunked` takes and returns it: on CUDA through flash-linear-attention's
-    Triton kernels where it is installed and KernelSettings.fla_prefill allows (its dots in tf32: a prefill need not
-    round as decoding does), else the torch chunked form."""
-    fla = _fla_chunked() if q.is_cuda and current_settings().fla_prefill else None
+    """A prompt's recurrence, as `delta_rule_chunked` takes and returns it: through `chunked_kernel` where there is
+    one, else the torch chunked form."""
+    fla = chunked_kernel(q)
     if fla is None:
         return delta_rule_chunked(state, q, k, v, g, beta)
     out, state = fla(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), scale=1.0, initial_state=state,
@@ -200,11 +206,13 @@ class GatedDeltaNet(nn.Module):
         keeps_steps, deferred = cache.keeps_steps(n, commit_follows)
         layer = cache.gdn_layer(self.gdn_index)
         projected = linear(x, self.in_proj.weight)
-        if keeps_steps and self._fused(projected):
-            from blockspec.kernels.gdn import gdn_steps
+        chunked = chunked_kernel(projected)
+        if self._fused(projected) and (keeps_steps or chunked is not None):
+            from blockspec.kernels.gdn import gdn_prefill, gdn_steps
 
-            out = gdn_steps(projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
-                            self.norm.eps, layer, lengths, deferred)
+            args = (projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
+                    self.norm.eps, layer, lengths)
+            out = gdn_steps(*args, deferred) if keeps_steps else gdn_prefill(*args, chunked)
             return linear(out, self.out_proj.weight)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
