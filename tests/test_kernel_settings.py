@@ -115,7 +115,7 @@ def test_a_batch_of_rows_takes_the_gdn_tables_batch_tile_and_a_setting_overrides
     h100 = tables_for("NVIDIA H100 80GB HBM3")
     monkeypatch.setattr("blockspec.kernels.settings.device_tables", lambda device: h100)
     one, batch = (gdn_tile(torch.device("cuda"), rows) for rows in (7, 8))
-    assert (one["value_dims"], one["warps"]) == (64, 4) and (batch["value_dims"], batch["warps"]) == (64, 2)
+    assert (one["value_dims"], one["warps"]) == (16, 1) and (batch["value_dims"], batch["warps"]) == (64, 2)
     with use_settings(gdn_tile={"value_dims": 16, "warps": 2}):
         assert gdn_tile(torch.device("cuda"), 32) == {"value_dims": 16, "warps": 2}
 
