@@ -51,8 +51,9 @@ import torch
 
 from benchmarks import roofline
 from benchmarks.harness import (copy_bandwidth, gdn_kernels, graph_kernels, graph_ms, make_draft, matmul_rate,
-                                parser_with_common_flags, qwen3_4b_config, qwen35_4b_config, qwen35_draft, restored,
-                                run_and_report, run_header, step_ms, sync, target_pass, weight_gemms)
+                                parser_with_common_flags, profiled_kernels, qwen3_4b_config, qwen35_4b_config,
+                                qwen35_draft, restored, run_and_report, run_header, step_ms, sync, target_pass,
+                                weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
@@ -183,18 +184,22 @@ def step_tokens(engine: BatchDecoder, column: str) -> Iterator[None]:
 
 def prefill_time(engine: BatchDecoder, prompts: list[list[int]], device: str) -> dict:
     """The prefill of `prompts` joining an idle engine at once (`admit`: one forward per group of joiners that fits
-    max_prefill_tokens), timed from the host: ms in all and per prompt."""
-    ids = [engine.add(p, SamplingParams(max_new_tokens=8, ignore_eos=True), block_size=1) for p in prompts]
-    try:
-        sync(device)
-        started = time.perf_counter()
-        engine.admit()
-        sync(device)
-        ms = (time.perf_counter() - started) * 1e3
-    finally:
-        for seq_id in ids:
-            engine.cancel(seq_id)
-    return {"prompts": len(prompts), "ms": ms, "ms_per_prompt": ms / len(prompts)}
+    max_prefill_tokens), timed from the host: ms in all and per prompt; then its costliest kernels, profiled."""
+    def join() -> float:
+        ids = [engine.add(p, SamplingParams(max_new_tokens=8, ignore_eos=True), block_size=1) for p in prompts]
+        try:
+            sync(device)
+            started = time.perf_counter()
+            engine.admit()
+            sync(device)
+            return (time.perf_counter() - started) * 1e3
+        finally:
+            for seq_id in ids:
+                engine.cancel(seq_id)
+
+    ms = join()
+    return {"prompts": len(prompts), "ms": ms, "ms_per_prompt": ms / len(prompts),
+            "kernels": profiled_kernels(join, device)}
 
 
 def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
@@ -449,6 +454,11 @@ def parts_table(rows: dict) -> list[str]:
                 if "prefill" in row]
     if prefills:
         lines += ["", "Prefill of c prompts joining at once, ms (per prompt): " + ", ".join(prefills) + "."]
+    profiled = [row["prefill"] for row in rows.values() if "kernels" in row.get("prefill", {})]
+    if profiled:
+        costliest = ", ".join(f"{k['kernel'][:48]} {k['us'] / 1e3:.1f} ms ({k['launches']:.0f})"
+                              for k in profiled[-1]["kernels"][:8])
+        lines.append(f"Its costliest kernels at c = {profiled[-1]['prompts']}, device time (launches): {costliest}.")
     return lines
 
 

@@ -186,8 +186,6 @@ def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: i
 def graph_kernels(fn: Callable[[], object], device: str, replays: int = 5, top: int = 12) -> list[dict]:
     """Where one replay of `fn` (captured as a CUDA graph) spends its device time: the `top` kernels by summed
     duration, per replay. On the CPU (a logic check) the CPU ops of eager calls stand in for kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
     cuda = device.startswith("cuda")
     run = fn
     if cuda:
@@ -195,15 +193,23 @@ def graph_kernels(fn: Callable[[], object], device: str, replays: int = 5, top: 
         run = graph.replay
     run()
     sync(device)
+    return profiled_kernels(run, device, replays, top)
+
+
+def profiled_kernels(fn: Callable[[], object], device: str, calls: int = 1, top: int = 12) -> list[dict]:
+    """The `top` kernels of `calls` calls of `fn` by summed device time, per call (on the CPU, CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-        for _ in range(replays):
-            run()
+        for _ in range(calls):
+            fn()
         sync(device)
     rows = []
     for evt in prof.key_averages():
-        us = (evt.self_device_time_total if cuda else evt.self_cpu_time_total) / replays
+        us = (evt.self_device_time_total if cuda else evt.self_cpu_time_total) / calls
         if us > 0:
-            rows.append({"kernel": evt.key[:80], "us": us, "launches": evt.count / replays})
+            rows.append({"kernel": evt.key[:80], "us": us, "launches": evt.count / calls})
     return sorted(rows, key=lambda r: -r["us"])[:top]
 
 
