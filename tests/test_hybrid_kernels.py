@@ -55,7 +55,7 @@ def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor
     ids = torch.randint(0, 64, (ROWS, PROMPT + 2 + BLOCK), generator=gen).to(DEVICE)
     cache = model.new_cache(ROWS, 48, verify_tokens=BLOCK, rollback=rollback)
     logits = []
-    with torch.no_grad(), use_settings(fused_gdn=fused):
+    with torch.no_grad(), use_settings(fused_gdn=fused, fla_prefill=False):
         def run(tokens, positions, commit_follows=False):
             hidden, _ = model(tokens, positions.to(DEVICE), cache, commit_follows=commit_follows)
             logits.append(model.logits(hidden))
