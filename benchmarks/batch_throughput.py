@@ -148,6 +148,7 @@ def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams
             run_workload(engine, prompts[:4], params, 4, block, device)
     rows = {}
     for c in concurrency:
+        started = time.perf_counter()
         work = prompts[:max(4, 2 * c)]
         row: dict = {"requests": len(work)}
         for name, block in cols.items():
@@ -165,9 +166,11 @@ def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams
             row["prefill"] = prefill_time(engine, prompts[:c], device)
             row["parts"] = where_time_goes(engine, prompts, c, tuple(b for b in cols.values() if b > 1), floors,
                                            device)
+        row["seconds"] = time.perf_counter() - started  # the row's whole host time, parts included
         rows[str(c)] = row
         print(json.dumps({label: {c: {k: round(v["tokens_per_s"]) for k, v in row.items()
-                                      if isinstance(v, dict) and "tokens_per_s" in v}}}), flush=True)
+                                      if isinstance(v, dict) and "tokens_per_s" in v}}, "s": round(row["seconds"])}),
+              flush=True)
     return rows
 
 
