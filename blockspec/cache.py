@@ -89,7 +89,8 @@ class HybridCache(KVCache):
     recurrent state ([L, b, heads, Dk, Dv]).
 
     A recurrent state does not roll back for free, so a forward of at most `verify_tokens` tokens also keeps its
-    conv inputs (`windows`) and what `commit(keep)` needs to set each row to its state after its first `keep`
+    conv inputs (`windows`: the conv state, then the tokens' inputs, [L, b, K-1+n, channels], a token's channels
+    contiguous) and what `commit(keep)` needs to set each row to its state after its first `keep`
     tokens, on the device with static shapes (SPEC section 9), in one of two ways (`rollback`):
     - "states": the state after each token (`steps`, verify_tokens states per layer and row); commit gathers one.
     - "replay": each token's update (k, the decay exp(g) and the beta-weighted innovation: 32 KiB a token for the
@@ -114,7 +115,7 @@ class HybridCache(KVCache):
         self.rollback = rollback
         self.conv = torch.zeros(*rows, channels, kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.zeros(*rows, *state_shape, **fp32)
-        self.windows = torch.zeros(*rows, channels, kernel - 1 + verify_tokens, dtype=dtype, device=device)
+        self.windows = torch.zeros(*rows, kernel - 1 + verify_tokens, channels, dtype=dtype, device=device)
         if rollback == "states":
             self.steps = torch.zeros(*rows, verify_tokens, *state_shape, **fp32)
         else:
@@ -178,7 +179,8 @@ class HybridCache(KVCache):
 
             self.recurrent.copy_(replay_steps(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, n))
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]
-        self.conv.copy_(self.windows.gather(-1, taps[None, :, None].expand_as(self.conv)))
+        kept = self.windows.gather(2, taps[None, :, :, None].expand(*self.conv.shape[:2], -1, self.conv.shape[2]))
+        self.conv.copy_(kept.transpose(2, 3))
 
     def state(self) -> tuple[torch.Tensor, ...]:
         return self.conv, self.recurrent

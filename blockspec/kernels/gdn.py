@@ -17,8 +17,8 @@ updates). A verify of n tokens and n one-token decodes run the same code per tok
 state after the last token, copied from the window: the programs of `_gdn_inputs` cannot update it themselves, as
 one program would overwrite what another has yet to read.
 
-A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (its scattered stores would cost more than the
-prompt's conv state, gathered after), flash-linear-attention's chunked recurrence, then `_gdn_output`.
+A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt: the
+prompt's conv state is gathered after), flash-linear-attention's chunked recurrence, then `_gdn_output`.
 
 Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that compute the inputs and update the state:
 each product and sum rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit
@@ -63,19 +63,19 @@ def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def _store_window(WINDOW, s_wc, X, s_xn, CONV, s_cc, channels, t, kept, mask, KERNEL: tl.constexpr):
-    """window[c, K-1+t] = token t's input X[t, c], and for t = 0 window[c, :K-1] = the conv state (zeros unless
-    `kept`), for `channels` (where `mask`)."""
-    tl.store(WINDOW + channels * s_wc + KERNEL - 1 + t, tl.load(X + t * s_xn + channels), mask=mask)
+def _store_window(WINDOW, s_wt, X, s_xn, CONV, s_cc, channels, t, kept, mask, KERNEL: tl.constexpr):
+    """window[K-1+t, c] = token t's input X[t, c], and for t = 0 window[:K-1, c] = the conv state (zeros unless
+    `kept`), for `channels` (where `mask`); a token's channels are contiguous in the window."""
+    tl.store(WINDOW + (KERNEL - 1 + t) * s_wt + channels, tl.load(X + t * s_xn + channels), mask=mask)
     for j in tl.static_range(KERNEL - 1):
-        tl.store(WINDOW + channels * s_wc + j, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0),
+        tl.store(WINDOW + j * s_wt + channels, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0),
                  mask=mask & (t == 0))
 
 
 # n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
 @triton.jit(do_not_specialize=["n"])
 def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
-                s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wc, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+                s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                 s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
@@ -93,9 +93,9 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     if not PREFILL:  # the window's q and k channels are written by their key head's first value head
         window = WINDOW + b * s_wb
         first = h % (HV // HK) == 0
-        _store_window(window, s_wc, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
-        _store_window(window, s_wc, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
-        _store_window(window, s_wc, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
 
     q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
     k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
@@ -169,7 +169,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
 
 @triton.jit(do_not_specialize=["n"])
 def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb,
-                s_wc, s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                s_wt, s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 KERNEL: tl.constexpr, RAGGED: tl.constexpr, CONV_STATE: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0) // n
@@ -188,11 +188,11 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s
         window, conv = WINDOW + b * s_wb, CONV + b * s_cb
         for j in tl.static_range(KERNEL - 1):
             v_channels = 2 * HK * DK + h * DV + dv
-            tl.store(conv + v_channels * s_cc + j, tl.load(window + v_channels * s_wc + m + j))
+            tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
             for i in tl.static_range(2):  # q, then k
                 channels = (i * HK + h) * DK + dk
                 head = h < HK
-                tl.store(conv + channels * s_cc + j, tl.load(window + channels * s_wc + m + j, mask=head), mask=head)
+                tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
 
 
 def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,

@@ -232,7 +232,7 @@ class GatedDeltaNet(nn.Module):
             g, beta = g * real[:, None], beta * real[:, None]
         initial = current = torch.where(fresh[..., None], 0, layer.recurrent)
         if keeps_steps:
-            layer.windows[..., :window.shape[-1]] = window
+            layer.windows[:, :window.shape[-1]] = window.transpose(1, 2)
             outputs = []
             for t in range(n):
                 current, out, decay, innovation = delta_rule_step(current, q[:, :, t], k[:, :, t], v[:, :, t],
