@@ -179,9 +179,9 @@ def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, kernel
         pytest.importorskip("fla")
         tolerance = dict(atol=2e-2, rtol=2e-2)
     with torch.no_grad():
-        got = mixer(x, positions, caches[0], lengths)
+        got = mixer.mix(x, positions, caches[0], lengths)
         with use_settings(fused_gdn=False, fla_prefill=False):
-            want = mixer(x, positions, caches[1], lengths)
+            want = mixer.mix(x, positions, caches[1], lengths)
     for row, length in enumerate(lengths.tolist()):
         torch.testing.assert_close(got[row, :length], want[row, :length], **tolerance)
     torch.testing.assert_close(caches[0].recurrent, caches[1].recurrent, **tolerance)

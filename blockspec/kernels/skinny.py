@@ -211,6 +211,28 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     accumulated in fp32, the rows in tiles of config["rows"]. `config` defaults to the table (or the default
     where the table prefers cuBLAS). With `silu_mul` (a fused gate_up projection, its columns (gate j, up j)
     pairs; `config` must not split K) returns [m, n / 2]: norm_rope.silu_mul of that output, bit for bit."""
+    out = _gemm(x, weight, bias, config, silu_mul)
+    if out.dim() == 3:  # fp32 partial sums, one per K range
+        parts, out = out, torch.empty(out.shape[1:], device=x.device, dtype=x.dtype)
+        block = 1024
+        _sum_splits[(triton.cdiv(out.numel(), block),)](
+            parts, bias if bias is not None else parts, out, out.numel(), out.shape[1], parts.shape[0],
+            HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl_options(x))
+    return out
+
+
+def skinny_split_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       config: dict) -> torch.Tensor:
+    """`skinny_linear(x, weight, bias, config)` short of its last step where `config` splits K: the fp32 partial sums
+    [splits, m, n], the bias not yet added, for a consumer that sums them as `_sum_splits` does
+    (norm_rope.add_split_rms_norm); where one K range is left, the output itself [m, n]."""
+    return _gemm(x, weight, bias, config, False)
+
+
+def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
+          silu_mul: bool) -> torch.Tensor:
+    """The GEMM's launch: its output [m, n] (or [m, n / 2] with `silu_mul`), or its fp32 partial sums [splits, m, n]
+    where `config` splits K (the bias is then left to whoever sums them)."""
     m, k = x.shape
     n = weight.shape[0]
     assert m > 0 and weight.shape[1] == k and weight.stride(1) == 1
@@ -222,18 +244,14 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split = config["split_k"]
     k_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per K range
     split = triton.cdiv(k, k_split)  # no empty trailing ranges
-    out = torch.empty(m, n // 2 if silu_mul else n, device=x.device, dtype=x.dtype)
-    part = out if split == 1 else torch.empty(split, m, n, device=x.device, dtype=torch.float32)
+    out = (torch.empty(m, n // 2 if silu_mul else n, device=x.device, dtype=x.dtype) if split == 1
+           else torch.empty(split, m, n, device=x.device, dtype=torch.float32))
     pdl = pdl_options(x)
     _gemm_kernel()[(triton.cdiv(m, rows), triton.cdiv(n, block_n), split)](
-        x, weight, bias if bias is not None else weight, part, part, m, n, k, k_split, x.stride(0), weight.stride(0),
-        part.stride(0) if split > 1 else 0, part.stride(-2),
+        x, weight, bias if bias is not None else weight, out, out, m, n, k, k_split, x.stride(0), weight.stride(0),
+        out.stride(0) if split > 1 else 0, out.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         PREFETCH=_prefetch_tiles(pdl), ARGMAX=False, SILU_MUL=silu_mul, num_warps=config["num_warps"],
         num_stages=config["num_stages"], **pdl)
-    if split > 1:
-        block = 1024
-        _sum_splits[(triton.cdiv(m * n, block),)](part, bias if bias is not None else part, out, m * n, n, split,
-                                                  HAS_BIAS=bias is not None, BLOCK=block, num_warps=4, **pdl)
     return out

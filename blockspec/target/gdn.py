@@ -194,13 +194,14 @@ class GatedDeltaNet(nn.Module):
         self.norm = GatedRMSNorm(cfg.value_head_dim, eps)
         self.out_proj = nn.Linear(cfg.value_dim, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache,
-                lengths: torch.Tensor | None = None, commit_follows: bool = False) -> torch.Tensor:
-        """x [b, n, H] at positions [b, n]. A row whose first position is 0 starts from an empty state (a new
-        sequence in a reused row), decided on the device. Updates the row states in `cache` (with
-        `commit_follows`, a verify: the recurrent state waits for `cache.commit`). With `lengths` [b] a row's
-        tokens past its length are padding: zero inputs (q, k, v, beta and the log-decay g), which leave the
-        recurrent state as it was, bit for bit, and the conv state is the one after the row's last token."""
+    def mix(self, x: torch.Tensor, positions: torch.Tensor, cache: HybridCache,
+            lengths: torch.Tensor | None = None, commit_follows: bool = False) -> torch.Tensor:
+        """The gated norm's output [b, n, V] for x [b, n, H] at positions [b, n] (out_proj, the residual add and
+        the next norm follow in TargetModel.forward). A row whose first position is 0 starts from an empty state (a
+        new sequence in a reused row), decided on the device. Updates the row states in `cache` (with
+        `commit_follows`, a verify: the recurrent state waits for `cache.commit`). With `lengths` [b] a row's tokens
+        past its length are padding: zero inputs (q, k, v, beta and the log-decay g), which leave the recurrent
+        state as it was, bit for bit, and the conv state is the one after the row's last token."""
         c, n = self.cfg, x.shape[1]
         # decode or verify: token by token, keeping what commit() needs
         keeps_steps, deferred = cache.keeps_steps(n, commit_follows)
@@ -212,8 +213,7 @@ class GatedDeltaNet(nn.Module):
 
             args = (projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                     self.norm.eps, layer, lengths)
-            out = gdn_steps(*args, deferred) if keeps_steps else gdn_prefill(*args, chunked)
-            return linear(out, self.out_proj.weight)
+            return gdn_steps(*args, deferred) if keeps_steps else gdn_prefill(*args, chunked)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
         window = torch.cat([torch.where(fresh, 0, layer.conv), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
@@ -250,7 +250,7 @@ class GatedDeltaNet(nn.Module):
             layer.conv.copy_(window.gather(-1, taps[:, None, :].expand_as(layer.conv)))
         layer.recurrent.copy_(initial if deferred else current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
-        return linear(out.flatten(2), self.out_proj.weight)
+        return out.flatten(2)
 
     def _fused(self, projected: torch.Tensor) -> bool:
         """Whether a decode or verify runs the Triton kernels: CUDA inference with KernelSettings.fused_gdn on, head

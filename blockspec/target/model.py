@@ -21,7 +21,7 @@ from torch import nn
 from blockspec.cache import DEFAULT_ROLLBACK, HybridCache, KVCache
 from blockspec.errors import BlockspecError
 from blockspec.kernels import current_settings
-from blockspec.layers import (RMSNorm, RotaryEmbedding, add_rms_norm, attention, fused_kernels_apply, linear,
+from blockspec.layers import (RMSNorm, RotaryEmbedding, attention, fused_kernels_apply, linear, linear_add_rms_norm,
                               linear_argmax, linear_silu_mul, qkv_rope_store, rope_inv_freq, rope_parameters)
 from blockspec.target.flow import FlowDecode, flow_decoder
 from blockspec.target.gdn import GatedDeltaNet, GDNConfig
@@ -122,17 +122,17 @@ class TargetAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
+    def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+              cache: KVCache, kv_len: int, window: int | None) -> torch.Tensor:
+        """The heads' output [b, n, heads * d], what o_proj takes (TargetModel.forward applies it with the residual
+        add and the next norm)."""
         k_cache, v_cache = cache.layer(self.cache_index)
         q, k, v, *gate = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(self.splits, dim=-1)
         q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
                            cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
         out = attention(q, k_cache, v_cache, positions, kv_len, window)
-        if gate:
-            out = out * torch.sigmoid(gate[0])
-        return linear(out, self.o_proj.weight, self.o_proj.bias)
+        return out * torch.sigmoid(gate[0]) if gate else out
 
 
 class TargetMLP(nn.Module):
@@ -144,14 +144,17 @@ class TargetMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.gate_up_proj, self.down_proj
-        return linear(linear_silu_mul(x, gate_up.weight, gate_up.bias), down.weight, down.bias)
+        return linear(self.hidden(x), self.down_proj.weight, self.down_proj.bias)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x), what down_proj takes."""
+        return linear_silu_mul(x, self.gate_up_proj.weight, self.gate_up_proj.bias)
 
 
 class TargetLayer(nn.Module):
     """Pre-norm decoder layer whose token mixer is attention (`self_attn`) or a Gated DeltaNet (`linear_attn`).
-    TargetModel.forward runs its parts itself so that each residual add fuses with the norm that follows it
-    (x + mixer -> post_attention_layernorm, h + mlp -> next input norm)."""
+    TargetModel.forward runs its parts itself so that each residual add fuses with the output projection before it
+    and the norm after it (x + o_proj(mixer) -> post_attention_layernorm, h + down(mlp) -> next input norm)."""
 
     def __init__(self, cfg: TargetConfig, layer_index: int) -> None:
         super().__init__()
@@ -286,12 +289,17 @@ class TargetModel(nn.Module):
         taps: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.layers):
             if layer.linear_attn is not None:
-                mixed = layer.linear_attn(normed, positions, cache, lengths, commit_follows)
+                mixed = layer.linear_attn.mix(normed, positions, cache, lengths, commit_follows)
+                out_proj = layer.linear_attn.out_proj
             else:
-                mixed = layer.self_attn(normed, cos, sin, positions, cache, kv_len, layer.window)
-            residual, normed = add_rms_norm(residual, mixed, layer.post_attention_layernorm)
+                mixed = layer.self_attn.heads(normed, cos, sin, positions, cache, kv_len, layer.window)
+                out_proj = layer.self_attn.o_proj
+            residual, normed = linear_add_rms_norm(mixed, out_proj.weight, out_proj.bias, residual,
+                                                   layer.post_attention_layernorm)
             next_norm = self.layers[index + 1].input_layernorm if index + 1 < len(self.layers) else self.norm
-            residual, normed = add_rms_norm(residual, layer.mlp(normed), next_norm)
+            down = layer.mlp.down_proj
+            residual, normed = linear_add_rms_norm(layer.mlp.hidden(normed), down.weight, down.bias, residual,
+                                                   next_norm)
             if index in tap_layer_ids:
                 taps[index] = residual  # the layer's output, before the next layer's norm
         features = torch.cat([taps[i] for i in tap_layer_ids], dim=-1) if tap_layer_ids else None
