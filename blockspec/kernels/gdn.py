@@ -182,7 +182,7 @@ def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s
     y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
     z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv).to(tl.float32)
     tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty))
-    if CONV_STATE and t == 0:  # the conv state after the row's last token m: window[m : m + K-1], head h's channels
+    if CONV_STATE and t == 0:  # the conv state after the row's last token m: window rows m .. m+K-2, head h's channels
         m = tl.load(LENGTHS + b) if RAGGED else n
         dk = tl.arange(0, DK)
         window, conv = WINDOW + b * s_wb, CONV + b * s_cb
