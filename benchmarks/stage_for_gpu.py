@@ -10,7 +10,9 @@ the three device calls that make them, in order (each well inside a command's 10
      the parts of each step, the prefill's kernels; flash for a prompt, not cuDNN), then the CUDA tests
      (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py; a cold Triton cache takes minutes).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
-     against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts.
+     against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts;
+     then gdn_tiles, beside gdn_tiles-20261205-184558.json (the recurrence's output now reduced beside the
+     innovation, the conv window token-major).
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in parts, with the calls that have room (the last ones first), each copied to /root/stage; call 3 joins them and
@@ -165,8 +167,9 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
                f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --exact --out $O "
                f"2>&1 | tee $O/serve.log; "
              + f"timeout 180 {run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data "
-               f"--repeats 2 --out $O 2>&1 | tee $O/batch.log",
-             "serve_load-*.json, batch_throughput-*.json, two logs", drafts=True),
+               f"--repeats 2 --out $O 2>&1 | tee $O/batch.log; "
+             + f"timeout 90 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log",
+             "serve_load-*.json, batch_throughput-*.json, gdn_tiles-*.json, three logs", drafts=True),
     ]
 
 

@@ -154,9 +154,12 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
         beta_next = tl.load(beta_at + (t + 1) * s_bn, mask=more, other=0.0)
         decay_next = tl.load(decay_at + (t + 1) * s_dn, mask=more, other=0.0)
         S = S * decay
+        # the output S_new^T q = S^T q + innovation (k . q): its reduction runs beside the innovation's, not after
+        # the update, which keeps one pass over the state off each token's serial path
+        seen = tl.sum(S * q[:, None], axis=0)
         innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
         S = S + k[:, None] * innovation[None, :]
-        o = tl.sum(S * q[:, None], axis=0)
+        o = seen + innovation * tl.sum(k * q, axis=0)
         tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))
         if KEEP_STATES:
             tl.store(STEPS + b * s_tb + t * s_tt + h * s_th + tile, S)

@@ -81,9 +81,9 @@ def delta_rule_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     (the new state, the output [b, h, Dv], the decay exp(g) [b, h] and the innovation [b, h, Dv] it applied)."""
     decay = g.exp()
     state = decayed(state, decay)
+    seen = (state * q[..., None]).sum(-2)  # the output, S_new^T q, as S^T q + innovation (k . q), as the kernel has it
     innovation = (v - (state * k[..., None]).sum(-2)) * beta[..., None]
-    state = rank_one_update(state, k, innovation)
-    return state, (state * q[..., None]).sum(-2), decay, innovation
+    return rank_one_update(state, k, innovation), seen + innovation * (k * q).sum(-1, keepdim=True), decay, innovation
 
 
 def replay_steps(state: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
