@@ -235,10 +235,15 @@ def test_a_split_gemms_partial_sums_summed_by_the_next_norm_equal_the_two_kernel
             assert all(torch.equal(g, w_) for g, w_ in zip(got, want)), (b is not None, zero_centred)
         one_range = dict(split, block_k=512)  # 384 columns of K in one 512-wide tile: no split left
         assert torch.equal(skinny_split_parts(x, w, b, one_range), skinny_linear(x, w, b, one_range))
-    if DEVICE == "cuda" and dtype == torch.bfloat16:  # through the layer, under settings that split K
+    if DEVICE == "cuda" and dtype == torch.bfloat16:  # through the layer, under settings that split this K
+        from blockspec.kernels.skinny import invariant_config
+
         norm = RMSNorm(n, 1e-6).to(DEVICE, dtype)
         norm.weight.data = norm_w
+        x = torch.randn(m, 1024, generator=gen).to(DEVICE, dtype)
+        w = torch.randn(n, 1024, generator=gen).to(DEVICE, dtype)
         with use_settings(batch_invariant=True):
+            assert invariant_config(n, 1024, x.device)["split_k"] > 1
             got = linear_add_rms_norm(x, w, None, residual, norm)
             want = add_rms_norm(residual, linear(x, w), norm_w, 1e-6)
         assert all(torch.equal(g, w_) for g, w_ in zip(got, want))
