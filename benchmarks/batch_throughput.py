@@ -24,8 +24,9 @@ The floor of a cell is one decode step of c rows at the mean context (prompt + h
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
 goes, per concurrency: the prefill of c prompts joining at once; c live rows, and per block the whole greedy step
-(with its costliest kernels, timed without PDL), the verify pass and the draft pass (each with its greedy tokens)
-captured as CUDA graphs of their own, beside their floors.
+(with its costliest kernels, timed without PDL; AR also with the split-K sums in a kernel of their own, side by
+side), the verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own,
+beside their floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -225,8 +226,12 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         n = concurrency
         contexts = engine.start[:n].tolist()
         for block in (1, *blocks):
-            parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
-                                          roofline.step(model, floors.draft if block > 1 else None, contexts, block))}
+            cost = roofline.step(model, floors.draft if block > 1 else None, contexts, block)
+            parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3), cost)}
+            if block == 1:  # side by side: the split-K sums in a kernel of their own (KernelSettings.split_sum_norm)
+                with use_settings(split_sum_norm=False):
+                    parts["step_sums_apart"] = floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
+                                                            cost)
             # PDL off: a kernel launched early would count its wait for the one before it as its own time
             with torch.inference_mode(), restored(engine, n), use_settings(pdl=False):
                 parts["step"]["kernels"] = graph_kernels(lambda: engine._greedy_step(n, block, engine.max_len), device)
@@ -457,6 +462,11 @@ def parts_table(rows: dict) -> list[str]:
                 if "prefill" in row]
     if prefills:
         lines += ["", "Prefill of c prompts joining at once, ms (per prompt): " + ", ".join(prefills) + "."]
+    apart = [f"{c}: {row['parts']['1']['step']['ms']:.2f} / {row['parts']['1']['step_sums_apart']['ms']:.2f}"
+             for c, row in rows.items() if "step_sums_apart" in row.get("parts", {}).get("1", {})]
+    if apart:
+        lines += ["", "AR step, ms, the split-K sums in the next norm / in a kernel of their own (side by side): "
+                  + ", ".join(apart) + "."]
     profiled = [row["prefill"] for row in rows.values() if "kernels" in row.get("prefill", {})]
     if profiled:
         costliest = ", ".join(f"{k['kernel'][:48]} {k['us'] / 1e3:.1f} ms ({k['launches']:.0f})"

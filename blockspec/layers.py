@@ -263,10 +263,10 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm(residual, linear(x, weight, bias), norm)`: a layer's output projection, the residual add and the
     next norm. Where `linear` takes the skinny GEMM and its settings split K, the norm's kernel sums the GEMM's
-    partial sums itself, in the same order (bit-identical): one launch fewer."""
+    partial sums itself, in the same order (bit-identical): one launch fewer (`KernelSettings.split_sum_norm`)."""
     skinny = _skinny_rows(x, weight, bias)
-    if (skinny is not None and skinny[1]["split_k"] > 1 and x.dtype == residual.dtype
-            and fused_kernels_apply(residual, norm.weight)):
+    if (skinny is not None and skinny[1]["split_k"] > 1 and current_settings().split_sum_norm
+            and x.dtype == residual.dtype and fused_kernels_apply(residual, norm.weight)):
         from blockspec.kernels.norm_rope import add_split_rms_norm
         from blockspec.kernels.skinny import skinny_split_parts
 

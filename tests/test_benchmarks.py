@@ -543,7 +543,8 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
                 assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
             assert set(row["parts"]) == {"1", *map(str, blocks)}
             for block, parts in row["parts"].items():
-                assert set(parts) == ({"step", "gemms"} if block == "1" else {"step", "gemms", "verify", "draft"})
+                assert set(parts) == ({"step", "step_sums_apart", "gemms"} if block == "1"
+                                      else {"step", "gemms", "verify", "draft"})
                 assert parts["gemms"]["floor_ms"] < parts["step"]["floor_ms"]  # the weights, not the K/V nor lm_head
                 for part in parts.values():
                     assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
@@ -551,6 +552,7 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
                     passes = parts["verify"]["floor_ms"], parts["draft"]["floor_ms"]
                     assert max(passes) < parts["step"]["floor_ms"] <= sum(passes) * (1 + 1e-9)
     out = report(str(stored))
+    assert "AR step, ms, the split-K sums in the next norm / in a kernel of their own (side by side): 1: " in out
     assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in out
     assert "| c | AR | B=8 | best / AR |" in out
 
