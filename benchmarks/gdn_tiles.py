@@ -5,9 +5,9 @@ A tile is the value dims of one value head's state that a program holds, and its
 programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. For the Qwen3.5-4B
 layer shape (32 value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or
 16 (a verify block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
-layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's state read and written once,
-what commit keeps per token (the tape), and the projections in and the outputs out. Each
-tile's outputs are checked against the first's.
+layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's
+state read and written once, what commit keeps per token (the tape), and the projections in and the outputs out.
+Each tile's outputs are checked against the first's.
 
     python -m benchmarks.gdn_tiles --out DIR          # on a CUDA machine
     TRITON_INTERPRET=1 python -m benchmarks.gdn_tiles --tiny --device cpu   # logic check on small shapes

@@ -6,8 +6,8 @@ Bytes: every weight once (a tied embedding once, as the lm_head; an untied embed
 step looks up), the lm_head again for the draft's logits, each row's visible K/V (a sliding layer's window, not
 the whole context), and for a Gated DeltaNet layer each row's recurrent and conv state read once and written once
 a pass (a verify's commit can set the kept prefix's state from the one before it: no rollback must write more)
-and its inputs. FLOPs: two per weight per token, four per
-visible key per query per head dimension (scores and values), six per recurrent-state entry per token.
+and its inputs. FLOPs: two per weight per token, four per visible key per query per head dimension (scores and
+values), six per recurrent-state entry per token.
 """
 
 from __future__ import annotations

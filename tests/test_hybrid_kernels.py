@@ -145,7 +145,7 @@ def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
 
 
 def torch_chunked_as_fla(q, k, v, g, beta, scale, initial_state, output_final_state):
-    """delta_rule_chunked behind flash-linear-attention's calling convention ([b, n, h, ...]; outputs, then the state)."""
+    """delta_rule_chunked behind flash-linear-attention's calling convention ([b, n, h, ...]; outputs, then state)."""
     state, out = delta_rule_chunked(initial_state, *(t.transpose(1, 2) for t in (q * scale, k, v, g, beta)))
     assert output_final_state
     return out.transpose(1, 2), state
