@@ -77,6 +77,21 @@ class GDNLayerState:
             self.tape_k[:, t], self.tape_decay[:, t], self.tape_u[:, t] = k, decay, innovation
 
 
+    def take_conv_state(self, inputs: torch.Tensor, lengths: torch.Tensor | None, fresh: torch.Tensor) -> None:
+        """Set the conv state [b, C, K-1] to the one after each row's last input: the last K-1 of the conv state
+        (zeros where `fresh` [b]: a new sequence) followed by the row's inputs [b, n, C], up to its length
+        (`lengths` [b]; None: all n). Rows with fewer than K-1 inputs keep part of the old state."""
+        b, n, channels = inputs.shape
+        width = self.conv.shape[-1]
+        last = lengths if lengths is not None else torch.full((b,), n, device=inputs.device)
+        slots = last[:, None] + torch.arange(width, device=inputs.device)  # in (state, inputs): slots m .. m+K-2
+        tokens = slots - width  # the input a slot holds, or (< 0) the old state's slot
+        from_inputs = inputs[torch.arange(b, device=inputs.device)[:, None], tokens.clamp(min=0)].transpose(1, 2)
+        old = torch.where(fresh[:, None, None], 0, self.conv)
+        from_state = old.gather(-1, slots.clamp(max=width - 1)[:, None, :].expand(-1, channels, -1))
+        self.conv.copy_(torch.where((tokens >= 0)[:, None, :], from_inputs, from_state))
+
+
 ROLLBACKS = ("states", "replay")
 # replay: 5-6% faster verify steps than "states" on the H100 at batch 1 (docs/performance.md), 0.5 MiB kept per
 # layer and row instead of 32, and no commit copy after a one-token decode

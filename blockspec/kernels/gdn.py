@@ -296,15 +296,7 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
     o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=initial, output_final_state=True)
     out = _output(o.to(projected.dtype), projected, positions, norm_weight, eps, layer, lengths, kernel,
                   conv_state=False)
-    # the conv state after each row's last token m: window slots m .. m+K-2 of (old conv state, the tokens' inputs)
-    width = kernel - 1
-    last = lengths if lengths is not None else torch.full((b,), n, device=projected.device)
-    slots = last[:, None] + torch.arange(width, device=projected.device)  # [b, K-1]
-    tokens = slots - width  # the input each slot holds, or (< 0) the old state's slot
-    from_tokens = projected[torch.arange(b, device=projected.device)[:, None], tokens.clamp(min=0), :channels]
-    old = torch.where(fresh[:, None, None], 0, layer.conv)
-    from_state = old.gather(-1, slots.clamp(max=width - 1)[:, None, :].expand(-1, channels, -1))
-    layer.conv.copy_(torch.where((tokens >= 0)[:, None, :], from_tokens.transpose(1, 2), from_state))
+    layer.take_conv_state(projected[..., :channels], lengths, fresh)
     layer.recurrent.copy_(final)
     return out
 

@@ -242,12 +242,7 @@ class GatedDeltaNet(nn.Module):
             out = torch.stack(outputs, dim=2)
         else:  # a prefill
             current, out = prefill_delta_rule(current, q, k, v, g, beta)
-        width = layer.conv.shape[-1]  # K-1: the conv state after token m is window[m : m + K-1]
-        if lengths is None:
-            layer.conv.copy_(window[..., window.shape[-1] - width:])
-        else:
-            taps = lengths[:, None] + torch.arange(width, device=x.device)
-            layer.conv.copy_(window.gather(-1, taps[:, None, :].expand_as(layer.conv)))
+        layer.take_conv_state(qkv, lengths, fresh.view(-1))
         layer.recurrent.copy_(initial if deferred else current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return out.flatten(2)
