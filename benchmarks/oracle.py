@@ -54,9 +54,9 @@ class OracleProposer:
         self.inner.allocate(max_batch, max_len)
         self.steps = torch.zeros(max_batch, dtype=torch.long, device=self.schedules.device)  # proposals per row
 
-    def join(self, row: int, features: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.inner.join(row, features, positions)
-        self.steps[row] = 0
+    def join(self, first: int, features: torch.Tensor | None, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        self.inner.join(first, features, positions, lengths)
+        self.steps[first:first + positions.shape[0]] = 0
 
     def set_schedule(self, schedule: list[int] | dict[int, list[int]]) -> None:
         """New schedules, written in place (graphs captured earlier read them): one list for every block, or a

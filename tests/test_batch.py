@@ -217,8 +217,8 @@ def counting_forwards(model, monkeypatch) -> list[tuple[int, int]]:
 def test_joiners_are_prefilled_together_in_one_forward(zoo, monkeypatch):
     """Requests joining in one step share one target forward over their prompts right-padded to the longest, and
     each still gets exactly its tokens alone: greedy rows, a plain-decoding row (block 1), a seeded sampling row
-    with log-probabilities. A request whose prefill cannot be sampled is never claimed (the rows after it move
-    up); max_prefill_tokens splits the joiners in arrival order."""
+    with log-probabilities; the draft stores their context in one pass too. A request whose prefill cannot be
+    sampled is never claimed (the rows after it move up); max_prefill_tokens splits the joiners in arrival order."""
     tiny = zoo.target("qwen3")
     draft = zoo.draft("qwen3", "dflash", block_size=8)
     prompts = prompts_of([5, 17, 2, 11, 9], tiny.config.vocab_size, seed=10)
@@ -227,11 +227,14 @@ def test_joiners_are_prefilled_together_in_one_forward(zoo, monkeypatch):
     blocks = [8, 8, 1, 8, 8]
     want = [alone(tiny.target, draft, [p], [q], b)[0] for p, q, b in zip(prompts, params, blocks)]
     shapes = counting_forwards(tiny.target.model, monkeypatch)
+    stored, store_context = [], draft.store_context
+    monkeypatch.setattr(draft, "store_context", lambda f, *a: stored.append(tuple(f.shape[:2])) or store_context(f, *a))
 
     decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=96)
     ids = [decoder.add(p, q, b) for p, q, b in zip(prompts, params, blocks)]
     assert sorted(seq_id for seq_id, _ in decoder.admit()) == ids[:4]
     assert shapes == [(4, 17)]  # four rows in one forward; the fifth waits for a free row
+    assert stored == [(4, 17)]  # and the draft takes their context in one pass
     got = {seq_id: c.result for seq_id, c in iter_until_done(decoder) if c.result is not None}
     assert [got[i].token_ids for i in ids] == [w.token_ids for w in want]
     assert [lp.logprob for lp in got[ids[1]].logprobs] == pytest.approx([lp.logprob for lp in want[1].logprobs],

@@ -79,9 +79,10 @@ class PatternOracle:
     def allocate(self, max_batch: int, max_len: int) -> None:
         self.inner.allocate(max_batch, max_len)
 
-    def join(self, row, features, positions) -> None:
-        self.inner.join(row, features, positions)
-        self.joined = (positions[0].tolist(), features[0].clone())
+    def join(self, first, features, positions, lengths) -> None:
+        self.inner.join(first, features, positions, lengths)
+        n = int(lengths[0])
+        self.joined = (positions[0, :n].tolist(), features[0, :n].clone())
 
     def propose_greedy(self, n, block_size, last_tokens, block_positions, kv_len):
         assert n == 1

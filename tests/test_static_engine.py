@@ -142,7 +142,7 @@ def test_a_draft_pass_reads_each_weight_once_whatever_the_rows(arch):
     generator = torch.Generator().manual_seed(0)
     for row in range(8):
         features = torch.randn(1, 10, len(proposer.tap_layer_ids) * HIDDEN, generator=generator)
-        proposer.join(row, features, torch.arange(10)[None])
+        proposer.join(row, features, torch.arange(10)[None], torch.tensor([10]))
     products = {}
     for n in (1, 8):
         positions = 10 + torch.arange(4).repeat(n, 1)

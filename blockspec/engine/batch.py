@@ -129,10 +129,11 @@ class BatchDecoder:
                                  f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
                                  f"(--max-model-len)") from None
         long = dict(device=target.device, dtype=torch.long)
-        # Device state, one row per sequence.
-        self.last_token = torch.zeros(max_batch, **long)  # newest committed token, block slot 0
-        self.start = torch.zeros(max_batch, **long)  # its position
-        self.cap = torch.zeros(max_batch, **long)  # the most drafts a row may accept: its block size - 1
+        # Device state, one row per sequence, in one tensor: joining, leaving and parking rows write it at once.
+        self.row_state = torch.zeros(3, max_batch, **long)
+        self.last_token = self.row_state[0]  # newest committed token, block slot 0
+        self.start = self.row_state[1]  # its position
+        self.cap = self.row_state[2]  # the most drafts a row may accept: its block size - 1
         self.offsets = torch.arange(self.max_block, **long)
         self.out = torch.zeros(max_batch, self.max_block + 1, **long)  # accepted count, then the target's choices
         # two host copies of `out`: a step's is read while the next one fills the other (pinned: a true async copy)
@@ -252,23 +253,28 @@ class BatchDecoder:
     def _join(self, group: list[_Sequence], chunks: dict[int, StreamChunk]) -> None:
         """Prefill the prompts of `group` in one target forward into the next free rows, right-padded to the
         longest (a row's padding slots hold garbage K/V at positions that its own later passes overwrite
-        before any query reads them), and commit each one's first token from its own last position."""
+        before any query reads them), and commit each one's first token from its own last position. The
+        proposer takes the group's taps in one call, the device state is written once, and the group's greedy
+        tokens come in one host read."""
         first = len(self.rows)
         target, device = self.target.model, self.target.device
         lengths = [len(seq.prompt_ids) for seq in group]
         longest = max(lengths)
-        drafted = [seq.block_size > 1 for seq in group]  # a plain-decoding request never needs the proposer
+        drafted = any(seq.block_size > 1 for seq in group)  # plain-decoding requests never need the proposer
         ids = torch.tensor([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)], device=device)
         positions = torch.arange(longest, device=device).repeat(len(group), 1)
         real = torch.tensor(lengths, device=device)
         hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
-                                  self.tap_ids if any(drafted) else (), kv_len=longest,
+                                  self.tap_ids if drafted else (), kv_len=longest,
                                   lengths=real if min(lengths) < longest else None)
+        if drafted:  # the prompts become the proposer's context now; nothing is pending for these rows
+            self.proposer.join(first, features, positions, real)
         logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
-        row = first
+        greedy = logits.argmax(-1).tolist()
+        joined: list[list[int]] = []  # per joined row: first token, its position, draft cap
         for i, (seq, n) in enumerate(zip(group, lengths)):
             if seq.params.greedy:
-                token = int(logits[i].argmax(-1))
+                token = greedy[i]
             else:
                 probs = warped_probs(logits[i:i + 1], seq.params)
                 try:
@@ -279,25 +285,34 @@ class BatchDecoder:
                 token = int(sample(probs, seq.generator))
             top = seq.params.logprobs
             logprobs = token_logprobs(logits[i:i + 1], [token], top) if top is not None else None
+            row = first + len(joined)
             if row != first + i:
                 self.target_cache.copy_row(first + i, row, n)
-            if drafted[i]:  # the prompt becomes the proposer's context now; nothing is pending for this row
-                self.proposer.join(row, features[i:i + 1, :n], positions[i:i + 1, :n])
-            self.last_token[row] = token
-            self.start[row] = n
-            self.cap[row] = seq.block_size - 1
+                if drafted:
+                    self.proposer.move_row(first + i, row, n)
+            joined.append([token, n, seq.block_size - 1])
             seq.position = n
             self.rows.append(seq)
             self._commit(seq, [token], chunks, logprobs)
-            row += 1
+        if joined:
+            self.row_state[:, first:first + len(joined)] = torch.tensor(joined).T
 
     def _retire_finished(self) -> None:
-        for row in reversed(range(len(self.rows))):
+        active = len(self.rows)
+        for row in reversed(range(active)):
             if self.rows[row].output.done:
-                self._leave(row)
+                self._vacate(row)
+        if len(self.rows) < active:
+            self._park(len(self.rows), active)
 
     def _leave(self, row: int) -> None:
-        """Free `row`; the last active row moves into it so that the active rows stay [0, n)."""
+        """Free `row` (`_vacate`) and park the row that became free."""
+        self._vacate(row)
+        self._park(len(self.rows), len(self.rows) + 1)
+
+    def _vacate(self, row: int) -> None:
+        """Free `row`: the last active row moves into it, so that the active rows stay [0, n). The caller parks
+        the rows this frees (once for many)."""
         last = len(self.rows) - 1
         if row != last:
             moved = self.rows[last]
@@ -307,16 +322,13 @@ class BatchDecoder:
             self.target_cache.copy_row(last, row, length)
             if self.proposer is not None:
                 self.proposer.move_row(last, row, length)
-            for state in (self.last_token, self.start, self.cap):
-                state[row] = state[last]
+            self.row_state[:, row] = self.row_state[:, last]
             self.rows[row] = moved
         self.rows.pop()
-        self._park(last, last + 1)
 
     def _park(self, first: int, stop: int) -> None:
         """Make rows [first, stop) idle: position 0, nothing accepted (CUDA-graph padding runs them)."""
-        for state in (self.start, self.last_token, self.cap):
-            state[first:stop] = 0
+        self.row_state[:, first:stop] = 0
 
     def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk],
                 logprobs: list[TokenLogprob] | None = None) -> None:

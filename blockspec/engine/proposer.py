@@ -24,8 +24,10 @@ class Proposer(Protocol):
     def allocate(self, max_batch: int, max_len: int) -> None:
         """Per-row state for `max_batch` rows of up to `max_len` positions."""
 
-    def join(self, row: int, features: torch.Tensor | None, positions: torch.Tensor) -> None:
-        """A prompt entered `row`: its taps `features` [1, n, T*H] at `positions` [1, n] are context now."""
+    def join(self, first: int, features: torch.Tensor | None, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Prompts entered rows [first, first + g): their taps `features` [g, n, T*H] at `positions` [g, n] are
+        context now. Row i's prompt is its first lengths[i] slots (`lengths` [g], on the device); the slots after it
+        hold padding, which the row's own blocks overwrite before any query reads them."""
 
     def propose_greedy(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
                        kv_len: int) -> torch.Tensor:
@@ -70,9 +72,10 @@ class DraftProposer:
         self.feat_pos = torch.zeros(max_batch, self.max_block, **long)
         self.offsets = torch.arange(self.max_block, **long)
 
-    def join(self, row: int, features: torch.Tensor | None, positions: torch.Tensor) -> None:
-        self.draft.store_context(features, positions, self.cache.rows(row, row + 1))
-        self.feat_pos[row] = positions.shape[1] + self.offsets  # nothing pending: slots the first block overwrites
+    def join(self, first: int, features: torch.Tensor | None, positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        stop = first + positions.shape[0]
+        self.draft.store_context(features, positions, self.cache.rows(first, stop))
+        self.feat_pos[first:stop] = lengths[:, None] + self.offsets  # nothing pending: slots the first block overwrites
 
     def _hidden(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
                 kv_len: int) -> torch.Tensor:
