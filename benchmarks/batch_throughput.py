@@ -23,10 +23,10 @@ One engine serves every column (AR requests are block-1 requests), its CUDA grap
 The floor of a cell is one decode step of c rows at the mean context (prompt + half the new tokens) with the
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
-goes, per concurrency: the prefill of c prompts joining at once; c live rows, and per block the whole greedy step
-(with its costliest kernels, timed without PDL; AR also with the split-K sums in a kernel of their own, side by
-side), the verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own,
-beside their floors.
+goes, per concurrency: the prefill of c prompts joining at once (plain and drafted, beside the device's busy time);
+c live rows, and per block the whole greedy step (with its costliest kernels, timed without PDL; AR also with the
+split-K sums in a kernel of their own, side by side), the verify pass and the draft pass (each with its greedy
+tokens) captured as CUDA graphs of their own, beside their floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -39,14 +39,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -164,7 +166,9 @@ def sweep(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams
             ran = max(row[name]["blocks"].items(), key=lambda kv: kv[1])[0] if row[name]["blocks"] else "1"
             row[name]["floor"] = floors.cell(c, int(ran), row[name]["tau"])
         if parts:
-            row["prefill"] = prefill_time(engine, prompts[:c], device)
+            row["prefill"] = prefill_time(engine, prompts[:c], device, 1)
+            if engine.proposer is not None:
+                row["prefill_drafted"] = prefill_time(engine, prompts[:c], device, engine.max_block)
             row["parts"] = where_time_goes(engine, prompts, c, tuple(b for b in cols.values() if b > 1), floors,
                                            device)
         row["seconds"] = time.perf_counter() - started  # the row's whole host time, parts included
@@ -186,11 +190,14 @@ def step_tokens(engine: BatchDecoder, column: str) -> Iterator[None]:
         engine.max_step_tokens = None
 
 
-def prefill_time(engine: BatchDecoder, prompts: list[list[int]], device: str) -> dict:
-    """The prefill of `prompts` joining an idle engine at once (`admit`: one forward per group of joiners that fits
-    max_prefill_tokens), timed from the host: ms in all and per prompt; then its costliest kernels, profiled."""
+def prefill_time(engine: BatchDecoder, prompts: list[list[int]], device: str, block: int) -> dict:
+    """The prefill of `prompts` joining an idle engine at once with `block` (1: plain decoding; more: the proposer
+    takes their taps too), `admit`: one forward per group of joiners that fits max_prefill_tokens. Timed from the
+    host, the median of 3: ms in all and per prompt; then one join profiled: the device's busy ms (a join that takes
+    longer waits on the host) and its costliest kernels; for a single prompt also the host functions that took
+    longest (cProfile, own time)."""
     def join() -> float:
-        ids = [engine.add(p, SamplingParams(max_new_tokens=8, ignore_eos=True), block_size=1) for p in prompts]
+        ids = [engine.add(p, SamplingParams(max_new_tokens=8, ignore_eos=True), block_size=block) for p in prompts]
         try:
             sync(device)
             started = time.perf_counter()
@@ -201,9 +208,23 @@ def prefill_time(engine: BatchDecoder, prompts: list[list[int]], device: str) ->
             for seq_id in ids:
                 engine.cancel(seq_id)
 
-    ms = join()
-    return {"prompts": len(prompts), "ms": ms, "ms_per_prompt": ms / len(prompts),
-            "kernels": profiled_kernels(join, device)}
+    ms = statistics.median(join() for _ in range(3))
+    kernels = profiled_kernels(join, device, top=None)
+    out = {"prompts": len(prompts), "block": block, "ms": ms, "ms_per_prompt": ms / len(prompts),
+           "device_busy_ms": sum(k["us"] for k in kernels) / 1e3, "kernels": kernels[:12]}
+    if len(prompts) == 1:
+        out["host_functions"] = host_functions(join)
+    return out
+
+
+def host_functions(fn: Callable[[], object], top: int = 15) -> list[dict]:
+    """The `top` functions by own host time in one call of `fn` (cProfile; C functions such as a kernel launch or a
+    host read count as their caller's callees): where a host-bound call spends its time."""
+    profiler = cProfile.Profile()
+    profiler.runcall(fn)
+    rows = [{"function": f"{Path(file).name}:{line}({name})", "ms": own * 1e3, "calls": calls}
+            for (file, line, name), (_, calls, own, _, _) in pstats.Stats(profiler).stats.items()]
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
 def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
@@ -458,10 +479,13 @@ def parts_table(rows: dict) -> list[str]:
         for block, parts in row.get("parts", {}).items():
             lines.append(f"| {c} | {'AR' if block == '1' else block} | {part(parts['step'])} | "
                          f"{part(parts.get('gemms'))} | {part(parts.get('verify'))} | {part(parts.get('draft'))} |")
-    prefills = [f"{c}: {row['prefill']['ms']:.1f} ({row['prefill']['ms_per_prompt']:.1f})" for c, row in rows.items()
-                if "prefill" in row]
-    if prefills:
-        lines += ["", "Prefill of c prompts joining at once, ms (per prompt): " + ", ".join(prefills) + "."]
+    for key, label in (("prefill", "plain decoding"), ("prefill_drafted", "drafted (the draft stores their context too)")):
+        prefills = [f"{c}: {row[key]['ms']:.1f} ({row[key]['ms_per_prompt']:.1f}"
+                    + (f"; {row[key]['device_busy_ms']:.1f})" if "device_busy_ms" in row[key] else ")")
+                    for c, row in rows.items() if key in row]
+        if prefills:
+            lines += ["", f"Prefill of c prompts joining at once, {label}, ms (per prompt; the device busy, ms): "
+                      + ", ".join(prefills) + "."]
     apart = [f"{c}: {row['parts']['1']['step']['ms']:.2f} / {row['parts']['1']['step_sums_apart']['ms']:.2f}"
              for c, row in rows.items() if "step_sums_apart" in row.get("parts", {}).get("1", {})]
     if apart:
@@ -472,6 +496,11 @@ def parts_table(rows: dict) -> list[str]:
         costliest = ", ".join(f"{k['kernel'][:48]} {k['us'] / 1e3:.1f} ms ({k['launches']:.0f})"
                               for k in profiled[-1]["kernels"][:8])
         lines.append(f"Its costliest kernels at c = {profiled[-1]['prompts']}, device time (launches): {costliest}.")
+    alone = [row[key] for row in rows.values() for key in ("prefill", "prefill_drafted") if key in row
+             and "host_functions" in row[key]]
+    for join in alone:
+        functions = ", ".join(f"{f['function']} {f['ms']:.1f} ms ({f['calls']})" for f in join["host_functions"][:8])
+        lines.append(f"One prompt joining (block {join['block']}), host time by function (cProfile, own): {functions}.")
     return lines
 
 

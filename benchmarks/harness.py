@@ -196,8 +196,8 @@ def graph_kernels(fn: Callable[[], object], device: str, replays: int = 5, top: 
     return profiled_kernels(run, device, replays, top)
 
 
-def profiled_kernels(fn: Callable[[], object], device: str, calls: int = 1, top: int = 12) -> list[dict]:
-    """The `top` kernels of `calls` calls of `fn` by summed device time, per call (on the CPU, CPU ops)."""
+def profiled_kernels(fn: Callable[[], object], device: str, calls: int = 1, top: int | None = 12) -> list[dict]:
+    """The `top` kernels (None: all) of `calls` calls of `fn` by summed device time, per call (on the CPU, CPU ops)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")

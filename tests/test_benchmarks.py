@@ -542,6 +542,10 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
             if len(blocks) > 1:
                 assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
             assert set(row["parts"]) == {"1", *map(str, blocks)}
+            for key, block in (("prefill", 1), ("prefill_drafted", 16 if len(blocks) > 1 else 8)):
+                prefill = row[key]
+                assert prefill["block"] == block and prefill["prompts"] == int(c) and prefill["device_busy_ms"] > 0
+                assert ("host_functions" in prefill) == (c == "1")
             for block, parts in row["parts"].items():
                 assert set(parts) == ({"step", "step_sums_apart", "gemms"} if block == "1"
                                       else {"step", "gemms", "verify", "draft"})
@@ -555,6 +559,8 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     assert "AR step, ms, the split-K sums in the next norm / in a kernel of their own (side by side): 1: " in out
     assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in out
     assert "| c | AR | B=8 | best / AR |" in out
+    assert "Prefill of c prompts joining at once, drafted (the draft stores their context too), ms (per prompt; " in out
+    assert "One prompt joining (block 16), host time by function (cProfile, own): " in out
 
 
 def load_summary(concurrency: int, equal: bool = True) -> dict:
