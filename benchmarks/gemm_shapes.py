@@ -1,13 +1,18 @@
-"""Skinny GEMMs of the decode step (M = 1 or 16 rows; 32 or 64 in a batch) at Qwen3-4B and Qwen3.5-4B shapes:
+"""Skinny GEMMs of the decode step (M = 1 or 16 rows; 32 to 256 in a batch) at Qwen3-4B and Qwen3.5-4B shapes:
 which formulation reaches the memory-bandwidth floor? Each variant is timed as CUDA-graph replays (no Python launch
 cost), median of many, with the weights rotated so the L2 cache does not serve them.
 
     python -m benchmarks.gemm_shapes      # on a CUDA machine; prints a table, writes JSON to --out
-    python -m benchmarks.gemm_shapes --skinny [--shapes qkv lm_head ...] [--rows 1 16 32 64]
+    python -m benchmarks.gemm_shapes --skinny [--shapes qkv lm_head ...] [--rows 1 16 32 64 128 256]
         # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
         # (targets and drafts, plus the lm_heads) and row bucket; prints the winners as the "skinny" entries to
         # paste into the device's launch table (blockspec/kernels/tables/*.json); a benchmark's --skinny-table
         # runs under them in the same call
+
+--skinny times each projection as the engine runs it (layers.py, under a table holding just the config): a target's
+fused gate_up with silu(gate) * up after it (in the GEMM's epilogue where the config allows), its o_proj and down
+with the residual add and the next RMSNorm (which sums a split-K GEMM's partials itself), an lm_head with a greedy
+step's argmax (kept per column block where the config allows, the logits never written); the rest alone.
 """
 
 from __future__ import annotations
@@ -51,6 +56,17 @@ SUM_TILES = [(16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 128, 4, 3),
 # --quick: the tiles that won a bucket on the H100 (tables/h100.json) and their neighbours, dot tiles only (they won
 # M = 1 too), for a sweep that fits a device call beside the benchmark that runs under it
 QUICK_TILES = [(32, 128, 4, 4), (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 4, 4), (128, 128, 8, 4)]
+# From 128 rows a dot tile of all the rows (the weight streamed once; wgmma's N is up to 256): (block_n, block_k,
+# num_warps, num_stages) that compile for sm_90 without spills and fit its shared memory (checked offline)
+WIDE_TILES = {128: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (64, 128, 4, 3), (128, 64, 8, 3),
+                    (128, 64, 8, 4), (128, 128, 8, 2), (256, 64, 8, 3)],
+              256: [(64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+                    (128, 128, 8, 2)]}
+# what follows a projection in the engine, timed with it: silu * up (the target's fused gate_up), the residual add
+# and the next norm (the target's o_proj / out_proj and down), a greedy step's argmax (the lm_heads); the others are
+# timed alone
+ROLES = {"gate_up": "silu_mul", "q35_gate_up": "silu_mul", "o_proj": "residual_norm", "down": "residual_norm",
+         "q35_down": "residual_norm", "lm_head": "argmax", "q35_lm_head": "argmax"}
 SPLITS = (1, 2, 4, 8)
 CALLS = 20  # back-to-back calls per graph, as a decode step's graph runs them
 ROTATE_BYTES = 200e6  # weight copies cycled per graph: 4x the H100's 50 MB L2, so HBM serves every call
@@ -83,10 +99,11 @@ def copy_bandwidth() -> float:
 def candidates(m: int, k: int, quick: bool = False) -> list[dict]:
     """Launch configs for a product of m rows (a row bucket: 1, 16, 32, 64, 128 or 256) and K: dot tiles of
     max(16, m) rows up to 64 (more rows run as more tiles, neighbours in launch order that find the weight tile in
-    L2), the one-row sums too at m = 1 unless `quick`, each with every split that leaves two K tiles a range (up to 4
-    when `quick`)."""
+    L2), from 128 rows also tiles of all m rows (WIDE_TILES), the one-row sums too at m = 1 unless `quick`, each with
+    every split that leaves two K tiles a range (up to 4 when `quick`)."""
     dot = min(max(16, m), 64)
     tiles = [(dot, *t) for t in (QUICK_TILES if quick else DOT_TILES)]
+    tiles += [(m, *t) for t in WIDE_TILES.get(m, [])]
     tiles += [(1, *t) for t in SUM_TILES] if m == 1 and not quick else []
     splits = SPLITS[:3] if quick else SPLITS
     return [{"rows": rows, "block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps, "num_stages": stages}
@@ -104,17 +121,44 @@ def project(x: torch.Tensor, w: torch.Tensor, config: dict | None) -> torch.Tens
     return F.linear(x, w) if config is None else skinny_linear(x, w, None, config)
 
 
+def engine_op(x: torch.Tensor, w: torch.Tensor, config: dict | None, role: str | None, residual: torch.Tensor,
+              norm: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The projection by weight `w` as the engine runs it (ROLES; "residual_norm" adds it to `residual` and applies
+    `norm`) on a table holding only `config` for x's rows (None: cuBLAS): a function of the weight, returning the
+    output the engine goes on with."""
+    from blockspec.kernels import use_settings
+    from blockspec.layers import linear, linear_add_rms_norm, linear_argmax, linear_silu_mul
+
+    table = {tuple(w.shape): {x.shape[0]: config}}
+
+    def run(weight: torch.Tensor) -> torch.Tensor:
+        with use_settings(skinny_table=table):
+            if role == "silu_mul":
+                return linear_silu_mul(x, weight)
+            if role == "residual_norm":
+                return linear_add_rms_norm(x, weight, None, residual, norm)[1]
+            if role == "argmax":
+                return linear_argmax(x, weight)
+            return linear(x, weight)
+
+    return run
+
+
 def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor, config: dict | None,
-                bandwidth: float) -> dict:
-    """us/call over CALLS back-to-back calls in one graph and % of `bandwidth` (weight bytes / time), with
-    checks: error against `ref` (fp32 x @ weights[0]^T), two eager calls equal, the graph's result equals eager."""
+                bandwidth: float, role: str | None = None) -> dict:
+    """us/call over CALLS back-to-back calls of the engine's op (`engine_op`) in one graph and % of `bandwidth`
+    (weight bytes / time), with checks: the GEMM's error against `ref` (fp32 x @ weights[0]^T), two eager calls of
+    the op equal, the graph's result equals eager."""
+    from blockspec.layers import RMSNorm
+
     w = weights[0]
-    eager = project(x, w, config)
-    err = ((eager.float() - ref).norm() / ref.norm()).item()
-    seconds, outs = graph_time(lambda: [project(x, weights[i % len(weights)], config) for i in range(CALLS)],
-                               reps=10)
+    err = ((project(x, w, config).float() - ref).norm() / ref.norm()).item()
+    residual = torch.randn(x.shape[0], w.shape[0], device=x.device, dtype=x.dtype)
+    op = engine_op(x, w, config, role, residual, RMSNorm(w.shape[0], 1e-6).to(x.device, x.dtype))
+    eager = op(w)
+    seconds, outs = graph_time(lambda: [op(weights[i % len(weights)]) for i in range(CALLS)], reps=10)
     row = {"us": seconds / CALLS * 1e6, "pct_bw": 100 * w.numel() * 2 * CALLS / seconds / bandwidth,
-           "rel_err": err, "deterministic": torch.equal(eager, project(x, w, config)),
+           "rel_err": err, "deterministic": torch.equal(eager, op(w)),
            "graph_equals_eager": torch.equal(outs[0], eager)}
     row["ok"] = err < 1e-2 and row["deterministic"] and row["graph_equals_eager"]
     return row
@@ -141,7 +185,7 @@ def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick:
             for kind, config in runs + [("candidate", c) for c in candidates(m, k, quick)]:
                 row = {"gemm": name, "n": n, "k": k, "m": m, "kind": kind, "config": config}
                 try:
-                    row.update(time_config(x, weights, ref, config, bandwidth))
+                    row.update(time_config(x, weights, ref, config, bandwidth, ROLES.get(name)))
                 except Exception as exc:  # noqa: BLE001 (a config that does not fit, e.g. shared memory)
                     row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:160]}")
                 results.append(row)

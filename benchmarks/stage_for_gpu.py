@@ -6,9 +6,11 @@ the three device calls that make them, in order (each well inside a command's 10
      fla, prompt attention on flash), then engine_limit --qwen35 (contexts 512, 4096, 16384; the 16x1 GDN tile at
      one row; flash-linear-attention carried for HF's peer). The batched run outlived 150 s at 49985c5 for a
      reason not yet known: it has 300.
-  2. issue 26's batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
-     the parts of each step, the prefill's kernels; flash for a prompt, not cuDNN), then the CUDA tests
-     (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py; a cold Triton cache takes minutes).
+  2. issue 26: the skinny-GEMM sweep of the Qwen3-4B shapes at 64-256 rows (tiles of all the rows from 128; each
+     projection timed with the silu * up or the norm the engine runs after it), then batch_throughput on the
+     Qwen3-4B shape under its winners (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors, the parts of each
+     step; the prefill plain and drafted, beside the device's busy time and the host's functions), then the CUDA
+     tests (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py; a cold Triton cache takes minutes).
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts;
      then gdn_tiles, beside gdn_tiles-20261205-184558.json (the recurrence's output now reduced beside the
@@ -51,6 +53,7 @@ FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
+QWEN3_SHAPES = ("qkv", "o_proj", "gate_up", "down", "draft_gate", "ctx_kv", "fc", "lm_head")  # the sweep's, call 2
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
 CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"
 FLA_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
@@ -149,12 +152,16 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 230 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
              f"2>&1 | tee $O/engine_limit.log",
              "batch_throughput-*.json, engine_limit-*.json, two logs"),
-        Call("issue 26: the batched Qwen3-4B shape, then the CUDA tests", "8-9", [".whl/test", ".whl/fla"],
+        Call("issue 26: the GEMM sweep at 64-256 rows, the batched Qwen3-4B shape under it, the CUDA tests", "9-10",
+             [".whl/test", ".whl/fla"],
              install(".whl/test") + FLA_INSTALL
-             + f"timeout 220 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log; "
-             f"timeout 300 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
+             + f"timeout 120 {run}gemm_shapes --skinny --quick --rows 64 128 256 --shapes {' '.join(QWEN3_SHAPES)} "
+             f"--out $O 2>&1 | grep -v '^ ' | tee $O/sweep.log; T=$(ls $O/gemm_shapes-*.json 2>/dev/null); "
+             f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
+             f"--out $O 2>&1 | tee $O/batch.log; "
+             f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
              f"| tee $O/pytest.log",
-             "batch_throughput-*.json, pytest.log, a log"),
+             "gemm_shapes-skinny-*.json, batch_throughput-*.json, pytest.log, two logs"),
         Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "

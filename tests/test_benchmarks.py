@@ -498,6 +498,36 @@ def throughput_record() -> dict:
                         "dflash": {"32": row(5000.0, 6000.0)}, "dflare": {"32": row(5000.0, 5500.0)}}}
 
 
+def test_gemm_sweep_takes_wide_tiles_from_128_rows_and_times_each_projection_as_the_engine_runs_it():
+    """From 128 rows the skinny sweep also tries tiles of all the rows (the weight read once); every candidate splits K
+    into ranges of whole tiles. Each projection is timed with what the engine runs after it: silu * up after the
+    fused gate_up, the residual add and the next norm after o_proj and down, a greedy argmax after an lm_head (on the
+    CPU: the plain ops)."""
+    import torch.nn.functional as F
+
+    from benchmarks.gemm_shapes import ROLES, candidates, engine_op
+    from blockspec.layers import RMSNorm
+
+    assert {c["rows"] for c in candidates(64, 2560)} == {64}
+    for m in (128, 256):
+        configs = candidates(m, 9728)
+        assert {c["rows"] for c in configs} == {64, m}
+        assert all(c["split_k"] == 1 or 9728 >= 2 * c["split_k"] * c["block_k"] for c in configs)
+    assert ROLES["gate_up"] == "silu_mul" and ROLES["down"] == "residual_norm" and ROLES["lm_head"] == "argmax"
+    assert "qkv" not in ROLES
+    generator = torch.Generator().manual_seed(0)
+    x, w = torch.randn(4, 32, generator=generator), torch.randn(48, 32, generator=generator)
+    norm = RMSNorm(48, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.1, generator=generator)
+    residual, gate_up = torch.randn(4, 48, generator=generator), F.linear(x, w)
+    torch.testing.assert_close(engine_op(x, w, None, "silu_mul", residual, norm)(w),
+                               F.silu(gate_up[:, 0::2]) * gate_up[:, 1::2])
+    torch.testing.assert_close(engine_op(x, w, None, "residual_norm", residual, norm)(w), norm(residual + gate_up))
+    torch.testing.assert_close(engine_op(x, w, None, None, residual, norm)(w), gate_up)
+    assert torch.equal(engine_op(x, w, None, "argmax", residual, norm)(w), gate_up.argmax(-1))
+
+
 def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_and_parts(tmp_path):
     from benchmarks.batch_throughput import report
 

@@ -162,13 +162,14 @@ def test_context_only_store_and_add_rms_norm():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
-@pytest.mark.parametrize("m", [1, 3, 16, 40])
+@pytest.mark.parametrize("m", [1, 3, 16, 40, 130])
 def test_skinny_linear_matches_linear(m, bias, dtype):
-    """Every path (one-row multiply-sum, tensor-core dot of 16, 32 or 64 rows, more rows than a tile, split-K with
-    its reduce, K a multiple of the tile or not) against F.linear; two calls give bit-identical results."""
+    """Every path (one-row multiply-sum, tensor-core dot of 16 to 256 rows, more rows than a tile, a tile of more rows
+    than there are, split-K with its reduce, K a multiple of the tile or not) against F.linear; two calls give
+    bit-identical results."""
     gen = torch.Generator().manual_seed(m)
     base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
-    tiles = (1, 16) if m == 1 else (16, 32, 64) if m > 16 else (16,)
+    tiles = (1, 16) if m == 1 else (64, 128, 256) if m > 64 else (16, 32, 64) if m > 16 else (16,)
     configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in tiles for split in (1, 3)]
     for n, k in ((100, 300), (48, 256)):  # 100 x 300: neither a multiple of the tiles
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
@@ -184,15 +185,15 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 5, 16, 40])
+@pytest.mark.parametrize("m", [1, 5, 16, 40, 130])
 def test_a_gate_up_gemm_with_silu_mul_in_its_epilogue_equals_the_two_kernels(m, dtype):
     """skinny_linear(silu_mul=True) on a fused gate_up projection ((gate j, up j) column pairs) writes exactly what
-    silu_mul of its plain output writes: one-row and tensor-core tiles, ragged pairs (n = 100 with 32-column
-    tiles), a bias; and linear_silu_mul takes it."""
+    silu_mul of its plain output writes: one-row and tensor-core tiles (a wide one of 256 rows too), ragged pairs
+    (n = 100 with 32-column tiles), a bias; and linear_silu_mul takes it."""
     from blockspec.layers import linear, linear_silu_mul
 
     gen = torch.Generator().manual_seed(m)
-    tiles = (1, 16) if m == 1 else (16, 32) if m > 16 else (16,)
+    tiles = (1, 16) if m == 1 else (64, 256) if m > 64 else (16, 32) if m > 16 else (16,)
     for n, k, rows in [(n, k, rows) for n, k in ((100, 300), (64, 256)) for rows in tiles]:
         config = {"rows": rows, "block_n": 32, "block_k": 64, "split_k": 1, "num_warps": 4, "num_stages": 2}
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
