@@ -14,7 +14,8 @@ the three device calls that make them, in order (each well inside a command's 10
   3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts;
      then gdn_tiles, beside gdn_tiles-20261205-184558.json (the recurrence's output now reduced beside the
-     innovation, the conv window token-major).
+     innovation, the conv window token-major); then vs_transformers (transformers' native DFlash generate beside
+     blockspec, bf16, 6 gsm8k prompts).
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in parts, with the calls that have room (the last ones first), each copied to /root/stage; call 3 joins them and
@@ -162,7 +163,8 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
              f"| tee $O/pytest.log",
              "gemm_shapes-skinny-*.json, batch_throughput-*.json, pytest.log, two logs"),
-        Call("issue 26: serve_load on a live server, then SmolLM2 with the shipped drafts", "6-7",
+        Call("issue 26: serve_load on a live server, SmolLM2 with the shipped drafts, gdn_tiles, vs transformers",
+             "8-10",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
              f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls'; ls -l /root/stage; "
@@ -175,8 +177,11 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
                f"2>&1 | tee $O/serve.log; "
              + f"timeout 180 {run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data "
                f"--repeats 2 --out $O 2>&1 | tee $O/batch.log; "
-             + f"timeout 90 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log",
-             "serve_load-*.json, batch_throughput-*.json, gdn_tiles-*.json, three logs", drafts=True),
+             + f"timeout 90 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log; "
+             + f"timeout 70 {run}vs_transformers --device cuda --target {gguf} --dtype bfloat16 --max-samples 6 "
+               f"--data-dir /root/data/data --out $O 2>&1 | tail -12 | tee $O/vs_transformers.log",
+             "serve_load-*.json, batch_throughput-*.json, gdn_tiles-*.json, vs_transformers-*.json, four logs",
+             drafts=True),
     ]
 
 
@@ -184,8 +189,8 @@ def device_command(call: Call, head: str) -> str:
     """The call's whole command: unbuffered output, $OUT as an absolute path ($O), this commit's hash for the
     records (no .git travels), its GGUF parts copied to /root/stage, then its runs."""
     copy = "".join(f"cp .stage/{p} /root/stage/ && " for p in call.parts)
-    command = (f"export PYTHONUNBUFFERED=1 BLOCKSPEC_GIT_COMMIT={head}; set -o pipefail; export O=$(cd \"$OUT\" && pwd); "
-               f"mkdir -p /root/stage && {copy}{call.command}")
+    command = (f"export PYTHONUNBUFFERED=1 BLOCKSPEC_GIT_COMMIT={head}; set -o pipefail; "
+               f"export O=$(cd \"$OUT\" && pwd); mkdir -p /root/stage && {copy}{call.command}")
     if len(command) > COMMAND_LIMIT:
         raise ValueError(f"{call.title}: the command has {len(command)} characters, more than {COMMAND_LIMIT}")
     return command

@@ -11,6 +11,7 @@ drafts learn their mask embedding instead of borrowing a vocabulary token's (dfl
 transformers' block embedding gets that vector in its mask slots (`learned_mask`, a wrapper of one method).
 
     python -m benchmarks.vs_transformers --data-dir DIR --out DIR      # SmolLM2-135M + the shipped DFlash, CPU
+    python -m benchmarks.vs_transformers --device cuda --target PATH.gguf --dtype bfloat16 --data-dir DIR --out DIR
     python -m benchmarks.vs_transformers --report FILE.json
 """
 
@@ -131,11 +132,13 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
-    folder = Path(args.target) if args.target else gguf_as_hf_dir(smollm2_gguf_path())
+    source = Path(args.target) if args.target else smollm2_gguf_path()
+    folder = gguf_as_hf_dir(source) if source.suffix == ".gguf" else source
+    dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(args.device).eval()
-    target: Target = target_from_hf(hf, tokenizer, name=folder.name)  # shares hf's weights
-    draft = load_draft(args.draft, device=args.device, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    target: Target = target_from_hf(hf, tokenizer, name=source.name)  # shares hf's weights
+    draft = load_draft(args.draft, device=args.device, dtype=dtype)
     assistant = transformers_assistant(draft)
     eos = list(dict.fromkeys([*target.eos_token_ids, *([hf.generation_config.eos_token_id] if isinstance(
         hf.generation_config.eos_token_id, int) else hf.generation_config.eos_token_id or [])]))
@@ -149,7 +152,7 @@ def run(args) -> dict:
             rows.append(run_prompt(ids, hf, assistant, *decoders, eos, args.max_new_tokens, reverse=i % 2 == 1))
             print(json.dumps({name: round(len(r["tokens"]) / r["seconds"], 1) for name, r in rows[-1].items()}),
                   flush=True)
-    return {**run_header(args), "threads": torch.get_num_threads(), "dataset": args.dataset,
+    return {**run_header(args), "threads": torch.get_num_threads(), "dtype": args.dtype, "dataset": args.dataset,
             "max_new_tokens": args.max_new_tokens, "target": folder.name, "draft": Path(args.draft).name,
             "transformers": __import__("transformers").__version__, "prompts": rows}
 
@@ -169,7 +172,7 @@ def report(path: str) -> str:
     lines = [f"Device {record['device']} ({record['threads']} threads), torch {record['torch']}, transformers "
              f"{record['transformers']}, commit {record['commit']}, {record['date']}; {record['target']} + "
              f"{record['draft']}, {record['dataset']}, {len(rows)} prompts, greedy, up to {record['max_new_tokens']} "
-             f"new tokens, fp32. All four outputs identical: {identical}/{len(rows)}.", "",
+             f"new tokens, {record.get('dtype', 'float32')}. All four outputs identical: {identical}/{len(rows)}.", "",
              "| path | tok/s (median) | tokens a verify commits | over transformers AR |",
              "| --- | --- | --- | --- |"]
     for name in PATHS:
@@ -183,7 +186,10 @@ def report(path: str) -> str:
 def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.set_defaults(device="cpu")
-    parser.add_argument("--target", default=None, help="an HF model folder (default: SmolLM2-135M-Instruct's GGUF)")
+    parser.add_argument("--target", default=None,
+                        help="an HF model folder or a .gguf file (default: SmolLM2-135M-Instruct's GGUF)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="both sides' weights (in bfloat16 a verify and a plain token may round apart)")
     parser.add_argument("--draft", default=str(DRAFTS_DIR / "smollm2-135m-instruct-dflash"))
     parser.add_argument("--dataset", default="gsm8k")
     parser.add_argument("--data-dir", default=None)
