@@ -170,7 +170,9 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
     gen = torch.Generator().manual_seed(m)
     base = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 2}
     tiles = (1, 16) if m == 1 else (64, 128, 256) if m > 64 else (16, 32, 64) if m > 16 else (16,)
-    configs = [None] + [{**base, "rows": rows, "split_k": split} for rows in tiles for split in (1, 3)]
+    wide = {"block_n": 64}  # a wide tile's dot takes wgmma (its M, the weight's side, is 64 or more) as the sweep's do
+    configs = [None] + [{**base, "rows": rows, "split_k": split, **(wide if rows > 64 else {})} for rows in tiles
+                        for split in (1, 3)]
     for n, k in ((100, 300), (48, 256)):  # 100 x 300: neither a multiple of the tiles
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
         w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
@@ -195,7 +197,8 @@ def test_a_gate_up_gemm_with_silu_mul_in_its_epilogue_equals_the_two_kernels(m, 
     gen = torch.Generator().manual_seed(m)
     tiles = (1, 16) if m == 1 else (64, 256) if m > 64 else (16, 32) if m > 16 else (16,)
     for n, k, rows in [(n, k, rows) for n, k in ((100, 300), (64, 256)) for rows in tiles]:
-        config = {"rows": rows, "block_n": 32, "block_k": 64, "split_k": 1, "num_warps": 4, "num_stages": 2}
+        config = {"rows": rows, "block_n": 64 if rows > 64 else 32, "block_k": 64, "split_k": 1, "num_warps": 4,
+                  "num_stages": 2}
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
         w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
         for b in (None, torch.randn(n, generator=gen).to(DEVICE, dtype)):
