@@ -144,7 +144,10 @@ def run(args) -> dict:
         hf.generation_config.eos_token_id, int) else hf.generation_config.eos_token_id or [])]))
     samples, _ = load_samples(args.dataset, args.data_dir, args.max_samples + 1)
     prompts = [target.encode(sample.turns[0]) for sample in samples]
-    decoders = (SpeculativeDecoder(target, None), SpeculativeDecoder(target, draft))
+    # one cache row long enough for every prompt: a decoder that grew it mid-run would build (and on CUDA capture)
+    # its engine again inside a timed prompt
+    max_len = max(map(len, prompts)) + args.max_new_tokens + 2 * draft.block_size
+    decoders = (SpeculativeDecoder(target, None, max_len=max_len), SpeculativeDecoder(target, draft, max_len=max_len))
     rows = []
     with learned_mask(draft):
         run_prompt(prompts[0], hf, assistant, *decoders, eos, 16)  # warm-up, untimed
