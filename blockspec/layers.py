@@ -138,7 +138,11 @@ def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, for fused projections [..., 2I] holding (gate j, up j) pairs (see fuse_projections)."""
-    return gated(gate_up[..., 0::2], gate_up[..., 1::2])
+    if gate_up.is_cuda:
+        return gated(gate_up[..., 0::2], gate_up[..., 1::2])
+    # on the CPU, silu of every other column takes a scalar loop: over all of them it vectorizes, 1.6-2x faster
+    # (and rounds as HF's silu of the separate gate projection does)
+    return F.silu(gate_up)[..., 0::2] * gate_up[..., 1::2]
 
 
 def rope_parameters(config: object) -> dict:
