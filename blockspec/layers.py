@@ -312,9 +312,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
     slots and takes the limits from device memory (so the call can live in a CUDA graph): for up to 16 queries,
     or for any number under `KernelSettings.batch_invariant` (prefills too, so that a prompt's cache does not
-    depend on what it is prefilled with). Longer query blocks read the slots [0, kv_len): on CUDA through SDPA, on
-    the CPU with an explicit mask (math as in HF's eager attention: softmax in fp32). A call with as many queries as
-    slots is a prompt from its start (row r's query i at slot i).
+    depend on what it is prefilled with). Longer query blocks on CUDA, and any on the CPU, read the slots [0, kv_len)
+    through SDPA with an explicit mask. A call with as many queries as slots is a prompt from its start (row r's query
+    i at slot i).
     """
     if fused_kernels_apply(q) and (q.shape[2] <= DECODE_QUERIES or current_settings().batch_invariant):
         from blockspec.kernels.attention import decode_attention
@@ -328,16 +328,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
-        if k.shape[1] != q.shape[1]:
-            repeat = q.shape[1] // k.shape[1]
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         mask = visible_mask(limits, kv_len, window)
-        if q.is_cuda:  # a prompt after a cached prefix, or past a sliding window
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            scores = scores.masked_fill(~mask, float("-inf"))
-            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        if q.is_cuda:  # a prompt after a cached prefix, or past a sliding window: the masked kernel wants K/V per head
+            repeat = q.shape[1] // k.shape[1]
+            out = F.scaled_dot_product_attention(q, k.repeat_interleave(repeat, dim=1),
+                                                 v.repeat_interleave(repeat, dim=1), attn_mask=mask)
+        else:  # the CPU's fused kernel takes the KV heads as they are: 3-5x the explicit matmul-softmax-matmul
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+                k, v = k.clone(), v.clone()  # what autograd keeps must not be the cache, which later writes change
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     b, h, n, d = out.shape
     return out.transpose(1, 2).reshape(b, n, h * d)
