@@ -479,7 +479,8 @@ def parts_table(rows: dict) -> list[str]:
         for block, parts in row.get("parts", {}).items():
             lines.append(f"| {c} | {'AR' if block == '1' else block} | {part(parts['step'])} | "
                          f"{part(parts.get('gemms'))} | {part(parts.get('verify'))} | {part(parts.get('draft'))} |")
-    for key, label in (("prefill", "plain decoding"), ("prefill_drafted", "drafted (the draft stores their context too)")):
+    joins = (("prefill", "plain decoding"), ("prefill_drafted", "drafted (the draft stores their context too)"))
+    for key, label in joins:
         prefills = [f"{c}: {row[key]['ms']:.1f} ({row[key]['ms_per_prompt']:.1f}"
                     + (f"; {row[key]['device_busy_ms']:.1f})" if "device_busy_ms" in row[key] else ")")
                     for c, row in rows.items() if key in row]
