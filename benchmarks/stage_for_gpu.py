@@ -6,7 +6,7 @@ the three device calls that make them, in order (each well inside a command's 10
      fla, prompt attention on flash), then engine_limit --qwen35 (contexts 512, 4096, 16384; the 16x1 GDN tile at
      one row; flash-linear-attention carried for HF's peer). The batched run outlived 150 s at 49985c5 for a
      reason not yet known: it has 300.
-  2. issue 26: the skinny-GEMM sweep of the Qwen3-4B shapes at 64-256 rows (tiles of all the rows from 128; each
+  2. issue 26: the skinny-GEMM sweep of the Qwen3-4B shapes at 32-256 rows (tiles of all the rows from 128; each
      projection timed with the silu * up or the norm the engine runs after it), then batch_throughput on the
      Qwen3-4B shape under its winners (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors, the parts of each
      step; the prefill plain and drafted, beside the device's busy time and the host's functions), then the CUDA
@@ -154,10 +154,10 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 230 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
              f"2>&1 | tee $O/engine_limit.log",
              "batch_throughput-*.json, engine_limit-*.json, two logs"),
-        Call("issue 26: the GEMM sweep at 64-256 rows, the batched Qwen3-4B shape under it, the CUDA tests", "9-10",
+        Call("issue 26: the GEMM sweep at 32-256 rows, the batched Qwen3-4B shape under it, the CUDA tests", "9-10",
              [".whl/test", ".whl/fla"],
              install(".whl/test") + FLA_INSTALL
-             + f"timeout 140 {run}gemm_shapes --skinny --quick --rows 64 128 256 --shapes {' '.join(QWEN3_SHAPES)} "
+             + f"timeout 140 {run}gemm_shapes --skinny --quick --rows 32 64 128 256 --shapes {' '.join(QWEN3_SHAPES)} "
              f"--out $O 2>&1 | grep -v '^ ' | tee $O/sweep.log; T=$(ls $O/gemm_shapes-*.json 2>/dev/null); "
              f"timeout 220 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
              f"--out $O 2>&1 | tee $O/batch.log; "
