@@ -25,8 +25,9 @@ block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or F
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
 goes, per concurrency: the prefill of c prompts joining at once (plain and drafted, beside the device's busy time);
 c live rows, and per block the whole greedy step (with its costliest kernels, timed without PDL; AR also with the
-split-K sums in a kernel of their own, side by side), the verify pass and the draft pass (each with its greedy
-tokens) captured as CUDA graphs of their own, beside their floors.
+split-K sums in a kernel of their own, side by side; and run eagerly, as a step with a sampling row runs), the
+verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside their
+floors.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
@@ -249,6 +250,8 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             cost = roofline.step(model, floors.draft if block > 1 else None, contexts, block)
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3), cost)}
+            # the same step as the engine runs it once any row samples or returns log-probabilities: eagerly
+            parts["step_eager"] = floors.timed(eager_step_ms(engine, n, block, device), cost)
             if block == 1:  # side by side: the split-K sums in a kernel of their own (KernelSettings.split_sum_norm)
                 with use_settings(split_sum_norm=False):
                     parts["step_sums_apart"] = floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
@@ -276,6 +279,20 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
             engine.cancel(seq_id)
         oracle.set_schedule(card_schedules(oracle.max_block))
     return out
+
+
+def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
+    """A step of live rows [0, n) as the engine runs one with a row that samples or returns log-probabilities: eagerly,
+    writing the logits (`_logits_step`), timed from the host; the median of `rounds`."""
+    times = []
+    with torch.inference_mode(), restored(engine, n):
+        for _ in range(rounds):
+            sync(device)
+            started = time.perf_counter()
+            engine._logits_step(n, block, {})
+            sync(device)
+            times.append((time.perf_counter() - started) * 1e3)
+    return statistics.median(times)
 
 
 def card_schedules(max_block: int) -> dict[int, list[int]]:
@@ -487,6 +504,12 @@ def parts_table(rows: dict) -> list[str]:
         if prefills:
             lines += ["", f"Prefill of c prompts joining at once, {label}, ms (per prompt; the device busy, ms): "
                       + ", ".join(prefills) + "."]
+    eager = [f"{c} x {'AR' if block == '1' else block}: {parts['step_eager']['ms']:.2f} "
+             f"({parts['step_eager']['ms'] / parts['step']['ms']:.1f}x)"
+             for c, row in rows.items() for block, parts in row.get("parts", {}).items() if "step_eager" in parts]
+    if eager:
+        lines += ["", "A step as the engine runs it once a row samples or returns log-probabilities (eager, the logits "
+                  "written), ms (over the graphed step): " + ", ".join(eager) + "."]
     apart = [f"{c}: {row['parts']['1']['step']['ms']:.2f} / {row['parts']['1']['step_sums_apart']['ms']:.2f}"
              for c, row in rows.items() if "step_sums_apart" in row.get("parts", {}).get("1", {})]
     if apart:
