@@ -40,8 +40,8 @@ PATHS = ("transformers_ar", "transformers_dflash", "blockspec_ar", "blockspec_df
 
 
 def transformers_assistant(draft: DraftModel) -> torch.nn.Module:
-    """transformers' DFlash assistant holding `draft`'s weights (DFlash drafts: fc over the taps, full or sliding
-    attention layers)."""
+    """transformers' DFlash assistant holding `draft`'s weights: a DFlash draft (fc over the taps) whose layers attend
+    bidirectionally inside the block, as transformers' do (a causal sliding layer has no counterpart there)."""
     from transformers import MuseGlimmerAssistantConfig, MuseGlimmerAssistantModel
 
     c = draft.config
