@@ -129,6 +129,7 @@ def run_prompt(ids: list[int], hf: torch.nn.Module, assistant: torch.nn.Module, 
 
 
 def run(args) -> dict:
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
@@ -140,8 +141,9 @@ def run(args) -> dict:
     target: Target = target_from_hf(hf, tokenizer, name=source.name)  # shares hf's weights
     draft = load_draft(args.draft, device=args.device, dtype=dtype)
     assistant = transformers_assistant(draft)
-    eos = list(dict.fromkeys([*target.eos_token_ids, *([hf.generation_config.eos_token_id] if isinstance(
-        hf.generation_config.eos_token_id, int) else hf.generation_config.eos_token_id or [])]))
+    generation_eos = hf.generation_config.eos_token_id
+    eos = list(dict.fromkeys([*target.eos_token_ids,
+                              *([generation_eos] if isinstance(generation_eos, int) else generation_eos or [])]))
     samples, _ = load_samples(args.dataset, args.data_dir, args.max_samples + 1)
     prompts = [target.encode(sample.turns[0]) for sample in samples]
     # one cache row long enough for every prompt: a decoder that grew it mid-run would build (and on CUDA capture)
@@ -150,14 +152,14 @@ def run(args) -> dict:
     decoders = (SpeculativeDecoder(target, None, max_len=max_len), SpeculativeDecoder(target, draft, max_len=max_len))
     rows = []
     with learned_mask(draft):
-        run_prompt(prompts[0], hf, assistant, *decoders, eos, 16)  # warm-up, untimed
+        run_prompt(prompts[0], hf, assistant, *decoders, eos, min(16, args.max_new_tokens))  # warm-up, untimed
         for i, ids in enumerate(prompts[1:]):  # alternate the order, so that a drift in the machine's speed cancels
             rows.append(run_prompt(ids, hf, assistant, *decoders, eos, args.max_new_tokens, reverse=i % 2 == 1))
             print(json.dumps({name: round(len(r["tokens"]) / r["seconds"], 1) for name, r in rows[-1].items()}),
                   flush=True)
     return {**run_header(args), "threads": torch.get_num_threads(), "dtype": args.dtype, "dataset": args.dataset,
             "max_new_tokens": args.max_new_tokens, "target": folder.name, "draft": Path(args.draft).name,
-            "transformers": __import__("transformers").__version__, "prompts": rows}
+            "transformers": transformers.__version__, "prompts": rows}
 
 
 def report(path: str) -> str:

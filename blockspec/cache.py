@@ -76,7 +76,6 @@ class GDNLayerState:
         else:
             self.tape_k[:, t], self.tape_decay[:, t], self.tape_u[:, t] = k, decay, innovation
 
-
     def take_conv_state(self, inputs: torch.Tensor, lengths: torch.Tensor | None, fresh: torch.Tensor) -> None:
         """Set the conv state [b, C, K-1] to the one after each row's last input: the last K-1 of the conv state
         (zeros where `fresh` [b]: a new sequence) followed by the row's inputs [b, n, C], up to its length
