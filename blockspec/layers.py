@@ -348,8 +348,9 @@ def visible_mask(limits: torch.Tensor, kv_len: int, window: int | None = None) -
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
-              kv_len: int, window: int | None = None) -> torch.Tensor:
-    """Grouped-query attention of q [b, nH, n, d] over a static cache layer [b, nKV, max_len, d].
+              kv_len: int, window: int | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Grouped-query attention of q [b, nH, n, d] over a static cache layer [b, nKV, max_len, d], [b, n, nH * d];
+    with an output `gate` of that shape (Qwen3.5), times sigmoid(gate).
 
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
     slots and takes the limits from device memory (so the call can live in a CUDA graph): for up to 16 queries,
@@ -361,7 +362,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     if fused_kernels_apply(q) and (q.shape[2] <= DECODE_QUERIES or current_settings().batch_invariant):
         from blockspec.kernels.attention import decode_attention
 
-        return decode_attention(q, k_cache, v_cache, limits, window or 0)
+        return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if q.is_cuda and q.shape[2] == kv_len and (window is None or window >= kv_len):
         # a prompt from its start: plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask
@@ -380,4 +381,5 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
                 k, v = k.clone(), v.clone()  # what autograd keeps must not be the cache, which later writes change
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
     b, h, n, d = out.shape
-    return out.transpose(1, 2).reshape(b, n, h * d)
+    out = out.transpose(1, 2).reshape(b, n, h * d)
+    return out * torch.sigmoid(gate) if gate is not None else out

@@ -58,6 +58,27 @@ def test_decode_attention_matches_reference(shape, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b, n, invariant", [(1, 1, False), (2, 8, False), (32, 4, False), (2, 5, True)])
+def test_an_output_gate_in_the_attention_kernel_equals_gating_its_output(b, n, invariant, dtype):
+    """Qwen3.5's out * sigmoid(gate), written by the attention's last kernel (the splits' own store when there is
+    one split, as with many rows; the combine otherwise; the fixed-offset splits of batch_invariant), equals the
+    two torch ops on the plain output; the gate is a strided view, as it comes out of the fused qkv projection."""
+    gen = torch.Generator().manual_seed(b * 10 + n)
+    nh, nkv, d, length = 8, 2, 64, 300
+    q = torch.randn(b, nh, n, d, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(b, nkv, length, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    limits = (torch.randint(n, length - n, (b, 1), generator=gen) + torch.arange(n)).to(DEVICE)
+    fused = torch.randn(b, n, 3 * nh * d, generator=gen).to(DEVICE, dtype) * 3
+    gate = fused[..., nh * d:2 * nh * d]
+    with use_settings(batch_invariant=invariant):
+        plain = decode_attention(q, k, v, limits)
+        gated = decode_attention(q, k, v, limits, gate=gate)
+    want = plain * torch.sigmoid(gate)
+    tolerance = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 8e-3}
+    torch.testing.assert_close(gated, want, **tolerance)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="SDPA's CUDA kernels")
 @pytest.mark.parametrize("window", [None, 40, 100])
 def test_prefill_attention_from_a_prompts_start_and_after_a_cached_prefix(window):

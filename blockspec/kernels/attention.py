@@ -30,15 +30,27 @@ INVARIANT_QUERIES = 16  # queries per tile, for one token as for a block
 SCRATCH_BYTES = 256 << 20  # a prefill's queries run in launches whose partial sums fit this
 
 
+@triton.jit
+def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
+    """out rounded to OUT's dtype; GATED: then times sigmoid(gate), each rounded as torch's `out * sigmoid(gate)`
+    rounds them (Qwen3.5's attention output gate, one launch instead of two after the attention)."""
+    out = out.to(OUT.dtype.element_ty)
+    if GATED:
+        g = tl.load(gate, mask=mask, other=0.0).to(tl.float32)
+        out = (out.to(tl.float32) * (1.0 / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32))
+        out = out.to(OUT.dtype.element_ty)
+    return out
+
+
 # lengths and counts vary per call: specialising on them would recompile for new prompt lengths
 @triton.jit(do_not_specialize=["n_q", "window"])
-def _attention_splits(Q, K, V, LIM, ACC, ML, OUT,
+def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
-                      sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h,
+                      sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h, sg_b, sg_n,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-                      USE_PDL: tl.constexpr):
+                      GATED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -89,7 +101,8 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT,
         m_i = m_new
     if DIRECT:  # the only split: what the combine would compute from it (acc / l, bit for bit), without its launch
         out = OUT + b * so_b + i[:, None] * so_n + head[:, None] * so_h + dims[None, :]
-        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=valid[:, None])
+        gate = GATE + b * sg_b + i[:, None] * sg_n + head[:, None] * D + dims[None, :]
+        tl.store(out, _gated(acc / l_i[:, None], gate, valid[:, None], OUT, GATED), mask=valid[:, None])
     else:
         out = b * sa_b + head[:, None] * sa_h + split * sa_s + i[:, None] * sa_n + dims[None, :]
         tl.store(ACC + out, acc, mask=stored[:, None])
@@ -99,9 +112,9 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT,
 
 
 @triton.jit(do_not_specialize=["n_q", "window"])
-def _combine_splits(ACC, ML, LIM, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
-                    so_b, so_n, so_h, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr, D: tl.constexpr,
-                    CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
+def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
+                    so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr,
+                    D: tl.constexpr, CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
@@ -134,17 +147,18 @@ def _combine_splits(ACC, ML, LIM, OUT, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s,
         w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
         parts = tl.load(acc[None, :] + s[:, None] * sa_s, mask=ok[:, None], other=0.0)
         out = tl.sum(parts * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
-    tl.store(OUT + b * so_b + i * so_n + h * so_h + dims, out.to(OUT.dtype.element_ty))
+    tl.store(OUT + b * so_b + i * so_n + h * so_h + dims,
+             _gated(out, GATE + b * sg_b + i * sg_n + h * D + dims, True, OUT, GATED))
 
 
 # batch_invariant: the same kernels, one binary for any number of queries. Triton specialises integer arguments
 # on their divisibility by 16, and the strides that follow the query count would then pick vector widths, and so
 # register layouts and reduction orders, per call.
 _attention_splits_any_count = triton.jit(do_not_specialize=[
-    "n_q", "window", "sq_b", "sq_h", "slim_b", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "so_b"]
+    "n_q", "window", "sq_b", "sq_h", "slim_b", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "so_b", "sg_b"]
 )(_attention_splits.fn)
 _combine_splits_any_count = triton.jit(do_not_specialize=[
-    "n_q", "window", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "slim_b", "so_b"])(_combine_splits.fn)
+    "n_q", "window", "sa_b", "sa_h", "sa_s", "sm_b", "sm_h", "sm_s", "slim_b", "so_b", "sg_b"])(_combine_splits.fn)
 
 
 def attention_config(n_q: int, device: torch.device, head_dim: int = 128) -> dict:
@@ -161,10 +175,11 @@ def attention_config(n_q: int, device: torch.device, head_dim: int = 128) -> dic
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor,
-                     window: int = 0, config: dict | None = None) -> torch.Tensor:
+                     window: int = 0, config: dict | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """q [b, nH, n, d] over caches [b, nKV, L, d]; query i of row r sees slots j <= limits[r, i]
-    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype. A config with "chunk" cuts
-    the keys at fixed offsets (batch_invariant) and takes any n; without, n is at most 16."""
+    (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype, times sigmoid(gate) where a gate
+    [b, n, nH*d] is given (its last dim contiguous). A config with "chunk" cuts the keys at fixed offsets
+    (batch_invariant) and takes any n; without, n is at most 16."""
     b, n_heads, n_q, d = q.shape
     config = config or attention_config(n_q, q.device, d)
     if q.stride(-1) != 1:
@@ -179,18 +194,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         for start in range(0, n_q, step):
             part = slice(start, start + step)
             _launch(q[:, :, part], k_cache, v_cache, limits[:, part], out[:, part], window, config, splits,
-                    INVARIANT_QUERIES)
+                    INVARIANT_QUERIES, None if gate is None else gate[:, part])
     else:
         # the table's splits are tuned for one row; b rows fill the GPU with b times its programs, and every split
         # costs its partial sums' scratch traffic (at 32 rows of 8 queries, more bytes than the K/V): b rows take
         # splits // b of them, at least one, keeping one row's program count
         splits = max(1, config["splits"] // b)
-        _launch(q, k_cache, v_cache, limits, out, window, config, splits, triton.next_power_of_2(n_q))
+        _launch(q, k_cache, v_cache, limits, out, window, config, splits, triton.next_power_of_2(n_q), gate)
     return out.view(b, n_q, n_heads * d)
 
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor, out: torch.Tensor,
-            window: int, config: dict, splits: int, tile: int) -> None:
+            window: int, config: dict, splits: int, tile: int, gate: torch.Tensor | None) -> None:
     """Both kernels for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]; one split (no chunk) needs
     no combine."""
     b, n_heads, n_q, d = q.shape
@@ -206,19 +221,24 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     ml = torch.empty(*scratch, 2, device=q.device, dtype=torch.float32)
     splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
                                      else (_attention_splits, _combine_splits))
+    gated = gate is not None
+    if gated:
+        assert gate.stride(-1) == 1, "the gate's last dim must be contiguous"
+    gate_args = (gate, gate.stride(0), gate.stride(1)) if gated else (out, 0, 0)
     splits_kernel[(b * n_kv, splits, triton.cdiv(n_q, tile))](
-        q, k_cache, v_cache, limits, acc, ml, out,
+        q, k_cache, v_cache, limits, acc, ml, out, gate_args[0],
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        n_q, n_kv, splits, window, d ** -0.5,
+        *gate_args[1:], n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=config["num_warps"], **pdl)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and direct,
+        num_warps=config["num_warps"], **pdl)
     if direct:
         return
     combine_kernel[(b * n_heads * n_q,)](
-        acc, ml, limits, out, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        acc, ml, limits, out, gate_args[0], acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), n_q, n_heads, splits, window,
-        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, num_warps=1, **pdl)
+        out.stride(0), out.stride(1), out.stride(2), *gate_args[1:], n_q, n_heads, splits, window,
+        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)

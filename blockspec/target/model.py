@@ -131,8 +131,7 @@ class TargetAttention(nn.Module):
         q = qkv_rope_store(q, k, v, self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm, self.k_norm,
                            cos, sin, positions, k_cache, v_cache)
         # causal by position: a query sees every slot up to its own position
-        out = attention(q, k_cache, v_cache, positions, kv_len, window)
-        return out * torch.sigmoid(gate[0]) if gate else out
+        return attention(q, k_cache, v_cache, positions, kv_len, window, gate[0] if gate else None)
 
 
 class TargetMLP(nn.Module):
