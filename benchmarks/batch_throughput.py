@@ -386,7 +386,7 @@ def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: f
     out: dict = {"prompts": f"gsm8k test, first {len(prompts)} questions", "max_new_tokens": new,
                  "dtype": str(target.dtype)}
     ar: dict = {}  # one AR baseline for both drafts
-    for kind in ("dflash", "dflare"):
+    for kind in args.drafts:
         draft = load_draft(str(shipped_draft_dir(f"smollm2-135m-instruct-{kind}")), device=args.device,
                            dtype=target.dtype)
         engine = BatchDecoder(target, draft, max_batch=max(concurrency), max_len=max_len)
@@ -443,7 +443,7 @@ def report(path: str) -> str:
                       *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]
-        for kind in ("dflash", "dflare"):
+        for kind in [k for k in ("dflash", "dflare") if k in s]:
             lines += ["", f"SmolLM2-135M-Instruct ({s['dtype']}), shipped {kind} draft, {s['prompts']}, greedy, up to "
                           f"{s['max_new_tokens']} new tokens (real acceptance; auto: block 16 requests with "
                           f"max_step_tokens {r['max_step_tokens']}):", "",
@@ -576,6 +576,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rollback", nargs="+", choices=ROLLBACKS, default=[DEFAULT_ROLLBACK],
                         help="qwen35_4b: how the hybrid cache rolls back, each in turn (default: the engine's)")
+    parser.add_argument("--drafts", nargs="+", choices=("dflash", "dflare"), default=["dflash", "dflare"],
+                        help="smollm2: the shipped drafts to run, each in turn")
     run_and_report(parser, run, report, "batch_throughput")
 
 

@@ -1,29 +1,28 @@
 """Prepare the ignored `.stage/` and `.whl/` folders for the GPU runs that issues 25 and 26 still need, and print
-the three device calls that make them, in order (each well inside a command's 10 minutes, every run under a
-`timeout` of its own so that what finished comes back):
+the device calls that make them (each well inside a command's 10 minutes, every run under a `timeout` of its own
+so that what finished comes back):
 
-  1. issue 25's batched Qwen3.5-4B shape (c = 1..32, block 8, replay; its prefill now through the GDN kernels and
-     fla, prompt attention on flash), then engine_limit --qwen35 (contexts 512, 4096, 16384; the 16x1 GDN tile at
-     one row; flash-linear-attention carried for HF's peer). The batched run outlived 150 s at 49985c5 for a
-     reason not yet known: it has 300.
-  2. issue 26: the skinny-GEMM sweep of the Qwen3-4B shapes at 32-256 rows (tiles of all the rows from 128; each
+  1. issue 26: the skinny-GEMM sweep of the Qwen3-4B shapes at 32-256 rows (tiles of all the rows from 128; each
      projection timed with the silu * up or the norm the engine runs after it), then batch_throughput on the
      Qwen3-4B shape under its winners (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors, the parts of each
      step; the prefill plain and drafted, beside the device's busy time and the host's functions), then the CUDA
      tests (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py; a cold Triton cache takes minutes).
-  3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
-     against the same request alone, the HTTP overhead at 32), then batch_throughput with both shipped drafts;
-     then gdn_tiles, beside gdn_tiles-20261205-184558.json (the recurrence's output now reduced beside the
-     innovation, the conv window token-major); then vs_transformers (transformers' native DFlash generate beside
-     blockspec, bf16, 6 gsm8k prompts).
+  2. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
+     against the same request alone, the HTTP overhead at 32), then batch_throughput with the shipped DFlash, then
+     vs_transformers (transformers' native DFlash generate beside blockspec, bf16, 6 gsm8k prompts).
+  3. issue 25, on its own (no GGUF part: any lease will do): the batched Qwen3.5-4B shape (c = 1..32, block 8,
+     replay; its prefill through the GDN kernels and fla, prompt attention on flash), engine_limit --qwen35
+     (contexts 512, 4096, 16384; flash-linear-attention carried for HF's peer), then gdn_tiles beside
+     gdn_tiles-20261205-184558.json. The batched run outlived 150 s at 49985c5 for a reason not yet known: it
+     has 300.
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
-in parts, with the calls that have room (the last ones first), each copied to /root/stage; call 3 joins them and
-checks the digest. A first start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin. The
-drafts (32 MiB, tracked) are needed by call 3 alone, so calls 1 and 2 leave them behind: before call 1 take them
-out of git's index and ignore them (the commands are printed; the files stay here), and put them back before call
-3. /root/stage lives only while the machine stays warm (about 30 s after a call): make the calls back to back.
-If call 3 finds a part missing, it stops at once and says so.
+in two parts, with calls 1 and 2, each copied to /root/stage; call 2 joins them and checks the digest. To make
+room, only call 2 takes a shipped draft (the DFlash, 16 MiB), and call 3 the tree as it is: before call 1 take
+both drafts out of git's index and ignore them, put the DFlash back before call 2 and the DFlare before call 3 (the
+commands are printed; the files stay here). /root/stage lives only while the machine stays warm (about 30 s after
+a call): make calls 1 and 2 back to back. If call 2 finds a part missing, it stops at once and says so. A first
+start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin.
 
 What each call needs and the device lacks comes from here (it has no network): the datasets' files and the
 server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
@@ -48,7 +47,7 @@ from blockspec.hub import smollm2_gguf_path
 ROOT = Path(__file__).resolve().parent.parent
 STAGE, WHEELS = ROOT / ".stage", ROOT / ".whl"
 CARRY_LIMIT = 64 * 2**20
-MARGIN = 2 * 2**20  # files that change between staging and the call (a commit, a log)
+MARGIN = 2**20  # files that change between staging and the call (a commit, a log)
 COMMAND_LIMIT = 2000  # characters of one device command
 FLA_WHEELS = ("flash-linear-attention==0.6.0", "fla-core==0.6.0")
 SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
@@ -56,7 +55,8 @@ TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 # call 2's sweep, costliest first: one its timeout cuts short keeps the shapes it finished
 QWEN3_SHAPES = ("gate_up", "down", "qkv", "o_proj", "lm_head", "fc", "ctx_kv")
-DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 32 MiB
+DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 16 MiB each
+SHIPPED = ("smollm2-135m-instruct-dflash", "smollm2-135m-instruct-dflare")
 CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"
 FLA_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
                ".whl/fla/*.whl && ")
@@ -77,7 +77,8 @@ class Call:
     command: str
     returns: str
     parts: list[str] = field(default_factory=list)  # GGUF parts it carries to /root/stage
-    drafts: bool = False  # needs the shipped drafts (the others leave them behind)
+    drafts: tuple[str, ...] = ()  # the shipped drafts that travel with it (SHIPPED's names)
+    joins: bool = True  # carries a part of the GGUF (calls that do must be made back to back)
 
 
 def tracked_bytes() -> int:
@@ -147,16 +148,9 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     run = "python3 -m benchmarks."
     gguf = f"/root/stage/{gguf_name}"
     return [
-        Call("issue 25: the batched Qwen3.5-4B shape, then engine_limit --qwen35", "9", [".whl/test", ".whl/fla"],
-             install(".whl/test") + FLA_INSTALL
-             + f"timeout 300 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
-             f"| tee $O/batch35.log; "
-             f"timeout 230 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-             f"2>&1 | tee $O/engine_limit.log",
-             "batch_throughput-*.json, engine_limit-*.json, two logs"),
         Call("issue 26: the GEMM sweep at 32-256 rows, the batched Qwen3-4B shape under it, the CUDA tests", "9-10",
-             [".whl/test", ".whl/fla"],
-             install(".whl/test") + FLA_INSTALL
+             [".whl/test"],
+             install(".whl/test")
              + f"timeout 140 {run}gemm_shapes --skinny --quick --rows 32 64 128 256 --shapes {' '.join(QWEN3_SHAPES)} "
              f"--out $O 2>&1 | grep -v '^ ' | tee $O/sweep.log; T=$(ls $O/gemm_shapes-*.json 2>/dev/null); "
              f"timeout 220 {run}batch_throughput --workload qwen3_4b --repeats 1 ${{T:+--skinny-table $T}} "
@@ -164,8 +158,7 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 200 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
              f"| tee $O/pytest.log",
              "gemm_shapes-skinny-*.json, batch_throughput-*.json, pytest.log, two logs"),
-        Call("issue 26: serve_load on a live server, SmolLM2 with the shipped drafts, gdn_tiles, vs transformers",
-             "8-10",
+        Call("issue 26: serve_load on a live server, SmolLM2 with the shipped DFlash, vs transformers", "7-8",
              [".whl/serve", ".stage/data.tar.xz"],
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
              f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls'; ls -l /root/stage; "
@@ -173,17 +166,39 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              + install(".whl/serve")
              + "mkdir -p /root/data && tar xJf .stage/data.tar.xz -C /root/data && "
              + f"timeout 200 {run}serve_load --device cuda --target {gguf} "
-               f"--draft blockspec/drafts/smollm2-135m-instruct-dflash --requests 128 --concurrency 64 "
+               f"--draft {DRAFTS}/{SHIPPED[0]} --requests 128 --concurrency 64 "
                f"--max-num-seqs 64 --max-tokens 256 --overhead-concurrency 32 --timeout 150 --exact --out $O "
                f"2>&1 | tee $O/serve.log; "
-             + f"timeout 180 {run}batch_throughput --workload smollm2 --smollm2 {gguf} --data-dir /root/data/data "
-               f"--repeats 2 --out $O 2>&1 | tee $O/batch.log; "
-             + f"timeout 90 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log; "
+             + f"timeout 150 {run}batch_throughput --workload smollm2 --smollm2 {gguf} --drafts dflash "
+               f"--data-dir /root/data/data --repeats 2 --out $O 2>&1 | tee $O/batch.log; "
              + f"timeout 70 {run}vs_transformers --device cuda --target {gguf} --dtype bfloat16 --max-samples 6 "
                f"--data-dir /root/data/data --out $O 2>&1 | tail -12 | tee $O/vs_transformers.log",
-             "serve_load-*.json, batch_throughput-*.json, gdn_tiles-*.json, vs_transformers-*.json, four logs",
-             drafts=True),
+             "serve_load-*.json, batch_throughput-*.json, vs_transformers-*.json, three logs",
+             drafts=SHIPPED[:1]),
+        Call("issue 25: the batched Qwen3.5-4B shape, engine_limit --qwen35, gdn_tiles", "9-10",
+             [".whl/test", ".whl/fla"],
+             install(".whl/test") + FLA_INSTALL
+             + f"timeout 280 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
+             f"| tee $O/batch35.log; "
+             f"timeout 220 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+             f"2>&1 | tee $O/engine_limit.log; "
+             f"timeout 80 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log",
+             "batch_throughput-*.json, engine_limit-*.json, gdn_tiles-*.json, three logs",
+             drafts=SHIPPED, joins=False),
     ]
+
+
+def index_commands(before: tuple[str, ...], after: tuple[str, ...]) -> str:
+    """Shell commands here that change which shipped drafts are in git's index (and so travel) from `before` to
+    `after`; those left out are ignored meanwhile, their files untouched."""
+    steps = []
+    for name in SHIPPED:
+        path = f"{DRAFTS}/{name}"
+        if name in before and name not in after:
+            steps.append(f"git rm -r -q --cached {path} && echo /{path}/ >> .git/info/exclude")
+        elif name in after and name not in before:
+            steps.append(f"git reset -q -- {path} && sed -i '\\#^/{path}/$#d' .git/info/exclude")
+    return " && ".join(steps)
 
 
 def device_command(call: Call, head: str) -> str:
@@ -218,8 +233,8 @@ def main() -> int:
     digest = hashlib.sha256(data).hexdigest()
     plan = calls(gguf.name, digest)
     base = tracked_bytes() + MARGIN
-    drafts = size(ROOT / DRAFTS)
-    rooms = [CARRY_LIMIT - base - drafts * call.drafts - sum(size(ROOT / p) for p in call.carry) for call in plan]
+    rooms = [(CARRY_LIMIT - base - sum(size(ROOT / DRAFTS / d) for d in call.drafts)
+              - sum(size(ROOT / p) for p in call.carry)) if call.joins else 0 for call in plan]
     offset = 0
     for i, (call, part) in enumerate(zip(plan, plan_parts(len(data), rooms))):
         if part:
@@ -231,18 +246,16 @@ def main() -> int:
           f"{digest[:16]}) in {sum(bool(c.parts) for c in plan)} parts; serve wheels "
           f"{size(WHEELS / 'serve') / 2**20:.1f} MiB ({', '.join(f'{n} {v}' for n, v in wheels.items())}); "
           f"flash-linear-attention {size(WHEELS / 'fla') / 2**20:.1f} MiB.\n")
-    print("Make these calls back to back (the machine goes back ~30 s after a call, and /root/stage with it), with "
-          "kind left out (one H100; an H200 may come: say which card gave each number). Then render each JSON with "
-          "`python -m benchmarks.X --report FILE` for docs/performance.md.\n")
-    hidden = False
+    print("Make the calls that carry GGUF parts back to back (the machine goes back ~30 s after a call, and "
+          "/root/stage with it), with kind left out (one H100; an H200 may come: say which card gave each number). "
+          "Then render each JSON with `python -m benchmarks.X --report FILE` for docs/performance.md.\n")
+    tracked = SHIPPED
     for i, call in enumerate(plan, 1):
-        if call.drafts == hidden:  # the drafts travel with the tracked tree only while they are in the index
-            print(f"  here, before call {i}: " + (f"git reset -q -- {DRAFTS} && sed -i '\\#^/{DRAFTS}/$#d' "
-                                                  f".git/info/exclude" if hidden else
-                                                  f"git rm -r -q --cached {DRAFTS} && echo /{DRAFTS}/ >> "
-                                                  f".git/info/exclude") + "\n")
-            hidden = not hidden
-        carried = base - MARGIN + drafts * call.drafts + sum(size(ROOT / p) for p in call.carry)
+        if call.drafts != tracked:
+            print(f"  here, before call {i}: {index_commands(tracked, call.drafts)}\n")
+            tracked = call.drafts
+        carried = (base - MARGIN + sum(size(ROOT / DRAFTS / d) for d in call.drafts)
+                   + sum(size(ROOT / p) for p in call.carry))
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
     return 0

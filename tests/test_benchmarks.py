@@ -547,6 +547,10 @@ def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_
     assert ("At c = 32, block 8 over AR: 2.00x, beside SGLang's 2.35x (B200, the model card): missed by 15%."
             in lines)
     assert sum(line.startswith("SmolLM2-135M-Instruct (torch.bfloat16), shipped") for line in lines) == 2
+    one_draft = throughput_record()
+    del one_draft["smollm2"]["dflare"]  # --drafts dflash
+    lines = render(report, one_draft, tmp_path).splitlines()
+    assert [line.split(",")[1] for line in lines if line.startswith("SmolLM2-135M")] == [" shipped dflash draft"]
 
 
 def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
@@ -745,8 +749,11 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
     assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
 
 
-def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
-    from benchmarks.stage_for_gpu import COMMAND_LIMIT, calls, device_command, plan_parts
+def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
+    """The GGUF rides the two issue-26 calls (SmolLM2's joins it); the Qwen3.5 call carries none, so any lease
+    will do for it. Each call's commands fit the device's limit; the index changes between calls move exactly the
+    drafts named."""
+    from benchmarks.stage_for_gpu import COMMAND_LIMIT, SHIPPED, calls, device_command, index_commands, plan_parts
 
     assert plan_parts(100, [60, 60, 60]) == [0, 40, 60] and plan_parts(50, [60, 0, 60]) == [0, 0, 50]
     with pytest.raises(ValueError, match="more room"):
@@ -757,14 +764,19 @@ def test_stage_for_gpu_parts_ride_the_last_calls_and_every_command_fits():
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    first, second = plan[0].command, plan[1].command
-    assert "--workload qwen35_4b" in first and "--workload qwen3_4b" in second
-    assert "--qwen35" in first and {".whl/test", ".whl/fla"} <= set(plan[0].carry)  # fla: HF's peer and the prefill
-    assert "tests/test_hybrid_kernels.py" in second and {".whl/test", ".whl/fla"} <= set(plan[1].carry)
-    assert plan[-1].command.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
-                                       + "0" * 64)
-    assert "serve_load" in plan[-1].command and ".whl/serve" in plan[-1].carry
-    assert [call.drafts for call in plan] == [False, False, True]  # only the SmolLM2 call carries the drafts
+    qwen3, smollm2, qwen35 = (call.command for call in plan)
+    assert "--workload qwen3_4b" in qwen3 and "tests/test_hybrid_kernels.py" in qwen3 and plan[0].carry == [".whl/test"]
+    assert smollm2.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
+                              + "0" * 64)
+    assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[1].carry
+    assert "--workload qwen35_4b" in qwen35 and "--qwen35" in qwen35 and {".whl/test", ".whl/fla"} <= set(plan[2].carry)
+    assert [call.joins for call in plan] == [True, True, False]
+    assert [call.drafts for call in plan] == [(), SHIPPED[:1], SHIPPED]
+    hide = index_commands(SHIPPED, ())
+    assert hide.count("git rm -r -q --cached blockspec/drafts/") == 2 and "reset" not in hide
+    back = index_commands((), SHIPPED[:1])
+    assert back == (f"git reset -q -- blockspec/drafts/{SHIPPED[0]} && "
+                    f"sed -i '\\#^/blockspec/drafts/{SHIPPED[0]}/$#d' .git/info/exclude")
 
 
 def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
