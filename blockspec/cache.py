@@ -63,6 +63,7 @@ class GDNLayerState:
 
     def __init__(self, cache: "HybridCache", layer: int) -> None:
         self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
+        self.arrivals = cache.arrivals[layer]
         self.steps = cache.steps[layer] if cache.rollback == "states" else None
         self.tape_k, self.tape_decay, self.tape_u = (
             (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
@@ -130,6 +131,8 @@ class HybridCache(KVCache):
         self.conv = torch.zeros(*rows, channels, kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.zeros(*rows, *state_shape, **fp32)
         self.windows = torch.zeros(*rows, kernel - 1 + verify_tokens, channels, dtype=dtype, device=device)
+        # the CUDA decode's count of a head's value tiles done (kernels/gdn.py); zero between launches
+        self.arrivals = torch.zeros(*rows, heads, dtype=torch.int32, device=device)
         if rollback == "states":
             self.steps = torch.zeros(*rows, verify_tokens, *state_shape, **fp32)
         else:
@@ -143,7 +146,7 @@ class HybridCache(KVCache):
 
     def _row_tensors(self) -> tuple[str, ...]:
         kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u")
-        return ("k", "v", "conv", "recurrent", "windows") + kept
+        return ("k", "v", "conv", "recurrent", "windows", "arrivals") + kept
 
     def rows(self, start: int, stop: int) -> "HybridCache":
         view = object.__new__(HybridCache)

@@ -75,14 +75,15 @@ def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor
                                                                                               "warps": 2})])
 def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback, tile):
     """Also with a program tile other than the table's (half of an 8-dim value head a program, where the table's 8
-    takes it whole: the tiling benchmarks/gdn_tiles.py varies)."""
+    takes it whole: the tiling benchmarks/gdn_tiles.py varies; the last of a head's tiles applies the gated norm and
+    leaves the head's arrival count at zero for the next launch)."""
     model = tiny_target(seed=21)
     with use_settings(gdn_tile=tile):
         got_logits, got = decode_session(model, True, rollback)
     want_logits, want = decode_session(model, False, rollback)
     for g, w in zip(got_logits, want_logits):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
-    names = ["conv", "recurrent", "windows"] + (["steps"] if rollback == "states" else
+    names = ["conv", "recurrent", "windows", "arrivals"] + (["steps"] if rollback == "states" else
                                                 ["tape_k", "tape_decay", "tape_u"])
     for name in names:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)

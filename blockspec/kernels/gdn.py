@@ -1,4 +1,4 @@
-"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in three kernels, the commit of a
+"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, the commit of a
 "replay" cache, and a prefill's inputs and gated norm around a chunked recurrence (SPEC section 9; the torch path and
 the arithmetic are in target/gdn.py).
 
@@ -13,12 +13,15 @@ token's output, what commit needs (the state after each token, or the replay tap
 a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
 updates). A verify of n tokens and n one-token decodes run the same code per token, so they make the same choices.
 
-`_gdn_output`: the gated RMSNorm * silu(z) of each token and head (it needs the head's whole output), and the conv
-state after the last token, copied from the window: the programs of `_gdn_inputs` cannot update it themselves, as
-one program would overwrite what another has yet to read.
+The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
+out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
+the head's tokens and copies the head's conv state after the last token from the window (the programs of
+`_gdn_inputs` cannot update it themselves, as one would overwrite what another has yet to read). A decode or
+verify is thus two launches a layer besides the projections.
 
 A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt: the
-prompt's conv state is gathered after), flash-linear-attention's chunked recurrence, then `_gdn_output`.
+prompt's conv state is gathered after), flash-linear-attention's chunked recurrence, then the gated norm alone
+(`_gdn_output`).
 
 Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that compute the inputs and update the state:
 each product and sum rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit
@@ -36,6 +39,9 @@ import triton.language as tl
 from blockspec.cache import GDNLayerState
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
 from blockspec.kernels.settings import gdn_tile
+
+
+NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in one round trip
 
 
 @triton.jit
@@ -122,10 +128,11 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
 
 # deferred, like n, must not compile a verify apart from a decode
 @triton.jit(do_not_specialize=["n", "deferred"])
-def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
+def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, ARRIVALS,
                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
-               s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, n, deferred,
-               DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, KEEP_STATES: tl.constexpr,
+               s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wt, s_cb, s_cc,
+               s_ab, n, deferred, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+               BV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr,
                USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0)
@@ -168,34 +175,60 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O,
         q, k, v, beta, decay = q_next, k_next, v_next, beta_next, decay_next
     if deferred == 0:
         tl.store(state, S)
+    # The last of a head's value tiles to finish applies the gated norm to the head's outputs and sets its conv state.
+    # The barrier and the counter's release publish every thread's stores of o; the last reads the others' past L1.
+    tl.debug_barrier()
+    arrivals = ARRIVALS + b * s_ab + h
+    if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:
+        for first in range(0, n, NORM_TOKENS):
+            _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK,
+                        HV, DK, DV, ".cg")
+        _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL, RAGGED)
+        tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
+
+
+@triton.jit
+def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps,
+                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CACHE: tl.constexpr):
+    """Head h of the gated RMSNorm * silu(z) for tokens first .. first + NORM_TOKENS - 1 below n, with GatedRMSNorm's
+    rounding points: normed in fp32 and cast, times the weight (cast), times silu(z) in fp32, cast. Every caller
+    takes the same tile, so a prefill, a verify and a decode round alike. CACHE: the load modifier of o."""
+    t = first + tl.arange(0, NORM_TOKENS)[:, None]
+    dv = tl.arange(0, DV)[None, :]
+    real = t < n
+    o = tl.load(O + b * s_ob + t * s_on + h * s_oh + dv, mask=real, other=0.0, cache_modifier=CACHE).to(tl.float32)
+    normed = (o * tl.rsqrt(tl.sum(o * o, axis=1)[:, None] / DV + eps)).to(OUT.dtype.element_ty).to(tl.float32)
+    y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
+    z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv, mask=real, other=0.0).to(tl.float32)
+    tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty),
+             mask=real)
+
+
+@triton.jit
+def _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr):
+    """Head h's channels of the conv state after the row's last token m: window rows m .. m+K-2 (its value channels,
+    and its q and k channels where h is also a key head). Not in `_gdn_inputs`, whose programs would overwrite
+    what others have yet to read."""
+    m = tl.load(LENGTHS + b) if RAGGED else n
+    dv = tl.arange(0, DV)
+    dk = tl.arange(0, DK)
+    window, conv = WINDOW + b * s_wb, CONV + b * s_cb
+    for j in tl.static_range(KERNEL - 1):
+        v_channels = 2 * HK * DK + h * DV + dv
+        tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
+        for i in tl.static_range(2):  # q, then k
+            channels = (i * HK + h) * DK + dk
+            head = h < HK
+            tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
 
 
 @triton.jit(do_not_specialize=["n"])
-def _gdn_output(O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb,
-                s_wt, s_cb, s_cc, n, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, RAGGED: tl.constexpr, CONV_STATE: tl.constexpr, USE_PDL: tl.constexpr):
+def _gdn_output(O, PROJ, NORM_W, OUT, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, n, eps, HK: tl.constexpr,
+                HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
-    b = tl.program_id(0) // n
-    t = tl.program_id(0) % n
-    h = tl.program_id(1)
-    dv = tl.arange(0, DV)
-    # GatedRMSNorm's rounding points: normed in fp32 and cast, times the weight (cast), times silu(z) in fp32, cast
-    o = tl.load(O + b * s_ob + t * s_on + h * s_oh + dv).to(tl.float32)
-    normed = (o * tl.rsqrt(tl.sum(o * o, axis=0) / DV + eps)).to(OUT.dtype.element_ty).to(tl.float32)
-    y = (tl.load(NORM_W + dv).to(tl.float32) * normed).to(OUT.dtype.element_ty).to(tl.float32)
-    z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv).to(tl.float32)
-    tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty))
-    if CONV_STATE and t == 0:  # the conv state after the row's last token m: window rows m .. m+K-2, head h's channels
-        m = tl.load(LENGTHS + b) if RAGGED else n
-        dk = tl.arange(0, DK)
-        window, conv = WINDOW + b * s_wb, CONV + b * s_cb
-        for j in tl.static_range(KERNEL - 1):
-            v_channels = 2 * HK * DK + h * DV + dv
-            tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
-            for i in tl.static_range(2):  # q, then k
-                channels = (i * HK + h) * DK + dk
-                head = h < HK
-                tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
+    _gated_norm(O, PROJ, NORM_W, OUT, tl.program_id(0), tl.program_id(1) * NORM_TOKENS, n, tl.program_id(2), s_ob,
+                s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK, HV, DK, DV, "")
 
 
 def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
@@ -221,20 +254,15 @@ def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch
     return q, k, v, beta, decay
 
 
-def _output(o: torch.Tensor, projected: torch.Tensor, positions: torch.Tensor, norm_weight: torch.Tensor,
-            eps: float, layer: GDNLayerState, lengths: torch.Tensor | None, conv_kernel: int,
-            conv_state: bool) -> torch.Tensor:
-    """`_gdn_output`: the gated norm of the recurrence's outputs o [b, n, h, Dv] -> [b, n, h * Dv]; with `conv_state`,
-    also the conv state from the window that `_gdn_inputs` wrote."""
+def _output(o: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState
+            ) -> torch.Tensor:
+    """`_gdn_output`: the gated norm of a prefill's recurrence outputs o [b, n, h, Dv] -> [b, n, h * Dv]."""
     b, n, heads, value_dim = o.shape
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
-    ragged = lengths is not None
-    _gdn_output[(b * n, heads)](
-        o, projected, norm_weight, out, layer.windows, layer.conv, lengths if ragged else positions, o.stride(0),
-        o.stride(1), o.stride(2), projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
-        layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1), n, eps,
-        HK=_key_heads(layer, layer.conv.shape[1]), HV=heads, DK=layer.recurrent.shape[2], DV=value_dim,
-        KERNEL=conv_kernel, RAGGED=ragged, CONV_STATE=conv_state, num_warps=1, **pdl_options(projected))
+    _gdn_output[(b, triton.cdiv(n, NORM_TOKENS), heads)](
+        o, projected, norm_weight, out, o.stride(0), o.stride(1), o.stride(2), projected.stride(0),
+        projected.stride(1), out.stride(0), out.stride(1), n, eps, HK=_key_heads(layer, layer.conv.shape[1]), HV=heads,
+        DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, **pdl_options(projected))
     return out
 
 
@@ -265,17 +293,22 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths, k, decay,
                                    prefill=False)
     o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
+    out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
+    ragged = lengths is not None
     _gdn_steps[(b, heads, value_dim // block_v)](
-        q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o,
+        q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
+        layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
         positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
-        *tape_u.stride()[:3], *o.stride()[:3], n, int(deferred),
-        DK=key_dim, DV=value_dim, BV=block_v, KEEP_STATES=states, num_warps=tile["warps"], enable_fp_fusion=False,
-        **pdl_options(projected))
-    return _output(o, projected, positions, norm_weight, eps, layer, lengths, conv_weight.shape[-1], conv_state=True)
+        *tape_u.stride()[:3], *o.stride()[:3], projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
+        layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1),
+        layer.arrivals.stride(0), n, int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
+        DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
+        num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
+    return out
 
 
 def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
@@ -286,7 +319,7 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
     chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
-    channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
+    channels = conv_weight.shape[0]
     fp32 = {"device": projected.device, "dtype": torch.float32}
     q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
                                torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
@@ -294,8 +327,7 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
     fresh = positions[:, 0] == 0  # a new sequence starts from empty states
     initial = torch.where(fresh[:, None, None, None], 0.0, layer.recurrent)
     o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=initial, output_final_state=True)
-    out = _output(o.to(projected.dtype), projected, positions, norm_weight, eps, layer, lengths, kernel,
-                  conv_state=False)
+    out = _output(o.to(projected.dtype), projected, norm_weight, eps, layer)
     layer.take_conv_state(projected[..., :channels], lengths, fresh)
     layer.recurrent.copy_(final)
     return out
