@@ -120,7 +120,8 @@ class Stacking(nn.Module):
     untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts); otherwise it is
     cached until a part changes: an optimizer step or load_state_dict bumps its version (writes through `.data`
     do not; inference tensors have none, and change only in inference mode). A CUDA graph captured earlier keeps
-    reading the concatenation it captured: capture again after changing weights."""
+    reading the concatenation it captured: capture again after changing weights. The concatenation is a second
+    copy of its parts in memory (for a Qwen3-4B-sized DFlash draft about 0.65 GB beside its 1 GB)."""
 
     def __init__(self) -> None:
         super().__init__()
