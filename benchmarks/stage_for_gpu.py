@@ -14,7 +14,7 @@ so that what finished comes back):
      replay; its prefill through the GDN kernels and fla, prompt attention on flash), engine_limit --qwen35
      (contexts 512, 4096, 16384; flash-linear-attention carried for HF's peer), then gdn_tiles beside
      gdn_tiles-20261205-184558.json. The batched run outlived 150 s at 49985c5 for a reason not yet known: it
-     has 300.
+     has 280.
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in two parts, with calls 1 and 2, each copied to /root/stage; call 2 joins them and checks the digest. To make
