@@ -23,9 +23,9 @@ A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a ver
 prompt's conv state is gathered after), flash-linear-attention's chunked recurrence, then the gated norm alone
 (`_gdn_output`).
 
-Fused multiply-adds are off (`enable_fp_fusion=False`) in the kernels that compute the inputs and update the state:
-each product and sum rounds once, as the torch ops do, and a replayed update equals the one the verify applied bit
-for bit.
+Fused multiply-adds are off (`enable_fp_fusion=False`) in every kernel here: each product and sum rounds once, as
+the torch ops do, a replayed update equals the one the verify applied bit for bit, and the gated norm rounds alike
+in the recurrence's last programs and in a prefill's `_gdn_output`.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CACHE: tl.constexpr):
     """Head h of the gated RMSNorm * silu(z) for tokens first .. first + NORM_TOKENS - 1 below n, with GatedRMSNorm's
     rounding points: normed in fp32 and cast, times the weight (cast), times silu(z) in fp32, cast. Every caller
-    takes the same tile, so a prefill, a verify and a decode round alike. CACHE: the load modifier of o."""
+    takes the same tile without fused multiply-adds, so a prefill, a verify and a decode round alike. CACHE: the
+    load modifier of o."""
     t = first + tl.arange(0, NORM_TOKENS)[:, None]
     dv = tl.arange(0, DV)[None, :]
     real = t < n
@@ -262,7 +263,7 @@ def _output(o: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor,
     _gdn_output[(b, triton.cdiv(n, NORM_TOKENS), heads)](
         o, projected, norm_weight, out, o.stride(0), o.stride(1), o.stride(2), projected.stride(0),
         projected.stride(1), out.stride(0), out.stride(1), n, eps, HK=_key_heads(layer, layer.conv.shape[1]), HV=heads,
-        DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, **pdl_options(projected))
+        DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
