@@ -48,7 +48,7 @@ class KernelSettings:
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
         device allow it; False: the per-op kernels.
     fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
-        (kernels/gdn.py, three launches a layer) instead of its torch ops (about ten a token).
+        (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
     fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
         is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     split_sum_norm: where a target's output projection splits K on the skinny GEMM, the residual add + RMSNorm
