@@ -258,7 +258,7 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
                                                             cost)
             # PDL off: a kernel launched early would count its wait for the one before it as its own time
             with torch.inference_mode(), restored(engine, n), use_settings(pdl=False):
-                parts["step"]["kernels"] = graph_kernels(lambda: engine._greedy_step(n, block, engine.max_len), device)
+                parts["step"]["kernels"] = graph_kernels(lambda: engine.greedy_step(n, block, engine.max_len), device)
             gemms, gemm_bytes, gemm_params = weight_gemms(model, n * block)
             with torch.inference_mode():
                 parts["gemms"] = floors.timed(graph_ms(gemms, device, 5, 3),
@@ -283,13 +283,13 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
 
 def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
     """A step of live rows [0, n) as the engine runs one with a row that samples or returns log-probabilities: eagerly,
-    writing the logits (`_logits_step`), timed from the host; the median of `rounds`."""
+    writing the logits (`logits_step`), timed from the host; the median of `rounds`."""
     times = []
     with torch.inference_mode(), restored(engine, n):
         for _ in range(rounds):
             sync(device)
             started = time.perf_counter()
-            engine._logits_step(n, block, {})
+            engine.logits_step(n, block, {})
             sync(device)
             times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)

@@ -230,11 +230,11 @@ def restored(engine: BatchDecoder, n: int) -> Iterator[None]:
 
 
 def step_ms(engine: BatchDecoder, n: int, block: int, device: str, replays: int = 10, rounds: int = 5) -> float:
-    """The whole greedy step of live rows [0, n) (`_greedy_step`: draft, verify, acceptance, bookkeeping; no host
+    """The whole greedy step of live rows [0, n) (`greedy_step`: draft, verify, acceptance, bookkeeping; no host
     read) as a CUDA graph of its own. Each replay moves a row by its accepted drafts + 1: force acceptance to 0 so
     that the replays stay within the rows' slack."""
     with torch.inference_mode(), restored(engine, n):
-        return graph_ms(lambda: engine._greedy_step(n, block, engine.max_len), device, replays, rounds)
+        return graph_ms(lambda: engine.greedy_step(n, block, engine.max_len), device, replays, rounds)
 
 
 def target_pass(engine: BatchDecoder, n: int, block: int) -> Callable[[], torch.Tensor]:

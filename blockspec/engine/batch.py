@@ -363,7 +363,7 @@ class BatchDecoder:
             if launched is not None:
                 self._commit_launched(launched, chunks)
             return
-        self._logits_step(n, block, chunks)
+        self.logits_step(n, block, chunks)
 
     def _step_block(self, n: int) -> int:
         """The block of a step over the active rows (see the module docstring)."""
@@ -403,7 +403,7 @@ class BatchDecoder:
             graph = self._graphs.get((padded, block)) or self._capture(padded, block)
             graph.replay()
         else:
-            self._greedy_step(padded, block, self._kv_len(block))
+            self.greedy_step(padded, block, self._kv_len(block))
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
         host = self._out_host[self._flip][:n * (block + 1)].view(n, block + 1)  # contiguous: a true async copy
@@ -415,7 +415,7 @@ class BatchDecoder:
             done.record()
         return _Launched(list(self.rows), block, host, done)
 
-    def _greedy_step(self, nb: int, block: int, kv_len: int) -> None:
+    def greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
         block_pos = self.start[:nb, None] + self.offsets[None, :block]
         last = self.last_token[:nb]
@@ -432,7 +432,7 @@ class BatchDecoder:
         self.out[:nb, 1:block + 1] = choices
         self._advance(nb, block_pos, accepted, choices.gather(1, accepted[:, None])[:, 0], taps)
 
-    def _logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
+    def logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
         """An eager step that writes the logits, for a batch with rows that sample or return log-probabilities.
         A row whose step cannot be computed (RowFailure) leaves the batch with an error chunk; the others commit
         as usual."""
@@ -511,7 +511,7 @@ class BatchDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._greedy_step(nb, block, self.max_len)
+                self.greedy_step(nb, block, self.max_len)
         torch.cuda.current_stream().wait_stream(stream)
         for live, copy in zip(state, saved):
             live.copy_(copy)
@@ -519,6 +519,6 @@ class BatchDecoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
-            self._greedy_step(nb, block, self.max_len)
+            self.greedy_step(nb, block, self.max_len)
         self._graphs[(nb, block)] = graph
         return graph
