@@ -224,21 +224,21 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     gated = gate is not None
     if gated:
         assert gate.stride(-1) == 1, "the gate's last dim must be contiguous"
-    gate_args = (gate, gate.stride(0), gate.stride(1)) if gated else (out, 0, 0)
+    gate_ptr, sg_b, sg_n = (gate, gate.stride(0), gate.stride(1)) if gated else (out, 0, 0)  # out: never read
     splits_kernel[(b * n_kv, splits, triton.cdiv(n_q, tile))](
-        q, k_cache, v_cache, limits, acc, ml, out, gate_args[0],
+        q, k_cache, v_cache, limits, acc, ml, out, gate_ptr,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        *gate_args[1:], n_q, n_kv, splits, window, d ** -0.5,
+        sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and direct,
         num_warps=config["num_warps"], **pdl)
     if direct:
         return
     combine_kernel[(b * n_heads * n_q,)](
-        acc, ml, limits, out, gate_args[0], acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
-        out.stride(0), out.stride(1), out.stride(2), *gate_args[1:], n_q, n_heads, splits, window,
+        out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
         SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
