@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import cProfile
 import json
 import pstats
@@ -252,6 +253,7 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3), cost)}
             # the same step as the engine runs it once any row samples or returns log-probabilities: eagerly
             parts["step_eager"] = floors.timed(eager_step_ms(engine, n, block, device), cost)
+            parts["step_sampled"] = floors.timed(eager_step_ms(engine, n, block, device, sampled=True), cost)
             if block == 1:  # side by side: the split-K sums in a kernel of their own (KernelSettings.split_sum_norm)
                 with use_settings(split_sum_norm=False):
                     parts["step_sums_apart"] = floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
@@ -281,17 +283,29 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
     return out
 
 
-def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
+def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5,
+                  sampled: bool = False) -> float:
     """A step of live rows [0, n) as the engine runs one with a row that samples or returns log-probabilities: eagerly,
-    writing the logits (`logits_step`), timed from the host; the median of `rounds`."""
+    writing the logits (`logits_step`), timed from the host; the median of `rounds`. `sampled`: every row samples
+    (temperature 1; the draft's own samples, accepted as they fall)."""
     times = []
-    with torch.inference_mode(), restored(engine, n):
-        for _ in range(rounds):
-            sync(device)
-            started = time.perf_counter()
-            engine.logits_step(n, block, {})
-            sync(device)
-            times.append((time.perf_counter() - started) * 1e3)
+    rows = engine.rows[:n]
+    saved = [(seq.params, seq.generator) for seq in rows]
+    try:
+        if sampled:
+            for seed, seq in enumerate(rows):
+                seq.params = dataclasses.replace(seq.params, temperature=1.0, seed=seed)
+                seq.generator = torch.Generator(device=device).manual_seed(seed)
+        with torch.inference_mode(), restored(engine, n):
+            for _ in range(rounds):
+                sync(device)
+                started = time.perf_counter()
+                engine.logits_step(n, block, {})
+                sync(device)
+                times.append((time.perf_counter() - started) * 1e3)
+    finally:
+        for seq, (params, generator) in zip(rows, saved):
+            seq.params, seq.generator = params, generator
     return statistics.median(times)
 
 
@@ -483,6 +497,13 @@ def table(rows: dict, cols: dict) -> list[str]:
     return lines
 
 
+def over_graphed(rows: dict, key: str) -> str:
+    """'c x block: ms (its ratio to the graphed step)' for every cell of the report with the part `key`."""
+    return ", ".join(f"{c} x {'AR' if block == '1' else block}: {parts[key]['ms']:.2f} "
+                     f"({parts[key]['ms'] / parts['step']['ms']:.1f}x)"
+                     for c, row in rows.items() for block, parts in row.get("parts", {}).items() if key in parts)
+
+
 def parts_table(rows: dict) -> list[str]:
     lines = ["Where a step's time goes: c live rows, each part captured as a CUDA graph of its own and timed alone: "
              "ms (its floor, x floor); weight GEMMs: the target's, alone, on the step's c x block rows.", "",
@@ -504,12 +525,14 @@ def parts_table(rows: dict) -> list[str]:
         if prefills:
             lines += ["", f"Prefill of c prompts joining at once, {label}, ms (per prompt; the device busy, ms): "
                       + ", ".join(prefills) + "."]
-    eager = [f"{c} x {'AR' if block == '1' else block}: {parts['step_eager']['ms']:.2f} "
-             f"({parts['step_eager']['ms'] / parts['step']['ms']:.1f}x)"
-             for c, row in rows.items() for block, parts in row.get("parts", {}).items() if "step_eager" in parts]
+    eager = over_graphed(rows, "step_eager")
     if eager:
         lines += ["", "A step as the engine runs it once a row samples or returns log-probabilities (eager, the logits "
-                  "written), ms (over the graphed step): " + ", ".join(eager) + "."]
+                  "written), ms (over the graphed step): " + eager + "."]
+    sampled = over_graphed(rows, "step_sampled")
+    if sampled:
+        lines += ["", "The same step with every row sampling (temperature 1), ms (over the graphed step): "
+                  + sampled + "."]
     apart = [f"{c}: {row['parts']['1']['step']['ms']:.2f} / {row['parts']['1']['step_sums_apart']['ms']:.2f}"
              for c, row in rows.items() if "step_sums_apart" in row.get("parts", {}).get("1", {})]
     if apart:

@@ -5,7 +5,7 @@ a known continuation of the sequence, right for the scheduled number of slots an
 engine's own acceptance rule then accepts exactly that many. The continuation must be the target's own: for a
 trained pair the greedy output decoded beforehand; for random-weight timing targets, `constant_choice` makes
 the target's greedy choice token 0 at every position, whatever the rounding, so the continuation is all zeros.
-Greedy steps only (graph-capturable: the schedules and each row's step count live on the device, and
+Oracle acceptance is for greedy steps (graph-capturable: the schedules and each row's step count live on the device, and
 `set_schedule` changes them in place, so graphs captured earlier follow it; an entry of -1 passes the draft's
 own tokens through).
 
@@ -85,8 +85,9 @@ class OracleProposer:
         oracle = torch.where(self.slots[None, :block - 1] < correct[:, None], right, (right + 1) % self.vocab_size)
         return torch.where(correct[:, None] < 0, drafted, oracle)
 
-    def propose_sampled(self, *args: object) -> list:
-        raise NotImplementedError("oracle acceptance is for greedy steps")
+    def propose_sampled(self, *args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The inner proposer's own samples: oracle acceptance is for greedy steps (a sampled step is timed only)."""
+        return self.inner.propose_sampled(*args)
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         self.inner.observe(n, block_positions, features)

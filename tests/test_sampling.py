@@ -19,8 +19,9 @@ import torch
 
 from blockspec.draft import DraftConfig, DraftModel
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
-from blockspec.engine.acceptance import accept_row, accept_sampled, greedy_accepted
-from blockspec.engine.sampling import sample, warped_probs
+from blockspec.engine.acceptance import (DRAFT_NOT_FINITE, TARGET_NOT_FINITE, accept_rows, accept_sampled,
+                                         greedy_accepted)
+from blockspec.engine.sampling import draw, sample, uniforms, warped_probs
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
 from conftest import seeded_normal
@@ -117,8 +118,8 @@ N_RUNS = 20_000
 
 def simulate(accept_fn, k: int, draft_probs: torch.Tensor | None, fixed_draft: list[int] | None = None,
              n: int = N_RUNS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n independent verify steps of a k-token draft; returns the committed sequences completed to k+1 tokens
-    [n, k+1] and the accepted counts [n].
+    """n independent verify steps of a k-token draft, as n rows of one call; returns the committed sequences
+    completed to k+1 tokens [n, k+1] and the accepted counts [n].
 
     Draft tokens are drawn from `draft_probs` (or fixed, for a point-mass draft). After `a` accepted drafts and
     the returned token, positions a+1..k are filled with fresh draws from the target rows -- what a correct
@@ -130,22 +131,19 @@ def simulate(accept_fn, k: int, draft_probs: torch.Tensor | None, fixed_draft: l
         drafts = torch.stack([torch.multinomial(draft_probs[j], n, replacement=True, generator=gen_draft)
                               for j in range(k)], dim=1)
     else:
-        drafts = torch.tensor(fixed_draft).expand(n, k)
+        drafts = torch.tensor(fixed_draft, dtype=torch.long).expand(n, k)
     fill = torch.stack([torch.multinomial(target_probs[j], n, replacement=True, generator=gen_draft)
                         for j in range(k + 1)], dim=1)
-    gen = torch.Generator().manual_seed(seed)
-    out = fill.tolist()
-    accepted = []
-    draft_rows = drafts.unbind(0)
-    draft_lists = drafts.tolist()
-    for i in range(n):
-        a, token = accept_fn(draft_rows[i], draft_probs, target_probs, gen)
-        assert 0 <= a <= k
-        assert isinstance(a, int) and isinstance(token, int)
-        out[i][:a] = draft_lists[i][:a]
-        out[i][a] = token
-        accepted.append(a)
-    return torch.tensor(out), torch.tensor(accepted)
+    draws = torch.rand(n, k + 1, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q = draft_probs.expand(n, k, V) if draft_probs is not None else None
+    accepted, tokens = accept_fn(drafts.reshape(n, k), q, target_probs.expand(n, k + 1, V),
+                                 torch.full((n,), k), draws)
+    assert accepted.dtype == tokens.dtype == torch.long and accepted.shape == tokens.shape == (n,)
+    assert bool(((accepted >= 0) & (accepted <= k)).all())
+    slots = torch.arange(k + 1)
+    out = torch.where(slots < accepted[:, None], torch.cat([drafts.reshape(n, k), fill[:, :1]], dim=1), fill)
+    out[torch.arange(n), accepted] = tokens
+    return out, accepted
 
 
 def assert_exact(seqs: torch.Tensor, k: int) -> None:
@@ -208,35 +206,22 @@ def test_accept_sampled_point_mass_on_unlikely_token_is_exact():
 
 
 # ---- biased variants: the same harness and bound must reject them ---------------------------------------
-def biased_inverted_ratio(draft_tokens, draft_probs, target_probs, generator):
-    """Accepts with min(1, q/p) instead of min(1, p/q)."""
-    k = draft_tokens.shape[0]
-    a = 0
-    for j in range(k):
-        x = int(draft_tokens[j])
-        u = float(torch.rand(1, generator=generator))
-        if u * float(target_probs[j, x]) < float(draft_probs[j, x]):
-            a += 1
-        else:
-            break
-    if a == k:
-        return a, int(sample(target_probs[k:k + 1], generator))
-    residual = (target_probs[a] - draft_probs[a]).clamp_min(0)
-    return a, int(sample((residual / residual.sum())[None], generator))
+def biased_inverted_ratio(drafts, draft_probs, target_probs, wanted, draws):
+    """Accepts with min(1, q/p) instead of min(1, p/q) (p and q swapped for the test alone); resamples right."""
+    k = drafts.shape[1]
+    swapped = torch.cat([draft_probs, target_probs[:, k:]], dim=1)
+    accepted, _ = accept_sampled(drafts, target_probs[:, :k], swapped, wanted, draws)
+    rows = torch.arange(drafts.shape[0])
+    p_a, q_a = target_probs[rows, accepted], draft_probs[rows, accepted.clamp(max=k - 1)]
+    residual = torch.where((accepted < k)[:, None], (p_a - q_a).clamp_min(0), p_a)
+    return accepted, sample(residual, draws[rows, accepted, 2])
 
 
-def biased_resample_from_p(draft_tokens, draft_probs, target_probs, generator):
+def biased_resample_from_p(drafts, draft_probs, target_probs, wanted, draws):
     """Correct acceptance test, but resamples from p instead of norm(max(0, p - q)) on rejection."""
-    k = draft_tokens.shape[0]
-    a = 0
-    for j in range(k):
-        x = int(draft_tokens[j])
-        q_x = float(draft_probs[j, x]) if draft_probs is not None else 1.0
-        if float(torch.rand(1, generator=generator)) * q_x < float(target_probs[j, x]):
-            a += 1
-        else:
-            break
-    return a, int(sample(target_probs[a:a + 1], generator))
+    accepted, _ = accept_sampled(drafts, draft_probs, target_probs, wanted, draws)
+    rows = torch.arange(drafts.shape[0], device=drafts.device)
+    return accepted, sample(target_probs[rows, accepted], draws[rows, accepted, 2])
 
 
 @pytest.mark.parametrize("biased", [biased_inverted_ratio, biased_resample_from_p])
@@ -257,12 +242,20 @@ def test_biased_point_mass_rule_fails_the_same_bound():
 
 
 # ---- accept_sampled: deterministic corner cases ---------------------------------------------------------
+def accept_one(draft: torch.Tensor, q: torch.Tensor | None, p: torch.Tensor, gen: torch.Generator) -> tuple[int, int]:
+    """accept_sampled on one row verifying all its drafts, with uniforms from `gen`."""
+    k = draft.shape[0]
+    draws = torch.rand(1, k + 1, 3, generator=gen, dtype=torch.float64)
+    accepted, token = accept_sampled(draft[None], q[None] if q is not None else None, p[None], torch.tensor([k]), draws)
+    return int(accepted), int(token)
+
+
 def test_accept_sampled_accepts_everything_when_draft_equals_target():
     gen = torch.Generator().manual_seed(0)
     q = P_ROWS[:3]
     for _ in range(200):
         draft = torch.stack([torch.multinomial(q[j], 1, generator=gen)[0] for j in range(3)])
-        a, token = accept_sampled(draft, q, P_ROWS, gen)
+        a, token = accept_one(draft, q, P_ROWS, gen)
         assert a == 3
         assert P_ROWS[3, token] > 0
 
@@ -272,7 +265,7 @@ def test_accept_sampled_never_accepts_a_zero_probability_token():
     draft = torch.tensor([5, 1])  # p0[5] == 0
     for q in (Q_ROWS[:2], None):
         for _ in range(300):
-            a, token = accept_sampled(draft, q, P_ROWS[:3], gen)
+            a, token = accept_one(draft, q, P_ROWS[:3], gen)
             assert a == 0
             assert token != 5 and P_ROWS[0, token] > 0
             if q is not None:  # residual support: p > q
@@ -283,11 +276,11 @@ def test_accept_sampled_one_hot_target():
     gen = torch.Generator().manual_seed(2)
     target = torch.zeros(3, V)
     target[0, 2] = target[1, 4] = target[2, 1] = 1.0
-    assert accept_sampled(torch.tensor([2, 4]), None, target, gen) == (2, 1)
-    a, token = accept_sampled(torch.tensor([2, 0]), None, target, gen)
+    assert accept_one(torch.tensor([2, 4]), None, target, gen) == (2, 1)
+    a, token = accept_one(torch.tensor([2, 0]), None, target, gen)
     assert (a, token) == (1, 4)
     q = torch.full((2, V), 1.0 / V)
-    assert accept_sampled(torch.tensor([3, 4]), q, target, gen) == (0, 2)
+    assert accept_one(torch.tensor([3, 4]), q, target, gen) == (0, 2)
 
 
 def test_accept_sampled_empty_draft_samples_the_target():
@@ -295,7 +288,7 @@ def test_accept_sampled_empty_draft_samples_the_target():
     counts = torch.zeros(V)
     n = 4000
     for _ in range(n):
-        a, token = accept_sampled(torch.zeros(0, dtype=torch.long), None, P_ROWS[:1], gen)
+        a, token = accept_one(torch.zeros(0, dtype=torch.long), None, P_ROWS[:1], gen)
         assert a == 0
         counts[token] += 1
     assert tv(counts / n, P_ROWS[0]) < tv_bound(n, V)
@@ -390,6 +383,79 @@ def test_warped_probs_matches_reference(temperature, top_k, top_p):
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 5))
 
 
+def test_warped_probs_with_settings_per_row_equals_each_row_alone():
+    logits = torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(9)) * 3
+    rows = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.2, top_k=4),
+            SamplingParams(temperature=0.9, top_p=0.6), SamplingParams(temperature=1.0, top_k=7, top_p=0.8),
+            SamplingParams(temperature=0.5, top_k=40)]
+    together = warped_probs(logits, rows)
+    for row, params in enumerate(rows):
+        assert torch.equal(together[row], warped_probs(logits[row], params))
+    assert ((together[1] > 0).sum(-1) == 4).all() and not torch.equal(together[0], torch.softmax(logits[0], -1))
+
+
+# ---- sample and uniforms --------------------------------------------------------------------------------
+def test_sample_draws_each_row_from_its_weights():
+    """Inverting the cumulative sum at a uniform is exact: unnormalised weights, zero weights never drawn, a
+    batch of different rows at once."""
+    n = 20_000
+    weights = torch.stack([P_ROWS[0] * 3.0, P_ROWS[1]])  # row 0 sums to 3; both hold a zero
+    draws = torch.rand(n, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    tokens = sample(weights.expand(n, 2, V), draws)
+    assert tokens.shape == (n, 2) and tokens.dtype == torch.long
+    for row in range(2):
+        assert float(P_ROWS[row][tokens[:, row]].min()) > 0
+        assert tv(empirical(tokens[:, row], V), P_ROWS[row]) < tv_bound(n, V)
+    # the edges: u = 0 takes the first token of positive weight, u just under 1 the last
+    edge = torch.tensor([[0.0, 0.5, 0.0, 2.0, 0.0]])
+    assert sample(edge.expand(2, 5), torch.tensor([0.0, 1 - 2 ** -53], dtype=torch.float64)).tolist() == [1, 3]
+    assert sample(torch.full((1, 4), float("nan")), torch.tensor([0.3], dtype=torch.float64)).item() in range(4)
+
+
+def test_uniforms_follow_each_rows_own_generator():
+    def generators():
+        return [torch.Generator().manual_seed(s) for s in (5, 6)]
+
+    alone = uniforms(generators()[1:], [3], 3, "cpu")
+    together = uniforms([None] + generators()[1:] + [torch.Generator().manual_seed(7)], [2, 3, 1], 4, "cpu")
+    assert together.shape == (3, 4, 3) and together.dtype == torch.float64
+    assert torch.equal(together[1, :3], alone[0]) and bool((together[1, 3:] == 0).all())
+    assert bool((together[0] == 0).all()) and bool((together[2, 1:] == 0).all())
+    assert bool(((together[2, 0] > 0) & (together[2, 0] < 1)).all())
+
+
+def test_draw_takes_a_greedy_rows_argmax_and_samples_the_others():
+    logits = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(8))
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
+    at = torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.0, 1 - 2 ** -53]], dtype=torch.float64)
+    tokens, probs = draw(logits, params, at)
+    assert tokens[:2].tolist() == logits[:2].argmax(-1).tolist()  # top_k 1 samples its argmax too
+    assert tokens[2].tolist() == [int(torch.softmax(logits[2, 0], -1).nonzero()[0]), V - 1]
+    assert bool((probs[0] == 0).all()) and torch.equal(probs[2], warped_probs(logits[2], params[2]))
+
+
+def test_accept_rows_mixes_greedy_and_sampled_rows_and_flags_failures():
+    """Greedy rows follow the argmax; a sampled row verifies only its own wanted drafts; a row whose target or
+    draft distribution is not finite at its slots is flagged, and only that row."""
+    gen = torch.Generator().manual_seed(4)
+    k, n = 3, 4
+    logits = torch.randn(n, k + 1, V, generator=gen)
+    draft_probs = torch.softmax(torch.randn(n, k, V, generator=gen), -1)
+    drafts = logits[:, :k].argmax(-1)  # every draft equals the target's argmax
+    params = [SamplingParams(), SamplingParams(temperature=1e-4), SamplingParams(temperature=1.0),
+              SamplingParams(temperature=1.0)]
+    draft_probs[1] = torch.nn.functional.one_hot(drafts[1], V).float()  # the draft sure of the argmax
+    wanted = torch.tensor([3, 2, 3, 3])
+    draws = uniforms([None] + [torch.Generator().manual_seed(s) for s in (1, 2, 3)], [4, 3, 4, 4], k + 1, "cpu")
+    logits[2, 3] = float("nan")  # row 2: the target not finite at a slot it verifies
+    logits[1, 3] = float("nan")  # row 1: at a slot past its wanted drafts (ignored)
+    draft_probs[3, 0, 0] = float("nan")  # row 3: the draft not finite
+    accepted, token, failure = accept_rows(params, drafts, draft_probs, logits, wanted, draws)
+    assert failure.tolist() == [0, 0, TARGET_NOT_FINITE, DRAFT_NOT_FINITE]
+    assert accepted[:2].tolist() == [3, 2]  # greedy: all; near-greedy sampling: its 2 wanted drafts
+    assert token[:2].tolist() == [int(logits[0, 3].argmax()), int(logits[1, 2].argmax())]
+
+
 # ---- accept_greedy --------------------------------------------------------------------------------------
 def _logits_for(choices: list[int], vocab: int = 9) -> torch.Tensor:
     logits = torch.randn(len(choices), vocab, generator=torch.Generator().manual_seed(len(choices)))
@@ -411,7 +477,11 @@ def test_accept_greedy(draft, choices, accepted):
     assert out.dtype == torch.long
     assert out.tolist() == [accepted]
     # committed tokens = drafts[:a] + [choice a], identical to the target's own choices
-    assert accept_row(SamplingParams(), drafts, None, logits, None) == (accepted, choices[:accepted + 1])
+    k = len(draft)
+    got, token, failure = accept_rows([SamplingParams()], drafts[None], None, logits[None], torch.tensor([k]),
+                                      torch.zeros(1, k + 1, 3, dtype=torch.float64))
+    assert (got.tolist(), failure.tolist()) == ([accepted], [0])
+    assert draft[:accepted] + token.tolist() == choices[:accepted + 1]
 
 
 # ---- SamplingParams.validate ----------------------------------------------------------------------------
@@ -528,11 +598,8 @@ def test_tiny_target_distributions_are_interesting(tiny_pair):
 class PointMassProposer(DraftProposer):
     """Proposes the draft's argmax tokens with no distribution (draft probs None) even when sampling."""
 
-    def propose_sampled(self, n, block, last_tokens, block_positions, kv_len, rows):
-        greedy_rows = [(dataclasses.replace(params, temperature=0.0), generator, k) for params, generator, k in rows]
-        proposals = super().propose_sampled(n, block, last_tokens, block_positions, kv_len, greedy_rows)
-        assert all(probs is None for _, probs in proposals)
-        return proposals
+    def propose_sampled(self, n, block, last_tokens, block_positions, kv_len, params, uniforms):
+        return self.propose_greedy(n, block, last_tokens, block_positions, kv_len), None
 
 
 def _sample_runs(decoder, params: SamplingParams, runs: int, seed0: int):

@@ -6,23 +6,22 @@ output identical to plain greedy decoding.
 Sampled: a draft token x drawn from the draft's distribution q is accepted with probability min(1, p(x)/q(x));
 at the first rejection the target resamples from norm(max(0, p - q)), and after a fully accepted block from p.
 Every committed token is then distributed exactly as the target alone would sample it.
+
+Every row of a step goes through the same tensor ops, its randomness given as uniforms drawn from its own
+generator beforehand (sampling.uniforms): no host read and no launch per row.
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 
 from blockspec.engine.sampling import SamplingParams, sample, warped_probs
 
-
-class RowFailure(Exception):
-    """This row's step cannot be computed (a distribution that is not finite); the other rows are unaffected."""
-
-
-def check_finite(probs: torch.Tensor, model: str) -> None:
-    """RowFailure unless every probability of this row is finite (torch.multinomial would raise for the batch)."""
-    if not bool(torch.isfinite(probs).all()):
-        raise RowFailure(f"the {model}'s probabilities for this request are not finite (NaN or inf)")
+DRAFT_NOT_FINITE, TARGET_NOT_FINITE = 1, 2  # accept_rows' failure codes (0: the row's step is sound)
+FAILURES = {DRAFT_NOT_FINITE: "the draft's probabilities for this request are not finite (NaN or inf)",
+            TARGET_NOT_FINITE: "the target's probabilities for this request are not finite (NaN or inf)"}
 
 
 def greedy_accepted(draft_tokens: torch.Tensor, choices: torch.Tensor) -> torch.Tensor:
@@ -32,45 +31,59 @@ def greedy_accepted(draft_tokens: torch.Tensor, choices: torch.Tensor) -> torch.
 
 
 def accept_sampled(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None, target_probs: torch.Tensor,
-                   generator: torch.Generator | None) -> tuple[int, int]:
-    """Speculative-sampling verification of one row.
+                   wanted: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative-sampling verification of n rows: (accepted drafts a [n], the token the target commits after
+    them [n]).
 
-    draft_tokens [k] drawn from draft_probs [k, V] (None: the draft is a point mass on its tokens, as when it
-    proposes greedily); target_probs [k+1, V]. Returns (accepted count a, next token): the token the target
-    commits after the a accepted drafts.
-    """
-    k = draft_tokens.shape[0]
-    accepted = 0
-    if k:
-        rows = torch.arange(k, device=draft_tokens.device)
-        p_x = target_probs[rows, draft_tokens]
-        q_x = draft_probs[rows, draft_tokens] if draft_probs is not None else torch.ones_like(p_x)
-        u = torch.rand(k, generator=generator, device=draft_tokens.device)
-        # accept iff u < p/q, written without division (q_x > 0 for any token the draft sampled)
-        accepted = int((u * q_x < p_x).long().cumprod(0).sum())
-    if accepted == k:
-        return accepted, int(sample(target_probs[k:k + 1], generator))
+    Row i verifies its first wanted[i] of draft_tokens [n, k], drawn from draft_probs [n, k, V] (None: point
+    masses, as when the draft proposes greedily), against target_probs [n, k + 1, V]. uniforms [n, k + 1, 3]
+    (sampling.uniforms): slot j's acceptance test uses [i, j, 1], the target's draw after a accepted drafts
+    [i, a, 2], each used once."""
+    n, k = draft_tokens.shape
+    rows = torch.arange(n, device=draft_tokens.device)
+    p_x = target_probs[:, :k].gather(-1, draft_tokens[..., None])[..., 0]
+    q_x = draft_probs.gather(-1, draft_tokens[..., None])[..., 0] if draft_probs is not None else torch.ones_like(p_x)
+    inside = torch.arange(k, device=draft_tokens.device) < wanted[:, None]
+    # accept iff u < p/q, written without division (q_x > 0 for any token the draft sampled)
+    accepted = ((uniforms[:, :k, 1] * q_x < p_x) & inside).long().cumprod(1).sum(1)
+    p_a = target_probs[rows, accepted]
+    rejected = (accepted < wanted)[:, None]
     if draft_probs is not None:
-        residual = (target_probs[accepted] - draft_probs[accepted]).clamp_min(0)
-    else:
-        residual = target_probs[accepted].clone()
-        residual[draft_tokens[accepted]] = 0
-    if float(residual.sum()) <= 0:  # p == q up to rounding: any rejection then came from rounding alone
-        residual = target_probs[accepted]
-    return accepted, int(sample((residual / residual.sum())[None], generator))
+        q_a = draft_probs[rows, accepted.clamp(max=k - 1)] if k else torch.zeros_like(p_a)
+        residual = torch.where(rejected, (p_a - q_a).clamp_min(0), p_a)
+    else:  # a point mass: the residual is p without the rejected token
+        drafted = draft_tokens[rows, accepted.clamp(max=k - 1)] if k else torch.zeros_like(accepted)
+        residual = p_a.scatter(-1, drafted[:, None], torch.where(rejected, 0.0, p_a.gather(-1, drafted[:, None])))
+    # p == q up to rounding: any rejection then came from rounding alone
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_a)
+    return accepted, sample(residual, uniforms[rows, accepted, 2])
 
 
-def accept_row(params: SamplingParams, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
-               target_logits: torch.Tensor, generator: torch.Generator | None) -> tuple[int, list[int]]:
-    """One row of a step: (accepted drafts, the tokens it commits: the accepted drafts and the target's own).
+def accept_rows(params: Sequence[SamplingParams], draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
+                target_logits: torch.Tensor, wanted: torch.Tensor,
+                uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step's acceptance for rows with their own settings `params`: (accepted drafts [n], the target's token
+    after them [n], failure [n]: 0, or DRAFT_NOT_FINITE / TARGET_NOT_FINITE for a sampled row whose distribution
+    is not finite at its slots; its other outputs are then meaningless), all on the device.
 
-    draft_tokens [k], target_logits [k + 1, V] (the verify's logits at the row's block slots 0..k). Raises
-    RowFailure when the row's target distribution is not finite."""
-    if params.greedy:
-        choices = target_logits.argmax(-1)
-        accepted = int(greedy_accepted(draft_tokens[None], choices[None])[0])
-        return accepted, choices[:accepted + 1].tolist()
-    target_probs = warped_probs(target_logits, params)
-    check_finite(target_probs, "target")
-    accepted, token = accept_sampled(draft_tokens, draft_probs, target_probs, generator)
-    return accepted, draft_tokens[:accepted].tolist() + [token]
+    draft_tokens [n, k], draft_probs [n, k, V] for the sampled rows (None: point masses), target_logits
+    [n, k + 1, V] (the verify's at each row's block slots), wanted [n]: the drafts each row verifies (<= k),
+    uniforms [n, k + 1, 3] (sampling.uniforms)."""
+    k = draft_tokens.shape[1]
+    choices = target_logits.argmax(-1)
+    accepted = torch.minimum(greedy_accepted(draft_tokens, choices), wanted)
+    token = choices.gather(1, accepted[:, None])[:, 0]
+    failure = torch.zeros_like(accepted)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return accepted, token, failure
+    index = torch.tensor(sampled, device=accepted.device)
+    probs = warped_probs(target_logits[index], [params[row] for row in sampled])
+    slots = torch.arange(k + 1, device=accepted.device)
+    target_ok = (torch.isfinite(probs).all(-1) | (slots > wanted[index, None])).all(-1)
+    q = draft_probs[index] if draft_probs is not None else None
+    draft_ok = (torch.isfinite(q).all(-1) | (slots[:k] >= wanted[index, None])).all(-1) if q is not None \
+        else torch.ones_like(target_ok)
+    accepted[index], token[index] = accept_sampled(draft_tokens[index], q, probs, wanted[index], uniforms[index])
+    failure[index] = torch.where(~draft_ok, DRAFT_NOT_FINITE, torch.where(~target_ok, TARGET_NOT_FINITE, 0))
+    return accepted, token, failure

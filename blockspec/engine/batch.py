@@ -20,8 +20,8 @@ leaves the batch with a chunk whose `error` is set; the other rows' step complet
 On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
 of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
 position 0 of free rows that a joining prompt's prefill overwrites before anyone reads them. A step with any
-row that samples or returns log-probabilities runs the same modules eagerly, writing the logits, and draws
-each sampling row's tokens from the row's own generator, in the same order whatever else is in the batch.
+row that samples or returns log-probabilities runs the same modules eagerly, writing the logits; each sampling
+row's randomness comes from its own generator, the same numbers whatever else is in the batch.
 
 With CUDA graphs the greedy steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
@@ -47,9 +47,9 @@ import torch
 from blockspec.cache import DEFAULT_ROLLBACK
 from blockspec.draft import DraftModel
 from blockspec.engine import acceptance
-from blockspec.engine.acceptance import RowFailure, check_finite, greedy_accepted
+from blockspec.engine.acceptance import greedy_accepted
 from blockspec.engine.proposer import DraftProposer, Proposer
-from blockspec.engine.sampling import SamplingParams, TokenLogprob, sample, token_logprobs, warped_probs
+from blockspec.engine.sampling import SamplingParams, TokenLogprob, draw, token_logprobs, uniforms
 from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
                                        check_request, new_generator)
 from blockspec.errors import BlockspecError
@@ -254,7 +254,7 @@ class BatchDecoder:
         """Prefill the prompts of `group` in one target forward into the next free rows, right-padded to the
         longest (a row's padding slots hold garbage K/V at positions that its own later passes overwrite
         before any query reads them), and commit each one's first token from its own last position. The
-        proposer takes the group's taps in one call, the device state is written once, and the group's greedy
+        proposer takes the group's taps in one call, the device state is written once, and the group's first
         tokens come in one host read."""
         first = len(self.rows)
         target, device = self.target.model, self.target.device
@@ -270,21 +270,18 @@ class BatchDecoder:
         if drafted:  # the prompts become the proposer's context now; nothing is pending for these rows
             self.proposer.join(first, features, positions, real)
         logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
-        greedy = logits.argmax(-1).tolist()
+        tokens, failed = logits.argmax(-1), torch.zeros(len(group), dtype=torch.long, device=device)
+        if not all(seq.params.greedy for seq in group):
+            draws = uniforms([seq.generator for seq in group], [1] * len(group), 1, device)
+            tokens, probs = draw(logits, [seq.params for seq in group], draws[:, 0, 2])
+            failed = (~torch.isfinite(probs).all(-1)).long()
+        outcome = torch.stack([tokens, failed], dim=1).tolist()
+        logprobs = self._logprobs(group, logits[:, None], [row[:1] for row in outcome], [row[1] for row in outcome])
         joined: list[list[int]] = []  # per joined row: first token, its position, draft cap
-        for i, (seq, n) in enumerate(zip(group, lengths)):
-            if seq.params.greedy:
-                token = greedy[i]
-            else:
-                probs = warped_probs(logits[i:i + 1], seq.params)
-                try:
-                    check_finite(probs, "target")
-                except RowFailure as failure:  # never claimed: the rows after it move up
-                    chunks[seq.seq_id] = StreamChunk([], "", error=str(failure))
-                    continue
-                token = int(sample(probs, seq.generator))
-            top = seq.params.logprobs
-            logprobs = token_logprobs(logits[i:i + 1], [token], top) if top is not None else None
+        for i, (seq, n, (token, failure)) in enumerate(zip(group, lengths, outcome)):
+            if failure:  # never claimed: the rows after it move up
+                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[acceptance.TARGET_NOT_FINITE])
+                continue
             row = first + len(joined)
             if row != first + i:
                 self.target_cache.copy_row(first + i, row, n)
@@ -293,7 +290,7 @@ class BatchDecoder:
             joined.append([token, n, seq.block_size - 1])
             seq.position = n
             self.rows.append(seq)
-            self._commit(seq, [token], chunks, logprobs)
+            self._commit(seq, [token], chunks, logprobs.get(i))
         if joined:
             self.row_state[:, first:first + len(joined)] = torch.tensor(joined).T
 
@@ -433,53 +430,50 @@ class BatchDecoder:
         self._advance(nb, block_pos, accepted, choices.gather(1, accepted[:, None])[:, 0], taps)
 
     def logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
-        """An eager step that writes the logits, for a batch with rows that sample or return log-probabilities.
-        A row whose step cannot be computed (RowFailure) leaves the batch with an error chunk; the others commit
-        as usual."""
+        """An eager step that writes the logits, for a batch with rows that sample or return log-probabilities:
+        every row through the same tensor ops, its randomness drawn up front from its own generator, one host
+        read (two with log-probabilities). A row whose step cannot be computed leaves the batch with an error
+        chunk; the others commit as usual."""
         kv_len = self._kv_len(block)
         block_pos = self.start[:n, None] + self.offsets[None, :block]
         last = self.last_token[:n]
+        params = [seq.params for seq in self.rows]
         wanted = [min(seq.block_size, block) - 1 for seq in self.rows]
-        empty = last.new_zeros(0)
+        draws = uniforms([seq.generator for seq in self.rows], [k + 1 for k in wanted], block, last.device)
+        draft_probs = None
         if block == 1:
-            proposals = [(empty, None)] * n
-        elif all(seq.params.greedy for seq in self.rows):  # greedy rows that return log-probabilities
+            drafts = last.new_zeros(n, 0)
+        elif all(p.greedy for p in params):  # greedy rows that return log-probabilities
             drafts = self.proposer.propose_greedy(n, block, last, block_pos, kv_len)
-            proposals = [(drafts[row, :k], None) for row, k in enumerate(wanted)]
         else:
-            proposals = self.proposer.propose_sampled(n, block, last, block_pos, kv_len,
-                                                      [(s.params, s.generator, k) for s, k in zip(self.rows, wanted)])
-        draft_tokens = last.new_zeros(n, block - 1)
-        for row, proposal in enumerate(proposals):
-            if not isinstance(proposal, RowFailure):
-                draft_tokens[row, :wanted[row]] = proposal[0]
-        hidden, taps = self._verify(n, torch.cat([last[:, None], draft_tokens], dim=1), block_pos, kv_len)
+            drafts, draft_probs = self.proposer.propose_sampled(n, block, last, block_pos, kv_len, params,
+                                                                draws[:, :-1, 0])
+        hidden, taps = self._verify(n, torch.cat([last[:, None], drafts], dim=1), block_pos, kv_len)
         logits = self.target.model.logits(hidden)
-        results: list[tuple[int, list[int]] | RowFailure] = []
-        for row, (seq, proposal) in enumerate(zip(self.rows, proposals)):
-            if isinstance(proposal, RowFailure):
-                results.append(proposal)
-                continue
-            tokens, probs = proposal
-            try:
-                results.append(acceptance.accept_row(seq.params, tokens, probs, logits[row, :wanted[row] + 1],
-                                                     seq.generator))
-            except RowFailure as failure:
-                results.append(failure)
-        committed = [r if not isinstance(r, RowFailure) else (0, [0]) for r in results]
-        device = self.target.device
-        accepted = torch.tensor([a for a, _ in committed], device=device)
-        next_tokens = torch.tensor([c[-1] for _, c in committed], device=device)
+        accepted, next_tokens, failure = acceptance.accept_rows(params, drafts, draft_probs, logits,
+                                                                torch.tensor(wanted, device=last.device), draws)
+        accepted, next_tokens = accepted.masked_fill(failure > 0, 0), next_tokens.masked_fill(failure > 0, 0)
         self._advance(n, block_pos, accepted, next_tokens, taps)
-        for row, (seq, result) in enumerate(zip(list(self.rows), results)):
-            if isinstance(result, RowFailure):
-                chunks[seq.seq_id] = StreamChunk([], "", error=str(result))
+        outcome = torch.cat([accepted[:, None], failure[:, None], drafts, next_tokens[:, None]], dim=1).tolist()
+        committed = [row[2:2 + row[0]] + row[-1:] for row in outcome]
+        logprobs = self._logprobs(self.rows, logits, committed, [row[1] for row in outcome])
+        for row, (seq, (accepted_row, failed, *_)) in enumerate(zip(list(self.rows), outcome)):
+            if failed:
+                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[failed])
                 self._leave(self.rows.index(seq))
-                continue
-            accepted, tokens = result
-            top = seq.params.logprobs
-            logprobs = token_logprobs(logits[row], tokens, top) if top is not None else None
-            self._commit_step(seq, block, accepted, tokens, chunks, logprobs)
+            else:
+                self._commit_step(seq, block, accepted_row, committed[row], chunks, logprobs.get(row))
+
+    @staticmethod
+    def _logprobs(seqs: list[_Sequence], logits: torch.Tensor, tokens: list[list[int]],
+                  failures: list[int]) -> dict[int, list[TokenLogprob]]:
+        """row -> a TokenLogprob per token of tokens[row], for the rows of `seqs` that ask for them and did not
+        fail; `logits` [n, s, V] the target's at the rows' slots."""
+        rows = [row for row, seq in enumerate(seqs) if seq.params.logprobs is not None and not failures[row]]
+        if not rows:
+            return {}
+        return dict(zip(rows, token_logprobs(logits[rows], [tokens[row] for row in rows],
+                                             [seqs[row].params.logprobs for row in rows])))
 
     def _verify(self, nb: int, block_ids: torch.Tensor, block_pos: torch.Tensor,
                 kv_len: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -8,13 +8,12 @@ compute is never read.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
 from blockspec.draft import DraftModel
-from blockspec.engine.acceptance import RowFailure, check_finite
-from blockspec.engine.sampling import SamplingParams, sample, warped_probs
+from blockspec.engine.sampling import SamplingParams, draw
 
 
 class Proposer(Protocol):
@@ -36,10 +35,11 @@ class Proposer(Protocol):
         slots the CPU attention reads."""
 
     def propose_sampled(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
-                        kv_len: int, rows: list[tuple[SamplingParams, torch.Generator | None, int]]
-                        ) -> list[tuple[torch.Tensor, torch.Tensor | None] | RowFailure]:
-        """Per row (params, generator, drafts wanted k): k draft tokens [k] and the distributions [k, V] they
-        were drawn from (None: point masses, as for greedy rows), or the RowFailure that stops that row alone."""
+                        kv_len: int, params: Sequence[SamplingParams],
+                        uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Drafts [n, block - 1] for rows with their own settings `params` (a greedy row's are its argmax, a
+        sampled row's drawn at `uniforms` [n, block - 1] from its warped distribution: sampling.sample), and the
+        distributions they were drawn from [n, block - 1, V] (a greedy row's unused; None: point masses)."""
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         """The verify pass's taps [n, block, T*H] at `block_positions`: context for the next proposal (only the
@@ -90,22 +90,10 @@ class DraftProposer:
         return self.target_model.greedy_tokens(self._hidden(n, block, last_tokens, block_positions, kv_len))
 
     def propose_sampled(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
-                        kv_len: int, rows: list[tuple[SamplingParams, torch.Generator | None, int]]
-                        ) -> list[tuple[torch.Tensor, torch.Tensor | None] | RowFailure]:
+                        kv_len: int, params: Sequence[SamplingParams],
+                        uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.target_model.logits(self._hidden(n, block, last_tokens, block_positions, kv_len))
-        proposals = []
-        for row, (params, generator, k) in enumerate(rows):
-            if params.greedy or not k:
-                proposals.append((logits[row, :k].argmax(-1), None))
-                continue
-            probs = warped_probs(logits[row, :k], params)
-            try:
-                check_finite(probs, "draft")
-            except RowFailure as failure:
-                proposals.append(failure)
-                continue
-            proposals.append((sample(probs, generator), probs))
-        return proposals
+        return draw(logits, params, uniforms)
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         block = block_positions.shape[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -53,26 +54,70 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def warped_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p, in fp32, over the last axis."""
-    logits = logits.float() / params.temperature
-    if params.top_k and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+def warped_probs(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
+    """Probabilities after temperature, top-k and top-p, in fp32, over the last axis. A sequence of settings
+    gives each entry of the first axis its own (one set of launches for a batch of rows; a row's result does
+    not depend on the rows beside it)."""
+    rows = [params] if isinstance(params, SamplingParams) else list(params)
+    shape = (len(rows),) + (1,) * (logits.dim() - 1)
+
+    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=logits.device).view(shape)
+
+    vocab = logits.shape[-1]
+    logits = logits.float() / column([p.temperature for p in rows], torch.float32)
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in rows]  # 0: off
+    if max(top_k):
+        values = torch.topk(logits, max(top_k), dim=-1).values
+        kth = values.gather(-1, column([max(k - 1, 0) for k in top_k], torch.long).expand(*values.shape[:-1], 1))
+        kth = kth.masked_fill(column([k == 0 for k in top_k], torch.bool), float("-inf"))
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if params.top_p < 1:
+    if min(p.top_p for p in rows) < 1:
+        top_p = column([p.top_p for p in rows], torch.float32)
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        drop = (sorted_probs.cumsum(-1) - sorted_probs) >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
+        drop = ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p) & (top_p < 1)
+        kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = torch.where(top_p < 1, kept / kept.sum(-1, keepdim=True), probs)
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """One draw per row of `probs` [n, V] -> [n]."""
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+def draw(logits: torch.Tensor, params: Sequence[SamplingParams],
+         uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens from `logits` [n, ..., V] under its own settings `params` [n]: a greedy row's argmax, a
+    sampled row's draw at `uniform` [n, ...] from its warped distribution; and those distributions [n, ..., V]
+    (a greedy row's zeros)."""
+    tokens = logits.argmax(-1)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    index = torch.tensor(sampled, device=logits.device)
+    probs = warped_probs(logits[index], [params[row] for row in sampled])
+    tokens[index] = sample(probs, uniform[index])
+    if len(sampled) < len(params):
+        probs = torch.zeros_like(logits, dtype=probs.dtype).index_copy_(0, index, probs)
+    return tokens, probs
+
+
+def uniforms(generators: Sequence[torch.Generator | None], slots: Sequence[int], width: int,
+             device: torch.device | str) -> torch.Tensor:
+    """[n, width, 3] float64 uniforms in [0, 1) for one step: row i's first slots[i] triples come from its own
+    generator (zeros for a row without one, and past slots[i]). A block slot's triple is (the draft's draw, the
+    acceptance test, the target's draw there): a row consumes the same numbers whatever rows are beside it."""
+    out = torch.zeros(len(slots), width, 3, dtype=torch.float64, device=device)
+    for row, (generator, count) in enumerate(zip(generators, slots)):
+        if generator is not None and count:
+            out[row, :count] = torch.rand(count, 3, generator=generator, dtype=torch.float64, device=device)
+    return out
+
+
+def sample(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """One draw from each distribution `weights` [..., V] (non-negative, any positive total) at `uniform` [...]
+    in [0, 1): the token whose slice of the cumulative sum (float64) holds uniform x total. A token of weight 0
+    is never drawn. The caller's uniforms decide every draw, so a batch of rows needs no launch per row."""
+    cumulative = weights.double().cumsum(-1)
+    point = (uniform * cumulative[..., -1])[..., None]
+    # clamped: a row whose weights are not finite is reported by the caller, never indexed out of bounds
+    return torch.searchsorted(cumulative, point, right=True)[..., 0].clamp_(0, weights.shape[-1] - 1)
 
 
 @dataclass
@@ -84,13 +129,18 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
-    """TokenLogprob for `tokens` [m] chosen at positions whose target logits are `logits` [m, V] (fp32 log-softmax)."""
-    logp = torch.log_softmax(logits[:len(tokens)].float(), dim=-1)
-    chosen = logp.gather(-1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    best = logp.topk(top, dim=-1) if top else None
-    out = []
-    for i, (token, value) in enumerate(zip(tokens, chosen)):
-        pairs = list(zip(best.indices[i].tolist(), best.values[i].tolist())) if best is not None else []
-        out.append(TokenLogprob(token, value, pairs))
-    return out
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[Sequence[int]],
+                   tops: Sequence[int]) -> list[list[TokenLogprob]]:
+    """Per row i: a TokenLogprob for each of tokens[i], chosen at the first len(tokens[i]) positions of the
+    target's logits `logits` [n, s, V] (fp32 log-softmax), with its tops[i] most likely tokens; one host read."""
+    ids = torch.tensor([list(row) + [0] * (logits.shape[1] - len(row)) for row in tokens], device=logits.device)
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = max(tops)
+    columns = [logp.gather(-1, ids[..., None])]
+    if top:
+        best = logp.topk(top, dim=-1)
+        columns += [best.values, best.indices.float()]  # token ids are exact in fp32 below 2**24
+    table = torch.cat(columns, dim=-1).tolist()
+    return [[TokenLogprob(token, slot[0], [(int(i), v) for v, i in zip(slot[1:1 + k], slot[1 + top:1 + top + k])])
+             for token, slot in zip(chosen, row)]
+            for row, chosen, k in zip(table, tokens, tops)]
