@@ -237,8 +237,10 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         num_warps=config["num_warps"], **pdl)
     if direct:
         return
+    tile_splits = 1 if chunk else triton.next_power_of_2(splits)
+    # one warp holds up to 2048 partial sums in registers (64 a thread); more (32 splits of head dim 256) spilled
     combine_kernel[(b * n_heads * n_q,)](
         acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
         out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
-        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
+        SPLITS=tile_splits, D=d, CHUNK=chunk, GATED=gated, num_warps=min(8, max(1, tile_splits * d // 2048)), **pdl)
