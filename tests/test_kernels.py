@@ -37,7 +37,8 @@ def reference_attention(q, k, v, limits, window):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 4, 2, 1, 16, 100, 0), (1, 32, 8, 16, 128, 700, 0), (2, 9, 3, 16, 64, 300, 0),
                                    (1, 8, 2, 5, 32, 500, 64), (3, 4, 4, 3, 16, 90, 0), (32, 8, 2, 1, 32, 200, 0),
-                                   (24, 8, 2, 8, 32, 200, 0)])  # a batch: fewer key splits a row, down to one
+                                   (24, 8, 2, 8, 32, 200, 0),  # a batch: fewer key splits a row, down to one
+                                   (1, 4, 1, 1, 256, 900, 0)])  # head dim 256: a combine of several warps
 def test_decode_attention_matches_reference(shape, dtype):
     b, nh, nkv, n, d, length, window = shape
     gen = torch.Generator().manual_seed(sum(shape))
