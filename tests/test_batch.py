@@ -202,6 +202,25 @@ def test_the_step_block_shrinks_as_the_batch_grows(zoo):
         BatchDecoder(tiny.target, draft, max_step_tokens=1)
 
 
+def test_the_graphs_captured_up_front_are_the_shapes_the_steps_take(zoo, monkeypatch):
+    """graph_shapes (what capture_graphs takes before serving) holds every (batch size rounded up, block) a greedy
+    step of default-block requests runs, with the block shrinking as the batch grows."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=12, max_len=64, max_step_tokens=32)
+    # graph sizes 1, 2, 4, 8, 12: up to 4 rows block 8; 5-8 rows 32 // 5 = 6 -> 4; 9-12 rows 2
+    assert decoder.graph_shapes() == {(1, 8), (2, 8), (4, 8), (8, 4), (12, 2)}
+    assert decoder.graph_shapes((1, 8)) == {(s, b) for s in (1, 2, 4, 8, 12) for b in (1, 8)}
+    assert decoder.capture_graphs() == 0  # the CPU runs eagerly
+    decoder.pad_rows = True  # as on CUDA: a step runs on the batch rounded up to a graph size
+    taken, greedy_step = set(), decoder.greedy_step
+    monkeypatch.setattr(decoder, "greedy_step", lambda nb, block, kv_len: taken.add((nb, block))
+                        or greedy_step(nb, block, kv_len))
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in range(3, 27, 2)]
+    decoder.generate(prompts_of([3] * len(params), tiny.config.vocab_size, seed=12), params)
+    assert taken == decoder.graph_shapes()  # 12 rows draining one by one meet every size
+
+
 def counting_forwards(model, monkeypatch) -> list[tuple[int, int]]:
     """The [rows, tokens] shape of every target forward from now on."""
     shapes, forward = [], model.forward

@@ -206,16 +206,24 @@ class BatchDecoder:
         return list(chunks.items())
 
     def capture_graphs(self, block_sizes: tuple[int, ...] | None = None) -> int:
-        """Capture the greedy step for every graph batch size and these block sizes now (default: the
-        default block), so that no request pays for a capture later. Returns the number of graphs held."""
+        """Capture the greedy steps of `graph_shapes(block_sizes)` now, so that no request pays for a capture
+        later (CUDA only). Returns the number of graphs held."""
         if self.use_graphs:
             with torch.inference_mode():
-                for block in block_sizes or (self.block_size,):
-                    block = check_block_size(block, self.max_block)
-                    for size in self.graph_batch_sizes:
-                        if (size, block) not in self._graphs:
-                            self._capture(size, block)
+                for size, block in sorted(self.graph_shapes(block_sizes) - self._graphs.keys()):
+                    self._capture(size, block)
         return len(self._graphs)
+
+    def graph_shapes(self, block_sizes: tuple[int, ...] | None = None) -> set[tuple[int, int]]:
+        """(graph batch size, block) pairs: with `block_sizes`, each block at every graph batch size; by default
+        the shapes that requests at the default block meet: every graph batch size, at the block a step takes there
+        (`max_step_tokens` shrinks it as the batch grows)."""
+        if block_sizes is not None:
+            blocks = [check_block_size(block, self.max_block) for block in block_sizes]
+            return {(size, block) for block in blocks for size in self.graph_batch_sizes}
+        below = dict(zip(self.graph_batch_sizes, [0, *self.graph_batch_sizes]))  # size -> the size before it
+        return {(size, self._step_block(n, self.block_size))
+                for size in self.graph_batch_sizes for n in range(below[size] + 1, size + 1)}
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  block_size: int | None = None) -> list[GenerationResult]:
@@ -352,7 +360,7 @@ class BatchDecoder:
             if not self.rows:
                 return
         n = len(self.rows)
-        block = self._step_block(n)
+        block = self._step_block(n, max(seq.block_size for seq in self.rows))
         if not any(seq.params.needs_logits for seq in self.rows):
             launched = self._launch_greedy(n, block)
             if self.pipeline:  # read the previous step while this one runs
@@ -362,9 +370,8 @@ class BatchDecoder:
             return
         self.logits_step(n, block, chunks)
 
-    def _step_block(self, n: int) -> int:
-        """The block of a step over the active rows (see the module docstring)."""
-        block = max(seq.block_size for seq in self.rows)
+    def _step_block(self, n: int, block: int) -> int:
+        """The block of a step of n rows whose largest own block is `block` (see the module docstring)."""
         if self.max_step_tokens is not None and block > 2:
             fit = max(2, self.max_step_tokens // n)
             block = min(block, 1 << (fit.bit_length() - 1))

@@ -85,6 +85,12 @@ class Worker:
 
     # ---- called from the event loop ---------------------------------------------------------------------
     def start(self) -> None:
+        """Capture the decoder's CUDA graphs (under the server's settings, which a graph keeps), then serve."""
+        started = time.perf_counter()
+        with use_settings(self.kernel_settings):
+            graphs = self.decoder.capture_graphs()
+        if graphs:
+            log.info("captured %d CUDA graphs in %.1f s", graphs, time.perf_counter() - started)
         self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
