@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import cProfile
 import json
 import pstats
@@ -251,9 +250,9 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             cost = roofline.step(model, floors.draft if block > 1 else None, contexts, block)
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3), cost)}
-            # the same step as the engine runs it once any row samples or returns log-probabilities: eagerly
+            # the same step as the engine runs it once a row returns log-probabilities (eagerly), or samples
             parts["step_eager"] = floors.timed(eager_step_ms(engine, n, block, device), cost)
-            parts["step_sampled"] = floors.timed(eager_step_ms(engine, n, block, device, sampled=True), cost)
+            parts["step_sampled"] = floors.timed(sampled_step_ms(engine, n, block, device), cost)
             if block == 1:  # side by side: the split-K sums in a kernel of their own (KernelSettings.split_sum_norm)
                 with use_settings(split_sum_norm=False):
                     parts["step_sums_apart"] = floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3),
@@ -283,30 +282,31 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
     return out
 
 
-def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5,
-                  sampled: bool = False) -> float:
-    """A step of live rows [0, n) as the engine runs one with a row that samples or returns log-probabilities: eagerly,
-    writing the logits (`logits_step`), timed from the host; the median of `rounds`. `sampled`: every row samples
-    (temperature 1; the draft's own samples, accepted as they fall)."""
+def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
+    """A step of live rows [0, n) as the engine runs one with a row that returns log-probabilities: eagerly, the
+    logits written and read (`logits_step`), timed from the host; the median of `rounds`."""
     times = []
-    rows = engine.rows[:n]
-    saved = [(seq.params, seq.generator) for seq in rows]
-    try:
-        if sampled:
-            for seed, seq in enumerate(rows):
-                seq.params = dataclasses.replace(seq.params, temperature=1.0, seed=seed)
-                seq.generator = torch.Generator(device=device).manual_seed(seed)
-        with torch.inference_mode(), restored(engine, n):
-            for _ in range(rounds):
-                sync(device)
-                started = time.perf_counter()
-                engine.logits_step(n, block, {})
-                sync(device)
-                times.append((time.perf_counter() - started) * 1e3)
-    finally:
-        for seq, (params, generator) in zip(rows, saved):
-            seq.params, seq.generator = params, generator
+    with torch.inference_mode(), restored(engine, n):
+        for _ in range(rounds):
+            sync(device)
+            started = time.perf_counter()
+            engine.logits_step(n, block, {})
+            sync(device)
+            times.append((time.perf_counter() - started) * 1e3)
     return statistics.median(times)
+
+
+def sampled_step_ms(engine: BatchDecoder, n: int, block: int, device: str) -> float:
+    """The step of live rows [0, n) with every row sampling at temperature 1 (`sampling_step`, mode "sample"),
+    captured as a CUDA graph of its own. Acceptance is capped at 0 drafts, so that each replay moves a row by one
+    position (the work of a step does not depend on what it accepts)."""
+    with torch.inference_mode(), restored(engine, n):
+        state, settings = engine.row_state[:, :n].clone(), engine.row_settings[:, :n].clone()
+        engine.cap[:n], engine.temperature[:n], engine.top_p[:n] = 0, 1.0, 1.0
+        try:
+            return graph_ms(lambda: engine.sampling_step(n, block, engine.max_len, False), device, 5, 3)
+        finally:
+            engine.row_state[:, :n], engine.row_settings[:, :n] = state, settings
 
 
 def card_schedules(max_block: int) -> dict[int, list[int]]:
@@ -317,16 +317,20 @@ def card_schedules(max_block: int) -> dict[int, list[int]]:
 def graph_check(target: Target, draft: DraftModel, prompts: list[list[int]], blocks: tuple[int, ...], max_len: int,
                 device: str) -> dict:
     """The CUDA-graph path against the same engine run eagerly on the same padded shapes (so the same kernels
-    see the same GEMM shapes), with the draft's own tokens: greedy tokens must be identical, with requests joining
-    and leaving, for every block in `blocks` (1: AR)."""
-    params = SamplingParams(max_new_tokens=48, ignore_eos=True)
+    see the same GEMM shapes), with the draft's own tokens: the tokens must be identical, with requests joining
+    and leaving, for every block in `blocks` (1: AR), greedy and (at the largest block) seeded sampling at
+    temperature 1, half of the requests with a top-p."""
+    greedy = [SamplingParams(max_new_tokens=48, ignore_eos=True)] * 16
+    sampled = [SamplingParams(max_new_tokens=48, ignore_eos=True, temperature=1.0, top_p=0.9 if i % 2 else 1.0,
+                              seed=i) for i in range(16)]
     graphed = BatchDecoder(target, draft, max_batch=8, max_len=max_len)
     eager = BatchDecoder(target, draft, max_batch=8, max_len=max_len, use_graphs=False)
     eager.pad_rows = graphed.pad_rows  # rounded up to the graph sizes on CUDA
     out = {}
-    for block in blocks:
+    for name, block, params in [(str(b), b, greedy) for b in blocks] + [(f"sampled {max(blocks)}", max(blocks),
+                                                                          sampled)]:
         results = [run_workload(d, prompts[:16], params, 8, block, device)["outputs"] for d in (graphed, eager)]
-        out[str(block)] = f"{sum(a == b for a, b in zip(*results))}/{len(results[0])}"
+        out[name] = f"{sum(a == b for a, b in zip(*results))}/{len(results[0])}"
     return {"requests": 16, "concurrency": 8, "identical": out, "ok": all(v == "16/16" for v in out.values())}
 
 
@@ -350,7 +354,7 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
                             card_schedules(draft.block_size), model.config.vocab_size, device)
     engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len, rollback=rollback)
     started = time.perf_counter()
-    graphs = engine.capture_graphs((1, *blocks))
+    graphs = engine.capture_graphs((1, *blocks), modes=("greedy",))
     capture_s = time.perf_counter() - started
     floors = Floors(model, draft, prompt_len + new // 2, bandwidth, flop_rate)
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
@@ -405,7 +409,7 @@ def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: f
                            dtype=target.dtype)
         engine = BatchDecoder(target, draft, max_batch=max(concurrency), max_len=max_len)
         cols = columns((4, 8, 16), auto=True)
-        engine.capture_graphs(tuple(cols.values()))
+        engine.capture_graphs(tuple(cols.values()), modes=("greedy",))
         context = statistics.mean(map(len, prompts)) + new // 2
         floors = Floors(target.model, draft, int(context), bandwidth, flop_rate)
         out[kind] = sweep(engine, prompts, params, cols, concurrency, args.repeats, floors, args.device,
@@ -471,9 +475,11 @@ def card_text(q: dict) -> str:
 
 def check_text(q: dict) -> str:
     c = q["check"]
-    cases = ", ".join(f"{'AR' if b == '1' else 'block ' + b} {same}" for b, same in c["identical"].items())
-    return (f"CUDA graphs vs the same engine run eagerly on the same shapes ({c['requests']} greedy requests, "
-            f"{c['concurrency']} at a time, the draft's own tokens): identical {cases}.")
+    cases = ", ".join(f"{'AR' if b == '1' else b if b.startswith('sampled') else 'block ' + b} {same}"
+                      for b, same in c["identical"].items())
+    return (f"CUDA graphs vs the same engine run eagerly on the same shapes ({c['requests']} requests, "
+            f"{c['concurrency']} at a time, the draft's own tokens; greedy, and seeded sampling at the largest "
+            f"block): identical {cases}.")
 
 
 def cell_text(cell: dict) -> str:
@@ -527,12 +533,12 @@ def parts_table(rows: dict) -> list[str]:
                       + ", ".join(prefills) + "."]
     eager = over_graphed(rows, "step_eager")
     if eager:
-        lines += ["", "A step as the engine runs it once a row samples or returns log-probabilities (eager, the logits "
-                  "written), ms (over the graphed step): " + eager + "."]
+        lines += ["", "A step as the engine runs it once a row returns log-probabilities (eager, the logits "
+                  "written), ms (over the graphed greedy step): " + eager + "."]
     sampled = over_graphed(rows, "step_sampled")
     if sampled:
-        lines += ["", "The same step with every row sampling (temperature 1), ms (over the graphed step): "
-                  + sampled + "."]
+        lines += ["", "The step with every row sampling (temperature 1; a CUDA graph), ms (over the graphed greedy "
+                  "step): " + sampled + "."]
     apart = [f"{c}: {row['parts']['1']['step']['ms']:.2f} / {row['parts']['1']['step_sums_apart']['ms']:.2f}"
              for c, row in rows.items() if "step_sums_apart" in row.get("parts", {}).get("1", {})]
     if apart:

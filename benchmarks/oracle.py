@@ -86,7 +86,7 @@ class OracleProposer:
         return torch.where(correct[:, None] < 0, drafted, oracle)
 
     def propose_sampled(self, *args: object) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The inner proposer's own samples: oracle acceptance is for greedy steps (a sampled step is timed only)."""
+        """The inner proposer's own samples: oracle acceptance is for greedy steps (a sampled step is only timed)."""
         return self.inner.propose_sampled(*args)
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:

@@ -565,7 +565,7 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     record = json.loads(stored.read_text())
     for name, blocks in (("qwen3_4b", (4, 8, 16)), ("qwen35_4b", (8,))):
         q = record[name]
-        assert q["check"]["ok"] and set(q["check"]["identical"]) == {"1", str(max(blocks))}
+        assert q["check"]["ok"] and set(q["check"]["identical"]) == {"1", str(max(blocks)), f"sampled {max(blocks)}"}
         for c, row in q["concurrency"].items():
             assert row["ar"]["floor"]["block"] == 1 and set(row["ar"]["blocks"]) == {"1"}
             for block in blocks:
@@ -595,8 +595,9 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     assert "| c | AR | B=8 | best / AR |" in out
     assert "Prefill of c prompts joining at once, drafted (the draft stores their context too), ms (per prompt; " in out
     assert "One prompt joining (block 16), host time by function (cProfile, own): " in out
-    assert "A step as the engine runs it once a row samples or returns log-probabilities (eager, " in out
-    assert "The same step with every row sampling (temperature 1), ms (over the graphed step): 1 x AR: " in out
+    assert "A step as the engine runs it once a row returns log-probabilities (eager, " in out
+    assert ("The step with every row sampling (temperature 1; a CUDA graph), ms (over the graphed greedy step): "
+            "1 x AR: ") in out
 
 
 def load_summary(concurrency: int, equal: bool = True) -> dict:

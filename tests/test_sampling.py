@@ -21,7 +21,7 @@ from blockspec.draft import DraftConfig, DraftModel
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.engine.acceptance import (DRAFT_NOT_FINITE, TARGET_NOT_FINITE, accept_rows, accept_sampled,
                                          greedy_accepted)
-from blockspec.engine.sampling import draw, sample, uniforms, warped_probs
+from blockspec.engine.sampling import RowSampling, draw, draw_uniforms, sample, warped_probs
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
 from conftest import seeded_normal
@@ -412,26 +412,26 @@ def test_sample_draws_each_row_from_its_weights():
     assert sample(torch.full((1, 4), float("nan")), torch.tensor([0.3], dtype=torch.float64)).item() in range(4)
 
 
-def test_uniforms_follow_each_rows_own_generator():
+def test_draw_uniforms_follow_each_rows_own_generator():
     def generators():
         return [torch.Generator().manual_seed(s) for s in (5, 6)]
 
-    alone = uniforms(generators()[1:], [3], 3, "cpu")
-    together = uniforms([None] + generators()[1:] + [torch.Generator().manual_seed(7)], [2, 3, 1], 4, "cpu")
-    assert together.shape == (3, 4, 3) and together.dtype == torch.float64
-    assert torch.equal(together[1, :3], alone[0]) and bool((together[1, 3:] == 0).all())
-    assert bool((together[0] == 0).all()) and bool((together[2, 1:] == 0).all())
-    assert bool(((together[2, 0] > 0) & (together[2, 0] < 1)).all())
+    alone = draw_uniforms(torch.zeros(1, 3, 3, dtype=torch.float64), generators()[1:], [3])
+    together = draw_uniforms(torch.full((3, 4, 3), 2.0, dtype=torch.float64),
+                             [None] + generators()[1:] + [torch.Generator().manual_seed(7)], [2, 3, 1])
+    assert torch.equal(together[1, :3], alone[0]) and bool((together[1, 3:] == 2).all())
+    assert bool((together[0] == 2).all()) and bool((together[2, 1:] == 2).all())  # untouched
+    assert bool(((together[2, 0] >= 0) & (together[2, 0] < 1)).all())
 
 
 def test_draw_takes_a_greedy_rows_argmax_and_samples_the_others():
     logits = torch.randn(3, 2, V, generator=torch.Generator().manual_seed(8))
     params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=1.0)]
     at = torch.tensor([[0.0, 0.0], [0.5, 0.5], [0.0, 1 - 2 ** -53]], dtype=torch.float64)
-    tokens, probs = draw(logits, params, at)
+    tokens, probs = draw(logits, RowSampling.of(params, "cpu"), at)
     assert tokens[:2].tolist() == logits[:2].argmax(-1).tolist()  # top_k 1 samples its argmax too
     assert tokens[2].tolist() == [int(torch.softmax(logits[2, 0], -1).nonzero()[0]), V - 1]
-    assert bool((probs[0] == 0).all()) and torch.equal(probs[2], warped_probs(logits[2], params[2]))
+    assert torch.equal(probs[2], warped_probs(logits[2], params[2]))
 
 
 def test_accept_rows_mixes_greedy_and_sampled_rows_and_flags_failures():
@@ -446,11 +446,12 @@ def test_accept_rows_mixes_greedy_and_sampled_rows_and_flags_failures():
               SamplingParams(temperature=1.0)]
     draft_probs[1] = torch.nn.functional.one_hot(drafts[1], V).float()  # the draft sure of the argmax
     wanted = torch.tensor([3, 2, 3, 3])
-    draws = uniforms([None] + [torch.Generator().manual_seed(s) for s in (1, 2, 3)], [4, 3, 4, 4], k + 1, "cpu")
+    draws = draw_uniforms(torch.zeros(n, k + 1, 3, dtype=torch.float64),
+                          [None] + [torch.Generator().manual_seed(s) for s in (1, 2, 3)], [4, 3, 4, 4])
     logits[2, 3] = float("nan")  # row 2: the target not finite at a slot it verifies
     logits[1, 3] = float("nan")  # row 1: at a slot past its wanted drafts (ignored)
     draft_probs[3, 0, 0] = float("nan")  # row 3: the draft not finite
-    accepted, token, failure = accept_rows(params, drafts, draft_probs, logits, wanted, draws)
+    accepted, token, failure = accept_rows(RowSampling.of(params, "cpu"), drafts, draft_probs, logits, wanted, draws)
     assert failure.tolist() == [0, 0, TARGET_NOT_FINITE, DRAFT_NOT_FINITE]
     assert accepted[:2].tolist() == [3, 2]  # greedy: all; near-greedy sampling: its 2 wanted drafts
     assert token[:2].tolist() == [int(logits[0, 3].argmax()), int(logits[1, 2].argmax())]
@@ -478,7 +479,8 @@ def test_accept_greedy(draft, choices, accepted):
     assert out.tolist() == [accepted]
     # committed tokens = drafts[:a] + [choice a], identical to the target's own choices
     k = len(draft)
-    got, token, failure = accept_rows([SamplingParams()], drafts[None], None, logits[None], torch.tensor([k]),
+    got, token, failure = accept_rows(RowSampling.of([SamplingParams()], "cpu"), drafts[None], None, logits[None],
+                                      torch.tensor([k]),
                                       torch.zeros(1, k + 1, 3, dtype=torch.float64))
     assert (got.tolist(), failure.tolist()) == ([accepted], [0])
     assert draft[:accepted] + token.tolist() == choices[:accepted + 1]
@@ -598,7 +600,7 @@ def test_tiny_target_distributions_are_interesting(tiny_pair):
 class PointMassProposer(DraftProposer):
     """Proposes the draft's argmax tokens with no distribution (draft probs None) even when sampling."""
 
-    def propose_sampled(self, n, block, last_tokens, block_positions, kv_len, params, uniforms):
+    def propose_sampled(self, n, block, last_tokens, block_positions, kv_len, rows, uniforms):
         return self.propose_greedy(n, block, last_tokens, block_positions, kv_len), None
 
 

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from benchmarks.oracle import OracleProposer
 from blockspec.draft import new_draft_for_target
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
+from blockspec.engine.sampling import RowSampling
 from blockspec.target import Target, TargetConfig, TargetModel
 
 VOCAB, HIDDEN, LAYERS = 97, 64, 4
@@ -149,8 +150,10 @@ def test_a_draft_pass_reads_each_weight_once_whatever_the_rows(arch):
         last = torch.randint(0, VOCAB, (n,), generator=generator)
         with torch.no_grad(), MatrixProducts() as log:
             drafts = proposer.propose_greedy(n, 4, last, positions, 14)
-            sampled = proposer.propose_sampled(n, 4, last, positions, 14, [(SamplingParams(), None, 3)] * n)
-        assert [tokens.tolist() for tokens, _ in sampled] == drafts.tolist()  # both lm_head paths agree
+            greedy_rows = RowSampling.of([SamplingParams()] * n, "cpu")
+            sampled, _ = proposer.propose_sampled(n, 4, last, positions, 14, greedy_rows,
+                                                  torch.zeros(n, 3, dtype=torch.float64))
+        assert sampled.tolist() == drafts.tolist()  # both lm_head paths agree
         assert not log.broadcast
         products[n] = log.ops
     assert products[8] == products[1] and products[1]

@@ -8,16 +8,14 @@ at the first rejection the target resamples from norm(max(0, p - q)), and after 
 Every committed token is then distributed exactly as the target alone would sample it.
 
 Every row of a step goes through the same tensor ops, its randomness given as uniforms drawn from its own
-generator beforehand (sampling.uniforms): no host read and no launch per row.
+generator beforehand (sampling.draw_uniforms): no host read and no launch per row.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 
-from blockspec.engine.sampling import SamplingParams, sample, warped_probs
+from blockspec.engine.sampling import RowSampling, sample, warp
 
 DRAFT_NOT_FINITE, TARGET_NOT_FINITE = 1, 2  # accept_rows' failure codes (0: the row's step is sound)
 FAILURES = {DRAFT_NOT_FINITE: "the draft's probabilities for this request are not finite (NaN or inf)",
@@ -37,7 +35,7 @@ def accept_sampled(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
 
     Row i verifies its first wanted[i] of draft_tokens [n, k], drawn from draft_probs [n, k, V] (None: point
     masses, as when the draft proposes greedily), against target_probs [n, k + 1, V]. uniforms [n, k + 1, 3]
-    (sampling.uniforms): slot j's acceptance test uses [i, j, 1], the target's draw after a accepted drafts
+    (sampling.draw_uniforms): slot j's acceptance test uses [i, j, 1], the target's draw after a accepted drafts
     [i, a, 2], each used once."""
     n, k = draft_tokens.shape
     rows = torch.arange(n, device=draft_tokens.device)
@@ -59,31 +57,29 @@ def accept_sampled(draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
     return accepted, sample(residual, uniforms[rows, accepted, 2])
 
 
-def accept_rows(params: Sequence[SamplingParams], draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
+def accept_rows(rows: RowSampling, draft_tokens: torch.Tensor, draft_probs: torch.Tensor | None,
                 target_logits: torch.Tensor, wanted: torch.Tensor,
                 uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One step's acceptance for rows with their own settings `params`: (accepted drafts [n], the target's token
-    after them [n], failure [n]: 0, or DRAFT_NOT_FINITE / TARGET_NOT_FINITE for a sampled row whose distribution
-    is not finite at its slots; its other outputs are then meaningless), all on the device.
+    """One step's acceptance for rows with their own settings `rows` (greedy ones by the greedy rule): (accepted
+    drafts [n], the target's token after them [n], failure [n]: 0, or DRAFT_NOT_FINITE / TARGET_NOT_FINITE for a
+    sampled row whose distribution is not finite at its slots; its other outputs are then meaningless). Tensor
+    ops only (a CUDA graph holds them).
 
-    draft_tokens [n, k], draft_probs [n, k, V] for the sampled rows (None: point masses), target_logits
-    [n, k + 1, V] (the verify's at each row's block slots), wanted [n]: the drafts each row verifies (<= k),
-    uniforms [n, k + 1, 3] (sampling.uniforms)."""
+    draft_tokens [n, k], draft_probs [n, k, V] (None: point masses), target_logits [n, k + 1, V] (the verify's at
+    each row's block slots), wanted [n]: the drafts each row verifies (<= k), uniforms [n, k + 1, 3]
+    (sampling.draw_uniforms)."""
     k = draft_tokens.shape[1]
     choices = target_logits.argmax(-1)
     accepted = torch.minimum(greedy_accepted(draft_tokens, choices), wanted)
     token = choices.gather(1, accepted[:, None])[:, 0]
-    failure = torch.zeros_like(accepted)
-    sampled = [row for row, p in enumerate(params) if not p.greedy]
-    if not sampled:
-        return accepted, token, failure
-    index = torch.tensor(sampled, device=accepted.device)
-    probs = warped_probs(target_logits[index], [params[row] for row in sampled])
+    probs = warp(target_logits, rows)
     slots = torch.arange(k + 1, device=accepted.device)
-    target_ok = (torch.isfinite(probs).all(-1) | (slots > wanted[index, None])).all(-1)
-    q = draft_probs[index] if draft_probs is not None else None
-    draft_ok = (torch.isfinite(q).all(-1) | (slots[:k] >= wanted[index, None])).all(-1) if q is not None \
-        else torch.ones_like(target_ok)
-    accepted[index], token[index] = accept_sampled(draft_tokens[index], q, probs, wanted[index], uniforms[index])
-    failure[index] = torch.where(~draft_ok, DRAFT_NOT_FINITE, torch.where(~target_ok, TARGET_NOT_FINITE, 0))
-    return accepted, token, failure
+    target_ok = (torch.isfinite(probs).all(-1) | (slots > wanted[:, None])).all(-1)
+    draft_ok = torch.ones_like(target_ok)
+    if draft_probs is not None:
+        draft_ok = (torch.isfinite(draft_probs).all(-1) | (slots[:k] >= wanted[:, None])).all(-1)
+    sampled_accepted, sampled_token = accept_sampled(draft_tokens, draft_probs, probs, wanted, uniforms)
+    failure = torch.where(~draft_ok, DRAFT_NOT_FINITE, torch.where(~target_ok, TARGET_NOT_FINITE, 0))
+    greedy = rows.greedy
+    return (torch.where(greedy, accepted, sampled_accepted), torch.where(greedy, token, sampled_token),
+            failure.masked_fill(greedy, 0))

@@ -17,13 +17,15 @@ own last token (the forward's `lengths`). When a sequence leaves, the last activ
 of every buffer. A request whose step cannot be computed (a sampled row whose probabilities are not finite)
 leaves the batch with a chunk whose `error` is set; the other rows' step completes as if it had not been there.
 
-On CUDA a step whose rows all decode greedily replays a CUDA graph captured per (batch size rounded up to one
-of `graph_batch_sizes`, block size), with one device->host read. The padding rows are idle, parked at
-position 0 of free rows that a joining prompt's prefill overwrites before anyone reads them. A step with any
-row that samples or returns log-probabilities runs the same modules eagerly, writing the logits; each sampling
-row's randomness comes from its own generator, the same numbers whatever else is in the batch.
+On CUDA a step replays a CUDA graph captured per (batch size rounded up to one of `graph_batch_sizes`, block
+size, mode), with one device->host read. Mode "greedy": every row decodes greedily, the lm_head fused with its
+argmax. Mode "sample" (or "sample_truncated", when a row has a top-k or top-p): the logits are written and each
+row samples under its own settings, which live on the device beside its position; its randomness is drawn
+before the step from its own generator (the same numbers whatever else is in the batch) into a buffer the graph
+reads. The padding rows are idle, parked at position 0 of free rows that a joining prompt's prefill overwrites
+before anyone reads them. A step with a row that returns log-probabilities runs eagerly and reads its logits.
 
-With CUDA graphs the greedy steps are pipelined one deep: `step` launches the next step's graph before it reads
+With CUDA graphs the steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
 bookkeeping, the next launch -- overlaps the GPU's work instead of idling it. The device state already holds
 everything the next step needs; a row that the read shows finished simply has one wasted step, whose tokens
@@ -49,7 +51,8 @@ from blockspec.draft import DraftModel
 from blockspec.engine import acceptance
 from blockspec.engine.acceptance import greedy_accepted
 from blockspec.engine.proposer import DraftProposer, Proposer
-from blockspec.engine.sampling import SamplingParams, TokenLogprob, draw, token_logprobs, uniforms
+from blockspec.engine.sampling import (RowSampling, SamplingParams, TokenLogprob, draw, draw_uniforms, token_logprobs,
+                                       truncates)
 from blockspec.engine.sequence import (GenerationResult, OutputTracker, StreamChunk, check_block_size, check_pair,
                                        check_request, new_generator)
 from blockspec.errors import BlockspecError
@@ -61,10 +64,10 @@ MAX_PREFILL_TOKENS = 4096  # padded tokens (rows x longest prompt) of one joint 
 
 @dataclass(eq=False)
 class _Launched:
-    """A greedy step in flight: the rows it ran for, its block, and where its accepted counts and tokens arrive."""
+    """A step in flight: the rows it ran for, its block, and where its outcome arrives (`BatchDecoder.out`)."""
     rows: list["_Sequence"]
     block: int
-    host: torch.Tensor  # [n, block + 1] (pinned on CUDA), filled behind the step
+    host: torch.Tensor  # [n, block + 2] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
 
 
@@ -77,6 +80,7 @@ class _Sequence:
     output: OutputTracker
     generator: torch.Generator | None
     position: int = 0  # position of the newest committed token (not yet in the target cache)
+    failed: bool = False  # its step could not be computed: it leaves the batch
 
 
 class BatchDecoder:
@@ -129,23 +133,28 @@ class BatchDecoder:
                                  f"on {target.device}: lower the batch size (--max-num-seqs) or the length "
                                  f"(--max-model-len)") from None
         long = dict(device=target.device, dtype=torch.long)
-        # Device state, one row per sequence, in one tensor: joining, leaving and parking rows write it at once.
-        self.row_state = torch.zeros(3, max_batch, **long)
+        # Device state, one row per sequence, in two tensors: joining, leaving and parking rows write them at once.
+        self.row_state = torch.zeros(4, max_batch, **long)
         self.last_token = self.row_state[0]  # newest committed token, block slot 0
         self.start = self.row_state[1]  # its position
         self.cap = self.row_state[2]  # the most drafts a row may accept: its block size - 1
+        self.top_k = self.row_state[3]  # its sampling settings (0: off) ...
+        self.row_settings = torch.zeros(2, max_batch, device=target.device)
+        self.temperature, self.top_p = self.row_settings  # ... (temperature 0: greedy)
+        self.draws = torch.zeros(max_batch, self.max_block, 3, device=target.device, dtype=torch.float64)
         self.offsets = torch.arange(self.max_block, **long)
-        self.out = torch.zeros(max_batch, self.max_block + 1, **long)  # accepted count, then the target's choices
+        # a step's outcome per row: accepted drafts, failure (acceptance.FAILURES), the drafts, the token after them
+        self.out = torch.zeros(max_batch, self.max_block + 2, **long)
         # two host copies of `out`: a step's is read while the next one fills the other (pinned: a true async copy)
         pinned = target.device.type == "cuda"
-        self._out_host = [torch.zeros(max_batch * (self.max_block + 1), dtype=torch.long, pin_memory=pinned)
+        self._out_host = [torch.zeros(max_batch * (self.max_block + 2), dtype=torch.long, pin_memory=pinned)
                           for _ in range(2)]
         self._flip = 0
         self._in_flight: _Launched | None = None
 
         self.rows: list[_Sequence] = []  # active sequences; index == cache row
         self.waiting: deque[_Sequence] = deque()
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
         self._next_id = 0
 
@@ -205,13 +214,17 @@ class BatchDecoder:
         self._admit(chunks)
         return list(chunks.items())
 
-    def capture_graphs(self, block_sizes: tuple[int, ...] | None = None) -> int:
-        """Capture the greedy steps of `graph_shapes(block_sizes)` now, so that no request pays for a capture
-        later (CUDA only). Returns the number of graphs held."""
+    def capture_graphs(self, block_sizes: tuple[int, ...] | None = None,
+                       modes: tuple[str, ...] = ("greedy", "sample")) -> int:
+        """Capture the steps of `graph_shapes(block_sizes)` in `modes` now, so that no request pays for a capture
+        later (CUDA only; "sample_truncated" is left to the first request with a top-k or top-p). Returns the
+        number of graphs held."""
         if self.use_graphs:
             with torch.inference_mode():
-                for size, block in sorted(self.graph_shapes(block_sizes) - self._graphs.keys()):
-                    self._capture(size, block)
+                for size, block in sorted(self.graph_shapes(block_sizes)):
+                    for mode in modes:
+                        if (size, block, mode) not in self._graphs:
+                            self._capture(size, block, mode)
         return len(self._graphs)
 
     def graph_shapes(self, block_sizes: tuple[int, ...] | None = None) -> set[tuple[int, int]]:
@@ -280,12 +293,14 @@ class BatchDecoder:
         logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
         tokens, failed = logits.argmax(-1), torch.zeros(len(group), dtype=torch.long, device=device)
         if not all(seq.params.greedy for seq in group):
-            draws = uniforms([seq.generator for seq in group], [1] * len(group), 1, device)
-            tokens, probs = draw(logits, [seq.params for seq in group], draws[:, 0, 2])
-            failed = (~torch.isfinite(probs).all(-1)).long()
+            rows = RowSampling.of([seq.params for seq in group], device)
+            draws = draw_uniforms(torch.zeros(len(group), 1, 3, device=device, dtype=torch.float64),
+                                  [seq.generator for seq in group], [1] * len(group))
+            tokens, probs = draw(logits, rows, draws[:, 0, 2])
+            failed = (~torch.isfinite(probs).all(-1) & ~rows.greedy).long()
         outcome = torch.stack([tokens, failed], dim=1).tolist()
         logprobs = self._logprobs(group, logits[:, None], [row[:1] for row in outcome], [row[1] for row in outcome])
-        joined: list[list[int]] = []  # per joined row: first token, its position, draft cap
+        joined: list[list[int]] = []  # per joined row: first token, its position, draft cap, top_k
         for i, (seq, n, (token, failure)) in enumerate(zip(group, lengths, outcome)):
             if failure:  # never claimed: the rows after it move up
                 chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[acceptance.TARGET_NOT_FINITE])
@@ -295,17 +310,19 @@ class BatchDecoder:
                 self.target_cache.copy_row(first + i, row, n)
                 if drafted:
                     self.proposer.move_row(first + i, row, n)
-            joined.append([token, n, seq.block_size - 1])
+            joined.append([token, n, seq.block_size - 1, seq.params.top_k])
             seq.position = n
             self.rows.append(seq)
             self._commit(seq, [token], chunks, logprobs.get(i))
         if joined:
             self.row_state[:, first:first + len(joined)] = torch.tensor(joined).T
+            self.row_settings[:, first:first + len(joined)] = torch.tensor(
+                [[seq.params.temperature, seq.params.top_p] for seq in self.rows[first:]]).T
 
     def _retire_finished(self) -> None:
         active = len(self.rows)
         for row in reversed(range(active)):
-            if self.rows[row].output.done:
+            if self.rows[row].output.done or self.rows[row].failed:
                 self._vacate(row)
         if len(self.rows) < active:
             self._park(len(self.rows), active)
@@ -328,12 +345,14 @@ class BatchDecoder:
             if self.proposer is not None:
                 self.proposer.move_row(last, row, length)
             self.row_state[:, row] = self.row_state[:, last]
+            self.row_settings[:, row] = self.row_settings[:, last]
             self.rows[row] = moved
         self.rows.pop()
 
     def _park(self, first: int, stop: int) -> None:
-        """Make rows [first, stop) idle: position 0, nothing accepted (CUDA-graph padding runs them)."""
+        """Make rows [first, stop) idle: position 0, nothing accepted, greedy (CUDA-graph padding runs them)."""
         self.row_state[:, first:stop] = 0
+        self.row_settings[:, first:stop] = 0
 
     def _commit(self, seq: _Sequence, tokens: list[int], chunks: dict[int, StreamChunk],
                 logprobs: list[TokenLogprob] | None = None) -> None:
@@ -354,21 +373,28 @@ class BatchDecoder:
 
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
-        if any(seq.params.needs_logits for seq in self.rows):
+        if any(seq.params.logprobs is not None for seq in self.rows):
             self._finish_in_flight(chunks)  # an eager step starts from every earlier token committed
             self._retire_finished()
             if not self.rows:
                 return
+            n = len(self.rows)
+            self.logits_step(n, self._step_block(n, max(seq.block_size for seq in self.rows)), chunks)
+            return
         n = len(self.rows)
         block = self._step_block(n, max(seq.block_size for seq in self.rows))
-        if not any(seq.params.needs_logits for seq in self.rows):
-            launched = self._launch_greedy(n, block)
-            if self.pipeline:  # read the previous step while this one runs
-                launched, self._in_flight = self._in_flight, launched
-            if launched is not None:
-                self._commit_launched(launched, chunks)
-            return
-        self.logits_step(n, block, chunks)
+        launched = self._launch(n, block, self._mode())
+        if self.pipeline:  # read the previous step while this one runs
+            launched, self._in_flight = self._in_flight, launched
+        if launched is not None:
+            self._commit_launched(launched, chunks)
+
+    def _mode(self) -> str:
+        """The step's mode (module docstring) for the active rows."""
+        params = [seq.params for seq in self.rows]
+        if all(p.greedy for p in params):
+            return "greedy"
+        return "sample_truncated" if truncates(params) else "sample"
 
     def _step_block(self, n: int, block: int) -> int:
         """The block of a step of n rows whose largest own block is `block` (see the module docstring)."""
@@ -377,15 +403,26 @@ class BatchDecoder:
             block = min(block, 1 << (fit.bit_length() - 1))
         return block
 
-    def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk]) -> None:
-        """Commit a greedy step's tokens for its rows that are still decoding (a row that finished or was
-        cancelled after the launch had a wasted step)."""
+    def _commit_launched(self, launched: _Launched, chunks: dict[int, StreamChunk],
+                         logits: torch.Tensor | None = None) -> None:
+        """Commit a step's tokens for its rows that are still decoding (a row that finished or was cancelled after
+        the launch had a wasted step); a row whose step failed gets an error chunk and leaves at the next retire.
+        With the step's `logits`, the rows that ask for them get their tokens' log-probabilities."""
         if launched.done is not None:
             launched.done.synchronize()
+        block, outcome = launched.block, launched.host.tolist()
+        committed = [row[2:2 + row[0]] + [row[block + 1]] for row in outcome]
+        failures = [row[1] for row in outcome]
+        logprobs = self._logprobs(launched.rows, logits, committed, failures) if logits is not None else {}
         active = {id(seq) for seq in self.rows}
-        for seq, row in zip(launched.rows, launched.host.tolist()):
-            if id(seq) in active:
-                self._commit_step(seq, launched.block, row[0], row[1:2 + row[0]], chunks)
+        for i, (seq, row, tokens) in enumerate(zip(launched.rows, outcome, committed)):
+            if id(seq) not in active or seq.failed:
+                continue
+            if row[1]:
+                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[row[1]])
+                seq.failed = True
+            else:
+                self._commit_step(seq, block, row[0], tokens, chunks, logprobs.get(i))
 
     def _finish_in_flight(self, chunks: dict[int, StreamChunk]) -> None:
         launched, self._in_flight = self._in_flight, None
@@ -400,76 +437,92 @@ class BatchDecoder:
         ahead = block if self._in_flight is not None else 0
         return min(self.max_len, max(seq.position for seq in self.rows) + block + ahead)
 
-    def _launch_greedy(self, n: int, block: int) -> _Launched:
-        """Run (or replay) the greedy step for rows [0, n) and queue the copy of its result to the host."""
+    def _launch(self, n: int, block: int, mode: str) -> _Launched:
+        """Run (or replay) the step for rows [0, n) in `mode` and queue the copy of its outcome to the host."""
         padded = next(s for s in self.graph_batch_sizes if s >= n) if self.pad_rows else n
+        if mode != "greedy":
+            self._draw(n, block)
         if self.use_graphs:
-            graph = self._graphs.get((padded, block)) or self._capture(padded, block)
+            graph = self._graphs.get((padded, block, mode)) or self._capture(padded, block, mode)
             graph.replay()
         else:
-            self.greedy_step(padded, block, self._kv_len(block))
+            self.run_step(padded, block, self._kv_len(block), mode)
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
-        host = self._out_host[self._flip][:n * (block + 1)].view(n, block + 1)  # contiguous: a true async copy
+        return self._read_behind(n, block)
+
+    def _draw(self, n: int, block: int) -> None:
+        """Each sampling row's uniforms for a step of `block`: a triple per slot it verifies, and the one after."""
+        draw_uniforms(self.draws, [seq.generator for seq in self.rows],
+                      [min(seq.block_size, block) for seq in self.rows])
+
+    def _read_behind(self, n: int, block: int) -> _Launched:
+        """Queue the one device->host read of a step's outcome for rows [0, n)."""
+        host = self._out_host[self._flip][:n * (block + 2)].view(n, block + 2)  # contiguous: a true async copy
         self._flip ^= 1
-        host.copy_(self.out[:n, :block + 1], non_blocking=True)  # the one device->host read of the step
+        host.copy_(self.out[:n, :block + 2], non_blocking=True)
         done = None
         if self.out.is_cuda:
             done = torch.cuda.Event()
             done.record()
         return _Launched(list(self.rows), block, host, done)
 
+    def run_step(self, nb: int, block: int, kv_len: int, mode: str) -> torch.Tensor | None:
+        """One step for rows [0, nb) in `mode`: `greedy_step`, or `sampling_step` (whose logits it returns)."""
+        if mode == "greedy":
+            return self.greedy_step(nb, block, kv_len)
+        return self.sampling_step(nb, block, kv_len, mode == "sample_truncated")
+
     def greedy_step(self, nb: int, block: int, kv_len: int) -> None:
-        """Rows [0, nb): draft, verify, greedy acceptance, state update -- all on the device (graph-capturable)."""
+        """Rows [0, nb), every one greedy: draft, verify, acceptance, state update, all on the device
+        (graph-capturable); the lm_head's product comes with its argmax, the logits never written."""
         block_pos = self.start[:nb, None] + self.offsets[None, :block]
         last = self.last_token[:nb]
-        if block > 1:
-            drafts = self.proposer.propose_greedy(nb, block, last, block_pos, kv_len)
-            block_ids = torch.cat([last[:, None], drafts], dim=1)
-        else:
-            block_ids = last[:, None]
-        hidden, taps = self._verify(nb, block_ids, block_pos, kv_len)
+        drafts = self.proposer.propose_greedy(nb, block, last, block_pos, kv_len) if block > 1 \
+            else last.new_zeros(nb, 0)
+        hidden, taps = self._verify(nb, torch.cat([last[:, None], drafts], dim=1), block_pos, kv_len)
         choices = self.target.model.greedy_tokens(hidden)  # [nb, block]
-        accepted = greedy_accepted(drafts, choices) if block > 1 else torch.zeros_like(last)
-        accepted = torch.minimum(accepted, self.cap[:nb])
-        self.out[:nb, 0] = accepted
-        self.out[:nb, 1:block + 1] = choices
-        self._advance(nb, block_pos, accepted, choices.gather(1, accepted[:, None])[:, 0], taps)
+        accepted = torch.minimum(greedy_accepted(drafts, choices), self.cap[:nb])
+        self._finish(nb, block_pos, accepted, torch.zeros_like(accepted), drafts,
+                     choices.gather(1, accepted[:, None])[:, 0], taps)
+
+    def sampling_step(self, nb: int, block: int, kv_len: int, truncate: bool) -> torch.Tensor:
+        """Rows [0, nb) under their own settings on the device (greedy rows among them): draft, verify with the
+        logits written, acceptance (acceptance.accept_rows) at the uniforms in `draws`, state update, all on the
+        device (graph-capturable; `truncate`: some row has a top-k or top-p). Returns the verify's logits
+        [nb, block, V]."""
+        block_pos = self.start[:nb, None] + self.offsets[None, :block]
+        last = self.last_token[:nb]
+        rows = RowSampling(self.temperature[:nb], self.top_k[:nb], self.top_p[:nb], truncate)
+        draws = self.draws[:nb, :block]
+        drafts, draft_probs = self.proposer.propose_sampled(nb, block, last, block_pos, kv_len, rows,
+                                                            draws[:, :-1, 0]) if block > 1 \
+            else (last.new_zeros(nb, 0), None)
+        hidden, taps = self._verify(nb, torch.cat([last[:, None], drafts], dim=1), block_pos, kv_len)
+        logits = self.target.model.logits(hidden)
+        wanted = self.cap[:nb].clamp(max=block - 1)
+        accepted, next_tokens, failure = acceptance.accept_rows(rows, drafts, draft_probs, logits, wanted, draws)
+        # a failed row commits nothing real (it leaves once the host reads the failure)
+        self._finish(nb, block_pos, accepted.masked_fill(failure > 0, 0), failure, drafts,
+                     next_tokens.masked_fill(failure > 0, 0), taps)
+        return logits
 
     def logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
-        """An eager step that writes the logits, for a batch with rows that sample or return log-probabilities:
-        every row through the same tensor ops, its randomness drawn up front from its own generator, one host
-        read (two with log-probabilities). A row whose step cannot be computed leaves the batch with an error
-        chunk; the others commit as usual."""
-        kv_len = self._kv_len(block)
-        block_pos = self.start[:n, None] + self.offsets[None, :block]
-        last = self.last_token[:n]
-        params = [seq.params for seq in self.rows]
-        wanted = [min(seq.block_size, block) - 1 for seq in self.rows]
-        draws = uniforms([seq.generator for seq in self.rows], [k + 1 for k in wanted], block, last.device)
-        draft_probs = None
-        if block == 1:
-            drafts = last.new_zeros(n, 0)
-        elif all(p.greedy for p in params):  # greedy rows that return log-probabilities
-            drafts = self.proposer.propose_greedy(n, block, last, block_pos, kv_len)
-        else:
-            drafts, draft_probs = self.proposer.propose_sampled(n, block, last, block_pos, kv_len, params,
-                                                                draws[:, :-1, 0])
-        hidden, taps = self._verify(n, torch.cat([last[:, None], drafts], dim=1), block_pos, kv_len)
-        logits = self.target.model.logits(hidden)
-        accepted, next_tokens, failure = acceptance.accept_rows(params, drafts, draft_probs, logits,
-                                                                torch.tensor(wanted, device=last.device), draws)
-        accepted, next_tokens = accepted.masked_fill(failure > 0, 0), next_tokens.masked_fill(failure > 0, 0)
-        self._advance(n, block_pos, accepted, next_tokens, taps)
-        outcome = torch.cat([accepted[:, None], failure[:, None], drafts, next_tokens[:, None]], dim=1).tolist()
-        committed = [row[2:2 + row[0]] + row[-1:] for row in outcome]
-        logprobs = self._logprobs(self.rows, logits, committed, [row[1] for row in outcome])
-        for row, (seq, (accepted_row, failed, *_)) in enumerate(zip(list(self.rows), outcome)):
-            if failed:
-                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[failed])
-                self._leave(self.rows.index(seq))
-            else:
-                self._commit_step(seq, block, accepted_row, committed[row], chunks, logprobs.get(row))
+        """An eager step for a batch with rows that return log-probabilities: `sampling_step` (greedy rows take
+        their argmax), its outcome read at once, and each asking row's tokens scored under the step's logits."""
+        self._draw(n, block)
+        logits = self.sampling_step(n, block, self._kv_len(block), truncates([seq.params for seq in self.rows]))
+        self._commit_launched(self._read_behind(n, block), chunks, logits)
+
+    def _finish(self, nb: int, block_pos: torch.Tensor, accepted: torch.Tensor, failure: torch.Tensor,
+                drafts: torch.Tensor, next_tokens: torch.Tensor, taps: torch.Tensor | None) -> None:
+        """Write a step's outcome to `out` and commit it (`_advance`)."""
+        k = drafts.shape[1]
+        self.out[:nb, 0] = accepted
+        self.out[:nb, 1] = failure
+        self.out[:nb, 2:2 + k] = drafts
+        self.out[:nb, 2 + k] = next_tokens
+        self._advance(nb, block_pos, accepted, next_tokens, taps)
 
     @staticmethod
     def _logprobs(seqs: list[_Sequence], logits: torch.Tensor, tokens: list[list[int]],
@@ -501,9 +554,10 @@ class BatchDecoder:
         self.start[:nb] += accepted + 1
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
-    def _capture(self, nb: int, block: int) -> torch.cuda.CUDAGraph:
-        """Capture the greedy step for `nb` rows and this block size. Warm-up runs advance the state, so it is
-        restored; their cache writes land on slots at or after each row's block start (rewritten later)."""
+    def _capture(self, nb: int, block: int, mode: str) -> torch.cuda.CUDAGraph:
+        """Capture the step (`run_step`) for `nb` rows, this block size and mode. Warm-up runs advance the state,
+        so it is restored; their cache writes land on slots at or after each row's block start (rewritten
+        later)."""
         state = [self.last_token[:nb], self.start[:nb], *self.target_cache.rows(0, nb).state()]
         if self.proposer is not None:
             state += self.proposer.state(nb)
@@ -512,7 +566,7 @@ class BatchDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self.greedy_step(nb, block, self.max_len)
+                self.run_step(nb, block, self.max_len, mode)
         torch.cuda.current_stream().wait_stream(stream)
         for live, copy in zip(state, saved):
             live.copy_(copy)
@@ -520,6 +574,6 @@ class BatchDecoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
-            self.greedy_step(nb, block, self.max_len)
-        self._graphs[(nb, block)] = graph
+            self.run_step(nb, block, self.max_len, mode)
+        self._graphs[(nb, block, mode)] = graph
         return graph

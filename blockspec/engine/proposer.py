@@ -8,12 +8,12 @@ compute is never read.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
 from blockspec.draft import DraftModel
-from blockspec.engine.sampling import SamplingParams, draw
+from blockspec.engine.sampling import RowSampling, draw
 
 
 class Proposer(Protocol):
@@ -35,11 +35,11 @@ class Proposer(Protocol):
         slots the CPU attention reads."""
 
     def propose_sampled(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
-                        kv_len: int, params: Sequence[SamplingParams],
+                        kv_len: int, rows: RowSampling,
                         uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Drafts [n, block - 1] for rows with their own settings `params` (a greedy row's are its argmax, a
-        sampled row's drawn at `uniforms` [n, block - 1] from its warped distribution: sampling.sample), and the
-        distributions they were drawn from [n, block - 1, V] (a greedy row's unused; None: point masses)."""
+        """Drafts [n, block - 1] for rows with their own settings `rows` (a greedy row's are its argmax, another's
+        drawn at `uniforms` [n, block - 1] from its warped distribution: sampling.draw), and the distributions
+        they were drawn from [n, block - 1, V] (None: point masses); device work only (a CUDA graph holds it)."""
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         """The verify pass's taps [n, block, T*H] at `block_positions`: context for the next proposal (only the
@@ -90,10 +90,10 @@ class DraftProposer:
         return self.target_model.greedy_tokens(self._hidden(n, block, last_tokens, block_positions, kv_len))
 
     def propose_sampled(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
-                        kv_len: int, params: Sequence[SamplingParams],
+                        kv_len: int, rows: RowSampling,
                         uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         logits = self.target_model.logits(self._hidden(n, block, last_tokens, block_positions, kv_len))
-        return draw(logits, params, uniforms)
+        return draw(logits, rows, uniforms)
 
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         block = block_positions.shape[1]

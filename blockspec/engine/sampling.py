@@ -45,68 +45,86 @@ class SamplingParams:
         return self
 
     @property
-    def needs_logits(self) -> bool:
-        """A step must write this request's logits: it samples, or returns log-probabilities."""
-        return not self.greedy or self.logprobs is not None
-
-    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-def warped_probs(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
-    """Probabilities after temperature, top-k and top-p, in fp32, over the last axis. A sequence of settings
-    gives each entry of the first axis its own (one set of launches for a batch of rows; a row's result does
-    not depend on the rows beside it)."""
-    rows = [params] if isinstance(params, SamplingParams) else list(params)
-    shape = (len(rows),) + (1,) * (logits.dim() - 1)
+@dataclass
+class RowSampling:
+    """Rows' sampling settings as tensors [n] on the device, so that one set of launches (or one CUDA graph)
+    serves rows with different settings: temperature (0: greedy), top_k (0: off), top_p (1: off). `truncate`
+    says whether any row has a top-k or top-p: only then does warping sort the vocabulary."""
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    truncate: bool
 
-    def column(values: list, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=logits.device).view(shape)
+    @staticmethod
+    def of(params: Sequence[SamplingParams], device: torch.device | str) -> "RowSampling":
+        return RowSampling(torch.tensor([p.temperature for p in params], dtype=torch.float32, device=device),
+                           torch.tensor([p.top_k for p in params], dtype=torch.long, device=device),
+                           torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+                           truncates(params))
 
-    vocab = logits.shape[-1]
-    logits = logits.float() / column([p.temperature for p in rows], torch.float32)
-    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in rows]  # 0: off
-    if max(top_k):
-        values = torch.topk(logits, max(top_k), dim=-1).values
-        kth = values.gather(-1, column([max(k - 1, 0) for k in top_k], torch.long).expand(*values.shape[:-1], 1))
-        kth = kth.masked_fill(column([k == 0 for k in top_k], torch.bool), float("-inf"))
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    @property
+    def greedy(self) -> torch.Tensor:
+        return self.temperature == 0
+
+
+def truncates(params: Sequence[SamplingParams]) -> bool:
+    """Whether any of these requests has a top-k or a top-p."""
+    return any(p.top_k > 0 or p.top_p < 1 for p in params)
+
+
+def warp(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
+    """Probabilities after each row's temperature, top-k and top-p, in fp32, over the last axis of `logits`
+    [n, ..., V] (a greedy row's at temperature 1; the caller takes its argmax). Tensor ops only: a CUDA graph
+    holds them, and a row's result does not depend on the rows beside it."""
+    shape = (-1,) + (1,) * (logits.dim() - 1)
+    temperature = torch.where(rows.greedy, 1.0, rows.temperature).view(shape)
+    logits = logits.float() / temperature
     probs = torch.softmax(logits, dim=-1)
-    if min(p.top_p for p in rows) < 1:
-        top_p = column([p.top_p for p in rows], torch.float32)
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
-        drop = ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p) & (top_p < 1)
-        kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
-        probs = torch.where(top_p < 1, kept / kept.sum(-1, keepdim=True), probs)
-    return probs
+    if not rows.truncate:
+        return probs
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    top_k = rows.top_k.view(shape).expand(*logits.shape[:-1], 1)
+    kth = sorted_logits.gather(-1, (top_k - 1).clamp(0, logits.shape[-1] - 1))
+    sorted_logits = sorted_logits.masked_fill((sorted_logits < kth) & (top_k > 0), float("-inf"))
+    sorted_probs = torch.softmax(sorted_logits, dim=-1)
+    # keep the smallest prefix whose mass reaches top_p (the token that crosses it included)
+    top_p = rows.top_p.view(shape)
+    drop = ((sorted_probs.cumsum(-1) - sorted_probs) >= top_p) & (top_p < 1)
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+    sorted_probs = torch.where(top_p < 1, sorted_probs / sorted_probs.sum(-1, keepdim=True), sorted_probs)
+    # a row that truncates nothing keeps the plain softmax: its result must not depend on its neighbours' settings
+    truncating = (rows.top_k.view(shape) > 0) | (top_p < 1)
+    return torch.where(truncating, torch.zeros_like(probs).scatter(-1, order, sorted_probs), probs)
 
 
-def draw(logits: torch.Tensor, params: Sequence[SamplingParams],
-         uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's tokens from `logits` [n, ..., V] under its own settings `params` [n]: a greedy row's argmax, a
-    sampled row's draw at `uniform` [n, ...] from its warped distribution; and those distributions [n, ..., V]
-    (a greedy row's zeros)."""
-    tokens = logits.argmax(-1)
-    sampled = [row for row, p in enumerate(params) if not p.greedy]
-    index = torch.tensor(sampled, device=logits.device)
-    probs = warped_probs(logits[index], [params[row] for row in sampled])
-    tokens[index] = sample(probs, uniform[index])
-    if len(sampled) < len(params):
-        probs = torch.zeros_like(logits, dtype=probs.dtype).index_copy_(0, index, probs)
-    return tokens, probs
+def warped_probs(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
+    """`warp` for settings given as SamplingParams: one for every row, or one per entry of the first axis."""
+    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
+    if logits.dim() == 1:
+        return warped_probs(logits[None], rows[:1])[0]
+    return warp(logits, RowSampling.of(rows, logits.device))
 
 
-def uniforms(generators: Sequence[torch.Generator | None], slots: Sequence[int], width: int,
-             device: torch.device | str) -> torch.Tensor:
-    """[n, width, 3] float64 uniforms in [0, 1) for one step: row i's first slots[i] triples come from its own
-    generator (zeros for a row without one, and past slots[i]). A block slot's triple is (the draft's draw, the
-    acceptance test, the target's draw there): a row consumes the same numbers whatever rows are beside it."""
-    out = torch.zeros(len(slots), width, 3, dtype=torch.float64, device=device)
+def draw(logits: torch.Tensor, rows: RowSampling, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's tokens from `logits` [n, ..., V]: a greedy row's argmax, another's draw at `uniform` [n, ...]
+    from its warped distribution; and those distributions [n, ..., V]."""
+    probs = warp(logits, rows)
+    greedy = rows.greedy.view((-1,) + (1,) * (logits.dim() - 2))
+    return torch.where(greedy, logits.argmax(-1), sample(probs, uniform)), probs
+
+
+def draw_uniforms(out: torch.Tensor, generators: Sequence[torch.Generator | None],
+                  slots: Sequence[int]) -> torch.Tensor:
+    """Fill out [n, width, 3] (float64) for one step: row i's first slots[i] triples from its own generator
+    (a row without one, and the slots after, keep what they held). A block slot's triple is (the draft's draw,
+    the acceptance test, the target's draw there): a row consumes the same numbers whatever rows are beside it."""
     for row, (generator, count) in enumerate(zip(generators, slots)):
         if generator is not None and count:
-            out[row, :count] = torch.rand(count, 3, generator=generator, dtype=torch.float64, device=device)
+            torch.rand(count, 3, generator=generator, out=out[row, :count])
     return out
 
 
