@@ -72,8 +72,8 @@ class RowSampling:
 
 
 def truncates(params: Sequence[SamplingParams]) -> bool:
-    """Whether any of these requests has a top-k or a top-p."""
-    return any(p.top_k > 0 or p.top_p < 1 for p in params)
+    """Whether any of these requests samples with a top-k or a top-p."""
+    return any(not p.greedy and (p.top_k > 0 or p.top_p < 1) for p in params)
 
 
 def warp(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
