@@ -304,7 +304,7 @@ def sampled_step_ms(engine: BatchDecoder, n: int, block: int, device: str) -> fl
         state, settings = engine.row_state[:, :n].clone(), engine.row_settings[:, :n].clone()
         engine.cap[:n], engine.temperature[:n], engine.top_p[:n] = 0, 1.0, 1.0
         try:
-            return graph_ms(lambda: engine.sampling_step(n, block, engine.max_len, False), device, 5, 3)
+            return graph_ms(lambda: engine.sampling_step(n, block, engine.max_len, "sample"), device, 5, 3)
         finally:
             engine.row_state[:, :n], engine.row_settings[:, :n] = state, settings
 

@@ -471,7 +471,7 @@ class BatchDecoder:
         """One step for rows [0, nb) in `mode`: `greedy_step`, or `sampling_step` (whose logits it returns)."""
         if mode == "greedy":
             return self.greedy_step(nb, block, kv_len)
-        return self.sampling_step(nb, block, kv_len, mode == "sample_truncated")
+        return self.sampling_step(nb, block, kv_len, mode)
 
     def greedy_step(self, nb: int, block: int, kv_len: int) -> None:
         """Rows [0, nb), every one greedy: draft, verify, acceptance, state update, all on the device
@@ -486,18 +486,22 @@ class BatchDecoder:
         self._finish(nb, block_pos, accepted, torch.zeros_like(accepted), drafts,
                      choices.gather(1, accepted[:, None])[:, 0], taps)
 
-    def sampling_step(self, nb: int, block: int, kv_len: int, truncate: bool) -> torch.Tensor:
-        """Rows [0, nb) under their own settings on the device (greedy rows among them): draft, verify with the
-        logits written, acceptance (acceptance.accept_rows) at the uniforms in `draws`, state update, all on the
-        device (graph-capturable; `truncate`: some row has a top-k or top-p). Returns the verify's logits
-        [nb, block, V]."""
+    def sampling_step(self, nb: int, block: int, kv_len: int, mode: str) -> torch.Tensor:
+        """Rows [0, nb) under their own settings on the device: draft, verify with the logits written, acceptance
+        (acceptance.accept_rows) at the uniforms in `draws`, state update, all on the device (graph-capturable).
+        `mode`: "sample", "sample_truncated" (some row has a top-k or top-p), or "logits" (every row greedy:
+        the proposer's greedy drafts). Returns the verify's logits [nb, block, V]."""
         block_pos = self.start[:nb, None] + self.offsets[None, :block]
         last = self.last_token[:nb]
-        rows = RowSampling(self.temperature[:nb], self.top_k[:nb], self.top_p[:nb], truncate)
+        rows = RowSampling(self.temperature[:nb], self.top_k[:nb], self.top_p[:nb], mode == "sample_truncated")
         draws = self.draws[:nb, :block]
-        drafts, draft_probs = self.proposer.propose_sampled(nb, block, last, block_pos, kv_len, rows,
-                                                            draws[:, :-1, 0]) if block > 1 \
-            else (last.new_zeros(nb, 0), None)
+        if block == 1:
+            drafts, draft_probs = last.new_zeros(nb, 0), None
+        elif mode == "logits":
+            drafts, draft_probs = self.proposer.propose_greedy(nb, block, last, block_pos, kv_len), None
+        else:
+            drafts, draft_probs = self.proposer.propose_sampled(nb, block, last, block_pos, kv_len, rows,
+                                                                draws[:, :-1, 0])
         hidden, taps = self._verify(nb, torch.cat([last[:, None], drafts], dim=1), block_pos, kv_len)
         logits = self.target.model.logits(hidden)
         wanted = self.cap[:nb].clamp(max=block - 1)
@@ -508,10 +512,11 @@ class BatchDecoder:
         return logits
 
     def logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
-        """An eager step for a batch with rows that return log-probabilities: `sampling_step` (greedy rows take
-        their argmax), its outcome read at once, and each asking row's tokens scored under the step's logits."""
+        """An eager step for a batch with rows that return log-probabilities: `sampling_step`, its outcome read at
+        once, and each asking row's tokens scored under the step's logits."""
+        mode = self._mode()
         self._draw(n, block)
-        logits = self.sampling_step(n, block, self._kv_len(block), truncates([seq.params for seq in self.rows]))
+        logits = self.sampling_step(n, block, self._kv_len(block), "logits" if mode == "greedy" else mode)
         self._commit_launched(self._read_behind(n, block), chunks, logits)
 
     def _finish(self, nb: int, block_pos: torch.Tensor, accepted: torch.Tensor, failure: torch.Tensor,
