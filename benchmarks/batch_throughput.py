@@ -250,8 +250,8 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
         for block in (1, *blocks):
             cost = roofline.step(model, floors.draft if block > 1 else None, contexts, block)
             parts = {"step": floors.timed(step_ms(engine, n, block, device, replays=5, rounds=3), cost)}
-            # the same step as the engine runs it once a row returns log-probabilities (eagerly), or samples
-            parts["step_eager"] = floors.timed(eager_step_ms(engine, n, block, device), cost)
+            # the same step as the engine runs it once a row returns log-probabilities, or samples
+            parts["step_scored"] = floors.timed(scored_step_ms(engine, n, block, device), cost)
             parts["step_sampled"] = floors.timed(sampled_step_ms(engine, n, block, device), cost)
             if block == 1:  # side by side: the split-K sums in a kernel of their own (KernelSettings.split_sum_norm)
                 with use_settings(split_sum_norm=False):
@@ -282,9 +282,9 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
     return out
 
 
-def eager_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
-    """A step of live rows [0, n) as the engine runs one with a row that returns log-probabilities: eagerly, the
-    logits written and read (`logits_step`), timed from the host; the median of `rounds`."""
+def scored_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:
+    """A step of live rows [0, n) as the engine runs one with a row that returns log-probabilities: not pipelined,
+    the logits written and read (`logits_step`), timed from the host; the median of `rounds`."""
     times = []
     with torch.inference_mode(), restored(engine, n):
         for _ in range(rounds):
@@ -531,10 +531,10 @@ def parts_table(rows: dict) -> list[str]:
         if prefills:
             lines += ["", f"Prefill of c prompts joining at once, {label}, ms (per prompt; the device busy, ms): "
                       + ", ".join(prefills) + "."]
-    eager = over_graphed(rows, "step_eager")
-    if eager:
-        lines += ["", "A step as the engine runs it once a row returns log-probabilities (eager, the logits "
-                  "written), ms (over the graphed greedy step): " + eager + "."]
+    scored = over_graphed(rows, "step_scored")
+    if scored:
+        lines += ["", "A step as the engine runs it once a row returns log-probabilities (not pipelined, the logits "
+                  "written and read), ms (over the graphed greedy step): " + scored + "."]
     sampled = over_graphed(rows, "step_sampled")
     if sampled:
         lines += ["", "The step with every row sampling (temperature 1; a CUDA graph), ms (over the graphed greedy "

@@ -581,8 +581,8 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
                 assert prefill["block"] == block and prefill["prompts"] == int(c) and prefill["device_busy_ms"] > 0
                 assert ("host_functions" in prefill) == (c == "1")
             for block, parts in row["parts"].items():
-                assert set(parts) == ({"step", "step_eager", "step_sampled", "step_sums_apart", "gemms"} if block == "1"
-                                      else {"step", "step_eager", "step_sampled", "gemms", "verify", "draft"})
+                always = {"step", "step_scored", "step_sampled", "gemms"}
+                assert set(parts) == (always | {"step_sums_apart"} if block == "1" else always | {"verify", "draft"})
                 assert parts["gemms"]["floor_ms"] < parts["step"]["floor_ms"]  # the weights, not the K/V nor lm_head
                 for part in parts.values():
                     assert part["ms"] > 0 and part["x_floor"] == pytest.approx(part["ms"] / part["floor_ms"])
@@ -595,7 +595,7 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     assert "| c | AR | B=8 | best / AR |" in out
     assert "Prefill of c prompts joining at once, drafted (the draft stores their context too), ms (per prompt; " in out
     assert "One prompt joining (block 16), host time by function (cProfile, own): " in out
-    assert "A step as the engine runs it once a row returns log-probabilities (eager, " in out
+    assert "A step as the engine runs it once a row returns log-probabilities (not pipelined, " in out
     assert ("The step with every row sampling (temperature 1; a CUDA graph), ms (over the graphed greedy step): "
             "1 x AR: ") in out
 

@@ -23,7 +23,8 @@ argmax. Mode "sample" (or "sample_truncated", when a row has a top-k or top-p): 
 row samples under its own settings, which live on the device beside its position; its randomness is drawn
 before the step from its own generator (the same numbers whatever else is in the batch) into a buffer the graph
 reads. The padding rows are idle, parked at position 0 of free rows that a joining prompt's prefill overwrites
-before anyone reads them. A step with a row that returns log-probabilities runs eagerly and reads its logits.
+before anyone reads them. A step with a row that returns log-probabilities is not pipelined: its logits are read
+once it ends (mode "logits" when every row is greedy).
 
 With CUDA graphs the steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
@@ -69,6 +70,7 @@ class _Launched:
     block: int
     host: torch.Tensor  # [n, block + 2] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
+    logits: torch.Tensor | None = None  # the verify's [n, block, V] when asked for (valid until the next step)
 
 
 @dataclass(eq=False)
@@ -155,6 +157,7 @@ class BatchDecoder:
         self.rows: list[_Sequence] = []  # active sequences; index == cache row
         self.waiting: deque[_Sequence] = deque()
         self._graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
+        self._graph_logits: dict[tuple[int, int, str], torch.Tensor] = {}
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
         self._next_id = 0
 
@@ -373,16 +376,17 @@ class BatchDecoder:
 
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
-        if any(seq.params.logprobs is not None for seq in self.rows):
-            self._finish_in_flight(chunks)  # an eager step starts from every earlier token committed
+        scored = any(seq.params.logprobs is not None for seq in self.rows)
+        if scored:  # a step whose logits are read starts from every earlier token committed
+            self._finish_in_flight(chunks)
             self._retire_finished()
             if not self.rows:
                 return
-            n = len(self.rows)
-            self.logits_step(n, self._step_block(n, max(seq.block_size for seq in self.rows)), chunks)
-            return
         n = len(self.rows)
         block = self._step_block(n, max(seq.block_size for seq in self.rows))
+        if scored:
+            self.logits_step(n, block, chunks)
+            return
         launched = self._launch(n, block, self._mode())
         if self.pipeline:  # read the previous step while this one runs
             launched, self._in_flight = self._in_flight, launched
@@ -443,13 +447,17 @@ class BatchDecoder:
         if mode != "greedy":
             self._draw(n, block)
         if self.use_graphs:
-            graph = self._graphs.get((padded, block, mode)) or self._capture(padded, block, mode)
+            key = (padded, block, mode)
+            graph = self._graphs.get(key) or self._capture(padded, block, mode)
             graph.replay()
+            logits = self._graph_logits.get(key)
         else:
-            self.run_step(padded, block, self._kv_len(block), mode)
+            logits = self.run_step(padded, block, self._kv_len(block), mode)
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
-        return self._read_behind(n, block)
+        launched = self._read_behind(n, block)
+        launched.logits = logits[:n] if logits is not None else None
+        return launched
 
     def _draw(self, n: int, block: int) -> None:
         """Each sampling row's uniforms for a step of `block`: a triple per slot it verifies, and the one after."""
@@ -512,12 +520,12 @@ class BatchDecoder:
         return logits
 
     def logits_step(self, n: int, block: int, chunks: dict[int, StreamChunk]) -> None:
-        """An eager step for a batch with rows that return log-probabilities: `sampling_step`, its outcome read at
-        once, and each asking row's tokens scored under the step's logits."""
+        """A step for a batch with rows that return log-probabilities (`sampling_step`; mode "logits" when every
+        row is greedy), not pipelined: its outcome is read at once, and each asking row's tokens are scored under
+        the step's logits."""
         mode = self._mode()
-        self._draw(n, block)
-        logits = self.sampling_step(n, block, self._kv_len(block), "logits" if mode == "greedy" else mode)
-        self._commit_launched(self._read_behind(n, block), chunks, logits)
+        launched = self._launch(n, block, "logits" if mode == "greedy" else mode)
+        self._commit_launched(launched, chunks, launched.logits)
 
     def _finish(self, nb: int, block_pos: torch.Tensor, accepted: torch.Tensor, failure: torch.Tensor,
                 drafts: torch.Tensor, next_tokens: torch.Tensor, taps: torch.Tensor | None) -> None:
@@ -579,6 +587,8 @@ class BatchDecoder:
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
         with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
-            self.run_step(nb, block, self.max_len, mode)
+            logits = self.run_step(nb, block, self.max_len, mode)
         self._graphs[(nb, block, mode)] = graph
+        if logits is not None:  # the graph's own output: each replay rewrites it
+            self._graph_logits[(nb, block, mode)] = logits
         return graph
