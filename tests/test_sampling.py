@@ -21,7 +21,7 @@ from blockspec.draft import DraftConfig, DraftModel
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.engine.acceptance import (DRAFT_NOT_FINITE, TARGET_NOT_FINITE, accept_rows, accept_sampled,
                                          greedy_accepted)
-from blockspec.engine.sampling import RowSampling, draw, draw_uniforms, sample, warped_probs
+from blockspec.engine.sampling import RowSampling, draw, draw_uniforms, sample, warp
 from blockspec.errors import BlockspecError
 from blockspec.target import target_from_hf
 from conftest import seeded_normal
@@ -34,6 +34,14 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+def warped_probs(logits: torch.Tensor, params: SamplingParams | list[SamplingParams]) -> torch.Tensor:
+    """`warp` under SamplingParams: one for every row of `logits` (or a single row [V]), or one per row."""
+    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
+    if logits.dim() == 1:
+        return warped_probs(logits[None], rows[:1])[0]
+    return warp(logits, RowSampling.of(rows, logits.device))
 
 
 # ---- statistics helpers ---------------------------------------------------------------------------------

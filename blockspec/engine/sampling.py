@@ -53,7 +53,7 @@ class SamplingParams:
 class RowSampling:
     """Rows' sampling settings as tensors [n] on the device, so that one set of launches (or one CUDA graph)
     serves rows with different settings: temperature (0: greedy), top_k (0: off), top_p (1: off). `truncate`
-    says whether any row has a top-k or top-p: only then does warping sort the vocabulary."""
+    says whether a sampling row has a top-k or top-p (`truncates`): only then does warping sort the vocabulary."""
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
@@ -99,14 +99,6 @@ def warp(logits: torch.Tensor, rows: RowSampling) -> torch.Tensor:
     # a row that truncates nothing keeps the plain softmax: its result must not depend on its neighbours' settings
     truncating = (rows.top_k.view(shape) > 0) | (top_p < 1)
     return torch.where(truncating, torch.zeros_like(probs).scatter(-1, order, sorted_probs), probs)
-
-
-def warped_probs(logits: torch.Tensor, params: SamplingParams | Sequence[SamplingParams]) -> torch.Tensor:
-    """`warp` for settings given as SamplingParams: one for every row, or one per entry of the first axis."""
-    rows = [params] * logits.shape[0] if isinstance(params, SamplingParams) else list(params)
-    if logits.dim() == 1:
-        return warped_probs(logits[None], rows[:1])[0]
-    return warp(logits, RowSampling.of(rows, logits.device))
 
 
 def draw(logits: torch.Tensor, rows: RowSampling, uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
