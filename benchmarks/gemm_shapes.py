@@ -35,12 +35,12 @@ from benchmarks.harness import copy_bandwidth as host_copy_bandwidth
 from blockspec.kernels.settings import SkinnyTable, merged_skinny_tables, skinny_table_from_winners
 
 SHAPES = {"qkv": (6144, 2560), "o_proj": (2560, 4096), "gate_up": (19456, 2560), "down": (2560, 9728)}  # (N, K)
-# the drafts' own shapes (the context's k/v, DFlash's fc over 5 taps; their gate_up is the target's) and the lm_head
-SKINNY_SHAPES = {**SHAPES, "ctx_kv": (2048, 2560), "fc": (2560, 12800),
+# the drafts' own shapes (separate gate/up, the context's k/v, DFlash's fc over 5 taps) and the lm_head
+SKINNY_SHAPES = {**SHAPES, "draft_gate": (9728, 2560), "ctx_kv": (2048, 2560), "fc": (2560, 12800),
                  "lm_head": (151936, 2560),
                  # Qwen3.5-4B and its draft (their o_proj, out_proj, qkv and ctx_kv shapes are listed above)
                  "q35_qkv": (10240, 2560), "q35_in_proj": (12352, 2560), "q35_gate_up": (18432, 2560),
-                 "q35_down": (2560, 9216), "q35_fc": (2560, 20480),
+                 "q35_down": (2560, 9216), "q35_draft_gate": (9216, 2560), "q35_fc": (2560, 20480),
                  "q35_lm_head": (248320, 2560)}
 QWEN35_SHAPES = [name for name in SKINNY_SHAPES if name.startswith("q35_")]
 VARIANTS = {

@@ -54,7 +54,7 @@ SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 # call 2's sweep, costliest first: one its timeout cuts short keeps the shapes it finished
-QWEN3_SHAPES = ("gate_up", "down", "qkv", "o_proj", "lm_head", "fc", "ctx_kv")
+QWEN3_SHAPES = ("gate_up", "down", "qkv", "o_proj", "lm_head", "draft_gate", "fc", "ctx_kv")
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 16 MiB each
 SHIPPED = ("smollm2-135m-instruct-dflash", "smollm2-135m-instruct-dflare")
 CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"

@@ -113,45 +113,8 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class Stacking(nn.Module):
-    """A module whose nn.Linear parts can run as one concatenated projection: one weight stream, one GEMM.
-
-    The separate layers stay the parameters, so state_dict keys (the published names) and training are
-    untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts); otherwise it is
-    cached until a part changes: an optimizer step or load_state_dict bumps its version (writes through `.data`
-    do not; inference tensors have none, and change only in inference mode). A CUDA graph captured earlier keeps
-    reading the concatenation it captured: capture again after changing weights. The concatenation is a second
-    copy of its parts in memory (for a Qwen3-4B-sized DFlash draft about 0.65 GB beside its 1 GB)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._stacked: dict[str, tuple] = {}
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() give the parts new storage: drop concatenations of the old one
-        self._stacked = {}
-        return super()._apply(fn, recurse)
-
-    def stacked(self, name: str, *layers: nn.Linear, pairs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weights (and biases) of `layers` concatenated; with `pairs`, two layers' rows interleaved as (first
-        j, second j) pairs, the layout `silu_mul` reads."""
-        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
-        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
-        cached = self._stacked.get(name)
-        if cache and cached is not None and cached[0] == key:
-            return cached[1]
-        join = (lambda ts: torch.stack(ts, dim=1).flatten(0, 1)) if pairs else torch.cat
-        weight = join([layer.weight for layer in layers])
-        bias = join([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        if cache:
-            self._stacked[name] = (key, (weight, bias))
-        return weight, bias
-
-
-class GatedMLP(Stacking):
-    """`down(silu(gate(x)) * up(x))`; at inference gate and up run as one projection of interleaved rows (the
-    target's gate_up layout: one GEMM whose epilogue writes silu(gate) * up)."""
+class GatedMLP(nn.Module):
+    """`down(silu(gate(x)) * up(x))`."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
@@ -160,14 +123,8 @@ class GatedMLP(Stacking):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.hidden(x), self.down_proj.weight, self.down_proj.bias)
-
-    def hidden(self, x: torch.Tensor) -> torch.Tensor:
-        """silu(gate(x)) * up(x), what down_proj takes."""
-        gate, up = self.gate_proj, self.up_proj
-        if torch.is_grad_enabled() and gate.weight.requires_grad:  # training: no concatenation rebuilt every step
-            return gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias))
-        return linear_silu_mul(x, *self.stacked("gate_up", gate, up, pairs=True))
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        return linear(gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias)), down.weight, down.bias)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

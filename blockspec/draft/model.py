@@ -23,13 +23,13 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, Stacking, attention, linear, linear_add_rms_norm,
-                              qkv_rope_store, rope_inv_freq)
+from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
+                              rope_inv_freq)
 
 MASK_EMBEDDING = "mask_embedding"
 
 
-class DraftAttention(Stacking):
+class DraftAttention(nn.Module):
     def __init__(self, cfg: DraftConfig, layer_index: int) -> None:
         super().__init__()
         h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -47,6 +47,33 @@ class DraftAttention(Stacking):
         if self.separate_context_proj:
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
             self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
+        self._stacked: dict[str, tuple] = {}  # inference-time concatenations, see stacked()
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() give the parts new storage: drop concatenations of the old one
+        self._stacked = {}
+        return super()._apply(fn, recurse)
+
+    def stacked(self, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weights (and biases) of `layers` concatenated into one projection: one weight stream, one GEMM.
+
+        The separate layers stay the parameters, so state_dict keys (the published names) and training are
+        untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts);
+        otherwise it is cached until a part changes: an optimizer step or load_state_dict bumps its version
+        (writes through `.data` do not; inference tensors have none, and change only in inference mode). A CUDA
+        graph captured earlier keeps reading the concatenation it captured: capture again after changing weights.
+        """
+        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
+        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
+        cached = self._stacked.get(name)
+        if cache and cached is not None and cached[0] == key:
+            return cached[1]
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
+        if cache:
+            self._stacked[name] = (key, (weight, bias))
+        return weight, bias
 
     def store_context(self, ctx: torch.Tensor, ctx_rope: tuple, ctx_positions: torch.Tensor, cache: KVCache) -> None:
         """Write the context's K/V at its positions. They depend on the target features alone (never on the
@@ -73,8 +100,7 @@ class DraftAttention(Stacking):
         anything stale there), and the block attends to every slot up to `limits` (the block's end): the whole
         context and the whole block, unmasked; a causal layer's query to the slots up to its own position, a
         sliding one's to those within its window. The block's slots are rewritten by the next call's context,
-        so they never need cropping. Returns the attention's output before o_proj (the layer fuses o_proj with
-        the residual add and the norm after it).
+        so they never need cropping.
         """
         self.store_context(ctx, ctx_rope, ctx_positions, cache)
         k_cache, v_cache = cache.layer(self.layer_index)
@@ -82,7 +108,8 @@ class DraftAttention(Stacking):
         qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
         q, k, v = linear(x, qkv_weight, qkv_bias).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         q = qkv_rope_store(q, k, v, *heads, self.q_norm, self.k_norm, *block_rope, block_positions, k_cache, v_cache)
-        return attention(q, k_cache, v_cache, block_positions if self.causal else limits, kv_len, self.window)
+        out = attention(q, k_cache, v_cache, block_positions if self.causal else limits, kv_len, self.window)
+        return linear(out, self.o_proj.weight, self.o_proj.bias)
 
 
 class DraftLayer(nn.Module):
@@ -96,12 +123,10 @@ class DraftLayer(nn.Module):
     def forward(self, x: torch.Tensor, normed: torch.Tensor, ctx: torch.Tensor, next_norm: RMSNorm,
                 *attn_args: object) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the block's residual stream, normed: input_layernorm(x); returns the layer's output and
-        next_norm of it (each output projection, residual add and the norm after it fused as the target's are)."""
+        next_norm of it (each residual add fused with the norm after it: one kernel on CUDA)."""
         # The context is NOT passed through input_layernorm: it was normed once by hidden_norm.
-        o_proj, down = self.self_attn.o_proj, self.mlp.down_proj
-        h, h_normed = linear_add_rms_norm(self.self_attn(normed, ctx, *attn_args), o_proj.weight, o_proj.bias, x,
-                                          self.post_attention_layernorm)
-        return linear_add_rms_norm(self.mlp.hidden(h_normed), down.weight, down.bias, h, next_norm)
+        h, h_normed = add_rms_norm(x, self.self_attn(normed, ctx, *attn_args), self.post_attention_layernorm)
+        return add_rms_norm(h, self.mlp(h_normed), next_norm)
 
 
 class DraftModel(nn.Module):
