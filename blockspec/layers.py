@@ -266,19 +266,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[t
 def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm(residual, linear(x, weight, bias), norm)`: a layer's output projection, the residual add and the
-    next norm. Where `linear` takes the skinny GEMM and its settings split K, the norm's kernel sums the GEMM's
-    partial sums itself, in the same order (bit-identical): one launch fewer (`KernelSettings.split_sum_norm`)."""
-    skinny = _skinny_rows(x, weight, bias)
-    if (skinny is not None and skinny[1]["split_k"] > 1 and current_settings().split_sum_norm
-            and x.dtype == residual.dtype and fused_kernels_apply(residual, norm.weight)):
-        from blockspec.kernels.norm_rope import add_split_rms_norm
-        from blockspec.kernels.skinny import skinny_split_parts
-
-        rows, config = skinny
-        parts = skinny_split_parts(x.reshape(rows, -1), weight, bias, config)
-        if parts.dim() == 3:
-            return add_split_rms_norm(residual, parts, bias, norm.weight, norm.eps, norm.zero_centred)
-        return add_rms_norm(residual, parts.view(residual.shape), norm)
+    next norm."""
     return add_rms_norm(residual, linear(x, weight, bias), norm)
 
 

@@ -235,46 +235,6 @@ def test_a_gate_up_gemm_with_silu_mul_in_its_epilogue_equals_the_two_kernels(m, 
         assert torch.equal(got, silu_mul(plain[:, 0::2], plain[:, 1::2]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("m", [1, 5, 32])
-def test_a_split_gemms_partial_sums_summed_by_the_next_norm_equal_the_two_kernels(m, dtype):
-    """add_split_rms_norm over skinny_split_parts (K in 3 ranges, with and without a bias, zero-centred or not)
-    writes exactly what add_rms_norm over skinny_linear writes; where the split leaves one range the parts are
-    the output; and linear_add_rms_norm takes the split path."""
-    from blockspec.kernels.norm_rope import add_split_rms_norm
-    from blockspec.kernels.skinny import skinny_split_parts
-    from blockspec.layers import linear, linear_add_rms_norm
-
-    gen = torch.Generator().manual_seed(m)
-    n, k = 96, 384
-    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
-    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
-    residual = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
-    norm_w = (1 + 0.3 * torch.randn(n, generator=gen)).to(DEVICE, dtype)
-    split = {"rows": 16, "block_n": 32, "block_k": 64, "split_k": 3, "num_warps": 4, "num_stages": 2}
-    for b in (None, torch.randn(n, generator=gen).to(DEVICE, dtype)):
-        parts = skinny_split_parts(x, w, b, split)
-        assert parts.shape == (3, m, n) and parts.dtype == torch.float32
-        for zero_centred in (False, True):
-            want = add_rms_norm(residual, skinny_linear(x, w, b, split), norm_w, 1e-6, zero_centred)
-            got = add_split_rms_norm(residual, parts, b, norm_w, 1e-6, zero_centred)
-            assert all(torch.equal(g, w_) for g, w_ in zip(got, want)), (b is not None, zero_centred)
-        one_range = dict(split, block_k=512)  # 384 columns of K in one 512-wide tile: no split left
-        assert torch.equal(skinny_split_parts(x, w, b, one_range), skinny_linear(x, w, b, one_range))
-    if DEVICE == "cuda" and dtype == torch.bfloat16:  # through the layer, under settings that split this K
-        from blockspec.kernels.skinny import invariant_config
-
-        norm = RMSNorm(n, 1e-6).to(DEVICE, dtype)
-        norm.weight.data = norm_w
-        x = torch.randn(m, 1024, generator=gen).to(DEVICE, dtype)
-        w = torch.randn(n, 1024, generator=gen).to(DEVICE, dtype)
-        with use_settings(batch_invariant=True):
-            assert invariant_config(n, 1024, x.device)["split_k"] > 1
-            got = linear_add_rms_norm(x, w, None, residual, norm)
-            want = add_rms_norm(residual, linear(x, w), norm_w, 1e-6)
-        assert all(torch.equal(g, w_) for g, w_ in zip(got, want))
-
-
 @pytest.mark.parametrize("theta, scaling, dim", [(1e6, 1.0, 128), (1e4, 1.0, 64), (5e5, 1.1, 80)])
 def test_rope_tables_kernel_equals_the_torch_ops_bit_for_bit(theta, scaling, dim):
     """RotaryEmbedding's one-kernel tables are the torch ops' values exactly (the same fp32 angle, libdevice's

@@ -161,20 +161,14 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 
 @triton.jit
-def _add_rms_norm(X, DELTA, BIAS, W, SUM, OUT, sx, sd, s_split, ss, so, n, splits, eps, BLOCK: tl.constexpr,
-                  PARTS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_CENTRED: tl.constexpr, USE_PDL: tl.constexpr):
+def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, ZERO_CENTRED: tl.constexpr,
+                  USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
     x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
     d = tl.load(DELTA + row * sd + cols, mask=ok, other=0.0).to(tl.float32)
-    if PARTS:  # a split-K GEMM's fp32 partial sums, summed and rounded as skinny's _sum_splits does
-        for s in range(1, splits):
-            d += tl.load(DELTA + s * s_split + row * sd + cols, mask=ok, other=0.0)
-        if HAS_BIAS:
-            d += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
-        d = d.to(SUM.dtype.element_ty).to(tl.float32)
     s = (x + d).to(SUM.dtype.element_ty)
     tl.store(SUM + row * ss + cols, s, mask=ok)
     s32 = s.to(tl.float32)
@@ -185,28 +179,12 @@ def _add_rms_norm(X, DELTA, BIAS, W, SUM, OUT, sx, sd, s_split, ss, so, n, split
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float,
                  zero_centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)) in one pass."""
-    return _launch_add_rms_norm(x, delta.reshape(-1, x.shape[-1]), None, weight, eps, zero_centred)
-
-
-def add_split_rms_norm(x: torch.Tensor, parts: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
-                       eps: float, zero_centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """`add_rms_norm(x, delta)` where delta is a split-K GEMM's output still in its fp32 partial sums `parts`
-    [splits, rows, n] (and its bias): summed here in the order skinny's `_sum_splits` sums them, so bit for bit
-    the same, without that kernel's launch."""
-    return _launch_add_rms_norm(x, parts, bias, weight, eps, zero_centred)
-
-
-def _launch_add_rms_norm(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
-                         eps: float, zero_centred: bool) -> tuple[torch.Tensor, torch.Tensor]:
     n = x.shape[-1]
-    xr = x.reshape(-1, n)
-    parts = delta.dim() == 3
+    xr, delta = x.reshape(-1, n), delta.reshape(-1, n)
     total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
     out = torch.empty(xr.shape, device=x.device, dtype=_norm_dtype(x, weight, zero_centred))
-    _add_rms_norm[(xr.shape[0],)](xr, delta, bias if bias is not None else delta, weight, total, out, xr.stride(0),
-                                  delta.stride(-2), delta.stride(0) if parts else 0, total.stride(0), out.stride(0), n,
-                                  delta.shape[0] if parts else 1, eps, BLOCK=triton.next_power_of_2(n), PARTS=parts,
-                                  HAS_BIAS=bias is not None, ZERO_CENTRED=zero_centred,
+    _add_rms_norm[(xr.shape[0],)](xr, delta, weight, total, out, xr.stride(0), delta.stride(0), total.stride(0),
+                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), ZERO_CENTRED=zero_centred,
                                   num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 

@@ -32,7 +32,7 @@ FLOW_FIELDS = ("block_rows", "block_k", "dot_warps", "stages", "programs_per_sm"
 @dataclasses.dataclass(frozen=True)
 class KernelSettings:
     """The CUDA path's switches; the defaults are what measured fastest on the H100 (`benchmarks/engine_limit.py
-    --ab`, docs/benchmarks.md). pdl, prefetch_tiles, fused_rope and split_sum_norm change no result; the others
+    --ab`, docs/benchmarks.md). pdl, prefetch_tiles and fused_rope change no result; the others
     change where bf16 rounds.
 
     pdl: programmatic dependent launch (Hopper and later). Every kernel may be scheduled while the one before it
@@ -51,10 +51,6 @@ class KernelSettings:
         (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
     fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
         is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
-    split_sum_norm: where a target's output projection splits K on the skinny GEMM, the residual add + RMSNorm
-        kernel after it sums the GEMM's fp32 partials itself (bit-identical; one launch fewer per o_proj and down:
-        72 a Qwen3-4B step). At batch 1 a first version was within noise (docs/design-notes.md); batch_throughput
-        times the batched AR step both ways. False: `_sum_splits`, then the norm.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
         benchmarks/compile_vs_graphs.py hands to torch.compile).
     skinny_table, attention_table, gdn_tile: launch tables to use instead of the device's (a sweep's candidates);
@@ -76,7 +72,6 @@ class KernelSettings:
     flow_decode: bool = True
     fused_gdn: bool = True
     fla_prefill: bool = True
-    split_sum_norm: bool = True
     fused_kernels: bool = True
     batch_invariant: bool = False
     skinny_table: SkinnyTable | None = None

@@ -221,14 +221,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
-def skinny_split_parts(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       config: dict) -> torch.Tensor:
-    """`skinny_linear(x, weight, bias, config)` short of its last step where `config` splits K: the fp32 partial sums
-    [splits, m, n], the bias not yet added, for a consumer that sums them as `_sum_splits` does
-    (norm_rope.add_split_rms_norm); where one K range is left, the output itself [m, n]."""
-    return _gemm(x, weight, bias, config, False)
-
-
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
           silu_mul: bool) -> torch.Tensor:
     """The GEMM's launch: its output [m, n] (or [m, n / 2] with `silu_mul`), or its fp32 partial sums [splits, m, n]
