@@ -21,8 +21,8 @@ in two parts, with calls 1 and 2, each copied to /root/stage; call 2 joins them 
 room, only call 2 takes a shipped draft (the DFlash, 16 MiB, named in its carry), and call 3 the tree as it is:
 before call 1 take both drafts out of git's index and ignore them, and put them back before call 3 (the commands
 are printed; the files stay here). /root/stage lives only while the machine stays warm (about 30 s after a call):
-make calls 1 and 2 back to back, nothing to do here between them. If call 2 finds a part missing, it stops at once and says so. A first
-start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin.
+make calls 1 and 2 back to back, nothing to do here between them. If call 2 finds a part missing, it stops at
+once and says so. A first start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin.
 
 What each call needs and the device lacks comes from here (it has no network): the datasets' files and the
 server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
