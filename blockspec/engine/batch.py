@@ -70,7 +70,7 @@ class _Launched:
     block: int
     host: torch.Tensor  # [n, block + 2] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
-    logits: torch.Tensor | None = None  # the verify's [n, block, V] when asked for (valid until the next step)
+    logits: torch.Tensor | None  # the verify's [n, block, V] where the step wrote them (valid until the next step)
 
 
 @dataclass(eq=False)
@@ -294,8 +294,9 @@ class BatchDecoder:
         if drafted:  # the prompts become the proposer's context now; nothing is pending for these rows
             self.proposer.join(first, features, positions, real)
         logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
-        tokens, failed = logits.argmax(-1), torch.zeros(len(group), dtype=torch.long, device=device)
-        if not all(seq.params.greedy for seq in group):
+        if all(seq.params.greedy for seq in group):
+            tokens, failed = logits.argmax(-1), torch.zeros(len(group), dtype=torch.long, device=device)
+        else:
             rows = RowSampling.of([seq.params for seq in group], device)
             draws = draw_uniforms(torch.zeros(len(group), 1, 3, device=device, dtype=torch.float64),
                                   [seq.generator for seq in group], [1] * len(group))
@@ -455,17 +456,15 @@ class BatchDecoder:
             logits = self.run_step(padded, block, self._kv_len(block), mode)
         if padded > n:
             self._park(n, padded)  # padding rows advanced; back to position 0
-        launched = self._read_behind(n, block)
-        launched.logits = logits[:n] if logits is not None else None
-        return launched
+        return self._read_behind(n, block, logits[:n] if logits is not None else None)
 
     def _draw(self, n: int, block: int) -> None:
         """Each sampling row's uniforms for a step of `block`: a triple per slot it verifies, and the one after."""
         draw_uniforms(self.draws, [seq.generator for seq in self.rows],
                       [min(seq.block_size, block) for seq in self.rows])
 
-    def _read_behind(self, n: int, block: int) -> _Launched:
-        """Queue the one device->host read of a step's outcome for rows [0, n)."""
+    def _read_behind(self, n: int, block: int, logits: torch.Tensor | None) -> _Launched:
+        """Queue the one device->host read of a step's outcome for rows [0, n) (its `logits` kept beside)."""
         host = self._out_host[self._flip][:n * (block + 2)].view(n, block + 2)  # contiguous: a true async copy
         self._flip ^= 1
         host.copy_(self.out[:n, :block + 2], non_blocking=True)
@@ -473,7 +472,7 @@ class BatchDecoder:
         if self.out.is_cuda:
             done = torch.cuda.Event()
             done.record()
-        return _Launched(list(self.rows), block, host, done)
+        return _Launched(list(self.rows), block, host, done, logits)
 
     def run_step(self, nb: int, block: int, kv_len: int, mode: str) -> torch.Tensor | None:
         """One step for rows [0, nb) in `mode`: `greedy_step`, or `sampling_step` (whose logits it returns)."""
