@@ -46,12 +46,14 @@ def randomise_(named_parameters, seed: int, std: float) -> None:
                 param.copy_(std * noise)
 
 
-def tiny_qwen35(vocab: int = 64, seed: int = 0, std: float = 0.15, layer_types: list[str] = LAYER_TYPES):
-    """A random Qwen3_5ForCausalLM: std 0.15 decodes varied tokens (smaller ones repeat the last token)."""
+def tiny_qwen35(vocab: int = 64, seed: int = 0, std: float = 0.15, layer_types: list[str] = LAYER_TYPES,
+                **shape):
+    """A random Qwen3_5ForCausalLM of TEXT_SHAPE updated by `shape`: std 0.15 decodes varied tokens (smaller ones
+    repeat the last token)."""
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     cfg = Qwen3_5TextConfig(vocab_size=vocab, num_hidden_layers=len(layer_types), layer_types=layer_types,
-                            tie_word_embeddings=False, **TEXT_SHAPE)
+                            tie_word_embeddings=False, **{**TEXT_SHAPE, **shape})
     hf = Qwen3_5ForCausalLM(cfg).eval()
     randomise_(hf.named_parameters(), seed, std)
     return hf

@@ -22,6 +22,7 @@ from blockspec.kernels import attention, current_settings, use_settings  # noqa:
 from blockspec.kernels.attention import decode_attention  # noqa: E402
 from blockspec.kernels.gdn import gdn_steps  # noqa: E402
 from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm  # noqa: E402
+from blockspec.kernels.settings import tables_for  # noqa: E402
 from blockspec.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 from blockspec.layers import qkv_rope_store as qkv_rope_store_ops  # noqa: E402
 from blockspec.target import target_from_hf  # noqa: E402
@@ -44,8 +45,8 @@ def kernels_on_cpu(monkeypatch):
             monkeypatch.setattr(f"{module}.fused_kernels_apply", lambda *tensors: True)
 
 
-def tiny_target(seed: int, dtype: torch.dtype = torch.float32):
-    return target_from_hf(tiny_qwen35(seed=seed)).model.to(DEVICE, dtype)
+def tiny_target(seed: int, dtype: torch.dtype = torch.float32, **shape):
+    return target_from_hf(tiny_qwen35(seed=seed, **shape)).model.to(DEVICE, dtype)
 
 
 def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor], object]:
@@ -97,14 +98,15 @@ def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernel
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
 
 
-def mixer_launch(seed: int, rollback: str) -> tuple[torch.Tensor, tuple, list]:
-    """A tiny target's first Gated DeltaNet layer: random projections [ROWS, BLOCK, in_proj's width], the rest of
+def mixer_launch(seed: int, rollback: str, rows: int = ROWS, tokens: int = BLOCK, **shape
+                 ) -> tuple[torch.Tensor, tuple, list]:
+    """A tiny target's first Gated DeltaNet layer: random projections [rows, tokens, in_proj's width], the rest of
     `gdn_steps`'s arguments, and two caches holding the same random conv and recurrent states."""
-    model = tiny_target(seed=seed)
+    model = tiny_target(seed=seed, **shape)
     mixer = model.layers[0].linear_attn
     gen = torch.Generator().manual_seed(seed)
-    projected = torch.randn(ROWS, BLOCK, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
-    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK, rollback=rollback) for _ in range(2)]
+    projected = torch.randn(rows, tokens, mixer.in_proj.weight.shape[0], generator=gen).to(DEVICE)
+    caches = [model.new_cache(rows, 32, verify_tokens=BLOCK, rollback=rollback) for _ in range(2)]
     for cache in caches:
         cache.keeps_steps(BLOCK)
         torch.manual_seed(seed)
@@ -143,6 +145,23 @@ def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
     assert torch.equal(caches[0].conv[0], caches[1].conv[0])
     kept = caches[0].conv.shape[-1]
     assert not torch.equal(caches[0].conv[0, 0], caches[0].windows[0, 0, -kept:].T)  # row 0 did not take the last
+
+
+def test_under_batch_invariant_a_row_rounds_alike_alone_and_beside_others(kernels_on_cpu, monkeypatch):
+    """Qwen3.5's 128-dim heads under the H100 table, whose tile for 8 rows and more has other warps (so another
+    order of the sums over keys) than its one-row tile: with KernelSettings.batch_invariant, row 0 of 8 gives the
+    output and states it gives alone, bit for bit."""
+    monkeypatch.setattr("blockspec.kernels.settings.device_tables", lambda device: tables_for("NVIDIA H100"))
+    rows = 8
+    projected, args, caches = mixer_launch(26, "replay", rows=rows, tokens=1, linear_num_key_heads=1,
+                                           linear_num_value_heads=2, linear_key_head_dim=128,
+                                           linear_value_head_dim=128)
+    positions = torch.full((rows, 1), 7, device=DEVICE)
+    with use_settings(batch_invariant=True):
+        beside = gdn_steps(projected, positions, *args, caches[0].gdn_layer(0))
+        alone = gdn_steps(projected[:1], positions[:1], *args, caches[1].rows(0, 1).gdn_layer(0))
+    assert torch.equal(beside[:1], alone)
+    assert torch.equal(caches[0].tape_u[:, :1], caches[1].tape_u[:, :1])
 
 
 def torch_chunked_as_fla(q, k, v, g, beta, scale, initial_state, output_final_state):

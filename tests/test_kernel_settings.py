@@ -112,13 +112,15 @@ def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():
     assert device_tables(torch.device("cpu")) is tables_for("")  # CPU tensors (Triton's interpreter)
 
 
-def test_a_batch_of_rows_takes_the_gdn_tables_batch_tile_and_a_setting_overrides_both(monkeypatch):
+def test_a_batch_of_rows_takes_the_gdn_tables_batch_tile_unless_batch_invariant_and_a_setting_overrides_all(monkeypatch):
     h100 = tables_for("NVIDIA H100 80GB HBM3")
     monkeypatch.setattr("blockspec.kernels.settings.device_tables", lambda device: h100)
     one, batch = (gdn_tile(torch.device("cuda"), rows) for rows in (7, 8))
     assert (one["value_dims"], one["warps"]) == (16, 1) and (batch["value_dims"], batch["warps"]) == (64, 2)
     with use_settings(gdn_tile={"value_dims": 16, "warps": 2}):
         assert gdn_tile(torch.device("cuda"), 32) == {"value_dims": 16, "warps": 2}
+    with use_settings(batch_invariant=True):  # one tile for any rows: a row rounds alike alone and in a batch
+        assert gdn_tile(torch.device("cuda"), 32) == gdn_tile(torch.device("cuda"), 1) == one
 
 
 def test_every_table_file_is_complete_reachable_and_shipped_with_the_package():

@@ -201,10 +201,12 @@ def device_tables(device: torch.device) -> LaunchTables:
 def gdn_tile(device: torch.device, rows: int) -> dict:
     """A Gated DeltaNet decode/verify program's tile on `device` for `rows` rows (kernels/gdn.py): {"value_dims",
     "warps"} from the current settings, else the device's table, whose "batch" entry (if any) takes over from its
-    "rows" up (benchmarks/gdn_tiles.py times the candidates)."""
-    tile = current_settings().gdn_tile
-    if tile is not None:
-        return tile
+    "rows" up (benchmarks/gdn_tiles.py times the candidates), except under batch_invariant: a tile's warps order
+    the sums over keys, so a row would round differently beside seven others than alone."""
+    settings = current_settings()
+    if settings.gdn_tile is not None:
+        return settings.gdn_tile
     table = device_tables(device).gdn
     batch = table.get("batch")
-    return batch if batch is not None and rows >= batch["rows"] else table
+    takes_batch_tile = batch is not None and rows >= batch["rows"] and not settings.batch_invariant
+    return batch if takes_batch_tile else table
