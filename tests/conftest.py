@@ -9,6 +9,7 @@ degenerate target that repeats one token would make the lossless tests meaningle
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,20 @@ class Zoo:
             cached = result.token_ids
             self._ar[key] = cached
         return cached[:n]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hf_gated_deltanet_on_torch_ops():
+    """transformers before 5.25 runs flash-linear-attention, where it is installed (a CUDA test machine), on CPU
+    tensors too, where Triton refuses them: the CPU references here take transformers' own torch functions."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
+                     "causal_conv1d_update"):
+            if hasattr(hf, name):
+                patch.setattr(hf, name, inspect.unwrap(getattr(hf, name)))
+        yield
 
 
 @pytest.fixture(scope="session")
