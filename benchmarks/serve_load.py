@@ -181,14 +181,19 @@ def report(path: str) -> str:
                                            f"{off['requests']}): "
                       f"{o['http']['output_tokens_per_s']:.1f} output tok/s through the server against "
                       f"{off['output_tokens_per_s']:.1f} from its engine offline ({off['completion_tokens']} tokens "
-                      f"offline, {o['http']['completion_tokens']} served): {(1 - o['http_over_offline']) * 100:.1f}% "
-                      f"fewer (goal <= 10%: {'met' if o['http_over_offline'] >= 0.9 else 'missed'})."]
+                      f"offline, {o['http']['completion_tokens']} served): {fewer_or_more(o['http_over_offline'])} "
+                      f"(goal <= 10% fewer: {'met' if o['http_over_offline'] >= 0.9 else 'missed'})."]
         if "http_clients_in_server_process" in o:
             same = o["http_clients_in_server_process"]
             lines[-1] += (f" The same clients in threads of the server's process (sharing its GIL): "
                           f"{same['output_tokens_per_s']:.1f} output tok/s, "
-                          f"{(1 - same['output_tokens_per_s'] / off['output_tokens_per_s']) * 100:.1f}% fewer.")
+                          f"{fewer_or_more(same['output_tokens_per_s'] / off['output_tokens_per_s'])}.")
     return "\n".join(lines)
+
+
+def fewer_or_more(ratio: float) -> str:
+    """A throughput over its reference, as "N% fewer" or "N% more"."""
+    return f"{abs(1 - ratio) * 100:.1f}% {'fewer' if ratio <= 1 else 'more'}"
 
 
 def load_row(s: dict) -> str:
