@@ -171,13 +171,14 @@ def torch_chunked_as_fla(q, k, v, g, beta, scale, initial_state, output_final_st
     return out.transpose(1, 2), state
 
 
-@pytest.mark.parametrize("recurrence", ["torch", pytest.param("fla", marks=pytest.mark.skipif(
-    DEVICE != "cuda", reason="flash-linear-attention runs on a GPU only"))])
-def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, kernels_on_cpu, monkeypatch):
-    """Prompts prefilled together, right-padded: two rows starting a sequence and one continuing its own with fewer
-    tokens than the conv's width. The kernels' inputs and gated norm around a chunked recurrence (the torch form, or
-    flash-linear-attention's with its tf32 dots) give the torch path's outputs, recurrent states, and conv states
-    (gathered from the old state where a row has few tokens)."""
+@pytest.mark.parametrize("recurrence, ragged", [("torch", True), ("torch", False), pytest.param(
+    "fla", True, marks=pytest.mark.skipif(DEVICE != "cuda", reason="flash-linear-attention runs on a GPU only"))])
+def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, ragged, kernels_on_cpu, monkeypatch):
+    """Prompts prefilled together, right-padded (or all of n tokens): two rows starting a sequence and one
+    continuing its own; where ragged, the continuing row and one starting row have fewer tokens than the conv's
+    width (the new state takes the old one's last slots, or zeros). The kernels' inputs and gated norm
+    around a chunked recurrence (the torch form, or flash-linear-attention's with its tf32 dots) give the torch
+    path's outputs, recurrent states, and conv states (gathered from the old state where a row has few tokens)."""
     model = tiny_target(seed=25)
     mixer = model.layers[0].linear_attn
     gen = torch.Generator().manual_seed(25)
@@ -185,7 +186,7 @@ def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, kernel
     x = torch.randn(ROWS, n, model.config.hidden_size, generator=gen).to(DEVICE)
     positions = torch.arange(n)[None].repeat(ROWS, 1)
     positions[2] += 7
-    positions, lengths = positions.to(DEVICE), torch.tensor([13, n, 2], device=DEVICE)
+    positions, lengths = positions.to(DEVICE), torch.tensor([2, n, 2] if ragged else [n] * ROWS, device=DEVICE)
     caches = [model.new_cache(ROWS, 48, verify_tokens=BLOCK) for _ in range(2)]
     for cache in caches:
         torch.manual_seed(25)
@@ -199,9 +200,9 @@ def test_a_prefill_through_the_kernels_matches_the_torch_path(recurrence, kernel
         pytest.importorskip("fla")
         tolerance = dict(atol=2e-2, rtol=2e-2)
     with torch.no_grad():
-        got = mixer.mix(x, positions, caches[0], lengths)
+        got = mixer.mix(x, positions, caches[0], lengths if ragged else None)
         with use_settings(fused_gdn=False, fla_prefill=False):
-            want = mixer.mix(x, positions, caches[1], lengths)
+            want = mixer.mix(x, positions, caches[1], lengths if ragged else None)
     for row, length in enumerate(lengths.tolist()):
         torch.testing.assert_close(got[row, :length], want[row, :length], **tolerance)
     torch.testing.assert_close(caches[0].recurrent, caches[1].recurrent, **tolerance)

@@ -19,8 +19,9 @@ the head's tokens and copies the head's conv state after the last token from the
 `_gdn_inputs` cannot update it themselves, as one would overwrite what another has yet to read). A decode or
 verify is thus two launches a layer besides the projections.
 
-A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt: the
-prompt's conv state is gathered after), flash-linear-attention's chunked recurrence, then the gated norm alone
+A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt), then
+`_prefill_states` (the conv state after the prompt, gathered from the projection and the old state, and a zero
+initial state for a new sequence), flash-linear-attention's chunked recurrence, then the gated norm alone
 (`_gdn_output`).
 
 Fused multiply-adds are off (`enable_fp_fusion=False`) in every kernel here: each product and sum rounds once, as
@@ -224,6 +225,52 @@ def _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK: tl.c
             tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
 
 
+@triton.jit
+def _new_conv_state(X, s_pn, CONV, s_cc, channels, m, kept, mask, KERNEL: tl.constexpr, KP: tl.constexpr):
+    """`channels`' conv state after a prompt's last token m, as a [KP, channels] tile (rows past K-2 masked): slots
+    m .. m+K-2 of (the conv state, zeros unless `kept`; then the tokens' inputs X[token, c])."""
+    j = tl.arange(0, KP)[:, None]
+    slot = m + j
+    token = slot - (KERNEL - 1)
+    real = (j < KERNEL - 1) & mask
+    new = tl.load(X + token * s_pn + channels[None, :], mask=real & (token >= 0), other=0.0)
+    old = tl.load(CONV + channels[None, :] * s_cc + slot, mask=real & (token < 0) & kept, other=0.0)
+    return tl.where(token >= 0, new, old), real
+
+
+@triton.jit(do_not_specialize=["n"])
+def _prefill_states(PROJ, CONV, STATE, POS, LENGTHS, s_pb, s_pn, s_pos, s_cb, s_cc, s_sb, s_sh, n,
+                    HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, KERNEL: tl.constexpr,
+                    KP: tl.constexpr, ZERO_ROWS: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
+    """A program per (row, value head), after the prefill's inputs and before its chunked recurrence: the head's
+    channels of the conv state after the row's last token (its value channels, and its q and k channels where h is
+    also a key head), and its recurrent state zeroed where the row starts a new sequence (the initial state)."""
+    _pdl_prologue(USE_PDL)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    m = tl.load(LENGTHS + b) if RAGGED else n
+    kept = tl.load(POS + b * s_pos) != 0
+    x, conv = PROJ + b * s_pb, CONV + b * s_cb
+    dk = tl.arange(0, DK)
+    v_channels = 2 * HK * DK + h * DV + tl.arange(0, DV)
+    q_channels = h * DK + dk
+    k_channels = (HK + h) * DK + dk
+    head = h < HK
+    v, v_mask = _new_conv_state(x, s_pn, conv, s_cc, v_channels, m, kept, True, KERNEL, KP)
+    q, q_mask = _new_conv_state(x, s_pn, conv, s_cc, q_channels, m, kept, head, KERNEL, KP)
+    k, k_mask = _new_conv_state(x, s_pn, conv, s_cc, k_channels, m, kept, head, KERNEL, KP)
+    tl.debug_barrier()  # a slot read above may be one another thread of this program writes below
+    j = tl.arange(0, KP)[:, None]
+    tl.store(conv + v_channels[None, :] * s_cc + j, v, mask=v_mask)
+    tl.store(conv + q_channels[None, :] * s_cc + j, q, mask=q_mask)
+    tl.store(conv + k_channels[None, :] * s_cc + j, k, mask=k_mask)
+    if not kept:
+        state = STATE + b * s_sb + h * s_sh
+        tile = tl.arange(0, ZERO_ROWS)[:, None] * DV + tl.arange(0, DV)[None, :]
+        for i in tl.static_range(0, DK, ZERO_ROWS):
+            tl.store(state + i * DV + tile, tl.zeros([ZERO_ROWS, DV], tl.float32))
+
+
 @triton.jit(do_not_specialize=["n"])
 def _gdn_output(O, PROJ, NORM_W, OUT, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, n, eps, HK: tl.constexpr,
                 HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, USE_PDL: tl.constexpr):
@@ -265,6 +312,21 @@ def _output(o: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor,
         projected.stride(1), out.stride(0), out.stride(1), n, eps, HK=_key_heads(layer, layer.conv.shape[1]), HV=heads,
         DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, enable_fp_fusion=False, **pdl_options(projected))
     return out
+
+
+def _states_before_recurrence(projected: torch.Tensor, positions: torch.Tensor, layer: GDNLayerState,
+                              lengths: torch.Tensor | None, kernel: int) -> None:
+    """`_prefill_states`: the layer's conv state after each row's prompt, and its recurrent state zeroed where a
+    row starts a new sequence (one launch where the torch ops take ten)."""
+    b, n, _ = projected.shape
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    ragged = lengths is not None
+    _prefill_states[(b, heads)](
+        projected, layer.conv, layer.recurrent, positions, lengths if ragged else positions, projected.stride(0),
+        projected.stride(1), positions.stride(0), layer.conv.stride(0), layer.conv.stride(1),
+        layer.recurrent.stride(0), layer.recurrent.stride(1), n, HK=_key_heads(layer, layer.conv.shape[1]), HV=heads,
+        DK=key_dim, DV=value_dim, KERNEL=kernel, KP=triton.next_power_of_2(kernel - 1),
+        ZERO_ROWS=min(8, key_dim), RAGGED=ragged, num_warps=2, **pdl_options(projected))
 
 
 def _key_heads(layer: GDNLayerState, channels: int) -> int:
@@ -320,16 +382,13 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
     chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
-    channels = conv_weight.shape[0]
     fp32 = {"device": projected.device, "dtype": torch.float32}
     q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
                                torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
                                prefill=True)
-    fresh = positions[:, 0] == 0  # a new sequence starts from empty states
-    initial = torch.where(fresh[:, None, None, None], 0.0, layer.recurrent)
-    o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=initial, output_final_state=True)
+    _states_before_recurrence(projected, positions, layer, lengths, conv_weight.shape[-1])
+    o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=layer.recurrent, output_final_state=True)
     out = _output(o.to(projected.dtype), projected, norm_weight, eps, layer)
-    layer.take_conv_state(projected[..., :channels], lengths, fresh)
     layer.recurrent.copy_(final)
     return out
 
