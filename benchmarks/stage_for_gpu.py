@@ -2,27 +2,26 @@
 the device calls that make them (each well inside a command's 10 minutes, every run under a `timeout` of its own
 so that what finished comes back):
 
-  1. issue 26: the CUDA tests first (tests/test_kernels.py, test_hybrid_kernels.py, test_exact.py: more than
-     170 s with a cold Triton cache), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at
-     the card's tau, floors, the parts of each step, sampled and log-probability steps; the prefill plain and
-     drafted, beside the device's busy time and the host's functions). The skinny sweep at 32-256 rows ran on
-     2026-12-06; its winners are in the H100 table.
-  2. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
+  1. issue 25, first and on its own (no GGUF part: any lease will do; the tree as it is): the hybrid and
+     exactness CUDA tests (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py:
+     about 30 s), then the batched Qwen3.5-4B shape (c = 1..32, block 8, replay, floors and parts; its graph check
+     runs seeded sampling under batch-invariant kernels), engine_limit --qwen35 (contexts 512, 4096, 16384;
+     flash-linear-attention carried for HF's peer), gdn_tiles, then tests/test_kernels.py for the time left
+     (over 200 s with a cold Triton cache; it passed whole at b088b74).
+  2. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
+     the parts of each step, sampled and log-probability steps; the prefill plain and drafted, beside the
+     device's busy time and the host's functions). No wheels: the room goes to the GGUF.
+  3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with the shipped DFlash, then
      vs_transformers (transformers' native DFlash generate beside blockspec, bf16, 6 gsm8k prompts).
-  3. issue 25, on its own (no GGUF part: any lease will do): the batched Qwen3.5-4B shape (c = 1..32, block 8,
-     replay; its prefill through the GDN kernels and fla, prompt attention on flash), engine_limit --qwen35
-     (contexts 512, 4096, 16384; flash-linear-attention carried for HF's peer), then gdn_tiles beside
-     gdn_tiles-20261205-184558.json. The batched run outlived 150 s at 49985c5 for a reason not yet known: it
-     has 280.
 
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
-in two parts, with calls 1 and 2, each copied to /root/stage; call 2 joins them and checks the digest. To make
-room, only call 2 takes a shipped draft (the DFlash, 16 MiB, named in its carry), and call 3 the tree as it is:
-before call 1 take both drafts out of git's index and ignore them, and put them back before call 3 (the commands
-are printed; the files stay here). /root/stage lives only while the machine stays warm (about 30 s after a call):
-make calls 1 and 2 back to back, nothing to do here between them. If call 2 finds a part missing, it stops at
-once and says so. A first start can take minutes, and a refused one costs 1-3 minutes of the 30: keep a margin.
+in two parts, with calls 2 and 3, each copied to /root/stage; call 3 joins them and checks the digest. To make
+room, call 1 takes the tree as it is, and after it the shipped drafts leave git's index (ignored meanwhile: the
+commands are printed, the files stay here); call 3 takes the DFlash by name, and the drafts come back after it.
+/root/stage lives only while the machine stays warm (about 30 s after a call): make calls 2 and 3 back to back,
+nothing to do here between them. If call 3 finds a part missing, it stops at once and says so. A first start can
+take minutes, and a refused one costs 15 s to 3 minutes of the 30: keep a margin.
 
 What each call needs and the device lacks comes from here (it has no network): the datasets' files and the
 server's, the openai client's and pytest's wheels for the device's Python 3.12 on x86_64, at the versions
@@ -55,7 +54,7 @@ TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 16 MiB each
 SHIPPED = ("smollm2-135m-instruct-dflash", "smollm2-135m-instruct-dflare")
-CUDA_TESTS = "tests/test_kernels.py tests/test_hybrid_kernels.py tests/test_exact.py"
+HYBRID_TESTS = "tests/test_hybrid.py tests/test_hybrid_kernels.py tests/test_exact.py tests/test_kernel_settings.py"
 FLA_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
                ".whl/fla/*.whl && ")
 # in the device's image and what its torch and transformers run with: not shadowed by a carried copy
@@ -145,15 +144,25 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     """The device calls, in order (their parts added by `main`)."""
     run = "python3 -m benchmarks."
     gguf = f"/root/stage/{gguf_name}"
+    tests = "python3 -m pytest -q -rf -p no:cacheprovider"
     return [
-        Call("issue 26: the CUDA tests, then the batched Qwen3-4B shape", "9-10",
-             [".whl/test"],
-             install(".whl/test")
-             + f"timeout 280 python3 -m pytest -q -rf -p no:cacheprovider {CUDA_TESTS} 2>&1 | tail -20 "
-             f"| tee $O/pytest.log; "
-             f"timeout 260 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
-             "batch_throughput-*.json, pytest.log, batch.log"),
-        Call("issue 26: serve_load on a live server, SmolLM2 with the shipped DFlash, vs transformers", "7-8",
+        Call("issue 25: the hybrid CUDA tests, the batched Qwen3.5-4B shape, engine_limit --qwen35, gdn_tiles, "
+             "then the kernel tests", "9-10",
+             [".whl/test", ".whl/fla"],
+             install(".whl/test") + FLA_INSTALL
+             + f"timeout 90 {tests} {HYBRID_TESTS} 2>&1 | tail -15 | tee $O/pytest.log; "
+             f"timeout 180 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
+             f"| tee $O/batch35.log; "
+             f"timeout 140 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+             f"2>&1 | tee $O/engine_limit.log; "
+             f"timeout 30 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log; "
+             f"timeout 120 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
+             "pytest.log, pytest_kernels.log, batch_throughput-*.json, engine_limit-*.json, gdn_tiles-*.json, "
+             "three logs", drafts=SHIPPED, joins=False),
+        Call("issue 26: the batched Qwen3-4B shape", "3-4", [],
+             f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
+             "batch_throughput-*.json, batch.log"),
+        Call("issue 26: serve_load on a live server, SmolLM2 with the shipped DFlash, vs transformers", "5-6",
              [".whl/serve", ".stage/data.tar.xz", f"{DRAFTS}/{SHIPPED[0]}"],  # the DFlash, ignored meanwhile
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
              f"{{ echo 'the SmolLM2 GGUF is incomplete: the machine went back between calls'; ls -l /root/stage; "
@@ -169,16 +178,6 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              + f"timeout 70 {run}vs_transformers --device cuda --target {gguf} --dtype bfloat16 --max-samples 6 "
                f"--data-dir /root/data/data --out $O 2>&1 | tail -12 | tee $O/vs_transformers.log",
              "serve_load-*.json, batch_throughput-*.json, vs_transformers-*.json, three logs"),
-        Call("issue 25: the batched Qwen3.5-4B shape, engine_limit --qwen35, gdn_tiles", "9-10",
-             [".whl/test", ".whl/fla"],
-             install(".whl/test") + FLA_INSTALL
-             + f"timeout 280 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
-             f"| tee $O/batch35.log; "
-             f"timeout 220 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-             f"2>&1 | tee $O/engine_limit.log; "
-             f"timeout 80 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log",
-             "batch_throughput-*.json, engine_limit-*.json, gdn_tiles-*.json, three logs",
-             drafts=SHIPPED, joins=False),
     ]
 
 
@@ -252,6 +251,8 @@ def main() -> int:
                    + sum(size(ROOT / p) for p in call.carry))
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
+    if tracked != SHIPPED:
+        print(f"  here, after the last call: {index_commands(tracked, SHIPPED)}\n")
     return 0
 
 

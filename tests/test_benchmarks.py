@@ -753,30 +753,32 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
 
 
 def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
-    """The GGUF rides the two issue-26 calls (SmolLM2's joins it); the Qwen3.5 call carries none, so any lease
-    will do for it. Each call's commands fit the device's limit; the drafts leave git's index before the first call
-    (SmolLM2's carries the DFlash by name, so nothing is done here between the two) and come back for the last."""
+    """The Qwen3.5 call comes first, with the hybrid tests before its runs, and carries no GGUF part (any lease will
+    do). The GGUF rides the two issue-26 calls (SmolLM2's joins it). Each call's commands fit the device's limit;
+    the drafts travel with the first call as tracked, leave git's index before the second (SmolLM2's carries the
+    DFlash by name, so nothing is done here between the two) and come back after the last."""
     from benchmarks.stage_for_gpu import COMMAND_LIMIT, SHIPPED, calls, device_command, index_commands, plan_parts
 
-    assert plan_parts(100, [60, 60, 60]) == [0, 40, 60] and plan_parts(50, [60, 0, 60]) == [0, 0, 50]
+    assert plan_parts(100, [0, 60, 60]) == [0, 40, 60] and plan_parts(50, [0, 0, 60]) == [0, 0, 50]
     with pytest.raises(ValueError, match="more room"):
-        plan_parts(200, [60, 60, 60])
+        plan_parts(200, [0, 60, 60])
     plan = calls("SmolLM2-135M-Instruct.Q4_1.gguf", "0" * 64)
     for call in plan:
         call.parts = ["part00"]
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    qwen3, smollm2, qwen35 = (call.command for call in plan)
-    assert qwen3.index("tests/test_hybrid_kernels.py") < qwen3.index("--workload qwen3_4b")  # the tests first
-    assert plan[0].carry == [".whl/test"]
+    qwen35, qwen3, smollm2 = (call.command for call in plan)
+    assert qwen35.index("tests/test_hybrid.py") < qwen35.index("--workload qwen35_4b") < qwen35.index("--qwen35")
+    assert qwen35.index("--qwen35") < qwen35.index("tests/test_kernels.py")  # the slow tests last
+    assert {".whl/test", ".whl/fla"} <= set(plan[0].carry)
+    assert "--workload qwen3_4b" in qwen3 and plan[1].carry == []  # its room goes to the GGUF
     assert smollm2.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                               + "0" * 64)
-    assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[1].carry
-    assert f"blockspec/drafts/{SHIPPED[0]}" in plan[1].carry
-    assert "--workload qwen35_4b" in qwen35 and "--qwen35" in qwen35 and {".whl/test", ".whl/fla"} <= set(plan[2].carry)
-    assert [call.joins for call in plan] == [True, True, False]
-    assert [call.drafts for call in plan] == [(), (), SHIPPED]
+    assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[2].carry
+    assert f"blockspec/drafts/{SHIPPED[0]}" in plan[2].carry
+    assert [call.joins for call in plan] == [False, True, True]
+    assert [call.drafts for call in plan] == [SHIPPED, (), ()]
     hide = index_commands(SHIPPED, ())
     assert hide.count("git rm -r -q --cached blockspec/drafts/") == 2 and "reset" not in hide
     back = index_commands((), SHIPPED[:1])
