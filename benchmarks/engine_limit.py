@@ -32,6 +32,7 @@ those beside SGLang's B200 figures scaled by the bandwidth ratio, each goal met 
     python -m benchmarks.engine_limit --timeline --out DIR  # profile of graph-replayed steps
     python -m benchmarks.engine_limit --sweep-attention --out DIR  # 16-query attention settings in graphed steps
     python -m benchmarks.engine_limit --qwen35 --contexts 512 4096 16384 --out DIR  # issue 25's hybrid row
+    python -m benchmarks.engine_limit --qwen35 --timeline --out DIR  # where the hybrid steps' time goes
     python -m benchmarks.engine_limit --report FILE.json   # markdown tables for docs/performance.md
 """
 
@@ -315,7 +316,8 @@ def phase_times(decoder: SpeculativeDecoder, prompt: list[int], bandwidth: float
 KERNEL_GROUPS = (("skinny GEMMs", "_skinny_linear"), ("cuBLAS GEMMs", "nvjet"),
                  ("decode attention", "_attention_splits"), ("attention combine", "_combine_splits"),
                  ("add+RMSNorm", "_add_rms_norm"), ("RMSNorm", "_rms_norm"), ("q/k norm+RoPE+store", "_qkv_rope_store"),
-                 ("silu*mul", "_silu_mul"), ("split-K sums", "_sum_splits"))
+                 ("silu*mul", "_silu_mul"), ("split-K sums", "_sum_splits"), ("GDN conv+gates", "_gdn_inputs"),
+                 ("GDN recurrence+norm", "_gdn_steps"), ("GDN replay", "_gdn_replay"))
 
 
 def graph_timeline(decoder: SpeculativeDecoder, prompt: list[int], block: int, steps: int = 10) -> dict:
@@ -501,7 +503,8 @@ def run(args: argparse.Namespace) -> dict:
         record["smollm2"] = smollm2(args.smollm2, device, args.steps)
         return record
     if args.qwen35:
-        record["qwen35"] = qwen35(args, bandwidth)
+        record["qwen35" if not args.timeline else "timeline"] = (qwen35_timeline if args.timeline else qwen35)(
+            args, bandwidth)
         return record
     cfg = qwen3_4b_config(tiny)
     model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02)
@@ -719,6 +722,27 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
                 torch.cuda.empty_cache()
         out["contexts"][str(ctx)] = row
         print(json.dumps({ctx: row}), flush=True)
+    return out
+
+
+def qwen35_timeline(args: argparse.Namespace, bandwidth: float) -> dict:
+    """--qwen35 --timeline: graph_timeline's profile of the Qwen3.5-4B shape's AR token and block-8 and block-16
+    steps at the smallest context, each beside its floor."""
+    device, tiny = args.device, args.tiny
+    dtype = torch.float32 if tiny else torch.bfloat16
+    cfg = qwen35_4b_config(tiny)
+    model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02, rope_theta=1e7)
+    target = Target(model=model, tokenizer=None, name="qwen3.5-4b-shaped-random", eos_token_ids=())
+    draft = qwen35_draft(cfg, device, dtype, tiny)
+    ctx = min(args.contexts)
+    max_len = ctx + max(args.new_tokens, 256) + 64
+    prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
+    constant_choice(model)
+    ar, spec = oracle_decoder(target, None, max_len), oracle_decoder(target, draft, max_len)
+    out: dict = {"context": ctx}
+    for name, decoder, block in (("ar", ar, 1), *((f"block{b}", spec, b) for b in sorted(QWEN35_CARD))):
+        out[name] = {"floor_us": floors(model, None if block == 1 else draft, ctx, block) / bandwidth * 1e6,
+                     **graph_timeline(decoder, prompt, block)}
     return out
 
 
