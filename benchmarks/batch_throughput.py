@@ -311,26 +311,29 @@ def card_schedules(max_block: int) -> dict[int, list[int]]:
 
 
 def graph_check(target: Target, draft: DraftModel, prompts: list[list[int]], blocks: tuple[int, ...], max_len: int,
-                device: str) -> dict:
+                device: str, requests: int = 16, new_tokens: int = 48) -> dict:
     """The CUDA-graph path against the same engine run eagerly on the same padded shapes (so the same kernels
     see the same GEMM shapes), with the draft's own tokens: the tokens must be identical, with requests joining
     and leaving, for every block in `blocks` (1: AR), greedy, and (at the largest block) seeded sampling at
     temperature 1, half of the requests with a top-p. The sampled run is under batch_invariant: pipelined, the
     graphed engine admits a joiner a step later, and with the default kernels the padded batch it then runs in
     rounds its logits otherwise, which moves a sampled token now and then where greedy ties stay rare."""
-    greedy = [SamplingParams(max_new_tokens=48, ignore_eos=True)] * 16
-    sampled = [SamplingParams(max_new_tokens=48, ignore_eos=True, temperature=1.0, top_p=0.9 if i % 2 else 1.0,
-                              seed=i) for i in range(16)]
+    greedy = [SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)] * requests
+    sampled = [SamplingParams(max_new_tokens=new_tokens, ignore_eos=True, temperature=1.0,
+                              top_p=0.9 if i % 2 else 1.0, seed=i) for i in range(requests)]
+    concurrency = requests // 2
     out = {}
     for name, block, params in [(str(b), b, greedy) for b in blocks] + [(f"sampled {max(blocks)}", max(blocks),
                                                                           sampled)]:
         with use_settings(batch_invariant=params is sampled):
-            graphed = BatchDecoder(target, draft, max_batch=8, max_len=max_len)
-            eager = BatchDecoder(target, draft, max_batch=8, max_len=max_len, use_graphs=False)
+            graphed = BatchDecoder(target, draft, max_batch=concurrency, max_len=max_len)
+            eager = BatchDecoder(target, draft, max_batch=concurrency, max_len=max_len, use_graphs=False)
             eager.pad_rows = graphed.pad_rows  # rounded up to the graph sizes on CUDA
-            results = [run_workload(d, prompts[:16], params, 8, block, device)["outputs"] for d in (graphed, eager)]
+            results = [run_workload(d, prompts[:requests], params, concurrency, block, device)["outputs"]
+                       for d in (graphed, eager)]
         out[name] = f"{sum(a == b for a, b in zip(*results))}/{len(results[0])}"
-    return {"requests": 16, "concurrency": 8, "identical": out, "ok": all(v == "16/16" for v in out.values())}
+    return {"requests": requests, "concurrency": concurrency, "identical": out,
+            "ok": all(v == f"{requests}/{requests}" for v in out.values())}
 
 
 def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draft: DraftModel, blocks: tuple[int, ...],
@@ -346,7 +349,9 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
                for _ in range(max(16, 2 * max(concurrency)))]
-    check = graph_check(target, draft, prompts, (1, max(blocks)), max_len, device)
+    # tiny shapes are a logic check: fewer and shorter requests
+    check = graph_check(target, draft, prompts, (1, max(blocks)), max_len, device,
+                        *((8, 16) if args.tiny else ()))
     print(json.dumps({f"{name} graph_check": check}), flush=True)
     constant_choice(model)
     oracle = OracleProposer(DraftProposer(draft, model), torch.zeros(max_len, dtype=torch.long),

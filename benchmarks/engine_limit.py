@@ -63,6 +63,7 @@ from blockspec.kernels import KernelSettings, current_settings, device_tables, u
 from blockspec.target import Target, TargetConfig, TargetModel
 
 TAUS = (3.0, 5.0, 6.5, 8.0)
+CHECK_TOKENS_TINY = 32  # the graphed-equals-eager checks on tiny shapes (a logic check): a few blocks' worth
 
 
 def floors(target: TargetModel, draft: DraftModel | None, ctx: int, block: int) -> float:
@@ -537,7 +538,7 @@ def run(args: argparse.Namespace) -> dict:
 
     # losslessness of the fast path: graphed greedy tokens == eager step tokens, 256 tokens (the drafts' own)
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
-    check_params = SamplingParams(max_new_tokens=256, ignore_eos=True)
+    check_params = SamplingParams(max_new_tokens=CHECK_TOKENS_TINY if tiny else 256, ignore_eos=True)
     eager_ar = SpeculativeDecoder(target, None, use_graphs=False).generate(prompt, check_params).token_ids
     record["check"] = {"ar_graph_equals_eager": ar.generate(prompt, check_params).token_ids == eager_ar}
     with per_op_kernels():
@@ -687,7 +688,7 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
                  "rollback": DEFAULT_ROLLBACK, "other_rollback": other, "hf_gdn_kernels": gdn_kernels(device),
                  "check": {}, "contexts": {}}
     prompt = torch.randint(0, cfg.vocab_size, (min(args.contexts),)).tolist()
-    check_params = SamplingParams(max_new_tokens=128, ignore_eos=True)
+    check_params = SamplingParams(max_new_tokens=CHECK_TOKENS_TINY if tiny else 128, ignore_eos=True)
     eager_ar = SpeculativeDecoder(target, None, use_graphs=False).generate(prompt, check_params).token_ids
     out["check"]["ar_graph_equals_eager"] = ar.generate(prompt, check_params).token_ids == eager_ar
     for block in QWEN35_CARD:

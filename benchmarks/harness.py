@@ -164,12 +164,9 @@ def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: i
     """Median ms of one replay of `fn` captured as a CUDA graph (CUDA events over `replays` back-to-back
     replays, median of `rounds`); on the CPU (a logic check) of one eager call."""
     if not device.startswith("cuda"):
-        times = []
-        for _ in range(rounds):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return statistics.median(times)
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
     graph, _ = capture_graph(fn)
     times = []
     for _ in range(rounds):
@@ -185,15 +182,13 @@ def graph_ms(fn: Callable[[], object], device: str, replays: int = 20, rounds: i
 
 def graph_kernels(fn: Callable[[], object], device: str, replays: int = 5, top: int = 12) -> list[dict]:
     """Where one replay of `fn` (captured as a CUDA graph) spends its device time: the `top` kernels by summed
-    duration, per replay. On the CPU (a logic check) the CPU ops of eager calls stand in for kernels."""
-    cuda = device.startswith("cuda")
-    run = fn
-    if cuda:
-        graph, _ = capture_graph(fn)
-        run = graph.replay
-    run()
+    duration, per replay. On the CPU (a logic check) the CPU ops of one eager call stand in for kernels."""
+    if not device.startswith("cuda"):
+        return profiled_kernels(fn, device, 1, top)
+    graph, _ = capture_graph(fn)
+    graph.replay()
     sync(device)
-    return profiled_kernels(run, device, replays, top)
+    return profiled_kernels(graph.replay, device, replays, top)
 
 
 def profiled_kernels(fn: Callable[[], object], device: str, calls: int = 1, top: int | None = 12) -> list[dict]:
