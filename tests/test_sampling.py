@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from blockspec.draft import DraftConfig, DraftModel
-from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
+from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.engine.acceptance import (DRAFT_NOT_FINITE, TARGET_NOT_FINITE, accept_rows, accept_sampled,
                                          greedy_accepted)
 from blockspec.engine.sampling import RowSampling, draw, draw_uniforms, sample, warp
@@ -612,14 +612,19 @@ class PointMassProposer(DraftProposer):
         return self.propose_greedy(n, block, last_tokens, block_positions, kv_len), None
 
 
-def _sample_runs(decoder, params: SamplingParams, runs: int, seed0: int):
-    out, lengths = [], []
-    for s in range(runs):
-        result = decoder.generate(PROMPT, dataclasses.replace(params, seed=seed0 + s))
-        assert len(result.token_ids) == 3 and result.finish_reason == "length"
-        out.append(result.token_ids)
-        lengths += result.stats.acceptance_lengths
-    return torch.tensor(out), lengths
+SAMPLE_ROWS = 64  # the statistical runs decode this many requests at a time
+
+
+def _sample_runs(decoder: SpeculativeDecoder, params: SamplingParams, runs: int, seed0: int):
+    """`runs` answers to PROMPT, request i seeded seed0 + i, from the decoder's engine with SAMPLE_ROWS rows (a
+    seeded request decodes the same tokens in a batch as alone: tests/test_batch.py), and every step's
+    acceptance length."""
+    engine = BatchDecoder(decoder.target, decoder.draft, max_batch=SAMPLE_ROWS, block_size=decoder.block_size,
+                          max_len=len(PROMPT) + params.max_new_tokens + 2 * decoder.trained_block,
+                          rollback=decoder.rollback)
+    results = engine.generate([PROMPT] * runs, [dataclasses.replace(params, seed=seed0 + s) for s in range(runs)])
+    assert all(len(r.token_ids) == 3 and r.finish_reason == "length" for r in results)
+    return torch.tensor([r.token_ids for r in results]), [n for r in results for n in r.stats.acceptance_lengths]
 
 
 def _assert_matches(samples: torch.Tensor, joint: torch.Tensor) -> None:
