@@ -2,25 +2,28 @@
 the device calls that make them (each well inside a command's 10 minutes, every run under a `timeout` of its own
 so that what finished comes back):
 
-  1. issue 25, first and on its own (no GGUF part: any lease will do; the tree as it is): the hybrid and
-     exactness CUDA tests (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py:
-     about 30 s), then the batched Qwen3.5-4B shape (c = 1..32, block 8, replay, floors and parts; its graph check
-     runs seeded sampling under batch-invariant kernels), engine_limit --qwen35 (contexts 512, 4096, 16384;
-     flash-linear-attention carried for HF's peer), gdn_tiles, then tests/test_kernels.py for the time left
-     (over 200 s with a cold Triton cache; it passed whole at b088b74).
-  2. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
+  1. issue 25's figures, first and on their own (no GGUF part: any lease will do; the tree as it is): the batched
+     Qwen3.5-4B shape (c = 1..32, block 8, replay, floors and parts; its graph check runs seeded sampling under
+     batch-invariant kernels), then engine_limit --qwen35 (contexts 512, 4096, 16384; flash-linear-attention
+     carried for HF's peer). On a cold machine each takes about 4 minutes: Triton compiles every kernel first.
+  2. issue 25's checks, on the same warm machine (its Triton cache): the hybrid and exactness CUDA tests
+     (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py: 127 tests, 101 s warm
+     at 4314118, over 200 s cold), engine_limit --qwen35 --timeline (where the steps' time goes), gdn_tiles, then
+     tests/test_kernels.py for the time left (over 250 s cold; it passed whole at b088b74).
+  3. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
      the parts of each step, sampled and log-probability steps; the prefill plain and drafted, beside the
      device's busy time and the host's functions). No wheels: the room goes to the GGUF.
-  3. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
+  4. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with the shipped DFlash, then
      vs_transformers (transformers' native DFlash generate beside blockspec, bf16, 6 gsm8k prompts).
 
+All four take about 30 minutes, a session's whole budget: make the ones a change needs, old and new side by side.
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
-in two parts, with calls 2 and 3, each copied to /root/stage; call 3 joins them and checks the digest. To make
-room, call 1 takes the tree as it is, and after it the shipped drafts leave git's index (ignored meanwhile: the
-commands are printed, the files stay here); call 3 takes the DFlash by name, and the drafts come back after it.
-/root/stage lives only while the machine stays warm (about 30 s after a call): make calls 2 and 3 back to back,
-nothing to do here between them. If call 3 finds a part missing, it stops at once and says so. A first start can
+in two parts, with calls 3 and 4, each copied to /root/stage; call 4 joins them and checks the digest. To make
+room, calls 1 and 2 take the tree as it is, and after them the shipped drafts leave git's index (ignored meanwhile:
+the commands are printed, the files stay here); call 4 takes the DFlash by name, and the drafts come back after it.
+/root/stage lives only while the machine stays warm (about 30 s after a call): make calls 3 and 4 back to back,
+nothing to do here between them. If call 4 finds a part missing, it stops at once and says so. A first start can
 take minutes, and a refused one costs 15 s to 3 minutes of the 30: keep a margin.
 
 What each call needs and the device lacks comes from here (it has no network): the datasets' files and the
@@ -146,19 +149,22 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
     gguf = f"/root/stage/{gguf_name}"
     tests = "python3 -m pytest -q -rf -p no:cacheprovider"
     return [
-        Call("issue 25: the hybrid CUDA tests, the batched Qwen3.5-4B shape, engine_limit --qwen35, gdn_tiles, "
-             "then the kernel tests", "9-10",
+        Call("issue 25's figures: the batched Qwen3.5-4B shape, then engine_limit --qwen35", "9-10", [".whl/fla"],
+             FLA_INSTALL + "export PYTHONPATH=/tmp/site:$PWD && "
+             + f"timeout 270 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
+             f"| tee $O/batch35.log; "
+             f"timeout 290 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
+             f"2>&1 | tee $O/engine_limit.log",
+             "batch_throughput-*.json, engine_limit-*.json, two logs", drafts=SHIPPED, joins=False),
+        Call("issue 25's checks: the hybrid CUDA tests, the Qwen3.5 timeline, gdn_tiles, then the kernel tests", "9-10",
              [".whl/test", ".whl/fla"],
              install(".whl/test") + FLA_INSTALL
-             + f"timeout 90 {tests} {HYBRID_TESTS} 2>&1 | tail -15 | tee $O/pytest.log; "
-             f"timeout 180 {run}batch_throughput --workload qwen35_4b --repeats 1 --out $O 2>&1 "
-             f"| tee $O/batch35.log; "
-             f"timeout 140 {run}engine_limit --qwen35 --contexts 512 4096 16384 --steps 50 --peer-steps 5 --out $O "
-             f"2>&1 | tee $O/engine_limit.log; "
-             f"timeout 30 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log; "
-             f"timeout 120 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
-             "pytest.log, pytest_kernels.log, batch_throughput-*.json, engine_limit-*.json, gdn_tiles-*.json, "
-             "three logs", drafts=SHIPPED, joins=False),
+             + f"timeout 330 {tests} {HYBRID_TESTS} 2>&1 | tail -15 | tee $O/pytest.log; "
+             f"timeout 90 {run}engine_limit --qwen35 --timeline --out $O 2>&1 | tail -25 | tee $O/timeline.log; "
+             f"timeout 40 {run}gdn_tiles --out $O 2>&1 | tail -14 | tee $O/gdn_tiles.log; "
+             f"timeout 100 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
+             "pytest.log, pytest_kernels.log, engine_limit-*.json, gdn_tiles-*.json, two logs", drafts=SHIPPED,
+             joins=False),
         Call("issue 26: the batched Qwen3-4B shape", "3-4", [],
              f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
              "batch_throughput-*.json, batch.log"),

@@ -664,6 +664,7 @@ def test_serve_load_measures_tpot_and_the_http_overhead_on_a_tiny_pair(tmp_path)
     assert s["errors"] == 0 and s["all_equal_to_single_request"] and 0 < s["tpot_p50_s"] <= s["tpot_p99_s"]
     assert o["http"]["concurrency"] == 2 and o["http"]["requests"] == 4 and o["http"]["all_equal_to_single_request"]
     assert o["offline"]["completion_tokens"] == o["http"]["completion_tokens"] > 0
+    assert o["offline"]["first_pass_tokens_per_s"] > 0  # the first pass, recorded beside the second
     http_tps, offline_tps = o["http"]["output_tokens_per_s"], o["offline"]["output_tokens_per_s"]
     assert o["http_over_offline"] == pytest.approx(http_tps / offline_tps)
     same = o["http_clients_in_server_process"]
@@ -753,10 +754,11 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
 
 
 def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
-    """The Qwen3.5 call comes first, with the hybrid tests before its runs, and carries no GGUF part (any lease will
-    do). The GGUF rides the two issue-26 calls (SmolLM2's joins it). Each call's commands fit the device's limit;
-    the drafts travel with the first call as tracked, leave git's index before the second (SmolLM2's carries the
-    DFlash by name, so nothing is done here between the two) and come back after the last."""
+    """The two Qwen3.5 calls come first and carry no GGUF part (any lease will do): the figures (the batched shape,
+    then engine_limit), then the checks (the hybrid tests, the timeline, the kernel tests last). The GGUF rides the
+    two issue-26 calls (SmolLM2's joins it). Each call's commands fit the device's limit; the drafts travel with
+    the first two calls as tracked, leave git's index before the third (SmolLM2's carries the DFlash by name, so
+    nothing is done here between the two) and come back after the last."""
     from benchmarks.stage_for_gpu import COMMAND_LIMIT, SHIPPED, calls, device_command, index_commands, plan_parts
 
     assert plan_parts(100, [0, 60, 60]) == [0, 40, 60] and plan_parts(50, [0, 0, 60]) == [0, 0, 50]
@@ -768,17 +770,19 @@ def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
         command = device_command(call, "abcdef1")
         assert len(command) <= COMMAND_LIMIT and "cp .stage/part00 /root/stage/ && " in command
         assert "BLOCKSPEC_GIT_COMMIT=abcdef1" in command
-    qwen35, qwen3, smollm2 = (call.command for call in plan)
-    assert qwen35.index("tests/test_hybrid.py") < qwen35.index("--workload qwen35_4b") < qwen35.index("--qwen35")
-    assert qwen35.index("--qwen35") < qwen35.index("tests/test_kernels.py")  # the slow tests last
-    assert {".whl/test", ".whl/fla"} <= set(plan[0].carry)
-    assert "--workload qwen3_4b" in qwen3 and plan[1].carry == []  # its room goes to the GGUF
+    figures, checks, qwen3, smollm2 = (call.command for call in plan)
+    assert figures.index("--workload qwen35_4b") < figures.index("--qwen35 --contexts")
+    assert "pytest" not in figures and plan[0].carry == [".whl/fla"]
+    assert checks.index("tests/test_hybrid.py") < checks.index("--qwen35 --timeline")
+    assert checks.index("--qwen35 --timeline") < checks.index("tests/test_kernels.py")  # the slow tests last
+    assert {".whl/test", ".whl/fla"} <= set(plan[1].carry)
+    assert "--workload qwen3_4b" in qwen3 and plan[2].carry == []  # its room goes to the GGUF
     assert smollm2.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                               + "0" * 64)
-    assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[2].carry
-    assert f"blockspec/drafts/{SHIPPED[0]}" in plan[2].carry
-    assert [call.joins for call in plan] == [False, True, True]
-    assert [call.drafts for call in plan] == [SHIPPED, (), ()]
+    assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[3].carry
+    assert f"blockspec/drafts/{SHIPPED[0]}" in plan[3].carry
+    assert [call.joins for call in plan] == [False, False, True, True]
+    assert [call.drafts for call in plan] == [SHIPPED, SHIPPED, (), ()]
     hide = index_commands(SHIPPED, ())
     assert hide.count("git rm -r -q --cached blockspec/drafts/") == 2 and "reset" not in hide
     back = index_commands((), SHIPPED[:1])
