@@ -668,6 +668,15 @@ B200_BANDWIDTH = 8e12  # bytes/s, the datasheet's
 GOALS = {"ar_x_floor": 1.2, "step_x_floor": 1.3, "over_sglang": 1.5}
 
 
+def qwen35_pair(args: argparse.Namespace) -> tuple[Target, DraftModel]:
+    """The Qwen3.5-4B-shaped target (random weights; bf16, or fp32 on tiny shapes) and the draft's shape."""
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    cfg = qwen35_4b_config(args.tiny)
+    model = TargetModel.random(cfg, device=args.device, dtype=dtype, seed=0, std=0.02, rope_theta=1e7)
+    target = Target(model=model, tokenizer=None, name="qwen3.5-4b-shaped-random", eos_token_ids=())
+    return target, qwen35_draft(cfg, args.device, dtype, args.tiny)
+
+
 def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
     """Issue 25's row: the Qwen3.5-4B-shaped hybrid target (random weights) with the 6-layer sliding-window draft
     shape at each context: AR ms/token and the speculative step at blocks 16 and 8 against floors that count the
@@ -675,11 +684,8 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
     card's acceptance lengths. Checks first, with the draft's own tokens: graphed greedy tokens equal eager ones
     on every path. A context that fails (out of memory, say) records its error; the others still run."""
     device, tiny = args.device, args.tiny
-    dtype = torch.float32 if tiny else torch.bfloat16
-    cfg = qwen35_4b_config(tiny)
-    model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02, rope_theta=1e7)
-    target = Target(model=model, tokenizer=None, name="qwen3.5-4b-shaped-random", eos_token_ids=())
-    draft = qwen35_draft(cfg, device, dtype, tiny)
+    target, draft = qwen35_pair(args)
+    model, cfg = target.model, target.model.config
     max_len = max(args.contexts) + max(args.new_tokens, 256) + 64
     other = next(r for r in ROLLBACKS if r != DEFAULT_ROLLBACK)  # timed beside the default
     ar, spec = oracle_decoder(target, None, max_len), oracle_decoder(target, draft, max_len)
@@ -728,13 +734,9 @@ def qwen35(args: argparse.Namespace, bandwidth: float) -> dict:
 
 def qwen35_timeline(args: argparse.Namespace, bandwidth: float) -> dict:
     """--qwen35 --timeline: graph_timeline's profile of the Qwen3.5-4B shape's AR token and block-8 and block-16
-    steps at the smallest context, each beside its floor."""
-    device, tiny = args.device, args.tiny
-    dtype = torch.float32 if tiny else torch.bfloat16
-    cfg = qwen35_4b_config(tiny)
-    model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02, rope_theta=1e7)
-    target = Target(model=model, tokenizer=None, name="qwen3.5-4b-shaped-random", eos_token_ids=())
-    draft = qwen35_draft(cfg, device, dtype, tiny)
+    steps at the smallest context, each beside its floor (10 steps profiled; 2 on tiny shapes, a logic check)."""
+    target, draft = qwen35_pair(args)
+    model, cfg = target.model, target.model.config
     ctx = min(args.contexts)
     max_len = ctx + max(args.new_tokens, 256) + 64
     prompt = torch.randint(0, cfg.vocab_size, (ctx,)).tolist()
@@ -743,7 +745,7 @@ def qwen35_timeline(args: argparse.Namespace, bandwidth: float) -> dict:
     out: dict = {"context": ctx}
     for name, decoder, block in (("ar", ar, 1), *((f"block{b}", spec, b) for b in sorted(QWEN35_CARD))):
         out[name] = {"floor_us": floors(model, None if block == 1 else draft, ctx, block) / bandwidth * 1e6,
-                     **graph_timeline(decoder, prompt, block)}
+                     **graph_timeline(decoder, prompt, block, steps=2 if args.tiny else 10)}
     return out
 
 

@@ -336,6 +336,23 @@ def test_engine_limit_qwen35_runs_on_tiny_shapes(tmp_path):
     assert "| 32 | step, block 16 |" in report(str(stored))
 
 
+def test_engine_limit_qwen35_timeline_profiles_each_path_beside_its_floor(tmp_path):
+    """--qwen35 --timeline on tiny CPU shapes (CPU ops stand in for kernels): AR and both blocks, each with its
+    floor (a block's above AR's), the span covering the busy time, and the report's rows."""
+    from benchmarks.engine_limit import report
+
+    run_benchmark("engine_limit", "--tiny", "--device", "cpu", "--qwen35", "--timeline", "--contexts", 32,
+                  "--out", tmp_path)
+    (stored,) = tmp_path.glob("engine_limit-*.json")
+    t = json.loads(stored.read_text())["timeline"]
+    assert set(t) == {"context", "ar", "block8", "block16"} and t["context"] == 32
+    assert t["block16"]["floor_us"] > t["ar"]["floor_us"] and t["block8"]["floor_us"] > t["ar"]["floor_us"]
+    for path in ("ar", "block8", "block16"):
+        assert t[path]["span_us"] >= t[path]["busy_us"] > 0 and t[path]["steps"] == 2
+    out = report(str(stored))
+    assert "| | ar | block8 | block16 |" in out and "| some kernel running |" in out
+
+
 # ---- compare_runs (issue 23's side by side) ---------------------------------------------------------------------
 def ab_record(commit: str, scale: float, graphs_equal: bool = True) -> dict:
     def path(ms: float) -> dict:
