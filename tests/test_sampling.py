@@ -616,9 +616,9 @@ SAMPLE_ROWS = 64  # the statistical runs decode this many requests at a time
 
 
 def _sample_runs(decoder: SpeculativeDecoder, params: SamplingParams, runs: int, seed0: int):
-    """`runs` answers to PROMPT, request i seeded seed0 + i, from the decoder's engine with SAMPLE_ROWS rows (a
-    seeded request decodes the same tokens in a batch as alone: tests/test_batch.py), and every step's
-    acceptance length."""
+    """`runs` answers to PROMPT, request i seeded seed0 + i, and every step's acceptance length: decoded by one
+    engine of SAMPLE_ROWS rows with the decoder's target, proposer, block and rollback (a seeded request decodes
+    the same tokens in a batch as alone: tests/test_batch.py)."""
     engine = BatchDecoder(decoder.target, decoder.draft, max_batch=SAMPLE_ROWS, block_size=decoder.block_size,
                           max_len=len(PROMPT) + params.max_new_tokens + 2 * decoder.trained_block,
                           rollback=decoder.rollback)
