@@ -349,9 +349,8 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,), generator=gen).tolist()
                for _ in range(max(16, 2 * max(concurrency)))]
-    # tiny shapes are a logic check: fewer and shorter requests
-    check = graph_check(target, draft, prompts, (1, max(blocks)), max_len, device,
-                        *((8, 16) if args.tiny else ()))
+    tiny_check = {"requests": 8, "new_tokens": 16} if args.tiny else {}  # tiny shapes are a logic check
+    check = graph_check(target, draft, prompts, (1, max(blocks)), max_len, device, **tiny_check)
     print(json.dumps({f"{name} graph_check": check}), flush=True)
     constant_choice(model)
     oracle = OracleProposer(DraftProposer(draft, model), torch.zeros(max_len, dtype=torch.long),

@@ -503,9 +503,11 @@ def run(args: argparse.Namespace) -> dict:
     if args.smollm2_only:
         record["smollm2"] = smollm2(args.smollm2, device, args.steps)
         return record
+    if args.qwen35 and args.timeline:
+        record["timeline"] = qwen35_timeline(args, bandwidth)
+        return record
     if args.qwen35:
-        record["qwen35" if not args.timeline else "timeline"] = (qwen35_timeline if args.timeline else qwen35)(
-            args, bandwidth)
+        record["qwen35"] = qwen35(args, bandwidth)
         return record
     cfg = qwen3_4b_config(tiny)
     model = TargetModel.random(cfg, device=device, dtype=dtype, seed=0, std=0.02)

@@ -112,7 +112,7 @@ def test_an_unlisted_device_keeps_cublas_and_the_per_op_decode():
     assert device_tables(torch.device("cpu")) is tables_for("")  # CPU tensors (Triton's interpreter)
 
 
-def test_a_batch_of_rows_takes_the_gdn_tables_batch_tile_unless_batch_invariant_and_a_setting_overrides_all(monkeypatch):
+def test_a_batch_takes_the_gdn_batch_tile_unless_batch_invariant_and_a_setting_overrides_all(monkeypatch):
     h100 = tables_for("NVIDIA H100 80GB HBM3")
     monkeypatch.setattr("blockspec.kernels.settings.device_tables", lambda device: h100)
     one, batch = (gdn_tile(torch.device("cuda"), rows) for rows in (7, 8))
