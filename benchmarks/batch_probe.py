@@ -1,0 +1,159 @@
+"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): three probes on
+random bf16 weights, one JSON.
+
+- prefill: one joint prefill of 8 x 512 tokens (batch_throughput's join) profiled by torch op with input shapes,
+  so that every kernel is named by the op that launched it;
+- prompt attention: SDPA's backends (flash, cuDNN, memory-efficient) on one layer's causal prompt attention of 8 x
+  512 tokens over the static cache's strided K/V, as the target calls it;
+- decode attention: the 36 layers' decode attention at 8, 16 and 32 rows (AR, 1 query; a block-8 verify, 8
+  queries) under 1, 2 and 4 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
+  floor.
+
+    python -m benchmarks.batch_probe --out DIR
+    python -m benchmarks.batch_probe --report FILE.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from benchmarks.harness import (copy_bandwidth, graph_ms, parser_with_common_flags, qwen3_4b_config, run_and_report,
+                                run_header, sync)
+from blockspec.kernels.settings import device_tables
+from blockspec.target import TargetConfig, TargetModel
+
+PROMPTS, PROMPT_TOKENS, CONTEXT, MAX_LEN = 8, 512, 640, 1024  # CONTEXT: a cell's mean (prompt + 128)
+ROWS = (8, 16, 32)
+
+
+def prefill_ops(model: TargetModel, device: str) -> dict:
+    """One joint prefill of PROMPTS x PROMPT_TOKENS: the ops that launched kernels, by device time, with shapes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = model.config
+    cache = model.new_cache(PROMPTS, MAX_LEN)
+    ids = torch.randint(0, cfg.vocab_size, (PROMPTS, PROMPT_TOKENS), device=device)
+    positions = torch.arange(PROMPT_TOKENS, device=device).repeat(PROMPTS, 1)
+
+    def run() -> None:
+        hidden, _ = model(ids, positions, cache, kv_len=PROMPT_TOKENS)
+        model.logits(hidden[:, -1])
+
+    with torch.inference_mode():
+        run()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            run()
+            sync(device)
+    ops = [{"op": e.key, "shapes": str(e.input_shapes)[:160], "calls": e.count, "device_us": e.device_time_total}
+           for e in prof.key_averages(group_by_input_shape=True)
+           if e.key.startswith("aten::") and e.device_time_total > 0]
+    kernels = [{"kernel": e.key[:90], "calls": e.count, "device_us": e.self_device_time_total}
+               for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
+    return {"ops": sorted(ops, key=lambda r: -r["device_us"])[:30],
+            "kernels": sorted(kernels, key=lambda r: -r["device_us"])[:25]}
+
+
+def prompt_attention(cfg: TargetConfig, device: str) -> dict:
+    """Causal prompt attention of one layer through each SDPA backend: ms (graph replays), or why it failed."""
+    q = torch.randn(PROMPTS, cfg.num_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
+    k_cache = torch.randn(PROMPTS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    k, v = k_cache[:, :, :PROMPT_TOKENS], v_cache[:, :, :PROMPT_TOKENS]
+
+    def call(backend: SDPBackend) -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return o.transpose(1, 2).reshape(PROMPTS, PROMPT_TOKENS, -1)
+
+    reference = call(SDPBackend.FLASH_ATTENTION).float()
+    out = {"causal_gflop": 4 * PROMPTS * cfg.num_heads * PROMPT_TOKENS ** 2 * cfg.head_dim / 2 / 1e9}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        try:
+            error = ((call(backend).float() - reference).abs().max() / reference.abs().max()).item()
+            out[name] = {"ms": graph_ms(lambda: call(backend), device), "max_rel_diff_vs_flash": error}
+        except RuntimeError as exc:
+            out[name] = {"error": str(exc).splitlines()[0][:200]}
+    return out
+
+
+def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> list[dict]:
+    """The 36 layers' decode attention at each of ROWS rows of CONTEXT keys, per (queries, splits, keys a tile)."""
+    from blockspec.kernels.attention import decode_attention
+    from blockspec.kernels.settings import batch_attention_config
+
+    layers = cfg.num_layers
+    shape = (layers, max(ROWS), cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
+    k_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    v_cache = torch.randn(shape, device=device, dtype=torch.bfloat16)
+    table = device_tables(torch.device(device)).attention
+    results = []
+    for rows in ROWS:
+        floor = layers * 2 * rows * cfg.num_kv_heads * CONTEXT * cfg.head_dim * 2 / bandwidth * 1e3
+        for n_q, kind in ((1, "narrow"), (8, "wide")):
+            q = torch.randn(rows, cfg.num_heads, n_q, cfg.head_dim, device=device, dtype=torch.bfloat16)
+            limits = (CONTEXT - n_q + torch.arange(n_q, device=device)).repeat(rows, 1)
+            engine, engine_splits = batch_attention_config(table[kind], rows)  # what decode_attention takes
+            one_row = {k: v for k, v in table[kind].items() if k != "rows"}
+            for splits in (1, 2, 4):
+                for block_n in (32, 64, 128):
+                    config = {**one_row, "splits": splits * rows, "block_n": block_n}  # shared out: `splits` a row
+
+                    def run(config=config, q=q, limits=limits, rows=rows) -> None:
+                        for layer in range(layers):
+                            decode_attention(q, k_cache[layer, :rows], v_cache[layer, :rows], limits, config=config)
+                    cell = {"rows": rows, "queries": n_q, "splits": splits, "block_n": block_n,
+                            "engine": splits == engine_splits and block_n == engine["block_n"]}
+                    try:
+                        ms = graph_ms(run, device)
+                    except Exception as exc:  # a tile that does not fit: recorded, not fatal
+                        results.append({**cell, "error": str(exc)[:200]})
+                        continue
+                    results.append({**cell, "ms": ms, "floor_ms": floor, "x_floor": ms / floor})
+    return results
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = args.device
+    record = run_header(args)
+    bandwidth = copy_bandwidth(device, 1.0)
+    cfg = qwen3_4b_config(args.tiny)
+    model = TargetModel.random(cfg, device, torch.bfloat16)
+    model.prepare_fast_path()
+    record.update(copy_bandwidth_GBps=bandwidth / 1e9, prefill=prefill_ops(model, device),
+                  prompt_attention=prompt_attention(cfg, device),
+                  decode_attention=decode_attention_sweep(cfg, device, bandwidth))
+    return record
+
+
+def report(path: str) -> str:
+    r = json.load(open(path))
+    lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; copy bandwidth "
+             f"{r['copy_bandwidth_GBps']:.0f} GB/s.", "", "Prefill of 8 x 512 tokens, ops by device time (with the "
+             "kernels they launched):", "", "| op | shapes | calls | device ms |", "| --- | --- | --- | --- |"]
+    lines += [f"| {o['op']} | {o['shapes']} | {o['calls']} | {o['device_us'] / 1e3:.2f} |" for o in r["prefill"]["ops"]]
+    lines += ["", "| kernel | calls | device ms |", "| --- | --- | --- |"]
+    lines += [f"| {k['kernel']} | {k['calls']} | {k['device_us'] / 1e3:.2f} |" for k in r["prefill"]["kernels"]]
+    lines += ["", f"Prompt attention, one layer ({r['prompt_attention']['causal_gflop']:.1f} GFLOP):", ""]
+    lines += [f"- {name}: {v}" for name, v in r["prompt_attention"].items() if name != "causal_gflop"]
+    lines += ["", f"Decode attention, 36 layers, context {CONTEXT}:", "",
+              "| rows | queries | splits a row | keys a tile | ms | x floor |", "| --- | --- | --- | --- | --- | --- |"]
+    for d in r["decode_attention"]:
+        cell = f"{d['ms']:.3f} | {d['x_floor']:.2f}" if "ms" in d else f"{d['error'][:60]} |"
+        lines.append(f"| {d['rows']} | {d['queries']} | {d['splits']} | {d['block_n']}"
+                     f"{' (engine)' if d['engine'] else ''} | {cell} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    run_and_report(parser_with_common_flags(__doc__), run, report, "batch_probe")
+
+
+if __name__ == "__main__":
+    main()
