@@ -12,8 +12,8 @@ import torch
 import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
 from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
-                                       bucket_config, gdn_tile, merged_skinny_tables, skinny_table_from_winners,
-                                       tables_for)
+                                       batch_attention_config, bucket_config, gdn_tile, merged_skinny_tables,
+                                       skinny_table_from_winners, tables_for)
 from blockspec.layers import fused_kernels_apply
 
 
@@ -57,7 +57,8 @@ def test_the_h100_table_holds_the_measured_settings():
     assert tables.skinny[(2560, 9728)][16]["split_k"] == 4
     assert tables.skinny[(2048, 2560)][1] is None and tables.skinny[(2048, 2560)][16] is None  # cuBLAS was faster
     assert tables.skinny[(19456, 2560)][128]["rows"] == 128 and tables.skinny[(19456, 2560)][256] is None
-    assert tables.attention["wide"] == {"splits": 16, "block_n": 32, "num_warps": 4}
+    assert tables.attention["wide"] == {"splits": 16, "block_n": 32, "num_warps": 4, "rows": {
+        "8": {"splits": 4, "block_n": 32}, "16": {"splits": 1, "block_n": 64}}}
     assert dict(zip(FLOW_FIELDS, tables.flow)) == {"block_rows": 64, "block_k": 512, "dot_warps": 4, "stages": 3,
                                                    "programs_per_sm": 1, "copy_warps": 2, "kib_in_flight": 64,
                                                    "pack_small": True}
@@ -72,12 +73,23 @@ def test_every_decode_attention_tile_fits_the_h100_and_the_tuned_ones_stay(devic
     attention = tables_for(device).attention
     for head_dim, group, itemsize in itertools.product((64, 128, 256), (1, 2, 4, 8), (2, 4)):
         for kind, tiles in (("narrow", (1, 2, 4)), ("wide", (8, 16))):
-            block_n = attention.get(f"{kind}_d{head_dim}", attention[kind])["block_n"]
-            for tile in tiles:
+            entry = attention.get(f"{kind}_d{head_dim}", attention[kind])
+            for block_n, tile in itertools.product({entry["block_n"]} | {r["block_n"] for r in entry.get(
+                    "rows", {}).values()}, tiles):
                 rows = attention_rows(group, tile)
                 fitted = attention_keys_per_tile(block_n, rows, head_dim, itemsize, hopper)
                 assert attention_shared_bytes(rows, fitted, head_dim, itemsize) <= hopper, (head_dim, group, tile)
                 assert fitted == block_n or head_dim > 128
+
+
+def test_a_batch_of_rows_takes_its_measured_attention_settings_else_shares_out_one_rows_splits():
+    entry = {"splits": 16, "block_n": 64, "num_warps": 4, "rows": {"8": {"splits": 4, "block_n": 32},
+                                                                   "32": {"splits": 1, "block_n": 128}}}
+    chosen = {rows: batch_attention_config(entry, rows) for rows in (1, 2, 4, 5, 8, 9, 16, 17, 32, 33, 64)}
+    shared = {rows: ({**entry}, max(1, 16 // rows)) for rows in (1, 2, 4, 9, 16, 33, 64)}  # no bucket serves these
+    assert chosen == {**shared, 5: ({**entry, "block_n": 32}, 4), 8: ({**entry, "block_n": 32}, 4),
+                      17: ({**entry, "block_n": 128}, 1), 32: ({**entry, "block_n": 128}, 1)}
+    assert batch_attention_config({"splits": 16, "block_n": 64}, 8) == ({"splits": 16, "block_n": 64}, 2)
 
 
 def test_qwen35s_fp32_decode_token_takes_half_the_keys_per_tile_to_fit():

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from blockspec.kernels.launch import _pdl_prologue, max_shared_bytes, pdl_options
-from blockspec.kernels.settings import attention_keys_per_tile, attention_rows, current_settings, device_tables
+from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows, batch_attention_config,
+                                       current_settings, device_tables)
 
 # batch_invariant: keys per split (a multiple of every block_n). Shorter splits spread a short context over more
 # programs; longer ones keep the partial sums' scratch small (it grows with the cache length, not the context).
@@ -196,10 +197,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             _launch(q[:, :, part], k_cache, v_cache, limits[:, part], out[:, part], window, config, splits,
                     INVARIANT_QUERIES, None if gate is None else gate[:, part])
     else:
-        # the table's splits are tuned for one row; b rows fill the GPU with b times its programs, and every split
-        # costs its partial sums' scratch traffic (at 32 rows of 8 queries, more bytes than the K/V): b rows take
-        # splits // b of them, at least one, keeping one row's program count
-        splits = max(1, config["splits"] // b)
+        config, splits = batch_attention_config(config, b)
         _launch(q, k_cache, v_cache, limits, out, window, config, splits, triton.next_power_of_2(n_q), gate)
     return out.view(b, n_q, n_heads * d)
 

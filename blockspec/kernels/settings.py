@@ -108,6 +108,18 @@ def attention_rows(group: int, queries: int) -> int:
     return max(16, 1 << (group * queries - 1).bit_length())
 
 
+def batch_attention_config(config: dict, rows: int) -> tuple[dict, int]:
+    """The config of a launch over `rows` rows and its key splits a row. A table entry's "rows" lists settings
+    measured at a row count R ("splits" a row, "block_n"), which serve R / 2 < rows <= R. Elsewhere the one-row
+    splits are shared out: b rows fill the GPU with b times one row's programs, and every split costs its partial
+    sums' scratch traffic (at 32 rows of 8 queries, more bytes than the K/V), so b rows take splits // b, at least
+    one, keeping one row's program count."""
+    measured = next((v for r, v in config.get("rows", {}).items() if int(r) // 2 < rows <= int(r)), None)
+    if measured is not None:
+        return {**config, "block_n": measured["block_n"]}, measured["splits"]
+    return config, max(1, config["splits"] // rows)
+
+
 def attention_shared_bytes(rows: int, block_n: int, head_dim: int, itemsize: int) -> int:
     """An upper bound on one decode-attention program's shared memory as Triton 3.6 compiles it for sm_90 (at most
     512 bytes over the compiled size at head dims 64-256, 16-128 rows and 16-128 keys a tile, checked offline). The
@@ -135,7 +147,8 @@ class LaunchTables:
     skinny: the skinny GEMM's config per weight shape and row bucket (SkinnyTable); a shape it does not list
         stays on cuBLAS.
     attention: decode attention's config per query count ("narrow": up to 4 queries, "wide": a block), and per head
-        dim where one needs its own ("wide_d256"): key splits per (row, KV head), keys per tile, warps.
+        dim where one needs its own ("wide_d256"): key splits per (row, KV head), keys per tile, warps; optionally
+        "rows", settings measured for batches of rows (batch_attention_config).
     flow: the flow kernel's config (FLOW_FIELDS, in order); None: not measured on this device, so batch-1 decode
         takes the per-op kernels.
     gdn: a Gated DeltaNet decode or verify program's tile (kernels/gdn.py): value dims of one value head's state it
