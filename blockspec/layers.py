@@ -282,12 +282,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 DECODE_QUERIES = 16  # up to this many query tokens, CUDA attention runs the split-K decode kernel
-# Prompt attention of at least this much work (prompts x tokens^2 x query heads x head dim: 8 prompts of 512 tokens
-# over Qwen3-4B's 32 heads of 128) takes cuDNN's kernel, less flash's. There cuDNN took 0.105 ms a layer against
-# flash's 0.152 on an H100 (batch_probe-20261206-095936.json), in a prefill that the device bounds; its host cost a
-# call, about twice flash's, made a prompt alone, which the host bounds, slower: 41 ms against 25
-# (batch_throughput-20261205-190823.json), and so would a small model's prefill.
-CUDNN_PROMPT_WORK = 8 * 512 * 512 * 32 * 128
 
 
 def visible_mask(limits: torch.Tensor, kv_len: int, window: int | None = None) -> torch.Tensor:
@@ -317,12 +311,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if q.is_cuda and q.shape[2] == kv_len and (window is None or window >= kv_len):
-        # a prompt from its start: plain causal attention, KV heads shared in place (a mask takes a slower kernel,
-        # which needs them repeated), on SDPA's flash kernel, or cuDNN's where there is much of it (CUDNN_PROMPT_WORK)
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
-        if q.shape[0] * q.shape[2] ** 2 * q.shape[1] * q.shape[3] >= CUDNN_PROMPT_WORK:
-            backends.insert(0, SDPBackend.CUDNN_ATTENTION)
-        with sdpa_kernel(backends):
+        # a prompt from its start: plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask
+        # takes a slower kernel, which needs them repeated). Not cuDNN's, which SDPA picks first on an H100: with it
+        # a prompt prefilled alone took 41 ms, not 25 (batch_throughput-20261205-190823); chosen for joint prefills
+        # only, it was faster there, but a lone prompt then took 43 ms against 27 (design-notes, "Prefill")
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
         mask = visible_mask(limits, kv_len, window)
