@@ -7,7 +7,11 @@ random bf16 weights, one JSON.
   512 tokens over the static cache's strided K/V, as the target calls it;
 - decode attention: the 36 layers' decode attention at 8, 16 and 32 rows (AR, 1 query; a block-8 verify, 8
   queries) under 1, 2 and 4 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
-  floor.
+  floor;
+- a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
+  attention has run in the process (with cuDNN chosen for joint prefills, a lone prompt's prefill took 43 ms
+  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first, before any other
+  probe runs cuDNN.
 
     python -m benchmarks.batch_probe --out DIR
     python -m benchmarks.batch_probe --report FILE.json
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +63,39 @@ def prefill_ops(model: TargetModel, device: str) -> dict:
                for e in prof.key_averages() if e.self_device_time_total > 0 and not e.key.startswith("aten::")]
     return {"ops": sorted(ops, key=lambda r: -r["device_us"])[:30],
             "kernels": sorted(kernels, key=lambda r: -r["device_us"])[:25]}
+
+
+def lone_prompt_host(model: TargetModel, device: str) -> dict:
+    """A prompt prefilled alone, wall ms (median of 5), and a pure-Python loop's ms, before and after one cuDNN
+    prompt attention of 8 x 512 tokens runs in this process."""
+    cfg = model.config
+    cache = model.new_cache(1, MAX_LEN)
+    ids = torch.randint(0, cfg.vocab_size, (1, PROMPT_TOKENS), device=device)
+    positions = torch.arange(PROMPT_TOKENS, device=device)[None]
+
+    def prefill_ms() -> float:
+        times = []
+        for _ in range(6):
+            sync(device)
+            started = time.perf_counter()
+            with torch.inference_mode():
+                model(ids, positions, cache, kv_len=PROMPT_TOKENS)
+            sync(device)
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times[1:])  # the first call compiles and plans
+
+    def python_ms() -> float:
+        started = time.perf_counter()
+        sum(i * i for i in range(2_000_000))
+        return (time.perf_counter() - started) * 1e3
+
+    before = {"prefill_ms": prefill_ms(), "python_ms": python_ms()}
+    q = torch.randn(PROMPTS, cfg.num_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(PROMPTS, cfg.num_kv_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
+    sync(device)
+    return {"before_cudnn": before, "after_cudnn": {"prefill_ms": prefill_ms(), "python_ms": python_ms()}}
 
 
 def prompt_attention(cfg: TargetConfig, device: str) -> dict:
@@ -126,7 +165,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = qwen3_4b_config(args.tiny)
     model = TargetModel.random(cfg, device, torch.bfloat16)
     model.prepare_fast_path()
-    record.update(copy_bandwidth_GBps=bandwidth / 1e9, prefill=prefill_ops(model, device),
+    record.update(copy_bandwidth_GBps=bandwidth / 1e9, lone_prompt=lone_prompt_host(model, device),
+                  prefill=prefill_ops(model, device),
                   prompt_attention=prompt_attention(cfg, device),
                   decode_attention=decode_attention_sweep(cfg, device, bandwidth))
     return record
@@ -140,6 +180,11 @@ def report(path: str) -> str:
     lines += [f"| {o['op']} | {o['shapes']} | {o['calls']} | {o['device_us'] / 1e3:.2f} |" for o in r["prefill"]["ops"]]
     lines += ["", "| kernel | calls | device ms |", "| --- | --- | --- |"]
     lines += [f"| {k['kernel']} | {k['calls']} | {k['device_us'] / 1e3:.2f} |" for k in r["prefill"]["kernels"]]
+    if "lone_prompt" in r:
+        before, after = r["lone_prompt"]["before_cudnn"], r["lone_prompt"]["after_cudnn"]
+        lines += ["", f"A prompt alone: prefill {before['prefill_ms']:.1f} ms before any cuDNN attention ran in the "
+                  f"process, {after['prefill_ms']:.1f} after; a pure-Python loop {before['python_ms']:.1f} / "
+                  f"{after['python_ms']:.1f} ms."]
     lines += ["", f"Prompt attention, one layer ({r['prompt_attention']['causal_gflop']:.1f} GFLOP):", ""]
     lines += [f"- {name}: {v}" for name, v in r["prompt_attention"].items() if name != "causal_gflop"]
     lines += ["", f"Decode attention, 36 layers, context {CONTEXT}:", "",
