@@ -190,7 +190,7 @@ def report(path: str) -> str:
     lines += ["", f"Decode attention, 36 layers, context {CONTEXT}:", "",
               "| rows | queries | splits a row | keys a tile | ms | x floor |", "| --- | --- | --- | --- | --- | --- |"]
     for d in r["decode_attention"]:
-        cell = f"{d['ms']:.3f} | {d['x_floor']:.2f}" if "ms" in d else f"{d['error'][:60]} |"
+        cell = f"{d['ms']:.3f} | {d['x_floor']:.2f}" if "ms" in d else f"{d['error'][:60]} | "
         lines.append(f"| {d['rows']} | {d['queries']} | {d['splits']} | {d['block_n']}"
                      f"{' (engine)' if d['engine'] else ''} | {cell} |")
     return "\n".join(lines)

@@ -770,6 +770,31 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
     assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
 
 
+def test_batch_probe_report_names_ops_backends_the_lone_prompt_and_the_engines_attention_setting(tmp_path):
+    from benchmarks.batch_probe import report
+
+    record = {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "copy_bandwidth_GBps": 2961,
+              "lone_prompt": {"before_cudnn": {"prefill_ms": 26.6, "python_ms": 80.0},
+                              "after_cudnn": {"prefill_ms": 43.1, "python_ms": 121.0}},
+              "prefill": {"ops": [{"op": "aten::copy_", "shapes": "[[8, 512, 32, 128]]", "calls": 36,
+                                   "device_us": 1760.0}],
+                          "kernels": [{"kernel": "_silu_mul", "calls": 36, "device_us": 3230.0}]},
+              "prompt_attention": {"causal_gflop": 17.2, "flash": {"ms": 0.152}, "cudnn": {"ms": 0.105},
+                                   "efficient": {"error": "No available kernel."}},
+              "decode_attention": [{"rows": 32, "queries": 1, "splits": 1, "block_n": 32, "engine": True, "ms": 1.113,
+                                    "floor_ms": 1.0, "x_floor": 1.113},
+                                   {"rows": 32, "queries": 1, "splits": 1, "block_n": 256, "engine": False,
+                                    "error": "out of resource: shared memory"}]}
+    lines = render(report, record, tmp_path).splitlines()
+    assert "| aten::copy_ | [[8, 512, 32, 128]] | 36 | 1.76 |" in lines
+    assert "| _silu_mul | 36 | 3.23 |" in lines
+    assert ("A prompt alone: prefill 26.6 ms before any cuDNN attention ran in the process, 43.1 after; a pure-Python "
+            "loop 80.0 / 121.0 ms.") in lines
+    assert "- cudnn: {'ms': 0.105}" in lines and "- efficient: {'error': 'No available kernel.'}" in lines
+    assert "| 32 | 1 | 1 | 32 (engine) | 1.113 | 1.11 |" in lines
+    assert "| 32 | 1 | 1 | 256 | out of resource: shared memory |  |" in lines
+
+
 def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
     """The two Qwen3.5 calls come first and carry no GGUF part (any lease will do): the figures (the batched shape,
     then engine_limit), then the checks (the hybrid tests, the timeline, the kernel tests last). The GGUF rides the
