@@ -115,8 +115,7 @@ def sync(device: str) -> None:
 
 def copy_bandwidth(device: str, gib: float) -> float:
     """Bytes/s of a large device-to-device copy, counting bytes read plus written (median of 20; on CUDA timed by
-    events on the device: host timing added the sync's latency, and two runs in one lease measured 2998 and 2889
-    GB/s, batch_throughput-20261206-100739.json and -100911.json)."""
+    events on the device, so that a host sync's latency does not count as copy time)."""
     n = int(gib * 2**30) // 2
     src = torch.randn(n, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
