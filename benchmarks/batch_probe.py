@@ -1,4 +1,4 @@
-"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): three probes on
+"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): four probes on
 random bf16 weights, one JSON.
 
 - prefill: one joint prefill of 8 x 512 tokens (batch_throughput's join) profiled by torch op with input shapes,
