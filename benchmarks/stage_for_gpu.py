@@ -10,14 +10,16 @@ so that what finished comes back):
      (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py: 127 tests, 101 s warm
      at 4314118, over 200 s cold), engine_limit --qwen35 --timeline (where the steps' time goes), gdn_tiles, then
      tests/test_kernels.py for the time left (over 250 s cold; it passed whole at b088b74).
-  3. issue 26: batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the card's tau, floors,
-     the parts of each step, sampled and log-probability steps; the prefill plain and drafted, beside the
-     device's busy time and the host's functions). No wheels: the room goes to the GGUF.
+  3. issue 26: batch_probe (first in its process: a lone prompt's host time before and after a cuDNN attention;
+     the prefill's ops, SDPA's backends, decode attention per row count), prompt_attention (the Triton candidate
+     beside flash and cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
+     card's tau, floors, the parts of each step, sampled and log-probability steps; the prefill plain and drafted,
+     beside the device's busy time and the host's functions). No wheels: the room goes to the GGUF.
   4. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with the shipped DFlash, then
      vs_transformers (transformers' native DFlash generate beside blockspec, bf16, 6 gsm8k prompts).
 
-All four take about 30 minutes, a session's whole budget: make the ones a change needs, old and new side by side.
+All four take over 30 minutes, more than a session's budget: make the ones a change needs, old and new side by side.
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in two parts, with calls 3 and 4, each copied to /root/stage; call 4 joins them and checks the digest. To make
 room, calls 1 and 2 take the tree as it is, and after them the shipped drafts leave git's index (ignored meanwhile:
@@ -165,9 +167,12 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 100 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
              "pytest.log, pytest_kernels.log, engine_limit-*.json, gdn_tiles-*.json, two logs", drafts=SHIPPED,
              joins=False),
-        Call("issue 26: the batched Qwen3-4B shape", "3-4", [],
+        Call("issue 26: the probes (a lone prompt before and after cuDNN, the prompt-attention candidate), then the "
+             "batched Qwen3-4B shape", "6-7", [],
+             f"timeout 120 {run}batch_probe --out $O 2>&1 | tail -30 | tee $O/probe.log; "
+             f"timeout 120 {run}prompt_attention --out $O 2>&1 | tail -30 | tee $O/prompt_attention.log; "
              f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
-             "batch_throughput-*.json, batch.log"),
+             "batch_probe-*.json, prompt_attention-*.json, batch_throughput-*.json, three logs"),
         Call("issue 26: serve_load on a live server, SmolLM2 with the shipped DFlash, vs transformers", "5-6",
              [".whl/serve", ".stage/data.tar.xz", f"{DRAFTS}/{SHIPPED[0]}"],  # the DFlash, ignored meanwhile
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "

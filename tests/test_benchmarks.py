@@ -819,6 +819,7 @@ def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
     assert checks.index("--qwen35 --timeline") < checks.index("tests/test_kernels.py")  # the slow tests last
     assert {".whl/test", ".whl/fla"} <= set(plan[1].carry)
     assert "--workload qwen3_4b" in qwen3 and plan[2].carry == []  # its room goes to the GGUF
+    assert qwen3.index("batch_probe") < qwen3.index("prompt_attention") < qwen3.index("batch_throughput")
     assert smollm2.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                               + "0" * 64)
     assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[3].carry
