@@ -1,17 +1,17 @@
-"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): four probes on
+"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): three probes on
 random bf16 weights, one JSON.
 
 - prefill: one joint prefill of 8 x 512 tokens (batch_throughput's join) profiled by torch op with input shapes,
   so that every kernel is named by the op that launched it;
-- prompt attention: SDPA's backends (flash, cuDNN, memory-efficient) on one layer's causal prompt attention of 8 x
-  512 tokens over the static cache's strided K/V, as the target calls it;
 - decode attention: the 36 layers' decode attention at 8, 16 and 32 rows (AR, 1 query; a block-8 verify, 8
   queries) under 1, 2 and 4 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
   floor;
 - a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
   attention has run in the process (with cuDNN chosen for joint prefills, a lone prompt's prefill took 43 ms
-  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first, before any other
-  probe runs cuDNN.
+  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first.
+
+SDPA's backends on prompt attention, beside a Triton candidate: benchmarks/prompt_attention.py (records holding
+them from this probe, batch_probe-20261206-095936.json, still render).
 
     python -m benchmarks.batch_probe --out DIR
     python -m benchmarks.batch_probe --report FILE.json
@@ -98,30 +98,6 @@ def lone_prompt_host(model: TargetModel, device: str) -> dict:
     return {"before_cudnn": before, "after_cudnn": {"prefill_ms": prefill_ms(), "python_ms": python_ms()}}
 
 
-def prompt_attention(cfg: TargetConfig, device: str) -> dict:
-    """Causal prompt attention of one layer through each SDPA backend: ms (graph replays), or why it failed."""
-    q = torch.randn(PROMPTS, cfg.num_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
-    k_cache = torch.randn(PROMPTS, cfg.num_kv_heads, MAX_LEN, cfg.head_dim, device=device, dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    k, v = k_cache[:, :, :PROMPT_TOKENS], v_cache[:, :, :PROMPT_TOKENS]
-
-    def call(backend: SDPBackend) -> torch.Tensor:
-        with sdpa_kernel([backend]):
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return o.transpose(1, 2).reshape(PROMPTS, PROMPT_TOKENS, -1)
-
-    reference = call(SDPBackend.FLASH_ATTENTION).float()
-    out = {"causal_gflop": 4 * PROMPTS * cfg.num_heads * PROMPT_TOKENS ** 2 * cfg.head_dim / 2 / 1e9}
-    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
-                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
-        try:
-            error = ((call(backend).float() - reference).abs().max() / reference.abs().max()).item()
-            out[name] = {"ms": graph_ms(lambda: call(backend), device), "max_rel_diff_vs_flash": error}
-        except RuntimeError as exc:
-            out[name] = {"error": str(exc).splitlines()[0][:200]}
-    return out
-
-
 def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> list[dict]:
     """The 36 layers' decode attention at each of ROWS rows of CONTEXT keys, per (queries, splits, keys a tile)."""
     from blockspec.kernels.attention import decode_attention
@@ -167,7 +143,6 @@ def run(args: argparse.Namespace) -> dict:
     model.prepare_fast_path()
     record.update(copy_bandwidth_GBps=bandwidth / 1e9, lone_prompt=lone_prompt_host(model, device),
                   prefill=prefill_ops(model, device),
-                  prompt_attention=prompt_attention(cfg, device),
                   decode_attention=decode_attention_sweep(cfg, device, bandwidth))
     return record
 
@@ -185,8 +160,9 @@ def report(path: str) -> str:
         lines += ["", f"A prompt alone: prefill {before['prefill_ms']:.1f} ms before any cuDNN attention ran in the "
                   f"process, {after['prefill_ms']:.1f} after; a pure-Python loop {before['python_ms']:.1f} / "
                   f"{after['python_ms']:.1f} ms."]
-    lines += ["", f"Prompt attention, one layer ({r['prompt_attention']['causal_gflop']:.1f} GFLOP):", ""]
-    lines += [f"- {name}: {v}" for name, v in r["prompt_attention"].items() if name != "causal_gflop"]
+    if "prompt_attention" in r:
+        lines += ["", f"Prompt attention, one layer ({r['prompt_attention']['causal_gflop']:.1f} GFLOP):", ""]
+        lines += [f"- {name}: {v}" for name, v in r["prompt_attention"].items() if name != "causal_gflop"]
     lines += ["", f"Decode attention, 36 layers, context {CONTEXT}:", "",
               "| rows | queries | splits a row | keys a tile | ms | x floor |", "| --- | --- | --- | --- | --- | --- |"]
     for d in r["decode_attention"]:
