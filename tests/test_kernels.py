@@ -59,6 +59,23 @@ def test_decode_attention_matches_reference(shape, dtype):
     assert err < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("rows, n", [(8, 1), (7, 8), (16, 8), (32, 1)])
+def test_decode_attention_under_a_tables_row_buckets_matches_reference(rows, n):
+    """A table's "rows" settings (other key splits and tiles for a batch: settings.batch_attention_config) change
+    how the keys are cut, not the result."""
+    entry = {"splits": 16, "block_n": 64, "num_warps": 4, "rows": {"8": {"splits": 4, "block_n": 32},
+                                                                   "16": {"splits": 1, "block_n": 64},
+                                                                   "32": {"splits": 2, "block_n": 16}}}
+    gen = torch.Generator().manual_seed(rows + n)
+    q = torch.randn(rows, 8, n, 32, generator=gen).to(DEVICE)
+    k, v = (torch.randn(rows, 2, 150, 32, generator=gen).to(DEVICE) for _ in range(2))
+    limits = (torch.randint(n, 150, (rows, 1), generator=gen) - n + torch.arange(n)).to(DEVICE)
+    with use_settings(attention_table={"narrow": entry, "wide": entry}):
+        out = decode_attention(q, k, v, limits)
+    ref = reference_attention(q, k, v, limits, 0)
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("b, n, invariant", [(1, 1, False), (2, 8, False), (32, 4, False), (2, 5, True)])
 def test_an_output_gate_in_the_attention_kernel_equals_gating_its_output(b, n, invariant, dtype):
