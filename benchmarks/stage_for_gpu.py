@@ -11,8 +11,8 @@ so that what finished comes back):
      at 4314118, over 200 s cold), engine_limit --qwen35 --timeline (where the steps' time goes), gdn_tiles, then
      tests/test_kernels.py for the time left (over 250 s cold; it passed whole at b088b74).
   3. issue 26: batch_probe (first in its process: a lone prompt's host time before and after a cuDNN attention;
-     the prefill's ops, SDPA's backends, decode attention per row count), prompt_attention (the Triton candidate
-     beside flash and cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
+     the prefill's ops, decode attention per row count), prompt_attention (the Triton candidate beside SDPA's
+     flash and cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
      card's tau, floors, the parts of each step, sampled and log-probability steps; the prefill plain and drafted,
      beside the device's busy time and the host's functions). No wheels: the room goes to the GGUF.
   4. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
