@@ -424,15 +424,15 @@ def test_flow_kernel_decodes_a_token_as_the_per_op_kernels_do():
 
 @pytest.mark.parametrize("config", [(128, 64, 8, 3), (64, 32, 4, 2)])
 def test_the_prompt_attention_candidate_equals_causal_sdpa_over_the_cache(config):
-    """benchmarks/prompt_attention.py's kernel (a candidate, timed there against SDPA): prompts of 70 tokens (a partial
-    last block of queries and of keys), a GQA group of 3, q in the engine's [b, n, heads, d] memory order."""
+    """benchmarks/prompt_attention.py's kernel (a candidate, timed there against SDPA): prompts of 150 tokens (whole
+    key blocks before the diagonal, a partial last block of queries and of keys), a GQA group of 3, q in the engine's [b, n, heads, d] memory order."""
     from benchmarks.prompt_attention import prompt_attention, sdpa
 
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 70, 6, 32, generator=gen).to(DEVICE).transpose(1, 2)
-    k_cache, v_cache = (torch.randn(2, 2, 96, 32, generator=gen).to(DEVICE) for _ in range(2))
+    q = torch.randn(2, 150, 6, 32, generator=gen).to(DEVICE).transpose(1, 2)
+    k_cache, v_cache = (torch.randn(2, 2, 176, 32, generator=gen).to(DEVICE) for _ in range(2))
     expected = sdpa(q.double(), k_cache.double(), v_cache.double(), torch.nn.attention.SDPBackend.MATH)
     out = prompt_attention(q, k_cache, v_cache, config)
-    assert out.shape == (2, 70, 6 * 32)
+    assert out.shape == (2, 150, 6 * 32)
     assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
 
