@@ -301,20 +301,27 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     Query i of row r attends to slots j <= limits[r, i]. On CUDA a Triton split-K kernel reads exactly those
     slots and takes the limits from device memory (so the call can live in a CUDA graph): for up to 16 queries,
     or for any number under `KernelSettings.batch_invariant` (prefills too, so that a prompt's cache does not
-    depend on what it is prefilled with). Longer query blocks on CUDA, and any on the CPU, read the slots [0, kv_len)
-    through SDPA with an explicit mask. A call with as many queries as slots is a prompt from its start (row r's query
-    i at slot i).
+    depend on what it is prefilled with). A call with as many queries as slots is a prompt from its start (row r's
+    query i at slot i): on CUDA the Triton prompt kernel where the device's table has tiles for it, else SDPA's causal
+    flash kernel. Other longer query blocks on CUDA, and any on the CPU, read the slots [0, kv_len) through SDPA with
+    an explicit mask.
     """
     if fused_kernels_apply(q) and (q.shape[2] <= DECODE_QUERIES or current_settings().batch_invariant):
         from blockspec.kernels.attention import decode_attention
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
+    prompt = q.shape[2] == kv_len and (window is None or window >= kv_len)  # a prompt from its start
+    if prompt and fused_kernels_apply(q):
+        from blockspec.kernels.attention import prompt_attention, prompt_attention_config
+
+        config = prompt_attention_config(q.device, q.shape[-1])
+        if config is not None:
+            return prompt_attention(q, k_cache, v_cache, config, gate=gate)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
-    if q.is_cuda and q.shape[2] == kv_len and (window is None or window >= kv_len):
-        # a prompt from its start: plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask
-        # takes a slower kernel, which needs them repeated). Not cuDNN's, which SDPA picks first on an H100: with it
-        # a prompt prefilled alone took 41 ms, not 25 (batch_throughput-20261205-190823); chosen for joint prefills
-        # only, it was faster there, but a lone prompt then took 43 ms against 27 (design-notes, "Prefill")
+    if q.is_cuda and prompt:
+        # plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask takes a slower kernel,
+        # which needs them repeated). Not cuDNN's, which SDPA picks first on an H100: with it a prompt prefilled
+        # alone took 41 ms, not 25 (batch_throughput-20261205-190823)
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:

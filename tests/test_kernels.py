@@ -422,17 +422,33 @@ def test_flow_kernel_decodes_a_token_as_the_per_op_kernels_do():
         assert torch.equal(stored[:, :, :, :context], per_op_stored[:, :, :, :context])  # the context untouched
 
 
-@pytest.mark.parametrize("config", [(128, 64, 8, 3), (64, 32, 4, 2)])
-def test_the_prompt_attention_candidate_equals_causal_sdpa_over_the_cache(config):
-    """benchmarks/prompt_attention.py's kernel (a candidate, timed there against SDPA): prompts of 150 tokens (whole
-    key blocks before the diagonal, a partial last block of queries and of keys), a GQA group of 3, q in the engine's [b, n, heads, d] memory order."""
-    from benchmarks.prompt_attention import prompt_attention, sdpa
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tiles", [(128, 64, 8, 3), (64, 32, 4, 2)])
+def test_prompt_attention_equals_causal_attention_over_the_cache(tiles, dtype):
+    """kernels.attention.prompt_attention: prompts of 150 tokens (whole key blocks before the diagonal, a partial last
+    block of queries and of keys), a GQA group of 3, q in the engine's [b, n, heads, d] memory order, with and without
+    Qwen3.5's output gate; on CUDA, layers.attention takes it for a prompt from its start where the table lists tiles
+    for the head dim."""
+    from blockspec.kernels.attention import prompt_attention
+    from blockspec.layers import attention
 
+    block_m, block_n, warps, stages = tiles
+    config = {"block_m": block_m, "block_n": block_n, "num_warps": warps, "num_stages": stages}
     gen = torch.Generator().manual_seed(7)
-    q = torch.randn(2, 150, 6, 32, generator=gen).to(DEVICE).transpose(1, 2)
-    k_cache, v_cache = (torch.randn(2, 2, 176, 32, generator=gen).to(DEVICE) for _ in range(2))
-    expected = sdpa(q.double(), k_cache.double(), v_cache.double(), torch.nn.attention.SDPBackend.MATH)
+    b, n, heads, d = 2, 150, 6, 32
+    q = torch.randn(b, n, heads, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
+    k_cache, v_cache = (torch.randn(b, 2, 176, d, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    gate = torch.randn(b, n, heads * d, generator=gen).to(DEVICE, dtype)
+    limits = torch.arange(n, device=DEVICE).expand(b, n)
+    expected = reference_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], limits, 0)
     out = prompt_attention(q, k_cache, v_cache, config)
-    assert out.shape == (2, 150, 6 * 32)
-    assert ((out.double() - expected).norm() / expected.norm()).item() < 1e-5
+    gated = prompt_attention(q, k_cache, v_cache, config, gate=gate)
+    if DEVICE == "cuda":
+        with use_settings(attention_table={"narrow": {}, "wide": {}, f"prompt_d{d}": config}):
+            assert torch.equal(attention(q, k_cache, v_cache, limits, n, gate=gate), gated)
+    assert out.shape == (b, n, heads * d)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert ((out.double() - expected).norm() / expected.norm()).item() < tolerance
+    expected_gated = expected * torch.sigmoid(gate.double())
+    assert ((gated.double() - expected_gated).norm() / expected_gated.norm()).item() < tolerance
 
