@@ -1,4 +1,4 @@
-"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): three probes on
+"""Where a batched Qwen3-4B-shaped step and prefill lose time against their floors (issue 26): four probes on
 random bf16 weights, one JSON.
 
 - prefill: one joint prefill of 8 x 512 tokens (batch_throughput's join) profiled by torch op with input shapes,
@@ -8,7 +8,8 @@ random bf16 weights, one JSON.
   floor;
 - a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
   attention has run in the process (with cuDNN chosen for joint prefills, a lone prompt's prefill took 43 ms
-  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first.
+  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first;
+- weight products: each of the target's at 32, 224, 256 and 4096 rows on cuBLAS and on cuBLASLt.
 
 SDPA's backends on prompt attention, beside a Triton candidate: benchmarks/prompt_attention.py (records holding
 them from this probe, batch_probe-20261206-095936.json, still render).
@@ -134,6 +135,33 @@ def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> 
     return results
 
 
+def gemm_backends(cfg: TargetConfig, device: str) -> list[dict]:
+    """Each Qwen3-4B weight product (and the lm_head) at the row counts a batch runs (32 AR rows, a 32 x 8 verify's
+    256 and its draft's 224, a joint prefill's 4096) on cuBLAS and on cuBLASLt, torch's two BLAS paths on CUDA, as
+    CUDA-graph replays: cuBLAS's heuristic left the 256-row verify's GEMMs at 1.6x their floor."""
+    shapes = {"qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size),
+              "o_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
+              "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
+              "down": (cfg.hidden_size, cfg.intermediate_size), "lm_head": (cfg.vocab_size, cfg.hidden_size)}
+    previous, results = torch.backends.cuda.preferred_blas_library(), []
+    try:
+        for name, (n, k) in shapes.items():
+            weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5
+            for rows in (32, 224, 256, 4096):
+                x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
+                cell = {"gemm": name, "n": n, "k": k, "rows": rows}
+                for backend in ("cublas", "cublaslt"):
+                    torch.backends.cuda.preferred_blas_library(backend)
+                    try:
+                        cell[backend] = graph_ms(lambda: F.linear(x, weight), device)
+                    except Exception as exc:  # a backend that cannot be captured: recorded
+                        cell[backend] = str(exc).splitlines()[0][:120]
+                results.append(cell)
+    finally:
+        torch.backends.cuda.preferred_blas_library(previous)
+    return results
+
+
 def run(args: argparse.Namespace) -> dict:
     device = args.device
     record = run_header(args)
@@ -143,7 +171,8 @@ def run(args: argparse.Namespace) -> dict:
     model.prepare_fast_path()
     record.update(copy_bandwidth_GBps=bandwidth / 1e9, lone_prompt=lone_prompt_host(model, device),
                   prefill=prefill_ops(model, device),
-                  decode_attention=decode_attention_sweep(cfg, device, bandwidth))
+                  decode_attention=decode_attention_sweep(cfg, device, bandwidth),
+                  gemm_backends=gemm_backends(cfg, device))
     return record
 
 
@@ -169,6 +198,12 @@ def report(path: str) -> str:
         cell = f"{d['ms']:.3f} | {d['x_floor']:.2f}" if "ms" in d else f"{d['error'][:60]} | "
         lines.append(f"| {d['rows']} | {d['queries']} | {d['splits']} | {d['block_n']}"
                      f"{' (engine)' if d['engine'] else ''} | {cell} |")
+    if "gemm_backends" in r:
+        lines += ["", "Weight products, ms (cuBLAS / cuBLASLt):", "", "| product | rows | cuBLAS | cuBLASLt |",
+                  "| --- | --- | --- | --- |"]
+        lines += [f"| {g['gemm']} ({g['n']} x {g['k']}) | {g['rows']} | " + " | ".join(
+            f"{g[b]:.4f}" if isinstance(g[b], float) else g[b] for b in ("cublas", "cublaslt")) + " |"
+            for g in r["gemm_backends"]]
     return "\n".join(lines)
 
 

@@ -770,7 +770,7 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
     assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
 
 
-def test_batch_probe_report_names_ops_backends_the_lone_prompt_and_the_engines_attention_setting(tmp_path):
+def test_batch_probe_report_names_ops_backends_the_lone_prompt_the_engines_attention_setting_and_blas_paths(tmp_path):
     from benchmarks.batch_probe import report
 
     record = {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "copy_bandwidth_GBps": 2961,
@@ -784,7 +784,9 @@ def test_batch_probe_report_names_ops_backends_the_lone_prompt_and_the_engines_a
               "decode_attention": [{"rows": 32, "queries": 1, "splits": 1, "block_n": 32, "engine": True, "ms": 1.113,
                                     "floor_ms": 1.0, "x_floor": 1.113},
                                    {"rows": 32, "queries": 1, "splits": 1, "block_n": 256, "engine": False,
-                                    "error": "out of resource: shared memory"}]}
+                                    "error": "out of resource: shared memory"}],
+              "gemm_backends": [{"gemm": "down", "n": 2560, "k": 9728, "rows": 256, "cublas": 0.0312,
+                                 "cublaslt": "operation not permitted when stream is capturing"}]}
     lines = render(report, record, tmp_path).splitlines()
     assert "| aten::copy_ | [[8, 512, 32, 128]] | 36 | 1.76 |" in lines
     assert "| _silu_mul | 36 | 3.23 |" in lines
@@ -793,6 +795,7 @@ def test_batch_probe_report_names_ops_backends_the_lone_prompt_and_the_engines_a
     assert "- cudnn: {'ms': 0.105}" in lines and "- efficient: {'error': 'No available kernel.'}" in lines
     assert "| 32 | 1 | 1 | 32 (engine) | 1.113 | 1.11 |" in lines
     assert "| 32 | 1 | 1 | 256 | out of resource: shared memory |  |" in lines
+    assert "| down (2560 x 9728) | 256 | 0.0312 | operation not permitted when stream is capturing |" in lines
 
 
 def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
