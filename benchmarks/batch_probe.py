@@ -9,7 +9,7 @@ random bf16 weights, one JSON.
 - a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
   attention has run in the process (with cuDNN chosen for joint prefills, a lone prompt's prefill took 43 ms
   against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first;
-- weight products: each of the target's at 32, 224, 256 and 4096 rows on cuBLAS and on cuBLASLt.
+- weight products: each of the target's at 32-4096 rows on cuBLAS and on cuBLASLt, and an eager call's host time.
 
 SDPA's backends on prompt attention, beside a Triton candidate: benchmarks/prompt_attention.py (records holding
 them from this probe, batch_probe-20261206-095936.json, still render).
@@ -24,6 +24,7 @@ import argparse
 import json
 import statistics
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,10 +136,24 @@ def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> 
     return results
 
 
+def host_us(fn: Callable[[], object], device: str, calls: int = 50) -> float:
+    """Host microseconds a call of `fn` takes to enqueue (the median of 5 rounds of `calls`, synchronised between)."""
+    rounds = []
+    for _ in range(6):
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        rounds.append((time.perf_counter() - started) * 1e6 / calls)
+    sync(device)
+    return statistics.median(rounds[1:])
+
+
 def gemm_backends(cfg: TargetConfig, device: str) -> list[dict]:
     """Each Qwen3-4B weight product (and the lm_head) at the row counts a batch runs (32 AR rows, a 32 x 8 verify's
-    256 and its draft's 224, a joint prefill's 4096) on cuBLAS and on cuBLASLt, torch's two BLAS paths on CUDA, as
-    CUDA-graph replays: cuBLAS's heuristic left the 256-row verify's GEMMs at 1.6x their floor."""
+    256 and its draft's 224, a lone prompt's 512, a joint prefill's 4096) on cuBLAS and on cuBLASLt, torch's two BLAS
+    paths on CUDA, as CUDA-graph replays (cuBLAS's heuristic left the 256-row verify's GEMMs at 1.6x their floor),
+    and at 512 rows the host time of an eager call (a lone prompt's F.linear took 78 us of host time each)."""
     shapes = {"qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size),
               "o_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
               "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
@@ -147,7 +162,7 @@ def gemm_backends(cfg: TargetConfig, device: str) -> list[dict]:
     try:
         for name, (n, k) in shapes.items():
             weight = torch.randn(n, k, device=device, dtype=torch.bfloat16) * k ** -0.5
-            for rows in (32, 224, 256, 4096):
+            for rows in (32, 224, 256, 512, 4096):
                 x = torch.randn(rows, k, device=device, dtype=torch.bfloat16)
                 cell = {"gemm": name, "n": n, "k": k, "rows": rows}
                 for backend in ("cublas", "cublaslt"):
@@ -156,6 +171,8 @@ def gemm_backends(cfg: TargetConfig, device: str) -> list[dict]:
                         cell[backend] = graph_ms(lambda: F.linear(x, weight), device)
                     except Exception as exc:  # a backend that cannot be captured: recorded
                         cell[backend] = str(exc).splitlines()[0][:120]
+                    if rows == 512:  # a lone prompt's prefill is host-bound: what one eager call costs the host
+                        cell[f"{backend}_host_us"] = host_us(lambda: F.linear(x, weight), device)
                 results.append(cell)
     finally:
         torch.backends.cuda.preferred_blas_library(previous)
@@ -202,8 +219,9 @@ def report(path: str) -> str:
         lines += ["", "Weight products, ms (cuBLAS / cuBLASLt):", "", "| product | rows | cuBLAS | cuBLASLt |",
                   "| --- | --- | --- | --- |"]
         lines += [f"| {g['gemm']} ({g['n']} x {g['k']}) | {g['rows']} | " + " | ".join(
-            f"{g[b]:.4f}" if isinstance(g[b], float) else g[b] for b in ("cublas", "cublaslt")) + " |"
-            for g in r["gemm_backends"]]
+            (f"{g[b]:.4f}" if isinstance(g[b], float) else g[b])
+            + (f" (host {g[b + '_host_us']:.0f} us)" if b + "_host_us" in g else "") for b in ("cublas", "cublaslt"))
+            + " |" for g in r["gemm_backends"]]
     return "\n".join(lines)
 
 

@@ -786,7 +786,9 @@ def test_batch_probe_report_names_ops_backends_the_lone_prompt_the_engines_atten
                                    {"rows": 32, "queries": 1, "splits": 1, "block_n": 256, "engine": False,
                                     "error": "out of resource: shared memory"}],
               "gemm_backends": [{"gemm": "down", "n": 2560, "k": 9728, "rows": 256, "cublas": 0.0312,
-                                 "cublaslt": "operation not permitted when stream is capturing"}]}
+                                 "cublaslt": "operation not permitted when stream is capturing"},
+                                {"gemm": "qkv", "n": 6144, "k": 2560, "rows": 512, "cublas": 0.021,
+                                 "cublaslt": 0.0205, "cublas_host_us": 78.2, "cublaslt_host_us": 12.4}]}
     lines = render(report, record, tmp_path).splitlines()
     assert "| aten::copy_ | [[8, 512, 32, 128]] | 36 | 1.76 |" in lines
     assert "| _silu_mul | 36 | 3.23 |" in lines
@@ -796,6 +798,7 @@ def test_batch_probe_report_names_ops_backends_the_lone_prompt_the_engines_atten
     assert "| 32 | 1 | 1 | 32 (engine) | 1.113 | 1.11 |" in lines
     assert "| 32 | 1 | 1 | 256 | out of resource: shared memory |  |" in lines
     assert "| down (2560 x 9728) | 256 | 0.0312 | operation not permitted when stream is capturing |" in lines
+    assert "| qkv (6144 x 2560) | 512 | 0.0210 (host 78 us) | 0.0205 (host 12 us) |" in lines
 
 
 def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
