@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from benchmarks.harness import (copy_bandwidth, graph_ms, parser_with_common_flags, qwen3_4b_config, run_and_report,
-                                run_header, sync)
+from benchmarks.harness import (copy_bandwidth, graph_ms, parser_with_common_flags, python_loop_ms, qwen3_4b_config,
+                                run_and_report, run_header, sync)
 from blockspec.kernels.settings import device_tables
 from blockspec.target import TargetConfig, TargetModel
 
@@ -86,18 +86,13 @@ def lone_prompt_host(model: TargetModel, device: str) -> dict:
             times.append((time.perf_counter() - started) * 1e3)
         return statistics.median(times[1:])  # the first call compiles and plans
 
-    def python_ms() -> float:
-        started = time.perf_counter()
-        sum(i * i for i in range(2_000_000))
-        return (time.perf_counter() - started) * 1e3
-
-    before = {"prefill_ms": prefill_ms(), "python_ms": python_ms()}
+    before = {"prefill_ms": prefill_ms(), "python_ms": python_loop_ms()}
     q = torch.randn(PROMPTS, cfg.num_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
     kv = torch.randn(PROMPTS, cfg.num_kv_heads, PROMPT_TOKENS, cfg.head_dim, device=device, dtype=torch.bfloat16)
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
         F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True)
     sync(device)
-    return {"before_cudnn": before, "after_cudnn": {"prefill_ms": prefill_ms(), "python_ms": python_ms()}}
+    return {"before_cudnn": before, "after_cudnn": {"prefill_ms": prefill_ms(), "python_ms": python_loop_ms()}}
 
 
 def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> list[dict]:

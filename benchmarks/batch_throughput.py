@@ -55,9 +55,9 @@ import torch
 
 from benchmarks import roofline
 from benchmarks.harness import (copy_bandwidth, gdn_kernels, graph_kernels, graph_ms, make_draft, matmul_rate,
-                                parser_with_common_flags, profiled_kernels, qwen3_4b_config, qwen35_4b_config,
-                                qwen35_draft, restored, run_and_report, run_header, step_ms, sync, target_pass,
-                                weight_gemms)
+                                parser_with_common_flags, profiled_kernels, python_loop_ms, qwen3_4b_config,
+                                qwen35_4b_config, qwen35_draft, restored, run_and_report, run_header, step_ms, sync,
+                                target_pass, weight_gemms)
 from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
@@ -432,7 +432,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s, bf16 matmul {flop_rate / 1e12:.0f} TFLOP/s", flush=True)
     record = {**run_header(args), "command": " ".join(sys.argv), "repeats": args.repeats,
               "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPs": flop_rate / 1e12,
-              "max_step_tokens": CUDA_MAX_STEP_TOKENS}
+              "max_step_tokens": CUDA_MAX_STEP_TOKENS, "python_loop_ms": python_loop_ms()}
     with torch.inference_mode():
         for name in args.workload:
             build, default = WORKLOADS[name]
@@ -445,7 +445,9 @@ def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
     lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; copy bandwidth "
              f"{r['copy_bandwidth_GBps']:.0f} GB/s, bf16 matmul {r['matmul_TFLOPs']:.0f} TFLOP/s; median of "
-             f"{r['repeats']} runs per cell. Command: `{r['command']}`", "",
+             f"{r['repeats']} runs per cell"
+             + (f"; the host: a pure-Python loop in {r['python_loop_ms']:.0f} ms" if "python_loop_ms" in r else "")
+             + f". Command: `{r['command']}`", "",
              "Each cell: measured tokens/s / the floor's tokens/s (floor over measured), tau; the floor is one decode "
              "step of c rows at the mean context with the block the cell ran, its bytes over the copy bandwidth or "
              "its FLOPs over the matmul rate (C: compute-bound).", ""]

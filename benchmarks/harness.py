@@ -285,6 +285,15 @@ def run_header(args: argparse.Namespace) -> dict:
             "torch": torch.__version__, "commit": args.commit, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def python_loop_ms() -> float:
+    """A pure-Python loop's milliseconds: the host's speed, which differed 1.9x between two device leases on one day
+    (batch_probe-20261206-120703.json and batch_probe-20261206-123206.json: 180 and 93 ms), and which host-bound
+    figures (a lone prompt's prefill, small models' steps) follow."""
+    started = time.perf_counter()
+    sum(i * i for i in range(2_000_000))
+    return (time.perf_counter() - started) * 1e3
+
+
 def parser_with_common_flags(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")

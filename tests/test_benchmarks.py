@@ -510,7 +510,7 @@ def throughput_record() -> dict:
               "check": {**check, "identical": {"1": "16/16", "8": "16/16"}, "ok": True}}
     return {"device": "H100", "torch": "2.11", "commit": "abc1234", "date": "2026-12-06", "repeats": 2,
             "command": "python -m benchmarks.batch_throughput", "copy_bandwidth_GBps": 2950.0, "matmul_TFLOPs": 790.0,
-            "max_step_tokens": 256, "qwen3_4b": qwen, "qwen35_4b": hybrid,
+            "max_step_tokens": 256, "python_loop_ms": 92.7, "qwen3_4b": qwen, "qwen35_4b": hybrid,
             "smollm2": {"dtype": "torch.bfloat16", "prompts": "gsm8k test, first 128 questions", "max_new_tokens": 256,
                         "dflash": {"32": row(5000.0, 6000.0)}, "dflare": {"32": row(5000.0, 5500.0)}}}
 
@@ -550,7 +550,8 @@ def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_
 
     lines = render(report, throughput_record(), tmp_path).splitlines()
     assert lines[0].startswith("Device H100, torch 2.11, commit abc1234, 2026-12-06; copy bandwidth 2950 GB/s, bf16 "
-                               "matmul 790 TFLOP/s; median of 2 runs per cell.")
+                               "matmul 790 TFLOP/s; median of 2 runs per cell; the host: a pure-Python loop in 93 "
+                               "ms.")
     assert "| c | AR | B=4 | B=8 | B=16 | auto (its block) | best / AR |" in lines
     # measured / floor tokens/s (floor over measured), tau for drafted columns, the auto column's block
     assert ("| 32 | 2500 / 10000 (4.0x) | 4000 / 20000 (5.0x), tau 3.43 | 5000 / 30000 (6.0x), tau 5.30 | "
