@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from blockspec.kernels import current_settings
+from blockspec.kernels.settings import prompt_attention_config
 
 
 def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
@@ -312,9 +313,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     prompt = q.shape[2] == kv_len and (window is None or window >= kv_len)  # a prompt from its start
     if prompt and fused_kernels_apply(q):
-        from blockspec.kernels.attention import prompt_attention, prompt_attention_config
+        from blockspec.kernels.attention import prompt_attention
 
-        config = prompt_attention_config(q.device, q.shape[-1])
+        config = prompt_attention_config(q.device, q.shape[-1], kv_len)
         if config is not None:
             return prompt_attention(q, k_cache, v_cache, config, gate=gate)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]

@@ -13,7 +13,7 @@ import blockspec.kernels
 from blockspec.kernels import KernelSettings, current_settings, device_tables, use_settings
 from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
                                        batch_attention_config, bucket_config, gdn_tile, merged_skinny_tables,
-                                       skinny_table_from_winners, tables_for)
+                                       prompt_attention_config, skinny_table_from_winners, tables_for)
 from blockspec.layers import fused_kernels_apply
 
 
@@ -90,6 +90,23 @@ def test_a_batch_of_rows_takes_its_measured_attention_settings_else_shares_out_o
     assert chosen == {**shared, 5: ({**entry, "block_n": 32}, 4), 8: ({**entry, "block_n": 32}, 4),
                       17: ({**entry, "block_n": 128}, 1), 32: ({**entry, "block_n": 128}, 1)}
     assert batch_attention_config({"splits": 16, "block_n": 64}, 8) == ({"splits": 16, "block_n": 64}, 2)
+
+
+def test_a_prompt_takes_its_head_dims_tiles_the_long_ones_from_their_length_and_none_where_unlisted():
+    """What layers.attention asks for a prompt from its start: the table's entry for the head dim ("long" from its
+    "from_tokens" on); None (SDPA's flash kernel) for a head dim the table does not list, and on a table without
+    prompt entries, the default one that a device nobody measured gets."""
+    short, long = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}, {"from_tokens": 4096, "block_m": 128}
+    table = {"narrow": {}, "wide": {}, "prompt_d128": {**short, "long": long}, "prompt_d256": short}
+    cpu = torch.device("cpu")
+    with use_settings(attention_table=table):
+        assert prompt_attention_config(cpu, 128, 4095) == {**short, "long": long}
+        assert prompt_attention_config(cpu, 128, 4096) == long
+        assert prompt_attention_config(cpu, 256, 16384) == short  # no long entry
+        assert prompt_attention_config(cpu, 64, 512) is None
+    assert prompt_attention_config(cpu, 128, 512) is None  # default.json: never measured, so flash
+    h100 = tables_for("NVIDIA H100 80GB HBM3").attention
+    assert {f"prompt_d{d}" for d in (64, 128, 256)} <= set(h100)
 
 
 def test_qwen35s_fp32_decode_token_takes_half_the_keys_per_tile_to_fit():

@@ -262,14 +262,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.view(b, n_q, n_heads * d)
 
 
-def prompt_attention_config(device: torch.device, head_dim: int) -> dict | None:
-    """The device's tiles for a prompt's causal attention at this head dim (its table's "prompt_d128", ...), or None
-    where the table has none measured: SDPA's flash kernel then."""
-    settings = current_settings()
-    table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
-    return table.get(f"prompt_d{head_dim}")
-
-
 def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, config: dict,
                      gate: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of prompts q [b, nH, n, d] (any strides, unit on d) that start at slot 0 of the cache

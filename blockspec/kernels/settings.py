@@ -120,6 +120,18 @@ def batch_attention_config(config: dict, rows: int) -> tuple[dict, int]:
     return config, max(1, config["splits"] // rows)
 
 
+def prompt_attention_config(device: torch.device, head_dim: int, tokens: int) -> dict | None:
+    """The tiles of kernels.attention.prompt_attention for prompts of `tokens` at this head dim, from the current
+    settings' table, else the device's: its "prompt_d128" (...) entry, whose "long" entry takes over from
+    "from_tokens" on; None where the table lists none (SDPA's flash kernel then)."""
+    settings = current_settings()
+    table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
+    entry = table.get(f"prompt_d{head_dim}")
+    if entry is not None and "long" in entry and tokens >= entry["long"]["from_tokens"]:
+        return entry["long"]
+    return entry
+
+
 def attention_shared_bytes(rows: int, block_n: int, head_dim: int, itemsize: int) -> int:
     """An upper bound on one decode-attention program's shared memory as Triton 3.6 compiles it for sm_90 (at most
     512 bytes over the compiled size at head dims 64-256, 16-128 rows and 16-128 keys a tile, checked offline). The
