@@ -11,8 +11,8 @@ random bf16 weights, one JSON.
   against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first;
 - weight products: each of the target's at 32-4096 rows on cuBLAS and on cuBLASLt, and an eager call's host time.
 
-SDPA's backends on prompt attention, beside a Triton candidate: benchmarks/prompt_attention.py (records holding
-them from this probe, batch_probe-20261206-095936.json, still render).
+SDPA's backends on prompt attention, beside the package's Triton kernel: benchmarks/prompt_attention.py (records
+holding them from this probe, batch_probe-20261206-095936.json, still render).
 
     python -m benchmarks.batch_probe --out DIR
     python -m benchmarks.batch_probe --report FILE.json

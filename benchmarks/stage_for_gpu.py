@@ -10,9 +10,9 @@ so that what finished comes back):
      (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py: 127 tests, 101 s warm
      at 4314118, over 200 s cold), engine_limit --qwen35 --timeline (where the steps' time goes), gdn_tiles, then
      tests/test_kernels.py for the time left (over 250 s cold; it passed whole at b088b74).
-  3. issue 26: batch_probe (first in its process: a lone prompt's host time before and after a cuDNN attention;
-     the prefill's ops, decode attention per row count), prompt_attention (the Triton candidate beside SDPA's
-     flash and cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
+  3. issue 26: batch_probe (a lone prompt's host time, the prefill's ops, decode attention per row count, the
+     weight products on both BLAS paths), prompt_attention (the package's prompt kernel beside SDPA's flash and
+     cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
      card's tau, floors, the parts of each step, sampled and log-probability steps; the prefill plain and drafted,
      beside the device's busy time and the host's functions). No wheels: the room goes to the GGUF.
   4. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
@@ -167,7 +167,7 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 100 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
              "pytest.log, pytest_kernels.log, engine_limit-*.json, gdn_tiles-*.json, two logs", drafts=SHIPPED,
              joins=False),
-        Call("issue 26: the probes (a lone prompt before and after cuDNN, the prompt-attention candidate), then the "
+        Call("issue 26: the probes (where a batched step and a prefill lose time, prompt attention), then the "
              "batched Qwen3-4B shape", "6-7", [],
              f"timeout 120 {run}batch_probe --out $O 2>&1 | tail -30 | tee $O/probe.log; "
              f"timeout 120 {run}prompt_attention --out $O 2>&1 | tail -30 | tee $O/prompt_attention.log; "
