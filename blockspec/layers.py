@@ -321,8 +321,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if q.is_cuda and prompt:
         # plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask takes a slower kernel,
-        # which needs them repeated). Not cuDNN's, which SDPA picks first on an H100: with it a prompt prefilled
-        # alone took 41 ms, not 25 (batch_throughput-20261205-190823)
+        # which needs them repeated). Not cuDNN's, which SDPA picks first on an H100 (design notes, "Prefill")
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
