@@ -198,7 +198,7 @@ def _prompt_attention(Q, K, V, OUT, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv
     _pdl_prologue(USE_PDL)
     # every head's last query block first: the longest programs start first, so fewer SMs idle at the end
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
-    b = (tl.program_id(0) // HEADS).to(tl.int64)  # a row's offset in a long cache passes 2^31 elements
+    b = (tl.program_id(0) // HEADS).to(tl.int64)  # 64-bit: b x a cache's row stride may pass 2^31
     h = tl.program_id(0) % HEADS
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, D)
