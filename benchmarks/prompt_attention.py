@@ -21,8 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from benchmarks.harness import graph_ms, parser_with_common_flags, run_and_report, run_header
 from blockspec.kernels.attention import prompt_attention
 
-# (name, prompts, tokens, heads, kv heads, head dim): Qwen3-4B's, Qwen3.5-4B's and SmolLM2-135M's attention at the prefills
-# batch_throughput runs (8 prompts of 512 joining together, one alone) and long prompts
+# (name, prompts, tokens, heads, kv heads, head dim): Qwen3-4B's, Qwen3.5-4B's and SmolLM2-135M's attention at the
+# prefills batch_throughput runs (8 prompts of 512 joining together, one alone) and long prompts
 SHAPES = (("qwen3_4b 8x512", 8, 512, 32, 8, 128), ("qwen3_4b 1x512", 1, 512, 32, 8, 128),
           ("qwen3_4b 1x4096", 1, 4096, 32, 8, 128), ("qwen3_4b 1x16384", 1, 16384, 32, 8, 128),
           ("qwen35_4b 8x512", 8, 512, 16, 4, 256), ("smollm2 8x512", 8, 512, 9, 3, 64))
