@@ -7,8 +7,8 @@ random bf16 weights, one JSON.
   queries) under 1, 2 and 4 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
   floor;
 - a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
-  attention has run in the process (with cuDNN chosen for joint prefills, a lone prompt's prefill took 43 ms
-  against 27 in one lease, every host function slower: design notes, "Prefill"). Measured first;
+  attention has run in the process (whether cuDNN slows the host: it did not, design notes "Prefill"). Measured
+  first;
 - weight products: each of the target's at 32-4096 rows on cuBLAS and on cuBLASLt, and an eager call's host time.
 
 SDPA's backends on prompt attention, beside the package's Triton kernel: benchmarks/prompt_attention.py (records
@@ -148,7 +148,7 @@ def gemm_backends(cfg: TargetConfig, device: str) -> list[dict]:
     """Each Qwen3-4B weight product (and the lm_head) at the row counts a batch runs (32 AR rows, a 32 x 8 verify's
     256 and its draft's 224, a lone prompt's 512, a joint prefill's 4096) on cuBLAS and on cuBLASLt, torch's two BLAS
     paths on CUDA, as CUDA-graph replays (cuBLAS's heuristic left the 256-row verify's GEMMs at 1.6x their floor),
-    and at 512 rows the host time of an eager call (a lone prompt's F.linear took 78 us of host time each)."""
+    and at 512 rows the host time of an eager call (a lone prompt's prefill is host-bound)."""
     shapes = {"qkv": ((cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, cfg.hidden_size),
               "o_proj": (cfg.hidden_size, cfg.num_heads * cfg.head_dim),
               "gate_up": (2 * cfg.intermediate_size, cfg.hidden_size),
