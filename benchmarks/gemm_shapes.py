@@ -99,11 +99,12 @@ def copy_bandwidth() -> float:
 def candidates(m: int, k: int, quick: bool = False) -> list[dict]:
     """Launch configs for a product of m rows (a row bucket: 1, 16, 32, 64, 128 or 256) and K: dot tiles of
     max(16, m) rows up to 64 (more rows run as more tiles, neighbours in launch order that find the weight tile in
-    L2), from 128 rows also tiles of all m rows (WIDE_TILES), the one-row sums too at m = 1 unless `quick`, each with
-    every split that leaves two K tiles a range (up to 4 when `quick`)."""
+    L2), from 128 rows also wide tiles (WIDE_TILES) of 128 rows and of all m rows (at 256 rows both: one tile
+    holds a 32 x 8 verify, two halve the accumulator), the one-row sums too at m = 1 unless `quick`, each with every
+    split that leaves two K tiles a range (up to 4 when `quick`)."""
     dot = min(max(16, m), 64)
     tiles = [(dot, *t) for t in (QUICK_TILES if quick else DOT_TILES)]
-    tiles += [(m, *t) for t in WIDE_TILES.get(m, [])]
+    tiles += [(rows, *t) for rows in sorted({128, m}) if rows <= m for t in WIDE_TILES.get(rows, [])]
     tiles += [(1, *t) for t in SUM_TILES] if m == 1 and not quick else []
     splits = SPLITS[:3] if quick else SPLITS
     return [{"rows": rows, "block_n": bn, "block_k": bk, "split_k": split, "num_warps": warps, "num_stages": stages}

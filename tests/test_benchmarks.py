@@ -516,7 +516,7 @@ def throughput_record() -> dict:
 
 
 def test_gemm_sweep_takes_wide_tiles_from_128_rows_and_times_each_projection_as_the_engine_runs_it():
-    """From 128 rows the skinny sweep also tries tiles of all the rows (the weight read once); every candidate splits K
+    """From 128 rows the skinny sweep also tries tiles of 128 rows and of all the rows; every candidate splits K
     into ranges of whole tiles. Each projection is timed with what the engine runs after it: silu * up after the
     fused gate_up, the residual add and the next norm after o_proj and down, a greedy argmax after an lm_head (on the
     CPU: the plain ops)."""
@@ -528,7 +528,7 @@ def test_gemm_sweep_takes_wide_tiles_from_128_rows_and_times_each_projection_as_
     assert {c["rows"] for c in candidates(64, 2560)} == {64}
     for m in (128, 256):
         configs = candidates(m, 9728)
-        assert {c["rows"] for c in configs} == {64, m}
+        assert {c["rows"] for c in configs} == {64, 128, m}
         assert all(c["split_k"] == 1 or 9728 >= 2 * c["split_k"] * c["block_k"] for c in configs)
     assert ROLES["gate_up"] == "silu_mul" and ROLES["down"] == "residual_norm" and ROLES["lm_head"] == "argmax"
     assert "qkv" not in ROLES
