@@ -10,11 +10,11 @@ so that what finished comes back):
      (tests/test_hybrid.py, test_hybrid_kernels.py, test_exact.py, test_kernel_settings.py: 127 tests, 101 s warm
      at 4314118, over 200 s cold), engine_limit --qwen35 --timeline (where the steps' time goes), gdn_tiles, then
      tests/test_kernels.py for the time left (over 250 s cold; it passed whole at b088b74).
-  3. issue 26: batch_probe (a lone prompt's host time, the prefill's ops, decode attention per row count, the
-     weight products on both BLAS paths), prompt_attention (the package's prompt kernel beside SDPA's flash and
-     cuDNN), then batch_throughput on the Qwen3-4B shape (c = 1..64, AR, blocks 4/8/16 at the
-     card's tau, floors, the parts of each step, sampled and log-probability steps; the prefill plain and drafted,
-     beside the device's busy time and the host's functions). No wheels: the room goes to the GGUF.
+  3. issue 26: gemm_shapes --skinny at 256 rows (the 32 x 8 verify's products at 1.6x their floor on cuBLAS; 64-,
+     128- and 256-row tiles), then batch_throughput on the Qwen3-4B shape under the sweep's winners (c = 1..64,
+     AR, blocks 4/8/16 at the card's tau, floors, the parts of each step, sampled and log-probability steps; the
+     prefill plain and drafted, beside the device's busy time and the host's functions). No wheels: the room goes
+     to the GGUF. Set its c = 32 cells beside the last run's (or run c = 32 without the table in the same lease).
   4. SmolLM2: serve_load against a live `blockspec serve --exact` (64 streaming clients, every answer checked
      against the same request alone, the HTTP overhead at 32), then batch_throughput with the shipped DFlash, then
      vs_transformers (transformers' native DFlash generate beside blockspec, bf16, 6 gsm8k prompts).
@@ -22,8 +22,9 @@ so that what finished comes back):
 All four take over 30 minutes, more than a session's budget: make the ones a change needs, old and new side by side.
 A call carries the tracked tree plus what it names in `carry`, 64 MiB in all. The SmolLM2 GGUF (93.8 MiB) travels
 in two parts, with calls 3 and 4, each copied to /root/stage; call 4 joins them and checks the digest. To make
-room, calls 1 and 2 take the tree as it is, and after them the shipped drafts leave git's index (ignored meanwhile:
-the commands are printed, the files stay here); call 4 takes the DFlash by name, and the drafts come back after it.
+room, calls 1 and 2 take the tree as it is, and after them the shipped drafts and benchmarks/results leave git's
+index (ignored meanwhile: the commands are printed, the files stay here); call 4 takes the DFlash by name, and all
+come back after it.
 /root/stage lives only while the machine stays warm (about 30 s after a call): make calls 3 and 4 back to back,
 nothing to do here between them. If call 4 finds a part missing, it stops at once and says so. A first start can
 take minutes, and a refused one costs 15 s to 3 minutes of the 30: keep a margin.
@@ -58,7 +59,9 @@ SERVE_ROOTS = ("fastapi", "uvicorn", "openai", "prometheus_client", "gguf")
 TEST_ROOTS = ("pytest",)
 DATA_FILES = ("gsm8k/test.jsonl",)  # the SmolLM2 batch_throughput prompts
 DRAFTS = "blockspec/drafts"  # the shipped drafts: tracked, 16 MiB each
+RESULTS = "benchmarks/results"  # tracked, read here only: it leaves the index with the drafts
 SHIPPED = ("smollm2-135m-instruct-dflash", "smollm2-135m-instruct-dflare")
+VERIFY_SHAPES = ("qkv", "o_proj", "gate_up", "down", "lm_head")  # the target's products in a batched verify
 HYBRID_TESTS = "tests/test_hybrid.py tests/test_hybrid_kernels.py tests/test_exact.py tests/test_kernel_settings.py"
 FLA_INSTALL = ("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "
                ".whl/fla/*.whl && ")
@@ -84,10 +87,11 @@ class Call:
 
 
 def tracked_bytes() -> int:
-    """The tracked tree without the shipped drafts (whether or not they are in the index now)."""
+    """The tracked tree without the shipped drafts and the results (whether or not they are in the index now): what
+    the GGUF calls carry of it."""
     names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     return sum((ROOT / n).stat().st_size for n in names.decode().split("\0")
-               if n and not n.startswith(DRAFTS + "/") and (ROOT / n).is_file())
+               if n and not n.startswith((DRAFTS + "/", RESULTS + "/")) and (ROOT / n).is_file())
 
 
 def size(path: Path) -> int:
@@ -167,12 +171,13 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
              f"timeout 100 {tests} tests/test_kernels.py 2>&1 | tail -15 | tee $O/pytest_kernels.log",
              "pytest.log, pytest_kernels.log, engine_limit-*.json, gdn_tiles-*.json, two logs", drafts=SHIPPED,
              joins=False),
-        Call("issue 26: the probes (where a batched step and a prefill lose time, prompt attention), then the "
-             "batched Qwen3-4B shape", "6-7", [],
-             f"timeout 120 {run}batch_probe --out $O 2>&1 | tail -30 | tee $O/probe.log; "
-             f"timeout 120 {run}prompt_attention --out $O 2>&1 | tail -30 | tee $O/prompt_attention.log; "
-             f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 --out $O 2>&1 | tee $O/batch.log",
-             "batch_probe-*.json, prompt_attention-*.json, batch_throughput-*.json, three logs"),
+        Call("issue 26: the skinny sweep at 256 rows (a 32 x 8 verify's products), then the batched Qwen3-4B shape "
+             "under its winners", "7-8", [],
+             f"timeout 240 {run}gemm_shapes --skinny --quick --rows 256 --shapes {' '.join(VERIFY_SHAPES)} --out $O "
+             f"2>&1 | tail -30 | tee $O/gemm.log; "
+             f"timeout 230 {run}batch_throughput --workload qwen3_4b --repeats 1 --skinny-table $O/gemm_shapes-*.json "
+             f"--out $O 2>&1 | tee $O/batch.log",
+             "gemm_shapes-skinny-*.json, batch_throughput-*.json, two logs"),
         Call("issue 26: serve_load on a live server, SmolLM2 with the shipped DFlash, vs transformers", "5-6",
              [".whl/serve", ".stage/data.tar.xz", f"{DRAFTS}/{SHIPPED[0]}"],  # the DFlash, ignored meanwhile
              f"cat /root/stage/part* > {gguf} && echo '{digest}  {gguf}' | sha256sum -c - || "
@@ -194,15 +199,14 @@ def calls(gguf_name: str, digest: str) -> list[Call]:
 
 def index_commands(before: tuple[str, ...], after: tuple[str, ...]) -> str:
     """Shell commands here that change which shipped drafts are in git's index (and so travel) from `before` to
-    `after`; those left out are ignored meanwhile, their files untouched."""
-    steps = []
-    for name in SHIPPED:
-        path = f"{DRAFTS}/{name}"
-        if name in before and name not in after:
-            steps.append(f"git rm -r -q --cached {path} && echo /{path}/ >> .git/info/exclude")
-        elif name in after and name not in before:
-            steps.append(f"git reset -q -- {path} && sed -i '\\#^/{path}/$#d' .git/info/exclude")
-    return " && ".join(steps)
+    `after`, the results folder leaving with the first to leave and coming back with the last; those left out are
+    ignored meanwhile, their files untouched."""
+    leave = [f"{DRAFTS}/{name}" for name in SHIPPED if name in before and name not in after]
+    back = [f"{DRAFTS}/{name}" for name in SHIPPED if name in after and name not in before]
+    leave += [RESULTS] if before == SHIPPED and after != SHIPPED else []
+    back += [RESULTS] if after == SHIPPED and before != SHIPPED else []
+    return " && ".join([f"git rm -r -q --cached {path} && echo /{path}/ >> .git/info/exclude" for path in leave]
+                       + [f"git reset -q -- {path} && sed -i '\\#^/{path}/$#d' .git/info/exclude" for path in back])
 
 
 def device_command(call: Call, head: str) -> str:
@@ -259,7 +263,7 @@ def main() -> int:
             print(f"  here, before call {i}: {index_commands(tracked, call.drafts)}\n")
             tracked = call.drafts
         carried = (base - MARGIN + sum(size(ROOT / DRAFTS / d) for d in call.drafts)
-                   + sum(size(ROOT / p) for p in call.carry))
+                   + (size(ROOT / RESULTS) if call.drafts == SHIPPED else 0) + sum(size(ROOT / p) for p in call.carry))
         print(f"call {i}: {call.title}; about {call.minutes} min (an estimate); carries {carried / 2**20:.1f} MiB\n"
               f"  carry: {call.carry}\n  command: {device_command(call, head)}\n  back under $OUT: {call.returns}\n")
     if tracked != SHIPPED:

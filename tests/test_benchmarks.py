@@ -806,8 +806,8 @@ def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
     """The two Qwen3.5 calls come first and carry no GGUF part (any lease will do): the figures (the batched shape,
     then engine_limit), then the checks (the hybrid tests, the timeline, the kernel tests last). The GGUF rides the
     two issue-26 calls (SmolLM2's joins it). Each call's commands fit the device's limit; the drafts travel with
-    the first two calls as tracked, leave git's index before the third (SmolLM2's carries the DFlash by name, so
-    nothing is done here between the two) and come back after the last."""
+    the first two calls as tracked, leave git's index before the third with the results folder (SmolLM2's carries the
+    DFlash by name, so nothing is done here between the two) and come back after the last."""
     from benchmarks.stage_for_gpu import COMMAND_LIMIT, SHIPPED, calls, device_command, index_commands, plan_parts
 
     assert plan_parts(100, [0, 60, 60]) == [0, 40, 60] and plan_parts(50, [0, 0, 60]) == [0, 0, 50]
@@ -826,7 +826,8 @@ def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
     assert checks.index("--qwen35 --timeline") < checks.index("tests/test_kernels.py")  # the slow tests last
     assert {".whl/test", ".whl/fla"} <= set(plan[1].carry)
     assert "--workload qwen3_4b" in qwen3 and plan[2].carry == []  # its room goes to the GGUF
-    assert qwen3.index("batch_probe") < qwen3.index("prompt_attention") < qwen3.index("batch_throughput")
+    assert qwen3.index("gemm_shapes --skinny --quick --rows 256") < qwen3.index("batch_throughput")
+    assert "--skinny-table $O/gemm_shapes-" in qwen3
     assert smollm2.startswith("cat /root/stage/part* > /root/stage/SmolLM2-135M-Instruct.Q4_1.gguf && echo '"
                               + "0" * 64)
     assert "serve_load" in smollm2 and "--drafts dflash" in smollm2 and ".whl/serve" in plan[3].carry
@@ -835,9 +836,12 @@ def test_stage_for_gpu_parts_ride_two_calls_and_every_command_fits():
     assert [call.drafts for call in plan] == [SHIPPED, SHIPPED, (), ()]
     hide = index_commands(SHIPPED, ())
     assert hide.count("git rm -r -q --cached blockspec/drafts/") == 2 and "reset" not in hide
-    back = index_commands((), SHIPPED[:1])
+    assert "git rm -r -q --cached benchmarks/results && echo /benchmarks/results/ >> .git/info/exclude" in hide
+    back = index_commands((), SHIPPED[:1])  # one draft back: the results stay out until all are
     assert back == (f"git reset -q -- blockspec/drafts/{SHIPPED[0]} && "
                     f"sed -i '\\#^/blockspec/drafts/{SHIPPED[0]}/$#d' .git/info/exclude")
+    assert index_commands(SHIPPED[:1], SHIPPED).endswith(
+        "git reset -q -- benchmarks/results && sed -i '\\#^/benchmarks/results/$#d' .git/info/exclude")
 
 
 def test_stage_for_gpu_carries_the_servers_wheels_but_not_what_the_device_runs_torch_with():
