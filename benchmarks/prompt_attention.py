@@ -2,8 +2,8 @@
 kernels on the prompt shapes a joint prefill runs; the device table's "prompt" entries come from here.
 
 A third of a speculative cell's time at 32 concurrent requests is prefill, and flash's prompt attention was 7% of
-it. cuDNN's kernel is faster still, but with cuDNN in the process a lone prompt's host time grew (design notes,
-"Prefill"); a Triton kernel has no process-wide state.
+it. cuDNN's kernel is faster still but stays out of the engine (design notes, "Prefill"); a Triton kernel has no
+process-wide state.
 
     python -m benchmarks.prompt_attention --out DIR
     python -m benchmarks.prompt_attention --report FILE.json

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 
 from blockspec.kernels.launch import _pdl_prologue, max_shared_bytes, pdl_options
-from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows, batch_attention_config,
-                                       current_settings, device_tables)
+from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows, attention_table,
+                                       batch_attention_config, current_settings)
 
 # batch_invariant: keys per split (a multiple of every block_n). Shorter splits spread a short context over more
 # programs; longer ones keep the partial sums' scratch small (it grows with the cache length, not the context).
@@ -227,10 +227,9 @@ def attention_config(n_q: int, device: torch.device, head_dim: int = 128) -> dic
     (row, KV head), keys per tile, warps; from the current settings' table, else the device's. A table may give a
     head dim its own ("wide_d256"). Under `KernelSettings.batch_invariant`, "wide"'s tiles for any n_q, with
     "chunk": keys per split."""
-    settings = current_settings()
-    table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
+    table = attention_table(device)
     wide = table.get(f"wide_d{head_dim}", table["wide"])
-    if settings.batch_invariant:
+    if current_settings().batch_invariant:
         return {**wide, "chunk": INVARIANT_CHUNK}
     return table.get(f"narrow_d{head_dim}", table["narrow"]) if n_q <= 4 else wide
 

@@ -120,13 +120,17 @@ def batch_attention_config(config: dict, rows: int) -> tuple[dict, int]:
     return config, max(1, config["splits"] // rows)
 
 
+def attention_table(device: torch.device) -> dict[str, dict]:
+    """The attention launch table in force: the current settings' (a sweep's candidates), else `device`'s."""
+    table = current_settings().attention_table
+    return table if table is not None else device_tables(device).attention
+
+
 def prompt_attention_config(device: torch.device, head_dim: int, tokens: int) -> dict | None:
-    """The tiles of kernels.attention.prompt_attention for prompts of `tokens` at this head dim, from the current
-    settings' table, else the device's: its "prompt_d128" (...) entry, whose "long" entry takes over from
-    "from_tokens" on; None where the table lists none (SDPA's flash kernel then)."""
-    settings = current_settings()
-    table = settings.attention_table if settings.attention_table is not None else device_tables(device).attention
-    entry = table.get(f"prompt_d{head_dim}")
+    """The tiles of kernels.attention.prompt_attention for prompts of `tokens` at this head dim (`attention_table`'s
+    "prompt_d128", ..., whose "long" entry takes over from "from_tokens" on); None where the table lists none
+    (SDPA's flash kernel then)."""
+    entry = attention_table(device).get(f"prompt_d{head_dim}")
     if entry is not None and "long" in entry and tokens >= entry["long"]["from_tokens"]:
         return entry["long"]
     return entry
