@@ -87,13 +87,17 @@ def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: Samplin
     pending = deque(enumerate(prompts))
     index, outputs = {}, [None] * len(prompts)
     tokens, steps, taus, blocks = 0, 0, [], Counter()
+    join_ms, step_ms = [], []  # the host's wall time of each engine.step(): those that admitted requests, the rest
     sync(device)
     started = time.perf_counter()
     while pending or engine.has_work:
         while pending and engine.num_active + len(engine.waiting) < concurrency:
             i, prompt = pending.popleft()
             index[engine.add(prompt, per_prompt[i], block_size=block)] = i
-        for seq_id, chunk in engine.step():
+        joining, step_started = bool(engine.waiting), time.perf_counter()
+        chunks = engine.step()
+        (join_ms if joining else step_ms).append((time.perf_counter() - step_started) * 1e3)
+        for seq_id, chunk in chunks:
             tokens += len(chunk.token_ids)
             if chunk.result is not None:
                 taus.append(chunk.result.stats.mean_acceptance_length)
@@ -104,6 +108,8 @@ def run_workload(engine: BatchDecoder, prompts: list[list[int]], params: Samplin
     wall = time.perf_counter() - started
     return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall, "steps": steps,
             "tau": statistics.mean(taus), "blocks": {str(b): n for b, n in sorted(blocks.items())},
+            "loop": {"joins": len(join_ms), "join_ms": sum(join_ms), "steps_ms": sum(step_ms),
+                     "step_ms_median": statistics.median(step_ms) if step_ms else 0.0},
             "outputs": outputs}
 
 
@@ -113,7 +119,7 @@ def summarize(runs: list[dict], reference: list | None) -> dict:
     first = runs[0]
     cell = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in runs),
             "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in runs], "tokens": first["tokens"],
-            "steps": first["steps"], "tau": first["tau"], "blocks": first["blocks"]}
+            "steps": first["steps"], "tau": first["tau"], "blocks": first["blocks"], "loop": first["loop"]}
     if reference is not None:  # bf16: a verify of many rows and a 1-row step round differently; reported
         cell["identical_to_ar"] = sum(a == b for a, b in zip(first["outputs"], reference)) / len(reference)
     return cell
@@ -456,14 +462,16 @@ def report(path: str) -> str:
         lines += [f"Qwen3-4B-shaped random bf16 target, 5-layer DFlash, oracle acceptance at the card's tau per block "
                   f"({card_text(q)}), {q['prompt_tokens']}-token prompts, {q['new_tokens']} new tokens; auto: "
                   f"requests of block 16 with max_step_tokens {r['max_step_tokens']}. {check_text(q)}", "",
-                  *table(q["concurrency"], q["columns"]), "", *goals_qwen3(q), "", *parts_table(q["concurrency"])]
+                  *table(q["concurrency"], q["columns"]), "", *goals_qwen3(q), "", *loop_lines(q["concurrency"]),
+                  *parts_table(q["concurrency"])]
     if "qwen35_4b" in r:
         for q in (r["qwen35_4b"], *r["qwen35_4b"].get("by_rollback", {}).values()):
             lines += ["", f"Qwen3.5-4B-shaped random bf16 hybrid target, 6-layer sliding-window draft shape, oracle "
                           f"acceptance at tau {card_text(q)}, {q['prompt_tokens']}-token prompts, "
                           f"{q['new_tokens']} new tokens, rollback by {q.get('rollback', 'states')}; the prefill's "
                           f"Gated DeltaNet on {q.get('gdn_prefill', 'not recorded')}. {check_text(q)}", "",
-                      *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *parts_table(q["concurrency"])]
+                      *table(q["concurrency"], q["columns"]), "", *goals_qwen35(q), "", *loop_lines(q["concurrency"]),
+                      *parts_table(q["concurrency"])]
     if "smollm2" in r:
         s = r["smollm2"]
         for kind in [k for k in ("dflash", "dflare") if k in s]:
@@ -506,6 +514,16 @@ def table(rows: dict, cols: dict) -> list[str]:
         lines.append(f"| {c} | {cell_text(row['ar'])} | " + " | ".join(cells)
                      + f" | {speedup:.2f}x ({labels[names.index(best)]}) |")
     return lines
+
+
+def loop_lines(rows: dict) -> list[str]:
+    """Where each cell's wall time went in its own loop (recorded since 2026-12-06): the engine.step() calls that
+    admitted requests (their prefills), and the others (pipelined steps), each as the host timed them."""
+    cells = [f"c = {c} {'AR' if name == 'ar' else name}: {cell['loop']['joins']} joins {cell['loop']['join_ms']:.0f} ms"
+             f" + steps {cell['loop']['steps_ms']:.0f} ms (median {cell['loop']['step_ms_median']:.2f})"
+             for c, row in rows.items() for name, cell in row.items() if isinstance(cell, dict) and "loop" in cell]
+    return ["The cells' loops, host-timed: the steps that admitted requests (with their prefills) and the others: "
+            + "; ".join(cells) + ".", ""] if cells else []
 
 
 def over_graphed(rows: dict, key: str) -> str:

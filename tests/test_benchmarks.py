@@ -591,6 +591,9 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
                 assert set(cell["blocks"]) == {str(block)} and cell["floor"]["block"] == block
                 assert abs(cell["tau"] - CARD_TAU[block]) < 0.25  # 24 new tokens: a few steps of the schedule
                 assert cell["floor"]["tokens_per_s"] > 0
+            for cell in (row["ar"], *(row[f"b{block}"] for block in blocks)):  # every request joined in some step
+                loop = cell["loop"]
+                assert 1 <= loop["joins"] <= row["requests"] and loop["join_ms"] > 0 and loop["step_ms_median"] > 0
             if len(blocks) > 1:
                 assert set(row["auto"]["blocks"]) == {"16"}  # max_step_tokens 256 leaves 1-2 rows at block 16
             assert set(row["parts"]) == {"1", *map(str, blocks)}
@@ -612,6 +615,7 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
     assert "| c | AR | B=8 | best / AR |" in out
     assert "Prefill of c prompts joining at once, drafted (the draft stores their context too), ms (per prompt; " in out
     assert "One prompt joining (block 16), host time by function (cProfile, own): " in out
+    assert "the steps that admitted requests (with their prefills) and the others: c = 1 AR: " in out
     assert "A step as the engine runs it once a row returns log-probabilities (not pipelined, " in out
     assert ("The step with every row sampling (temperature 1; a CUDA graph), ms (over the graphed greedy step): "
             "1 x AR: ") in out
