@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, max_shared_bytes, pdl_options
+from blockspec.kernels.launch import _pdl_prologue, _prefetch_l2, max_shared_bytes, pdl_options, prefetch_tiles
 from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows, attention_table,
                                        batch_attention_config, current_settings)
 
@@ -52,15 +52,22 @@ def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
 def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h, sg_b, sg_n,
-                      n_q, n_kv_heads, n_splits, window, scale,
+                      n_q, n_kv_heads, n_splits, window, scale, slots,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-                      GATED: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+                      GATED: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
     kvh = pid_bh % n_kv_heads
+    if PREFETCH > 0:  # a first split starts at key 0 (without a window): ask for its first tiles before the wait
+        if (split == 0) & (window == 0):
+            line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+            keys = tl.minimum(tl.arange(0, PREFETCH * BLOCK_N), slots - 1)[:, None]
+            offs = (tl.arange(0, D // line) * line)[None, :]
+            _prefetch_l2(K + b * sk_b + kvh * sk_h + keys * sk_l + offs)
+            _prefetch_l2(V + b * sv_b + kvh * sv_h + keys * sv_l + offs)
+    _pdl_prologue(USE_PDL)
     rows = tl.arange(0, ROWS)
     g = rows // NQ  # query head within the GQA group
     i = tl.program_id(2) * NQ + rows % NQ  # query token
@@ -310,9 +317,10 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
+        sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5, k_cache.shape[2],
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and direct,
+        PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,  # whole 128-byte lines a key
         num_warps=config["num_warps"], **pdl)
     if direct:
         return

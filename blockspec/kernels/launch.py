@@ -30,6 +30,12 @@ def pdl_options(t: torch.Tensor) -> dict:
     return {"USE_PDL": on, "launch_pdl": on}
 
 
+def prefetch_tiles(pdl: dict) -> int:
+    """Tiles a kernel launched with `pdl` (pdl_options) asks L2 for before its PDL wait (KernelSettings.prefetch_tiles;
+    none without PDL: nothing to overlap)."""
+    return current_settings().prefetch_tiles if pdl["launch_pdl"] else 0
+
+
 @functools.lru_cache(maxsize=None)
 def _max_shared_bytes(device_index: int) -> int:
     return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
@@ -42,9 +48,17 @@ def max_shared_bytes(t: torch.Tensor) -> int:
 
 
 @triton.jit
+def _prefetch_l2(ptrs):
+    """Ask L2 for the 128-byte lines at `ptrs` (a hint: nothing is read into registers, so it may run before the PDL
+    wait on memory the kernel before is still writing; L2 is where that kernel's writes land)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _pdl_prologue(USE_PDL: tl.constexpr):
-    """Every kernel's first statement (after a skinny GEMM's weight prefetch): the previous kernel's writes
-    first, then the next may start launching."""
+    """Every kernel's first statement (after a skinny GEMM's or a decode attention's prefetch): the previous kernel's
+    writes first, then the next may start launching."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, pdl_options
+from blockspec.kernels.launch import _pdl_prologue, _prefetch_l2, pdl_options, prefetch_tiles
 from blockspec.kernels.settings import SkinnyTable, bucket_config, current_settings, device_tables
 
 BLOCK_ROWS = 16  # the row bucket of one verify block, whose config the batch-invariant path takes for any rows
@@ -60,11 +60,6 @@ def invariant_config(n: int, k: int, device: torch.device) -> dict:
     return skinny_table(device).get((n, k), {}).get(BLOCK_ROWS) or default_skinny_config(n, k)
 
 
-def _prefetch_tiles(pdl: dict) -> int:
-    """Weight tiles a skinny GEMM asks L2 for before its PDL wait (none without PDL: nothing to overlap)."""
-    return current_settings().prefetch_tiles if pdl["launch_pdl"] else 0
-
-
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
 @triton.jit(do_not_specialize=["m"])
 def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_m,
@@ -85,8 +80,7 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
         offs = tl.arange(0, PREFETCH * BLOCK_K // line) * line
         ok = (cols[:, None] < n) & (offs[None, :] < hi - lo)
         first = W + cols[:, None].to(tl.int64) * sw + lo + offs[None, :]
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
-                                  [tl.where(ok, first, W).to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
+        _prefetch_l2(tl.where(ok, first, W))
     _pdl_prologue(USE_PDL)
     ks = lo + tl.arange(0, BLOCK_K)
     col_ok = cols[:, None] < n
@@ -198,7 +192,7 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
         x, weight, weight, values, cols, m, n, k, triton.cdiv(k, config["block_k"]) * config["block_k"], x.stride(0),
         weight.stride(0), values.stride(0), 0, ROWS=config["rows"], BLOCK_N=config["block_n"],
         BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=_prefetch_tiles(pdl),
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=prefetch_tiles(pdl),
         ARGMAX=True, SILU_MUL=False, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
     out = torch.empty(m, device=x.device, dtype=torch.long)
     _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
@@ -244,6 +238,6 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conf
         out.stride(0) if split > 1 else 0, out.stride(-2),
         ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         HAS_BIAS=bias is not None and split == 1, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        PREFETCH=_prefetch_tiles(pdl), ARGMAX=False, SILU_MUL=silu_mul, num_warps=config["num_warps"],
+        PREFETCH=prefetch_tiles(pdl), ARGMAX=False, SILU_MUL=silu_mul, num_warps=config["num_warps"],
         num_stages=config["num_stages"], **pdl)
     return out
