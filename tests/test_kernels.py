@@ -137,6 +137,7 @@ def test_rms_norm_and_silu_mul_match_torch(dtype):
     gate, up = gate_up[:, 0::2], gate_up[:, 1::2]  # the target's fused layout: (gate j, up j) pairs
     expected = torch.nn.functional.silu(gate) * up
     assert (silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
+    assert torch.equal(silu_mul(gate, up), silu_mul(gate.contiguous(), up.contiguous()))  # pairs round alike
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])

@@ -56,13 +56,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bo
 
 
 @triton.jit
-def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, PAIRS: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
-    g = tl.load(G + row * sg + cols * sgc, mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + row * su + cols * suc, mask=ok, other=0.0).to(tl.float32)
+    if PAIRS:  # (gate j, up j) side by side, a fused gate_up's output: one contiguous load, split in registers
+        both = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+        pairs = tl.load(G + row * sg + both, mask=both < 2 * n, other=0.0).to(tl.float32)
+        g, u = tl.split(tl.reshape(pairs, [BLOCK, 2]))
+    else:  # strided loads of every other element keep the vector units idle: 1.3x the bytes' time at prefill
+        g = tl.load(G + row * sg + cols * sgc, mask=ok, other=0.0).to(tl.float32)
+        u = tl.load(U + row * su + cols * suc, mask=ok, other=0.0).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
     tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
 
@@ -74,8 +79,10 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     g, u = gate.reshape(-1, n), up.reshape(-1, n)
     out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
     block = 1024
+    pairs = (g.stride() == u.stride() and g.stride(1) == 2
+             and u.data_ptr() == g.data_ptr() + g.element_size())  # gate_up[..., 0::2] and gate_up[..., 1::2]
     _silu_mul[(g.shape[0], triton.cdiv(n, block))](g, u, out, g.stride(0), g.stride(1), u.stride(0), u.stride(1),
-                                                    out.stride(0), n, BLOCK=block, **pdl_options(gate))
+                                                    out.stride(0), n, BLOCK=block, PAIRS=pairs, **pdl_options(gate))
     return out.view(*gate.shape[:-1], n)
 
 
