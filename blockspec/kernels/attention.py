@@ -52,7 +52,7 @@ def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
 def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h, sg_b, sg_n,
-                      n_q, n_kv_heads, n_splits, window, scale, slots,
+                      n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
                       GATED: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
@@ -60,22 +60,13 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
     kvh = pid_bh % n_kv_heads
-    if PREFETCH > 0:  # a first split starts at key 0 (without a window): ask for its first tiles before the wait
-        if (split == 0) & (window == 0):
-            line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
-            keys = tl.minimum(tl.arange(0, PREFETCH * BLOCK_N), slots - 1)[:, None]
-            offs = (tl.arange(0, D // line) * line)[None, :]
-            _prefetch_l2(K + b * sk_b + kvh * sk_h + keys * sk_l + offs)
-            _prefetch_l2(V + b * sv_b + kvh * sv_h + keys * sv_l + offs)
-    _pdl_prologue(USE_PDL)
     rows = tl.arange(0, ROWS)
     g = rows // NQ  # query head within the GQA group
     i = tl.program_id(2) * NQ + rows % NQ  # query token
     valid = (g < GROUP) & (i < n_q)
     head = kvh * GROUP + g
     dims = tl.arange(0, D)
-    q = tl.load(Q + b * sq_b + head[:, None] * sq_h + i[:, None] * sq_n + dims[None, :],
-                mask=valid[:, None], other=0.0)
+    # the limits come from before the kernel ahead of this one (decode_attention), so they are read before the wait
     lim = tl.load(LIM + b * slim_b + i * slim_n, mask=valid, other=-1).to(tl.int32)
     total = tl.max(lim, axis=0) + 1
     if CHUNK > 0:  # fixed offsets: the tiles a query's keys fall into do not depend on the other queries
@@ -89,11 +80,20 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
         stored = valid & (lo < total)
     if window > 0:
         lo = tl.maximum(lo, (tl.min(tl.where(valid, lim, 2147483647), axis=0) - window + 1) // BLOCK_N * BLOCK_N)
+    k_base = K + b * sk_b + kvh * sk_h
+    v_base = V + b * sv_b + kvh * sv_h
+    if PREFETCH > 0:  # the cache store ahead writes one slot a query; the rest is there: ask L2 for the first tiles
+        line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+        first = lo + tl.arange(0, PREFETCH * BLOCK_N)[:, None]
+        offs = (tl.arange(0, D // line) * line)[None, :]
+        _prefetch_l2(tl.where(first < hi, k_base + first * sk_l + offs, k_base))
+        _prefetch_l2(tl.where(first < hi, v_base + first * sv_l + offs, v_base))
+    _pdl_prologue(USE_PDL)
+    q = tl.load(Q + b * sq_b + head[:, None] * sq_h + i[:, None] * sq_n + dims[None, :],
+                mask=valid[:, None], other=0.0)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, D], tl.float32)
-    k_base = K + b * sk_b + kvh * sk_h
-    v_base = V + b * sv_b + kvh * sv_h
     for start in range(lo, hi, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         in_range = keys < hi
@@ -246,7 +246,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """q [b, nH, n, d] over caches [b, nKV, L, d]; query i of row r sees slots j <= limits[r, i]
     (and j > limits - window when window > 0). Returns [b, n, nH*d] in q's dtype, times sigmoid(gate) where a gate
     [b, n, nH*d] is given (its last dim contiguous). A config with "chunk" cuts the keys at fixed offsets
-    (batch_invariant) and takes any n; without, n is at most 16."""
+    (batch_invariant) and takes any n; without, n is at most 16. Under PDL the kernel reads `limits` before it waits
+    on the kernel launched just before it, so they must come from earlier (the passes' positions are set at their
+    start; the cache store just before writes K, V and q)."""
     b, n_heads, n_q, d = q.shape
     config = config or attention_config(n_q, q.device, d)
     if q.stride(-1) != 1:
@@ -317,7 +319,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
-        sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5, k_cache.shape[2],
+        sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and direct,
         PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,  # whole 128-byte lines a key
