@@ -265,8 +265,11 @@ def test_joiners_are_prefilled_together_in_one_forward(zoo, monkeypatch):
     requests = list(zip(prompts, params))
     requests.insert(3, (prompts[0], broken))
     ids = [decoder.add(p, q) for p, q in requests]
+    finish_join, reads = decoder._finish_join, []
+    monkeypatch.setattr(decoder, "_finish_join", lambda *a: reads.append(len(shapes)) or finish_join(*a))
     chunks = decoder.admit()
     assert shapes == [(2, 17), (3, 11), (1, 9)]  # 5 and 17 (3 x 17 > 40), then 2, 5 and 11 (4 x 11 > 40), then 9
+    assert reads == [3, 3, 3]  # every group's prefill is queued before the host reads the first one's tokens
     assert [seq_id for seq_id, c in chunks if c.error is not None] == [ids[3]]
     assert "not finite" in dict(chunks)[ids[3]].error and decoder.num_active == 5
     got = {seq_id: c.result for seq_id, c in iter_until_done(decoder) if c.result is not None}

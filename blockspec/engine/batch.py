@@ -12,10 +12,12 @@ recurrent state (cache.commit) keep the state of the accepted prefix instead.
 Sequences join between steps and leave when done. The requests joining in one step are prefilled together, in
 one target forward over their prompts right-padded to the longest (at most `max_prefill_tokens` rows x longest,
 so that a long prompt does not pad many short ones); a target with recurrent state stops each row's state at its
-own last token (the forward's `lengths`). When a sequence leaves, the last active row moves into the hole
-(only its used cache prefix is copied), so the active rows are always rows [0, n) and a step runs on a prefix
-of every buffer. A request whose step cannot be computed (a sampled row whose probabilities are not finite)
-leaves the batch with a chunk whose `error` is set; the other rows' step completes as if it had not been there.
+own last token (the forward's `lengths`). Every group of one admission is queued on the device before the host
+reads the first group's tokens, so the groups' prefills run back to back. When a sequence leaves, the last active
+row moves into the hole (only its used cache prefix is copied), so the active rows are always rows [0, n) and a
+step runs on a prefix of every buffer. A request whose step cannot be computed (a sampled row whose probabilities
+are not finite) leaves the batch with a chunk whose `error` is set; the other rows' step completes as if it had not
+been there.
 
 On CUDA a step replays a CUDA graph captured per (batch size rounded up to one of `graph_batch_sizes`, block
 size, mode), with one device->host read. Mode "greedy": every row decodes greedily, the lm_head fused with its
@@ -71,6 +73,16 @@ class _Launched:
     host: torch.Tensor  # [n, block + 2] (pinned on CUDA), filled behind the step
     done: torch.cuda.Event | None
     logits: torch.Tensor | None  # the verify's [n, block, V] where the step wrote them (valid until the next step)
+
+
+@dataclass(eq=False)
+class _Joining:
+    """A join in flight: its rows' sequences, their first tokens and failures [n, 2] arriving on the host behind
+    the prefill, and the logits they were chosen from (for log-probabilities)."""
+    seqs: list["_Sequence"]
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    logits: torch.Tensor
 
 
 @dataclass(eq=False)
@@ -257,8 +269,11 @@ class BatchDecoder:
 
     # ---- joining and leaving ------------------------------------------------------------------------------
     def _admit(self, chunks: dict[int, StreamChunk]) -> None:
+        joining = []
         while self.waiting and len(self.rows) < self.max_batch:
-            self._join(self._next_joiners(), chunks)
+            joining.append(self._join(self._next_joiners()))
+        for group in joining:  # every group's prefill is queued before the first read: the device never waits
+            self._finish_join(group, chunks)
         self._retire_finished()
 
     def _next_joiners(self) -> list[_Sequence]:
@@ -274,20 +289,20 @@ class BatchDecoder:
             longest = padded
         return group
 
-    def _join(self, group: list[_Sequence], chunks: dict[int, StreamChunk]) -> None:
+    def _join(self, group: list[_Sequence]) -> _Joining:
         """Prefill the prompts of `group` in one target forward into the next free rows, right-padded to the
         longest (a row's padding slots hold garbage K/V at positions that its own later passes overwrite
-        before any query reads them), and commit each one's first token from its own last position. The
-        proposer takes the group's taps in one call, the device state is written once, and the group's first
-        tokens come in one host read."""
+        before any query reads them), and choose each one's first token from its own last position. The
+        proposer takes the group's taps in one call and the device state is written once, without waiting for
+        the device: the tokens come to the host behind the work (`_finish_join` reads them)."""
         first = len(self.rows)
         target, device = self.target.model, self.target.device
         lengths = [len(seq.prompt_ids) for seq in group]
         longest = max(lengths)
         drafted = any(seq.block_size > 1 for seq in group)  # plain-decoding requests never need the proposer
-        ids = torch.tensor([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)], device=device)
+        ids = self._upload([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)])
         positions = torch.arange(longest, device=device).repeat(len(group), 1)
-        real = torch.tensor(lengths, device=device)
+        real = self._upload(lengths)
         hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
                                   self.tap_ids if drafted else (), kv_len=longest,
                                   lengths=real if min(lengths) < longest else None)
@@ -302,26 +317,44 @@ class BatchDecoder:
                                   [seq.generator for seq in group], [1] * len(group))
             tokens, probs = draw(logits, rows, draws[:, 0, 2])
             failed = (~torch.isfinite(probs).all(-1) & ~rows.greedy).long()
-        outcome = torch.stack([tokens, failed], dim=1).tolist()
-        logprobs = self._logprobs(group, logits[:, None], [row[:1] for row in outcome], [row[1] for row in outcome])
-        joined: list[list[int]] = []  # per joined row: first token, its position, draft cap, top_k
-        for i, (seq, n, (token, failure)) in enumerate(zip(group, lengths, outcome)):
-            if failure:  # never claimed: the rows after it move up
-                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[acceptance.TARGET_NOT_FINITE])
-                continue
-            row = first + len(joined)
-            if row != first + i:
-                self.target_cache.copy_row(first + i, row, n)
-                if drafted:
-                    self.proposer.move_row(first + i, row, n)
-            joined.append([token, n, seq.block_size - 1, seq.params.top_k])
+        stop = first + len(group)  # every row is claimed; a failed one leaves at the next retire
+        caps = self._upload([[seq.block_size - 1, seq.params.top_k] for seq in group])
+        self.row_state[:, first:stop] = torch.cat([torch.stack([tokens, real]), caps.T])
+        self.row_settings[:, first:stop] = self._upload(
+            [[seq.params.temperature, seq.params.top_p] for seq in group], torch.float32).T
+        for seq, n in zip(group, lengths):
             seq.position = n
             self.rows.append(seq)
-            self._commit(seq, [token], chunks, logprobs.get(i))
-        if joined:
-            self.row_state[:, first:first + len(joined)] = torch.tensor(joined).T
-            self.row_settings[:, first:first + len(joined)] = torch.tensor(
-                [[seq.params.temperature, seq.params.top_p] for seq in self.rows[first:]]).T
+        outcome = torch.stack([tokens, failed], dim=1)
+        host = torch.empty(outcome.shape, dtype=torch.long, pin_memory=outcome.is_cuda)
+        host.copy_(outcome, non_blocking=True)
+        done = None
+        if outcome.is_cuda:
+            done = torch.cuda.Event()
+            done.record()
+        return _Joining(group, host, done, logits)
+
+    def _finish_join(self, joining: _Joining, chunks: dict[int, StreamChunk]) -> None:
+        """Commit the first token of each row of a join, or its failure (its row leaves at the next retire)."""
+        if joining.done is not None:
+            joining.done.synchronize()
+        outcome = joining.host.tolist()
+        logprobs = self._logprobs(joining.seqs, joining.logits[:, None], [row[:1] for row in outcome],
+                                  [row[1] for row in outcome])
+        for i, (seq, (token, failure)) in enumerate(zip(joining.seqs, outcome)):
+            if failure:
+                chunks[seq.seq_id] = StreamChunk([], "", error=acceptance.FAILURES[acceptance.TARGET_NOT_FINITE])
+                seq.failed = True
+            else:
+                self._commit(seq, [token], chunks, logprobs.get(i))
+
+    def _upload(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """`data` on the device without waiting for it (a plain copy from the host would wait for every launch
+        before it): through pinned memory, queued behind the work before it."""
+        host = torch.tensor(data, dtype=dtype)
+        if self.target.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.target.device, non_blocking=True)
 
     def _retire_finished(self) -> None:
         active = len(self.rows)
