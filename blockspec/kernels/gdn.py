@@ -2,10 +2,11 @@
 "replay" cache, and a prefill's inputs and gated norm around a chunked recurrence (SPEC section 9; the torch path and
 the arithmetic are in target/gdn.py).
 
-`_gdn_inputs`: a program per (row, token, value head) computes what the recurrence takes, with the torch path's
-per-token arithmetic: the causal conv + SiLU of its q, k and v channels (from the conv state, then the projection),
-the L2 norms of q and k, beta and the decay from b, a, A_log and dt_bias; it also writes the conv window. Apart from
-the recurrence, all tokens at once: the serial part below does no more than it must.
+`_gdn_inputs`: a program per (row, tile of tokens, key head) computes what the recurrence takes, with the torch
+path's per-token arithmetic: the causal conv + SiLU of the head's q and k channels and of the v channels of the value
+heads it serves (from the conv state, then the projection), the L2 norms of q and k, beta and the decay from b, a,
+A_log and dt_bias; it also writes the conv window. Apart from the recurrence, all tokens at once: the serial part
+below does no more than it must.
 
 `_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32 state
 in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
@@ -43,6 +44,9 @@ from blockspec.kernels.settings import gdn_tile
 
 
 NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in one round trip
+# tokens an inputs program takes, in every call: a fixed tile, so that a token's sums run alike in a decode, a verify
+# and a prefill (more tokens a program: fewer, longer programs for a prefill, more idle lanes for a decode)
+INPUT_TOKENS = tl.constexpr(4)
 
 
 @triton.jit
@@ -56,27 +60,36 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, KERNEL: tl.constexpr):
-    """SiLU of the depthwise causal conv at token t for `channels`, rounded to X's dtype: sum_j W[c, j] * window[c, t+j]
-    in fp32, where the window is the conv state (zeros unless `kept`) followed by the tokens' inputs X[token, c]."""
-    acc = 0.0
+def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, live, KERNEL: tl.constexpr):
+    """SiLU of the depthwise causal conv at tokens t [T, 1] for `channels` [1, C] (where `live`), rounded to X's dtype:
+    sum_j W[c, j] * window[c, t+j] in fp32, where the window is the conv state (zeros unless `kept`) followed by the
+    tokens' inputs X[token, c]."""
+    acc = tl.zeros([t.shape[0], channels.shape[1]], tl.float32)
     for j in tl.static_range(KERNEL):
         p = t + j  # position in the window
         in_state = p < KERNEL - 1
-        old = tl.load(CONV + channels * s_cc + p, mask=in_state & kept, other=0.0)
-        new = tl.load(X + (p - (KERNEL - 1)) * s_xn + channels, mask=p >= KERNEL - 1, other=0.0)
+        old = tl.load(CONV + channels * s_cc + p, mask=in_state & kept & live, other=0.0)
+        new = tl.load(X + (p - (KERNEL - 1)) * s_xn + channels, mask=(p >= KERNEL - 1) & live, other=0.0)
         acc = acc + tl.where(in_state, old, new).to(tl.float32) * tl.load(W + channels * KERNEL + j).to(tl.float32)
     return (acc / (1.0 + tl.exp(-acc))).to(X.dtype.element_ty)
 
 
 @triton.jit
-def _store_window(WINDOW, s_wt, X, s_xn, CONV, s_cc, channels, t, kept, mask, KERNEL: tl.constexpr):
+def _store_window(WINDOW, s_wt, X, s_xn, CONV, s_cc, channels, t, kept, live, KERNEL: tl.constexpr):
     """window[K-1+t, c] = token t's input X[t, c], and for t = 0 window[:K-1, c] = the conv state (zeros unless
-    `kept`), for `channels` (where `mask`); a token's channels are contiguous in the window."""
-    tl.store(WINDOW + (KERNEL - 1 + t) * s_wt + channels, tl.load(X + t * s_xn + channels), mask=mask)
+    `kept`), for tokens t [T, 1] and `channels` [1, C] where `live`; a token's channels are contiguous in the window."""
+    tl.store(WINDOW + (KERNEL - 1 + t) * s_wt + channels, tl.load(X + t * s_xn + channels, mask=live), mask=live)
+    starts = tl.min(t, axis=0)[None, :] == 0  # [1, 1]: the tile holds token 0
     for j in tl.static_range(KERNEL - 1):
-        tl.store(WINDOW + j * s_wt + channels, tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0),
-                 mask=mask & (t == 0))
+        tl.store(WINDOW + j * s_wt + channels, tl.load(CONV + channels * s_cc + j, mask=kept & starts, other=0.0),
+                 mask=starts)
+
+
+@triton.jit
+def _store_heads(OUT, s_on, s_oh, x, t, first, live, D: tl.constexpr):
+    """x [T, m x D] (m consecutive heads' D values side by side) to OUT[t, h, :] for heads h from `first`."""
+    cols = tl.arange(0, x.shape[1])[None, :]
+    tl.store(OUT + t * s_on + (first + cols // D) * s_oh + cols % D, x, mask=live)
 
 
 # n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
@@ -86,45 +99,49 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
                 s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
-    b = tl.program_id(0) // n
-    t = tl.program_id(0) % n
-    h = tl.program_id(1)
-    dk = tl.arange(0, DK)
-    dv = tl.arange(0, DV)
-    q_channels = h // (HV // HK) * DK + dk  # each q/k head serves HV // HK consecutive value heads
+    tiles = tl.cdiv(n, INPUT_TOKENS)
+    b = tl.program_id(0) // tiles
+    t = (tl.program_id(0) % tiles) * INPUT_TOKENS + tl.arange(0, INPUT_TOKENS)[:, None]  # [T, 1]
+    live = t < n
+    hk = tl.program_id(1)
+    SHARED: tl.constexpr = HV // HK  # each q/k head serves this many consecutive value heads
+    first = hk * SHARED  # the first of them
+    dk = tl.arange(0, DK)[None, :]
+    q_channels = hk * DK + dk
     k_channels = HK * DK + q_channels
-    v_channels = 2 * HK * DK + h * DV + dv
+    v_channels = 2 * HK * DK + first * DV + tl.arange(0, SHARED * DV)[None, :]
     x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
     conv = CONV + b * s_cb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
-    if not PREFILL:  # the window's q and k channels are written by their key head's first value head
+    if not PREFILL:
         window = WINDOW + b * s_wb
-        first = h % (HV // HK) == 0
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, q_channels, t, kept, first, KERNEL)
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, k_channels, t, kept, first, KERNEL)
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, v_channels, t, kept, True, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, q_channels, t, kept, live, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, k_channels, t, kept, live, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, v_channels, t, kept, live, KERNEL)
 
-    q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, KERNEL).to(tl.float32)
-    k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, KERNEL).to(tl.float32)
-    v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, KERNEL).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+    q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, live, KERNEL).to(tl.float32)
+    k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, live, KERNEL).to(tl.float32)
+    v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, live, KERNEL).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, axis=1)[:, None] + 1e-6)
     q = q * (DK ** -0.5)
-    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-    gates = x + t * s_pn + 2 * HK * DK + 2 * HV * DV + h  # b, then a
-    beta = tl.load(gates).to(tl.float32)
+    k = k * tl.rsqrt(tl.sum(k * k, axis=1)[:, None] + 1e-6)
+    heads = first + tl.arange(0, SHARED)[None, :]  # [1, SHARED]
+    gates = x + t * s_pn + 2 * HK * DK + 2 * HV * DV + heads  # b, then a
+    beta = tl.load(gates, mask=live, other=0.0).to(tl.float32)
     beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
-    a = tl.load(gates + HV).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32)
-    g = -tl.exp(tl.load(A_LOG + h).to(tl.float32)) * _softplus(a)
+    a = tl.load(gates + HV, mask=live, other=0.0).to(tl.float32) + tl.load(DT_BIAS + heads).to(tl.float32)
+    g = -tl.exp(tl.load(A_LOG + heads).to(tl.float32)) * _softplus(a)
     decay = g if PREFILL else tl.exp(g)  # the chunked prefill takes the log-decay
     if RAGGED:  # a padding token: zero inputs and no decay leave the state exactly as it was
         real = t < tl.load(LENGTHS + b)
         q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
         beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 0.0 if PREFILL else 1.0)
-    tl.store(Q + b * s_qb + t * s_qn + h * s_qh + dk, q)
-    tl.store(K + b * s_kb + t * s_kn + h * s_kh + dk, k)
-    tl.store(V + b * s_vb + t * s_vn + h * s_vh + dv, v)
-    tl.store(BETA + b * s_bb + t * s_bn + h, beta)
-    tl.store(DECAY + b * s_db + t * s_dn + h, decay)
+    for shared in tl.static_range(SHARED):  # the recurrence reads q and k per value head
+        tl.store(Q + b * s_qb + t * s_qn + (first + shared) * s_qh + dk, q, mask=live)
+        tl.store(K + b * s_kb + t * s_kn + (first + shared) * s_kh + dk, k, mask=live)
+    _store_heads(V + b * s_vb, s_vn, s_vh, v, t, first, live, DV)
+    tl.store(BETA + b * s_bb + t * s_bn + heads, beta, mask=live)
+    tl.store(DECAY + b * s_db + t * s_dn + heads, decay, mask=live)
 
 
 # deferred, like n, must not compile a verify apart from a decode
@@ -292,7 +309,7 @@ def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch
     v = torch.empty(b, n, heads, value_dim, **fp32)
     beta = torch.empty(b, n, heads, **fp32)
     ragged = lengths is not None
-    _gdn_inputs[(b * n, heads)](
+    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value), _key_heads(layer, channels))](
         projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
         layer.windows, q, k, v, beta, decay, projected.stride(0), projected.stride(1), positions.stride(0),
         layer.conv.stride(0), layer.conv.stride(1), layer.windows.stride(0), layer.windows.stride(1),
