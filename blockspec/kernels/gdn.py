@@ -299,15 +299,16 @@ def _gdn_output(O, PROJ, NORM_W, OUT, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_ou
 def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
             dt_bias: torch.Tensor, layer: GDNLayerState, lengths: torch.Tensor | None, k: torch.Tensor,
             decay: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, ...]:
-    """`_gdn_inputs` over every token of `projected` [b, n, ...]: (q, k, v, beta, decay) in fp32, [b, n, h, ...],
-    writing k and the decay into the buffers given. A prefill writes no conv window and gives the log-decay."""
+    """`_gdn_inputs` over every token of `projected` [b, n, ...]: (q, k, v, beta, decay) [b, n, h, ...], writing k
+    and the decay into the buffers given; q, v and beta in fp32, for a prefill in k's dtype. A prefill writes no conv
+    window and gives the log-decay."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
-    fp32 = {"device": projected.device, "dtype": torch.float32}
-    q = torch.empty(b, n, heads, key_dim, **fp32)
-    v = torch.empty(b, n, heads, value_dim, **fp32)
-    beta = torch.empty(b, n, heads, **fp32)
+    made = {"device": projected.device, "dtype": k.dtype if prefill else torch.float32}
+    q = torch.empty(b, n, heads, key_dim, **made)
+    v = torch.empty(b, n, heads, value_dim, **made)
+    beta = torch.empty(b, n, heads, **made)
     ragged = lengths is not None
     _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value), _key_heads(layer, channels))](
         projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
@@ -396,13 +397,15 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
                 lengths: torch.Tensor | None, chunked: Callable) -> torch.Tensor:
     """A Gated DeltaNet layer's prefill of n tokens, arguments as `gdn_steps` takes them: the inputs and the gated norm
     in this module's kernels (the decode's arithmetic), the recurrence in `chunked` (flash-linear-attention's
-    chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states."""
+    chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states. q, k, v
+    and beta go to it in the projection's dtype (each rounded once from the decode's fp32 values), as Hugging Face's
+    Qwen3.5 hands them over: in bf16 its kernels read half the bytes and multiply at twice tf32's rate."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
-    fp32 = {"device": projected.device, "dtype": torch.float32}
+    device = projected.device
     q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
-                               torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
-                               prefill=True)
+                               torch.empty(b, n, heads, key_dim, device=device, dtype=projected.dtype),
+                               torch.empty(b, n, heads, device=device, dtype=torch.float32), prefill=True)
     _states_before_recurrence(projected, positions, layer, lengths, conv_weight.shape[-1])
     o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=layer.recurrent, output_final_state=True)
     out = _output(o.to(projected.dtype), projected, norm_weight, eps, layer)
