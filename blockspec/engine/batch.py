@@ -65,6 +65,15 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 MAX_PREFILL_TOKENS = 4096  # padded tokens (rows x longest prompt) of one joint prefill
 
 
+def _queued_so_far(t: torch.Tensor) -> torch.cuda.Event | None:
+    """An event the host can wait on for the work queued so far on t's device (None off CUDA: it is done already)."""
+    if not t.is_cuda:
+        return None
+    done = torch.cuda.Event()
+    done.record()
+    return done
+
+
 @dataclass(eq=False)
 class _Launched:
     """A step in flight: the rows it ran for, its block, and where its outcome arrives (`BatchDecoder.out`)."""
@@ -328,11 +337,7 @@ class BatchDecoder:
         outcome = torch.stack([tokens, failed], dim=1)
         host = torch.empty(outcome.shape, dtype=torch.long, pin_memory=outcome.is_cuda)
         host.copy_(outcome, non_blocking=True)
-        done = None
-        if outcome.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return _Joining(group, host, done, logits)
+        return _Joining(group, host, _queued_so_far(outcome), logits)
 
     def _finish_join(self, joining: _Joining, chunks: dict[int, StreamChunk]) -> None:
         """Commit the first token of each row of a join, or its failure (its row leaves at the next retire)."""
@@ -501,11 +506,7 @@ class BatchDecoder:
         host = self._out_host[self._flip][:n * (block + 2)].view(n, block + 2)  # contiguous: a true async copy
         self._flip ^= 1
         host.copy_(self.out[:n, :block + 2], non_blocking=True)
-        done = None
-        if self.out.is_cuda:
-            done = torch.cuda.Event()
-            done.record()
-        return _Launched(list(self.rows), block, host, done, logits)
+        return _Launched(list(self.rows), block, host, _queued_so_far(self.out), logits)
 
     def run_step(self, nb: int, block: int, kv_len: int, mode: str) -> torch.Tensor | None:
         """One step for rows [0, nb) in `mode`: `greedy_step`, or `sampling_step` (whose logits it returns)."""
