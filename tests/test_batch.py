@@ -53,13 +53,28 @@ def test_greedy_batch_equals_each_sequence_alone(zoo, arch, max_batch, pipelined
     want = alone(tiny.target, draft, prompts, params)
     decoder = BatchDecoder(tiny.target, draft, max_batch=max_batch, max_len=128)
     got = decoder.generate(prompts, params)
-    # pipelined, the last requests finished while one more step was already launched (its tokens dropped)
-    assert (decoder._in_flight is not None) == pipelined
+    assert decoder._in_flight is None  # pipelined too: the last step that might end every row was read first
     for g, w, m in zip(got, want, MAX_NEW):
         assert g.token_ids == w.token_ids and len(g.token_ids) == m
         assert g.stats.acceptance_lengths == w.stats.acceptance_lengths
         assert g.finish_reason == "length"
     assert len({tuple(g.token_ids) for g in got}) == len(got)  # really different sequences
+
+
+def test_a_draining_batch_launches_no_wasted_step(zoo, pipelined, monkeypatch):
+    """Every row admitted at once and stopped by length: the pipelined decoder launches exactly the steps the
+    synchronous one does (it reads a step that may end every row before launching the next)."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of(LENGTHS[:4], tiny.config.vocab_size)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True) for m in MAX_NEW[:4]]
+    launches = []
+    launch = BatchDecoder._launch
+    monkeypatch.setattr(BatchDecoder, "_launch", lambda self, *a: launches.append(a) or launch(self, *a))
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=128)
+    got = decoder.generate(prompts, params)
+    steps = max(len(g.stats.acceptance_lengths) for g in got)  # the steps the longest row committed
+    assert len(launches) == steps
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3-sw"])

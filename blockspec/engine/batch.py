@@ -32,7 +32,8 @@ With CUDA graphs the steps are pipelined one deep: `step` launches the next step
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
 bookkeeping, the next launch -- overlaps the GPU's work instead of idling it. The device state already holds
 everything the next step needs; a row that the read shows finished simply has one wasted step, whose tokens
-are dropped. An eager step first commits the step in flight.
+are dropped. When the step in flight may bring every row to its length limit, it is read before the next
+launch: a batch that drains wastes no step. An eager step first commits the step in flight.
 
 Block size per request: a step drafts the largest block any active row asks for; a row with a smaller block
 accepts at most its own block - 1 drafts (lossless either way; the compute follows the largest block). With
@@ -431,7 +432,9 @@ class BatchDecoder:
     # ---- one decoding step --------------------------------------------------------------------------------
     def _decode(self, chunks: dict[int, StreamChunk]) -> None:
         scored = any(seq.params.logprobs is not None for seq in self.rows)
-        if scored:  # a step whose logits are read starts from every earlier token committed
+        # A step whose logits are read starts from every earlier token committed; and when the step in flight may
+        # finish every row, it is read before another is launched, which would only be wasted (the batch drains).
+        if scored or self._in_flight_may_end_all():
             self._finish_in_flight(chunks)
             self._retire_finished()
             if not self.rows:
@@ -446,6 +449,12 @@ class BatchDecoder:
             launched, self._in_flight = self._in_flight, launched
         if launched is not None:
             self._commit_launched(launched, chunks)
+
+    def _in_flight_may_end_all(self) -> bool:
+        """Whether the step in flight could bring every row to its length limit."""
+        flight = self._in_flight
+        return flight is not None and all(
+            seq.params.max_new_tokens - len(seq.output.generated) <= flight.block for seq in self.rows)
 
     def _mode(self) -> str:
         """The step's mode (module docstring) for the active rows."""
