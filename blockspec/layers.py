@@ -267,8 +267,20 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, norm: RMSNorm) -> tuple[t
 def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor,
                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm(residual, linear(x, weight, bias), norm)`: a layer's output projection, the residual add and the
-    next norm."""
-    return add_rms_norm(residual, linear(x, weight, bias), norm)
+    next norm. Where the skinny GEMM splits K, the norm's kernel sums its partials itself: the same bits, one launch
+    fewer a projection (a down_proj splits at 1 to 32 rows)."""
+    skinny = _skinny_rows(x, weight, bias)
+    if skinny is None or skinny[1]["split_k"] == 1 or residual.dtype != x.dtype \
+            or not fused_kernels_apply(residual, norm.weight):
+        return add_rms_norm(residual, linear(x, weight, bias), norm)
+    from blockspec.kernels.norm_rope import add_partials_rms_norm, add_rms_norm as fused
+    from blockspec.kernels.skinny import skinny_linear_unsummed
+
+    rows, config = skinny
+    delta = skinny_linear_unsummed(x.reshape(rows, -1), weight, bias, config)
+    if delta.dim() == 2:  # K too short to split after all: the GEMM wrote its output (bias included)
+        return fused(residual, delta, norm.weight, norm.eps, norm.zero_centred)
+    return add_partials_rms_norm(residual, delta, bias, norm.weight, norm.eps, norm.zero_centred)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

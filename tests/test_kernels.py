@@ -20,8 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 from blockspec.kernels import use_settings  # noqa: E402
 from blockspec.kernels.attention import decode_attention  # noqa: E402
 from blockspec.kernels.launch import use_pdl  # noqa: E402
-from blockspec.kernels.norm_rope import add_rms_norm, qkv_rope_store, rms_norm, silu_mul  # noqa: E402
-from blockspec.kernels.skinny import skinny_argmax, skinny_linear  # noqa: E402
+from blockspec.kernels.norm_rope import (add_partials_rms_norm, add_rms_norm, qkv_rope_store, rms_norm,  # noqa: E402
+                                         silu_mul)
+from blockspec.kernels.skinny import skinny_argmax, skinny_linear, skinny_linear_unsummed  # noqa: E402
 
 
 def reference_attention(q, k, v, limits, window):
@@ -224,6 +225,49 @@ def test_skinny_linear_matches_linear(m, bias, dtype):
             tol = 1e-5 if dtype == torch.float32 else 1e-2
             assert ((got.double() - expected).norm() / expected.norm()).item() < tol, config
             assert torch.equal(got, skinny_linear(x, w, b, config))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_the_residual_norm_summing_a_split_gemms_partials_equals_the_two_kernels(m, dtype):
+    """add_partials_rms_norm of skinny_linear_unsummed's partial sums writes exactly what add_rms_norm of
+    skinny_linear's output writes (2 and 3 K ranges, a bias or none, plain and zero-centred norms); and
+    layers.linear_add_rms_norm takes that path where the table splits K, with the same bits."""
+    gen = torch.Generator().manual_seed(m)
+    n, k = 96, 320
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, dtype)
+    norm_weight = torch.randn(n, generator=gen).to(DEVICE, dtype)
+    for split, bias, zero_centred in [(s, b, z) for s in (2, 3) for b in (False, True) for z in (False, True)]:
+        config = {"rows": 1 if m == 1 else 16, "block_n": 32, "block_k": 64, "split_k": split, "num_warps": 4,
+                  "num_stages": 2}
+        b = torch.randn(n, generator=gen).to(DEVICE, dtype) if bias else None
+        parts = skinny_linear_unsummed(x, w, b, config)
+        assert parts.shape == (split, m, n) and parts.dtype == torch.float32
+        got = add_partials_rms_norm(residual, parts, b, norm_weight, 1e-6, zero_centred)
+        want = add_rms_norm(residual, skinny_linear(x, w, b, config), norm_weight, 1e-6, zero_centred)
+        for g, r in zip(got, want):
+            assert g.dtype == r.dtype and torch.equal(g, r), (split, bias, zero_centred)
+        assert (got[0] - residual).abs().amax() > 0.1  # the projection was added
+    if DEVICE == "cuda":  # through the layer, on a shape the table splits (Qwen3-4B's down_proj)
+        from blockspec import layers
+        from blockspec.kernels import norm_rope
+
+        calls = []
+        original = norm_rope.add_partials_rms_norm
+        norm_rope.add_partials_rms_norm = lambda *a: calls.append(a) or original(*a)
+        try:
+            down = torch.randn(2560, 9728, generator=gen).to(DEVICE, torch.bfloat16) / 100
+            x = torch.randn(m, 9728, generator=gen).to(DEVICE, torch.bfloat16)
+            residual = torch.randn(m, 2560, generator=gen).to(DEVICE, torch.bfloat16)
+            norm = layers.RMSNorm(2560, 1e-6).to(DEVICE, torch.bfloat16).requires_grad_(False)
+            with torch.inference_mode():
+                got = layers.linear_add_rms_norm(x, down, None, residual, norm)
+                want = layers.add_rms_norm(residual, layers.linear(x, down), norm)
+        finally:
+            norm_rope.add_partials_rms_norm = original
+        assert len(calls) == 1 and all(torch.equal(g, r) for g, r in zip(got, want))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

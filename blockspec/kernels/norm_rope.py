@@ -1,4 +1,5 @@
-"""The elementwise kernels of a layer: RMSNorm (alone and fused with the residual add before it), silu(gate) * up,
+"""The elementwise kernels of a layer: RMSNorm (alone, and fused with the residual add before it, which can also sum
+the partials of a split-K GEMM's output), silu(gate) * up,
 q/k RMSNorm + RoPE + the KV-cache store in one kernel, and RoPE's cos/sin tables. Each reproduces the rounding
 points of the eager torch code it replaces (fp32 math, a cast to the activation dtype wherever eager
 materialises a tensor), so the CUDA path stays numerically faithful.
@@ -170,14 +171,20 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 
 
 @triton.jit
-def _add_rms_norm(X, DELTA, W, SUM, OUT, sx, sd, ss, so, n, eps, BLOCK: tl.constexpr, ZERO_CENTRED: tl.constexpr,
-                  USE_PDL: tl.constexpr):
+def _add_rms_norm(X, DELTA, BIAS, W, SUM, OUT, sx, sd, sd_split, ss, so, n, splits, eps, BLOCK: tl.constexpr,
+                  PARTIALS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_CENTRED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
     x = tl.load(X + row * sx + cols, mask=ok, other=0.0).to(tl.float32)
     d = tl.load(DELTA + row * sd + cols, mask=ok, other=0.0).to(tl.float32)
+    if PARTIALS:  # a split-K GEMM's fp32 partial sums: summed and rounded as skinny's _sum_splits writes its output
+        for split in range(1, splits):
+            d += tl.load(DELTA + split * sd_split + row * sd + cols, mask=ok, other=0.0)
+        if HAS_BIAS:
+            d += tl.load(BIAS + cols, mask=ok, other=0.0).to(tl.float32)
+        d = d.to(X.dtype.element_ty).to(tl.float32)
     s = (x + d).to(SUM.dtype.element_ty)
     tl.store(SUM + row * ss + cols, s, mask=ok)
     s32 = s.to(tl.float32)
@@ -189,12 +196,28 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps
                  zero_centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, rms_norm(x + delta)) in one pass."""
     n = x.shape[-1]
-    xr, delta = x.reshape(-1, n), delta.reshape(-1, n)
+    return _add_rms_norm_launch(x, delta.reshape(1, -1, n), None, weight, eps, zero_centred, partials=False)
+
+
+def add_partials_rms_norm(x: torch.Tensor, partials: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                          eps: float, zero_centred: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """add_rms_norm(x, delta, ...) where delta is what skinny_linear makes of a split-K GEMM's fp32 partial sums
+    `partials` [splits, rows, n] and `bias` (summed in split order, rounded to x's dtype): the same bits, without
+    the launch that sums them."""
+    return _add_rms_norm_launch(x, partials, bias, weight, eps, zero_centred, partials=True)
+
+
+def _add_rms_norm_launch(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tensor | None, weight: torch.Tensor,
+                         eps: float, zero_centred: bool, partials: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    n = x.shape[-1]
+    xr = x.reshape(-1, n)
+    assert delta.shape == (delta.shape[0], *xr.shape) and (not partials or delta.is_contiguous())
     total = torch.empty(xr.shape, device=x.device, dtype=x.dtype)
     out = torch.empty(xr.shape, device=x.device, dtype=_norm_dtype(x, weight, zero_centred))
-    _add_rms_norm[(xr.shape[0],)](xr, delta, weight, total, out, xr.stride(0), delta.stride(0), total.stride(0),
-                                  out.stride(0), n, eps, BLOCK=triton.next_power_of_2(n), ZERO_CENTRED=zero_centred,
-                                  num_warps=4 if n >= 1024 else 1, **pdl_options(x))
+    _add_rms_norm[(xr.shape[0],)](xr, delta, bias if bias is not None else delta, weight, total, out, xr.stride(0),
+                                  delta.stride(1), delta.stride(0), total.stride(0), out.stride(0), n, delta.shape[0],
+                                  eps, BLOCK=triton.next_power_of_2(n), PARTIALS=partials, HAS_BIAS=bias is not None,
+                                  ZERO_CENTRED=zero_centred, num_warps=4 if n >= 1024 else 1, **pdl_options(x))
     return total.view(x.shape), out.view(x.shape)
 
 

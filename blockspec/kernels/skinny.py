@@ -215,6 +215,13 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
+def skinny_linear_unsummed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                           config: dict | None = None) -> torch.Tensor:
+    """skinny_linear without its reduce: where `config` splits K, the fp32 partial sums [splits, m, n] (the bias
+    left out) for a kernel that sums them on its own (norm_rope.add_partials_rms_norm); else the output [m, n]."""
+    return _gemm(x, weight, bias, config, silu_mul=False)
+
+
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
           silu_mul: bool) -> torch.Tensor:
     """The GEMM's launch: its output [m, n] (or [m, n / 2] with `silu_mul`), or its fp32 partial sums [splits, m, n]
