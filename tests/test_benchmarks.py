@@ -621,6 +621,23 @@ def test_batch_throughput_runs_the_random_workloads_on_tiny_shapes(tmp_path):
             "1 x AR: ") in out
 
 
+def test_batch_throughput_runs_the_chosen_blocks_without_the_check(tmp_path):
+    """--blocks and --skip-check (a short A/B run): only AR and the chosen block, on a draft of that block, and the
+    report says the check was left out."""
+    from benchmarks.batch_throughput import report
+
+    run_benchmark("batch_throughput", "--tiny", "--device", "cpu", "--workload", "qwen35_4b", "--concurrency", 1,
+                  "--repeats", 1, "--blocks", 16, "--skip-check", "--out", tmp_path)
+    (stored,) = tmp_path.glob("batch_throughput-*.json")
+    q = json.loads(stored.read_text())["qwen35_4b"]
+    assert q["check"] is None and q["columns"] == {"ar": 1, "b16": 16}
+    row = q["concurrency"]["1"]
+    assert set(row["b16"]["blocks"]) == {"16"} and set(row["parts"]) == {"1", "16"}
+    out = report(str(stored))
+    assert "The graphs-against-eager check was skipped (--skip-check)." in out
+    assert "| c | AR | B=16 | best / AR |" in out
+
+
 def load_summary(concurrency: int, equal: bool = True) -> dict:
     return {"requests": 48, "concurrency": concurrency, "errors": 0, "all_equal_to_single_request": equal,
             "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
