@@ -10,6 +10,7 @@ state read and written once, what commit keeps per token (the tape), and the pro
 Each tile's outputs are checked against the first's.
 
     python -m benchmarks.gdn_tiles --out DIR          # on a CUDA machine
+    python -m benchmarks.gdn_tiles --rows 32 --tokens 1 8 --tiles 64x2 --out DIR   # one tile's cells (an A/B)
     TRITON_INTERPRET=1 python -m benchmarks.gdn_tiles --tiny --device cpu   # logic check on small shapes
     python -m benchmarks.gdn_tiles --report FILE.json
 """
@@ -51,17 +52,18 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
     dtype = torch.float32 if tiny else torch.bfloat16
     model = TargetModel.random(qwen35_4b_config(tiny), device=device, dtype=dtype, seed=0, rope_theta=1e7)
-    tiles = [(v, w) for v, w in TILES if v <= model.config.gdn.value_head_dim]
+    chosen = [tuple(map(int, name.split("x"))) for name in args.tiles] if args.tiles else TILES
+    tiles = [(v, w) for v, w in chosen if v <= model.config.gdn.value_head_dim]
     layers = [model.layers[i].linear_attn for i in model.config.gdn_layers]
     mixer = layers[0]
     args_of = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
     width = mixer.in_proj.weight.shape[0]
     record: dict = {**run_header(args), "copy_bandwidth_GBps": bandwidth / 1e9, "tiles": tiles, "cells": []}
     gen = torch.Generator(device=device).manual_seed(0)
-    for rows in (1, 2) if tiny else ROWS:
-        cache = model.new_cache(rows, 32, verify_tokens=max(TOKENS), rollback="replay")
+    for rows in (1, 2) if tiny else args.rows:
+        cache = model.new_cache(rows, 32, verify_tokens=max(args.tokens), rollback="replay")
         states = [cache.gdn_layer(i) for i in range(len(layers))]
-        for tokens in TOKENS:
+        for tokens in args.tokens:
             projected = torch.randn(rows, tokens, width, device=device, dtype=dtype, generator=gen)
             positions = (5 + torch.arange(tokens, device=device))[None].expand(rows, -1).contiguous()
             floor_us = floor_bytes(model, rows, tokens) / bandwidth * 1e6
@@ -104,7 +106,12 @@ def report(path: str) -> str:
 
 
 def main() -> None:
-    run_and_report(parser_with_common_flags(__doc__), run, report, "gdn_tiles")
+    parser = parser_with_common_flags(__doc__)
+    parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
+    parser.add_argument("--tiles", nargs="+", choices=[f"{v}x{w}" for v, w in TILES], default=None,
+                        help="value dims x warps (default: every tile of TILES)")
+    run_and_report(parser, run, report, "gdn_tiles")
 
 
 if __name__ == "__main__":
