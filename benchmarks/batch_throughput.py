@@ -24,10 +24,10 @@ The floor of a cell is one decode step of c rows at the mean context (prompt + h
 block its steps ran (benchmarks/roofline.py: bytes over the copy bandwidth, or FLOPs over the rate of an 8192^3
 bf16 matmul, both measured in the same run), and the tokens/s it allows: c x tau / that step. Where the time
 goes, per concurrency: the prefill of c prompts joining at once (plain and drafted, beside the device's busy time);
-c live rows, and per block the whole greedy step (with its costliest kernels, timed without PDL; AR also with the
-split-K sums in a kernel of their own, side by side; and run eagerly, as a step with a sampling row runs), the
-verify pass and the draft pass (each with its greedy tokens) captured as CUDA graphs of their own, beside their
-floors.
+c live rows, and per block the whole greedy step (with its costliest kernels, timed without PDL), the same step as
+the engine runs it for a row returning log-probabilities and with every row sampling, the target's weight GEMMs
+alone, and the verify pass and the draft pass (each with its greedy tokens), each captured as a CUDA graph of its
+own, beside its floor.
 
     python -m benchmarks.batch_throughput --out DIR                                 # qwen3_4b on a CUDA machine
     python -m benchmarks.batch_throughput --workload qwen35_4b --out DIR
