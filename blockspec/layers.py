@@ -270,16 +270,15 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     next norm. Where the skinny GEMM splits K, the norm's kernel sums its partials itself: the same bits, one launch
     fewer a projection (a down_proj splits at 1 to 32 rows)."""
     skinny = _skinny_rows(x, weight, bias)
-    if skinny is None or skinny[1]["split_k"] == 1 or residual.dtype != x.dtype \
-            or not fused_kernels_apply(residual, norm.weight):
+    if skinny is None or residual.dtype != x.dtype or not fused_kernels_apply(residual, norm.weight):
         return add_rms_norm(residual, linear(x, weight, bias), norm)
-    from blockspec.kernels.norm_rope import add_partials_rms_norm, add_rms_norm as fused
+    from blockspec.kernels.norm_rope import add_partials_rms_norm
     from blockspec.kernels.skinny import skinny_linear_unsummed
 
     rows, config = skinny
     delta = skinny_linear_unsummed(x.reshape(rows, -1), weight, bias, config)
-    if delta.dim() == 2:  # K too short to split after all: the GEMM wrote its output (bias included)
-        return fused(residual, delta, norm.weight, norm.eps, norm.zero_centred)
+    if delta.dim() == 2:  # one K range: the GEMM wrote its output, bias included
+        return add_rms_norm(residual, delta, norm)
     return add_partials_rms_norm(residual, delta, bias, norm.weight, norm.eps, norm.zero_centred)
 
 

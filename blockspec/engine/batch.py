@@ -342,8 +342,7 @@ class BatchDecoder:
             seq.position = n
             self.rows.append(seq)
         outcome = torch.stack([tokens, failed], dim=1)
-        host = self._pinned(outcome.shape, torch.long) if outcome.is_cuda else torch.empty_like(outcome)
-        host.copy_(outcome, non_blocking=True)
+        host = self._pinned(outcome.shape, torch.long).copy_(outcome, non_blocking=True) if outcome.is_cuda else outcome
         return _Joining(group, host, _queued_so_far(outcome), logits)
 
     def _finish_join(self, joining: _Joining, chunks: dict[int, StreamChunk]) -> None:
