@@ -638,6 +638,31 @@ def test_batch_throughput_runs_the_chosen_blocks_without_the_check(tmp_path):
     assert "| c | AR | B=16 | best / AR |" in out
 
 
+def test_ab_trees_runs_a_benchmark_in_a_staged_commit_and_then_the_checkout(tmp_path, monkeypatch, capfd):
+    """A staged tree holds the commit's package (without the drafts) and the checkout's benchmarks; its run imports
+    that package and records its commit, as the checkout's run records its own; a tree past its timeout is reported
+    as stopped, and the next still runs."""
+    if not (REPO_ROOT / ".git").exists():
+        pytest.skip("staging reads the git history")
+    from benchmarks import ab_trees
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folder = tmp_path / "ab"
+    (name,) = ab_trees.stage(["HEAD"], folder)
+    staged = folder / name
+    assert (staged / "blockspec/engine/batch.py").read_bytes() == ab_trees.git("show", "HEAD:blockspec/engine/batch.py")
+    assert (staged / "benchmarks/batch_throughput.py").exists() and not (staged / "blockspec/drafts").exists()
+    with open(staged / "blockspec/__init__.py", "a") as marked:  # which package a run imports
+        marked.write("\nprint('blockspec from', __file__)\n")
+    tiny = ["--tiny", "--device", "cpu", "--concurrency", "1", "--blocks", "4", "--skip-check", "--repeats", "1"]
+    assert ab_trees.run(folder, "batch_throughput", tiny, tmp_path / "out", 300) == {name: 0, "checkout": 0}
+    commits = {p.parent.name: json.loads(p.read_text())["commit"] for p in (tmp_path / "out").glob("*/*.json")}
+    assert commits == {name: name, "checkout": (folder / "checkout").read_text().strip()}
+    printed = capfd.readouterr().out
+    assert printed.count("blockspec from") == 1 and f"blockspec from {staged}" in printed
+    assert ab_trees.run(folder, "batch_throughput", tiny, tmp_path / "late", 0.01) == {name: None, "checkout": None}
+
+
 def load_summary(concurrency: int, equal: bool = True) -> dict:
     return {"requests": 48, "concurrency": concurrency, "errors": 0, "all_equal_to_single_request": equal,
             "mismatches": [] if equal else [3, 17], "latency_p50_s": 0.961, "latency_p99_s": 1.604,
