@@ -1,8 +1,8 @@
 """One benchmark in older commits beside the checkout, in a single device call, so that each ratio is measured side
 by side on one warm machine.
 
-`stage` (here, where git is) writes each commit's package, with the checkout's benchmarks (so that every tree takes
-today's flags and reports alike), into .ab/COMMIT; git ignores .ab, so the device call must carry it. `run` (on the
+`stage` (here, where git is) writes each commit's package, with HEAD's benchmarks (so that every tree takes today's
+flags and reports alike), into .ab/COMMIT; git ignores .ab, so the device call must carry it. `run` (on the
 device machine, whose copy has no .git) runs one benchmark module in each staged tree, in staging order, and then in
 the checkout, each under its own timeout, its results in OUT/COMMIT and OUT/checkout and its commit recorded as the
 tree's. The shipped drafts are left out of the staged trees (random-weight workloads need none).
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ def stage(commits: list[str], folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     for name in names:
         tree = folder / name
-        tree.mkdir(exist_ok=True)
+        shutil.rmtree(tree, ignore_errors=True)  # nothing left from an earlier staging
+        tree.mkdir()
         parts = ((name, "blockspec", "blockspec/drafts"), ("HEAD", "benchmarks", "benchmarks/results"))
         for commit, path, excluded in parts:
             archive = git("archive", commit, path, f":(exclude){excluded}")
