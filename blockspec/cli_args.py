@@ -58,7 +58,7 @@ def add_exact_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true",
                         help="batch-invariant kernels on CUDA (bf16 or fp16): greedy speculative output identical "
                              "to plain decoding bit for bit, and a request's tokens independent of the batch; "
-                             "on an H100 a plain token costs 5-9% more and a speculative step 1-2% more (no effect "
+                             "on an H100 a plain token costs 5-9%% more and a speculative step 1-2%% more (no effect "
                              "on the CPU)")
 
 

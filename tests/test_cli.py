@@ -480,6 +480,13 @@ def test_argparse_errors_exit_2(capsys, argv):
     assert out == "" and "usage: blockspec" in err and "error:" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("command", ["", "generate", "train", "bench", "serve"])
+def test_help_prints_usage_for_every_command(capsys, command):
+    code, out, err = cli(capsys, *([command] if command else []), "--help")
+    assert code == 0 and err == ""
+    assert out.startswith(f"usage: blockspec {command}".rstrip()) and "--help" in out
+
+
 # ---- the real entry point in a subprocess -----------------------------------------------------------------
 def _subprocess(*argv: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny matmuls: one thread is faster on a busy 2-core box
