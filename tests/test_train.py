@@ -350,6 +350,25 @@ def test_export_layouts(bigram, tmp_path):
         export_draft(build_draft(target, tiny_config(arch="dflare", mask_token_id=5)), tmp_path / "y", layout="zlab")
 
 
+def test_export_never_replaces_an_existing_folder_or_file(bigram, tmp_path):
+    """The export swaps a whole folder into place: once, `--export-zlab ~/models` deleted everything in it (and a
+    file given as the folder was replaced by one)."""
+    from blockspec.train.export import export_draft
+
+    flash = build_draft(bigram[0], tiny_config(mask_token_id=5))
+    folder, file = tmp_path / "models", tmp_path / "notes.txt"
+    folder.mkdir()
+    (folder / "dflash.py").write_text("keep")
+    file.write_text("keep")
+    for path in (folder, file):
+        with pytest.raises(BlockspecError, match="already exists and is not empty"):
+            export_draft(flash, path, layout="zlab")
+    assert (folder / "dflash.py").read_text() == "keep" and file.read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "notes.txt"]  # no temporaries left behind
+    (tmp_path / "empty").mkdir()
+    assert load_draft(export_draft(flash, tmp_path / "empty", layout="zlab")).block_size == 8
+
+
 # ---- (f) data pipeline ----------------------------------------------------------------------------------------------
 def test_batched_generation_equals_the_engine(zoo):
     """Right-padded batch with per-row positions == one-at-a-time greedy decoding through the engine."""
@@ -763,6 +782,21 @@ def test_cli_user_errors_exit_2(capsys, tmp_path, argv, needle):
     assert needle in err, err
     if "invalid choice" not in needle:
         assert err.strip().startswith("blockspec: error: ") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--export-zlab", "{tmp}/models"], "already exists and is not empty"),
+    (["--export-zlab", "{tmp}/new", "--arch", "dflare", "--mask-token-id", "3"], "only for DFlash"),
+    (["--export-zlab", "{tmp}/new"], "--mask-token-id"),
+], ids=["existing-folder", "dflare", "learned-mask"])
+def test_cli_export_zlab_problems_are_found_before_training(capsys, tmp_path, extra, needle):
+    """These once surfaced only after the whole run (or, for a folder in use, deleted it)."""
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "keep.txt").write_text("keep")
+    code, out, err = run_cli(capsys, "train", "--target", tmp_path / "no-such-target", "--data", "gsm8k",
+                             "--output", tmp_path / "run", *[a.format(tmp=tmp_path) for a in extra])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert (tmp_path / "models" / "keep.txt").read_text() == "keep" and not (tmp_path / "run").exists()
 
 
 def test_cli_trains_resumes_and_exports(capsys, bigram, tmp_path):

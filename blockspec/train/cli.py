@@ -106,6 +106,21 @@ def _positive(args: argparse.Namespace) -> None:
         raise BlockspecError(f"--block-size must be at least 2, got {args.block_size}")
 
 
+def _check_export(args: argparse.Namespace) -> None:
+    """--export-zlab problems, found before hours of training rather than after them."""
+    from blockspec.train.export import check_export_dir
+
+    if args.export_zlab is None:
+        return
+    check_export_dir(args.export_zlab)
+    if args.arch != "dflash":
+        raise BlockspecError("--export-zlab: the z-lab layout exists only for DFlash drafts; drop it or train "
+                             "with --arch dflash")
+    if args.mask_token_id is None and args.init_from is None:
+        raise BlockspecError("--export-zlab: z-lab's DFlash code needs a vocabulary id as the mask token: pass "
+                             "--mask-token-id SPARE_ID, or drop --export-zlab")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from blockspec import distributed
     from blockspec.target import load_target, resolve_device
@@ -114,6 +129,7 @@ def run_train(args: argparse.Namespace) -> int:
     from blockspec.train.trainer import TrainConfig, train
 
     _positive(args)
+    _check_export(args)
     temperatures = parse_temperature_mix(args.temperatures)
     if not args.data and not args.resume:
         raise BlockspecError("no training data: pass --data (gsm8k, mbpp, self:N, FILE.jsonl, hub:NAME)")

@@ -26,6 +26,16 @@ from blockspec.train.trainer import atomic_save_draft
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
+def check_export_dir(directory: str | Path) -> None:
+    """Refuse a `directory` that exists and is not an empty folder: the export replaces the folder whole (an
+    atomic swap), so a file there, or anything in it (other files, the dflash.py copied next to an earlier
+    export), would be deleted."""
+    directory = Path(directory)
+    if directory.exists() and not (directory.is_dir() and not any(directory.iterdir())):
+        raise BlockspecError(f"export folder {str(directory)!r} already exists and is not empty (the export would "
+                             f"replace it whole): pass a new or empty folder")
+
+
 def export_draft(draft: DraftModel | str | Path, directory: str | Path, layout: str = "blockspec",
                  dtype: str = "bfloat16") -> Path:
     """Write `draft` (a model or a draft directory) to `directory` in the given layout; returns the folder."""
@@ -50,5 +60,6 @@ def export_draft(draft: DraftModel | str | Path, directory: str | Path, layout: 
     else:
         raise BlockspecError(f"unknown export layout {layout!r}: use blockspec or zlab")
     directory = Path(directory)
+    check_export_dir(directory)
     atomic_save_draft(draft, directory, DTYPES[dtype])
     return directory
