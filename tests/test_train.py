@@ -799,6 +799,24 @@ def test_cli_export_zlab_problems_are_found_before_training(capsys, tmp_path, ex
     assert (tmp_path / "models" / "keep.txt").read_text() == "keep" and not (tmp_path / "run").exists()
 
 
+def test_cli_never_overwrites_a_run_and_refuses_files_as_folders(capsys, tmp_path):
+    """A second `blockspec train` into a run folder once silently replaced its checkpoint, draft and metrics; a
+    file as --output or --data-cache failed with a traceback after the data was generated."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CHECKPOINT).write_bytes(b"the earlier run")
+    (tmp_path / "file").write_text("keep")
+    common = ["train", "--target", tmp_path / "no-such-target", "--data", "gsm8k"]
+    for extra, needle in ((["--output", run], "--resume"), (["--output", tmp_path / "file"], "not a folder"),
+                          (["--output", tmp_path / "file" / "run"], "not a folder"),
+                          (["--output", tmp_path / "new", "--data-cache", tmp_path / "file"], "not a folder")):
+        code, out, err = run_cli(capsys, *common, *extra)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert (run / CHECKPOINT).read_bytes() == b"the earlier run" and (tmp_path / "file").read_text() == "keep"
+    code, out, err = run_cli(capsys, *common, "--output", run, "--resume")  # continuing it gets past the check
+    assert code == 2 and "not found" in err, err
+
+
 def test_cli_trains_resumes_and_exports(capsys, bigram, tmp_path):
     _, _, _, hf = bigram
     target_dir = tmp_path / "target"

@@ -106,6 +106,20 @@ def _positive(args: argparse.Namespace) -> None:
         raise BlockspecError(f"--block-size must be at least 2, got {args.block_size}")
 
 
+def _check_output(args: argparse.Namespace) -> None:
+    """Output problems, found before the target is loaded and the data generated rather than after."""
+    from blockspec.train.trainer import CHECKPOINT
+
+    for flag, path in (("--output", args.output), ("--data-cache", args.data_cache)):
+        nearest = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
+        if nearest is not None and not nearest.is_dir():
+            raise BlockspecError(f"{flag} {str(path)!r}: {str(nearest)!r} is a file, not a folder; pass a folder")
+    # a new run would overwrite the checkpoint, the draft and the metrics of the one already there
+    if not args.resume and not args.prepare_only and (args.output / CHECKPOINT).exists():
+        raise BlockspecError(f"--output {str(args.output)!r} already holds a training run ({CHECKPOINT}): pass "
+                             f"--resume to continue it, or a new --output to start another")
+
+
 def _check_export(args: argparse.Namespace) -> None:
     """--export-zlab problems, found before hours of training rather than after them."""
     from blockspec.train.export import check_export_dir
@@ -129,6 +143,7 @@ def run_train(args: argparse.Namespace) -> int:
     from blockspec.train.trainer import TrainConfig, train
 
     _positive(args)
+    _check_output(args)
     _check_export(args)
     temperatures = parse_temperature_mix(args.temperatures)
     if not args.data and not args.resume:
