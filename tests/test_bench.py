@@ -523,6 +523,21 @@ def test_user_errors_exit_2_with_one_line(capsys, tmp_path, extra, needle):
     assert_one_line_error(code, out, err, needle)
 
 
+def test_output_is_checked_before_the_run_and_earlier_results_are_kept(capsys, tmp_path):
+    """An earlier run's results.json was silently overwritten, and a file as --output failed with a traceback
+    only after the whole benchmark had run (its results lost)."""
+    earlier = tmp_path / "run1"
+    earlier.mkdir()
+    (earlier / "results.json").write_text('{"earlier": true}')
+    (tmp_path / "file").write_text("keep")
+    for output, needle in ((earlier, "earlier run"), (tmp_path / "file", "not a folder"),
+                           (tmp_path / "file" / "run", "not a folder")):
+        code, out, err = cli(capsys, "bench", "--target", tmp_path / "missing", "--dataset", "gsm8k", "--device",
+                             "cpu", "--output", output)
+        assert_one_line_error(code, out, err, needle)
+    assert (earlier / "results.json").read_text() == '{"earlier": true}' and (tmp_path / "file").read_text() == "keep"
+
+
 def test_missing_dataset_file_names_the_expected_path(capsys, tmp_path):
     code, out, err = cli(capsys, "bench", "--target", tmp_path / "missing", "--dataset", "mbpp", "--data-dir",
                          tmp_path, "--device", "cpu")

@@ -87,6 +87,16 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--block-size", args.block_size, 1), ("--warmup-tokens", args.warmup_tokens, 1)):
         if value is not None and value < low:
             raise BlockspecError(f"{flag} must be at least {low}, got {value}")
+    if args.output is not None:  # checked now: the results are written only after the whole run
+        from blockspec.bench.report import RESULTS_FILE
+
+        nearest = next(p for p in (args.output, *args.output.parents) if p.exists())
+        if not nearest.is_dir():
+            raise BlockspecError(f"--output {str(args.output)!r}: {str(nearest)!r} is a file, not a folder; pass "
+                                 f"a folder")
+        if (args.output / RESULTS_FILE).exists():
+            raise BlockspecError(f"--output {str(args.output)!r} already holds the {RESULTS_FILE} of an earlier run: "
+                                 f"pass a new --output (or move that one away)")
 
 
 def _bench(args: argparse.Namespace) -> int:
