@@ -77,6 +77,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def train_run(args: argparse.Namespace, nproc: int) -> dict:
     from blockspec.train.metrics import read_metrics
 
     run_dir = args.work / f"run-{nproc}"
+    # a fresh run each time: `blockspec train` refuses a folder that holds an earlier run (its inductor cache stays)
+    shutil.rmtree(run_dir / "train", ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "blockspec.cli", "train", *data_args(args), "--output", str(run_dir / "train"),
            "--arch", "dflash", "--num-layers", str(args.layers), "--target-layer-ids", ",".join(map(str, args.taps)),
