@@ -606,6 +606,18 @@ def test_prompt_sources():
         load_prompts("/no/such/file.jsonl")
 
 
+@pytest.mark.parametrize("ids, needle", [([5, 64], "token id 64 is outside"), ([-1], "token id -1 is outside"),
+                                         (["a"], "integer token ids"), ([1.5], "integer token ids")],
+                         ids=["past-vocab", "negative", "text", "float"])
+def test_prompt_file_token_ids_are_checked(bigram, tmp_path, ids, needle):
+    """`input_ids` past the vocabulary failed with an IndexError from the embedding, text with a ValueError, and
+    floats were silently truncated."""
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"input_ids": ids}) + "\n")
+    with pytest.raises(BlockspecError, match=needle):
+        build_dataset(bigram[0], [str(path)], DataConfig(max_new_tokens=8, max_seq_len=64), log=lambda m: None)
+
+
 def test_epoch_shuffling_is_deterministic():
     lengths = torch.randint(5, 100, (50,))
     a = epoch_batches(lengths, 8, seed=3, epoch=0)

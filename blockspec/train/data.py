@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from blockspec.datasets import MATH_SUFFIX, default_data_dir, load_dataset
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 
 MBPP_TRAIN_IDS = range(601, 975)
 CACHE_VERSION = 1
@@ -85,7 +85,10 @@ def prompt_from_record(record: dict, source: str) -> Prompt | None:
     if not isinstance(record, dict):
         return None
     if isinstance(record.get("input_ids"), list):
-        return Prompt(ids=[int(t) for t in record["input_ids"]], source=source)
+        ids = record["input_ids"]
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise BlockspecError(f"{source}: `input_ids` must be a list of integer token ids, got {brief(ids)}")
+        return Prompt(ids=list(ids), source=source)
     messages = record.get("messages") or record.get("conversations")
     if isinstance(messages, list) and messages:
         turns = [{"role": SHAREGPT_ROLES.get(m.get("role", m.get("from")), m.get("role", m.get("from"))),
@@ -444,6 +447,11 @@ def variant_prompts(target, request: VariantRequest, cfg: DataConfig, progress: 
 
 def render_prompt(target, prompt: Prompt, enable_thinking: bool | None) -> list[int]:
     if prompt.ids is not None:
+        vocab = target.model.config.vocab_size
+        bad = next((t for t in prompt.ids if not 0 <= t < vocab), None)
+        if bad is not None:  # the embedding lookup would fail with an IndexError
+            raise BlockspecError(f"{prompt.source}: token id {bad} is outside the target's vocabulary "
+                                 f"(0..{vocab - 1}); are these `input_ids` from another tokenizer?")
         return list(prompt.ids)
     if target.tokenizer is None:
         raise BlockspecError(f"target {target.name!r} has no tokenizer: give prompts as `input_ids`")
