@@ -811,6 +811,18 @@ def test_cli_export_zlab_problems_are_found_before_training(capsys, tmp_path, ex
     assert (tmp_path / "models" / "keep.txt").read_text() == "keep" and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--grad-clip", "0"), ("--grad-clip", "-1"), ("--gamma", "0"),
+                                         ("--gamma", "-2"), ("--lr", "inf"), ("--epochs", "-1"),
+                                         ("--warmup-ratio", "1.5"), ("--warmup-ratio", "nan"),
+                                         ("--checkpoint-every", "-1"), ("--eval-every", "-1")])
+def test_cli_refuses_meaningless_training_settings(capsys, tmp_path, flag, value):
+    """Once accepted silently: --grad-clip 0 zeroed every gradient (a negative one reversed them), --gamma 0 fell
+    back to the default, a --warmup-ratio of 1 or more never finished warming up. Checked before the target loads."""
+    code, out, err = run_cli(capsys, "train", "--target", tmp_path / "no-such-target", "--data", "gsm8k", "--output",
+                             tmp_path / "run", flag, value)
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and f"blockspec: error: {flag}" in err, err
+
+
 def test_cli_never_overwrites_a_run_and_refuses_files_as_folders(capsys, tmp_path):
     """A second `blockspec train` into a run folder once silently replaced its checkpoint, draft and metrics; a
     file as --output or --data-cache failed with a traceback after the data was generated."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -100,8 +101,19 @@ def _positive(args: argparse.Namespace) -> None:
             raise BlockspecError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.steps is not None and args.steps < 1:
         raise BlockspecError(f"--steps must be a positive integer, got {args.steps}")
-    if not args.lr > 0:
-        raise BlockspecError(f"--lr must be positive, got {args.lr}")
+    # `not x > 0` (not `x <= 0`) also refuses nan. Before these checks a --grad-clip of 0 zeroed every
+    # gradient and a negative one reversed them, --gamma 0 fell back to the default, and a --warmup-ratio
+    # of 1 or more kept the learning rate warming up for the whole run: all silently.
+    for flag, value in (("--lr", args.lr), ("--epochs", args.epochs), ("--grad-clip", args.grad_clip),
+                        ("--gamma", args.gamma)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise BlockspecError(f"{flag} must be a positive number, got {value}")
+    if not 0 <= args.warmup_ratio < 1:
+        raise BlockspecError(f"--warmup-ratio must be in [0, 1) (a share of the steps), got {args.warmup_ratio}")
+    for flag, value in (("--max-minutes", args.max_minutes), ("--checkpoint-every", args.checkpoint_every),
+                        ("--eval-every", args.eval_every)):
+        if value is not None and not value >= 0:
+            raise BlockspecError(f"{flag} must be 0 or more, got {value}")
     if args.block_size < 2:
         raise BlockspecError(f"--block-size must be at least 2, got {args.block_size}")
 
