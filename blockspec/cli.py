@@ -113,8 +113,10 @@ def _generate(args: argparse.Namespace) -> int:
         ar = record["ar"]
         verdict = "IDENTICAL to" if ar["token_ids_equal"] else "DIFFERENT from"
         kind = "greedy" if params.greedy else "seeded sampling (equal only in distribution)"
-        print(f"plain decoding ({kind}): {ar['stats']['tokens_per_s']:.1f} tok/s; speculative output is {verdict} "
-              f"plain decoding", file=sys.stderr)
+        # the speedup that --help promises (mean TPOT plain / speculative, as `bench` defines it)
+        speedup = "-" if ar["speedup_tpot"] is None else f"{ar['speedup_tpot']:.2f}x"
+        print(f"plain decoding ({kind}): {ar['stats']['tokens_per_s']:.1f} tok/s, speedup {speedup} (TPOT); "
+              f"speculative output is {verdict} plain decoding", file=sys.stderr)
     return 0
 
 

@@ -190,6 +190,7 @@ def test_streaming_prints_text_to_stdout_and_stats_to_stderr(capsys, tiny):
     assert "(block 8)" in err and "TTFT" in err and "TPOT" in err and "tok/s" in err
     assert "acceptance histogram (lengths 1..8): [" in err
     assert "speculative output is IDENTICAL to plain decoding" in err
+    assert " speedup " in err and "x (TPOT)" in err  # --compare-ar's help: "report speedup and token identity"
     assert "Traceback" not in err
 
 
