@@ -538,6 +538,17 @@ def test_output_is_checked_before_the_run_and_earlier_results_are_kept(capsys, t
     assert (earlier / "results.json").read_text() == '{"earlier": true}' and (tmp_path / "file").read_text() == "keep"
 
 
+@pytest.mark.parametrize("results", ['{"config": {}, "environment": {}, "summary": {}}',
+                                     '{"config": [], "environment": 1, "summary": "x"}',
+                                     '{"config": {}, "environment": {}, "summary": {"datasets": []}}'],
+                         ids=["empty", "wrong-types", "datasets-a-list"])
+def test_report_of_an_incomplete_results_file_is_one_line(capsys, tmp_path, results):
+    """--report of a results.json missing its inner keys once failed with a KeyError traceback."""
+    (tmp_path / "results.json").write_text(results)
+    code, out, err = cli(capsys, "bench", "--report", tmp_path / "results.json")
+    assert_one_line_error(code, out, err, "not a complete `blockspec bench` results.json")
+
+
 def test_missing_dataset_file_names_the_expected_path(capsys, tmp_path):
     code, out, err = cli(capsys, "bench", "--target", tmp_path / "missing", "--dataset", "mbpp", "--data-dir",
                          tmp_path, "--device", "cpu")

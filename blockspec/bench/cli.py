@@ -17,7 +17,7 @@ from pathlib import Path
 
 from blockspec.cli_args import UNTRAINED_DRAFT, add_exact_arg, add_model_args, kernel_settings, load_pair
 from blockspec.datasets import DATASET_NAMES, HUB
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 
 DEFAULT_DATASETS = "gsm8k,math500,humaneval,mbpp,mt-bench"
 
@@ -103,7 +103,13 @@ def _bench(args: argparse.Namespace) -> int:
     if args.report is not None:
         from blockspec.bench.report import read_results, summary_markdown
 
-        print(summary_markdown(read_results(args.report)), end="")
+        try:
+            markdown = summary_markdown(read_results(args.report))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # an edited or cut-down file
+            raise BlockspecError(f"{str(args.report)!r} is not a complete `blockspec bench` results.json "
+                                 f"({type(exc).__name__}: {brief(exc.args[0] if exc.args else '')}): pass the "
+                                 f"file a run wrote") from None
+        print(markdown, end="")
         return 0
     from blockspec.datasets import resolve_names
 
