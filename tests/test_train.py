@@ -606,6 +606,15 @@ def test_prompt_sources():
         load_prompts("/no/such/file.jsonl")
 
 
+@pytest.mark.parametrize("spec", ["FILE:0", "self:0", "hub:org/chat:0"])
+def test_a_count_of_zero_is_refused_not_taken_as_every_prompt(tmp_path, spec):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"input_ids": [1, 2, i]}) + "\n" for i in range(3)))
+    assert len(load_prompts(f"{path}:2")) == 2
+    with pytest.raises(BlockspecError, match="must be at least 1"):
+        load_prompts(spec.replace("FILE", str(path)))
+
+
 @pytest.mark.parametrize("ids, needle", [([5, 64], "token id 64 is outside"), ([-1], "token id -1 is outside"),
                                          (["a"], "integer token ids"), ([1.5], "integer token ids")],
                          ids=["past-vocab", "negative", "text", "float"])

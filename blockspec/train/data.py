@@ -169,11 +169,11 @@ def load_prompts(spec: str) -> list[Prompt] | int | VariantRequest:
     if name == "hub":
         sub, _, count = rest.rpartition(":")
         if sub and count.isdigit():
-            return hub_prompts(sub, int(count))
+            return hub_prompts(sub, _count(spec, count))
         return hub_prompts(rest, None)
     limit = None
     if rest.isdigit():
-        limit = int(rest)
+        limit = _count(spec, rest)
     elif rest:
         if Path(spec).exists():  # a path with a colon in it
             name, limit = spec, None
@@ -194,6 +194,13 @@ def load_prompts(spec: str) -> list[Prompt] | int | VariantRequest:
         raise BlockspecError(f"prompt file {str(path)!r} has no usable record (fields: messages, question, prompt, "
                              f"text, instruction, turns or input_ids)")
     return prompts[:limit] if limit else prompts
+
+
+def _count(spec: str, count: str) -> int:
+    """The N of a source NAME:N, at least 1 (a count of 0 used to be taken as no count: every prompt)."""
+    if int(count) < 1:
+        raise BlockspecError(f"data source {spec!r}: the count after ':' must be at least 1")
+    return int(count)
 
 
 # ---- the dataset -----------------------------------------------------------------------------------------------
