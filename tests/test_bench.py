@@ -516,6 +516,7 @@ def test_unknown_dataset_lists_the_valid_names(capsys, tmp_path):
     (["--max-samples", "0"], "--max-samples must be at least 1"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--temperature", "-1"], "temperature"),
+    (["--shuffle-seed", "3"], "--shuffle-seed picks which --max-samples prompts run"),  # once silently ignored
 ])
 def test_user_errors_exit_2_with_one_line(capsys, tmp_path, extra, needle):
     code, out, err = cli(capsys, "bench", "--target", tmp_path / "missing", "--dataset", "gsm8k", "--device", "cpu",

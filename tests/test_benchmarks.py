@@ -1002,7 +1002,7 @@ def test_bench_report_prints_the_summary_of_a_stored_run(capsys, tmp_path):
     plain.write_text(json.dumps(results))
     with gzip.open(packed, "wt") as f:
         json.dump(results, f)
-    for path in (plain, packed):
+    for path in (plain, packed, tmp_path):  # a run's output folder: its results.json
         code, out, err = run_cli(capsys, "bench", "--report", path)
         assert (code, out, err) == (0, expected, "")
     (tmp_path / "other.json").write_text(json.dumps({"paths": {}}))

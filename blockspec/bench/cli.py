@@ -87,6 +87,9 @@ def _check_args(args: argparse.Namespace) -> None:
                              ("--block-size", args.block_size, 1), ("--warmup-tokens", args.warmup_tokens, 1)):
         if value is not None and value < low:
             raise BlockspecError(f"{flag} must be at least {low}, got {value}")
+    if args.shuffle_seed is not None and args.max_samples is None:  # every prompt runs, in order: it would do nothing
+        raise BlockspecError("--shuffle-seed picks which --max-samples prompts run: pass --max-samples N too, or "
+                             "drop it")
     if args.output is not None:  # checked now: the results are written only after the whole run
         from blockspec.bench.report import RESULTS_FILE
 
@@ -101,12 +104,15 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     if args.report is not None:
-        from blockspec.bench.report import read_results, summary_markdown
+        from blockspec.bench.report import RESULTS_FILE, read_results, summary_markdown
 
+        report = args.report
+        if report.is_dir():  # a run's output folder: the results.json it wrote
+            report = report / RESULTS_FILE
         try:
-            markdown = summary_markdown(read_results(args.report))
+            markdown = summary_markdown(read_results(report))
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:  # an edited or cut-down file
-            raise BlockspecError(f"{str(args.report)!r} is not a complete `blockspec bench` results.json "
+            raise BlockspecError(f"{str(report)!r} is not a complete `blockspec bench` results.json "
                                  f"({type(exc).__name__}: {brief(exc.args[0] if exc.args else '')}): pass the "
                                  f"file a run wrote") from None
         print(markdown, end="")
