@@ -778,6 +778,7 @@ BAD_REQUESTS = {
     "top_p zero": _chat(top_p=0),
     "seed a float": _chat(seed=1.5),
     "seed too large": _chat(seed=2**70),
+    "top_k beyond 64 bits": _chat(top_k=2**64),  # was a 500 for every request in its batch
     "stop a number": _chat(stop=5),
     "stop empty": _chat(stop=[""]),
     "stream a string": _chat(stream="yes"),

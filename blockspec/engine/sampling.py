@@ -35,8 +35,9 @@ class SamplingParams:
             raise BlockspecError(f"seed must be an integer in [-2**63, 2**64), got {brief(self.seed)}")
         if not 0 < self.top_p <= 1:
             raise BlockspecError(f"top_p must be in (0, 1], got {brief(self.top_p)}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise BlockspecError(f"top_k must be a non-negative integer (0 = off), got {brief(self.top_k)}")
+        # the bound: top_k becomes an int64 tensor in the step, where a larger one fails the whole batch
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**63:
+            raise BlockspecError(f"top_k must be an integer in [0, 2**63) (0 = off), got {brief(self.top_k)}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise BlockspecError("stop strings must be non-empty strings")
         if self.logprobs is not None and not (isinstance(self.logprobs, int)
