@@ -334,6 +334,23 @@ def test_sampling_seed_stop_and_max_tokens(server):
     assert newer.usage.completion_tokens == 3
 
 
+def test_null_optional_fields_take_their_defaults(server):
+    """OpenAI's optional fields are nullable: clients (and the openai client given None) send null for unset."""
+    nulls = dict.fromkeys(("temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
+                           "ignore_eos", "block_size", "user", "logprobs"))
+    greedy = {"temperature": 0, "max_tokens": 3}
+    chat_body = {**GOOD_CHAT, **nulls, **greedy, "top_logprobs": None, "max_completion_tokens": None,
+                 "chat_template_kwargs": None}
+    completion_body = {**GOOD_COMPLETION, **nulls, **greedy}
+    for path, body in (("/v1/chat/completions", chat_body), ("/v1/completions", completion_body)):
+        response = httpx.post(server.url + path, json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] == 3
+    assert chat(server.client(), max_tokens=3, top_p=None, n=None, seed=None).usage.completion_tokens == 3
+    response = httpx.post(server.url + "/v1/completions", json={**completion_body, "prompt": None}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
 def test_chat_template_kwargs_reach_the_template(server, tiny):
     client = server.client()
     plain = chat(client, max_tokens=2)

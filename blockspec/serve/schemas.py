@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from blockspec.engine.sampling import SamplingParams
 
@@ -53,6 +53,15 @@ class CommonFields(BaseModel):
     ignore_eos: bool = False  # vLLM extension
     block_size: int | None = Field(None, ge=1)  # blockspec extension: this request's draft block
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data: Any) -> Any:
+        """OpenAI's optional fields are nullable, and clients send `"temperature": null` or `"n": null` for
+        "unset": a null field takes its default (a null required field is then missing)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.model_fields}
+        return data
 
     @property
     def num_logprobs(self) -> int | None:
