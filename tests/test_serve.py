@@ -869,6 +869,19 @@ def test_bad_input_through_the_openai_client(server):
     assert chat(client, max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_text_that_is_not_unicode_is_named_as_such(server):
+    """JSON can escape half a surrogate pair; such text cannot be tokenized. The completions' error spoke of the
+    chat template and named `messages`."""
+    for path, body, param in (
+            ("/v1/completions", b'{"prompt": "a\\ud800b", "max_tokens": 2}', "prompt"),
+            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}',
+             "messages")):
+        response = httpx.post(server.url + path, content=body, timeout=30)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and "surrogate" in error["message"], error
+
+
 def test_method_not_allowed_is_an_openai_error(server):
     response = httpx.get(server.url + "/v1/chat/completions", timeout=10)
     assert response.status_code == 405 and "error" in response.json()

@@ -304,11 +304,20 @@ class Service:
 
     async def encode(self, prompt: str | list[dict], chat: bool, template_kwargs: dict | None = None) -> list[int]:
         """Token ids, computed on the tokenizing thread; a prompt too long to fit is refused before."""
+        param = "messages" if chat else "prompt"
         chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
         if chars > self.max_prompt_chars:
             raise APIError(400, f"the prompt has {chars} characters, more than this model's maximum context "
                                 f"length of {self.max_model_len} tokens can hold: shorten the prompt",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
+                           param=param, code="context_length_exceeded")
+        # JSON may escape half a surrogate pair ("\ud800"): Python reads it into a str that no tokenizer encodes
+        texts = [prompt] if isinstance(prompt, str) else [t for m in prompt for t in (m["role"], m["content"])]
+        try:
+            for text in texts:
+                text.encode()
+        except UnicodeEncodeError:
+            raise APIError(400, f"the text of {param} is not valid Unicode: it holds an unpaired UTF-16 surrogate "
+                                f"(an escape in \\ud800-\\udfff without its pair)", param=param) from None
         return await asyncio.get_running_loop().run_in_executor(self.tokenizing, self._encode, prompt, chat,
                                                                 template_kwargs)
 
@@ -323,7 +332,9 @@ class Service:
             if isinstance(exc, TemplateError):  # the template refused the conversation: its words are for users
                 raise APIError(400, f"the chat template refused these messages: {exc}", param="messages") from None
             # the template or tokenizer tripped over this input; its internals are no business of the client's
-            log.warning("the chat template failed on a request", exc_info=True)
+            log.warning("tokenizing a request failed", exc_info=True)
+            if not chat:  # no template involved: the tokenizer refused the text
+                raise APIError(400, "the tokenizer cannot encode this prompt", param="prompt") from None
             raise APIError(400, "the chat template cannot render these messages with these "
                                 "chat_template_kwargs", param="messages") from None
 
