@@ -847,6 +847,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
     assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
     if "context" in case or "huge" in case:
         assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
+    if "longer than the context" in case:
+        assert error["param"] == ("messages" if "chat" in path else "prompt")
     if "model" in case:
         assert error["code"] == "model_not_found"
     assert server.metrics()['blockspec_requests_total{outcome="invalid"}'] == before + 1

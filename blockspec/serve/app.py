@@ -339,14 +339,15 @@ class Service:
                                 "chat_template_kwargs", param="messages") from None
 
     def sampling_params(self, body: CommonFields, n_prompt: int, max_tokens: int | None) -> SamplingParams:
+        prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
         if n_prompt == 0:
-            raise APIError(400, "the prompt is empty", param="prompt")
+            raise APIError(400, "the prompt is empty", param=prompt_param)
         room = self.max_model_len - n_prompt
         if room < 1 or (max_tokens is not None and max_tokens > room):
             asked = "" if max_tokens is None else f" and max_tokens is {brief(max_tokens)}"
             raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
                                 f"has {n_prompt} tokens{asked}: shorten the prompt or lower max_tokens",
-                           param="max_tokens" if room >= 1 else "messages", code="context_length_exceeded")
+                           param="max_tokens" if room >= 1 else prompt_param, code="context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         params = SamplingParams(max_new_tokens=room if max_tokens is None else max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
