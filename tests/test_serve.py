@@ -311,6 +311,9 @@ def test_completions_streaming_and_not(server, tiny):
     assert whole.choices[0].text.startswith(by_ids.choices[0].text)
     listed = client.completions.create(model="tiny", prompt=[PROMPT], max_tokens=20, temperature=0)
     assert listed.choices[0].text == whole.choices[0].text
+    # a batch of one token-id prompt, as lm-evaluation-harness and the openai client's types send it
+    nested = client.completions.create(model="tiny", prompt=[ids], temperature=0, extra_body={"ignore_eos": True})
+    assert nested.choices[0].text == by_ids.choices[0].text
 
 
 def test_sampling_seed_stop_and_max_tokens(server):
@@ -813,6 +816,8 @@ BAD_REQUESTS = {
     "prompt empty ids": _completion(prompt=[]),
     "prompt ids out of vocabulary": _completion(prompt=[1, 10**9]),
     "two prompts": _completion(prompt=["a", "b"]),
+    "two token-id prompts": _completion(prompt=[[1, 2], [3]]),
+    "an empty token-id prompt in a list": _completion(prompt=[[]]),
     "block_size above the draft's": _chat(block_size=9),
     "block_size zero": _chat(block_size=0),
     # issue 24, item 6: these were 500s echoing the exception, or messages echoing the input in full

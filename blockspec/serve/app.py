@@ -605,7 +605,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         body = parse_body(await read_body(request, service.max_request_bytes), CompletionRequest)
         service.check_common(body)
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):  # a batch of prompts
             if len(prompt) != 1:
                 raise APIError(400, f"one prompt per request, got a list of {len(prompt)}", param="prompt")
             prompt = prompt[0]

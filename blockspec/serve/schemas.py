@@ -88,7 +88,7 @@ class ChatCompletionRequest(CommonFields):
 
 
 class CompletionRequest(CommonFields):
-    prompt: str | list[int] | list[str]  # text, token ids, or a list holding one text
+    prompt: str | list[int] | list[str] | list[list[int]]  # text, token ids, or a list holding one of either
     logprobs: int | None = Field(None, ge=0, le=SamplingParams.MAX_LOGPROBS)  # the alternatives listed per token
 
     @property
