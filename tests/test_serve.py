@@ -917,6 +917,7 @@ def test_cli_user_errors(capsys, tiny):
                              "--max-num-seqs", "0"], "max_num_seqs")
     _one_error_line(capsys, ["serve", "--port", "70000"], "70000")
     _one_error_line(capsys, ["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout")
+    _one_error_line(capsys, ["serve", "--api-key", ""], "--api-key")  # was a server that refused every request
     _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
                              "--max-request-bytes", "0"], "request size limit")
 

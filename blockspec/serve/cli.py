@@ -84,6 +84,9 @@ def _serve(args: argparse.Namespace) -> int:
         raise BlockspecError(f"`blockspec serve` needs {exc.name}: pip install 'blockspec[serve]'") from None
     if args.max_step_tokens is not None and (args.max_step_tokens < 0 or args.max_step_tokens == 1):
         raise BlockspecError(f"--max-step-tokens must be 0 (off) or at least 2, got {args.max_step_tokens}")
+    if args.api_key == "":  # every /v1 request would get 401: no client can send an empty bearer token
+        raise BlockspecError("--api-key is empty (is $BLOCKSPEC_API_KEY set to ''?): give a key, or unset it to "
+                             "serve without one")
     if not args.shutdown_timeout >= 0:
         raise BlockspecError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
     sock = _listen(args.host, args.port)
