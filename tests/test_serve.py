@@ -789,6 +789,7 @@ BAD_REQUESTS = {
     "max_tokens negative": _chat(max_tokens=-5),
     "max_tokens zero": _completion(max_tokens=0),
     "max_tokens huge": _chat(max_tokens=10**12),
+    "max_completion_tokens huge": _chat(max_tokens=None, max_completion_tokens=5000),
     "max_tokens a string": _chat(max_tokens="10"),
     "max_tokens a float": _completion(max_tokens=2.5),
     "prompt longer than the context": _completion(prompt=LONG_PROMPT),
@@ -852,6 +853,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
     assert error["type"] == "invalid_request_error" and set(error) == {"message", "type", "param", "code"}
     if "context" in case or "huge" in case:
         assert error["code"] == "context_length_exceeded" and str(CONTEXT) in error["message"]
+    if case == "max_completion_tokens huge":  # the error names the field the client sent
+        assert error["param"] == "max_completion_tokens" and "max_completion_tokens is 5000" in error["message"]
     if "longer than the context" in case:
         assert error["param"] == ("messages" if "chat" in path else "prompt")
     if "model" in case:

@@ -344,10 +344,12 @@ class Service:
             raise APIError(400, "the prompt is empty", param=prompt_param)
         room = self.max_model_len - n_prompt
         if room < 1 or (max_tokens is not None and max_tokens > room):
-            asked = "" if max_tokens is None else f" and max_tokens is {brief(max_tokens)}"
+            # the limit's name as the client sent it (chat's max_completion_tokens wins over max_tokens)
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            asked = "" if max_tokens is None else f" and {field} is {brief(max_tokens)}"
             raise APIError(400, f"this model's maximum context length is {self.max_model_len} tokens, but the prompt "
-                                f"has {n_prompt} tokens{asked}: shorten the prompt or lower max_tokens",
-                           param="max_tokens" if room >= 1 else prompt_param, code="context_length_exceeded")
+                                f"has {n_prompt} tokens{asked}: shorten the prompt or lower {field}",
+                           param=field if room >= 1 else prompt_param, code="context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         params = SamplingParams(max_new_tokens=room if max_tokens is None else max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
