@@ -470,3 +470,34 @@ def test_load_draft_missing_path(tmp_path):
     with pytest.raises(BlockspecError) as excinfo:
         load_draft(tmp_path)  # exists, but holds no config.json
     one_line_error(excinfo, "config.json")
+
+
+def save_tiny_hf_target(zoo, directory: Path) -> Path:
+    """The zoo's tiny Qwen3 target saved as an HF directory (config.json + model.safetensors)."""
+    zoo.target("qwen3").hf.save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("tensor", ["model.layers.1.mlp.down_proj.weight", "model.norm.weight",
+                                    "model.embed_tokens.weight"])
+def test_target_missing_tensor_is_refused_not_random(zoo, tmp_path, tensor):
+    """transformers would initialise a missing tensor randomly and only log it: a silently wrong target."""
+    edit_tensors(save_tiny_hf_target(zoo, tmp_path), lambda t: t.pop(tensor))
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    # the tiny Qwen3 ties its head to the embedding: without it, lm_head.weight is missing as well
+    one_line_error(excinfo, "missing tensor", "lm_head.weight" if "embed" in tensor else tensor)
+
+
+def test_target_tensor_of_the_wrong_shape_is_refused(zoo, tmp_path):
+    def shrink(t):
+        t["model.layers.1.mlp.down_proj.weight"] = torch.zeros(64, 100)
+    edit_tensors(save_tiny_hf_target(zoo, tmp_path), shrink)
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    one_line_error(excinfo, "model.layers.1.mlp.down_proj.weight", "[64, 100]", "[64, 128]")
+    save_tiny_hf_target(zoo, tmp_path)
+    edit_config(tmp_path, lambda raw: raw.update(hidden_size=128))  # config.json that disagrees with the weights
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    one_line_error(excinfo, "config.json")

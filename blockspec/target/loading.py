@@ -186,10 +186,13 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         raise BlockspecError(f"target model_type {hf_config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+        # mismatched shapes are reported in `info` (checked below), not raised as a multi-line RuntimeError
+        hf_model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True)
     except OSError as exc:
         raise BlockspecError(f"cannot load target weights from {name!r} ({str(exc).splitlines()[0][:160]}); "
                              f"the folder needs *.safetensors weights") from None
+    _check_loading_info(name, info)
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
     # transformers 5 returns an empty tokenizer for a folder without one; treat that as "no tokenizer"
@@ -206,6 +209,21 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         eos += [candidate] if isinstance(candidate, int) else list(candidate or [])
     return Target(model=model, tokenizer=tok, name=name, eos_token_ids=tuple(dict.fromkeys(eos)),
                   hf_config=hf_config)
+
+
+def _check_loading_info(name: str, info: dict) -> None:
+    """Refuse a checkpoint that lacks a tensor or holds one of another shape: transformers would initialise it
+    randomly and only log it, leaving a target that loads fine and decodes garbage."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise BlockspecError(f"target checkpoint {name!r} is missing tensor {missing[0]!r}{more}: the weights are "
+                             f"incomplete (a missing shard?); re-download or re-save the checkpoint")
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda entry: entry[0])
+    if mismatched:
+        key, found, expected = mismatched[0]
+        raise BlockspecError(f"target tensor {key!r} in {name!r} has shape {list(found)}, but config.json implies "
+                             f"{list(expected)}: config.json does not match the weights")
 
 
 def target_from_hf(hf_model: torch.nn.Module, tokenizer: object | None = None, name: str = "in-memory") -> Target:
