@@ -501,3 +501,16 @@ def test_target_tensor_of_the_wrong_shape_is_refused(zoo, tmp_path):
     with pytest.raises(BlockspecError) as excinfo:
         load_target(str(tmp_path), tokenizer=False)
     one_line_error(excinfo, "config.json")
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda raw: raw.update(num_hidden_layers=2), "num_hidden_layers"),  # layer_types still lists 4 layers
+    (lambda raw: raw.update(layer_types=["full_attention", "mamba", "full_attention", "full_attention"]),
+     "layer_types"),
+])
+def test_target_config_that_transformers_rejects(zoo, tmp_path, edit, needle):
+    """transformers validates configs with its own exception type (not a ValueError): still one line."""
+    edit_config(save_tiny_hf_target(zoo, tmp_path), edit)
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    one_line_error(excinfo, "config", needle)

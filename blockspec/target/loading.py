@@ -182,6 +182,11 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         hf_config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise BlockspecError(f"cannot read the target config in {name!r}: {str(exc).splitlines()[0]}") from None
+    except _config_validation_error() as exc:
+        # "Class validation error for validator ...:" then the reason on the last line
+        reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
+        raise BlockspecError(f"the target config.json in {name!r} is invalid ({reason[:200]}): fix config.json "
+                             f"to match the checkpoint") from None
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise BlockspecError(f"target model_type {hf_config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -209,6 +214,13 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         eos += [candidate] if isinstance(candidate, int) else list(candidate or [])
     return Target(model=model, tokenizer=tok, name=name, eos_token_ids=tuple(dict.fromkeys(eos)),
                   hf_config=hf_config)
+
+
+def _config_validation_error() -> type[Exception]:
+    """The error transformers' config dataclasses raise for an inconsistent config.json (not a ValueError)."""
+    from huggingface_hub import errors as hub_errors
+
+    return getattr(hub_errors, "StrictDataclassError", ValueError)
 
 
 def _check_loading_info(name: str, info: dict) -> None:
