@@ -514,3 +514,19 @@ def test_target_config_that_transformers_rejects(zoo, tmp_path, edit, needle):
     with pytest.raises(BlockspecError) as excinfo:
         load_target(str(tmp_path), tokenizer=False)
     one_line_error(excinfo, "config", needle)
+
+
+def test_target_with_unreadable_weights(zoo, tmp_path):
+    """A truncated download, a file that is not safetensors, an index that is not JSON: one line each."""
+    weights = save_tiny_hf_target(zoo, tmp_path) / "model.safetensors"
+    data = weights.read_bytes()
+    for broken in (data[:len(data) // 2], b"not a safetensors file"):
+        weights.write_bytes(broken)
+        with pytest.raises(BlockspecError) as excinfo:
+            load_target(str(tmp_path), tokenizer=False)
+        one_line_error(excinfo, "safetensors", "unreadable")
+    weights.unlink()
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    one_line_error(excinfo, "model.safetensors.index.json")

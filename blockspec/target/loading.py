@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import sys
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET, download_from_hub, looks_like_hub_id, resolve_local, smollm2_gguf_path
@@ -197,6 +199,13 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
     except OSError as exc:
         raise BlockspecError(f"cannot load target weights from {name!r} ({str(exc).splitlines()[0][:160]}); "
                              f"the folder needs *.safetensors weights") from None
+    except json.JSONDecodeError as exc:  # a broken shard index (config.json was read above)
+        raise BlockspecError(f"{_first_invalid_json(Path(source))} in {name!r} is not valid JSON ({exc.msg}, "
+                             f"line {exc.lineno}): re-download or re-save the checkpoint") from None
+    except SafetensorError as exc:  # a truncated download, or a file that is not safetensors at all
+        reason = str(exc).splitlines()[0][:120]
+        raise BlockspecError(f"the *.safetensors weights in {name!r} are unreadable ({reason}): re-download or "
+                             f"re-save the checkpoint") from None
     _check_loading_info(name, info)
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
@@ -214,6 +223,16 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
         eos += [candidate] if isinstance(candidate, int) else list(candidate or [])
     return Target(model=model, tokenizer=tok, name=name, eos_token_ids=tuple(dict.fromkeys(eos)),
                   hf_config=hf_config)
+
+
+def _first_invalid_json(folder: Path) -> str:
+    """The name of the first *.json file in `folder` that does not parse (for an error message)."""
+    for path in sorted(folder.glob("*.json")):
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return path.name
+    return "a .json file"
 
 
 def _config_validation_error() -> type[Exception]:
