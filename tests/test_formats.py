@@ -530,3 +530,16 @@ def test_target_with_unreadable_weights(zoo, tmp_path):
     with pytest.raises(BlockspecError) as excinfo:
         load_target(str(tmp_path), tokenizer=False)
     one_line_error(excinfo, "model.safetensors.index.json")
+
+
+def test_load_target_and_load_draft_take_a_path_object(zoo, tmp_path):
+    """Both documented entry points take a pathlib.Path as well as a string; any other type is a one-line error."""
+    target = load_target(save_tiny_hf_target(zoo, tmp_path / "target"), tokenizer=False)
+    assert target.name == str(tmp_path / "target") and target.model.config.num_layers == 5
+    save_draft(make_draft(zoo), tmp_path / "draft")
+    assert load_draft(tmp_path / "draft").config.num_layers == 2
+    for load in (load_target, load_draft):
+        for wrong in (None, 123):
+            with pytest.raises(BlockspecError) as excinfo:
+                load(wrong)
+            one_line_error(excinfo, repr(wrong), "path")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from blockspec.draft.config import DraftConfig
 from blockspec.draft.model import MASK_EMBEDDING, DraftModel, new_draft
 from blockspec.errors import BlockspecError
-from blockspec.hub import download_from_hub, looks_like_hub_id, resolve_local
+from blockspec.hub import download_from_hub, looks_like_hub_id, model_name, resolve_local
 from blockspec.shipped import shipped_draft_dir
 
 # Tensors some exporters add that a draft does not own (it borrows the target's embedding and head).
@@ -61,7 +61,7 @@ def resolve_draft_dir(name: str) -> Path:
 
 def load_draft(name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DraftModel:
     """Load a DFlash / DFlare draft checkpoint (local directory, shipped draft name, or model-hub id)."""
-    directory = resolve_draft_dir(str(name))
+    directory = resolve_draft_dir(model_name(name, "draft"))
     cfg = DraftConfig.load(directory)
     tensors = _read_tensors(directory)
     for ignored in IGNORED_TENSORS:

@@ -15,7 +15,8 @@ import torch
 from safetensors import SafetensorError
 
 from blockspec.errors import BlockspecError
-from blockspec.hub import DEFAULT_TARGET, download_from_hub, looks_like_hub_id, resolve_local, smollm2_gguf_path
+from blockspec.hub import (DEFAULT_TARGET, download_from_hub, looks_like_hub_id, model_name, resolve_local,
+                           smollm2_gguf_path)
 from blockspec.target.model import SUPPORTED_MODEL_TYPES, TargetModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -166,7 +167,7 @@ def _hf_source(name: str) -> str:
     raise BlockspecError(f"target directory {name!r} has no config.json (nor a single .gguf file)")
 
 
-def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
+def load_target(name: str | os.PathLike = DEFAULT_TARGET, device: str | torch.device = "cpu",
                 dtype: str | torch.dtype = "auto", tokenizer: bool = True) -> Target:
     """Load a Llama / Qwen2 / Qwen3 / Mistral / Qwen3.5 causal LM from a directory, a GGUF file or a model-hub id.
 
@@ -175,6 +176,7 @@ def load_target(name: str = DEFAULT_TARGET, device: str | torch.device = "cpu",
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
+    name = model_name(name, "target")
     torch_dtype = resolve_dtype(dtype, device)
     # transformers prints progress bars and GGUF notes; keep the CLI's output to what the user asked for.
     hf_logging.set_verbosity_error()
