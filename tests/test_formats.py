@@ -543,3 +543,23 @@ def test_load_target_and_load_draft_take_a_path_object(zoo, tmp_path):
             with pytest.raises(BlockspecError) as excinfo:
                 load(wrong)
             one_line_error(excinfo, repr(wrong), "path")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CUDA device on a CPU-only machine")
+def test_load_target_and_load_draft_check_device_and_dtype(zoo, tmp_path):
+    """Devices and dtypes are checked the same way whether given as strings or torch objects, by both loaders."""
+    target_dir = save_tiny_hf_target(zoo, tmp_path / "target")
+    save_draft(make_draft(zoo), tmp_path / "draft")
+    cases = [(load_target, target_dir, dict(device=torch.device("cuda")), "CUDA is not available"),
+             (load_target, target_dir, dict(device=0), "device"),
+             (load_target, target_dir, dict(dtype=torch.int8), "torch.int8"),
+             (load_draft, tmp_path / "draft", dict(device="cuda"), "CUDA is not available"),
+             (load_draft, tmp_path / "draft", dict(device=torch.device("cuda:1")), "CUDA is not available"),
+             (load_draft, tmp_path / "draft", dict(device="mps"), "mps"),
+             (load_draft, tmp_path / "draft", dict(dtype="half"), "'half'")]
+    for load, path, kwargs, needle in cases:
+        with pytest.raises(BlockspecError) as excinfo:
+            load(path, **kwargs)
+        one_line_error(excinfo, needle)
+    assert load_target(target_dir, device=torch.device("cpu"), tokenizer=False).device.type == "cpu"
+    assert load_draft(tmp_path / "draft", dtype="bfloat16").fc.weight.dtype == torch.bfloat16  # as load_target takes it

@@ -17,6 +17,7 @@ from blockspec.draft.model import MASK_EMBEDDING, DraftModel, new_draft
 from blockspec.errors import BlockspecError
 from blockspec.hub import download_from_hub, looks_like_hub_id, model_name, resolve_local
 from blockspec.shipped import shipped_draft_dir
+from blockspec.target.loading import resolve_device, resolve_dtype
 
 # Tensors some exporters add that a draft does not own (it borrows the target's embedding and head).
 IGNORED_TENSORS = ("rotary_emb.inv_freq", "embed_tokens.weight", "lm_head.weight")
@@ -59,8 +60,13 @@ def resolve_draft_dir(name: str) -> Path:
     return path
 
 
-def load_draft(name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> DraftModel:
-    """Load a DFlash / DFlare draft checkpoint (local directory, shipped draft name, or model-hub id)."""
+def load_draft(name: str | Path, device: str | torch.device = "cpu",
+               dtype: str | torch.dtype | None = None) -> DraftModel:
+    """Load a DFlash / DFlare draft checkpoint (local directory, shipped draft name, or model-hub id).
+
+    `device` and `dtype` are read as load_target reads them (`dtype=None` keeps the checkpoint's dtype)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device) if dtype is not None else None
     directory = resolve_draft_dir(model_name(name, "draft"))
     cfg = DraftConfig.load(directory)
     tensors = _read_tensors(directory)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
-from blockspec.errors import BlockspecError
+from blockspec.errors import BlockspecError, brief
 from blockspec.hub import (DEFAULT_TARGET, download_from_hub, looks_like_hub_id, model_name, resolve_local,
                            smollm2_gguf_path)
 from blockspec.target.model import SUPPORTED_MODEL_TYPES, TargetModel
@@ -24,11 +24,14 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
 
-def resolve_device(device: str) -> str:
-    """The device to run on: cpu, cuda or cuda:N ('auto': cuda when available). Anything else -- mps, meta, a
-    missing GPU -- is a one-line user error."""
+def resolve_device(device: str | torch.device) -> str:
+    """The device to run on: cpu, cuda or cuda:N ('auto': cuda when available), as a string or a torch.device.
+    Anything else -- mps, meta, a missing GPU, a bare index -- is a one-line user error."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device, (str, torch.device)):  # torch reads an int as the current accelerator's index
+        raise BlockspecError(f"device must be 'cpu', 'cuda', 'cuda:N' or a torch.device, got {brief(device)}")
+    device = str(device)
     try:
         parsed = torch.device(device)
     except (RuntimeError, TypeError):
@@ -45,8 +48,10 @@ def resolve_device(device: str) -> str:
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
     """'auto' means bf16 on CUDA and fp32 elsewhere (fp16 reportedly destroys acceptance)."""
-    device = torch.device(resolve_device(device) if isinstance(device, str) else device)
+    device = torch.device(resolve_device(device))
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise BlockspecError(f"dtype {dtype} is not a floating-point type: use auto, {', '.join(DTYPES)}")
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -177,6 +182,7 @@ def load_target(name: str | os.PathLike = DEFAULT_TARGET, device: str | torch.de
     from transformers.utils import logging as hf_logging
 
     name = model_name(name, "target")
+    device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     # transformers prints progress bars and GGUF notes; keep the CLI's output to what the user asked for.
     hf_logging.set_verbosity_error()
