@@ -563,3 +563,14 @@ def test_load_target_and_load_draft_check_device_and_dtype(zoo, tmp_path):
         one_line_error(excinfo, needle)
     assert load_target(target_dir, device=torch.device("cpu"), tokenizer=False).device.type == "cpu"
     assert load_draft(tmp_path / "draft", dtype="bfloat16").fc.weight.dtype == torch.bfloat16  # as load_target takes it
+
+
+def test_draft_and_target_given_the_wrong_way_round(zoo, tmp_path):
+    """A draft's config.json says model_type qwen3: loaded as a target it lacked only its embedding and head."""
+    save_draft(make_draft(zoo), tmp_path / "draft")
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(tmp_path / "draft", tokenizer=False)
+    one_line_error(excinfo, "is a DFlash/DFlare draft, not a target")
+    with pytest.raises(BlockspecError) as excinfo:
+        load_draft(save_tiny_hf_target(zoo, tmp_path / "target"))
+    one_line_error(excinfo, "Qwen3ForCausalLM", "not a DFlash/DFlare draft")

@@ -23,6 +23,7 @@ from blockspec.errors import BlockspecError
 DFLASH_ARCHITECTURES = ("DFlashDraftModel", "QwenDFlashDraftModel")
 DFLARE_ARCHITECTURES = ("QwenDFlareDraftModel",)
 ARCHITECTURES = DFLASH_ARCHITECTURES + DFLARE_ARCHITECTURES
+TARGET_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
 REQUIRED_KEYS = ("architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads")
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -52,6 +53,14 @@ class DraftConfig:
         if not isinstance(raw.get("dflash_config") or {}, dict):
             raise BlockspecError(f"draft config {source}: 'dflash_config' must be an object "
                                  f"{{mask_token_id, target_layer_ids}}, got {raw['dflash_config']!r}")
+        arch = raw["architectures"]
+        if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in ARCHITECTURES:
+            # a target's folder given as the draft names its causal LM class here (and lacks block_size)
+            hint = (" (a target model's config, not a DFlash/DFlare draft: pass it as the target)"
+                    if isinstance(arch, list) and any(str(a).endswith(TARGET_ARCHITECTURE_SUFFIXES) for a in arch)
+                    else "")
+            raise BlockspecError(f"draft config {source}: unknown 'architectures' {arch!r}{hint}; "
+                                 f"expected one of {', '.join(ARCHITECTURES)}")
         dflash = raw.get("dflash_config") or {}
         block_size = dflash.get("block_size", raw.get("block_size"))
         if block_size is None:
@@ -61,10 +70,6 @@ class DraftConfig:
             if dflash.get(key, default) != default:
                 raise BlockspecError(f"draft config {source}: dflash_config.{key} = {dflash[key]!r} is not "
                                      f"implemented (blockspec runs drafts with {key} = {default})")
-        arch = raw["architectures"]
-        if not isinstance(arch, list) or len(arch) != 1 or arch[0] not in ARCHITECTURES:
-            raise BlockspecError(f"draft config {source}: unknown 'architectures' {arch!r}; "
-                                 f"expected one of {', '.join(ARCHITECTURES)}")
         sizes = {key: raw[key] for key in ("hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads")}
         sizes["block_size"] = block_size

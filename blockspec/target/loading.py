@@ -197,6 +197,11 @@ def load_target(name: str | os.PathLike = DEFAULT_TARGET, device: str | torch.de
         reason = str(exc).strip().splitlines()[-1].strip().removeprefix("ValueError: ")
         raise BlockspecError(f"the target config.json in {name!r} is invalid ({reason[:200]}): fix config.json "
                              f"to match the checkpoint") from None
+    # a draft's config.json says model_type qwen3 too; loaded as a target it would lack only embedding and head
+    if getattr(hf_config, "dflash_config", None) is not None or any(
+            arch.startswith(("DFlash", "QwenDFlash", "QwenDFlare")) for arch in hf_config.architectures or ()):
+        raise BlockspecError(f"{name!r} is a DFlash/DFlare draft, not a target: pass it as the draft (--draft) "
+                             f"and the model it was trained for as the target")
     if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
         raise BlockspecError(f"target model_type {hf_config.model_type!r} is not supported; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
