@@ -5,6 +5,8 @@ one-deep step pipeline of the CUDA path -- and seeded sampling draws the same to
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -442,3 +444,25 @@ def test_property_any_arrival_schedule_gives_plain_greedy_output(zoo, requests, 
     assert results.keys() == expected.keys()
     for seq_id, (prompt, max_new) in expected.items():
         assert results[seq_id] == zoo.ar("qwen3", prompt, max_new)
+
+
+def test_api_arguments_of_the_wrong_type_are_one_line_errors(zoo):
+    """The documented entry points given a path for a model, text or a tensor for token ids, a dict for the
+    settings, or a draft in another dtype: a BlockspecError that says what to pass, not an AttributeError,
+    TypeError or a dtype mismatch deep in a matmul (nor float ids decoded as if they were ints)."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    cases = [(lambda: SpeculativeDecoder("Qwen/Qwen3-4B", draft), "load_target"),
+             (lambda: BatchDecoder(None, draft), "load_target"),
+             (lambda: SpeculativeDecoder(tiny.target, "z-lab/Qwen3-4B-DFlash-b16"), "load_draft"),
+             (lambda: BatchDecoder(tiny.target, "z-lab/Qwen3-4B-DFlash-b16"), "load_draft"),
+             (lambda: SpeculativeDecoder(tiny.target, copy.deepcopy(draft).to(torch.bfloat16)), "dtype=target.dtype")]
+    decoder = SpeculativeDecoder(tiny.target, draft)
+    for prompt in ("hello", torch.tensor([1, 2, 3]), [1.5, 2.0], [[1, 2]], None):
+        cases.append((lambda prompt=prompt: decoder.generate(prompt), "token ids"))
+    cases.append((lambda: decoder.generate([1, 2], {"max_new_tokens": 4}), "SamplingParams"))
+    cases.append((lambda: BatchDecoder(tiny.target, None, max_len=64).generate([1, 2, 3]), "token ids"))
+    for call, needle in cases:
+        with pytest.raises(BlockspecError, match=needle) as excinfo:
+            call()
+        assert "\n" not in str(excinfo.value)

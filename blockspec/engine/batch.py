@@ -123,8 +123,8 @@ class BatchDecoder:
                  max_len: int | None = None, block_size: int | None = None, use_graphs: bool = True,
                  graph_batch_sizes: tuple[int, ...] = GRAPH_BATCH_SIZES, max_step_tokens: int | None = None,
                  max_prefill_tokens: int = MAX_PREFILL_TOKENS, rollback: str = DEFAULT_ROLLBACK) -> None:
+        check_pair(target, draft)
         if isinstance(draft, DraftModel):
-            check_pair(target, draft)
             draft = DraftProposer(draft, target.model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")

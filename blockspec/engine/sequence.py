@@ -35,13 +35,22 @@ class StreamChunk:
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, when the request asked for them
 
 
-def check_pair(target: Target, draft: DraftModel | None) -> None:
-    """A BlockspecError unless `draft` (None: plain decoding) fits `target` and lives on its device."""
-    if draft is None:
+def check_pair(target: Target, draft: object) -> None:
+    """A BlockspecError unless `target` is a Target and `draft` (None: plain decoding; a DraftModel; or any
+    Proposer, which is trusted) fits it and lives on its device, in its dtype."""
+    if not isinstance(target, Target):  # e.g. a path: the decoders take loaded models
+        raise BlockspecError(f"the target must be a blockspec Target (from load_target), got {brief(target)}")
+    if draft is None or (not isinstance(draft, DraftModel) and hasattr(draft, "propose_greedy")):
         return
+    if not isinstance(draft, DraftModel):
+        raise BlockspecError(f"the draft must be a DraftModel (from load_draft), a Proposer or None, got "
+                             f"{brief(draft)}")
     check_draft_fits_target(draft, target.model.config)
     if draft.norm.weight.device != target.device:
         raise BlockspecError(f"draft is on {draft.norm.weight.device} but the target on {target.device}")
+    if draft.norm.weight.dtype != target.dtype:  # the draft reads the target's features and embedding as they are
+        raise BlockspecError(f"draft is in {draft.norm.weight.dtype} but the target in {target.dtype}: load it with "
+                             f"load_draft(..., dtype=target.dtype)")
 
 
 def check_block_size(block_size: int | None, trained: int) -> int:
@@ -56,7 +65,13 @@ def check_block_size(block_size: int | None, trained: int) -> int:
 
 def check_request(target: Target, prompt_ids: list[int], params: SamplingParams | None) -> SamplingParams:
     """Validated sampling settings for `prompt_ids`, or a BlockspecError naming what is wrong."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise BlockspecError(f"sampling settings must be a SamplingParams, got {type(params).__name__}")
     params = (params or SamplingParams()).validate()
+    if not isinstance(prompt_ids, (list, tuple)) or not all(isinstance(t, int) for t in prompt_ids):
+        hint = {str: ": encode text with target.encode(text)", torch.Tensor: ": pass ids.tolist()"}.get(
+            type(prompt_ids), "")
+        raise BlockspecError(f"the prompt must be a list of token ids (ints), got {brief(prompt_ids)}{hint}")
     if not prompt_ids:
         raise BlockspecError("the prompt is empty")
     vocab = target.model.config.vocab_size

@@ -31,8 +31,8 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Target, draft: DraftModel | Proposer | None = None, block_size: int | None = None,
                  max_len: int | None = None, use_graphs: bool = True, rollback: str = DEFAULT_ROLLBACK) -> None:
+        check_pair(target, draft)
         if isinstance(draft, DraftModel):
-            check_pair(target, draft)
             self.trained_block = draft.block_size
         else:
             self.trained_block = draft.max_block if draft is not None else 1
