@@ -574,3 +574,14 @@ def test_draft_and_target_given_the_wrong_way_round(zoo, tmp_path):
     with pytest.raises(BlockspecError) as excinfo:
         load_draft(save_tiny_hf_target(zoo, tmp_path / "target"))
     one_line_error(excinfo, "Qwen3ForCausalLM", "not a DFlash/DFlare draft")
+
+
+@pytest.mark.parametrize("content", [b"", b"GGUFgarbage"], ids=["empty", "truncated"])
+def test_unreadable_gguf_target(tmp_path, monkeypatch, content):
+    """gguf's reader raised ValueError / struct.error for a file it cannot parse; nothing is left in the cache."""
+    monkeypatch.setenv("BLOCKSPEC_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "model.gguf").write_bytes(content)
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(tmp_path / "model.gguf")
+    one_line_error(excinfo, "model.gguf")
+    assert not list((tmp_path / "cache" / "gguf").iterdir())

@@ -131,6 +131,10 @@ def gguf_as_hf_dir(gguf: Path) -> Path:
             reason = exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0][:160]
             raise BlockspecError(f"converting {gguf.name} into the cache {out.parent} failed ({reason}): check the "
                                  f"free space there, or set BLOCKSPEC_CACHE to another folder") from None
+    except Exception as exc:  # gguf's reader raises ValueError, struct.error, ... for a file it cannot parse
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise BlockspecError(f"cannot read {gguf.name} as a GGUF model ({reason}): pass a complete GGUF file of a "
+                             f"Llama / Qwen2 / Qwen3 / Mistral model, or an HF directory") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
