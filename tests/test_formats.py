@@ -585,3 +585,16 @@ def test_unreadable_gguf_target(tmp_path, monkeypatch, content):
         load_target(tmp_path / "model.gguf")
     one_line_error(excinfo, "model.gguf")
     assert not list((tmp_path / "cache" / "gguf").iterdir())
+
+
+def test_target_config_with_fewer_layers_than_the_weights(tmp_path):
+    """A Llama config.json (no layer_types to cross-check) claiming fewer layers than the checkpoint holds: the
+    extra layers' tensors were dropped as 'unexpected' and a truncated target loaded silently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(tmp_path)
+    edit_config(tmp_path, lambda raw: (raw.update(num_hidden_layers=2), raw.pop("layer_types", None)))
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(tmp_path, tokenizer=False)
+    one_line_error(excinfo, "model.layers.2.", "num_hidden_layers")

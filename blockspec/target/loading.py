@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from blockspec.hub import (DEFAULT_TARGET, download_from_hub, looks_like_hub_id,
 from blockspec.target.model import SUPPORTED_MODEL_TYPES, TargetModel
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# a decoder layer's tensor: its index (text-only and multimodal layouts)
+_DECODER_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 
@@ -223,7 +226,7 @@ def load_target(name: str | os.PathLike = DEFAULT_TARGET, device: str | torch.de
         reason = str(exc).splitlines()[0][:120]
         raise BlockspecError(f"the *.safetensors weights in {name!r} are unreadable ({reason}): re-download or "
                              f"re-save the checkpoint") from None
-    _check_loading_info(name, info)
+    _check_loading_info(name, info, hf_config.get_text_config().num_hidden_layers)
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
     # transformers 5 returns an empty tokenizer for a folder without one; treat that as "no tokenizer"
@@ -259,9 +262,16 @@ def _config_validation_error() -> type[Exception]:
     return getattr(hub_errors, "StrictDataclassError", ValueError)
 
 
-def _check_loading_info(name: str, info: dict) -> None:
+def _check_loading_info(name: str, info: dict, num_layers: int) -> None:
     """Refuse a checkpoint that lacks a tensor or holds one of another shape: transformers would initialise it
-    randomly and only log it, leaving a target that loads fine and decodes garbage."""
+    randomly and only log it, leaving a target that loads fine and decodes garbage. Likewise a decoder layer past
+    config.json's num_hidden_layers: transformers drops it as unexpected (other unexpected tensors, such as
+    Qwen3.5's vision tower and MTP head, are dropped on purpose)."""
+    extra = sorted(key for key in info.get("unexpected_keys") or ()
+                   if (match := _DECODER_LAYER.match(key)) and int(match.group(1)) >= num_layers)
+    if extra:
+        raise BlockspecError(f"target checkpoint {name!r} holds tensor {extra[0]!r}, past config.json's "
+                             f"num_hidden_layers = {num_layers}: fix num_hidden_layers to match the weights")
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
