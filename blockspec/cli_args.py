@@ -4,6 +4,7 @@ target with its draft. Importing this module is cheap (no torch): every command'
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockspec.errors import BlockspecError
@@ -52,6 +53,14 @@ def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str)
         draft = new_draft_for_target(target.model.config).to(device=target.device, dtype=target.dtype)
         return target, draft, False
     return target, load_draft(draft_name, device=target.device, dtype=target.dtype), True
+
+
+def check_folder_arg(flag: str, path: Path | None) -> None:
+    """A one-line error where `path` (a folder a command will write into), or its nearest existing parent, is a
+    file: found before the run rather than when it writes there."""
+    nearest = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
+    if nearest is not None and not nearest.is_dir():
+        raise BlockspecError(f"{flag} {str(path)!r}: {str(nearest)!r} is a file, not a folder; pass a folder")
 
 
 def add_exact_arg(parser: argparse.ArgumentParser) -> None:

@@ -15,7 +15,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from blockspec.cli_args import UNTRAINED_DRAFT, add_exact_arg, add_model_args, kernel_settings, load_pair
+from blockspec.cli_args import (UNTRAINED_DRAFT, add_exact_arg, add_model_args, check_folder_arg, kernel_settings,
+                                load_pair)
 from blockspec.datasets import DATASET_NAMES, HUB
 from blockspec.errors import BlockspecError, brief
 
@@ -93,10 +94,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.output is not None:  # checked now: the results are written only after the whole run
         from blockspec.bench.report import RESULTS_FILE
 
-        nearest = next(p for p in (args.output, *args.output.parents) if p.exists())
-        if not nearest.is_dir():
-            raise BlockspecError(f"--output {str(args.output)!r}: {str(nearest)!r} is a file, not a folder; pass "
-                                 f"a folder")
+        check_folder_arg("--output", args.output)
         if (args.output / RESULTS_FILE).exists():
             raise BlockspecError(f"--output {str(args.output)!r} already holds the {RESULTS_FILE} of an earlier run: "
                                  f"pass a new --output (or move that one away)")

@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from blockspec.cli_args import add_model_args
+from blockspec.cli_args import add_model_args, check_folder_arg
 from blockspec.errors import BlockspecError
 
 
@@ -122,10 +122,8 @@ def _check_output(args: argparse.Namespace) -> None:
     """Output problems, found before the target is loaded and the data generated rather than after."""
     from blockspec.train.trainer import CHECKPOINT
 
-    for flag, path in (("--output", args.output), ("--data-cache", args.data_cache)):
-        nearest = next((p for p in (path, *path.parents) if p.exists()), None) if path is not None else None
-        if nearest is not None and not nearest.is_dir():
-            raise BlockspecError(f"{flag} {str(path)!r}: {str(nearest)!r} is a file, not a folder; pass a folder")
+    check_folder_arg("--output", args.output)
+    check_folder_arg("--data-cache", args.data_cache)
     # a new run would overwrite the checkpoint, the draft and the metrics of the one already there
     if not args.resume and not args.prepare_only and (args.output / CHECKPOINT).exists():
         raise BlockspecError(f"--output {str(args.output)!r} already holds a training run ({CHECKPOINT}): pass "
