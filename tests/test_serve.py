@@ -337,6 +337,40 @@ def test_sampling_seed_stop_and_max_tokens(server):
     assert newer.usage.completion_tokens == 3
 
 
+def test_stop_token_ids_end_the_answer_without_their_text(server, tiny, reference):
+    """vLLM's stop_token_ids (were ignored: the answer ran on to max_tokens): the answer ends at the first of them,
+    finish_reason "stop", the token counted but its text left out, streamed and not; they stop beside EOS."""
+    from blockspec.serve.schemas import CompletionRequest
+
+    client = server.client()
+    for chat_api in (False, True):
+        prompt_ids = (chat_prompt_ids(tiny.tokenizer) if chat_api
+                      else tiny.tokenizer.encode(PROMPT, add_special_tokens=True))
+        free = SpeculativeDecoder(*reference).generate(prompt_ids, SamplingParams(max_new_tokens=30,
+                                                                                  ignore_eos=True)).token_ids
+        stop = free[6]
+        returned = free[:free.index(stop) + 1]
+        ask = dict(max_tokens=30, temperature=0, model="tiny",
+                   extra_body={"ignore_eos": True, "stop_token_ids": [stop, tiny.tokenizer.vocab_size - 1]})
+        if chat_api:
+            whole = chat(client, **ask)
+            text = whole.choices[0].message.content
+            streamed = "".join(c.choices[0].delta.content or "" for c in chat(client, stream=True, **ask))
+        else:
+            whole = client.completions.create(prompt=PROMPT, **ask)
+            text = whole.choices[0].text
+            streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=PROMPT, stream=True,
+                                                                                  **ask))
+        assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(returned)
+        assert text == streamed == tiny.tokenizer.decode(returned[:-1], skip_special_tokens=True)
+    eos = server.service.eos_token_ids
+    assert eos
+    body = CompletionRequest(prompt="hi", stop_token_ids=[5])
+    assert server.service.sampling_params(body, 3, 4).stop_token_ids == (5, *eos)
+    body = CompletionRequest(prompt="hi", stop_token_ids=[5], ignore_eos=True)
+    assert server.service.sampling_params(body, 3, 4).stop_token_ids == (5,)
+
+
 def test_null_optional_fields_take_their_defaults(server):
     """OpenAI's optional fields are nullable: clients (and the openai client given None) send null for unset."""
     nulls = dict.fromkeys(("temperature", "top_p", "top_k", "n", "seed", "stop", "stream", "stream_options",
@@ -802,6 +836,10 @@ BAD_REQUESTS = {
     "top_k beyond 64 bits": _chat(top_k=2**64),  # was a 500 for every request in its batch
     "stop a number": _chat(stop=5),
     "stop empty": _chat(stop=[""]),
+    "stop_token_ids out of vocabulary": _chat(stop_token_ids=[2, 10**9]),
+    "stop_token_ids negative": _completion(stop_token_ids=[-1]),
+    "stop_token_ids not a list": _completion(stop_token_ids=5),
+    "stop_token_ids of strings": _chat(stop_token_ids=["</s>"]),
     "stream a string": _chat(stream="yes"),
     "n is 2": _chat(n=2),
     "an unsupported parameter": _completion(echo=True),
@@ -859,6 +897,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
         assert error["param"] == ("messages" if "chat" in path else "prompt")
     if "model" in case:
         assert error["code"] == "model_not_found"
+    if case.startswith("stop_token_ids"):
+        assert error["param"].startswith("stop_token_ids") and "stop_token_ids" in error["message"]
     assert server.metrics()['blockspec_requests_total{outcome="invalid"}'] == before + 1
     good = httpx.post(server.url + path.replace("/v1/engines", "/v1/completions"), timeout=30,
                       json=GOOD_CHAT if "chat" in path else GOOD_COMPLETION)

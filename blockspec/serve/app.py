@@ -258,6 +258,7 @@ class Service:
         self.max_request_bytes = max_request_bytes
         self.max_block = decoder.max_block
         self.vocab_size = target.model.config.vocab_size
+        self.eos_token_ids = tuple(target.eos_token_ids)
         self.metrics = ServerMetrics(decoder.block_size)
         self.worker = Worker(decoder, self.metrics, max_queue, kernel_settings)
         self.draining = False  # shutting down: new requests get 503
@@ -351,10 +352,17 @@ class Service:
                                 f"has {n_prompt} tokens{asked}: shorten the prompt or lower {field}",
                            param=field if room >= 1 else prompt_param, code="context_length_exceeded")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        stop_ids = None  # the target's EOS ids
+        if body.stop_token_ids:
+            if any(not 0 <= t < self.vocab_size for t in body.stop_token_ids):
+                raise APIError(400, f"stop_token_ids must be token ids in 0..{self.vocab_size - 1}",
+                               param="stop_token_ids")
+            # vLLM's stop ids end the answer besides EOS (unless ignore_eos); SamplingParams' replace EOS
+            stop_ids = tuple(body.stop_token_ids) + (() if body.ignore_eos else self.eos_token_ids)
         params = SamplingParams(max_new_tokens=room if max_tokens is None else max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                                seed=body.seed, stop_strings=stop, ignore_eos=body.ignore_eos,
-                                logprobs=body.num_logprobs)
+                                seed=body.seed, stop_token_ids=stop_ids, stop_strings=stop,
+                                ignore_eos=body.ignore_eos, logprobs=body.num_logprobs)
         try:
             return params.validate()
         except BlockspecError as exc:

@@ -51,6 +51,7 @@ class CommonFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension
+    stop_token_ids: list[int] | None = None  # vLLM extension: tokens that end the answer besides EOS
     block_size: int | None = Field(None, ge=1)  # blockspec extension: this request's draft block
     user: str | None = None
 
