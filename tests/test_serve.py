@@ -919,6 +919,25 @@ def test_bad_input_through_the_openai_client(server):
     assert chat(client, max_tokens=2).usage.completion_tokens >= 1
 
 
+@pytest.mark.parametrize("field, changed, default", [
+    ("min_tokens", 5, 0), ("repetition_penalty", 1.2, 1.0), ("min_p", 0.1, 0.0), ("skip_special_tokens", False, True),
+    ("include_stop_str_in_output", True, False), ("logit_bias", {"5": 10}, {}), ("presence_penalty", 0.5, 0),
+    ("allowed_token_ids", [5, 6], None), ("guided_choice", ["yes", "no"], None), ("use_beam_search", True, False)])
+def test_vllm_extensions_that_change_the_answer_are_refused_unless_default(server, field, changed, default):
+    """vLLM sampling extensions blockspec does not implement were ignored (a different answer than asked for):
+    a 400 naming the field, except at their default value, which changes nothing and is accepted."""
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as info:
+        chat(client, max_tokens=2, extra_body={field: changed})
+    assert info.value.param == field and field in info.value.message
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={field: changed})
+    assert info.value.param == field
+    assert chat(client, max_tokens=2, extra_body={field: default}).usage.completion_tokens >= 1
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2,
+                                     extra_body={field: default}).usage.completion_tokens >= 1
+
+
 def test_text_that_is_not_unicode_is_named_as_such(server):
     """JSON can escape half a surrogate pair; such text cannot be tokenized. The completions' error spoke of the
     chat template and named `messages`."""

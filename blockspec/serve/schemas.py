@@ -1,7 +1,7 @@
 """Request bodies of the OpenAI API subset blockspec serves (strict types: a wrong type is a 400).
 
-Unknown fields are ignored, as vLLM does, except the ones in UNSUPPORTED, which are refused when set
-(silently ignoring `tools` or `echo` would return a wrong answer).
+Unknown fields are ignored, as vLLM does, except the ones in UNSUPPORTED, which are refused when set to anything
+but their no-op value (silently ignoring `tools`, `echo` or `min_p` would return a wrong answer).
 """
 
 from __future__ import annotations
@@ -13,7 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from blockspec.engine.sampling import SamplingParams
 
 UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "presence_penalty", "frequency_penalty", "tools", "functions",
-               "response_format")
+               "response_format",
+               # vLLM's extensions that change the answer
+               "min_tokens", "repetition_penalty", "min_p", "skip_special_tokens", "include_stop_str_in_output",
+               "allowed_token_ids", "bad_words", "guided_json", "guided_regex", "guided_choice", "guided_grammar",
+               "structured_outputs", "use_beam_search", "truncate_prompt_tokens")
+# the no-op value of those whose no-op is not null, false, 0 or empty (vLLM's and OpenAI's defaults)
+NO_OP = {"best_of": 1, "repetition_penalty": 1, "skip_special_tokens": True}
 
 
 class StreamOptions(BaseModel):
@@ -73,7 +79,7 @@ class CommonFields(BaseModel):
         """The UNSUPPORTED fields this request sets to something other than a no-op value."""
         extra = self.model_extra or {}
         no_op = (None, False, 0, [], {})
-        return [k for k in UNSUPPORTED if extra.get(k) not in no_op and not (k == "best_of" and extra[k] == 1)]
+        return [k for k in UNSUPPORTED if extra.get(k) not in ((None, NO_OP[k]) if k in NO_OP else no_op)]
 
 
 class ChatCompletionRequest(CommonFields):
