@@ -199,6 +199,23 @@ def test_models_health_and_metrics_endpoints(server):
         assert name in names, name
 
 
+def test_retrieve_a_model(server, tiny):
+    """GET /v1/models/{model} (the openai client's models.retrieve) was a 404 for every name."""
+    client = server.client()
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model" and model == client.models.list().data[0]
+    for name in ("gpt-17", "org/tiny"):
+        with pytest.raises(openai.NotFoundError) as info:
+            client.models.retrieve(name)
+        assert info.value.code == "model_not_found" and info.value.param == "model" and name in info.value.message
+    live = start_server(tiny.target, tiny.draft, served_model_name="org/tiny-model")  # ids often hold a slash
+    try:
+        assert live.client().models.retrieve("org/tiny-model").id == "org/tiny-model"
+        assert httpx.get(live.url + "/v1/models/org/tiny-model", timeout=10).json()["id"] == "org/tiny-model"
+    finally:
+        live.stop()
+
+
 def test_metrics_count_the_requests_served(server, tiny):
     """/metrics read with prometheus_client's parser: a fresh app (each app has a registry of its own, beside
     the module's server that has served requests already) counts exactly the requests it served."""

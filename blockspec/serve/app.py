@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP application: `create_app(target, draft)` returns a FastAPI app.
 
-Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models,
+Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models, GET /v1/models/{model},
 POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`; `logprobs` and
 `top_logprobs` as OpenAI's, from the target's own distribution at each token). The event loop only reads,
 validates, queues and formats (naming log-probability tokens with a tokenizer of its own); tokenizing (and the
@@ -11,7 +11,7 @@ A client that disconnects has its generation cancelled between two decoding step
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with short messages that never
 echo a huge input or a library's internals: 400 for bad input (malformed JSON, wrong types, unsupported
 parameters, a prompt that does not fit the context, an unknown model with code model_not_found), 401 for a
-wrong API key, 404 for an unknown path, 413 for a body over `max_request_bytes`, 500 for a request whose
+wrong API key, 404 for an unknown path or model, 413 for a body over `max_request_bytes`, 500 for a request whose
 generation failed (the others in its batch go on), 503 with Retry-After when the queue is full, and 503
 while the server shuts down (`DrainingServer`).
 """
@@ -589,10 +589,19 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         body, content_type = service.metrics.exposition(request.headers.get("accept"))
         return Response(body, headers={"Content-Type": content_type})
 
+    served = {"id": service.name, "object": "model", "created": started, "owned_by": "blockspec",
+              "max_model_len": service.max_model_len}
+
     @app.get("/v1/models")
     async def models() -> dict:
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": started,
-                                            "owned_by": "blockspec", "max_model_len": service.max_model_len}]}
+        return {"object": "list", "data": [served]}
+
+    @app.get("/v1/models/{model:path}")  # :path: model ids often hold a slash (org/name)
+    async def model(model: str) -> dict:
+        if model != service.name:
+            raise APIError(404, f"the model {brief(model)} does not exist; this server serves {service.name!r}",
+                           param="model", code="model_not_found")
+        return served
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
