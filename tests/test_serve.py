@@ -199,6 +199,19 @@ def test_models_health_and_metrics_endpoints(server):
         assert name in names, name
 
 
+def test_health_answers_head_as_get(server):
+    """Load balancers probe with HEAD: it was a 405."""
+    response = httpx.head(server.url + "/health", timeout=10)
+    assert response.status_code == 200 and response.content == b""
+    assert response.headers["content-type"] == httpx.get(server.url + "/health").headers["content-type"]
+    server.service.draining = True  # shutting down: both say 503
+    try:
+        assert httpx.head(server.url + "/health", timeout=10).status_code == 503
+        assert httpx.get(server.url + "/health", timeout=10).status_code == 503
+    finally:
+        server.service.draining = False
+
+
 def test_retrieve_a_model(server, tiny):
     """GET /v1/models/{model} (the openai client's models.retrieve) was a 404 for every name."""
     client = server.client()

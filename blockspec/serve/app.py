@@ -1,12 +1,12 @@
 """The OpenAI-compatible HTTP application: `create_app(target, draft)` returns a FastAPI app.
 
-Endpoints: GET /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models, GET /v1/models/{model},
-POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`; `logprobs` and
-`top_logprobs` as OpenAI's, from the target's own distribution at each token). The event loop only reads,
-validates, queues and formats (naming log-probability tokens with a tokenizer of its own); tokenizing (and the
-chat template) runs on a thread of its own, and generation on the worker thread of worker.py, which decodes up
-to `max_num_seqs` requests together (continuous batching: they join in arrival order and leave between steps).
-A client that disconnects has its generation cancelled between two decoding steps.
+Endpoints: GET (or HEAD) /health, GET /metrics (Prometheus or OpenMetrics text), GET /v1/models,
+GET /v1/models/{model}, POST /v1/chat/completions and POST /v1/completions (server-sent events with `"stream": true`;
+`logprobs` and `top_logprobs` as OpenAI's, from the target's own distribution at each token). The event loop only
+reads, validates, queues and formats (naming log-probability tokens with a tokenizer of its own); tokenizing (and
+the chat template) runs on a thread of its own, and generation on the worker thread of worker.py, which decodes up
+to `max_num_seqs` requests together (continuous batching: they join in arrival order and leave between steps). A
+client that disconnects has its generation cancelled between two decoding steps.
 
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`, with short messages that never
 echo a huge input or a library's internals: 400 for bad input (malformed JSON, wrong types, unsupported
@@ -578,7 +578,7 @@ def create_app(target: Target, draft: DraftModel | None = None, *, served_model_
         service.metrics.requests.labels(outcome="error").inc()
         return service.error_response(500, "internal error (the server log has the details)")
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers often probe with HEAD
     async def health() -> JSONResponse:
         if service.draining:  # load balancers: send new requests elsewhere
             return JSONResponse({"status": "shutting down"}, status_code=503)
