@@ -367,6 +367,21 @@ def test_sampling_seed_stop_and_max_tokens(server):
     assert newer.usage.completion_tokens == 3
 
 
+def test_an_assistant_message_may_have_null_content(server, tiny):
+    """vLLM and OpenAI accept an assistant turn with "content": null (it was a 400): it reads as empty text. A
+    user message still needs its content."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                {"role": "user", "content": PROMPT}]
+    answer = server.client().chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    as_empty = [{**m, "content": m["content"] or ""} for m in messages]
+    ids = tiny.tokenizer.apply_chat_template(as_empty, add_generation_prompt=True, tokenize=True)
+    assert answer.usage.prompt_tokens == len(ids["input_ids"] if not isinstance(ids, list) else ids)
+    for user in ({"role": "user", "content": None}, {"role": "user"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            server.client().chat.completions.create(model="tiny", messages=[user], max_tokens=2)
+        assert "content" in info.value.message and info.value.param.startswith("messages.0")
+
+
 def test_stop_token_ids_end_the_answer_without_their_text(server, tiny, reference):
     """vLLM's stop_token_ids (were ignored: the answer ran on to max_tokens): the answer ends at the first of them,
     finish_reason "stop", the token counted but its text left out, streamed and not; they stop beside EOS."""
@@ -850,6 +865,8 @@ BAD_REQUESTS = {
     "content is an image part": _chat(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]),
     "role is missing": _chat(messages=[{"content": "hi"}]),
+    "user content null": _chat(messages=[{"role": "user", "content": None}]),
+    "system content missing": _chat(messages=[{"role": "system"}, {"role": "user", "content": "hi"}]),
     "max_tokens negative": _chat(max_tokens=-5),
     "max_tokens zero": _completion(max_tokens=0),
     "max_tokens huge": _chat(max_tokens=10**12),

@@ -36,11 +36,21 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
     role: str
-    content: str | list[TextPart]  # OpenAI's text content parts are joined into one string
+    # OpenAI's text content parts are joined into one string; an assistant turn's null (e.g. beside tool calls,
+    # which OpenAI and vLLM accept) is empty text
+    content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @model_validator(mode="after")
+    def _only_an_assistant_may_have_no_content(self) -> "ChatMessage":
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role[:20]!r} message needs content (only an assistant's may be null)")
+        return self
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
