@@ -1020,15 +1020,15 @@ def test_cli_user_errors(capsys, tiny):
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = str(busy.getsockname()[1])
         _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--port", port], port)
-    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
-                             "--max-model-len", str(CONTEXT + 1)], "max model length")
-    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
-                             "--max-num-seqs", "0"], "max_num_seqs")
     _one_error_line(capsys, ["serve", "--port", "70000"], "70000")
-    _one_error_line(capsys, ["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout")
     _one_error_line(capsys, ["serve", "--api-key", ""], "--api-key")  # was a server that refused every request
-    _one_error_line(capsys, ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0",
-                             "--max-request-bytes", "0"], "request size limit")
+    # the flag is named, not create_app's argument (was "max_num_seqs must be ...", "the queue must hold ...")
+    pair = ["serve", "--target", str(tiny.target), "--draft", str(tiny.draft), "--port", "0"]
+    for flag, value in (("--max-model-len", str(CONTEXT + 1)), ("--max-model-len", "0"), ("--max-num-seqs", "0"),
+                        ("--max-queue", "0"), ("--max-request-bytes", "0"), ("--block-size", "0"),
+                        ("--block-size", "9"), ("--shutdown-timeout", "-1"), ("--shutdown-timeout", "inf"),
+                        ("--shutdown-timeout", "nan")):
+        _one_error_line(capsys, pair + [flag, value], f"{flag} ", value)
 
 
 def test_cli_serves_until_interrupted(tiny):

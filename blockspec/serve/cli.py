@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import socket
 import sys
@@ -87,14 +88,28 @@ def _serve(args: argparse.Namespace) -> int:
     if args.api_key == "":  # every /v1 request would get 401: no client can send an empty bearer token
         raise BlockspecError("--api-key is empty (is $BLOCKSPEC_API_KEY set to ''?): give a key, or unset it to "
                              "serve without one")
-    if not args.shutdown_timeout >= 0:
-        raise BlockspecError(f"--shutdown-timeout must be a number of seconds >= 0, got {args.shutdown_timeout}")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):  # inf: a drain never ends
+        raise BlockspecError(f"--shutdown-timeout must be a finite number of seconds >= 0, got "
+                             f"{args.shutdown_timeout}")
+    # checked here, before the model loads, to name the flag (create_app's errors name its arguments)
+    for flag, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue),
+                        ("--max-request-bytes", args.max_request_bytes), ("--max-model-len", args.max_model_len),
+                        ("--block-size", args.block_size)):
+        if value is not None and value < 1:
+            raise BlockspecError(f"{flag} must be at least 1, got {value}")
     sock = _listen(args.host, args.port)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use it",
               file=sys.stderr)
     try:
         target, draft, trained = load_pair(args.target, args.draft, args.device, args.dtype)
+        context = target.model.config.max_position_embeddings
+        if args.max_model_len is not None and args.max_model_len > context:
+            raise BlockspecError(f"--max-model-len {args.max_model_len} exceeds the target's context of {context} "
+                                 f"tokens")
+        if args.block_size is not None and args.block_size > draft.block_size:
+            raise BlockspecError(f"--block-size {args.block_size} exceeds the draft's trained block size "
+                                 f"{draft.block_size}")
         if not trained:
             print("note: no trained draft for this target; serving with an UNTRAINED random draft (lossless, "
                   "but ~1 token per step: no speedup)", file=sys.stderr)
