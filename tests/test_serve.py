@@ -382,9 +382,10 @@ def test_an_assistant_message_may_have_null_content(server, tiny):
         assert "content" in info.value.message and info.value.param.startswith("messages.0")
 
 
-def test_stop_token_ids_end_the_answer_without_their_text(server, tiny, reference):
+def test_stop_token_ids_end_the_answer_with_their_text(server, tiny, reference):
     """vLLM's stop_token_ids (were ignored: the answer ran on to max_tokens): the answer ends at the first of them,
-    finish_reason "stop", the token counted but its text left out, streamed and not; they stop beside EOS."""
+    finish_reason "stop", the token counted and its text kept as vLLM keeps it (a special token's decodes to
+    nothing), streamed and not; they stop beside EOS."""
     from blockspec.serve.schemas import CompletionRequest
 
     client = server.client()
@@ -393,7 +394,7 @@ def test_stop_token_ids_end_the_answer_without_their_text(server, tiny, referenc
                       else tiny.tokenizer.encode(PROMPT, add_special_tokens=True))
         free = SpeculativeDecoder(*reference).generate(prompt_ids, SamplingParams(max_new_tokens=30,
                                                                                   ignore_eos=True)).token_ids
-        stop = free[6]
+        stop = next(t for t in free[6:] if tiny.tokenizer.decode([t], skip_special_tokens=True).strip())  # has text
         returned = free[:free.index(stop) + 1]
         ask = dict(max_tokens=30, temperature=0, model="tiny",
                    extra_body={"ignore_eos": True, "stop_token_ids": [stop, tiny.tokenizer.vocab_size - 1]})
@@ -407,7 +408,8 @@ def test_stop_token_ids_end_the_answer_without_their_text(server, tiny, referenc
             streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=PROMPT, stream=True,
                                                                                   **ask))
         assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(returned)
-        assert text == streamed == tiny.tokenizer.decode(returned[:-1], skip_special_tokens=True)
+        assert text == streamed == tiny.tokenizer.decode(returned, skip_special_tokens=True)
+        assert text != tiny.tokenizer.decode(returned[:-1], skip_special_tokens=True)  # the stop token's text
     eos = server.service.eos_token_ids
     assert eos
     body = CompletionRequest(prompt="hi", stop_token_ids=[5])

@@ -20,7 +20,7 @@ from blockspec.target import Target
 @dataclass
 class GenerationResult:
     token_ids: list[int]  # generated tokens (a stop token that ended generation included)
-    text: str  # without the stop token's or stop string's text
+    text: str  # without a stop string's text
     finish_reason: str  # "stop" (stop token or string) | "length"
     stats: GenerationStats
     logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
@@ -126,8 +126,9 @@ class OutputTracker:
         for token in tokens:
             committed.append(token)
             self.generated.append(token)
-            # a stop token's text is left out, as a stop string's is (vLLM's default)
-            if token in self.stop_ids or (self.text is not None and self.text.add(token)):
+            # a stop token's text stays (vLLM's too: only a special token's, such as EOS, decodes to nothing)
+            hit_stop_string = self.text.add(token) if self.text is not None else False
+            if token in self.stop_ids or hit_stop_string:
                 self.finish_reason = "stop"
                 break
             if len(self.generated) >= self.params.max_new_tokens:
