@@ -25,11 +25,9 @@ A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a ver
 initial state for a new sequence), flash-linear-attention's chunked recurrence, then the gated norm alone
 (`_gdn_output`).
 
-Fused multiply-adds: `_gdn_steps` is compiled with them (at 32 rows x 8 tokens it is bound by its fp32 instructions,
-and they are 39% fewer), and so is `_gdn_output`, whose gated norm then rounds as the recurrence's last programs
-round it. A state update is written as an explicit fma, `_gdn_steps`' and `_gdn_replay`'s alike, so a replayed
-update equals the one the verify applied bit for bit. The other kernels keep them off: each product and sum rounds
-once, as the torch ops do.
+Fused multiply-adds are off (`enable_fp_fusion=False`) in every kernel here: each product and sum rounds once, as
+the torch ops do, a replayed update equals the one the verify applied bit for bit, and the gated norm rounds alike
+in the recurrence's last programs and in a prefill's `_gdn_output`.
 """
 
 from __future__ import annotations
@@ -185,7 +183,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
         # the update, which keeps one pass over the state off each token's serial path
         seen = tl.sum(S * q[:, None], axis=0)
         innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
-        S = _rank_one_update(S, k, innovation)
+        S = S + k[:, None] * innovation[None, :]
         o = seen + innovation * tl.sum(k * q, axis=0)
         tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))
         if KEEP_STATES:
@@ -208,18 +206,12 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
 
 
 @triton.jit
-def _rank_one_update(S, k, innovation):
-    """S + k innovation^T as one fma an entry: what a verify and a replay both apply, so they round alike."""
-    return tl.fma(tl.broadcast_to(k[:, None], S.shape), tl.broadcast_to(innovation[None, :], S.shape), S)
-
-
-@triton.jit
 def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps,
                 HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, CACHE: tl.constexpr):
     """Head h of the gated RMSNorm * silu(z) for tokens first .. first + NORM_TOKENS - 1 below n, with GatedRMSNorm's
     rounding points: normed in fp32 and cast, times the weight (cast), times silu(z) in fp32, cast. Every caller
-    takes the same tile and is compiled with fused multiply-adds, so a prefill, a verify and a decode round alike.
-    CACHE: the load modifier of o."""
+    takes the same tile without fused multiply-adds, so a prefill, a verify and a decode round alike. CACHE: the
+    load modifier of o."""
     t = first + tl.arange(0, NORM_TOKENS)[:, None]
     dv = tl.arange(0, DV)[None, :]
     real = t < n
@@ -336,7 +328,7 @@ def _output(o: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor,
     _gdn_output[(b, triton.cdiv(n, NORM_TOKENS), heads)](
         o, projected, norm_weight, out, o.stride(0), o.stride(1), o.stride(2), projected.stride(0),
         projected.stride(1), out.stride(0), out.stride(1), n, eps, HK=_key_heads(layer, layer.conv.shape[1]), HV=heads,
-        DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, enable_fp_fusion=True, **pdl_options(projected))
+        DK=layer.recurrent.shape[2], DV=value_dim, num_warps=1, enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
@@ -396,7 +388,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1),
         layer.arrivals.stride(0), n, int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
-        num_warps=tile["warps"], enable_fp_fusion=True, **pdl_options(projected))
+        num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
@@ -434,11 +426,12 @@ def _gdn_replay(STATE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_kl,
     state = STATE + layer * s_sl + b * s_sb + h * s_sh + dk[:, None] * DV + dv[None, :]
     S = tl.load(state)
     for t in range(tl.load(KEEP + b * s_keep)):
-        # the verify's two roundings: S * decay, then the fma of k innovation^T
+        # the verify's two roundings: S * decay, then + k innovation^T
         decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
         k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
         innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
-        S = _rank_one_update(S * decay, k, innovation)
+        S = S * decay
+        S = S + k[:, None] * innovation[None, :]
     tl.store(state, S)
 
 
