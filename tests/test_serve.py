@@ -439,9 +439,10 @@ def test_chat_template_kwargs_reach_the_template(server, tiny):
     client = server.client()
     plain = chat(client, max_tokens=2)
     parts = chat(client, [{"type": "text", "text": PROMPT[:10]}, {"type": "text", "text": PROMPT[10:]}],
-                 max_tokens=2)  # OpenAI text content parts: joined
-    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
-    assert parts.choices[0].message.content == plain.choices[0].message.content
+                 max_tokens=2)  # OpenAI text content parts: joined with a newline, as vLLM joins them
+    joined = chat(client, PROMPT[:10] + "\n" + PROMPT[10:], max_tokens=2)
+    assert parts.usage.prompt_tokens == joined.usage.prompt_tokens != plain.usage.prompt_tokens
+    assert parts.choices[0].message.content == joined.choices[0].message.content
     off = chat(client, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
     on = chat(client, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": True}})
     assert plain.usage.prompt_tokens == off.usage.prompt_tokens
@@ -890,6 +891,7 @@ BAD_REQUESTS = {
     "stop_token_ids not a list": _completion(stop_token_ids=5),
     "stop_token_ids of strings": _chat(stop_token_ids=["</s>"]),
     "stream a string": _chat(stream="yes"),
+    "stream_options without stream": _completion(stream_options={"include_usage": True}),
     "n is 2": _chat(n=2),
     "an unsupported parameter": _completion(echo=True),
     "top_logprobs above 20": _chat(logprobs=True, top_logprobs=21),
@@ -946,6 +948,8 @@ def test_bad_input_gets_an_openai_error_and_the_server_keeps_serving(server, cas
         assert error["param"] == ("messages" if "chat" in path else "prompt")
     if "model" in case:
         assert error["code"] == "model_not_found"
+    if case == "stream_options without stream":
+        assert error["param"] == "stream_options"
     if case.startswith("stop_token_ids"):
         assert error["param"].startswith("stop_token_ids") and "stop_token_ids" in error["message"]
     assert server.metrics()['blockspec_requests_total{outcome="invalid"}'] == before + 1

@@ -299,6 +299,9 @@ class Service:
                            param="model", code="model_not_found")
         if body.n != 1:
             raise APIError(400, f"n must be 1 (one completion per request), got {brief(body.n)}", param="n")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true (drop it, or stream the answer)",
+                           param="stream_options")
         unsupported = body.unsupported()
         if unsupported:
             raise APIError(400, f"unsupported parameter(s): {', '.join(unsupported)}", param=unsupported[0])

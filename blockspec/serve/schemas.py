@@ -36,8 +36,8 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True)
     role: str
-    # OpenAI's text content parts are joined into one string; an assistant turn's null (e.g. beside tool calls,
-    # which OpenAI and vLLM accept) is empty text
+    # OpenAI's text content parts are joined into one string, a newline between parts (as vLLM joins them); an
+    # assistant turn's null (e.g. beside tool calls, which OpenAI and vLLM accept) is empty text
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -51,7 +51,7 @@ class ChatMessage(BaseModel):
     def text(self) -> str:
         if self.content is None:
             return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
 
 
 class CommonFields(BaseModel):
