@@ -385,6 +385,9 @@ def test_request_errors_are_one_line_and_lose_nothing(zoo):
         decoder.add([tiny.config.vocab_size])
     with pytest.raises(BlockspecError, match="max_batch must be a positive integer"):
         BatchDecoder(tiny.target, draft, max_batch=0)
+    for max_len in (0, "64", 2.5):  # 0 used to take the default length, a string failed deep inside
+        with pytest.raises(BlockspecError, match="max_len must be a positive integer"):
+            BatchDecoder(tiny.target, draft, max_len=max_len)
     with pytest.raises(BlockspecError, match="no memory for the KV caches of 1000000 sequences"):
         BatchDecoder(tiny.target, draft, max_batch=10**6, max_len=10**6)
     (result,) = [c.result for _, c in iter_until_done(decoder) if c.result is not None]

@@ -794,8 +794,8 @@ def test_fsdp_two_processes_match_one_and_resume(bigram, tmp_path):
     (["--data", "gsm8k", "--temperatures", "hot"], "temperature mix"),
     (["--data", "gsm8k", "--samples-per-prompt", "0"], "--samples-per-prompt"),
     ([], "no training data"),
-    (["--data", "gsm8k", "--device", "mps"], "--device mps"),
-    (["--data", "gsm8k", "--device", "meta"], "--device meta"),
+    (["--data", "gsm8k", "--device", "mps"], "device 'mps'"),
+    (["--data", "gsm8k", "--device", "meta"], "device 'meta'"),
 ], ids=["bad-target", "unknown-arch", "zero-steps", "bad-temperatures", "zero-samples", "no-data", "mps", "meta"])
 def test_cli_user_errors_exit_2(capsys, tmp_path, argv, needle):
     code, out, err = run_cli(capsys, "train", "--output", tmp_path / "run", *argv)

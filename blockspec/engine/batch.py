@@ -128,6 +128,8 @@ class BatchDecoder:
             draft = DraftProposer(draft, target.model)
         if not isinstance(max_batch, int) or max_batch < 1:
             raise BlockspecError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
+            raise BlockspecError(f"max_len must be a positive integer (positions per row), got {max_len!r}")
         if max_step_tokens is not None and (not isinstance(max_step_tokens, int) or max_step_tokens < 2):
             raise BlockspecError(f"max_step_tokens must be an integer >= 2, got {max_step_tokens!r}")
         if not isinstance(max_prefill_tokens, int) or max_prefill_tokens < 1:

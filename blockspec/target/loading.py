@@ -40,12 +40,12 @@ def resolve_device(device: str | torch.device) -> str:
     except (RuntimeError, TypeError):
         raise BlockspecError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if parsed.type not in ("cpu", "cuda"):
-        raise BlockspecError(f"--device {device} is not supported: blockspec runs on cpu or cuda[:N]")
+        raise BlockspecError(f"device {device!r} is not supported: blockspec runs on cpu or cuda[:N]")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise BlockspecError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise BlockspecError(f"device {device!r}: CUDA is not available on this machine; use cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise BlockspecError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise BlockspecError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
