@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.weak import WeakIdKeyDictionary
 
 from blockspec.kernels import current_settings
 from blockspec.kernels.settings import prompt_attention_config
@@ -42,12 +43,39 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return (rows, config) if config is not None else None
 
 
+# Weights packed for oneDNN, per tensor (a view's base: the draft's stacked projections are sliced per call): for
+# each view of it (offset, shape, strides), its version when packed and the pack; they go when the tensor goes.
+_ONEDNN_PACKS: "WeakIdKeyDictionary[torch.Tensor, dict]" = WeakIdKeyDictionary()
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear through oneDNN with the weight packed once, for CPU inference in fp32; None where it does not apply
+    (another device or dtype, gradients wanted, a torch without oneDNN, KernelSettings.onednn_linear off). On x86
+    hosts whose MKL runs a 16-row GEMM at 5-7x one row's time, oneDNN is 1.5-3x faster at 1 to 16 rows (design-notes.md,
+    the CPU path)."""
+    params = (x, weight) if bias is None else (x, weight, bias)
+    if (x.device.type != "cpu" or any(t.dtype != torch.float32 for t in params) or weight.dim() != 2 or not x.numel()
+            or not torch.backends.mkldnn.is_available() or not current_settings().onednn_linear
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
+        return None
+    base = weight if weight._base is None else weight._base
+    version = 0 if weight.is_inference() else weight._version  # an optimizer step or load_state_dict bumps it
+    view = (weight.storage_offset(), tuple(weight.shape), weight.stride())
+    packs = _ONEDNN_PACKS.setdefault(base, {})
+    packed_version, packed = packs.get(view, (None, None))
+    if packed_version != version:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
+        packs[view] = (version, packed)
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "").view(*x.shape[:-1], -1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; on CUDA inference with few rows (decoding, a verify or draft block, a small batch) of 16-bit weights
-    the Triton skinny GEMM, which streams the weight at close to full bandwidth where cuBLAS's small-M kernels do not
-    (its tile table is measured in bf16: fp32 tiles of those sizes overflow shared memory); with
-    `KernelSettings.batch_invariant`, every product of 16-bit weights, so that a row's output does not depend
-    on the row count.
+    """F.linear (on the CPU in fp32 inference, through oneDNN: `_onednn_linear`); on CUDA inference with few rows
+    (decoding, a verify or draft block, a small batch) of 16-bit weights the Triton skinny GEMM, which streams the
+    weight at close to full bandwidth where cuBLAS's small-M kernels do not (its tile table is measured in bf16:
+    fp32 tiles of those sizes overflow shared memory); with `KernelSettings.batch_invariant`, every product of 16-bit
+    weights, so that a row's output does not depend on the row count.
 
     Leading dims are flattened into one matrix of rows first. Given a strided x (the draft's lm_head input, slots
     1.. of each block) and a weight without autograd state (a model built under inference mode, as the benchmarks
@@ -59,6 +87,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
         rows, config = skinny
         return skinny_linear(x.reshape(rows, -1), weight, bias, config).view(*x.shape[:-1], -1)
+    on_cpu = _onednn_linear(x, weight, bias)
+    if on_cpu is not None:
+        return on_cpu
     if x.dim() > 2:  # a contiguous x is a view: the same GEMM F.linear folds it into
         return F.linear(x.flatten(0, -2), weight, bias).unflatten(0, x.shape[:-1])
     return F.linear(x, weight, bias)

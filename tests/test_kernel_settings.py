@@ -14,7 +14,8 @@ from blockspec.kernels import KernelSettings, current_settings, device_tables, u
 from blockspec.kernels.settings import (FLOW_FIELDS, attention_keys_per_tile, attention_rows, attention_shared_bytes,
                                        batch_attention_config, bucket_config, gdn_tile, merged_skinny_tables,
                                        prompt_attention_config, skinny_table_from_winners, tables_for)
-from blockspec.layers import fused_kernels_apply
+from blockspec.layers import fused_kernels_apply, linear
+from test_static_engine import MatrixProducts
 
 
 def test_use_settings_changes_the_current_settings_inside_only_and_nests():
@@ -41,6 +42,31 @@ def test_fused_kernels_off_sends_cuda_inference_to_the_torch_ops():
     with use_settings(fused_kernels=False):
         assert not fused_kernels_apply(cuda_like)
     assert not fused_kernels_apply(torch.ones(1))  # a CPU tensor, whatever the settings
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch built without oneDNN")
+def test_cpu_products_through_onednn_follow_the_weights_and_the_setting():
+    """CPU fp32 inference takes oneDNN with a weight packed once per tensor view: a slice of a stacked weight (as the
+    draft's context projection is) and its whole each keep their own pack; an in-place update (an optimizer step)
+    repacks; under autograd, and with the setting off, F.linear runs (its own kernels, so equal only to rounding)."""
+    gen = torch.Generator().manual_seed(0)
+    stacked, bias, x = (torch.randn(48, 32, generator=gen), torch.randn(48, generator=gen),
+                        torch.randn(2, 5, 32, generator=gen))
+    with torch.no_grad():
+        for _ in range(2):  # the second round reads the packs
+            for weight, b in ((stacked, bias), (stacked[16:], bias[16:])):
+                torch.testing.assert_close(linear(x, weight, b), torch.nn.functional.linear(x, weight, b))
+        with MatrixProducts() as log:
+            linear(x, stacked)
+            with use_settings(onednn_linear=False):
+                linear(x, stacked)
+        assert log.ops[0].startswith("mkldnn._linear_pointwise") and not log.ops[1].startswith("mkldnn")
+        stacked.mul_(-2)  # a pack of the old values would give the old products
+        torch.testing.assert_close(linear(x, stacked[16:]), torch.nn.functional.linear(x, stacked[16:]))
+    trained = torch.nn.Parameter(stacked.clone())
+    out = linear(x, trained)
+    out.sum().backward()  # autograd: F.linear, whose backward reaches the weight
+    assert trained.grad is not None and out.shape == (2, 5, 48)
 
 
 @pytest.mark.parametrize("name, file", [("NVIDIA H100 80GB HBM3", "h100.json"), ("NVIDIA H100 PCIe", "h100.json"),

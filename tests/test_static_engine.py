@@ -10,6 +10,7 @@ from benchmarks.oracle import OracleProposer
 from blockspec.draft import new_draft_for_target
 from blockspec.engine import DraftProposer, SamplingParams, SpeculativeDecoder
 from blockspec.engine.sampling import RowSampling
+from blockspec.kernels import use_settings
 from blockspec.target import Target, TargetConfig, TargetModel
 
 VOCAB, HIDDEN, LAYERS = 97, 64, 4
@@ -110,7 +111,7 @@ class MatrixProducts(TorchDispatchMode):
     """The matrix products run inside: their op names in order, and those with an operand broadcast over a batch dim
     (stride 0: one matrix read again for every batch index)."""
 
-    PRODUCTS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.")
+    PRODUCTS = ("aten.mm.", "aten.addmm.", "aten.bmm.", "aten.baddbmm.", "mkldnn._linear_pointwise.")
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,14 +127,15 @@ class MatrixProducts(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("onednn", [True, False])
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
-def test_a_draft_pass_reads_each_weight_once_whatever_the_rows(arch):
+def test_a_draft_pass_reads_each_weight_once_whatever_the_rows(arch, onednn):
     """One draft pass (greedy and sampled proposals) runs the same matrix products for 8 rows as for 1, none batched
     over the rows with a broadcast weight. The draft's lm_head input (block slots 1..) is a strided slice, which
     F.linear ran as a batched matmul reading the lm_head once per row: 778 MB a row for the 4B, 0.26 ms on the
     H100's bandwidth, most of a draft pass at c = 32. The weights carry no autograd state, as those of a model built
     under inference mode (with it, torch folds the rows itself), and the pass runs under no_grad, where a dispatch
-    mode sees the products (under inference mode it sees aten.linear whole)."""
+    mode sees the products (under inference mode it sees aten.linear whole). On the CPU path through oneDNN too."""
     target = tiny_target(seed=3)
     draft = new_draft_for_target(target.model.config, arch, num_layers=2, block_size=8, seed=4)
     for model in (target.model, draft):
@@ -148,7 +150,7 @@ def test_a_draft_pass_reads_each_weight_once_whatever_the_rows(arch):
     for n in (1, 8):
         positions = 10 + torch.arange(4).repeat(n, 1)
         last = torch.randint(0, VOCAB, (n,), generator=generator)
-        with torch.no_grad(), MatrixProducts() as log:
+        with torch.no_grad(), use_settings(onednn_linear=onednn), MatrixProducts() as log:
             drafts = proposer.propose_greedy(n, 4, last, positions, 14)
             greedy_rows = RowSampling.of([SamplingParams()] * n, "cpu")
             sampled, _ = proposer.propose_sampled(n, 4, last, positions, 14, greedy_rows,

@@ -31,9 +31,9 @@ FLOW_FIELDS = ("block_rows", "block_k", "dot_warps", "stages", "programs_per_sm"
 
 @dataclasses.dataclass(frozen=True)
 class KernelSettings:
-    """The CUDA path's switches; the defaults are what measured fastest on the H100 (`benchmarks/engine_limit.py
-    --ab`, docs/benchmarks.md). pdl, prefetch_tiles and fused_rope change no result; the others
-    change where bf16 rounds.
+    """The kernels' switches (the CUDA path's, and onednn_linear on the CPU); the defaults are what measured fastest
+    on the H100 (`benchmarks/engine_limit.py --ab`, docs/performance.md). pdl, prefetch_tiles and fused_rope change no
+    result; the others change where bf16 (or, for onednn_linear, fp32) rounds.
 
     pdl: programmatic dependent launch (Hopper and later). Every kernel may be scheduled while the one before it
         is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
@@ -65,6 +65,8 @@ class KernelSettings:
         without Gated DeltaNet layers, with fused_kernels (docs/design-notes.md has the argument and the limits).
         Off by default: on an H100 it makes a plain token 5-9% slower (a speculative step 1-2%), over the 3% a
         default may cost (docs/performance.md).
+    onednn_linear: on the CPU, fp32 inference's products through oneDNN with each weight packed once
+        (layers._onednn_linear); False: F.linear (MKL on x86 builds).
     """
 
     pdl: bool = True
@@ -75,6 +77,7 @@ class KernelSettings:
     fla_prefill: bool = True
     fused_kernels: bool = True
     batch_invariant: bool = False
+    onednn_linear: bool = True
     skinny_table: SkinnyTable | None = None
     attention_table: dict[str, dict] | None = None
     gdn_tile: dict | None = None
