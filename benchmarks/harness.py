@@ -315,7 +315,8 @@ def run_and_report(parser: argparse.ArgumentParser, run: Callable[[argparse.Name
         print(report(args.report))
         return
     if args.commit is None:
-        args.commit = (git_commit() or "unknown")[:7]
+        commit = git_commit() or "unknown"
+        args.commit = commit[:7] if len(commit) == 40 else commit  # a full hash, shortened; "abc1234-dirty" kept
     skinny = None
     if args.skinny_table:
         from benchmarks.gemm_shapes import load_winners
