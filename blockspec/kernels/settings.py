@@ -66,7 +66,7 @@ class KernelSettings:
         Off by default: on an H100 it makes a plain token 5-9% slower (a speculative step 1-2%), over the 3% a
         default may cost (docs/performance.md).
     onednn_linear: on the CPU, fp32 inference's products through oneDNN with each weight packed once
-        (layers._onednn_linear); False: F.linear (MKL on x86 builds).
+        (layers._onednn_linear): a second copy of the weights in memory; False: F.linear (MKL on x86 builds).
     """
 
     pdl: bool = True
