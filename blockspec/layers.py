@@ -19,8 +19,11 @@ from blockspec.kernels.settings import prompt_attention_config
 def fused_kernels_apply(*tensors: torch.Tensor) -> bool:
     """The Triton kernels serve CUDA inference (unless KernelSettings.fused_kernels is off); they have no
     backward, so anything needing gradients (draft training) takes the plain torch ops."""
-    return (tensors[0].is_cuda and current_settings().fused_kernels
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
+    return tensors[0].is_cuda and current_settings().fused_kernels and not _wants_gradients(*tensors)
+
+
+def _wants_gradients(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, dict] | None:
@@ -56,7 +59,7 @@ def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     params = (x, weight) if bias is None else (x, weight, bias)
     if (x.device.type != "cpu" or any(t.dtype != torch.float32 for t in params) or weight.dim() != 2 or not x.numel()
             or not torch.backends.mkldnn.is_available() or not current_settings().onednn_linear
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in params))):
+            or _wants_gradients(*params)):
         return None
     base = weight if weight._base is None else weight._base
     version = 0 if weight.is_inference() else weight._version  # an optimizer step or load_state_dict bumps it
