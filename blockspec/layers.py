@@ -148,8 +148,48 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class GatedMLP(nn.Module):
-    """`down(silu(gate(x)) * up(x))`."""
+class StackedWeights(nn.Module):
+    """A module that runs several of its nn.Linear layers as one projection (`stacked`): one weight stream, one GEMM.
+
+    The separate layers stay the parameters, so state_dict keys (the published names) and training are untouched.
+    Under autograd the concatenation is rebuilt every call (gradients reach the parts); otherwise it is cached until
+    a part changes: an optimizer step or load_state_dict bumps its version (writes through `.data` do not; inference
+    tensors have none, and change only in inference mode). A CUDA graph captured earlier keeps reading the
+    concatenation it captured: capture again after changing weights.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stacked: dict[str, tuple] = {}
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (nn.Module's signature)
+        # .to() / .half() give the parts new storage: drop concatenations of the old one
+        self._stacked = {}
+        return super()._apply(fn, recurse)
+
+    def stacked(self, name: str, *layers: nn.Linear, interleave: bool = False) -> tuple[torch.Tensor,
+                                                                                         torch.Tensor | None]:
+        """The weights (and biases) of `layers` concatenated along the outputs; `interleave`: output j of each
+        layer in turn (the (gate j, up j) pairs that `linear_silu_mul` reads)."""
+        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
+        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
+        cached = self._stacked.get(name)
+        if cache and cached is not None and cached[0] == key:
+            return cached[1]
+
+        def join(tensors: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors, dim=1).flatten(0, 1) if interleave else torch.cat(tensors)
+
+        weight = join([layer.weight for layer in layers])
+        bias = join([layer.bias for layer in layers]) if layers[0].bias is not None else None
+        if cache:
+            self._stacked[name] = (key, (weight, bias))
+        return weight, bias
+
+
+class GatedMLP(StackedWeights):
+    """`down(silu(gate(x)) * up(x))`, gate and up run as one interleaved projection."""
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False) -> None:
         super().__init__()
@@ -158,8 +198,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
-        return linear(gated(linear(x, gate.weight, gate.bias), linear(x, up.weight, up.bias)), down.weight, down.bias)
+        gate_up, bias = self.stacked("gate_up", self.gate_proj, self.up_proj, interleave=True)
+        return linear(linear_silu_mul(x, gate_up, bias), self.down_proj.weight, self.down_proj.bias)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -327,6 +367,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}  # a table's "sdpa"
 DECODE_QUERIES = 16  # up to this many query tokens, CUDA attention runs the split-K decode kernel
 
 
@@ -357,17 +398,21 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     prompt = q.shape[2] == kv_len and (window is None or window >= kv_len)  # a prompt from its start
+    # SDPA's flash kernel unless the device's table names another. Not cuDNN's by default, which SDPA picks first
+    # on an H100 (design notes, "Prefill")
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     if prompt and fused_kernels_apply(q):
         from blockspec.kernels.attention import prompt_attention
 
         config = prompt_attention_config(q.device, q.shape[-1], kv_len)
-        if config is not None:
+        if config is not None and "sdpa" in config:
+            backends.insert(0, SDPA_BACKENDS[config["sdpa"]])
+        elif config is not None:
             return prompt_attention(q, k_cache, v_cache, config, gate=gate)
     k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]
     if q.is_cuda and prompt:
-        # plain causal attention on SDPA's flash kernel, KV heads shared in place (a mask takes a slower kernel,
-        # which needs them repeated). Not cuDNN's, which SDPA picks first on an H100 (design notes, "Prefill")
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):
+        # plain causal attention, KV heads shared in place (a mask takes a slower kernel, which needs them repeated)
+        with sdpa_kernel(backends):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
     else:
         mask = visible_mask(limits, kv_len, window)

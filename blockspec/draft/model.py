@@ -23,13 +23,13 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, add_rms_norm, attention, linear, qkv_rope_store,
-                              rope_inv_freq)
+from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, StackedWeights, add_rms_norm, attention, linear,
+                              qkv_rope_store, rope_inv_freq)
 
 MASK_EMBEDDING = "mask_embedding"
 
 
-class DraftAttention(nn.Module):
+class DraftAttention(StackedWeights):
     def __init__(self, cfg: DraftConfig, layer_index: int) -> None:
         super().__init__()
         h, nh, nkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -47,33 +47,6 @@ class DraftAttention(nn.Module):
         if self.separate_context_proj:
             self.k_proj_target = nn.Linear(h, nkv * d, bias=bias)
             self.v_proj_target = nn.Linear(h, nkv * d, bias=bias)
-        self._stacked: dict[str, tuple] = {}  # inference-time concatenations, see stacked()
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() give the parts new storage: drop concatenations of the old one
-        self._stacked = {}
-        return super()._apply(fn, recurse)
-
-    def stacked(self, name: str, *layers: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The weights (and biases) of `layers` concatenated into one projection: one weight stream, one GEMM.
-
-        The separate layers stay the parameters, so state_dict keys (the published names) and training are
-        untouched. Under autograd the concatenation is rebuilt every call (gradients reach the parts);
-        otherwise it is cached until a part changes: an optimizer step or load_state_dict bumps its version
-        (writes through `.data` do not; inference tensors have none, and change only in inference mode). A CUDA
-        graph captured earlier keeps reading the concatenation it captured: capture again after changing weights.
-        """
-        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
-        key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
-        cached = self._stacked.get(name)
-        if cache and cached is not None and cached[0] == key:
-            return cached[1]
-        weight = torch.cat([layer.weight for layer in layers])
-        bias = torch.cat([layer.bias for layer in layers]) if layers[0].bias is not None else None
-        if cache:
-            self._stacked[name] = (key, (weight, bias))
-        return weight, bias
 
     def store_context(self, ctx: torch.Tensor, ctx_rope: tuple, ctx_positions: torch.Tensor, cache: KVCache) -> None:
         """Write the context's K/V at its positions. They depend on the target features alone (never on the

@@ -133,7 +133,7 @@ def attention_table(device: torch.device) -> dict[str, dict]:
 def prompt_attention_config(device: torch.device, head_dim: int, tokens: int) -> dict | None:
     """The tiles of kernels.attention.prompt_attention for prompts of `tokens` at this head dim (`attention_table`'s
     "prompt_d128", ..., whose "long" entry takes over from "from_tokens" on); None where the table lists none
-    (SDPA's flash kernel then)."""
+    (SDPA's flash kernel then). An entry {"sdpa": "cudnn"} names an SDPA backend instead of tiles."""
     entry = attention_table(device).get(f"prompt_d{head_dim}")
     if entry is not None and "long" in entry and tokens >= entry["long"]["from_tokens"]:
         return entry["long"]
