@@ -503,6 +503,17 @@ def test_target_tensor_of_the_wrong_shape_is_refused(zoo, tmp_path):
     one_line_error(excinfo, "config.json")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_target_with_non_finite_weights_is_refused(zoo, tmp_path, value):
+    """A NaN or inf in one weight makes every logit it reaches NaN: refused at load, naming the tensor."""
+    def poison(t):
+        t["model.layers.1.self_attn.k_proj.weight"][3, 5] = value
+    edit_tensors(save_tiny_hf_target(zoo, tmp_path), poison)
+    with pytest.raises(BlockspecError) as excinfo:
+        load_target(str(tmp_path), tokenizer=False)
+    one_line_error(excinfo, "not finite", "layers.1.self_attn.qkv_proj.weight")
+
+
 @pytest.mark.parametrize("edit,needle", [
     (lambda raw: raw.update(num_hidden_layers=2), "num_hidden_layers"),  # layer_types still lists 4 layers
     (lambda raw: raw.update(layer_types=["full_attention", "mamba", "full_attention", "full_attention"]),

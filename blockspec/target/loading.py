@@ -229,6 +229,7 @@ def load_target(name: str | os.PathLike = DEFAULT_TARGET, device: str | torch.de
     _check_loading_info(name, info, hf_config.get_text_config().num_hidden_layers)
     model = TargetModel.from_hf(hf_model).to(device)
     del hf_model
+    _check_finite(name, model)
     # transformers 5 returns an empty tokenizer for a folder without one; treat that as "no tokenizer"
     has_tokenizer = any((Path(source) / f).is_file() for f in TOKENIZER_FILES)
     tok = AutoTokenizer.from_pretrained(source) if tokenizer and has_tokenizer else None
@@ -282,6 +283,16 @@ def _check_loading_info(name: str, info: dict, num_layers: int) -> None:
         key, found, expected = mismatched[0]
         raise BlockspecError(f"target tensor {key!r} in {name!r} has shape {list(found)}, but config.json implies "
                              f"{list(expected)}: config.json does not match the weights")
+
+
+def _check_finite(name: str, model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or inf (a damaged file or a broken conversion): every logit they reach is NaN, so
+    greedy decoding picks token 0 and every sampled request fails. Checked on the model's device (a GPU reads the
+    weights once in milliseconds)."""
+    for key, weight in model.named_parameters():
+        if not torch.isfinite(weight).all():
+            raise BlockspecError(f"target tensor {key!r} in {name!r} holds values that are not finite (NaN or inf): "
+                                 f"the checkpoint is corrupt; re-download or re-save it")
 
 
 def target_from_hf(hf_model: torch.nn.Module, tokenizer: object | None = None, name: str = "in-memory") -> Target:
