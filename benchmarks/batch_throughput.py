@@ -63,7 +63,9 @@ from benchmarks.oracle import OracleProposer, constant_choice, tau_schedule
 from blockspec.cache import DEFAULT_ROLLBACK, ROLLBACKS
 from blockspec.draft import DraftModel
 from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
+from blockspec.engine.batch import MAX_PREFILL_TOKENS
 from blockspec.kernels import use_settings
+from blockspec.kernels.settings import device_tables
 from blockspec.serve.cli import CUDA_MAX_STEP_TOKENS
 from blockspec.target import Target, TargetModel
 
@@ -385,7 +387,8 @@ def random_weights(args: argparse.Namespace, name: str, model: TargetModel, draf
     constant_choice(model)
     oracle = OracleProposer(DraftProposer(draft, model), torch.zeros(max_len, dtype=torch.long),
                             card_schedules(draft.block_size), model.config.vocab_size, device)
-    engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len, rollback=rollback)
+    engine = BatchDecoder(target, oracle, max_batch=max(concurrency), max_len=max_len, rollback=rollback,
+                          max_prefill_tokens=args.max_prefill_tokens)
     started = time.perf_counter()
     graphs = engine.capture_graphs((1, *blocks), modes=("greedy",))
     capture_s = time.perf_counter() - started
@@ -442,7 +445,8 @@ def smollm2(args: argparse.Namespace, concurrency: tuple[int, ...], bandwidth: f
     for kind in args.drafts:
         draft = load_draft(str(shipped_draft_dir(f"smollm2-135m-instruct-{kind}")), device=args.device,
                            dtype=target.dtype)
-        engine = BatchDecoder(target, draft, max_batch=max(concurrency), max_len=max_len)
+        engine = BatchDecoder(target, draft, max_batch=max(concurrency), max_len=max_len,
+                              max_prefill_tokens=args.max_prefill_tokens)
         cols = columns((4, 8, 16), auto=True)
         engine.capture_graphs(tuple(cols.values()), modes=("greedy",))
         context = statistics.mean(map(len, prompts)) + new // 2
@@ -457,6 +461,15 @@ WORKLOADS = {"qwen3_4b": (qwen3_4b, CONCURRENCY), "qwen35_4b": (qwen35_4b, CONCU
              "smollm2": (smollm2, CONCURRENCY)}
 
 
+def prompt_attention_settings(kernel: str, device: str) -> contextlib.AbstractContextManager:
+    """Kernel settings with head dim 128's prompt attention on the device table's kernel ("table": Triton tiles) or
+    on SDPA's cuDNN kernel ("cudnn")."""
+    if kernel == "table" or not device.startswith("cuda"):
+        return use_settings()
+    table = device_tables(torch.device(device)).attention
+    return use_settings(attention_table={**table, "prompt_d128": {"sdpa": kernel}})
+
+
 def run(args: argparse.Namespace) -> dict:
     device = args.device
     bandwidth = copy_bandwidth(device, 0.05 if args.tiny else 2.0)
@@ -465,7 +478,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {**run_header(args), "command": " ".join(sys.argv), "repeats": args.repeats,
               "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_TFLOPs": flop_rate / 1e12,
               "max_step_tokens": CUDA_MAX_STEP_TOKENS, "python_loop_ms": python_loop_ms()}
-    with torch.inference_mode():
+    with torch.inference_mode(), prompt_attention_settings(args.prompt_attention, device):
         for name in args.workload:
             build, default = WORKLOADS[name]
             record[name] = build(args, tuple(args.concurrency or default), bandwidth, flop_rate)
@@ -657,6 +670,10 @@ def main() -> None:
                         help="qwen35_4b: how the hybrid cache rolls back, each in turn (default: the engine's)")
     parser.add_argument("--drafts", nargs="+", choices=("dflash", "dflare"), default=["dflash", "dflare"],
                         help="smollm2: the shipped drafts to run, each in turn")
+    parser.add_argument("--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
+                        help="padded tokens of one joint prefill (BatchDecoder's max_prefill_tokens)")
+    parser.add_argument("--prompt-attention", choices=("table", "cudnn"), default="table",
+                        help="head dim 128's prompt attention: the device table's (Triton tiles) or SDPA's cuDNN")
     run_and_report(parser, run, report, "batch_throughput")
 
 

@@ -7,8 +7,8 @@ DFlash draft, oracle acceptance at the card's tau), three probes in one process:
   busy time, and the idle gap before the next replay; beside it the same step replayed alone at the cell's first
   context (batch_throughput's `step_ms`);
 - joins: the prefill of c prompts joining at once (a third of a speculative cell's time) with groups of 4096, 8192
-  or 16384 padded tokens (`max_prefill_tokens`) and prompt attention on the device table's Triton tiles or on
-  SDPA's cuDNN kernel; then the cells again under the fastest join;
+  or 16384 padded tokens (`max_prefill_tokens`) and prompt attention on the device table's kernel (Triton tiles)
+  or on SDPA's cuDNN kernel; then the cells again under the fastest join;
 - the draft's MLP at c x block rows: gate and up as two products (as GatedMLP ran them until 2026-12-07) or as
   one interleaved product with silu * up after it (GatedMLP's `stacked`), each as CUDA-graph replays.
 
@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.batch_throughput import CARD_TAU, card_schedules, prefill_time, run_workload, warm_join
+from benchmarks.batch_throughput import (CARD_TAU, card_schedules, prefill_time, prompt_attention_settings,
+                                        run_workload, warm_join)
 from benchmarks.harness import (graph_ms, make_draft, parser_with_common_flags, qwen3_4b_config, restored,
                                 run_and_report, run_header, step_ms, sync)
 from benchmarks.oracle import OracleProposer, constant_choice
 from blockspec.engine import BatchDecoder, DraftProposer, SamplingParams
-from blockspec.kernels import use_settings
-from blockspec.kernels.settings import device_tables
 from blockspec.layers import gated, linear
 from blockspec.target import Target, TargetModel
 
@@ -132,20 +131,12 @@ def join_variants(engine: BatchDecoder, prompts: list[list[int]], block: int, de
     """The prefill of `prompts` joining at once under each group size and prompt attention kernel."""
     out = {}
     for tokens in PREFILL_TOKENS:
-        for kernel in ("triton", "cudnn"):
+        for kernel in ("table", "cudnn"):
             engine.max_prefill_tokens = tokens
-            with join_settings(kernel, device):
+            with prompt_attention_settings(kernel, device):
                 timed = prefill_time(engine, prompts, device, block)
             out[f"{tokens} {kernel}"] = {k: timed[k] for k in ("ms", "ms_per_prompt", "device_busy_ms")}
     return out
-
-
-def join_settings(kernel: str, device: str) -> object:
-    """Kernel settings with prompt attention on the table's Triton tiles, or on SDPA's cuDNN kernel."""
-    if kernel == "triton" or not device.startswith("cuda"):
-        return use_settings()
-    table = device_tables(torch.device(device)).attention
-    return use_settings(attention_table={**table, "prompt_d128": {"sdpa": "cudnn"}})
 
 
 def draft_mlp_ms(draft: torch.nn.Module, rows: int, device: str) -> dict:
@@ -188,11 +179,11 @@ def run(args: argparse.Namespace) -> dict:
             record["joins"][str(c)] = {"variants": joins, "fastest": best}
             print(json.dumps({f"c{c} joins": {k: round(v["ms"], 1) for k, v in joins.items()}}), flush=True)
             tokens, kernel = best.split()
-            for label, (prefill, join_kernel) in {"default": (default_prefill, "triton"),
+            for label, (prefill, join_kernel) in {"default": (default_prefill, "table"),
                                                    "fastest join": (int(tokens), kernel)}.items():
                 engine.max_prefill_tokens = prefill
                 for block in args.blocks:
-                    with join_settings(join_kernel, device):
+                    with prompt_attention_settings(join_kernel, device):
                         cell = profiled_cell(engine, prompts, params, c, block, device, profile=label == "default")
                     if label == "default":
                         cell["alone_ms"] = alone_ms(engine, prompts, c, block, device)
