@@ -398,13 +398,13 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     prompt = q.shape[2] == kv_len and (window is None or window >= kv_len)  # a prompt from its start
-    # SDPA's flash kernel unless the device's table names another. Not cuDNN's by default, which SDPA picks first
-    # on an H100 (design notes, "Prefill")
+    # SDPA's flash kernel unless the device's table names another: never SDPA's own first choice on an H100, cuDNN,
+    # for one prompt, whose prefill waits on the host (design notes, "Prefill")
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     if prompt and fused_kernels_apply(q):
         from blockspec.kernels.attention import prompt_attention
 
-        config = prompt_attention_config(q.device, q.shape[-1], kv_len)
+        config = prompt_attention_config(q.device, q.shape[-1], kv_len, q.shape[0])
         if config is not None and "sdpa" in config:
             backends.insert(0, SDPA_BACKENDS[config["sdpa"]])
         elif config is not None:

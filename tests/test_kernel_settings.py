@@ -119,15 +119,19 @@ def test_a_batch_of_rows_takes_its_measured_attention_settings_else_shares_out_o
 
 
 def test_a_prompt_takes_its_head_dims_tiles_the_long_ones_from_their_length_and_none_where_unlisted():
-    """What layers.attention asks for a prompt from its start: the table's entry for the head dim ("long" from its
-    "from_tokens" on); None (SDPA's flash kernel) for a head dim the table does not list, and on a table without
-    prompt entries, the default one that a device nobody measured gets."""
+    """What layers.attention asks for a prompt from its start: the table's entry for the head dim ("batch" from its
+    "from_prompts" on, then "long" from its "from_tokens" on); None (SDPA's flash kernel) for a head dim the table
+    does not list, and on a table without prompt entries, the default one that a device nobody measured gets."""
     short, long = {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 3}, {"from_tokens": 4096, "block_m": 128}
-    table = {"narrow": {}, "wide": {}, "prompt_d128": {**short, "long": long}, "prompt_d256": short}
+    batch = {"from_prompts": 2, "sdpa": "cudnn"}
+    table = {"narrow": {}, "wide": {}, "prompt_d128": {**short, "long": long, "batch": batch}, "prompt_d256": short}
     cpu = torch.device("cpu")
     with use_settings(attention_table=table):
-        assert prompt_attention_config(cpu, 128, 4095) == {**short, "long": long}
+        assert prompt_attention_config(cpu, 128, 4095) == {**short, "long": long, "batch": batch}
         assert prompt_attention_config(cpu, 128, 4096) == long
+        assert prompt_attention_config(cpu, 128, 512, prompts=2) == batch  # a group of prompts, whatever their length
+        assert prompt_attention_config(cpu, 128, 4096, prompts=8) == batch
+        assert prompt_attention_config(cpu, 256, 512, prompts=8) == short  # no batch entry
         assert prompt_attention_config(cpu, 256, 16384) == short  # no long entry
         assert prompt_attention_config(cpu, 64, 512) is None
     assert prompt_attention_config(cpu, 128, 512) is None  # default.json: never measured, so flash

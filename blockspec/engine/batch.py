@@ -63,7 +63,7 @@ from blockspec.errors import BlockspecError
 from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
-MAX_PREFILL_TOKENS = 4096  # padded tokens (rows x longest prompt) of one joint prefill
+MAX_PREFILL_TOKENS = 16384  # padded tokens (rows x longest prompt) of one joint prefill
 
 
 def _queued_so_far(t: torch.Tensor) -> torch.cuda.Event | None:

@@ -130,11 +130,14 @@ def attention_table(device: torch.device) -> dict[str, dict]:
     return table if table is not None else device_tables(device).attention
 
 
-def prompt_attention_config(device: torch.device, head_dim: int, tokens: int) -> dict | None:
-    """The tiles of kernels.attention.prompt_attention for prompts of `tokens` at this head dim (`attention_table`'s
-    "prompt_d128", ..., whose "long" entry takes over from "from_tokens" on); None where the table lists none
-    (SDPA's flash kernel then). An entry {"sdpa": "cudnn"} names an SDPA backend instead of tiles."""
+def prompt_attention_config(device: torch.device, head_dim: int, tokens: int, prompts: int = 1) -> dict | None:
+    """How `prompts` prompts of `tokens` each at this head dim take their attention (`attention_table`'s
+    "prompt_d128", ...): the entry's tiles for kernels.attention.prompt_attention, or {"sdpa": backend} for an SDPA
+    backend; its "batch" entry takes over from "from_prompts" prompts on, then its "long" entry from "from_tokens"
+    on. None where the table lists none (SDPA's flash kernel then)."""
     entry = attention_table(device).get(f"prompt_d{head_dim}")
+    if entry is not None and "batch" in entry and prompts >= entry["batch"]["from_prompts"]:
+        return entry["batch"]
     if entry is not None and "long" in entry and tokens >= entry["long"]["from_tokens"]:
         return entry["long"]
     return entry
