@@ -2,10 +2,9 @@
 DFlash draft, oracle acceptance at the card's tau), three probes in one process:
 
 - the loop: batch_throughput's loop ran a block-8 step in 8.03 ms of host time where the same step replayed alone
-  took 7.61 (AR: 4.60 against 4.49; batch_throughput-20261207-002918.json). Each cell runs once under
-  torch.profiler, each CUDA-graph replay split into its device span (first kernel's start to last kernel's end),
-  busy time, and the idle gap before the next replay; beside it the same step replayed alone at the cell's first
-  context (batch_throughput's `step_ms`);
+  took 7.61 (AR: 4.60 against 4.49). Each cell runs once under torch.profiler, each CUDA-graph replay split into
+  its device span (first kernel's start to last kernel's end), busy time, and the idle gap before the next replay;
+  beside it the same step replayed alone at the cell's first context (batch_throughput's `step_ms`);
 - joins: the prefill of c prompts joining at once (a third of a speculative cell's time) with groups of 4096, 8192
   or 16384 padded tokens (`max_prefill_tokens`) and prompt attention on the device table's kernel (Triton tiles)
   or on SDPA's cuDNN kernel; then the cells again under the fastest join;
