@@ -462,12 +462,13 @@ WORKLOADS = {"qwen3_4b": (qwen3_4b, CONCURRENCY), "qwen35_4b": (qwen35_4b, CONCU
 
 
 def prompt_attention_settings(kernel: str, device: str) -> contextlib.AbstractContextManager:
-    """Kernel settings with head dim 128's prompt attention on the device table's kernel ("table": Triton tiles) or
-    on SDPA's cuDNN kernel ("cudnn")."""
+    """Kernel settings with head dim 128's prompt attention as the device table has it ("table"), on its Triton
+    tiles for any number of prompts ("triton"), or on SDPA's cuDNN kernel ("cudnn")."""
     if kernel == "table" or not device.startswith("cuda"):
         return use_settings()
     table = device_tables(torch.device(device)).attention
-    return use_settings(attention_table={**table, "prompt_d128": {"sdpa": kernel}})
+    tiles = {k: v for k, v in table["prompt_d128"].items() if k != "batch"}
+    return use_settings(attention_table={**table, "prompt_d128": tiles if kernel == "triton" else {"sdpa": kernel}})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -672,8 +673,8 @@ def main() -> None:
                         help="smollm2: the shipped drafts to run, each in turn")
     parser.add_argument("--max-prefill-tokens", type=int, default=MAX_PREFILL_TOKENS,
                         help="padded tokens of one joint prefill (BatchDecoder's max_prefill_tokens)")
-    parser.add_argument("--prompt-attention", choices=("table", "cudnn"), default="table",
-                        help="head dim 128's prompt attention: the device table's (Triton tiles) or SDPA's cuDNN")
+    parser.add_argument("--prompt-attention", choices=("table", "triton", "cudnn"), default="table",
+                        help="head dim 128's prompt attention: the device table's, its Triton tiles, or SDPA's cuDNN")
     run_and_report(parser, run, report, "batch_throughput")
 
 

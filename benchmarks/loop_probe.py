@@ -6,8 +6,8 @@ DFlash draft, oracle acceptance at the card's tau), three probes in one process:
   its device span (first kernel's start to last kernel's end), busy time, and the idle gap before the next replay;
   beside it the same step replayed alone at the cell's first context (batch_throughput's `step_ms`);
 - joins: the prefill of c prompts joining at once (a third of a speculative cell's time) with groups of 4096, 8192
-  or 16384 padded tokens (`max_prefill_tokens`) and prompt attention on the device table's kernel (Triton tiles)
-  or on SDPA's cuDNN kernel; then the cells again under the fastest join;
+  or 16384 padded tokens (`max_prefill_tokens`) and prompt attention on the Triton tiles or on SDPA's cuDNN kernel;
+  then the cells again under the fastest join, beside the joins before 0fae76a (4096 tokens, Triton: "earlier joins");
 - the draft's MLP at c x block rows: gate and up as two products (as GatedMLP ran them until 2026-12-07) or as
   one interleaved product with silu * up after it (GatedMLP's `stacked`), each as CUDA-graph replays.
 
@@ -37,6 +37,7 @@ from blockspec.layers import gated, linear
 from blockspec.target import Target, TargetModel
 
 PREFILL_TOKENS = (4096, 8192, 16384)
+EARLIER = "earlier joins"  # 4096-token groups on the Triton tiles, the engine's joins before 0fae76a
 
 GPU_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -130,7 +131,7 @@ def join_variants(engine: BatchDecoder, prompts: list[list[int]], block: int, de
     """The prefill of `prompts` joining at once under each group size and prompt attention kernel."""
     out = {}
     for tokens in PREFILL_TOKENS:
-        for kernel in ("table", "cudnn"):
+        for kernel in ("triton", "cudnn"):
             engine.max_prefill_tokens = tokens
             with prompt_attention_settings(kernel, device):
                 timed = prefill_time(engine, prompts, device, block)
@@ -178,13 +179,13 @@ def run(args: argparse.Namespace) -> dict:
             record["joins"][str(c)] = {"variants": joins, "fastest": best}
             print(json.dumps({f"c{c} joins": {k: round(v["ms"], 1) for k, v in joins.items()}}), flush=True)
             tokens, kernel = best.split()
-            for label, (prefill, join_kernel) in {"default": (default_prefill, "table"),
-                                                   "fastest join": (int(tokens), kernel)}.items():
+            variants = {EARLIER: (4096, "triton"), "fastest join": (int(tokens), kernel)}
+            for label, (prefill, join_kernel) in variants.items():
                 engine.max_prefill_tokens = prefill
                 for block in args.blocks:
                     with prompt_attention_settings(join_kernel, device):
-                        cell = profiled_cell(engine, prompts, params, c, block, device, profile=label == "default")
-                    if label == "default":
+                        cell = profiled_cell(engine, prompts, params, c, block, device, profile=label == EARLIER)
+                    if label == EARLIER:
                         cell["alone_ms"] = alone_ms(engine, prompts, c, block, device)
                     record["cells"][f"c{c} b{block} {label}"] = cell
                     print(json.dumps({f"c{c} b{block} {label}": {k: v for k, v in cell.items() if k != "profiled"}}),
