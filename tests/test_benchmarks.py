@@ -638,6 +638,41 @@ def test_batch_throughput_runs_the_chosen_blocks_without_the_check(tmp_path):
     assert "| c | AR | B=16 | best / AR |" in out
 
 
+def test_loop_probe_splits_each_graph_replay_into_span_busy_time_and_the_gap_after():
+    """Two replays of a graph in a chrome trace, their kernels linked to the launch by correlation id (a kernel of
+    another launch and a host event in between): spans, busy time (overlap counted once) and the idle gap."""
+    from benchmarks.loop_probe import replay_spans
+
+    def launch(corr, ts):
+        return {"cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": ts, "args": {"correlation": corr}}
+
+    def kernel(corr, ts, dur, cat="kernel"):
+        return {"cat": cat, "name": "k", "ts": ts, "dur": dur, "args": {"correlation": corr}}
+
+    trace = {"traceEvents": [launch(1, 0), launch(2, 5), kernel(1, 10, 4), kernel(1, 12, 6), kernel(1, 20, 5),
+                             kernel(9, 26, 3), {"cat": "cpu_op", "name": "aten::mm", "ts": 27, "dur": 1},
+                             kernel(2, 40, 5, "gpu_memcpy"), kernel(2, 46, 4)]}
+    first, second = replay_spans(trace)
+    assert (first["span_us"], first["busy_us"], first["kernels"]) == (15, 13, 3)  # 10-18 and 20-25
+    assert first["gap_after_us"] == 15 and "gap_after_us" not in second
+    assert (second["span_us"], second["busy_us"]) == (10, 9)
+
+
+def test_loop_probe_runs_on_tiny_shapes(tmp_path):
+    """The logic on the CPU (no device timeline): every cell of both join settings, the joins by group size and
+    kernel, the draft's MLP stacked and apart; the report renders them."""
+    from benchmarks.loop_probe import report
+
+    run_benchmark("loop_probe", "--tiny", "--device", "cpu", "--concurrency", 2, "--out", tmp_path)
+    (stored,) = tmp_path.glob("loop_probe-*.json")
+    record = json.loads(stored.read_text())
+    assert set(record["cells"]) == {f"c2 b{b} {label}" for b in (1, 8) for label in ("earlier joins", "fastest join")}
+    assert all(cell["steps"] > 0 and cell["tokens_per_s"] > 0 for cell in record["cells"].values())
+    assert len(record["joins"]["2"]["variants"]) == 6 and record["draft_mlp"]["2"]["rows"] == 16
+    out = report(str(stored))
+    assert "| c2 b8 earlier joins |" in out and "fastest:" in out and "The draft's MLP on 16 rows" in out
+
+
 def test_ab_trees_runs_a_benchmark_in_a_staged_commit_and_then_the_checkout(tmp_path, monkeypatch, capfd):
     """A staged tree holds the commit's package (without the drafts) and the checkout's benchmarks; its run imports
     that package and records its commit, as the checkout's run records its own; a tree past its timeout is reported
