@@ -398,8 +398,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lim
 
         return decode_attention(q, k_cache, v_cache, limits, window or 0, gate=gate)
     prompt = q.shape[2] == kv_len and (window is None or window >= kv_len)  # a prompt from its start
-    # SDPA's flash kernel unless the device's table names another: never SDPA's own first choice on an H100, cuDNN,
-    # for one prompt, whose prefill waits on the host (design notes, "Prefill")
+    # SDPA's flash kernel unless the device's table names a backend (cuDNN for groups of prompts on an H100; a lone
+    # prompt's prefill waits on the host, where a cuDNN call costs more: design notes, "Prefill")
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
     if prompt and fused_kernels_apply(q):
         from blockspec.kernels.attention import prompt_attention
