@@ -92,6 +92,9 @@ class OracleProposer:
     def observe(self, n: int, block_positions: torch.Tensor, features: torch.Tensor | None) -> None:
         self.inner.observe(n, block_positions, features)
 
+    def settle(self, n: int, slots: int) -> None:
+        self.inner.settle(n, slots)
+
     def move_row(self, source: int, dest: int, length: int) -> None:
         self.inner.move_row(source, dest, length)
         self.steps[dest] = self.steps[source]

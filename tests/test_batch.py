@@ -219,6 +219,77 @@ def test_the_step_block_shrinks_as_the_batch_grows(zoo):
         BatchDecoder(tiny.target, draft, max_step_tokens=1)
 
 
+def test_a_proposal_reads_its_own_blocks_context_slots_after_settling_a_larger_blocks(zoo):
+    """A draft pass takes as many of the last verify's context slots as its own block has: after a block-8 verify,
+    a block-4 proposal that settled the 8 slots first drafts from what one over all 8 slots drafts from (without
+    settling, the slots 4-7 of the rows that accepted them are lost); a block-8 proposal needs no settling."""
+    from blockspec.engine import DraftProposer
+    from blockspec.engine.sampling import RowSampling
+
+    tiny = zoo.target("qwen3")
+    model, draft = tiny.target.model, zoo.draft("qwen3", "dflash", block_size=16)
+    rows, prompt, taps = 8, 10, len(draft.config.target_layer_ids) * tiny.config.hidden_size
+    gen = torch.Generator().manual_seed(3)
+    prompt_features = torch.randn(rows, prompt, taps, generator=gen)
+    verify_features = torch.randn(rows, 8, taps, generator=gen)
+    last = torch.randint(0, tiny.config.vocab_size, (rows,), generator=gen)
+    hot = 100.0  # a temperature that spreads the tiny draft's peaked distributions: they show its logits
+    sampling = RowSampling(torch.full((rows,), hot), torch.zeros(rows, dtype=torch.long), torch.ones(rows), False)
+
+    def proposer_after_verify() -> DraftProposer:
+        proposer = DraftProposer(draft, model)
+        proposer.allocate(rows, 64)
+        proposer.join(0, prompt_features, torch.arange(prompt).repeat(rows, 1), torch.full((rows,), prompt))
+        proposer.observe(rows, prompt + torch.arange(8).repeat(rows, 1), verify_features)
+        return proposer
+
+    def distributions(proposer: DraftProposer, block: int, positions: torch.Tensor) -> torch.Tensor:
+        uniforms = torch.full((rows, block - 1), 0.5)
+        return proposer.propose_sampled(rows, block, last, positions, 64, sampling, uniforms)[1]
+
+    def over_every_slot(proposer: DraftProposer, block: int, positions: torch.Tensor) -> torch.Tensor:
+        embeds = draft.embed_block(last, model.embed_tokens, block)  # how a proposal read the slots before
+        hidden = draft(embeds, positions, proposer.feat, proposer.feat_pos, proposer.cache.rows(0, rows), kv_len=64)
+        return torch.softmax(model.logits(hidden[:, 1:]).float() / hot, -1)
+
+    with torch.no_grad():
+        for block in (4, 8):
+            positions = (prompt + torch.arange(rows) + 1)[:, None] + torch.arange(block)  # row r accepted r drafts
+            settled, unsettled, reference = (proposer_after_verify() for _ in range(3))
+            if block < 8:
+                settled.settle(rows, 8)
+            got = distributions(settled, block, positions)
+            torch.testing.assert_close(got, over_every_slot(reference, block, positions), rtol=1e-5, atol=1e-6)
+            if block < 8:  # rows that accepted 4 or more drafts see other context without settling
+                lost = distributions(unsettled, block, positions)
+                assert not torch.allclose(lost[4:], got[4:], rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(lost[:3], got[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_a_shrinking_block_settles_the_last_verifys_slots(zoo, monkeypatch):
+    """A request decoding alone at block 8, then three joining it under max_step_tokens 16: the block falls to 4
+    and the proposer settles the 8 slots of the last verify first, once; every request gets its tokens alone."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    prompts = prompts_of([5, 7, 3, 6], tiny.config.vocab_size, seed=21)
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=96, max_step_tokens=16)
+    settled, settle = [], decoder.proposer.settle
+    monkeypatch.setattr(decoder.proposer, "settle", lambda n, slots: settled.append((n, slots)) or settle(n, slots))
+    ids = [decoder.add(prompts[0], params)]
+    for _ in range(3):
+        decoder.step()
+    ids += [decoder.add(p, params) for p in prompts[1:]]
+    results = {}
+    while decoder.has_work:
+        for seq_id, chunk in decoder.step():
+            if chunk.result is not None:
+                results[seq_id] = chunk.result.token_ids
+    want = alone(tiny.target, draft, prompts, [params] * 4)
+    assert [results[i] for i in ids] == [w.token_ids for w in want]
+    assert settled == [(4, 8)]
+
+
 def test_the_graphs_captured_up_front_are_the_shapes_the_steps_take(zoo, monkeypatch):
     """graph_shapes (what capture_graphs takes before serving) holds every (batch size rounded up, block) a greedy
     step of default-block requests runs, with the block shrinking as the batch grows."""

@@ -109,6 +109,9 @@ class PatternOracle:
     def observe(self, n, block_positions, features) -> None:
         self.inner.observe(n, block_positions, features)
 
+    def settle(self, n, slots) -> None:
+        self.inner.settle(n, slots)
+
     def move_row(self, source, dest, length) -> None:
         self.inner.move_row(source, dest, length)
 

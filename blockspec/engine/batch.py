@@ -40,7 +40,9 @@ accepts at most its own block - 1 drafts (lossless either way; the compute follo
 `max_step_tokens` the block also shrinks as the batch grows: the largest power of two whose rows x block fits
 it (at least 2), since a verify of many rows stops being bound by reading the weights once and the best block
 then falls. A request with block 1 is plain decoding and never needs the proposer: a step whose rows all have
-block 1 runs the target alone, without taps (on CUDA, one row of it takes the target's batch-1 decode kernel).
+block 1 runs the target alone, without taps (on CUDA, one row of it takes the target's batch-1 decode kernel). A
+draft pass reads as many of the last verify's context slots as its block has; before a step whose block is smaller
+than the last one, the proposer takes all of that verify's slots into its context (`settle`).
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ class BatchDecoder:
                           for _ in range(2)]
         self._flip = 0
         self._in_flight: _Launched | None = None
+        self._last_block = 1  # the block of the last step launched
         # A join's inputs and first tokens cross through one pinned buffer allocated here, each group of an
         # admission in its own part: pinning on demand would allocate while the device runs the groups before it,
         # and the first cudaHostAlloc of a size waits for them (a 32-prompt join measured 200 ms slower once).
@@ -442,6 +445,9 @@ class BatchDecoder:
                 return
         n = len(self.rows)
         block = self._step_block(n, max(seq.block_size for seq in self.rows))
+        if self.proposer is not None and 1 < block < self._last_block:  # its proposal takes `block` context slots
+            self.proposer.settle(n, self._last_block)
+        self._last_block = block
         if scored:
             self.logits_step(n, block, chunks)
             return

@@ -45,6 +45,10 @@ class Proposer(Protocol):
         """The verify pass's taps [n, block, T*H] at `block_positions`: context for the next proposal (only the
         accepted slots are real; the rest sit at or after the next block start, which overwrites them first)."""
 
+    def settle(self, n: int, slots: int) -> None:
+        """The next proposal has a smaller block than the last verify's `slots` (a proposal takes only as many
+        context slots as its block): take all of them into the context now, for rows [0, n)."""
+
     def move_row(self, source: int, dest: int, length: int) -> None:
         """Row `source` moves to `dest`; its state at positions below `length` must follow."""
 
@@ -81,8 +85,10 @@ class DraftProposer:
                 kv_len: int) -> torch.Tensor:
         """The draft's final hidden states at block slots 1.. [n, block - 1, H]."""
         embeds = self.draft.embed_block(last_tokens, self.target_model.embed_tokens, block)
-        hidden = self.draft(embeds, block_positions, self.feat[:n], self.feat_pos[:n], self.cache.rows(0, n),
-                            kv_len=kv_len)
+        # the context is the last verified block's taps; a block as large as this one holds every accepted slot
+        # (a larger one before it was settled first), the slots past it are stale
+        hidden = self.draft(embeds, block_positions, self.feat[:n, :block], self.feat_pos[:n, :block],
+                            self.cache.rows(0, n), kv_len=kv_len)
         return hidden[:, 1:]
 
     def propose_greedy(self, n: int, block: int, last_tokens: torch.Tensor, block_positions: torch.Tensor,
@@ -99,6 +105,9 @@ class DraftProposer:
         block = block_positions.shape[1]
         self.feat[:n, :block] = features
         self.feat_pos[:n] = block_positions[:, :1] + self.offsets
+
+    def settle(self, n: int, slots: int) -> None:
+        self.draft.store_context(self.feat[:n, :slots], self.feat_pos[:n, :slots], self.cache.rows(0, n))
 
     def move_row(self, source: int, dest: int, length: int) -> None:
         self.cache.copy_row(source, dest, length)
