@@ -219,7 +219,8 @@ def test_the_step_block_shrinks_as_the_batch_grows(zoo):
         BatchDecoder(tiny.target, draft, max_step_tokens=1)
 
 
-def test_a_proposal_reads_its_own_blocks_context_slots_after_settling_a_larger_blocks(zoo):
+@pytest.mark.parametrize("arch", ["dflash", "dflare"])
+def test_a_proposal_reads_its_own_blocks_context_slots_after_settling_a_larger_blocks(zoo, arch):
     """A draft pass takes as many of the last verify's context slots as its own block has: after a block-8 verify,
     a block-4 proposal that settled the 8 slots first drafts from what one over all 8 slots drafts from (without
     settling, the slots 4-7 of the rows that accepted them are lost); a block-8 proposal needs no settling."""
@@ -227,7 +228,7 @@ def test_a_proposal_reads_its_own_blocks_context_slots_after_settling_a_larger_b
     from blockspec.engine.sampling import RowSampling
 
     tiny = zoo.target("qwen3")
-    model, draft = tiny.target.model, zoo.draft("qwen3", "dflash", block_size=16)
+    model, draft = tiny.target.model, zoo.draft("qwen3", arch, block_size=16)
     rows, prompt, taps = 8, 10, len(draft.config.target_layer_ids) * tiny.config.hidden_size
     gen = torch.Generator().manual_seed(3)
     prompt_features = torch.randn(rows, prompt, taps, generator=gen)
