@@ -4,7 +4,7 @@ random bf16 weights, one JSON.
 - prefill: one joint prefill of 8 x 512 tokens (batch_throughput's join) profiled by torch op with input shapes,
   so that every kernel is named by the op that launched it;
 - decode attention: the 36 layers' decode attention at 8, 16 and 32 rows (AR, 1 query; a block-8 verify, 8
-  queries) under 1, 2 and 4 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
+  queries) under 1, 2, 4 and 8 key splits a row and 32, 64 or 128 keys a tile, as CUDA-graph replays, beside the K/V
   floor;
 - a prompt alone: its prefill's wall time (host-bound) and a pure-Python loop's, before and after one cuDNN prompt
   attention has run in the process (whether cuDNN slows the host: it did not, design notes "Prefill"). Measured
@@ -113,7 +113,7 @@ def decode_attention_sweep(cfg: TargetConfig, device: str, bandwidth: float) -> 
             limits = (CONTEXT - n_q + torch.arange(n_q, device=device)).repeat(rows, 1)
             engine, engine_splits = batch_attention_config(table[kind], rows)  # what decode_attention takes
             one_row = {k: v for k, v in table[kind].items() if k != "rows"}
-            for splits in (1, 2, 4):
+            for splits in (1, 2, 4, 8):
                 for block_n in (32, 64, 128):
                     config = {**one_row, "splits": splits * rows, "block_n": block_n}  # shared out: `splits` a row
 
