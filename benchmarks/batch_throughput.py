@@ -261,22 +261,13 @@ def host_functions(fn: Callable[[], object], top: int = 15) -> list[dict]:
 
 def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency: int, blocks: tuple[int, ...],
                     floors: Floors, device: str) -> dict:
-    """`concurrency` live rows (prompts prefilled, two steps taken, the oracle accepting nothing, so that each
-    replay moves a row by one position), and per block (1: AR) the whole greedy step, the target's weight GEMMs
+    """`concurrency` live rows (`live_rows`), and per block (1: AR) the whole greedy step, the target's weight GEMMs
     alone on its c x block rows, the verify pass with its greedy tokens and the draft pass with its greedy tokens,
     each captured as a CUDA graph of its own and timed alone, beside its floor at the rows' real contexts."""
     oracle: OracleProposer = engine.proposer
-    model = engine.target.model
-    ids = [engine.add(p, SamplingParams(max_new_tokens=64, ignore_eos=True), block_size=oracle.max_block)
-           for p in prompts[:concurrency]]
-    oracle.set_schedule([0])
+    model, n = engine.target.model, concurrency
     out: dict = {}
-    try:
-        while engine.waiting:
-            engine.step()
-        engine.step()
-        sync(device)
-        n = concurrency
+    with live_rows(engine, prompts[:concurrency], device):
         contexts = engine.start[:n].tolist()
         for block in (1, *blocks):
             cost = roofline.step(model, floors.draft if block > 1 else None, contexts, block)
@@ -302,11 +293,27 @@ def where_time_goes(engine: BatchDecoder, prompts: list[list[int]], concurrency:
                                                                      engine.max_len), device, 5, 3),
                         roofline.draft_pass(floors.draft, model, contexts, block))
             out[str(block)] = parts
+    return out
+
+
+@contextlib.contextmanager
+def live_rows(engine: BatchDecoder, prompts: list[list[int]], device: str) -> Iterator[None]:
+    """Inside: a row per prompt, prefilled and two steps on, the oracle accepting nothing (so that each replay of a
+    step moves a row by one position); after, the rows cancelled and the card's schedules back."""
+    oracle: OracleProposer = engine.proposer
+    ids = [engine.add(p, SamplingParams(max_new_tokens=64, ignore_eos=True), block_size=oracle.max_block)
+           for p in prompts]
+    oracle.set_schedule([0])
+    try:
+        while engine.waiting:
+            engine.step()
+        engine.step()
+        sync(device)
+        yield
     finally:
         for seq_id in ids:
             engine.cancel(seq_id)
         oracle.set_schedule(card_schedules(oracle.max_block))
-    return out
 
 
 def scored_step_ms(engine: BatchDecoder, n: int, block: int, device: str, rounds: int = 5) -> float:

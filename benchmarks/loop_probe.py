@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.batch_throughput import (CARD_TAU, card_schedules, prefill_time, prompt_attention_settings,
-                                        run_workload, warm_join)
+from benchmarks.batch_throughput import (CARD_TAU, card_schedules, live_rows, prefill_time,
+                                        prompt_attention_settings, run_workload, warm_join)
 from benchmarks.harness import (graph_ms, make_draft, parser_with_common_flags, qwen3_4b_config, restored,
                                 run_and_report, run_header, step_ms, sync)
 from benchmarks.oracle import OracleProposer, constant_choice
@@ -67,15 +67,15 @@ def replay_spans(trace: dict) -> list[dict]:
 
 def profiled_cell(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams, c: int, block: int,
                   device: str, profile: bool = True) -> dict:
-    """One run of the cell timed plainly (the median of two), then (`profile`) one under the profiler, split per
-    graph replay."""
+    """The cell timed plainly (the slower of two runs), then (`profile`) one run under the profiler, split per graph
+    replay."""
     from torch.profiler import ProfilerActivity, profile
 
     warm_join(engine, prompts[:c], block)
     run_workload(engine, prompts, params, c, block, device)  # warm
     runs = sorted((run_workload(engine, prompts, params, c, block, device) for _ in range(2)),
                   key=lambda r: r["tokens_per_s"])
-    plain = runs[0]  # of two, the slower: the median's conservative side
+    plain = runs[0]
     cell = {"tokens_per_s": plain["tokens_per_s"], "all_tokens_per_s": [r["tokens_per_s"] for r in runs],
             "loop": plain["loop"], "steps": plain["steps"]}
     if not profile or not device.startswith("cuda"):
@@ -110,21 +110,8 @@ def profiled_cell(engine: BatchDecoder, prompts: list[list[int]], params: Sampli
 
 def alone_ms(engine: BatchDecoder, prompts: list[list[int]], c: int, block: int, device: str) -> float:
     """The same step of c live rows as a graph replayed alone (as batch_throughput's parts time it)."""
-    oracle: OracleProposer = engine.proposer
-    ids = [engine.add(p, SamplingParams(max_new_tokens=64, ignore_eos=True), block_size=oracle.max_block)
-           for p in prompts[:c]]
-    oracle.set_schedule([0])
-    try:
-        while engine.waiting:
-            engine.step()
-        engine.step()
-        sync(device)
-        with restored(engine, c):
-            return step_ms(engine, c, block, device, replays=5, rounds=3)
-    finally:
-        for seq_id in ids:
-            engine.cancel(seq_id)
-        oracle.set_schedule(card_schedules(oracle.max_block))
+    with live_rows(engine, prompts[:c], device), restored(engine, c):
+        return step_ms(engine, c, block, device, replays=5, rounds=3)
 
 
 def join_variants(engine: BatchDecoder, prompts: list[list[int]], block: int, device: str) -> dict:
