@@ -167,10 +167,20 @@ class StackedWeights(nn.Module):
         self._stacked = {}
         return super()._apply(fn, recurse)
 
-    def stacked(self, name: str, *layers: nn.Linear, interleave: bool = False) -> tuple[torch.Tensor,
-                                                                                         torch.Tensor | None]:
+    def stacked(self, name: str, *layers: nn.Linear, interleave: bool = False,
+                rows: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weights (and biases) of `layers` concatenated along the outputs; `interleave`: output j of each
-        layer in turn (the (gate j, up j) pairs that `linear_silu_mul` reads)."""
+        layer in turn (the (gate j, up j) pairs that `linear_silu_mul` reads); `rows` (start, stop): those outputs
+        of it, a view cached beside it (the same tensor every call: a view of an inference tensor has no `_base`,
+        by which the CPU's packed weights would otherwise find it)."""
+        if rows is not None:
+            weight, bias = self.stacked(name, *layers, interleave=interleave)
+            cached = self._stacked.get((name, rows))
+            if cached is not None and cached[0] is weight:
+                return cached[1]
+            view = (weight[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]])
+            self._stacked[(name, rows)] = (weight, view)
+            return view
         parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
         cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
         key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]

@@ -69,6 +69,34 @@ def test_cpu_products_through_onednn_follow_the_weights_and_the_setting():
     assert trained.grad is not None and out.shape == (2, 5, 48)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch built without oneDNN")
+def test_a_draft_pass_in_inference_mode_packs_its_weights_once(zoo, monkeypatch):
+    """In inference mode a slice of an inference tensor has no `_base`: the DFlash context's k/v rows of the stacked
+    q/k/v weight were repacked on every call (51 repacks a 32-token generation of the shipped draft). The rows are a
+    view cached beside the stack, the same tensor each call: a second draft pass packs nothing."""
+    from test_static_engine import tiny_target
+
+    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    c = tiny_target().model.config
+    attn = draft.layers[0].self_attn
+    packed, reorder = [], torch.ops.mkldnn._reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", lambda w: packed.append(w.shape) or reorder(w))
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(1, 8, c.hidden_size, generator=gen)
+    features = torch.randn(1, 5, len(draft.config.target_layer_ids) * c.hidden_size, generator=gen)
+    with torch.inference_mode():
+        passes = [draft(embeds, torch.arange(5, 13)[None], features, torch.arange(5)[None], draft.new_cache(1, 32))
+                  for _ in range(2)]
+        kv = attn.stacked("qkv", attn.q_proj, attn.k_proj, attn.v_proj, rows=(attn.q_width, attn.q_width + 64))
+        assert kv[0] is attn.stacked("qkv", attn.q_proj, attn.k_proj, attn.v_proj,
+                                     rows=(attn.q_width, attn.q_width + 64))[0]
+    assert packed and torch.equal(passes[0], passes[1])
+    first = len(packed)
+    with torch.inference_mode():
+        draft(embeds, torch.arange(5, 13)[None], features, torch.arange(5)[None], draft.new_cache(1, 32))
+    assert len(packed) == first  # nothing packed again
+
+
 @pytest.mark.parametrize("name, file", [("NVIDIA H100 80GB HBM3", "h100.json"), ("NVIDIA H100 PCIe", "h100.json"),
                                         ("NVIDIA H200", "h100.json"), ("NVIDIA A100-SXM4-80GB", "default.json"),
                                         ("NVIDIA GeForce RTX 4090", "default.json"), ("", "default.json")])

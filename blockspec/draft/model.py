@@ -57,9 +57,8 @@ class DraftAttention(StackedWeights):
         if self.separate_context_proj:
             kv_weight, kv_bias = self.stacked("kv_target", self.k_proj_target, self.v_proj_target)
         else:  # DFlash projects the context with k_proj / v_proj: the k, v rows of the stacked weight
-            qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
-            kv_weight = qkv_weight[self.q_width:]
-            kv_bias = qkv_bias[self.q_width:] if qkv_bias is not None else None
+            kv_weight, kv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj,
+                                              rows=(self.q_width, self.q_width + 2 * self.kv_width))
         k, v = linear(ctx, kv_weight, kv_bias).split([self.kv_width, self.kv_width], dim=-1)
         qkv_rope_store(None, k, v, self.num_heads, self.num_kv_heads, self.head_dim, None, self.k_norm, *ctx_rope,
                        ctx_positions, k_cache, v_cache)
