@@ -1,5 +1,6 @@
 """The kernels' settings and launch tables (blockspec/kernels/settings.py), on the CPU: no Triton needed."""
 
+import copy
 import itertools
 import json
 from importlib import resources
@@ -76,7 +77,7 @@ def test_a_draft_pass_in_inference_mode_packs_its_weights_once(zoo, monkeypatch)
     view cached beside the stack, the same tensor each call: a second draft pass packs nothing."""
     from test_static_engine import tiny_target
 
-    draft = zoo.draft("qwen3", "dflash", block_size=8)
+    draft = copy.deepcopy(zoo.draft("qwen3", "dflash", block_size=8))  # weights of its own: packed by no other test
     c = tiny_target().model.config
     attn = draft.layers[0].self_attn
     packed, reorder = [], torch.ops.mkldnn._reorder_linear_weight
