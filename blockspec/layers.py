@@ -173,16 +173,17 @@ class StackedWeights(nn.Module):
         layer in turn (the (gate j, up j) pairs that `linear_silu_mul` reads); `rows` (start, stop): those outputs
         of it, a view cached beside it (the same tensor every call: a view of an inference tensor has no `_base`,
         by which the CPU's packed weights would otherwise find it)."""
+        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
+        cache = not _wants_gradients(*parts)
         if rows is not None:
             weight, bias = self.stacked(name, *layers, interleave=interleave)
             cached = self._stacked.get((name, rows))
             if cached is not None and cached[0] is weight:
                 return cached[1]
             view = (weight[rows[0]:rows[1]], None if bias is None else bias[rows[0]:rows[1]])
-            self._stacked[(name, rows)] = (weight, view)
+            if cache:
+                self._stacked[(name, rows)] = (weight, view)
             return view
-        parts = [p for layer in layers for p in (layer.weight, layer.bias) if p is not None]
-        cache = not (torch.is_grad_enabled() and any(p.requires_grad for p in parts))
         key = [(p.data_ptr(), 0 if p.is_inference() else p._version) for p in parts]
         cached = self._stacked.get(name)
         if cache and cached is not None and cached[0] == key:
@@ -377,7 +378,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}  # a table's "sdpa"
+SDPA_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION}  # what a device table's prompt entry may name as "sdpa"
 DECODE_QUERIES = 16  # up to this many query tokens, CUDA attention runs the split-K decode kernel
 
 
