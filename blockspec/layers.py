@@ -114,14 +114,20 @@ def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`linear(x, weight).argmax(-1)` ([..., k] -> [...] int64): a greedy step's tokens. Where `linear` takes the
     skinny GEMM and its settings do not split K, the same GEMM keeps each column block's maximum instead of
-    writing the logits (bit-identical choices: the same rounding, the first column on ties)."""
+    writing the logits (bit-identical choices: the same rounding, the first column on ties); written logits on
+    CUDA take `argmax_rows`, the same choices."""
     skinny = _skinny_rows(x, weight)
     if skinny is not None and skinny[1]["split_k"] == 1:
         from blockspec.kernels.skinny import skinny_argmax
 
         rows, config = skinny
         return skinny_argmax(x.reshape(rows, -1), weight, config).view(x.shape[:-1])
-    return linear(x, weight).argmax(-1)
+    logits = linear(x, weight)
+    if fused_kernels_apply(logits) and logits.numel():
+        from blockspec.kernels.skinny import argmax_rows
+
+        return argmax_rows(logits.reshape(-1, logits.shape[-1])).view(logits.shape[:-1])
+    return logits.argmax(-1)
 
 
 class RMSNorm(nn.Module):

@@ -22,7 +22,8 @@ from blockspec.kernels.attention import decode_attention  # noqa: E402
 from blockspec.kernels.launch import use_pdl  # noqa: E402
 from blockspec.kernels.norm_rope import (add_partials_rms_norm, add_rms_norm, qkv_rope_store, rms_norm,  # noqa: E402
                                          silu_mul)
-from blockspec.kernels.skinny import skinny_argmax, skinny_linear, skinny_linear_unsummed  # noqa: E402
+from blockspec.kernels.skinny import (ARGMAX_COLUMNS, argmax_rows, skinny_argmax, skinny_linear,  # noqa: E402
+                                     skinny_linear_unsummed)
 
 
 def reference_attention(q, k, v, limits, window):
@@ -332,6 +333,24 @@ def test_skinny_argmax_picks_what_argmax_of_the_logits_picks(m, dtype):
         got = skinny_argmax(x, w, config)
         assert got.dtype == torch.long and torch.equal(got, logits.argmax(-1)), config
         assert int(got[0]) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_argmax_rows_picks_what_torch_picks(dtype):
+    """The two-pass argmax of written logits equals torch's row by row: ties inside a column block and across
+    blocks (the first column wins), a row of -inf, a NaN (the largest, as in torch), a ragged last block."""
+    gen = torch.Generator().manual_seed(3)
+    n = 2 * ARGMAX_COLUMNS + 37
+    logits = torch.randn(6, n, generator=gen).to(dtype)
+    logits[1, [9, ARGMAX_COLUMNS + 3, n - 1]] = 50.0  # across blocks: column 9
+    logits[2, [ARGMAX_COLUMNS + 5, ARGMAX_COLUMNS + 6]] = 50.0  # inside the second block
+    logits[3] = float("-inf")
+    logits[4, n - 2] = 50.0  # in the ragged last block
+    logits[5, 100] = float("nan")
+    got = argmax_rows(logits.to(DEVICE))
+    assert got.dtype == torch.long
+    assert got.tolist()[1:] == [9, ARGMAX_COLUMNS + 5, 0, n - 2, 100]
+    assert torch.equal(got.cpu(), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("arch", ["dflash", "dflare"])
