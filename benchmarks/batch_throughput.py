@@ -632,11 +632,16 @@ def verdict(value: float, goal: float, at_most: bool) -> str:
 def goals_qwen3(q: dict) -> list[str]:
     rows = q["concurrency"]
     lines = ["Goals (issue 26):"]
-    ar = [(c, row["parts"]["1"]["step"]["x_floor"]) for c, row in rows.items() if int(c) <= 32 and "parts" in row]
-    if ar:
-        worst = max(ar, key=lambda cx: cx[1])
-        lines.append(f"- batched AR decode step within 1.3x of its floor at c <= 32: worst {worst[1]:.2f}x at c = "
-                     f"{worst[0]}: {verdict(worst[1], 1.3, at_most=True)}.")
+    # the step as the cell's loop ran it (its median, over the floor at the cell's mean context), and as a graph of
+    # its own timed alone at the prompts' end
+    looped = [(c, row["ar"]["loop"]["step_ms_median"] / row["ar"]["floor"]["step_ms"]) for c, row in rows.items()
+              if int(c) <= 32 and "loop" in row["ar"]]
+    alone = [(c, row["parts"]["1"]["step"]["x_floor"]) for c, row in rows.items() if int(c) <= 32 and "parts" in row]
+    measures = [("in the cells' loops (median step)", looped), ("alone (a graph at the prompts' end)", alone)]
+    texts = [f"{where} worst {x:.2f}x at c = {c}: {verdict(x, 1.3, at_most=True)}"
+             for where, ratios in measures if ratios for c, x in [max(ratios, key=lambda cx: cx[1])]]
+    if texts:
+        lines.append("- batched AR decode step within 1.3x of its floor at c <= 32: " + "; ".join(texts) + ".")
     spec = [n for n in q["columns"] if n != "ar"]
 
     def best(row: dict) -> float:
