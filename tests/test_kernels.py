@@ -79,6 +79,28 @@ def test_decode_attention_under_a_tables_row_buckets_matches_reference(rows, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_splits_last_program_combines_them_as_the_combine_kernel_does(dtype, monkeypatch):
+    """Each (row, KV head) group's last split program to arrive combines the group's splits: the same bits as the
+    combine kernel (which a launch without counters takes), gated or not, and every counter zero again after."""
+    from blockspec.kernels import attention
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(3, 8, 5, 32, generator=gen).to(DEVICE, dtype)
+    k, v = (torch.randn(3, 2, 200, 32, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    limits = (torch.tensor([[40], [150], [194]]) + torch.arange(5)).to(DEVICE)
+    gate = torch.randn(3, 5, 8 * 32, generator=gen).to(DEVICE, dtype)
+    entry = {"splits": 16, "block_n": 16, "num_warps": 4}  # 5 splits a row for 3 rows
+    with use_settings(attention_table={"narrow": entry, "wide": entry}):
+        combined = [decode_attention(q, k, v, limits), decode_attention(q, k, v, limits, gate=gate)]
+        assert attention._ARRIVALS[q.device].any().item() is False
+        monkeypatch.setattr(attention, "ARRIVAL_SLOTS", 0)
+        separately = [decode_attention(q, k, v, limits), decode_attention(q, k, v, limits, gate=gate)]
+    assert all(torch.equal(a, b) for a, b in zip(combined, separately))
+    ref = reference_attention(q, k, v, limits, 0)
+    assert ((combined[0].double() - ref).norm() / ref.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("b, n, invariant", [(1, 1, False), (2, 8, False), (32, 4, False), (2, 5, True)])
 def test_an_output_gate_in_the_attention_kernel_equals_gating_its_output(b, n, invariant, dtype):
     """Qwen3.5's out * sigmoid(gate), written by the attention's last kernel (the splits' own store when there is

@@ -33,6 +33,8 @@ from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows,
 INVARIANT_CHUNK = 256
 INVARIANT_QUERIES = 16  # queries per tile, for one token as for a block
 SCRATCH_BYTES = 256 << 20  # a prefill's queries run in launches whose partial sums fit this
+ARRIVAL_SLOTS = 1 << 15  # per device: counters of the (row, KV head, query tile) groups of a splits launch
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
 
 @triton.jit
@@ -47,15 +49,33 @@ def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
     return out
 
 
+@triton.jit
+def _combined(acc, ml, mask, n_splits, sa_s, sm_s):
+    """Queries' outputs [R, D] from their splits' partial sums (`acc` [R, D] pointers at split 0) and (max, sum) pairs
+    (`ml` [R] pointers), the splits summed one after another in order: the same bits in either kernel that runs it.
+    The loads skip L1: in the splits kernel they read what other programs wrote."""
+    m_max = tl.load(ml, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    for s in range(1, n_splits):
+        m_max = tl.maximum(m_max, tl.load(ml + s * sm_s, mask=mask, other=float("-inf"), cache_modifier=".cg"))
+    num = tl.zeros(acc.shape, tl.float32)
+    denom = tl.zeros(m_max.shape, tl.float32)
+    for s in range(n_splits):
+        m = tl.load(ml + s * sm_s, mask=mask, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+        num += tl.load(acc + s * sa_s, mask=mask[:, None], other=0.0, cache_modifier=".cg") * w[:, None]
+        denom += tl.load(ml + s * sm_s + 1, mask=mask, other=0.0, cache_modifier=".cg") * w
+    return num / denom[:, None]
+
+
 # lengths and counts vary per call: specialising on them would recompile for new prompt lengths
 @triton.jit(do_not_specialize=["n_q", "window"])
-def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
+def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE, ARRIVED,
                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, slim_b, slim_n,
                       sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, so_b, so_n, so_h, sg_b, sg_n,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-                      GATED: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                      GATED: tl.constexpr, COMBINE: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -111,22 +131,29 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE,
         v = tl.load(v_base + keys[:, None] * sv_l + dims[None, :], mask=in_range[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
+    out = OUT + b * so_b + i[:, None] * so_n + head[:, None] * so_h + dims[None, :]
+    gate = GATE + b * sg_b + i[:, None] * sg_n + head[:, None] * D + dims[None, :]
     if DIRECT:  # the only split: what the combine would compute from it (acc / l, bit for bit), without its launch
-        out = OUT + b * so_b + i[:, None] * so_n + head[:, None] * so_h + dims[None, :]
-        gate = GATE + b * sg_b + i[:, None] * sg_n + head[:, None] * D + dims[None, :]
         tl.store(out, _gated(acc / l_i[:, None], gate, valid[:, None], OUT, GATED), mask=valid[:, None])
     else:
-        out = b * sa_b + head[:, None] * sa_h + split * sa_s + i[:, None] * sa_n + dims[None, :]
-        tl.store(ACC + out, acc, mask=stored[:, None])
-        ml = ML + b * sm_b + head * sm_h + split * sm_s + i * sm_n
-        tl.store(ml, m_i, mask=stored)
-        tl.store(ml + 1, l_i, mask=stored)
+        parts = ACC + b * sa_b + head[:, None] * sa_h + i[:, None] * sa_n + dims[None, :]
+        tl.store(parts + split * sa_s, acc, mask=stored[:, None])
+        ml = ML + b * sm_b + head * sm_h + i * sm_n
+        tl.store(ml + split * sm_s, m_i, mask=stored)
+        tl.store(ml + split * sm_s + 1, l_i, mask=stored)
+        if COMBINE:  # the group's last program to arrive combines its splits: no second launch to wait for
+            tl.debug_barrier()  # every thread's partial sums stored before the release below
+            group = ARRIVED + pid_bh * tl.num_programs(2) + tl.program_id(2)
+            if tl.atomic_add(group, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
+                tl.store(group, 0)  # zero again for the next launch
+                out_value = _combined(parts, ml, valid, n_splits, sa_s, sm_s)
+                tl.store(out, _gated(out_value, gate, valid[:, None], OUT, GATED), mask=valid[:, None])
 
 
 @triton.jit(do_not_specialize=["n_q", "window"])
 def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
-                    so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr,
-                    D: tl.constexpr, CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                    so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, D: tl.constexpr,
+                    CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
@@ -150,15 +177,9 @@ def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h,
             num += tl.load(acc + s * sa_s) * w
             denom += tl.load(ml + s * sm_s + 1) * w
         out = num / denom
-    else:
-        s = tl.arange(0, SPLITS)
-        ok = s < n_splits
-        m = tl.load(ml + s * sm_s, mask=ok, other=float("-inf"))
-        denom = tl.load(ml + s * sm_s + 1, mask=ok, other=0.0)
-        m_max = tl.max(m, axis=0)
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-        parts = tl.load(acc[None, :] + s[:, None] * sa_s, mask=ok[:, None], other=0.0)
-        out = tl.sum(parts * w[:, None], axis=0) / tl.sum(denom * w, axis=0)
+    else:  # as the splits kernel's last program combines them
+        one = tl.arange(0, 1)
+        out = tl.reshape(_combined(acc[None, :], ml + one, one == 0, n_splits, sa_s, sm_s), [D])
     tl.store(OUT + b * so_b + i * so_n + h * so_h + dims,
              _gated(out, GATE + b * sg_b + i * sg_n + h * D + dims, True, OUT, GATED))
 
@@ -309,27 +330,39 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     ml = torch.empty(*scratch, 2, device=q.device, dtype=torch.float32)
     splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
                                      else (_attention_splits, _combine_splits))
+    q_tiles = triton.cdiv(n_q, tile)
+    arrived = None if direct or chunk else _arrival_counts(q.device, b * n_kv * q_tiles)
     gated = gate is not None
     if gated:
         assert gate.stride(-1) == 1, "the gate's last dim must be contiguous"
     gate_ptr, sg_b, sg_n = (gate, gate.stride(0), gate.stride(1)) if gated else (out, 0, 0)  # out: never read
-    splits_kernel[(b * n_kv, splits, triton.cdiv(n_q, tile))](
-        q, k_cache, v_cache, limits, acc, ml, out, gate_ptr,
+    splits_kernel[(b * n_kv, splits, q_tiles)](
+        q, k_cache, v_cache, limits, acc, ml, out, gate_ptr, acc if arrived is None else arrived,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), limits.stride(0), limits.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), out.stride(0), out.stride(1), out.stride(2),
         sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and direct,
-        PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,  # whole 128-byte lines a key
-        num_warps=config["num_warps"], **pdl)
-    if direct:
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and (direct or arrived is not None),
+        COMBINE=arrived is not None, PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,
+        num_warps=config["num_warps"], **pdl)  # PREFETCH: whole 128-byte lines a key
+    if direct or arrived is not None:
         return
-    tile_splits = 1 if chunk else triton.next_power_of_2(splits)
-    # one warp holds up to 2048 partial sums in registers (64 a thread); more (32 splits of head dim 256) spilled
     combine_kernel[(b * n_heads * n_q,)](
         acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
         out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
-        SPLITS=tile_splits, D=d, CHUNK=chunk, GATED=gated, num_warps=min(8, max(1, tile_splits * d // 2048)), **pdl)
+        D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
+
+
+def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
+    """Zeroed int32 counters, one per (row, KV head, query tile) group of a splits launch on `device`, kept from
+    call to call (each group's last program zeroes its counter again; launches on a device run one after another on
+    one stream). None where they cannot be made: more groups than ARRIVAL_SLOTS, or the first call on a device
+    being captured into a CUDA graph (a tensor made there would belong to the graph's pool); that launch combines in
+    a kernel of its own, the same arithmetic."""
+    counts = _ARRIVALS.get(device)
+    if counts is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        counts = _ARRIVALS[device] = torch.zeros(ARRIVAL_SLOTS, device=device, dtype=torch.int32)
+    return counts if counts is not None and groups <= ARRIVAL_SLOTS else None
