@@ -5,7 +5,8 @@ device memory (`limits`), never from the host, which is what lets a whole specul
 graph. The keys are cut into a number of splits of the *visible* length (the table's for one row, fewer for a
 batch of rows, which fills the GPU on its own), so every split has work at any context and the result does not
 depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs). With one split (as
-many rows as the table's splits, or more) the kernel writes the output itself and the combine is not launched.
+many rows as the table's splits, or more) the kernel writes the output itself; with more, the last program of a
+(row, KV head) group to finish (an atomic counter per group) combines the group's splits, so one launch does it all.
 
 With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
 above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
@@ -50,20 +51,24 @@ def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
 
 
 @triton.jit
-def _combined(acc, ml, mask, n_splits, sa_s, sm_s):
+def _combined(acc, ml, mask, n_splits, sa_s, sm_s, SPLITS: tl.constexpr):
     """Queries' outputs [R, D] from their splits' partial sums (`acc` [R, D] pointers at split 0) and (max, sum) pairs
-    (`ml` [R] pointers), the splits summed one after another in order: the same bits in either kernel that runs it.
-    The loads skip L1: in the splits kernel they read what other programs wrote."""
-    m_max = tl.load(ml, mask=mask, other=float("-inf"), cache_modifier=".cg")
-    for s in range(1, n_splits):
-        m_max = tl.maximum(m_max, tl.load(ml + s * sm_s, mask=mask, other=float("-inf"), cache_modifier=".cg"))
+    (`ml` [R] pointers), the splits summed one after another in order, so either kernel that runs it gets the same
+    bits; unrolled over SPLITS (>= n_splits) so that the loads go out together. The loads skip L1: in the splits
+    kernel they read what other programs wrote."""
+    s = tl.arange(0, SPLITS)[:, None]
+    ok = (s < n_splits) & mask[None, :]
+    m = tl.load(ml[None, :] + s * sm_s, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    sums = tl.load(ml[None, :] + s * sm_s + 1, mask=ok, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m, axis=0)
+    weights = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max[None, :]))
     num = tl.zeros(acc.shape, tl.float32)
     denom = tl.zeros(m_max.shape, tl.float32)
-    for s in range(n_splits):
-        m = tl.load(ml + s * sm_s, mask=mask, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
-        num += tl.load(acc + s * sa_s, mask=mask[:, None], other=0.0, cache_modifier=".cg") * w[:, None]
-        denom += tl.load(ml + s * sm_s + 1, mask=mask, other=0.0, cache_modifier=".cg") * w
+    for split in tl.static_range(SPLITS):
+        w = tl.sum(tl.where(s == split, weights, 0.0), axis=0)  # split's row: exact, one term is not zero
+        part = tl.load(acc + split * sa_s, mask=mask[:, None] & (split < n_splits), other=0.0, cache_modifier=".cg")
+        num += part * w[:, None]
+        denom += tl.sum(tl.where(s == split, sums, 0.0), axis=0) * w
     return num / denom[:, None]
 
 
@@ -75,7 +80,8 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE, ARRIVED,
                       n_q, n_kv_heads, n_splits, window, scale,
                       GROUP: tl.constexpr, NQ: tl.constexpr, ROWS: tl.constexpr, D: tl.constexpr,
                       BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, DIRECT: tl.constexpr, PRECISION: tl.constexpr,
-                      GATED: tl.constexpr, COMBINE: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+                      GATED: tl.constexpr, COMBINE: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr,
+                      USE_PDL: tl.constexpr):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -146,14 +152,14 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE, ARRIVED,
             group = ARRIVED + pid_bh * tl.num_programs(2) + tl.program_id(2)
             if tl.atomic_add(group, 1, sem="acq_rel", scope="gpu") == n_splits - 1:
                 tl.store(group, 0)  # zero again for the next launch
-                out_value = _combined(parts, ml, valid, n_splits, sa_s, sm_s)
+                out_value = _combined(parts, ml, valid, n_splits, sa_s, sm_s, SPLITS)
                 tl.store(out, _gated(out_value, gate, valid[:, None], OUT, GATED), mask=valid[:, None])
 
 
 @triton.jit(do_not_specialize=["n_q", "window"])
 def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
-                    so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, D: tl.constexpr,
-                    CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
+                    so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr,
+                    D: tl.constexpr, CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
@@ -179,7 +185,7 @@ def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h,
         out = num / denom
     else:  # as the splits kernel's last program combines them
         one = tl.arange(0, 1)
-        out = tl.reshape(_combined(acc[None, :], ml + one, one == 0, n_splits, sa_s, sm_s), [D])
+        out = tl.reshape(_combined(acc[None, :], ml + one, one == 0, n_splits, sa_s, sm_s, SPLITS), [D])
     tl.store(OUT + b * so_b + i * so_n + h * so_h + dims,
              _gated(out, GATE + b * sg_b + i * sg_n + h * D + dims, True, OUT, GATED))
 
@@ -315,8 +321,9 @@ def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor, out: torch.Tensor,
             window: int, config: dict, splits: int, tile: int, gate: torch.Tensor | None) -> None:
-    """Both kernels for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]; one split (no chunk) needs
-    no combine."""
+    """The splits kernel for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]: one split (no chunk)
+    needs no combine; more, each group's last program combines them; the combine kernel runs for fixed-offset
+    splits (chunk) and where there are no counters."""
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
@@ -345,15 +352,16 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and (direct or arrived is not None),
-        COMBINE=arrived is not None, PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,
-        num_warps=config["num_warps"], **pdl)  # PREFETCH: whole 128-byte lines a key
+        COMBINE=arrived is not None, SPLITS=1 if arrived is None else triton.next_power_of_2(splits),
+        PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,  # whole 128-byte lines a key
+        num_warps=config["num_warps"], **pdl)
     if direct or arrived is not None:
         return
     combine_kernel[(b * n_heads * n_q,)](
         acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
         out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
-        D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
+        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
 
 
 def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
