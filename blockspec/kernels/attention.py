@@ -5,8 +5,8 @@ device memory (`limits`), never from the host, which is what lets a whole specul
 graph. The keys are cut into a number of splits of the *visible* length (the table's for one row, fewer for a
 batch of rows, which fills the GPU on its own), so every split has work at any context and the result does not
 depend on the cache's allocated size (the eager and graphed paths give bit-identical outputs). With one split (as
-many rows as the table's splits, or more) the kernel writes the output itself; with more, the last program of a
-(row, KV head) group to finish (an atomic counter per group) combines the group's splits, so one launch does it all.
+many rows as the table's splits, or more) the kernel writes the output itself; with a few more, the last program
+of a (row, KV head) group to finish (an atomic counter per group) combines the group's splits, one launch for all.
 
 With `KernelSettings.batch_invariant` a query's result must not depend on the queries beside it, yet the cut
 above follows the block's largest limit: there, split s holds keys [s * CHUNK, (s + 1) * CHUNK) whatever the
@@ -34,6 +34,7 @@ from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows,
 INVARIANT_CHUNK = 256
 INVARIANT_QUERIES = 16  # queries per tile, for one token as for a block
 SCRATCH_BYTES = 256 << 20  # a prefill's queries run in launches whose partial sums fit this
+COMBINE_FLOATS_PER_THREAD = 64  # partial sums a combine holds in registers a thread (more spilled)
 ARRIVAL_SLOTS = 1 << 15  # per device: counters of the (row, KV head, query tile) groups of a splits launch
 _ARRIVALS: dict[torch.device, torch.Tensor] = {}
 
@@ -322,8 +323,8 @@ def prompt_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limits: torch.Tensor, out: torch.Tensor,
             window: int, config: dict, splits: int, tile: int, gate: torch.Tensor | None) -> None:
     """The splits kernel for q [b, nH, n, d] in tiles of `tile` queries, into out [b, n, nH, d]: one split (no chunk)
-    needs no combine; more, each group's last program combines them; the combine kernel runs for fixed-offset
-    splits (chunk) and where there are no counters."""
+    needs no combine; more, each group's last program combines them where their partial sums fit its registers; the
+    combine kernel runs for the rest, fixed-offset splits (chunk) and where there are no counters."""
     b, n_heads, n_q, d = q.shape
     n_kv = k_cache.shape[1]
     group = n_heads // n_kv
@@ -338,7 +339,10 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
                                      else (_attention_splits, _combine_splits))
     q_tiles = triton.cdiv(n_q, tile)
-    arrived = None if direct or chunk else _arrival_counts(q.device, b * n_kv * q_tiles)
+    # the last program holds every split's [rows, d] partial sums at once: up to ~64 floats a thread, else the
+    # combine's own launch spreads them over many programs
+    fits = triton.next_power_of_2(splits) * rows * d <= COMBINE_FLOATS_PER_THREAD * 32 * config["num_warps"]
+    arrived = None if direct or chunk or not fits else _arrival_counts(q.device, b * n_kv * q_tiles)
     gated = gate is not None
     if gated:
         assert gate.stride(-1) == 1, "the gate's last dim must be contiguous"
@@ -361,7 +365,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
         out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
-        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated, num_warps=1, **pdl)
+        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated,
+        num_warps=min(8, max(1, triton.next_power_of_2(splits) * d // (COMBINE_FLOATS_PER_THREAD * 32))), **pdl)
 
 
 def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
