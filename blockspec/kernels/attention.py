@@ -55,21 +55,20 @@ def _gated(out, gate, mask, OUT, GATED: tl.constexpr):
 def _combined(acc, ml, mask, n_splits, sa_s, sm_s, SPLITS: tl.constexpr):
     """Queries' outputs [R, D] from their splits' partial sums (`acc` [R, D] pointers at split 0) and (max, sum) pairs
     (`ml` [R] pointers), the splits summed one after another in order, so either kernel that runs it gets the same
-    bits; unrolled over SPLITS (>= n_splits) so that the loads go out together. The loads skip L1: in the splits
-    kernel they read what other programs wrote."""
-    s = tl.arange(0, SPLITS)[:, None]
-    ok = (s < n_splits) & mask[None, :]
-    m = tl.load(ml[None, :] + s * sm_s, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    sums = tl.load(ml[None, :] + s * sm_s + 1, mask=ok, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=0)
-    weights = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max[None, :]))
+    bits; unrolled over SPLITS (>= n_splits), so that the loads go out together and nothing is reduced across
+    threads. The loads skip L1: in the splits kernel they read what other programs wrote."""
+    m_max = tl.load(ml, mask=mask, other=float("-inf"), cache_modifier=".cg")
+    for split in tl.static_range(1, SPLITS):
+        m = tl.load(ml + split * sm_s, mask=mask & (split < n_splits), other=float("-inf"), cache_modifier=".cg")
+        m_max = tl.maximum(m_max, m)
     num = tl.zeros(acc.shape, tl.float32)
     denom = tl.zeros(m_max.shape, tl.float32)
     for split in tl.static_range(SPLITS):
-        w = tl.sum(tl.where(s == split, weights, 0.0), axis=0)  # split's row: exact, one term is not zero
-        part = tl.load(acc + split * sa_s, mask=mask[:, None] & (split < n_splits), other=0.0, cache_modifier=".cg")
-        num += part * w[:, None]
-        denom += tl.sum(tl.where(s == split, sums, 0.0), axis=0) * w
+        ok = mask & (split < n_splits)
+        m = tl.load(ml + split * sm_s, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))
+        num += tl.load(acc + split * sa_s, mask=ok[:, None], other=0.0, cache_modifier=".cg") * w[:, None]
+        denom += tl.load(ml + split * sm_s + 1, mask=ok, other=0.0, cache_modifier=".cg") * w
     return num / denom[:, None]
 
 
