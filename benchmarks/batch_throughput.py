@@ -626,7 +626,8 @@ def parts_table(rows: dict) -> list[str]:
 
 def verdict(value: float, goal: float, at_most: bool) -> str:
     met = value <= goal if at_most else value >= goal
-    return "met" if met else f"missed by {abs(value / goal - 1) * 100:.0f}%"
+    short = abs(value / goal - 1) * 100
+    return "met" if met else f"missed by {short:.0f}%" if short >= 1 else f"missed by {short:.2f}%"
 
 
 def goals_qwen3(q: dict) -> list[str]:

@@ -547,7 +547,7 @@ def test_gemm_sweep_takes_wide_tiles_from_128_rows_and_times_each_projection_as_
 
 
 def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_and_parts(tmp_path):
-    from benchmarks.batch_throughput import report
+    from benchmarks.batch_throughput import report, verdict
 
     lines = render(report, throughput_record(), tmp_path).splitlines()
     assert lines[0].startswith("Device H100, torch 2.11, commit abc1234, 2026-12-06; copy bandwidth 2950 GB/s, bf16 "
@@ -562,6 +562,8 @@ def test_batch_throughput_report_sets_each_cell_beside_its_floor_with_the_goals_
     assert ("- batched AR decode step within 1.3x of its floor at c <= 32: in the cells' loops (median step) worst "
             "1.83x at c = 32: missed by 41%; alone (a graph at the prompts' end) worst 1.30x at c = 1: met.") in lines
     assert "- speculative / AR >= 2.3x at c = 32: 2.02x: missed by 12%." in lines
+    assert verdict(2.2989, 2.3, at_most=False) == "missed by 0.05%"  # not "2.30x: missed by 0%"
+    assert verdict(1.3, 1.3, at_most=True) == "met"
     assert "- speculative above AR at every c up to 64: missed at c = 64." in lines
     assert "| 32 | 8 | 3.90 (3.00, 1.30x) | 2.60 (2.50, 1.04x) | 3.10 (2.90, 1.07x) | 0.60 (0.40, 1.50x) |" in lines
     assert "| 64 | AR | 3.90 (3.00, 1.30x) |  |  |  |" in lines
