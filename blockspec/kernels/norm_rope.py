@@ -153,7 +153,8 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     the last axis (views into one fused projection are fine): q/k RMSNorm (optional; `zero_centred`: x̂ (1 + w)),
     RoPE (on the first cos.shape[-1] dims of each head: partial where that is less than d), K and V stored into the
     cache layer at `positions`; returns q as [b, nH, n, d]. A program takes a token's heads by groups of up to
-    1024 values (one head a program left most of a verify's programs waiting for a free slot on the SMs)."""
+    1024 values (one head a program left most of a verify's programs waiting for a free slot on the SMs), and a
+    prompt's tokens PROMPT_TOKENS_A_PROGRAM at a time."""
     b, n, _ = k.shape
     heads = n_heads if q is not None else 0
     rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
