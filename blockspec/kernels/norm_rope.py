@@ -91,7 +91,7 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate.shape[:-1], n)
 
 
-@triton.jit(do_not_specialize=["n_q"])
+@triton.jit(do_not_specialize=["n_q", "n_tokens"])  # one binary for any token count (batch_invariant's rule)
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_tokens, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr,
