@@ -196,12 +196,23 @@ def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
     m, n = logits.shape
     assert m > 0 and logits.stride(1) == 1
     blocks = triton.cdiv(n, ARGMAX_COLUMNS)
-    values = torch.empty(blocks, m, device=logits.device, dtype=torch.float32)
-    cols = torch.empty(blocks, m, device=logits.device, dtype=torch.int32)
-    out = torch.empty(m, device=logits.device, dtype=torch.long)
+    values, cols = _block_maxima(blocks, m, logits.device)
     pdl = pdl_options(logits)
     _argmax_columns[(m, blocks)](logits, values, cols, n, m, logits.stride(0), BLOCK=ARGMAX_COLUMNS, num_warps=4,
                                  **pdl)
+    return _argmax_of_blocks(values, cols, pdl)
+
+
+def _block_maxima(blocks: int, m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch for each column block's maximum per row and its first column: [blocks, m] fp32 and int32."""
+    return (torch.empty(blocks, m, device=device, dtype=torch.float32),
+            torch.empty(blocks, m, device=device, dtype=torch.int32))
+
+
+def _argmax_of_blocks(values: torch.Tensor, cols: torch.Tensor, pdl: dict) -> torch.Tensor:
+    """[m] int64: per row, the first column of the first block holding the largest of its blocks' maxima."""
+    blocks, m = values.shape
+    out = torch.empty(m, device=values.device, dtype=torch.long)
     _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
     return out
 
@@ -217,8 +228,7 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
     if x.stride(1) != 1:
         x = x.contiguous()
     blocks = triton.cdiv(n, config["block_n"])
-    values = torch.empty(blocks, m, device=x.device, dtype=torch.float32)
-    cols = torch.empty(blocks, m, device=x.device, dtype=torch.int32)
+    values, cols = _block_maxima(blocks, m, x.device)
     pdl = pdl_options(x)
     _gemm_kernel()[(triton.cdiv(m, config["rows"]), blocks, 1)](
         x, weight, weight, values, cols, m, n, k, triton.cdiv(k, config["block_k"]) * config["block_k"], x.stride(0),
@@ -226,9 +236,7 @@ def skinny_argmax(x: torch.Tensor, weight: torch.Tensor, config: dict) -> torch.
         BLOCK_K=config["block_k"], EVEN_K=k % config["block_k"] == 0, HAS_BIAS=False,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PREFETCH=prefetch_tiles(pdl),
         ARGMAX=True, SILU_MUL=False, num_warps=config["num_warps"], num_stages=config["num_stages"], **pdl)
-    out = torch.empty(m, device=x.device, dtype=torch.long)
-    _argmax_blocks[(m,)](values, cols, out, blocks, m, BLOCK=triton.next_power_of_2(blocks), num_warps=4, **pdl)
-    return out
+    return _argmax_of_blocks(values, cols, pdl)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
