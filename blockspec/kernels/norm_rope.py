@@ -12,10 +12,6 @@ import triton
 import triton.language as tl
 
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
-from blockspec.kernels.settings import current_settings
-
-PROMPT_TOKENS = 1024  # from this many tokens a call (a prompt or a join), qkv_rope_store takes several a program
-PROMPT_TOKENS_A_PROGRAM = 4
 
 
 @triton.jit
@@ -91,24 +87,21 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate.shape[:-1], n)
 
 
-@triton.jit(do_not_specialize=["n_q", "n_tokens"])  # one binary for any token count (batch_invariant's rule)
+@triton.jit(do_not_specialize=["n_q"])
 def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
-                    n_q, n_tokens, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr,
-                    ZERO_CENTRED: tl.constexpr, ROT: tl.constexpr, HEADS: tl.constexpr, TOKENS: tl.constexpr,
-                    USE_PDL: tl.constexpr):
+                    n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, ZERO_CENTRED: tl.constexpr,
+                    ROT: tl.constexpr, HEADS: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
-    r = tl.arange(0, TOKENS * HEADS)[:, None]  # a row a (token, head)
-    t = tl.program_id(0) * TOKENS + r // HEADS  # token (row b = t // n_q, query i = t % n_q)
-    h = tl.program_id(1) * HEADS + r % HEADS  # heads: q heads, then k heads, then v heads
+    t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
+    h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # heads: q heads, then k heads, then v heads
     b = t // n_q
     i = t % n_q
     dims = tl.arange(0, D)[None, :]
-    token_ok = t < n_tokens
-    pos = tl.load(POS + t, mask=token_ok, other=0)
-    is_q = (h < n_heads) & token_ok
-    is_k = (h >= n_heads) & (h < n_heads + n_kv) & token_ok
-    is_v = (h >= n_heads + n_kv) & (h < n_heads + 2 * n_kv) & token_ok
+    pos = tl.load(POS + t)
+    is_q = h < n_heads
+    is_k = (h >= n_heads) & (h < n_heads + n_kv)
+    is_v = (h >= n_heads + n_kv) & (h < n_heads + 2 * n_kv)
     if ROT:  # partial RoPE (Qwen3.5): the first ROT dims rotate among themselves, the others pass through
         partner = tl.where(dims < ROT, (dims + ROT // 2) % ROT, dims)
     else:
@@ -131,12 +124,12 @@ def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
             xp = (wp * (xp * r).to(KC.dtype.element_ty).to(tl.float32)).to(KC.dtype.element_ty).to(tl.float32)
     if ROT:  # cos 1 and sin 0 past the rotary dims: x * 1 + anything * 0 is x
         rotated = tl.where(dims < ROT // 2, -xp, xp)
-        cos = tl.load(COS + t * s_cos + dims, mask=(dims < ROT) & token_ok, other=1.0).to(tl.float32)
-        sin = tl.load(SIN + t * s_cos + dims, mask=(dims < ROT) & token_ok, other=0.0).to(tl.float32)
+        cos = tl.load(COS + t * s_cos + dims, mask=dims < ROT, other=1.0).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims, mask=dims < ROT, other=0.0).to(tl.float32)
     else:
         rotated = tl.where(dims < D // 2, -xp, xp)
-        cos = tl.load(COS + t * s_cos + dims, mask=token_ok, other=1.0).to(tl.float32)
-        sin = tl.load(SIN + t * s_cos + dims, mask=token_ok, other=0.0).to(tl.float32)
+        cos = tl.load(COS + t * s_cos + dims).to(tl.float32)
+        sin = tl.load(SIN + t * s_cos + dims).to(tl.float32)
     a = (x * cos).to(KC.dtype.element_ty).to(tl.float32)
     c = (rotated * sin).to(KC.dtype.element_ty).to(tl.float32)
     y = (a + c).to(KC.dtype.element_ty)
@@ -153,8 +146,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     the last axis (views into one fused projection are fine): q/k RMSNorm (optional; `zero_centred`: x̂ (1 + w)),
     RoPE (on the first cos.shape[-1] dims of each head: partial where that is less than d), K and V stored into the
     cache layer at `positions`; returns q as [b, nH, n, d]. A program takes a token's heads by groups of up to
-    1024 values (one head a program left most of a verify's programs waiting for a free slot on the SMs), and a
-    prompt's tokens PROMPT_TOKENS_A_PROGRAM at a time."""
+    1024 values (one head a program left most of a verify's programs waiting for a free slot on the SMs)."""
     b, n, _ = k.shape
     heads = n_heads if q is not None else 0
     rows = [x.reshape(b * n, -1) if x is not None else None for x in (q, k, v)]
@@ -167,17 +159,14 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
     q_rows = rows[0] if rows[0] is not None else rows[1]
     norm = q_norm is not None
     group = min(triton.next_power_of_2(heads + 2 * n_kv), max(1, 1024 // head_dim))
-    # a prompt's many tokens: several a program (one a program ran a 32 x 512-token join's stores at two thirds of the
-    # copy bandwidth); batch_invariant keeps one, so that a token's norm reduces alike in a prompt and a step
-    tokens = PROMPT_TOKENS_A_PROGRAM if b * n >= PROMPT_TOKENS and not current_settings().batch_invariant else 1
-    _qkv_rope_store[(triton.cdiv(b * n, tokens), triton.cdiv(heads + 2 * n_kv, group))](
+    _qkv_rope_store[(b * n, triton.cdiv(heads + 2 * n_kv, group))](
         q_rows, rows[1], rows[2], q_norm if norm else k_norm if k_norm is not None else rows[1],
         k_norm if k_norm is not None else rows[1], cos, sin, positions.reshape(-1), q_out, k_cache, v_cache,
         q_rows.stride(0), rows[1].stride(0), rows[2].stride(0), cos.stride(0),
         q_out.stride(0), q_out.stride(1), q_out.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, b * n, heads, n_kv, eps,
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), n, heads, n_kv, eps,
         HAS_NORM=k_norm is not None, D=head_dim, ZERO_CENTRED=zero_centred, ROT=rotary if rotary < head_dim else 0,
-        HEADS=group, TOKENS=tokens, num_warps=4 if group * head_dim >= 1024 else 2, **pdl_options(k))
+        HEADS=group, num_warps=4 if group * head_dim >= 1024 else 2, **pdl_options(k))
     return q_out if q is not None else None
 
 
