@@ -3,6 +3,9 @@ which formulation reaches the memory-bandwidth floor? Each variant is timed as C
 cost), median of many, with the weights rotated so the L2 cache does not serve them.
 
     python -m benchmarks.gemm_shapes      # on a CUDA machine; prints a table, writes JSON to --out
+    python -m benchmarks.gemm_shapes --m 256 16384 [--shapes ...]
+        # cuBLAS's formulations (VARIANTS) at a verify's or a join's rows, against max(bytes / bandwidth,
+        # FLOPs / the 8192^3 matmul rate)
     python -m benchmarks.gemm_shapes --skinny [--shapes qkv lm_head ...] [--rows 1 16 32 64 128 256]
         # cuBLAS vs blockspec's Triton skinny_linear under each candidate launch config, per projection
         # (targets and drafts, plus the lm_heads) and row bucket; prints the winners as the "skinny" entries to
@@ -29,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from benchmarks.harness import capture_graph
+from benchmarks.harness import capture_graph, matmul_rate
 from benchmarks.harness import copy_bandwidth as host_copy_bandwidth
 
 from blockspec.kernels.settings import SkinnyTable, merged_skinny_tables, skinny_table_from_winners
@@ -46,6 +49,8 @@ QWEN35_SHAPES = [name for name in SKINNY_SHAPES if name.startswith("q35_")]
 VARIANTS = {
     "linear": lambda x, w: F.linear(x, w),
     "transposed": lambda x, w: torch.mm(w, x.t()).t(),
+    # with a (zero) bias torch takes cuBLASLt's matmul with a bias epilogue: its own heuristics and algorithms
+    "lt_bias": lambda x, w: F.linear(x, w, _zero_bias(w)),
 }
 # skinny_linear candidates: (block_n, block_k, num_warps, num_stages) per path, each with every split_k
 # that leaves at least two K tiles per range. Shared memory per stage is (block_n + 16) * block_k * 2 bytes.
@@ -229,23 +234,68 @@ def paste_table(winners: list[dict]) -> str:
     return '"skinny": [\n' + ",\n".join(f"    {json.dumps(w)}" for w in winners) + "\n]"
 
 
-def variants_probe(bandwidth: float) -> list[dict]:
-    """cuBLAS formulations (VARIANTS) of the target's projections, against the bandwidth floor."""
+@functools.cache
+def _zeros(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(n, device=device, dtype=dtype)
+
+
+def _zero_bias(w: torch.Tensor) -> torch.Tensor:
+    return _zeros(w.shape[0], w.device, w.dtype)
+
+
+def variants_probe(bandwidth: float, flop_rate: float, shapes: list[str], ms: list[int]) -> list[dict]:
+    """cuBLAS formulations (VARIANTS) of `shapes` at each row count of `ms`, against the floor: max(bytes moved /
+    `bandwidth`, FLOPs / `flop_rate`)."""
     rows = []
-    for name, (n_out, k) in SHAPES.items():
+    for name in shapes:
+        n_out, k = SKINNY_SHAPES[name]
         copies = 8  # rotate weights so each call reads from HBM, not L2
         weights = [torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        floor = n_out * k * 2 / bandwidth
-        for m in (1, 16):
+        for m in ms:
+            floor = max((n_out * k + m * (k + n_out)) * 2 / bandwidth, 2 * m * n_out * k / flop_rate)
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             ref = F.linear(x, weights[0])
             for variant, fn in VARIANTS.items():
                 assert torch.allclose(fn(x, weights[0]).float(), ref.float(), atol=2e-2, rtol=2e-2)
-                t = graph_time(functools.partial(apply_all, fn, x, weights))[0] / copies
+                t = graph_time(functools.partial(apply_all, fn, x, weights), reps=20)[0] / copies
                 rows.append({"gemm": name, "m": m, "variant": variant, "us": t * 1e6, "floor_us": floor * 1e6,
-                             "x_floor": t / floor})
-                print(f"{name:8s} M={m:2d} {variant:10s} {t * 1e6:7.1f} us  floor {floor * 1e6:6.1f}  "
-                      f"x{t / floor:.2f}", flush=True)
+                             "x_floor": t / floor, "TFLOPs": 2 * m * n_out * k / t / 1e12})
+                print(f"{name:8s} M={m:5d} {variant:10s} {t * 1e6:8.1f} us  floor {floor * 1e6:7.1f}  "
+                      f"x{t / floor:.2f}  {rows[-1]['TFLOPs']:5.0f} TFLOP/s", flush=True)
+            del x, ref
+        del weights
+        torch.cuda.empty_cache()
+    return rows
+
+
+def mlp_probe(ms: list[int]) -> list[dict]:
+    """The target's MLP on cuBLAS at each row count of `ms`: gate_up as F.linear, silu(gate) * up, down (the engine's
+    chain) against gate_up as its transpose (weight @ x^T: another kernel choice, the activations then column-major),
+    silu * up on those, down reading them transposed."""
+    from blockspec.kernels.norm_rope import silu_mul
+
+    (n_gate_up, k), (n_down, k_down) = SHAPES["gate_up"], SHAPES["down"]
+    copies = 4
+    gate_ups = [torch.randn(n_gate_up, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    downs = [torch.randn(n_down, k_down, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+
+    def rows_major(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, gate_up)
+        return F.linear(silu_mul(y[:, 0::2], y[:, 1::2]), down)
+
+    def columns_major(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        y = torch.mm(gate_up, x.t())
+        return F.linear(silu_mul(y[0::2], y[1::2]).t(), down)
+
+    rows = []
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = rows_major(x, gate_ups[0], downs[0]).float()
+        for name, fn in (("rows_major", rows_major), ("columns_major", columns_major)):
+            err = ((fn(x, gate_ups[0], downs[0]).float() - ref).norm() / ref.norm()).item()
+            t = graph_time(lambda: [fn(x, g, d) for g, d in zip(gate_ups, downs)], reps=20)[0] / copies
+            rows.append({"m": m, "chain": name, "us": t * 1e6, "rel_err": err})
+            print(f"mlp M={m:5d} {name:14s} {t * 1e6:8.1f} us  rel err {err:.1e}", flush=True)
     return rows
 
 
@@ -263,6 +313,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64, 128, 256], default=[1, 16],
                         help="with --skinny: the row buckets to sweep")
     parser.add_argument("--quick", action="store_true", help="with --skinny: QUICK_TILES' candidates only")
+    parser.add_argument("--mlp", action="store_true",
+                        help="without --skinny: also the MLP chain on cuBLAS, row- against column-major activations")
+    parser.add_argument("--m", type=int, nargs="+", default=[1, 16],
+                        help="without --skinny: the row counts of cuBLAS's formulations (default: the target's "
+                             "projections; --shapes picks others)")
     args = parser.parse_args()
     started = time.perf_counter()
     in_graph, host = copy_bandwidth(), host_copy_bandwidth("cuda", 2.0)
@@ -280,6 +335,8 @@ def main() -> None:
         record["seconds"] = time.perf_counter() - started
         path.write_text(json.dumps(record, indent=1))
 
+    shapes = [s for name in args.shapes or (SKINNY_SHAPES if args.skinny else SHAPES)
+              for s in (QWEN35_SHAPES if name == "qwen35" else [name])]
     if args.skinny:
         import triton
 
@@ -290,11 +347,13 @@ def main() -> None:
             write()
 
         record["triton"] = triton.__version__
-        shapes = [s for name in args.shapes or SKINNY_SHAPES for s in (QWEN35_SHAPES if name == "qwen35" else [name])]
         skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick, done)
         print(paste_table(record["winners"]))
     else:
-        record["rows"] = variants_probe(bandwidth)
+        record["matmul_TFLOPs"] = matmul_rate("cuda") / 1e12
+        record["rows"] = variants_probe(bandwidth, record["matmul_TFLOPs"] * 1e12, list(dict.fromkeys(shapes)), args.m)
+        if args.mlp:
+            record["mlp"] = mlp_probe(args.m)
         write()
     print(f"wrote {path} ({record['seconds']:.0f} s)")
 

@@ -12,6 +12,7 @@ DFlash draft, oracle acceptance at the card's tau), three probes in one process:
   one interleaved product with silu * up after it (GatedMLP's `stacked`), each as CUDA-graph replays.
 
     python -m benchmarks.loop_probe --out DIR
+    python -m benchmarks.loop_probe --timeline --out DIR    # the cells alone, each one's device timeline whole
     python -m benchmarks.loop_probe --tiny --device cpu --concurrency 2     # logic check (no device timeline)
     python -m benchmarks.loop_probe --report FILE.json
 """
@@ -65,6 +66,43 @@ def replay_spans(trace: dict) -> list[dict]:
     return spans
 
 
+def timeline(trace: dict, top: int = 8) -> dict:
+    """A whole cell's device timeline from a chrome trace: its span, the time some device work ran, the time in
+    kernels of graph replays and of eager launches (the joins' prefills; the costliest eager kernels by name), the
+    idle time by the kinds of work on either side of each gap (graph or eager), and the longest gaps with the
+    kernels around them (ms)."""
+    graphs = {e["args"]["correlation"] for e in trace["traceEvents"]
+              if e.get("cat") == "cuda_runtime" and e.get("name") == "cudaGraphLaunch"}
+    events = sorted((e["ts"], e["ts"] + e["dur"], e.get("name", "")[:60],
+                     e.get("args", {}).get("correlation") in graphs)
+                    for e in trace["traceEvents"] if e.get("cat") in GPU_CATEGORIES)
+    if not events:
+        return {}
+    kind = {True: "graph", False: "eager"}
+    idle: dict[str, float] = defaultdict(float)
+    gaps, busy, reach, before = [], 0.0, events[0][0], events[0]
+    for event in events:
+        start, end = event[0], event[1]
+        if start > reach:
+            label = f"{kind[before[3]]} -> {kind[event[3]]}"
+            idle[label] += (start - reach) / 1e3
+            gaps.append(((start - reach) / 1e3, before[2], event[2], label))
+        busy += max(0.0, end - max(start, reach))
+        if end >= reach:
+            reach, before = end, event
+    in_kind = {k: sum(e[1] - e[0] for e in events if e[3] == flag) / 1e3 for flag, k in kind.items()}
+    eager: dict[str, list] = defaultdict(lambda: [0.0, 0])
+    for start, end, name, graphed in events:
+        if not graphed:
+            eager[name][0] += (end - start) / 1e3
+            eager[name][1] += 1
+    return {"span_ms": (reach - events[0][0]) / 1e3, "busy_ms": busy / 1e3, "graph_kernels_ms": in_kind["graph"],
+            "eager_kernels_ms": in_kind["eager"], "idle_ms": dict(idle),
+            "eager_by_kernel": sorted(([n, round(ms, 3), k] for n, (ms, k) in eager.items()), key=lambda r: -r[1])[:20],
+            "longest_gaps": [{"ms": round(g, 3), "after": a, "before": b, "between": k}
+                             for g, a, b, k in sorted(gaps, reverse=True)[:top]]}
+
+
 def profiled_cell(engine: BatchDecoder, prompts: list[list[int]], params: SamplingParams, c: int, block: int,
                   device: str, profile: bool = True) -> dict:
     """The cell timed plainly (the slower of two runs), then (`profile`) one run under the profiler, split per graph
@@ -87,6 +125,7 @@ def profiled_cell(engine: BatchDecoder, prompts: list[list[int]], params: Sampli
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
         trace = json.loads(path.read_text())
+    cell["timeline"] = timeline(trace)
     spans = replay_spans(trace)
     if not spans:  # the profiler did not link graph kernels to their launch: say what it recorded instead
         names = defaultdict(int)
@@ -161,6 +200,13 @@ def run(args: argparse.Namespace) -> dict:
         default_prefill = engine.max_prefill_tokens
         for c in args.concurrency:
             prompts = [torch.randint(0, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(2 * c)]
+            if args.timeline:  # the engine's own joins, each cell profiled whole
+                for block in args.blocks:
+                    cell = profiled_cell(engine, prompts, params, c, block, device)
+                    record["cells"][f"c{c} b{block}"] = cell
+                    print(json.dumps({f"c{c} b{block}": {k: v for k, v in cell.items() if k != "profiled"}}),
+                          flush=True)
+                continue
             joins = join_variants(engine, prompts[:c], max(args.blocks), device)
             best = min(joins, key=lambda k: joins[k]["ms"])
             record["joins"][str(c)] = {"variants": joins, "fastest": best}
@@ -197,6 +243,14 @@ def report(path: str) -> str:
                      f"| {cell['loop']['step_ms_median']:.3f} | {fmt(p.get('span_ms_median'))} "
                      f"| {fmt(p.get('busy_ms_median'))} | {fmt(p.get('gap_ms_median'))} / {fmt(p.get('gap_ms_p90'))} "
                      f"| {fmt(cell.get('alone_ms'))} |")
+    for name, cell in record["cells"].items():
+        t = cell.get("timeline")
+        if t:
+            lines += ["", f"{name}, the whole cell on the device: span {t['span_ms']:.1f} ms, busy {t['busy_ms']:.1f} "
+                      f"(graph kernels {t['graph_kernels_ms']:.1f}, eager {t['eager_kernels_ms']:.1f}); idle "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in t["idle_ms"].items()) + "; longest gaps: "
+                      + "; ".join(f"{g['ms']:.3f} ({g['between']}: {g['after'][:30]} | {g['before'][:30]})"
+                                  for g in t["longest_gaps"])]
     for c, joins in record["joins"].items():
         lines += ["", f"{c} prompts joining at once, by padded tokens a group and prompt attention kernel (ms; device "
                   f"busy ms); fastest: {joins['fastest']}:", "",
@@ -211,6 +265,9 @@ def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[32])
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 8], choices=[1, *sorted(CARD_TAU)])
+    parser.add_argument("--timeline", action="store_true",
+                        help="only the cells under the engine's own joins, each profiled whole (timeline: where the "
+                             "device idles)")
     run_and_report(parser, run, report, "loop_probe")
 
 
