@@ -59,15 +59,16 @@ class GDNLayerState:
     """One Gated DeltaNet layer's part of a HybridCache (views of the cache's tensors, rows [b]), with what a
     forward of n <= verify_tokens tokens keeps for `HybridCache.commit`: each token's state (rollback "states": steps
     [b, T, h, Dk, Dv]), or each token's rank-one update (rollback "replay": the tape tape_k [b, T, h, Dk], tape_decay
-    [b, T, h], tape_u [b, T, h, Dv])."""
+    [b, T, h], tape_u [b, T, h, Dv], and `pending` [b]: the updates the recurrent state still lacks)."""
 
     def __init__(self, cache: "HybridCache", layer: int) -> None:
         self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
         self.arrivals = cache.arrivals[layer]
         self.steps = cache.steps[layer] if cache.rollback == "states" else None
-        self.tape_k, self.tape_decay, self.tape_u = (
-            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
-            if cache.rollback == "replay" else (None,) * 3)
+        self.tape_k, self.tape_decay, self.tape_u, self.pending, self.row_arrivals = (
+            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer], cache.pending[layer],
+             cache.row_arrivals[layer]) if cache.rollback == "replay" else (None,) * 5)
+        self.deferred_commits = cache.deferred_commits
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
         """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T
@@ -76,6 +77,24 @@ class GDNLayerState:
             self.steps[:, t] = state
         else:
             self.tape_k[:, t], self.tape_decay[:, t], self.tape_u[:, t] = k, decay, innovation
+
+    def settle(self, positions: torch.Tensor) -> None:
+        """Give each row's recurrent state the updates that a deferred commit left `pending` (none for a row starting
+        a new sequence: positions [b, n] from 0), as the CUDA decode and verify do first themselves; for the paths
+        that read the state as it stands (a prefill, the torch ops)."""
+        if self.pending is None or not self.deferred_commits[0]:
+            return
+        keep = torch.where(positions[:, 0] != 0, self.pending, 0)
+        if fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
+            from blockspec.kernels.gdn import replay
+
+            replay(self.recurrent[None], self.tape_k[None], self.tape_decay[None], self.tape_u[None], keep)
+        else:
+            from blockspec.target.gdn import replay_steps
+
+            self.recurrent.copy_(replay_steps(self.recurrent[None], self.tape_k[None], self.tape_decay[None],
+                                              self.tape_u[None], keep, self.tape_k.shape[1])[0])
+        self.pending.zero_()
 
     def take_conv_state(self, inputs: torch.Tensor, lengths: torch.Tensor | None, fresh: torch.Tensor) -> None:
         """Set the conv state [b, C, K-1] to the one after each row's last input: the last K-1 of the conv state
@@ -114,6 +133,12 @@ class HybridCache(KVCache):
     A forward that commit follows (`commit_follows`, a verify of two or more tokens) leaves the recurrent state as
     it was (empty for a row starting a new sequence): commit moves it once, to the kept prefix. Any other forward
     leaves the state after its last token and needs no commit (a decode, a prefill).
+
+    On CUDA a "replay" commit defers the replay: it records each row's kept count (`pending`, per layer), and the
+    next decode or verify of each layer applies those updates to the state it loads anyway, stores it, and goes on
+    (one read of every state a step instead of three: see kernels/gdn.py). Whatever reads the state as it stands
+    settles it first (`GDNLayerState.settle`: a prefill, the torch ops); a row that moves takes its pending updates
+    along; `state()` holds them.
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
@@ -139,27 +164,32 @@ class HybridCache(KVCache):
             self.tape_k = torch.zeros(*rows, verify_tokens, heads, key_dim, **fp32)
             self.tape_decay = torch.zeros(*rows, verify_tokens, heads, **fp32)
             self.tape_u = torch.zeros(*rows, verify_tokens, heads, value_dim, **fp32)
+            self.pending = torch.zeros(*rows, dtype=torch.int32, device=device)  # tape updates the state lacks
+            self.row_arrivals = torch.zeros(*rows, dtype=torch.int32, device=device)  # heads done, as arrivals
         self.verify_tokens = verify_tokens
         # the last forward: its tokens when it kept what commit needs (else 0), and whether it left the recurrent
-        # state to commit (a list, so that row views share it)
+        # state to commit; whether a commit was ever deferred (lists, so that row views share them)
         self.last_forward = [0, False]
+        self.deferred_commits = [False]
 
     def _row_tensors(self) -> tuple[str, ...]:
-        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u")
+        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u", "pending",
+                                                             "row_arrivals")
         return ("k", "v", "conv", "recurrent", "windows", "arrivals") + kept
 
     def rows(self, start: int, stop: int) -> "HybridCache":
         view = object.__new__(HybridCache)
         view.max_len, view.rollback, view.verify_tokens = self.max_len, self.rollback, self.verify_tokens
-        view.last_forward = self.last_forward
+        view.last_forward, view.deferred_commits = self.last_forward, self.deferred_commits
         for name in self._row_tensors():
             setattr(view, name, getattr(self, name)[:, start:stop])
         return view
 
     def copy_row(self, source: int, dest: int, length: int) -> None:
         super().copy_row(source, dest, length)
-        self.conv[:, dest] = self.conv[:, source]
-        self.recurrent[:, dest] = self.recurrent[:, source]
+        for name in ("conv", "recurrent") + (("pending", "tape_k", "tape_decay", "tape_u")
+                                             if self.rollback == "replay" else ()):
+            getattr(self, name)[:, dest] = getattr(self, name)[:, source]
 
     def keeps_steps(self, n: int, commit_follows: bool = False) -> tuple[bool, bool]:
         """Whether a forward of `n` tokens keeps what commit needs (at most verify_tokens: a decode or a verify) or
@@ -188,9 +218,8 @@ class HybridCache(KVCache):
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
         elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            from blockspec.kernels.gdn import replay
-
-            replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep)
+            self.pending.copy_(keep[None].expand_as(self.pending))  # the next decode or verify applies them
+            self.deferred_commits[0] = True
         else:
             from blockspec.target.gdn import replay_steps
 
@@ -200,4 +229,7 @@ class HybridCache(KVCache):
         self.conv.copy_(kept.transpose(2, 3))
 
     def state(self) -> tuple[torch.Tensor, ...]:
-        return self.conv, self.recurrent
+        """conv, recurrent, and for "replay" the updates a deferred commit left (pending, and the tape they are on)."""
+        if self.rollback == "states":
+            return self.conv, self.recurrent
+        return self.conv, self.recurrent, self.pending, self.tape_k, self.tape_decay, self.tape_u

@@ -386,7 +386,7 @@ def test_a_hybrid_target_prefills_ragged_joiners_together(lengths, block, monkey
         decoder = BatchDecoder(target, draft, max_batch=1, max_len=128)
         decoder.add(prompt, params, block)
         decoder.admit()
-        alone.append([t.clone() for t in decoder.target_cache.state()])
+        alone.append([decoder.target_cache.conv.clone(), decoder.target_cache.recurrent.clone()])
     want = [SpeculativeDecoder(target, draft).generate(p, params, block).token_ids for p in prompts]
     shapes = counting_forwards(target.model, monkeypatch)
     decoder = BatchDecoder(target, draft, max_batch=3, max_len=128)
@@ -395,7 +395,7 @@ def test_a_hybrid_target_prefills_ragged_joiners_together(lengths, block, monkey
     decoder.admit()
     assert shapes == [(3, max(lengths))] and decoder.num_active == 3
     for row, states in enumerate(alone):
-        for got, one in zip(decoder.target_cache.state(), states):  # conv, recurrent: [L, rows, ...]
+        for got, one in zip((decoder.target_cache.conv, decoder.target_cache.recurrent), states):  # [L, rows, ...]
             torch.testing.assert_close(got[:, row], one[:, 0], atol=1e-5, rtol=1e-4)  # GEMMs of other shapes
             assert one[:, 0].abs().amax() > 0.01  # real states
     got = {seq_id: c.result.token_ids for seq_id, c in iter_until_done(decoder) if c.result is not None}

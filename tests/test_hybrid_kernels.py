@@ -85,7 +85,7 @@ def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernel
     for g, w in zip(got_logits, want_logits):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
     names = ["conv", "recurrent", "windows", "arrivals"] + (["steps"] if rollback == "states" else
-                                                ["tape_k", "tape_decay", "tape_u"])
+                                                ["tape_k", "tape_decay", "tape_u", "pending", "row_arrivals"])
     for name in names:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
     assert got.recurrent.abs().amax() > 0.01 and got.recurrent[:, 0].abs().amax() > 0  # real states, row 0 too
@@ -96,6 +96,41 @@ def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernel
     _, states = decode_session(model, True, "states")
     _, replay = decode_session(model, True, "replay")
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
+
+
+def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kernels_on_cpu):
+    """On the kernels' path a "replay" commit leaves its updates pending: a row that moves takes them along, the next
+    verify applies them before its block (and its tape then holds the block's updates for the next commit), and a
+    forward that reads the state as it stands (here a prefill continuing the rows, which takes the torch ops) applies
+    them first; the states and logits equal those after eager commits (the torch ops' replay)."""
+    model = tiny_target(seed=24)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 64, (ROWS, PROMPT + 2 * BLOCK + 2 * BLOCK), generator=gen).to(DEVICE)
+    keep, again = torch.tensor([3, BLOCK, 1], device=DEVICE), torch.tensor([2, 1, BLOCK], device=DEVICE)
+    results = []
+    for deferred in (True, False):
+        cache = model.new_cache(ROWS + 1, 64, verify_tokens=BLOCK, rollback="replay")
+        with torch.no_grad(), use_settings(fla_prefill=False):
+            rows = cache.rows(0, ROWS)
+            model(ids[:, :PROMPT], torch.arange(PROMPT, device=DEVICE)[None].expand(ROWS, -1), rows)
+            model(ids[:, PROMPT:PROMPT + BLOCK], PROMPT + torch.arange(BLOCK, device=DEVICE)[None].expand(ROWS, -1),
+                  rows, commit_follows=True)
+            with use_settings(fused_gdn=deferred):
+                rows.commit(keep)
+            assert bool((cache.pending[:, :ROWS] == keep.int()).all()) == deferred
+            cache.copy_row(0, ROWS, PROMPT + BLOCK)  # row 0 moves to the spare row
+            moved, order = cache.rows(1, ROWS + 1), [1, 2, 0]
+            start = (PROMPT + keep[order])[:, None] + torch.arange(BLOCK, device=DEVICE)
+            model(ids[order, PROMPT + BLOCK:PROMPT + 2 * BLOCK], start, moved, commit_follows=True)
+            with use_settings(fused_gdn=deferred):
+                moved.commit(again)
+            start = start[:, :1] + again[:, None] + torch.arange(2 * BLOCK, device=DEVICE)
+            hidden, _ = model(ids[order, PROMPT + 2 * BLOCK:], start, moved)
+            assert not cache.pending[:, 1:].any()  # settled (row 0, left behind, is free)
+        results.append((model.logits(hidden), cache.recurrent[:, 1:].clone(), cache.conv[:, 1:].clone()))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert results[0][1].abs().amax() > 0.01
 
 
 def mixer_launch(seed: int, rollback: str, rows: int = ROWS, tokens: int = BLOCK, **shape

@@ -147,11 +147,12 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
 # deferred, like n, must not compile a verify apart from a decode
 @triton.jit(do_not_specialize=["n", "deferred"])
 def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, ARRIVALS,
+               TAPE_K, TAPE_DECAY, PENDING, ROW_ARRIVALS,
                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
                s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wt, s_cb, s_cc,
-               s_ab, n, deferred, eps, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-               BV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr,
-               USE_PDL: tl.constexpr):
+               s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
+               HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
+               KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -166,8 +167,20 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
     state = STATE + b * s_sb + h * s_sh + tile
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
-    if deferred != 0:  # commit sets the state from the one before the block: empty for a row starting a new sequence
-        tl.store(state, S, mask=kept == 0)
+    if KEEP_STATES:
+        if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
+            tl.store(state, S, mask=kept == 0)
+    else:  # the updates the last commit kept, with the replay's arithmetic (_gdn_replay), then the committed state
+        pending = tl.where(kept, tl.load(PENDING + b * s_pend), 0)
+        for t in range(pending):
+            decay = tl.load(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h)
+            k = tl.load(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk)
+            innovation = tl.load(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv)
+            S = S * decay
+            S = S + k[:, None] * innovation[None, :]
+        tl.debug_barrier()  # every thread's reads of the tape before this program's stores of the block's updates
+        if deferred != 0:
+            tl.store(state, S, mask=(kept == 0) | (pending > 0))
     q, k, v = tl.load(q_at), tl.load(k_at), tl.load(v_at)
     beta, decay = tl.load(beta_at), tl.load(decay_at)
     for t in range(n):
@@ -203,6 +216,14 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                         HV, DK, DV, ".cg")
         _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL, RAGGED)
         tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
+        if not KEEP_STATES:  # every tile has replayed the head's old tape: it takes the block's k and decay now
+            for t in range(n):
+                tl.store(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk, tl.load(k_at + t * s_kn))
+                tl.store(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h, tl.load(decay_at + t * s_dn))
+            # the row's last head: every program of the row has read its pending count
+            if tl.atomic_add(ROW_ARRIVALS + b * s_pend, 1, sem="acq_rel") == HV - 1:
+                tl.store(PENDING + b * s_pend, 0)
+                tl.store(ROW_ARRIVALS + b * s_pend, 0)
 
 
 @triton.jit
@@ -368,25 +389,29 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
     fp32 = {"device": projected.device, "dtype": torch.float32}
     states = layer.steps is not None
-    # k and the decay go straight to a replay cache's tape; the other buffers go unused by one rollback or the other
-    k, decay = ((torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)) if states
-                else (layer.tape_k, layer.tape_decay))
-    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths, k, decay,
+    # a replay cache's tape still holds the last verify's updates, which `_gdn_steps` applies first where a commit
+    # left them pending: its last program of a head copies the block's k and decay there after
+    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
+                                   torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
                                    prefill=False)
     o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
+    # a "states" cache has no tape and nothing pending: those arguments are never read there
+    tape_k, tape_decay, pending, row_arrivals = ((k, decay, layer.arrivals, layer.arrivals) if states else
+                                                 (layer.tape_k, layer.tape_decay, layer.pending, layer.row_arrivals))
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
     _gdn_steps[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
-        layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
+        layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
+        row_arrivals, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
         positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
         *tape_u.stride()[:3], *o.stride()[:3], projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
         layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1),
-        layer.arrivals.stride(0), n, int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
+        layer.arrivals.stride(0), *tape_k.stride()[:3], *tape_decay.stride()[:2], pending.stride(0), n,
+        int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
         num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
     return out
@@ -424,15 +449,17 @@ def _gdn_replay(STATE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_kl,
     dk = tl.arange(0, DK)
     dv = tl.program_id(2) * BV + tl.arange(0, BV)
     state = STATE + layer * s_sl + b * s_sb + h * s_sh + dk[:, None] * DV + dv[None, :]
-    S = tl.load(state)
-    for t in range(tl.load(KEEP + b * s_keep)):
-        # the verify's two roundings: S * decay, then + k innovation^T
-        decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
-        k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
-        innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
-        S = S * decay
-        S = S + k[:, None] * innovation[None, :]
-    tl.store(state, S)
+    keep = tl.load(KEEP + b * s_keep)
+    if keep > 0:  # none (a settled row that starts a new sequence): the state need not be read
+        S = tl.load(state)
+        for t in range(keep):
+            # the verify's two roundings: S * decay, then + k innovation^T
+            decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
+            k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
+            innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
+            S = S * decay
+            S = S + k[:, None] * innovation[None, :]
+        tl.store(state, S)
 
 
 def replay(recurrent: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,

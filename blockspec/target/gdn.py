@@ -213,7 +213,11 @@ class GatedDeltaNet(nn.Module):
 
             args = (projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                     self.norm.eps, layer, lengths)
-            return gdn_steps(*args, deferred) if keeps_steps else gdn_prefill(*args, chunked)
+            if keeps_steps:  # the kernel applies what a deferred commit left pending itself
+                return gdn_steps(*args, deferred)
+            layer.settle(positions)
+            return gdn_prefill(*args, chunked)
+        layer.settle(positions)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
         window = torch.cat([torch.where(fresh, 0, layer.conv), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
