@@ -59,15 +59,15 @@ class GDNLayerState:
     """One Gated DeltaNet layer's part of a HybridCache (views of the cache's tensors, rows [b]), with what a
     forward of n <= verify_tokens tokens keeps for `HybridCache.commit`: each token's state (rollback "states": steps
     [b, T, h, Dk, Dv]), or each token's rank-one update (rollback "replay": the tape tape_k [b, T, h, Dk], tape_decay
-    [b, T, h], tape_u [b, T, h, Dv], and `pending` [b]: the updates the recurrent state still lacks)."""
+    [b, T, h], tape_u [b, T, h, Dv], and `pending` [b, h]: the updates each head's recurrent state still lacks)."""
 
     def __init__(self, cache: "HybridCache", layer: int) -> None:
         self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
         self.arrivals = cache.arrivals[layer]
         self.steps = cache.steps[layer] if cache.rollback == "states" else None
-        self.tape_k, self.tape_decay, self.tape_u, self.pending, self.row_arrivals = (
-            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer], cache.pending[layer],
-             cache.row_arrivals[layer]) if cache.rollback == "replay" else (None,) * 5)
+        self.tape_k, self.tape_decay, self.tape_u, self.pending = (
+            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer], cache.pending[layer])
+            if cache.rollback == "replay" else (None,) * 4)
         self.deferred_commits = cache.deferred_commits
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
@@ -84,7 +84,7 @@ class GDNLayerState:
         that read the state as it stands (a prefill, the torch ops)."""
         if self.pending is None or not self.deferred_commits[0]:
             return
-        keep = torch.where(positions[:, 0] != 0, self.pending, 0)
+        keep = torch.where(positions[:, 0] != 0, self.pending[:, 0], 0)  # a commit sets every head alike
         if fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
             from blockspec.kernels.gdn import replay
 
@@ -112,6 +112,10 @@ class GDNLayerState:
 
 
 ROLLBACKS = ("states", "replay")
+# from this many rows a CUDA "replay" commit is deferred to the next pass (one read of each state a step instead of
+# three: the c = 32 Qwen3.5 block-8 step 10.76 -> 10.18 ms); with fewer the kept updates would lengthen every
+# layer's serial path by more than a replay launch of all layers costs (the one-row verify 3.88 -> 3.97 ms)
+DEFER_ROWS = 4
 # replay: 5-6% faster verify steps than "states" on the H100 at batch 1 (docs/performance.md), 0.5 MiB kept per
 # layer and row instead of 32, and no commit copy after a one-token decode
 DEFAULT_ROLLBACK = "replay"
@@ -134,11 +138,11 @@ class HybridCache(KVCache):
     it was (empty for a row starting a new sequence): commit moves it once, to the kept prefix. Any other forward
     leaves the state after its last token and needs no commit (a decode, a prefill).
 
-    On CUDA a "replay" commit defers the replay: it records each row's kept count (`pending`, per layer), and the
-    next decode or verify of each layer applies those updates to the state it loads anyway, stores it, and goes on
-    (one read of every state a step instead of three: see kernels/gdn.py). Whatever reads the state as it stands
-    settles it first (`GDNLayerState.settle`: a prefill, the torch ops); a row that moves takes its pending updates
-    along; `state()` holds them.
+    On CUDA a "replay" commit of DEFER_ROWS rows or more defers the replay: it records each row's kept count
+    (`pending`, per layer and head), and the next decode or verify of each layer applies those updates to the state
+    it loads anyway, stores it, and goes on (kernels/gdn.py). Whatever reads the state as it stands settles it first
+    (`GDNLayerState.settle`: a prefill, the torch ops); a row that moves takes its pending updates along; `state()`
+    holds them.
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
@@ -164,8 +168,7 @@ class HybridCache(KVCache):
             self.tape_k = torch.zeros(*rows, verify_tokens, heads, key_dim, **fp32)
             self.tape_decay = torch.zeros(*rows, verify_tokens, heads, **fp32)
             self.tape_u = torch.zeros(*rows, verify_tokens, heads, value_dim, **fp32)
-            self.pending = torch.zeros(*rows, dtype=torch.int32, device=device)  # tape updates the state lacks
-            self.row_arrivals = torch.zeros(*rows, dtype=torch.int32, device=device)  # heads done, as arrivals
+            self.pending = torch.zeros(*rows, heads, dtype=torch.int32, device=device)  # updates a state lacks
         self.verify_tokens = verify_tokens
         # the last forward: its tokens when it kept what commit needs (else 0), and whether it left the recurrent
         # state to commit; whether a commit was ever deferred (lists, so that row views share them)
@@ -173,8 +176,7 @@ class HybridCache(KVCache):
         self.deferred_commits = [False]
 
     def _row_tensors(self) -> tuple[str, ...]:
-        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u", "pending",
-                                                             "row_arrivals")
+        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u", "pending")
         return ("k", "v", "conv", "recurrent", "windows", "arrivals") + kept
 
     def rows(self, start: int, stop: int) -> "HybridCache":
@@ -218,8 +220,13 @@ class HybridCache(KVCache):
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
         elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            self.pending.copy_(keep[None].expand_as(self.pending))  # the next decode or verify applies them
-            self.deferred_commits[0] = True
+            if keep.shape[0] >= DEFER_ROWS:  # the next decode or verify applies them
+                self.pending.copy_(keep[None, :, None].expand_as(self.pending))
+                self.deferred_commits[0] = True
+            else:
+                from blockspec.kernels.gdn import replay
+
+                replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep)
         else:
             from blockspec.target.gdn import replay_steps
 

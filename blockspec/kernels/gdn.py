@@ -12,7 +12,10 @@ below does no more than it must.
 in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
 token's output, what commit needs (the state after each token, or the replay tape) and the final state, except in
 a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
-updates). A verify of n tokens and n one-token decodes run the same code per token, so they make the same choices.
+updates), or, in a batch of cache.DEFER_ROWS rows or more, records how many (`pending`, per row and head), which the
+next decode or verify applies here first, with the same arithmetic, storing the committed state before its block: one
+read of every state a step instead of three. A verify of n tokens and n one-token decodes run the same code per
+token, so they make the same choices.
 
 The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
 out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
@@ -147,7 +150,7 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
 # deferred, like n, must not compile a verify apart from a decode
 @triton.jit(do_not_specialize=["n", "deferred"])
 def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, ARRIVALS,
-               TAPE_K, TAPE_DECAY, PENDING, ROW_ARRIVALS,
+               TAPE_K, TAPE_DECAY, PENDING,
                s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
                s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wt, s_cb, s_cc,
                s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
@@ -171,7 +174,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
         if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
             tl.store(state, S, mask=kept == 0)
     else:  # the updates the last commit kept, with the replay's arithmetic (_gdn_replay), then the committed state
-        pending = tl.where(kept, tl.load(PENDING + b * s_pend), 0)
+        pending = tl.where(kept, tl.load(PENDING + b * s_pend + h), 0)
         for t in range(pending):
             decay = tl.load(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h)
             k = tl.load(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk)
@@ -220,10 +223,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
             for t in range(n):
                 tl.store(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk, tl.load(k_at + t * s_kn))
                 tl.store(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h, tl.load(decay_at + t * s_dn))
-            # the row's last head: every program of the row has read its pending count
-            if tl.atomic_add(ROW_ARRIVALS + b * s_pend, 1, sem="acq_rel") == HV - 1:
-                tl.store(PENDING + b * s_pend, 0)
-                tl.store(ROW_ARRIVALS + b * s_pend, 0)
+            tl.store(PENDING + b * s_pend + h, 0)  # and has applied what was pending
 
 
 @triton.jit
@@ -398,15 +398,15 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
     # a "states" cache has no tape and nothing pending: those arguments are never read there
-    tape_k, tape_decay, pending, row_arrivals = ((k, decay, layer.arrivals, layer.arrivals) if states else
-                                                 (layer.tape_k, layer.tape_decay, layer.pending, layer.row_arrivals))
+    tape_k, tape_decay, pending = ((k, decay, layer.arrivals) if states else
+                                   (layer.tape_k, layer.tape_decay, layer.pending))
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
     _gdn_steps[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
         layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
-        row_arrivals, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
         positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
         *tape_u.stride()[:3], *o.stride()[:3], projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
         layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1),
