@@ -112,10 +112,6 @@ class GDNLayerState:
 
 
 ROLLBACKS = ("states", "replay")
-# from this many rows a CUDA "replay" commit is deferred to the next pass (one read of each state a step instead of
-# three: the c = 32 Qwen3.5 block-8 step 10.76 -> 10.18 ms); with fewer the kept updates would lengthen every
-# layer's serial path by more than a replay launch of all layers costs (the one-row verify 3.88 -> 3.97 ms)
-DEFER_ROWS = 4
 # replay: 5-6% faster verify steps than "states" on the H100 at batch 1 (docs/performance.md), 0.5 MiB kept per
 # layer and row instead of 32, and no commit copy after a one-token decode
 DEFAULT_ROLLBACK = "replay"
@@ -138,7 +134,8 @@ class HybridCache(KVCache):
     it was (empty for a row starting a new sequence): commit moves it once, to the kept prefix. Any other forward
     leaves the state after its last token and needs no commit (a decode, a prefill).
 
-    On CUDA a "replay" commit of DEFER_ROWS rows or more defers the replay: it records each row's kept count
+    On CUDA a "replay" commit of KernelSettings.defer_replay_rows rows or more defers the replay: it records each
+    row's kept count
     (`pending`, per layer and head), and the next decode or verify of each layer applies those updates to the state
     it loads anyway, stores it, and goes on (kernels/gdn.py). Whatever reads the state as it stands settles it first
     (`GDNLayerState.settle`: a prefill, the torch ops); a row that moves takes its pending updates along; `state()`
@@ -220,7 +217,7 @@ class HybridCache(KVCache):
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
         elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            if keep.shape[0] >= DEFER_ROWS:  # the next decode or verify applies them
+            if keep.shape[0] >= current_settings().defer_replay_rows:  # the next decode or verify applies them
                 self.pending.copy_(keep[None, :, None].expand_as(self.pending))
                 self.deferred_commits[0] = True
             else:

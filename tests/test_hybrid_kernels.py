@@ -72,24 +72,16 @@ def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor
     return logits, cache
 
 
-@pytest.fixture
-def deferring(monkeypatch):
-    """A "replay" commit of any number of rows defers its replay to the next pass (as from DEFER_ROWS rows)."""
-    monkeypatch.setattr("blockspec.cache.DEFER_ROWS", 1)
-
-
 @pytest.mark.parametrize("rollback, tile, deferred", [("states", None, False), ("replay", None, False),
                                                       ("replay", None, True),
                                                       ("replay", {"value_dims": 4, "warps": 2}, True)])
-def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback, tile, deferred,
-                                                                          monkeypatch):
+def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback, tile, deferred):
     """Also with a program tile other than the table's (half of an 8-dim value head a program, where the table's 8
     takes it whole: the tiling benchmarks/gdn_tiles.py varies; the last of a head's tiles applies the gated norm and
     leaves the head's arrival count at zero for the next launch), and with the commit's replay deferred to the next
     decode, which applies it before its token."""
-    monkeypatch.setattr("blockspec.cache.DEFER_ROWS", 1 if deferred else ROWS + 1)
     model = tiny_target(seed=21)
-    with use_settings(gdn_tile=tile):
+    with use_settings(gdn_tile=tile, defer_replay_rows=1 if deferred else ROWS + 1):
         got_logits, got = decode_session(model, True, rollback)
     want_logits, want = decode_session(model, False, rollback)
     for g, w in zip(got_logits, want_logits):
@@ -102,16 +94,16 @@ def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernel
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["replayed", "deferred"])
-def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernels_on_cpu, deferred, monkeypatch):
+def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernels_on_cpu, deferred):
     """The replay at commit, and the replay deferred into the next decode, reach the kept states bit for bit."""
-    monkeypatch.setattr("blockspec.cache.DEFER_ROWS", 1 if deferred else ROWS + 1)
     model = tiny_target(seed=22)
     _, states = decode_session(model, True, "states")
-    _, replay = decode_session(model, True, "replay")
+    with use_settings(defer_replay_rows=1 if deferred else ROWS + 1):
+        _, replay = decode_session(model, True, "replay")
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
 
 
-def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kernels_on_cpu, deferring):
+def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kernels_on_cpu):
     """On the kernels' path a "replay" commit leaves its updates pending: a row that moves takes them along, the next
     verify applies them before its block (and its tape then holds the block's updates for the next commit), and a
     forward that reads the state as it stands (here a prefill continuing the rows, which takes the torch ops) applies
@@ -128,14 +120,14 @@ def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kerne
             model(ids[:, :PROMPT], torch.arange(PROMPT, device=DEVICE)[None].expand(ROWS, -1), rows)
             model(ids[:, PROMPT:PROMPT + BLOCK], PROMPT + torch.arange(BLOCK, device=DEVICE)[None].expand(ROWS, -1),
                   rows, commit_follows=True)
-            with use_settings(fused_gdn=deferred):
+            with use_settings(fused_gdn=deferred, defer_replay_rows=1):
                 rows.commit(keep)
             assert bool((cache.pending[:, :ROWS] == keep.int()[:, None]).all()) == deferred
             cache.copy_row(0, ROWS, PROMPT + BLOCK)  # row 0 moves to the spare row
             moved, order = cache.rows(1, ROWS + 1), [1, 2, 0]
             start = (PROMPT + keep[order])[:, None] + torch.arange(BLOCK, device=DEVICE)
             model(ids[order, PROMPT + BLOCK:PROMPT + 2 * BLOCK], start, moved, commit_follows=True)
-            with use_settings(fused_gdn=deferred):
+            with use_settings(fused_gdn=deferred, defer_replay_rows=1):
                 moved.commit(again)
             start = start[:, :1] + again[:, None] + torch.arange(2 * BLOCK, device=DEVICE)
             hidden, _ = model(ids[order, PROMPT + 2 * BLOCK:], start, moved)

@@ -12,10 +12,10 @@ below does no more than it must.
 in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
 token's output, what commit needs (the state after each token, or the replay tape) and the final state, except in
 a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
-updates), or, in a batch of cache.DEFER_ROWS rows or more, records how many (`pending`, per row and head), which the
-next decode or verify applies here first, with the same arithmetic, storing the committed state before its block: one
-read of every state a step instead of three. A verify of n tokens and n one-token decodes run the same code per
-token, so they make the same choices.
+updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many (`pending`, per row and
+head), which the next decode or verify applies here first, with the same arithmetic, storing the committed state
+before its block: one read of every state a step instead of three. A verify of n tokens and n one-token decodes run
+the same code per token, so they make the same choices.
 
 The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
 out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
