@@ -59,15 +59,17 @@ class GDNLayerState:
     """One Gated DeltaNet layer's part of a HybridCache (views of the cache's tensors, rows [b]), with what a
     forward of n <= verify_tokens tokens keeps for `HybridCache.commit`: each token's state (rollback "states": steps
     [b, T, h, Dk, Dv]), or each token's rank-one update (rollback "replay": the tape tape_k [b, T, h, Dk], tape_decay
-    [b, T, h], tape_u [b, T, h, Dv], and `pending` [b, h]: the updates each head's recurrent state still lacks)."""
+    [b, T, h], tape_u [b, T, h, Dv], and where commits may be deferred `pending` [b, h]: the updates each head's
+    recurrent state still lacks)."""
 
     def __init__(self, cache: "HybridCache", layer: int) -> None:
         self.conv, self.recurrent, self.windows = cache.conv[layer], cache.recurrent[layer], cache.windows[layer]
         self.arrivals = cache.arrivals[layer]
         self.steps = cache.steps[layer] if cache.rollback == "states" else None
-        self.tape_k, self.tape_decay, self.tape_u, self.pending = (
-            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer], cache.pending[layer])
-            if cache.rollback == "replay" else (None,) * 4)
+        self.tape_k, self.tape_decay, self.tape_u = (
+            (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
+            if cache.rollback == "replay" else (None,) * 3)
+        self.pending = cache.pending[layer] if cache.pending is not None else None
         self.deferred_commits = cache.deferred_commits
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
@@ -134,12 +136,11 @@ class HybridCache(KVCache):
     it was (empty for a row starting a new sequence): commit moves it once, to the kept prefix. Any other forward
     leaves the state after its last token and needs no commit (a decode, a prefill).
 
-    On CUDA a "replay" commit of KernelSettings.defer_replay_rows rows or more defers the replay: it records each
-    row's kept count
-    (`pending`, per layer and head), and the next decode or verify of each layer applies those updates to the state
-    it loads anyway, stores it, and goes on (kernels/gdn.py). Whatever reads the state as it stands settles it first
-    (`GDNLayerState.settle`: a prefill, the torch ops); a row that moves takes its pending updates along; `state()`
-    holds them.
+    On CUDA a "replay" commit of KernelSettings.defer_replay_rows rows or more (in a cache of that many rows or
+    more) defers the replay: it records each row's kept count (`pending`, per layer and head), and the next decode
+    or verify of each layer applies those updates to the state it loads anyway, stores it, and goes on
+    (kernels/gdn.py). Whatever reads the state as it stands settles it first (`GDNLayerState.settle`: a prefill, the
+    torch ops); a row that moves takes its pending updates along; `state()` holds them.
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
@@ -165,7 +166,9 @@ class HybridCache(KVCache):
             self.tape_k = torch.zeros(*rows, verify_tokens, heads, key_dim, **fp32)
             self.tape_decay = torch.zeros(*rows, verify_tokens, heads, **fp32)
             self.tape_u = torch.zeros(*rows, verify_tokens, heads, value_dim, **fp32)
-            self.pending = torch.zeros(*rows, heads, dtype=torch.int32, device=device)  # updates a state lacks
+        # a cache that may defer its commits (rows enough) keeps each head's count of the updates its state lacks
+        defers = rollback == "replay" and batch_size >= current_settings().defer_replay_rows
+        self.pending = torch.zeros(*rows, heads, dtype=torch.int32, device=device) if defers else None
         self.verify_tokens = verify_tokens
         # the last forward: its tokens when it kept what commit needs (else 0), and whether it left the recurrent
         # state to commit; whether a commit was ever deferred (lists, so that row views share them)
@@ -173,13 +176,14 @@ class HybridCache(KVCache):
         self.deferred_commits = [False]
 
     def _row_tensors(self) -> tuple[str, ...]:
-        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u", "pending")
-        return ("k", "v", "conv", "recurrent", "windows", "arrivals") + kept
+        kept = ("steps",) if self.rollback == "states" else ("tape_k", "tape_decay", "tape_u")
+        deferral = ("pending",) if self.pending is not None else ()
+        return ("k", "v", "conv", "recurrent", "windows", "arrivals") + kept + deferral
 
     def rows(self, start: int, stop: int) -> "HybridCache":
         view = object.__new__(HybridCache)
         view.max_len, view.rollback, view.verify_tokens = self.max_len, self.rollback, self.verify_tokens
-        view.last_forward, view.deferred_commits = self.last_forward, self.deferred_commits
+        view.last_forward, view.deferred_commits, view.pending = self.last_forward, self.deferred_commits, None
         for name in self._row_tensors():
             setattr(view, name, getattr(self, name)[:, start:stop])
         return view
@@ -187,7 +191,7 @@ class HybridCache(KVCache):
     def copy_row(self, source: int, dest: int, length: int) -> None:
         super().copy_row(source, dest, length)
         for name in ("conv", "recurrent") + (("pending", "tape_k", "tape_decay", "tape_u")
-                                             if self.rollback == "replay" else ()):
+                                             if self.pending is not None else ()):
             getattr(self, name)[:, dest] = getattr(self, name)[:, source]
 
     def keeps_steps(self, n: int, commit_follows: bool = False) -> tuple[bool, bool]:
@@ -217,7 +221,8 @@ class HybridCache(KVCache):
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
         elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            if keep.shape[0] >= current_settings().defer_replay_rows:  # the next decode or verify applies them
+            if self.pending is not None and keep.shape[0] >= current_settings().defer_replay_rows:
+                # the next decode or verify applies them
                 self.pending.copy_(keep[None, :, None].expand_as(self.pending))
                 self.deferred_commits[0] = True
             else:
@@ -233,7 +238,7 @@ class HybridCache(KVCache):
         self.conv.copy_(kept.transpose(2, 3))
 
     def state(self) -> tuple[torch.Tensor, ...]:
-        """conv, recurrent, and for "replay" the updates a deferred commit left (pending, and the tape they are on)."""
-        if self.rollback == "states":
+        """conv, recurrent, and where commits may be deferred the updates one left (pending, and their tape)."""
+        if self.pending is None:
             return self.conv, self.recurrent
         return self.conv, self.recurrent, self.pending, self.tape_k, self.tape_decay, self.tape_u

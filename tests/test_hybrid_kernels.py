@@ -87,10 +87,11 @@ def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernel
     for g, w in zip(got_logits, want_logits):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
     names = ["conv", "recurrent", "windows", "arrivals"] + (["steps"] if rollback == "states" else
-                                                ["tape_k", "tape_decay", "tape_u", "pending"])
+                                                ["tape_k", "tape_decay", "tape_u"])
     for name in names:
         torch.testing.assert_close(getattr(got, name), getattr(want, name), atol=1e-5, rtol=1e-5, msg=name)
     assert got.recurrent.abs().amax() > 0.01 and got.recurrent[:, 0].abs().amax() > 0  # real states, row 0 too
+    assert (got.pending is not None) == deferred and (not deferred or not got.pending.any())  # the decode applied it
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["replayed", "deferred"])
@@ -114,20 +115,20 @@ def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kerne
     keep, again = torch.tensor([3, BLOCK, 1], device=DEVICE), torch.tensor([2, 1, BLOCK], device=DEVICE)
     results = []
     for deferred in (True, False):
-        cache = model.new_cache(ROWS + 1, 64, verify_tokens=BLOCK, rollback="replay")
-        with torch.no_grad(), use_settings(fla_prefill=False):
+        with torch.no_grad(), use_settings(fla_prefill=False, defer_replay_rows=1):
+            cache = model.new_cache(ROWS + 1, 64, verify_tokens=BLOCK, rollback="replay")
             rows = cache.rows(0, ROWS)
             model(ids[:, :PROMPT], torch.arange(PROMPT, device=DEVICE)[None].expand(ROWS, -1), rows)
             model(ids[:, PROMPT:PROMPT + BLOCK], PROMPT + torch.arange(BLOCK, device=DEVICE)[None].expand(ROWS, -1),
                   rows, commit_follows=True)
-            with use_settings(fused_gdn=deferred, defer_replay_rows=1):
+            with use_settings(fused_gdn=deferred):
                 rows.commit(keep)
             assert bool((cache.pending[:, :ROWS] == keep.int()[:, None]).all()) == deferred
             cache.copy_row(0, ROWS, PROMPT + BLOCK)  # row 0 moves to the spare row
             moved, order = cache.rows(1, ROWS + 1), [1, 2, 0]
             start = (PROMPT + keep[order])[:, None] + torch.arange(BLOCK, device=DEVICE)
             model(ids[order, PROMPT + BLOCK:PROMPT + 2 * BLOCK], start, moved, commit_follows=True)
-            with use_settings(fused_gdn=deferred, defer_replay_rows=1):
+            with use_settings(fused_gdn=deferred):
                 moved.commit(again)
             start = start[:, :1] + again[:, None] + torch.arange(2 * BLOCK, device=DEVICE)
             hidden, _ = model(ids[order, PROMPT + 2 * BLOCK:], start, moved)

@@ -8,14 +8,14 @@ heads it serves (from the conv state, then the projection), the L2 norms of q an
 A_log and dt_bias; it also writes the conv window. Apart from the recurrence, all tokens at once: the serial part
 below does no more than it must.
 
-`_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32 state
-in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes each
-token's output, what commit needs (the state after each token, or the replay tape) and the final state, except in
-a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
-updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many (`pending`, per row and
-head), which the next decode or verify applies here first, with the same arithmetic, storing the committed state
-before its block: one read of every state a step instead of three. A verify of n tokens and n one-token decodes run
-the same code per token, so they make the same choices.
+`_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32
+state in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes
+each token's output, what commit needs (the state after each token, or the replay tape) and the final state, except
+in a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
+updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many (`pending`, per row and head;
+in a cache that may defer), which the next decode or verify applies here first, with the same arithmetic, storing
+the committed state before its block: one read of every state a step instead of three. A verify of n tokens and n
+one-token decodes run the same code per token, so they make the same choices.
 
 The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
 out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
@@ -155,7 +155,8 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wt, s_cb, s_cc,
                s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
-               KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, USE_PDL: tl.constexpr):
+               KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, DEFERS: tl.constexpr,
+               USE_PDL: tl.constexpr):
     _pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -170,7 +171,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
     state = STATE + b * s_sb + h * s_sh + tile
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
-    if KEEP_STATES:
+    if not DEFERS:
         if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
             tl.store(state, S, mask=kept == 0)
     else:  # the updates the last commit kept, with the replay's arithmetic (_gdn_replay), then the committed state
@@ -219,7 +220,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                         HV, DK, DV, ".cg")
         _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL, RAGGED)
         tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
-        if not KEEP_STATES:  # every tile has replayed the head's old tape: it takes the block's k and decay now
+        if DEFERS:  # every tile has replayed the head's old tape: it takes the block's k and decay now
             for t in range(n):
                 tl.store(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk, tl.load(k_at + t * s_kn))
                 tl.store(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h, tl.load(decay_at + t * s_dn))
@@ -389,17 +390,19 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
     fp32 = {"device": projected.device, "dtype": torch.float32}
     states = layer.steps is not None
-    # a replay cache's tape still holds the last verify's updates, which `_gdn_steps` applies first where a commit
-    # left them pending: its last program of a head copies the block's k and decay there after
-    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
-                                   torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32),
+    defers = layer.pending is not None
+    # k and the decay go straight to a replay cache's tape, unless a commit may have left the tape's updates pending:
+    # `_gdn_steps` applies them first, and its last program of a head copies the block's k and decay there after
+    k, decay = ((layer.tape_k, layer.tape_decay) if not (states or defers) else
+                (torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)))
+    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths, k, decay,
                                    prefill=False)
     o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
     steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
-    # a "states" cache has no tape and nothing pending: those arguments are never read there
-    tape_k, tape_decay, pending = ((k, decay, layer.arrivals) if states else
-                                   (layer.tape_k, layer.tape_decay, layer.pending))
+    # without deferred commits there is nothing pending: those arguments are never read
+    tape_k, tape_decay, pending = ((layer.tape_k, layer.tape_decay, layer.pending) if defers else
+                                   (k, decay, layer.arrivals))
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
@@ -413,7 +416,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         layer.arrivals.stride(0), *tape_k.stride()[:3], *tape_decay.stride()[:2], pending.stride(0), n,
         int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
-        num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
+        DEFERS=defers, num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
