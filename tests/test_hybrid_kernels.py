@@ -139,6 +139,35 @@ def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kerne
     assert results[0][1].abs().amax() > 0.01
 
 
+def test_an_engine_that_defers_its_commits_keeps_the_targets_own_tokens(kernels_on_cpu):
+    """Ragged acceptance (an oracle over the target's own continuation of one prompt, three requests in two rows, so
+    rows join mid-run at another point of the schedule) with every commit deferred: the tokens are plain decoding's,
+    as through the torch ops."""
+    from benchmarks.oracle import OracleProposer
+    from blockspec.engine import DraftProposer
+
+    target = target_from_hf(tiny_qwen35(vocab=64, seed=3))
+    target.model.to(DEVICE)
+    draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8,
+                        target_layer_ids=[1, 2, 4]).to(DEVICE)
+    prompt, lengths = prompts_of([9], 64, seed=14)[0], (20, 13, 17)
+    plain = BatchDecoder(target, None, max_batch=1, max_len=96).generate([prompt], greedy(max(lengths)))[0].token_ids
+    reference = torch.tensor(prompt + plain + [0] * 64)
+
+    def generate(fused: bool) -> list[tuple[list[int], list[int]]]:
+        with use_settings(fused_gdn=fused, defer_replay_rows=1):
+            oracle = OracleProposer(DraftProposer(draft, target.model), reference, [3, 0, 6, 1, 7, 2, 5], 64, DEVICE)
+            decoder = BatchDecoder(target, oracle, max_batch=2, max_len=96, use_graphs=False)
+            results = decoder.generate([prompt] * 3, [greedy(n) for n in lengths])
+            assert decoder.target_cache.deferred_commits == [fused]
+        return [(r.token_ids, r.stats.acceptance_lengths) for r in results]
+
+    got = generate(True)
+    assert got == generate(False) and [tokens for tokens, _ in got] == [plain[:n] for n in lengths]
+    kept = [n for _, accepted in got for n in accepted]
+    assert min(kept) == 1 and max(kept) >= 6  # ragged: steps that keep one token and steps that keep most
+
+
 def mixer_launch(seed: int, rollback: str, rows: int = ROWS, tokens: int = BLOCK, **shape
                  ) -> tuple[torch.Tensor, tuple, list]:
     """A tiny target's first Gated DeltaNet layer: random projections [rows, tokens, in_proj's width], the rest of
