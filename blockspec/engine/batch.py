@@ -47,6 +47,7 @@ than the last one, the proposer takes all of that verify's slots into its contex
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from dataclasses import dataclass
 
@@ -66,6 +67,16 @@ from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 MAX_PREFILL_TOKENS = 16384  # padded tokens (rows x longest prompt) of one joint prefill
+
+
+def _padded_ids(rows: list[list[int]], width: int) -> torch.Tensor:
+    """Token ids [len(rows), width] (int64, CPU), each row right-padded with zeros, built in an array: torch.tensor of
+    nested lists takes ~60 ns an id (1.9 ms for 32 prompts of 512 tokens, while the device waits for the join)."""
+    flat = array("q")
+    for row in rows:
+        flat.extend(row)
+        flat.frombytes(bytes(flat.itemsize * (width - len(row))))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), width)
 
 
 def _queued_so_far(t: torch.Tensor) -> torch.cuda.Event | None:
@@ -321,7 +332,7 @@ class BatchDecoder:
         lengths = [len(seq.prompt_ids) for seq in group]
         longest = max(lengths)
         drafted = any(seq.block_size > 1 for seq in group)  # plain-decoding requests never need the proposer
-        ids = self._upload([seq.prompt_ids + [0] * (longest - n) for seq, n in zip(group, lengths)])
+        ids = self._upload(_padded_ids([seq.prompt_ids for seq in group], longest))
         positions = torch.arange(longest, device=device).repeat(len(group), 1)
         real = self._upload(lengths)
         hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
@@ -364,10 +375,10 @@ class BatchDecoder:
             else:
                 self._commit(seq, [token], chunks, logprobs.get(i))
 
-    def _upload(self, data: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
-        """`data` on the device without waiting for it (a plain copy from the host would wait for every launch
-        before it): through pinned memory, queued behind the work before it."""
-        host = torch.tensor(data, dtype=dtype)
+    def _upload(self, data: list | torch.Tensor, dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """`data` (a list, or a CPU tensor of `dtype`) on the device without waiting for it (a plain copy from the
+        host would wait for every launch before it): through pinned memory, queued behind the work before it."""
+        host = data if isinstance(data, torch.Tensor) else torch.tensor(data, dtype=dtype)
         if self.target.device.type != "cuda":
             return host
         return self._pinned(host.shape, dtype).copy_(host).to(self.target.device, non_blocking=True)
