@@ -87,15 +87,8 @@ class GDNLayerState:
         if self.pending is None or not self.deferred_commits[0]:
             return
         keep = torch.where(positions[:, 0] != 0, self.pending[:, 0], 0)  # a commit sets every head alike
-        if fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            from blockspec.kernels.gdn import replay
-
-            replay(self.recurrent[None], self.tape_k[None], self.tape_decay[None], self.tape_u[None], keep)
-        else:
-            from blockspec.target.gdn import replay_steps
-
-            self.recurrent.copy_(replay_steps(self.recurrent[None], self.tape_k[None], self.tape_decay[None],
-                                              self.tape_u[None], keep, self.tape_k.shape[1])[0])
+        _replay(self.recurrent[None], self.tape_k[None], self.tape_decay[None], self.tape_u[None], keep,
+                self.tape_k.shape[1])
         self.pending.zero_()
 
     def take_conv_state(self, inputs: torch.Tensor, lengths: torch.Tensor | None, fresh: torch.Tensor) -> None:
@@ -111,6 +104,24 @@ class GDNLayerState:
         old = torch.where(fresh[:, None, None], 0, self.conv)
         from_state = old.gather(-1, slots.clamp(max=width - 1)[:, None, :].expand(-1, channels, -1))
         self.conv.copy_(torch.where((tokens >= 0)[:, None, :], from_inputs, from_state))
+
+
+def _fused_replay(recurrent: torch.Tensor) -> bool:
+    """Whether a replay of these states runs the CUDA kernel (kernels/gdn.py) rather than the torch ops."""
+    return fused_kernels_apply(recurrent) and current_settings().fused_gdn
+
+
+def _replay(recurrent: torch.Tensor, tape_k: torch.Tensor, tape_decay: torch.Tensor, tape_u: torch.Tensor,
+            keep: torch.Tensor, tokens: int) -> None:
+    """Each row's states [L, b, h, Dk, Dv] advanced in place by its first keep[row] (of `tokens`) taped updates."""
+    if _fused_replay(recurrent):
+        from blockspec.kernels.gdn import replay
+
+        replay(recurrent, tape_k, tape_decay, tape_u, keep)
+    else:
+        from blockspec.target.gdn import replay_steps
+
+        recurrent.copy_(replay_steps(recurrent, tape_k, tape_decay, tape_u, keep, tokens))
 
 
 ROLLBACKS = ("states", "replay")
@@ -220,19 +231,12 @@ class HybridCache(KVCache):
         if self.rollback == "states":
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
-        elif fused_kernels_apply(self.recurrent) and current_settings().fused_gdn:
-            if self.pending is not None and keep.shape[0] >= current_settings().defer_replay_rows:
-                # the next decode or verify applies them
-                self.pending.copy_(keep[None, :, None].expand_as(self.pending))
-                self.deferred_commits[0] = True
-            else:
-                from blockspec.kernels.gdn import replay
-
-                replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep)
+        elif (self.pending is not None and _fused_replay(self.recurrent)
+              and keep.shape[0] >= current_settings().defer_replay_rows):  # the next decode or verify applies them
+            self.pending.copy_(keep[None, :, None].expand_as(self.pending))
+            self.deferred_commits[0] = True
         else:
-            from blockspec.target.gdn import replay_steps
-
-            self.recurrent.copy_(replay_steps(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, n))
+            _replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, n)
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]
         kept = self.windows.gather(2, taps[None, :, :, None].expand(*self.conv.shape[:2], -1, self.conv.shape[2]))
         self.conv.copy_(kept.transpose(2, 3))

@@ -338,9 +338,10 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
     splits_kernel, combine_kernel = ((_attention_splits_any_count, _combine_splits_any_count) if chunk
                                      else (_attention_splits, _combine_splits))
     q_tiles = triton.cdiv(n_q, tile)
+    splits_bound = triton.next_power_of_2(splits)  # what the combines unroll over
     # the last program holds every split's [rows, d] partial sums at once: up to ~64 floats a thread, else the
     # combine's own launch spreads them over many programs
-    fits = triton.next_power_of_2(splits) * rows * d <= COMBINE_FLOATS_PER_THREAD * 32 * config["num_warps"]
+    fits = splits_bound * rows * d <= COMBINE_FLOATS_PER_THREAD * 32 * config["num_warps"]
     arrived = None if direct or chunk or not fits else _arrival_counts(q.device, b * n_kv * q_tiles)
     gated = gate is not None
     if gated:
@@ -355,7 +356,7 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         sg_b, sg_n, n_q, n_kv, splits, window, d ** -0.5,
         GROUP=group, NQ=tile, ROWS=rows, D=d, BLOCK_N=block_n, CHUNK=chunk, DIRECT=direct,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GATED=gated and (direct or arrived is not None),
-        COMBINE=arrived is not None, SPLITS=1 if arrived is None else triton.next_power_of_2(splits),
+        COMBINE=arrived is not None, SPLITS=1 if arrived is None else splits_bound,
         PREFETCH=prefetch_tiles(pdl) if d * k_cache.element_size() >= 128 else 0,  # whole 128-byte lines a key
         num_warps=config["num_warps"], **pdl)
     if direct or arrived is not None:
@@ -364,8 +365,8 @@ def _launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, limit
         acc, ml, limits, out, gate_ptr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         ml.stride(0), ml.stride(1), ml.stride(2), ml.stride(3), limits.stride(0), limits.stride(1),
         out.stride(0), out.stride(1), out.stride(2), sg_b, sg_n, n_q, n_heads, splits, window,
-        SPLITS=1 if chunk else triton.next_power_of_2(splits), D=d, CHUNK=chunk, GATED=gated,
-        num_warps=min(8, max(1, triton.next_power_of_2(splits) * d // (COMBINE_FLOATS_PER_THREAD * 32))), **pdl)
+        SPLITS=1 if chunk else splits_bound, D=d, CHUNK=chunk, GATED=gated,
+        num_warps=min(8, max(1, splits_bound * d // (COMBINE_FLOATS_PER_THREAD * 32))), **pdl)
 
 
 def _arrival_counts(device: torch.device, groups: int) -> torch.Tensor | None:
