@@ -147,6 +147,26 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     tl.store(DECAY + b * s_db + t * s_dn + heads, decay, mask=live)
 
 
+@triton.jit
+def _replayed(S, k_at, s_kt, decay_at, s_dt, u_at, s_ut, count):
+    """The state tile S advanced by the first `count` updates of a tape (update t: k at k_at + t s_kt, the decay at
+    decay_at + t s_dt, the innovation at u_at + t s_ut), each with the verify's two roundings: S * decay, then
+    + k innovation^T. The next update's loads go out before this one's arithmetic, off the serial path."""
+    any_left = count > 0
+    decay = tl.load(decay_at, mask=any_left, other=1.0)
+    k = tl.load(k_at, mask=any_left, other=0.0)
+    innovation = tl.load(u_at, mask=any_left, other=0.0)
+    for t in range(count):
+        more = t + 1 < count
+        decay_next = tl.load(decay_at + (t + 1) * s_dt, mask=more, other=1.0)
+        k_next = tl.load(k_at + (t + 1) * s_kt, mask=more, other=0.0)
+        innovation_next = tl.load(u_at + (t + 1) * s_ut, mask=more, other=0.0)
+        S = S * decay
+        S = S + k[:, None] * innovation[None, :]
+        decay, k, innovation = decay_next, k_next, innovation_next
+    return S
+
+
 # deferred, like n, must not compile a verify apart from a decode
 @triton.jit(do_not_specialize=["n", "deferred"])
 def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, ARRIVALS,
@@ -176,12 +196,8 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
             tl.store(state, S, mask=kept == 0)
     else:  # the updates the last commit kept, with the replay's arithmetic (_gdn_replay), then the committed state
         pending = tl.where(kept, tl.load(PENDING + b * s_pend + h), 0)
-        for t in range(pending):
-            decay = tl.load(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h)
-            k = tl.load(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk)
-            innovation = tl.load(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv)
-            S = S * decay
-            S = S + k[:, None] * innovation[None, :]
+        S = _replayed(S, TAPE_K + b * s_kb_tape + h * s_kh_tape + dk, s_kt_tape, TAPE_DECAY + b * s_db_tape + h,
+                      s_dt_tape, TAPE_U + b * s_ub + h * s_uh + dv, s_ut, pending)
         tl.debug_barrier()  # every thread's reads of the tape before this program's stores of the block's updates
         if deferred != 0:
             tl.store(state, S, mask=(kept == 0) | (pending > 0))
@@ -454,14 +470,9 @@ def _gdn_replay(STATE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_kl,
     state = STATE + layer * s_sl + b * s_sb + h * s_sh + dk[:, None] * DV + dv[None, :]
     keep = tl.load(KEEP + b * s_keep)
     if keep > 0:  # none (a settled row that starts a new sequence): the state need not be read
-        S = tl.load(state)
-        for t in range(keep):
-            # the verify's two roundings: S * decay, then + k innovation^T
-            decay = tl.load(TAPE_DECAY + layer * s_dl + b * s_db + t * s_dt + h)
-            k = tl.load(TAPE_K + layer * s_kl + b * s_kb + t * s_kt + h * s_kh + dk)
-            innovation = tl.load(TAPE_U + layer * s_ul + b * s_ub + t * s_ut + h * s_uh + dv)
-            S = S * decay
-            S = S + k[:, None] * innovation[None, :]
+        S = _replayed(tl.load(state), TAPE_K + layer * s_kl + b * s_kb + h * s_kh + dk, s_kt,
+                      TAPE_DECAY + layer * s_dl + b * s_db + h, s_dt, TAPE_U + layer * s_ul + b * s_ub + h * s_uh + dv,
+                      s_ut, keep)
         tl.store(state, S)
 
 
