@@ -101,28 +101,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`silu_mul(linear(x, weight, bias))` for a fused gate_up projection ([..., k] -> [..., n / 2]). Where `linear`
     takes the skinny GEMM and its settings do not split K, the GEMM's epilogue writes silu(gate) * up itself: one
-    launch instead of two, bit-identical. Where the device's table says "transposed", cuBLAS computes weight @ x^T
-    (faster tiles at some row counts) and silu * up reads that column-major product."""
+    launch instead of two, bit-identical."""
     skinny = _skinny_rows(x, weight, bias)
     if skinny is not None and skinny[1]["split_k"] == 1:
         from blockspec.kernels.skinny import skinny_linear
 
         rows, config = skinny
         return skinny_linear(x.reshape(rows, -1), weight, bias, config, silu_mul=True).view(*x.shape[:-1], -1)
-    if skinny is None and _runs_transposed(x, weight, bias):
-        return silu_mul(torch.mm(weight, x.reshape(-1, x.shape[-1]).t()).t()).view(*x.shape[:-1], -1)
     return silu_mul(linear(x, weight, bias))
-
-
-def _runs_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether the table has cuBLAS compute x's product with `weight` (no bias) as its transpose: CUDA inference of
-    16-bit weights, outside batch_invariant (whose products all take the skinny GEMM)."""
-    if (bias is not None or x.dtype != weight.dtype or weight.element_size() != 2 or not x.numel()
-            or not fused_kernels_apply(x, weight) or current_settings().batch_invariant):
-        return False
-    from blockspec.kernels.skinny import transposed_product
-
-    return transposed_product(*weight.shape, x.numel() // x.shape[-1], x.device)
 
 
 def linear_argmax(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

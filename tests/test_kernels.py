@@ -162,12 +162,6 @@ def test_rms_norm_and_silu_mul_match_torch(dtype):
     expected = torch.nn.functional.silu(gate) * up
     assert (silu_mul(gate, up).float() - expected.float()).abs().max().item() <= tol
     assert torch.equal(silu_mul(gate, up), silu_mul(gate.contiguous(), up.contiguous()))  # pairs round alike
-    # a fused gate_up computed transposed (weight @ x^T): the pairs as rows of [2I, m], read down the columns; a
-    # ragged tile both ways (70 rows, 100 pairs)
-    transposed = torch.randn(200, 70, generator=gen).to(DEVICE, dtype)
-    gate, up = transposed.t()[:, 0::2], transposed.t()[:, 1::2]
-    got = silu_mul(gate, up)
-    assert got.is_contiguous() and torch.equal(got, silu_mul(gate.contiguous(), up.contiguous()))
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -318,33 +312,6 @@ def test_a_gate_up_gemm_with_silu_mul_in_its_epilogue_equals_the_two_kernels(m, 
         with use_settings(batch_invariant=True):
             got, plain = linear_silu_mul(x, w), linear(x, w)
         assert torch.equal(got, silu_mul(plain[:, 0::2], plain[:, 1::2]))
-
-
-def test_a_gate_up_the_table_computes_transposed_gives_silu_mul_of_its_product(monkeypatch):
-    """Where the table says "transposed" for a shape's row bucket, linear_silu_mul multiplies weight @ x^T (cuBLAS's
-    faster tiles there) and silu * up reads it column-major: the values of silu_mul(linear(x)), in rows; rows of
-    another bucket keep the plain product."""
-    from blockspec.kernels.skinny import TRANSPOSED
-    from blockspec.layers import linear, linear_silu_mul
-
-    if INTERPRET:  # the tensors live on the CPU there: let layers.py take the kernel paths anyway
-        monkeypatch.setattr("blockspec.layers.fused_kernels_apply", lambda *tensors: True)
-    gen = torch.Generator().manual_seed(3)
-    n, k = 96, 64
-    w = torch.randn(n, k, generator=gen).to(DEVICE, torch.bfloat16)
-    calls = []
-    mm = torch.mm
-    monkeypatch.setattr(torch, "mm", lambda *args: calls.append(args[0].shape) or mm(*args))
-    with use_settings(skinny_table={(n, k): {16: None, 256: TRANSPOSED}}):
-        for m, transposed in ((40, True), (12, False)):
-            x = torch.randn(2, m // 2, k, generator=gen).to(DEVICE, torch.bfloat16)
-            calls.clear()
-            got = linear_silu_mul(x, w)
-            plain = linear(x, w)
-            want = silu_mul(plain[..., 0::2], plain[..., 1::2])
-            assert got.shape == (2, m // 2, n // 2) and calls == ([(n, k)] if transposed else [])
-            torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
-            assert want.abs().amax() > 0.5
 
 
 @pytest.mark.parametrize("theta, scaling, dim", [(1e6, 1.0, 128), (1e4, 1.0, 64), (5e5, 1.1, 80)])

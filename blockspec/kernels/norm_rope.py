@@ -73,31 +73,12 @@ def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, PAIRS: tl
     tl.store(OUT + row * so + cols, (s * u).to(OUT.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _silu_mul_columns(G, U, OUT, sgc, suc, so, m, n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    ok = (cols[:, None] < n) & (rows[None, :] < m)  # [BLOCK_N, BLOCK_M]: a column's rows are contiguous
-    g = tl.load(G + cols[:, None] * sgc + rows[None, :], mask=ok, other=0.0).to(tl.float32)
-    u = tl.load(U + cols[:, None] * suc + rows[None, :], mask=ok, other=0.0).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(OUT.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + rows[:, None] * so + cols[None, :], tl.trans((s * u).to(OUT.dtype.element_ty)), mask=tl.trans(ok))
-
-
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate and up [..., I] (any strides: the even and odd columns of a fused gate_up
-    projection are fine, and so are column-major ones, a product computed as W x^T), into a new row-major tensor."""
+    projection are fine)."""
     n = gate.shape[-1]
     g, u = gate.reshape(-1, n), up.reshape(-1, n)
     out = torch.empty(g.shape[0], n, device=gate.device, dtype=gate.dtype)
-    if g.stride(0) == 1 and u.stride(0) == 1 and g.shape[0] > 1:  # tiles read down the columns, stored transposed
-        block = 64
-        _silu_mul_columns[(triton.cdiv(g.shape[0], block), triton.cdiv(n, block))](
-            g, u, out, g.stride(1), u.stride(1), out.stride(0), g.shape[0], n, BLOCK_M=block, BLOCK_N=block,
-            **pdl_options(gate))
-        return out.view(*gate.shape[:-1], n)
     block = 1024
     pairs = (g.stride() == u.stride() and g.stride(1) == 2
              and u.data_ptr() == g.data_ptr() + g.element_size())  # gate_up[..., 0::2] and gate_up[..., 1::2]

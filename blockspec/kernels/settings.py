@@ -21,9 +21,8 @@ from typing import Iterator
 import torch
 
 # per weight shape (n, k), per row bucket (a table's "m1", "m16", "m32", ...: a product of m rows takes the smallest
-# bucket of at least m) a skinny-GEMM launch config, or None where cuBLAS is faster, or "transposed" where cuBLAS is
-# faster computing the product's transpose (for a fused gate_up, whose silu * up reads it column-major)
-SkinnyTable = dict[tuple[int, int], dict[int, dict | str | None]]
+# bucket of at least m) a skinny-GEMM launch config, or None where cuBLAS is faster
+SkinnyTable = dict[tuple[int, int], dict[int, dict | None]]
 # the flow kernel's config, in order (tables/*.json name them): rows per tile, K per tile, dot warps, ring
 # stages, programs per SM, copy warps, KiB in flight per program, whether small GEMVs pack two K tiles per tile
 FLOW_FIELDS = ("block_rows", "block_k", "dot_warps", "stages", "programs_per_sm", "copy_warps", "kib_in_flight",
@@ -199,7 +198,7 @@ def skinny_table_from_winners(winners: list[dict]) -> SkinnyTable:
             for w in winners}
 
 
-def bucket_config(buckets: dict[int, dict | str | None], rows: int) -> dict | str | None:
+def bucket_config(buckets: dict[int, dict | None], rows: int) -> dict | None:
     """One shape's config for a product of `rows` rows: its smallest row bucket of at least that many (None: cuBLAS,
     also past the largest)."""
     return next((buckets[bucket] for bucket in sorted(buckets) if rows <= bucket), None)

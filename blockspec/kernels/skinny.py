@@ -9,8 +9,7 @@ tokens or blocks) from the device's table (settings.LaunchTables.skinny, measure
 32 or 64 is a tensor-core dot with the rows padded to that (its weight tiles pipelined through shared memory), so
 the weight is streamed once for all of them; rows = 1 a multiply-and-sum on the CUDA cores for a single row; split_k
 is the number of K ranges. A shape or row count the table does not list, or lists as None, stays on cuBLAS
-(`layers.linear` keeps F.linear; "transposed": a fused gate_up computed as W x^T, `transposed_product`); a direct
-skinny_linear call without a config takes default_skinny_config.
+(`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config.
 
 More rows than a tile holds run as more tiles of the same program, so under one config a row's output does not
 depend on how many rows run with it: with `KernelSettings.batch_invariant` every product of any row count runs
@@ -29,7 +28,6 @@ from blockspec.kernels.settings import SkinnyTable, bucket_config, current_setti
 BLOCK_ROWS = 16  # the row bucket of one verify block, whose config the batch-invariant path takes for any rows
 ARGMAX_COLUMNS = 4096  # logits a program of argmax_rows reads: 8 KiB of bf16, 37 blocks of a 152k vocabulary
 FILL_PROGRAMS = 264  # the default split-K aims for this many programs: two per SM of an H100 (132 SMs)
-TRANSPOSED = "transposed"  # a table bucket whose product cuBLAS computes as W x^T (layers.linear_silu_mul)
 
 
 def default_skinny_config(n: int, k: int) -> dict:
@@ -53,22 +51,14 @@ def skinny_config(n: int, k: int, m: int, device: torch.device) -> dict | None:
     """The table's settings for an [m, k] x [n, k]^T product on `device` (its smallest row bucket of at least m
     rows); None (use cuBLAS) when the table says so or lists no such shape or bucket: the kernel runs only where a
     measurement showed it faster."""
-    config = bucket_config(skinny_table(device).get((n, k), {}), m)
-    return config if isinstance(config, dict) else None
-
-
-def transposed_product(n: int, k: int, m: int, device: torch.device) -> bool:
-    """Whether the table has cuBLAS compute that product as its transpose, [n, k] x [m, k]^T (TRANSPOSED): at some
-    row counts cuBLAS picks faster tiles that way (gate_up at 129-256 rows on the H100)."""
-    return bucket_config(skinny_table(device).get((n, k), {}), m) == TRANSPOSED
+    return bucket_config(skinny_table(device).get((n, k), {}), m)
 
 
 def invariant_config(n: int, k: int, device: torch.device) -> dict:
     """The one config of an [n, k] weight's products of any row count (`KernelSettings.batch_invariant`): the
     table's block config where it lists one, else the default; never the one-row kernel, whose sums run in
     another order, nor cuBLAS, whose kernels change with the row count."""
-    config = skinny_table(device).get((n, k), {}).get(BLOCK_ROWS)
-    return config if isinstance(config, dict) else default_skinny_config(n, k)
+    return skinny_table(device).get((n, k), {}).get(BLOCK_ROWS) or default_skinny_config(n, k)
 
 
 # m varies per call (1..16 rows share a binary); specialising on it would also compile m == 1 apart
