@@ -151,19 +151,13 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
 def _replayed(S, k_at, s_kt, decay_at, s_dt, u_at, s_ut, count):
     """The state tile S advanced by the first `count` updates of a tape (update t: k at k_at + t s_kt, the decay at
     decay_at + t s_dt, the innovation at u_at + t s_ut), each with the verify's two roundings: S * decay, then
-    + k innovation^T. The next update's loads go out before this one's arithmetic, off the serial path."""
-    any_left = count > 0
-    decay = tl.load(decay_at, mask=any_left, other=1.0)
-    k = tl.load(k_at, mask=any_left, other=0.0)
-    innovation = tl.load(u_at, mask=any_left, other=0.0)
+    + k innovation^T."""
     for t in range(count):
-        more = t + 1 < count
-        decay_next = tl.load(decay_at + (t + 1) * s_dt, mask=more, other=1.0)
-        k_next = tl.load(k_at + (t + 1) * s_kt, mask=more, other=0.0)
-        innovation_next = tl.load(u_at + (t + 1) * s_ut, mask=more, other=0.0)
+        decay = tl.load(decay_at + t * s_dt)
+        k = tl.load(k_at + t * s_kt)
+        innovation = tl.load(u_at + t * s_ut)
         S = S * decay
         S = S + k[:, None] * innovation[None, :]
-        decay, k, innovation = decay_next, k_next, innovation_next
     return S
 
 
