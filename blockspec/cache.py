@@ -70,7 +70,6 @@ class GDNLayerState:
             (cache.tape_k[layer], cache.tape_decay[layer], cache.tape_u[layer])
             if cache.rollback == "replay" else (None,) * 3)
         self.pending = cache.pending[layer] if cache.pending is not None else None
-        self.deferred_commits = cache.deferred_commits
 
     def keep(self, t: int, state: torch.Tensor, k: torch.Tensor, decay: torch.Tensor, innovation: torch.Tensor) -> None:
         """Token t's state after it ([b, h, Dk, Dv]), or its update: state = state * decay + k innovation^T
@@ -79,17 +78,6 @@ class GDNLayerState:
             self.steps[:, t] = state
         else:
             self.tape_k[:, t], self.tape_decay[:, t], self.tape_u[:, t] = k, decay, innovation
-
-    def settle(self, positions: torch.Tensor) -> None:
-        """Give each row's recurrent state the updates that a deferred commit left `pending` (none for a row starting
-        a new sequence: positions [b, n] from 0), as the CUDA decode and verify do first themselves; for the paths
-        that read the state as it stands (a prefill, the torch ops)."""
-        if self.pending is None or not self.deferred_commits[0]:
-            return
-        keep = torch.where(positions[:, 0] != 0, self.pending[:, 0], 0)  # a commit sets every head alike
-        _replay(self.recurrent[None], self.tape_k[None], self.tape_decay[None], self.tape_u[None], keep,
-                self.tape_k.shape[1])
-        self.pending.zero_()
 
     def take_conv_state(self, inputs: torch.Tensor, lengths: torch.Tensor | None, fresh: torch.Tensor) -> None:
         """Set the conv state [b, C, K-1] to the one after each row's last input: the last K-1 of the conv state
@@ -150,7 +138,7 @@ class HybridCache(KVCache):
     On CUDA a "replay" commit of KernelSettings.defer_replay_rows rows or more (in a cache of that many rows or
     more) defers the replay: it records each row's kept count (`pending`, per layer and head), and the next decode
     or verify of each layer applies those updates to the state it loads anyway, stores it, and goes on
-    (kernels/gdn.py). Whatever reads the state as it stands settles it first (`GDNLayerState.settle`: a prefill, the
+    (kernels/gdn.py). Whatever reads the state as it stands settles it first (`settle`: a prefill, the
     torch ops); a row that moves takes its pending updates along; `state()` holds them.
     """
 
@@ -240,6 +228,17 @@ class HybridCache(KVCache):
         taps = keep[:, None] + torch.arange(self.conv.shape[-1], device=keep.device)  # [b, K-1]
         kept = self.windows.gather(2, taps[None, :, :, None].expand(*self.conv.shape[:2], -1, self.conv.shape[2]))
         self.conv.copy_(kept.transpose(2, 3))
+
+    def settle(self, positions: torch.Tensor) -> None:
+        """Give each row's recurrent states the updates that deferred commits left `pending` (none for a row starting
+        a new sequence: positions [b, n] from 0), as the CUDA decode and verify do first themselves; for the paths
+        that read a state as it stands (a prefill, the torch ops): every layer in one replay, as a commit pends
+        every layer and head alike."""
+        if self.pending is None or not self.deferred_commits[0]:
+            return
+        keep = torch.where(positions[:, 0] != 0, self.pending[0, :, 0], 0)
+        _replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, self.tape_k.shape[2])
+        self.pending.zero_()
 
     def state(self) -> tuple[torch.Tensor, ...]:
         """conv, recurrent, and where commits may be deferred the updates one left (pending, and their tape)."""

@@ -215,9 +215,9 @@ class GatedDeltaNet(nn.Module):
                     self.norm.eps, layer, lengths)
             if keeps_steps:  # the kernel applies what a deferred commit left pending itself
                 return gdn_steps(*args, deferred)
-            layer.settle(positions)
+            self._settle(cache, positions)
             return gdn_prefill(*args, chunked)
-        layer.settle(positions)
+        self._settle(cache, positions)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
         window = torch.cat([torch.where(fresh, 0, layer.conv), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
@@ -250,6 +250,12 @@ class GatedDeltaNet(nn.Module):
         layer.recurrent.copy_(initial if deferred else current)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return out.flatten(2)
+
+    def _settle(self, cache: HybridCache, positions: torch.Tensor) -> None:
+        """Before the first Gated DeltaNet layer of a forward that reads the states as they stand (a prefill, the
+        torch ops) the cache settles every layer's at once: the forward's other layers take the same path."""
+        if self.gdn_index == 0:
+            cache.settle(positions)
 
     def _fused(self, projected: torch.Tensor) -> bool:
         """Whether a decode or verify runs the Triton kernels: CUDA inference with KernelSettings.fused_gdn on, head
