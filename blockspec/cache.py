@@ -94,6 +94,13 @@ class GDNLayerState:
         self.conv.copy_(torch.where((tokens >= 0)[:, None, :], from_inputs, from_state))
 
 
+def defers_commits(pending: torch.Tensor | None, rows: int) -> bool:
+    """Whether a step of `rows` rows over a cache with `pending` counts (None: a cache that never defers) leaves its
+    commit's replay to the next pass's kernel (KernelSettings.defer_replay_rows): fewer rows replay at commit, and
+    their passes find the states settled first (`HybridCache.settle`)."""
+    return pending is not None and rows >= current_settings().defer_replay_rows
+
+
 def _fused_replay(recurrent: torch.Tensor) -> bool:
     """Whether a replay of these states runs the CUDA kernel (kernels/gdn.py) rather than the torch ops."""
     return fused_kernels_apply(recurrent) and current_settings().fused_gdn
@@ -138,8 +145,9 @@ class HybridCache(KVCache):
     On CUDA a "replay" commit of KernelSettings.defer_replay_rows rows or more (in a cache of that many rows or
     more) defers the replay: it records each row's kept count (`pending`, per layer and head), and the next decode
     or verify of each layer applies those updates to the state it loads anyway, stores it, and goes on
-    (kernels/gdn.py). Whatever reads the state as it stands settles it first (`settle`: a prefill, the
-    torch ops); a row that moves takes its pending updates along; `state()` holds them.
+    (kernels/gdn.py). Whatever reads the state as it stands settles it first (`settle`: a prefill, the torch ops,
+    a step of fewer rows, whose kernel does not defer); a row that moves takes its pending updates along; `state()`
+    holds them.
     """
 
     def __init__(self, num_attention_layers: int, num_gdn_layers: int, batch_size: int, num_kv_heads: int,
@@ -219,8 +227,7 @@ class HybridCache(KVCache):
         if self.rollback == "states":
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
-        elif (self.pending is not None and _fused_replay(self.recurrent)
-              and keep.shape[0] >= current_settings().defer_replay_rows):  # the next decode or verify applies them
+        elif defers_commits(self.pending, keep.shape[0]) and _fused_replay(self.recurrent):  # the next pass applies them
             self.pending.copy_(keep[None, :, None].expand_as(self.pending))
             self.deferred_commits[0] = True
         else:
@@ -229,12 +236,14 @@ class HybridCache(KVCache):
         kept = self.windows.gather(2, taps[None, :, :, None].expand(*self.conv.shape[:2], -1, self.conv.shape[2]))
         self.conv.copy_(kept.transpose(2, 3))
 
-    def settle(self, positions: torch.Tensor) -> None:
+    def settle(self, positions: torch.Tensor, always: bool = False) -> None:
         """Give each row's recurrent states the updates that deferred commits left `pending` (none for a row starting
-        a new sequence: positions [b, n] from 0), as the CUDA decode and verify do first themselves; for the paths
-        that read a state as it stands (a prefill, the torch ops): every layer in one replay, as a commit pends
-        every layer and head alike."""
-        if self.pending is None or not self.deferred_commits[0]:
+        a new sequence: positions [b, n] from 0), as a deferring decode or verify kernel does first itself; for the
+        passes that read a state as it stands (a prefill, the torch ops, a step of too few rows to defer): every
+        layer in one replay, as a commit pends every layer and head alike. Skipped while no commit was ever
+        deferred, unless `always` (a step's CUDA graph may be captured before the first deferral and replay after
+        it)."""
+        if self.pending is None or not (always or self.deferred_commits[0]):
             return
         keep = torch.where(positions[:, 0] != 0, self.pending[0, :, 0], 0)
         _replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, self.tape_k.shape[2])

@@ -139,10 +139,12 @@ def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kerne
     assert results[0][1].abs().amax() > 0.01
 
 
-def test_an_engine_that_defers_its_commits_keeps_the_targets_own_tokens(kernels_on_cpu):
+@pytest.mark.parametrize("defer_rows", [1, 2], ids=["every-commit", "two-rows"])
+def test_an_engine_that_defers_its_commits_keeps_the_targets_own_tokens(kernels_on_cpu, defer_rows):
     """Ragged acceptance (an oracle over the target's own continuation of one prompt, three requests in two rows, so
-    rows join mid-run at another point of the schedule) with every commit deferred: the tokens are plain decoding's,
-    as through the torch ops."""
+    rows join mid-run at another point of the schedule) with every commit deferred, or those of two rows (a step of
+    one row after a deferred commit of two then settles first and runs the kernel that does not defer): the tokens
+    are plain decoding's, as through the torch ops."""
     from benchmarks.oracle import OracleProposer
     from blockspec.engine import DraftProposer
 
@@ -155,7 +157,7 @@ def test_an_engine_that_defers_its_commits_keeps_the_targets_own_tokens(kernels_
     reference = torch.tensor(prompt + plain + [0] * 64)
 
     def generate(fused: bool) -> list[tuple[list[int], list[int]]]:
-        with use_settings(fused_gdn=fused, defer_replay_rows=1):
+        with use_settings(fused_gdn=fused, defer_replay_rows=defer_rows):
             oracle = OracleProposer(DraftProposer(draft, target.model), reference, [3, 0, 6, 1, 7, 2, 5], 64, DEVICE)
             decoder = BatchDecoder(target, oracle, max_batch=2, max_len=96, use_graphs=False)
             results = decoder.generate([prompt] * 3, [greedy(n) for n in lengths])

@@ -13,9 +13,10 @@ state in registers (the tile: `gdn_tile`) and runs the tokens through it one by 
 each token's output, what commit needs (the state after each token, or the replay tape) and the final state, except
 in a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
 updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many (`pending`, per row and head;
-in a cache that may defer), which the next decode or verify applies here first, with the same arithmetic, storing
-the committed state before its block: one read of every state a step instead of three. A verify of n tokens and n
-one-token decodes run the same code per token, so they make the same choices.
+in a cache that may defer), which the next decode or verify of as many rows applies here first, with the same
+arithmetic, storing the committed state before its block: one read of every state a step instead of three (a pass
+of fewer rows compiles without that and finds the states settled). A verify of n tokens and n one-token decodes
+run the same code per token, so they make the same choices.
 
 The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
 out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
@@ -41,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.cache import GDNLayerState
+from blockspec.cache import GDNLayerState, defers_commits
 from blockspec.kernels.launch import _pdl_prologue, pdl_options
 from blockspec.kernels.settings import gdn_tile
 
@@ -400,7 +401,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     assert projected.stride(-1) == 1 and layer.conv.stride(-1) == 1 and layer.windows.stride(-1) == 1
     fp32 = {"device": projected.device, "dtype": torch.float32}
     states = layer.steps is not None
-    defers = layer.pending is not None
+    defers = defers_commits(layer.pending, b)  # a cache's pending counts; too few rows: settled before, none left
     # k and the decay go straight to a replay cache's tape, unless a commit may have left the tape's updates pending:
     # `_gdn_steps` applies them first, and its last program of a head copies the block's k and decay there after
     k, decay = ((layer.tape_k, layer.tape_decay) if not (states or defers) else

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockspec.cache import HybridCache
+from blockspec.cache import HybridCache, defers_commits
 from blockspec.kernels import current_settings
 from blockspec.layers import fused_kernels_apply, linear
 
@@ -213,7 +213,9 @@ class GatedDeltaNet(nn.Module):
 
             args = (projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                     self.norm.eps, layer, lengths)
-            if keeps_steps:  # the kernel applies what a deferred commit left pending itself
+            if keeps_steps:  # a deferring kernel applies what a deferred commit left pending itself
+                if not defers_commits(cache.pending, x.shape[0]):
+                    self._settle(cache, positions, always=True)
                 return gdn_steps(*args, deferred)
             self._settle(cache, positions)
             return gdn_prefill(*args, chunked)
@@ -251,11 +253,12 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return out.flatten(2)
 
-    def _settle(self, cache: HybridCache, positions: torch.Tensor) -> None:
+    def _settle(self, cache: HybridCache, positions: torch.Tensor, always: bool = False) -> None:
         """Before the first Gated DeltaNet layer of a forward that reads the states as they stand (a prefill, the
-        torch ops) the cache settles every layer's at once: the forward's other layers take the same path."""
+        torch ops, a step of too few rows to defer) the cache settles every layer's at once: the forward's other
+        layers take the same path."""
         if self.gdn_index == 0:
-            cache.settle(positions)
+            cache.settle(positions, always)
 
     def _fused(self, projected: torch.Tensor) -> bool:
         """Whether a decode or verify runs the Triton kernels: CUDA inference with KernelSettings.fused_gdn on, head
