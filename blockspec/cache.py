@@ -227,8 +227,8 @@ class HybridCache(KVCache):
         if self.rollback == "states":
             rows = torch.arange(keep.shape[0], device=keep.device)
             self.recurrent.copy_(self.steps[:, rows, keep - 1])
-        elif defers_commits(self.pending, keep.shape[0]) and _fused_replay(self.recurrent):  # the next pass applies them
-            self.pending.copy_(keep[None, :, None].expand_as(self.pending))
+        elif defers_commits(self.pending, keep.shape[0]) and _fused_replay(self.recurrent):
+            self.pending.copy_(keep[None, :, None].expand_as(self.pending))  # the next pass's kernel applies them
             self.deferred_commits[0] = True
         else:
             _replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, n)
