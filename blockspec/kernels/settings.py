@@ -54,7 +54,7 @@ class KernelSettings:
         and the next decode or verify applies them to the states it loads anyway (one read of every state a step
         instead of three: the Qwen3.5 c = 32 block-8 step 10.76 -> 10.18 ms); fewer rows replay at commit, where
         the kept updates would lengthen every layer's serial path by more than one replay launch of all layers
-        costs (the one-row verify 3.88 -> 3.97 ms). The kernels apply pending counts either way.
+        costs (the one-row verify 3.88 -> 3.97 ms); such a pass settles first what a larger one left pending.
     fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
         is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that
