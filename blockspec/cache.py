@@ -236,14 +236,14 @@ class HybridCache(KVCache):
         kept = self.windows.gather(2, taps[None, :, :, None].expand(*self.conv.shape[:2], -1, self.conv.shape[2]))
         self.conv.copy_(kept.transpose(2, 3))
 
-    def settle(self, positions: torch.Tensor, always: bool = False) -> None:
+    def settle(self, positions: torch.Tensor) -> None:
         """Give each row's recurrent states the updates that deferred commits left `pending` (none for a row starting
         a new sequence: positions [b, n] from 0), as a deferring decode or verify kernel does first itself; for the
         passes that read a state as it stands (a prefill, the torch ops, a step of too few rows to defer): every
         layer in one replay, as a commit pends every layer and head alike. Skipped while no commit was ever
-        deferred, unless `always` (a step's CUDA graph may be captured before the first deferral and replay after
-        it)."""
-        if self.pending is None or not (always or self.deferred_commits[0]):
+        deferred, except in a CUDA graph's capture (it may replay after the first deferral)."""
+        capturing = self.recurrent.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.pending is None or not (capturing or self.deferred_commits[0]):
             return
         keep = torch.where(positions[:, 0] != 0, self.pending[0, :, 0], 0)
         _replay(self.recurrent, self.tape_k, self.tape_decay, self.tape_u, keep, self.tape_k.shape[2])

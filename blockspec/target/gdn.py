@@ -215,7 +215,7 @@ class GatedDeltaNet(nn.Module):
                     self.norm.eps, layer, lengths)
             if keeps_steps:  # a deferring kernel applies what a deferred commit left pending itself
                 if not defers_commits(cache.pending, x.shape[0]):
-                    self._settle(cache, positions, always=True)
+                    self._settle(cache, positions)
                 return gdn_steps(*args, deferred)
             self._settle(cache, positions)
             return gdn_prefill(*args, chunked)
@@ -253,12 +253,12 @@ class GatedDeltaNet(nn.Module):
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.unflatten(-1, (c.num_value_heads, c.value_head_dim)))
         return out.flatten(2)
 
-    def _settle(self, cache: HybridCache, positions: torch.Tensor, always: bool = False) -> None:
+    def _settle(self, cache: HybridCache, positions: torch.Tensor) -> None:
         """Before the first Gated DeltaNet layer of a forward that reads the states as they stand (a prefill, the
         torch ops, a step of too few rows to defer) the cache settles every layer's at once: the forward's other
         layers take the same path."""
         if self.gdn_index == 0:
-            cache.settle(positions, always)
+            cache.settle(positions)
 
     def _fused(self, projected: torch.Tensor) -> bool:
         """Whether a decode or verify runs the Triton kernels: CUDA inference with KernelSettings.fused_gdn on, head
