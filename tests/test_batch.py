@@ -180,6 +180,31 @@ def test_idle_padding_rows_do_not_disturb(zoo):
     assert decoder.start.tolist() == [0] * 8  # every row idle and parked again
 
 
+@pytest.mark.parametrize("arch", ["dflash", None])
+def test_a_prompt_joining_alone_prefilled_in_the_last_row_moves_to_its_own(zoo, arch):
+    """On CUDA a prompt that joins alone is prefilled padded to a multiple of JOIN_BUCKET in the last row (a graph
+    per padded length) and its row then moves to the next free one. Forced on the CPU, with requests joining one
+    at a time while others decode: every request gets its tokens alone, sampled ones too."""
+    tiny = zoo.target("qwen3")
+    draft = zoo.draft("qwen3", arch, block_size=8) if arch else None
+    prompts = prompts_of([5, 23, 9, 130, 14], tiny.config.vocab_size, seed=9)
+    params = [SamplingParams(max_new_tokens=m, ignore_eos=True, temperature=1.0 if i == 2 else 0.0, seed=i)
+              for i, m in enumerate([30, 7, 41, 12, 25])]
+    decoder = BatchDecoder(tiny.target, draft, max_batch=3, max_len=300)
+    decoder.graph_joins = True
+    joins = []
+    prefill_lone = decoder._prefill_lone
+    decoder._prefill_lone = lambda first, *a: joins.append((first, a[2])) or prefill_lone(first, *a)
+    ids, results = [], {}
+    for prompt, p in zip(prompts, params):  # each joins alone, at the next step with a free row
+        ids.append(decoder.add(prompt, p))
+        results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
+    while decoder.has_work:
+        results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
+    assert [results[i].token_ids for i in ids] == [w.token_ids for w in alone(tiny.target, draft, prompts, params)]
+    assert sorted(bucket for _, bucket in joins) == [128] * 4 + [256] and any(first < 2 for first, _ in joins)
+
+
 def test_seeded_sampling_in_a_batch_equals_alone(zoo):
     tiny = zoo.target("qwen3")
     draft = zoo.draft("qwen3", "dflash", block_size=8)

@@ -420,3 +420,38 @@ def test_a_head_dim_with_its_own_attention_entry_launches_with_it():
         assert attention_config(16, torch.device(DEVICE), 128)["splits"] == 16
         assert attention_config(1, torch.device(DEVICE), 256)["splits"] == 8  # no narrow_d256: the narrow entry
     assert tables_for("NVIDIA H100 80GB HBM3").attention["wide_d256"]["splits"] == 32
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_prompts_joining_alone_replay_a_captured_prefill(rollback, monkeypatch):
+    """Requests added one a step join alone, into rows 0, 1, 2 ... while others decode (four rows: steps of three
+    defer their commits): each is prefilled padded in the last row, from a graph per padded length captured at its
+    first prompt, then moves to its row. In fp32 every request's tokens and acceptance are the eager engine's."""
+    target = qwen35_shaped(torch.float32)
+    draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8,
+                        target_layer_ids=[1, 2, 4]).to(DEVICE)
+    prompts = prompts_of([7, 13, 30, 100, 9, 140], 64, seed=17)
+    params = [greedy(n) for n in (30, 12, 25, 18, 20, 15)]
+    joins = []
+    prefill_lone = BatchDecoder._prefill_lone
+    monkeypatch.setattr(BatchDecoder, "_prefill_lone",
+                        lambda self, first, *a: joins.append((first, a[2])) or prefill_lone(self, first, *a))
+
+    def generate(use_graphs: bool):
+        decoder = BatchDecoder(target, draft, max_batch=4, max_len=256, rollback=rollback, use_graphs=use_graphs)
+        ids, results = [], {}
+        for prompt, p in zip(prompts, params):  # each joins alone, at the next step with a free row
+            ids.append(decoder.add(prompt, p))
+            results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
+        while decoder.has_work:
+            results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
+        return [(results[i].token_ids, results[i].stats.acceptance_lengths) for i in ids], decoder
+
+    eager, _ = generate(False)
+    assert not joins  # an eager engine prefills a lone prompt as it is
+    graphed, decoder = generate(True)
+    assert graphed == eager
+    assert sorted(bucket for _, bucket in joins) == [128] * 5 + [256]
+    assert all(join.graph is not None for join in decoder._join_graphs.values())  # the other four replayed
+    assert any(first < 3 for first, _ in joins)  # prefilled in row 3, then moved

@@ -67,6 +67,9 @@ from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 MAX_PREFILL_TOKENS = 16384  # padded tokens (rows x longest prompt) of one joint prefill
+# A prompt prefilled alone, up to this many tokens, replays a CUDA graph captured for its length rounded up to a
+# multiple of JOIN_BUCKET (longer prompts keep the device busier than the host)
+JOIN_GRAPH_TOKENS, JOIN_BUCKET = 1024, 128
 
 
 def _padded_ids(rows: list[list[int]], width: int) -> torch.Tensor:
@@ -106,6 +109,16 @@ class _Joining:
     host: torch.Tensor
     done: torch.cuda.Event | None
     logits: torch.Tensor
+
+
+@dataclass(eq=False)
+class _JoinGraph:
+    """A lone prompt's prefill at one padded length: its inputs (ids [1, bucket], length [1]) and, once captured
+    (CUDA), the graph and the logits it writes."""
+    ids: torch.Tensor
+    real: torch.Tensor
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
 
 
 @dataclass(eq=False)
@@ -156,6 +169,7 @@ class BatchDecoder:
         self.tap_ids = draft.tap_layer_ids if draft is not None else ()
         self.use_graphs = use_graphs and target.device.type == "cuda"
         self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
+        self.graph_joins = self.use_graphs  # lone prompts prefilled padded, in the last row (tests force it)
         self.pipeline = self.use_graphs  # launch each greedy step before reading the last one (tests force it)
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
         if max_batch == 1 and target.device.type == "cuda":
@@ -203,6 +217,7 @@ class BatchDecoder:
         self._graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[tuple[int, int, str], torch.Tensor] = {}
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
+        self._join_graphs: dict[tuple[int, bool], _JoinGraph] = {}  # per (bucket, drafted)
         self._next_id = 0
 
     # ---- public API -------------------------------------------------------------------------------------
@@ -327,20 +342,16 @@ class BatchDecoder:
         before any query reads them), and choose each one's first token from its own last position. The
         proposer takes the group's taps in one call and the device state is written once, without waiting for
         the device: the tokens come to the host behind the work (`_finish_join` reads them)."""
-        first = len(self.rows)
-        target, device = self.target.model, self.target.device
+        first, device = len(self.rows), self.target.device
         lengths = [len(seq.prompt_ids) for seq in group]
         longest = max(lengths)
         drafted = any(seq.block_size > 1 for seq in group)  # plain-decoding requests never need the proposer
-        ids = self._upload(_padded_ids([seq.prompt_ids for seq in group], longest))
-        positions = torch.arange(longest, device=device).repeat(len(group), 1)
-        real = self._upload(lengths)
-        hidden, features = target(ids, positions, self.target_cache.rows(first, first + len(group)),
-                                  self.tap_ids if drafted else (), kv_len=longest,
-                                  lengths=real if min(lengths) < longest else None)
-        if drafted:  # the prompts become the proposer's context now; nothing is pending for these rows
-            self.proposer.join(first, features, positions, real)
-        logits = target.logits(hidden[torch.arange(len(group), device=device), real - 1])
+        real, bucket = self._upload(lengths), self._lone_join_bucket(lengths)
+        if bucket is not None:
+            logits = self._prefill_lone(first, group[0].prompt_ids, real, bucket, drafted)
+        else:
+            logits = self._prefill(first, self._upload(_padded_ids([seq.prompt_ids for seq in group], longest)),
+                                   real, drafted, ragged=min(lengths) < longest)
         if all(seq.params.greedy for seq in group):
             tokens, failed = logits.argmax(-1), torch.zeros(len(group), dtype=torch.long, device=device)
         else:
@@ -360,6 +371,54 @@ class BatchDecoder:
         outcome = torch.stack([tokens, failed], dim=1)
         host = self._pinned(outcome.shape, torch.long).copy_(outcome, non_blocking=True) if outcome.is_cuda else outcome
         return _Joining(group, host, _queued_so_far(outcome), logits)
+
+    def _prefill(self, first: int, ids: torch.Tensor, real: torch.Tensor, drafted: bool, ragged: bool
+                 ) -> torch.Tensor:
+        """One target forward over the prompts `ids` [g, width] (right-padded past `real` [g] tokens where `ragged`)
+        into rows [first, first + g); with `drafted` they become the proposer's context (nothing is pending for
+        these rows). Returns the logits at each prompt's last token [g, V]."""
+        g, width = ids.shape
+        positions = torch.arange(width, device=ids.device).repeat(g, 1)
+        hidden, features = self.target.model(ids, positions, self.target_cache.rows(first, first + g),
+                                             self.tap_ids if drafted else (), kv_len=width,
+                                             lengths=real if ragged else None)
+        if drafted:
+            self.proposer.join(first, features, positions, real)
+        return self.target.model.logits(hidden[torch.arange(g, device=ids.device), real - 1])
+
+    def _lone_join_bucket(self, lengths: list[int]) -> int | None:
+        """The padded length at which a group of one prompt replays a captured prefill (None: an eager one)."""
+        bucket = -(-lengths[0] // JOIN_BUCKET) * JOIN_BUCKET
+        if self.graph_joins and len(lengths) == 1 and bucket <= min(JOIN_GRAPH_TOKENS, self.max_len):
+            return bucket
+        return None
+
+    def _prefill_lone(self, first: int, prompt_ids: list[int], real: torch.Tensor, bucket: int, drafted: bool
+                      ) -> torch.Tensor:
+        """`_prefill` of one prompt padded to `bucket` tokens into the last row (free: rows from `first` on are),
+        on CUDA a graph per (bucket, drafted) captured after its first, eager, run; the row then moves to `first`.
+        An eager lone prefill waits on the host (hundreds of launches), several times its kernels' time. Returns
+        the logits, a copy of the graph's (which the next prompt of this bucket rewrites, maybe in this
+        admission)."""
+        scratch = self.max_batch - 1
+        join = self._join_graphs.get((bucket, drafted))
+        if join is None:
+            join = self._join_graphs[(bucket, drafted)] = _JoinGraph(
+                torch.zeros(1, bucket, dtype=torch.long, device=real.device), torch.zeros_like(real))
+        join.ids.copy_(self._upload(_padded_ids([prompt_ids], bucket)))
+        join.real.copy_(real)
+        if join.graph is not None:
+            join.graph.replay()
+            logits = join.logits.clone()
+        else:
+            logits = self._prefill(scratch, join.ids, join.real, drafted, ragged=True)
+            if self.use_graphs:
+                self._capture_join(join, drafted)
+        if scratch != first:
+            self.target_cache.copy_row(scratch, first, len(prompt_ids))
+            if drafted:
+                self.proposer.move_row(scratch, first, len(prompt_ids))
+        return logits
 
     def _finish_join(self, joining: _Joining, chunks: dict[int, StreamChunk]) -> None:
         """Commit the first token of each row of a join, or its failure (its row leaves at the next retire)."""
@@ -642,6 +701,15 @@ class BatchDecoder:
         self.start[:nb] += accepted + 1
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
+    def _capture_join(self, join: _JoinGraph, drafted: bool) -> None:
+        """Capture `_prefill_lone`'s forward over `join`'s inputs into the last row (an eager run at this shape has
+        compiled and tuned its kernels)."""
+        join.graph = torch.cuda.CUDAGraph()
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(join.graph, pool=self._graph_pool):  # records kernels without running them
+            join.logits = self._prefill(self.max_batch - 1, join.ids, join.real, drafted, ragged=True)
+
     def _capture(self, nb: int, block: int, mode: str) -> torch.cuda.CUDAGraph:
         """Capture the step (`run_step`) for `nb` rows, this block size and mode. Warm-up runs advance the state,
         so it is restored; their cache writes land on slots at or after each row's block start (rewritten
