@@ -25,7 +25,9 @@ argmax. Mode "sample" (or "sample_truncated", when a row has a top-k or top-p): 
 row samples under its own settings, which live on the device beside its position; its randomness is drawn
 before the step from its own generator (the same numbers whatever else is in the batch) into a buffer the graph
 reads. The padding rows are idle, parked at position 0 of free rows that a joining prompt's prefill overwrites
-before anyone reads them. A step with a row that returns log-probabilities is not pipelined: its logits are read
+before anyone reads them. A prompt that joins alone (up to JOIN_GRAPH_TOKENS) replays a graph too, one per
+length rounded up to JOIN_BUCKET: it is prefilled padded in the last row (free whenever a row is), which then
+moves to the next free row. A step with a row that returns log-probabilities is not pipelined: its logits are read
 once it ends (mode "logits" when every row is greedy).
 
 With CUDA graphs the steps are pipelined one deep: `step` launches the next step's graph before it reads
@@ -279,8 +281,8 @@ class BatchDecoder:
     def capture_graphs(self, block_sizes: tuple[int, ...] | None = None,
                        modes: tuple[str, ...] = ("greedy", "sample")) -> int:
         """Capture the steps of `graph_shapes(block_sizes)` in `modes` now, so that no request pays for a capture
-        later (CUDA only; "sample_truncated" is left to the first request with a top-k or top-p). Returns the
-        number of graphs held."""
+        later (CUDA only; "sample_truncated" is left to the first request with a top-k or top-p, a lone prompt's
+        prefill to the first prompt of its padded length). Returns the number of step graphs held."""
         if self.use_graphs:
             with torch.inference_mode():
                 for size, block in sorted(self.graph_shapes(block_sizes)):
