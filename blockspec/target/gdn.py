@@ -208,18 +208,15 @@ class GatedDeltaNet(nn.Module):
         layer = cache.gdn_layer(self.gdn_index)
         projected = linear(x, self.in_proj.weight)
         chunked = chunked_kernel(projected)
-        if self._fused(projected) and (keeps_steps or chunked is not None):
+        fused = self._fused(projected) and (keeps_steps or chunked is not None)
+        if not (fused and keeps_steps and defers_commits(cache.pending, x.shape[0])):
+            self._settle(cache, positions)  # (a deferring kernel applies what a deferred commit left pending itself)
+        if fused:
             from blockspec.kernels.gdn import gdn_prefill, gdn_steps
 
             args = (projected, positions, self.conv1d.weight, self.A_log, self.dt_bias, self.norm.weight,
                     self.norm.eps, layer, lengths)
-            if keeps_steps:  # a deferring kernel applies what a deferred commit left pending itself
-                if not defers_commits(cache.pending, x.shape[0]):
-                    self._settle(cache, positions)
-                return gdn_steps(*args, deferred)
-            self._settle(cache, positions)
-            return gdn_prefill(*args, chunked)
-        self._settle(cache, positions)
+            return gdn_steps(*args, deferred) if keeps_steps else gdn_prefill(*args, chunked)
         fresh = (positions[:, 0] == 0)[:, None, None]
         qkv, z, beta, a = projected.split(self.splits, dim=-1)
         window = torch.cat([torch.where(fresh, 0, layer.conv), qkv.transpose(1, 2)], dim=-1)  # [b, C, K-1+n]
