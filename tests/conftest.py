@@ -210,6 +210,22 @@ def smollm2_draft(smollm2) -> DraftModel:
     return init_draft_(DraftModel(cfg, mask_embedding=True), seed=11, std=0.05)
 
 
+def generate_one_at_a_time(decoder, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+    """Each request added to a BatchDecoder just before a step, so that it joins alone (at the first step with a
+    free row) while the earlier ones decode; then the rest run out. Results in order."""
+    ids, results = [], {}
+
+    def step() -> None:
+        results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
+
+    for prompt, p in zip(prompts, params):
+        ids.append(decoder.add(prompt, p))
+        step()
+    while decoder.has_work:
+        step()
+    return [results[i] for i in ids]
+
+
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
     """Run `blockspec ARGV` in-process: (exit code, stdout, stderr). argparse errors exit via SystemExit."""
     from blockspec.cli import main

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from blockspec.engine import BatchDecoder, SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
-from conftest import save_tiny_chat_target
+from conftest import generate_one_at_a_time, save_tiny_chat_target
 
 
 def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -195,13 +195,8 @@ def test_a_prompt_joining_alone_prefilled_in_the_last_row_moves_to_its_own(zoo, 
     joins = []
     prefill_lone = decoder._prefill_lone
     decoder._prefill_lone = lambda first, *a: joins.append((first, a[2])) or prefill_lone(first, *a)
-    ids, results = [], {}
-    for prompt, p in zip(prompts, params):  # each joins alone, at the next step with a free row
-        ids.append(decoder.add(prompt, p))
-        results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
-    while decoder.has_work:
-        results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
-    assert [results[i].token_ids for i in ids] == [w.token_ids for w in alone(tiny.target, draft, prompts, params)]
+    got = generate_one_at_a_time(decoder, prompts, params)
+    assert [g.token_ids for g in got] == [w.token_ids for w in alone(tiny.target, draft, prompts, params)]
     assert sorted(bucket for _, bucket in joins) == [128] * 4 + [256] and any(first < 2 for first, _ in joins)
 
 

@@ -27,7 +27,7 @@ from blockspec.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 from blockspec.layers import qkv_rope_store as qkv_rope_store_ops  # noqa: E402
 from blockspec.target import target_from_hf  # noqa: E402
 from blockspec.target.gdn import delta_rule_chunked  # noqa: E402
-from conftest import build_draft  # noqa: E402
+from conftest import build_draft, generate_one_at_a_time  # noqa: E402
 from test_hybrid import LAYER_TYPES, TEXT_SHAPE, greedy, prompts_of, randomise_, tiny_qwen35  # noqa: E402
 from test_kernels import reference_attention  # noqa: E402
 
@@ -440,13 +440,8 @@ def test_prompts_joining_alone_replay_a_captured_prefill(rollback, monkeypatch):
 
     def generate(use_graphs: bool):
         decoder = BatchDecoder(target, draft, max_batch=4, max_len=256, rollback=rollback, use_graphs=use_graphs)
-        ids, results = [], {}
-        for prompt, p in zip(prompts, params):  # each joins alone, at the next step with a free row
-            ids.append(decoder.add(prompt, p))
-            results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
-        while decoder.has_work:
-            results.update((i, c.result) for i, c in decoder.step() if c.result is not None)
-        return [(results[i].token_ids, results[i].stats.acceptance_lengths) for i in ids], decoder
+        results = generate_one_at_a_time(decoder, prompts, params)
+        return [(r.token_ids, r.stats.acceptance_lengths) for r in results], decoder
 
     eager, _ = generate(False)
     assert not joins  # an eager engine prefills a lone prompt as it is
