@@ -706,11 +706,12 @@ class BatchDecoder:
     def _capture_join(self, join: _JoinGraph, drafted: bool) -> None:
         """Capture `_prefill_lone`'s forward over `join`'s inputs into the last row (an eager run at this shape has
         compiled and tuned its kernels)."""
-        join.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         if self._graph_pool is None:
             self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(join.graph, pool=self._graph_pool):  # records kernels without running them
-            join.logits = self._prefill(self.max_batch - 1, join.ids, join.real, drafted, ragged=True)
+        with torch.cuda.graph(graph, pool=self._graph_pool):  # records kernels without running them
+            logits = self._prefill(self.max_batch - 1, join.ids, join.real, drafted, ragged=True)
+        join.graph, join.logits = graph, logits  # only once captured: a failed capture leaves the eager path
 
     def _capture(self, nb: int, block: int, mode: str) -> torch.cuda.CUDAGraph:
         """Capture the step (`run_step`) for `nb` rows, this block size and mode. Warm-up runs advance the state,
