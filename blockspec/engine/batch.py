@@ -703,13 +703,17 @@ class BatchDecoder:
         self.start[:nb] += accepted + 1
 
     # ---- CUDA graphs ----------------------------------------------------------------------------------
+    def _capturing(self, graph: torch.cuda.CUDAGraph) -> torch.cuda.graph:
+        """The capture of `graph` into the pool every graph shares (recording kernels without running them)."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return torch.cuda.graph(graph, pool=self._graph_pool)
+
     def _capture_join(self, join: _JoinGraph, drafted: bool) -> None:
         """Capture `_prefill_lone`'s forward over `join`'s inputs into the last row (an eager run at this shape has
         compiled and tuned its kernels)."""
         graph = torch.cuda.CUDAGraph()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):  # records kernels without running them
+        with self._capturing(graph):
             logits = self._prefill(self.max_batch - 1, join.ids, join.real, drafted, ragged=True)
         join.graph, join.logits = graph, logits  # only once captured: a failed capture leaves the eager path
 
@@ -730,9 +734,7 @@ class BatchDecoder:
         for live, copy in zip(state, saved):
             live.copy_(copy)
         graph = torch.cuda.CUDAGraph()
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._graph_pool):  # capturing records kernels without running them
+        with self._capturing(graph):
             logits = self.run_step(nb, block, self.max_len, mode)
         self._graphs[(nb, block, mode)] = graph
         if logits is not None:  # the graph's own output: each replay rewrites it
