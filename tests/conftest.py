@@ -210,19 +210,17 @@ def smollm2_draft(smollm2) -> DraftModel:
     return init_draft_(DraftModel(cfg, mask_embedding=True), seed=11, std=0.05)
 
 
-def generate_one_at_a_time(decoder, prompts: list[list[int]], params: list[SamplingParams]) -> list:
-    """Each request added to a BatchDecoder just before a step, so that it joins alone (at the first step with a
-    free row) while the earlier ones decode; then the rest run out. Results in order."""
+def generate_in_groups(decoder, prompts: list[list[int]], params: list[SamplingParams], groups: list[int]) -> list:
+    """groups[k] requests added to a BatchDecoder just before its k-th step, so that they join together (at the
+    first step with free rows) while the earlier ones decode; then the rest run out. Results in order."""
+    assert sum(groups) == len(prompts)
     ids, results = [], {}
-
-    def step() -> None:
+    for size in groups:
+        ids += [decoder.add(prompt, p) for prompt, p in zip(prompts[len(ids):len(ids) + size],
+                                                            params[len(ids):len(ids) + size])]
         results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
-
-    for prompt, p in zip(prompts, params):
-        ids.append(decoder.add(prompt, p))
-        step()
     while decoder.has_work:
-        step()
+        results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
     return [results[i] for i in ids]
 
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from blockspec.engine import BatchDecoder, SamplingParams, SpeculativeDecoder
 from blockspec.errors import BlockspecError
-from conftest import generate_one_at_a_time, save_tiny_chat_target
+from conftest import generate_in_groups, save_tiny_chat_target
 
 
 def prompts_of(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
@@ -181,23 +181,27 @@ def test_idle_padding_rows_do_not_disturb(zoo):
 
 
 @pytest.mark.parametrize("arch", ["dflash", None])
-def test_a_prompt_joining_alone_prefilled_in_the_last_row_moves_to_its_own(zoo, arch):
-    """On CUDA a prompt that joins alone is prefilled padded to a multiple of JOIN_BUCKET in the last row (a graph
-    per padded length) and its row then moves to the next free one. Forced on the CPU, with requests joining one
-    at a time while others decode: every request gets its tokens alone, sampled ones too."""
+def test_prompts_joining_in_small_groups_prefilled_in_the_last_rows_move_to_their_own(zoo, arch):
+    """On CUDA a group of up to JOIN_GRAPH_PROMPTS prompts joining together is prefilled padded to a multiple of
+    JOIN_BUCKET in the last rows (a graph per group size and padded length), and its rows then move to the next
+    free ones. Forced on the CPU, with groups of one to three joining while others decode (a group of two into
+    rows 1 and 2 from rows 2 and 3: a destination that is the other row's source): every request gets its tokens
+    alone, sampled ones too."""
     tiny = zoo.target("qwen3")
     draft = zoo.draft("qwen3", arch, block_size=8) if arch else None
-    prompts = prompts_of([5, 23, 9, 130, 14], tiny.config.vocab_size, seed=9)
+    prompts = prompts_of([5, 23, 9, 130, 14, 40, 7], tiny.config.vocab_size, seed=9)
     params = [SamplingParams(max_new_tokens=m, ignore_eos=True, temperature=1.0 if i == 2 else 0.0, seed=i)
-              for i, m in enumerate([30, 7, 41, 12, 25])]
-    decoder = BatchDecoder(tiny.target, draft, max_batch=3, max_len=300)
+              for i, m in enumerate([30, 7, 41, 12, 25, 9, 16])]
+    decoder = BatchDecoder(tiny.target, draft, max_batch=4, max_len=300)
     decoder.graph_joins = True
     joins = []
-    prefill_lone = decoder._prefill_lone
-    decoder._prefill_lone = lambda first, *a: joins.append((first, a[2])) or prefill_lone(first, *a)
-    got = generate_one_at_a_time(decoder, prompts, params)
+    prefill = decoder._prefill_in_last_rows
+    decoder._prefill_in_last_rows = lambda first, ids, *a: joins.append((first, len(ids), a[1])) or prefill(
+        first, ids, *a)
+    got = generate_in_groups(decoder, prompts, params, groups=[1, 2, 1, 3])
     assert [g.token_ids for g in got] == [w.token_ids for w in alone(tiny.target, draft, prompts, params)]
-    assert sorted(bucket for _, bucket in joins) == [128] * 4 + [256] and any(first < 2 for first, _ in joins)
+    assert joins[:3] == [(0, 1, 128), (1, 2, 128), (3, 1, 256)]
+    assert sum(g for _, g, _ in joins) == 7 and {b for _, _, b in joins} == {128, 256}
 
 
 def test_seeded_sampling_in_a_batch_equals_alone(zoo):

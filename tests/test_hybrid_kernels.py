@@ -27,7 +27,7 @@ from blockspec.layers import RMSNorm, RotaryEmbedding  # noqa: E402
 from blockspec.layers import qkv_rope_store as qkv_rope_store_ops  # noqa: E402
 from blockspec.target import target_from_hf  # noqa: E402
 from blockspec.target.gdn import delta_rule_chunked  # noqa: E402
-from conftest import build_draft, generate_one_at_a_time  # noqa: E402
+from conftest import build_draft, generate_in_groups  # noqa: E402
 from test_hybrid import LAYER_TYPES, TEXT_SHAPE, greedy, prompts_of, randomise_, tiny_qwen35  # noqa: E402
 from test_kernels import reference_attention  # noqa: E402
 
@@ -424,29 +424,31 @@ def test_a_head_dim_with_its_own_attention_entry_launches_with_it():
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
 @pytest.mark.parametrize("rollback", ["states", "replay"])
-def test_prompts_joining_alone_replay_a_captured_prefill(rollback, monkeypatch):
-    """Requests added one a step join alone, into rows 0, 1, 2 ... while others decode (four rows: steps of three
-    defer their commits): each is prefilled padded in the last row, from a graph per padded length captured at its
-    first prompt, then moves to its row. In fp32 every request's tokens and acceptance are the eager engine's."""
+def test_prompts_joining_in_small_groups_replay_a_captured_prefill(rollback, monkeypatch):
+    """Groups of one or two requests join while others decode (four rows: steps of three defer their commits): each
+    group is prefilled padded in the last rows, from a graph per group size and padded length captured at its first
+    group, then moves to its rows (a group of two from rows 2-3 into 1-2). The same requests run twice, the second
+    time replaying every graph. In fp32 every request's tokens and acceptance are the eager engine's."""
     target = qwen35_shaped(torch.float32)
     draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8,
                         target_layer_ids=[1, 2, 4]).to(DEVICE)
-    prompts = prompts_of([7, 13, 30, 100, 9, 140], 64, seed=17)
-    params = [greedy(n) for n in (30, 12, 25, 18, 20, 15)]
+    prompts = prompts_of([7, 13, 30, 100, 9, 140, 20, 11], 64, seed=17)
+    params = [greedy(n) for n in (30, 12, 25, 18, 20, 15, 22, 14)]
     joins = []
-    prefill_lone = BatchDecoder._prefill_lone
-    monkeypatch.setattr(BatchDecoder, "_prefill_lone",
-                        lambda self, first, *a: joins.append((first, a[2])) or prefill_lone(self, first, *a))
+    prefill = BatchDecoder._prefill_in_last_rows
+    monkeypatch.setattr(BatchDecoder, "_prefill_in_last_rows",
+                        lambda self, first, ids, *a: joins.append((first, len(ids), a[1])) or prefill(
+                            self, first, ids, *a))
 
     def generate(use_graphs: bool):
         decoder = BatchDecoder(target, draft, max_batch=4, max_len=256, rollback=rollback, use_graphs=use_graphs)
-        results = generate_one_at_a_time(decoder, prompts, params)
+        results = [r for _ in range(2) for r in generate_in_groups(decoder, prompts, params, groups=[1, 2, 1, 2, 2])]
         return [(r.token_ids, r.stats.acceptance_lengths) for r in results], decoder
 
     eager, _ = generate(False)
-    assert not joins  # an eager engine prefills a lone prompt as it is
+    assert not joins  # an eager engine prefills a group as it is
     graphed, decoder = generate(True)
     assert graphed == eager
-    assert sorted(bucket for _, bucket in joins) == [128] * 5 + [256]
-    assert all(join.graph is not None for join in decoder._join_graphs.values())  # the other four replayed
-    assert any(first < 3 for first, _ in joins)  # prefilled in row 3, then moved
+    assert joins[:3] == [(0, 1, 128), (1, 2, 128), (3, 1, 128)] and sum(g for _, g, _ in joins) == 16
+    assert joins[:len(joins) // 2] == joins[len(joins) // 2:]  # the second pass replayed the first's graphs
+    assert all(join.graph is not None for join in decoder._join_graphs.values())

@@ -25,9 +25,9 @@ argmax. Mode "sample" (or "sample_truncated", when a row has a top-k or top-p): 
 row samples under its own settings, which live on the device beside its position; its randomness is drawn
 before the step from its own generator (the same numbers whatever else is in the batch) into a buffer the graph
 reads. The padding rows are idle, parked at position 0 of free rows that a joining prompt's prefill overwrites
-before anyone reads them. A prompt that joins alone (up to JOIN_GRAPH_TOKENS) replays a graph too, one per
-length rounded up to JOIN_BUCKET: it is prefilled padded in the last row (free whenever a row is), which then
-moves to the next free row. A step with a row that returns log-probabilities is not pipelined: its logits are read
+before anyone reads them. A group of up to JOIN_GRAPH_PROMPTS prompts joining together (up to JOIN_GRAPH_TOKENS
+padded) replays a graph too, one per group size and longest length rounded up to JOIN_BUCKET: it is prefilled
+padded in the last rows (free whenever as many rows are), which then move to the next free rows. A step with a row that returns log-probabilities is not pipelined: its logits are read
 once it ends (mode "logits" when every row is greedy).
 
 With CUDA graphs the steps are pipelined one deep: `step` launches the next step's graph before it reads
@@ -69,9 +69,10 @@ from blockspec.target import Target
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 MAX_PREFILL_TOKENS = 16384  # padded tokens (rows x longest prompt) of one joint prefill
-# A prompt prefilled alone, up to this many tokens, replays a CUDA graph captured for its length rounded up to a
-# multiple of JOIN_BUCKET (longer prompts keep the device busier than the host)
-JOIN_GRAPH_TOKENS, JOIN_BUCKET = 1024, 128
+# A group of up to JOIN_GRAPH_PROMPTS prompts prefilled together, up to JOIN_GRAPH_TOKENS padded, replays a CUDA graph
+# captured for its size and longest length rounded up to a multiple of JOIN_BUCKET (an eager prefill of a few
+# prompts waits on the host; larger groups keep the device busier than the host)
+JOIN_GRAPH_PROMPTS, JOIN_GRAPH_TOKENS, JOIN_BUCKET = 4, 2048, 128
 
 
 def _padded_ids(rows: list[list[int]], width: int) -> torch.Tensor:
@@ -115,8 +116,8 @@ class _Joining:
 
 @dataclass(eq=False)
 class _JoinGraph:
-    """A lone prompt's prefill at one padded length: its inputs (ids [1, bucket], length [1]) and, once captured
-    (CUDA), the graph and the logits it writes."""
+    """The prefill of a group of g prompts at one padded length: its inputs (ids [g, bucket], lengths [g]) and, once
+    captured (CUDA), the graph and the logits it writes."""
     ids: torch.Tensor
     real: torch.Tensor
     graph: torch.cuda.CUDAGraph | None = None
@@ -171,7 +172,7 @@ class BatchDecoder:
         self.tap_ids = draft.tap_layer_ids if draft is not None else ()
         self.use_graphs = use_graphs and target.device.type == "cuda"
         self.pad_rows = self.use_graphs  # run steps on the batch rounded up to a graph size (tests force it)
-        self.graph_joins = self.use_graphs  # lone prompts prefilled padded, in the last row (tests force it)
+        self.graph_joins = self.use_graphs  # small groups prefilled padded, in the last rows (tests force it)
         self.pipeline = self.use_graphs  # launch each greedy step before reading the last one (tests force it)
         self.graph_batch_sizes = sorted({s for s in graph_batch_sizes if s < max_batch} | {max_batch})
         if max_batch == 1 and target.device.type == "cuda":
@@ -219,7 +220,7 @@ class BatchDecoder:
         self._graphs: dict[tuple[int, int, str], torch.cuda.CUDAGraph] = {}
         self._graph_logits: dict[tuple[int, int, str], torch.Tensor] = {}
         self._graph_pool = None  # one memory pool for every graph: they never run at the same time
-        self._join_graphs: dict[tuple[int, bool], _JoinGraph] = {}  # per (bucket, drafted)
+        self._join_graphs: dict[tuple[int, int, bool], _JoinGraph] = {}  # per (bucket, prompts, drafted)
         self._next_id = 0
 
     # ---- public API -------------------------------------------------------------------------------------
@@ -348,9 +349,9 @@ class BatchDecoder:
         lengths = [len(seq.prompt_ids) for seq in group]
         longest = max(lengths)
         drafted = any(seq.block_size > 1 for seq in group)  # plain-decoding requests never need the proposer
-        real, bucket = self._upload(lengths), self._lone_join_bucket(lengths)
+        real, bucket = self._upload(lengths), self._join_bucket(lengths)
         if bucket is not None:
-            logits = self._prefill_lone(first, group[0].prompt_ids, real, bucket, drafted)
+            logits = self._prefill_in_last_rows(first, [seq.prompt_ids for seq in group], real, bucket, drafted)
         else:
             logits = self._prefill(first, self._upload(_padded_ids([seq.prompt_ids for seq in group], longest)),
                                    real, drafted, ragged=min(lengths) < longest)
@@ -388,26 +389,28 @@ class BatchDecoder:
             self.proposer.join(first, features, positions, real)
         return self.target.model.logits(hidden[torch.arange(g, device=ids.device), real - 1])
 
-    def _lone_join_bucket(self, lengths: list[int]) -> int | None:
-        """The padded length at which a group of one prompt replays a captured prefill (None: an eager one)."""
-        bucket = -(-lengths[0] // JOIN_BUCKET) * JOIN_BUCKET
-        if self.graph_joins and len(lengths) == 1 and bucket <= min(JOIN_GRAPH_TOKENS, self.max_len):
+    def _join_bucket(self, lengths: list[int]) -> int | None:
+        """The padded length at which a group of prompts replays a captured prefill (None: an eager one)."""
+        bucket = -(-max(lengths) // JOIN_BUCKET) * JOIN_BUCKET
+        if (self.graph_joins and len(lengths) <= JOIN_GRAPH_PROMPTS and len(lengths) * bucket <= JOIN_GRAPH_TOKENS
+                and bucket <= self.max_len):
             return bucket
         return None
 
-    def _prefill_lone(self, first: int, prompt_ids: list[int], real: torch.Tensor, bucket: int, drafted: bool
-                      ) -> torch.Tensor:
-        """`_prefill` of one prompt padded to `bucket` tokens into the last row (free: rows from `first` on are),
-        on CUDA a graph per (bucket, drafted) captured after its first, eager, run; the row then moves to `first`.
-        An eager lone prefill waits on the host (hundreds of launches), several times its kernels' time. Returns
-        the logits, a copy of the graph's (which the next prompt of this bucket rewrites, maybe in this
-        admission)."""
-        scratch = self.max_batch - 1
-        join = self._join_graphs.get((bucket, drafted))
+    def _prefill_in_last_rows(self, first: int, prompts: list[list[int]], real: torch.Tensor, bucket: int,
+                              drafted: bool) -> torch.Tensor:
+        """`_prefill` of g prompts padded to `bucket` tokens into the last g rows (free: rows from `first` on are),
+        on CUDA a graph per (bucket, g, drafted) captured after its first, eager, run; the rows then move to
+        `first` on. An eager prefill of a few prompts waits on the host (hundreds of launches), several times its
+        kernels' time. Returns the logits, a copy of the graph's (which the next group of this shape rewrites,
+        maybe in this admission)."""
+        g = len(prompts)
+        scratch = self.max_batch - g
+        join = self._join_graphs.get((bucket, g, drafted))
         if join is None:
-            join = self._join_graphs[(bucket, drafted)] = _JoinGraph(
-                torch.zeros(1, bucket, dtype=torch.long, device=real.device), torch.zeros_like(real))
-        join.ids.copy_(self._upload(_padded_ids([prompt_ids], bucket)))
+            join = self._join_graphs[(bucket, g, drafted)] = _JoinGraph(
+                torch.zeros(g, bucket, dtype=torch.long, device=real.device), torch.zeros_like(real))
+        join.ids.copy_(self._upload(_padded_ids(prompts, bucket)))
         join.real.copy_(real)
         if join.graph is not None:
             join.graph.replay()
@@ -416,10 +419,11 @@ class BatchDecoder:
             logits = self._prefill(scratch, join.ids, join.real, drafted, ragged=True)
             if self.use_graphs:
                 self._capture_join(join, drafted)
-        if scratch != first:
-            self.target_cache.copy_row(scratch, first, len(prompt_ids))
-            if drafted:
-                self.proposer.move_row(scratch, first, len(prompt_ids))
+        for i, prompt in enumerate(prompts):  # in order: a row's destination is never a later row's source
+            if scratch + i != first + i:
+                self.target_cache.copy_row(scratch + i, first + i, len(prompt))
+                if drafted:
+                    self.proposer.move_row(scratch + i, first + i, len(prompt))
         return logits
 
     def _finish_join(self, joining: _Joining, chunks: dict[int, StreamChunk]) -> None:
@@ -710,11 +714,11 @@ class BatchDecoder:
         return torch.cuda.graph(graph, pool=self._graph_pool)
 
     def _capture_join(self, join: _JoinGraph, drafted: bool) -> None:
-        """Capture `_prefill_lone`'s forward over `join`'s inputs into the last row (an eager run at this shape has
-        compiled and tuned its kernels)."""
+        """Capture `_prefill_in_last_rows`'s forward over `join`'s inputs into the last rows (an eager run at this
+        shape has compiled and tuned its kernels)."""
         graph = torch.cuda.CUDAGraph()
         with self._capturing(graph):
-            logits = self._prefill(self.max_batch - 1, join.ids, join.real, drafted, ragged=True)
+            logits = self._prefill(self.max_batch - len(join.ids), join.ids, join.real, drafted, ragged=True)
         join.graph, join.logits = graph, logits  # only once captured: a failed capture leaves the eager path
 
     def _capture(self, nb: int, block: int, mode: str) -> torch.cuda.CUDAGraph:
