@@ -27,8 +27,9 @@ before the step from its own generator (the same numbers whatever else is in the
 reads. The padding rows are idle, parked at position 0 of free rows that a joining prompt's prefill overwrites
 before anyone reads them. A group of up to JOIN_GRAPH_PROMPTS prompts joining together (up to JOIN_GRAPH_TOKENS
 padded) replays a graph too, one per group size and longest length rounded up to JOIN_BUCKET: it is prefilled
-padded in the last rows (free whenever as many rows are), which then move to the next free rows. A step with a row that returns log-probabilities is not pipelined: its logits are read
-once it ends (mode "logits" when every row is greedy).
+padded in the last rows (free whenever as many rows are), which then move to the next free rows. A step with a
+row that returns log-probabilities is not pipelined: its logits are read once it ends (mode "logits" when every
+row is greedy).
 
 With CUDA graphs the steps are pipelined one deep: `step` launches the next step's graph before it reads
 the previous step's tokens (copied to pinned memory behind it), so the host's turn -- the read, the
