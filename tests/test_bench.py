@@ -22,11 +22,12 @@ import pytest
 import torch
 
 from blockspec import datasets as bd
-from blockspec.bench.metrics import (TIMING_FIELDS, without_timing, acceptance_histogram, answers_match, extract_answer,
-                                     last_boxed, normalize_answer, per_position_acceptance, summarize_group)
+from blockspec.bench.metrics import (TIMING_FIELDS, answers_match, extract_answer, last_boxed, normalize_answer,
+                                     per_position_acceptance, summarize_group, without_timing)
 from blockspec.bench.runner import BenchSettings, run_sample
 from blockspec.cli import main
 from blockspec.engine import GenerationResult, GenerationStats
+from blockspec.engine.stats import acceptance_histogram
 from blockspec.errors import BlockspecError
 from conftest import run_cli as cli
 from conftest import save_tiny_chat_target

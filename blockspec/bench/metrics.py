@@ -26,10 +26,11 @@ total decode time.
 from __future__ import annotations
 
 import copy
-
 import math
 import re
 from statistics import mean
+
+from blockspec.engine.stats import acceptance_histogram
 
 # Fields of a run record that measure time: they differ between runs of the same prompts.
 TIMING_FIELDS = ("ttft_s", "tpot_s", "tokens_per_s", "total_s")
@@ -131,14 +132,6 @@ def answers_match(predicted: str | None, reference: str | None) -> bool:
 
 
 # ---- acceptance statistics ------------------------------------------------------------------------------------
-def acceptance_histogram(lengths: list[int], block_size: int) -> list[int]:
-    """Counts of acceptance lengths 1..block_size (index 0 = length 1)."""
-    hist = [0] * block_size
-    for n in lengths:
-        hist[n - 1] += 1
-    return hist
-
-
 def per_position_acceptance(lengths: list[int], block_size: int) -> list[float]:
     """P(draft token k accepted) for k = 1..block_size-1: #steps with L-1 >= k / #steps."""
     if not lengths:

@@ -5,6 +5,14 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 
+def acceptance_histogram(lengths: list[int], block_size: int) -> list[int]:
+    """Counts of acceptance lengths 1..block_size (index 0 = length 1)."""
+    hist = [0] * block_size
+    for n in lengths:
+        hist[n - 1] += 1
+    return hist
+
+
 @dataclass
 class GenerationStats:
     block_size: int
@@ -27,10 +35,7 @@ class GenerationStats:
     @property
     def acceptance_histogram(self) -> list[int]:
         """Counts of acceptance lengths 1..block_size (index 0 = length 1)."""
-        hist = [0] * self.block_size
-        for n in self.acceptance_lengths:
-            hist[n - 1] += 1
-        return hist
+        return acceptance_histogram(self.acceptance_lengths, self.block_size)
 
     @property
     def num_draft_tokens(self) -> int:
