@@ -211,7 +211,7 @@ class BatchDecoder:
         self._last_block = 1  # the block of the last step launched
         # A join's inputs and first tokens cross through one pinned buffer allocated here, each group of an
         # admission in its own part: pinning on demand would allocate while the device runs the groups before it,
-        # and the first cudaHostAlloc of a size waits for them (a 32-prompt join measured 200 ms slower once).
+        # and the first cudaHostAlloc of a size waits for them.
         self._staging = torch.empty(max_batch * (self.max_len + 16) * 8 if pinned else 0, dtype=torch.uint8,
                                     pin_memory=pinned)
         self._staged = 0  # bytes of it the current admission uses

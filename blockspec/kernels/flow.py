@@ -3,9 +3,8 @@ dialect. The engine runs a Qwen3-shaped target's AR token through it (layer_deco
 benchmarks/flow_probe.py holds the probe form that benchmarks/gemv_chain.py times (the GEMV chain alone, clock
 profiles and timelines, diagnostics), built from the same pieces.
 
-Session 7's dataflow kernel (persistent_gemv.py) was deterministic and barrier-free but slow: Triton would not
-software-pipeline a K loop that holds a spin, so the weight stream stopped at every tile. Here the pipeline is
-written out. One persistent program per SM walks its own fixed sequence of units, a unit being one
+Triton does not software-pipeline a K loop that holds a spin (the weight stream would stop at every tile), so the
+pipeline is written out. One persistent program per SM walks its own fixed sequence of units, a unit being one
 (GEMV, block of its output rows, K tile): every GEMV's rows are split evenly over the programs, at one-row
 granularity, and each program owns its rows outright (no atomics: reruns are bit-exact).
 
@@ -29,12 +28,11 @@ A layer's other work is done where the data already is:
 - RMSNorm before qkv and gate_up by the reader, its scale taken out of the dot: (x * weight) rounded to bf16 goes
   into the dot, sum(x^2) builds up over the K tiles, and the finished rows are multiplied by rsqrt(mean + eps).
   (The per-op kernels round x * rsqrt first, which no reader can know before the whole vector is in: waiting for
-  it is a grid barrier, as 518322b's staged kernel measured.)
+  it is a grid barrier.)
 - the residual adds after o_proj and down by the rows' owner: both GEMVs have `hidden` rows split alike, so a
   program adds to rows that it stored itself;
 - silu(gate) * up after gate_up by the rows' owner: gate_up's rows are (gate, up) pairs, the engine's layout,
-  split two at a time, so down reads 9728 words, not 19456. (Read as gate rows then up rows, two regions at once,
-  the same chain streamed 10% slower: 2.968 against 2.690 ms, 148dcb3.)
+  split two at a time, so down reads 9728 words, not 19456 (and streams one region, not two: design notes).
 - attention between qkv and o_proj, in (kv head, context split) units (_attention_unit), the new k and v written
   to the cache.
 """
@@ -542,7 +540,7 @@ def _attention_unit(QKV, KC, VC, PART, ACTS, FAILED, epoch, layer, unit, POS, tm
         head_dim = gl.expand_dims(gl.expand_dims(gl.arange(0, HD, gl.SliceLayout(0, gl.SliceLayout(0, O3))), 0), 0)
         outputs = PART + (group + gl.expand_dims(splits, 2)) * PSTRIDE + gl.expand_dims(head, 2) * HD + head_dim
         # all of the words read together, again until none is stale (waiting word group by word group costs a
-        # round trip per group: 29 us, 16d0930)
+        # round trip per group)
         output_words, m_high, m_low, sum_high, sum_low = _partial_words(outputs, stats)
         polls = 0
         while (_stale(output_words, epoch) + _stale(m_high, epoch) + _stale(m_low, epoch) + _stale(sum_high, epoch)

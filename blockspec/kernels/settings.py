@@ -38,11 +38,10 @@ class KernelSettings:
     pdl: programmatic dependent launch (Hopper and later). Every kernel may be scheduled while the one before it
         is still finishing; it waits (griddepcontrol.wait) for that kernel's writes before touching memory, then
         lets the next one start launching, so launch latency and ramp-up overlap the previous kernel's tail, the
-        cost that ~440 small launches a speculative step pay: AR and speculative steps 0.998-1.070x, median
-        1.032x over seven runs.
+        cost that ~440 small launches a speculative step pay (design notes, "The PDL gain").
     prefetch_tiles: with PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they
         ask L2 for their first this-many weight tiles before waiting on it, so the weight stream starts during
-        that kernel: 1.4-3.1% on top of PDL (1 and 2 tiles alike, 4 less; 0: off). A decode attention's programs do
+        that kernel (0: off). A decode attention's programs do
         the same with their first key and value tiles (the cache store before it writes one slot a query).
     fused_rope: RoPE's cos/sin tables for a pass's positions in one kernel instead of the ~9 small torch ops of
         layers.RotaryEmbedding (bit-identical values).
@@ -52,9 +51,9 @@ class KernelSettings:
         (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
     defer_replay_rows: with fused_gdn, a "replay" commit of this many rows or more only records the kept counts,
         and the next decode or verify applies them to the states it loads anyway (one read of every state a step
-        instead of three: the Qwen3.5 c = 32 block-8 step 10.76 -> 10.18 ms); fewer rows replay at commit, where
-        the kept updates would lengthen every layer's serial path by more than one replay launch of all layers
-        costs (the one-row verify 3.88 -> 3.97 ms); such a pass settles first what a larger one left pending.
+        instead of three); fewer rows replay at commit, where the kept updates would lengthen every layer's serial
+        path by more than one replay launch of all layers costs (design notes); such a pass settles first what a
+        larger one left pending.
     fla_prefill: a Gated DeltaNet layer's prefill through flash-linear-attention's chunked kernels where that package
         is installed (an optional CUDA dependency); False, or not installed: the torch chunked form.
     fused_kernels: the Triton kernels at all; False: every layer takes its plain torch ops (the baseline that

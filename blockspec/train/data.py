@@ -197,7 +197,7 @@ def load_prompts(spec: str) -> list[Prompt] | int | VariantRequest:
 
 
 def _count(spec: str, count: str) -> int:
-    """The N of a source NAME:N, at least 1 (a count of 0 used to be taken as no count: every prompt)."""
+    """The N of a source NAME:N, at least 1 (0 is refused, not read as "every prompt")."""
     if int(count) < 1:
         raise BlockspecError(f"data source {spec!r}: the count after ':' must be at least 1")
     return int(count)
