@@ -11,7 +11,9 @@ from blockspec.errors import BlockspecError
 from blockspec.hub import DEFAULT_TARGET
 
 if TYPE_CHECKING:
+    from blockspec.draft import DraftModel
     from blockspec.kernels import KernelSettings
+    from blockspec.target import Target
 
 UNTRAINED_DRAFT = "untrained"
 
@@ -40,7 +42,7 @@ def add_sampling_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="default: the draft's trained block size")
 
 
-def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str) -> tuple[object, object, bool]:
+def load_pair(target_name: str, draft_name: str | None, device: str, dtype: str) -> tuple[Target, DraftModel, bool]:
     """(target, draft, draft_is_trained): the draft defaults to the one shipped for the default target."""
     from blockspec.draft import load_draft, new_draft_for_target
     from blockspec.shipped import default_draft_for
@@ -71,7 +73,7 @@ def add_exact_arg(parser: argparse.ArgumentParser) -> None:
                              "on the CPU)")
 
 
-def kernel_settings(exact: bool, target: object) -> KernelSettings:
+def kernel_settings(exact: bool, target: Target) -> KernelSettings:
     """The kernel settings a command decodes under: with `exact` (--exact), batch-invariant kernels
     (KernelSettings.batch_invariant), refused where they cannot make the target's CUDA results exact."""
     from blockspec.kernels import KernelSettings

@@ -10,8 +10,12 @@ import platform
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from blockspec.errors import BlockspecError
+
+if TYPE_CHECKING:
+    import torch
 
 SCHEMA_VERSION = 1
 RESULTS_FILE = "results.json"
@@ -58,7 +62,7 @@ def _version(package: str) -> str | None:
         return None
 
 
-def device_description(device) -> str:
+def device_description(device: str | torch.device) -> str:
     import torch
 
     device = torch.device(device)
@@ -69,7 +73,7 @@ def device_description(device) -> str:
     return f"CPU {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def environment(device, devices: list[str] | None = None) -> dict:
+def environment(device: str | torch.device, devices: list[str] | None = None) -> dict:
     import torch
 
     from blockspec import __version__

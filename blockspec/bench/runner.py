@@ -21,7 +21,9 @@ import torch
 
 from blockspec.bench.metrics import answers_match, extract_answer
 from blockspec.datasets import Sample
+from blockspec.draft import DraftModel
 from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.target import Target
 
 
 @dataclass
@@ -66,7 +68,7 @@ def _run_record(result, prompt_tokens: int) -> dict:
     }
 
 
-def run_sample(decoder: SpeculativeDecoder, target, sample: Sample, settings: BenchSettings, block_size: int,
+def run_sample(decoder: SpeculativeDecoder, target: Target, sample: Sample, settings: BenchSettings, block_size: int,
                graded: bool) -> dict:
     """One sample: every turn decoded with block size 1 and with `block_size`, each run fed its own answers.
 
@@ -99,7 +101,8 @@ def run_sample(decoder: SpeculativeDecoder, target, sample: Sample, settings: Be
             "reference": sample.reference, "user_turns": list(sample.turns), "turns": turns}
 
 
-def warm_up(decoder: SpeculativeDecoder, target, sample: Sample, settings: BenchSettings, block_size: int) -> dict:
+def warm_up(decoder: SpeculativeDecoder, target: Target, sample: Sample, settings: BenchSettings,
+            block_size: int) -> dict:
     """Decode the first turn of `sample` once per mode, untimed (kernels, allocator, CUDA graphs)."""
     n = min(settings.warmup_tokens, settings.max_new_tokens)
     prompt_ids = target.encode([{"role": "user", "content": sample.turns[0]}], chat=True,
@@ -111,7 +114,7 @@ def warm_up(decoder: SpeculativeDecoder, target, sample: Sample, settings: Bench
     return {"dataset": sample.dataset, "index": sample.index, "max_new_tokens": n}
 
 
-def run_samples(decoder: SpeculativeDecoder, target, samples: list[Sample], settings: BenchSettings,
+def run_samples(decoder: SpeculativeDecoder, target: Target, samples: list[Sample], settings: BenchSettings,
                 block_size: int, graded: set[str], on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Records of `samples` in order (the warm-up is the caller's)."""
     records = []
@@ -124,7 +127,7 @@ def run_samples(decoder: SpeculativeDecoder, target, samples: list[Sample], sett
 
 
 # ---- decoder choice -----------------------------------------------------------------------------------------
-def static_cache_len(target, samples: list[Sample], settings: BenchSettings, block_size: int) -> int:
+def static_cache_len(target: Target, samples: list[Sample], settings: BenchSettings, block_size: int) -> int:
     """A bound on the positions any conversation of `samples` needs (a fixed cache row for the CUDA graphs).
 
     Each turn's prompt is at most the turns so far plus the previous answers (<= max_new_tokens each, with a
@@ -139,7 +142,7 @@ def static_cache_len(target, samples: list[Sample], settings: BenchSettings, blo
     return -(-need // 128) * 128
 
 
-def build_decoder(target, draft, block_size: int | None, settings: BenchSettings,
+def build_decoder(target: Target, draft: DraftModel, block_size: int | None, settings: BenchSettings,
                   samples: list[Sample]) -> tuple[SpeculativeDecoder, int]:
     """The decoder and its block size. On CUDA its cache row is sized once for every sample, so that the greedy
     steps' CUDA graphs are captured once; elsewhere the row grows as requests need."""

@@ -31,6 +31,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import AsyncIterator
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -379,7 +380,7 @@ class Service:
         return int(min(60, max(1, math.ceil(mean * batches_ahead))))
 
     async def answer(self, request: Request, body: CommonFields, prompt_ids: list[int], max_tokens: int | None,
-                     chat: bool):
+                     chat: bool) -> StreamingResponse | JSONResponse:
         params = self.sampling_params(body, len(prompt_ids), max_tokens)
         if body.block_size is not None and body.block_size > self.max_block:
             raise APIError(400, f"block_size {brief(body.block_size)} exceeds the draft's trained block size "
@@ -404,7 +405,7 @@ class Service:
                                      headers={"Cache-Control": "no-cache"})
         return await self.collect(request, job, reply)
 
-    async def stream(self, job: Job, reply: Reply):
+    async def stream(self, job: Job, reply: Reply) -> AsyncIterator[str]:
         """SSE body. Starlette cancels this generator when the client disconnects; `finally` frees the slot.
         The events waiting when it wakes go out in one write (a client that reads slower than the steps come
         costs one send, not one per step)."""

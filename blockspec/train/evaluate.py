@@ -12,6 +12,7 @@ import torch
 
 from blockspec.draft import DraftModel
 from blockspec.engine import SamplingParams, SpeculativeDecoder
+from blockspec.target import Target
 
 
 def serving_copy(draft: DraftModel, dtype: torch.dtype, device: torch.device) -> DraftModel:
@@ -46,7 +47,7 @@ def measure_tau(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_t
             "mean_tpot_s": sum(tpot) / len(tpot) if tpot else None, "outputs": texts}
 
 
-def evaluate_draft(target, draft: DraftModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
+def evaluate_draft(target: Target, draft: DraftModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
     """tau of a (training) draft on `prompts`: runs a serving copy, leaves the draft and every RNG untouched."""
     model = serving_copy(draft, target.dtype, target.device)
     decoder = SpeculativeDecoder(target, model, max_len=max(len(p) for p in prompts) + max_new_tokens + 64)

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class OfflineFeatures:
 
     def __init__(self, model: TargetModel, tap_ids: tuple[int, ...], dataset: SequenceDataset, directory: str | Path,
                  batch_size: int = 16, resident: bool | None = None, resident_fraction: float = 0.4,
-                 log=print) -> None:
+                 log: Callable[[str], None] = print) -> None:
         self.dataset = dataset
         self.dtype = model.embed_tokens.weight.dtype
         self.device = model.embed_tokens.weight.device

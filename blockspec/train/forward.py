@@ -19,12 +19,17 @@ dense boolean mask everywhere (the reference; `scaled_dot_product_attention` on 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blockspec.draft import DraftModel
 from blockspec.layers import apply_rope
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 
 def rms_norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
@@ -48,7 +53,7 @@ def fuse_context(draft: DraftModel, features: torch.Tensor) -> list[torch.Tensor
 
 # ---- the block attention mask --------------------------------------------------------------------------------
 def block_mask_mod(anchors: torch.Tensor, context_len: int, block_size: int, causal: bool = False,
-                   window: int | None = None):
+                   window: int | None = None) -> Callable[..., torch.Tensor]:
     """mask_mod(b, h, q, kv) for flex_attention: query slot q belongs to block q // B with anchor p; it sees
     context kv < min(S, p) and block slots kv >= S of its own block (causal: those up to itself); with a
     window W, only positions > its own (p + q % B) - W."""
@@ -105,7 +110,7 @@ def _flex():
 
 
 def make_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int, kind: str, causal: bool = False,
-                        window: int | None = None):
+                        window: int | None = None) -> BlockMask | torch.Tensor:
     """A BlockMask (kind 'flex') or a dense boolean mask (kind 'dense') for one batch and one kind of layer."""
     if kind == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
@@ -117,7 +122,7 @@ def make_attention_mask(anchors: torch.Tensor, context_len: int, block_size: int
     return dense_block_mask(anchors, context_len, block_size, causal, window)
 
 
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, kind: str,
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: BlockMask | torch.Tensor, kind: str,
                      compiled: bool = True) -> torch.Tensor:
     """q [b, nH, Q, d], k/v [b, nKV, K, d] -> [b, Q, nH*d]. Softmax in fp32, scale d^-0.5."""
     b, heads, n, d = q.shape

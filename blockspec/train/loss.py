@@ -9,6 +9,7 @@ has weight 0, and the loss is `sum(CE * w) / sum(w)`.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -127,7 +128,7 @@ def block_metrics(correct: torch.Tensor, weights: torch.Tensor) -> dict[str, tor
             "accept_blocks": full.sum().float()}
 
 
-def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> "callable":
+def cosine_with_warmup(total_steps: int, warmup_ratio: float) -> Callable[[int], float]:
     """lr multiplier: linear warmup over `warmup_ratio` of the steps, then cosine to 0 at `total_steps`."""
     warmup = max(1, int(round(total_steps * warmup_ratio))) if warmup_ratio > 0 else 0
 

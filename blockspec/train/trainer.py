@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -30,6 +31,7 @@ from blockspec import distributed
 from blockspec.draft import (MASK_EMBEDDING, DraftConfig, DraftModel, load_draft, new_draft, new_draft_for_target,
                              save_draft)
 from blockspec.errors import BlockspecError
+from blockspec.target import Target
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
 from blockspec.train.loss import (anchor_scores, block_labels, block_loss, block_metrics, cosine_with_warmup,
@@ -172,7 +174,7 @@ def atomic_save_draft(draft: DraftModel, directory: Path, dtype: torch.dtype | N
     shutil.rmtree(old, ignore_errors=True)
 
 
-def build_draft(target, cfg: TrainConfig) -> DraftModel:
+def build_draft(target: Target, cfg: TrainConfig) -> DraftModel:
     """A freshly initialised draft shaped for the target (hidden size = the target's, always)."""
     tc = target.model.config
     overrides: dict = {}
@@ -211,9 +213,9 @@ def count_parameters(draft: DraftModel) -> int:
 class Trainer:
     """Trains one draft for one target on one dataset; see `train()` for the one-call API."""
 
-    def __init__(self, target, dataset: SequenceDataset, cfg: TrainConfig, output_dir: str | Path,
+    def __init__(self, target: Target, dataset: SequenceDataset, cfg: TrainConfig, output_dir: str | Path,
                  eval_prompts: list[list[int]] | None = None, resume: bool = False,
-                 init_from: str | Path | None = None, log=None) -> None:
+                 init_from: str | Path | None = None, log: Callable[[str], None] | None = None) -> None:
         self.target = target
         self.dataset = dataset
         self.cfg = cfg
@@ -590,9 +592,9 @@ class Trainer:
                            time.perf_counter() - started, steady[len(steady) // 2] if steady else None)
 
 
-def train(target, dataset: SequenceDataset, cfg: TrainConfig, output_dir: str | Path,
+def train(target: Target, dataset: SequenceDataset, cfg: TrainConfig, output_dir: str | Path,
           eval_prompts: list[list[int]] | None = None, resume: bool = False, init_from: str | Path | None = None,
-          log=None) -> TrainResult:
+          log: Callable[[str], None] | None = None) -> TrainResult:
     """Train a draft for `target` on `dataset` into `output_dir` (checkpoint.pt, draft/, metrics.jsonl,
     curves.png). `resume` continues from output_dir/checkpoint.pt; `init_from` warm-starts from a draft."""
     return Trainer(target, dataset, cfg, output_dir, eval_prompts, resume, init_from, log).run()
