@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from blockspec.errors import BlockspecError
+from blockspec.files import atomic_write
 
 if TYPE_CHECKING:
     import torch
@@ -228,8 +229,7 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     plots = write_plots(results, out)
     results["files"] = [RESULTS_FILE, SUMMARY_FILE, *plots]
-    tmp = out / (RESULTS_FILE + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / RESULTS_FILE)
+    text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
+    atomic_write(out / RESULTS_FILE, lambda tmp: tmp.write_text(text))
     (out / SUMMARY_FILE).write_text(summary_markdown(results))
     return [out / name for name in results["files"]]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from blockspec.datasets import MATH_SUFFIX, default_data_dir, load_dataset
 from blockspec.errors import BlockspecError, brief
+from blockspec.files import atomic_write
 from blockspec.target import Target
 
 MBPP_TRAIN_IDS = range(601, 975)
@@ -297,9 +297,7 @@ class SequenceDataset:
         tensors = {"tokens": self.tokens.to(torch.uint16 if small else torch.int32), "loss_mask": self.loss_mask,
                    "offsets": self.offsets}
         meta = {"sources": json.dumps(self.sources), "info": json.dumps(self.info), "version": str(CACHE_VERSION)}
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @staticmethod
     def load(path: str | Path) -> "SequenceDataset":

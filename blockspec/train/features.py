@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from blockspec.files import atomic_write
 from blockspec.target import TargetModel
 from blockspec.train.data import SequenceDataset, collate
 
@@ -77,13 +77,14 @@ class OfflineFeatures:
         path = Path(directory) / f"features-{key.hexdigest()[:16]}.npy"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-            store = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
-            for start, values in self._compute(model, tap_ids, batch_size):
-                store[start:start + values.shape[0]] = self._to_numpy(values.cpu())
-            store.flush()
-            del store
-            os.replace(tmp, path)
+
+            def write(tmp: Path) -> None:
+                store = np.lib.format.open_memmap(tmp, mode="w+", dtype=_NUMPY[self.dtype], shape=(total, width))
+                for start, values in self._compute(model, tap_ids, batch_size):
+                    store[start:start + values.shape[0]] = self._to_numpy(values.cpu())
+                store.flush()
+
+            atomic_write(path, write)
             log(f"features: {total} tokens x {width} cached to {path}")
         self.store = np.load(path, mmap_mode="r")
 

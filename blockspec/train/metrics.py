@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from blockspec.files import atomic_write
+
 
 class MetricsLog:
     """Appends JSON records to `path`. On resume, records at or after the resumed step are dropped first,
@@ -71,9 +73,7 @@ def plot_metrics(metrics_path: str | Path, png_path: str | Path, title: str = ""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(png_path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    # the format is named: the temporary file's name does not end in .png
+    atomic_write(Path(png_path), lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
-    tmp.replace(png_path)
     return True

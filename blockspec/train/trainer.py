@@ -31,6 +31,7 @@ from blockspec import distributed
 from blockspec.draft import (MASK_EMBEDDING, DraftConfig, DraftModel, load_draft, new_draft, new_draft_for_target,
                              save_draft)
 from blockspec.errors import BlockspecError
+from blockspec.files import atomic_write
 from blockspec.target import Target
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
@@ -118,16 +119,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_torch_save(obj: object, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def remove_stale_temporaries(out: Path) -> None:
@@ -490,7 +481,7 @@ class Trainer:
             "data_fingerprint": self.dataset.fingerprint(),
             "world_size": self.dist.world,
         }
-        atomic_torch_save(state, self.out / CHECKPOINT)
+        atomic_write(self.out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     def export(self) -> Path:
         directory = self.out / DRAFT_DIR
