@@ -17,13 +17,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
-
 from blockspec.draft import DraftConfig, DraftModel, load_draft
 from blockspec.errors import BlockspecError
+from blockspec.target.loading import DTYPES
 from blockspec.train.trainer import atomic_save_draft
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# no aliases (bf16, fp32): the export writes the name it is given as config.json's torch_dtype
+EXPORT_DTYPES = ("bfloat16", "float32", "float16")
 
 
 def check_export_dir(directory: str | Path) -> None:
@@ -40,8 +40,8 @@ def export_draft(draft: DraftModel | str | Path, directory: str | Path, layout: 
                  dtype: str = "bfloat16") -> Path:
     """Write `draft` (a model or a draft directory) to `directory` in the given layout; returns the folder."""
     draft = load_draft(draft) if not isinstance(draft, DraftModel) else copy.deepcopy(draft)
-    if dtype not in DTYPES:
-        raise BlockspecError(f"unknown export dtype {dtype!r}: use {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise BlockspecError(f"unknown export dtype {dtype!r}: use {', '.join(EXPORT_DTYPES)}")
     if layout == "zlab":
         if draft.config.kind != "dflash":
             raise BlockspecError("the z-lab layout exists only for DFlash drafts (this one is DFlare)")

@@ -33,6 +33,7 @@ from blockspec.draft import (MASK_EMBEDDING, DraftConfig, DraftModel, load_draft
 from blockspec.errors import BlockspecError
 from blockspec.files import atomic_write
 from blockspec.target import Target
+from blockspec.target.loading import DTYPES
 from blockspec.train.data import SequenceDataset, collate, epoch_batches
 from blockspec.train.forward import BlockTrainer
 from blockspec.train.loss import (anchor_scores, block_labels, block_loss, block_metrics, cosine_with_warmup,
@@ -487,9 +488,7 @@ class Trainer:
         directory = self.out / DRAFT_DIR
         draft = self._full_draft()
         if draft is not None:
-            dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[
-                self.cfg.export_dtype]
-            atomic_save_draft(draft, directory, dtype)
+            atomic_save_draft(draft, directory, DTYPES[self.cfg.export_dtype])
         return directory
 
     def evaluate(self, step: int, metrics: MetricsLog) -> dict | None:
