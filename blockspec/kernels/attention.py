@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, _prefetch_l2, max_shared_bytes, pdl_options, prefetch_tiles
+from blockspec.kernels.launch import max_shared_bytes, pdl_options, pdl_prologue, prefetch_l2, prefetch_tiles
 from blockspec.kernels.settings import (attention_keys_per_tile, attention_rows, attention_table,
                                        batch_attention_config, current_settings)
 
@@ -112,9 +112,9 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE, ARRIVED,
         line: tl.constexpr = 1024 // K.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
         first = lo + tl.arange(0, PREFETCH * BLOCK_N)[:, None]
         offs = (tl.arange(0, D // line) * line)[None, :]
-        _prefetch_l2(tl.where(first < hi, k_base + first * sk_l + offs, k_base))
-        _prefetch_l2(tl.where(first < hi, v_base + first * sv_l + offs, v_base))
-    _pdl_prologue(USE_PDL)
+        prefetch_l2(tl.where(first < hi, k_base + first * sk_l + offs, k_base))
+        prefetch_l2(tl.where(first < hi, v_base + first * sv_l + offs, v_base))
+    pdl_prologue(USE_PDL)
     q = tl.load(Q + b * sq_b + head[:, None] * sq_h + i[:, None] * sq_n + dims[None, :],
                 mask=valid[:, None], other=0.0)
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
@@ -160,7 +160,7 @@ def _attention_splits(Q, K, V, LIM, ACC, ML, OUT, GATE, ARRIVED,
 def _combine_splits(ACC, ML, LIM, OUT, GATE, sa_b, sa_h, sa_s, sa_n, sm_b, sm_h, sm_s, sm_n, slim_b, slim_n,
                     so_b, so_n, so_h, sg_b, sg_n, n_q, n_heads, n_splits, window, SPLITS: tl.constexpr,
                     D: tl.constexpr, CHUNK: tl.constexpr, GATED: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     pid = tl.program_id(0)
     i = pid % n_q
     h = (pid // n_q) % n_heads
@@ -229,7 +229,7 @@ def _prompt_attention(Q, K, V, OUT, GATE, sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv
                       sg_b, sg_n, n, scale, HEADS: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, GATED: tl.constexpr,
                       USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     # every head's last query block first: the longest programs start first, so fewer SMs idle at the end
     start_m = (tl.num_programs(1) - 1 - tl.program_id(1)) * BLOCK_M
     b = (tl.program_id(0) // HEADS).to(tl.int64)  # 64-bit: b x a cache's row stride may pass 2^31

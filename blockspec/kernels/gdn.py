@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from blockspec.cache import GDNLayerState, defers_commits
-from blockspec.kernels.launch import _pdl_prologue, pdl_options
+from blockspec.kernels.launch import pdl_options, pdl_prologue
 from blockspec.kernels.settings import gdn_tile
 
 
@@ -102,7 +102,7 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
                 s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
                 s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
                 KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     tiles = tl.cdiv(n, INPUT_TOKENS)
     b = tl.program_id(0) // tiles
     t = (tl.program_id(0) % tiles) * INPUT_TOKENS + tl.arange(0, INPUT_TOKENS)[:, None]  # [T, 1]
@@ -172,7 +172,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, DEFERS: tl.constexpr,
                USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     dk = tl.arange(0, DK)
@@ -295,7 +295,7 @@ def _prefill_states(PROJ, CONV, STATE, POS, LENGTHS, s_pb, s_pn, s_pos, s_cb, s_
     """A program per (row, value head), after the prefill's inputs and before its chunked recurrence: the head's
     channels of the conv state after the row's last token (its value channels, and its q and k channels where h is
     also a key head), and its recurrent state zeroed where the row starts a new sequence (the initial state)."""
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     m = tl.load(LENGTHS + b) if RAGGED else n
@@ -324,7 +324,7 @@ def _prefill_states(PROJ, CONV, STATE, POS, LENGTHS, s_pb, s_pn, s_pos, s_cb, s_
 @triton.jit(do_not_specialize=["n"])
 def _gdn_output(O, PROJ, NORM_W, OUT, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, n, eps, HK: tl.constexpr,
                 HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     _gated_norm(O, PROJ, NORM_W, OUT, tl.program_id(0), tl.program_id(1) * NORM_TOKENS, n, tl.program_id(2), s_ob,
                 s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK, HV, DK, DV, "")
 
@@ -456,7 +456,7 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
 def _gdn_replay(STATE, TAPE_K, TAPE_DECAY, TAPE_U, KEEP, s_sl, s_sb, s_sh, s_kl, s_kb, s_kt, s_kh, s_dl, s_db, s_dt,
                 s_ul, s_ub, s_ut, s_uh, s_keep, rows, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                 USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     layer = tl.program_id(0) // rows
     b = tl.program_id(0) % rows
     h = tl.program_id(1)

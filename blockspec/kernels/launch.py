@@ -48,7 +48,7 @@ def max_shared_bytes(t: torch.Tensor) -> int:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
+def prefetch_l2(ptrs):
     """Ask L2 for the 128-byte lines at `ptrs` (a hint: nothing is read into registers, so it may run before the PDL
     wait on memory the kernel before is still writing; L2 is where that kernel's writes land)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)], dtype=tl.int32,
@@ -56,7 +56,7 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _pdl_prologue(USE_PDL: tl.constexpr):
+def pdl_prologue(USE_PDL: tl.constexpr):
     """Every kernel's first statement (after a skinny GEMM's or a decode attention's prefetch): the previous kernel's
     writes first, then the next may start launching."""
     if USE_PDL:

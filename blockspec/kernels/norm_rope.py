@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, pdl_options
+from blockspec.kernels.launch import pdl_options, pdl_prologue
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _store_normed(OUT, row, so, x, r, W, cols, ok, ZERO_CENTRED: tl.constexpr):
 
 @triton.jit
 def _rms_norm(X, W, OUT, sx, so, n, eps, BLOCK: tl.constexpr, ZERO_CENTRED: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -58,7 +58,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centred: bo
 
 @triton.jit
 def _silu_mul(G, U, OUT, sg, sgc, su, suc, so, n, BLOCK: tl.constexpr, PAIRS: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < n
@@ -92,7 +92,7 @@ def _qkv_rope_store(Q_SRC, K_SRC, V_SRC, QN, KN, COS, SIN, POS, QOUT, KC, VC,
                     s_q, s_k, s_v, s_cos, s_qo_b, s_qo_h, s_qo_n, s_kc_b, s_kc_h, s_kc_l, s_vc_b, s_vc_h, s_vc_l,
                     n_q, n_heads, n_kv, eps, HAS_NORM: tl.constexpr, D: tl.constexpr, ZERO_CENTRED: tl.constexpr,
                     ROT: tl.constexpr, HEADS: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0)  # token (row b = t // n_q, query i = t % n_q)
     h = tl.program_id(1) * HEADS + tl.arange(0, HEADS)[:, None]  # heads: q heads, then k heads, then v heads
     b = t // n_q
@@ -173,7 +173,7 @@ def qkv_rope_store(q: torch.Tensor | None, k: torch.Tensor, v: torch.Tensor, n_h
 @triton.jit
 def _add_rms_norm(X, DELTA, BIAS, W, SUM, OUT, sx, sd, sd_split, ss, so, n, splits, eps, BLOCK: tl.constexpr,
                   PARTIALS: tl.constexpr, HAS_BIAS: tl.constexpr, ZERO_CENTRED: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < n
@@ -223,7 +223,7 @@ def _add_rms_norm_launch(x: torch.Tensor, delta: torch.Tensor, bias: torch.Tenso
 
 @triton.jit
 def _rope_tables(POS, INV_FREQ, COS, SIN, scaling, half, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     t = tl.program_id(0)
     j = tl.arange(0, BLOCK)
     ok = j < 2 * half

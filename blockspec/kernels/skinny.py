@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from blockspec.kernels.launch import _pdl_prologue, _prefetch_l2, pdl_options, prefetch_tiles
+from blockspec.kernels.launch import pdl_options, pdl_prologue, prefetch_l2, prefetch_tiles
 from blockspec.kernels.settings import SkinnyTable, bucket_config, current_settings, device_tables
 
 BLOCK_ROWS = 16  # the row bucket of one verify block, whose config the batch-invariant path takes for any rows
@@ -81,8 +81,8 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
         offs = tl.arange(0, PREFETCH * BLOCK_K // line) * line
         ok = (cols[:, None] < n) & (offs[None, :] < hi - lo)
         first = W + cols[:, None].to(tl.int64) * sw + lo + offs[None, :]
-        _prefetch_l2(tl.where(ok, first, W))
-    _pdl_prologue(USE_PDL)
+        prefetch_l2(tl.where(ok, first, W))
+    pdl_prologue(USE_PDL)
     ks = lo + tl.arange(0, BLOCK_K)
     col_ok = cols[:, None] < n
     w_ptrs = W + cols[:, None].to(tl.int64) * sw + ks[None, :]
@@ -142,7 +142,7 @@ def _skinny_linear(X, W, BIAS, OUT, IDX, m, n, k, k_split, sx, sw, so_split, so_
 @triton.jit
 def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
                 USE_PDL: tl.constexpr):
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < total
     acc = tl.load(PART + offs, mask=ok, other=0.0)
@@ -156,7 +156,7 @@ def _sum_splits(PART, BIAS, OUT, total, n, splits, HAS_BIAS: tl.constexpr, BLOCK
 @triton.jit
 def _argmax_blocks(VALUES, IDX, OUT, blocks, m, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Row r's column blocks' maxima reduced: the first block holding the largest value gives its first column."""
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     b = tl.arange(0, BLOCK)
     ok = b < blocks
@@ -170,7 +170,7 @@ def _argmax_blocks(VALUES, IDX, OUT, blocks, m, BLOCK: tl.constexpr, USE_PDL: tl
 def _argmax_columns(LOGITS, VALUES, IDX, n, m, s_m, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """Row r's largest value in one column block of written logits, and its first column (NaN counts as the
     largest, as in torch's argmax)."""
-    _pdl_prologue(USE_PDL)
+    pdl_prologue(USE_PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     values = tl.load(LOGITS + row.to(tl.int64) * s_m + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
