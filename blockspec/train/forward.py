@@ -137,12 +137,7 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Bl
         if k.shape[1] != heads:
             k = k.repeat_interleave(heads // k.shape[1], dim=1)
             v = v.repeat_interleave(heads // v.shape[1], dim=1)
-        if q.is_cuda:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        else:  # the CPU inference attention's math, exactly
-            scores = torch.matmul(q, k.transpose(-1, -2)) * d ** -0.5
-            scores = scores.masked_fill(~mask, float("-inf"))
-            out = torch.matmul(torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2).reshape(b, n, heads * d)
 
 
