@@ -21,7 +21,6 @@ from blockspec.errors import BlockspecError
 class DistInfo:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
 
     @property
     def main(self) -> bool:
@@ -33,7 +32,7 @@ class DistInfo:
 
     @property
     def backend(self) -> str | None:
-        return dist.get_backend() if self.enabled and dist.is_initialized() else None
+        return dist.get_backend() if self.enabled and _joined() else None
 
     def shard(self, items: list) -> list:
         """This rank's items: those whose index i has i % world == rank."""
@@ -55,26 +54,29 @@ def init_from_env(device: str) -> tuple[DistInfo, str]:
             raise BlockspecError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) visible")
         device = f"cuda:{local}"
         torch.cuda.set_device(local)
-    if not dist.is_initialized():
+    if not _joined():
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-    return DistInfo(rank=rank, world=dist.get_world_size(), local_rank=local), device
+    return DistInfo(rank=rank, world=dist.get_world_size()), device
+
+
+def _joined() -> bool:
+    """Whether this process is in a process group."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def current() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size()) if _joined() else DistInfo()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def gather(obj: object) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -83,7 +85,7 @@ def gather(obj: object) -> list:
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's boolean, on every rank (e.g. 'the time budget is spent')."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _joined():
         return flag
     t = torch.tensor([1 if flag else 0], device=device)
     dist.broadcast(t, src=0)
@@ -91,10 +93,10 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.barrier()
 
 
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.destroy_process_group()
