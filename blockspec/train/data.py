@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from blockspec.datasets import MATH_SUFFIX, default_data_dir, load_dataset
 from blockspec.errors import BlockspecError, brief
 from blockspec.files import atomic_write
-from blockspec.target import Target
+from blockspec.target import Target, TargetModel
 
 MBPP_TRAIN_IDS = range(601, 975)
 CACHE_VERSION = 1
@@ -328,15 +328,19 @@ class SequenceDataset:
 
 
 # ---- building ----------------------------------------------------------------------------------------------------
+def weights_fingerprint(model: TargetModel) -> str:
+    """A digest of a strided sample of the embedding and the final norm: the same for a re-assembled or moved
+    copy of the model, different for other weights."""
+    w = model.embed_tokens.weight.detach().flatten()
+    sample = torch.cat([w[:: max(1, w.numel() // 4096)].float().cpu(), model.norm.weight.detach().float().cpu()])
+    return hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
+
+
 def target_identity(target: Target) -> dict:
-    """What identifies a target for caching: its shapes, dtype and a fingerprint of its weights (a strided
-    sample of the embedding and the final norm) -- not file paths or times, so a re-assembled or moved
-    copy of the same model reuses the cache."""
-    w = target.model.embed_tokens.weight.detach().flatten()
-    sample = torch.cat([w[:: max(1, w.numel() // 4096)].float().cpu(),
-                        target.model.norm.weight.detach().float().cpu()])
-    digest = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:16]
-    return {"config": repr(target.model.config), "dtype": str(target.dtype), "weights": digest}
+    """What identifies a target for caching: its shapes, dtype and weights' fingerprint -- not file paths or
+    times, so a re-assembled or moved copy of the same model reuses the cache."""
+    return {"config": repr(target.model.config), "dtype": str(target.dtype),
+            "weights": weights_fingerprint(target.model)}
 
 
 def cache_key(target: Target, prompts: list[Prompt], self_count: int, cfg: DataConfig,

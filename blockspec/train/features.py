@@ -18,7 +18,7 @@ import torch
 
 from blockspec.files import atomic_write
 from blockspec.target import TargetModel
-from blockspec.train.data import SequenceDataset, collate
+from blockspec.train.data import SequenceDataset, collate, weights_fingerprint
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -73,7 +73,7 @@ class OfflineFeatures:
             return
         key = hashlib.sha256(json.dumps({"data": dataset.fingerprint(), "taps": list(tap_ids),
                                          "target": repr(model.config), "dtype": str(self.dtype),
-                                         "probe": float(model.embed_tokens.weight.detach().float().sum())}).encode())
+                                         "weights": weights_fingerprint(model)}).encode())
         path = Path(directory) / f"features-{key.hexdigest()[:16]}.npy"
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
