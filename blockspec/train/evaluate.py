@@ -23,28 +23,17 @@ def serving_copy(draft: DraftModel, dtype: torch.dtype, device: torch.device) ->
 
 def measure_tau(decoder: SpeculativeDecoder, prompts: list[list[int]], max_new_tokens: int,
                 block_size: int | None = None) -> dict:
-    """Greedy generation of every prompt; tau, histogram, token counts and timing."""
+    """Greedy generation of every prompt: tau, the pooled acceptance histogram, token counts and timing."""
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    per_response, histogram, tokens, steps = [], None, 0, 0
-    tpot = []
     started = time.perf_counter()
-    texts = []
-    for prompt in prompts:
-        result = decoder.generate(list(prompt), params, block_size=block_size)
-        s = result.stats
-        if s.steps:
-            per_response.append(s.mean_acceptance_length)
-        hist = s.acceptance_histogram
-        histogram = list(hist) if histogram is None else [a + b for a, b in zip(histogram, hist)]
-        tokens += s.generated_tokens
-        steps += s.steps
-        if s.tpot_s:
-            tpot.append(s.tpot_s)
-        texts.append(result.token_ids)
+    stats = [decoder.generate(list(prompt), params, block_size=block_size).stats for prompt in prompts]
     seconds = time.perf_counter() - started
-    return {"tau": sum(per_response) / len(per_response) if per_response else 0.0, "responses": len(prompts),
-            "generated_tokens": tokens, "steps": steps, "histogram": histogram, "seconds": round(seconds, 3),
-            "mean_tpot_s": sum(tpot) / len(tpot) if tpot else None, "outputs": texts}
+    taus = [s.mean_acceptance_length for s in stats if s.steps]
+    tpots = [s.tpot_s for s in stats if s.tpot_s]
+    return {"tau": sum(taus) / len(taus) if taus else 0.0, "responses": len(prompts),
+            "generated_tokens": sum(s.generated_tokens for s in stats), "steps": sum(s.steps for s in stats),
+            "histogram": [sum(counts) for counts in zip(*(s.acceptance_histogram for s in stats))],
+            "seconds": round(seconds, 3), "mean_tpot_s": sum(tpots) / len(tpots) if tpots else None}
 
 
 def evaluate_draft(target: Target, draft: DraftModel, prompts: list[list[int]], max_new_tokens: int) -> dict:
@@ -52,6 +41,5 @@ def evaluate_draft(target: Target, draft: DraftModel, prompts: list[list[int]], 
     model = serving_copy(draft, target.dtype, target.device)
     decoder = SpeculativeDecoder(target, model, max_len=max(len(p) for p in prompts) + max_new_tokens + 64)
     result = measure_tau(decoder, prompts, max_new_tokens)
-    result.pop("outputs")
     del decoder, model
     return result
