@@ -215,12 +215,16 @@ def generate_in_groups(decoder, prompts: list[list[int]], params: list[SamplingP
     first step with free rows) while the earlier ones decode; then the rest run out. Results in order."""
     assert sum(groups) == len(prompts)
     ids, results = [], {}
+
+    def step() -> None:
+        results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
+
     for size in groups:
         ids += [decoder.add(prompt, p) for prompt, p in zip(prompts[len(ids):len(ids) + size],
                                                             params[len(ids):len(ids) + size])]
-        results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
+        step()
     while decoder.has_work:
-        results.update((i, chunk.result) for i, chunk in decoder.step() if chunk.result is not None)
+        step()
     return [results[i] for i in ids]
 
 
