@@ -283,8 +283,8 @@ class BatchDecoder:
     def capture_graphs(self, block_sizes: tuple[int, ...] | None = None,
                        modes: tuple[str, ...] = ("greedy", "sample")) -> int:
         """Capture the steps of `graph_shapes(block_sizes)` in `modes` now, so that no request pays for a capture
-        later (CUDA only; "sample_truncated" is left to the first request with a top-k or top-p, a lone prompt's
-        prefill to the first prompt of its padded length). Returns the number of step graphs held."""
+        later (CUDA only; "sample_truncated" is left to the first request with a top-k or top-p, a small group's
+        prefill to the first group of its size and padded length). Returns the number of step graphs held."""
         if self.use_graphs:
             with torch.inference_mode():
                 for size, block in sorted(self.graph_shapes(block_sizes)):
@@ -419,7 +419,7 @@ class BatchDecoder:
         else:
             logits = self._prefill(scratch, join.ids, join.real, drafted, ragged=True)
             if self.use_graphs:
-                self._capture_join(join, drafted)
+                self._capture_join(join, scratch, drafted)
         for i, prompt in enumerate(prompts):  # in order: a row's destination is never a later row's source
             if scratch + i != first + i:
                 self.target_cache.copy_row(scratch + i, first + i, len(prompt))
@@ -714,12 +714,12 @@ class BatchDecoder:
             self._graph_pool = torch.cuda.graph_pool_handle()
         return torch.cuda.graph(graph, pool=self._graph_pool)
 
-    def _capture_join(self, join: _JoinGraph, drafted: bool) -> None:
-        """Capture `_prefill_in_last_rows`'s forward over `join`'s inputs into the last rows (an eager run at this
-        shape has compiled and tuned its kernels)."""
+    def _capture_join(self, join: _JoinGraph, first: int, drafted: bool) -> None:
+        """Capture `_prefill_in_last_rows`'s forward over `join`'s inputs into rows from `first` (an eager run at
+        this shape has compiled and tuned its kernels)."""
         graph = torch.cuda.CUDAGraph()
         with self._capturing(graph):
-            logits = self._prefill(self.max_batch - len(join.ids), join.ids, join.real, drafted, ragged=True)
+            logits = self._prefill(first, join.ids, join.real, drafted, ragged=True)
         join.graph, join.logits = graph, logits  # only once captured: a failed capture leaves the eager path
 
     def _capture(self, nb: int, block: int, mode: str) -> torch.cuda.CUDAGraph:
