@@ -124,6 +124,7 @@ def run(args: argparse.Namespace) -> dict:
                 with torch.inference_mode(), use_settings(gdn_tile={"value_dims": value_dims, "warps": warps}):
                     states[0].conv.copy_(start[0])  # each tile's checked call from the same states
                     states[0].recurrent.copy_(start[1])
+                    cache.arrivals.zero_()  # no_tail's replays never reset a head's counter
                     out = steps(projected, positions, *args_of, states[0])
                     us = graph_ms(lambda: [steps(projected, positions, *args_of, s) for s in states], device,
                                   replays=5, rounds=1 if tiny else 5) * 1e3 / len(states)
