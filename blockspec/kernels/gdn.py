@@ -20,9 +20,9 @@ run the same code per token, so they make the same choices.
 
 The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
 out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
-the head's tokens and copies the head's conv state after the last token from the window (the programs of
-`_gdn_inputs` cannot update it themselves, as one would overwrite what another has yet to read). A decode or
-verify is thus two launches a layer besides the projections.
+the head's tokens. Every program first copies its share of the conv state after the last token from the window (the
+programs of `_gdn_inputs` cannot update it themselves, as one would overwrite what another has yet to read), off that
+serial tail. A decode or verify is thus two launches a layer besides the projections.
 
 A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt), then
 `_prefill_states` (the conv state after the prompt, gathered from the projection and the old state, and a zero
@@ -186,6 +186,8 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
     state = STATE + b * s_sb + h * s_sh + tile
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
+    _conv_state(WINDOW, CONV, LENGTHS, b, h, dv, tl.program_id(2) == 0, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL,
+                RAGGED)
     if not DEFERS:
         if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
             tl.store(state, S, mask=kept == 0)
@@ -221,7 +223,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
         q, k, v, beta, decay = q_next, k_next, v_next, beta_next, decay_next
     if deferred == 0:
         tl.store(state, S)
-    # The last of a head's value tiles to finish applies the gated norm to the head's outputs and sets its conv state.
+    # The last of a head's value tiles to finish applies the gated norm to the head's outputs.
     # The barrier and the counter's release publish every thread's stores of o; the last reads the others' past L1.
     tl.debug_barrier()
     arrivals = ARRIVALS + b * s_ab + h
@@ -229,7 +231,6 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
         for first in range(0, n, NORM_TOKENS):
             _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK,
                         HV, DK, DV, ".cg")
-        _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL, RAGGED)
         tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
         if DEFERS:  # every tile has replayed the head's old tape: it takes the block's k and decay now
             for t in range(n):
@@ -257,21 +258,20 @@ def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_
 
 
 @triton.jit
-def _conv_state(WINDOW, CONV, LENGTHS, b, h, n, s_wb, s_wt, s_cb, s_cc, HK: tl.constexpr, DK: tl.constexpr,
+def _conv_state(WINDOW, CONV, LENGTHS, b, h, dv, first, n, s_wb, s_wt, s_cb, s_cc, HK: tl.constexpr, DK: tl.constexpr,
                 DV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr):
-    """Head h's channels of the conv state after the row's last token m: window rows m .. m+K-2 (its value channels,
-    and its q and k channels where h is also a key head). Not in `_gdn_inputs`, whose programs would overwrite
-    what others have yet to read."""
+    """A program's share of the conv state after the row's last token m, window rows m .. m+K-2: value head h's
+    channels `dv`, and with `first` the q and k channels of key head h (if there is one). Not in `_gdn_inputs`, whose
+    programs would overwrite what others have yet to read; here no program reads the conv state."""
     m = tl.load(LENGTHS + b) if RAGGED else n
-    dv = tl.arange(0, DV)
     dk = tl.arange(0, DK)
     window, conv = WINDOW + b * s_wb, CONV + b * s_cb
+    head = first & (h < HK)
     for j in tl.static_range(KERNEL - 1):
         v_channels = 2 * HK * DK + h * DV + dv
         tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
         for i in tl.static_range(2):  # q, then k
             channels = (i * HK + h) * DK + dk
-            head = h < HK
             tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
 
 
