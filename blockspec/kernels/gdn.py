@@ -171,7 +171,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, DEFERS: tl.constexpr,
-               USE_PDL: tl.constexpr):
+               TAPE_TOKENS: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -232,10 +232,15 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
             _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK,
                         HV, DK, DV, ".cg")
         tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
-        if DEFERS:  # every tile has replayed the head's old tape: it takes the block's k and decay now
-            for t in range(n):
-                tl.store(TAPE_K + b * s_kb_tape + t * s_kt_tape + h * s_kh_tape + dk, tl.load(k_at + t * s_kn))
-                tl.store(TAPE_DECAY + b * s_db_tape + t * s_dt_tape + h, tl.load(decay_at + t * s_dn))
+        if DEFERS:  # every tile has replayed the head's old tape: it takes the block's k and decay now, all its
+            # tokens in one load and one store (one at a time, the copy was most of a 32 x 8 verify's tail)
+            block = tl.arange(0, TAPE_TOKENS)
+            live = block < n
+            ks = tl.load(k_at[None, :] + block[:, None] * s_kn, mask=live[:, None])
+            tl.store(TAPE_K + b * s_kb_tape + block[:, None] * s_kt_tape + h * s_kh_tape + dk[None, :], ks,
+                     mask=live[:, None])
+            tl.store(TAPE_DECAY + b * s_db_tape + block * s_dt_tape + h, tl.load(decay_at + block * s_dn, mask=live),
+                     mask=live)
             tl.store(PENDING + b * s_pend + h, 0)  # and has applied what was pending
 
 
@@ -427,7 +432,8 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         layer.arrivals.stride(0), *tape_k.stride()[:3], *tape_decay.stride()[:2], pending.stride(0), n,
         int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
-        DEFERS=defers, num_warps=tile["warps"], enable_fp_fusion=False, **pdl_options(projected))
+        DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, num_warps=tile["warps"],
+        enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
