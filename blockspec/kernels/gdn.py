@@ -233,7 +233,7 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                         HV, DK, DV, ".cg")
         tl.store(arrivals, 0)  # every tile has arrived: ready for the layer's next launch
         if DEFERS:  # every tile has replayed the head's old tape: it takes the block's k and decay now, all its
-            # tokens in one load and one store (one at a time, the copy was most of a 32 x 8 verify's tail)
+            # tokens in one load and one store (one token at a time they were n dependent round trips on this tail)
             block = tl.arange(0, TAPE_TOKENS)
             live = block < n
             ks = tl.load(k_at[None, :] + block[:, None] * s_kn, mask=live[:, None])
