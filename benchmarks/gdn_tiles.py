@@ -45,8 +45,8 @@ TOKENS = (1, 8, 16)
 # one edit of kernels/gdn.py each (old text, new text), in `_gdn_steps` and its launch
 ABLATIONS = {
     # fused multiply-adds: fewer fp32 instructions, if instruction issue bounds a token
-    "fma": [('DEFERS=defers, num_warps=tile["warps"], enable_fp_fusion=False',
-             'DEFERS=defers, num_warps=tile["warps"], enable_fp_fusion=True')],
+    "fma": [("\n        enable_fp_fusion=False, **pdl_options(projected))\n    return out\n",
+             "\n        enable_fp_fusion=True, **pdl_options(projected))\n    return out\n")],
     # one sum over the keys a token instead of two (the innovation reuses S^T q)
     "one_sum": [("innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta", "innovation = (v - seen) * beta")],
     # no stores inside the token loop: the outputs and innovations summed, stored once after it
@@ -59,7 +59,7 @@ ABLATIONS = {
         ("    if deferred == 0:\n        tl.store(state, S)\n",
          "    tl.store(O + b * s_ob + h * s_oh + dv, acc.to(O.dtype.element_ty))\n"
          "    if deferred == 0:\n        tl.store(state, S)\n")],
-    # no gated norm, conv state or tape copy by a head's last program
+    # no gated norm or tape copy by a head's last program
     "no_tail": [('if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:',
                  'if tl.atomic_add(arrivals, 1, sem="acq_rel") == -1:')],
 }

@@ -857,6 +857,17 @@ def test_gdn_tiles_report_names_the_best_tile_per_cell_beside_its_floor(tmp_path
     assert lines[-1] == "Outputs against the first tile's: relative error at most 1.0e-06."
 
 
+def test_every_gdn_ablation_still_finds_the_kernel_text_it_edits():
+    """gdn_tiles --ablate edits kernels/gdn.py's source: an edit of the kernel that moves a line it names must move
+    the ablation too, or the probe fails on the GPU instead of here."""
+    from benchmarks.gdn_tiles import ABLATIONS
+
+    source = (REPO_ROOT / "blockspec" / "kernels" / "gdn.py").read_text()
+    for name, edits in ABLATIONS.items():
+        for old, new in edits:
+            assert source.count(old) == 1 and old != new, name
+
+
 def test_batch_probe_report_names_ops_backends_the_lone_prompt_the_engines_attention_setting_and_blas_paths(tmp_path):
     from benchmarks.batch_probe import report
 
