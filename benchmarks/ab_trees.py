@@ -5,7 +5,9 @@ by side on one warm machine.
 flags and reports alike), into .ab/COMMIT; git ignores .ab, so the device call must carry it. `run` (on the
 device machine, whose copy has no .git) runs one benchmark module in each staged tree, in staging order, and then in
 the checkout, each under its own timeout, its results in OUT/COMMIT and OUT/checkout and its commit recorded as the
-tree's. The shipped drafts are left out of the staged trees (random-weight workloads need none).
+tree's. The shipped drafts are left out of the staged trees (random-weight workloads need none). The first tree also
+compiles every Triton kernel on a fresh machine (engine_limit --qwen35 ran past 120 and 150 s there and wrote
+nothing, where the later trees took 50-70): give `--seconds` room for that.
 
     python -m benchmarks.ab_trees stage 6934400 78c14ce
     python -m benchmarks.ab_trees run --seconds 110 --out $OUT -- batch_throughput --workload qwen3_4b \\
