@@ -7,10 +7,11 @@ lanes) and the value dims across the other lanes (ROWS each) and the warps, so a
 and shuffles and the rank-one update needs no layout change.
 
 Both sides run the Qwen3.5-4B layer shape on all 24 Gated DeltaNet layers' states (so the states stream from HBM), at
-32 rows of 1 and 8 tokens: `_token_loop` (state load, the tokens, state store; no gated norm, no conv state) and
-`gdn_steps` without its last program's tail (gdn_tiles' no_tail ablation; it still copies the conv state and takes
-the arrival counter). Compare the per-token slopes, (8 tokens - 1 token) / 7: the fixed parts differ, the cost of a
-token does not. `_token_loop`'s outputs and states are checked against target/gdn.py's torch step.
+1 row (a decode's latency) and 32 rows (a batch's throughput) of 1 and 8 tokens: `_token_loop` (state load, the
+tokens, state store; no gated norm, no conv state) and `gdn_steps` at the 64 x 2 and 16 x 1 tiles without its last
+program's tail (gdn_tiles' no_tail ablation; it still copies the conv state and takes the arrival counter). Compare
+the per-token slopes, (8 tokens - 1 token) / 7: the fixed parts differ, the cost of a token does not.
+`_token_loop`'s outputs and states are checked against target/gdn.py's torch step.
 
     python -m benchmarks.gdn_layouts --out DIR        # on a CUDA machine
     python -m benchmarks.gdn_layouts --report FILE.json
@@ -32,7 +33,7 @@ from blockspec.kernels import use_settings
 from blockspec.target import TargetModel
 from blockspec.target.gdn import delta_rule_step
 
-ROWS, TOKENS = 32, (1, 8)
+ROWS, TOKENS = (1, 32), (1, 8)
 LAYOUTS = [(4, 1, 4), (4, 2, 4), (8, 2, 4), (8, 4, 2), (4, 4, 2), (2, 1, 4)]  # (lanes on the keys, value rows, warps)
 
 
@@ -122,37 +123,43 @@ def run(args: argparse.Namespace) -> dict:
     args_of = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
     steps = ablated("no_tail")
     record: dict = {**run_header(args), "rows": ROWS, "layouts": LAYOUTS, "cells": []}
-    cache = model.new_cache(ROWS, 32, verify_tokens=max(TOKENS), rollback="replay")
-    states = [cache.gdn_layer(i) for i in range(len(layers))]
     gen = torch.Generator(device=device).manual_seed(0)
-    for tokens in TOKENS:
-        cell: dict = {"tokens": tokens, "us": {}}
-        projected = torch.randn(ROWS, tokens, mixer.in_proj.weight.shape[0], device=device, dtype=torch.bfloat16,
-                                generator=gen)
-        positions = (5 + torch.arange(tokens, device=device))[None].expand(ROWS, -1).contiguous()
-        with torch.inference_mode(), use_settings(gdn_tile={"value_dims": 64, "warps": 2}):
-            cell["us"]["gdn_steps 64x2 no_tail"] = graph_ms(
-                lambda: [steps(projected, positions, *args_of, s) for s in states], device, 5, 5) * 1e3 / len(states)
-        q, k, v, beta, log_decay = inputs(ROWS, tokens, g.num_value_heads, g.key_head_dim, g.value_head_dim, device, 2)
-        decay, o, tape_u = log_decay.exp(), torch.empty_like(v, dtype=torch.bfloat16), torch.empty_like(v)
-        for layout in LAYOUTS:
-            cell["us"][f"gluon {layout}"] = graph_ms(
-                lambda: [token_loop(q, k, v, beta, decay, s.recurrent, o, tape_u, layout) for s in states], device, 5,
-                5) * 1e3 / len(states)
-        record["cells"].append(cell)
-        print(json.dumps(cell), flush=True)
+    for rows in ROWS:
+        cache = model.new_cache(rows, 32, verify_tokens=max(TOKENS), rollback="replay")
+        states = [cache.gdn_layer(i) for i in range(len(layers))]
+        for tokens in TOKENS:
+            cell: dict = {"rows": rows, "tokens": tokens, "us": {}}
+            projected = torch.randn(rows, tokens, mixer.in_proj.weight.shape[0], device=device, dtype=torch.bfloat16,
+                                    generator=gen)
+            positions = (5 + torch.arange(tokens, device=device))[None].expand(rows, -1).contiguous()
+            for value_dims, warps in ((64, 2), (16, 1)):  # the batch's tile and the one-row tile (tables/h100)
+                with torch.inference_mode(), use_settings(gdn_tile={"value_dims": value_dims, "warps": warps}):
+                    cell["us"][f"gdn_steps {value_dims}x{warps} no_tail"] = graph_ms(
+                        lambda: [steps(projected, positions, *args_of, s) for s in states], device, 5,
+                        5) * 1e3 / len(states)
+            q, k, v, beta, log_decay = inputs(rows, tokens, g.num_value_heads, g.key_head_dim, g.value_head_dim, device,
+                                              2)
+            decay, o, tape_u = log_decay.exp(), torch.empty_like(v, dtype=torch.bfloat16), torch.empty_like(v)
+            for layout in LAYOUTS:
+                cell["us"][f"gluon {layout}"] = graph_ms(
+                    lambda: [token_loop(q, k, v, beta, decay, s.recurrent, o, tape_u, layout) for s in states], device,
+                    5, 5) * 1e3 / len(states)
+            record["cells"].append(cell)
+            print(json.dumps(cell), flush=True)
     record["rel_err"] = {str(layout): check(layout, device) for layout in LAYOUTS}
     return record
 
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
-    one, eight = r["cells"]
     lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}. One Gated DeltaNet layer "
-             f"of the Qwen3.5-4B shape at {r['rows']} rows, us (24 layers' states, graphed):", "",
-             "| kernel | 1 token | 8 tokens | per token after the first |", "| --- | --- | --- | --- |"]
-    for name, us in one["us"].items():
-        lines.append(f"| {name} | {us:.1f} | {eight['us'][name]:.1f} | {(eight['us'][name] - us) / 7:.2f} |")
+             "of the Qwen3.5-4B shape, us (24 layers' states, graphed):", "",
+             "| rows | kernel | 1 token | 8 tokens | per token after the first |", "| --- | --- | --- | --- | --- |"]
+    cells = {(c.get("rows", r["rows"]), c["tokens"]): c["us"] for c in r["cells"]}
+    for rows in sorted({rows for rows, _ in cells}):
+        one, eight = cells[rows, 1], cells[rows, 8]
+        for name, us in one.items():
+            lines.append(f"| {rows} | {name} | {us:.1f} | {eight[name]:.1f} | {(eight[name] - us) / 7:.2f} |")
     errors = ", ".join(f"{name} {e:.1e}" for name, e in r["rel_err"].items())
     return "\n".join(lines + ["", f"Gluon against the torch step, relative error: {errors}."])
 
