@@ -422,7 +422,11 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
-    _gdn_steps[(b, heads, value_dim // block_v)](
+    kernel, layout = _gdn_steps, {}
+    if "key_lanes" in tile and projected.is_cuda:  # the Gluon kernel, its layout written out
+        from blockspec.kernels.gdn_gluon import steps_kernel as kernel
+        layout = {"LANES": tile["key_lanes"]}
+    kernel[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
         layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
@@ -433,7 +437,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
         DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, num_warps=tile["warps"],
-        enable_fp_fusion=False, **pdl_options(projected))
+        enable_fp_fusion=False, **layout, **pdl_options(projected))
     return out
 
 
