@@ -36,6 +36,7 @@ in the recurrence's last programs and in a prefill's `_gdn_output`.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -391,6 +392,16 @@ def _key_heads(layer: GDNLayerState, channels: int) -> int:
     return (channels - heads * value_dim) // (2 * key_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _gluon_steps() -> Callable | None:
+    """kernels/gdn_gluon.py's recurrence; None without Gluon (Triton < 3.6), which leaves Triton's."""
+    try:
+        from blockspec.kernels.gdn_gluon import steps_kernel
+    except ImportError:
+        return None
+    return steps_kernel
+
+
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
               lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
@@ -423,9 +434,8 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
     kernel, layout = _gdn_steps, {}
-    if "key_lanes" in tile and projected.is_cuda:  # the Gluon kernel, its layout written out
-        from blockspec.kernels.gdn_gluon import steps_kernel as kernel
-        layout = {"LANES": tile["key_lanes"]}
+    if "key_lanes" in tile and projected.is_cuda and _gluon_steps() is not None:  # its layout written out
+        kernel, layout = _gluon_steps(), {"LANES": tile["key_lanes"]}
     kernel[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
         layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
