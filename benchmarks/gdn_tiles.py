@@ -2,9 +2,10 @@
 (issue 25: on the H100 the batched Qwen3.5-4B AR step grew by 0.33 ms a row, 3.4x its floor at 32 rows.)
 
 A tile is the value dims of one value head's state that a program holds, and its warps: narrow tiles put more
-programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. For the Qwen3.5-4B
-layer shape (32 value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or
-16 (a verify block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
+programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. A tile named VxWlL
+runs the Gluon kernel (kernels/gdn_gluon.py) with L lanes of a warp on the keys. For the Qwen3.5-4B layer shape (32
+value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or 16 (a verify
+block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
 layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's
 state read and written once, what commit keeps per token (the tape), and the projections in and the outputs out.
 Each tile's outputs are checked against the first's.

@@ -402,6 +402,13 @@ def _gluon_steps() -> Callable | None:
     return steps_kernel
 
 
+def _gluon_fits(tile: dict, key_dim: int, block_v: int) -> bool:
+    """Whether `tile` names the Gluon recurrence's layout ("key_lanes") and it covers a [key_dim, block_v] state tile
+    exactly (a head narrower than the tile takes Triton's kernel)."""
+    lanes = tile.get("key_lanes")
+    return lanes is not None and key_dim % lanes == 0 and block_v % (32 // lanes * tile["warps"]) == 0
+
+
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
               lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
@@ -434,7 +441,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
     kernel, layout = _gdn_steps, {}
-    if "key_lanes" in tile and projected.is_cuda and _gluon_steps() is not None:  # its layout written out
+    if _gluon_fits(tile, key_dim, block_v) and projected.is_cuda and _gluon_steps() is not None:
         kernel, layout = _gluon_steps(), {"LANES": tile["key_lanes"]}
     kernel[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
