@@ -2,10 +2,9 @@
 (issue 25: on the H100 the batched Qwen3.5-4B AR step grew by 0.33 ms a row, 3.4x its floor at 32 rows.)
 
 A tile is the value dims of one value head's state that a program holds, and its warps: narrow tiles put more
-programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. A tile named VxWlL
-runs the Gluon kernel (kernels/gdn_gluon.py) with L lanes of a warp on the keys. For the Qwen3.5-4B layer shape (32
-value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or 16 (a verify
-block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
+programs on the state, wide ones fewer and larger, and more warps take fewer registers a thread. For the Qwen3.5-4B
+layer shape (32 value heads of 128, 16 key heads, conv kernel 4), at 1, 8 and 32 rows and 1 token (a decode) or 8 or
+16 (a verify block), each tile is timed as CUDA-graph replays of one `gdn_steps` per Gated DeltaNet layer over all 24
 layers' states (so the states stream from HBM, as in a step), with rollback by replay, beside its floor: every row's
 state read and written once, what commit keeps per token (the tape), and the projections in and the outputs out.
 Each tile's outputs are checked against the first's.
@@ -39,9 +38,6 @@ from blockspec.target import TargetModel
 # (value dims, warps), the H100 table's first. One-warp tiles keep every reduction inside a warp (95 and 159 registers
 # for 8x1 and 16x1, offline for sm_90); gdn_tiles-20261205-184558.json timed 16x1 the best at one row
 TILES = [(16, 1), (8, 1), (16, 2), (32, 2), (32, 4), (64, 2), (64, 4), (128, 8)]
-# the Gluon kernel's (kernels/gdn_gluon.py), named VxWlL: value dims x warps, L lanes on the keys; compiled offline
-# for sm_90 without spills
-GLUON_TILES = ["8x1l4", "16x2l4", "16x4l8", "32x4l8", "32x4l4", "64x4l4"]
 ROWS = (1, 8, 32)
 TOKENS = (1, 8, 16)
 
@@ -49,8 +45,8 @@ TOKENS = (1, 8, 16)
 # one edit of kernels/gdn.py each (old text, new text), in `_gdn_steps` and its launch
 ABLATIONS = {
     # fused multiply-adds: fewer fp32 instructions, if instruction issue bounds a token
-    "fma": [("\n        enable_fp_fusion=False, **layout, **pdl_options(projected))\n    return out\n",
-             "\n        enable_fp_fusion=True, **layout, **pdl_options(projected))\n    return out\n")],
+    "fma": [("\n        enable_fp_fusion=False, **pdl_options(projected))\n    return out\n",
+             "\n        enable_fp_fusion=True, **pdl_options(projected))\n    return out\n")],
     # one sum over the keys a token instead of two (the innovation reuses S^T q)
     "one_sum": [("innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta", "innovation = (v - seen) * beta")],
     # no stores inside the token loop: the outputs and innovations summed, stored once after it
@@ -90,18 +86,6 @@ def ablated(name: str) -> Callable:
     return module.gdn_steps
 
 
-def tile_of(name: str) -> dict:
-    """A gdn_tile from its name: "64x2" (Triton's kernel) or "32x4l8" (Gluon's, 8 lanes on the keys)."""
-    value_dims, rest = name.split("x")
-    warps, _, lanes = rest.partition("l")
-    return {"value_dims": int(value_dims), "warps": int(warps), **({"key_lanes": int(lanes)} if lanes else {})}
-
-
-def tile_name(tile: dict) -> str:
-    lanes = f"l{tile['key_lanes']}" if "key_lanes" in tile else ""
-    return f"{tile['value_dims']}x{tile['warps']}{lanes}"
-
-
 def floor_bytes(model: TargetModel, rows: int, tokens: int) -> int:
     """What one Gated DeltaNet layer's decode or verify must move for `rows` rows of `tokens` tokens."""
     g, item = model.config.gdn, model.embed_tokens.weight.element_size()
@@ -119,18 +103,16 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
     dtype = torch.float32 if tiny else torch.bfloat16
     model = TargetModel.random(qwen35_4b_config(tiny), device=device, dtype=dtype, seed=0, rope_theta=1e7)
-    chosen = [tile_of(name) for name in args.tiles] if args.tiles else [tile_of(f"{v}x{w}") for v, w in TILES]
-    tiles = [tile for tile in chosen if tile["value_dims"] <= model.config.gdn.value_head_dim]
+    chosen = [tuple(map(int, name.split("x"))) for name in args.tiles] if args.tiles else TILES
+    tiles = [(v, w) for v, w in chosen if v <= model.config.gdn.value_head_dim]
     kernels = {"": gdn_steps, **{name: ablated(name) for name in args.ablate}}
-    # ablations edit kernels/gdn.py's Triton kernel: the Gluon tiles run as they are
-    columns = [(tile_name(tile) + (f" {name}" if name else ""), tile, name) for tile in tiles for name in kernels
-               if not (name and "key_lanes" in tile)]
+    columns = [(f"{v}x{w}" + (f" {name}" if name else ""), (v, w), name) for v, w in tiles for name in kernels]
     layers = [model.layers[i].linear_attn for i in model.config.gdn_layers]
     mixer = layers[0]
     args_of = (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps)
     width = mixer.in_proj.weight.shape[0]
-    record: dict = {**run_header(args), "copy_bandwidth_GBps": bandwidth / 1e9,
-                    "tiles": [tile_name(tile) for tile in tiles], "columns": [c[0] for c in columns], "cells": []}
+    record: dict = {**run_header(args), "copy_bandwidth_GBps": bandwidth / 1e9, "tiles": tiles,
+                    "columns": [c[0] for c in columns], "cells": []}
     gen = torch.Generator(device=device).manual_seed(0)
     for rows in (1, 2) if tiny else args.rows:
         cache = model.new_cache(rows, 32, verify_tokens=max(args.tokens), rollback="replay")
@@ -141,9 +123,9 @@ def run(args: argparse.Namespace) -> dict:
             floor_us = floor_bytes(model, rows, tokens) / bandwidth * 1e6
             cell: dict = {"rows": rows, "tokens": tokens, "floor_us": floor_us, "tiles": {}}
             reference, start = None, [t.clone() for t in (states[0].conv, states[0].recurrent)]
-            for column, tile, name in columns:
+            for column, (value_dims, warps), name in columns:
                 steps = kernels[name]
-                with torch.inference_mode(), use_settings(gdn_tile=tile):
+                with torch.inference_mode(), use_settings(gdn_tile={"value_dims": value_dims, "warps": warps}):
                     states[0].conv.copy_(start[0])  # each tile's checked call from the same states
                     states[0].recurrent.copy_(start[1])
                     cache.arrivals.zero_()  # no_tail's replays never reset a head's counter
@@ -163,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def report(path: str) -> str:
     r = json.loads(Path(path).read_text())
-    names = r.get("columns") or [f"{v}x{w}" for v, w in r["tiles"]]  # files before "columns" listed pairs
+    names = r.get("columns") or [f"{v}x{w}" for v, w in r["tiles"]]
     lines = [f"Device {r['device']}, torch {r['torch']}, commit {r['commit']}, {r['date']}; copy bandwidth "
              f"{r['copy_bandwidth_GBps']:.0f} GB/s. One Gated DeltaNet layer of the Qwen3.5-4B shape (rollback by "
              f"replay), us per layer (x floor), per tile (value dims x warps):", "",
@@ -183,9 +165,8 @@ def main() -> None:
     parser = parser_with_common_flags(__doc__)
     parser.add_argument("--rows", type=int, nargs="+", default=list(ROWS))
     parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS))
-    parser.add_argument("--tiles", nargs="+", choices=[f"{v}x{w}" for v, w in TILES] + GLUON_TILES, default=None,
-                        help="value dims x warps (default: every tile of TILES); lL: the Gluon kernel's, L lanes on "
-                             "the keys")
+    parser.add_argument("--tiles", nargs="+", choices=[f"{v}x{w}" for v, w in TILES], default=None,
+                        help="value dims x warps (default: every tile of TILES)")
     parser.add_argument("--ablate", nargs="+", choices=list(ABLATIONS), default=[],
                         help="also time these edits of the kernel (ABLATIONS), per tile")
     run_and_report(parser, run, report, "gdn_tiles")

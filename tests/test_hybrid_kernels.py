@@ -34,10 +34,6 @@ from test_kernels import reference_attention  # noqa: E402
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 
 ROWS, PROMPT, BLOCK = 3, 12, 8
-# the Gluon recurrence's tiles (kernels/gdn_gluon.py) for the tiny heads of 8 keys and 8 value dims: a program a head,
-# and two a head (the last to arrive applies the gated norm); Gluon has no interpreter
-GLUON_TILES = [{"value_dims": 8, "warps": 2, "key_lanes": 8}, {"value_dims": 4, "warps": 1, "key_lanes": 8}]
-ON_GPU = pytest.mark.skipif(DEVICE != "cuda", reason="Gluon kernels run on a GPU only")
 
 
 @pytest.fixture
@@ -47,14 +43,6 @@ def kernels_on_cpu(monkeypatch):
     if INTERPRET:
         for module in ("blockspec.target.gdn", "blockspec.cache"):
             monkeypatch.setattr(f"{module}.fused_kernels_apply", lambda *tensors: True)
-
-
-@pytest.fixture(params=[None, *(pytest.param(tile, marks=ON_GPU) for tile in GLUON_TILES)],
-                ids=["table", "gluon-head", "gluon-half-head"])
-def steps_tile(request):
-    """The recurrence's kernel: Triton's under the table's tile, or Gluon's."""
-    with use_settings(gdn_tile=request.param):
-        yield request.param
 
 
 def tiny_target(seed: int, dtype: torch.dtype = torch.float32, **shape):
@@ -84,11 +72,9 @@ def decode_session(model, fused: bool, rollback: str) -> tuple[list[torch.Tensor
     return logits, cache
 
 
-@pytest.mark.parametrize("rollback, tile, deferred", [
-    ("states", None, False), ("replay", None, False), ("replay", None, True),
-    ("replay", {"value_dims": 4, "warps": 2}, True),
-    *(pytest.param(rollback, tile, deferred, marks=ON_GPU) for tile in GLUON_TILES
-      for rollback, deferred in (("states", False), ("replay", True)))])
+@pytest.mark.parametrize("rollback, tile, deferred", [("states", None, False), ("replay", None, False),
+                                                      ("replay", None, True),
+                                                      ("replay", {"value_dims": 4, "warps": 2}, True)])
 def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernels_on_cpu, rollback, tile, deferred):
     """Also with a program tile other than the table's (half of an 8-dim value head a program, where the table's 8
     takes it whole: the tiling benchmarks/gdn_tiles.py varies; the last of a head's tiles applies the gated norm and
@@ -109,7 +95,7 @@ def test_decode_verify_and_commit_through_the_kernels_match_the_torch_ops(kernel
 
 
 @pytest.mark.parametrize("deferred", [False, True], ids=["replayed", "deferred"])
-def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernels_on_cpu, steps_tile, deferred):
+def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernels_on_cpu, deferred):
     """The replay at commit, and the replay deferred into the next decode, reach the kept states bit for bit."""
     model = tiny_target(seed=22)
     _, states = decode_session(model, True, "states")
@@ -118,7 +104,7 @@ def test_replay_commit_equals_the_kernels_per_position_states_bit_for_bit(kernel
     assert torch.equal(states.recurrent, replay.recurrent) and torch.equal(states.conv, replay.conv)
 
 
-def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kernels_on_cpu, steps_tile):
+def test_a_deferred_commit_moves_with_its_row_and_settles_before_a_prefill(kernels_on_cpu):
     """On the kernels' path a "replay" commit leaves its updates pending: a row that moves takes them along, the next
     verify applies them before its block (and its tape then holds the block's updates for the next commit), and a
     forward that reads the state as it stands (here a prefill continuing the rows, which takes the torch ops) applies
@@ -201,7 +187,7 @@ def mixer_launch(seed: int, rollback: str, rows: int = ROWS, tokens: int = BLOCK
     return projected, (mixer.conv1d.weight, mixer.A_log, mixer.dt_bias, mixer.norm.weight, mixer.norm.eps), caches
 
 
-def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on_cpu, steps_tile):
+def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on_cpu):
     """The kernel's per-token work does not depend on the block: n tokens in one launch and one launch per token
     give bit-identical outputs, conv and recurrent states (row 0 starting a new sequence at position 0)."""
     projected, args, caches = mixer_launch(23, "states")
@@ -217,7 +203,7 @@ def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on
     assert torch.equal(caches[0].steps[0, :, -1], caches[1].steps[0, :, 0])  # the last token's state, kept both ways
 
 
-def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu, steps_tile):
+def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
     """Prompts prefilled together are right-padded: with `lengths` each row's recurrent and conv state after the
     launch equal, bit for bit, those of its own tokens alone (a padding token leaves the state as it was)."""
     projected, args, caches = mixer_launch(24, "replay")
@@ -379,15 +365,12 @@ def qwen35_shaped(dtype: torch.dtype):
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a GPU run (the interpreter takes ~13 s a forward: decode_session "
                                              "covers the GDN kernels there)")
-@pytest.mark.parametrize("rollback, dtype, tile", [
-    ("states", torch.float32, None), ("states", torch.bfloat16, None), ("replay", torch.float32, None),
-    ("replay", torch.bfloat16, None), ("states", torch.float32, {"value_dims": 32, "warps": 4, "key_lanes": 8}),
-    ("replay", torch.bfloat16, {"value_dims": 32, "warps": 4, "key_lanes": 8})],
-    ids=["states-fp32", "states-bf16", "replay-fp32", "replay-bf16", "states-fp32-gluon", "replay-bf16-gluon"])
-def test_greedy_decoding_through_the_kernels_equals_the_torch_ops_graphed_and_eager(rollback, dtype, tile):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rollback", ["states", "replay"])
+def test_greedy_decoding_through_the_kernels_equals_the_torch_ops_graphed_and_eager(rollback, dtype):
     """A Qwen3.5-shaped target with a DFlash draft, batched with ragged acceptance: in fp32 the tokens through the
     kernels, eager and graphed, are those of the plain torch ops; in bf16 (where the two round differently) graphed
-    and eager kernel runs agree. Also with the Gluon recurrence (`tile`)."""
+    and eager kernel runs agree."""
     target = qwen35_shaped(dtype)
     draft = build_draft(target.model.config, "dflash", seed=7, num_layers=2, block_size=8,
                         target_layer_ids=[1, 2, 4]).to(DEVICE, dtype)
@@ -395,9 +378,8 @@ def test_greedy_decoding_through_the_kernels_equals_the_torch_ops_graphed_and_ea
     params = [greedy(40), greedy(25), greedy(33)]
 
     def generate(use_graphs: bool):
-        with use_settings(gdn_tile=tile):
-            decoder = BatchDecoder(target, draft, max_batch=4, max_len=128, rollback=rollback, use_graphs=use_graphs)
-            return [(r.token_ids, r.stats.acceptance_lengths) for r in decoder.generate(prompts, params)]
+        decoder = BatchDecoder(target, draft, max_batch=4, max_len=128, rollback=rollback, use_graphs=use_graphs)
+        return [(r.token_ids, r.stats.acceptance_lengths) for r in decoder.generate(prompts, params)]
 
     eager = generate(False)
     assert generate(True) == eager

@@ -36,7 +36,6 @@ in the recurrence's last programs and in a prefill's `_gdn_output`.
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -392,23 +391,6 @@ def _key_heads(layer: GDNLayerState, channels: int) -> int:
     return (channels - heads * value_dim) // (2 * key_dim)
 
 
-@functools.lru_cache(maxsize=None)
-def _gluon_steps() -> Callable | None:
-    """kernels/gdn_gluon.py's recurrence; None without Gluon (Triton < 3.6), which leaves Triton's."""
-    try:
-        from blockspec.kernels.gdn_gluon import steps_kernel
-    except ImportError:
-        return None
-    return steps_kernel
-
-
-def _gluon_fits(tile: dict, key_dim: int, block_v: int) -> bool:
-    """Whether `tile` names the Gluon recurrence's layout ("key_lanes") and it covers a [key_dim, block_v] state tile
-    exactly (a head narrower than the tile takes Triton's kernel)."""
-    lanes = tile.get("key_lanes")
-    return lanes is not None and key_dim % lanes == 0 and block_v % (32 // lanes * tile["warps"]) == 0
-
-
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
               lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
@@ -440,10 +422,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
-    kernel, layout = _gdn_steps, {}
-    if _gluon_fits(tile, key_dim, block_v) and projected.is_cuda and _gluon_steps() is not None:
-        kernel, layout = _gluon_steps(), {"LANES": tile["key_lanes"]}
-    kernel[(b, heads, value_dim // block_v)](
+    _gdn_steps[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
         layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
@@ -454,7 +433,7 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
         DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, num_warps=tile["warps"],
-        enable_fp_fusion=False, **layout, **pdl_options(projected))
+        enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
