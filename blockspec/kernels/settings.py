@@ -48,7 +48,7 @@ class KernelSettings:
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
         device allow it; False: the per-op kernels.
     fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
-        (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
+        (kernels/gdn.py, one launch a layer) instead of its torch ops (about ten a token).
     defer_replay_rows: with fused_gdn, a "replay" commit of this many rows or more only records the kept counts,
         and the next decode or verify applies them to the states it loads anyway (one read of every state a step
         instead of three); fewer rows replay at commit, where the kept updates would lengthen every layer's serial
