@@ -49,22 +49,10 @@ ABLATIONS = {
              "\n        enable_fp_fusion=True, **pdl_options(projected))\n    return out\n")],
     # one sum over the keys a token instead of two (the innovation reuses S^T q)
     "one_sum": [("innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta", "innovation = (v - seen) * beta")],
-    # no output or innovation stores inside the token loop: both summed, stored once after it
-    "no_token_stores": [
-        ("    k_at, decay_at = KS + b * s_kb + h * s_kh + dk, DECAYS + b * s_db + h\n",
-         "    k_at, decay_at = KS + b * s_kb + h * s_kh + dk, DECAYS + b * s_db + h\n"
-         "    acc = tl.zeros([BV], tl.float32)\n"),
-        ("        tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))\n", "        acc += o\n"),
-        ("            tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)\n",
-         "            acc += innovation\n"),
-        ("    if deferred == 0:\n        tl.store(state, S)\n",
-         "    tl.store(O + b * s_ob + h * s_oh + dv, acc.to(O.dtype.element_ty))\n"
-         "    if deferred == 0:\n        tl.store(state, S)\n")],
     # every token takes the first token's inputs (no loads, conv, norms or gates in the loop): what computing a
     # token's inputs inside the recurrence costs its serial path
     "no_token_inputs": [
-        ("        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV, "
-         "more)\n", ""),
+        ("        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV)\n", ""),
         ("        inputs = next_inputs\n        q, k, v, beta, decay, windows = _token(",
          "        if t < 0:\n            q, k, v, beta, decay, windows = _token(")],
     # no gated norm or tape copy by a head's last program

@@ -164,12 +164,11 @@ def _conv_silu_next(window, x, W, channels, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def _token_inputs(row, q_channels, k_channels, v_channels, gates, HV: tl.constexpr, more):
+def _token_inputs(row, q_channels, k_channels, v_channels, gates, HV: tl.constexpr):
     """What a program takes of a token's projection `row`: its q, k and v channels' conv inputs and its head's b and
-    a (at `gates` and HV columns on), where `more` (zeros past the last token)."""
-    return (tl.load(row + q_channels, mask=more, other=0.0), tl.load(row + k_channels, mask=more, other=0.0),
-            tl.load(row + v_channels, mask=more, other=0.0), tl.load(row + gates, mask=more, other=0.0),
-            tl.load(row + gates + HV, mask=more, other=0.0))
+    a (at `gates` and HV columns on)."""
+    return (tl.load(row + q_channels), tl.load(row + k_channels), tl.load(row + v_channels), tl.load(row + gates),
+            tl.load(row + gates + HV))
 
 
 @triton.jit
@@ -190,6 +189,37 @@ def _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels, decay_sc
     q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
     beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 1.0)
     return q, k, v, beta, decay, (q_window, k_window, v_window)
+
+
+@triton.jit
+def _delta_step(S, q, k, v, beta, decay):
+    """One token through the state tile S (`delta_rule_step`): the new S, the output and the innovation. The output
+    S_new^T q is taken as S^T q + innovation (k . q): its reduction runs beside the innovation's, not after the
+    update, which keeps one pass over the state off each token's serial path."""
+    S = S * decay
+    seen = tl.sum(S * q[:, None], axis=0)
+    innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
+    S = S + k[:, None] * innovation[None, :]
+    return S, seen + innovation * tl.sum(k * q, axis=0), innovation
+
+
+@triton.jit
+def _store_token(t, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn, decay_at,
+                 s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk,
+                 KEEP_STATES: tl.constexpr, KERNEL: tl.constexpr):
+    """What token t leaves: its output, its state (KEEP_STATES) or its tape update (k and the decay from a head's
+    first tile), and its conv inputs in the window (q and k from a key head's first program)."""
+    tl.store(o_at + t * s_on, o.to(o_at.dtype.element_ty))
+    if KEEP_STATES:
+        tl.store(steps_at + t * s_tt, S)
+    else:
+        tl.store(u_at + t * s_ut, innovation)
+        tl.store(k_at + t * s_kn, k, mask=first_tile)
+        tl.store(decay_at + t * s_dn, decay, mask=first_tile)
+    row = window + (KERNEL - 1 + t) * s_wt
+    tl.store(row + q_channels, inputs[0], mask=owns_qk)
+    tl.store(row + k_channels, inputs[1], mask=owns_qk)
+    tl.store(row + v_channels, inputs[2])
 
 
 @triton.jit
@@ -231,8 +261,15 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, STATE, 
     x, conv, window = PROJ + b * s_pb, CONV + b * s_cb, WINDOW + b * s_wb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     m = tl.load(LENGTHS + b) if RAGGED else n  # the row's real tokens
+    # everything the first token needs is asked for before any store (stores may alias loads: they would wait)
     windows = (_old_inputs(conv, s_cc, q_channels, kept, KERNEL), _old_inputs(conv, s_cc, k_channels, kept, KERNEL),
                _old_inputs(conv, s_cc, v_channels, kept, KERNEL))
+    tile = dk[:, None] * DV + dv[None, :]
+    state = STATE + b * s_sb + h * s_sh + tile
+    S = tl.load(state, mask=kept, other=0.0)
+    inputs = _token_inputs(x, q_channels, k_channels, v_channels, gates, HV)
+    decay_scale = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
+    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
     # the conv window: a key head's first program writes its q and k channels (q, k, v take turns in the tuple)
     owns_qk = first_tile & (h % SHARED == 0)
     for j in tl.static_range(KERNEL - 1):
@@ -246,10 +283,6 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, STATE, 
         _store_conv_state(conv, s_cc, x, s_pn, q_channels, windows[0], m, KERNEL)
         _store_conv_state(conv, s_cc, x, s_pn, k_channels, windows[1], m, KERNEL)
         tl.store(readers, 0)
-
-    tile = dk[:, None] * DV + dv[None, :]
-    state = STATE + b * s_sb + h * s_sh + tile
-    S = tl.load(state, mask=kept, other=0.0)
     if not DEFERS:
         if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
             tl.store(state, S, mask=kept == 0)
@@ -260,37 +293,26 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, STATE, 
         tl.debug_barrier()  # every thread's reads of the tape before this program's stores of the block's updates
         if deferred != 0:
             tl.store(state, S, mask=(kept == 0) | (pending > 0))
-    decay_scale = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
-    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
-    inputs = _token_inputs(x, q_channels, k_channels, v_channels, gates, HV, True)
     q, k, v, beta, decay, windows = _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels, decay_scale,
                                            dt_bias, (0 < m) if RAGGED else True, DK, KERNEL)
     k_at, decay_at = KS + b * s_kb + h * s_kh + dk, DECAYS + b * s_db + h
-    for t in range(n):
-        # the next token's projection is loaded before this token's work, so its latency hides behind it
-        more = t + 1 < n
-        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV, more)
-        S = S * decay
-        # the output S_new^T q = S^T q + innovation (k . q): its reduction runs beside the innovation's, not after
-        # the update, which keeps one pass over the state off each token's serial path
-        seen = tl.sum(S * q[:, None], axis=0)
-        innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
-        S = S + k[:, None] * innovation[None, :]
-        o = seen + innovation * tl.sum(k * q, axis=0)
-        tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))
-        if KEEP_STATES:
-            tl.store(STEPS + b * s_tb + t * s_tt + h * s_th + tile, S)
-        else:  # the tape's update (k and the decay from a head's first tile)
-            tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)
-            tl.store(k_at + t * s_kn, k, mask=first_tile)
-            tl.store(decay_at + t * s_dn, decay, mask=first_tile)
-        row = window + (KERNEL - 1 + t) * s_wt
-        tl.store(row + q_channels, inputs[0], mask=owns_qk)
-        tl.store(row + k_channels, inputs[1], mask=owns_qk)
-        tl.store(row + v_channels, inputs[2])
+    o_at, u_at = O + b * s_ob + h * s_oh + dv, TAPE_U + b * s_ub + h * s_uh + dv
+    steps_at = STEPS + b * s_tb + h * s_th + tile
+    for t in range(n - 1):
+        # the next token's projection is loaded before this token's update and its inputs computed after it, both
+        # beside the update's latency
+        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV)
+        S, o, innovation = _delta_step(S, q, k, v, beta, decay)
+        _store_token(t, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn,
+                     decay_at, s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk,
+                     KEEP_STATES, KERNEL)
         inputs = next_inputs
         q, k, v, beta, decay, windows = _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels,
                                                decay_scale, dt_bias, (t + 1 < m) if RAGGED else True, DK, KERNEL)
+    S, o, innovation = _delta_step(S, q, k, v, beta, decay)  # the last token: nothing to prepare after it
+    _store_token(n - 1, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn,
+                 decay_at, s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk, KEEP_STATES,
+                 KERNEL)
     if deferred == 0:
         tl.store(state, S)
     # The last of a head's value tiles to finish applies the gated norm to the head's outputs.
