@@ -7,9 +7,9 @@ state in registers (the tile: `gdn_tile`) and runs the tokens through it one by 
 inputs come straight from the projection, with the torch path's per-token arithmetic: the causal conv + SiLU of the
 head's q and k channels and of its own value dims (the conv's last K-1 inputs carried in registers), the L2 norms of
 q and k, beta and the decay from b, a, A_log and dt_bias. Every program of a key head computes its q and k (a few
-hundred channels, from L2), and the next token's projection is loaded before this token's state update: the
-separate inputs launch this replaced cost a one-row token 4.6 of its 11.8 us a layer (gdn_tiles-20261207-195444.json).
-The kernel writes each token's output, what commit needs (the state after each token, or the replay tape), the conv
+hundred channels, from L2) rather than wait for a launch of their own (design notes); the next token's projection
+is loaded before this token's update and its inputs computed after it, beside the update's latency. The kernel
+writes each token's output, what commit needs (the state after each token, or the replay tape), the conv
 window (the conv state, then the tokens' inputs: commit takes the kept prefix's conv state from it) and the final
 states, except in a verify that commit follows: commit then sets the recurrent state once (`_gdn_replay` advances
 it in place by the kept updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many
@@ -352,7 +352,6 @@ def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_
     z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv, mask=real, other=0.0).to(tl.float32)
     tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty),
              mask=real)
-
 
 
 @triton.jit
