@@ -45,18 +45,26 @@ TOKENS = (1, 8, 16)
 # one edit of kernels/gdn.py each (old text, new text), in `_gdn_steps` and its launch
 ABLATIONS = {
     # fused multiply-adds: fewer fp32 instructions, if instruction issue bounds a token
-    "fma": [("\n        num_warps=tile[\"warps\"], enable_fp_fusion=False, **pdl)\n    return out\n",
-             "\n        num_warps=tile[\"warps\"], enable_fp_fusion=True, **pdl)\n    return out\n")],
+    "fma": [("\n        enable_fp_fusion=False, **pdl_options(projected))\n    return out\n",
+             "\n        enable_fp_fusion=True, **pdl_options(projected))\n    return out\n")],
     # one sum over the keys a token instead of two (the innovation reuses S^T q)
     "one_sum": [("innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta", "innovation = (v - seen) * beta")],
-    # every token takes the first token's inputs (no loads, conv, norms or gates in the loop): what computing a
-    # token's inputs inside the recurrence costs its serial path
-    "no_token_inputs": [
-        ("        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV)\n", ""),
-        ("        inputs = next_inputs\n        q, k, v, beta, decay, windows = _token(",
-         "        if t < 0:\n            q, k, v, beta, decay, windows = _token(")],
+    # no stores inside the token loop: the outputs and innovations summed, stored once after it
+    "no_token_stores": [
+        ("    beta, decay = tl.load(beta_at), tl.load(decay_at)\n",
+         "    beta, decay = tl.load(beta_at), tl.load(decay_at)\n    acc = tl.zeros([BV], tl.float32)\n"),
+        ("        tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))\n", "        acc += o\n"),
+        ("            tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)\n",
+         "            acc += innovation\n"),
+        ("    if deferred == 0:\n        tl.store(state, S)\n",
+         "    tl.store(O + b * s_ob + h * s_oh + dv, acc.to(O.dtype.element_ty))\n"
+         "    if deferred == 0:\n        tl.store(state, S)\n")],
+    # no inputs launch in a decode or verify (the recurrence reads its buffers as they are): what fusing the conv,
+    # norms and gates into `_gdn_steps` could save at most, a launch and its round trip through memory
+    "no_inputs": [("\n    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),",
+                   "\n    if prefill:\n      _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),")],
     # no gated norm or tape copy by a head's last program
-    "no_tail": [('if tl.atomic_add(arrivals, 1, sem="acq_rel") == TILES - 1:',
+    "no_tail": [('if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:',
                  'if tl.atomic_add(arrivals, 1, sem="acq_rel") == -1:')],
 }
 

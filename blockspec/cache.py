@@ -165,9 +165,8 @@ class HybridCache(KVCache):
         self.conv = torch.zeros(*rows, channels, kernel - 1, dtype=dtype, device=device)
         self.recurrent = torch.zeros(*rows, *state_shape, **fp32)
         self.windows = torch.zeros(*rows, kernel - 1 + verify_tokens, channels, dtype=dtype, device=device)
-        # the CUDA decode's counts (kernels/gdn.py), zero between launches: per value head its tiles done, per key
-        # head its programs done reading the conv state
-        self.arrivals = torch.zeros(*rows, 2, heads, dtype=torch.int32, device=device)
+        # the CUDA decode's count of a head's value tiles done (kernels/gdn.py); zero between launches
+        self.arrivals = torch.zeros(*rows, heads, dtype=torch.int32, device=device)
         if rollback == "states":
             self.steps = torch.zeros(*rows, verify_tokens, *state_shape, **fp32)
         else:

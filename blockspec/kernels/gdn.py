@@ -1,31 +1,30 @@
-"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in one kernel, the commit of a
+"""Gated DeltaNet decode and verify (the linear-attention layers of Qwen3.5 targets) in two kernels, the commit of a
 "replay" cache, and a prefill's inputs and gated norm around a chunked recurrence (SPEC section 9; the torch path and
 the arithmetic are in target/gdn.py).
 
+`_gdn_inputs`: a program per (row, tile of tokens, key head) computes what the recurrence takes, with the torch
+path's per-token arithmetic: the causal conv + SiLU of the head's q and k channels and of the v channels of the value
+heads it serves (from the conv state, then the projection), the L2 norms of q and k, beta and the decay from b, a,
+A_log and dt_bias; it also writes the conv window. Apart from the recurrence, all tokens at once: the serial part
+below does no more than it must.
+
 `_gdn_steps`: a program per (row, value head, block of value dims) holds its [Dk, value dims] slice of the fp32
-state in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). A token's
-inputs come straight from the projection, with the torch path's per-token arithmetic: the causal conv + SiLU of the
-head's q and k channels and of its own value dims (the conv's last K-1 inputs carried in registers), the L2 norms of
-q and k, beta and the decay from b, a, A_log and dt_bias. Every program of a key head computes its q and k (a few
-hundred channels, from L2) rather than wait for a launch of their own (design notes); the next token's projection
-is loaded before this token's update and its inputs computed after it, beside the update's latency. The kernel
-writes each token's output, what commit needs (the state after each token, or the replay tape), the conv
-window (the conv state, then the tokens' inputs: commit takes the kept prefix's conv state from it) and the final
-states, except in a verify that commit follows: commit then sets the recurrent state once (`_gdn_replay` advances
-it in place by the kept updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many
-(`pending`, per row and head; in a cache that may defer), which the next decode or verify of as many rows applies
-here first, with the same arithmetic, storing the committed state before its block: one read of every state a step
-instead of three (a pass of fewer rows compiles without that and finds the states settled). A verify of n tokens and
-n one-token decodes run the same code per token, so they make the same choices.
+state in registers (the tile: `gdn_tile`) and runs the tokens through it one by one (`delta_rule_step`). It writes
+each token's output, what commit needs (the state after each token, or the replay tape) and the final state, except
+in a verify that commit follows: commit then sets the state once (`_gdn_replay` advances it in place by the kept
+updates), or, in a batch of KernelSettings.defer_replay_rows or more, records how many (`pending`, per row and head;
+in a cache that may defer), which the next decode or verify of as many rows applies here first, with the same
+arithmetic, storing the committed state before its block: one read of every state a step instead of three (a pass
+of fewer rows compiles without that and finds the states settled). A verify of n tokens and n one-token decodes
+run the same code per token, so they make the same choices.
 
-Two things a program cannot do alone, done by the last of a group to arrive at a counter (`arrivals`, per row: the
-tiles of a value head, then the programs of a key head; back to zero after): the conv state of a key head's q and
-k channels is read by all its programs, so the last of them to have read it stores the new one (a program stores
-its own value dims' at once); and the gated RMSNorm * silu(z) of each token and head needs the head's whole output,
-so the last of its tiles to finish applies it to the head's tokens.
+The gated RMSNorm * silu(z) of each token and head needs the head's whole output, which a head's value tiles share
+out: the last tile of a head to finish (a counter per row and head, `arrivals`, back to zero after) applies it to
+the head's tokens. Every program first copies its share of the conv state after the last token from the window (the
+programs of `_gdn_inputs` cannot update it themselves, as one would overwrite what another has yet to read), off that
+serial tail. A decode or verify is thus two launches a layer besides the projections.
 
-A prefill (`gdn_prefill`) runs `_gdn_inputs`, a program per (row, tile of tokens, key head) computing every token's
-inputs at once with the same arithmetic (its L2 norms may sum in another order than a decode's), then
+A prefill (`gdn_prefill`) runs `_gdn_inputs` without the window (sized for a verify block, not a prompt), then
 `_prefill_states` (the conv state after the prompt, gathered from the projection and the old state, and a zero
 initial state for a new sequence), flash-linear-attention's chunked recurrence, then the gated norm alone
 (`_gdn_output`).
@@ -44,12 +43,13 @@ import triton
 import triton.language as tl
 
 from blockspec.cache import GDNLayerState, defers_commits
-from blockspec.kernels.launch import pdl_options, pdl_prologue, prefetch_l2, prefetch_tiles
+from blockspec.kernels.launch import pdl_options, pdl_prologue
 from blockspec.kernels.settings import gdn_tile
 
 
 NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in one round trip
-# tokens a prefill's inputs program takes (more: fewer, longer programs)
+# tokens an inputs program takes, in every call: a fixed tile, so that a token's sums run alike in a decode, a verify
+# and a prefill (more tokens a program: fewer, longer programs for a prefill, more idle lanes for a decode)
 INPUT_TOKENS = tl.constexpr(4)
 
 
@@ -79,19 +79,29 @@ def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, live, KERNEL: tl.const
 
 
 @triton.jit
+def _store_window(WINDOW, s_wt, X, s_xn, CONV, s_cc, channels, t, kept, live, KERNEL: tl.constexpr):
+    """window[K-1+t, c] = token t's input X[t, c], and for t = 0 window[:K-1, c] = the conv state (zeros unless
+    `kept`), for tokens t [T, 1] and `channels` [1, C] where `live`; a token's channels are contiguous in the window."""
+    tl.store(WINDOW + (KERNEL - 1 + t) * s_wt + channels, tl.load(X + t * s_xn + channels, mask=live), mask=live)
+    starts = tl.min(t, axis=0)[None, :] == 0  # [1, 1]: the tile holds token 0
+    for j in tl.static_range(KERNEL - 1):
+        tl.store(WINDOW + j * s_wt + channels, tl.load(CONV + channels * s_cc + j, mask=kept & starts, other=0.0),
+                 mask=starts)
+
+
+@triton.jit
 def _store_heads(OUT, s_on, s_oh, x, t, first, live, D: tl.constexpr):
     """x [T, m x D] (m consecutive heads' D values side by side) to OUT[t, h, :] for heads h from `first`."""
     cols = tl.arange(0, x.shape[1])[None, :]
     tl.store(OUT + t * s_on + (first + cols // D) * s_oh + cols % D, x, mask=live)
 
 
-# n varies per call: one compiled kernel serves every prompt length
+# n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
 @triton.jit(do_not_specialize=["n"])
-def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, Q, K, V, BETA, G,
-                s_pb, s_pn, s_pos, s_cb, s_cc, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
-                s_bb, s_bn, s_gb, s_gn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, RAGGED: tl.constexpr, USE_PDL: tl.constexpr):
-    """A prefill's q, k, v, beta and log-decay g for every token (a program per row, tile of tokens and key head)."""
+def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
+                s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
+                s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)
     tiles = tl.cdiv(n, INPUT_TOKENS)
     b = tl.program_id(0) // tiles
@@ -107,6 +117,12 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, Q, K, V, BETA,
     x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
     conv = CONV + b * s_cb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
+    if not PREFILL:
+        window = WINDOW + b * s_wb
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, q_channels, t, kept, live, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, k_channels, t, kept, live, KERNEL)
+        _store_window(window, s_wt, x, s_pn, conv, s_cc, v_channels, t, kept, live, KERNEL)
+
     q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, live, KERNEL).to(tl.float32)
     k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, live, KERNEL).to(tl.float32)
     v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, live, KERNEL).to(tl.float32)
@@ -119,107 +135,17 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, Q, K, V, BETA,
     beta = (1.0 / (1.0 + tl.exp(-beta))).to(PROJ.dtype.element_ty).to(tl.float32)
     a = tl.load(gates + HV, mask=live, other=0.0).to(tl.float32) + tl.load(DT_BIAS + heads).to(tl.float32)
     g = -tl.exp(tl.load(A_LOG + heads).to(tl.float32)) * _softplus(a)
+    decay = g if PREFILL else tl.exp(g)  # the chunked prefill takes the log-decay
     if RAGGED:  # a padding token: zero inputs and no decay leave the state exactly as it was
         real = t < tl.load(LENGTHS + b)
         q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
-        beta, g = tl.where(real, beta, 0.0), tl.where(real, g, 0.0)
+        beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 0.0 if PREFILL else 1.0)
     for shared in tl.static_range(SHARED):  # the recurrence reads q and k per value head
         tl.store(Q + b * s_qb + t * s_qn + (first + shared) * s_qh + dk, q, mask=live)
         tl.store(K + b * s_kb + t * s_kn + (first + shared) * s_kh + dk, k, mask=live)
     _store_heads(V + b * s_vb, s_vn, s_vh, v, t, first, live, DV)
     tl.store(BETA + b * s_bb + t * s_bn + heads, beta, mask=live)
-    tl.store(G + b * s_gb + t * s_gn + heads, g, mask=live)
-
-
-@triton.jit
-def _old_inputs(CONV, s_cc, channels, kept, KERNEL: tl.constexpr):
-    """The conv state of `channels` (zeros unless `kept`): its K-1 inputs, oldest first, a tuple of vectors."""
-    window = ()
-    for j in tl.static_range(KERNEL - 1):
-        window = window + (tl.load(CONV + channels * s_cc + j, mask=kept, other=0.0),)
-    return window
-
-
-@triton.jit
-def _store_conv_state(CONV, s_cc, X, s_pn, channels, window, m, KERNEL: tl.constexpr):
-    """`channels`' conv state after the row's first m tokens: slots m .. m+K-2 of (the old inputs `window`, then the
-    tokens' inputs X[token, c])."""
-    for j in tl.static_range(KERNEL - 1):
-        slot = m + j
-        value = tl.load(X + (slot - (KERNEL - 1)) * s_pn + channels, mask=slot >= KERNEL - 1, other=0.0)
-        for i in tl.static_range(KERNEL - 1):
-            value = tl.where(slot == i, window[i], value)
-        tl.store(CONV + channels * s_cc + j, value)
-
-
-@triton.jit
-def _conv_silu_next(window, x, W, channels, KERNEL: tl.constexpr):
-    """SiLU of the causal conv at a token with input x after the K-1 inputs of `window` (the torch path's
-    `causal_conv`: sum_j W[c, j] * input j in fp32, rounded to x's dtype), in fp32; and the window moved past x."""
-    acc = window[0].to(tl.float32) * tl.load(W + channels * KERNEL).to(tl.float32)
-    for j in tl.static_range(1, KERNEL - 1):
-        acc = acc + window[j].to(tl.float32) * tl.load(W + channels * KERNEL + j).to(tl.float32)
-    acc = acc + x.to(tl.float32) * tl.load(W + channels * KERNEL + KERNEL - 1).to(tl.float32)
-    return (acc / (1.0 + tl.exp(-acc))).to(x.dtype).to(tl.float32), window[1:] + (x,)
-
-
-@triton.jit
-def _token_inputs(row, q_channels, k_channels, v_channels, gates, HV: tl.constexpr):
-    """What a program takes of a token's projection `row`: its q, k and v channels' conv inputs and its head's b and
-    a (at `gates` and HV columns on)."""
-    return (tl.load(row + q_channels), tl.load(row + k_channels), tl.load(row + v_channels), tl.load(row + gates),
-            tl.load(row + gates + HV))
-
-
-@triton.jit
-def _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels, decay_scale, dt_bias, real,
-           DK: tl.constexpr, KERNEL: tl.constexpr):
-    """A token's q, k, v, beta and decay exp(g) in fp32 from its projection `inputs` (`_token_inputs`) after the conv
-    `windows` (q, k, v), with the torch path's arithmetic (decay_scale = -exp(A_log)), zero inputs and no decay where
-    not `real` (a padding token: the state stays as it was, bit for bit); and the windows moved past it."""
-    x_q, x_k, x_v, b, a = inputs
-    q, q_window = _conv_silu_next(windows[0], x_q, CONV_W, q_channels, KERNEL)
-    k, k_window = _conv_silu_next(windows[1], x_k, CONV_W, k_channels, KERNEL)
-    v, v_window = _conv_silu_next(windows[2], x_v, CONV_W, v_channels, KERNEL)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
-    q = q * (DK ** -0.5)
-    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-    beta = (1.0 / (1.0 + tl.exp(-b.to(tl.float32)))).to(b.dtype).to(tl.float32)
-    decay = tl.exp(decay_scale * _softplus(a.to(tl.float32) + dt_bias))
-    q, k, v = tl.where(real, q, 0.0), tl.where(real, k, 0.0), tl.where(real, v, 0.0)
-    beta, decay = tl.where(real, beta, 0.0), tl.where(real, decay, 1.0)
-    return q, k, v, beta, decay, (q_window, k_window, v_window)
-
-
-@triton.jit
-def _delta_step(S, q, k, v, beta, decay):
-    """One token through the state tile S (`delta_rule_step`): the new S, the output and the innovation. The output
-    S_new^T q is taken as S^T q + innovation (k . q): its reduction runs beside the innovation's, not after the
-    update, which keeps one pass over the state off each token's serial path."""
-    S = S * decay
-    seen = tl.sum(S * q[:, None], axis=0)
-    innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
-    S = S + k[:, None] * innovation[None, :]
-    return S, seen + innovation * tl.sum(k * q, axis=0), innovation
-
-
-@triton.jit
-def _store_token(t, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn, decay_at,
-                 s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk,
-                 KEEP_STATES: tl.constexpr, KERNEL: tl.constexpr):
-    """What token t leaves: its output, its state (KEEP_STATES) or its tape update (k and the decay from a head's
-    first tile), and its conv inputs in the window (q and k from a key head's first program)."""
-    tl.store(o_at + t * s_on, o.to(o_at.dtype.element_ty))
-    if KEEP_STATES:
-        tl.store(steps_at + t * s_tt, S)
-    else:
-        tl.store(u_at + t * s_ut, innovation)
-        tl.store(k_at + t * s_kn, k, mask=first_tile)
-        tl.store(decay_at + t * s_dn, decay, mask=first_tile)
-    row = window + (KERNEL - 1 + t) * s_wt
-    tl.store(row + q_channels, inputs[0], mask=owns_qk)
-    tl.store(row + k_channels, inputs[1], mask=owns_qk)
-    tl.store(row + v_channels, inputs[2])
+    tl.store(DECAY + b * s_db + t * s_dn + heads, decay, mask=live)
 
 
 @triton.jit
@@ -236,56 +162,32 @@ def _replayed(S, k_at, s_kt, decay_at, s_dt, u_at, s_ut, count):
     return S
 
 
-# n and deferred vary per call: specialising on them (n == 1 above all) would compile a decode apart from a verify
+# deferred, like n, must not compile a verify apart from a decode
 @triton.jit(do_not_specialize=["n", "deferred"])
-def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, STATE, STEPS, TAPE_U, KS, DECAYS, O, NORM_W,
-               OUT, ARRIVALS, TAPE_K, TAPE_DECAY, PENDING,
-               s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wt, s_sb, s_sh, s_tb, s_tt, s_th, s_ub, s_ut, s_uh,
-               s_kb, s_kn, s_kh, s_db, s_dn, s_ob, s_on, s_oh, s_outb, s_outn, s_ab, s_ag,
-               s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
+def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W, OUT, WINDOW, CONV, LENGTHS, ARRIVALS,
+               TAPE_K, TAPE_DECAY, PENDING,
+               s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh, s_bb, s_bn, s_db, s_dn, s_pos, s_sb, s_sh,
+               s_tb, s_tt, s_th, s_ub, s_ut, s_uh, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, s_wb, s_wt, s_cb, s_cc,
+               s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, DEFERS: tl.constexpr,
-               TAPE_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+               TAPE_TOKENS: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
-    SHARED: tl.constexpr = HV // HK  # each q/k head serves this many consecutive value heads
-    TILES: tl.constexpr = DV // BV
-    first_tile = tl.program_id(2) == 0
     dk = tl.arange(0, DK)
     dv = tl.program_id(2) * BV + tl.arange(0, BV)
-    if PREFETCH:  # the state tile's 128-byte lines, asked of L2 before the wait (a hint: nothing is read early)
-        lines = tl.program_id(2) * BV + tl.arange(0, (BV + 31) // 32) * 32
-        prefetch_l2(STATE + b * s_sb + h * s_sh + dk[:, None] * DV + lines[None, :])
-    pdl_prologue(USE_PDL)
-    q_channels = (h // SHARED) * DK + dk
-    k_channels = HK * DK + q_channels
-    v_channels = 2 * HK * DK + h * DV + dv
-    gates = 2 * HK * DK + 2 * HV * DV + h  # this head's b (a: HV columns on); in_proj gives the conv's, z, b, a
-    x, conv, window = PROJ + b * s_pb, CONV + b * s_cb, WINDOW + b * s_wb
-    kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
-    m = tl.load(LENGTHS + b) if RAGGED else n  # the row's real tokens
-    # everything the first token needs is asked for before any store (stores may alias loads: they would wait)
-    windows = (_old_inputs(conv, s_cc, q_channels, kept, KERNEL), _old_inputs(conv, s_cc, k_channels, kept, KERNEL),
-               _old_inputs(conv, s_cc, v_channels, kept, KERNEL))
+    q_at = Q + b * s_qb + h * s_qh + dk
+    k_at = K + b * s_kb + h * s_kh + dk
+    v_at = V + b * s_vb + h * s_vh + dv
+    beta_at = BETA + b * s_bb + h
+    decay_at = DECAY + b * s_db + h
     tile = dk[:, None] * DV + dv[None, :]
     state = STATE + b * s_sb + h * s_sh + tile
+    kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
     S = tl.load(state, mask=kept, other=0.0)
-    inputs = _token_inputs(x, q_channels, k_channels, v_channels, gates, HV)
-    decay_scale = -tl.exp(tl.load(A_LOG + h).to(tl.float32))
-    dt_bias = tl.load(DT_BIAS + h).to(tl.float32)
-    # the conv window: a key head's first program writes its q and k channels (q, k, v take turns in the tuple)
-    owns_qk = first_tile & (h % SHARED == 0)
-    for j in tl.static_range(KERNEL - 1):
-        tl.store(window + j * s_wt + q_channels, windows[0][j], mask=owns_qk)
-        tl.store(window + j * s_wt + k_channels, windows[1][j], mask=owns_qk)
-        tl.store(window + j * s_wt + v_channels, windows[2][j])
-    tl.debug_barrier()  # every thread's reads of the old conv state before this program's stores of the new
-    _store_conv_state(conv, s_cc, x, s_pn, v_channels, windows[2], m, KERNEL)
-    readers = ARRIVALS + b * s_ab + s_ag + h // SHARED
-    if tl.atomic_add(readers, 1, sem="acq_rel") == SHARED * TILES - 1:  # the key head's others have read it
-        _store_conv_state(conv, s_cc, x, s_pn, q_channels, windows[0], m, KERNEL)
-        _store_conv_state(conv, s_cc, x, s_pn, k_channels, windows[1], m, KERNEL)
-        tl.store(readers, 0)
+    _conv_state(WINDOW, CONV, LENGTHS, b, h, dv, tl.program_id(2) == 0, n, s_wb, s_wt, s_cb, s_cc, HK, DK, DV, KERNEL,
+                RAGGED)
     if not DEFERS:
         if deferred != 0:  # commit sets the state from the one before the block: empty for a new sequence
             tl.store(state, S, mask=kept == 0)
@@ -296,33 +198,36 @@ def _gdn_steps(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, STATE, 
         tl.debug_barrier()  # every thread's reads of the tape before this program's stores of the block's updates
         if deferred != 0:
             tl.store(state, S, mask=(kept == 0) | (pending > 0))
-    q, k, v, beta, decay, windows = _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels, decay_scale,
-                                           dt_bias, (0 < m) if RAGGED else True, DK, KERNEL)
-    k_at, decay_at = KS + b * s_kb + h * s_kh + dk, DECAYS + b * s_db + h
-    o_at, u_at = O + b * s_ob + h * s_oh + dv, TAPE_U + b * s_ub + h * s_uh + dv
-    steps_at = STEPS + b * s_tb + h * s_th + tile
-    for t in range(n - 1):
-        # the next token's projection is loaded before this token's update and its inputs computed after it, both
-        # beside the update's latency
-        next_inputs = _token_inputs(x + (t + 1) * s_pn, q_channels, k_channels, v_channels, gates, HV)
-        S, o, innovation = _delta_step(S, q, k, v, beta, decay)
-        _store_token(t, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn,
-                     decay_at, s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk,
-                     KEEP_STATES, KERNEL)
-        inputs = next_inputs
-        q, k, v, beta, decay, windows = _token(inputs, windows, CONV_W, q_channels, k_channels, v_channels,
-                                               decay_scale, dt_bias, (t + 1 < m) if RAGGED else True, DK, KERNEL)
-    S, o, innovation = _delta_step(S, q, k, v, beta, decay)  # the last token: nothing to prepare after it
-    _store_token(n - 1, o, S, innovation, k, decay, inputs, o_at, s_on, steps_at, s_tt, u_at, s_ut, k_at, s_kn,
-                 decay_at, s_dn, window, s_wt, q_channels, k_channels, v_channels, first_tile, owns_qk, KEEP_STATES,
-                 KERNEL)
+    q, k, v = tl.load(q_at), tl.load(k_at), tl.load(v_at)
+    beta, decay = tl.load(beta_at), tl.load(decay_at)
+    for t in range(n):
+        # the next token's inputs are loaded before this token's stores, so their latency hides behind its work
+        more = t + 1 < n
+        q_next = tl.load(q_at + (t + 1) * s_qn, mask=more, other=0.0)
+        k_next = tl.load(k_at + (t + 1) * s_kn, mask=more, other=0.0)
+        v_next = tl.load(v_at + (t + 1) * s_vn, mask=more, other=0.0)
+        beta_next = tl.load(beta_at + (t + 1) * s_bn, mask=more, other=0.0)
+        decay_next = tl.load(decay_at + (t + 1) * s_dn, mask=more, other=0.0)
+        S = S * decay
+        # the output S_new^T q = S^T q + innovation (k . q): its reduction runs beside the innovation's, not after
+        # the update, which keeps one pass over the state off each token's serial path
+        seen = tl.sum(S * q[:, None], axis=0)
+        innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta
+        S = S + k[:, None] * innovation[None, :]
+        o = seen + innovation * tl.sum(k * q, axis=0)
+        tl.store(O + b * s_ob + t * s_on + h * s_oh + dv, o.to(O.dtype.element_ty))
+        if KEEP_STATES:
+            tl.store(STEPS + b * s_tb + t * s_tt + h * s_th + tile, S)
+        else:
+            tl.store(TAPE_U + b * s_ub + t * s_ut + h * s_uh + dv, innovation)
+        q, k, v, beta, decay = q_next, k_next, v_next, beta_next, decay_next
     if deferred == 0:
         tl.store(state, S)
     # The last of a head's value tiles to finish applies the gated norm to the head's outputs.
     # The barrier and the counter's release publish every thread's stores of o; the last reads the others' past L1.
     tl.debug_barrier()
     arrivals = ARRIVALS + b * s_ab + h
-    if tl.atomic_add(arrivals, 1, sem="acq_rel") == TILES - 1:
+    if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:
         for first in range(0, n, NORM_TOKENS):
             _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_outn, eps, HK,
                         HV, DK, DV, ".cg")
@@ -355,6 +260,24 @@ def _gated_norm(O, PROJ, NORM_W, OUT, b, first, n, h, s_ob, s_on, s_oh, s_pb, s_
     z = tl.load(PROJ + b * s_pb + t * s_pn + 2 * HK * DK + (HV + h) * DV + dv, mask=real, other=0.0).to(tl.float32)
     tl.store(OUT + b * s_outb + t * s_outn + h * DV + dv, (y * (z / (1.0 + tl.exp(-z)))).to(OUT.dtype.element_ty),
              mask=real)
+
+
+@triton.jit
+def _conv_state(WINDOW, CONV, LENGTHS, b, h, dv, first, n, s_wb, s_wt, s_cb, s_cc, HK: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr):
+    """A program's share of the conv state after the row's last token m, window rows m .. m+K-2: value head h's
+    channels `dv`, and with `first` the q and k channels of key head h (if there is one). Not in `_gdn_inputs`, whose
+    programs would overwrite what others have yet to read; here no program reads the conv state."""
+    m = tl.load(LENGTHS + b) if RAGGED else n
+    dk = tl.arange(0, DK)
+    window, conv = WINDOW + b * s_wb, CONV + b * s_cb
+    head = first & (h < HK)
+    for j in tl.static_range(KERNEL - 1):
+        v_channels = 2 * HK * DK + h * DV + dv
+        tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
+        for i in tl.static_range(2):  # q, then k
+            channels = (i * HK + h) * DK + dk
+            tl.store(conv + channels * s_cc + j, tl.load(window + (m + j) * s_wt + channels, mask=head), mask=head)
 
 
 @triton.jit
@@ -412,25 +335,27 @@ def _gdn_output(O, PROJ, NORM_W, OUT, s_ob, s_on, s_oh, s_pb, s_pn, s_outb, s_ou
 
 
 def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
-            dt_bias: torch.Tensor, layer: GDNLayerState, lengths: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """`_gdn_inputs` over every token of a prompt `projected` [b, n, ...]: (q, k, v, beta, g) [b, n, h, ...], q, k,
-    v and beta in the projection's dtype, the log-decay g in fp32."""
+            dt_bias: torch.Tensor, layer: GDNLayerState, lengths: torch.Tensor | None, k: torch.Tensor,
+            decay: torch.Tensor, prefill: bool) -> tuple[torch.Tensor, ...]:
+    """`_gdn_inputs` over every token of `projected` [b, n, ...]: (q, k, v, beta, decay) [b, n, h, ...], writing k
+    and the decay into the buffers given; q, v and beta in fp32, for a prefill in k's dtype. A prefill writes no conv
+    window and gives the log-decay."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     channels, kernel = conv_weight.shape[0], conv_weight.shape[-1]
-    made = {"device": projected.device, "dtype": projected.dtype}
-    q, k = (torch.empty(b, n, heads, key_dim, **made) for _ in range(2))
+    made = {"device": projected.device, "dtype": k.dtype if prefill else torch.float32}
+    q = torch.empty(b, n, heads, key_dim, **made)
     v = torch.empty(b, n, heads, value_dim, **made)
     beta = torch.empty(b, n, heads, **made)
-    g = torch.empty(b, n, heads, device=projected.device, dtype=torch.float32)
     ragged = lengths is not None
     _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value), _key_heads(layer, channels))](
         projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
-        q, k, v, beta, g, projected.stride(0), projected.stride(1), positions.stride(0),
-        layer.conv.stride(0), layer.conv.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *beta.stride()[:2], *g.stride()[:2], n, HK=_key_heads(layer, channels), HV=heads, DK=key_dim, DV=value_dim,
-        KERNEL=kernel, RAGGED=ragged, num_warps=4, enable_fp_fusion=False, **pdl_options(projected))
-    return q, k, v, beta, g
+        layer.windows, q, k, v, beta, decay, projected.stride(0), projected.stride(1), positions.stride(0),
+        layer.conv.stride(0), layer.conv.stride(1), layer.windows.stride(0), layer.windows.stride(1),
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2], n,
+        HK=_key_heads(layer, channels), HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged,
+        PREFILL=prefill, num_warps=4, enable_fp_fusion=False, **pdl_options(projected))
+    return q, k, v, beta, decay
 
 
 def _output(o: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState
@@ -469,11 +394,11 @@ def _key_heads(layer: GDNLayerState, channels: int) -> int:
 def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch.Tensor, A_log: torch.Tensor,
               dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
               lengths: torch.Tensor | None = None, deferred: bool = False) -> torch.Tensor:
-    """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens) in one launch:
-    `projected` [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions
-    [b, n] (a row at position 0 starts from empty states), and with `lengths` [b] rows right-padded past them
-    (prompts prefilled together). Updates `layer` as target/gdn.py's torch path does (`deferred`: the recurrent
-    state is left to commit); returns the gated norm's output [b, n, V] (what out_proj takes)."""
+    """A Gated DeltaNet layer's decode or verify of n tokens (n <= the cache's verify_tokens): `projected`
+    [b, n, C + V + 2h] (in_proj's output: conv channels q, k, v, then z, b, a), the rows' positions [b, n] (a row at
+    position 0 starts from empty states), and with `lengths` [b] rows right-padded past them (prompts prefilled
+    together). Updates `layer` as target/gdn.py's torch path does (`deferred`: the recurrent state is left to
+    commit); returns the gated norm's output [b, n, V] (what out_proj takes)."""
     b, n, _ = projected.shape
     heads, key_dim, value_dim = layer.recurrent.shape[1:]
     for t in (layer.recurrent, layer.steps):
@@ -482,33 +407,33 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     fp32 = {"device": projected.device, "dtype": torch.float32}
     states = layer.steps is not None
     defers = defers_commits(layer.pending, b)  # a cache's pending counts; too few rows: settled before, none left
-    # each token's k and decay go straight to a replay cache's tape, unless a commit may have left the tape's
-    # updates pending: the kernel applies them first, and its last program of a head copies the block's k and decay
-    # there after (a "states" cache keeps none)
+    # k and the decay go straight to a replay cache's tape, unless a commit may have left the tape's updates pending:
+    # `_gdn_steps` applies them first, and its last program of a head copies the block's k and decay there after
     k, decay = ((layer.tape_k, layer.tape_decay) if not (states or defers) else
                 (torch.empty(b, n, heads, key_dim, **fp32), torch.empty(b, n, heads, **fp32)))
+    q, k, v, beta, decay = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths, k, decay,
+                                   prefill=False)
     o = torch.empty(b, n, heads, value_dim, device=projected.device, dtype=projected.dtype)
     out = torch.empty(b, n, heads * value_dim, device=projected.device, dtype=projected.dtype)
-    steps, tape_u = (layer.steps, o) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
+    steps, tape_u = (layer.steps, v) if states else (layer.recurrent.unsqueeze(1), layer.tape_u)
     # without deferred commits there is nothing pending: those arguments are never read
     tape_k, tape_decay, pending = ((layer.tape_k, layer.tape_decay, layer.pending) if defers else
-                                   (k, decay, layer.arrivals[:, 0]))
+                                   (k, decay, layer.arrivals))
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
-    pdl = pdl_options(projected)
     _gdn_steps[(b, heads, value_dim // block_v)](
-        projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
-        layer.windows, layer.recurrent, steps, tape_u, k, decay, o, norm_weight, out, layer.arrivals, tape_k,
-        tape_decay, pending, projected.stride(0), projected.stride(1), positions.stride(0), layer.conv.stride(0),
-        layer.conv.stride(1), layer.windows.stride(0), layer.windows.stride(1), layer.recurrent.stride(0),
-        layer.recurrent.stride(1), *steps.stride()[:3], *tape_u.stride()[:3], *k.stride()[:3], *decay.stride()[:2],
-        *o.stride()[:3], out.stride(0), out.stride(1), *layer.arrivals.stride()[:2], *tape_k.stride()[:3],
-        *tape_decay.stride()[:2], pending.stride(0), n, int(deferred), eps,
-        HK=_key_heads(layer, conv_weight.shape[0]), HV=heads, DK=key_dim, DV=value_dim, BV=block_v,
-        KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states, DEFERS=defers,
-        TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, PREFETCH=prefetch_tiles(pdl) > 0,
-        num_warps=tile["warps"], enable_fp_fusion=False, **pdl)
+        q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
+        layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2],
+        positions.stride(0), layer.recurrent.stride(0), layer.recurrent.stride(1), *steps.stride()[:3],
+        *tape_u.stride()[:3], *o.stride()[:3], projected.stride(0), projected.stride(1), out.stride(0), out.stride(1),
+        layer.windows.stride(0), layer.windows.stride(1), layer.conv.stride(0), layer.conv.stride(1),
+        layer.arrivals.stride(0), *tape_k.stride()[:3], *tape_decay.stride()[:2], pending.stride(0), n,
+        int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
+        DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
+        DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, num_warps=tile["warps"],
+        enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 
@@ -516,12 +441,16 @@ def gdn_prefill(projected: torch.Tensor, positions: torch.Tensor, conv_weight: t
                 dt_bias: torch.Tensor, norm_weight: torch.Tensor, eps: float, layer: GDNLayerState,
                 lengths: torch.Tensor | None, chunked: Callable) -> torch.Tensor:
     """A Gated DeltaNet layer's prefill of n tokens, arguments as `gdn_steps` takes them: the inputs and the gated norm
-    in this module's kernels (the decode's arithmetic, but for the order of the L2 norms' sums), the recurrence in
-    `chunked` (flash-linear-attention's chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the
-    layer's recurrent and conv states. q, k, v and beta go to it in the projection's dtype (each rounded once from
-    the fp32 values a decode takes), as Hugging Face's Qwen3.5 hands them over: in bf16 its kernels read half the
-    bytes and multiply at twice tf32's rate."""
-    q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths)
+    in this module's kernels (the decode's arithmetic), the recurrence in `chunked` (flash-linear-attention's
+    chunk_gated_delta_rule: q, k, v, g, beta as [b, n, h, ...]); sets the layer's recurrent and conv states. q, k, v
+    and beta go to it in the projection's dtype (each rounded once from the decode's fp32 values), as Hugging Face's
+    Qwen3.5 hands them over: in bf16 its kernels read half the bytes and multiply at twice tf32's rate."""
+    b, n, _ = projected.shape
+    heads, key_dim, value_dim = layer.recurrent.shape[1:]
+    device = projected.device
+    q, k, v, beta, g = _inputs(projected, positions, conv_weight, A_log, dt_bias, layer, lengths,
+                               torch.empty(b, n, heads, key_dim, device=device, dtype=projected.dtype),
+                               torch.empty(b, n, heads, device=device, dtype=torch.float32), prefill=True)
     _states_before_recurrence(projected, positions, layer, lengths, conv_weight.shape[-1])
     o, final = chunked(q, k, v, g, beta, scale=1.0, initial_state=layer.recurrent, output_final_state=True)
     out = _output(o.to(projected.dtype), projected, norm_weight, eps, layer)

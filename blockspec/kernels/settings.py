@@ -42,14 +42,13 @@ class KernelSettings:
     prefetch_tiles: with PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they
         ask L2 for their first this-many weight tiles before waiting on it, so the weight stream starts during
         that kernel (0: off). A decode attention's programs do the same with their first key and value tiles (the
-        cache store before it writes one slot a query), a Gated DeltaNet step's with their state tiles (any count
-        above 0).
+        cache store before it writes one slot a query).
     fused_rope: RoPE's cos/sin tables for a pass's positions in one kernel instead of the ~9 small torch ops of
         layers.RotaryEmbedding (bit-identical values).
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
         device allow it; False: the per-op kernels.
     fused_gdn: a Gated DeltaNet layer's decode or verify (and a "replay" cache's commit) in Triton kernels
-        (kernels/gdn.py, one launch a layer) instead of its torch ops (about ten a token).
+        (kernels/gdn.py, two launches a layer) instead of its torch ops (about ten a token).
     defer_replay_rows: with fused_gdn, a "replay" commit of this many rows or more only records the kept counts,
         and the next decode or verify applies them to the states it loads anyway (one read of every state a step
         instead of three); fewer rows replay at commit, where the kept updates would lengthen every layer's serial

@@ -10,7 +10,7 @@ decoding; a prefill longer than the cache's verify window runs the chunked form 
 recurrence folded into a few matrix products per chunk. The depthwise causal convolution in front runs as K
 shifted multiply-adds in fp32, the same arithmetic for any number of tokens.
 
-On CUDA a decode or verify runs kernels/gdn.py (one launch a layer, the same per-token arithmetic); a prefill runs
+On CUDA a decode or verify runs kernels/gdn.py (two launches a layer, the same per-token arithmetic); a prefill runs
 flash-linear-attention's chunked kernels where that package is installed, between the same kernels' inputs and
 gated norm (`gdn_prefill`; without them, `prefill_delta_rule` on the torch path's inputs).
 """
