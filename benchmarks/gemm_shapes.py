@@ -15,7 +15,8 @@ cost), median of many, with the weights rotated so the L2 cache does not serve t
 --skinny times each projection as the engine runs it (layers.py, under a table holding just the config): a target's
 fused gate_up with silu(gate) * up after it (in the GEMM's epilogue where the config allows), its o_proj and down
 with the residual add and the next RMSNorm (which sums a split-K GEMM's partials itself), an lm_head with a greedy
-step's argmax (kept per column block where the config allows, the logits never written); the rest alone.
+step's argmax (kept per column block where the config allows, the logits never written); the rest alone. An o_proj
+or down also gets cuBLAS in 2 or 4 K ranges as candidates, their fp32 partials summed by that norm.
 """
 
 from __future__ import annotations
@@ -116,15 +117,27 @@ def candidates(m: int, k: int, quick: bool = False) -> list[dict]:
             for rows, bn, bk, warps, stages in tiles for split in splits if split == 1 or k >= 2 * split * bk]
 
 
+def cublas_splits(k: int, role: str | None) -> list[dict]:
+    """cuBLAS over 2 or 4 K ranges whose partials the next norm sums ({"cublas_split_k": s}): candidates of a
+    projection the residual norm follows, where the ranges split K evenly on 16-byte boundaries."""
+    return [{"cublas_split_k": s} for s in (2, 4) if role == "residual_norm" and k % (8 * s) == 0]
+
+
 def label(config: dict) -> str:
+    if "cublas_split_k" in config:
+        return f"cuBLAS in {config['cublas_split_k']} K ranges"
     return "r{rows} n{block_n} k{block_k} s{split_k} w{num_warps} st{num_stages}".format(**config)
 
 
 def project(x: torch.Tensor, w: torch.Tensor, config: dict | None) -> torch.Tensor:
-    """cuBLAS (config None) or skinny_linear under `config`."""
-    from blockspec.kernels.skinny import skinny_linear
+    """cuBLAS (config None), its K ranges' partials summed, or skinny_linear under `config`."""
+    from blockspec.kernels.skinny import cublas_partials, skinny_linear
 
-    return F.linear(x, w) if config is None else skinny_linear(x, w, None, config)
+    if config is None:
+        return F.linear(x, w)
+    if "cublas_split_k" in config:
+        return cublas_partials(x, w, config["cublas_split_k"]).sum(0).to(x.dtype)
+    return skinny_linear(x, w, None, config)
 
 
 def engine_op(x: torch.Tensor, w: torch.Tensor, config: dict | None, role: str | None, residual: torch.Tensor,
@@ -172,9 +185,10 @@ def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
     return row
 
 
-def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool,
+def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool, cublas_only: bool,
                  done: Callable[[list[dict], dict], None]) -> None:
-    """cuBLAS, the device table's config and every candidate, per shape and M (each row bucket); prints one line per
+    """cuBLAS, the device table's config and every candidate (`cublas_only`: cuBLAS's K ranges alone, `cublas_splits`),
+    per shape and M (each row bucket); prints one line per
     (shape, M) and, after each shape, hands `done` all rows so far and the winners {(N, K): {"name", M: config, ...}}
     (None: cuBLAS): a sweep cut short by its timeout keeps the shapes it finished."""
     from blockspec.kernels.skinny import skinny_config
@@ -190,7 +204,8 @@ def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick:
             table = skinny_config(n, k, m, x.device)
             runs = [("cublas", None)] + ([("table", table)] if table is not None else [])
             results = []
-            for kind, config in runs + [("candidate", c) for c in candidates(m, k, quick)]:
+            tiles = [] if cublas_only else candidates(m, k, quick)
+            for kind, config in runs + [("candidate", c) for c in tiles + cublas_splits(k, ROLES.get(name))]:
                 row = {"gemm": name, "n": n, "k": k, "m": m, "kind": kind, "config": config}
                 try:
                     row.update(time_config(x, weights, ref, config, bandwidth, ROLES.get(name)))
@@ -313,6 +328,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", choices=[1, 16, 32, 64, 128, 256], default=[1, 16],
                         help="with --skinny: the row buckets to sweep")
     parser.add_argument("--quick", action="store_true", help="with --skinny: QUICK_TILES' candidates only")
+    parser.add_argument("--cublas-splits-only", action="store_true",
+                        help="with --skinny: no Triton tiles, only cuBLAS in K ranges that the next norm sums")
     parser.add_argument("--mlp", action="store_true",
                         help="without --skinny: also the MLP chain on cuBLAS, row- against column-major activations")
     parser.add_argument("--m", type=int, nargs="+", default=[1, 16],
@@ -347,7 +364,8 @@ def main() -> None:
             write()
 
         record["triton"] = triton.__version__
-        skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick, done)
+        skinny_sweep(bandwidth, list(dict.fromkeys(shapes)), args.rows, args.quick, args.cublas_splits_only,
+                     done)
         print(paste_table(record["winners"]))
     else:
         record["matmul_TFLOPs"] = matmul_rate("cuda") / 1e12

@@ -31,6 +31,13 @@ def _skinny_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     inference of 16-bit weights of a shape and row count the device's measured table lists (decoding, a verify or
     draft block, a small batch of them: kernels.skinny.skinny_table), or any rows and shape under
     `KernelSettings.batch_invariant`; None: cuBLAS (F.linear)."""
+    entry = _table_entry(x, weight, bias)
+    return None if entry is None or "cublas_split_k" in entry[1] else entry
+
+
+def _table_entry(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> tuple[int, dict] | None:
+    """(rows, settings) of the table's entry for x's product with `weight`: a skinny-GEMM config, or {"cublas_split_k":
+    s} (cuBLAS over s K ranges, for a norm that sums them: `linear_add_rms_norm`); None: cuBLAS (F.linear)."""
     params = (weight,) if bias is None else (weight, bias)
     if x.dtype != weight.dtype or weight.element_size() != 2 or not fused_kernels_apply(x, *params):
         return None
@@ -359,15 +366,20 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
                         norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """`add_rms_norm(residual, linear(x, weight, bias), norm)`: a layer's output projection, the residual add and the
     next norm. Where the skinny GEMM splits K, the norm's kernel sums its partials itself: the same bits, one launch
-    fewer a projection (a down_proj splits at 1 to 32 rows)."""
-    skinny = _skinny_rows(x, weight, bias)
-    if skinny is None or residual.dtype != x.dtype or not fused_kernels_apply(residual, norm.weight):
+    fewer a projection (a down_proj splits at 1 to 32 rows). Where the table says {"cublas_split_k": s}, cuBLAS
+    writes s K ranges' fp32 partials in one batched GEMM and the norm sums those: no reduce launch of cuBLAS's own
+    split-K (a verify's o_proj and down_proj at 65-256 rows)."""
+    entry = _table_entry(x, weight, bias)
+    if entry is None or residual.dtype != x.dtype or not fused_kernels_apply(residual, norm.weight):
         return add_rms_norm(residual, linear(x, weight, bias), norm)
     from blockspec.kernels.norm_rope import add_partials_rms_norm
-    from blockspec.kernels.skinny import skinny_linear_unsummed
+    from blockspec.kernels.skinny import cublas_partials, skinny_linear_unsummed
 
-    rows, config = skinny
-    delta = skinny_linear_unsummed(x.reshape(rows, -1), weight, bias, config)
+    rows, config = entry
+    if "cublas_split_k" in config:
+        delta = cublas_partials(x.reshape(rows, -1), weight, config["cublas_split_k"])
+    else:
+        delta = skinny_linear_unsummed(x.reshape(rows, -1), weight, bias, config)
     if delta.dim() == 2:  # one K range: the GEMM wrote its output, bias included
         return add_rms_norm(residual, delta, norm)
     return add_partials_rms_norm(residual, delta, bias, norm.weight, norm.eps, norm.zero_centred)

@@ -22,8 +22,8 @@ from blockspec.kernels.attention import decode_attention  # noqa: E402
 from blockspec.kernels.launch import use_pdl  # noqa: E402
 from blockspec.kernels.norm_rope import (add_partials_rms_norm, add_rms_norm, qkv_rope_store, rms_norm,  # noqa: E402
                                          silu_mul)
-from blockspec.kernels.skinny import (ARGMAX_COLUMNS, argmax_rows, skinny_argmax, skinny_linear,  # noqa: E402
-                                     skinny_linear_unsummed)
+from blockspec.kernels.skinny import (ARGMAX_COLUMNS, argmax_rows, cublas_partials, skinny_argmax,  # noqa: E402
+                                     skinny_linear, skinny_linear_unsummed)
 
 
 def reference_attention(q, k, v, limits, window):
@@ -285,6 +285,41 @@ def test_the_residual_norm_summing_a_split_gemms_partials_equals_the_two_kernels
             got = layers.linear_add_rms_norm(x, w, b, residual, norm)
             want = layers.add_rms_norm(residual, layers.linear(x, w, b), norm)
         assert len(calls) == 1 and all(torch.equal(g, r) for g, r in zip(got, want))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="cuBLAS's batched GEMM into fp32 (torch.bmm's out_dtype) is CUDA's")
+@pytest.mark.parametrize("splits", [2, 4])
+def test_cublas_k_ranges_summed_by_the_norm_are_the_product(splits):
+    """cublas_partials' ranges are the products of K's equal ranges (fp64 references), so they sum to the whole;
+    layers.linear_add_rms_norm under a table entry {"cublas_split_k": s} writes exactly what add_partials_rms_norm of
+    them writes (a bias, a zero-centred norm), close to the unsplit cuBLAS path, and a plain `linear` there stays
+    on F.linear."""
+    from blockspec import layers
+
+    gen = torch.Generator().manual_seed(splits)
+    m, n, k = 130, 96, 320
+    x = torch.randn(m, k, generator=gen).to(DEVICE, torch.bfloat16)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(DEVICE, torch.bfloat16)
+    residual = torch.randn(m, n, generator=gen).to(DEVICE, torch.bfloat16)
+    parts = cublas_partials(x, w, splits)
+    assert parts.shape == (splits, m, n) and parts.dtype == torch.float32
+    part = k // splits
+    for i in range(splits):
+        want = x[:, i * part:(i + 1) * part].double() @ w[:, i * part:(i + 1) * part].double().T
+        assert ((parts[i].double() - want).norm() / want.norm()).item() < 1e-5, i
+    norm = layers.RMSNorm(n, 1e-6, zero_centred=True).to(DEVICE, torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(n, generator=gen))
+    with torch.inference_mode(), use_settings(skinny_table={(n, k): {256: {"cublas_split_k": splits}}}):
+        got = layers.linear_add_rms_norm(x, w, b, residual, norm)
+        plain = layers.linear(x, w, b)
+    want = add_partials_rms_norm(residual, parts, b, norm.weight, 1e-6, True)
+    assert all(torch.equal(g, r) for g, r in zip(got, want))
+    assert torch.equal(plain, torch.nn.functional.linear(x, w, b))
+    unsplit = layers.add_rms_norm(residual, plain, norm)
+    for g, r in zip(got, unsplit):
+        assert ((g.float() - r.float()).norm() / r.float().norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -9,7 +9,8 @@ tokens or blocks) from the device's table (settings.LaunchTables.skinny, measure
 32 or 64 is a tensor-core dot with the rows padded to that (its weight tiles pipelined through shared memory), so
 the weight is streamed once for all of them; rows = 1 a multiply-and-sum on the CUDA cores for a single row; split_k
 is the number of K ranges. A shape or row count the table does not list, or lists as None, stays on cuBLAS
-(`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config.
+(`layers.linear` keeps F.linear); a direct skinny_linear call without a config takes default_skinny_config. An entry
+{"cublas_split_k": s} stays on cuBLAS too, in s K ranges whose partials the next norm sums (`cublas_partials`).
 
 More rows than a tile holds run as more tiles of the same program, so under one config a row's output does not
 depend on how many rows run with it: with `KernelSettings.batch_invariant` every product of any row count runs
@@ -262,6 +263,20 @@ def skinny_linear_unsummed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return _gemm(x, weight, bias, config, silu_mul=False)
 
 
+def cublas_partials(x: torch.Tensor, weight: torch.Tensor, splits: int) -> torch.Tensor:
+    """x [m, k] times weight [n, k]^T as fp32 partial sums over `splits` equal K ranges, [splits, m, n]: one
+    strided-batched cuBLAS GEMM for a kernel that sums them on its own (norm_rope.add_partials_rms_norm), where
+    cuBLAS's own split-K would sum them in a launch of its own."""
+    m, k = x.shape
+    part = k // splits
+    assert part * splits == k and weight.stride(1) == 1
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    ranges = x.unflatten(1, (splits, part)).transpose(0, 1)  # [splits, m, part]
+    weights = weight.unflatten(1, (splits, part)).permute(1, 2, 0)  # [splits, part, n], column-major
+    return torch.bmm(ranges, weights, out_dtype=torch.float32)
+
+
 def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, config: dict | None,
           silu_mul: bool) -> torch.Tensor:
     """The GEMM's launch: its output [m, n] (or [m, n / 2] with `silu_mul`), or its fp32 partial sums [splits, m, n]
@@ -269,7 +284,9 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, conf
     m, k = x.shape
     n = weight.shape[0]
     assert m > 0 and weight.shape[1] == k and weight.stride(1) == 1
-    config = config or skinny_config(n, k, m, x.device) or default_skinny_config(n, k)
+    if config is None:
+        config = skinny_config(n, k, m, x.device)
+        config = config if config is not None and "cublas_split_k" not in config else default_skinny_config(n, k)
     rows, block_n, block_k = config["rows"], config["block_n"], config["block_k"]
     assert not silu_mul or (config["split_k"] == 1 and n % 2 == 0), "silu_mul needs whole pairs, one K range"
     if x.stride(1) != 1:
