@@ -45,8 +45,8 @@ TOKENS = (1, 8, 16)
 # one edit of kernels/gdn.py each (old text, new text), in `_gdn_steps` and its launch
 ABLATIONS = {
     # fused multiply-adds: fewer fp32 instructions, if instruction issue bounds a token
-    "fma": [("\n        PREFETCH=prefetch_tiles(pdl) > 0, num_warps=tile[\"warps\"], enable_fp_fusion=False, **pdl)\n",
-             "\n        PREFETCH=prefetch_tiles(pdl) > 0, num_warps=tile[\"warps\"], enable_fp_fusion=True, **pdl)\n")],
+    "fma": [("\n        enable_fp_fusion=False, **pdl_options(projected))\n    return out\n",
+             "\n        enable_fp_fusion=True, **pdl_options(projected))\n    return out\n")],
     # one sum over the keys a token instead of two (the innovation reuses S^T q)
     "one_sum": [("innovation = (v - tl.sum(S * k[:, None], axis=0)) * beta", "innovation = (v - seen) * beta")],
     # no stores inside the token loop: the outputs and innovations summed, stored once after it

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from blockspec.cache import GDNLayerState, defers_commits
-from blockspec.kernels.launch import pdl_options, pdl_prologue, prefetch_l2, prefetch_tiles
+from blockspec.kernels.launch import pdl_options, pdl_prologue
 from blockspec.kernels.settings import gdn_tile
 
 
@@ -171,15 +171,12 @@ def _gdn_steps(Q, K, V, BETA, DECAY, POS, STATE, STEPS, TAPE_U, O, PROJ, NORM_W,
                s_ab, s_kb_tape, s_kt_tape, s_kh_tape, s_db_tape, s_dt_tape, s_pend, n, deferred, eps,
                HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr,
                KERNEL: tl.constexpr, RAGGED: tl.constexpr, KEEP_STATES: tl.constexpr, DEFERS: tl.constexpr,
-               TAPE_TOKENS: tl.constexpr, PREFETCH: tl.constexpr, USE_PDL: tl.constexpr):
+               TAPE_TOKENS: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_prologue(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     dk = tl.arange(0, DK)
     dv = tl.program_id(2) * BV + tl.arange(0, BV)
-    if PREFETCH:  # the state tile's 128-byte lines, asked of L2 before the wait (a hint: nothing is read early)
-        lines = tl.program_id(2) * BV + tl.arange(0, (BV + 31) // 32) * 32
-        prefetch_l2(STATE + b * s_sb + h * s_sh + dk[:, None] * DV + lines[None, :])
-    pdl_prologue(USE_PDL)
     q_at = Q + b * s_qb + h * s_qh + dk
     k_at = K + b * s_kb + h * s_kh + dk
     v_at = V + b * s_vb + h * s_vh + dv
@@ -425,7 +422,6 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
     tile = gdn_tile(projected.device, b)
     block_v = min(tile["value_dims"], value_dim)
     ragged = lengths is not None
-    pdl = pdl_options(projected)
     _gdn_steps[(b, heads, value_dim // block_v)](
         q, k, v, beta, decay, positions, layer.recurrent, steps, tape_u, o, projected, norm_weight, out,
         layer.windows, layer.conv, lengths if ragged else positions, layer.arrivals, tape_k, tape_decay, pending,
@@ -436,8 +432,8 @@ def gdn_steps(projected: torch.Tensor, positions: torch.Tensor, conv_weight: tor
         layer.arrivals.stride(0), *tape_k.stride()[:3], *tape_decay.stride()[:2], pending.stride(0), n,
         int(deferred), eps, HK=_key_heads(layer, conv_weight.shape[0]), HV=heads,
         DK=key_dim, DV=value_dim, BV=block_v, KERNEL=conv_weight.shape[-1], RAGGED=ragged, KEEP_STATES=states,
-        DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1,
-        PREFETCH=prefetch_tiles(pdl) > 0, num_warps=tile["warps"], enable_fp_fusion=False, **pdl)
+        DEFERS=defers, TAPE_TOKENS=triton.next_power_of_2(tape_k.shape[1]) if defers else 1, num_warps=tile["warps"],
+        enable_fp_fusion=False, **pdl_options(projected))
     return out
 
 

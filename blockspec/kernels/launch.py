@@ -57,8 +57,8 @@ def prefetch_l2(ptrs):
 
 @triton.jit
 def pdl_prologue(USE_PDL: tl.constexpr):
-    """Every kernel's first statement (after a skinny GEMM's, a decode attention's or a GDN step's prefetch): the
-    previous kernel's writes first, then the next may start launching."""
+    """Every kernel's first statement (after a skinny GEMM's or a decode attention's prefetch): the previous kernel's
+    writes first, then the next may start launching."""
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

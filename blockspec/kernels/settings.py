@@ -42,8 +42,7 @@ class KernelSettings:
     prefetch_tiles: with PDL, a skinny GEMM's programs are resident while the kernel before them still runs; they
         ask L2 for their first this-many weight tiles before waiting on it, so the weight stream starts during
         that kernel (0: off). A decode attention's programs do the same with their first key and value tiles (the
-        cache store before it writes one slot a query), a Gated DeltaNet step's with their state tiles (any count
-        above 0).
+        cache store before it writes one slot a query).
     fused_rope: RoPE's cos/sin tables for a pass's positions in one kernel instead of the ~9 small torch ops of
         layers.RotaryEmbedding (bit-identical values).
     flow_decode: a batch-1 decode token through the flow kernel (every layer in one launch) where the target and
