@@ -222,8 +222,12 @@ class GatedMLP(StackedWeights):
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(self.hidden(x), self.down_proj.weight, self.down_proj.bias)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x), what down_proj takes."""
         gate_up, bias = self.stacked("gate_up", self.gate_proj, self.up_proj, interleave=True)
-        return linear(linear_silu_mul(x, gate_up, bias), self.down_proj.weight, self.down_proj.bias)
+        return linear_silu_mul(x, gate_up, bias)
 
 
 def gated(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

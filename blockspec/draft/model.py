@@ -23,8 +23,8 @@ from torch import nn
 
 from blockspec.cache import KVCache
 from blockspec.draft.config import DraftConfig
-from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, StackedWeights, add_rms_norm, attention, linear,
-                              qkv_rope_store, rope_inv_freq)
+from blockspec.layers import (GatedMLP, RMSNorm, RotaryEmbedding, StackedWeights, attention, linear,
+                              linear_add_rms_norm, qkv_rope_store, rope_inv_freq)
 
 MASK_EMBEDDING = "mask_embedding"
 
@@ -66,7 +66,8 @@ class DraftAttention(StackedWeights):
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, block_rope: tuple, ctx_rope: tuple,
                 block_positions: torch.Tensor, ctx_positions: torch.Tensor, cache: KVCache, kv_len: int,
                 limits: torch.Tensor) -> torch.Tensor:
-        """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c].
+        """x: normed block states [b, B, H]; ctx: fused context [b, c, H] for `ctx_positions` [b, c]. Returns the
+        heads' output [b, B, nH * d], what o_proj takes (DraftLayer fuses o_proj with the residual add and norm).
 
         Context K/V are written at their positions, then the block's at the block positions (overwriting
         anything stale there), and the block attends to every slot up to `limits` (the block's end): the whole
@@ -80,8 +81,7 @@ class DraftAttention(StackedWeights):
         qkv_weight, qkv_bias = self.stacked("qkv", self.q_proj, self.k_proj, self.v_proj)
         q, k, v = linear(x, qkv_weight, qkv_bias).split([self.q_width, self.kv_width, self.kv_width], dim=-1)
         q = qkv_rope_store(q, k, v, *heads, self.q_norm, self.k_norm, *block_rope, block_positions, k_cache, v_cache)
-        out = attention(q, k_cache, v_cache, block_positions if self.causal else limits, kv_len, self.window)
-        return linear(out, self.o_proj.weight, self.o_proj.bias)
+        return attention(q, k_cache, v_cache, block_positions if self.causal else limits, kv_len, self.window)
 
 
 class DraftLayer(nn.Module):
@@ -95,10 +95,13 @@ class DraftLayer(nn.Module):
     def forward(self, x: torch.Tensor, normed: torch.Tensor, ctx: torch.Tensor, next_norm: RMSNorm,
                 *attn_args: object) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the block's residual stream, normed: input_layernorm(x); returns the layer's output and
-        next_norm of it (each residual add fused with the norm after it: one kernel on CUDA)."""
+        next_norm of it (o_proj and down_proj each fused with the residual add and the norm after them, as the
+        target's layers run them)."""
         # The context is NOT passed through input_layernorm: it was normed once by hidden_norm.
-        h, h_normed = add_rms_norm(x, self.self_attn(normed, ctx, *attn_args), self.post_attention_layernorm)
-        return add_rms_norm(h, self.mlp(h_normed), next_norm)
+        o_proj, down = self.self_attn.o_proj, self.mlp.down_proj
+        h, h_normed = linear_add_rms_norm(self.self_attn(normed, ctx, *attn_args), o_proj.weight, o_proj.bias, x,
+                                          self.post_attention_layernorm)
+        return linear_add_rms_norm(self.mlp.hidden(h_normed), down.weight, down.bias, h, next_norm)
 
 
 class DraftModel(nn.Module):
