@@ -188,9 +188,9 @@ def time_config(x: torch.Tensor, weights: list[torch.Tensor], ref: torch.Tensor,
 def skinny_sweep(bandwidth: float, shapes: list[str], buckets: list[int], quick: bool, cublas_only: bool,
                  done: Callable[[list[dict], dict], None]) -> None:
     """cuBLAS, the device table's config and every candidate (`cublas_only`: cuBLAS's K ranges alone, `cublas_splits`),
-    per shape and M (each row bucket); prints one line per
-    (shape, M) and, after each shape, hands `done` all rows so far and the winners {(N, K): {"name", M: config, ...}}
-    (None: cuBLAS): a sweep cut short by its timeout keeps the shapes it finished."""
+    per shape and M (each row bucket); prints one line per (shape, M) and, after each shape, hands `done` all rows so
+    far and the winners {(N, K): {"name", M: config, ...}} (None: cuBLAS): a sweep cut short by its timeout keeps the
+    shapes it finished."""
     from blockspec.kernels.skinny import skinny_config
 
     rows, winners = [], {}

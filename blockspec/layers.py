@@ -372,7 +372,7 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     next norm. Where the skinny GEMM splits K, the norm's kernel sums its partials itself: the same bits, one launch
     fewer a projection (a down_proj splits at 1 to 32 rows). Where the table says {"cublas_split_k": s}, cuBLAS
     writes s K ranges' fp32 partials in one batched GEMM and the norm sums those: no reduce launch of cuBLAS's own
-    split-K (a verify's o_proj and down_proj at 65-256 rows)."""
+    split-K (a verify's o_proj and down_proj at 33-256 rows)."""
     entry = _table_entry(x, weight, bias)
     if entry is None or residual.dtype != x.dtype or not fused_kernels_apply(residual, norm.weight):
         return add_rms_norm(residual, linear(x, weight, bias), norm)
