@@ -372,16 +372,9 @@ def linear_add_rms_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     next norm. Where the skinny GEMM splits K, the norm's kernel sums its partials itself: the same bits, one launch
     fewer a projection (a down_proj splits at 1 to 32 rows). Where the table says {"cublas_split_k": s}, cuBLAS
     writes s K ranges' fp32 partials in one batched GEMM and the norm sums those: no reduce launch of cuBLAS's own
-    split-K (a verify's o_proj and down_proj at 33-256 rows). Elsewhere on cuBLAS (a prefill) its epilogue adds the
-    residual and the norm kernel reads the sum alone."""
+    split-K (a verify's o_proj and down_proj at 33-256 rows)."""
     entry = _table_entry(x, weight, bias)
-    fused = residual.dtype == x.dtype and fused_kernels_apply(residual, norm.weight)
-    if entry is None and fused and bias is None and x.dtype == weight.dtype and fused_kernels_apply(x, weight):
-        # cuBLAS adds the residual in its epilogue (rounding the sum once), so the norm reads one tensor, not two
-        n = weight.shape[0]
-        total = torch.addmm(residual.reshape(-1, n), x.reshape(-1, x.shape[-1]), weight.t()).view(residual.shape)
-        return total, norm(total)
-    if entry is None or not fused:
+    if entry is None or residual.dtype != x.dtype or not fused_kernels_apply(residual, norm.weight):
         return add_rms_norm(residual, linear(x, weight, bias), norm)
     from blockspec.kernels.norm_rope import add_partials_rms_norm
     from blockspec.kernels.skinny import cublas_partials, skinny_linear_unsummed

@@ -322,33 +322,6 @@ def test_cublas_k_ranges_summed_by_the_norm_are_the_product(splits):
         assert ((g.float() - r.float()).norm() / r.float().norm()).item() < 1e-2
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="cuBLAS's epilogue")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_projection_on_cublas_adds_the_residual_in_its_epilogue(dtype):
-    """linear_add_rms_norm where the table lists no entry (a prefill's rows): cuBLAS adds the residual (torch.addmm)
-    and the norm reads the sum: in fp32 the bits of add_rms_norm(linear), in bf16 (the sum rounded once, not twice)
-    within its rounding; a bias keeps the two kernels."""
-    from blockspec import layers
-
-    gen = torch.Generator().manual_seed(7)
-    m, n, k = 300, 96, 320
-    x = torch.randn(2, m // 2, k, generator=gen).to(DEVICE, dtype)
-    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
-    residual = torch.randn(2, m // 2, n, generator=gen).to(DEVICE, dtype)
-    norm = layers.RMSNorm(n, 1e-6).to(DEVICE, dtype).requires_grad_(False)
-    for bias in (None, torch.randn(n, generator=gen).to(DEVICE, dtype)):
-        with torch.inference_mode(), use_settings(skinny_table={}):
-            got = layers.linear_add_rms_norm(x, w, bias, residual, norm)
-            want = layers.add_rms_norm(residual, layers.linear(x, w, bias), norm)
-        assert got[0].shape == residual.shape and got[1].shape == residual.shape
-        if dtype == torch.float32 or bias is not None:
-            assert all(torch.equal(g, r) for g, r in zip(got, want))
-        else:
-            exact = residual.double() + x.double() @ w.double().T
-            assert (got[0].double() - exact).abs().amax() <= (want[0].double() - exact).abs().amax() * 1.01
-            assert ((got[1].float() - want[1].float()).norm() / want[1].float().norm()).item() < 1e-2
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("m", [1, 5, 16, 40, 130])
 def test_a_gate_up_gemm_with_silu_mul_in_its_epilogue_equals_the_two_kernels(m, dtype):
