@@ -61,8 +61,8 @@ ABLATIONS = {
          "    if deferred == 0:\n        tl.store(state, S)\n")],
     # no inputs launch in a decode or verify (the recurrence reads its buffers as they are): what fusing the conv,
     # norms and gates into `_gdn_steps` could save at most, a launch and its round trip through memory
-    "no_inputs": [("\n    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),",
-                   "\n    if prefill:\n      _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),")],
+    "no_inputs": [("\n    _gdn_inputs[(b * triton.cdiv(n, tokens),",
+                   "\n    if prefill:\n      _gdn_inputs[(b * triton.cdiv(n, tokens),")],
     # no gated norm or tape copy by a head's last program
     "no_tail": [('if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:',
                  'if tl.atomic_add(arrivals, 1, sem="acq_rel") == -1:')],
@@ -103,6 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     bandwidth = copy_bandwidth(device, 0.05 if tiny else 2.0)
     dtype = torch.float32 if tiny else torch.bfloat16
     model = TargetModel.random(qwen35_4b_config(tiny), device=device, dtype=dtype, seed=0, rope_theta=1e7)
+    model.prepare_fast_path()  # the conv weights as the engine holds them
     chosen = [tuple(map(int, name.split("x"))) for name in args.tiles] if args.tiles else TILES
     tiles = [(v, w) for v, w in chosen if v <= model.config.gdn.value_head_dim]
     kernels = {"": gdn_steps, **{name: ablated(name) for name in args.ablate}}

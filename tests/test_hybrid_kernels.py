@@ -203,6 +203,34 @@ def test_a_verify_block_and_one_token_decodes_run_the_same_arithmetic(kernels_on
     assert torch.equal(caches[0].steps[0, :, -1], caches[1].steps[0, :, 0])  # the last token's state, kept both ways
 
 
+@pytest.mark.parametrize("tokens", [1, BLOCK])
+def test_conv_weights_held_taps_major_change_no_bit(tokens, kernels_on_cpu):
+    """prepare_fast_path holds each Gated DeltaNet's conv weight taps-major (a tap's channels contiguous, which the
+    inputs kernel reads as vectors): a decode and a verify through the kernels give the outputs and the conv and
+    recurrent states of Hugging Face's layout, bit for bit (row 0 starting a new sequence)."""
+    model = tiny_target(seed=31)
+    mixer = model.layers[0].linear_attn
+    before = mixer.conv1d.weight.detach().clone()
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(ROWS, tokens, model.config.hidden_size, generator=gen).to(DEVICE)
+    positions = (5 + torch.arange(tokens))[None].repeat(ROWS, 1)
+    positions[0] -= 5
+    caches = [model.new_cache(ROWS, 32, verify_tokens=BLOCK) for _ in range(2)]
+    outputs = []
+    for cache in caches:
+        torch.manual_seed(31)
+        cache.conv.normal_()
+        cache.recurrent.normal_()
+        with torch.no_grad():
+            outputs.append(mixer.mix(x, positions.to(DEVICE), cache))
+        model.prepare_fast_path()  # the second pass reads the weight taps-major
+    weight = mixer.conv1d.weight
+    assert weight.stride() == (1, weight.shape[0], weight.shape[0]) and torch.equal(weight, before)
+    assert torch.equal(outputs[0], outputs[1])
+    assert torch.equal(caches[0].conv, caches[1].conv) and torch.equal(caches[0].recurrent, caches[1].recurrent)
+    assert caches[0].conv.abs().amax() > 0.01 and outputs[0].abs().amax() > 0.01
+
+
 def test_ragged_rows_stop_their_states_at_their_own_length(kernels_on_cpu):
     """Prompts prefilled together are right-padded: with `lengths` each row's recurrent and conv state after the
     launch equal, bit for bit, those of its own tokens alone (a padding token leaves the state as it was)."""

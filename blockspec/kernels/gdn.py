@@ -48,9 +48,12 @@ from blockspec.kernels.settings import gdn_tile
 
 
 NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in one round trip
-# tokens an inputs program takes, in every call: a fixed tile, so that a token's sums run alike in a decode, a verify
-# and a prefill (more tokens a program: fewer, longer programs for a prefill, more idle lanes for a decode)
-INPUT_TOKENS = tl.constexpr(4)
+# tokens an inputs program takes: in every decode and verify the same tile, so that a token's sums run alike in both;
+# a prefill's programs take more (fewer, longer programs: offline for sm_90, 235 instructions a token at 8 against 306
+# at 4; 195 at 16, but 144 registers a thread), its q/k norms rounding as they may (its chunked recurrence rounds
+# otherwise anyway)
+INPUT_TOKENS = 4
+PREFILL_TOKENS = 8
 
 
 @triton.jit
@@ -64,29 +67,33 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_silu(X, s_xn, CONV, s_cc, W, channels, t, kept, live, KERNEL: tl.constexpr):
+def _conv_silu(X, s_xn, CONV, s_cc, W, s_wc, s_wj, WINDOW, s_wt, channels, t, kept, live, KERNEL: tl.constexpr,
+               STORE_WINDOW: tl.constexpr):
     """SiLU of the depthwise causal conv at tokens t [T, 1] for `channels` [1, C] (where `live`), rounded to X's dtype:
     sum_j W[c, j] * window[c, t+j] in fp32, where the window is the conv state (zeros unless `kept`) followed by the
-    tokens' inputs X[token, c]."""
+    tokens' inputs X[token, c]. With STORE_WINDOW the window is written out too (token t's input at K-1+t, and by the
+    tile holding token 0 the conv state before it); a token's channels are contiguous there.
+
+    Every [T, C] operand is read in the tile's own layout, so that no tap waits on a shared-memory round trip: the
+    inputs and a tap's weights as [T, C] loads (the weights repeated per token, contiguous over the channels where
+    the weight is held taps-major: GatedDeltaNet.hold_conv_taps_major), the conv state's K-1 slots once each, picked
+    per token where a tap reaches into them."""
+    starts = tl.min(t, axis=0)[None, :] == 0  # [1, 1]: the tile holds token 0 (only it reaches into the state)
+    state = ()
+    for i in tl.static_range(KERNEL - 1):
+        state = state + (tl.load(CONV + channels * s_cc + i, mask=kept & starts, other=0.0),)
+        if STORE_WINDOW:
+            tl.store(WINDOW + i * s_wt + channels, state[i], mask=starts)
     acc = tl.zeros([t.shape[0], channels.shape[1]], tl.float32)
     for j in tl.static_range(KERNEL):
         p = t + j  # position in the window
-        in_state = p < KERNEL - 1
-        old = tl.load(CONV + channels * s_cc + p, mask=in_state & kept & live, other=0.0)
-        new = tl.load(X + (p - (KERNEL - 1)) * s_xn + channels, mask=(p >= KERNEL - 1) & live, other=0.0)
-        acc = acc + tl.where(in_state, old, new).to(tl.float32) * tl.load(W + channels * KERNEL + j).to(tl.float32)
+        x = tl.load(X + (p - (KERNEL - 1)) * s_xn + channels, mask=(p >= KERNEL - 1) & live, other=0.0)
+        if STORE_WINDOW and j == KERNEL - 1:  # p - (K-1) = t: the tile's own inputs
+            tl.store(WINDOW + p * s_wt + channels, x, mask=live)
+        for i in tl.static_range(j, KERNEL - 1):  # slot i serves the tap at token i - j
+            x = tl.where(p == i, state[i], x)
+        acc = acc + x.to(tl.float32) * tl.load(W + channels * s_wc + j * s_wj + 0 * t).to(tl.float32)
     return (acc / (1.0 + tl.exp(-acc))).to(X.dtype.element_ty)
-
-
-@triton.jit
-def _store_window(WINDOW, s_wt, X, s_xn, CONV, s_cc, channels, t, kept, live, KERNEL: tl.constexpr):
-    """window[K-1+t, c] = token t's input X[t, c], and for t = 0 window[:K-1, c] = the conv state (zeros unless
-    `kept`), for tokens t [T, 1] and `channels` [1, C] where `live`; a token's channels are contiguous in the window."""
-    tl.store(WINDOW + (KERNEL - 1 + t) * s_wt + channels, tl.load(X + t * s_xn + channels, mask=live), mask=live)
-    starts = tl.min(t, axis=0)[None, :] == 0  # [1, 1]: the tile holds token 0
-    for j in tl.static_range(KERNEL - 1):
-        tl.store(WINDOW + j * s_wt + channels, tl.load(CONV + channels * s_cc + j, mask=kept & starts, other=0.0),
-                 mask=starts)
 
 
 @triton.jit
@@ -99,13 +106,14 @@ def _store_heads(OUT, s_on, s_oh, x, t, first, live, D: tl.constexpr):
 # n varies per call: specialising on it (n == 1 above all) would compile a decode apart from a verify
 @triton.jit(do_not_specialize=["n"])
 def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
-                s_pb, s_pn, s_pos, s_cb, s_cc, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn, s_vh,
-                s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-                KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
+                s_pb, s_pn, s_pos, s_cb, s_cc, s_wc, s_wj, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn,
+                s_vh, s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
+                DV: tl.constexpr, KERNEL: tl.constexpr, TOKENS: tl.constexpr, RAGGED: tl.constexpr,
+                PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)
-    tiles = tl.cdiv(n, INPUT_TOKENS)
+    tiles = tl.cdiv(n, TOKENS)
     b = tl.program_id(0) // tiles
-    t = (tl.program_id(0) % tiles) * INPUT_TOKENS + tl.arange(0, INPUT_TOKENS)[:, None]  # [T, 1]
+    t = (tl.program_id(0) % tiles) * TOKENS + tl.arange(0, TOKENS)[:, None]  # [T, 1]
     live = t < n
     hk = tl.program_id(1)
     SHARED: tl.constexpr = HV // HK  # each q/k head serves this many consecutive value heads
@@ -117,15 +125,14 @@ def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, 
     x = PROJ + b * s_pb  # [n, conv channels | z | b | a]
     conv = CONV + b * s_cb
     kept = tl.load(POS + b * s_pos) != 0  # a row at position 0 starts a new sequence, from empty states
-    if not PREFILL:
-        window = WINDOW + b * s_wb
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, q_channels, t, kept, live, KERNEL)
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, k_channels, t, kept, live, KERNEL)
-        _store_window(window, s_wt, x, s_pn, conv, s_cc, v_channels, t, kept, live, KERNEL)
-
-    q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, q_channels, t, kept, live, KERNEL).to(tl.float32)
-    k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, k_channels, t, kept, live, KERNEL).to(tl.float32)
-    v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, v_channels, t, kept, live, KERNEL).to(tl.float32)
+    window = WINDOW + b * s_wb  # a prefill writes none (the window holds a verify block)
+    q = _conv_silu(x, s_pn, conv, s_cc, CONV_W, s_wc, s_wj, window, s_wt, q_channels, t, kept, live, KERNEL,
+                   not PREFILL)
+    k = _conv_silu(x, s_pn, conv, s_cc, CONV_W, s_wc, s_wj, window, s_wt, k_channels, t, kept, live, KERNEL,
+                   not PREFILL)
+    v = _conv_silu(x, s_pn, conv, s_cc, CONV_W, s_wc, s_wj, window, s_wt, v_channels, t, kept, live, KERNEL,
+                   not PREFILL)
+    q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
     q = q * tl.rsqrt(tl.sum(q * q, axis=1)[:, None] + 1e-6)
     q = q * (DK ** -0.5)
     k = k * tl.rsqrt(tl.sum(k * k, axis=1)[:, None] + 1e-6)
@@ -348,13 +355,15 @@ def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch
     v = torch.empty(b, n, heads, value_dim, **made)
     beta = torch.empty(b, n, heads, **made)
     ragged = lengths is not None
-    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value), _key_heads(layer, channels))](
+    tokens = PREFILL_TOKENS if prefill else INPUT_TOKENS
+    _gdn_inputs[(b * triton.cdiv(n, tokens), _key_heads(layer, channels))](
         projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
         layer.windows, q, k, v, beta, decay, projected.stride(0), projected.stride(1), positions.stride(0),
-        layer.conv.stride(0), layer.conv.stride(1), layer.windows.stride(0), layer.windows.stride(1),
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *beta.stride()[:2], *decay.stride()[:2], n,
-        HK=_key_heads(layer, channels), HV=heads, DK=key_dim, DV=value_dim, KERNEL=kernel, RAGGED=ragged,
-        PREFILL=prefill, num_warps=4, enable_fp_fusion=False, **pdl_options(projected))
+        layer.conv.stride(0), layer.conv.stride(1), conv_weight.stride(0), conv_weight.stride(2),
+        layer.windows.stride(0), layer.windows.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *beta.stride()[:2], *decay.stride()[:2], n, HK=_key_heads(layer, channels), HV=heads, DK=key_dim,
+        DV=value_dim, KERNEL=kernel, TOKENS=tokens, RAGGED=ragged, PREFILL=prefill, num_warps=4,
+        enable_fp_fusion=False, **pdl_options(projected))
     return q, k, v, beta, decay
 
 

@@ -307,9 +307,13 @@ class TargetModel(nn.Module):
     def prepare_fast_path(self) -> None:
         """Build the CUDA fast path now, before any CUDA graph is captured: the flow kernel for batch-1 decode
         tokens where it applies (it stacks the layers' weights into the layout it streams and makes the layers'
-        parameters views into the stacks, so the per-op kernels read the same storage). Idempotent; the engine
-        calls it on CUDA. Building runs the kernel once and synchronizes."""
+        parameters views into the stacks, so the per-op kernels read the same storage), and a Gated DeltaNet's conv
+        weights held taps-major for its inputs kernel. Idempotent; the engine calls it on CUDA. Building runs the
+        kernel once and synchronizes."""
         if not self._prepared:
+            for layer in self.layers:
+                if layer.linear_attn is not None:
+                    layer.linear_attn.hold_conv_taps_major()
             self._flow = flow_decoder(self)
             self._prepared = True
 
