@@ -53,7 +53,7 @@ NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in 
 # at 4; 195 at 16, but 144 registers a thread), its q/k norms rounding as they may (its chunked recurrence rounds
 # otherwise anyway)
 INPUT_TOKENS = 4
-PREFILL_TOKENS = 8
+PREFILL_TOKENS = 4
 
 
 @triton.jit
