@@ -61,8 +61,8 @@ ABLATIONS = {
          "    if deferred == 0:\n        tl.store(state, S)\n")],
     # no inputs launch in a decode or verify (the recurrence reads its buffers as they are): what fusing the conv,
     # norms and gates into `_gdn_steps` could save at most, a launch and its round trip through memory
-    "no_inputs": [("\n    _gdn_inputs[(b * triton.cdiv(n, tokens),",
-                   "\n    if prefill:\n      _gdn_inputs[(b * triton.cdiv(n, tokens),")],
+    "no_inputs": [("\n    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),",
+                   "\n    if prefill:\n      _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value),")],
     # no gated norm or tape copy by a head's last program
     "no_tail": [('if tl.atomic_add(arrivals, 1, sem="acq_rel") == DV // BV - 1:',
                  'if tl.atomic_add(arrivals, 1, sem="acq_rel") == -1:')],

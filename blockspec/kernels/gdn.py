@@ -48,12 +48,9 @@ from blockspec.kernels.settings import gdn_tile
 
 
 NORM_TOKENS = tl.constexpr(4)  # tokens a gated-norm tile takes: their loads in one round trip
-# tokens an inputs program takes: in every decode and verify the same tile, so that a token's sums run alike in both;
-# a prefill's programs take more (fewer, longer programs: offline for sm_90, 235 instructions a token at 8 against 306
-# at 4; 195 at 16, but 144 registers a thread), its q/k norms rounding as they may (its chunked recurrence rounds
-# otherwise anyway)
-INPUT_TOKENS = 4
-PREFILL_TOKENS = 4
+# tokens an inputs program takes, in every call: a fixed tile, so that a token's sums run alike in a decode, a verify
+# and a prefill (a prefill's programs taking 8 ran its inputs 26% slower on the H100, though with fewer instructions)
+INPUT_TOKENS = tl.constexpr(4)
 
 
 @triton.jit
@@ -108,12 +105,12 @@ def _store_heads(OUT, s_on, s_oh, x, t, first, live, D: tl.constexpr):
 def _gdn_inputs(PROJ, CONV_W, A_LOG, DT_BIAS, POS, LENGTHS, CONV, WINDOW, Q, K, V, BETA, DECAY,
                 s_pb, s_pn, s_pos, s_cb, s_cc, s_wc, s_wj, s_wb, s_wt, s_qb, s_qn, s_qh, s_kb, s_kn, s_kh, s_vb, s_vn,
                 s_vh, s_bb, s_bn, s_db, s_dn, n, HK: tl.constexpr, HV: tl.constexpr, DK: tl.constexpr,
-                DV: tl.constexpr, KERNEL: tl.constexpr, TOKENS: tl.constexpr, RAGGED: tl.constexpr,
-                PREFILL: tl.constexpr, USE_PDL: tl.constexpr):
+                DV: tl.constexpr, KERNEL: tl.constexpr, RAGGED: tl.constexpr, PREFILL: tl.constexpr,
+                USE_PDL: tl.constexpr):
     pdl_prologue(USE_PDL)
-    tiles = tl.cdiv(n, TOKENS)
+    tiles = tl.cdiv(n, INPUT_TOKENS)
     b = tl.program_id(0) // tiles
-    t = (tl.program_id(0) % tiles) * TOKENS + tl.arange(0, TOKENS)[:, None]  # [T, 1]
+    t = (tl.program_id(0) % tiles) * INPUT_TOKENS + tl.arange(0, INPUT_TOKENS)[:, None]  # [T, 1]
     live = t < n
     hk = tl.program_id(1)
     SHARED: tl.constexpr = HV // HK  # each q/k head serves this many consecutive value heads
@@ -355,14 +352,13 @@ def _inputs(projected: torch.Tensor, positions: torch.Tensor, conv_weight: torch
     v = torch.empty(b, n, heads, value_dim, **made)
     beta = torch.empty(b, n, heads, **made)
     ragged = lengths is not None
-    tokens = PREFILL_TOKENS if prefill else INPUT_TOKENS
-    _gdn_inputs[(b * triton.cdiv(n, tokens), _key_heads(layer, channels))](
+    _gdn_inputs[(b * triton.cdiv(n, INPUT_TOKENS.value), _key_heads(layer, channels))](
         projected, conv_weight, A_log, dt_bias, positions, lengths if ragged else positions, layer.conv,
         layer.windows, q, k, v, beta, decay, projected.stride(0), projected.stride(1), positions.stride(0),
         layer.conv.stride(0), layer.conv.stride(1), conv_weight.stride(0), conv_weight.stride(2),
         layer.windows.stride(0), layer.windows.stride(1), *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *beta.stride()[:2], *decay.stride()[:2], n, HK=_key_heads(layer, channels), HV=heads, DK=key_dim,
-        DV=value_dim, KERNEL=kernel, TOKENS=tokens, RAGGED=ragged, PREFILL=prefill, num_warps=4,
+        DV=value_dim, KERNEL=kernel, RAGGED=ragged, PREFILL=prefill, num_warps=4,
         enable_fp_fusion=False, **pdl_options(projected))
     return q, k, v, beta, decay
 
