@@ -56,7 +56,8 @@ def run(folder: Path, module: str, args: list[str], out: Path, seconds: float) -
     tree's exit status (None: stopped at its timeout)."""
     trees = [(name, folder / name) for name in (folder / ORDER).read_text().split()]
     trees.append((CHECKOUT, ROOT))
-    checkout_commit = (folder / CHECKOUT).read_text().strip()
+    # the call's own label where it sets one: the working tree carried may be newer than the staging
+    checkout_commit = os.environ.get("BLOCKSPEC_GIT_COMMIT") or (folder / CHECKOUT).read_text().strip()
     status: dict[str, int | None] = {}
     for name, tree in trees:
         commit = checkout_commit if name == CHECKOUT else name
