@@ -252,8 +252,8 @@ class GatedDeltaNet(nn.Module):
 
     def hold_conv_taps_major(self) -> None:
         """Keep the conv weight's values and shape [C, 1, K] but store each tap's channels contiguously (strides (1, C,
-        C)): the CUDA inputs kernel then reads a tap's weights as vectors (offline for sm_90, a third fewer
-        instructions a token than with strided ones, and no shared-memory round trip a tap)."""
+        C)): the CUDA inputs kernel then reads a tap's weights as vectors in its tiles' layout (offline for sm_90, 15%
+        fewer instructions a program and 25 barriers instead of 59 than with the weights' channels K apart)."""
         weight = self.conv1d.weight
         with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, as the flow kernel's stacks are
             taps_major = weight.permute(2, 1, 0).contiguous().permute(2, 1, 0)
