@@ -868,6 +868,20 @@ def test_every_gdn_ablation_still_finds_the_kernel_text_it_edits():
             assert source.count(old) == 1 and old != new, name
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter's kernels do not compile")
+def test_the_gdn_inputs_kernel_compiles_for_sm90_without_a_shared_memory_round_trip_a_tap():
+    """offline_sass reads a kernel's sm_90 binary without a GPU. The GDN inputs kernel keeps its conv's operands in
+    one layout: before it did (4c14693) a program issued 1824 instructions and 65 barriers, since 1336 and 25."""
+    pytest.importorskip("triton")
+    from benchmarks.offline_sass import PRESETS, compile_sm90, load_kernel
+
+    module, kernel, pointers, constexprs, unaligned, ones, options = PRESETS["gdn_inputs"]
+    binary = compile_sm90(load_kernel(str(REPO_ROOT / module), kernel), pointers, constexprs, unaligned, ones,
+                          **options)
+    assert 500 < binary["instructions"] < 1500 and binary["barriers"] <= 32 and binary["spilled_bytes"] == 0
+    assert binary["memory"].get("LDG.E.128", 0) > 0  # the taps' weights and inputs as vectors
+
+
 def test_batch_probe_report_names_ops_backends_the_lone_prompt_the_engines_attention_setting_and_blas_paths(tmp_path):
     from benchmarks.batch_probe import report
 
