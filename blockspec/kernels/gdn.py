@@ -276,8 +276,8 @@ def _conv_state(WINDOW, CONV, LENGTHS, b, h, dv, first, n, s_wb, s_wt, s_cb, s_c
     dk = tl.arange(0, DK)
     window, conv = WINDOW + b * s_wb, CONV + b * s_cb
     head = first & (h < HK)
+    v_channels = 2 * HK * DK + h * DV + dv
     for j in tl.static_range(KERNEL - 1):
-        v_channels = 2 * HK * DK + h * DV + dv
         tl.store(conv + v_channels * s_cc + j, tl.load(window + (m + j) * s_wt + v_channels))
         for i in tl.static_range(2):  # q, then k
             channels = (i * HK + h) * DK + dk
